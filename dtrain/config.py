@@ -1,0 +1,266 @@
+"""Typed, validated, frozen configuration.
+
+One precedence rule: command-line override > YAML file > defaults below. Each component
+is handed only its own section. Every field's docstring is its documentation
+(`dtrain train --help-config` prints them).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+
+
+class ConfigError(ValueError):
+    """A user's config is wrong; the message is one line naming the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class RunConfig(Section):
+    name: str = Field("digits", pattern=r"^[A-Za-z0-9._-]+$")
+    """Run name: the run directory is `<dir>/<name>`; the same name resumes the same run."""
+    dir: str = "runs"
+    """Parent directory of run directories."""
+    seed: int = 0
+    """Seed for initialisation, data order, dropout and augmentation."""
+    stop_at_step: Optional[int] = Field(None, ge=1)
+    """Checkpoint and exit (resumable) once this global step is reached; the schedule is unchanged."""
+
+
+class DataConfig(Section):
+    dataset: str = "digits"
+    """Built-in data set (`digits`, `count`) or `folder:PATH` holding shards written by `dtrain shard`."""
+    root: str = "data"
+    """Where built-in data sets' shards live (`<root>/<dataset>`); created on first use."""
+    shard_size: int = Field(250, ge=1)
+    """Samples per shard when shards are created on first use."""
+    batch_size: int = Field(64, ge=1)
+    """Micro-batch size per rank. Global batch = batch_size x world_size x train.grad_accum."""
+    num_workers: int = Field(0, ge=0)
+    """DataLoader worker processes per rank (0: load in the training process)."""
+    shuffle_buffer: int = Field(1000, ge=0)
+    """Samples held in the per-worker shuffle buffer (0: no sample shuffle, shards are still permuted)."""
+    remainder: Literal["drop", "pad"] = "drop"
+    """Epoch length when samples don't divide into global batches: drop the rest, or pad by wrapping around."""
+    count_samples: int = Field(6000, ge=30)
+    """`count` data set: images generated in all splits."""
+    count_max_objects: int = Field(9, ge=1, le=30)
+    """`count` data set: at most this many objects per image."""
+
+
+class ModelConfig(Section):
+    name: Literal["mlp", "cnn"] = "mlp"
+    """Architecture."""
+    hidden: list[PositiveInt] = [128, 64]
+    """MLP: widths of the hidden layers."""
+    channels: list[PositiveInt] = [16, 32]
+    """CNN: output channels of each conv block (3x3 conv, activation, 2x2 max-pool)."""
+    activation: Literal["relu", "gelu", "tanh", "sigmoid", "silu"] = "relu"
+    """Activation function between layers."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout probability before each hidden and head layer (off in eval)."""
+    init: Literal["default", "normal", "uniform", "xavier", "kaiming"] = "kaiming"
+    """Weight initialisation of linear and conv layers (biases start at zero; `default` keeps torch's)."""
+
+
+class LossConfig(Section):
+    name: Literal["auto", "mse", "mae", "cross_entropy"] = "auto"
+    """Loss; `auto` is cross_entropy for classification, mse for regression."""
+
+
+class OptimConfig(Section):
+    name: Literal["sgd", "adamw"] = "adamw"
+    """Optimizer."""
+    lr: float = Field(3e-3, gt=0)
+    """Peak learning rate (after warmup)."""
+    weight_decay: float = Field(0.0, ge=0)
+    """Decoupled weight decay (AdamW) or L2 (SGD), applied to weight matrices and kernels only."""
+    momentum: float = Field(0.9, ge=0, lt=1)
+    """SGD momentum."""
+    nesterov: bool = False
+    """SGD: Nesterov momentum."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+
+
+class ScheduleConfig(Section):
+    name: Literal["constant", "cosine"] = "cosine"
+    """LR schedule after warmup."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warmup from lr/warmup_steps to lr over this many optimizer steps."""
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    """Cosine: final LR as a fraction of the peak."""
+
+
+class TrainConfig(Section):
+    epochs: int = Field(20, ge=1)
+    """Passes over the training split."""
+    max_steps: Optional[int] = Field(None, ge=1)
+    """Cap on optimizer steps (the schedule spans min(epochs x steps_per_epoch, max_steps))."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches per optimizer step; gradients are all-reduced only on the last one."""
+    clip_grad_norm: Optional[float] = Field(1.0, gt=0)
+    """Clip the global gradient norm to this value (null: no clipping)."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """`auto`: bf16 autocast on GPUs that support it, fp32 elsewhere."""
+    val_every: int = Field(0, ge=0)
+    """Validate every N optimizer steps (0: at the end of every epoch)."""
+    log_every: int = Field(10, ge=1)
+    """Log averaged training metrics every N optimizer steps."""
+    debug_steps: int = Field(5, ge=1)
+    """Optimizer steps run by `dtrain train --debug`."""
+
+
+class EarlyStopConfig(Section):
+    patience: Optional[int] = Field(None, ge=1)
+    """Stop after this many validations without improvement (null: never stop early)."""
+    min_delta: float = Field(0.0, ge=0)
+    """An improvement must lower the validation loss by more than this."""
+
+
+class CheckpointConfig(Section):
+    every: int = Field(0, ge=0)
+    """Save every N optimizer steps (0: only at the end and on a new best)."""
+    keep_last: int = Field(2, ge=1)
+    """Keep this many most recent checkpoints."""
+    save_best: bool = True
+    """Save a checkpoint when validation loss improves; `best` points at it."""
+
+
+class DistConfig(Section):
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """Process-group backend; `auto` is nccl with CUDA, gloo otherwise."""
+    timeout_s: float = Field(600.0, gt=0)
+    """Collective timeout: a stalled rank ends the job after this long instead of hanging."""
+
+
+class LogConfig(Section):
+    progress: bool = True
+    """Show a progress bar on rank 0."""
+    all_ranks: bool = False
+    """Let every rank print its log lines (prefixed with its rank), not just rank 0."""
+
+
+class Config(Section):
+    run: RunConfig = RunConfig()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    train: TrainConfig = TrainConfig()
+    early_stop: EarlyStopConfig = EarlyStopConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    dist: DistConfig = DistConfig()
+    log: LogConfig = LogConfig()
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def hash(self) -> str:
+        """Short hash of the resolved config (ranks compare it; checkpoints record it)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += _valid_keys(ann, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _check_keys(data: Any, model: type[BaseModel], prefix: str = "") -> None:
+    """Reject unknown keys with the closest valid one as a suggestion (pydantic alone can't)."""
+    if not isinstance(data, dict):
+        where = prefix.rstrip(".") or "the config"
+        raise ConfigError(f"config: {where} must be a mapping of keys, got {type(data).__name__}")
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        field = model.model_fields.get(key)
+        if field is None:
+            close = difflib.get_close_matches(full, _valid_keys(Config), n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys under '{prefix.rstrip('.') or 'top level'}': {', '.join(model.model_fields)}"
+            raise ConfigError(f"config: unknown key '{full}'{hint}")
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            _check_keys(value, ann, f"{full}.")
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    node = data
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config: cannot set '{dotted}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", value), the value parsed as YAML (numbers, lists, null, true)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"config: override '{text}' must look like key.sub=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: Optional[str | Path] = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML file, then `key=value` overrides; validated and frozen."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config: file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config: {path}{where} is not valid YAML: {getattr(e, 'problem', e)}") from None
+    _check_keys(data, Config)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(data, key, value)
+    _check_keys(data, Config)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "config"
+        got = err.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        raise ConfigError(f"config: {key}: {err['msg']}{shown}") from None
+
+
+def describe_fields(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    """One line per key: `key = default  # docstring`."""
+    lines = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            lines += describe_fields(ann, f"{prefix}{name}.")
+        else:
+            lines.append(f"{prefix}{name} = {field.default!r}  # {field.description or ''}")
+    return lines

@@ -1,0 +1,142 @@
+"""Per-rank minibatch streams read from webdataset shards.
+
+The sample order is a pure function of (seed, epoch, rank, worker): the shard list is permuted by a
+seeded RNG, webdataset's `split_by_node` / `split_by_worker` hand shards to ranks and then to
+DataLoader workers, and each worker shuffles within a buffer seeded from the same tuple. Resuming
+mid-epoch rebuilds that order and skips what was consumed.
+
+Every rank yields exactly `batches_per_epoch` training batches, computed from the shard index before
+any data is read: a rank whose shards run out wraps around to the start of its own order, a rank with
+more stops early. That keeps the collectives of all ranks in lock step even with uneven shards.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import tarfile
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, get_worker_info
+
+from .shards import DataError, ShardIndex
+
+Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
+
+
+def _raise_data_error(exn: Exception) -> bool:
+    """webdataset handler: an unreadable shard is a user-facing error naming the file."""
+    where = next((a for a in reversed(exn.args) if isinstance(a, str) and a.endswith(".tar")), "a shard")
+    if isinstance(exn, (tarfile.TarError, OSError, EOFError, ValueError)):
+        raise DataError(f"data: cannot read {where} ({type(exn).__name__}: {exn.args[0] if exn.args else ''})")
+    raise exn
+
+
+def _worker_shuffle(src, bufsize: int, seed: str):
+    """Buffer shuffle seeded from (seed, epoch, rank) plus the worker id, known only inside the worker."""
+    info = get_worker_info()
+    rng = random.Random(f"{seed}/worker{info.id if info else 0}")  # str seeds are stable across runs
+    return wds.filters._shuffle(src, bufsize, bufsize, rng)
+
+
+worker_shuffle = wds.pipelinefilter(_worker_shuffle)
+
+
+def _rebatch(batches: Iterator[Batch], size: int, partial: bool) -> Iterator[Batch]:
+    """Exact `size`-row batches from worker batches that may end short (each worker's last one)."""
+    xs: list[torch.Tensor] = []
+    ys: list[torch.Tensor] = []
+    keys: list[str] = []
+    n = 0
+    for x, y, k in batches:
+        if n == 0 and len(x) == size:  # the common case: pass through without copying
+            yield x, y, list(k)
+            continue
+        xs.append(x), ys.append(y), keys.extend(k)
+        n += len(x)
+        while n >= size:
+            x_all, y_all = torch.cat(xs), torch.cat(ys)
+            yield x_all[:size], y_all[:size], keys[:size]
+            xs, ys, keys = [x_all[size:]], [y_all[size:]], keys[size:]
+            n -= size
+    if partial and n > 0:
+        yield torch.cat(xs), torch.cat(ys), keys
+
+
+class ShardStream:
+    """One split's minibatches for this rank. Training streams are shuffled and cut to a fixed length."""
+
+    def __init__(self, index: ShardIndex, split: str, *, batch_size: int, rank: int, world_size: int,
+                 seed: int = 0, num_workers: int = 0, shuffle_buffer: int = 0, train: bool = False,
+                 grad_accum: int = 1, remainder: str = "drop", pin_memory: bool = False,
+                 transform: Optional[Callable] = None):
+        self.index, self.split = index, split
+        self.urls = index.shards(split)
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.seed, self.num_workers, self.train = seed, num_workers, train
+        self.shuffle_buffer = shuffle_buffer if train else 0
+        self.pin_memory, self.transform = pin_memory, transform
+        self.regression = index.task == "regression"
+        n = index.num_samples(split)
+        per_step = batch_size * world_size * grad_accum
+        steps = n // per_step if remainder == "drop" else math.ceil(n / per_step)
+        if train and steps == 0:
+            raise DataError(f"data: '{split}' has {n} samples, fewer than one global batch "
+                            f"(batch_size {batch_size} x {world_size} ranks x grad_accum {grad_accum} = {per_step})")
+        self.batches_per_epoch = steps * grad_accum  # micro-batches per rank
+        self.steps_per_epoch = steps  # optimizer steps
+
+    def shard_order(self, epoch: int) -> list[str]:
+        if not self.train:
+            return list(self.urls)
+        order = list(self.urls)
+        random.Random(f"{self.seed}/shards/epoch{epoch}").shuffle(order)
+        return order
+
+    def rank_samples(self, epoch: int) -> int:
+        """Samples this rank's shards hold this epoch (split_by_node takes every world_size-th shard)."""
+        counts = dict(zip(self.urls, self.index.counts(self.split)))
+        return sum(counts[u] for u in self.shard_order(epoch)[self.rank::self.world_size])
+
+    def _to_tensors(self, sample):
+        x, y, key = sample
+        x = torch.from_numpy(np.asarray(x, dtype=np.float32) * self.index.x_scale)
+        y = torch.tensor(y, dtype=torch.float32 if self.regression else torch.int64)
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, y, key
+
+    def _pipeline(self, epoch: int) -> wds.DataPipeline:
+        stages = [wds.SimpleShardList(self.shard_order(epoch)), wds.split_by_node, wds.split_by_worker,
+                  wds.tarfile_to_samples(handler=_raise_data_error)]
+        if self.shuffle_buffer > 1:
+            stages.append(worker_shuffle(self.shuffle_buffer, f"{self.seed}/epoch{epoch}/rank{self.rank}"))
+        stages += [wds.decode(handler=_raise_data_error), wds.to_tuple("x.npy", "y.cls", "__key__"),
+                   wds.map(self._to_tensors)]
+        return wds.DataPipeline(*stages)
+
+    def _one_pass(self, epoch: int) -> Iterator[Batch]:
+        # A fresh DataLoader per pass: its workers fork with this epoch's shard order baked in.
+        # Its own generator: otherwise each new iterator draws a seed from the global torch RNG and
+        # shifts every dropout mask after it, so a resumed run would diverge from an uninterrupted one.
+        loader = DataLoader(self._pipeline(epoch), batch_size=self.batch_size, num_workers=self.num_workers,
+                            pin_memory=self.pin_memory, persistent_workers=False,
+                            generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
+        yield from loader
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        """Batches `start..` of this epoch: exactly `batches_per_epoch - start` for training,
+        one pass (last batch partial) for evaluation."""
+        if not self.train:
+            yield from _rebatch(self._one_pass(epoch), self.batch_size, partial=True)
+            return
+        if self.rank_samples(epoch) == 0:
+            raise DataError(f"data: rank {self.rank} got no '{self.split}' shards in epoch {epoch} "
+                            f"({len(self.urls)} shards for {self.world_size} ranks); write more, smaller shards")
+        passes = itertools.chain.from_iterable(self._one_pass(epoch) for _ in itertools.count())
+        batches = _rebatch(passes, self.batch_size, partial=False)
+        yield from itertools.islice(batches, start, self.batches_per_epoch)

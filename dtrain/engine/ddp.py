@@ -1,0 +1,22 @@
+"""PyTorch DistributedDataParallel: gradients all-reduced (averaged) during backward."""
+
+from __future__ import annotations
+
+import contextlib
+
+from torch.nn.parallel import DistributedDataParallel
+
+from .single import SingleEngine
+
+
+class DDPEngine(SingleEngine):
+    def __init__(self, model, optimizer, scheduler, train_cfg, dist_info):
+        super().__init__(model, optimizer, scheduler, train_cfg, dist_info)
+        # DDP broadcasts rank 0's parameters and buffers here, so all replicas start identical.
+        self.model = DistributedDataParallel(
+            self.module, device_ids=[dist_info.device.index] if dist_info.device.type == "cuda" else None)
+
+    def no_backward_sync(self, is_last_micro_step: bool):
+        # DDP's own mechanism: gradients accumulate locally and are all-reduced once, on the last
+        # micro-step (never flip DDP's private require_backward_grad_sync flag by hand).
+        return contextlib.nullcontext() if is_last_micro_step else self.model.no_sync()

@@ -1,0 +1,225 @@
+"""The training loop: fit, validate, test. Distributed details live in dist.py and engine/."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import dist
+from .checkpoint import CheckpointError, Checkpointer, rng_state, set_rng_state
+from .config import Config
+from .data import ShardStream, resolve_shards
+from .engine import build_engine
+from .logging import build_logger
+from .losses import METRICS, build_loss, metric_sums
+from .models import build_model
+from .optim import build_optimizer, build_scheduler
+
+
+class Trainer:
+    def __init__(self, cfg: Config, dist_info: dist.DistInfo, debug: bool = False):
+        self.cfg, self.dist, self.debug = cfg, dist_info, debug
+        self.run_dir = Path(cfg.run.dir) / (cfg.run.name + ("-debug" if debug else ""))
+        self.device = dist_info.device
+        index = resolve_shards(cfg.data, cfg.run.seed)
+        self.task = index.task
+        self.y_mean = index.stats.get("train", {}).get("y_mean", 0.0)
+        stream = dict(batch_size=cfg.data.batch_size, rank=dist_info.global_rank, world_size=dist_info.world_size,
+                      num_workers=0 if debug else cfg.data.num_workers, pin_memory=self.device.type == "cuda")
+        self.train_data = ShardStream(index, "train", train=True, seed=cfg.run.seed, grad_accum=cfg.train.grad_accum,
+                                      shuffle_buffer=cfg.data.shuffle_buffer, remainder=cfg.data.remainder, **stream)
+        self.val_data = ShardStream(index, "val", **stream)
+        self.test_data = ShardStream(index, "test", **stream)
+        self.accum = cfg.train.grad_accum
+        self.steps_per_epoch = self.train_data.steps_per_epoch
+        self.total_steps = min(cfg.train.epochs * self.steps_per_epoch, cfg.train.max_steps or math.inf,
+                               cfg.train.debug_steps if debug else math.inf)
+        self.samples_per_step = cfg.data.batch_size * dist_info.world_size * self.accum
+
+        model = build_model(cfg.model, index.input_shape, index.num_classes or 1, cfg.run.seed)
+        optimizer = build_optimizer(cfg.optim, model)
+        self.engine = build_engine(model, optimizer, build_scheduler(cfg.schedule, optimizer, self.total_steps),
+                                   cfg.train, dist_info)
+        self.loss_fn = build_loss(cfg.loss, self.task)
+        self.ckpt = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep_last, dist_info, cfg.hash())
+        self.log = build_logger(cfg.log, dist_info, self.run_dir, self.total_steps)
+        # Each rank its own dropout/augmentation stream; resumed exactly from the checkpoint.
+        seed = cfg.run.seed * 1000 + dist_info.global_rank
+        torch.manual_seed(seed), random.seed(seed), np.random.seed(seed)
+
+        self.step, self.saved_step = 0, -1
+        self.best_val, self.best_step, self.bad_validations = math.inf, -1, 0
+        self.stop_reason: str | None = None
+        self._loss_sum, self._loss_steps, self._t_log = torch.zeros((), device=self.device), 0, time.perf_counter()
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def fit(self) -> dict:
+        self.resume()
+        self.log.start(self.step)
+        self.log.info(f"training {self.total_steps} steps ({self.steps_per_epoch}/epoch, "
+                      f"global batch {self.samples_per_step}) in {self.run_dir}")
+        while self.step < self.total_steps and self.stop_reason is None:
+            epoch, done = divmod(self.step, self.steps_per_epoch)
+            with contextlib.closing(self.train_data.epoch(epoch, start=done * self.accum)) as batches:
+                for micro_batches in _groups(batches, self.accum):
+                    loss = self.train_step(micro_batches)
+                    self.step += 1
+                    self.after_step(loss, epoch)
+                    if self.stop_reason is not None or self.step >= self.total_steps:
+                        break
+        if self.step != self.saved_step and not self.debug:
+            self.save()
+        self.log.close()
+        if self.stop_reason == "stop_at_step":
+            self.log.info(f"stopped at step {self.step} as asked; run the same command again to continue")
+            return {"step": self.step, "stop_reason": self.stop_reason}
+        results = self.test()
+        return {"step": self.step, "stop_reason": self.stop_reason or "completed", **results}
+
+    def train_step(self, micro_batches) -> torch.Tensor:
+        """Forward and backward on each micro-batch, all-reduce once (on the last), one optimizer step."""
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=self.device)
+        for i, (x, y, _) in enumerate(micro_batches):
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with self.engine.no_backward_sync(i == len(micro_batches) - 1):
+                with self.engine.autocast():
+                    loss = self.loss_fn(self.engine.model(x), y)
+                self.engine.backward(loss)
+            loss_sum += loss.detach()
+        grad_norm = self.engine.step()
+        if self.debug:  # .item() syncs the device: only in debug
+            self.log.info(f"step {self.step + 1}: loss {loss_sum.item() / len(micro_batches):.5f} "
+                          f"grad_norm {grad_norm.item():.4f} lr {self.engine.lr:.3e} batch {tuple(x.shape)} "
+                          f"{(time.perf_counter() - t0) * 1e3:.1f} ms")
+        return loss_sum / len(micro_batches)
+
+    def after_step(self, loss: torch.Tensor, epoch: int) -> None:
+        self._loss_sum += loss
+        self._loss_steps += 1
+        last = self.step >= self.total_steps
+        if self.step % self.cfg.train.log_every == 0 or last:
+            self.log_train(epoch)
+        self.log.advance(self.step)
+        val_every = self.cfg.train.val_every
+        if (val_every and self.step % val_every == 0) or self.step % self.steps_per_epoch == 0 or last:
+            self.validate(epoch)
+        every = self.cfg.checkpoint.every
+        if every and self.step % every == 0 and self.step != self.saved_step and not self.debug:
+            self.save()
+        if self.cfg.run.stop_at_step is not None and self.step >= self.cfg.run.stop_at_step and not last:
+            self.stop_reason = "stop_at_step"
+        if self._loss_steps == 0:  # throughput counts training time only, not validation or saving
+            self._t_log = time.perf_counter()
+
+    # ---- metrics ------------------------------------------------------------------------------
+    def log_train(self, epoch: int) -> None:
+        loss = dist.all_reduce_mean(self._loss_sum / self._loss_steps).item()  # a sync point: only every log_every
+        elapsed = time.perf_counter() - self._t_log
+        record = {"step": self.step, "epoch": epoch, "loss": loss, "lr": self.engine.lr,
+                  "samples_per_s": self._loss_steps * self.samples_per_step / max(elapsed, 1e-9)}
+        self.log.metrics(record)
+        self.log.progress(self.step, loss=loss, lr=record["lr"], samples_per_s=record["samples_per_s"])
+        self._loss_sum.zero_()
+        self._loss_steps, self._t_log = 0, time.perf_counter()
+
+    @torch.inference_mode()
+    def evaluate(self, stream: ShardStream, prefix: str) -> dict:
+        """Mean loss and metrics over the whole split: per-rank sums, one all-reduce, then divide."""
+        model = self.engine.module
+        was_training = model.training
+        model.eval()  # dropout off, batch norm uses running statistics
+        names = ["loss", "n", *METRICS[self.task]]
+        sums = dict.fromkeys(names, 0.0)
+        for x, y, _ in stream.epoch(0):
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with self.engine.autocast():
+                pred = model(x)
+            pred = pred.float()
+            sums["loss"] = sums["loss"] + self.loss_fn(pred, y) * len(y)
+            sums["n"] += len(y)
+            for k, v in metric_sums(pred, y, self.task, self.y_mean).items():
+                sums[k] = sums[k] + v
+        total = dist.all_reduce_sum(torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=self.device)
+                                                 for k in names]))
+        model.train(was_training)
+        n = max(total[1].item(), 1.0)
+        return {f"{prefix}/{k}": total[i].item() / n for i, k in enumerate(names) if k != "n"}
+
+    def validate(self, epoch: int) -> None:
+        metrics = self.evaluate(self.val_data, "val")
+        val_loss = metrics["val/loss"]
+        improved = val_loss < self.best_val - self.cfg.early_stop.min_delta
+        if improved:
+            self.best_val, self.best_step, self.bad_validations = val_loss, self.step, 0
+        else:
+            self.bad_validations += 1
+        patience = self.cfg.early_stop.patience
+        # the loss is already identical on all ranks; broadcasting rank 0's decision makes it certain
+        should_stop = dist.broadcast_object(patience is not None and self.bad_validations >= patience)
+        self.log.metrics({"step": self.step, "epoch": epoch, **metrics, "val/best_loss": self.best_val})
+        self.log.info(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+                      + (" (best)" if improved else f" (no improvement for {self.bad_validations})"))
+        if improved and self.cfg.checkpoint.save_best and not self.debug:
+            self.save(best=True)
+        if should_stop:
+            self.stop_reason = "early_stop"
+            self.log.info(f"early stop at step {self.step}: validation loss has not improved for "
+                          f"{self.bad_validations} validations (best {self.best_val:.4f} at step {self.best_step})")
+            self.log.metrics({"step": self.step, "event": "early_stop", "best_step": self.best_step})
+
+    def test(self) -> dict:
+        """Final evaluation on the held-out test split with the best weights (the last ones if none)."""
+        best = self.ckpt.pointer("best")
+        if best is not None:
+            state, _ = self.ckpt.load(best)
+            self.engine.module.load_state_dict(state["engine"]["model"])
+        metrics = self.evaluate(self.test_data, "test")
+        self.log.metrics({"step": self.step, **metrics, "test/weights_step": self.best_step if best else self.step})
+        self.log.info("test: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+                      + f" (weights of step {self.best_step if best else self.step})")
+        return metrics
+
+    # ---- state --------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"step": self.step, "best_val": self.best_val, "best_step": self.best_step,
+                "bad_validations": self.bad_validations, "steps_per_epoch": self.steps_per_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["steps_per_epoch"] != self.steps_per_epoch:
+            raise CheckpointError(f"checkpoint: it has {state['steps_per_epoch']} steps per epoch, this config "
+                             f"{self.steps_per_epoch}; data or batch settings changed since it was written")
+        self.step, self.best_val = state["step"], state["best_val"]
+        self.best_step, self.bad_validations = state["best_step"], state["bad_validations"]
+
+    def save(self, best: bool = False) -> None:
+        state = {"engine": self.engine.state_dict(), "trainer": self.state_dict(), "config": self.cfg.to_dict()}
+        self.ckpt.save(self.step, state, {"rng": rng_state()}, best=best)
+        self.saved_step = self.step
+
+    def resume(self) -> None:
+        if self.debug:
+            return
+        found = self.ckpt.load_latest(self.log.info)
+        if found is None:
+            return
+        path, state, rank_state = found
+        self.engine.load_state_dict(state["engine"])
+        self.load_state_dict(state["trainer"])
+        set_rng_state(rank_state["rng"])
+        self.saved_step = self.step
+        self.log.info(f"resumed from {path} at step {self.step}")
+
+
+def _groups(batches, size: int):
+    """Consecutive groups of `size` micro-batches (the stream's length is a multiple of it)."""
+    it = iter(batches)
+    while group := list(itertools.islice(it, size)):
+        yield group

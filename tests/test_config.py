@@ -1,0 +1,56 @@
+import pytest
+import yaml
+
+from dtrain.config import ConfigError, load_config
+from conftest import run_dtrain
+
+
+def test_defaults_file_and_override_precedence(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"optim": {"lr": 0.5, "name": "sgd"}, "model": {"hidden": [8]}}))
+    cfg = load_config(path, ["optim.lr=0.25", "model.hidden=[4, 2]", "train.clip_grad_norm=null"])
+    assert cfg.optim.lr == 0.25 and cfg.optim.name == "sgd"  # override > file
+    assert cfg.model.hidden == [4, 2] and cfg.train.clip_grad_norm is None
+    assert cfg.train.epochs == 20  # default kept
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("optim.lrr=1", "unknown key 'optim.lrr'; did you mean 'optim.lr'?"),
+    ("trian.epochs=3", "unknown key 'trian'"),
+    ("optim.lr=abc", "optim.lr: Input should be a valid number"),
+    ("optim.lr=-1", "optim.lr: Input should be greater than 0"),
+    ("model.dropout=1.5", "model.dropout: Input should be less than 1"),
+    ("model.activation=swish", "model.activation: Input should be"),
+    ("train.epochs=2.5", "train.epochs: Input should be a valid integer"),
+    ("model.hidden=[0]", "model.hidden"),
+])
+def test_bad_values_name_the_key(override, expected):
+    with pytest.raises(ConfigError, match=None) as err:
+        load_config(None, [override])
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_frozen():
+    cfg = load_config()
+    with pytest.raises(Exception):
+        cfg.optim.lr = 1.0
+
+
+def test_config_is_saved_resolved_and_hash_is_stable():
+    a, b = load_config(None, ["optim.lr=0.1"]), load_config(None, ["optim.lr=0.1"])
+    assert a.hash() == b.hash() != load_config().hash()
+    assert yaml.safe_load(a.to_yaml())["optim"]["lr"] == 0.1
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["train", "optim.lrr=0.1"], "did you mean 'optim.lr'"),
+    (["train", "--config", "nonexistent.yaml"], "config: file not found"),
+    (["train", "data.dataset=imagenet"], "unknown dataset 'imagenet'"),
+    (["train", "data.dataset=folder:no/such/dir"], "shard directory no/such/dir does not exist"),
+])
+def test_cli_user_errors_are_one_line_exit_2(tmp_path, args, needle):
+    proc = run_dtrain(args, tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert needle in lines[-1] and lines[-1].startswith("dtrain: error:")
+    assert "Traceback" not in proc.stderr
