@@ -131,7 +131,7 @@ class Trainer:
         self._loss_steps, self._t_log = 0, time.perf_counter()
 
     @torch.inference_mode()
-    def evaluate(self, stream: ShardStream, prefix: str) -> dict:
+    def evaluate(self, stream: ShardStream, prefix: str, log_local: bool = False) -> dict:
         """Mean loss and metrics over the whole split: per-rank sums, one all-reduce, then divide."""
         model = self.engine.module
         was_training = model.training
@@ -147,14 +147,16 @@ class Trainer:
             sums["n"] += len(y)
             for k, v in metric_sums(pred, y, self.task, self.y_mean).items():
                 sums[k] = sums[k] + v
-        total = dist.all_reduce_sum(torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=self.device)
-                                                 for k in names]))
+        total = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=self.device) for k in names])
+        if log_local:  # this rank's own share, for diagnosing one rank's data (log.all_ranks)
+            self.log.info(f"local {prefix}/loss at step {self.step}: {total[0].item() / max(total[1].item(), 1):.6f}")
+        dist.all_reduce_sum(total)
         model.train(was_training)
         n = max(total[1].item(), 1.0)
         return {f"{prefix}/{k}": total[i].item() / n for i, k in enumerate(names) if k != "n"}
 
     def validate(self, epoch: int) -> None:
-        metrics = self.evaluate(self.val_data, "val")
+        metrics = self.evaluate(self.val_data, "val", log_local=self.cfg.log.all_ranks and self.dist.distributed)
         val_loss = metrics["val/loss"]
         improved = val_loss < self.best_val - self.cfg.early_stop.min_delta
         if improved:

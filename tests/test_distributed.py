@@ -1,0 +1,109 @@
+"""Multi-process behaviour under real torchrun (gloo on CPU)."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import final_params, metrics_of, result_of, run_dtrain, run_torchrun
+from dtrain.data.datasets import digits
+from dtrain.data.shards import write_shards
+
+pytestmark = pytest.mark.multiproc
+
+
+@pytest.fixture(scope="module")
+def full_batch_data(tmp_path_factory):
+    """256 training samples in 4 equal shards: one global batch of 256 is the whole epoch, so every
+    step sees the same samples whatever the rank count, and the runs must agree numerically."""
+    splits, meta = digits()
+    x, y = splits["train"]
+    root = tmp_path_factory.mktemp("fullbatch") / "d"
+    write_shards(root, {"train": (x[:256], y[:256]), "val": (x[256:384], y[256:384]),
+                        "test": (x[384:512], y[384:512])}, meta, shard_size=64)
+    return root
+
+
+COMMON = ["train.epochs=12", "data.shuffle_buffer=0", "model.dropout=0", "optim.lr=0.01", "log.progress=false",
+          "schedule.warmup_steps=3"]
+
+
+def close(a: dict, b: dict, atol=1e-5) -> bool:
+    return all(torch.allclose(a[k].float(), b[k].float(), atol=atol, rtol=1e-4) for k in a)
+
+
+def test_two_ranks_match_one_rank_on_the_same_global_batch(tmp_path, full_batch_data):
+    data = f"data.dataset=folder:{full_batch_data}"
+    run_dtrain(["train", data, "data.batch_size=256", "run.name=one", *COMMON], tmp_path)
+    two = run_torchrun(2, ["train", data, "data.batch_size=128", "run.name=two", *COMMON], tmp_path)
+    assert "launch: torchrun, world_size=2, backend=gloo" in two.stderr
+    a, b = final_params(tmp_path / "runs" / "one"), final_params(tmp_path / "runs" / "two")
+    assert close(a, b), max((a[k] - b[k]).abs().max().item() for k in a)
+    loss_one = [r["loss"] for r in metrics_of(tmp_path / "runs" / "one") if "loss" in r]
+    loss_two = [r["loss"] for r in metrics_of(tmp_path / "runs" / "two") if "loss" in r]
+    assert np.allclose(loss_one, loss_two, atol=1e-5)
+    assert loss_one[-1] < loss_one[0] * 0.5  # they trained: not two untouched initialisations compared
+
+
+def test_grad_accumulation_matches_one_big_batch(tmp_path, full_batch_data):
+    data = f"data.dataset=folder:{full_batch_data}"
+    run_dtrain(["train", data, "data.batch_size=256", "run.name=big", *COMMON], tmp_path)
+    run_dtrain(["train", data, "data.batch_size=64", "train.grad_accum=4", "run.name=accum", *COMMON], tmp_path)
+    a, b = final_params(tmp_path / "runs" / "big"), final_params(tmp_path / "runs" / "accum")
+    assert close(a, b), max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_two_ranks_with_accumulation_match_one_rank(tmp_path, full_batch_data):
+    # DDP no_sync on the first micro-step, all-reduce on the second: still the same update
+    data = f"data.dataset=folder:{full_batch_data}"
+    run_dtrain(["train", data, "data.batch_size=256", "run.name=one", *COMMON], tmp_path)
+    run_torchrun(2, ["train", data, "data.batch_size=64", "train.grad_accum=2", "run.name=two", *COMMON], tmp_path)
+    a, b = final_params(tmp_path / "runs" / "one"), final_params(tmp_path / "runs" / "two")
+    assert close(a, b)
+
+
+def test_early_stop_is_decided_for_all_ranks(tmp_path):
+    """Rank 1 validates on a shard whose labels are noise: its own validation loss alone would stop
+    it early, rank 0's alone would not. Both must stop at the same step and exit (no hang)."""
+    splits, meta = digits()
+    x, y = splits["train"]
+    vx, vy = splits["val"]
+    noisy = np.random.default_rng(0).integers(0, 10, 100)
+    root = tmp_path / "d"
+    write_shards(root, {"train": (x[:1200], y[:1200]), "val": (vx[:200], np.concatenate([vy[:100], noisy])),
+                        "test": splits["test"]}, meta, shard_size=100)
+    args = ["train", f"data.dataset=folder:{root}", "train.epochs=40", "train.val_every=5", "early_stop.patience=3",
+            "log.all_ranks=true", "log.progress=false"]
+    proc = run_torchrun(2, args, tmp_path, timeout=240)
+    stops = sorted(l.split("early stop at step ")[1].split(":")[0] for l in proc.stderr.splitlines()
+                   if "early stop at step" in l)
+    assert len(stops) == 2 and stops[0] == stops[1], proc.stderr[-3000:]
+    assert "[rank 0] early stop" in proc.stderr and "[rank 1] early stop" in proc.stderr
+    assert result_of(proc)["stop_reason"] == "early_stop"
+    assert int(stops[0]) < 40 * (1200 // 128)
+
+    # The premise: replaying early stopping on each rank's *local* validation losses, the ranks
+    # would have stopped at different steps; a rank-local decision would have hung the other rank.
+    def local_stop(rank):
+        best, bad = float("inf"), 0
+        for line in proc.stderr.splitlines():
+            if line.startswith(f"[rank {rank}] local val/loss"):
+                step, loss = line.split(" at step ")[1].split(": ")
+                if float(loss) < best:
+                    best, bad = float(loss), 0
+                else:
+                    bad += 1
+                    if bad >= 3:
+                        return int(step)
+        return None
+    assert local_stop(0) != local_stop(1), (local_stop(0), local_stop(1))
+
+
+def test_two_rank_resume_after_stop_is_exact(tmp_path):
+    args = ["train", "train.epochs=3", "data.batch_size=32", "model.dropout=0.3", "log.progress=false",
+            "train.log_every=1", "data.shuffle_buffer=200"]
+    run_torchrun(2, args + ["run.name=straight"], tmp_path)
+    run_torchrun(2, args + ["run.name=resumed", "run.stop_at_step=25"], tmp_path)
+    proc = run_torchrun(2, args + ["run.name=resumed"], tmp_path)
+    assert "at step 25" in proc.stderr
+    a, b = final_params(tmp_path / "runs" / "straight"), final_params(tmp_path / "runs" / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
