@@ -125,7 +125,12 @@ def setup(backend: str = "auto", timeout_s: float = 600.0, force_single: bool = 
 
 def teardown() -> None:
     if torchdist.is_available() and torchdist.is_initialized():
-        torchdist.destroy_process_group()
+        # Without this barrier a rank that finishes first tears down gloo's connections while a
+        # peer still uses them, and the peer aborts ("terminate called without an active exception").
+        try:
+            torchdist.barrier()
+        finally:
+            torchdist.destroy_process_group()
 
 
 def _active() -> bool:

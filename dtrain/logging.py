@@ -35,7 +35,7 @@ class RunLogger:
         if self.bar is not None:
             self.bar.write(text, file=sys.stderr)
         else:
-            print(text, file=sys.stderr, flush=True)
+            _write_line(text)
 
     def metrics(self, record: dict) -> None:
         record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
@@ -67,7 +67,13 @@ class NullLogger(RunLogger):
 
     def info(self, msg):
         if self.echo:
-            print(f"{self.prefix}{msg}", file=sys.stderr, flush=True)
+            _write_line(f"{self.prefix}{msg}")
+
+
+def _write_line(text: str) -> None:
+    """One write per line: ranks share stderr, and print()'s separate newline write interleaves."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
 
 
 def build_logger(cfg, dist_info, run_dir: Path, total_steps: int) -> RunLogger:
