@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 EXIT_USER_ERROR = 2
+EXIT_FAILED = 1  # a rank stalled or died: CollectiveError
 
 
 def _train(args) -> int:
+    from .signals import EXIT_INTERRUPTED
+
     import torch
 
     from . import dist
@@ -24,6 +28,7 @@ def _train(args) -> int:
                                      "log": cfg.log.model_copy(update={"progress": False})})
         torch.autograd.set_detect_anomaly(True)
     info = dist.setup(cfg.dist.backend, cfg.dist.timeout_s, force_single=args.debug)
+    clean = False
     try:
         if info.is_global_zero:
             print(info.describe(), file=sys.stderr, flush=True)
@@ -33,10 +38,11 @@ def _train(args) -> int:
             (trainer.run_dir / "config.yaml").write_text(cfg.to_yaml())
         result = trainer.fit()
         if info.is_global_zero:
-            print(json.dumps(result))
+            print(json.dumps(result), flush=True)
+        clean = True
     finally:
-        dist.teardown()
-    return 0
+        dist.teardown(clean)
+    return EXIT_INTERRUPTED if result["stop_reason"].startswith("signal") else 0
 
 
 def _shard(args) -> int:
@@ -120,14 +126,21 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .data import DataError
-    from .dist import LaunchError
+    from .dist import CollectiveError, LaunchError
 
     args = build_parser().parse_args(argv)
+    func = args.func
+    if "TORCHELASTIC_ERROR_FILE" in os.environ:  # under torchrun: uncaught errors go into its error record
+        from torch.distributed.elastic.multiprocessing.errors import record
+        func = record(func)
     try:
-        return args.func(args)
+        return func(args)
     except (ConfigError, DataError, LaunchError, CheckpointError) as e:
         print(f"dtrain: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except CollectiveError as e:
+        print(f"dtrain: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

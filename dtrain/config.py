@@ -110,8 +110,11 @@ class TrainConfig(Section):
     """Micro-batches per optimizer step; gradients are all-reduced only on the last one."""
     clip_grad_norm: Optional[float] = Field(1.0, gt=0)
     """Clip the global gradient norm to this value (null: no clipping)."""
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """`auto`: bf16 autocast on GPUs that support it, fp32 elsewhere."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """`auto`: bf16 autocast on GPUs that support it, fp32 elsewhere; fp16 adds a gradient scaler."""
+    nonfinite: Literal["skip", "stop", "ignore"] = "skip"
+    """A NaN/inf gradient on any rank (all-reduced, so every rank sees it): skip that update, or stop
+    keeping the last good checkpoint. Checking reads the gradient norm on the host once per step."""
     val_every: int = Field(0, ge=0)
     """Validate every N optimizer steps (0: at the end of every epoch)."""
     log_every: int = Field(10, ge=1)
@@ -132,6 +135,10 @@ class CheckpointConfig(Section):
     """Save every N optimizer steps (0: only at the end and on a new best)."""
     keep_last: int = Field(2, ge=1)
     """Keep this many most recent checkpoints."""
+    keep_best: int = Field(1, ge=0)
+    """Also keep this many checkpoints with the lowest validation loss."""
+    async_save: bool = False
+    """Write checkpoints in a background thread while training goes on (at most one in flight)."""
     save_best: bool = True
     """Save a checkpoint when validation loss improves; `best` points at it."""
 
@@ -148,6 +155,8 @@ class LogConfig(Section):
     """Show a progress bar on rank 0."""
     all_ranks: bool = False
     """Let every rank print its log lines (prefixed with its rank), not just rank 0."""
+    sample_keys: bool = False
+    """Every rank writes the keys of the samples of each step to `sample_keys/rank-N.txt` (audits data order)."""
 
 
 class Config(Section):

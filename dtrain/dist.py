@@ -10,6 +10,7 @@ go through `all_reduce_*`/`broadcast_object`, never through one rank alone.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import re
@@ -17,6 +18,26 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as torchdist
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed or timed out: a rank stalled, died or lost its connection."""
+
+
+@contextlib.contextmanager
+def guard(op: str):
+    """Turn a backend's failure inside `op` into one line naming the operation that got stuck."""
+    try:
+        yield
+    except RuntimeError as e:
+        text = str(e)
+        if not (isinstance(e, torchdist.DistError) or any(w in text for w in ("gloo", "Gloo", "NCCL", "Timed out",
+                                                                               "timed out", "Connection closed"))):
+            raise
+        rank = torchdist.get_rank() if _active() else 0
+        first = next((l.strip() for l in text.splitlines() if l.strip()), type(e).__name__)
+        raise CollectiveError(f"dist: {op} failed on rank {rank}: {first[:300]} "
+                              "(another rank stalled, died or timed out; see dist.timeout_s)") from None
 
 
 class LaunchError(RuntimeError):
@@ -113,7 +134,7 @@ def setup(backend: str = "auto", timeout_s: float = 600.0, force_single: bool = 
     if backend == "nccl" and not cuda:
         raise LaunchError("dist.backend: nccl needs CUDA devices; use gloo on CPU")
     try:
-        torchdist.init_process_group(backend, rank=rank, world_size=world,
+        torchdist.init_process_group(backend, store=_store(rank, world, timeout_s), rank=rank, world_size=world,
                                      timeout=datetime.timedelta(seconds=timeout_s),
                                      device_id=device if backend == "nccl" else None)
     except Exception as e:  # a rendezvous failure is a launch problem, not a bug
@@ -123,8 +144,24 @@ def setup(backend: str = "auto", timeout_s: float = 600.0, force_single: bool = 
     return DistInfo(mode, rank, local, world, device, backend)
 
 
-def teardown() -> None:
-    if torchdist.is_available() and torchdist.is_initialized():
+def _store(rank: int, world: int, timeout_s: float) -> torchdist.Store:
+    """The rendezvous key-value store, its keys prefixed by torchrun's restart attempt.
+
+    After `torchrun --max-restarts` restarts the workers, the agent's store still holds the keys of the
+    killed attempt, and groups made with new_group() (ours: checkpoint and stop-flag coordination) read
+    the dead workers' addresses and fail with "connectFullMesh ... Connection refused". A prefix per
+    attempt keeps every attempt's keys apart."""
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = torchdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                               is_master=not agent_hosts_store and rank == 0,
+                               timeout=datetime.timedelta(seconds=timeout_s))
+    return torchdist.PrefixStore(f"dtrain/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+def teardown(clean: bool = True) -> None:
+    """Leave the process group. After a failure (`clean=False`) skip the barrier: a dead peer would
+    make it wait out another full timeout."""
+    if torchdist.is_available() and torchdist.is_initialized() and clean:
         # Without this barrier a rank that finishes first tears down gloo's connections while a
         # peer still uses them, and the peer aborts ("terminate called without an active exception").
         try:
@@ -151,10 +188,18 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+def all_reduce_max(t: torch.Tensor, group=None) -> torch.Tensor:
     if _active():
-        torchdist.all_reduce(t, op=torchdist.ReduceOp.MAX)
+        torchdist.all_reduce(t, op=torchdist.ReduceOp.MAX, group=group)
     return t
+
+
+def new_cpu_group(timeout_s: float):
+    """A gloo group for CPU-side coordination from another thread (async checkpoints, stop flags);
+    collectives must be created in the same order on every rank. None in single mode."""
+    if not _active():
+        return None
+    return torchdist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def broadcast_object(obj, src: int = 0):

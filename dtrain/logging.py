@@ -81,3 +81,28 @@ def build_logger(cfg, dist_info, run_dir: Path, total_steps: int) -> RunLogger:
     if dist_info.is_global_zero:
         return RunLogger(run_dir, total_steps, cfg.progress, prefix)
     return NullLogger(prefix, echo=cfg.all_ranks)
+
+
+class SampleKeyLog:
+    """`sample_keys/rank-N.txt`: one line per optimizer step, `step key key ...` (log.sample_keys).
+    Lets a test or a user prove that no sample was seen twice or skipped across a resume."""
+
+    def __init__(self, run_dir: Path, rank: int):
+        self.path = Path(run_dir) / "sample_keys" / f"rank-{rank:05d}.txt"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = None
+
+    def truncate(self, step: int) -> None:
+        """Forget steps after the checkpoint we resume from (a killed run logged them, then lost them)."""
+        if self.path.exists():
+            kept = [l for l in self.path.read_text().splitlines() if l and int(l.split(" ", 1)[0]) <= step]
+            self.path.write_text("".join(l + "\n" for l in kept))
+
+    def write(self, step: int, keys: list[str]) -> None:
+        if self.file is None:
+            self.file = open(self.path, "a", buffering=1)
+        self.file.write(f"{step} {' '.join(keys)}\n")
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
