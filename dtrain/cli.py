@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_train)
 
     s = sub.add_parser("shard", help="write train/val/test webdataset shards and their index")
-    s.add_argument("--dataset", required=True, help="built-in data set: digits, count")
+    s.add_argument("--dataset", required=True, help="built-in data set: digits, digits_parity, count")
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--shard-size", type=int, default=250, help="samples per shard (default 250)")
     s.add_argument("--seed", type=int, default=0, help="seed of the split and of generated data")
