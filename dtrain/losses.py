@@ -67,3 +67,16 @@ def metric_sums(pred: torch.Tensor, y: torch.Tensor, task: str, y_mean: float = 
         return {"acc": (pred.argmax(-1) == y).sum().float()}
     err = _squeeze(pred).float() - y
     return {"mae": err.abs().sum(), "mse": (err * err).sum(), "mae_predict_mean": (y - y_mean).abs().sum()}
+
+
+@torch.inference_mode()
+def confusion_matrix(model: torch.nn.Module, batches, num_classes: int, device: torch.device) -> torch.Tensor:
+    """[true class, predicted class] counts over `batches` (a ShardStream), model in eval mode."""
+    was_training = model.training
+    model.eval()
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    for x, y, _ in batches.epoch(0):
+        pred = model(x.to(device)).argmax(-1).cpu()
+        cm += torch.bincount(y * num_classes + pred, minlength=num_classes ** 2).view(num_classes, num_classes)
+    model.train(was_training)
+    return cm

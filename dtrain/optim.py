@@ -80,8 +80,10 @@ class Schedule:
 
     def cycle(self, t: int) -> tuple[int, int]:
         """(first step, length) of the warm-restart cycle holding post-warmup step t."""
+        if self.restart_mult == 1:  # periodic
+            return t - t % self.restart_every, self.restart_every
         start, length = 0, self.restart_every
-        while t >= start + length:  # at most log(t) iterations when restart_mult > 1
+        while t >= start + length:  # cycles grow geometrically: about log(t) iterations
             start, length = start + length, length * self.restart_mult
         return start, length
 

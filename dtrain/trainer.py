@@ -44,8 +44,7 @@ class Trainer:
         self.test_data = ShardStream(index, "test", **stream)
         self.accum = cfg.train.grad_accum
         self.steps_per_epoch = self.train_data.steps_per_epoch
-        self.total_steps = min(cfg.train.epochs * self.steps_per_epoch, cfg.train.max_steps or math.inf,
-                               cfg.train.debug_steps if debug else math.inf)
+        self.total_steps = plan_total_steps(cfg.train, self.steps_per_epoch, debug)
         self.samples_per_step = cfg.data.batch_size * dist_info.world_size * self.accum
 
         self.log = build_logger(cfg.log, dist_info, self.run_dir, self.total_steps, cfg.wandb, cfg.to_dict())
@@ -89,11 +88,12 @@ class Trainer:
                         break
         if self.step != self.saved_step and not self.debug:
             self.save()
-        self.log.close()
         if self.stop_reason == "stop_at_step":
+            self.log.close()
             self.log.info(f"stopped at step {self.step} as asked; run the same command again to continue")
             return {"step": self.step, "stop_reason": self.stop_reason}
         results = self.test()
+        self.log.close()  # after the test metrics, which go to W&B too
         return {"step": self.step, "stop_reason": self.stop_reason or "completed", **results}
 
     def train_step(self, micro_batches) -> torch.Tensor:
@@ -241,6 +241,12 @@ class Trainer:
         set_rng_state(rank_state["rng"])
         self.saved_step = self.step
         self.log.info(f"resumed from {path} at step {self.step}")
+
+
+def plan_total_steps(train_cfg, steps_per_epoch: int, debug: bool = False) -> int:
+    """Optimizer steps the run takes (the schedule spans them): epochs, capped by max_steps / debug_steps."""
+    return int(min(train_cfg.epochs * steps_per_epoch, train_cfg.max_steps or math.inf,
+                   train_cfg.debug_steps if debug else math.inf))
 
 
 def _groups(batches, size: int):
