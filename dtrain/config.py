@@ -369,5 +369,5 @@ def describe_fields(model: type[BaseModel] = Config, prefix: str = "") -> list[s
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             lines += describe_fields(ann, f"{prefix}{name}.")
         else:
-            lines.append(f"{prefix}{name} = {field.default!r}  # {field.description or ''}")
+            lines.append(f"{prefix}{name} = {field.default!r}  # {' '.join((field.description or '').split())}")
     return lines

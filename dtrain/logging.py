@@ -2,7 +2,9 @@
 get a logger that does nothing (or, with log.all_ranks, prints rank-prefixed lines).
 
 The W&B run id is part of the logger's state, saved with every checkpoint: a resumed run passes it to
-`wandb.init(id=..., resume="allow")` and continues the same W&B run.
+`wandb.init(id=..., resume="allow")` and continues the same W&B run. (Online, W&B ignores steps it has
+already seen; after a kill those are the steps between the checkpoint and the kill, and since resuming is
+exact the killed run logged the same values for them.)
 """
 
 from __future__ import annotations

@@ -57,7 +57,8 @@ def test_plot_run_draws_the_logged_series_with_best_and_early_stop(overfit_run, 
         pixels = matplotlib.image.imread(tmp_path / "plots" / f"{name}.png")[..., :3]
         assert pixels.var() > 0.005, name  # curves, not an empty canvas
     assert main(["plot", str(run_dir)]) == 0
-    assert f"best checkpoint at step {drawn['best_step']}, early stop at step {result['step']}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"best checkpoint at step {drawn['best_step']}, early stop at step {result['step']}" in printed
     assert (run_dir / "plots" / "loss.png").is_file()
 
 
