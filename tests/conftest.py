@@ -20,6 +20,8 @@ def _env(extra: dict | None = None) -> dict:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_", "TORCHELASTIC"))}
     env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    # this checkout's dtrain, not whichever one `pip install -e` last pointed at (tests run with cwd=tmp_path)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.update(extra or {})
     return env
 

@@ -39,6 +39,9 @@ class SingleEngine:
     def no_backward_sync(self, is_last_micro_step: bool):
         return contextlib.nullcontext()
 
+    def trainable_changed(self) -> None:
+        """Parameters were frozen or unfrozen (requires_grad changed): nothing to do in one process."""
+
     def backward(self, loss: torch.Tensor) -> None:
         # mean over micro-batches, so accumulation of k micro-batches equals one k-times batch
         self.scaler.scale(loss / self.grad_accum).backward()
