@@ -34,6 +34,8 @@ def _train(args) -> int:
         if info.is_global_zero:
             print(info.describe(), file=sys.stderr, flush=True)
         trainer = Trainer(cfg, info, debug=args.debug)
+        if cfg.run.doctor and info.distributed:
+            _check_health(cfg, info, trainer.run_dir, trainer.engine.module, brief=True)
         if info.is_global_zero:
             trainer.run_dir.mkdir(parents=True, exist_ok=True)
             (trainer.run_dir / "config.yaml").write_text(cfg.to_yaml())
@@ -44,6 +46,46 @@ def _train(args) -> int:
     finally:
         dist.teardown(clean)
     return EXIT_INTERRUPTED if result["stop_reason"].startswith("signal") else 0
+
+
+class DoctorError(RuntimeError):
+    """A health check failed; the message names it."""
+
+
+def _check_health(cfg, info, run_dir, model, brief: bool) -> None:
+    from . import doctor
+
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    checks = doctor.run(cfg, info, run_dir, brief=brief, model_bytes=model_bytes)
+    if info.is_global_zero:
+        print(("doctor (brief; `dtrain doctor` for the full check):\n" if brief else "doctor:\n")
+              + doctor.table(checks), file=sys.stderr, flush=True)
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        raise DoctorError(f"doctor: {failed[0].name} check failed: {failed[0].detail}")
+
+
+def _doctor(args) -> int:
+    from pathlib import Path
+
+    from . import dist
+    from .config import load_config
+    from .data import resolve_shards
+    from .models import build_model
+
+    cfg = load_config(args.config, args.overrides)
+    info = dist.setup(cfg.dist.backend, cfg.dist.timeout_s)
+    clean = False
+    try:
+        if info.is_global_zero:
+            print(info.describe(), file=sys.stderr, flush=True)
+        index = resolve_shards(cfg.data, cfg.run.seed)
+        model = build_model(cfg.model, index.input_shape, index.num_classes or 1, cfg.run.seed)
+        _check_health(cfg, info, Path(cfg.run.dir) / cfg.run.name, model, brief=False)
+        clean = True
+    finally:
+        dist.teardown(clean)
+    return 0
 
 
 def _shard(args) -> int:
@@ -179,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("overrides", nargs="*", metavar="key.sub=value")
     a.set_defaults(func=_augment_preview)
 
+    d = sub.add_parser("doctor", help="check the cluster before a long job: versions, config, all-reduce, "
+                                      "shards, checkpoint dir, devices (run it like train)")
+    d.add_argument("--config")
+    d.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    d.set_defaults(func=_doctor)
+
     c = sub.add_parser("config", help="print the resolved config, or every key with its documentation")
     c.add_argument("--config")
     c.add_argument("--describe", action="store_true", help="list every key, its default and what it does")
@@ -200,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         func = record(func)
     try:
         return func(args)
-    except (ConfigError, DataError, LaunchError, CheckpointError) as e:
+    except (ConfigError, DataError, LaunchError, CheckpointError, DoctorError) as e:
         print(f"dtrain: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except CollectiveError as e:

@@ -32,6 +32,8 @@ class RunConfig(Section):
     """Parent directory of run directories."""
     seed: int = 0
     """Seed for initialisation, data order, dropout and augmentation."""
+    doctor: bool = True
+    """Run a brief `dtrain doctor` on all ranks before training (versions, config, all-reduce, shards, disk)."""
     stop_at_step: Optional[int] = Field(None, ge=1)
     """Checkpoint and exit (resumable) once this global step is reached; the schedule is unchanged."""
 

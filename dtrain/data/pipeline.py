@@ -136,6 +136,17 @@ class ShardStream:
                    wds.map(functools.partial(self._to_tensors, epoch=epoch, pass_index=pass_index))]
         return wds.DataPipeline(*stages)
 
+    def check_readable(self, urls: list[str], first_only: bool = False) -> int:
+        """Read and decode every sample of `urls` (or only each one's first) in this process, without
+        node splitting. -> samples read. Raises DataError naming a shard that can't be read."""
+        def samples(url_list):
+            stages = [wds.SimpleShardList(url_list), wds.tarfile_to_samples(handler=_raise_data_error),
+                      wds.decode(handler=_raise_data_error), wds.to_tuple("x.npy", "y.cls", "__key__")]
+            return iter(wds.DataPipeline(*stages))
+        if first_only:
+            return sum(1 for url in urls if next(samples([url]), None) is not None)
+        return sum(1 for _ in samples(urls))
+
     def _one_pass(self, epoch: int, pass_index: int = 0) -> Iterator[Batch]:
         # A fresh DataLoader per pass: its workers fork with this epoch's shard order baked in.
         # Its own generator: otherwise each new iterator draws a seed from the global torch RNG and
