@@ -53,19 +53,14 @@ def kill_during_save_trials(tmp_path: Path, trials: int) -> dict:
     return counts
 
 
-def test_kill_during_save(tmp_path, capsys):
-    counts = kill_during_save_trials(tmp_path, 20)
-    with capsys.disabled():
-        print(f"\nkill-during-save: {counts}")
-    assert counts["resumed_ok"] >= 18 and counts["killed_mid_write"] >= 5
-
-
 @pytest.mark.slow
-def test_kill_during_save_100(tmp_path, capsys):
+def test_kill_during_save(tmp_path, capsys):
+    """100 SIGKILLs at random moments of back-to-back saves (CI runs slow tests too; the issue asks for
+    at least 20 there and 100 in a slow run: one test serves both)."""
     counts = kill_during_save_trials(tmp_path, 100)
     with capsys.disabled():
-        print(f"\nkill-during-save (100): {counts}")
-    assert counts["resumed_ok"] >= 95
+        print(f"\nkill-during-save: {counts}")
+    assert counts["resumed_ok"] >= 95 and counts["killed_mid_write"] >= 20
 
 
 # ---- corrupt and malicious checkpoints ----------------------------------------------------------
