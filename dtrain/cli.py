@@ -49,7 +49,8 @@ def _train(args) -> int:
 def _shard(args) -> int:
     from .data import make_builtin
 
-    index = make_builtin(args.dataset, args.out, args.shard_size, seed=args.seed)
+    params = {"context": args.context, "num_bytes": args.text_bytes} if args.dataset == "text" else {}
+    index = make_builtin(args.dataset, args.out, args.shard_size, seed=args.seed, **params)
     for split, shards in index.splits.items():
         print(f"{split}: {sum(shards.values())} samples in {len(shards)} shards")
     print(f"wrote {args.out}/index.json")
@@ -152,10 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_train)
 
     s = sub.add_parser("shard", help="write train/val/test webdataset shards and their index")
-    s.add_argument("--dataset", required=True, help="built-in data set: digits, digits_parity, count")
+    s.add_argument("--dataset", required=True, help="built-in data set: digits, digits_parity, count, text")
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--shard-size", type=int, default=250, help="samples per shard (default 250)")
     s.add_argument("--seed", type=int, default=0, help="seed of the split and of generated data")
+    s.add_argument("--context", type=int, default=256, help="text: tokens per sample (default 256)")
+    s.add_argument("--text-bytes", type=int, default=1_000_000, help="text: bytes of stdlib source (default 1e6)")
     s.set_defaults(func=_shard)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint (or a run directory's best) on a split")
