@@ -122,12 +122,7 @@ class Trainer:
         while self.step < self.total_steps and self.stop_reason is None:  # one epoch (or its rest) per pass
             epoch, done = divmod(self.step, self.steps_per_epoch)
             with contextlib.closing(self.train_data.epoch(epoch, start=done * self.accum)) as batches:
-                for micro_batches in self.meter.timed(_groups(batches, self.accum)):
-                    loss = self.train_step(micro_batches)
-                    self.step += 1
-                    self.after_step(loss, epoch)
-                    if self.stop_reason is not None or self.step >= self.total_steps:
-                        break
+                self.train_epoch(batches, epoch)
         self.stop_reason = self.stop_reason or "completed"
         if self.step != self.saved_step and not self.debug and self.stop_reason != "nonfinite":
             self.save()
@@ -136,6 +131,16 @@ class Trainer:
             return self.interrupted()
         results = self.test()  # the log closes after this, in fit(): test metrics go to W&B too
         return {"step": self.step, "stop_reason": self.stop_reason, **results}
+
+    def train_epoch(self, batches, epoch: int) -> None:
+        """Optimizer steps on `batches` (micro-batches) until they run out, a stop, or the last step.
+        (`dtrain bench` feeds it synthetic batches: the same loop, timed.)"""
+        for micro_batches in self.meter.timed(_groups(batches, self.accum)):
+            loss = self.train_step(micro_batches)
+            self.step += 1
+            self.after_step(loss, epoch)
+            if self.stop_reason is not None or self.step >= self.total_steps:
+                break
 
     def interrupted(self) -> dict:
         if self.stop_reason == "signal:SIGUSR1" and self.dist.is_global_zero:
