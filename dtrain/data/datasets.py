@@ -58,24 +58,25 @@ def count(seed: int = 0, samples: int = 6000, max_objects: int = 9, size: int = 
 
 def text(seed: int = 0, context: int = 256, num_bytes: int = 1_000_000, **_) -> tuple[dict, dict]:
     """Byte-level language modelling on Python's own stdlib source (nothing downloaded): the .py files under
-    sysconfig's stdlib path in sorted order (site-packages left out), concatenated, the first `num_bytes`
+    sysconfig's stdlib path in a sorted walk (site-packages left out), concatenated, the first `num_bytes`
     cut into non-overlapping windows of context + 1 bytes. A sample's input is window[:-1], its target
     window[1:]. Stored as uint8: one byte per token. (Which bytes depends on the Python version.)"""
+    import os
     import sysconfig
-    from pathlib import Path
 
-    root = Path(sysconfig.get_paths()["stdlib"])
     chunks, total = [], 0
-    for path in sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix()):
-        rel = path.relative_to(root).parts
-        if "site-packages" in rel or "dist-packages" in rel:
-            continue
-        try:
-            data = path.read_bytes()
-        except OSError:
-            continue
-        chunks.append(data)
-        total += len(data)
+    # a lazy walk in sorted order (directory files first, then sorted subdirectories): stops once it has enough
+    for top, dirs, files in os.walk(sysconfig.get_paths()["stdlib"]):
+        dirs[:] = sorted(d for d in dirs if d not in ("site-packages", "dist-packages", "__pycache__"))
+        for name in sorted(f for f in files if f.endswith(".py")):
+            try:
+                with open(os.path.join(top, name), "rb") as f:
+                    chunks.append(f.read())
+            except OSError:
+                continue
+            total += len(chunks[-1])
+            if total >= num_bytes:
+                break
         if total >= num_bytes:
             break
     tokens = np.frombuffer(b"".join(chunks)[:num_bytes], dtype=np.uint8)
