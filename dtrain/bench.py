@@ -6,7 +6,8 @@
   (c) dtrain, shards      the same loop fed by webdataset shards (ShardStream, as in `dtrain train`)
   (d) checkpointing       (b) with a checkpoint every K steps, synchronous and async_save
 
-Segments are interleaved (a, b, c, d..., a, b, c, d..., ...) so that machine noise hits them alike, and
+Segments are interleaved (a, b, c, d..., b, c, d..., a, ...: rotated each repetition) so that machine noise
+hits them alike, and
 each ratio to (a) is the median of the per-repetition ratios. The stall of a save is the extra wall
 time of a (d) segment over the (b) segment of the same repetition, per save.
 """
@@ -154,8 +155,11 @@ def run_bench(args, out=print) -> dict:
     }
     seconds: dict[str, list[float]] = {key: [] for key in segments}
     saves: dict[str, list[int]] = {"d_sync": [], "d_async": []}
+    order = list(segments)
     for rep in range(-1, args.reps):  # rep -1: warm-up (compilation, allocator, first DataLoader), not timed
-        for key, (_, run) in segments.items():
+        # rotate the order every repetition, so no segment always runs first (or right after a save)
+        for key in order[max(rep, 0) % len(order):] + order[:max(rep, 0) % len(order)]:
+            run = segments[key][1]
             n = args.warmup if rep < 0 else args.steps
             before = len(save_times.get(key, []))
             _sync(device)
