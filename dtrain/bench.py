@@ -226,7 +226,7 @@ def _device_name(device: torch.device) -> str:
 
 def format_table(r: dict) -> str:
     shape = f"batch {r['batch_size']}" + (f" x seq {r['seq_len']}" if r["seq_len"] else "")
-    lines = [f"dtrain bench: {r['model']} ({r['params'] / 1e6:.2f}M params), {shape}, {r['device']}, "
+    lines = [f"dtrain bench: {r['model']} ({r['params'] / 1e6:.3g}M params), {shape}, {r['device']}, "
              f"torch {r['torch']}, compile {'on' if r['compile'] else 'off'}, precision {r['precision']}, "
              f"{r['steps']} steps x {r['reps']} interleaved reps (medians)",
              "| run | tokens/s | samples/s | step ms | MFU | ratio to (a) |",
