@@ -1,4 +1,4 @@
-"""`dtrain train | shard | eval | plot | augment-preview | config`. User errors end with one line on stderr
+"""`dtrain train | shard | eval | plot | augment-preview | config | bench`. User errors end with one line on stderr
 and exit code 2."""
 
 from __future__ import annotations
@@ -91,7 +91,8 @@ def _doctor(args) -> int:
 def _shard(args) -> int:
     from .data import make_builtin
 
-    index = make_builtin(args.dataset, args.out, args.shard_size, seed=args.seed)
+    params = {"context": args.context, "num_bytes": args.text_bytes} if args.dataset == "text" else {}
+    index = make_builtin(args.dataset, args.out, args.shard_size, seed=args.seed, **params)
     for split, shards in index.splits.items():
         print(f"{split}: {sum(shards.values())} samples in {len(shards)} shards")
     print(f"wrote {args.out}/index.json")
@@ -172,6 +173,19 @@ def _augment_preview(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from .bench import run_bench
+    from .config import ConfigError
+
+    if args.preset == "gpt2-124m":  # the GPU target: GPT-2 124M, B=16, T=1024, bf16, compiled
+        args.model, args.n_layer, args.n_head, args.n_embd, args.vocab = "gpt", 12, 12, 768, 50304
+        args.seq_len, args.batch_size, args.precision, args.compile = 1024, 16, "bf16", True
+    if args.steps < 1 or args.reps < 1 or args.warmup < 1 or args.ckpt_every < 1:
+        raise ConfigError("bench: --steps, --reps, --warmup and --ckpt-every must be >= 1")
+    run_bench(args)
+    return 0
+
+
 def _config(args) -> int:
     from .config import describe_fields, load_config
 
@@ -194,10 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_train)
 
     s = sub.add_parser("shard", help="write train/val/test webdataset shards and their index")
-    s.add_argument("--dataset", required=True, help="built-in data set: digits, digits_parity, count")
+    s.add_argument("--dataset", required=True, help="built-in data set: digits, digits_parity, count, text")
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--shard-size", type=int, default=250, help="samples per shard (default 250)")
     s.add_argument("--seed", type=int, default=0, help="seed of the split and of generated data")
+    s.add_argument("--context", type=int, default=256, help="text: tokens per sample (default 256)")
+    s.add_argument("--text-bytes", type=int, default=1_000_000, help="text: bytes of stdlib source (default 1e6)")
     s.set_defaults(func=_shard)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint (or a run directory's best) on a split")
@@ -226,6 +242,28 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--config")
     d.add_argument("overrides", nargs="*", metavar="key.sub=value")
     d.set_defaults(func=_doctor)
+
+    b = sub.add_parser("bench", help="throughput of dtrain vs a hand-written loop, shards, checkpoint stalls")
+    b.add_argument("--model", default="gpt", choices=["gpt", "mlp", "cnn"], help="gpt: text; mlp: digits; cnn: count")
+    b.add_argument("--preset", choices=["gpt2-124m"], help="gpt2-124m: 12x768, 12 heads, vocab 50304, B=16, T=1024, "
+                   "bf16, compiled (a GPU benchmark)")
+    b.add_argument("--steps", type=int, default=20, help="optimizer steps per timed segment (default 20)")
+    b.add_argument("--reps", type=int, default=3, help="interleaved repetitions; medians are reported (default 3)")
+    b.add_argument("--warmup", type=int, default=3, help="untimed steps per segment first (default 3)")
+    b.add_argument("--batch-size", type=int, default=8)
+    b.add_argument("--seq-len", type=int, default=128, help="gpt: tokens per sample (default 128)")
+    b.add_argument("--n-layer", type=int, default=2, help="gpt: blocks (default 2)")
+    b.add_argument("--n-head", type=int, default=4, help="gpt: heads (default 4)")
+    b.add_argument("--n-embd", type=int, default=128, help="gpt: width (default 128)")
+    b.add_argument("--vocab", type=int, default=None, help="gpt: vocabulary (default: bytes, 256)")
+    b.add_argument("--compile", action="store_true", help="torch.compile both loops")
+    b.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    b.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    b.add_argument("--ckpt-every", type=int, default=5, help="(d): checkpoint every N steps (default 5)")
+    b.add_argument("--num-workers", type=int, default=0, help="(c): DataLoader workers (default 0)")
+    b.add_argument("--out", default=None, help="directory for shards and runs (default: a new temp dir)")
+    b.add_argument("--json", default=None, help="also write the results as JSON here")
+    b.set_defaults(func=_bench)
 
     c = sub.add_parser("config", help="print the resolved config, or every key with its documentation")
     c.add_argument("--config")

@@ -11,7 +11,7 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
@@ -40,7 +40,7 @@ class RunConfig(Section):
 
 class DataConfig(Section):
     dataset: str = "digits"
-    """Built-in data set (`digits`, `digits_parity`, `count`) or `folder:PATH` holding shards written by
+    """Built-in data set (`digits`, `digits_parity`, `count`, `text`) or `folder:PATH` holding shards written by
     `dtrain shard`."""
     root: str = "data"
     """Where built-in data sets' shards live (`<root>/<dataset>`); created on first use."""
@@ -50,6 +50,10 @@ class DataConfig(Section):
     """Micro-batch size per rank. Global batch = batch_size x world_size x train.grad_accum."""
     num_workers: int = Field(0, ge=0)
     """DataLoader worker processes per rank (0: load in the training process)."""
+    prefetch_factor: Optional[int] = Field(None, ge=1)
+    """Batches each DataLoader worker loads ahead (null: torch's default, 2; only with num_workers > 0).
+    Workers are not persistent: a DataLoader is made per epoch pass, its workers forked with that pass's
+    shard order, which is what makes resuming exact; the fork costs once per pass, not per step."""
     shuffle_buffer: int = Field(1000, ge=0)
     """Samples held in the per-worker shuffle buffer (0: no sample shuffle, shards are still permuted)."""
     remainder: Literal["drop", "pad"] = "drop"
@@ -58,14 +62,39 @@ class DataConfig(Section):
     """`count` data set: images generated in all splits."""
     count_max_objects: int = Field(9, ge=1, le=30)
     """`count` data set: at most this many objects per image."""
+    text_context: int = Field(256, ge=2)
+    """`text` data set: tokens per sample (model input); each window stored holds context + 1 bytes."""
+    text_bytes: int = Field(1_000_000, ge=1000)
+    """`text` data set: bytes of Python's own stdlib source read (in sorted file order) to make windows."""
     train_subset: Optional[int] = Field(None, ge=1)
     """Train on only the first N training samples (in shard order; built-in splits are already shuffled).
     Validation and test stay whole. null: all of them."""
 
 
+class GPTConfig(Section):
+    """The gpt model; the defaults are GPT-2 124M's shape (with the data set's vocabulary)."""
+    n_layer: int = Field(12, ge=1)
+    """Transformer blocks."""
+    n_head: int = Field(12, ge=1)
+    """Attention heads per block (n_embd must be a multiple)."""
+    n_embd: int = Field(768, ge=1)
+    """Width of the residual stream."""
+    block_size: Optional[int] = Field(None, ge=1)
+    """Longest sequence (position embeddings); null: the data set's context length."""
+    vocab_size: Optional[int] = Field(None, ge=2)
+    """Vocabulary; null: the data set's (256 for byte-level `text`). 50304 is GPT-2's, padded for fast matmuls."""
+    bias: bool = True
+    """Biases in linear layers and layer norms (GPT-2 has them)."""
+
+
 class ModelConfig(Section):
-    name: Literal["mlp", "cnn"] = "mlp"
-    """Architecture. Both end in a linear layer named `head`; everything before it is `body`."""
+    name: Literal["mlp", "cnn", "gpt"] = "mlp"
+    """Architecture. Each ends in a linear layer named `head`; everything before it is `body`."""
+    gpt: GPTConfig = GPTConfig()
+    """GPT shape (model.name: gpt). Dropout is model.dropout; model.init and model.norm don't apply."""
+    channels_last: Union[bool, Literal["auto"]] = "auto"
+    """Keep CNN weights and input images in channels-last memory layout (faster convolutions on tensor
+    cores). `auto`: on for cnn with CUDA, off elsewhere."""
     hidden: list[PositiveInt] = [128, 64]
     """MLP: widths of the hidden layers."""
     channels: list[PositiveInt] = [16, 32]
@@ -152,6 +181,12 @@ class TrainConfig(Section):
     """Clip the global gradient norm to this value (null: no clipping)."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """`auto`: bf16 autocast on GPUs that support it, fp32 elsewhere; fp16 adds a gradient scaler."""
+    compile: Union[bool, Literal["auto"]] = "auto"
+    """torch.compile the model (the first steps are slow while it compiles). `auto`: on with CUDA, off on CPU,
+    where compiling costs more time than short runs win back."""
+    peak_flops: Optional[float] = Field(None, gt=0)
+    """Peak FLOP/s of one device at the training precision, for MFU. null: looked up for known GPUs (H100,
+    H200, A100 at bf16); unknown devices and CPUs log no MFU."""
     nonfinite: Literal["skip", "stop", "ignore"] = "skip"
     """A NaN/inf gradient on any rank (all-reduced, so every rank sees it): skip that update, or stop
     keeping the last good checkpoint. Checking reads the gradient norm on the host once per step."""

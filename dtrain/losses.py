@@ -16,7 +16,9 @@ TERMS = {
     "mse": lambda pred, y, cfg: F.mse_loss(_squeeze(pred), y),
     "mae": lambda pred, y, cfg: F.l1_loss(_squeeze(pred), y),
     "huber": lambda pred, y, cfg: F.huber_loss(_squeeze(pred), y, delta=cfg.huber_delta),
-    "cross_entropy": lambda pred, y, cfg: F.cross_entropy(pred, y, label_smoothing=cfg.label_smoothing),
+    # logits [B, C] for classification, [B, T, V] for language modelling (mean over all tokens)
+    "cross_entropy": lambda pred, y, cfg: F.cross_entropy(pred.flatten(0, -2), y.flatten(),
+                                                          label_smoothing=cfg.label_smoothing),
 }
 CLASSIFICATION_TERMS = {"cross_entropy"}
 
@@ -46,18 +48,19 @@ def build_loss(cfg, task: str) -> Loss:
             raise ConfigError("config: loss.terms: weights must be >= 0 and at least one > 0")
         weights = dict(cfg.terms)
     else:
-        name = cfg.name if cfg.name != "auto" else ("cross_entropy" if task == "classification" else "mse")
+        name = cfg.name if cfg.name != "auto" else ("mse" if task == "regression" else "cross_entropy")
         weights = {name: 1.0}
     for name in weights:
         key = "loss.terms" if cfg.terms else "loss.name"
         if task == "regression" and name in CLASSIFICATION_TERMS:
             raise ConfigError(f"config: {key}: {name} needs a classification data set")
-        if task == "classification" and name not in CLASSIFICATION_TERMS:
+        if task in ("classification", "lm") and name not in CLASSIFICATION_TERMS:
             raise ConfigError(f"config: {key}: {name} needs a regression data set")
     return Loss(weights, cfg)
 
 
-METRICS = {"classification": ["acc"], "regression": ["mae", "mse", "mae_predict_mean"]}
+# lm: acc is next-token accuracy; the trainer adds perplexity, exp(loss), after averaging the loss
+METRICS = {"classification": ["acc"], "regression": ["mae", "mse", "mae_predict_mean"], "lm": ["acc"]}
 
 
 def metric_sums(pred: torch.Tensor, y: torch.Tensor, task: str, y_mean: float = 0.0) -> dict[str, torch.Tensor]:
@@ -65,6 +68,8 @@ def metric_sums(pred: torch.Tensor, y: torch.Tensor, task: str, y_mean: float = 
     Regression also scores the baseline that always predicts the training mean."""
     if task == "classification":
         return {"acc": (pred.argmax(-1) == y).sum().float()}
+    if task == "lm":  # per-sample token accuracy, summed: every sample has the same number of tokens
+        return {"acc": (pred.argmax(-1) == y).float().mean(-1).sum()}
     err = _squeeze(pred).float() - y
     return {"mae": err.abs().sum(), "mse": (err * err).sum(), "mae_predict_mean": (y - y_mean).abs().sum()}
 

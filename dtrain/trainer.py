@@ -22,9 +22,10 @@ from .data.augment import build_augment
 from .engine import build_engine
 from .logging import SampleKeyLog, build_logger
 from .losses import METRICS, build_loss, metric_sums
-from .models import build_model
+from .models import build_model, flops_per_sample
 from .models.transfer import Freezer, load_pretrained, lr_scales
 from .optim import build_optimizer, build_scheduler
+from .throughput import Throughput, peak_flops
 
 
 def _collective(op: str):
@@ -47,7 +48,8 @@ class Trainer:
         self.task = index.task
         self.y_mean = index.stats.get("train", {}).get("y_mean", 0.0)
         stream = dict(batch_size=cfg.data.batch_size, rank=dist_info.global_rank, world_size=dist_info.world_size,
-                      num_workers=0 if debug else cfg.data.num_workers, pin_memory=self.device.type == "cuda")
+                      num_workers=0 if debug else cfg.data.num_workers, pin_memory=self.device.type == "cuda",
+                      prefetch_factor=cfg.data.prefetch_factor)
         train_index = index.subset("train", cfg.data.train_subset) if cfg.data.train_subset else index
         self.train_data = ShardStream(train_index, "train", train=True, seed=cfg.run.seed,
                                       grad_accum=cfg.train.grad_accum, shuffle_buffer=cfg.data.shuffle_buffer,
@@ -69,8 +71,15 @@ class Trainer:
         # one group for all (the layout older checkpoints have) unless the backbone gets its own LR
         scales = lr_scales(cfg.optim.backbone_lr_ratio) if cfg.optim.backbone_lr_ratio != 1 else None
         optimizer = build_optimizer(cfg.optim, model, scales)
+        channels_last = cfg.model.channels_last if cfg.model.channels_last != "auto" else \
+            cfg.model.name == "cnn" and self.device.type == "cuda"
+        # the model's own FLOP count, taken before compile/DDP wrap it
+        flops = flops_per_sample(model, index.input_shape)
         self.engine = build_engine(model, optimizer, build_scheduler(cfg.schedule, optimizer, self.total_steps),
-                                   cfg.train, dist_info)
+                                   cfg.train, dist_info, channels_last=channels_last)
+        tokens_per_sample = index.input_shape[-1] if self.task == "lm" else 1  # tokens: samples unless sequences
+        self.meter = Throughput(self.samples_per_step, tokens_per_sample, flops,
+                                peak_flops(self.device, cfg.train.peak_flops), dist_info.world_size, self.device)
         self.loss_fn = build_loss(cfg.loss, self.task)
         # Coordination that must not share the training group: created in this order on every rank.
         self.ckpt = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep_last, dist_info, cfg.hash(),
@@ -89,7 +98,7 @@ class Trainer:
         self.stop_reason: str | None = None
         # running sums of "loss" and each named loss term since the last log line
         self._loss_sum = torch.zeros(len(self.loss_fn.names), device=self.device)
-        self._loss_steps, self._t_log = 0, time.perf_counter()
+        self._loss_steps = 0
 
     # ---- the loop -----------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -109,15 +118,11 @@ class Trainer:
         self.log.start(self.step)
         self.log.info(f"training {self.total_steps} steps ({self.steps_per_epoch}/epoch, "
                       f"global batch {self.samples_per_step}) in {self.run_dir}")
+        self.meter.reset()
         while self.step < self.total_steps and self.stop_reason is None:  # one epoch (or its rest) per pass
             epoch, done = divmod(self.step, self.steps_per_epoch)
             with contextlib.closing(self.train_data.epoch(epoch, start=done * self.accum)) as batches:
-                for micro_batches in _groups(batches, self.accum):
-                    loss = self.train_step(micro_batches)
-                    self.step += 1
-                    self.after_step(loss, epoch)
-                    if self.stop_reason is not None or self.step >= self.total_steps:
-                        break
+                self.train_epoch(batches, epoch)
         self.stop_reason = self.stop_reason or "completed"
         if self.step != self.saved_step and not self.debug and self.stop_reason != "nonfinite":
             self.save()
@@ -126,6 +131,16 @@ class Trainer:
             return self.interrupted()
         results = self.test()  # the log closes after this, in fit(): test metrics go to W&B too
         return {"step": self.step, "stop_reason": self.stop_reason, **results}
+
+    def train_epoch(self, batches, epoch: int) -> None:
+        """Optimizer steps on `batches` (micro-batches) until they run out, a stop, or the last step.
+        (`dtrain bench` feeds it synthetic batches: the same loop, timed.)"""
+        for micro_batches in self.meter.timed(_groups(batches, self.accum)):
+            loss = self.train_step(micro_batches)
+            self.step += 1
+            self.after_step(loss, epoch)
+            if self.stop_reason is not None or self.step >= self.total_steps:
+                break
 
     def interrupted(self) -> dict:
         if self.stop_reason == "signal:SIGUSR1" and self.dist.is_global_zero:
@@ -146,7 +161,7 @@ class Trainer:
         if self.key_log:
             self.key_log.write(self.step + 1, [k for _, _, keys in micro_batches for k in keys])
         for i, (x, y, _) in enumerate(micro_batches):
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x, y = self.engine.to_device(x), y.to(self.device, non_blocking=True)
             with self.engine.no_backward_sync(i == len(micro_batches) - 1):
                 with self.engine.autocast():
                     losses = self.loss_fn(self.engine.model(x), y)
@@ -168,6 +183,7 @@ class Trainer:
     def after_step(self, loss: torch.Tensor, epoch: int) -> None:
         self._loss_sum += loss
         self._loss_steps += 1
+        self.meter.step()
         last = self.step >= self.total_steps
         if self.step % self.cfg.train.log_every == 0 or last:
             self.log_train(epoch)
@@ -189,20 +205,25 @@ class Trainer:
         if stop_signal and not last:
             self.stop_reason = self.stop_reason or f"signal:{stop_signal}"
         if self._loss_steps == 0:  # throughput counts training time only, not validation or saving
-            self._t_log = time.perf_counter()
+            self.meter.reset()
 
     # ---- metrics ------------------------------------------------------------------------------
     @_collective("loss all-reduce (logging)")
     def log_train(self, epoch: int) -> None:
-        losses = dist.all_reduce_mean(self._loss_sum / self._loss_steps).tolist()  # a sync point: every log_every
+        # .tolist() is the sync point (every log_every steps): the clock read after it includes all device work
+        losses = dist.all_reduce_mean(self._loss_sum / self._loss_steps).tolist()
         loss = losses[0]
-        elapsed = time.perf_counter() - self._t_log
+        speed = self.meter.record()  # rank 0's clock and data wait; samples/s counts the global batch
         record = {"step": self.step, "epoch": epoch, **dict(zip(self.loss_fn.names, losses)), "lr": self.engine.lr,
-                  "samples_per_s": self._loss_steps * self.samples_per_step / max(elapsed, 1e-9)}
+                  **speed}
         self.log.metrics(record)
-        self.log.progress(self.step, loss=loss, lr=record["lr"], samples_per_s=record["samples_per_s"])
+        shown = {k: speed[k] for k in ("samples_per_s", "tokens_per_s", "data_wait_frac", "mfu") if k in speed}
+        if self.task != "lm":
+            shown.pop("tokens_per_s")
+        self.log.progress(self.step, loss=loss, lr=record["lr"], **shown)
         self._loss_sum.zero_()
-        self._loss_steps, self._t_log = 0, time.perf_counter()
+        self._loss_steps = 0
+        self.meter.reset()
 
     @_collective("metrics all-reduce (evaluation)")
     @torch.inference_mode()
@@ -214,7 +235,7 @@ class Trainer:
         names = [*self.loss_fn.names, "n", *METRICS[self.task]]
         sums = dict.fromkeys(names, 0.0)
         for x, y, _ in stream.epoch(0):
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x, y = self.engine.to_device(x), y.to(self.device, non_blocking=True)
             with self.engine.autocast():
                 pred = model(x)
             pred = pred.float()
@@ -230,7 +251,10 @@ class Trainer:
         dist.all_reduce_sum(total)
         model.train(was_training)
         n = max(total[i_n].item(), 1.0)
-        return {f"{prefix}/{k}": total[i].item() / n for i, k in enumerate(names) if k != "n"}
+        metrics = {f"{prefix}/{k}": total[i].item() / n for i, k in enumerate(names) if k != "n"}
+        if self.task == "lm":  # perplexity of the mean token cross-entropy
+            metrics[f"{prefix}/ppl"] = math.exp(min(metrics[f"{prefix}/loss"], 700.0))
+        return metrics
 
     def validate(self, epoch: int) -> None:
         metrics = self.evaluate(self.val_data, "val", log_local=self.cfg.log.all_ranks and self.dist.distributed)

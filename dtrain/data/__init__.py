@@ -17,7 +17,7 @@ def resolve_shards(cfg, seed: int, create: bool = True) -> ShardIndex:
     if cfg.dataset not in BUILTIN:
         raise DataError(f"data: unknown dataset '{cfg.dataset}'; built-in: {', '.join(BUILTIN)} (or folder:PATH)")
     root = Path(cfg.root) / cfg.dataset
-    params = {"samples": cfg.count_samples, "max_objects": cfg.count_max_objects} if cfg.dataset == "count" else {}
+    params = builtin_params(cfg)
     if create and not (root / "index.json").exists():
         # rank 0 writes (atomically, via a temp dir); the others wait for it
         if dist.broadcast_object(None) is None and _is_zero():
@@ -28,6 +28,15 @@ def resolve_shards(cfg, seed: int, create: bool = True) -> ShardIndex:
         raise DataError(f"data: shards in {root} were made with {index.params}, the config asks for {params}; "
                         f"delete {root} or set data.root elsewhere")
     return index
+
+
+def builtin_params(cfg) -> dict:
+    """The data config keys a built-in data set is generated from (recorded in its index)."""
+    if cfg.dataset == "count":
+        return {"samples": cfg.count_samples, "max_objects": cfg.count_max_objects}
+    if cfg.dataset == "text":
+        return {"context": cfg.text_context, "num_bytes": cfg.text_bytes}
+    return {}
 
 
 def _is_zero() -> bool:

@@ -1,6 +1,7 @@
 """Built-in data sets, generated or loaded from what a package ships (nothing is downloaded).
 
-Each returns {split: (x uint8 [N, C, H, W], y int64 [N])} plus metadata the model and loss need.
+Each returns {split: (x uint8 [N, C, H, W], y int64 [N])} plus metadata the model and loss need
+(`text`: x uint8 [N, context + 1] byte tokens, y unused).
 """
 
 from __future__ import annotations
@@ -55,4 +56,35 @@ def count(seed: int = 0, samples: int = 6000, max_objects: int = 9, size: int = 
     return _split(images, labels.astype(np.int64), seed), meta
 
 
-BUILTIN = {"digits": digits, "digits_parity": digits_parity, "count": count}
+def text(seed: int = 0, context: int = 256, num_bytes: int = 1_000_000, **_) -> tuple[dict, dict]:
+    """Byte-level language modelling on Python's own stdlib source (nothing downloaded): the .py files under
+    sysconfig's stdlib path in a sorted walk (site-packages left out), concatenated, the first `num_bytes`
+    cut into non-overlapping windows of context + 1 bytes. A sample's input is window[:-1], its target
+    window[1:]. Stored as uint8: one byte per token. (Which bytes depends on the Python version.)"""
+    import os
+    import sysconfig
+
+    chunks, total = [], 0
+    # a lazy walk in sorted order (directory files first, then sorted subdirectories): stops once it has enough
+    for top, dirs, files in os.walk(sysconfig.get_paths()["stdlib"]):
+        dirs[:] = sorted(d for d in dirs if d not in ("site-packages", "dist-packages", "__pycache__"))
+        for name in sorted(f for f in files if f.endswith(".py")):
+            try:
+                with open(os.path.join(top, name), "rb") as f:
+                    chunks.append(f.read())
+            except OSError:
+                continue
+            total += len(chunks[-1])
+            if total >= num_bytes:
+                break
+        if total >= num_bytes:
+            break
+    tokens = np.frombuffer(b"".join(chunks)[:num_bytes], dtype=np.uint8)
+    n = len(tokens) // (context + 1)
+    windows = tokens[:n * (context + 1)].reshape(n, context + 1).copy()
+    meta = {"task": "lm", "num_classes": 256, "input_shape": [context], "x_scale": 1.0,
+            "params": {"context": context, "num_bytes": num_bytes}}
+    return _split(windows, np.zeros(n, np.int64), seed), meta
+
+
+BUILTIN = {"digits": digits, "digits_parity": digits_parity, "count": count, "text": text}

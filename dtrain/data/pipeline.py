@@ -88,7 +88,7 @@ class ShardStream:
     def __init__(self, index: ShardIndex, split: str, *, batch_size: int, rank: int, world_size: int,
                  seed: int = 0, num_workers: int = 0, shuffle_buffer: int = 0, train: bool = False,
                  grad_accum: int = 1, remainder: str = "drop", pin_memory: bool = False,
-                 transform: Optional[Callable] = None):
+                 transform: Optional[Callable] = None, prefetch_factor: Optional[int] = None):
         self.index, self.split = index, split
         self.urls = index.shards(split)
         # samples to read from each shard: all of them, but fewer where the index is a subset
@@ -97,7 +97,9 @@ class ShardStream:
         self.seed, self.num_workers, self.train = seed, num_workers, train
         self.shuffle_buffer = shuffle_buffer if train else 0
         self.pin_memory, self.transform = pin_memory, transform
+        self.prefetch_factor = prefetch_factor if num_workers > 0 else None
         self.regression = index.task == "regression"
+        self.lm = index.task == "lm"
         n = index.num_samples(split)
         per_step = batch_size * world_size * grad_accum
         steps = n // per_step if remainder == "drop" else math.ceil(n / per_step)
@@ -121,6 +123,9 @@ class ShardStream:
 
     def _to_tensors(self, sample, epoch: int = 0, pass_index: int = 0):
         x, y, key = sample
+        if self.lm:  # a window of context + 1 byte tokens: predict each next one
+            tokens = torch.from_numpy(np.asarray(x, dtype=np.int64))
+            return tokens[:-1], tokens[1:], key
         x = torch.from_numpy(np.asarray(x, dtype=np.float32) * self.index.x_scale)
         y = torch.tensor(y, dtype=torch.float32 if self.regression else torch.int64)
         if self.transform is not None:  # e.g. augmentation: a pure function of (x, key, epoch, pass)
@@ -132,7 +137,8 @@ class ShardStream:
                   wds.tarfile_to_samples(handler=_raise_data_error), _first_per_shard(self.shard_counts)]
         if self.shuffle_buffer > 1:
             stages.append(worker_shuffle(self.shuffle_buffer, f"{self.seed}/epoch{epoch}/rank{self.rank}"))
-        stages += [wds.decode(handler=_raise_data_error), wds.to_tuple("x.npy", "y.cls", "__key__"),
+        fields = ("x.npy", "__key__", "__key__") if self.lm else ("x.npy", "y.cls", "__key__")  # lm: y from x
+        stages += [wds.decode(handler=_raise_data_error), wds.to_tuple(*fields),
                    wds.map(functools.partial(self._to_tensors, epoch=epoch, pass_index=pass_index))]
         return wds.DataPipeline(*stages)
 
@@ -152,7 +158,7 @@ class ShardStream:
         # Its own generator: otherwise each new iterator draws a seed from the global torch RNG and
         # shifts every dropout mask after it, so a resumed run would diverge from an uninterrupted one.
         loader = DataLoader(self._pipeline(epoch, pass_index), batch_size=self.batch_size, num_workers=self.num_workers,
-                            pin_memory=self.pin_memory, persistent_workers=False,
+                            pin_memory=self.pin_memory, persistent_workers=False, prefetch_factor=self.prefetch_factor,
                             generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
         yield from loader
 

@@ -4,7 +4,7 @@ Layout of a shard directory:
   train-000000.tar ...  val-000000.tar ...  test-000000.tar ...
   index.json            {"task", "num_classes", "input_shape", "x_scale", "params",
                          "splits": {split: {shard file name: sample count}}}
-Each sample is {"__key__", "x.npy" (uint8 array), "y.cls" (int label or count)}.
+Each sample is {"__key__", "x.npy" (uint8 array), "y.cls" (int label or count; none for task "lm")}.
 The index lets every rank know the epoch's length before reading a byte.
 """
 
@@ -85,8 +85,10 @@ def write_shards(out: str | Path, splits: dict, meta: dict, shard_size: int) -> 
             per_shard = math.ceil(len(x) / max(1, math.ceil(len(x) / shard_size)))
             with wds.ShardWriter(str(tmp / f"{split}-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
                 for i in range(len(x)):
-                    sink.write({"__key__": f"{split}-{i:07d}", "x.npy": np.ascontiguousarray(x[i]),
-                                "y.cls": int(y[i])})
+                    sample = {"__key__": f"{split}-{i:07d}", "x.npy": np.ascontiguousarray(x[i])}
+                    if meta["task"] != "lm":  # a language model's targets are its input shifted: no label
+                        sample["y.cls"] = int(y[i])
+                    sink.write(sample)
                     name = Path(sink.fname).name
                     counts[name] = counts.get(name, 0) + 1
             index["splits"][split] = counts

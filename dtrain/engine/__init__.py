@@ -1,6 +1,7 @@
 """One small interface over how gradients are reduced and the optimizer is stepped.
 
   module              the bare model (evaluate, save and load it)
+  to_device(x)        a batch to the device (non-blocking; channels-last images when asked)
   autocast()          mixed-precision context for forward + loss
   no_backward_sync(last)  skip the gradient all-reduce on non-final micro-steps
   backward(loss)      loss.backward(), scaled for accumulation
@@ -17,11 +18,11 @@ from __future__ import annotations
 from .single import SingleEngine
 
 
-def build_engine(model, optimizer, scheduler, train_cfg, dist_info):
+def build_engine(model, optimizer, scheduler, train_cfg, dist_info, channels_last: bool = False):
     if dist_info.distributed:
         from .ddp import DDPEngine
-        return DDPEngine(model, optimizer, scheduler, train_cfg, dist_info)
-    return SingleEngine(model, optimizer, scheduler, train_cfg, dist_info)
+        return DDPEngine(model, optimizer, scheduler, train_cfg, dist_info, channels_last)
+    return SingleEngine(model, optimizer, scheduler, train_cfg, dist_info, channels_last)
 
 
 __all__ = ["build_engine", "SingleEngine"]

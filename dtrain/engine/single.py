@@ -18,10 +18,18 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def should_compile(setting, device: torch.device) -> bool:
+    return device.type == "cuda" if setting == "auto" else bool(setting)
+
+
 class SingleEngine:
-    def __init__(self, model, optimizer, scheduler, train_cfg, dist_info):
-        self.module = model.to(dist_info.device)
-        self.model = self.module  # what forward is called on (DDP replaces it with its wrapper)
+    def __init__(self, model, optimizer, scheduler, train_cfg, dist_info, channels_last: bool = False):
+        self.channels_last = channels_last
+        self.module = model.to(dist_info.device, memory_format=torch.channels_last) if channels_last \
+            else model.to(dist_info.device)
+        self.compile = should_compile(train_cfg.compile, dist_info.device)
+        # what forward is called on: compiled, and wrapped by DDP in DDPEngine; weights stay in self.module
+        self.model = self.compiled(self.module)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.grad_accum = train_cfg.grad_accum
         self.clip = train_cfg.clip_grad_norm
@@ -30,6 +38,14 @@ class SingleEngine:
         # fp16 needs loss scaling; the scaler also skips steps whose gradients overflowed
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.nonfinite = train_cfg.nonfinite
+
+    def compiled(self, model):
+        return torch.compile(model) if self.compile else model
+
+    def to_device(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch to the device: asynchronous from pinned memory; channels-last images for channels-last convs."""
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
     def autocast(self):
         if self.amp_dtype is None:

@@ -1,4 +1,4 @@
-"""Models built from config: an MLP and a small CNN, each ending in a layer named `head`."""
+"""Models built from config: an MLP, a small CNN and a small GPT, each ending in a layer named `head`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import math
 
 import torch
 from torch import nn
+
+from .gpt import GPT
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "silu": nn.SiLU}
 
@@ -81,12 +83,36 @@ def init_weights(model: nn.Module, scheme: str, activation: str) -> None:
 
 
 def build_model(cfg, input_shape: tuple[int, ...], out_features: int, seed: int) -> nn.Module:
-    """Same seed on every rank, so every replica starts identical (DDP also broadcasts rank 0's)."""
+    """Same seed on every rank, so every replica starts identical (DDP also broadcasts rank 0's).
+    For gpt, `input_shape` is (sequence length,) and `out_features` the vocabulary size."""
     torch.manual_seed(seed)
     norm = cfg.norm if cfg.norm != "auto" else ("batch" if cfg.name == "cnn" else "none")
+    if cfg.name == "gpt":
+        g = cfg.gpt
+        # GPT-2's own initialisation (normal 0.02, residual projections scaled by depth); model.init is for mlp/cnn
+        return GPT(g.vocab_size or out_features, g.block_size or input_shape[-1], g.n_layer, g.n_head, g.n_embd,
+                   cfg.dropout, g.bias)
     if cfg.name == "mlp":
         model = MLP(math.prod(input_shape), cfg.hidden, out_features, cfg.activation, cfg.dropout, norm)
     else:
         model = CNN(tuple(input_shape), cfg.channels, out_features, cfg.activation, cfg.dropout, norm)
     init_weights(model, cfg.init, cfg.activation)
     return model
+
+
+def flops_per_sample(model: nn.Module, input_shape: tuple[int, ...]) -> float:
+    """Training FLOPs (forward + backward) for one sample: the model's own count where it has one (GPT:
+    per token x tokens), else 3x the forward FLOPs torch's FlopCounterMode counts on one sample."""
+    if hasattr(model, "flops_per_token"):
+        return model.flops_per_token(input_shape[-1]) * input_shape[-1]
+    from torch.utils.flop_counter import FlopCounterMode
+
+    param = next(model.parameters())
+    was_training = model.training
+    model.eval()  # no batch-norm statistics update from the probe
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(torch.zeros(1, *input_shape, device=param.device))
+    finally:
+        model.train(was_training)
+    return 3.0 * counter.get_total_flops()
