@@ -20,6 +20,9 @@ def _env(extra: dict | None = None) -> dict:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_", "TORCHELASTIC"))}
     env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    # Child processes import this checkout's dtrain, not whichever one pip installed (editable
+    # installs of another worktree included).
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     env.update(extra or {})
     return env
 
