@@ -29,6 +29,7 @@ def _train(args) -> int:
                                      "log": cfg.log.model_copy(update={"progress": False})})
         torch.autograd.set_detect_anomaly(True)
     info = dist.setup(cfg.dist.backend, cfg.dist.timeout_s, cfg.dist.connect_timeout_s, force_single=args.debug)
+    finished = False
     try:
         if info.is_global_zero:
             print(info.describe(), file=sys.stderr, flush=True)
@@ -39,8 +40,9 @@ def _train(args) -> int:
         result = trainer.fit()
         if info.is_global_zero:
             print(json.dumps(result))
+        finished = True
     finally:
-        dist.teardown()
+        dist.teardown(finished)
     return 0
 
 
