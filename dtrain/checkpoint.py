@@ -19,6 +19,7 @@ import json
 import os
 import random
 import shutil
+import threading
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -79,15 +80,59 @@ def _step_of(path: Path) -> int:
     return int(path.name.removeprefix("step-"))
 
 
+def _snapshot(obj):
+    """A copy of every tensor on the CPU, so training can change the originals during an async save."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_snapshot(v) for v in obj)
+    return obj
+
+
 class Checkpointer:
-    def __init__(self, root: str | Path, keep_last: int, dist_info, config_hash: str):
+    def __init__(self, root: str | Path, keep_last: int, dist_info, config_hash: str, keep_best: int = 1,
+                 async_save: bool = False, group=None):
         self.root = Path(root)
-        self.keep_last = keep_last
+        self.keep_last, self.keep_best = keep_last, keep_best
         self.info = dist_info
         self.config_hash = config_hash
+        self.async_save = async_save
+        self.group = group  # gloo group the save thread coordinates on (never the training group)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.protect: set[str] = set()  # step directories kept regardless of age (the best m)
+
+    def save(self, step: int, state: dict, rank_state: dict, best: bool = False) -> Path:
+        """Collective. Synchronous, or (async_save) snapshot to CPU now and write in the background;
+        either way atomic. At most one save is in flight: a new one first waits for the last."""
+        self.wait()
+        if not self.async_save:
+            return self._save(step, state, rank_state, best)
+        state, rank_state = _snapshot(state), _snapshot(rank_state)
+        self._thread = threading.Thread(target=self._save_in_background, args=(step, state, rank_state, best),
+                                        name=f"dtrain-checkpoint-{step}", daemon=True)  # joined by wait()
+        self._thread.start()
+        return self.root / f"step-{step:08d}"
+
+    def _save_in_background(self, *args) -> None:
+        try:
+            self._save(*args)
+        except BaseException as e:  # re-raised in the training thread by wait()
+            self._error = e
+
+    def wait(self) -> None:
+        """Block until the save in flight is published; raise its error here, in the training thread."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
     # ---- saving -------------------------------------------------------------------------------
-    def save(self, step: int, state: dict, rank_state: dict, best: bool = False) -> Path:
+    def _save(self, step: int, state: dict, rank_state: dict, best: bool = False) -> Path:
         """Collective: every rank calls it. Rank 0 writes `state`, every rank its `rank_state`.
         Each phase ends with all ranks agreeing it succeeded everywhere, so a failure on one rank
         (disk full, read-only dir) raises on all of them and publishes nothing."""
@@ -117,9 +162,13 @@ class Checkpointer:
         if action is not None:
             try:
                 action()
-            except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+            except (OSError, RuntimeError) as e:
                 error = f"{type(e).__name__}: {getattr(e, 'strerror', None) or str(e).splitlines()[0]}"
-        failed = dist.all_reduce_max(torch.tensor(0.0 if error is None else 1.0)).item() > 0
+                free = shutil.disk_usage(self.root if self.root.is_dir() else self.root.parent).free
+                if isinstance(e, RuntimeError) and ("unexpected pos" in str(e) or free < 2**26):
+                    # torch.save reports a short write on a full disk as "unexpected pos N vs M"
+                    error = f"No space left on device ({free // 1024} KiB free)"
+        failed = dist.all_reduce_max(torch.tensor(0.0 if error is None else 1.0), group=self.group).item() > 0
         if failed:
             if self.info.is_global_zero:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -152,7 +201,7 @@ class Checkpointer:
 
     def _prune(self) -> None:
         steps = sorted(self.root.glob("step-*"), key=_step_of)
-        keep = set(steps[-self.keep_last:])
+        keep = set(steps[-self.keep_last:]) | {self.root / name for name in self.protect}
         for name in ("latest", "best"):
             if (self.root / name).is_symlink():
                 keep.add(self.root / os.readlink(self.root / name))
@@ -172,25 +221,30 @@ class Checkpointer:
         return ([latest] if latest in steps else []) + [p for p in steps if p != latest]
 
     def load_latest(self, log: Callable[[str], None]) -> Optional[tuple[Path, dict, dict]]:
-        """(path, state, this rank's rank_state) of the newest complete checkpoint, or None.
-        Rank 0 verifies (the manifest covers every rank's file) and chooses; all ranks load its choice."""
-        chosen = None
+        """(path, state, this rank's rank_state) of the newest checkpoint that verifies and loads, or
+        None when there is none at all. Rank 0 verifies (the manifest covers every rank's file) and
+        chooses; all ranks load its choice. Checkpoints that exist but none usable: an error, never a
+        silent fresh start."""
+        chosen, problem, found = None, None, None
         if self.info.is_global_zero:
             for i, path in enumerate(self.candidates()):
                 try:
-                    verify(path)
+                    found = (path, *self.load(path))
                 except CheckpointError as e:
+                    problem = problem or str(e)
                     log(f"{e}; trying an older one")
                     continue
                 if i > 0:
                     log(f"checkpoint: resuming from {path.name}, the newest complete checkpoint")
                 chosen = path.name
                 break
-        chosen = dist.broadcast_object(chosen)
+        chosen, problem = dist.broadcast_object((chosen, problem))
         if chosen is None:
+            if problem:
+                raise CheckpointError(f"checkpoint: no usable checkpoint in {self.root} (newest: {problem.removeprefix('checkpoint: ')}); "
+                                      "move it away to start over")
             return None
-        path = self.root / chosen
-        return (path, *self.load(path, verified=True))
+        return found if found is not None else (self.root / chosen, *self.load(self.root / chosen))
 
     def load(self, path: Path, verified: bool = False) -> tuple[dict, dict]:
         manifest = json.loads((path / MANIFEST).read_text()) if verified else verify(path)
@@ -226,8 +280,11 @@ def safe_load(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint: refusing to load {path}: {first}") from None
+        lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+        reason = next((l for l in lines if "Unsupported" in l or "unpickler error" in l.lower()), None)
+        reason = (reason or (lines[0] if lines else type(e).__name__)).split(" was not an allowed global")[0]
+        raise CheckpointError(f"checkpoint: refusing to load {path}: not a plain tensor file ({reason[:200]}); "
+                              "dtrain never unpickles code") from None
 
 
 def _version() -> str:

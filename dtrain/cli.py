@@ -1,16 +1,21 @@
-"""`dtrain train | shard | eval | config`. User errors end with one line on stderr and exit code 2."""
+"""`dtrain train | shard | eval | plot | augment-preview | config`. User errors end with one line on stderr
+and exit code 2."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 EXIT_USER_ERROR = 2
+EXIT_FAILED = 1  # a rank stalled or died: CollectiveError
 
 
 def _train(args) -> int:
+    from .signals import EXIT_INTERRUPTED
+
     import torch
 
     from . import dist
@@ -28,8 +33,9 @@ def _train(args) -> int:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"num_workers": 0}),
                                      "log": cfg.log.model_copy(update={"progress": False})})
         torch.autograd.set_detect_anomaly(True)
-    info = dist.setup(cfg.dist.backend, cfg.dist.timeout_s, cfg.dist.connect_timeout_s, force_single=args.debug)
-    finished = False
+    info = dist.setup(cfg.dist.backend, cfg.dist.timeout_s, cfg.dist.connect_timeout_s,
+                      force_single=args.debug)
+    clean = False
     try:
         if info.is_global_zero:
             print(info.describe(), file=sys.stderr, flush=True)
@@ -39,11 +45,11 @@ def _train(args) -> int:
             (trainer.run_dir / "config.yaml").write_text(cfg.to_yaml())
         result = trainer.fit()
         if info.is_global_zero:
-            print(json.dumps(result))
-        finished = True
+            print(json.dumps(result), flush=True)
+        clean = True
     finally:
-        dist.teardown(finished)
-    return 0
+        dist.teardown(clean)
+    return EXIT_INTERRUPTED if result["stop_reason"].startswith("signal") else 0
 
 
 def _shard(args) -> int:
@@ -60,14 +66,15 @@ def _eval(args) -> int:
     from . import dist
     from .checkpoint import safe_load, verify
     from .config import Config
+    from .models.transfer import resolve_checkpoint
     from .trainer import Trainer
 
-    path = Path(args.checkpoint)
-    if path.is_dir() and (path / "checkpoints").is_dir():  # a run directory: its best, else latest
-        path = next((path / "checkpoints" / n for n in ("best", "latest") if (path / "checkpoints" / n).exists()), path)
+    path = resolve_checkpoint(args.checkpoint)  # a run directory: its best, else latest
     verify(path)
     state = safe_load(path / "state.pt")
     cfg = Config.model_validate(state["config"])
+    # the weights come from the checkpoint: don't reload the run's pretrained source (it may be gone)
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_from": None})})
     info = dist.setup(force_single=True)
     trainer = Trainer(cfg, info)
     trainer.engine.module.load_state_dict(state["engine"]["model"])
@@ -79,6 +86,53 @@ def _eval(args) -> int:
     print(f"checkpoint {path.resolve()} (step {state['trainer']['step']}), split {args.split}")
     for k, v in metrics.items():
         print(f"  {k:<{width}}  {v:.6g}")
+    if trainer.task == "classification":
+        from .losses import confusion_matrix
+        cm = confusion_matrix(trainer.engine.module, stream, trainer.engine.module.head.out_features, info.device)
+        print(format_confusion(cm))
+    return 0
+
+
+def format_confusion(cm) -> str:
+    """Rows: true class; columns: predicted class."""
+    k = cm.shape[0]
+    width = max(4, len(str(int(cm.max()))) + 1)
+    lines = ["confusion matrix (rows: true class, columns: predicted)",
+             " " * 6 + "".join(f"{c:>{width}}" for c in range(k))]
+    lines += [f"  {r:>3} " + "".join(f"{int(cm[r, c]):>{width}}" for c in range(k)) for r in range(k)]
+    return "\n".join(lines)
+
+
+def _plot(args) -> int:
+    from .config import ConfigError
+    from .plot import plot_run, plot_schedule
+
+    if args.lr:
+        from .config import load_config
+
+        cfg = load_config(args.target, args.overrides)
+        out = args.out or str(Path(cfg.run.dir) / cfg.run.name / "plots" / "lr_schedule.png")
+        data = plot_schedule(cfg, out, world_size=args.world_size)
+        lrs = data["lr"] if "lr" in data else data["lr/head"]
+        print(f"{cfg.schedule.name} schedule over {data['total_steps']} steps "
+              f"(peak {max(lrs):.3g}, last {lrs[-1]:.3g}): wrote {data['file']}")
+        return 0
+    if args.overrides:
+        raise ConfigError("plot: overrides only apply with --lr CONFIG")
+    result = plot_run(args.target, args.out)
+    print(f"best checkpoint at step {result['best_step']}, early stop at step {result['early_stop_step']}")
+    for name, file in result["files"].items():
+        print(f"wrote {file}")
+    return 0
+
+
+def _augment_preview(args) -> int:
+    from .config import load_config
+    from .plot import augment_preview
+
+    cfg = load_config(args.config, args.overrides)
+    result = augment_preview(cfg, args.out, samples=args.samples)
+    print(f"wrote {result['file']} ({len(result['keys'])} samples x {len(result['augmented'])} augmented draws)")
     return 0
 
 
@@ -104,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_train)
 
     s = sub.add_parser("shard", help="write train/val/test webdataset shards and their index")
-    s.add_argument("--dataset", required=True, help="built-in data set: digits, count")
+    s.add_argument("--dataset", required=True, help="built-in data set: digits, digits_parity, count")
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--shard-size", type=int, default=250, help="samples per shard (default 250)")
     s.add_argument("--seed", type=int, default=0, help="seed of the split and of generated data")
@@ -114,6 +168,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True, help="checkpoints/step-N directory, or a run directory")
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
     e.set_defaults(func=_eval)
+
+    pl = sub.add_parser("plot", help="PNGs of a run's loss, metrics and LR (or, with --lr, of a config's schedule)")
+    pl.add_argument("target", metavar="RUN_DIR|CONFIG", help="a run directory; with --lr, a YAML config")
+    pl.add_argument("--lr", action="store_true", help="plot the LR schedule CONFIG would train with, before training")
+    pl.add_argument("--out", help="output directory (default RUN_DIR/plots); with --lr the PNG file "
+                                  "(default <run dir>/plots/lr_schedule.png)")
+    pl.add_argument("--world-size", type=int, default=1, help="with --lr: ranks the run will use (default 1)")
+    pl.add_argument("overrides", nargs="*", metavar="key.sub=value", help="with --lr: config overrides")
+    pl.set_defaults(func=_plot)
+
+    a = sub.add_parser("augment-preview", help="PNG grid of training samples next to augmented versions")
+    a.add_argument("--config", help="YAML config with an augment: section")
+    a.add_argument("--out", default="augment_preview.png", help="PNG file (default augment_preview.png)")
+    a.add_argument("--samples", type=int, default=8, help="training samples shown (default 8)")
+    a.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    a.set_defaults(func=_augment_preview)
 
     c = sub.add_parser("config", help="print the resolved config, or every key with its documentation")
     c.add_argument("--config")
@@ -127,14 +197,21 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .data import DataError
-    from .dist import LaunchError
+    from .dist import CollectiveError, LaunchError
 
     args = build_parser().parse_args(argv)
+    func = args.func
+    if "TORCHELASTIC_ERROR_FILE" in os.environ:  # under torchrun: uncaught errors go into its error record
+        from torch.distributed.elastic.multiprocessing.errors import record
+        func = record(func)
     try:
-        return args.func(args)
+        return func(args)
     except (ConfigError, DataError, LaunchError, CheckpointError) as e:
         print(f"dtrain: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except CollectiveError as e:
+        print(f"dtrain: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ class RunConfig(Section):
 
 class DataConfig(Section):
     dataset: str = "digits"
-    """Built-in data set (`digits`, `count`) or `folder:PATH` holding shards written by `dtrain shard`."""
+    """Built-in data set (`digits`, `digits_parity`, `count`) or `folder:PATH` holding shards written by
+    `dtrain shard`."""
     root: str = "data"
     """Where built-in data sets' shards live (`<root>/<dataset>`); created on first use."""
     shard_size: int = Field(250, ge=1)
@@ -55,11 +56,14 @@ class DataConfig(Section):
     """`count` data set: images generated in all splits."""
     count_max_objects: int = Field(9, ge=1, le=30)
     """`count` data set: at most this many objects per image."""
+    train_subset: Optional[int] = Field(None, ge=1)
+    """Train on only the first N training samples (in shard order; built-in splits are already shuffled).
+    Validation and test stay whole. null: all of them."""
 
 
 class ModelConfig(Section):
     name: Literal["mlp", "cnn"] = "mlp"
-    """Architecture."""
+    """Architecture. Both end in a linear layer named `head`; everything before it is `body`."""
     hidden: list[PositiveInt] = [128, 64]
     """MLP: widths of the hidden layers."""
     channels: list[PositiveInt] = [16, 32]
@@ -69,12 +73,33 @@ class ModelConfig(Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     """Dropout probability before each hidden and head layer (off in eval)."""
     init: Literal["default", "normal", "uniform", "xavier", "kaiming"] = "kaiming"
-    """Weight initialisation of linear and conv layers (biases start at zero; `default` keeps torch's)."""
+    """Weight initialisation of linear and conv layers (biases start at zero; `default` keeps torch's).
+    Seeded by run.seed: the same seed gives the same weights on every rank."""
+    norm: Literal["auto", "none", "batch", "layer"] = "auto"
+    """Normalisation after each hidden linear/conv layer, before the activation. `auto`: batch for cnn,
+    none for mlp. `layer` is LayerNorm over features (mlp) or over channels and pixels (cnn)."""
+    init_from: Optional[str] = None
+    """Start from another run's weights: a checkpoint directory (checkpoints/step-N, best, latest) or a run
+    directory (its best, else latest). Verified and loaded with weights_only. A head whose shape differs
+    (a new task) is replaced by a freshly initialised one; every other weight must fit."""
+    freeze: list[str] = []
+    """Parameter-name prefixes to freeze (e.g. [body] or [body.0]); they are left bit-identical."""
+    freeze_all_but_head: bool = False
+    """Freeze every parameter outside `head`."""
+    unfreeze_at_step: Optional[int] = Field(None, ge=1)
+    """Unfreeze the frozen parameters after this many optimizer steps (null: stay frozen)."""
 
 
 class LossConfig(Section):
-    name: Literal["auto", "mse", "mae", "cross_entropy"] = "auto"
-    """Loss; `auto` is cross_entropy for classification, mse for regression."""
+    name: Literal["auto", "mse", "mae", "huber", "cross_entropy"] = "auto"
+    """Loss; `auto` is cross_entropy for classification, mse for regression. Ignored when `terms` is set."""
+    terms: dict[Literal["mse", "mae", "huber", "cross_entropy"], float] = {}
+    """Weighted sum of named losses, e.g. {mse: 1.0, mae: 0.5}; each term is also logged on its own
+    (loss/<name>, val/loss/<name>). Empty: the single loss `name`."""
+    huber_delta: float = Field(1.0, gt=0)
+    """Huber: quadratic below this absolute error, linear above."""
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    """Cross-entropy: mix this much of the uniform distribution into the targets."""
 
 
 class OptimConfig(Section):
@@ -90,15 +115,28 @@ class OptimConfig(Section):
     """SGD: Nesterov momentum."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
+    backbone_lr_ratio: float = Field(1.0, gt=0)
+    """Peak LR of every parameter outside `head` as a fraction of `lr` (e.g. 0.1 when fine-tuning)."""
 
 
 class ScheduleConfig(Section):
-    name: Literal["constant", "cosine"] = "cosine"
-    """LR schedule after warmup."""
+    name: Literal["constant", "step", "exponential", "cosine", "cosine_restarts"] = "cosine"
+    """LR schedule after warmup (t = steps since warmup ended): `constant`; `step`: lr * gamma^floor(t/every);
+    `exponential`: lr * gamma^(t/every), the same decay but smooth; `cosine`: one half cycle from lr down to
+    min_lr_ratio * lr at the last step; `cosine_restarts`: cosine cycles of restart_every steps (each
+    restart_mult times longer than the last), jumping back to lr at every restart."""
     warmup_steps: int = Field(0, ge=0)
-    """Linear warmup from lr/warmup_steps to lr over this many optimizer steps."""
+    """Linear warmup from lr/warmup_steps to lr over this many optimizer steps, before any schedule."""
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
-    """Cosine: final LR as a fraction of the peak."""
+    """Cosine and cosine_restarts: lowest LR as a fraction of the peak."""
+    every: int = Field(100, ge=1)
+    """Step and exponential: the decay interval in optimizer steps."""
+    gamma: float = Field(0.5, gt=0, le=1)
+    """Step and exponential: LR factor per interval of `every` steps."""
+    restart_every: int = Field(100, ge=1)
+    """Cosine_restarts: length of the first cycle in optimizer steps."""
+    restart_mult: int = Field(1, ge=1)
+    """Cosine_restarts: each cycle is this many times longer than the one before (1: periodic)."""
 
 
 class TrainConfig(Section):
@@ -110,8 +148,11 @@ class TrainConfig(Section):
     """Micro-batches per optimizer step; gradients are all-reduced only on the last one."""
     clip_grad_norm: Optional[float] = Field(1.0, gt=0)
     """Clip the global gradient norm to this value (null: no clipping)."""
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """`auto`: bf16 autocast on GPUs that support it, fp32 elsewhere."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """`auto`: bf16 autocast on GPUs that support it, fp32 elsewhere; fp16 adds a gradient scaler."""
+    nonfinite: Literal["skip", "stop", "ignore"] = "skip"
+    """A NaN/inf gradient on any rank (all-reduced, so every rank sees it): skip that update, or stop
+    keeping the last good checkpoint. Checking reads the gradient norm on the host once per step."""
     val_every: int = Field(0, ge=0)
     """Validate every N optimizer steps (0: at the end of every epoch)."""
     log_every: int = Field(10, ge=1)
@@ -132,6 +173,10 @@ class CheckpointConfig(Section):
     """Save every N optimizer steps (0: only at the end and on a new best)."""
     keep_last: int = Field(2, ge=1)
     """Keep this many most recent checkpoints."""
+    keep_best: int = Field(1, ge=0)
+    """Also keep this many checkpoints with the lowest validation loss."""
+    async_save: bool = False
+    """Write checkpoints in a background thread while training goes on (at most one in flight)."""
     save_best: bool = True
     """Save a checkpoint when validation loss improves; `best` points at it."""
 
@@ -150,6 +195,75 @@ class LogConfig(Section):
     """Show a progress bar on rank 0."""
     all_ranks: bool = False
     """Let every rank print its log lines (prefixed with its rank), not just rank 0."""
+    sample_keys: bool = False
+    """Every rank writes the keys of the samples of each step to `sample_keys/rank-N.txt` (audits data order)."""
+
+
+class FlipAugment(Section):
+    p: float = Field(0.0, ge=0, le=1)
+    """Probability of flipping a training sample."""
+
+
+class BrightnessAugment(Section):
+    p: float = Field(0.0, ge=0, le=1)
+    """Probability of shifting a training sample's brightness."""
+    max_delta: float = Field(0.2, ge=0, le=1)
+    """Add a uniform offset in [-max_delta, max_delta] (pixel values are scaled to [0, 1])."""
+
+
+class ContrastAugment(Section):
+    p: float = Field(0.0, ge=0, le=1)
+    """Probability of changing a training sample's contrast."""
+    max_factor: float = Field(0.3, ge=0, lt=1)
+    """Scale deviations from the image mean by a uniform factor in [1 - max_factor, 1 + max_factor]."""
+
+
+class NoiseAugment(Section):
+    p: float = Field(0.0, ge=0, le=1)
+    """Probability of adding Gaussian noise to a training sample."""
+    std: float = Field(0.05, ge=0)
+    """Standard deviation of the noise (pixel values are scaled to [0, 1])."""
+
+
+class CropAugment(Section):
+    p: float = Field(0.0, ge=0, le=1)
+    """Probability of a random crop: zero-pad by max_shift pixels, cut a window of the original size."""
+    max_shift: int = Field(1, ge=1)
+    """Largest shift in pixels along each axis."""
+
+
+class AugmentConfig(Section):
+    """On-the-fly augmentation of training samples only (validation and test never). Each sample's random
+    draws are a pure function of (run.seed, epoch, pass, sample key), so a resumed run sees the same ones."""
+    hflip: FlipAugment = FlipAugment()
+    """Horizontal flip."""
+    vflip: FlipAugment = FlipAugment()
+    """Vertical flip."""
+    brightness: BrightnessAugment = BrightnessAugment()
+    """Additive brightness change."""
+    contrast: ContrastAugment = ContrastAugment()
+    """Contrast change around the image mean."""
+    noise: NoiseAugment = NoiseAugment()
+    """Additive Gaussian noise."""
+    crop: CropAugment = CropAugment()
+    """Random crop with zero padding (a random shift)."""
+
+
+class WandbConfig(Section):
+    enabled: bool = False
+    """Log metrics and the resolved config to Weights & Biases from rank 0 (needs `pip install dtrain[wandb]`)."""
+    project: str = "dtrain"
+    """W&B project."""
+    entity: Optional[str] = None
+    """W&B entity (team or user); null: your default."""
+    mode: Literal["offline", "online"] = "offline"
+    """`offline` writes the run under <run dir>/wandb/ (upload later with `wandb sync`); `online` streams it."""
+    name: Optional[str] = None
+    """Display name of the W&B run (null: run.name)."""
+    group: Optional[str] = None
+    """W&B group, e.g. to gather the runs of a sweep."""
+    tags: list[str] = []
+    """W&B tags."""
 
 
 class Config(Section):
@@ -164,6 +278,8 @@ class Config(Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     dist: DistConfig = DistConfig()
     log: LogConfig = LogConfig()
+    augment: AugmentConfig = AugmentConfig()
+    wandb: WandbConfig = WandbConfig()
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")
@@ -264,5 +380,5 @@ def describe_fields(model: type[BaseModel] = Config, prefix: str = "") -> list[s
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             lines += describe_fields(ann, f"{prefix}{name}.")
         else:
-            lines.append(f"{prefix}{name} = {field.default!r}  # {field.description or ''}")
+            lines.append(f"{prefix}{name} = {field.default!r}  # {' '.join((field.description or '').split())}")
     return lines

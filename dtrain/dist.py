@@ -15,6 +15,7 @@ go through `all_reduce_*`/`broadcast_object`, never through one rank alone.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import re
@@ -28,6 +29,26 @@ from typing import Callable, Mapping
 
 import torch
 import torch.distributed as torchdist
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed or timed out: a rank stalled, died or lost its connection."""
+
+
+@contextlib.contextmanager
+def guard(op: str):
+    """Turn a backend's failure inside `op` into one line naming the operation that got stuck."""
+    try:
+        yield
+    except RuntimeError as e:
+        text = str(e)
+        if not (isinstance(e, torchdist.DistError) or any(w in text for w in ("gloo", "Gloo", "NCCL", "Timed out",
+                                                                               "timed out", "Connection closed"))):
+            raise
+        rank = torchdist.get_rank() if _active() else 0
+        first = next((l.strip() for l in text.splitlines() if l.strip()), type(e).__name__)
+        raise CollectiveError(f"dist: {op} failed on rank {rank}: {first[:300]} "
+                              "(another rank stalled, died or timed out; see dist.timeout_s)") from None
 
 
 class LaunchError(RuntimeError):
@@ -254,8 +275,12 @@ def setup(backend: str = "auto", timeout_s: float = 600.0, connect_timeout_s: fl
     store = _rendezvous(launch, connect_timeout_s)
     store.set_timeout(datetime.timedelta(seconds=timeout_s))  # from here on, collectives' patience
     try:
-        # the prefix init_process_group adds itself with env:// (keeps its keys apart from ours)
-        torchdist.init_process_group(backend, store=torchdist.PrefixStore("default_pg", store),
+        # Keys prefixed by torchrun's restart attempt: after `torchrun --max-restarts` restarts the workers,
+        # the agent's store still holds the killed attempt's keys, and groups made with new_group() (ours:
+        # checkpoint and stop-flag coordination) would read the dead workers' addresses ("connectFullMesh
+        # ... Connection refused").
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        torchdist.init_process_group(backend, store=torchdist.PrefixStore(f"dtrain/attempt_{attempt}", store),
                                      rank=launch.global_rank, world_size=launch.world_size,
                                      timeout=datetime.timedelta(seconds=timeout_s),
                                      device_id=device if backend == "nccl" else None)
@@ -328,21 +353,22 @@ def _wait_reachable(addr: str, port: int, deadline: float, message: str) -> None
         time.sleep(0.2)
 
 
-def teardown(finished: bool = True) -> None:
-    """Leave the process group; after a finished run, first let gloo's worker threads go idle.
+def teardown(clean: bool = True) -> None:
+    """Leave the process group after a clean finish, first letting gloo's worker threads go idle.
 
     A gloo worker thread frees each collective's tensors after the collective has completed, and
     that takes the GIL. If it is still at it when Python shuts down, the interpreter ends the thread
     inside a C++ destructor and the rank aborts after training successfully ("terminate called
     without an active exception", exit -6, roughly 1 run in 20 on a loaded machine). A barrier alone
     doesn't close that window (another worker thread can run it), so we also wait, without the GIL,
-    until the workers are idle. Not after an error: the other ranks may be inside a different
-    collective and must see this rank leave instead."""
-    if torchdist.is_available() and torchdist.is_initialized():
-        if finished:
+    until the workers are idle. After a failure (`clean=False`) nothing: a dead peer would make the
+    barrier wait out another full timeout, and the other ranks must see this rank leave."""
+    if torchdist.is_available() and torchdist.is_initialized() and clean:
+        try:
             torchdist.barrier()
             _wait_for_idle_threads("pt_gloo_runloop")
-        torchdist.destroy_process_group()
+        finally:
+            torchdist.destroy_process_group()
 
 
 def _wait_for_idle_threads(name: str, timeout_s: float = 2.0) -> None:
@@ -392,10 +418,18 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+def all_reduce_max(t: torch.Tensor, group=None) -> torch.Tensor:
     if _active():
-        torchdist.all_reduce(t, op=torchdist.ReduceOp.MAX)
+        torchdist.all_reduce(t, op=torchdist.ReduceOp.MAX, group=group)
     return t
+
+
+def new_cpu_group(timeout_s: float):
+    """A gloo group for CPU-side coordination from another thread (async checkpoints, stop flags);
+    collectives must be created in the same order on every rank. None in single mode."""
+    if not _active():
+        return None
+    return torchdist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def broadcast_object(obj, src: int = 0):

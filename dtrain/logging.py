@@ -1,25 +1,91 @@
-"""What rank 0 reports: a progress bar, log lines, and metrics.jsonl. Other ranks get a logger that
-does nothing (or, with log.all_ranks, prints rank-prefixed lines)."""
+"""What rank 0 reports: a progress bar, log lines, metrics.jsonl and (optionally) a W&B run. Other ranks
+get a logger that does nothing (or, with log.all_ranks, prints rank-prefixed lines).
+
+The W&B run id is part of the logger's state, saved with every checkpoint: a resumed run passes it to
+`wandb.init(id=..., resume="allow")` and continues the same W&B run. (Online, W&B ignores steps it has
+already seen; after a kill those are the steps between the checkpoint and the kill, and since resuming is
+exact the killed run logged the same values for them.)
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
+import secrets
 import sys
 from pathlib import Path
+from typing import Any, Optional
 
 from tqdm import tqdm
 
+from .config import ConfigError
+
+# Config keys whose values never leave the machine, should such a key ever appear in a config.
+SECRET_KEY = re.compile(r"api_?key|token|secret|password|credential", re.IGNORECASE)
+
+
+def redact(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: "<redacted>" if SECRET_KEY.search(str(k)) else redact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
+
+
+class WandbRun:
+    """Rank 0's W&B run: numeric metrics at their step, the resolved config (secrets redacted), events
+    as summary values. The files go to <run dir>/wandb/ (offline mode keeps them there)."""
+
+    def __init__(self, cfg, run_dir: Path, run_config: dict, run_id: Optional[str]):
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError("config: wandb.enabled needs the wandb package; pip install 'dtrain[wandb]'") from None
+        # a fresh id from the OS, not from random/torch: drawing from the seeded RNGs would shift every
+        # dropout mask after it and break bit-exact resume
+        self.id = run_id or secrets.token_hex(6)
+        settings = wandb.Settings(console="off", save_code=False, disable_git=True, disable_job_creation=True,
+                                  silent=True)
+        self.run = wandb.init(project=cfg.project, entity=cfg.entity, group=cfg.group, tags=list(cfg.tags),
+                              name=cfg.name or run_config.get("run", {}).get("name"), mode=cfg.mode,
+                              dir=str(run_dir), id=self.id, resume="allow", config=redact(run_config),
+                              settings=settings)
+
+    def log(self, record: dict) -> None:
+        step = record.get("step")
+        values = {k: v for k, v in record.items()
+                  if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if "event" in record:  # e.g. early_stop: summary values ("early_stop/step"), not a curve
+            self.run.summary.update({f"{record['event']}/{k}": v for k, v in {"step": step, **values}.items()})
+            return
+        if values:
+            self.run.log(values, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
 
 class RunLogger:
-    def __init__(self, run_dir: Path, total_steps: int, progress: bool, prefix: str = ""):
-        self.path = Path(run_dir) / "metrics.jsonl"
+    def __init__(self, run_dir: Path, total_steps: int, progress: bool, prefix: str = "",
+                 wandb_cfg=None, run_config: Optional[dict] = None):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "metrics.jsonl"
         self.total_steps, self.show_progress, self.prefix = total_steps, progress, prefix
         self.bar = None
+        self.wandb_cfg, self.run_config = wandb_cfg, run_config or {}
+        self.wandb: Optional[WandbRun] = None
+        self.wandb_run_id: Optional[str] = None
+
+    def state_dict(self) -> dict:
+        return {"wandb_run_id": self.wandb_run_id} if self.wandb_run_id else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.wandb_run_id = state.get("wandb_run_id")
 
     def start(self, step: int) -> None:
-        """Open the progress bar at `step` and drop metrics a killed run logged after its checkpoint."""
+        """Open the progress bar and W&B run at `step`; drop metrics a killed run logged after its checkpoint."""
         if self.path.exists():
             kept = [l for l in self.path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= step]
             tmp = self.path.with_suffix(".tmp")
@@ -29,18 +95,25 @@ class RunLogger:
             tty = sys.stderr.isatty()
             self.bar = tqdm(total=self.total_steps, initial=step, unit="step", dynamic_ncols=True,
                             mininterval=0.5 if tty else 30, file=sys.stderr)
+        if self.wandb_cfg is not None and self.wandb_cfg.enabled and self.wandb is None:
+            self.wandb = WandbRun(self.wandb_cfg, self.run_dir, self.run_config, self.wandb_run_id)
+            self.info(f"wandb: {'resumed' if self.wandb_run_id else 'started'} run {self.wandb.id} "
+                      f"({self.wandb_cfg.mode}, {self.run_dir / 'wandb'})")
+            self.wandb_run_id = self.wandb.id
 
     def info(self, msg: str) -> None:
         text = f"{self.prefix}{msg}"
         if self.bar is not None:
             self.bar.write(text, file=sys.stderr)
         else:
-            print(text, file=sys.stderr, flush=True)
+            _write_line(text)
 
     def metrics(self, record: dict) -> None:
         record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(record)
 
     def progress(self, step: int, **postfix) -> None:
         if self.bar is not None:
@@ -54,11 +127,14 @@ class RunLogger:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        if self.wandb is not None:
+            self.wandb.close()
+            self.wandb = None
 
 
 class NullLogger(RunLogger):
     def __init__(self, prefix: str = "", echo: bool = False):
-        self.prefix, self.echo, self.bar = prefix, echo, None
+        self.prefix, self.echo, self.bar, self.wandb, self.wandb_run_id = prefix, echo, None, None, None
 
     def start(self, step): pass
     def metrics(self, record): pass
@@ -67,11 +143,44 @@ class NullLogger(RunLogger):
 
     def info(self, msg):
         if self.echo:
-            print(f"{self.prefix}{msg}", file=sys.stderr, flush=True)
+            _write_line(f"{self.prefix}{msg}")
 
 
-def build_logger(cfg, dist_info, run_dir: Path, total_steps: int) -> RunLogger:
+def _write_line(text: str) -> None:
+    """One write per line: ranks share stderr, and print()'s separate newline write interleaves."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def build_logger(cfg, dist_info, run_dir: Path, total_steps: int, wandb_cfg=None,
+                 run_config: Optional[dict] = None) -> RunLogger:
+    """Rank 0 alone writes metrics and talks to W&B; `run_config` is the resolved config W&B records."""
     prefix = f"[rank {dist_info.global_rank}] " if dist_info.distributed and cfg.all_ranks else ""
     if dist_info.is_global_zero:
-        return RunLogger(run_dir, total_steps, cfg.progress, prefix)
+        return RunLogger(run_dir, total_steps, cfg.progress, prefix, wandb_cfg, run_config)
     return NullLogger(prefix, echo=cfg.all_ranks)
+
+
+class SampleKeyLog:
+    """`sample_keys/rank-N.txt`: one line per optimizer step, `step key key ...` (log.sample_keys).
+    Lets a test or a user prove that no sample was seen twice or skipped across a resume."""
+
+    def __init__(self, run_dir: Path, rank: int):
+        self.path = Path(run_dir) / "sample_keys" / f"rank-{rank:05d}.txt"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = None
+
+    def truncate(self, step: int) -> None:
+        """Forget steps after the checkpoint we resume from (a killed run logged them, then lost them)."""
+        if self.path.exists():
+            kept = [l for l in self.path.read_text().splitlines() if l and int(l.split(" ", 1)[0]) <= step]
+            self.path.write_text("".join(l + "\n" for l in kept))
+
+    def write(self, step: int, keys: list[str]) -> None:
+        if self.file is None:
+            self.file = open(self.path, "a", buffering=1)
+        self.file.write(f"{step} {' '.join(keys)}\n")
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()

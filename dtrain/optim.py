@@ -4,45 +4,98 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch.optim import lr_scheduler
 
 
-def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """Weight decay on matrices and kernels only: decaying biases and norm gains only hurts."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+def build_optimizer(cfg, model: torch.nn.Module, lr_scales: Optional[dict[str, float]] = None) -> torch.optim.Optimizer:
+    """Param groups by name prefix (`lr_scales`, e.g. {"head": 1.0, "": 0.1}: the first matching prefix sets
+    the group's peak LR as a fraction of cfg.lr), each split into decayed and undecayed parameters.
+
+    Frozen parameters (requires_grad=False) are included: they get no gradient, so the optimizer skips them
+    and they stay bit-identical, and unfreezing later needs no new optimizer. Weight decay on matrices and
+    kernels only: decaying biases and norm gains only hurts."""
+    lr_scales = lr_scales or {"": 1.0}
+    named: dict[str, list] = {prefix: [] for prefix in lr_scales}
+    for name, p in model.named_parameters():
+        prefix = next(pre for pre in lr_scales if name == pre or name.startswith(pre + ".") or pre == "")
+        named[prefix].append(p)
+    groups = []
+    for prefix, params in named.items():
+        lr = cfg.lr * lr_scales[prefix]
+        groups += [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay, "lr": lr},
+                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr": lr}]
     groups = [g for g in groups if g["params"]]
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    params = [p for g in groups for p in g["params"]]
     fused = True if params and all(p.is_cuda for p in params) else None  # fused kernel on GPU
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
 
 
 @dataclass(frozen=True)
 class Schedule:
-    """LR multiplier after `step` optimizer steps: linear warmup to 1, then constant or cosine.
+    """LR multiplier after `step` optimizer steps: linear warmup to 1, then one of
 
-    A pure function of the step (not a recursion like CosineAnnealingLR's), so it is exact after
-    resume, applies to every param group relative to its own peak, and can be plotted before training.
+      constant          1
+      step              gamma ** floor(t / every)
+      exponential       gamma ** (t / every)
+      cosine            min + (1 - min) * (1 + cos(pi * t / T)) / 2          T = total_steps - warmup
+      cosine_restarts   the same within each cycle: t, T = position in and length of the current cycle,
+                        cycles of restart_every * restart_mult**i steps
+
+    with t = step - warmup_steps. A pure function of the step (not a recursion like CosineAnnealingLR's),
+    so it is exact after resume, applies to every param group relative to its own peak, and can be
+    plotted before training.
     """
     name: str
     total_steps: int
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
+    every: int = 100
+    gamma: float = 0.5
+    restart_every: int = 100
+    restart_mult: int = 1
 
     def __call__(self, step: int) -> float:
         warmup = min(self.warmup_steps, max(self.total_steps - 1, 0))
         if step < warmup:
             return (step + 1) / warmup
+        t = step - warmup
         if self.name == "constant":
             return 1.0
-        progress = min(step - warmup, self.total_steps - warmup) / max(self.total_steps - warmup, 1)
+        if self.name == "step":
+            return self.gamma ** (t // self.every)
+        if self.name == "exponential":
+            return self.gamma ** (t / self.every)
+        if self.name == "cosine":
+            length = max(self.total_steps - warmup, 1)
+            return self._cosine(min(t, length) / length)
+        if self.name == "cosine_restarts":
+            start, length = self.cycle(t)
+            return self._cosine((t - start) / length)
+        raise ValueError(f"unknown schedule {self.name!r}")
+
+    def cycle(self, t: int) -> tuple[int, int]:
+        """(first step, length) of the warm-restart cycle holding post-warmup step t."""
+        if self.restart_mult == 1:  # periodic
+            return t - t % self.restart_every, self.restart_every
+        start, length = 0, self.restart_every
+        while t >= start + length:  # cycles grow geometrically: about log(t) iterations
+            start, length = start + length, length * self.restart_mult
+        return start, length
+
+    def _cosine(self, progress: float) -> float:
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_schedule(cfg, total_steps: int) -> Schedule:
+    return Schedule(cfg.name, total_steps, cfg.warmup_steps, cfg.min_lr_ratio, cfg.every, cfg.gamma,
+                    cfg.restart_every, cfg.restart_mult)
 
 
 def build_scheduler(cfg, optimizer: torch.optim.Optimizer, total_steps: int) -> lr_scheduler.LambdaLR:
     """Stepped once per optimizer step; its state (last_epoch) is checkpointed."""
-    return lr_scheduler.LambdaLR(optimizer, Schedule(cfg.name, total_steps, cfg.warmup_steps, cfg.min_lr_ratio))
+    return lr_scheduler.LambdaLR(optimizer, build_schedule(cfg, total_steps))

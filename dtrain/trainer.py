@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 import random
@@ -14,13 +15,27 @@ import torch
 
 from . import dist
 from .checkpoint import CheckpointError, Checkpointer, rng_state, set_rng_state
+from .signals import StopControl, requeue_slurm_job
 from .config import Config
 from .data import ShardStream, resolve_shards
+from .data.augment import build_augment
 from .engine import build_engine
-from .logging import build_logger
+from .logging import SampleKeyLog, build_logger
 from .losses import METRICS, build_loss, metric_sums
 from .models import build_model
+from .models.transfer import Freezer, load_pretrained, lr_scales
 from .optim import build_optimizer, build_scheduler
+
+
+def _collective(op: str):
+    """Name the collective a method waits in, so a stalled or dead rank is reported by operation."""
+    def wrap(method):
+        @functools.wraps(method)
+        def guarded(*args, **kwargs):
+            with dist.guard(op):
+                return method(*args, **kwargs)
+        return guarded
+    return wrap
 
 
 class Trainer:
@@ -33,39 +48,68 @@ class Trainer:
         self.y_mean = index.stats.get("train", {}).get("y_mean", 0.0)
         stream = dict(batch_size=cfg.data.batch_size, rank=dist_info.global_rank, world_size=dist_info.world_size,
                       num_workers=0 if debug else cfg.data.num_workers, pin_memory=self.device.type == "cuda")
-        self.train_data = ShardStream(index, "train", train=True, seed=cfg.run.seed, grad_accum=cfg.train.grad_accum,
-                                      shuffle_buffer=cfg.data.shuffle_buffer, remainder=cfg.data.remainder, **stream)
+        train_index = index.subset("train", cfg.data.train_subset) if cfg.data.train_subset else index
+        self.train_data = ShardStream(train_index, "train", train=True, seed=cfg.run.seed,
+                                      grad_accum=cfg.train.grad_accum, shuffle_buffer=cfg.data.shuffle_buffer,
+                                      remainder=cfg.data.remainder, transform=build_augment(cfg.augment, cfg.run.seed),
+                                      **stream)  # augmented; validation and test never are
         self.val_data = ShardStream(index, "val", **stream)
         self.test_data = ShardStream(index, "test", **stream)
         self.accum = cfg.train.grad_accum
         self.steps_per_epoch = self.train_data.steps_per_epoch
-        self.total_steps = min(cfg.train.epochs * self.steps_per_epoch, cfg.train.max_steps or math.inf,
-                               cfg.train.debug_steps if debug else math.inf)
+        self.total_steps = plan_total_steps(cfg.train, self.steps_per_epoch, debug)
         self.samples_per_step = cfg.data.batch_size * dist_info.world_size * self.accum
 
+        self.log = build_logger(cfg.log, dist_info, self.run_dir, self.total_steps, cfg.wandb, cfg.to_dict())
         model = build_model(cfg.model, index.input_shape, index.num_classes or 1, cfg.run.seed)
-        optimizer = build_optimizer(cfg.optim, model)
+        if cfg.model.init_from:  # every rank loads it (DDP would broadcast rank 0's weights anyway)
+            load_pretrained(model, cfg.model.init_from, self.log.info)
+        self.freezer = Freezer(model, cfg.model)
+        self.freezer.apply(0)  # before the engine: DDP only reduces parameters that require grad when wrapped
+        # one group for all (the layout older checkpoints have) unless the backbone gets its own LR
+        scales = lr_scales(cfg.optim.backbone_lr_ratio) if cfg.optim.backbone_lr_ratio != 1 else None
+        optimizer = build_optimizer(cfg.optim, model, scales)
         self.engine = build_engine(model, optimizer, build_scheduler(cfg.schedule, optimizer, self.total_steps),
                                    cfg.train, dist_info)
         self.loss_fn = build_loss(cfg.loss, self.task)
-        self.ckpt = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep_last, dist_info, cfg.hash())
-        self.log = build_logger(cfg.log, dist_info, self.run_dir, self.total_steps)
+        # Coordination that must not share the training group: created in this order on every rank.
+        self.ckpt = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep_last, dist_info, cfg.hash(),
+                                 keep_best=cfg.checkpoint.keep_best, async_save=cfg.checkpoint.async_save,
+                                 group=dist.new_cpu_group(cfg.dist.timeout_s))
+        self.control = StopControl(dist.new_cpu_group(cfg.dist.timeout_s))
+        self.key_log = SampleKeyLog(self.run_dir, dist_info.global_rank) if cfg.log.sample_keys else None
         # Each rank its own dropout/augmentation stream; resumed exactly from the checkpoint.
         seed = cfg.run.seed * 1000 + dist_info.global_rank
         torch.manual_seed(seed), random.seed(seed), np.random.seed(seed)
 
         self.step, self.saved_step = 0, -1
         self.best_val, self.best_step, self.bad_validations = math.inf, -1, 0
+        self.best_steps: list[int] = []  # newest last; the keep_best newest are the best m
+        self.skipped_updates = 0
         self.stop_reason: str | None = None
-        self._loss_sum, self._loss_steps, self._t_log = torch.zeros((), device=self.device), 0, time.perf_counter()
+        # running sums of "loss" and each named loss term since the last log line
+        self._loss_sum = torch.zeros(len(self.loss_fn.names), device=self.device)
+        self._loss_steps, self._t_log = 0, time.perf_counter()
 
     # ---- the loop -----------------------------------------------------------------------------
     def fit(self) -> dict:
+        ok = False
+        try:
+            result = self._fit()
+            ok = True
+            return result
+        finally:
+            self.log.close()  # before any error line: a bar closed later would print after it
+            self.control.close(wait=ok)  # after a failure a peer may be gone: don't wait for it
+            if self.key_log:
+                self.key_log.close()
+
+    def _fit(self) -> dict:
         self.resume()
         self.log.start(self.step)
         self.log.info(f"training {self.total_steps} steps ({self.steps_per_epoch}/epoch, "
                       f"global batch {self.samples_per_step}) in {self.run_dir}")
-        while self.step < self.total_steps and self.stop_reason is None:
+        while self.step < self.total_steps and self.stop_reason is None:  # one epoch (or its rest) per pass
             epoch, done = divmod(self.step, self.steps_per_epoch)
             with contextlib.closing(self.train_data.epoch(epoch, start=done * self.accum)) as batches:
                 for micro_batches in _groups(batches, self.accum):
@@ -74,29 +118,49 @@ class Trainer:
                     self.after_step(loss, epoch)
                     if self.stop_reason is not None or self.step >= self.total_steps:
                         break
-        if self.step != self.saved_step and not self.debug:
+        self.stop_reason = self.stop_reason or "completed"
+        if self.step != self.saved_step and not self.debug and self.stop_reason != "nonfinite":
             self.save()
-        self.log.close()
-        if self.stop_reason == "stop_at_step":
-            self.log.info(f"stopped at step {self.step} as asked; run the same command again to continue")
-            return {"step": self.step, "stop_reason": self.stop_reason}
-        results = self.test()
-        return {"step": self.step, "stop_reason": self.stop_reason or "completed", **results}
+        self.ckpt.wait()
+        if self.stop_reason in ("stop_at_step", "nonfinite") or self.stop_reason.startswith("signal"):
+            return self.interrupted()
+        results = self.test()  # the log closes after this, in fit(): test metrics go to W&B too
+        return {"step": self.step, "stop_reason": self.stop_reason, **results}
 
+    def interrupted(self) -> dict:
+        if self.stop_reason == "signal:SIGUSR1" and self.dist.is_global_zero:
+            requeue_slurm_job(self.log.info)
+        if self.stop_reason == "nonfinite":
+            self.log.info(f"stopped at step {self.step}: non-finite gradients (train.nonfinite=stop); the last "
+                          f"good checkpoint is {self.ckpt.pointer('latest')}")
+        else:
+            self.log.info(f"stopped at step {self.step} ({self.stop_reason}); checkpoint saved, run the same "
+                          "command again to continue")
+        return {"step": self.step, "stop_reason": self.stop_reason}
+
+    @_collective("gradient all-reduce (train step)")
     def train_step(self, micro_batches) -> torch.Tensor:
         """Forward and backward on each micro-batch, all-reduce once (on the last), one optimizer step."""
         t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=self.device)
+        loss_sum = torch.zeros(len(self.loss_fn.names), device=self.device)
+        if self.key_log:
+            self.key_log.write(self.step + 1, [k for _, _, keys in micro_batches for k in keys])
         for i, (x, y, _) in enumerate(micro_batches):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self.engine.no_backward_sync(i == len(micro_batches) - 1):
                 with self.engine.autocast():
-                    loss = self.loss_fn(self.engine.model(x), y)
-                self.engine.backward(loss)
-            loss_sum += loss.detach()
-        grad_norm = self.engine.step()
+                    losses = self.loss_fn(self.engine.model(x), y)
+                self.engine.backward(losses["loss"])
+            loss_sum += torch.stack([losses[k].detach().float() for k in self.loss_fn.names])
+        grad_norm, applied = self.engine.step()
+        if not applied:
+            self.skipped_updates += 1
+            self.log.info(f"step {self.step + 1}: non-finite gradient norm; update skipped "
+                          f"({self.skipped_updates} so far, train.nonfinite={self.cfg.train.nonfinite})")
+            if self.cfg.train.nonfinite == "stop":
+                self.stop_reason = "nonfinite"
         if self.debug:  # .item() syncs the device: only in debug
-            self.log.info(f"step {self.step + 1}: loss {loss_sum.item() / len(micro_batches):.5f} "
+            self.log.info(f"step {self.step + 1}: loss {loss_sum[0].item() / len(micro_batches):.5f} "
                           f"grad_norm {grad_norm.item():.4f} lr {self.engine.lr:.3e} batch {tuple(x.shape)} "
                           f"{(time.perf_counter() - t0) * 1e3:.1f} ms")
         return loss_sum / len(micro_batches)
@@ -108,51 +172,64 @@ class Trainer:
         if self.step % self.cfg.train.log_every == 0 or last:
             self.log_train(epoch)
         self.log.advance(self.step)
+        if self.freezer.apply(self.step):
+            self.engine.trainable_changed()
+            self.log.info(f"step {self.step}: unfroze {len(self.freezer.frozen)} parameter tensors")
         val_every = self.cfg.train.val_every
         if (val_every and self.step % val_every == 0) or self.step % self.steps_per_epoch == 0 or last:
             self.validate(epoch)
         every = self.cfg.checkpoint.every
-        if every and self.step % every == 0 and self.step != self.saved_step and not self.debug:
+        if every and self.step % every == 0 and self.step != self.saved_step and not self.debug \
+                and self.stop_reason != "nonfinite":
             self.save()
         if self.cfg.run.stop_at_step is not None and self.step >= self.cfg.run.stop_at_step and not last:
-            self.stop_reason = "stop_at_step"
+            self.stop_reason = self.stop_reason or "stop_at_step"
+        with dist.guard("stop-flag all-reduce"):
+            stop_signal = self.control.should_stop()
+        if stop_signal and not last:
+            self.stop_reason = self.stop_reason or f"signal:{stop_signal}"
         if self._loss_steps == 0:  # throughput counts training time only, not validation or saving
             self._t_log = time.perf_counter()
 
     # ---- metrics ------------------------------------------------------------------------------
+    @_collective("loss all-reduce (logging)")
     def log_train(self, epoch: int) -> None:
-        loss = dist.all_reduce_mean(self._loss_sum / self._loss_steps).item()  # a sync point: only every log_every
+        losses = dist.all_reduce_mean(self._loss_sum / self._loss_steps).tolist()  # a sync point: every log_every
+        loss = losses[0]
         elapsed = time.perf_counter() - self._t_log
-        record = {"step": self.step, "epoch": epoch, "loss": loss, "lr": self.engine.lr,
+        record = {"step": self.step, "epoch": epoch, **dict(zip(self.loss_fn.names, losses)), "lr": self.engine.lr,
                   "samples_per_s": self._loss_steps * self.samples_per_step / max(elapsed, 1e-9)}
         self.log.metrics(record)
         self.log.progress(self.step, loss=loss, lr=record["lr"], samples_per_s=record["samples_per_s"])
         self._loss_sum.zero_()
         self._loss_steps, self._t_log = 0, time.perf_counter()
 
+    @_collective("metrics all-reduce (evaluation)")
     @torch.inference_mode()
     def evaluate(self, stream: ShardStream, prefix: str, log_local: bool = False) -> dict:
         """Mean loss and metrics over the whole split: per-rank sums, one all-reduce, then divide."""
         model = self.engine.module
         was_training = model.training
         model.eval()  # dropout off, batch norm uses running statistics
-        names = ["loss", "n", *METRICS[self.task]]
+        names = [*self.loss_fn.names, "n", *METRICS[self.task]]
         sums = dict.fromkeys(names, 0.0)
         for x, y, _ in stream.epoch(0):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self.engine.autocast():
                 pred = model(x)
             pred = pred.float()
-            sums["loss"] = sums["loss"] + self.loss_fn(pred, y) * len(y)
+            for k, v in self.loss_fn(pred, y).items():
+                sums[k] = sums[k] + v * len(y)
             sums["n"] += len(y)
             for k, v in metric_sums(pred, y, self.task, self.y_mean).items():
                 sums[k] = sums[k] + v
         total = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=self.device) for k in names])
+        i_n = names.index("n")
         if log_local:  # this rank's own share, for diagnosing one rank's data (log.all_ranks)
-            self.log.info(f"local {prefix}/loss at step {self.step}: {total[0].item() / max(total[1].item(), 1):.6f}")
+            self.log.info(f"local {prefix}/loss at step {self.step}: {total[0].item() / max(total[i_n].item(), 1):.6f}")
         dist.all_reduce_sum(total)
         model.train(was_training)
-        n = max(total[1].item(), 1.0)
+        n = max(total[i_n].item(), 1.0)
         return {f"{prefix}/{k}": total[i].item() / n for i, k in enumerate(names) if k != "n"}
 
     def validate(self, epoch: int) -> None:
@@ -170,6 +247,7 @@ class Trainer:
         self.log.info(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
                       + (" (best)" if improved else f" (no improvement for {self.bad_validations})"))
         if improved and self.cfg.checkpoint.save_best and not self.debug:
+            self.best_steps.append(self.step)
             self.save(best=True)
         if should_stop:
             self.stop_reason = "early_stop"
@@ -179,6 +257,7 @@ class Trainer:
 
     def test(self) -> dict:
         """Final evaluation on the held-out test split with the best weights (the last ones if none)."""
+        self.ckpt.wait()
         best = self.ckpt.pointer("best")
         if best is not None:
             state, _ = self.ckpt.load(best)
@@ -192,7 +271,8 @@ class Trainer:
     # ---- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"step": self.step, "best_val": self.best_val, "best_step": self.best_step,
-                "bad_validations": self.bad_validations, "steps_per_epoch": self.steps_per_epoch}
+                "bad_validations": self.bad_validations, "steps_per_epoch": self.steps_per_epoch,
+                "best_steps": list(self.best_steps), "skipped_updates": self.skipped_updates}
 
     def load_state_dict(self, state: dict) -> None:
         if state["steps_per_epoch"] != self.steps_per_epoch:
@@ -200,9 +280,14 @@ class Trainer:
                              f"{self.steps_per_epoch}; data or batch settings changed since it was written")
         self.step, self.best_val = state["step"], state["best_val"]
         self.best_step, self.bad_validations = state["best_step"], state["bad_validations"]
+        self.best_steps, self.skipped_updates = list(state["best_steps"]), state["skipped_updates"]
 
+    @_collective("checkpoint save")
     def save(self, best: bool = False) -> None:
-        state = {"engine": self.engine.state_dict(), "trainer": self.state_dict(), "config": self.cfg.to_dict()}
+        state = {"engine": self.engine.state_dict(), "trainer": self.state_dict(), "config": self.cfg.to_dict(),
+                 "logger": self.log.state_dict()}  # the W&B run id, so a resumed run continues it
+        keep = self.best_steps[-self.cfg.checkpoint.keep_best:] if self.cfg.checkpoint.keep_best else []
+        self.ckpt.protect = {f"step-{s:08d}" for s in keep}
         self.ckpt.save(self.step, state, {"rng": rng_state()}, best=best)
         self.saved_step = self.step
 
@@ -215,9 +300,20 @@ class Trainer:
         path, state, rank_state = found
         self.engine.load_state_dict(state["engine"])
         self.load_state_dict(state["trainer"])
+        self.log.load_state_dict(state.get("logger", {}))
+        if self.freezer.apply(self.step):  # frozen or not is a function of the step
+            self.engine.trainable_changed()
         set_rng_state(rank_state["rng"])
         self.saved_step = self.step
+        if self.key_log:
+            self.key_log.truncate(self.step)
         self.log.info(f"resumed from {path} at step {self.step}")
+
+
+def plan_total_steps(train_cfg, steps_per_epoch: int, debug: bool = False) -> int:
+    """Optimizer steps the run takes (the schedule spans them): epochs, capped by max_steps / debug_steps."""
+    return int(min(train_cfg.epochs * steps_per_epoch, train_cfg.max_steps or math.inf,
+                   train_cfg.debug_steps if debug else math.inf))
 
 
 def _groups(batches, size: int):

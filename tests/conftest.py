@@ -20,9 +20,8 @@ def _env(extra: dict | None = None) -> dict:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_", "TORCHELASTIC"))}
     env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    # Child processes import this checkout's dtrain, not whichever one pip installed (editable
-    # installs of another worktree included).
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    # this checkout's dtrain, not whichever one `pip install -e` last pointed at (tests run with cwd=tmp_path)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.update(extra or {})
     return env
 
@@ -76,3 +75,57 @@ def data_root(tmp_path_factory) -> Path:
     from dtrain.data import make_builtin
     make_builtin("digits", root / "digits", 250)
     return root
+
+
+def torchrun_cmd(nproc: int, args: list[str], extra: list[str] = ()) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
+            "127.0.0.1", "--master-port", str(free_port()), *extra, "-m", "dtrain", *args]
+
+
+def start(cmd: list[str], cwd: Path, tag: str) -> subprocess.Popen:
+    """Start a command in the background; its processes (and torchrun's workers) carry DTRAIN_TEST_TAG."""
+    return subprocess.Popen(cmd, cwd=cwd, env=_env({"DTRAIN_TEST_TAG": tag}), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+
+
+def workers(tag: str) -> dict[int, int]:
+    """{global rank: pid} of dtrain worker processes started with DTRAIN_TEST_TAG=tag (read from /proc)."""
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            env = dict(kv.split("=", 1) for kv in
+                       Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0") if "=" in kv)
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if env.get("DTRAIN_TEST_TAG") == tag and b"dtrain" in cmdline and b"torch.distributed.run" not in cmdline:
+            found[int(env.get("RANK", 0))] = int(pid)
+    return found
+
+
+def wait_for(predicate, timeout: float = 120, interval: float = 0.05, what: str = "condition"):
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def latest_logged_step(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    steps = [json.loads(l).get("step", 0) for l in path.read_text().splitlines() if l.strip().endswith("}")]
+    return max(steps, default=0)
+
+
+def key_log(run_dir: Path) -> dict[int, list[tuple[int, list[str]]]]:
+    """{rank: [(step, keys)]} from log.sample_keys files."""
+    out = {}
+    for path in sorted((run_dir / "sample_keys").glob("rank-*.txt")):
+        rank = int(path.stem.split("-")[1])
+        out[rank] = [(int(l.split()[0]), l.split()[1:]) for l in path.read_text().splitlines() if l]
+    return out

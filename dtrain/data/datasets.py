@@ -28,6 +28,12 @@ def digits(seed: int = 0, **_) -> tuple[dict, dict]:
     return _split(x, d.target.astype(np.int64), seed), meta
 
 
+def digits_parity(seed: int = 0, **_) -> tuple[dict, dict]:
+    """The digits images and split, labelled even (0) or odd (1): a second task for transfer learning."""
+    splits, meta = digits(seed)
+    return {k: (x, y % 2) for k, (x, y) in splits.items()}, {**meta, "num_classes": 2}
+
+
 def count(seed: int = 0, samples: int = 6000, max_objects: int = 9, size: int = 32, **_) -> tuple[dict, dict]:
     """Images with 0..max_objects bright disks on a noisy background; label = how many (regression)."""
     rng = np.random.default_rng(seed)
@@ -49,4 +55,4 @@ def count(seed: int = 0, samples: int = 6000, max_objects: int = 9, size: int = 
     return _split(images, labels.astype(np.int64), seed), meta
 
 
-BUILTIN = {"digits": digits, "count": count}
+BUILTIN = {"digits": digits, "digits_parity": digits_parity, "count": count}

@@ -12,6 +12,7 @@ more stops early. That keeps the collectives of all ranks in lock step even with
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import random
@@ -46,6 +47,20 @@ def _worker_shuffle(src, bufsize: int, seed: str):
 worker_shuffle = wds.pipelinefilter(_worker_shuffle)
 
 
+def _first_per_shard_filter(src, counts: dict[str, int]):
+    """Only the first counts[shard] samples of each shard (the index may list a subset of a split).
+    Runs before the shuffle buffer, so the subset is the same whatever the seed."""
+    seen: dict[str, int] = {}
+    for sample in src:
+        url = sample.get("__url__")
+        seen[url] = seen.get(url, 0) + 1
+        if url not in counts or seen[url] <= counts[url]:
+            yield sample
+
+
+_first_per_shard = wds.pipelinefilter(_first_per_shard_filter)
+
+
 def _rebatch(batches: Iterator[Batch], size: int, partial: bool) -> Iterator[Batch]:
     """Exact `size`-row batches from worker batches that may end short (each worker's last one)."""
     xs: list[torch.Tensor] = []
@@ -76,6 +91,8 @@ class ShardStream:
                  transform: Optional[Callable] = None):
         self.index, self.split = index, split
         self.urls = index.shards(split)
+        # samples to read from each shard: all of them, but fewer where the index is a subset
+        self.shard_counts = dict(zip(self.urls, index.counts(split)))
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.num_workers, self.train = seed, num_workers, train
         self.shuffle_buffer = shuffle_buffer if train else 0
@@ -102,28 +119,28 @@ class ShardStream:
         counts = dict(zip(self.urls, self.index.counts(self.split)))
         return sum(counts[u] for u in self.shard_order(epoch)[self.rank::self.world_size])
 
-    def _to_tensors(self, sample):
+    def _to_tensors(self, sample, epoch: int = 0, pass_index: int = 0):
         x, y, key = sample
         x = torch.from_numpy(np.asarray(x, dtype=np.float32) * self.index.x_scale)
         y = torch.tensor(y, dtype=torch.float32 if self.regression else torch.int64)
-        if self.transform is not None:
-            x = self.transform(x)
+        if self.transform is not None:  # e.g. augmentation: a pure function of (x, key, epoch, pass)
+            x = self.transform(x, key=key, epoch=epoch, pass_index=pass_index)
         return x, y, key
 
-    def _pipeline(self, epoch: int) -> wds.DataPipeline:
+    def _pipeline(self, epoch: int, pass_index: int = 0) -> wds.DataPipeline:
         stages = [wds.SimpleShardList(self.shard_order(epoch)), wds.split_by_node, wds.split_by_worker,
-                  wds.tarfile_to_samples(handler=_raise_data_error)]
+                  wds.tarfile_to_samples(handler=_raise_data_error), _first_per_shard(self.shard_counts)]
         if self.shuffle_buffer > 1:
             stages.append(worker_shuffle(self.shuffle_buffer, f"{self.seed}/epoch{epoch}/rank{self.rank}"))
         stages += [wds.decode(handler=_raise_data_error), wds.to_tuple("x.npy", "y.cls", "__key__"),
-                   wds.map(self._to_tensors)]
+                   wds.map(functools.partial(self._to_tensors, epoch=epoch, pass_index=pass_index))]
         return wds.DataPipeline(*stages)
 
-    def _one_pass(self, epoch: int) -> Iterator[Batch]:
+    def _one_pass(self, epoch: int, pass_index: int = 0) -> Iterator[Batch]:
         # A fresh DataLoader per pass: its workers fork with this epoch's shard order baked in.
         # Its own generator: otherwise each new iterator draws a seed from the global torch RNG and
         # shifts every dropout mask after it, so a resumed run would diverge from an uninterrupted one.
-        loader = DataLoader(self._pipeline(epoch), batch_size=self.batch_size, num_workers=self.num_workers,
+        loader = DataLoader(self._pipeline(epoch, pass_index), batch_size=self.batch_size, num_workers=self.num_workers,
                             pin_memory=self.pin_memory, persistent_workers=False,
                             generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
         yield from loader
@@ -137,6 +154,6 @@ class ShardStream:
         if self.rank_samples(epoch) == 0:
             raise DataError(f"data: rank {self.rank} got no '{self.split}' shards in epoch {epoch} "
                             f"({len(self.urls)} shards for {self.world_size} ranks); write more, smaller shards")
-        passes = itertools.chain.from_iterable(self._one_pass(epoch) for _ in itertools.count())
+        passes = itertools.chain.from_iterable(self._one_pass(epoch, i) for i in itertools.count())
         batches = _rebatch(passes, self.batch_size, partial=False)
         yield from itertools.islice(batches, start, self.batches_per_epoch)

@@ -10,6 +10,7 @@ The index lets every rank know the epoch's length before reading a byte.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -51,6 +52,20 @@ class ShardIndex:
 
     def counts(self, split: str) -> list[int]:
         return list(self.splits[split].values())
+
+    def subset(self, split: str, n: int) -> "ShardIndex":
+        """The same index with only the first `n` samples of `split` (in shard order): later shards are
+        dropped and the last one kept is counted short; streams read only that many of its samples."""
+        total = self.num_samples(split)
+        if n > total:
+            raise DataError(f"data: train_subset {n} is larger than the {total} '{split}' samples in {self.root}")
+        kept: dict[str, int] = {}
+        for name, count in self.splits[split].items():
+            if n <= 0:
+                break
+            kept[name] = min(count, n)
+            n -= kept[name]
+        return dataclasses.replace(self, splits={**self.splits, split: kept})
 
 
 def write_shards(out: str | Path, splits: dict, meta: dict, shard_size: int) -> ShardIndex:

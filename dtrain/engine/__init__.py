@@ -5,6 +5,7 @@
   no_backward_sync(last)  skip the gradient all-reduce on non-final micro-steps
   backward(loss)      loss.backward(), scaled for accumulation
   step()              clip, optimizer.step, zero_grad, scheduler.step -> grad norm
+  trainable_changed() parameters were frozen or unfrozen (DDP re-wraps the model)
   state_dict()/load_state_dict()
 
 `SingleEngine` runs one process; `DDPEngine` wraps the model in DistributedDataParallel.

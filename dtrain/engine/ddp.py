@@ -12,9 +12,14 @@ from .single import SingleEngine
 class DDPEngine(SingleEngine):
     def __init__(self, model, optimizer, scheduler, train_cfg, dist_info):
         super().__init__(model, optimizer, scheduler, train_cfg, dist_info)
+        self.device_ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
         # DDP broadcasts rank 0's parameters and buffers here, so all replicas start identical.
-        self.model = DistributedDataParallel(
-            self.module, device_ids=[dist_info.device.index] if dist_info.device.type == "cuda" else None)
+        self.model = DistributedDataParallel(self.module, device_ids=self.device_ids)
+
+    def trainable_changed(self) -> None:
+        # DDP fixes the set of parameters it all-reduces (those requiring grad) when it wraps the model,
+        # so a freeze or unfreeze needs a new wrapper. Every rank does this at the same step.
+        self.model = DistributedDataParallel(self.module, device_ids=self.device_ids)
 
     def no_backward_sync(self, is_last_micro_step: bool):
         # DDP's own mechanism: gradients accumulate locally and are all-reduced once, on the last

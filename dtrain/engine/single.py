@@ -11,6 +11,8 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """bf16 autocast where the device has fast bf16 (recent GPUs); fp32 on CPU unless asked."""
     if precision == "bf16":
         return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
     if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return None
@@ -25,6 +27,9 @@ class SingleEngine:
         self.clip = train_cfg.clip_grad_norm
         self.device = dist_info.device
         self.amp_dtype = pick_dtype(train_cfg.precision, dist_info.device)
+        # fp16 needs loss scaling; the scaler also skips steps whose gradients overflowed
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.nonfinite = train_cfg.nonfinite
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -34,21 +39,32 @@ class SingleEngine:
     def no_backward_sync(self, is_last_micro_step: bool):
         return contextlib.nullcontext()
 
+    def trainable_changed(self) -> None:
+        """Parameters were frozen or unfrozen (requires_grad changed): nothing to do in one process."""
+
     def backward(self, loss: torch.Tensor) -> None:
         # mean over micro-batches, so accumulation of k micro-batches equals one k-times batch
-        (loss / self.grad_accum).backward()
+        self.scaler.scale(loss / self.grad_accum).backward()
 
-    def step(self) -> torch.Tensor:
-        """Returns the gradient norm before clipping (a tensor: reading it would sync the GPU)."""
+    def step(self) -> tuple[torch.Tensor, bool]:
+        """Clip, step, zero, advance the schedule. -> (gradient norm before clipping, update applied).
+
+        Gradients are already all-reduced here, so a NaN/inf that began on any one rank is in every
+        rank's norm and every rank makes the same skip decision without another collective."""
+        self.scaler.unscale_(self.optimizer)
         params = [p for p in self.module.parameters() if p.grad is not None]
-        if self.clip is not None:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.clip)
+        norm = torch.nn.utils.clip_grad_norm_(params, self.clip if self.clip is not None else float("inf"))
+        applied = True
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)  # skips the update itself on overflow
+            self.scaler.update()
+        elif self.nonfinite != "ignore" and not torch.isfinite(norm).item():  # host sync: see train.nonfinite
+            applied = False
         else:
-            norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])) if params else torch.zeros(())
-        self.optimizer.step()
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return norm
+        return norm, applied
 
     @property
     def lr(self) -> float:
@@ -56,9 +72,11 @@ class SingleEngine:
 
     def state_dict(self) -> dict:
         return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict()}
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])

@@ -1,0 +1,71 @@
+"""On-the-fly augmentation of training samples (ShardStream's `transform` hook; never validation or test).
+
+Every random draw comes from a torch.Generator seeded from a hash of (run seed, epoch, pass, sample key),
+never from a global RNG. So a sample's augmentation doesn't depend on which rank or DataLoader worker
+reads it, nor on what was read before: a run resumed mid-epoch augments exactly as an uninterrupted one,
+and the dropout RNG of the training process is left alone.
+
+Images are float tensors [C, H, W] with pixel values scaled to [0, 1]; results are clamped to it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+OPS = ("hflip", "vflip", "brightness", "contrast", "noise", "crop")
+
+
+def sample_generator(seed: int, epoch: int, pass_index: int, key: str) -> torch.Generator:
+    """A generator that depends only on (seed, epoch, pass, key): str hashing is stable across processes."""
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{pass_index}/{key}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+
+class Augment:
+    """Applies each configured op with its probability, in a fixed order. Picklable (DataLoader workers)."""
+
+    def __init__(self, cfg, seed: int):
+        self.cfg, self.seed = cfg, seed
+
+    @property
+    def active(self) -> list[str]:
+        return [op for op in OPS if getattr(self.cfg, op).p > 0]
+
+    def __call__(self, x: torch.Tensor, *, key: str, epoch: int, pass_index: int = 0) -> torch.Tensor:
+        g = sample_generator(self.seed, epoch, pass_index, key)
+        c = self.cfg
+        # One uniform draw per op whether or not it fires, so enabling one op never shifts another's draws.
+        fire = torch.rand(len(OPS), generator=g)
+        if fire[0] < c.hflip.p:
+            x = x.flip(-1)
+        if fire[1] < c.vflip.p:
+            x = x.flip(-2)
+        if fire[2] < c.brightness.p:
+            x = x + (torch.rand((), generator=g) * 2 - 1) * c.brightness.max_delta
+        if fire[3] < c.contrast.p:
+            factor = 1 + (torch.rand((), generator=g) * 2 - 1) * c.contrast.max_factor
+            mean = x.mean()
+            x = (x - mean) * factor + mean
+        if fire[4] < c.noise.p:
+            x = x + torch.randn(x.shape, generator=g) * c.noise.std
+        if fire[5] < c.crop.p:
+            x = random_crop(x, c.crop.max_shift, g)
+        return x.clamp(0.0, 1.0)
+
+
+def random_crop(x: torch.Tensor, max_shift: int, g: torch.Generator) -> torch.Tensor:
+    """Zero-pad by max_shift on every side and cut a window of the original size: a random shift."""
+    h, w = x.shape[-2:]
+    dy, dx = torch.randint(0, 2 * max_shift + 1, (2,), generator=g).tolist()
+    padded = F.pad(x, (max_shift, max_shift, max_shift, max_shift))
+    return padded[..., dy:dy + h, dx:dx + w]
+
+
+def build_augment(cfg, seed: int) -> Optional[Augment]:
+    """None when every probability is zero: the stream then skips the hook entirely."""
+    augment = Augment(cfg, seed)
+    return augment if augment.active else None

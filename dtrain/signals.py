@@ -1,0 +1,80 @@
+"""Clean stops: a signal on any rank becomes the same "stop after step N" on every rank.
+
+SIGTERM, SIGINT and SIGUSR1 only set a flag. Once per step every rank all-reduces its flags on a
+separate gloo group (CPU tensors: no GPU sync, and it never interleaves with the gradient
+all-reduces of the main group). The reduce is started asynchronously at step k and read at step k+1,
+so its latency hides behind a step; every rank reads the same value at the same step and stops
+together. A second SIGINT aborts at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import torch
+import torch.distributed as torchdist
+
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: interrupted, resumable — run the same command again
+HANDLED = {signal.SIGTERM: 0, signal.SIGINT: 1, signal.SIGUSR1: 2}
+
+
+class StopControl:
+    def __init__(self, group):
+        self.flags = torch.zeros(len(HANDLED))
+        self.group = group  # a gloo group of its own (dist.new_cpu_group), None in single mode
+        self._pending = None  # (work, tensor) started last step
+        self.stop_signal: str | None = None  # the agreed signal, once all ranks know
+        self._previous = {s: signal.signal(s, self._handle) for s in HANDLED}
+
+    def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.flags[HANDLED[signal.SIGINT]] > 0:
+            print("\ndtrain: second interrupt: aborting without a checkpoint", file=sys.stderr, flush=True)
+            os._exit(130)
+        first = not self.flags.any()
+        # Set the flag before saying anything: a second signal can re-enter this handler at any
+        # bytecode, and must find the first one recorded.
+        self.flags[HANDLED[signal.Signals(signum)]] = 1
+        if first:  # os.write, not print: a handler may interrupt a print in progress
+            os.write(2, f"dtrain: {signal.Signals(signum).name} received: stopping after this step with a "
+                        f"checkpoint{' (interrupt again to abort)' if signum == signal.SIGINT else ''}\n".encode())
+
+    def should_stop(self) -> str | None:
+        """Called once per step on every rank. -> name of the signal that stops all ranks, or None."""
+        if self.group is None:
+            agreed = self.flags.clone()
+        else:
+            agreed = None
+            if self._pending is not None:
+                work, agreed = self._pending
+                work.wait()
+            mine = self.flags.clone()
+            self._pending = (torchdist.all_reduce(mine, torchdist.ReduceOp.MAX, group=self.group, async_op=True), mine)
+        if agreed is not None and agreed.any() and self.stop_signal is None:
+            # preemption wins: it is the one that requeues the job
+            order = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+            self.stop_signal = next(s.name for s in order if agreed[HANDLED[s]] > 0)
+        return self.stop_signal
+
+    def close(self, wait: bool = True) -> None:
+        """Finish the outstanding reduce (every rank started the same number) and restore handlers."""
+        if self._pending is not None and wait:
+            self._pending[0].wait()
+        self._pending = None
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
+
+
+def requeue_slurm_job(log) -> None:
+    """Preempted under SLURM (SIGUSR1 from `#SBATCH --signal=USR1@T`): put the job back in the queue.
+    Called by rank 0 alone, after the checkpoint is complete, so the requeued job resumes from it."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return
+    proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if proc.returncode == 0:
+        log(f"slurm: requeued job {job}; it resumes from the checkpoint just written")
+    else:
+        log(f"slurm: `scontrol requeue {job}` failed ({proc.stderr.strip() or proc.returncode}); resubmit by hand")

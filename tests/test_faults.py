@@ -1,0 +1,366 @@
+"""Fault injection with real processes and real signals: kills during saves, killed and signalled
+ranks, stalled ranks, corrupt and malicious checkpoints, a full disk, NaNs, and secrets."""
+
+import json
+import os
+import pickle
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import (REPO, final_params, key_log, latest_logged_step, metrics_of, result_of, run_dtrain,
+                      run_torchrun, start, torchrun_cmd, wait_for, workers)
+from dtrain.checkpoint import CheckpointError, Checkpointer, safe_load, verify
+from dtrain.dist import DistInfo
+
+SINGLE = DistInfo("single", 0, 0, 1, torch.device("cpu"), None)
+
+
+# ---- kill during save ------------------------------------------------------------------------
+def kill_during_save_trials(tmp_path: Path, trials: int) -> dict:
+    root = tmp_path / "ckpts"
+    counts = {"trials": 0, "killed_mid_write": 0, "resumed_ok": 0}
+    expected_min = 0
+    rng = random.Random(0)
+    for _ in range(trials):
+        proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "save_loop.py"), str(root)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+        ready = proc.stdout.readline().split()
+        assert ready[0] == "ready", proc.stderr.read()
+        assert int(ready[1]) >= expected_min  # resumed from the newest complete checkpoint, not older
+        time.sleep(rng.uniform(0.05, 0.6))  # the loop does nothing but save: this lands inside a save
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        counts["trials"] += 1
+        counts["killed_mid_write"] += any(root.glob(".tmp-step-*"))
+        found = Checkpointer(root, 2, SINGLE, "test").load_latest(lambda m: None)
+        if found is None:  # killed before the very first save completed
+            continue
+        path, state, _ = found
+        step = state["step"]
+        assert torch.equal(state["weights"], torch.full((1_000_000,), float(step)))
+        assert verify(path)["step"] == step and step >= expected_min
+        expected_min = step
+        counts["resumed_ok"] += 1
+    return counts
+
+
+def test_kill_during_save(tmp_path, capsys):
+    counts = kill_during_save_trials(tmp_path, 20)
+    with capsys.disabled():
+        print(f"\nkill-during-save: {counts}")
+    assert counts["resumed_ok"] >= 18 and counts["killed_mid_write"] >= 5
+
+
+@pytest.mark.slow
+def test_kill_during_save_100(tmp_path, capsys):
+    counts = kill_during_save_trials(tmp_path, 100)
+    with capsys.disabled():
+        print(f"\nkill-during-save (100): {counts}")
+    assert counts["resumed_ok"] >= 95
+
+
+# ---- corrupt and malicious checkpoints ----------------------------------------------------------
+@pytest.fixture
+def one_checkpoint(tmp_path) -> Path:
+    ckpt = Checkpointer(tmp_path / "c", 3, SINGLE, "h")
+    ckpt.save(1, {"w": torch.ones(1000)}, {"rng": torch.zeros(3)})
+    ckpt.save(2, {"w": torch.ones(1000) * 2}, {"rng": torch.zeros(3)})
+    return tmp_path / "c"
+
+
+def test_truncated_flipped_and_malicious_checkpoints_are_refused(one_checkpoint, tmp_path):
+    root = one_checkpoint
+    newest = root / "step-00000002" / "state.pt"
+    original = newest.read_bytes()
+    log = []
+
+    newest.write_bytes(original[:-100])  # truncated
+    with pytest.raises(CheckpointError, match="truncated"):
+        verify(newest.parent)
+    path, state, _ = Checkpointer(root, 3, SINGLE, "h").load_latest(log.append)
+    assert path.name == "step-00000001" and torch.equal(state["w"], torch.ones(1000))
+    assert any("truncated" in m for m in log) and any("step-00000001" in m for m in log)
+
+    flipped = bytearray(original)
+    flipped[len(flipped) // 3] ^= 0x01  # one flipped bit, same size
+    newest.write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointError, match="does not match its checksum"):
+        verify(newest.parent)
+
+    # A pickle that would run code, with a manifest rewritten to match it: weights_only refuses it.
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+    evil = root / "step-00000002" / "state.pt"
+    evil.write_bytes(pickle.dumps({"w": Evil()}))
+    manifest = json.loads((evil.parent / "manifest.json").read_text())
+    from dtrain.checkpoint import _sha256
+    manifest["files"]["state.pt"] = {"sha256": _sha256(evil), "bytes": evil.stat().st_size}
+    (evil.parent / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        safe_load(evil)
+    log.clear()
+    path, _, _ = Checkpointer(root, 3, SINGLE, "h").load_latest(log.append)
+    assert not marker.exists()
+    assert path.name == "step-00000001" and "refusing to load" in log[0]  # fell back, ran nothing
+
+    shutil.rmtree(root / "step-00000001")  # nothing usable left: an error, never a silent fresh start
+    with pytest.raises(CheckpointError, match="no usable checkpoint"):
+        Checkpointer(root, 3, SINGLE, "h").load_latest(log.append)
+
+
+def test_malicious_checkpoint_fails_training_with_one_line(tmp_path, data_root):
+    args = ["train", f"data.root={data_root}", "train.epochs=1", "run.name=m"]
+    run_dtrain(args + ["run.stop_at_step=5"], tmp_path)
+    ckpt = next((tmp_path / "runs" / "m" / "checkpoints").glob("step-*"))
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+    (ckpt / "state.pt").write_bytes(pickle.dumps({"engine": Evil()}))
+    from dtrain.checkpoint import _sha256
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["files"]["state.pt"] = {"sha256": _sha256(ckpt / "state.pt"), "bytes": (ckpt / "state.pt").stat().st_size}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    proc = run_dtrain(args, tmp_path, check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "no usable checkpoint" in last and "not a plain tensor file" in last, last
+    assert "weights_only` set to `False`" not in proc.stderr
+    assert not marker.exists()
+
+
+# ---- exact resume after SIGKILL / SIGTERM on 2 ranks ------------------------------------------------
+RESUME_ARGS = ["train", "train.epochs=3", "data.batch_size=32", "model.dropout=0.3", "log.progress=false",
+               "log.sample_keys=true", "train.log_every=1", "checkpoint.every=4", "data.shuffle_buffer=200"]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("straight")
+    run_torchrun(2, RESUME_ARGS + ["run.name=r"], cwd)
+    return cwd / "runs" / "r"
+
+
+def assert_same_as_straight(run: Path, straight: Path):
+    a, b = final_params(straight), final_params(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    want, got = key_log(straight), key_log(run)
+    for rank in (0, 1):
+        steps = [s for s, _ in got[rank]]
+        assert steps == list(range(1, len(steps) + 1)), "a step logged twice or missing"
+        assert got[rank] == want[rank]  # the same samples at every step, so none twice, none skipped
+        per_epoch = len(steps) // 3
+        for e in range(3):
+            epoch_keys = [k for s, keys in got[rank][e * per_epoch:(e + 1) * per_epoch] for k in keys]
+            assert len(epoch_keys) == len(set(epoch_keys)), f"rank {rank} saw a sample twice in epoch {e}"
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_two_rank_resume_after_kill_is_bit_identical(tmp_path, data_root, straight_run, sig):
+    tag = uuid.uuid4().hex
+    run = tmp_path / "runs" / "r"
+    proc = start(torchrun_cmd(2, RESUME_ARGS + ["run.name=r"]), tmp_path, tag)
+    wait_for(lambda: latest_logged_step(run) >= 22, what="step 22")  # epoch 2 of 3 (19 steps per epoch)
+    os.kill(workers(tag)[1], sig)  # rank 1 only
+    out, err = proc.communicate(timeout=120)
+    if sig == signal.SIGTERM:
+        assert proc.returncode != 0 and "stopped at step" in err and "signal:SIGTERM" in err
+        interrupted = json.loads(out.strip().splitlines()[-1])
+        assert interrupted["stop_reason"] == "signal:SIGTERM"  # every rank stopped and saved
+        assert (run / "checkpoints" / f"step-{interrupted['step']:08d}").is_dir()
+    else:
+        assert proc.returncode != 0 and "SIGKILL" in err and "local_rank: 1" in err  # torchrun's error record
+    resumed = run_torchrun(2, RESUME_ARGS + ["run.name=r"], tmp_path)
+    assert "resumed from" in resumed.stderr
+    assert_same_as_straight(run, straight_run)
+
+
+@pytest.mark.multiproc
+def test_torchrun_restart_resumes_automatically(tmp_path, straight_run):
+    tag = uuid.uuid4().hex
+    run = tmp_path / "runs" / "r"
+    proc = start(torchrun_cmd(2, RESUME_ARGS + ["run.name=r"], extra=["--max-restarts", "1"]), tmp_path, tag)
+    wait_for(lambda: latest_logged_step(run) >= 13, what="step 13")
+    os.kill(workers(tag)[1], signal.SIGKILL)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err[-3000:]
+    assert "resumed from" in err and json.loads(out.strip().splitlines()[-1])["stop_reason"] == "completed"
+    assert_same_as_straight(run, straight_run)
+
+
+# ---- signals on one process -----------------------------------------------------------------------
+def test_sigint_stops_cleanly_and_second_sigint_aborts(tmp_path, data_root):
+    args = ["train", f"data.root={data_root}", "train.epochs=200", "log.progress=false", "train.log_every=1"]
+    tag = uuid.uuid4().hex
+    proc = start([sys.executable, "-m", "dtrain", *args, "run.name=a"], tmp_path, tag)
+    wait_for(lambda: latest_logged_step(tmp_path / "runs" / "a") >= 5, what="step 5")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75, err
+    step = json.loads(out.strip().splitlines()[-1])["step"]
+    assert (tmp_path / "runs" / "a" / "checkpoints" / f"step-{step:08d}" / "manifest.json").is_file()
+
+    # a ~200 MB model: the checkpoint written after the first SIGINT takes long enough for the second
+    proc = start([sys.executable, "-m", "dtrain", *args, "run.name=b", "model.hidden=[4096,4096]",
+                  "checkpoint.save_best=false"], tmp_path, tag)
+    wait_for(lambda: latest_logged_step(tmp_path / "runs" / "b") >= 2, what="step 2")
+    proc.send_signal(signal.SIGINT)
+    seen = []
+    while not any("SIGINT received" in l for l in seen):  # the first one was handled: now the second
+        seen.append(proc.stderr.readline())
+        assert seen[-1], "".join(seen)
+    proc.send_signal(signal.SIGINT)  # lands during the ~200 MB checkpoint save
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "second interrupt" in err, "".join(seen) + err
+
+
+# ---- a stalled rank --------------------------------------------------------------------------------
+@pytest.mark.multiproc
+def test_stalled_rank_ends_the_job_within_the_timeout(tmp_path, data_root):
+    """Rank 1 is frozen with SIGSTOP (a real stall: it can run no code at all). Rank 0, waiting for it in
+    a collective, must give up after dist.timeout_s with one line naming the operation. torchrun then
+    ends the job; for a worker that cannot honour SIGTERM (a stopped process) torch 2.13's agent waits a
+    fixed 30 s before SIGKILL, whatever --shutdown-timeout says (that flag applies to signals sent to
+    torchrun itself), so the job's end is bounded by timeout + 30 s."""
+    timeout_s = 10
+    tag = uuid.uuid4().hex
+    run = tmp_path / "runs" / "s"
+    args = ["train", f"data.root={data_root}", "train.epochs=100", "log.progress=false", "train.log_every=1",
+            f"dist.timeout_s={timeout_s}", "run.name=s"]
+    proc = start(torchrun_cmd(2, args), tmp_path, tag)
+    wait_for(lambda: latest_logged_step(run) >= 5, what="step 5")
+    stalled = workers(tag)[1]
+    os.kill(stalled, signal.SIGSTOP)
+    t0 = time.monotonic()
+    reported = None
+    try:
+        for line in proc.stderr:  # read as it comes, to time rank 0's report
+            if line.startswith("dtrain: error: dist:") and reported is None:
+                reported = (time.monotonic() - t0, line)
+        proc.wait(timeout=timeout_s + 60)
+    finally:
+        try:
+            os.kill(stalled, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    ended = time.monotonic() - t0
+    assert proc.returncode != 0 and reported is not None
+    elapsed, line = reported
+    assert "failed on rank 0" in line and "all-reduce" in line and "Timed out" in line, line
+    assert timeout_s - 1 < elapsed < timeout_s + 5, f"rank 0 reported the stall after {elapsed:.1f} s"
+    assert ended < timeout_s + 30 + 10, f"the job took {ended:.1f} s to end"
+
+
+# ---- non-finite losses ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def nan_data(tmp_path_factory):
+    """Digits with one training shard poisoned by a NaN image: only the rank reading it sees a NaN."""
+    import numpy as np
+    from dtrain.data.datasets import digits
+    from dtrain.data.shards import write_shards
+    splits, meta = digits()
+    x, y = splits["train"]
+    x = x.astype(np.float32)
+    x[5] = np.nan
+    root = tmp_path_factory.mktemp("nan") / "d"
+    write_shards(root, {"train": (x, y), "val": splits["val"], "test": splits["test"]}, meta, shard_size=250)
+    return root
+
+
+@pytest.mark.multiproc
+def test_nan_on_one_rank_is_skipped_on_all(tmp_path, nan_data):
+    args = ["train", f"data.dataset=folder:{nan_data}", "train.epochs=3", "log.progress=false", "log.all_ranks=true"]
+    proc = run_torchrun(2, args, tmp_path)
+    skips = [l for l in proc.stderr.splitlines() if "non-finite gradient norm" in l]
+    assert any(l.startswith("[rank 0]") for l in skips) and any(l.startswith("[rank 1]") for l in skips)
+    params = final_params(tmp_path / "runs" / "digits")
+    assert all(torch.isfinite(v).all() for v in params.values())
+    assert result_of(proc)["test/acc"] > 0.5  # it learned (27 steps; chance is 0.1) and nothing blew up
+
+
+def test_nan_stop_policy_keeps_the_last_good_checkpoint(tmp_path, nan_data):
+    args = ["train", f"data.dataset=folder:{nan_data}", "train.epochs=2", "log.progress=false",
+            "train.nonfinite=stop", "checkpoint.every=2"]
+    proc = run_dtrain(args, tmp_path)
+    result = result_of(proc)
+    assert result["stop_reason"] == "nonfinite"
+    latest = tmp_path / "runs" / "digits" / "checkpoints" / "latest"
+    assert verify(latest)["step"] < result["step"]
+    assert all(torch.isfinite(v).all() for v in final_params(tmp_path / "runs" / "digits").values())
+
+
+# ---- full disk, unwritable directory ---------------------------------------------------------------
+def test_full_disk_is_a_clear_error_and_keeps_previous_checkpoints(tmp_path, data_root):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        args = ["train", f"data.root={data_root}", "train.epochs=3", "run.dir=" + str(mnt), "run.name=f",
+                "checkpoint.every=5", "checkpoint.keep_last=20", "checkpoint.save_best=false", "log.progress=false"]
+        run_dtrain(args + ["run.stop_at_step=5"], tmp_path)
+        ckpts = mnt / "f" / "checkpoints"
+        assert verify(ckpts / "step-00000005")
+        proc = run_dtrain(args, tmp_path, check=False)  # each checkpoint is ~0.2 MB: the disk fills up
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 2 and "No space left on device" in last and "previous checkpoints are intact" in last
+        assert not list(ckpts.glob(".tmp-*"))
+        for path in ckpts.glob("step-*"):
+            verify(path)  # every published checkpoint is still complete
+        assert Checkpointer(ckpts, 2, SINGLE, "x").load_latest(print) is not None
+    finally:
+        subprocess.run(["umount", str(mnt)])
+
+
+def test_unwritable_checkpoint_dir(tmp_path, data_root):
+    (tmp_path / "runs" / "u").mkdir(parents=True)
+    (tmp_path / "runs" / "u" / "checkpoints").write_text("not a directory")
+    proc = run_dtrain(["train", f"data.root={data_root}", "train.epochs=1", "run.name=u"], tmp_path, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("dtrain: error: checkpoint:")
+
+
+# ---- async save -------------------------------------------------------------------------------------
+@pytest.mark.multiproc
+def test_async_save_resume_is_exact(tmp_path, straight_run):
+    args = RESUME_ARGS + ["run.name=r", "checkpoint.async_save=true"]
+    run_torchrun(2, args + ["run.stop_at_step=23"], tmp_path)
+    run_torchrun(2, args, tmp_path)
+    assert_same_as_straight(tmp_path / "runs" / "r", straight_run)
+    for path in (tmp_path / "runs" / "r" / "checkpoints").glob("step-*"):
+        verify(path)
+
+
+def test_keep_last_and_best(tmp_path, data_root):
+    run_dtrain(["train", f"data.root={data_root}", "train.epochs=6", "checkpoint.every=3", "checkpoint.keep_last=2",
+                "checkpoint.keep_best=2", "train.val_every=3"], tmp_path)
+    ckpts = tmp_path / "runs" / "digits" / "checkpoints"
+    kept = {int(p.name[5:]) for p in ckpts.glob("step-*")}
+    best = [r["step"] for r in metrics_of(tmp_path / "runs" / "digits") if "val/loss" in r
+            and r["val/loss"] == r["val/best_loss"]]  # steps where validation improved (each saved)
+    total = 6 * (1257 // 64)
+    saved = set(range(3, total + 1, 3)) | set(best) | {total}
+    assert kept == set(sorted(saved)[-2:]) | set(best[-2:])
+    assert os.readlink(ckpts / "best") == f"step-{best[-1]:08d}"
+
+
+# ---- secrets ----------------------------------------------------------------------------------------
+def test_no_secret_is_written_anywhere(tmp_path, data_root):
+    secret = "sk-test-" + uuid.uuid4().hex
+    run_dtrain(["train", f"data.root={data_root}", "train.epochs=1"], tmp_path,
+               env={"WANDB_API_KEY": secret, "HF_TOKEN": secret, "AWS_SECRET_ACCESS_KEY": secret})
+    for path in (tmp_path / "runs").rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path

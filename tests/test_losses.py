@@ -1,0 +1,66 @@
+"""Losses: Huber, label smoothing, a weighted sum of named terms logged one by one."""
+
+import pytest
+import torch
+
+from conftest import metrics_of, result_of, run_dtrain
+from dtrain.config import ConfigError, load_config
+from dtrain.losses import build_loss
+
+
+def loss(task, *overrides):
+    return build_loss(load_config(None, list(overrides)).loss, task)
+
+
+def test_regression_losses_match_their_formulas():
+    pred, y = torch.tensor([[0.0], [1.0], [5.0]]), torch.tensor([0.5, 1.0, 1.0])
+    err = (pred.squeeze(-1) - y).abs()  # 0.5, 0, 4
+    assert loss("regression", "loss.name=mse")(pred, y)["loss"].item() == pytest.approx((err ** 2).mean().item())
+    assert loss("regression", "loss.name=mae")(pred, y)["loss"].item() == pytest.approx(err.mean().item())
+    huber = loss("regression", "loss.name=huber", "loss.huber_delta=2")(pred, y)["loss"].item()
+    assert huber == pytest.approx((0.5 * 0.5 ** 2 + 0 + 2 * (4 - 0.5 * 2)) / 3)  # quadratic below 2, linear above
+
+
+def test_label_smoothing_mixes_in_the_uniform_distribution():
+    logits, y = torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([0])
+    logp = logits.log_softmax(-1)
+    target = torch.tensor([[0.9 + 0.1 / 3, 0.1 / 3, 0.1 / 3]])
+    got = loss("classification", "loss.label_smoothing=0.1")(logits, y)["loss"].item()
+    assert got == pytest.approx(-(target * logp).sum().item())
+    assert loss("classification")(logits, y)["loss"].item() == pytest.approx(-logp[0, 0].item())
+
+
+def test_weighted_terms_sum_and_are_reported_separately():
+    pred, y = torch.tensor([[0.0], [3.0]]), torch.tensor([1.0, 1.0])
+    out = loss("regression", "loss.terms={mse: 1.0, mae: 0.5, huber: 2.0}")(pred, y)
+    assert set(out) == {"loss", "loss/mse", "loss/mae", "loss/huber"}
+    assert out["loss/mse"].item() == pytest.approx(2.5) and out["loss/mae"].item() == pytest.approx(1.5)
+    assert out["loss"].item() == pytest.approx(2.5 + 0.5 * 1.5 + 2.0 * out["loss/huber"].item())
+
+
+@pytest.mark.parametrize("task, overrides, message", [
+    ("classification", ["loss.name=mse"], "loss.name: mse needs a regression data set"),
+    ("regression", ["loss.terms={mse: 1, cross_entropy: 1}"], "loss.terms: cross_entropy needs a classification"),
+    ("regression", ["loss.name=mae", "loss.terms={mse: 1}"], "loss.name (mae) and loss.terms are both set"),
+    ("regression", ["loss.terms={mse: 0}"], "at least one > 0"),
+])
+def test_loss_config_errors(task, overrides, message):
+    with pytest.raises(ConfigError, match=None) as err:
+        loss(task, *overrides)
+    assert message in str(err.value)
+
+
+def test_each_term_is_logged_for_train_and_validation(tmp_path):
+    proc = run_dtrain(["train", "data.dataset=count", "data.count_samples=300", "data.shard_size=100",
+                       "data.batch_size=30", "model.name=cnn", "model.channels=[8]", "train.epochs=2",
+                       "train.log_every=2", "loss.terms={mse: 1.0, mae: 0.5}", "run.name=terms"], tmp_path)
+    records = metrics_of(tmp_path / "runs" / "terms")
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val/loss" in r]
+    assert train and val
+    for r in train:
+        assert r["loss"] == pytest.approx(r["loss/mse"] + 0.5 * r["loss/mae"], rel=1e-5)
+    for r in val:
+        assert r["val/loss"] == pytest.approx(r["val/loss/mse"] + 0.5 * r["val/loss/mae"], rel=1e-6)
+        assert r["val/loss/mse"] == pytest.approx(r["val/mse"]) and r["val/loss/mae"] == pytest.approx(r["val/mae"])
+    assert "test/loss/mae" in result_of(proc)

@@ -1,0 +1,119 @@
+"""Reporting: `dtrain plot` (checked on the data it drew), W&B offline runs read back, confusion matrix."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import CONFIGS, metrics_of, result_of, run_dtrain
+from dtrain import dist
+from dtrain.cli import main
+from dtrain.config import load_config
+from dtrain.logging import NullLogger, build_logger, redact
+from dtrain.optim import Schedule
+from dtrain.plot import plot_run
+from wandb_records import read_run
+
+
+@pytest.fixture(scope="module")
+def overfit_run(tmp_path_factory, data_root):
+    """configs/overfit.yaml as shipped: 100 training digits, no regularisation, early stopping."""
+    cwd = tmp_path_factory.mktemp("overfit")
+    proc = run_dtrain(["train", "--config", str(CONFIGS / "overfit.yaml"), f"data.root={data_root}",
+                       "log.progress=false"], cwd)
+    return cwd / "runs" / "overfit", result_of(proc)
+
+
+def test_overfit_example_stops_early_after_val_loss_turns_up(overfit_run):
+    run_dir, result = overfit_run
+    assert result["stop_reason"] == "early_stop"
+    records = metrics_of(run_dir)
+    val = [r for r in records if "val/loss" in r]
+    best = min(val, key=lambda r: r["val/loss"])
+    train = [r["loss"] for r in records if "loss" in r]
+    assert train[-1] < 0.05 * train[0]  # it memorised the training set ...
+    assert val[-1]["val/loss"] > best["val/loss"]  # ... while the validation loss went back up
+
+
+def test_plot_run_draws_the_logged_series_with_best_and_early_stop(overfit_run, tmp_path, capsys):
+    run_dir, result = overfit_run
+    records = metrics_of(run_dir)
+    drawn = plot_run(run_dir, tmp_path / "plots")
+    series = drawn["series"]
+    for key in ("loss", "val/loss", "val/acc", "lr"):
+        rows = [r for r in records if key in r and "test/loss" not in r]
+        assert series[key]["step"] == [r["step"] for r in rows] and series[key]["value"] == [r[key] for r in rows]
+    test_record = next(r for r in records if "test/weights_step" in r)
+    assert drawn["best_step"] == test_record["test/weights_step"]  # the checkpoint the test split used
+    assert drawn["best_val_loss"] == min(series["val/loss"]["value"])
+    assert drawn["early_stop_step"] == result["step"] == next(r["step"] for r in records if r.get("event"))
+    schedule = Schedule("constant", 600, warmup_steps=10)  # 300 epochs x 2 steps
+    assert series["lr"]["value"] == pytest.approx([0.003 * schedule(s) for s in series["lr"]["step"]])
+    assert json.loads((tmp_path / "plots" / "series.json").read_text())["best_step"] == drawn["best_step"]
+    import matplotlib.image
+    for name in ("loss", "metrics", "lr"):
+        pixels = matplotlib.image.imread(tmp_path / "plots" / f"{name}.png")[..., :3]
+        assert pixels.var() > 0.005, name  # curves, not an empty canvas
+    assert main(["plot", str(run_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert f"best checkpoint at step {drawn['best_step']}, early stop at step {result['step']}" in printed
+    assert (run_dir / "plots" / "loss.png").is_file()
+
+
+def test_plot_of_a_missing_run_is_one_line(tmp_path):
+    proc = run_dtrain(["plot", "runs/nothing"], tmp_path, check=False)
+    assert proc.returncode == 2 and "dtrain: error: plot: runs/nothing/metrics.jsonl does not exist" in proc.stderr
+
+
+def test_eval_prints_a_confusion_matrix(overfit_run):
+    run_dir, _ = overfit_run
+    proc = run_dtrain(["eval", "--checkpoint", str(run_dir), "--split", "test"], run_dir)
+    acc = float(re.search(r"test/acc\s+([0-9.]+)", proc.stdout).group(1))
+    lines = proc.stdout.split("confusion matrix (rows: true class, columns: predicted)\n")[1].splitlines()
+    cm = np.array([[int(v) for v in line.split()[1:]] for line in lines[1:11]])
+    assert cm.shape == (10, 10) and cm.sum() == 271  # every test sample once
+    assert np.trace(cm) / cm.sum() == pytest.approx(acc, abs=1e-5)
+
+
+def test_wandb_offline_run_resumes_with_the_same_id_and_never_records_secrets(tmp_path, data_root):
+    pytest.importorskip("wandb")
+    secret, token = "fake0123456789abcdef0123456789abcdef0123", "another-fake-token-7b1e9d"
+    env = {"WANDB_API_KEY": secret, "HF_TOKEN": token}
+    args = ["train", f"data.root={data_root}", "train.epochs=2", "wandb.enabled=true", "wandb.project=tests",
+            "run.name=wb", "log.progress=false"]
+    first = run_dtrain(args + ["run.stop_at_step=20"], tmp_path, env=env)
+    assert "wandb: started run" in first.stderr
+    second = run_dtrain(args, tmp_path, env=env)
+    run_dir = tmp_path / "runs" / "wb"
+    run_id = torch.load(run_dir / "checkpoints" / "latest" / "state.pt", weights_only=True)["logger"]["wandb_run_id"]
+    assert f"wandb: resumed run {run_id}" in second.stderr
+    files = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 2, files
+    before, after = read_run(files[0]), read_run(files[1])
+    assert before["id"] == after["id"] == run_id and before["project"] == "tests"
+    assert before["config"]["optim"]["lr"] == 0.003 and before["config"]["run"]["name"] == "wb"
+
+    def keys(run):
+        return set().union(*(row.keys() for row in run["history"]))
+    assert {"loss", "lr", "samples_per_s", "val/loss", "val/acc"} <= keys(before)
+    assert {"loss", "val/loss", "test/acc"} <= keys(after)
+    assert max(r["_step"] for r in before["history"]) <= 20 < min(r["_step"] for r in after["history"])
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            blob = path.read_bytes()
+            assert secret.encode() not in blob and token.encode() not in blob, path
+
+
+def test_only_rank_zero_logs_and_secrets_are_redacted(tmp_path):
+    cfg = load_config(None, ["wandb.enabled=true"])
+    import torch as _torch
+    rank1 = dist.DistInfo("torchrun", 1, 1, 2, _torch.device("cpu"), "gloo")
+    logger = build_logger(cfg.log, rank1, tmp_path, 10, cfg.wandb, cfg.to_dict())
+    assert isinstance(logger, NullLogger)
+    logger.start(0)
+    logger.metrics({"step": 1, "loss": 1.0})
+    assert logger.wandb is None and not any(tmp_path.iterdir())
+    assert redact({"a": {"api_key": "x", "hf_token": "y", "lr": 1}, "b": [{"password": "z"}]}) == \
+        {"a": {"api_key": "<redacted>", "hf_token": "<redacted>", "lr": 1}, "b": [{"password": "<redacted>"}]}
