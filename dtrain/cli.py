@@ -24,11 +24,17 @@ def _train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if args.debug:
+        launch = dist.detect()
+        if launch.world_size > 1:
+            raise dist.LaunchError(f"launcher: --debug runs one process, but this is rank {launch.global_rank} of "
+                                   f"{launch.world_size} ({launch.mode}); run `dtrain train --debug` without "
+                                   "torchrun or srun (launch/debug.sh does)")
         # one process, data in the main process, anomaly detection, per-step detail
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"num_workers": 0}),
                                      "log": cfg.log.model_copy(update={"progress": False})})
         torch.autograd.set_detect_anomaly(True)
-    info = dist.setup(cfg.dist.backend, cfg.dist.timeout_s, force_single=args.debug)
+    info = dist.setup(cfg.dist.backend, cfg.dist.timeout_s, cfg.dist.connect_timeout_s,
+                      force_single=args.debug)
     clean = False
     try:
         if info.is_global_zero:

@@ -223,6 +223,8 @@ class DistConfig(Section):
     """Process-group backend; `auto` is nccl with CUDA, gloo otherwise."""
     timeout_s: float = Field(600.0, gt=0)
     """Collective timeout: a stalled rank ends the job after this long instead of hanging."""
+    connect_timeout_s: float = Field(60.0, gt=0)
+    """Rendezvous timeout: a rank that can't reach the master, or waits for ranks that never come, stops after this long."""
 
 
 class LogConfig(Section):

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One node: one worker per local GPU, or NPROC CPU ranks (gloo).
+#
+#   launch/single_node.sh [NPROC] [-- dtrain train args]
+#   launch/single_node.sh -- --config configs/digits.yaml         # every visible GPU (1 rank without GPUs)
+#   launch/single_node.sh 2 -- --config configs/digits.yaml optim.lr=0.01
+#
+# NPROC defaults to the number of visible GPUs (CUDA_VISIBLE_DEVICES respected), else 1.
+# torchrun --standalone picks a free port itself, so several runs can share the node.
+# Env: PYTHON (default python3).
+set -euo pipefail
+
+usage() { echo "usage: $0 [NPROC] [-- dtrain train args]" >&2; exit 2; }
+
+PYTHON=${PYTHON:-python3}
+nproc=
+if [ $# -gt 0 ] && [ "$1" != "--" ]; then nproc=$1; shift; fi
+if [ $# -gt 0 ]; then [ "$1" = "--" ] || usage; shift; fi
+[ "${1:-}" = "train" ] && shift  # `-- train ...` and `-- ...` mean the same
+
+if [ -z "$nproc" ]; then
+  nproc=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
+  if [ "$nproc" = 0 ]; then
+    nproc=1
+    echo "launch/single_node.sh: no GPU visible; 1 CPU rank (give NPROC for more)" >&2
+  fi
+fi
+[[ "$nproc" =~ ^[1-9][0-9]*$ ]] || { echo "launch/single_node.sh: NPROC must be a positive integer, got '$nproc'" >&2; usage; }
+
+cmd=("$PYTHON" -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node "$nproc" -m dtrain train "$@")
+{ printf +; printf ' %q' "${cmd[@]}"; echo; } >&2
+exec "${cmd[@]}"
