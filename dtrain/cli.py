@@ -49,6 +49,9 @@ def _train(args) -> int:
         if info.is_global_zero:
             print(json.dumps(result), flush=True)
         clean = True
+    except DoctorError:
+        clean = True  # every rank raises it at the same point: leave the group the normal way
+        raise
     finally:
         dist.teardown(clean)
     return EXIT_INTERRUPTED if result["stop_reason"].startswith("signal") else 0
@@ -89,6 +92,9 @@ def _doctor(args) -> int:
         model = build_model(cfg.model, index.input_shape, index.num_classes or 1, cfg.run.seed)
         _check_health(cfg, info, Path(cfg.run.dir) / cfg.run.name, model, brief=False)
         clean = True
+    except DoctorError:
+        clean = True  # every rank raises it at the same point: leave the group the normal way
+        raise
     finally:
         dist.teardown(clean)
     return 0
