@@ -2,6 +2,7 @@
 
   checkpoints/step-00000120/state.pt       rank 0: model, optimizer, scheduler, trainer state, config
   checkpoints/step-00000120/rank-00000.pt  every rank: its RNG states
+  checkpoints/step-00000120/deepspeed/     train.engine=deepspeed: every rank's ZeRO shards (DeepSpeed's files)
   checkpoints/step-00000120/manifest.json  written last: sha256 + size of every file, step, world size,
                                            config hash, versions. No manifest = not a checkpoint.
   checkpoints/latest, checkpoints/best     relative symlinks to complete checkpoints
@@ -104,12 +105,16 @@ class Checkpointer:
         self._error: BaseException | None = None
         self.protect: set[str] = set()  # step directories kept regardless of age (the best m)
 
-    def save(self, step: int, state: dict, rank_state: dict, best: bool = False) -> Path:
+    def save(self, step: int, state: dict, rank_state: dict, best: bool = False,
+             write_files: Optional[Callable[[Path], None]] = None) -> Path:
         """Collective. Synchronous, or (async_save) snapshot to CPU now and write in the background;
-        either way atomic. At most one save is in flight: a new one first waits for the last."""
+        either way atomic. At most one save is in flight: a new one first waits for the last.
+        `write_files(tmp_dir)`, called on every rank, lets an engine add its own files (DeepSpeed's ZeRO
+        shards); they are checksummed and published with the rest. Such a save is always synchronous:
+        the engine's writer runs collectives on the training group, which the training thread uses."""
         self.wait()
-        if not self.async_save:
-            return self._save(step, state, rank_state, best)
+        if not self.async_save or write_files is not None:
+            return self._save(step, state, rank_state, best, write_files)
         state, rank_state = _snapshot(state), _snapshot(rank_state)
         self._thread = threading.Thread(target=self._save_in_background, args=(step, state, rank_state, best),
                                         name=f"dtrain-checkpoint-{step}", daemon=True)  # joined by wait()
@@ -132,7 +137,8 @@ class Checkpointer:
             raise error
 
     # ---- saving -------------------------------------------------------------------------------
-    def _save(self, step: int, state: dict, rank_state: dict, best: bool = False) -> Path:
+    def _save(self, step: int, state: dict, rank_state: dict, best: bool = False,
+              write_files: Optional[Callable[[Path], None]] = None) -> Path:
         """Collective: every rank calls it. Rank 0 writes `state`, every rank its `rank_state`.
         Each phase ends with all ranks agreeing it succeeded everywhere, so a failure on one rank
         (disk full, read-only dir) raises on all of them and publishes nothing."""
@@ -145,6 +151,13 @@ class Checkpointer:
             tmp.mkdir()
 
         def write():
+            if write_files is not None:
+                write_files(tmp)
+                for f in tmp.rglob("*"):  # this rank's and its peers' files: fsync is per inode, cheap
+                    if f.is_file():
+                        _fsync_file(f)
+                for d in [p for p in tmp.rglob("*") if p.is_dir()]:
+                    _fsync_dir(d)
             name = tmp / f"rank-{self.info.global_rank:05d}.pt"
             torch.save(rank_state, name)
             _fsync_file(name)
@@ -176,7 +189,7 @@ class Checkpointer:
                                   "previous checkpoints are intact")
 
     def _publish(self, tmp: Path, final: Path, step: int, best: bool) -> None:
-        files = sorted(p.name for p in tmp.iterdir())
+        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
         manifest = {"step": step, "world_size": self.info.world_size, "config_hash": self.config_hash,
                     "torch": torch.__version__, "dtrain": _version(),
                     "files": {n: {"sha256": _sha256(tmp / n), "bytes": (tmp / n).stat().st_size} for n in files}}

@@ -1,4 +1,4 @@
-"""`dtrain train | shard | eval | plot | augment-preview | config | bench`. User errors end with one line on stderr
+"""`dtrain train | shard | eval | export | plot | augment-preview | config | bench | doctor`. User errors end with one line on stderr
 and exit code 2."""
 
 from __future__ import annotations
@@ -111,19 +111,35 @@ def _shard(args) -> int:
     return 0
 
 
-def _eval(args) -> int:
-    from . import dist
+def _load_for_eval(path_arg: str):
+    """(path, state with engine.model filled in) from a checkpoint directory, a run directory, or a file
+    written by `dtrain export` (a plain state dict: no DeepSpeed needed)."""
     from .checkpoint import safe_load, verify
-    from .config import Config
+    from .engine import model_weights
     from .models.transfer import resolve_checkpoint
-    from .trainer import Trainer
 
-    path = resolve_checkpoint(args.checkpoint)  # a run directory: its best, else latest
+    if Path(path_arg).is_file():
+        exported = safe_load(Path(path_arg))
+        return Path(path_arg), {"config": exported["config"], "trainer": {"step": exported["step"]},
+                                "engine": {"model": exported["model"]}}
+    path = resolve_checkpoint(path_arg)  # a run directory: its best, else latest
     verify(path)
     state = safe_load(path / "state.pt")
+    state["engine"] = {"model": model_weights(path, state["engine"])}  # DeepSpeed: consolidated ZeRO shards
+    return path, state
+
+
+def _eval(args) -> int:
+    from . import dist
+    from .config import Config
+    from .trainer import Trainer
+
+    path, state = _load_for_eval(args.checkpoint)
     cfg = Config.model_validate(state["config"])
-    # the weights come from the checkpoint: don't reload the run's pretrained source (it may be gone)
-    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_from": None})})
+    # the weights come from the checkpoint: don't reload the run's pretrained source (it may be gone);
+    # evaluation needs no DeepSpeed, whichever engine trained it
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_from": None}),
+                                 "train": cfg.train.model_copy(update={"engine": "ddp"})})
     info = dist.setup(force_single=True)
     trainer = Trainer(cfg, info)
     trainer.engine.module.load_state_dict(state["engine"]["model"])
@@ -139,6 +155,22 @@ def _eval(args) -> int:
         from .losses import confusion_matrix
         cm = confusion_matrix(trainer.engine.module, stream, trainer.engine.module.head.out_features, info.device)
         print(format_confusion(cm))
+    return 0
+
+
+def _export(args) -> int:
+    """A checkpoint (DeepSpeed ZeRO shards or DDP) as one plain file: the fp32 state dict, the config and
+    the step. It loads with torch.load(weights_only=True) and `dtrain eval --checkpoint FILE`, no DeepSpeed."""
+    import torch
+
+    path, state = _load_for_eval(args.checkpoint)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    torch.save({"model": state["engine"]["model"], "config": state["config"], "step": state["trainer"]["step"]}, tmp)
+    tmp.replace(out)
+    n = sum(v.numel() for v in state["engine"]["model"].values())
+    print(f"wrote {out} ({n} parameters, step {state['trainer']['step']}) from {path.resolve()}")
     return 0
 
 
@@ -229,9 +261,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_shard)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint (or a run directory's best) on a split")
-    e.add_argument("--checkpoint", required=True, help="checkpoints/step-N directory, or a run directory")
+    e.add_argument("--checkpoint", required=True,
+                   help="checkpoints/step-N directory, a run directory, or a file from `dtrain export`")
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
     e.set_defaults(func=_eval)
+
+    x = sub.add_parser("export", help="a checkpoint (DeepSpeed ZeRO shards too) as one plain fp32 state-dict file")
+    x.add_argument("--checkpoint", required=True, help="checkpoints/step-N directory, or a run directory (its best)")
+    x.add_argument("--out", required=True, help="output file, e.g. model.pt")
+    x.set_defaults(func=_export)
 
     pl = sub.add_parser("plot", help="PNGs of a run's loss, metrics and LR (or, with --lr, of a config's schedule)")
     pl.add_argument("target", metavar="RUN_DIR|CONFIG", help="a run directory; with --lr, a YAML config")

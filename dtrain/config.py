@@ -171,6 +171,9 @@ class ScheduleConfig(Section):
 
 
 class TrainConfig(Section):
+    engine: Literal["ddp", "deepspeed"] = "ddp"
+    """`ddp`: DistributedDataParallel (one process: plain PyTorch); `deepspeed`: DeepSpeed ZeRO, set up by the
+    `deepspeed:` section (needs `pip install 'dtrain[deepspeed]'`)."""
     epochs: int = Field(20, ge=1)
     """Passes over the training split."""
     max_steps: Optional[int] = Field(None, ge=1)
@@ -196,6 +199,17 @@ class TrainConfig(Section):
     """Log averaged training metrics every N optimizer steps."""
     debug_steps: int = Field(5, ge=1)
     """Optimizer steps run by `dtrain train --debug`."""
+
+
+class DeepSpeedConfig(Section):
+    """Used with train.engine=deepspeed. Accumulation, clipping, micro-batch size and precision come from
+    train.grad_accum, train.clip_grad_norm, data.batch_size and train.precision (bf16/fp16)."""
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters (0: plain data parallel)."""
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    """Keep optimizer state (and its step) in CPU memory (ZeRO 1-3)."""
+    offload_param: Literal["none", "cpu"] = "none"
+    """Keep parameters in CPU memory between uses (ZeRO-3 only)."""
 
 
 class EarlyStopConfig(Section):
@@ -311,6 +325,7 @@ class Config(Section):
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     train: TrainConfig = TrainConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     early_stop: EarlyStopConfig = EarlyStopConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     dist: DistConfig = DistConfig()

@@ -76,7 +76,8 @@ class Trainer:
         # the model's own FLOP count, taken before compile/DDP wrap it
         flops = flops_per_sample(model, index.input_shape)
         self.engine = build_engine(model, optimizer, build_scheduler(cfg.schedule, optimizer, self.total_steps),
-                                   cfg.train, dist_info, channels_last=channels_last)
+                                   cfg.train, dist_info, cfg.deepspeed, cfg.data.batch_size,
+                                   channels_last=channels_last)
         tokens_per_sample = index.input_shape[-1] if self.task == "lm" else 1  # tokens: samples unless sequences
         self.meter = Throughput(self.samples_per_step, tokens_per_sample, flops,
                                 peak_flops(self.device, cfg.train.peak_flops), dist_info.world_size, self.device)
@@ -285,7 +286,7 @@ class Trainer:
         best = self.ckpt.pointer("best")
         if best is not None:
             state, _ = self.ckpt.load(best)
-            self.engine.module.load_state_dict(state["engine"]["model"])
+            self.engine.load_weights(best, state["engine"])
         metrics = self.evaluate(self.test_data, "test")
         self.log.metrics({"step": self.step, **metrics, "test/weights_step": self.best_step if best else self.step})
         self.log.info("test: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
@@ -312,7 +313,7 @@ class Trainer:
                  "logger": self.log.state_dict()}  # the W&B run id, so a resumed run continues it
         keep = self.best_steps[-self.cfg.checkpoint.keep_best:] if self.cfg.checkpoint.keep_best else []
         self.ckpt.protect = {f"step-{s:08d}" for s in keep}
-        self.ckpt.save(self.step, state, {"rng": rng_state()}, best=best)
+        self.ckpt.save(self.step, state, {"rng": rng_state()}, best=best, write_files=self.engine.save_to)
         self.saved_step = self.step
 
     def resume(self) -> None:
@@ -322,7 +323,7 @@ class Trainer:
         if found is None:
             return
         path, state, rank_state = found
-        self.engine.load_state_dict(state["engine"])
+        self.engine.load_from(path, state["engine"])
         self.load_state_dict(state["trainer"])
         self.log.load_state_dict(state.get("logger", {}))
         if self.freezer.apply(self.step):  # frozen or not is a function of the step

@@ -8,8 +8,12 @@
   step()              clip, optimizer.step, zero_grad, scheduler.step -> grad norm
   trainable_changed() parameters were frozen or unfrozen (DDP re-wraps the model)
   state_dict()/load_state_dict()
+  save_to(dir), load_from(dir, state), load_weights(dir, state)
+                      checkpoint hooks: files the engine writes itself into the checkpoint directory
+                      (DeepSpeed's ZeRO shards; none for DDP), full resume, and weights only (test)
 
-`SingleEngine` runs one process; `DDPEngine` wraps the model in DistributedDataParallel.
+`SingleEngine` runs one process; `DDPEngine` wraps the model in DistributedDataParallel;
+`DeepSpeedEngine` (train.engine=deepspeed) hands model, optimizer and schedule to DeepSpeed ZeRO.
 The trainer never asks which one it has.
 """
 
@@ -18,11 +22,23 @@ from __future__ import annotations
 from .single import SingleEngine
 
 
-def build_engine(model, optimizer, scheduler, train_cfg, dist_info, channels_last: bool = False):
+def build_engine(model, optimizer, scheduler, train_cfg, dist_info, ds_cfg=None, micro_batch_size: int = 1,
+                 channels_last: bool = False):
+    if train_cfg.engine == "deepspeed":
+        from .deepspeed import DeepSpeedEngine
+        return DeepSpeedEngine(model, optimizer, scheduler, train_cfg, dist_info, ds_cfg, micro_batch_size)
     if dist_info.distributed:
         from .ddp import DDPEngine
         return DDPEngine(model, optimizer, scheduler, train_cfg, dist_info, channels_last)
     return SingleEngine(model, optimizer, scheduler, train_cfg, dist_info, channels_last)
 
 
-__all__ = ["build_engine", "SingleEngine"]
+def model_weights(directory, engine_state: dict) -> dict:
+    """A plain state dict of the model from a checkpoint's engine state, whichever engine wrote it."""
+    if "model" in engine_state:
+        return engine_state["model"]
+    from .deepspeed import consolidated_state_dict
+    return consolidated_state_dict(directory, engine_state)
+
+
+__all__ = ["build_engine", "model_weights", "SingleEngine"]

@@ -90,6 +90,19 @@ class SingleEngine:
         return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
 
+    # checkpoint hooks (DeepSpeed writes its own files; here everything is in state_dict())
+    save_to = None  # no files of its own: the Checkpointer may save in the background
+
+    def load_from(self, directory, state: dict) -> None:
+        if "model" not in state:
+            from ..checkpoint import CheckpointError
+            raise CheckpointError(f"checkpoint: {directory} was written by the deepspeed engine; resume it with "
+                                  "train.engine=deepspeed (or `dtrain export` it and use model.init_from)")
+        self.load_state_dict(state)
+
+    def load_weights(self, directory, state: dict) -> None:
+        self.module.load_state_dict(state["model"])
+
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -1,0 +1,153 @@
+"""train.engine=deepspeed: ZeRO 1-3 on 2 gloo ranks (CPU, DS_ACCELERATOR=cpu) against DDP, resume, export.
+
+Skipped when DeepSpeed is not installed (except the test of the error that case gives). The first
+DeepSpeed run compiles a communication op (~70 s, cached in ~/.cache/torch_extensions); `warm_cache`
+pays for it once, before the timed comparisons.
+"""
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import uuid
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import (REPO, _env, free_port, latest_logged_step, metrics_of, result_of, run_dtrain, run_torchrun,
+                      start, torchrun_cmd, wait_for, workers)
+
+HAVE_DS = importlib.util.find_spec("deepspeed") is not None
+needs_ds = pytest.mark.skipif(not HAVE_DS, reason="DeepSpeed not installed: pip install 'dtrain[deepspeed]'")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")  # inherited by the dtrain processes the tests start
+
+# 2 epochs of 9 steps (global batch 128), a loss logged every step, no dropout: deterministic on CPU
+COMMON = ["train.epochs=2", "model.dropout=0", "log.progress=false", "train.log_every=1", "data.shuffle_buffer=200"]
+
+
+def losses(run_dir):
+    return np.array([r["loss"] for r in metrics_of(run_dir) if "loss" in r])
+
+
+def test_deepspeed_missing_is_one_line_error(tmp_path):
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "deepspeed.py").write_text("raise ImportError('No module named deepspeed (simulated)')\n")
+    proc = run_dtrain(["train", "train.engine=deepspeed", "train.epochs=1", "log.progress=false"], tmp_path,
+                      env={"PYTHONPATH": f"{REPO}{os.pathsep}{shim}"}, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("dtrain: error: train.engine=deepspeed needs DeepSpeed") and "pip install" in last, last
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def warm_cache(tmp_path_factory):
+    """One short ZeRO run so the op compilation is not charged to (or timed out in) a later test."""
+    if not HAVE_DS:
+        pytest.skip("DeepSpeed not installed")
+    run_torchrun(2, ["train", "train.engine=deepspeed", "train.max_steps=2", "log.progress=false",
+                     "checkpoint.save_best=false"], tmp_path_factory.mktemp("warm"), timeout=600)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("ddp")
+    run_torchrun(2, ["train", *COMMON, "run.name=ddp"], cwd)
+    return cwd / "runs" / "ddp"
+
+
+@needs_ds
+@pytest.mark.multiproc
+@pytest.mark.parametrize("stage", [1, 2, pytest.param(3, marks=pytest.mark.slow)])
+def test_zero_matches_ddp(tmp_path, warm_cache, ddp_run, stage):
+    """Same data, init, AdamW, cosine schedule and clipping: ZeRO-N on 2 ranks follows DDP's loss curve.
+
+    Tolerance 1e-4 absolute on each logged per-step loss (values ~0.5-2.3): in fp32 on CPU the only
+    difference is the order of floating-point sums (DeepSpeed reduces flat, partitioned gradient buckets
+    and computes the clipping norm over shards; DDP reduces its own buckets), so updates differ in the last
+    bits (~1e-7 relative) and grow slowly over 18 steps; measured max difference ~1e-6. A real mistake
+    (double accumulation scaling, clipping twice, schedule stepped twice, a missed all-reduce) moves the
+    curve by 1e-2 or more within a few steps."""
+    proc = run_torchrun(2, ["train", *COMMON, "train.engine=deepspeed", f"deepspeed.zero_stage={stage}",
+                            "run.name=zero"], tmp_path)
+    a, b = losses(ddp_run), losses(tmp_path / "runs" / "zero")
+    assert len(a) == len(b) == 18
+    diff = np.abs(a - b).max()
+    print(f"ZeRO-{stage} vs DDP: max |loss difference| {diff:.2e}")
+    assert diff < 1e-4, (diff, a, b)
+    assert b[-1] < b[0] * 0.8  # it trained
+    ddp_test = [r for r in metrics_of(ddp_run) if "test/loss" in r][-1]["test/loss"]
+    assert abs(result_of(proc)["test/loss"] - ddp_test) < 1e-4
+
+
+@needs_ds
+@pytest.mark.multiproc
+def test_zero2_resume_after_stop_is_exact_and_export_evaluates_the_same(tmp_path, warm_cache):
+    args = ["train", *COMMON, "train.engine=deepspeed", "deepspeed.zero_stage=2", "train.grad_accum=2",
+            "data.batch_size=32"]
+    straight = run_torchrun(2, args + ["run.name=straight"], tmp_path)
+    run_torchrun(2, args + ["run.name=resumed", "run.stop_at_step=5"], tmp_path)
+    assert (tmp_path / "runs/resumed/checkpoints/step-00000005/deepspeed").is_dir()
+    resumed = run_torchrun(2, args + ["run.name=resumed"], tmp_path)
+    assert "resumed from" in resumed.stderr and "at step 5" in resumed.stderr
+    a, b = losses(tmp_path / "runs/straight"), losses(tmp_path / "runs/resumed")
+    assert len(a) == len(b) and np.array_equal(a, b), (a, b)  # bit for bit: same shards, same order
+    assert result_of(straight)["test/loss"] == result_of(resumed)["test/loss"]
+
+    # export the best checkpoint (what the run tested) to one plain file; it needs no DeepSpeed to load
+    out = tmp_path / "model.pt"
+    run_dtrain(["export", "--checkpoint", str(tmp_path / "runs/straight"), "--out", str(out)], tmp_path)
+    exported = torch.load(out, weights_only=True)
+    assert exported["step"] == 18 and exported["model"]
+    assert all(v.dtype == torch.float32 and v.numel() > 0 for v in exported["model"].values())
+    ev = run_dtrain(["eval", "--checkpoint", str(out)], tmp_path)
+    test_loss = float(next(l.split()[1] for l in ev.stdout.splitlines() if l.strip().startswith("test/loss")))
+    assert abs(test_loss - result_of(straight)["test/loss"]) < 1e-5, (test_loss, result_of(straight))
+    # and eval straight on the ZeRO checkpoint directory (consolidated on the fly) says the same
+    ev2 = run_dtrain(["eval", "--checkpoint", str(tmp_path / "runs/straight")], tmp_path)
+    assert ev.stdout.splitlines()[1:] == ev2.stdout.splitlines()[1:]
+
+
+@needs_ds
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_zero2_resume_after_sigkill_matches_uninterrupted(tmp_path, warm_cache):
+    """SIGKILL rank 1 mid-run (a ZeRO save may be half written): the rerun resumes from the newest
+    complete checkpoint and ends with the same weights, bit for bit, as a run never interrupted."""
+    args = ["train", *COMMON, "train.epochs=3", "train.engine=deepspeed", "deepspeed.zero_stage=2",
+            "checkpoint.every=2", "data.batch_size=32", "checkpoint.save_best=false"]
+    run_torchrun(2, args + ["run.name=straight"], tmp_path)
+    tag = uuid.uuid4().hex
+    proc = start(torchrun_cmd(2, args + ["run.name=killed"]), tmp_path, tag)
+    wait_for(lambda: latest_logged_step(tmp_path / "runs/killed") >= 30, timeout=300, what="step 30")
+    os.kill(workers(tag)[1], signal.SIGKILL)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    resumed = run_torchrun(2, args + ["run.name=killed"], tmp_path)
+    assert "resumed from" in resumed.stderr
+    for name in ("straight", "killed"):
+        run_dtrain(["export", "--checkpoint", str(tmp_path / f"runs/{name}/checkpoints/latest"),
+                    "--out", str(tmp_path / f"{name}.pt")], tmp_path)
+    a, b = (torch.load(tmp_path / f"{n}.pt", weights_only=True)["model"] for n in ("straight", "killed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@needs_ds
+@pytest.mark.multiproc
+def test_zero_under_slurm_variables(tmp_path, warm_cache, ddp_run):
+    """Two tasks started the way srun starts them (SLURM_* only; dist.py derives RANK, LOCAL_RANK, master)."""
+    job = str(40000 + free_port() % 20000)
+    procs = [subprocess.Popen([sys.executable, "-m", "dtrain", "train", *COMMON, "train.engine=deepspeed",
+                               "deepspeed.zero_stage=1", "run.name=slurm"], cwd=tmp_path, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                              env=_env({"SLURM_PROCID": str(r), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(r),
+                                        "SLURM_STEP_ID": "0",  # a task of an srun step, not the batch script
+                                        "SLURM_NODELIST": "127.0.0.1", "SLURM_JOB_ID": job}))
+             for r in (0, 1)]
+    outs = [p.communicate(timeout=400) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][1][-3000:] + outs[1][1][-3000:]
+    assert "launch: slurm, world_size=2" in outs[0][1]
+    assert np.abs(losses(ddp_run) - losses(tmp_path / "runs/slurm")).max() < 1e-4
