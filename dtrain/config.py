@@ -148,6 +148,9 @@ class OptimConfig(Section):
     """AdamW betas."""
     backbone_lr_ratio: float = Field(1.0, gt=0)
     """Peak LR of every parameter outside `head` as a fraction of `lr` (e.g. 0.1 when fine-tuning)."""
+    fused: Union[Literal["auto"], bool] = "auto"
+    """AdamW: torch's fused kernel (`auto`: on GPU). It also skips a non-finite update on the device, so
+    train.nonfinite=skip needs no host sync per step."""
 
 
 class ScheduleConfig(Section):
@@ -192,7 +195,8 @@ class TrainConfig(Section):
     H200, A100 at bf16); unknown devices and CPUs log no MFU."""
     nonfinite: Literal["skip", "stop", "ignore"] = "skip"
     """A NaN/inf gradient on any rank (all-reduced, so every rank sees it): skip that update, or stop
-    keeping the last good checkpoint. Checking reads the gradient norm on the host once per step."""
+    keeping the last good checkpoint. With fused AdamW (optim.fused) `skip` happens on the device and is
+    reported at the next log line; otherwise, and for `stop`, the gradient norm is read on the host each step."""
     val_every: int = Field(0, ge=0)
     """Validate every N optimizer steps (0: at the end of every epoch)."""
     log_every: int = Field(10, ge=1)

@@ -31,7 +31,8 @@ def build_optimizer(cfg, model: torch.nn.Module, lr_scales: Optional[dict[str, f
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     params = [p for g in groups for p in g["params"]]
-    fused = True if params and all(p.is_cuda for p in params) else None  # fused kernel on GPU
+    fused = (bool(params) and all(p.is_cuda for p in params)) if cfg.fused == "auto" else cfg.fused
+    fused = fused or None  # None: torch's default (foreach) kernel
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
 
 

@@ -96,6 +96,8 @@ class Trainer:
         self.best_val, self.best_step, self.bad_validations = math.inf, -1, 0
         self.best_steps: list[int] = []  # newest last; the keep_best newest are the best m
         self.skipped_updates = 0
+        self._skips = torch.zeros((), device=self.device)  # skipped updates not yet counted on the host
+        self._skip_counted = 0  # the step up to which they were
         self.stop_reason: str | None = None
         # running sums of "loss" and each named loss term since the last log line
         self._loss_sum = torch.zeros(len(self.loss_fn.names), device=self.device)
@@ -116,6 +118,7 @@ class Trainer:
 
     def _fit(self) -> dict:
         self.resume()
+        self._skip_counted = self.step
         self.log.start(self.step)
         self.log.info(f"training {self.total_steps} steps ({self.steps_per_epoch}/epoch, "
                       f"global batch {self.samples_per_step}) in {self.run_dir}")
@@ -168,18 +171,30 @@ class Trainer:
                     losses = self.loss_fn(self.engine.model(x), y)
                 self.engine.backward(losses["loss"])
             loss_sum += torch.stack([losses[k].detach().float() for k in self.loss_fn.names])
-        grad_norm, applied = self.engine.step()
-        if not applied:
-            self.skipped_updates += 1
-            self.log.info(f"step {self.step + 1}: non-finite gradient norm; update skipped "
-                          f"({self.skipped_updates} so far, train.nonfinite={self.cfg.train.nonfinite})")
-            if self.cfg.train.nonfinite == "stop":
-                self.stop_reason = "nonfinite"
+        grad_norm, skipped = self.engine.step()
+        self._skips += skipped  # on the device when the optimizer decided there: counted at the next log
+        if skipped is True or self.cfg.train.nonfinite == "stop":  # decided on the host, or must stop now
+            self.count_skips(self.step + 1, first=self.step + 1)
         if self.debug:  # .item() syncs the device: only in debug
             self.log.info(f"step {self.step + 1}: loss {loss_sum[0].item() / len(micro_batches):.5f} "
                           f"grad_norm {grad_norm.item():.4f} lr {self.engine.lr:.3e} batch {tuple(x.shape)} "
                           f"{(time.perf_counter() - t0) * 1e3:.1f} ms")
         return loss_sum / len(micro_batches)
+
+    def count_skips(self, step: int, first: int | None = None) -> None:
+        """Report updates skipped for a non-finite gradient norm in steps `first`..`step` (default: since
+        the last count). A host sync."""
+        n, first = int(self._skips.item()), first or self._skip_counted + 1
+        self._skip_counted = step
+        if n == 0:
+            return
+        self._skips.zero_()
+        self.skipped_updates += n
+        where = f"step {step}" if first == step else f"steps {first}-{step}"
+        self.log.info(f"{where}: non-finite gradient norm; {n} update{'s' * (n > 1)} skipped "
+                      f"({self.skipped_updates} so far, train.nonfinite={self.cfg.train.nonfinite})")
+        if self.cfg.train.nonfinite == "stop":
+            self.stop_reason = "nonfinite"
 
     def after_step(self, loss: torch.Tensor, epoch: int) -> None:
         self._loss_sum += loss
@@ -213,6 +228,7 @@ class Trainer:
     def log_train(self, epoch: int) -> None:
         # .tolist() is the sync point (every log_every steps): the clock read after it includes all device work
         losses = dist.all_reduce_mean(self._loss_sum / self._loss_steps).tolist()
+        self.count_skips(self.step)
         loss = losses[0]
         speed = self.meter.record()  # rank 0's clock and data wait; samples/s counts the global batch
         record = {"step": self.step, "epoch": epoch, **dict(zip(self.loss_fn.names, losses)), "lr": self.engine.lr,
@@ -309,6 +325,7 @@ class Trainer:
 
     @_collective("checkpoint save")
     def save(self, best: bool = False) -> None:
+        self.count_skips(self.step)  # skipped_updates is part of the state
         state = {"engine": self.engine.state_dict(), "trainer": self.state_dict(), "config": self.cfg.to_dict(),
                  "logger": self.log.state_dict()}  # the W&B run id, so a resumed run continues it
         keep = self.best_steps[-self.cfg.checkpoint.keep_best:] if self.cfg.checkpoint.keep_best else []

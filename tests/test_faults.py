@@ -286,6 +286,21 @@ def test_nan_on_one_rank_is_skipped_on_all(tmp_path, nan_data):
     assert result_of(proc)["test/acc"] > 0.5  # it learned (27 steps; chance is 0.1) and nothing blew up
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_nan_skip_on_the_device_with_fused_adamw(tmp_path, nan_data, fused):
+    """optim.fused=true: the fused AdamW kernel skips the update on the device (no host sync per step)
+    and the skip is counted at the next log line; the host-checked path skips the same steps."""
+    args = ["train", f"data.dataset=folder:{nan_data}", "train.epochs=2", "log.progress=false",
+            f"optim.fused={str(fused).lower()}", "train.log_every=5", "checkpoint.every=0"]
+    proc = run_dtrain(args, tmp_path)
+    skips = [l for l in proc.stderr.splitlines() if "non-finite gradient norm" in l]
+    assert len(skips) == 2, proc.stderr  # the poisoned sample is in one batch per epoch
+    assert all(torch.isfinite(v).all() for v in final_params(tmp_path / "runs" / "digits").values())
+    assert ("steps " in skips[0]) == fused and "1 update skipped (1 so far" in skips[0], skips
+    assert "1 update skipped (2 so far" in skips[1], skips
+    assert result_of(proc)["test/acc"] > 0.5
+
+
 def test_nan_stop_policy_keeps_the_last_good_checkpoint(tmp_path, nan_data):
     args = ["train", f"data.dataset=folder:{nan_data}", "train.epochs=2", "log.progress=false",
             "train.nonfinite=stop", "checkpoint.every=2"]

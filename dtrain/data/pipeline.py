@@ -13,6 +13,7 @@ more stops early. That keeps the collectives of all ranks in lock step even with
 from __future__ import annotations
 
 import functools
+import io
 import itertools
 import math
 import random
@@ -35,6 +36,44 @@ def _raise_data_error(exn: Exception) -> bool:
     if isinstance(exn, (tarfile.TarError, OSError, EOFError, ValueError)):
         raise DataError(f"data: cannot read {where} ({type(exn).__name__}: {exn.args[0] if exn.args else ''})")
     raise exn
+
+
+_NPY_HEADERS: dict[bytes, tuple] = {}  # raw .npy header -> (shape, fortran_order, dtype)
+
+
+def _npy(data: bytes) -> np.ndarray:
+    """np.load of one .npy member, without re-parsing a header seen before: every sample of a split shares
+    one, and parsing it (numpy evaluates the header dict literal) cost more than the rest of the decode."""
+    buf = memoryview(data)
+    if bytes(buf[:6]) != b"\x93NUMPY" or buf[6] not in (1, 2, 3):
+        raise ValueError("not a .npy array")
+    size_bytes = 2 if buf[6] == 1 else 4
+    end = 8 + size_bytes + int.from_bytes(buf[8:8 + size_bytes], "little")
+    header = bytes(buf[:end])
+    meta = _NPY_HEADERS.get(header)
+    if meta is None:
+        f = io.BytesIO(header)
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        meta = _NPY_HEADERS.setdefault(header, read(f))
+    shape, fortran, dtype = meta
+    if dtype.hasobject:
+        raise ValueError("object arrays are not loaded")
+    return np.frombuffer(buf, dtype=dtype, offset=end).reshape(shape, order="F" if fortran else "C")
+
+
+def decode(sample: dict, labels: bool = True) -> tuple:
+    """A raw webdataset sample -> (x array, label, key). Labels are `y.cls` (an ASCII integer,
+    webdataset's convention); a language model's samples have none (`labels=False`: the key stands in,
+    the targets are x shifted)."""
+    try:
+        x = _npy(sample["x.npy"])
+        y = int(sample["y.cls"]) if labels else sample["__key__"]
+    except (KeyError, ValueError) as e:
+        where = sample.get("__url__", "a shard")
+        raise DataError(f"data: cannot decode sample {sample.get('__key__')!r} of {where} "
+                        f"({type(e).__name__}: {e})") from None
+    return x, y, sample["__key__"]
 
 
 def _worker_shuffle(src, bufsize: int, seed: str):
@@ -124,7 +163,7 @@ class ShardStream:
     def _to_tensors(self, sample, epoch: int = 0, pass_index: int = 0):
         x, y, key = sample
         if self.lm:  # a window of context + 1 byte tokens: predict each next one
-            tokens = torch.from_numpy(np.asarray(x, dtype=np.int64))
+            tokens = torch.from_numpy(np.array(x, dtype=np.int64))  # a copy: x is read-only
             return tokens[:-1], tokens[1:], key
         x = torch.from_numpy(np.asarray(x, dtype=np.float32) * self.index.x_scale)
         y = torch.tensor(y, dtype=torch.float32 if self.regression else torch.int64)
@@ -137,8 +176,7 @@ class ShardStream:
                   wds.tarfile_to_samples(handler=_raise_data_error), _first_per_shard(self.shard_counts)]
         if self.shuffle_buffer > 1:
             stages.append(worker_shuffle(self.shuffle_buffer, f"{self.seed}/epoch{epoch}/rank{self.rank}"))
-        fields = ("x.npy", "__key__", "__key__") if self.lm else ("x.npy", "y.cls", "__key__")  # lm: y from x
-        stages += [wds.decode(handler=_raise_data_error), wds.to_tuple(*fields),
+        stages += [wds.map(functools.partial(decode, labels=not self.lm)),
                    wds.map(functools.partial(self._to_tensors, epoch=epoch, pass_index=pass_index))]
         return wds.DataPipeline(*stages)
 
@@ -147,7 +185,7 @@ class ShardStream:
         node splitting. -> samples read. Raises DataError naming a shard that can't be read."""
         def samples(url_list):
             stages = [wds.SimpleShardList(url_list), wds.tarfile_to_samples(handler=_raise_data_error),
-                      wds.decode(handler=_raise_data_error), wds.to_tuple("x.npy", "y.cls", "__key__")]
+                      wds.map(functools.partial(decode, labels=not self.lm))]
             return iter(wds.DataPipeline(*stages))
         if first_only:
             return sum(1 for url in urls if next(samples([url]), None) is not None)

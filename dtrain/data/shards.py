@@ -83,7 +83,10 @@ def write_shards(out: str | Path, splits: dict, meta: dict, shard_size: int) -> 
             counts: dict[str, int] = {}
             # as many shards as shard_size asks for, filled evenly, so ranks get similar amounts
             per_shard = math.ceil(len(x) / max(1, math.ceil(len(x) / shard_size)))
-            with wds.ShardWriter(str(tmp / f"{split}-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
+            # mtime=0: byte-identical shards from the same data, and plain ustar headers (a float
+            # mtime makes tarfile add a PAX header to every member, half the cost of reading them back)
+            with wds.ShardWriter(str(tmp / f"{split}-%06d.tar"), maxcount=per_shard, verbose=0,
+                                 mtime=0) as sink:
                 for i in range(len(x)):
                     sample = {"__key__": f"{split}-{i:07d}", "x.npy": np.ascontiguousarray(x[i])}
                     if meta["task"] != "lm":  # a language model's targets are its input shifted: no label

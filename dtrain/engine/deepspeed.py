@@ -114,10 +114,10 @@ class DeepSpeedEngine:
         self.model.step()
         norm = self.model.get_global_grad_norm()
         norm = torch.as_tensor(float("nan") if norm is None else float(norm))
-        # DeepSpeed skips an update itself only on fp16 overflow; report a non-finite norm as not
-        # applied as well, so train.nonfinite=stop still stops (fp32/bf16 updates cannot be undone).
+        # DeepSpeed skips an update itself only on fp16 overflow; report a non-finite norm as skipped
+        # as well, so train.nonfinite=stop still stops (fp32/bf16 updates cannot be undone).
         applied = self.model.was_step_applied() and (self.nonfinite == "ignore" or bool(torch.isfinite(norm)))
-        return norm, applied
+        return norm, not applied
 
     @property
     def lr(self) -> float:

@@ -62,25 +62,38 @@ class SingleEngine:
         # mean over micro-batches, so accumulation of k micro-batches equals one k-times batch
         self.scaler.scale(loss / self.grad_accum).backward()
 
-    def step(self) -> tuple[torch.Tensor, bool]:
-        """Clip, step, zero, advance the schedule. -> (gradient norm before clipping, update applied).
+    def step(self) -> tuple[torch.Tensor, torch.Tensor | bool]:
+        """Clip, step, zero, advance the schedule. -> (gradient norm before clipping, update skipped).
 
+        `skipped` is a 0-dim device tensor (1.0: skipped) where the skip is decided on the device, so
+        the caller can count skips without a host sync per step; a bool where it was decided here.
         Gradients are already all-reduced here, so a NaN/inf that began on any one rank is in every
         rank's norm and every rank makes the same skip decision without another collective."""
         self.scaler.unscale_(self.optimizer)
         params = [p for p in self.module.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, self.clip if self.clip is not None else float("inf"))
-        applied = True
+        skipped: torch.Tensor | bool = False
         if self.scaler.is_enabled():
             self.scaler.step(self.optimizer)  # skips the update itself on overflow
             self.scaler.update()
-        elif self.nonfinite != "ignore" and not torch.isfinite(norm).item():  # host sync: see train.nonfinite
-            applied = False
+        elif self.nonfinite == "ignore":
+            self.optimizer.step()
+        elif getattr(self.optimizer, "_step_supports_amp_scaling", False):
+            # fused AdamW: the kernel skips the update (and its step count) where found_inf is nonzero,
+            # the mechanism GradScaler uses; no host sync
+            skipped = (~torch.isfinite(norm)).float()
+            self.optimizer.found_inf, self.optimizer.grad_scale = skipped, None
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf, self.optimizer.grad_scale
+        elif not torch.isfinite(norm).item():  # host sync: see train.nonfinite
+            skipped = True
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return norm, applied
+        return norm, skipped
 
     @property
     def lr(self) -> float:
