@@ -1,6 +1,7 @@
 """Fault-injection target: save checkpoints back to back (resuming from the newest complete one)
 until killed. Each step's state is a pure function of the step, so the parent can check contents."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -14,12 +15,32 @@ def state_for(step: int) -> dict:
     return {"weights": torch.full((1_000_000,), float(step)), "step": step}
 
 
-if __name__ == "__main__":
+def save_until_killed(root: Path) -> None:
     info = DistInfo("single", 0, 0, 1, torch.device("cpu"), None)
-    ckpt = Checkpointer(Path(sys.argv[1]), keep_last=2, dist_info=info, config_hash="test")
+    ckpt = Checkpointer(root, keep_last=2, dist_info=info, config_hash="test")
     found = ckpt.load_latest(lambda m: print(m, file=sys.stderr, flush=True))
     step = found[1]["step"] if found else 0
     print("ready", step, flush=True)
     while True:
         step += 1
         ckpt.save(step, state_for(step), {"rank": 0})
+
+
+def fork_server() -> None:
+    """Python and torch imported once, a fresh saver process forked for each checkpoint directory
+    read from stdin: a trial costs a fork, not an interpreter start. Prints the child's pid, then
+    `reaped` once it has died (the test SIGKILLs it)."""
+    for line in sys.stdin:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                save_until_killed(Path(line.strip()))
+            finally:
+                os._exit(1)
+        print("pid", pid, flush=True)
+        os.waitpid(pid, 0)
+        print("reaped", flush=True)
+
+
+if __name__ == "__main__":
+    fork_server() if sys.argv[1] == "--fork-server" else save_until_killed(Path(sys.argv[1]))

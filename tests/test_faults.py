@@ -26,30 +26,39 @@ SINGLE = DistInfo("single", 0, 0, 1, torch.device("cpu"), None)
 
 # ---- kill during save ------------------------------------------------------------------------
 def kill_during_save_trials(tmp_path: Path, trials: int) -> dict:
+    """SIGKILL a process that does nothing but save checkpoints, at a random moment, `trials` times; each
+    new process resumes from the newest complete checkpoint. The processes are forked by one server
+    (tests/save_loop.py --fork-server) so that a trial does not pay for an interpreter and torch import."""
     root = tmp_path / "ckpts"
     counts = {"trials": 0, "killed_mid_write": 0, "resumed_ok": 0}
     expected_min = 0
     rng = random.Random(0)
-    for _ in range(trials):
-        proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "save_loop.py"), str(root)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-        ready = proc.stdout.readline().split()
-        assert ready[0] == "ready", proc.stderr.read()
-        assert int(ready[1]) >= expected_min  # resumed from the newest complete checkpoint, not older
-        time.sleep(rng.uniform(0.05, 0.6))  # the loop does nothing but save: this lands inside a save
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        counts["trials"] += 1
-        counts["killed_mid_write"] += any(root.glob(".tmp-step-*"))
-        found = Checkpointer(root, 2, SINGLE, "test").load_latest(lambda m: None)
-        if found is None:  # killed before the very first save completed
-            continue
-        path, state, _ = found
-        step = state["step"]
-        assert torch.equal(state["weights"], torch.full((1_000_000,), float(step)))
-        assert verify(path)["step"] == step and step >= expected_min
-        expected_min = step
-        counts["resumed_ok"] += 1
+    server = subprocess.Popen([sys.executable, str(REPO / "tests" / "save_loop.py"), "--fork-server"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        for _ in range(trials):
+            server.stdin.write(f"{root}\n")
+            server.stdin.flush()
+            lines = dict(server.stdout.readline().split(maxsplit=1) for _ in range(2))  # pid and ready, any order
+            assert "ready" in lines and "pid" in lines, lines
+            assert int(lines["ready"]) >= expected_min  # resumed from the newest complete checkpoint, not older
+            time.sleep(rng.uniform(0.05, 0.6))  # the loop does nothing but save: this lands inside a save
+            os.kill(int(lines["pid"]), signal.SIGKILL)
+            assert server.stdout.readline().strip() == "reaped"
+            counts["trials"] += 1
+            counts["killed_mid_write"] += any(root.glob(".tmp-step-*"))
+            found = Checkpointer(root, 2, SINGLE, "test").load_latest(lambda m: None)
+            if found is None:  # killed before the very first save completed
+                continue
+            path, state, _ = found
+            step = state["step"]
+            assert torch.equal(state["weights"], torch.full((1_000_000,), float(step)))
+            assert verify(path)["step"] == step and step >= expected_min
+            expected_min = step
+            counts["resumed_ok"] += 1
+    finally:
+        server.kill()
+        server.wait()
     return counts
 
 
