@@ -213,3 +213,34 @@ def consumed_keys(stream, epoch: int, segments: list[Segment], until: int) -> li
         end = segments[i + 1].start if i + 1 < len(segments) else until
         out.append([s[:seg.samples_per_rank(end - seg.start)] for s in streams])
     return out
+
+
+class DataPosition:
+    """Where the run is in its data, beyond the step: the global batch it keeps, and which rank layouts
+    read the current epoch (its segments). Saved with every checkpoint (the trainer's state)."""
+
+    def __init__(self, layout: Segment, global_batch: int, steps_per_epoch: int):
+        self.layout = layout  # this run's ranks and batch
+        self.global_batch, self.steps_per_epoch = global_batch, steps_per_epoch
+        self.epoch, self.segments = 0, [layout]
+
+    def segments_of(self, epoch: int) -> list[Segment]:
+        """The segments of `epoch`; a new epoch is read normally by this run's ranks."""
+        if epoch != self.epoch:
+            self.epoch, self.segments = epoch, [dataclasses.replace(self.layout, start=0)]
+        return self.segments
+
+    def state_dict(self) -> dict:
+        return {"global_batch": self.global_batch, "steps_per_epoch": self.steps_per_epoch, "epoch": self.epoch,
+                "segments": [dataclasses.astuple(s) for s in self.segments]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.global_batch, self.steps_per_epoch = state["global_batch"], state["steps_per_epoch"]
+        self.epoch, self.segments = state["epoch"], [Segment(*s) for s in state["segments"]]
+
+    @staticmethod
+    def legacy_state(world_size: int, config: dict, step: int, steps_per_epoch: int) -> dict:
+        """The state of a checkpoint written before elastic resume: one normal segment, from its config."""
+        b, a, w = config["data"]["batch_size"], config["train"]["grad_accum"], config["data"]["num_workers"]
+        return {"global_batch": b * a * world_size, "steps_per_epoch": steps_per_epoch,
+                "epoch": step // steps_per_epoch, "segments": [(world_size, b, a, w, 0)]}
