@@ -25,23 +25,23 @@ import dataclasses
 import math
 import random
 import tarfile
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import webdataset as wds
 from webdataset.tariterators import base_plus_ext
 
+from ..config import ConfigError
 from .shards import DataError
 
 Item = tuple[str, str]  # (shard url, sample key)
 
 
-class ElasticError(ValueError):
+class ElasticError(ConfigError):
     """The checkpoint's global batch can't be kept exactly on this many ranks; the message names the switch."""
 
 
 # ---- the per-rank batch on the new world size ----------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class BatchLayout:
+class BatchLayout(NamedTuple):
     batch_size: int  # per rank, per micro-batch
     grad_accum: int
 
@@ -62,9 +62,10 @@ def choose_layout(global_batch: int, world_size: int, max_batch: int, mode: str 
     nearest = BatchLayout(max(1, math.floor(global_batch / world_size / accum + 0.5)), accum)
     if mode == "approximate":
         return nearest
-    ok = [m for m in range(1, 2 * world_size + 1) if global_batch % m == 0]
+    ok = [str(m) for m in range(1, 2 * world_size + 1) if global_batch % m == 0]
+    ok = " or ".join([", ".join(ok[:-1]), ok[-1]] if len(ok) > 1 else ok)
     raise ElasticError(f"resume: the checkpoint's global batch {global_batch} can't be split evenly over "
-                       f"{world_size} ranks; resume on {', '.join(map(str, ok))} ranks, or set "
+                       f"{world_size} ranks; resume on {ok} ranks, or set "
                        f"checkpoint.elastic=approximate to use per-rank batch {nearest.batch_size} "
                        f"x grad_accum {nearest.grad_accum} (global {nearest.global_batch(world_size)})")
 
