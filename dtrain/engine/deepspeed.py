@@ -106,6 +106,10 @@ class DeepSpeedEngine:
         raise ConfigError("model.unfreeze_at_step is not supported with train.engine=deepspeed (ZeRO fixes the "
                           "trainable parameters when it partitions them); use train.engine=ddp")
 
+    def set_grad_accum(self, grad_accum: int) -> None:
+        raise ConfigError("train.engine=deepspeed fixes gradient accumulation when ZeRO is set up; it can't "
+                          "change on resume (resume with the same number of ranks and batch settings)")
+
     def backward(self, loss: torch.Tensor) -> None:
         self.model.backward(loss)  # divides by gradient_accumulation_steps itself
 
