@@ -172,3 +172,15 @@ def test_global_batch_that_does_not_divide_needs_the_switch(tmp_path, data_root)
     before = {k for rows in logged.values() for s, keys in rows if s <= 3 for k in keys}
     after = [k for rows in logged.values() for s, keys in rows if s > 3 for k in keys]
     assert len(before) == 3 * 45 and len(after) == 5 * 46 and not before & set(after)  # nothing read twice
+
+
+def test_init_from_takes_an_exported_file(tmp_path):
+    """What the ZeRO refusal suggests: `dtrain export` a checkpoint, then model.init_from=model.pt."""
+    import torch
+    from dtrain.config import ModelConfig
+    from dtrain.models import build_model
+    from dtrain.models.transfer import load_pretrained
+    source, target = (build_model(ModelConfig(), (1, 8, 8), 10, seed) for seed in (1, 2))
+    torch.save({"model": source.state_dict(), "config": {}, "step": 7}, tmp_path / "model.pt")  # export's format
+    load_pretrained(target, tmp_path / "model.pt", log=lambda m: None)
+    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.state_dict().values()))
