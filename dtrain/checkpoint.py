@@ -233,7 +233,7 @@ class Checkpointer:
         latest = self.pointer("latest")
         return ([latest] if latest in steps else []) + [p for p in steps if p != latest]
 
-    def load_latest(self, log: Callable[[str], None]) -> Optional[tuple[Path, dict, dict]]:
+    def load_latest(self, log: Callable[[str], None]) -> Optional[tuple[Path, dict, Optional[dict]]]:
         """(path, state, this rank's rank_state) of the newest checkpoint that verifies and loads, or
         None when there is none at all. Rank 0 verifies (the manifest covers every rank's file) and
         chooses; all ranks load its choice. Checkpoints that exist but none usable: an error, never a
@@ -259,12 +259,17 @@ class Checkpointer:
             return None
         return found if found is not None else (self.root / chosen, *self.load(self.root / chosen))
 
-    def load(self, path: Path, verified: bool = False) -> tuple[dict, dict]:
+    def load(self, path: Path, verified: bool = False) -> tuple[dict, Optional[dict]]:
+        """(state, this rank's rank_state). A checkpoint written by fewer ranks has no file for this rank:
+        rank_state is None (the trainer's elastic resume decides what a new rank starts from)."""
         manifest = json.loads((path / MANIFEST).read_text()) if verified else verify(path)
-        if manifest["world_size"] != self.info.world_size:
-            raise CheckpointError(f"checkpoint: {path} was written by {manifest['world_size']} ranks, this run has "
-                                  f"{self.info.world_size}; start it with {manifest['world_size']} ranks")
-        return safe_load(path / "state.pt"), safe_load(path / f"rank-{self.info.global_rank:05d}.pt")
+        own = f"rank-{self.info.global_rank:05d}.pt"
+        return safe_load(path / "state.pt"), safe_load(path / own) if own in manifest["files"] else None
+
+
+def written_by(path: Path) -> int:
+    """The number of ranks that wrote a (verified) checkpoint."""
+    return json.loads((Path(path) / MANIFEST).read_text())["world_size"]
 
 
 def verify(path: Path) -> dict:

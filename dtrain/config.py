@@ -110,8 +110,8 @@ class ModelConfig(Section):
     """Normalisation after each hidden linear/conv layer, before the activation. `auto`: batch for cnn,
     none for mlp. `layer` is LayerNorm over features (mlp) or over channels and pixels (cnn)."""
     init_from: Optional[str] = None
-    """Start from another run's weights: a checkpoint directory (checkpoints/step-N, best, latest) or a run
-    directory (its best, else latest). Verified and loaded with weights_only. A head whose shape differs
+    """Start from another run's weights: a checkpoint directory (checkpoints/step-N, best, latest), a run
+    directory (its best, else latest) or a file written by `dtrain export`. Verified and loaded with weights_only. A head whose shape differs
     (a new task) is replaced by a freshly initialised one; every other weight must fit."""
     freeze: list[str] = []
     """Parameter-name prefixes to freeze (e.g. [body] or [body.0]); they are left bit-identical."""
@@ -234,6 +234,10 @@ class CheckpointConfig(Section):
     """Write checkpoints in a background thread while training goes on (at most one in flight)."""
     save_best: bool = True
     """Save a checkpoint when validation loss improves; `best` points at it."""
+    elastic: Literal["exact", "approximate"] = "exact"
+    """Resuming on a different number of ranks keeps the checkpoint's global batch (per-rank batch, then
+    grad_accum, rechosen). `exact`: stop with an error when it can't be split evenly over the new ranks;
+    `approximate`: use the nearest per-rank batch (LR unchanged, steps per epoch kept). Not for train.engine=deepspeed."""
 
 
 class DistConfig(Section):

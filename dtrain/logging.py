@@ -176,6 +176,14 @@ class SampleKeyLog:
             kept = [l for l in self.path.read_text().splitlines() if l and int(l.split(" ", 1)[0]) <= step]
             self.path.write_text("".join(l + "\n" for l in kept))
 
+    def truncate_ranks_from(self, world_size: int, step: int) -> None:
+        """Resumed on fewer ranks: the files of ranks that no longer run keep only their steps up to the
+        checkpoint, as truncate() does for those that do."""
+        for path in self.path.parent.glob("rank-*.txt"):
+            rank = int(path.stem.split("-")[1])
+            if rank >= world_size:
+                SampleKeyLog(self.path.parent.parent, rank).truncate(step)
+
     def write(self, step: int, keys: list[str]) -> None:
         if self.file is None:
             self.file = open(self.path, "a", buffering=1)

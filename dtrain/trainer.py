@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import hashlib
 import itertools
 import math
 import random
@@ -14,11 +16,12 @@ import numpy as np
 import torch
 
 from . import dist
-from .checkpoint import CheckpointError, Checkpointer, rng_state, set_rng_state
+from .checkpoint import CheckpointError, Checkpointer, rng_state, set_rng_state, written_by
 from .signals import StopControl, requeue_slurm_job
 from .config import Config
 from .data import ShardStream, resolve_shards
 from .data.augment import build_augment
+from .data.elastic import BatchLayout, DataPosition, EpochReplay, Segment, choose_layout
 from .engine import build_engine
 from .logging import SampleKeyLog, build_logger
 from .losses import METRICS, build_loss, metric_sums
@@ -61,6 +64,10 @@ class Trainer:
         self.steps_per_epoch = self.train_data.steps_per_epoch
         self.total_steps = plan_total_steps(cfg.train, self.steps_per_epoch, debug)
         self.samples_per_step = cfg.data.batch_size * dist_info.world_size * self.accum
+        # which ranks read the current epoch, and how: what lets a run resume on another number of ranks
+        self.position = DataPosition(Segment(dist_info.world_size, cfg.data.batch_size, self.accum,
+                                             self.train_data.num_workers, 0),
+                                     self.samples_per_step, self.steps_per_epoch)
 
         self.log = build_logger(cfg.log, dist_info, self.run_dir, self.total_steps, cfg.wandb, cfg.to_dict())
         model = build_model(cfg.model, index.input_shape, index.num_classes or 1, cfg.run.seed)
@@ -125,7 +132,7 @@ class Trainer:
         self.meter.reset()
         while self.step < self.total_steps and self.stop_reason is None:  # one epoch (or its rest) per pass
             epoch, done = divmod(self.step, self.steps_per_epoch)
-            with contextlib.closing(self.train_data.epoch(epoch, start=done * self.accum)) as batches:
+            with contextlib.closing(self.train_batches(epoch, done)) as batches:
                 self.train_epoch(batches, epoch)
         self.stop_reason = self.stop_reason or "completed"
         if self.step != self.saved_step and not self.debug and self.stop_reason != "nonfinite":
@@ -135,6 +142,19 @@ class Trainer:
             return self.interrupted()
         results = self.test()  # the log closes after this, in fit(): test metrics go to W&B too
         return {"step": self.step, "stop_reason": self.stop_reason, **results}
+
+    def train_batches(self, epoch: int, done: int):
+        """This rank's micro-batches of `epoch` from step `done` on: its normal stream, or, in an epoch
+        resumed on another number of ranks, its share of what the old ranks had not read (data/elastic.py)."""
+        segments = self.position.segments_of(epoch)
+        if len(segments) == 1:
+            return self.train_data.epoch(epoch, start=done * self.accum)
+        seg = segments[-1]
+        stream = self.train_data.relayout(rank=self.dist.global_rank, world_size=seg.world_size,
+                                          batch_size=seg.batch_size, grad_accum=seg.grad_accum,
+                                          num_workers=seg.num_workers, steps_per_epoch=self.steps_per_epoch)
+        items = EpochReplay(stream, epoch, segments).assignment(self.dist.global_rank)
+        return stream.dealt_epoch(epoch, len(segments) - 1, items, start=(done - seg.start) * seg.grad_accum)
 
     def train_epoch(self, batches, epoch: int) -> None:
         """Optimizer steps on `batches` (micro-batches) until they run out, a stop, or the last step.
@@ -313,7 +333,8 @@ class Trainer:
     def state_dict(self) -> dict:
         return {"step": self.step, "best_val": self.best_val, "best_step": self.best_step,
                 "bad_validations": self.bad_validations, "steps_per_epoch": self.steps_per_epoch,
-                "best_steps": list(self.best_steps), "skipped_updates": self.skipped_updates}
+                "best_steps": list(self.best_steps), "skipped_updates": self.skipped_updates,
+                "data": self.position.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         if state["steps_per_epoch"] != self.steps_per_epoch:
@@ -333,6 +354,55 @@ class Trainer:
         self.ckpt.save(self.step, state, {"rng": rng_state()}, best=best, write_files=self.engine.save_to)
         self.saved_step = self.step
 
+    def resume_data_position(self, path: Path, state: dict) -> None:
+        """Per-rank batch, accumulation and data position from a checkpoint, whatever number of ranks
+        wrote it: on another number, the same global batch (and steps per epoch, so the same schedule),
+        and the rest of an interrupted epoch dealt over the new ranks."""
+        trainer, world, log = state["trainer"], self.dist.world_size, self.log.info
+        step = trainer["step"]
+        saved = trainer.get("data") or DataPosition.legacy_state(written_by(path), state["config"], step,
+                                                                 trainer["steps_per_epoch"])
+        old = Segment(*saved["segments"][-1])
+        if old.world_size != world:
+            layout = choose_layout(saved["global_batch"], world, old.batch_size, self.cfg.checkpoint.elastic)
+            log(describe_resize(old, world, layout, saved["global_batch"], saved["steps_per_epoch"]))
+            self.use_layout(layout, saved["steps_per_epoch"])
+        elif (old.batch_size, old.grad_accum) != (self.train_data.batch_size, self.accum) and \
+                (self.cfg.data.batch_size, self.cfg.train.grad_accum) == \
+                (state["config"]["data"]["batch_size"], state["config"]["train"]["grad_accum"]):
+            # chosen by an earlier resume on another number of ranks: keep it (a batch setting the user
+            # changed since is not overridden; load_state_dict's steps-per-epoch check speaks for it)
+            self.use_layout(BatchLayout(old.batch_size, old.grad_accum), saved["steps_per_epoch"])
+        kept_layout = self.position.layout
+        self.position.load_state_dict(saved)
+        self.position.layout = kept_layout
+        epoch, done = divmod(step, self.steps_per_epoch)
+        if old.world_size != world:
+            kept = min(old.world_size, world)
+            log(f"resume: {_ranks(0, kept)} continue{'s' if kept == 1 else ''} its saved RNG stream; " + (
+                f"{_ranks(kept, world)} start{'s' if world - kept == 1 else ''} a fresh one seeded from "
+                f"(run.seed, rank, step)" if world > kept else f"that of {_ranks(kept, old.world_size)} is dropped"))
+        if old.world_size != world and done and self.position.epoch == epoch:
+            left = (self.steps_per_epoch - done) * old.grad_accum * old.batch_size * old.world_size
+            self.position.segments.append(dataclasses.replace(self.position.layout, start=done))
+            log(f"resume: epoch {epoch} at step {done} of {self.steps_per_epoch}: the {left} samples the "
+                f"{old.world_size} ranks had still to read are dealt over {world} rank{'s' if world > 1 else ''} by shard; "
+                f"later epochs use the normal {world}-rank order")
+
+    def use_layout(self, layout: BatchLayout, steps_per_epoch: int) -> None:
+        """Train with this per-rank batch and accumulation, keeping the epoch length (and so the schedule)."""
+        world = self.dist.world_size
+        self.train_data = self.train_data.relayout(rank=self.dist.global_rank, world_size=world,
+                                                   batch_size=layout.batch_size, grad_accum=layout.grad_accum,
+                                                   num_workers=self.train_data.num_workers,
+                                                   steps_per_epoch=steps_per_epoch)
+        self.accum = layout.grad_accum
+        self.engine.set_grad_accum(layout.grad_accum)
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = self.log.total_steps = plan_total_steps(self.cfg.train, steps_per_epoch, self.debug)
+        self.samples_per_step = self.meter.samples_per_step = layout.global_batch(world)
+        self.position.layout = Segment(world, layout.batch_size, layout.grad_accum, self.train_data.num_workers, 0)
+
     def resume(self) -> None:
         if self.debug:
             return
@@ -340,16 +410,43 @@ class Trainer:
         if found is None:
             return
         path, state, rank_state = found
-        self.engine.load_from(path, state["engine"])
+        self.engine.load_from(path, state["engine"])  # the deepspeed engine refuses another world size here
+        self.resume_data_position(path, state)
         self.load_state_dict(state["trainer"])
         self.log.load_state_dict(state.get("logger", {}))
         if self.freezer.apply(self.step):  # frozen or not is a function of the step
             self.engine.trainable_changed()
-        set_rng_state(rank_state["rng"])
+        if rank_state is not None:
+            set_rng_state(rank_state["rng"])
+        else:  # a rank the checkpoint's run did not have
+            seed = int.from_bytes(hashlib.sha256(f"{self.cfg.run.seed}/rank{self.dist.global_rank}/resumed-at-"
+                                                 f"{self.step}".encode()).digest()[:4], "little")
+            torch.manual_seed(seed), random.seed(seed), np.random.seed(seed)
         self.saved_step = self.step
         if self.key_log:
             self.key_log.truncate(self.step)
+            if self.dist.is_global_zero:
+                self.key_log.truncate_ranks_from(self.dist.world_size, self.step)
         self.log.info(f"resumed from {path} at step {self.step}")
+
+
+def _ranks(first: int, end: int) -> str:
+    return f"rank {first}" if end - first == 1 else f"ranks {first}-{end - 1}"
+
+
+def describe_resize(old: Segment, world: int, new: BatchLayout, global_batch: int, steps_per_epoch: int) -> str:
+    """One line: what changed to keep the global batch (or how far from it the approximation is)."""
+    changes = []
+    if new.batch_size != old.batch_size:
+        changes.append(f"per-rank batch {old.batch_size} -> {new.batch_size}")
+    if new.grad_accum != old.grad_accum:
+        changes.append(f"grad_accum {old.grad_accum} -> {new.grad_accum}")
+    what = " and ".join(changes) or f"per-rank batch {old.batch_size} kept"
+    got = new.global_batch(world)
+    if got == global_batch:
+        return f"resume: {old.world_size} -> {world} ranks; {what} to keep the global batch {global_batch}"
+    return (f"resume: {old.world_size} -> {world} ranks; {what}: global batch {got} instead of {global_batch} "
+            f"(checkpoint.elastic=approximate; LR schedule unchanged, {steps_per_epoch} steps per epoch kept)")
 
 
 def plan_total_steps(train_cfg, steps_per_epoch: int, debug: bool = False) -> int:

@@ -1,9 +1,12 @@
 """Per-rank minibatch streams read from webdataset shards.
 
-The sample order is a pure function of (seed, epoch, rank, worker): the shard list is permuted by a
-seeded RNG, webdataset's `split_by_node` / `split_by_worker` hand shards to ranks and then to
-DataLoader workers, and each worker shuffles within a buffer seeded from the same tuple. Resuming
-mid-epoch rebuilds that order and skips what was consumed.
+The sample order is a pure function of (seed, epoch, rank, world_size, worker): the shard list is
+permuted by a seeded RNG, an explicit node split (every world_size-th shard from `rank`, what webdataset's
+`split_by_node` does, but without reading rank and world size from the environment, so the streams of
+other ranks and other world sizes can be replayed) and webdataset's `split_by_worker` hand shards to
+ranks and then to DataLoader workers, and each worker shuffles within a buffer seeded from the same
+tuple. Resuming mid-epoch rebuilds that order and skips what was consumed; resuming on another number of
+ranks reads the rest of the epoch as dealt by `elastic.py` (`dealt_epoch`).
 
 Every rank yields exactly `batches_per_epoch` training batches, computed from the shard index before
 any data is read: a rank whose shards run out wraps around to the start of its own order, a rank with
@@ -25,6 +28,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, get_worker_info
 
+from .elastic import as_counts
 from .shards import DataError, ShardIndex
 
 Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
@@ -100,6 +104,24 @@ def _first_per_shard_filter(src, counts: dict[str, int]):
 _first_per_shard = wds.pipelinefilter(_first_per_shard_filter)
 
 
+def _split_by_node_filter(src, rank: int, world_size: int):
+    """Every world_size-th shard from `rank`: webdataset's split_by_node with rank and world size given."""
+    yield from itertools.islice(src, rank, None, world_size)
+
+
+_split_by_node = wds.pipelinefilter(_split_by_node_filter)
+
+
+def _keep_counts_filter(src, counts: dict):
+    """Only the samples dealt to this rank, each as often as dealt (counts[url][key])."""
+    for sample in src:
+        for _ in range(counts.get(sample.get("__url__"), {}).get(sample["__key__"], 0)):
+            yield dict(sample)
+
+
+_keep_counts = wds.pipelinefilter(_keep_counts_filter)
+
+
 def _rebatch(batches: Iterator[Batch], size: int, partial: bool) -> Iterator[Batch]:
     """Exact `size`-row batches from worker batches that may end short (each worker's last one)."""
     xs: list[torch.Tensor] = []
@@ -127,7 +149,8 @@ class ShardStream:
     def __init__(self, index: ShardIndex, split: str, *, batch_size: int, rank: int, world_size: int,
                  seed: int = 0, num_workers: int = 0, shuffle_buffer: int = 0, train: bool = False,
                  grad_accum: int = 1, remainder: str = "drop", pin_memory: bool = False,
-                 transform: Optional[Callable] = None, prefetch_factor: Optional[int] = None):
+                 transform: Optional[Callable] = None, prefetch_factor: Optional[int] = None,
+                 steps_per_epoch: Optional[int] = None):
         self.index, self.split = index, split
         self.urls = index.shards(split)
         # samples to read from each shard: all of them, but fewer where the index is a subset
@@ -139,14 +162,25 @@ class ShardStream:
         self.prefetch_factor = prefetch_factor if num_workers > 0 else None
         self.regression = index.task == "regression"
         self.lm = index.task == "lm"
+        self.grad_accum, self.remainder, self.prefetch_arg = grad_accum, remainder, prefetch_factor
         n = index.num_samples(split)
         per_step = batch_size * world_size * grad_accum
         steps = n // per_step if remainder == "drop" else math.ceil(n / per_step)
         if train and steps == 0:
             raise DataError(f"data: '{split}' has {n} samples, fewer than one global batch "
                             f"(batch_size {batch_size} x {world_size} ranks x grad_accum {grad_accum} = {per_step})")
-        self.batches_per_epoch = steps * grad_accum  # micro-batches per rank
-        self.steps_per_epoch = steps  # optimizer steps
+        # given: an elastic resume with an approximate global batch keeps the checkpoint's epoch length
+        self.steps_per_epoch = steps_per_epoch or steps  # optimizer steps
+        self.batches_per_epoch = self.steps_per_epoch * grad_accum  # micro-batches per rank
+
+    def relayout(self, *, rank: int, world_size: int, batch_size: int, grad_accum: int, num_workers: int,
+                 steps_per_epoch: Optional[int] = None) -> "ShardStream":
+        """The same split and seed for another rank layout (an elastic resume, or replaying an old one)."""
+        return ShardStream(self.index, self.split, batch_size=batch_size, rank=rank, world_size=world_size,
+                           seed=self.seed, num_workers=num_workers, shuffle_buffer=self.shuffle_buffer,
+                           train=self.train, grad_accum=grad_accum, remainder=self.remainder,
+                           pin_memory=self.pin_memory, transform=self.transform,
+                           prefetch_factor=self.prefetch_arg, steps_per_epoch=steps_per_epoch)
 
     def shard_order(self, epoch: int) -> list[str]:
         if not self.train:
@@ -172,10 +206,14 @@ class ShardStream:
         return x, y, key
 
     def _pipeline(self, epoch: int, pass_index: int = 0) -> wds.DataPipeline:
-        stages = [wds.SimpleShardList(self.shard_order(epoch)), wds.split_by_node, wds.split_by_worker,
-                  wds.tarfile_to_samples(handler=_raise_data_error), _first_per_shard(self.shard_counts)]
+        stages = [wds.SimpleShardList(self.shard_order(epoch)), _split_by_node(self.rank, self.world_size),
+                  wds.split_by_worker, wds.tarfile_to_samples(handler=_raise_data_error),
+                  _first_per_shard(self.shard_counts)]
+        return self._decoded(stages, f"{self.seed}/epoch{epoch}/rank{self.rank}", epoch, pass_index)
+
+    def _decoded(self, stages: list, shuffle_seed: str, epoch: int, pass_index: int) -> wds.DataPipeline:
         if self.shuffle_buffer > 1:
-            stages.append(worker_shuffle(self.shuffle_buffer, f"{self.seed}/epoch{epoch}/rank{self.rank}"))
+            stages.append(worker_shuffle(self.shuffle_buffer, shuffle_seed))
         stages += [wds.map(functools.partial(decode, labels=not self.lm)),
                    wds.map(functools.partial(self._to_tensors, epoch=epoch, pass_index=pass_index))]
         return wds.DataPipeline(*stages)
@@ -191,11 +229,12 @@ class ShardStream:
             return sum(1 for url in urls if next(samples([url]), None) is not None)
         return sum(1 for _ in samples(urls))
 
-    def _one_pass(self, epoch: int, pass_index: int = 0) -> Iterator[Batch]:
+    def _one_pass(self, epoch: int, pass_index: int = 0, pipeline: Optional[wds.DataPipeline] = None) -> Iterator[Batch]:
         # A fresh DataLoader per pass: its workers fork with this epoch's shard order baked in.
         # Its own generator: otherwise each new iterator draws a seed from the global torch RNG and
         # shifts every dropout mask after it, so a resumed run would diverge from an uninterrupted one.
-        loader = DataLoader(self._pipeline(epoch, pass_index), batch_size=self.batch_size, num_workers=self.num_workers,
+        loader = DataLoader(pipeline or self._pipeline(epoch, pass_index), batch_size=self.batch_size,
+                            num_workers=self.num_workers,
                             pin_memory=self.pin_memory, persistent_workers=False, prefetch_factor=self.prefetch_factor,
                             generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
         yield from loader
@@ -212,3 +251,14 @@ class ShardStream:
         passes = itertools.chain.from_iterable(self._one_pass(epoch, i) for i in itertools.count())
         batches = _rebatch(passes, self.batch_size, partial=False)
         yield from itertools.islice(batches, start, self.batches_per_epoch)
+
+    def dealt_epoch(self, epoch: int, segment: int, items: list[tuple[str, str]], start: int = 0) -> Iterator[Batch]:
+        """Batches `start..` of the samples dealt to this rank for the rest of `epoch` (elastic resume):
+        its shards, read in order and filtered by key, shuffled in a buffer seeded from (seed, epoch,
+        segment, rank). `items` ((url, key), in shard order) are exactly batches x batch_size samples."""
+        urls, counts = as_counts(items)
+        stages = [wds.SimpleShardList(urls), wds.split_by_worker,
+                  wds.tarfile_to_samples(handler=_raise_data_error), _keep_counts(counts)]
+        pipeline = self._decoded(stages, f"{self.seed}/epoch{epoch}/elastic{segment}/rank{self.rank}", epoch, 0)
+        batches = _rebatch(self._one_pass(epoch, 0, pipeline), self.batch_size, partial=False)
+        yield from itertools.islice(batches, start, len(items) // self.batch_size)

@@ -7,10 +7,12 @@
   backward(loss)      loss.backward(), scaled for accumulation
   step()              clip, optimizer.step, zero_grad, scheduler.step -> grad norm
   trainable_changed() parameters were frozen or unfrozen (DDP re-wraps the model)
+  set_grad_accum(n)   micro-batches per step changed (elastic resume on another number of ranks)
   state_dict()/load_state_dict()
   save_to(dir), load_from(dir, state), load_weights(dir, state)
                       checkpoint hooks: files the engine writes itself into the checkpoint directory
-                      (DeepSpeed's ZeRO shards; none for DDP), full resume, and weights only (test)
+                      (DeepSpeed's ZeRO shards; none for DDP), full resume, and weights only (test).
+                      DDP's state is replicated: it resumes on any number of ranks; ZeRO's is not
 
 `SingleEngine` runs one process; `DDPEngine` wraps the model in DistributedDataParallel;
 `DeepSpeedEngine` (train.engine=deepspeed) hands model, optimizer and schedule to DeepSpeed ZeRO.

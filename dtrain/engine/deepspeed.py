@@ -78,7 +78,7 @@ class DeepSpeedEngine:
         # DeepSpeed reads the launcher's LOCAL_RANK itself; torchrun sets it and dist.setup() sets it under SLURM
         os.environ.setdefault("LOCAL_RANK", str(dist_info.local_rank))
         self.deepspeed = deepspeed
-        self.zero_stage = ds_cfg.zero_stage
+        self.zero_stage, self.world_size = ds_cfg.zero_stage, dist_info.world_size
         self.device = dist_info.device
         self.amp_dtype = pick_dtype(train_cfg.precision, dist_info.device)
         self.nonfinite = train_cfg.nonfinite
@@ -105,6 +105,10 @@ class DeepSpeedEngine:
     def trainable_changed(self) -> None:
         raise ConfigError("model.unfreeze_at_step is not supported with train.engine=deepspeed (ZeRO fixes the "
                           "trainable parameters when it partitions them); use train.engine=ddp")
+
+    def set_grad_accum(self, grad_accum: int) -> None:
+        raise ConfigError("train.engine=deepspeed fixes gradient accumulation when ZeRO is set up; it can't "
+                          "change on resume (resume with the same number of ranks and batch settings)")
 
     def backward(self, loss: torch.Tensor) -> None:
         self.model.backward(loss)  # divides by gradient_accumulation_steps itself
@@ -138,6 +142,7 @@ class DeepSpeedEngine:
         if "deepspeed" not in state:
             raise CheckpointError(f"checkpoint: {directory} was written by the ddp engine; resume it with "
                                   "train.engine=ddp (or `dtrain export` it and use model.init_from)")
+        check_same_world_size(directory, self.world_size)
         # DeepSpeed reads its files with weights_only=False: they were just checksummed against the manifest
         path, _ = self.model.load_checkpoint(str(directory), tag=state["deepspeed"]["tag"])
         if path is None:
@@ -150,6 +155,19 @@ class DeepSpeedEngine:
         # ZeRO-3: gather the full parameters, load, and re-partition from rank 0 (a no-op for stages 1-2)
         with self.deepspeed.zero.GatheredParameters(params, modifier_rank=0):
             self.module.load_state_dict(weights)
+
+
+def check_same_world_size(directory: Path, world_size: int) -> None:
+    """ZeRO shards optimizer state (and gradients, parameters) by rank: a checkpoint resumes only on the
+    ranks that wrote it. Re-partitioning them is DeepSpeed's universal-checkpoint conversion, which dtrain
+    does not run; say what to do instead of letting DeepSpeed fail or load a wrong partition."""
+    from ..checkpoint import CheckpointError, written_by
+    saved = written_by(directory)
+    if saved != world_size:
+        raise CheckpointError(f"checkpoint: {directory} holds ZeRO shards of {saved} ranks and this run has "
+                              f"{world_size}; train.engine=deepspeed resumes only on the same number: start it "
+                              f"with {saved} ranks, or `dtrain export --checkpoint {directory} --out model.pt` and "
+                              "fine-tune from it in a new run (model.init_from=model.pt)")
 
 
 def consolidated_state_dict(directory: Path, state: dict) -> dict:

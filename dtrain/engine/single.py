@@ -58,6 +58,10 @@ class SingleEngine:
     def trainable_changed(self) -> None:
         """Parameters were frozen or unfrozen (requires_grad changed): nothing to do in one process."""
 
+    def set_grad_accum(self, grad_accum: int) -> None:
+        """Micro-batches per step changed (an elastic resume kept the global batch on other ranks)."""
+        self.grad_accum = grad_accum
+
     def backward(self, loss: torch.Tensor) -> None:
         # mean over micro-batches, so accumulation of k micro-batches equals one k-times batch
         self.scaler.scale(loss / self.grad_accum).backward()

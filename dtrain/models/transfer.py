@@ -35,9 +35,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def load_pretrained(model: nn.Module, source: str | Path, log: Callable[[str], None] = print) -> list[str]:
     """Copy a checkpoint's weights into `model`. A head of another shape is left as initialised (a new task);
     any other mismatch is the user's error. Returns the names that were not loaded."""
-    path = resolve_checkpoint(source)
-    verify(path)  # complete and untampered, or CheckpointError
-    weights = safe_load(path / "state.pt")["engine"]["model"]  # weights_only: never runs code
+    if Path(source).is_file():  # written by `dtrain export` (e.g. from ZeRO shards): {"model", "config", "step"}
+        path = Path(source)
+        weights = safe_load(path)["model"]
+    else:
+        path = resolve_checkpoint(source)
+        verify(path)  # complete and untampered, or CheckpointError
+        weights = safe_load(path / "state.pt")["engine"]["model"]  # weights_only: never runs code
     own = model.state_dict()
     skipped = []
     for name, tensor in own.items():

@@ -1,0 +1,247 @@
+"""Resuming on a different number of ranks: the per-rank batch that keeps the global batch, and the rest
+of the interrupted epoch dealt over the new ranks.
+
+An epoch is consumed in *segments*. Segment 0 is the normal one: N ranks, each reading its own stream
+(`ShardStream.epoch`). When a run resumes mid-epoch on M != N ranks, a new segment starts at that step:
+the samples the N streams would still have consumed this epoch (their tails after the saved position)
+are dealt over the M ranks, and each new rank reads only its share. The next epoch is a normal one on M
+ranks again. The checkpoint stores the segments of the current epoch, so a later resume (on any number
+of ranks, the same one included) replays them all and carries on exactly.
+
+Replaying a stream does not read data: it needs only each shard's sample keys (tar headers) and mirrors
+the pipeline: node split, worker split, the per-shard cut, the seeded shuffle buffer, and the order in
+which a DataLoader hands out its workers' batches (round-robin, a finished worker dropping out). A test
+holds the replay against the real streams.
+
+Dealing is by shard: the samples still to be read are put in (epoch shard order, position in shard)
+order and cut into M equal runs, so a new rank reads whole shards except at most two it shares with a
+neighbour, filtered by key.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import random
+import tarfile
+from typing import Iterator, NamedTuple
+
+import webdataset as wds
+from webdataset.tariterators import base_plus_ext
+
+from ..config import ConfigError
+from .shards import DataError
+
+Item = tuple[str, str]  # (shard url, sample key)
+
+
+class ElasticError(ConfigError):
+    """The checkpoint's global batch can't be kept exactly on this many ranks; the message names the switch."""
+
+
+# ---- the per-rank batch on the new world size ----------------------------------------------------------
+class BatchLayout(NamedTuple):
+    batch_size: int  # per rank, per micro-batch
+    grad_accum: int
+
+    def global_batch(self, world_size: int) -> int:
+        return self.batch_size * self.grad_accum * world_size
+
+
+def choose_layout(global_batch: int, world_size: int, max_batch: int, mode: str = "exact") -> BatchLayout:
+    """Per-rank batch and accumulation for `world_size` ranks so that their product with it is `global_batch`.
+    The micro-batch stays <= `max_batch` (the old one, so memory per rank does not grow): the largest such
+    divisor of the per-rank share, accumulating the rest. Not divisible: ElasticError (mode exact), or the
+    nearest per-rank batch (mode approximate)."""
+    share, rest = divmod(global_batch, world_size)
+    if rest == 0:
+        accum = next(a for a in range(1, share + 1) if share % a == 0 and share // a <= max_batch)
+        return BatchLayout(share // accum, accum)
+    accum = math.ceil(global_batch / world_size / max_batch)
+    nearest = BatchLayout(max(1, math.floor(global_batch / world_size / accum + 0.5)), accum)
+    if mode == "approximate":
+        return nearest
+    ok = [str(m) for m in range(1, 2 * world_size + 1) if global_batch % m == 0]
+    ok = " or ".join([", ".join(ok[:-1]), ok[-1]] if len(ok) > 1 else ok)
+    raise ElasticError(f"resume: the checkpoint's global batch {global_batch} can't be split evenly over "
+                       f"{world_size} ranks; resume on {ok} ranks, or set "
+                       f"checkpoint.elastic=approximate to use per-rank batch {nearest.batch_size} "
+                       f"x grad_accum {nearest.grad_accum} (global {nearest.global_batch(world_size)})")
+
+
+# ---- the segments of one epoch ---------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """Steps `start..` of an epoch (until the next segment) taken by `world_size` ranks with this layout."""
+    world_size: int
+    batch_size: int
+    grad_accum: int
+    num_workers: int
+    start: int  # optimizer step within the epoch
+
+    def samples_per_rank(self, steps: int) -> int:
+        return steps * self.grad_accum * self.batch_size
+
+
+def shard_keys(url: str) -> list[str]:
+    """Sample keys of a tar shard in file order, as webdataset groups them, from the tar headers only."""
+    keys: list[str] = []
+    try:
+        with tarfile.open(url) as tar:
+            for member in tar:  # headers only: tarfile seeks over the data of an uncompressed tar
+                prefix, _ = base_plus_ext(member.name) if member.isfile() else (None, None)
+                if prefix is not None and (not keys or keys[-1] != prefix):
+                    keys.append(prefix)
+    except (tarfile.TarError, OSError) as e:
+        raise DataError(f"data: cannot read {url} ({type(e).__name__}: {e})") from None
+    return keys
+
+
+def loader_order(per_worker: list[list], batch_size: int) -> list:
+    """The items in the order a DataLoader yields them: each worker batches its own items (its last
+    batch short), and the loader takes one batch from each worker in turn, dropping finished ones."""
+    batches = [[items[i:i + batch_size] for i in range(0, len(items), batch_size)] for items in per_worker]
+    out, active, taken = [], list(range(len(batches))), [0] * len(batches)
+    while active:
+        for w in list(active):
+            if taken[w] < len(batches[w]):
+                out.extend(batches[w][taken[w]])
+                taken[w] += 1
+            else:
+                active.remove(w)
+    return out
+
+
+def stream_order(urls: list[str], samples: dict[str, list[str]], counts: dict[str, collections.Counter] | None,
+                 batch_size: int, num_workers: int, shuffle_buffer: int, shuffle_seed: str) -> list[Item]:
+    """One pass of a rank's pipeline over `urls`, keys only. `samples[url]`: the keys read from the shard
+    (already cut to the index's count); `counts[url][key]`: how often each is kept (None: every one once)."""
+    per_worker = []
+    for w in range(max(num_workers, 1)):
+        items = []
+        for url in (urls[w::num_workers] if num_workers > 1 else urls):
+            for key in samples[url]:
+                items += [(url, key)] * (1 if counts is None else counts[url][key])
+        if shuffle_buffer > 1:  # the same generator, seed and calls as pipeline._worker_shuffle
+            rng = random.Random(f"{shuffle_seed}/worker{w}")
+            items = list(wds.filters._shuffle(iter(items), shuffle_buffer, shuffle_buffer, rng))
+        per_worker.append(items)
+    return loader_order(per_worker, batch_size)
+
+
+def deal(remaining: list[Item], world_size: int, quota: int, shard_rank: dict[str, int],
+         key_rank: dict[Item, int]) -> list[list[Item]]:
+    """`remaining` over `world_size` ranks, `quota` each: in (shard, position in shard) order, cut into
+    consecutive runs. More needed than remain (checkpoint.elastic=approximate): repeated from the start;
+    fewer: the last ones are left out."""
+    total = world_size * quota
+    if total and not remaining:
+        raise DataError("data: nothing left of the epoch to deal over the new ranks")
+    items = [remaining[i % len(remaining)] for i in range(total)]
+    items.sort(key=lambda it: (shard_rank[it[0]], key_rank[it]))
+    return [items[j * quota:(j + 1) * quota] for j in range(world_size)]
+
+
+def as_counts(items: list[Item]) -> tuple[list[str], dict[str, collections.Counter]]:
+    """(shards in first-use order, per shard how often each key is to be read)."""
+    counts: dict[str, collections.Counter] = {}
+    for url, key in items:
+        counts.setdefault(url, collections.Counter())[key] += 1
+    return list(counts), counts
+
+
+class EpochReplay:
+    """Replays the segments of one epoch of `stream` (a ShardStream: index, seed, shuffle buffer, steps per
+    epoch) to find what every rank of the last segment reads."""
+
+    def __init__(self, stream, epoch: int, segments: list[Segment]):
+        self.stream, self.epoch, self.segments = stream, epoch, segments
+        self.steps = stream.steps_per_epoch
+        urls = stream.shard_order(epoch)
+        self.shard_rank = {u: i for i, u in enumerate(urls)}
+        self.samples = {u: shard_keys(u)[:stream.shard_counts[u]] for u in urls}
+        self.key_rank = {(u, k): i for u in urls for i, k in enumerate(self.samples[u])}
+
+    def shuffle_seed(self, seg: int, rank: int) -> str:
+        base = f"{self.stream.seed}/epoch{self.epoch}"
+        return f"{base}/rank{rank}" if seg == 0 else f"{base}/elastic{seg}/rank{rank}"  # seg 0: as ShardStream
+
+    def normal_stream(self, seg: Segment, rank: int) -> list[Item]:
+        """Everything rank `rank` of a normal segment reads this epoch (wrapping around a short stream)."""
+        urls = self.stream.shard_order(self.epoch)[rank::seg.world_size]
+        one_pass = stream_order(urls, self.samples, None, seg.batch_size, seg.num_workers,
+                                self.stream.shuffle_buffer, self.shuffle_seed(0, rank))
+        n = seg.samples_per_rank(self.steps)
+        if not one_pass:
+            raise DataError(f"data: rank {rank} of {seg.world_size} got no shards in epoch {self.epoch}")
+        return [one_pass[i % len(one_pass)] for i in range(n)]
+
+    def segment_streams(self) -> Iterator[tuple[list[list[Item]], list[list[Item]]]]:
+        """Per segment: (what each of its ranks reads from the segment's start to the epoch's end, in
+        order; what was dealt to each, in shard order: empty lists for the normal segment 0)."""
+        first = self.segments[0]
+        streams = [self.normal_stream(first, r) for r in range(first.world_size)]
+        dealt: list[list[Item]] = [[] for _ in streams]
+        yield streams, dealt
+        for i in range(1, len(self.segments)):
+            prev, seg = self.segments[i - 1], self.segments[i]
+            used = prev.samples_per_rank(seg.start - prev.start)
+            remaining = [item for s in streams for item in s[used:]]  # the old ranks' unread tails
+            dealt = deal(remaining, seg.world_size, seg.samples_per_rank(self.steps - seg.start),
+                         self.shard_rank, self.key_rank)
+            streams = [self.dealt_stream(i, r, dealt[r]) for r in range(seg.world_size)]
+            yield streams, dealt
+
+    def assignment(self, rank: int) -> list[Item]:
+        """What rank `rank` of the last segment reads, in shard order."""
+        *_, (_, dealt) = self.segment_streams()
+        return dealt[rank]
+
+    def dealt_stream(self, seg_index: int, rank: int, items: list[Item]) -> list[Item]:
+        seg = self.segments[seg_index]
+        urls, counts = as_counts(items)
+        samples = {u: [k for k in self.samples[u] if counts[u][k]] for u in urls}
+        return stream_order(urls, samples, counts, seg.batch_size, seg.num_workers, self.stream.shuffle_buffer,
+                            self.shuffle_seed(seg_index, rank))
+
+
+def consumed_keys(stream, epoch: int, segments: list[Segment], until: int) -> list[list[list[Item]]]:
+    """Per segment, per rank: the samples read in its steps up to step `until` of the epoch (audits, tests)."""
+    out = []
+    for i, (streams, _) in enumerate(EpochReplay(stream, epoch, segments).segment_streams()):
+        seg = segments[i]
+        end = segments[i + 1].start if i + 1 < len(segments) else until
+        out.append([s[:seg.samples_per_rank(end - seg.start)] for s in streams])
+    return out
+
+
+class DataPosition:
+    """Where the run is in its data, beyond the step: the global batch it keeps, and which rank layouts
+    read the current epoch (its segments). Saved with every checkpoint (the trainer's state)."""
+
+    def __init__(self, layout: Segment, global_batch: int, steps_per_epoch: int):
+        self.layout = layout  # this run's ranks and batch
+        self.global_batch, self.steps_per_epoch = global_batch, steps_per_epoch
+        self.epoch, self.segments = 0, [layout]
+
+    def segments_of(self, epoch: int) -> list[Segment]:
+        """The segments of `epoch`; a new epoch is read normally by this run's ranks."""
+        if epoch != self.epoch:
+            self.epoch, self.segments = epoch, [dataclasses.replace(self.layout, start=0)]
+        return self.segments
+
+    def state_dict(self) -> dict:
+        return {"global_batch": self.global_batch, "steps_per_epoch": self.steps_per_epoch, "epoch": self.epoch,
+                "segments": [dataclasses.astuple(s) for s in self.segments]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.global_batch, self.steps_per_epoch = state["global_batch"], state["steps_per_epoch"]
+        self.epoch, self.segments = state["epoch"], [Segment(*s) for s in state["segments"]]
+
+    @staticmethod
+    def legacy_state(world_size: int, config: dict, step: int, steps_per_epoch: int) -> dict:
+        """The state of a checkpoint written before elastic resume: one normal segment, from its config."""
+        b, a, w = config["data"]["batch_size"], config["train"]["grad_accum"], config["data"]["num_workers"]
+        return {"global_batch": b * a * world_size, "steps_per_epoch": steps_per_epoch,
+                "epoch": step // steps_per_epoch, "segments": [(world_size, b, a, w, 0)]}
