@@ -298,11 +298,16 @@ def safe_load(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-        reason = next((l for l in lines if "Unsupported" in l or "unpickler error" in l.lower()), None)
-        reason = (reason or (lines[0] if lines else type(e).__name__)).split(" was not an allowed global")[0]
-        raise CheckpointError(f"checkpoint: refusing to load {path}: not a plain tensor file ({reason[:200]}); "
-                              "dtrain never unpickles code") from None
+        raise refusal(path, e) from None
+
+
+def refusal(path, e: Exception) -> CheckpointError:
+    """The one-line error for a file that torch's weights-only unpickler refused."""
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    reason = next((l for l in lines if "Unsupported" in l or "unpickler error" in l.lower()), None)
+    reason = (reason or (lines[0] if lines else type(e).__name__)).split(" was not an allowed global")[0]
+    return CheckpointError(f"checkpoint: refusing to load {path}: not a plain tensor file ({reason[:200]}); "
+                           "dtrain never unpickles code")
 
 
 def _version() -> str:

@@ -6,7 +6,9 @@ pays for it once, before the timed comparisons.
 """
 
 import importlib.util
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from dtrain.checkpoint import _sha256
 from conftest import (REPO, _env, free_port, latest_logged_step, metrics_of, result_of, run_dtrain, run_torchrun,
                       start, torchrun_cmd, wait_for, workers)
 
@@ -109,6 +112,31 @@ def test_zero2_resume_after_stop_is_exact_and_export_evaluates_the_same(tmp_path
     # and eval straight on the ZeRO checkpoint directory (consolidated on the fly) says the same
     ev2 = run_dtrain(["eval", "--checkpoint", str(tmp_path / "runs/straight")], tmp_path)
     assert ev.stdout.splitlines()[1:] == ev2.stdout.splitlines()[1:]
+
+    # DeepSpeed's own loads pass weights_only=False; dtrain forces weights_only: a ZeRO shard that would
+    # run code, with a manifest rewritten to match it, is refused in one line and never executed
+    evil_run = tmp_path / "runs/evil"
+    shutil.copytree(tmp_path / "runs/straight", evil_run, symlinks=True)
+    ckpt = (evil_run / "checkpoints/latest").resolve()
+    shard = next((ckpt / "deepspeed").glob("zero_pp_rank_1_*optim_states.pt"))
+    marker = tmp_path / "pwned"
+    torch.save({"optimizer_state_dict": Evil(f"touch {marker}")}, shard)  # a valid torch file, evil inside
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["files"][str(shard.relative_to(ckpt))] = {"sha256": _sha256(shard), "bytes": shard.stat().st_size}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    proc = run_dtrain(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "evil.pt")], tmp_path,
+                      check=False)
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("dtrain: error:")]
+    assert proc.returncode == 2 and errors and "refusing to load" in errors[0], proc.stderr[-2000:]
+    assert not marker.exists()
+
+
+class Evil:
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
 
 
 @needs_ds

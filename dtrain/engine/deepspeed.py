@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -143,8 +144,8 @@ class DeepSpeedEngine:
             raise CheckpointError(f"checkpoint: {directory} was written by the ddp engine; resume it with "
                                   "train.engine=ddp (or `dtrain export` it and use model.init_from)")
         check_same_world_size(directory, self.world_size)
-        # DeepSpeed reads its files with weights_only=False: they were just checksummed against the manifest
-        path, _ = self.model.load_checkpoint(str(directory), tag=state["deepspeed"]["tag"])
+        with weights_only_loads(directory / TAG):
+            path, _ = self.model.load_checkpoint(str(directory), tag=state["deepspeed"]["tag"])
         if path is None:
             raise CheckpointError(f"checkpoint: DeepSpeed could not load {directory / TAG}")
 
@@ -174,6 +175,48 @@ def consolidated_state_dict(directory: Path, state: dict) -> dict:
     """A plain fp32 state dict from a dtrain DeepSpeed checkpoint (DeepSpeed's zero_to_fp32)."""
     import_deepspeed(torch.device("cpu"))
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    with contextlib.redirect_stdout(None):  # it prints progress lines
+    with contextlib.redirect_stdout(None), weights_only_loads(directory / TAG):  # it prints progress lines
         weights = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=state["deepspeed"]["tag"])
     return {k: v.contiguous() for k, v in weights.items()}
+
+
+@contextlib.contextmanager
+def weights_only_loads(what: Path):
+    """Every torch.load inside, DeepSpeed's own included (they pass weights_only=False), as
+    weights_only=True: torch's TORCH_FORCE_WEIGHTS_ONLY_LOAD, read at each call. The few plain data
+    classes DeepSpeed pickles into its optimizer files are allowlisted; anything else is refused."""
+    from ..checkpoint import refusal
+    old = os.environ.get(_FORCE)
+    os.environ[_FORCE] = "1"
+    try:
+        with torch.serialization.safe_globals(_deepspeed_data_classes()):
+            yield
+    except pickle.UnpicklingError as e:
+        raise refusal(what, e) from None
+    except (RuntimeError, EOFError, OSError) as e:  # e.g. not a torch file at all
+        from ..checkpoint import CheckpointError
+        first = next((l.strip() for l in str(e).splitlines() if l.strip()), type(e).__name__)
+        raise CheckpointError(f"checkpoint: DeepSpeed could not load {what} ({first[:200]})") from None
+    finally:
+        if old is None:
+            os.environ.pop(_FORCE, None)
+        else:
+            os.environ[_FORCE] = old
+
+
+_FORCE = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+
+
+def _deepspeed_data_classes() -> list:
+    """Data-only classes in DeepSpeed's checkpoint files (loss scaler state, ZeRO stage enum, fragment
+    addresses), by name: DeepSpeed versions move them, and a missing one only means it isn't needed."""
+    import importlib
+    found = []
+    for name in ("deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+                 "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.utils.tensor_fragment.fragment_address"):
+        module, _, attr = name.rpartition(".")
+        try:
+            found.append(getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError):
+            pass
+    return found
