@@ -118,9 +118,10 @@ def test_bench_prints_a_well_formed_table(tmp_path):
     assert labels[0].startswith("(a) hand-written") and labels[2].startswith("(c) dtrain, webdataset")
     assert float(rows[0].group(6)) == 1.0 and all(float(m.group(6)) > 0 for m in rows)
     assert re.search(r"stall per save sync -?[\d.]+ ms, async -?[\d.]+ ms", proc.stdout)
+    assert re.search(r"^\(c\) shards / \(b\) synthetic: [\d.]+$", proc.stdout, re.M), proc.stdout
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert [r["key"] for r in saved["rows"]] == ["a", "b", "c", "d_sync", "d_async"]
-    assert saved["checkpoint_stall"]["d_sync"]["saves_per_segment"] >= 1
+    assert saved["checkpoint_stall"]["d_sync"]["saves_per_segment"] >= 1 and saved["shards_vs_synthetic"] > 0
 
 
 def test_bench_runs_a_cnn(tmp_path):
