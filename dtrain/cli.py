@@ -4,6 +4,7 @@ and exit code 2."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -33,12 +34,7 @@ def _train(args) -> int:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"num_workers": 0}),
                                      "log": cfg.log.model_copy(update={"progress": False})})
         torch.autograd.set_detect_anomaly(True)
-    info = dist.setup(cfg.dist.backend, cfg.dist.timeout_s, cfg.dist.connect_timeout_s,
-                      force_single=args.debug)
-    clean = False
-    try:
-        if info.is_global_zero:
-            print(info.describe(), file=sys.stderr, flush=True)
+    with _session(cfg, force_single=args.debug) as info:
         trainer = Trainer(cfg, info, debug=args.debug)
         if cfg.run.doctor and info.distributed:
             _check_health(cfg, info, trainer.run_dir, trainer.engine.module, brief=True)
@@ -48,13 +44,28 @@ def _train(args) -> int:
         result = trainer.fit()
         if info.is_global_zero:
             print(json.dumps(result), flush=True)
+    return EXIT_INTERRUPTED if result["stop_reason"].startswith("signal") else 0
+
+
+@contextlib.contextmanager
+def _session(cfg, force_single: bool = False):
+    """The process group of one command: set up, described once by rank 0, and torn down: cleanly
+    (barrier, then leave) after success or a DoctorError, which every rank raises at the same point;
+    abruptly after any other error, when a peer may be gone."""
+    from . import dist
+
+    info = dist.setup(cfg.dist.backend, cfg.dist.timeout_s, cfg.dist.connect_timeout_s, force_single=force_single)
+    clean = False
+    try:
+        if info.is_global_zero:
+            print(info.describe(), file=sys.stderr, flush=True)
+        yield info
         clean = True
     except DoctorError:
-        clean = True  # every rank raises it at the same point: leave the group the normal way
+        clean = True
         raise
     finally:
         dist.teardown(clean)
-    return EXIT_INTERRUPTED if result["stop_reason"].startswith("signal") else 0
 
 
 class DoctorError(RuntimeError):
@@ -75,28 +86,15 @@ def _check_health(cfg, info, run_dir, model, brief: bool) -> None:
 
 
 def _doctor(args) -> int:
-    from pathlib import Path
-
-    from . import dist
     from .config import load_config
     from .data import resolve_shards
     from .models import build_model
 
     cfg = load_config(args.config, args.overrides)
-    info = dist.setup(cfg.dist.backend, cfg.dist.timeout_s)
-    clean = False
-    try:
-        if info.is_global_zero:
-            print(info.describe(), file=sys.stderr, flush=True)
+    with _session(cfg) as info:
         index = resolve_shards(cfg.data, cfg.run.seed)
         model = build_model(cfg.model, index.input_shape, index.num_classes or 1, cfg.run.seed)
         _check_health(cfg, info, Path(cfg.run.dir) / cfg.run.name, model, brief=False)
-        clean = True
-    except DoctorError:
-        clean = True  # every rank raises it at the same point: leave the group the normal way
-        raise
-    finally:
-        dist.teardown(clean)
     return 0
 
 

@@ -1,7 +1,6 @@
 """Launching: environment detection, one-line launcher errors that come quickly, launch/ scripts,
 and two "nodes" on loopback training exactly like one node with the same world size."""
 
-import os
 import subprocess
 import sys
 import time
