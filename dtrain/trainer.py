@@ -147,9 +147,15 @@ class Trainer:
         """This rank's micro-batches of `epoch` from step `done` on: its normal stream, or, in an epoch
         resumed on another number of ranks, its share of what the old ranks had not read (data/elastic.py)."""
         segments = self.position.segments_of(epoch)
-        if len(segments) == 1:
-            return self.train_data.epoch(epoch, start=done * self.accum)
         seg = segments[-1]
+        if len(segments) == 1:
+            stream = self.train_data
+            if seg.num_workers != stream.num_workers:  # resumed with another data.num_workers: the workers
+                # split the shards, so the epoch ends in the order it began; the new count from the next one
+                stream = stream.relayout(rank=self.dist.global_rank, world_size=seg.world_size,
+                                         batch_size=seg.batch_size, grad_accum=seg.grad_accum,
+                                         num_workers=seg.num_workers, steps_per_epoch=self.steps_per_epoch)
+            return stream.epoch(epoch, start=done * self.accum)
         stream = self.train_data.relayout(rank=self.dist.global_rank, world_size=seg.world_size,
                                           batch_size=seg.batch_size, grad_accum=seg.grad_accum,
                                           num_workers=seg.num_workers, steps_per_epoch=self.steps_per_epoch)
@@ -382,6 +388,9 @@ class Trainer:
             log(f"resume: {_ranks(0, kept)} continue{'s' if kept == 1 else ''} its saved RNG stream; " + (
                 f"{_ranks(kept, world)} start{'s' if world - kept == 1 else ''} a fresh one seeded from "
                 f"(run.seed, rank, step)" if world > kept else f"that of {_ranks(kept, old.world_size)} is dropped"))
+        if old.num_workers != self.train_data.num_workers and done and self.position.epoch == epoch:
+            log(f"resume: data.num_workers {old.num_workers} -> {self.train_data.num_workers} from epoch {epoch + 1}; "
+                f"the rest of epoch {epoch} keeps the order of {old.num_workers} (workers split the shards)")
         if old.world_size != world and done and self.position.epoch == epoch:
             left = (self.steps_per_epoch - done) * old.grad_accum * old.batch_size * old.world_size
             self.position.segments.append(dataclasses.replace(self.position.layout, start=done))

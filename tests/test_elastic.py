@@ -184,3 +184,21 @@ def test_init_from_takes_an_exported_file(tmp_path):
     torch.save({"model": source.state_dict(), "config": {}, "step": 7}, tmp_path / "model.pt")  # export's format
     load_pretrained(target, tmp_path / "model.pt", log=lambda m: None)
     assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.state_dict().values()))
+
+
+def test_resume_with_more_data_workers_finishes_the_epoch_in_its_order(tmp_path, data_root):
+    """The DataLoader workers split the shards, so data.num_workers is part of the sample order: a run
+    resumed with another count finishes the interrupted epoch in the old order (no sample twice, none
+    skipped: the same keys at the same steps as the uninterrupted run) and uses the new one after it."""
+    args = ["train", f"data.root={data_root}", "train.epochs=2", "data.shuffle_buffer=200", "log.progress=false",
+            "log.sample_keys=true", "train.log_every=1"]
+    run_dtrain(args + ["run.name=straight"], tmp_path)
+    run_dtrain(args + ["run.name=r", "run.stop_at_step=4"], tmp_path)
+    proc = run_dtrain(args + ["run.name=r", "data.num_workers=2"], tmp_path)
+    assert "resume: data.num_workers 0 -> 2 from epoch 1" in proc.stderr, proc.stderr
+    steps = len(key_log(tmp_path / "runs" / "straight")[0]) // 2
+    straight, resumed = key_log(tmp_path / "runs" / "straight")[0], key_log(tmp_path / "runs" / "r")[0]
+    assert resumed[:steps] == straight[:steps]  # epoch 0: step by step the same samples
+    epoch1 = [k for _, keys in resumed[steps:] for k in keys]
+    assert len(epoch1) == len(set(epoch1)) == sum(len(keys) for _, keys in straight[steps:])
+    assert resumed[steps:] != straight[steps:]  # epoch 1 is read by 2 workers: another order
