@@ -74,8 +74,9 @@ class SingleEngine:
         Gradients are already all-reduced here, so a NaN/inf that began on any one rank is in every
         rank's norm and every rank makes the same skip decision without another collective."""
         self.scaler.unscale_(self.optimizer)
-        params = [p for p in self.module.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.clip if self.clip is not None else float("inf"))
+        # (parameters without a gradient, e.g. frozen ones, are skipped by clip_grad_norm_ itself)
+        max_norm = self.clip if self.clip is not None else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
         skipped: torch.Tensor | bool = False
         if self.scaler.is_enabled():
             self.scaler.step(self.optimizer)  # skips the update itself on overflow
