@@ -353,15 +353,18 @@ class Config(Section):
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
-    keys = []
+def _leaf_fields(model: type[BaseModel], prefix: str = ""):
+    """(dotted key, field) of every setting, sections flattened."""
     for name, field in model.model_fields.items():
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
-            keys += _valid_keys(ann, f"{prefix}{name}.")
+            yield from _leaf_fields(ann, f"{prefix}{name}.")
         else:
-            keys.append(f"{prefix}{name}")
-    return keys
+            yield f"{prefix}{name}", field
+
+
+def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    return [key for key, _ in _leaf_fields(model, prefix)]
 
 
 def _check_keys(data: Any, model: type[BaseModel], prefix: str = "") -> None:
@@ -434,11 +437,5 @@ def load_config(path: Optional[str | Path] = None, overrides: list[str] = ()) ->
 
 def describe_fields(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
     """One line per key: `key = default  # docstring`."""
-    lines = []
-    for name, field in model.model_fields.items():
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            lines += describe_fields(ann, f"{prefix}{name}.")
-        else:
-            lines.append(f"{prefix}{name} = {field.default!r}  # {' '.join((field.description or '').split())}")
-    return lines
+    return [f"{key} = {field.default!r}  # {' '.join((field.description or '').split())}"
+            for key, field in _leaf_fields(model, prefix)]
