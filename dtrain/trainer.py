@@ -198,7 +198,8 @@ class Trainer:
                 self.engine.backward(losses["loss"])
             loss_sum += torch.stack([losses[k].detach().float() for k in self.loss_fn.names])
         grad_norm, skipped = self.engine.step()
-        self._skips += skipped  # on the device when the optimizer decided there: counted at the next log
+        if skipped is not False:  # a device tensor when the optimizer decided there: counted at the next log
+            self._skips += skipped
         if skipped is True or self.cfg.train.nonfinite == "stop":  # decided on the host, or must stop now
             self.count_skips(self.step + 1, first=self.step + 1)
         if self.debug:  # .item() syncs the device: only in debug
