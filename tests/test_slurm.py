@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from conftest import REPO, _env
+from conftest import REPO, _env, final_params
 
 pytestmark = pytest.mark.slurm
 
@@ -154,9 +155,11 @@ def test_preemptible_job_requeued_from_outside_resumes_into_the_same_log(slurm_c
 def test_preemptible_job_checkpoints_requeues_itself_and_resumes(slurm_cluster, tmp_path, data_root):
     """USR1 to every task (what --signal=USR1@N sends before the time limit): the ranks agree to stop,
     checkpoint at a step boundary, rank 0 requeues the job once, and the requeued job resumes the same
-    run into the same log."""
-    job = sbatch(tmp_path, str(REPO / "slurm" / "preemptible.sbatch"), f"data.root={data_root}", "train.epochs=10",
-                 "log.progress=false", "train.log_every=1")
+    run into the same log, and ends with the same parameters as the same job never preempted."""
+    args = (str(REPO / "slurm" / "preemptible.sbatch"), f"data.root={data_root}", "train.epochs=10",
+            "log.progress=false", "train.log_every=1")
+    straight = sbatch(tmp_path, *args, env={"RUN_NAME": "straight"})  # on the other node, meanwhile
+    job = sbatch(tmp_path, *args)
     metrics = tmp_path / "runs" / f"dtrain-{job}" / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not metrics.is_file() or len(metrics.read_text().splitlines()) < 3:
@@ -180,3 +183,8 @@ def test_preemptible_job_checkpoints_requeues_itself_and_resumes(slurm_cluster, 
     assert f"checkpoints/step-{stopped['step']:08d} at step {stopped['step']}" in out, out  # resumed right there
     result = summary(out)
     assert result["stop_reason"] == "completed" and result["step"] == 10 * 9
+    fields, out = wait_for(straight, tmp_path)
+    assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "0", f"{fields}\n{out}"
+    assert summary(out)["step"] == 10 * 9
+    want, got = final_params(tmp_path / "runs" / "straight"), final_params(tmp_path / "runs" / f"dtrain-{job}")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)  # bit for bit
