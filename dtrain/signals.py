@@ -4,7 +4,9 @@ SIGTERM, SIGINT and SIGUSR1 only set a flag. Once per step every rank all-reduce
 separate gloo group (CPU tensors: no GPU sync, and it never interleaves with the gradient
 all-reduces of the main group). The reduce is started asynchronously at step k and read at step k+1,
 so its latency hides behind a step; every rank reads the same value at the same step and stops
-together. A second SIGINT aborts at once.
+together. A second SIGINT aborts at once, and so does SIGTERM on a rank that has been inside one step
+for longer than the collective timeout: it is stuck (its peers have given up on it), and the launcher
+sends SIGTERM to end it, not to wait for a step that will not finish.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import torch
 import torch.distributed as torchdist
@@ -22,8 +25,10 @@ HANDLED = {signal.SIGTERM: 0, signal.SIGINT: 1, signal.SIGUSR1: 2}
 
 
 class StopControl:
-    def __init__(self, group):
+    def __init__(self, group, stuck_after_s: float | None = None):
         self.flags = torch.zeros(len(HANDLED))
+        self.stuck_after_s = stuck_after_s  # dist.timeout_s: a step this long means the rank is stuck
+        self.step_started: float | None = None  # time.monotonic() while the trainer is inside a step
         self.group = group  # a gloo group of its own (dist.new_cpu_group), None in single mode
         self._pending = None  # (work, tensor) started last step
         self.stop_signal: str | None = None  # the agreed signal, once all ranks know
@@ -33,6 +38,12 @@ class StopControl:
         if signum == signal.SIGINT and self.flags[HANDLED[signal.SIGINT]] > 0:
             print("\ndtrain: second interrupt: aborting without a checkpoint", file=sys.stderr, flush=True)
             os._exit(130)
+        busy = time.monotonic() - self.step_started if self.step_started is not None else 0.0
+        if signum == signal.SIGTERM and self.stuck_after_s is not None and busy > self.stuck_after_s:
+            os.write(2, f"dtrain: SIGTERM received after {busy:.0f} s inside one step (longer than "
+                        f"dist.timeout_s={self.stuck_after_s:g}): this rank is stuck; exiting now without a "
+                        "checkpoint (the last one is intact)\n".encode())
+            os._exit(128 + signal.SIGTERM)
         first = not self.flags.any()
         # Set the flag before saying anything: a second signal can re-enter this handler at any
         # bytecode, and must find the first one recorded.

@@ -93,7 +93,7 @@ class Trainer:
         self.ckpt = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep_last, dist_info, cfg.hash(),
                                  keep_best=cfg.checkpoint.keep_best, async_save=cfg.checkpoint.async_save,
                                  group=dist.new_cpu_group(cfg.dist.timeout_s))
-        self.control = StopControl(dist.new_cpu_group(cfg.dist.timeout_s))
+        self.control = StopControl(dist.new_cpu_group(cfg.dist.timeout_s), stuck_after_s=cfg.dist.timeout_s)
         self.key_log = SampleKeyLog(self.run_dir, dist_info.global_rank) if cfg.log.sample_keys else None
         # Each rank its own dropout/augmentation stream; resumed exactly from the checkpoint.
         seed = cfg.run.seed * 1000 + dist_info.global_rank
@@ -166,7 +166,9 @@ class Trainer:
         """Optimizer steps on `batches` (micro-batches) until they run out, a stop, or the last step.
         (`dtrain bench` feeds it synthetic batches: the same loop, timed.)"""
         for micro_batches in self.meter.timed(_groups(batches, self.accum)):
+            self.control.step_started = time.monotonic()  # a SIGTERM long after this: the rank is stuck
             loss = self.train_step(micro_batches)
+            self.control.step_started = None
             self.step += 1
             self.after_step(loss, epoch)
             if self.stop_reason is not None or self.step >= self.total_steps:

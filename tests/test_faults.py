@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (REPO, final_params, key_log, latest_logged_step, metrics_of, result_of, run_dtrain,
+from conftest import (REPO, _env, final_params, key_log, latest_logged_step, metrics_of, result_of, run_dtrain,
                       run_torchrun, start, torchrun_cmd, wait_for, workers)
 from dtrain.checkpoint import CheckpointError, Checkpointer, safe_load, verify
 from dtrain.dist import DistInfo
@@ -266,6 +266,26 @@ def test_stalled_rank_ends_the_job_within_the_timeout(tmp_path, data_root):
     assert "failed on rank 0" in line and "all-reduce" in line and "Timed out" in line, line
     assert timeout_s - 1 < elapsed < timeout_s + 5, f"rank 0 reported the stall after {elapsed:.1f} s"
     assert ended < timeout_s + 30 + 10, f"the job took {ended:.1f} s to end"
+
+
+@pytest.mark.multiproc
+def test_rank_sleeping_in_a_step_ends_the_job_within_the_timeout(tmp_path, data_root):
+    """Rank 1 sleeps inside step 4 (alive, but never reaching the all-reduce). Rank 0 gives up after
+    dist.timeout_s naming the operation; torchrun then sends SIGTERM to rank 1, which has been inside one
+    step for longer than the timeout, so it exits at once instead of finishing the step: the job ends
+    within timeout + a few seconds."""
+    timeout_s = 10
+    args = ["train", f"data.root={data_root}", "train.epochs=100", "log.progress=false", f"dist.timeout_s={timeout_s}"]
+    cmd = torchrun_cmd(2, args)
+    cmd[cmd.index("-m", 2):cmd.index("dtrain") + 1] = [str(REPO / "tests" / "sleepy_rank.py")]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_env({"SLEEPY_RANK": "1", "SLEEPY_STEP": "4"}), capture_output=True,
+                          text=True, timeout=timeout_s + 60, stdin=subprocess.DEVNULL)
+    ended = time.monotonic() - t0
+    assert proc.returncode != 0
+    assert "dtrain: error: dist: gradient all-reduce (train step) failed on rank 0" in proc.stderr, proc.stderr[-3000:]
+    assert "this rank is stuck; exiting now" in proc.stderr, proc.stderr[-3000:]
+    assert ended < timeout_s + 20, f"the job took {ended:.1f} s (startup included) to end"
 
 
 # ---- non-finite losses ------------------------------------------------------------------------------
