@@ -42,7 +42,7 @@ def kill_during_save_trials(tmp_path: Path, trials: int) -> dict:
             lines = dict(server.stdout.readline().split(maxsplit=1) for _ in range(2))  # pid and ready, any order
             assert "ready" in lines and "pid" in lines, lines
             assert int(lines["ready"]) >= expected_min  # resumed from the newest complete checkpoint, not older
-            time.sleep(rng.uniform(0.05, 0.6))  # the loop does nothing but save: this lands inside a save
+            time.sleep(rng.uniform(0.02, 0.3))  # the loop does nothing but save: this lands inside a save
             os.kill(int(lines["pid"]), signal.SIGKILL)
             assert server.stdout.readline().strip() == "reaped"
             counts["trials"] += 1
@@ -239,7 +239,7 @@ def test_stalled_rank_ends_the_job_within_the_timeout(tmp_path, data_root):
     ends the job; for a worker that cannot honour SIGTERM (a stopped process) torch 2.13's agent waits a
     fixed 30 s before SIGKILL, whatever --shutdown-timeout says (that flag applies to signals sent to
     torchrun itself), so the job's end is bounded by timeout + 30 s."""
-    timeout_s = 10
+    timeout_s = 5
     tag = uuid.uuid4().hex
     run = tmp_path / "runs" / "s"
     args = ["train", f"data.root={data_root}", "train.epochs=100", "log.progress=false", "train.log_every=1",
