@@ -81,15 +81,39 @@ def _step_of(path: Path) -> int:
     return int(path.name.removeprefix("step-"))
 
 
-def _snapshot(obj):
-    """A copy of every tensor on the CPU, so training can change the originals during an async save."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _snapshot(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_snapshot(v) for v in obj)
-    return obj
+class Snapshot:
+    """Copies a state's tensors into CPU buffers kept from one async save to the next, so training can
+    change the originals while the copy is written. Reusing the buffers skips allocating (and first
+    touching) fresh memory on every save; from a GPU they are pinned and filled with non-blocking copies,
+    one synchronize for all. A buffer is refilled only after the save that wrote it has finished."""
+
+    def __init__(self):
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, state):
+        copied: dict[tuple, torch.Tensor] = {}  # the same tensor twice (tied weights): one copy, still shared
+        copy = self._copy(state, (), copied)
+        if any(device.type == "cuda" for device, *_ in copied):
+            torch.cuda.synchronize()
+        return copy
+
+    def _copy(self, obj, path: tuple, copied: dict):
+        if isinstance(obj, torch.Tensor):
+            src = obj.detach()
+            same = (src.device, src.data_ptr(), src.shape, src.stride(), src.dtype)
+            if same in copied:
+                return copied[same]
+            buf = self._buffers.get(path)
+            if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
+                buf = self._buffers[path] = torch.empty(src.shape, dtype=src.dtype, pin_memory=src.is_cuda)
+            buf.copy_(src, non_blocking=src.is_cuda)
+            copied[same] = buf
+            return buf
+        if isinstance(obj, dict):
+            return {k: self._copy(v, (*path, k), copied) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)) and any(isinstance(v, (torch.Tensor, dict, list, tuple)) for v in obj):
+            return type(obj)(self._copy(v, (*path, i), copied) for i, v in enumerate(obj))
+        return obj  # scalars, strings, and sequences of them (python's RNG state): immutable or not shared
 
 
 class Checkpointer:
@@ -104,6 +128,7 @@ class Checkpointer:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.protect: set[str] = set()  # step directories kept regardless of age (the best m)
+        self._snapshot = Snapshot()
 
     def save(self, step: int, state: dict, rank_state: dict, best: bool = False,
              write_files: Optional[Callable[[Path], None]] = None) -> Path:
@@ -115,7 +140,9 @@ class Checkpointer:
         self.wait()
         if not self.async_save or write_files is not None:
             return self._save(step, state, rank_state, best, write_files)
-        state, rank_state = _snapshot(state), _snapshot(rank_state)
+        # only rank 0 writes `state` (the model and optimizer): the others need not copy it
+        state = self._snapshot({"state": state if self.info.is_global_zero else None, "rank": rank_state})
+        state, rank_state = state["state"], state["rank"]
         self._thread = threading.Thread(target=self._save_in_background, args=(step, state, rank_state, best),
                                         name=f"dtrain-checkpoint-{step}", daemon=True)  # joined by wait()
         self._thread.start()

@@ -18,7 +18,7 @@ import torch
 
 from conftest import (REPO, _env, final_params, key_log, latest_logged_step, metrics_of, result_of, run_dtrain,
                       run_torchrun, start, torchrun_cmd, wait_for, workers)
-from dtrain.checkpoint import CheckpointError, Checkpointer, safe_load, verify
+from dtrain.checkpoint import CheckpointError, Checkpointer, Snapshot, safe_load, verify
 from dtrain.dist import DistInfo
 
 SINGLE = DistInfo("single", 0, 0, 1, torch.device("cpu"), None)
@@ -380,6 +380,25 @@ def test_async_save_resume_is_exact(tmp_path, straight_run):
     assert_same_as_straight(tmp_path / "runs" / "r", straight_run)
     for path in (tmp_path / "runs" / "r" / "checkpoints").glob("step-*"):
         verify(path)
+
+
+def test_async_snapshot_is_a_frozen_copy_in_reused_buffers(tmp_path):
+    model = torch.nn.Linear(4, 4)
+    tied = {"a": model.weight, "b": model.weight, "opt": {0: {"step": torch.tensor(3.0)}}, "rng": (3, (1, 2), None)}
+    snap = Snapshot()
+    first = snap(tied)
+    with torch.no_grad():
+        model.weight.add_(1.0)  # training goes on while the copy is written
+    assert not torch.equal(first["a"], model.weight) and first["a"] is first["b"]  # tied: one copy, still shared
+    assert first["rng"] == (3, (1, 2), None) and first["opt"][0]["step"].item() == 3.0
+    second = snap(tied)  # the next save refills the same buffers (the last save has finished by then)
+    assert second["a"].data_ptr() == first["a"].data_ptr() and torch.equal(second["a"], model.weight)
+    ckpt = Checkpointer(tmp_path, 2, SINGLE, "test", async_save=True)
+    ckpt.save(1, {"w": model.weight}, {"rng": torch.zeros(2)})
+    with torch.no_grad():
+        model.weight.zero_()
+    ckpt.wait()
+    assert torch.equal(safe_load(tmp_path / "step-00000001" / "state.pt")["w"], second["a"])
 
 
 def test_keep_last_and_best(tmp_path, data_root):
