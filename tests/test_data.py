@@ -98,3 +98,60 @@ def test_missing_and_corrupt_shards_are_clear_errors(tmp_path, data_root):
 def test_unknown_dataset():
     with pytest.raises(DataError, match="unknown dataset 'mnist'"):
         make_builtin("mnist", "/tmp/x", 10)
+
+
+# ---- the fast tar reader (dtrain/data/tario.py) against webdataset's own ---------------------------
+def _members(reader, path):
+    with open(path, "rb") as f:
+        return [(m["fname"], m["data"]) for m in reader(f)]
+
+
+def test_fast_tar_reader_reads_what_webdataset_reads(tmp_path, data_root):
+    import gzip
+    import io
+    import tarfile
+
+    from webdataset import tariterators
+
+    from dtrain.data import tario
+
+    def add(tar, name, data=b"", kind=tarfile.REGTYPE):
+        info = tarfile.TarInfo(name)
+        info.type, info.size = kind, len(data)
+        if kind == tarfile.SYMTYPE:
+            info.linkname = "a.x"
+        tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+
+    archives = [sorted((data_root / "digits").glob("*.tar"))[0]]  # a shard as dtrain writes it
+    deep = "d" * 120 + "/" + "k" * 90  # a ustar prefix
+    for fmt in (tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT):
+        path = tmp_path / f"f{fmt}.tar"
+        with tarfile.open(path, "w", format=fmt) as tar:
+            add(tar, "__meta__.json", b"{}")
+            add(tar, "dir/", kind=tarfile.DIRTYPE)
+            add(tar, "s1.x.npy", b"abc" * 300)
+            add(tar, "s1.y.cls", b"3")
+            add(tar, "link.x", kind=tarfile.SYMTYPE)
+            add(tar, f"{deep}.x.npy", b"\0" * 513)
+            add(tar, "s2.y.cls", b"")
+            if fmt != tarfile.USTAR_FORMAT:  # names ustar cannot hold
+                add(tar, "l" * 150 + ".x.npy", b"long")
+                add(tar, "sch\u00f6n.y.cls", b"7")
+        archives.append(path)
+    gz = tmp_path / "c.tar.gz"
+    gz.write_bytes(gzip.compress(archives[-1].read_bytes()))
+    archives.append(gz)
+    for path in archives:
+        fast = _members(tario.tar_file_iterator, path)
+        assert fast == _members(tariterators.tar_file_iterator, path) and len(fast) >= 4, path
+    assert ("l" * 150 + ".x.npy", b"long") in fast and (f"{deep}.x.npy", b"\0" * 513) in fast
+
+    shard = bytearray(archives[0].read_bytes())
+    truncated = tmp_path / "t.tar"
+    truncated.write_bytes(shard[:512 * 3 + 100])
+    flipped = tmp_path / "b.tar"
+    shard[512 * 4 + 10] ^= 0x20  # a later member's header: tarfile's stream mode would end the shard there
+    flipped.write_bytes(shard)
+    for path, error in ((truncated, "unexpected end of data"), (flipped, "bad tar header checksum")):
+        with pytest.raises(tarfile.ReadError, match=error):
+            _members(tario.tar_file_iterator, path)

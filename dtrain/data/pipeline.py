@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, get_worker_info
 
 from .elastic import as_counts
 from .shards import DataError, ShardIndex
+from .tario import tarfile_to_samples
 
 Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
 
@@ -207,7 +208,7 @@ class ShardStream:
 
     def _pipeline(self, epoch: int, pass_index: int = 0) -> wds.DataPipeline:
         stages = [wds.SimpleShardList(self.shard_order(epoch)), _split_by_node(self.rank, self.world_size),
-                  wds.split_by_worker, wds.tarfile_to_samples(handler=_raise_data_error),
+                  wds.split_by_worker, tarfile_to_samples(handler=_raise_data_error),
                   _first_per_shard(self.shard_counts)]
         return self._decoded(stages, f"{self.seed}/epoch{epoch}/rank{self.rank}", epoch, pass_index)
 
@@ -222,7 +223,7 @@ class ShardStream:
         """Read and decode every sample of `urls` (or only each one's first) in this process, without
         node splitting. -> samples read. Raises DataError naming a shard that can't be read."""
         def samples(url_list):
-            stages = [wds.SimpleShardList(url_list), wds.tarfile_to_samples(handler=_raise_data_error),
+            stages = [wds.SimpleShardList(url_list), tarfile_to_samples(handler=_raise_data_error),
                       wds.map(functools.partial(decode, labels=not self.lm))]
             return iter(wds.DataPipeline(*stages))
         if first_only:
@@ -258,7 +259,7 @@ class ShardStream:
         segment, rank). `items` ((url, key), in shard order) are exactly batches x batch_size samples."""
         urls, counts = as_counts(items)
         stages = [wds.SimpleShardList(urls), wds.split_by_worker,
-                  wds.tarfile_to_samples(handler=_raise_data_error), _keep_counts(counts)]
+                  tarfile_to_samples(handler=_raise_data_error), _keep_counts(counts)]
         pipeline = self._decoded(stages, f"{self.seed}/epoch{epoch}/elastic{segment}/rank{self.rank}", epoch, 0)
         batches = _rebatch(self._one_pass(epoch, 0, pipeline), self.batch_size, partial=False)
         yield from itertools.islice(batches, start, len(items) // self.batch_size)
