@@ -82,37 +82,39 @@ def _step_of(path: Path) -> int:
 
 
 class Snapshot:
-    """Copies a state's tensors into CPU buffers kept from one async save to the next, so training can
-    change the originals while the copy is written. Reusing the buffers skips allocating (and first
-    touching) fresh memory on every save; from a GPU they are pinned and filled with non-blocking copies,
-    one synchronize for all. A buffer is refilled only after the save that wrote it has finished."""
+    """Copies a state's tensors into CPU buffers, so training can change the originals while the copy is
+    written. The buffers are kept from one save to the next (from a GPU they are pinned, for fast
+    asynchronous device-to-host copies with one synchronize for all, and pinned memory is slow to
+    allocate); a buffer is refilled only after the save that wrote it has finished (Checkpointer.save
+    waits for that first)."""
 
     def __init__(self):
         self._buffers: dict[tuple, torch.Tensor] = {}
 
     def __call__(self, state):
         copied: dict[tuple, torch.Tensor] = {}  # the same tensor twice (tied weights): one copy, still shared
-        copy = self._copy(state, (), copied)
+        kept, self._buffers = self._buffers, {}  # buffers of paths gone from the state are dropped
+        copy = self._copy(state, (), copied, kept)
         if any(device.type == "cuda" for device, *_ in copied):
             torch.cuda.synchronize()
         return copy
 
-    def _copy(self, obj, path: tuple, copied: dict):
+    def _copy(self, obj, path: tuple, copied: dict, kept: dict):
         if isinstance(obj, torch.Tensor):
             src = obj.detach()
             same = (src.device, src.data_ptr(), src.shape, src.stride(), src.dtype)
             if same in copied:
                 return copied[same]
-            buf = self._buffers.get(path)
+            buf = kept.get(path)
             if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
-                buf = self._buffers[path] = torch.empty(src.shape, dtype=src.dtype, pin_memory=src.is_cuda)
+                buf = torch.empty(src.shape, dtype=src.dtype, pin_memory=src.is_cuda)
             buf.copy_(src, non_blocking=src.is_cuda)
-            copied[same] = buf
+            self._buffers[path] = copied[same] = buf
             return buf
         if isinstance(obj, dict):
-            return {k: self._copy(v, (*path, k), copied) for k, v in obj.items()}
+            return {k: self._copy(v, (*path, k), copied, kept) for k, v in obj.items()}
         if isinstance(obj, (list, tuple)) and any(isinstance(v, (torch.Tensor, dict, list, tuple)) for v in obj):
-            return type(obj)(self._copy(v, (*path, i), copied) for i, v in enumerate(obj))
+            return type(obj)(self._copy(v, (*path, i), copied, kept) for i, v in enumerate(obj))
         return obj  # scalars, strings, and sequences of them (python's RNG state): immutable or not shared
 
 

@@ -232,7 +232,7 @@ class CheckpointConfig(Section):
     """Also keep this many checkpoints with the lowest validation loss."""
     async_save: bool = False
     """Write checkpoints in a background thread while training goes on (at most one in flight). The loop
-    pauses only to copy the state into CPU buffers kept between saves (pinned, from a GPU; rank 0 holds
+    pauses only to copy the state into CPU memory (pinned buffers kept between saves, from a GPU; rank 0 holds
     the model and optimizer copy, the other ranks only their RNG states). Not for train.engine=deepspeed,
     whose writer uses the training group: its saves stay synchronous."""
     save_best: bool = True

@@ -155,3 +155,29 @@ def test_fast_tar_reader_reads_what_webdataset_reads(tmp_path, data_root):
     for path, error in ((truncated, "unexpected end of data"), (flipped, "bad tar header checksum")):
         with pytest.raises(tarfile.ReadError, match=error):
             _members(tario.tar_file_iterator, path)
+
+
+def test_shard_cut_at_a_member_boundary_is_an_error(tmp_path, data_root):
+    import shutil
+    import tarfile
+    root = tmp_path / "digits"
+    shutil.copytree(data_root / "digits", root)
+    shard = sorted(root.glob("train-*.tar"))[1]
+    with tarfile.open(shard) as tar:
+        cut = tar.getmembers()[6].offset  # after three whole samples: to a tar reader, a shorter archive
+    shard.write_bytes(shard.read_bytes()[:cut])
+    s = ShardStream(read_index(root), "train", batch_size=32, rank=0, world_size=1, train=True)
+    with pytest.raises(DataError, match=f"{shard.name} .*holds 3 samples, the index lists [0-9]+"):
+        list(s.epoch(0))
+
+
+def test_elastic_rest_of_epoch_shorter_than_dealt_is_an_error(data_root):
+    import tarfile
+    index = read_index(data_root / "digits")
+    url = index.shards("train")[0]
+    with tarfile.open(url) as tar:
+        keys = sorted({m.name.split(".")[0] for m in tar.getmembers()})[:64]
+    s = ShardStream(index, "train", batch_size=32, rank=0, world_size=1, train=True)
+    items = [(url, k) for k in keys] + [(url, f"gone{i}") for i in range(32)]  # the shard lost 32 samples
+    with pytest.raises(DataError, match="read 64 of the 96 samples dealt"):
+        list(s.dealt_epoch(0, 1, items))

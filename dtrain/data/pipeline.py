@@ -93,13 +93,26 @@ worker_shuffle = wds.pipelinefilter(_worker_shuffle)
 
 def _first_per_shard_filter(src, counts: dict[str, int]):
     """Only the first counts[shard] samples of each shard (the index may list a subset of a split).
-    Runs before the shuffle buffer, so the subset is the same whatever the seed."""
+    Runs before the shuffle buffer, so the subset is the same whatever the seed. A shard that ends
+    with fewer samples than the index lists (cut at a member boundary, which a tar reader can't tell
+    from its end) is an error, not a silently shorter epoch."""
     seen: dict[str, int] = {}
+    current = None
     for sample in src:
         url = sample.get("__url__")
+        if url != current:  # shards are read one after the other: the last one is complete
+            _check_complete(current, seen, counts)
+            current = url
         seen[url] = seen.get(url, 0) + 1
         if url not in counts or seen[url] <= counts[url]:
             yield sample
+    _check_complete(current, seen, counts)
+
+
+def _check_complete(url, seen: dict[str, int], counts: dict[str, int]) -> None:
+    if url in counts and seen.get(url, 0) < counts[url]:
+        raise DataError(f"data: cannot read {url} (it holds {seen.get(url, 0)} samples, the index lists "
+                        f"{counts[url]}: truncated?)")
 
 
 _first_per_shard = wds.pipelinefilter(_first_per_shard_filter)
@@ -262,4 +275,9 @@ class ShardStream:
                   tarfile_to_samples(handler=_raise_data_error), _keep_counts(counts)]
         pipeline = self._decoded(stages, f"{self.seed}/epoch{epoch}/elastic{segment}/rank{self.rank}", epoch, 0)
         batches = _rebatch(self._one_pass(epoch, 0, pipeline), self.batch_size, partial=False)
-        yield from itertools.islice(batches, start, len(items) // self.batch_size)
+        total, n = len(items) // self.batch_size, start
+        for n, batch in enumerate(itertools.islice(batches, start, total), start + 1):
+            yield batch
+        if n < total:  # a shard shorter than when the epoch began
+            raise DataError(f"data: rank {self.rank} read {n * self.batch_size} of the {len(items)} samples dealt "
+                            f"to it for the rest of epoch {epoch} from {', '.join(urls)}: a shard changed or is truncated")
