@@ -205,6 +205,46 @@ def test_torchrun_restart_resumes_automatically(tmp_path, straight_run):
     assert_same_as_straight(run, straight_run)
 
 
+def _stop_control_rank(rank: int, port: int, out) -> None:
+    import torch.distributed as td
+    from dtrain.signals import StopControl
+    td.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    control = StopControl(td.new_group(backend="gloo"))
+    calls = []
+    original = td.all_reduce
+    td.all_reduce = lambda *a, **k: calls.append(1) or original(*a, **k)  # count the checks
+    stopped = None
+    for step in range(1, 2001):
+        time.sleep(0.001)  # a 1 ms step
+        if rank == 1 and step == 300:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        if control.should_stop():
+            stopped = step
+            break
+    control.close()
+    out.put((rank, stopped, len(calls)))
+    td.destroy_process_group()
+
+
+@pytest.mark.multiproc
+def test_ranks_with_short_steps_check_for_signals_less_often_and_stop_at_the_same_step():
+    """Millisecond steps: the flags are compared about every 50 ms, not every step; a signal on rank 1
+    still stops both ranks at the same step, within a few checks."""
+    import multiprocessing
+    from conftest import free_port
+    ctx = multiprocessing.get_context("spawn")
+    out, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=_stop_control_rank, args=(r, port, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted(out.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    (_, stop0, checks0), (_, stop1, checks1) = results
+    assert stop0 == stop1 and 300 < stop0 < 300 + 250, results
+    assert checks0 == checks1 and checks0 < stop0 / 3, results  # ~11 checks in 350 steps here
+
+
 # ---- signals on one process -----------------------------------------------------------------------
 def test_sigint_stops_cleanly_and_second_sigint_aborts(tmp_path, data_root):
     args = ["train", f"data.root={data_root}", "train.epochs=200", "log.progress=false", "train.log_every=1"]
