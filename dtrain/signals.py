@@ -7,9 +7,10 @@ behind training; every rank reads the same value at the same step and stops toge
 every step while steps take CHECK_EVERY_S or longer; for shorter steps every few steps, about
 CHECK_EVERY_S apart (an extra collective per millisecond-long CPU step cost 25-30% of the throughput
 of 2 CPU ranks). The reduce also carries each rank's recent step time, so all ranks compute the
-same next check from the same agreed (maximum) value. A second SIGINT aborts at once, and so does SIGTERM on a rank that has been inside one step
-for longer than the collective timeout: it is stuck (its peers have given up on it), and the launcher
-sends SIGTERM to end it, not to wait for a step that will not finish.
+same next check from the same agreed (maximum) value. A second SIGINT aborts at once, and so does
+SIGTERM on a rank that has been inside one step for longer than the collective timeout: it is stuck
+(its peers have given up on it), and the launcher sends SIGTERM to end it, not to wait for a step
+that will not finish.
 """
 
 from __future__ import annotations
@@ -70,16 +71,16 @@ class StopControl:
             now = time.monotonic()
             step_s = (now - self._checked_at) / (self._steps - self._checked_step)
             self._checked_at, self._checked_step = now, self._steps
-            agreed = None
-            if self._pending is not None:
-                work, agreed = self._pending
+            agreed, slowest = None, CHECK_EVERY_S
+            if self._pending is not None:  # [flags..., slowest rank's step time] of the last check
+                work, result = self._pending
                 work.wait()
+                agreed, slowest = result[:-1], float(result[-1])
             mine = torch.cat([self.flags, torch.tensor([step_s], dtype=self.flags.dtype)])
             self._pending = (torchdist.all_reduce(mine, torchdist.ReduceOp.MAX, group=self.group, async_op=True), mine)
             # the same agreed step time on every rank: the same next check
-            slowest = float(agreed[-1]) if agreed is not None else CHECK_EVERY_S
-            self._next_check = self._steps + min(MAX_STEPS_BETWEEN_CHECKS, max(1, int(CHECK_EVERY_S / max(slowest, 1e-6))))
-            agreed = agreed[:-1] if agreed is not None else None
+            every = int(CHECK_EVERY_S / max(slowest, 1e-6))
+            self._next_check = self._steps + min(MAX_STEPS_BETWEEN_CHECKS, max(1, every))
         if agreed is not None and agreed.any() and self.stop_signal is None:
             # preemption wins: it is the one that requeues the job
             order = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)

@@ -103,9 +103,7 @@ def tar_file_iterator(stream) -> Iterator[dict]:
         long_name = pax = None
         if kind not in _REGULAR or name.endswith("/"):
             continue
-        if "/" not in name and name.startswith(tariterators.meta_prefix) and name.endswith(tariterators.meta_suffix):
-            continue
-        if _META.match(name):
+        if _META.match(name):  # also covers webdataset's meta_prefix/meta_suffix ("__name__") check
             continue
         yield {"fname": name, "data": data}
 
