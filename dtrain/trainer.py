@@ -77,12 +77,12 @@ class Trainer:
         self.freezer.apply(0)  # before the engine: DDP only reduces parameters that require grad when wrapped
         # one group for all (the layout older checkpoints have) unless the backbone gets its own LR
         scales = lr_scales(cfg.optim.backbone_lr_ratio) if cfg.optim.backbone_lr_ratio != 1 else None
-        optimizer = build_optimizer(cfg.optim, model, scales)
         channels_last = cfg.model.channels_last if cfg.model.channels_last != "auto" else \
             cfg.model.name == "cnn" and self.device.type == "cuda"
         # the model's own FLOP count, taken before compile/DDP wrap it
         flops = flops_per_sample(model, index.input_shape)
-        self.engine = build_engine(model, optimizer, build_scheduler(cfg.schedule, optimizer, self.total_steps),
+        self.engine = build_engine(model, lambda module: build_optimizer(cfg.optim, module, scales),
+                                   lambda optimizer: build_scheduler(cfg.schedule, optimizer, self.total_steps),
                                    cfg.train, dist_info, cfg.deepspeed, cfg.data.batch_size,
                                    channels_last=channels_last)
         tokens_per_sample = index.input_shape[-1] if self.task == "lm" else 1  # tokens: samples unless sequences

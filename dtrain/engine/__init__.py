@@ -24,15 +24,18 @@ from __future__ import annotations
 from .single import SingleEngine
 
 
-def build_engine(model, optimizer, scheduler, train_cfg, dist_info, ds_cfg=None, micro_batch_size: int = 1,
+def build_engine(model, make_optimizer, make_scheduler, train_cfg, dist_info, ds_cfg=None, micro_batch_size: int = 1,
                  channels_last: bool = False):
+    """`make_optimizer(module)` and `make_scheduler(optimizer)` are called by the engine once the model is
+    where its parameters will live (an engine that shards parameters must build the optimizer over the
+    shards, not over the full tensors)."""
     if train_cfg.engine == "deepspeed":
         from .deepspeed import DeepSpeedEngine
-        return DeepSpeedEngine(model, optimizer, scheduler, train_cfg, dist_info, ds_cfg, micro_batch_size)
+        return DeepSpeedEngine(model, make_optimizer, make_scheduler, train_cfg, dist_info, ds_cfg, micro_batch_size)
     if dist_info.distributed:
         from .ddp import DDPEngine
-        return DDPEngine(model, optimizer, scheduler, train_cfg, dist_info, channels_last)
-    return SingleEngine(model, optimizer, scheduler, train_cfg, dist_info, channels_last)
+        return DDPEngine(model, make_optimizer, make_scheduler, train_cfg, dist_info, channels_last)
+    return SingleEngine(model, make_optimizer, make_scheduler, train_cfg, dist_info, channels_last)
 
 
 def model_weights(directory, engine_state: dict) -> dict:

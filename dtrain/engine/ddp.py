@@ -10,8 +10,8 @@ from .single import SingleEngine
 
 
 class DDPEngine(SingleEngine):
-    def __init__(self, model, optimizer, scheduler, train_cfg, dist_info, channels_last: bool = False):
-        super().__init__(model, optimizer, scheduler, train_cfg, dist_info, channels_last)
+    def __init__(self, model, make_optimizer, make_scheduler, train_cfg, dist_info, channels_last: bool = False):
+        super().__init__(model, make_optimizer, make_scheduler, train_cfg, dist_info, channels_last)
         self.device_ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
         # DDP broadcasts rank 0's parameters and buffers here, so all replicas start identical.
         # compile the DDP wrapper (not the bare module), so DDP's bucketed all-reduce overlaps the compiled backward

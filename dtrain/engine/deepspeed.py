@@ -71,7 +71,7 @@ def build_ds_config(train_cfg, ds_cfg, micro_batch_size: int, device: torch.devi
 
 
 class DeepSpeedEngine:
-    def __init__(self, model, optimizer, scheduler, train_cfg, dist_info, ds_cfg, micro_batch_size: int):
+    def __init__(self, model, make_optimizer, make_scheduler, train_cfg, dist_info, ds_cfg, micro_batch_size: int):
         deepspeed = import_deepspeed(dist_info.device)
         if not torch.distributed.is_initialized():
             # one process: DeepSpeed needs a process group; a world of one in this process, no rendezvous
@@ -83,8 +83,10 @@ class DeepSpeedEngine:
         self.device = dist_info.device
         self.amp_dtype = pick_dtype(train_cfg.precision, dist_info.device)
         self.nonfinite = train_cfg.nonfinite
+        model = model.to(dist_info.device)
+        optimizer = make_optimizer(model)
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model.to(dist_info.device), optimizer=optimizer, lr_scheduler=scheduler,
+            model=model, optimizer=optimizer, lr_scheduler=make_scheduler(optimizer),
             config=build_ds_config(train_cfg, ds_cfg, micro_batch_size, dist_info.device))
         self.module = self.model.module  # the bare model; under ZeRO-3 its forward gathers the shards
 

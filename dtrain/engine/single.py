@@ -23,14 +23,15 @@ def should_compile(setting, device: torch.device) -> bool:
 
 
 class SingleEngine:
-    def __init__(self, model, optimizer, scheduler, train_cfg, dist_info, channels_last: bool = False):
+    def __init__(self, model, make_optimizer, make_scheduler, train_cfg, dist_info, channels_last: bool = False):
         self.channels_last = channels_last
         self.module = model.to(dist_info.device, memory_format=torch.channels_last) if channels_last \
             else model.to(dist_info.device)
         self.compile = should_compile(train_cfg.compile, dist_info.device)
         # what forward is called on: compiled, and wrapped by DDP in DDPEngine; weights stay in self.module
         self.model = self.compiled(self.module)
-        self.optimizer, self.scheduler = optimizer, scheduler
+        self.optimizer = make_optimizer(self.module)
+        self.scheduler = make_scheduler(self.optimizer)
         self.grad_accum = train_cfg.grad_accum
         self.clip = train_cfg.clip_grad_norm
         self.device = dist_info.device
