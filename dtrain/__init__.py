@@ -1,1 +1,34 @@
+"""dtrain: distributed data-parallel training with PyTorch.
+
+From a config: `dtrain train --config X.yaml key=value ...`. From your own script, with your own objects:
+
+    import dtrain
+    dtrain.main(model=build_model, loss=my_loss, metrics=my_metrics)
+
+launched exactly as the command is (`python train.py ...`, `torchrun --nproc-per-node N train.py ...`,
+`srun python train.py ...`), with the same config, overrides, run directory and guarantees.
+"""
+
 __version__ = "0.1.0"
+
+
+def main(argv=None, *, model=None, loss=None, metrics=None, forward=None, param_groups=None):
+    """Run dtrain's command line with objects of your own, then exit with its exit code (0, 2 for a user
+    error, 75 when interrupted and resumable). `argv` defaults to sys.argv[1:]; its command defaults to
+    `train` (also: eval, export, doctor, config, plot).
+
+    model         an nn.Module, or a callable returning one: it is called with model.kwargs (plus
+                  `input_shape` and `num_outputs` from the data set where its signature names them) after
+                  seeding with run.seed, so every rank builds the same weights (prefer the callable)
+    loss          loss(output, batch) -> a scalar tensor, or a dict of named scalar terms (each logged; the
+                  total is its "loss" entry, else their sum)
+    metrics       metrics(output, batch) -> {name: per-batch sum} or {name: (numerator, denominator)}
+                  (added over batches and ranks exactly), or {name: torchmetrics.Metric} (updated with
+                  (logits, target), synchronised by torchmetrics), or a list of those
+    forward       forward(model, batch) -> output (default: model(x), or model(**batch) for dict batches)
+    param_groups  param_groups(model) -> torch optimizer param groups (lr, weight_decay per group)
+    """
+    from .build import Hooks
+    from .cli import main as cli_main
+
+    raise SystemExit(cli_main(argv, Hooks(model, loss, metrics, forward, param_groups)))

@@ -29,24 +29,24 @@ import torch.nn.functional as F
 from . import dist
 from .config import load_config
 from .engine.single import pick_dtype, should_compile
-from .models import build_model
+from .models import build_model, has_convolutions
 
 DATASETS = {"gpt": "text", "mlp": "digits", "cnn": "count"}
 
 
 def bench_config(args, root: Path, name: str, overrides: list[str] = ()):
     o = [f"run.dir={root / 'runs'}", f"run.name={name}", f"data.root={root / 'data'}",
-         f"data.dataset={DATASETS[args.model]}", f"model.name={args.model}", f"data.batch_size={args.batch_size}",
+         f"data.dataset={DATASETS[args.model]}", f"model.factory={args.model}", f"data.batch_size={args.batch_size}",
          f"train.compile={str(args.compile).lower()}", f"train.precision={args.precision}",
          f"train.log_every={args.steps}", "schedule.name=constant", "log.progress=false",
          "checkpoint.save_best=false", "data.shuffle_buffer=100", f"data.num_workers={args.num_workers}"]
     if args.model == "gpt":
         windows = args.batch_size * (args.steps + 4) * 2  # enough for a couple of segments per epoch
         o += [f"data.text_context={args.seq_len}", f"data.text_bytes={max(200_000, windows * (args.seq_len + 1))}",
-              f"model.gpt.n_layer={args.n_layer}", f"model.gpt.n_head={args.n_head}",
-              f"model.gpt.n_embd={args.n_embd}"]
+              f"model.kwargs.n_layer={args.n_layer}", f"model.kwargs.n_head={args.n_head}",
+              f"model.kwargs.n_embd={args.n_embd}"]
         if args.vocab:
-            o.append(f"model.gpt.vocab_size={args.vocab}")
+            o.append(f"model.kwargs.vocab_size={args.vocab}")
     elif args.model == "cnn":
         o += ["data.count_samples=6000", "data.shard_size=350"]  # the example's size: ~90 steps per epoch
     return load_config(None, [*o, *overrides])
@@ -74,8 +74,9 @@ class HandWrittenLoop:
     """What a minimal training script does: model, AdamW, autocast, clip, step, zero_grad(set_to_none)."""
 
     def __init__(self, cfg, input_shape, out_features: int, task: str, device: torch.device):
-        self.model = build_model(cfg.model, input_shape, out_features, cfg.run.seed).to(device)
-        self.channels_last = cfg.model.name == "cnn" and device.type == "cuda" and cfg.model.channels_last != False
+        facts = {"input_shape": input_shape, "num_outputs": out_features}
+        self.model = build_model(cfg.model, facts, cfg.run.seed).to(device)
+        self.channels_last = has_convolutions(self.model) and device.type == "cuda" and cfg.model.channels_last != False
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.forward = torch.compile(self.model) if should_compile(cfg.train.compile, device) else self.model
@@ -129,18 +130,16 @@ def run_bench(args, out=print) -> dict:
     trainers["d_async"] = Trainer(bench_config(args, root, "ckpt-async", [f"checkpoint.every={k}",
                                                                         "checkpoint.async_save=true"]), info)
     base = trainers["b"]
-    index_shape = tuple(base.train_data.index.input_shape)
-    vocab = base.engine.module.head.out_features
-    task = base.task
+    index_shape, vocab, task = base.facts.input_shape, base.facts.num_outputs, base.facts.task
     save_times: dict[str, list[float]] = {"d_sync": [], "d_async": []}
     for key, t in trainers.items():
         t.run_dir.mkdir(parents=True, exist_ok=True)
-        t.total_steps = t.steps_per_epoch = 10**12  # no last step, no end-of-epoch validation while timing
+        t.feed.total_steps = t.feed.steps_per_epoch = 10**12  # no last step, no end-of-epoch validation while timing
         if key in save_times:
             _time_saves(t, save_times[key])
     hand = HandWrittenLoop(base.cfg, index_shape, vocab, task, device)
     batches = synthetic_batches(args, index_shape, vocab, task, pin=device.type == "cuda")
-    shard_batches = _cycle_epochs(base.train_data)
+    shard_batches = _cycle_epochs(base.feed.stream)
 
     def dtrain_on(trainer, source) -> Callable[[int], None]:
         return lambda n: trainer.train_epoch(itertools.islice(source, n), epoch=0)
@@ -168,13 +167,13 @@ def run_bench(args, out=print) -> dict:
             _sync(device)
             elapsed = time.perf_counter() - t0
             if key in trainers:
-                trainers[key].ckpt.wait()  # an async save still in flight finishes outside the timed part
+                trainers[key].checkpointer.wait()  # an async save still in flight finishes outside the timed part
             if rep >= 0:
                 seconds[key].append(elapsed)
                 if key in saves:
                     saves[key].append(len(save_times[key]) - before)
     for t in trainers.values():
-        t.ckpt.wait()
+        t.checkpointer.wait()
 
     tokens_per_sample = index_shape[-1] if task == "lm" else 1
     per_step = args.batch_size * tokens_per_sample

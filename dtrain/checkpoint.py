@@ -119,10 +119,13 @@ class Snapshot:
 
 
 class Checkpointer:
+    """When to save (every N steps) and how (atomic, verified, pruned to the last k and the best m)."""
+
     def __init__(self, root: str | Path, keep_last: int, dist_info, config_hash: str, keep_best: int = 1,
-                 async_save: bool = False, group=None):
+                 async_save: bool = False, group=None, every: int = 0):
         self.root = Path(root)
-        self.keep_last, self.keep_best = keep_last, keep_best
+        self.keep_last, self.keep_best, self.every = keep_last, keep_best, every
+        self.best_steps: list[int] = []  # newest last; the keep_best newest are the best m
         self.info = dist_info
         self.config_hash = config_hash
         self.async_save = async_save
@@ -132,14 +135,28 @@ class Checkpointer:
         self.protect: set[str] = set()  # step directories kept regardless of age (the best m)
         self._snapshot = Snapshot()
 
+    def should_save(self, step: int) -> bool:
+        return bool(self.every) and step % self.every == 0
+
+    def state_dict(self) -> dict:
+        return {"best_steps": list(self.best_steps)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_steps = list(state["best_steps"])
+
     def save(self, step: int, state: dict, rank_state: dict, best: bool = False,
              write_files: Optional[Callable[[Path], None]] = None) -> Path:
         """Collective. Synchronous, or (async_save) snapshot to CPU now and write in the background;
         either way atomic. At most one save is in flight: a new one first waits for the last.
         `write_files(tmp_dir)`, called on every rank, lets an engine add its own files (DeepSpeed's ZeRO
         shards); they are checksummed and published with the rest. Such a save is always synchronous:
-        the engine's writer runs collectives on the training group, which the training thread uses."""
+        the engine's writer runs collectives on the training group, which the training thread uses.
+        A best checkpoint is kept among the keep_best newest best ones; `state` gets the checkpointer's own."""
         self.wait()
+        if best:
+            self.best_steps.append(step)
+        self.protect = {f"step-{s:08d}" for s in (self.best_steps[-self.keep_best:] if self.keep_best else [])}
+        state = {**state, "checkpointer": self.state_dict()}
         if not self.async_save or write_files is not None:
             return self._save(step, state, rank_state, best, write_files)
         # only rank 0 writes `state` (the model and optimizer): the others need not copy it

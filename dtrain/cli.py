@@ -34,8 +34,10 @@ def _train(args) -> int:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"num_workers": 0}),
                                      "log": cfg.log.model_copy(update={"progress": False})})
         torch.autograd.set_detect_anomaly(True)
+    if args.hooks is not None:
+        cfg = args.hooks.record(cfg)  # config.yaml names the script's callables
     with _session(cfg, force_single=args.debug) as info:
-        trainer = Trainer(cfg, info, debug=args.debug)
+        trainer = Trainer(cfg, info, debug=args.debug, hooks=args.hooks)
         if cfg.run.doctor and info.distributed:
             _check_health(cfg, info, trainer.run_dir, trainer.engine.module, brief=True)
         if info.is_global_zero:
@@ -86,14 +88,15 @@ def _check_health(cfg, info, run_dir, model, brief: bool) -> None:
 
 
 def _doctor(args) -> int:
+    from .build import Hooks, build_model_for, data_facts
     from .config import load_config
     from .data import resolve_shards
-    from .models import build_model
 
     cfg = load_config(args.config, args.overrides)
+    hooks = args.hooks or Hooks()
+    cfg = hooks.record(cfg)
     with _session(cfg) as info:
-        index = resolve_shards(cfg.data, cfg.run.seed)
-        model = build_model(cfg.model, index.input_shape, index.num_classes or 1, cfg.run.seed)
+        model = build_model_for(cfg, data_facts(resolve_shards(cfg.data, cfg.run.seed)), hooks, lambda msg: None)
         _check_health(cfg, info, Path(cfg.run.dir) / cfg.run.name, model, brief=False)
     return 0
 
@@ -133,15 +136,15 @@ def _eval(args) -> int:
     from .trainer import Trainer
 
     path, state = _load_for_eval(args.checkpoint)
-    cfg = Config.model_validate(state["config"])
+    cfg = Config.from_saved(state["config"])
     # the weights come from the checkpoint: don't reload the run's pretrained source (it may be gone);
     # evaluation needs no DeepSpeed, whichever engine trained it
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_from": None}),
                                  "train": cfg.train.model_copy(update={"engine": "ddp"})})
     info = dist.setup(force_single=True)
-    trainer = Trainer(cfg, info)
+    trainer = Trainer(cfg, info, hooks=args.hooks)
     trainer.engine.module.load_state_dict(state["engine"]["model"])
-    stream = {"train": trainer.train_data, "val": trainer.val_data, "test": trainer.test_data}[args.split]
+    stream = {"train": trainer.feed.stream, "val": trainer.val_data, "test": trainer.test_data}[args.split]
     if args.split == "train":
         stream = type(stream)(stream.index, "train", batch_size=stream.batch_size, rank=0, world_size=1)
     metrics = trainer.evaluate(stream, args.split)
@@ -149,10 +152,8 @@ def _eval(args) -> int:
     print(f"checkpoint {path.resolve()} (step {state['trainer']['step']}), split {args.split}")
     for k, v in metrics.items():
         print(f"  {k:<{width}}  {v:.6g}")
-    if trainer.task == "classification":
-        from .losses import confusion_matrix
-        cm = confusion_matrix(trainer.engine.module, stream, trainer.engine.module.head.out_features, info.device)
-        print(format_confusion(cm))
+    if trainer.facts.task == "classification":
+        print(format_confusion(trainer.evaluator.confusion_matrix(stream, trainer.facts.num_outputs)))
     return 0
 
 
@@ -321,13 +322,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, hooks=None) -> int:
+    """`dtrain ...`, or a user's script (`dtrain.main(model=...)` hands in `hooks`): there the command is
+    optional and defaults to train, so `python train.py key=value` trains like `dtrain train key=value`."""
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .data import DataError
     from .dist import CollectiveError, LaunchError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if hooks is not None:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        commands = next(a.choices for a in parser._subparsers._group_actions)
+        if not argv or argv[0] not in commands:
+            argv = ["train", *argv]
+        parser.prog = Path(sys.argv[0]).name
+    args = parser.parse_args(argv)
+    args.hooks = hooks
     func = args.func
     if "TORCHELASTIC_ERROR_FILE" in os.environ:  # under torchrun: uncaught errors go into its error record
         from torch.distributed.elastic.multiprocessing.errors import record

@@ -71,59 +71,55 @@ class DataConfig(Section):
     Validation and test stay whole. null: all of them."""
 
 
-class GPTConfig(Section):
-    """The gpt model; the defaults are GPT-2 124M's shape (with the data set's vocabulary)."""
-    n_layer: int = Field(12, ge=1)
-    """Transformer blocks."""
-    n_head: int = Field(12, ge=1)
-    """Attention heads per block (n_embd must be a multiple)."""
-    n_embd: int = Field(768, ge=1)
-    """Width of the residual stream."""
-    block_size: Optional[int] = Field(None, ge=1)
-    """Longest sequence (position embeddings); null: the data set's context length."""
-    vocab_size: Optional[int] = Field(None, ge=2)
-    """Vocabulary; null: the data set's (256 for byte-level `text`). 50304 is GPT-2's, padded for fast matmuls."""
-    bias: bool = True
-    """Biases in linear layers and layer norms (GPT-2 has them)."""
-
-
 class ModelConfig(Section):
-    name: Literal["mlp", "cnn", "gpt"] = "mlp"
-    """Architecture. Each ends in a linear layer named `head`; everything before it is `body`."""
-    gpt: GPTConfig = GPTConfig()
-    """GPT shape (model.name: gpt). Dropout is model.dropout; model.init and model.norm don't apply."""
+    factory: str = "mlp"
+    """The model: an import string `package.module:callable` returning an nn.Module (e.g.
+    `torchvision.models:resnet18`, `timm:create_model`, `transformers:GPT2LMHeadModel`, or a function in your
+    own package on PYTHONPATH), or one of dtrain's own: `mlp`, `cnn`, `gpt` (short for `dtrain.models:mlp`, ...).
+    It is called with model.kwargs, plus the data set's `input_shape` and `num_outputs` (classes, or the
+    vocabulary) where its signature names them and kwargs don't set them. Seeded with run.seed, so every
+    rank builds the same weights."""
+    kwargs: dict[str, Any] = {}
+    """Keyword arguments of model.factory, e.g. {hidden: [256, 256], dropout: 0.1} for mlp or
+    {num_classes: 2} for torchvision. A value that is a mapping with a `_target_` import string is built
+    first (Hydra's convention), e.g. {config: {_target_: transformers:GPT2Config, n_layer: 2}}.
+    dtrain's own: mlp (hidden, activation, dropout, init, norm), cnn (channels, activation, dropout, init,
+    norm), gpt (n_layer, n_head, n_embd, block_size, vocab_size, bias, dropout); `dtrain config --describe`
+    lists them."""
+    head: str = "head"
+    """Dotted name of the output layer that transfer learning replaces or keeps trainable (model.init_from,
+    model.freeze_all_but_head, optim.backbone_lr_ratio): `head` for dtrain's models, `fc` for torchvision's
+    ResNets, `classifier` for Hugging Face image classifiers, `lm_head` for its language models."""
+    forward: Optional[str] = None
+    """Import string of `forward(model, batch) -> output`, how a batch is fed to the model. null: `model(x)`
+    for a tuple batch (x, y, keys) or a dict batch with an `x`; `model(**batch)` (keys not starting with `__`)
+    for other dict batches, e.g. {input_ids, labels} for a Hugging Face model."""
     channels_last: Union[bool, Literal["auto"]] = "auto"
-    """Keep CNN weights and input images in channels-last memory layout (faster convolutions on tensor
-    cores). `auto`: on for cnn with CUDA, off elsewhere."""
-    hidden: list[PositiveInt] = [128, 64]
-    """MLP: widths of the hidden layers."""
-    channels: list[PositiveInt] = [16, 32]
-    """CNN: output channels of each conv block (3x3 conv, activation, 2x2 max-pool)."""
-    activation: Literal["relu", "gelu", "tanh", "sigmoid", "silu"] = "relu"
-    """Activation function between layers."""
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    """Dropout probability before each hidden and head layer (off in eval)."""
-    init: Literal["default", "normal", "uniform", "xavier", "kaiming"] = "kaiming"
-    """Weight initialisation of linear and conv layers (biases start at zero; `default` keeps torch's).
-    Seeded by run.seed: the same seed gives the same weights on every rank."""
-    norm: Literal["auto", "none", "batch", "layer"] = "auto"
-    """Normalisation after each hidden linear/conv layer, before the activation. `auto`: batch for cnn,
-    none for mlp. `layer` is LayerNorm over features (mlp) or over channels and pixels (cnn)."""
+    """Keep conv weights and input images in channels-last memory layout (faster convolutions on tensor
+    cores). `auto`: on for models with 2-d convolutions with CUDA, off elsewhere."""
     init_from: Optional[str] = None
     """Start from another run's weights: a checkpoint directory (checkpoints/step-N, best, latest), a run
-    directory (its best, else latest) or a file written by `dtrain export`. Verified and loaded with weights_only. A head whose shape differs
-    (a new task) is replaced by a freshly initialised one; every other weight must fit."""
+    directory (its best, else latest) or a file written by `dtrain export`. Verified and loaded with weights_only.
+    A head (model.head) whose shape differs (a new task) keeps its fresh initialisation; every other weight must fit."""
     freeze: list[str] = []
     """Parameter-name prefixes to freeze (e.g. [body] or [body.0]); they are left bit-identical."""
     freeze_all_but_head: bool = False
-    """Freeze every parameter outside `head`."""
+    """Freeze every parameter outside model.head."""
     unfreeze_at_step: Optional[int] = Field(None, ge=1)
     """Unfreeze the frozen parameters after this many optimizer steps (null: stay frozen)."""
 
 
 class LossConfig(Section):
+    fn: Optional[str] = None
+    """Your loss: an import string of `loss(output, batch, **loss.kwargs)` returning a scalar tensor or a
+    dict of named scalar terms (each logged as loss/<name>; the total is its `loss` entry, else their sum).
+    `output` is what the model returned (a tensor, a dict, a Hugging Face ModelOutput); `batch` is the
+    batch as the data set yields it (a tuple (x, y, keys) or a dict). null: the built-in loss below."""
+    kwargs: dict[str, Any] = {}
+    """Keyword arguments of loss.fn."""
     name: Literal["auto", "mse", "mae", "huber", "cross_entropy"] = "auto"
-    """Loss; `auto` is cross_entropy for classification, mse for regression. Ignored when `terms` is set."""
+    """Built-in loss; `auto` is cross_entropy for classification, mse for regression. Ignored when `terms` is set.
+    It takes the model's output (its `logits` when the output is a dict) and the batch's target (y)."""
     terms: dict[Literal["mse", "mae", "huber", "cross_entropy"], float] = {}
     """Weighted sum of named losses, e.g. {mse: 1.0, mae: 0.5}; each term is also logged on its own
     (loss/<name>, val/loss/<name>). Empty: the single loss `name`."""
@@ -131,6 +127,23 @@ class LossConfig(Section):
     """Huber: quadratic below this absolute error, linear above."""
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     """Cross-entropy: mix this much of the uniform distribution into the targets."""
+
+
+class MetricsConfig(Section):
+    """Evaluation metrics (validation and test), averaged over every sample of the split on all ranks."""
+    builtin: bool = True
+    """The data set's own metrics: accuracy (classification, per token for language models, plus
+    perplexity), mae/mse and the predict-the-mean baseline (regression)."""
+    fn: Optional[str] = None
+    """Your metrics: an import string of `metrics(output, batch, **metrics.kwargs)` returning a dict of
+    per-batch sums, {name: sum} (divided by the number of samples) or {name: (numerator, denominator)}
+    (each summed, then divided); dtrain adds them over batches and ranks exactly."""
+    kwargs: dict[str, Any] = {}
+    """Keyword arguments of metrics.fn."""
+    torchmetrics: dict[str, dict[str, Any]] = {}
+    """torchmetrics objects by name, each a mapping with its `_target_` class and arguments, e.g.
+    {f1: {_target_: torchmetrics.classification:MulticlassF1Score, num_classes: 10}}; updated with (logits,
+    target) and synchronised across ranks by torchmetrics itself."""
 
 
 class OptimConfig(Section):
@@ -333,6 +346,7 @@ class Config(Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     loss: LossConfig = LossConfig()
+    metrics: MetricsConfig = MetricsConfig()
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     train: TrainConfig = TrainConfig()
@@ -347,6 +361,11 @@ class Config(Section):
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")
 
+    @classmethod
+    def from_saved(cls, data: dict) -> "Config":
+        """A resolved config as a checkpoint or an exported file stored it (older ones included)."""
+        return cls.model_validate(_migrate(data))
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
@@ -354,6 +373,26 @@ class Config(Section):
         """Short hash of the resolved config (ranks compare it; checkpoints record it)."""
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# dtrain 0.1's model keys, now arguments of dtrain's own model factories (model.kwargs)
+LEGACY_MODEL_KEYS = {"hidden", "channels", "activation", "dropout", "init", "norm", "gpt"}
+
+
+def _migrate(data: dict) -> dict:
+    """A config written before model.factory existed (model.name: mlp, model.hidden: ...) in today's keys."""
+    model = dict(data.get("model", {}))
+    if "name" not in model:
+        return data
+    name = model.pop("name")
+    kwargs = {k: model.pop(k) for k in list(model) if k in LEGACY_MODEL_KEYS}
+    kwargs.update(kwargs.pop("gpt", None) or {})
+    if name == "gpt":  # gpt never took these
+        for k in ("hidden", "channels", "activation", "init", "norm"):
+            kwargs.pop(k, None)
+    else:
+        kwargs.pop("channels" if name == "mlp" else "hidden", None)
+    return {**data, "model": {**model, "factory": name, "kwargs": kwargs}}
 
 
 def _leaf_fields(model: type[BaseModel], prefix: str = ""):
@@ -379,6 +418,10 @@ def _check_keys(data: Any, model: type[BaseModel], prefix: str = "") -> None:
         full = f"{prefix}{key}"
         field = model.model_fields.get(key)
         if field is None:
+            if model is ModelConfig and key in LEGACY_MODEL_KEYS | {"name"}:
+                raise ConfigError(f"config: '{full}' is now " + (
+                    "model.factory (mlp, cnn, gpt or an import string)" if key == "name" else
+                    f"an argument of dtrain's model factories: model.kwargs.{key}"))
             close = difflib.get_close_matches(full, _valid_keys(Config), n=1, cutoff=0.6)
             hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys under '{prefix.rstrip('.') or 'top level'}': {', '.join(model.model_fields)}"
             raise ConfigError(f"config: unknown key '{full}'{hint}")

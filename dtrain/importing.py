@@ -25,6 +25,9 @@ def resolve(spec: str, key: str, aliases: Optional[dict[str, str]] = None) -> An
     """The callable named by `spec` ("package.module:attr" or "package.module.attr"; a short alias where
     `aliases` has one). `key` is the config key it came from, for the message."""
     target = (aliases or {}).get(spec, spec)
+    if target.startswith("__main__:"):
+        raise ConfigError(f"config: {key}: {spec} was handed in by a Python script; run that script (e.g. "
+                          "`python train.py eval --checkpoint ...`) to rebuild it")
     module_name, sep, attr = target.partition(":")
     if not sep:  # "package.module.attr"
         module_name, _, attr = target.rpartition(".")

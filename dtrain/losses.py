@@ -1,11 +1,21 @@
-"""Losses and evaluation metrics by task."""
+"""Losses: `loss(output, batch)` -> {"loss": the total to backpropagate, "loss/<term>": each named term}.
+
+dtrain's own (MSE, MAE, Huber, cross-entropy with label smoothing, a weighted sum of them) take the model
+output's logits and the batch's target; a user's (loss.fn, or handed in from Python) takes the output and
+the batch as they are and returns a scalar or a dict of named terms. The trainer sees one interface.
+"""
 
 from __future__ import annotations
+
+import functools
+from typing import Callable, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 
+from .batch import logits, target
 from .config import ConfigError
+from .importing import describe, resolve
 
 
 def _squeeze(pred: torch.Tensor) -> torch.Tensor:
@@ -24,22 +34,77 @@ CLASSIFICATION_TERMS = {"cross_entropy"}
 
 
 class Loss:
-    """`loss(pred, y)` -> {"loss": weighted total, "loss/<term>": each term when there are several}.
-    Each value is a batch mean; the trainer backpropagates "loss" and logs them all."""
+    """dtrain's losses on the output's logits and the batch's target. Each value is a batch mean."""
 
     def __init__(self, weights: dict[str, float], cfg):
         self.weights, self.cfg = weights, cfg
         self.names = ["loss"] + ([f"loss/{t}" for t in weights] if len(weights) > 1 else [])
 
-    def __call__(self, pred: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        terms = {t: TERMS[t](pred, y, self.cfg) for t in self.weights}
+    def __call__(self, output, batch) -> dict[str, torch.Tensor]:
+        return self.of(logits(output), target(batch))
+
+    def of(self, pred: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        terms = {t: TERMS[t](pred.float(), y, self.cfg) for t in self.weights}
         total = sum(w * terms[t] for t, w in self.weights.items())
         if len(terms) == 1:
             return {"loss": total}
         return {"loss": total, **{f"loss/{t}": v for t, v in terms.items()}}
 
 
-def build_loss(cfg, task: str) -> Loss:
+class UserLoss:
+    """A user's `loss(output, batch)`: a scalar tensor, or a dict of named scalar terms. What is
+    backpropagated is the dict's "loss" entry, else the sum of its terms; each term is logged as loss/<name>.
+    The names are fixed by the first call (the probe before training), so every rank reduces the same vector."""
+
+    def __init__(self, fn: Callable, source: str):
+        self.fn, self.source = fn, source
+        self.names: Optional[list[str]] = None
+
+    def __call__(self, output, batch) -> dict[str, torch.Tensor]:
+        out = self.fn(output, batch)
+        if isinstance(out, torch.Tensor):
+            losses = {"loss": self._scalar(out, "")}
+        elif isinstance(out, Mapping) and out:
+            terms = {str(k): self._scalar(v, f" as '{k}'") for k, v in out.items()}
+            total = terms.pop("loss") if "loss" in terms else sum(terms.values())
+            losses = {"loss": total, **{f"loss/{k}": v for k, v in terms.items()}}
+        else:
+            raise ConfigError(f"config: loss.fn: {self.source} returned {_what(out)}, not a scalar tensor or a dict "
+                              "of them")
+        if self.names is None:
+            self.names = list(losses)
+        elif list(losses) != self.names:
+            raise ConfigError(f"config: loss.fn: {self.source} returned the terms {list(losses)} after "
+                              f"{self.names}; return the same terms every time")
+        return losses
+
+    def _scalar(self, value, where: str) -> torch.Tensor:
+        if not isinstance(value, torch.Tensor) or value.numel() != 1 or not value.is_floating_point():
+            raise ConfigError(f"config: loss.fn: {self.source} returned {_what(value)}{where}, not a scalar "
+                              "floating-point tensor (reduce it, e.g. with .mean())")
+        return value.reshape(())
+
+
+def _what(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"
+
+
+def build_loss(cfg, task: Optional[str], given: Optional[Callable] = None):
+    """`given` (handed in from Python), else loss.fn (an import string), else dtrain's own for the task."""
+    if given is not None or cfg.fn:
+        if cfg.terms or cfg.name != "auto":
+            raise ConfigError("config: loss.fn (or a loss handed in from Python) and loss.name/loss.terms are both "
+                              "set; use one")
+        fn = given if given is not None else resolve(cfg.fn, "loss.fn")
+        source = describe(given) if given is not None else cfg.fn
+        return UserLoss(functools.partial(fn, **cfg.kwargs) if cfg.kwargs else fn, source)
+    if cfg.kwargs:
+        raise ConfigError("config: loss.kwargs needs loss.fn (the built-in losses take loss.huber_delta and "
+                          "loss.label_smoothing)")
+    if task not in ("classification", "regression", "lm"):
+        raise ConfigError(f"config: loss: dtrain has no built-in loss for this data set (task {task}); set loss.fn")
     if cfg.terms:
         if cfg.name != "auto":
             raise ConfigError(f"config: loss.name ({cfg.name}) and loss.terms are both set; "
@@ -57,31 +122,3 @@ def build_loss(cfg, task: str) -> Loss:
         if task in ("classification", "lm") and name not in CLASSIFICATION_TERMS:
             raise ConfigError(f"config: {key}: {name} needs a regression data set")
     return Loss(weights, cfg)
-
-
-# lm: acc is next-token accuracy; the trainer adds perplexity, exp(loss), after averaging the loss
-METRICS = {"classification": ["acc"], "regression": ["mae", "mse", "mae_predict_mean"], "lm": ["acc"]}
-
-
-def metric_sums(pred: torch.Tensor, y: torch.Tensor, task: str, y_mean: float = 0.0) -> dict[str, torch.Tensor]:
-    """Per-batch sums (not means), so they can be added over batches and ranks exactly.
-    Regression also scores the baseline that always predicts the training mean."""
-    if task == "classification":
-        return {"acc": (pred.argmax(-1) == y).sum().float()}
-    if task == "lm":  # per-sample token accuracy, summed: every sample has the same number of tokens
-        return {"acc": (pred.argmax(-1) == y).float().mean(-1).sum()}
-    err = _squeeze(pred).float() - y
-    return {"mae": err.abs().sum(), "mse": (err * err).sum(), "mae_predict_mean": (y - y_mean).abs().sum()}
-
-
-@torch.inference_mode()
-def confusion_matrix(model: torch.nn.Module, batches, num_classes: int, device: torch.device) -> torch.Tensor:
-    """[true class, predicted class] counts over `batches` (a ShardStream), model in eval mode."""
-    was_training = model.training
-    model.eval()
-    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    for x, y, _ in batches.epoch(0):
-        pred = model(x.to(device)).argmax(-1).cpu()
-        cm += torch.bincount(y * num_classes + pred, minlength=num_classes ** 2).view(num_classes, num_classes)
-    model.train(was_training)
-    return cm

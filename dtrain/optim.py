@@ -4,19 +4,29 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch.optim import lr_scheduler
 
+from .config import ConfigError
 
-def build_optimizer(cfg, model: torch.nn.Module, lr_scales: Optional[dict[str, float]] = None) -> torch.optim.Optimizer:
+
+def build_optimizer(cfg, model: torch.nn.Module, lr_scales: Optional[dict[str, float]] = None,
+                    param_groups: Optional[Callable] = None) -> torch.optim.Optimizer:
     """Param groups by name prefix (`lr_scales`, e.g. {"head": 1.0, "": 0.1}: the first matching prefix sets
-    the group's peak LR as a fraction of cfg.lr), each split into decayed and undecayed parameters.
+    the group's peak LR as a fraction of cfg.lr), each split into decayed and undecayed parameters; or a
+    user's `param_groups(model)` (torch's format: {"params", optional "lr", "weight_decay"}; the defaults
+    are optim.lr and optim.weight_decay).
 
     Frozen parameters (requires_grad=False) are included: they get no gradient, so the optimizer skips them
     and they stay bit-identical, and unfreezing later needs no new optimizer. Weight decay on matrices and
     kernels only: decaying biases and norm gains only hurts."""
+    if param_groups is not None:
+        if lr_scales:
+            raise ConfigError("config: optim.backbone_lr_ratio and param groups handed in from Python are both "
+                              "set; put the backbone's LR into your param groups")
+        return _make(cfg, _user_groups(cfg, model, param_groups))
     lr_scales = lr_scales or {"": 1.0}
     named: dict[str, list] = {prefix: [] for prefix in lr_scales}
     for name, p in model.named_parameters():
@@ -27,7 +37,23 @@ def build_optimizer(cfg, model: torch.nn.Module, lr_scales: Optional[dict[str, f
         lr = cfg.lr * lr_scales[prefix]
         groups += [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay, "lr": lr},
                    {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr": lr}]
-    groups = [g for g in groups if g["params"]]
+    return _make(cfg, [g for g in groups if g["params"]])
+
+
+def _user_groups(cfg, model: torch.nn.Module, param_groups: Callable) -> list[dict]:
+    groups = param_groups(model)
+    if isinstance(groups, dict) or not all(isinstance(g, dict) and "params" in g for g in groups):
+        raise ConfigError("config: param_groups: return a list of dicts with 'params' (torch's param groups)")
+    groups = [{"lr": cfg.lr, "weight_decay": cfg.weight_decay, **g, "params": list(g["params"])} for g in groups]
+    owned = {id(p) for g in groups for p in g["params"]}
+    missing = [n for n, p in model.named_parameters() if id(p) not in owned]
+    if missing:  # a parameter in no group would never train, silently
+        raise ConfigError(f"config: param_groups: {len(missing)} parameters are in no group ({missing[0]}, ...); "
+                          "put every parameter in one")
+    return groups
+
+
+def _make(cfg, groups: list[dict]) -> torch.optim.Optimizer:
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     params = [p for g in groups for p in g["params"]]

@@ -117,7 +117,7 @@ def schedule_series(cfg: Config, world_size: int = 1) -> dict:
     """The LR of every optimizer step (0-based) the config would train, per param group."""
     from .data import ShardStream, resolve_shards
     from .optim import build_schedule
-    from .trainer import plan_total_steps
+    from .data.feed import plan_total_steps
 
     index = resolve_shards(cfg.data, cfg.run.seed)
     if cfg.data.train_subset:

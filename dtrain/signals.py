@@ -15,6 +15,7 @@ that will not finish.
 
 from __future__ import annotations
 
+import enum
 import os
 import signal
 import subprocess
@@ -30,8 +31,31 @@ CHECK_EVERY_S = 0.05  # how far apart (in training time) the ranks compare their
 MAX_STEPS_BETWEEN_CHECKS = 100
 
 
+class StopReason(str, enum.Enum):
+    """Why training stopped: the first reason given wins. Its value is what `dtrain train` reports."""
+    COMPLETED = "completed"  # every step of the plan
+    EARLY_STOP = "early_stop"  # validation loss stopped improving
+    STOP_AT_STEP = "stop_at_step"  # run.stop_at_step reached (resumable)
+    NONFINITE = "nonfinite"  # train.nonfinite=stop (the last good checkpoint is kept)
+    SIGTERM = "signal:SIGTERM"
+    SIGINT = "signal:SIGINT"
+    SIGUSR1 = "signal:SIGUSR1"  # SLURM preemption: the job requeues itself
+
+    @property
+    def finished(self) -> bool:
+        """Training is over (test the best weights); otherwise it was interrupted and resumes."""
+        return self in (StopReason.COMPLETED, StopReason.EARLY_STOP)
+
+    @property
+    def is_signal(self) -> bool:
+        return self.value.startswith("signal:")
+
+
 class StopControl:
-    def __init__(self, group, stuck_after_s: float | None = None):
+    """Why to stop, and when: the stop reasons of the loop's owners (`request`), and the signals of any rank
+    turned into the same decision on every rank (`check`)."""
+
+    def __init__(self, group, stuck_after_s: float | None = None, stop_at_step: int | None = None):
         self.flags = torch.zeros(len(HANDLED))
         self.stuck_after_s = stuck_after_s  # dist.timeout_s: a step this long means the rank is stuck
         self.step_started: float | None = None  # time.monotonic() while the trainer is inside a step
@@ -40,6 +64,8 @@ class StopControl:
         self._steps = self._checked_step = self._next_check = 0  # steps so far, at the last check, of the next
         self._checked_at = time.monotonic()
         self.stop_signal: str | None = None  # the agreed signal, once all ranks know
+        self.stop_at_step = stop_at_step
+        self.reason: StopReason | None = None
         self._previous = {s: signal.signal(s, self._handle) for s in HANDLED}
 
     def _handle(self, signum, frame) -> None:
@@ -59,6 +85,21 @@ class StopControl:
         if first:  # os.write, not print: a handler may interrupt a print in progress
             os.write(2, f"dtrain: {signal.Signals(signum).name} received: stopping after this step with a "
                         f"checkpoint{' (interrupt again to abort)' if signum == signal.SIGINT else ''}\n".encode())
+
+    def request(self, reason: StopReason) -> None:
+        """Stop after this step for `reason` (unless an earlier reason already stands)."""
+        self.reason = self.reason or reason
+
+    def check(self, step: int, last: bool) -> StopReason | None:
+        """After each step, on every rank: the plan's end, run.stop_at_step, or an agreed signal."""
+        if last:
+            self.request(StopReason.COMPLETED)
+        elif self.stop_at_step is not None and step >= self.stop_at_step:
+            self.request(StopReason.STOP_AT_STEP)
+        signal_name = self.should_stop()
+        if signal_name and not last:
+            self.request(StopReason(f"signal:{signal_name}"))
+        return self.reason
 
     def should_stop(self) -> str | None:
         """Called once per step on every rank. -> name of the signal that stops all ranks, or None."""

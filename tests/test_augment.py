@@ -25,9 +25,9 @@ def trainer(tmp_path, data_root, *overrides) -> Trainer:
 @pytest.mark.parametrize("op", OPS)
 def test_each_augmentation_changes_train_samples_and_never_val_or_test(tmp_path, data_root, op):
     t = trainer(tmp_path, data_root, f"augment.{op}.p=1.0", "data.shuffle_buffer=0")
-    raw = {split: ShardStream(t.train_data.index, split, batch_size=64, rank=0, world_size=1,
+    raw = {split: ShardStream(t.feed.stream.index, split, batch_size=64, rank=0, world_size=1,
                               train=split == "train", seed=0) for split in ("train", "val", "test")}
-    got, want = by_key(t.train_data.epoch(0)), by_key(raw["train"].epoch(0))
+    got, want = by_key(t.feed.stream.epoch(0)), by_key(raw["train"].epoch(0))
     assert got.keys() == want.keys()
     changed = sum(not torch.equal(got[k], want[k]) for k in got) / len(got)
     assert changed > 0.6, f"{op} changed only {changed:.0%} of the training samples"
@@ -62,7 +62,7 @@ def test_augmentation_does_not_depend_on_the_worker_that_reads_the_sample(data_r
 
 
 def test_resume_with_augmentation_and_dropout_is_exact(tmp_path, data_root):
-    args = ["train", f"data.root={data_root}", "train.epochs=2", "train.log_every=1", "model.dropout=0.2",
+    args = ["train", f"data.root={data_root}", "train.epochs=2", "train.log_every=1", "model.kwargs.dropout=0.2",
             "augment.crop.p=0.5", "augment.noise.p=0.5", "augment.brightness.p=0.5", "log.progress=false"]
     run_dtrain(args + ["run.name=straight"], tmp_path)
     run_dtrain(args + ["run.name=resumed", "run.stop_at_step=25"], tmp_path)

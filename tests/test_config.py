@@ -7,10 +7,10 @@ from conftest import run_dtrain
 
 def test_defaults_file_and_override_precedence(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({"optim": {"lr": 0.5, "name": "sgd"}, "model": {"hidden": [8]}}))
-    cfg = load_config(path, ["optim.lr=0.25", "model.hidden=[4, 2]", "train.clip_grad_norm=null"])
+    path.write_text(yaml.safe_dump({"optim": {"lr": 0.5, "name": "sgd"}, "model": {"kwargs": {"hidden": [8]}}}))
+    cfg = load_config(path, ["optim.lr=0.25", "model.kwargs.hidden=[4, 2]", "train.clip_grad_norm=null"])
     assert cfg.optim.lr == 0.25 and cfg.optim.name == "sgd"  # override > file
-    assert cfg.model.hidden == [4, 2] and cfg.train.clip_grad_norm is None
+    assert cfg.model.kwargs == {"hidden": [4, 2]} and cfg.train.clip_grad_norm is None
     assert cfg.train.epochs == 20  # default kept
 
 
@@ -19,10 +19,9 @@ def test_defaults_file_and_override_precedence(tmp_path):
     ("trian.epochs=3", "unknown key 'trian'"),
     ("optim.lr=abc", "optim.lr: Input should be a valid number"),
     ("optim.lr=-1", "optim.lr: Input should be greater than 0"),
-    ("model.dropout=1.5", "model.dropout: Input should be less than 1"),
-    ("model.activation=swish", "model.activation: Input should be"),
     ("train.epochs=2.5", "train.epochs: Input should be a valid integer"),
-    ("model.hidden=[0]", "model.hidden"),
+    ("model.hidden=[4]", "'model.hidden' is now an argument of dtrain's model factories: model.kwargs.hidden"),
+    ("model.name=cnn", "'model.name' is now model.factory"),
 ])
 def test_bad_values_name_the_key(override, expected):
     with pytest.raises(ConfigError, match=None) as err:

@@ -27,7 +27,7 @@ needs_ds = pytest.mark.skipif(not HAVE_DS, reason="DeepSpeed not installed: pip 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # inherited by the dtrain processes the tests start
 
 # 2 epochs of 9 steps (global batch 128), a loss logged every step, no dropout: deterministic on CPU
-COMMON = ["train.epochs=2", "model.dropout=0", "log.progress=false", "train.log_every=1", "data.shuffle_buffer=200"]
+COMMON = ["train.epochs=2", "model.kwargs.dropout=0", "log.progress=false", "train.log_every=1", "data.shuffle_buffer=200"]
 
 
 def losses(run_dir):

@@ -23,7 +23,7 @@ def full_batch_data(tmp_path_factory):
     return root
 
 
-COMMON = ["train.epochs=12", "data.shuffle_buffer=0", "model.dropout=0", "optim.lr=0.01", "log.progress=false",
+COMMON = ["train.epochs=12", "data.shuffle_buffer=0", "model.kwargs.dropout=0", "optim.lr=0.01", "log.progress=false",
           "schedule.warmup_steps=3"]
 
 
@@ -99,7 +99,7 @@ def test_early_stop_is_decided_for_all_ranks(tmp_path):
 
 
 def test_two_rank_resume_after_stop_is_exact(tmp_path):
-    args = ["train", "train.epochs=3", "data.batch_size=32", "model.dropout=0.3", "log.progress=false",
+    args = ["train", "train.epochs=3", "data.batch_size=32", "model.kwargs.dropout=0.3", "log.progress=false",
             "train.log_every=1", "data.shuffle_buffer=200"]
     run_torchrun(2, args + ["run.name=straight"], tmp_path)
     run_torchrun(2, args + ["run.name=resumed", "run.stop_at_step=25"], tmp_path)

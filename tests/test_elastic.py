@@ -96,7 +96,7 @@ def test_zero_refuses_another_world_size_in_one_line(tmp_path):
 
 # ---- real runs: 2 ranks stopped mid-epoch, resumed on 1 and on 3 ------------------------------------------
 # global batch 96 = 48 x 2 ranks: 13 steps per epoch on digits; stopped at step 5 of epoch 0
-ARGS = ["train", "train.epochs=2", "data.batch_size=48", "model.dropout=0.1", "data.shuffle_buffer=200",
+ARGS = ["train", "train.epochs=2", "data.batch_size=48", "model.kwargs.dropout=0.1", "data.shuffle_buffer=200",
         "log.progress=false", "log.sample_keys=true", "run.doctor=false", "train.log_every=1"]
 STEPS_PER_EPOCH, STOP = 13, 5
 TEST_LOSS_TOLERANCE = 0.03  # measured: |difference| 0.004 (3 ranks) and 0.008 (1 rank), see README

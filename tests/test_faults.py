@@ -146,7 +146,7 @@ def test_malicious_checkpoint_fails_training_with_one_line(tmp_path, data_root):
 
 
 # ---- exact resume after SIGKILL / SIGTERM on 2 ranks ------------------------------------------------
-RESUME_ARGS = ["train", "train.epochs=3", "data.batch_size=32", "model.dropout=0.3", "log.progress=false",
+RESUME_ARGS = ["train", "train.epochs=3", "data.batch_size=32", "model.kwargs.dropout=0.3", "log.progress=false",
                "log.sample_keys=true", "train.log_every=1", "checkpoint.every=4", "data.shuffle_buffer=200"]
 
 
@@ -258,7 +258,7 @@ def test_sigint_stops_cleanly_and_second_sigint_aborts(tmp_path, data_root):
     assert (tmp_path / "runs" / "a" / "checkpoints" / f"step-{step:08d}" / "manifest.json").is_file()
 
     # a ~200 MB model: the checkpoint written after the first SIGINT takes long enough for the second
-    proc = start([sys.executable, "-m", "dtrain", *args, "run.name=b", "model.hidden=[4096,4096]",
+    proc = start([sys.executable, "-m", "dtrain", *args, "run.name=b", "model.kwargs.hidden=[4096,4096]",
                   "checkpoint.save_best=false"], tmp_path, tag)
     wait_for(lambda: latest_logged_step(tmp_path / "runs" / "b") >= 2, what="step 2")
     proc.send_signal(signal.SIGINT)

@@ -212,7 +212,7 @@ def full_batch_data(tmp_path_factory):
 @pytest.mark.multiproc
 def test_two_nodes_on_loopback_match_one_node(tmp_path, full_batch_data):
     args = [f"data.dataset=folder:{full_batch_data}", "data.batch_size=128", "data.shuffle_buffer=0",
-            "train.epochs=8", "optim.lr=0.01", "model.dropout=0", "log.progress=false",
+            "train.epochs=8", "optim.lr=0.01", "model.kwargs.dropout=0", "log.progress=false",
             "train.log_every=1"]
     one = run_torchrun(2, ["train", *args, "run.name=one"], tmp_path)
     assert "launch: torchrun, world_size=2, backend=gloo, device=cpu, nodes=1, ranks_per_node=2" in one.stderr

@@ -15,9 +15,9 @@ def loss(task, *overrides):
 def test_regression_losses_match_their_formulas():
     pred, y = torch.tensor([[0.0], [1.0], [5.0]]), torch.tensor([0.5, 1.0, 1.0])
     err = (pred.squeeze(-1) - y).abs()  # 0.5, 0, 4
-    assert loss("regression", "loss.name=mse")(pred, y)["loss"].item() == pytest.approx((err ** 2).mean().item())
-    assert loss("regression", "loss.name=mae")(pred, y)["loss"].item() == pytest.approx(err.mean().item())
-    huber = loss("regression", "loss.name=huber", "loss.huber_delta=2")(pred, y)["loss"].item()
+    assert loss("regression", "loss.name=mse").of(pred, y)["loss"].item() == pytest.approx((err ** 2).mean().item())
+    assert loss("regression", "loss.name=mae").of(pred, y)["loss"].item() == pytest.approx(err.mean().item())
+    huber = loss("regression", "loss.name=huber", "loss.huber_delta=2").of(pred, y)["loss"].item()
     assert huber == pytest.approx((0.5 * 0.5 ** 2 + 0 + 2 * (4 - 0.5 * 2)) / 3)  # quadratic below 2, linear above
 
 
@@ -25,14 +25,14 @@ def test_label_smoothing_mixes_in_the_uniform_distribution():
     logits, y = torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([0])
     logp = logits.log_softmax(-1)
     target = torch.tensor([[0.9 + 0.1 / 3, 0.1 / 3, 0.1 / 3]])
-    got = loss("classification", "loss.label_smoothing=0.1")(logits, y)["loss"].item()
+    got = loss("classification", "loss.label_smoothing=0.1").of(logits, y)["loss"].item()
     assert got == pytest.approx(-(target * logp).sum().item())
-    assert loss("classification")(logits, y)["loss"].item() == pytest.approx(-logp[0, 0].item())
+    assert loss("classification").of(logits, y)["loss"].item() == pytest.approx(-logp[0, 0].item())
 
 
 def test_weighted_terms_sum_and_are_reported_separately():
     pred, y = torch.tensor([[0.0], [3.0]]), torch.tensor([1.0, 1.0])
-    out = loss("regression", "loss.terms={mse: 1.0, mae: 0.5, huber: 2.0}")(pred, y)
+    out = loss("regression", "loss.terms={mse: 1.0, mae: 0.5, huber: 2.0}").of(pred, y)
     assert set(out) == {"loss", "loss/mse", "loss/mae", "loss/huber"}
     assert out["loss/mse"].item() == pytest.approx(2.5) and out["loss/mae"].item() == pytest.approx(1.5)
     assert out["loss"].item() == pytest.approx(2.5 + 0.5 * 1.5 + 2.0 * out["loss/huber"].item())
@@ -52,7 +52,7 @@ def test_loss_config_errors(task, overrides, message):
 
 def test_each_term_is_logged_for_train_and_validation(tmp_path):
     proc = run_dtrain(["train", "data.dataset=count", "data.count_samples=300", "data.shard_size=100",
-                       "data.batch_size=30", "model.name=cnn", "model.channels=[8]", "train.epochs=2",
+                       "data.batch_size=30", "model.factory=cnn", "model.kwargs.channels=[8]", "train.epochs=2",
                        "train.log_every=2", "loss.terms={mse: 1.0, mae: 0.5}", "run.name=terms"], tmp_path)
     records = metrics_of(tmp_path / "runs" / "terms")
     train = [r for r in records if "loss" in r]

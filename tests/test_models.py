@@ -11,7 +11,7 @@ from dtrain.models import ACTIVATIONS, build_model
 
 
 def model(*overrides, shape=(1, 8, 8), out=10, seed=0):
-    return build_model(load_config(None, list(overrides)).model, shape, out, seed)
+    return build_model(load_config(None, list(overrides)).model, {"input_shape": shape, "num_outputs": out}, seed)
 
 
 @pytest.mark.parametrize("name, kind, norm_types", [
@@ -21,7 +21,7 @@ def model(*overrides, shape=(1, 8, 8), out=10, seed=0):
     ("cnn", "layer", {nn.GroupNorm}),
 ])
 def test_norm_is_a_config_switch(name, kind, norm_types):
-    m = model(f"model.name={name}", f"model.norm={kind}")
+    m = model(f"model.factory={name}", *([f"model.kwargs.norm={kind}"] if kind != "auto" else []))
     norms = [x for x in m.modules() if isinstance(x, (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm))]
     assert {type(x) for x in norms} == norm_types
     assert len(norms) == (2 if norm_types else 0)  # one per hidden layer: hidden [128, 64], channels [16, 32]
@@ -31,7 +31,7 @@ def test_norm_is_a_config_switch(name, kind, norm_types):
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
 def test_every_activation_builds_and_runs(arch, activation):
-    m = model(f"model.name={arch}", f"model.activation={activation}")
+    m = model(f"model.factory={arch}", f"model.kwargs.activation={activation}")
     assert any(isinstance(x, ACTIVATIONS[activation]) for x in m.modules())
     out = m(torch.rand(3, 1, 8, 8))
     assert out.shape == (3, 10) and torch.isfinite(out).all()
@@ -39,9 +39,9 @@ def test_every_activation_builds_and_runs(arch, activation):
 
 @pytest.mark.parametrize("scheme", ["normal", "uniform", "xavier", "kaiming"])
 def test_init_schemes_are_seeded_and_have_their_scale(scheme):
-    a = model(f"model.init={scheme}", "model.hidden=[512, 512]", seed=3)
-    b = model(f"model.init={scheme}", "model.hidden=[512, 512]", seed=3)
-    c = model(f"model.init={scheme}", "model.hidden=[512, 512]", seed=4)
+    a = model(f"model.kwargs.init={scheme}", "model.kwargs.hidden=[512, 512]", seed=3)
+    b = model(f"model.kwargs.init={scheme}", "model.kwargs.hidden=[512, 512]", seed=3)
+    c = model(f"model.kwargs.init={scheme}", "model.kwargs.hidden=[512, 512]", seed=4)
     sa, sc = a.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], b.state_dict()[k]) for k in sa)  # same seed, same weights
     assert not torch.equal(sa["body.4.weight"], sc["body.4.weight"])  # another seed, other weights
@@ -55,8 +55,8 @@ def test_init_schemes_are_seeded_and_have_their_scale(scheme):
 
 def test_dropout_is_off_in_eval_mode():
     torch.manual_seed(0)
-    m = model("model.dropout=0.5")
-    plain = model("model.dropout=0.0")
+    m = model("model.kwargs.dropout=0.5")
+    plain = model("model.kwargs.dropout=0.0")
     plain.load_state_dict(m.state_dict())
     x = torch.rand(16, 1, 8, 8)
     m.eval()

@@ -10,16 +10,30 @@ from conftest import metrics_of, result_of, run_dtrain
 from dtrain.config import load_config
 from dtrain.data import ShardStream, make_builtin
 from dtrain.engine.single import should_compile
-from dtrain.models import build_model, flops_per_sample
+from dtrain.batch import default_forward
+from dtrain.build import DataFacts, probe
+from dtrain.losses import build_loss
+from dtrain.metrics import build_metrics
+from dtrain.models import build_model
 from dtrain.models.gpt import GPT
 from dtrain.throughput import Throughput, peak_flops
 
-TINY_GPT = ["model.name=gpt", "model.gpt.n_layer=2", "model.gpt.n_head=2", "model.gpt.n_embd=32"]
+TINY_GPT = ["model.factory=gpt", "model.kwargs.n_layer=2", "model.kwargs.n_head=2", "model.kwargs.n_embd=32"]
+
+
+def facts(shape, out):
+    return {"input_shape": shape, "num_outputs": out}
+
+
+def probed_flops(model, batch, task, shape):
+    cfg = load_config()
+    return probe(model, batch, default_forward, build_loss(cfg.loss, task), build_metrics(cfg.metrics, task, 0.0),
+                 torch.device("cpu"), DataFacts(task, shape, None), print)
 THROUGHPUT_KEYS = {"samples_per_s", "tokens_per_s", "step_time_s", "data_wait_frac", "peak_mem_mb"}
 
 
 def test_gpt_forward_backward_shapes_and_tied_head():
-    m = build_model(load_config(None, TINY_GPT).model, (16,), 256, seed=0)
+    m = build_model(load_config(None, TINY_GPT).model, facts((16,), 256), seed=0)
     assert isinstance(m, GPT) and m.block_size == 16 and m.head.weight is m.body.wte.weight
     x = torch.randint(0, 256, (3, 16))
     logits = m(x)
@@ -37,26 +51,29 @@ def test_gpt_flops_formula_and_gpt2_shape():
     assert m.num_params() == n
     assert m.flops_per_token() == 6 * n + 12 * 2 * 2 * 16 * 16  # 6N + 12 L H Q T
     assert m.flops_per_token(8) == 6 * n + 12 * 2 * 2 * 16 * 8
-    assert flops_per_sample(m, (16,)) == 16 * m.flops_per_token(16)
+    x = torch.randint(0, 256, (2, 16))
+    assert probed_flops(m, (x, x, ["a", "b"]), "lm", (16,)) == 16 * m.flops_per_token(16)
     with torch.device("meta"):  # GPT-2 124M's shape without allocating it
-        gpt2 = build_model(load_config(None, ["model.name=gpt"]).model, (1024,), 50257, seed=0)
+        gpt2 = build_model(load_config(None, ["model.factory=gpt"]).model, facts((1024,), 50257), seed=0)
     assert (gpt2.n_layer, gpt2.n_head, gpt2.n_embd, gpt2.block_size) == (12, 12, 768, 1024)
     assert gpt2.num_params(non_embedding=False) == 124_439_808  # GPT-2 small, tied head counted once
 
 
 def test_mlp_flops_are_three_times_the_forward_matmuls():
-    m = build_model(load_config(None, []).model, (1, 8, 8), 10, seed=0)  # 64 -> 128 -> 64 -> 10
-    assert flops_per_sample(m, (1, 8, 8)) == 3 * 2 * (64 * 128 + 128 * 64 + 64 * 10)
+    m = build_model(load_config(None, []).model, facts((1, 8, 8), 10), seed=0)  # 64 -> 128 -> 64 -> 10
+    batch = (torch.rand(2, 1, 8, 8), torch.tensor([1, 2]), ["a", "b"])
+    assert probed_flops(m, batch, "classification", (1, 8, 8)) == 3 * 2 * (64 * 128 + 128 * 64 + 64 * 10)
 
 
 def test_gpt_config_as_nested_yaml_section(tmp_path):
     path = tmp_path / "gpt.yaml"
-    path.write_text("model:\n  name: gpt\n  gpt: {n_layer: 3, n_embd: 48, n_head: 4}\n")
-    cfg = load_config(path, ["model.gpt.bias=false"])
-    assert (cfg.model.gpt.n_layer, cfg.model.gpt.n_embd, cfg.model.gpt.bias) == (3, 48, False)
+    path.write_text("model:\n  factory: gpt\n  kwargs: {n_layer: 3, n_embd: 48, n_head: 4}\n")
+    cfg = load_config(path, ["model.kwargs.bias=false"])
+    m = build_model(cfg.model, facts((16,), 256), seed=0)
+    assert (m.n_layer, m.n_embd, m.body.ln_f.bias) == (3, 48, None)
     from dtrain.config import ConfigError
-    with pytest.raises(ConfigError, match="model.gpt.n_layers"):
-        load_config(None, ["model.gpt.n_layers=2"])
+    with pytest.raises(ConfigError, match="dtrain.models:gpt rejects these arguments .*n_layers"):
+        build_model(load_config(None, ["model.factory=gpt", "model.kwargs.n_layers=2"]).model, facts((16,), 256), 0)
 
 
 def test_switches_default_on_only_where_they_help():

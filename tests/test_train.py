@@ -29,7 +29,7 @@ def test_count_example_halves_the_mean_baseline(tmp_path):
 def test_resume_after_stop_continues_the_same_curve(tmp_path, data_root):
     # 5 epochs of 19 steps; the interrupted run stops mid-epoch (step 30) and is run again.
     args = ["train", f"data.root={data_root}", "train.epochs=5", "train.log_every=1", "schedule.warmup_steps=10",
-            "model.dropout=0.2", "data.shuffle_buffer=200"]
+            "model.kwargs.dropout=0.2", "data.shuffle_buffer=200"]
     run_dtrain(args + ["run.name=straight"], tmp_path)
     stopped = run_dtrain(args + ["run.name=resumed", "run.stop_at_step=30"], tmp_path)
     assert result_of(stopped) == {"step": 30, "stop_reason": "stop_at_step"}

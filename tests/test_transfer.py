@@ -45,7 +45,7 @@ def test_unfreeze_after_k_steps_with_a_lower_backbone_lr_resumes_exactly(tmp_pat
     run_dir, pretrained = source
     args = ["train", f"data.root={data_root}", *PARITY, f"model.init_from={run_dir}", "model.freeze=[body]",
             "model.unfreeze_at_step=6", "optim.backbone_lr_ratio=0.1", "train.epochs=3", "checkpoint.every=6",
-            "checkpoint.keep_last=5", "checkpoint.save_best=false", "model.dropout=0.1"]
+            "checkpoint.keep_last=5", "checkpoint.save_best=false", "model.kwargs.dropout=0.1"]
     straight = run_dtrain(args + ["run.name=straight"], tmp_path)
     assert "step 6: unfroze 4 parameter tensors" in straight.stderr
     ckpts = tmp_path / "runs" / "straight" / "checkpoints"
@@ -69,9 +69,9 @@ def test_unfreeze_after_k_steps_with_a_lower_backbone_lr_resumes_exactly(tmp_pat
 @pytest.mark.parametrize("overrides, error, message", [
     (["model.freeze=[trunk]"], ConfigError, "model.freeze: no parameter is named 'trunk'"),
     (["model.unfreeze_at_step=3"], ConfigError, "unfreeze_at_step needs something frozen"),
-    (["model.init_from=SOURCE", "model.hidden=[128, 64, 32]"], ConfigError, "has no 'body.7.weight'"),
-    (["model.init_from=SOURCE", "model.hidden=[128]"], ConfigError, "has weights this model lacks (body.4.bias"),
-    (["model.init_from=SOURCE", "model.hidden=[128, 32]"], ConfigError, "the body must match"),
+    (["model.init_from=SOURCE", "model.kwargs.hidden=[128, 64, 32]"], ConfigError, "has no 'body.7.weight'"),
+    (["model.init_from=SOURCE", "model.kwargs.hidden=[128]"], ConfigError, "has weights this model lacks (body.4.bias"),
+    (["model.init_from=SOURCE", "model.kwargs.hidden=[128, 32]"], ConfigError, "the body must match"),
     (["model.init_from=no/such/run"], CheckpointError, "no/such/run does not exist"),
 ])
 def test_transfer_config_errors(tmp_path, data_root, source, overrides, error, message):

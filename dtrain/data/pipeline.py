@@ -208,14 +208,14 @@ class ShardStream:
         counts = dict(zip(self.urls, self.index.counts(self.split)))
         return sum(counts[u] for u in self.shard_order(epoch)[self.rank::self.world_size])
 
-    def _to_tensors(self, sample, epoch: int = 0, pass_index: int = 0):
+    def _to_tensors(self, sample, epoch: int = 0, pass_index: int = 0, transform: bool = True):
         x, y, key = sample
         if self.lm:  # a window of context + 1 byte tokens: predict each next one
             tokens = torch.from_numpy(np.array(x, dtype=np.int64))  # a copy: x is read-only
             return tokens[:-1], tokens[1:], key
         x = torch.from_numpy(np.asarray(x, dtype=np.float32) * self.index.x_scale)
         y = torch.tensor(y, dtype=torch.float32 if self.regression else torch.int64)
-        if self.transform is not None:  # e.g. augmentation: a pure function of (x, key, epoch, pass)
+        if self.transform is not None and transform:  # e.g. augmentation: a pure function of (x, key, epoch, pass)
             x = self.transform(x, key=key, epoch=epoch, pass_index=pass_index)
         return x, y, key
 
@@ -242,6 +242,14 @@ class ShardStream:
         if first_only:
             return sum(1 for url in urls if next(samples([url]), None) is not None)
         return sum(1 for _ in samples(urls))
+
+    def first_batch(self, n: int):
+        """The split's first `n` samples (in shard order) as one batch, read in this process: no workers, no
+        shuffle, no transform. What the model and the loss are probed with before training."""
+        stages = [wds.SimpleShardList(self.urls), tarfile_to_samples(handler=_raise_data_error),
+                  _first_per_shard(self.shard_counts), wds.map(functools.partial(decode, labels=not self.lm)),
+                  wds.map(functools.partial(self._to_tensors, transform=False))]
+        return torch.utils.data.default_collate(list(itertools.islice(iter(wds.DataPipeline(*stages)), n)))
 
     def _one_pass(self, epoch: int, pass_index: int = 0, pipeline: Optional[wds.DataPipeline] = None) -> Iterator[Batch]:
         # A fresh DataLoader per pass: its workers fork with this epoch's shard order baked in.

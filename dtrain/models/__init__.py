@@ -1,12 +1,18 @@
-"""Models built from config: an MLP, a small CNN and a small GPT, each ending in a layer named `head`."""
+"""Models from config: any factory named by an import string (model.factory + model.kwargs), or an object
+handed in from Python. dtrain's own MLP, CNN and small GPT are ordinary factories (`mlp`, `cnn`, `gpt`),
+each ending in a layer named `head`."""
 
 from __future__ import annotations
 
+import inspect
 import math
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
+from ..config import ConfigError
+from ..importing import describe, resolve
 from .gpt import GPT
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "silu": nn.SiLU}
@@ -82,37 +88,125 @@ def init_weights(model: nn.Module, scheme: str, activation: str) -> None:
             nn.init.zeros_(m.bias)
 
 
-def build_model(cfg, input_shape: tuple[int, ...], out_features: int, seed: int) -> nn.Module:
-    """Same seed on every rank, so every replica starts identical (DDP also broadcasts rank 0's).
-    For gpt, `input_shape` is (sequence length,) and `out_features` the vocabulary size."""
-    torch.manual_seed(seed)
-    norm = cfg.norm if cfg.norm != "auto" else ("batch" if cfg.name == "cnn" else "none")
-    if cfg.name == "gpt":
-        g = cfg.gpt
-        # GPT-2's own initialisation (normal 0.02, residual projections scaled by depth); model.init is for mlp/cnn
-        return GPT(g.vocab_size or out_features, g.block_size or input_shape[-1], g.n_layer, g.n_head, g.n_embd,
-                   cfg.dropout, g.bias)
-    if cfg.name == "mlp":
-        model = MLP(math.prod(input_shape), cfg.hidden, out_features, cfg.activation, cfg.dropout, norm)
-    else:
-        model = CNN(tuple(input_shape), cfg.channels, out_features, cfg.activation, cfg.dropout, norm)
-    init_weights(model, cfg.init, cfg.activation)
+def _choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"config: model.kwargs.{name}: {value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def _check_mlp_cnn(widths_key: str, widths, activation: str, dropout: float, init: str, norm: str) -> None:
+    if not widths or not all(isinstance(w, int) and w > 0 for w in widths):
+        raise ConfigError(f"config: model.kwargs.{widths_key}: {widths!r} must be a list of positive integers")
+    _choice("activation", activation, ACTIVATIONS)
+    _choice("init", init, ("default", "normal", "uniform", "xavier", "kaiming"))
+    _choice("norm", norm, ("none", "batch", "layer"))
+    if not 0 <= dropout < 1:
+        raise ConfigError(f"config: model.kwargs.dropout: {dropout!r} must be in [0, 1)")
+
+
+def mlp(input_shape: tuple[int, ...], num_outputs: int, hidden: list[int] = (128, 64), activation: str = "relu",
+        dropout: float = 0.0, init: str = "kaiming", norm: str = "none") -> MLP:
+    """dtrain's MLP: flatten, hidden linear layers (each: norm, activation, dropout), a linear `head`.
+    init: default, normal, uniform, xavier, kaiming; norm: none, batch, layer."""
+    _check_mlp_cnn("hidden", list(hidden), activation, dropout, init, norm)
+    model = MLP(math.prod(input_shape), list(hidden), num_outputs, activation, dropout, norm)
+    init_weights(model, init, activation)
     return model
 
 
-def flops_per_sample(model: nn.Module, input_shape: tuple[int, ...]) -> float:
-    """Training FLOPs (forward + backward) for one sample: the model's own count where it has one (GPT:
-    per token x tokens), else 3x the forward FLOPs torch's FlopCounterMode counts on one sample."""
-    if hasattr(model, "flops_per_token"):
-        return model.flops_per_token(input_shape[-1]) * input_shape[-1]
-    from torch.utils.flop_counter import FlopCounterMode
+def cnn(input_shape: tuple[int, ...], num_outputs: int, channels: list[int] = (16, 32), activation: str = "relu",
+        dropout: float = 0.0, init: str = "kaiming", norm: str = "batch") -> CNN:
+    """dtrain's CNN: 3x3 conv blocks (norm, activation, 2x2 max-pool), global average pool, a linear `head`."""
+    _check_mlp_cnn("channels", list(channels), activation, dropout, init, norm)
+    model = CNN(tuple(input_shape), list(channels), num_outputs, activation, dropout, norm)
+    init_weights(model, init, activation)
+    return model
 
-    param = next(model.parameters())
-    was_training = model.training
-    model.eval()  # no batch-norm statistics update from the probe
+
+def gpt(input_shape: tuple[int, ...], num_outputs: int, n_layer: int = 12, n_head: int = 12, n_embd: int = 768,
+        block_size: Optional[int] = None, vocab_size: Optional[int] = None, bias: bool = True,
+        dropout: float = 0.0) -> GPT:
+    """dtrain's GPT (GPT-2 124M's shape by default, with the data set's vocabulary and context unless
+    vocab_size / block_size say otherwise; 50304 is GPT-2's vocabulary padded for fast matmuls). GPT-2's own
+    initialisation: normal 0.02, residual projections scaled by depth."""
+    for name, value in (("n_layer", n_layer), ("n_head", n_head), ("n_embd", n_embd)):
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"config: model.kwargs.{name}: {value!r} must be a positive integer")
+    if n_embd % n_head:
+        raise ConfigError(f"config: model.kwargs.n_embd: {n_embd} must be a multiple of n_head ({n_head})")
+    return GPT(vocab_size or num_outputs, block_size or input_shape[-1], n_layer, n_head, n_embd, dropout, bias)
+
+
+# dtrain's own factories, by the short names model.factory accepts: the same import path a user's takes
+BUILTIN = {"mlp": "dtrain.models:mlp", "cnn": "dtrain.models:cnn", "gpt": "dtrain.models:gpt"}
+FACTS = ("input_shape", "num_outputs")  # what a factory may ask of the data set, by parameter name
+
+
+def instantiate(factory: Callable, kwargs: dict, key: str, facts: Optional[dict] = None):
+    """factory(**kwargs), with `_target_` mappings inside kwargs built first and the data set's facts passed
+    where the factory's signature names them. Arguments the signature rejects are a one-line ConfigError
+    naming `key`; an exception inside the factory is the factory's own (its traceback is kept)."""
+    kwargs = {k: build_targets(v, f"{key}.{k}") for k, v in kwargs.items()}
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(torch.zeros(1, *input_shape, device=param.device))
-    finally:
-        model.train(was_training)
-    return 3.0 * counter.get_total_flops()
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # some builtins and C extensions have none: pass what was given
+        params = {}
+    for name in FACTS:
+        if name in params and name not in kwargs and (facts or {}).get(name) is not None:
+            kwargs[name] = facts[name]
+    if params:
+        try:
+            inspect.signature(factory).bind(**kwargs)
+        except TypeError as e:
+            raise ConfigError(f"config: {key}: {describe(factory)} rejects these arguments ({e}); "
+                              f"it takes: {', '.join(params) or 'nothing'}") from None
+    return factory(**kwargs)
+
+
+def build_targets(value, key: str):
+    """A mapping with `_target_` (an import string) becomes the object it builds; lists and other mappings
+    are walked; anything else is returned as it is."""
+    if isinstance(value, dict) and "_target_" in value:
+        rest = {k: v for k, v in value.items() if k != "_target_"}
+        return instantiate(resolve(value["_target_"], f"{key}._target_"), rest, key)
+    if isinstance(value, dict):
+        return {k: build_targets(v, f"{key}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [build_targets(v, f"{key}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def build_model(cfg, facts: dict, seed: int, given=None) -> nn.Module:
+    """The model of model.factory + model.kwargs, or `given` (an nn.Module, or a callable returning one,
+    handed in from Python). Seeded, so every rank builds the same initial weights (DDP also broadcasts
+    rank 0's; sharding engines rely on it)."""
+    torch.manual_seed(seed)
+    if isinstance(given, nn.Module):
+        return given
+    if given is not None:
+        model = instantiate(given, dict(cfg.kwargs), "model.kwargs", facts)
+        source = describe(given)
+    else:
+        factory = resolve_factory(cfg.factory)
+        model = instantiate(factory, dict(cfg.kwargs), "model.kwargs", facts)
+        source = cfg.factory
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"config: model.factory: {source} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def resolve_factory(spec: str):
+    return resolve(spec, "model.factory", BUILTIN)
+
+
+def find_module(model: nn.Module, name: str, key: str = "model.head") -> nn.Module:
+    """The submodule called `name` (dotted), or a one-line ConfigError listing the model's top-level ones."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        tops = [n for n, _ in model.named_children()]
+        raise ConfigError(f"config: {key}: the model has no module '{name}'; its top-level modules: "
+                          f"{', '.join(tops) or 'none'}") from None
+
+
+def has_convolutions(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())

@@ -15,9 +15,6 @@ from torch import nn
 from ..checkpoint import CheckpointError, safe_load, verify
 from ..config import ConfigError
 
-HEAD = "head"
-
-
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory as given, or a run directory's best checkpoint (else its latest)."""
     path = Path(path)
@@ -32,9 +29,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def load_pretrained(model: nn.Module, source: str | Path, log: Callable[[str], None] = print) -> list[str]:
-    """Copy a checkpoint's weights into `model`. A head of another shape is left as initialised (a new task);
-    any other mismatch is the user's error. Returns the names that were not loaded."""
+def load_pretrained(model: nn.Module, source: str | Path, log: Callable[[str], None] = print,
+                    head: str = "head") -> list[str]:
+    """Copy a checkpoint's weights into `model`. The head (model.head) of another shape is left as
+    initialised (a new task); any other mismatch is the user's error. Returns the names that were not loaded."""
     if Path(source).is_file():  # written by `dtrain export` (e.g. from ZeRO shards): {"model", "config", "step"}
         path = Path(source)
         weights = safe_load(path)["model"]
@@ -46,10 +44,10 @@ def load_pretrained(model: nn.Module, source: str | Path, log: Callable[[str], N
     skipped = []
     for name, tensor in own.items():
         if name not in weights:
-            raise ConfigError(f"config: model.init_from: {path} has no '{name}'; build the same model.name, "
-                              f"hidden/channels and norm as the run it came from")
+            raise ConfigError(f"config: model.init_from: {path} has no '{name}'; build the same model "
+                              f"(model.factory and model.kwargs) as the run it came from")
         if weights[name].shape != tensor.shape:
-            if name.split(".")[0] == HEAD:
+            if _under(name, head):
                 skipped.append(name)
                 continue
             raise ConfigError(f"config: model.init_from: '{name}' is {tuple(weights[name].shape)} in {path}, "
@@ -68,7 +66,7 @@ class Freezer:
 
     def __init__(self, model: nn.Module, cfg):
         self.model = model
-        prefixes = list(cfg.freeze)
+        prefixes, head = list(cfg.freeze), cfg.head
         names = [n for n, _ in model.named_parameters()]
         for prefix in prefixes:
             if not any(_under(n, prefix) for n in names):
@@ -76,7 +74,7 @@ class Freezer:
                 raise ConfigError(f"config: model.freeze: no parameter is named '{prefix}' or '{prefix}.*'; "
                                   f"top-level names: {', '.join(tops)}")
         self.frozen = {n for n in names if any(_under(n, p) for p in prefixes)
-                       or (cfg.freeze_all_but_head and not _under(n, HEAD))}
+                       or (cfg.freeze_all_but_head and not _under(n, head))}
         if cfg.unfreeze_at_step is not None and not self.frozen:
             raise ConfigError("config: model.unfreeze_at_step needs something frozen: "
                               "set model.freeze or model.freeze_all_but_head")
@@ -100,9 +98,9 @@ class Freezer:
         return changed
 
 
-def lr_scales(backbone_lr_ratio: float) -> dict[str, float]:
+def lr_scales(head: str, backbone_lr_ratio: float) -> dict[str, float]:
     """Param-group LR factors: the head at the full LR, everything else (the backbone) at the ratio."""
-    return {HEAD: 1.0, "": backbone_lr_ratio}
+    return {head: 1.0, "": backbone_lr_ratio}
 
 
 def _under(name: str, prefix: str) -> bool:

@@ -1,0 +1,91 @@
+"""What dtrain needs to know of a batch and of a model's output, whatever their shape.
+
+A batch is what the data set yields: dtrain's own data sets give a tuple `(x, y, keys)`; a sample
+mapping gives a dict `{"x": ..., "y": ..., "__key__": [keys]}` (any field names; the keys always under
+`__key__`, webdataset's convention). A model's output is a tensor, a dict or a Hugging Face `ModelOutput`
+(a dict too). The built-in loss and metrics take the output's logits and the batch's target; a user's
+loss and metrics take (output, batch) as they are.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import torch
+
+from .config import ConfigError
+
+KEY = "__key__"
+
+
+def keys(batch) -> list[str]:
+    """The sample keys of a batch (for the sample-key log)."""
+    if isinstance(batch, Mapping):
+        return list(batch.get(KEY, []))
+    return list(batch[-1]) if isinstance(batch, (tuple, list)) and len(batch) > 2 else []
+
+
+def size(batch) -> int:
+    """Samples in a batch: the length of its first tensor."""
+    if isinstance(batch, torch.Tensor):
+        return len(batch)
+    values = batch.values() if isinstance(batch, Mapping) else batch
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            return len(v)
+        if isinstance(v, Mapping) or (isinstance(v, (tuple, list)) and not all(isinstance(k, str) for k in v)):
+            n = size(v)  # nested fields; a list of strings is the keys
+            if n:
+                return n
+    return 0
+
+
+def to_device(batch, move: Callable[[torch.Tensor], torch.Tensor]):
+    """Every tensor of a (nested) batch through `move` (the engine's to_device); keys and other values stay."""
+    if isinstance(batch, torch.Tensor):
+        return move(batch)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, move) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(v, move) for v in batch)
+    return batch
+
+
+def model_input(batch):
+    """What the default forward passes: x of a tuple batch or of a dict batch that has one."""
+    if isinstance(batch, Mapping):
+        return batch["x"]
+    return batch[0]
+
+
+def default_forward(model, batch):
+    """model(x) for (x, y, keys) and {"x": ...}; model(**fields) for other dicts (e.g. input_ids, labels),
+    fields starting with `__` (webdataset's metadata) left out."""
+    if isinstance(batch, Mapping) and "x" not in batch:
+        return model(**{k: v for k, v in batch.items() if not k.startswith("__")})
+    return model(model_input(batch))
+
+
+def target(batch) -> torch.Tensor:
+    """The target the built-in loss and metrics compare with: y."""
+    if isinstance(batch, Mapping):
+        if "y" not in batch:
+            raise ConfigError(f"config: loss: the built-in losses and metrics need a target `y` in the batch; it has "
+                              f"{', '.join(k for k in batch if not k.startswith('__'))}: set loss.fn (and "
+                              "metrics.fn or metrics.builtin=false)")
+        return batch["y"]
+    return batch[1]
+
+
+def logits(output: Any) -> torch.Tensor:
+    """The prediction in a model's output: the tensor itself, or a dict's / ModelOutput's `logits`."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping) and isinstance(output.get("logits"), torch.Tensor):
+        return output["logits"]
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    what = f"a dict without logits ({', '.join(map(str, output))})" if isinstance(output, Mapping) \
+        else f"a {type(output).__name__}"
+    raise ConfigError(f"config: loss: the built-in losses and metrics need a tensor or `logits` from the model, "
+                      f"which returned {what}: set loss.fn (and metrics.fn or metrics.builtin=false)")

@@ -1,0 +1,200 @@
+"""From a config, and the objects a user hands in from Python, to the components of a run.
+
+`Hooks` is what a user brings: a model (an nn.Module, or a callable returning one), a loss, metrics, a
+forward function, optimizer param groups. Whatever is not handed in comes from the config: an import
+string (model.factory, loss.fn, metrics.fn, model.forward) or dtrain's own. Each component gets its own
+config section. The hooks are checked on one real batch before anything is written (`probe`), so a loss
+that returns no scalar is a one-line error, not a failure at step 1 on every rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import batch as batches
+from . import dist
+from .checkpoint import Checkpointer
+from .config import Config, ConfigError
+from .data import ShardStream, resolve_shards
+from .data.augment import build_augment
+from .data.feed import TrainFeed
+from .engine import build_engine
+from .evaluate import Evaluator
+from .importing import describe, resolve
+from .logging import SampleKeyLog, build_logger
+from .losses import build_loss
+from .metrics import build_metrics
+from .models import build_model, find_module, has_convolutions
+from .models.transfer import Freezer, load_pretrained, lr_scales
+from .optim import build_optimizer, build_scheduler
+from .signals import StopControl
+from .throughput import Throughput, peak_flops
+
+
+@dataclasses.dataclass
+class Hooks:
+    """What a user hands in from Python (dtrain.main(model=..., ...)); None: the config's choice."""
+    model: Any = None  # nn.Module, or a callable returning one (called with model.kwargs, seeded)
+    loss: Optional[Callable] = None  # loss(output, batch) -> scalar tensor or {name: scalar tensor}
+    metrics: Any = None  # sums callable, {name: torchmetrics.Metric}, or a list of those
+    forward: Optional[Callable] = None  # forward(model, batch) -> output
+    param_groups: Optional[Callable] = None  # param_groups(model) -> torch param groups (lr, weight_decay)
+
+    def record(self, cfg: Config) -> Config:
+        """The config with the names of the handed-in callables where their import strings would be, so the
+        run's config.yaml says what trained it (`__main__:build_model`: rebuilt only by that script)."""
+        model = {k: describe(v) for k, v in (("factory", self.model), ("forward", self.forward)) if v is not None}
+        if isinstance(self.model, nn.Module):
+            model["factory"] = describe(type(self.model))
+        loss = {"fn": describe(self.loss)} if self.loss is not None else {}
+        metrics = {"fn": describe(self.metrics)} if callable(self.metrics) else {}
+        return cfg.model_copy(update={"model": cfg.model.model_copy(update=model),
+                                      "loss": cfg.loss.model_copy(update=loss),
+                                      "metrics": cfg.metrics.model_copy(update=metrics)})
+
+
+@dataclasses.dataclass
+class DataFacts:
+    """What the data set tells the model and the built-in loss: its task, input shape and outputs."""
+    task: Optional[str]
+    input_shape: Optional[tuple]
+    num_outputs: Optional[int]
+    y_mean: float = 0.0
+
+    def for_factory(self) -> dict:
+        return {"input_shape": self.input_shape, "num_outputs": self.num_outputs}
+
+
+@dataclasses.dataclass
+class Components:
+    run_dir: Path
+    facts: DataFacts
+    feed: TrainFeed
+    val_data: ShardStream
+    test_data: ShardStream
+    engine: Any
+    forward: Callable
+    loss: Any
+    evaluator: Evaluator
+    checkpointer: Checkpointer
+    stop: StopControl
+    log: Any
+    freezer: Freezer
+    meter: Throughput
+    key_log: Optional[SampleKeyLog]
+
+
+def data_facts(index) -> DataFacts:
+    return DataFacts(index.task, tuple(index.input_shape), index.num_classes or 1,
+                     index.stats.get("train", {}).get("y_mean", 0.0))
+
+
+def build_model_for(cfg: Config, facts: DataFacts, hooks: Hooks, log: Callable[[str], None]) -> nn.Module:
+    """The model with its pretrained weights (model.init_from), on the CPU."""
+    model = build_model(cfg.model, facts.for_factory(), cfg.run.seed, hooks.model)
+    if cfg.model.init_from or cfg.model.freeze_all_but_head or cfg.optim.backbone_lr_ratio != 1 or \
+            "head" in cfg.model.model_fields_set:
+        find_module(model, cfg.model.head)  # a head that names no module: one line, before anything else
+    if cfg.model.init_from:  # every rank loads it (DDP would broadcast rank 0's weights anyway)
+        load_pretrained(model, cfg.model.init_from, log, head=cfg.model.head)
+    return model
+
+
+def build_components(cfg: Config, info: dist.DistInfo, hooks: Optional[Hooks] = None,
+                     debug: bool = False) -> Components:
+    hooks = hooks or Hooks()
+    run_dir = Path(cfg.run.dir) / (cfg.run.name + ("-debug" if debug else ""))
+    device = info.device
+    index = resolve_shards(cfg.data, cfg.run.seed)
+    facts = data_facts(index)
+    stream = dict(batch_size=cfg.data.batch_size, rank=info.global_rank, world_size=info.world_size,
+                  num_workers=0 if debug else cfg.data.num_workers, pin_memory=device.type == "cuda",
+                  prefetch_factor=cfg.data.prefetch_factor)
+    train_index = index.subset("train", cfg.data.train_subset) if cfg.data.train_subset else index
+    train = ShardStream(train_index, "train", train=True, seed=cfg.run.seed, grad_accum=cfg.train.grad_accum,
+                        shuffle_buffer=cfg.data.shuffle_buffer, remainder=cfg.data.remainder,
+                        transform=build_augment(cfg.augment, cfg.run.seed), **stream)  # augmented; val, test never
+    feed = TrainFeed(train, info.global_rank, info.world_size, cfg.train, debug)
+    val_data, test_data = ShardStream(index, "val", **stream), ShardStream(index, "test", **stream)
+
+    log = build_logger(cfg.log, info, run_dir, feed.total_steps, cfg.wandb, cfg.to_dict())
+    model = build_model_for(cfg, facts, hooks, log.info)
+    freezer = Freezer(model, cfg.model)
+    freezer.apply(0)  # before the engine: DDP only reduces parameters that require grad when wrapped
+    forward = hooks.forward or (resolve(cfg.model.forward, "model.forward") if cfg.model.forward
+                                else batches.default_forward)
+    loss = build_loss(cfg.loss, facts.task, hooks.loss)
+    metrics = build_metrics(cfg.metrics, facts.task, facts.y_mean, hooks.metrics)
+    model.to(device)
+    flops = probe(model, val_data.first_batch(2), forward, loss, metrics, device, facts, log.info)
+
+    scales = lr_scales(cfg.model.head, cfg.optim.backbone_lr_ratio) if cfg.optim.backbone_lr_ratio != 1 else None
+    channels_last = cfg.model.channels_last if cfg.model.channels_last != "auto" else \
+        device.type == "cuda" and has_convolutions(model)
+    engine = build_engine(model, lambda module: build_optimizer(cfg.optim, module, scales, hooks.param_groups),
+                          lambda optimizer: build_scheduler(cfg.schedule, optimizer, feed.total_steps),
+                          cfg.train, info, cfg.deepspeed, cfg.data.batch_size, channels_last=channels_last)
+    tokens_per_sample = facts.input_shape[-1] if facts.task == "lm" else 1  # tokens: samples unless sequences
+    meter = Throughput(feed.samples_per_step, tokens_per_sample, flops, peak_flops(device, cfg.train.peak_flops),
+                       info.world_size, device)
+    evaluator = Evaluator(engine, forward, loss, metrics, facts.task, cfg.train.val_every, cfg.early_stop)
+    # Coordination that must not share the training group: created in this order on every rank.
+    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep_last, info, cfg.hash(),
+                                keep_best=cfg.checkpoint.keep_best, async_save=cfg.checkpoint.async_save,
+                                group=dist.new_cpu_group(cfg.dist.timeout_s), every=cfg.checkpoint.every)
+    stop = StopControl(dist.new_cpu_group(cfg.dist.timeout_s), stuck_after_s=cfg.dist.timeout_s,
+                       stop_at_step=cfg.run.stop_at_step)
+    key_log = SampleKeyLog(run_dir, info.global_rank) if cfg.log.sample_keys else None
+    # Each rank its own dropout/augmentation stream; resumed exactly from the checkpoint.
+    seed_all(cfg.run.seed * 1000 + info.global_rank)
+    return Components(run_dir, facts, feed, val_data, test_data, engine, forward, loss, evaluator, checkpointer,
+                      stop, log, freezer, meter, key_log)
+
+
+def seed_all(seed: int) -> None:
+    torch.manual_seed(seed), random.seed(seed), np.random.seed(seed)
+
+
+def probe(model: nn.Module, batch, forward: Callable, loss, metrics, device: torch.device, facts: DataFacts,
+          log: Callable[[str], None]) -> Optional[float]:
+    """One forward of a real batch (2 samples) before training, in eval mode without gradients and without
+    touching any RNG: checks that the loss and metrics hooks return what they must (a one-line error before
+    anything is written), fixes the loss terms' names, and counts the model's training FLOPs per sample for
+    MFU: the model's own count where it has one (`flops_per_token`, as nanoGPT's), else 3x the forward
+    FLOPs torch's FlopCounterMode counts. -> FLOPs per sample, or None (said once) where they can't be counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch = batches.to_device(batch, lambda t: t.to(device))
+    was_training = model.training
+    model.eval()  # no batch-norm statistics update from the probe
+    flops, why = None, None
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            try:
+                with FlopCounterMode(display=False) as counter:
+                    output = forward(model, batch)
+                flops = 3.0 * counter.get_total_flops() / max(batches.size(batch), 1)
+            except ConfigError:
+                raise
+            except Exception as e:  # the counter can't follow every op: count nothing, run the model plainly
+                why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+                output = forward(model, batch)  # an error here is the model's own (its traceback is kept)
+            loss(output, batch)
+            metrics.reset(device)
+            metrics.update(output, batch)
+            metrics.reset(device)
+    finally:
+        model.train(was_training)
+    if facts.task == "lm" and hasattr(model, "flops_per_token"):
+        flops = model.flops_per_token(facts.input_shape[-1]) * facts.input_shape[-1]
+    if not flops:
+        log(f"mfu: the model's FLOPs could not be counted{f' ({why})' if why else ''}; no MFU is logged")
+        return None
+    return flops

@@ -1,0 +1,108 @@
+"""Evaluation: the loss and metrics of a whole split on all ranks, when to validate, the best validation
+loss so far and when to stop early.
+
+A split's loss and metric sums are this rank's sums over its samples, all-reduced once and divided by the
+global sample count, so the result is the mean over every sample whatever the number of ranks. The early
+stop decision is broadcast from rank 0, so every rank stops at the same step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+
+from . import batch as batches
+from . import dist
+from .metrics import Metrics
+
+
+class Evaluator:
+    def __init__(self, engine, forward: Callable, loss, metrics: Metrics, task: Optional[str], val_every: int,
+                 early_stop_cfg):
+        self.engine, self.forward, self.loss, self.metrics, self.task = engine, forward, loss, metrics, task
+        self.val_every, self.patience, self.min_delta = val_every, early_stop_cfg.patience, early_stop_cfg.min_delta
+        self.best_val, self.best_step, self.bad_validations = math.inf, -1, 0
+
+    # ---- when ---------------------------------------------------------------------------------
+    def should_validate(self, step: int, steps_per_epoch: int, last: bool) -> bool:
+        """Every val_every steps (0: every epoch), at the end of every epoch, and after the last step."""
+        return bool(self.val_every and step % self.val_every == 0) or step % steps_per_epoch == 0 or last
+
+    # ---- what ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def evaluate(self, stream, prefix: str, log_local: Optional[Callable[[str], None]] = None) -> dict:
+        """Mean loss and metrics over the whole split: per-rank sums, one all-reduce, then divide.
+        Collective: every rank calls it (it reads its own share of the split)."""
+        model = self.engine.module
+        was_training = model.training
+        model.eval()  # dropout off, batch norm uses running statistics
+        self.metrics.reset(self.engine.device)
+        loss_sums: dict[str, torch.Tensor] = {}
+        n = 0
+        for batch in stream.epoch(0):
+            batch = batches.to_device(batch, self.engine.to_device)
+            with self.engine.autocast():
+                output = self.forward(model, batch)
+            losses = self.loss(output, batch)
+            size = batches.size(batch)
+            for k, v in losses.items():
+                loss_sums[k] = loss_sums.get(k, 0.0) + v.detach().double() * size
+            n += size
+            self.metrics.update(output, batch)
+        names = self.loss.names or list(loss_sums)
+        sums = self.metrics.sums()
+        # one vector for one all-reduce: loss terms, sample count, metric numerators, explicit denominators
+        values = [loss_sums.get(k, 0.0) for k in names] + [n] + [num for num, _ in sums.values()] + \
+                 [den for _, den in sums.values() if den is not None]
+        total = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.engine.device).reshape(())
+                             for v in values])
+        if log_local is not None:  # this rank's own share, for diagnosing one rank's data (log.all_ranks)
+            log_local(f"local {prefix}/loss: {total[0].item() / max(n, 1):.6f}")
+        dist.all_reduce_sum(total)
+        model.train(was_training)
+        total = total.tolist()
+        count = max(total[len(names)], 1.0)
+        out = {f"{prefix}/{k}": total[i] / count for i, k in enumerate(names)}
+        dens = iter(total[len(names) + 1 + len(sums):])
+        for (k, (_, den)), num in zip(sums.items(), total[len(names) + 1:]):
+            out[f"{prefix}/{k}"] = num / (max(next(dens), 1e-300) if den is not None else count)
+        if self.task == "lm":  # perplexity of the mean token cross-entropy
+            out[f"{prefix}/ppl"] = math.exp(min(out[f"{prefix}/loss"], 700.0))
+        out.update({f"{prefix}/{k}": v for k, v in self.metrics.compute_torchmetrics().items()})
+        return out
+
+    @torch.inference_mode()
+    def confusion_matrix(self, stream, num_classes: int) -> torch.Tensor:
+        """[true class, predicted class] counts over one pass of `stream` (this process's share)."""
+        model = self.engine.module
+        was_training = model.training
+        model.eval()
+        cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+        for batch in stream.epoch(0):
+            batch = batches.to_device(batch, self.engine.to_device)
+            pred = batches.logits(self.forward(model, batch)).argmax(-1).cpu()
+            y = batches.target(batch).cpu()
+            cm += torch.bincount(y * num_classes + pred, minlength=num_classes ** 2).view(num_classes, num_classes)
+        model.train(was_training)
+        return cm
+
+    # ---- best and early stopping --------------------------------------------------------------
+    def observe(self, val_loss: float, step: int) -> tuple[bool, bool]:
+        """Record a validation loss. -> (improved, stop early). The loss is already identical on all ranks;
+        broadcasting rank 0's stop decision makes it certain."""
+        improved = val_loss < self.best_val - self.min_delta
+        if improved:
+            self.best_val, self.best_step, self.bad_validations = val_loss, step, 0
+        else:
+            self.bad_validations += 1
+        stop = dist.broadcast_object(self.patience is not None and self.bad_validations >= self.patience)
+        return improved, stop
+
+    def state_dict(self) -> dict:
+        return {"best_val": self.best_val, "best_step": self.best_step, "bad_validations": self.bad_validations}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_val, self.best_step = state["best_val"], state["best_step"]
+        self.bad_validations = state["bad_validations"]
