@@ -12,10 +12,13 @@ launched exactly as the command is (`python train.py ...`, `torchrun --nproc-per
 __version__ = "0.1.0"
 
 
-def main(argv=None, *, model=None, loss=None, metrics=None, forward=None, param_groups=None):
+def main(argv=None, *, config=None, model=None, loss=None, metrics=None, forward=None, param_groups=None):
     """Run dtrain's command line with objects of your own, then exit with its exit code (0, 2 for a user
     error, 75 when interrupted and resumable). `argv` defaults to sys.argv[1:]; its command defaults to
     `train` (also: eval, export, doctor, config, plot).
+
+    config        the script's own defaults, {"dotted.key": value} (e.g. {"data.dataset": "text"}): above
+                  dtrain's defaults, below --config FILE and key=value overrides
 
     model         an nn.Module, or a callable returning one: it is called with model.kwargs (plus
                   `input_shape` and `num_outputs` from the data set where its signature names them) after
@@ -31,4 +34,4 @@ def main(argv=None, *, model=None, loss=None, metrics=None, forward=None, param_
     from .build import Hooks
     from .cli import main as cli_main
 
-    raise SystemExit(cli_main(argv, Hooks(model, loss, metrics, forward, param_groups)))
+    raise SystemExit(cli_main(argv, Hooks(model, loss, metrics, forward, param_groups), config))

@@ -100,8 +100,8 @@ def build_model_for(cfg: Config, facts: DataFacts, hooks: Hooks, log: Callable[[
     """The model with its pretrained weights (model.init_from), on the CPU."""
     model = build_model(cfg.model, facts.for_factory(), cfg.run.seed, hooks.model)
     if cfg.model.init_from or cfg.model.freeze_all_but_head or cfg.optim.backbone_lr_ratio != 1 or \
-            "head" in cfg.model.model_fields_set:
-        find_module(model, cfg.model.head)  # a head that names no module: one line, before anything else
+            cfg.model.head != "head":  # needed, or named on purpose: it must name a module (one line if not)
+        find_module(model, cfg.model.head)
     if cfg.model.init_from:  # every rank loads it (DDP would broadcast rank 0's weights anyway)
         load_pretrained(model, cfg.model.init_from, log, head=cfg.model.head)
     return model

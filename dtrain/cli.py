@@ -23,7 +23,7 @@ def _train(args) -> int:
     from .config import load_config
     from .trainer import Trainer
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, args.defaults)
     if args.debug:
         launch = dist.detect()
         if launch.world_size > 1:
@@ -92,7 +92,7 @@ def _doctor(args) -> int:
     from .config import load_config
     from .data import resolve_shards
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, args.defaults)
     hooks = args.hooks or Hooks()
     cfg = hooks.record(cfg)
     with _session(cfg) as info:
@@ -235,7 +235,7 @@ def _config(args) -> int:
     if args.describe:
         print("\n".join(describe_fields()))
     else:
-        print(load_config(args.config, args.overrides).to_yaml(), end="")
+        print(load_config(args.config, args.overrides, args.defaults).to_yaml(), end="")
     return 0
 
 
@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None, hooks=None) -> int:
+def main(argv: list[str] | None = None, hooks=None, defaults: dict | None = None) -> int:
     """`dtrain ...`, or a user's script (`dtrain.main(model=...)` hands in `hooks`): there the command is
     optional and defaults to train, so `python train.py key=value` trains like `dtrain train key=value`."""
     from .checkpoint import CheckpointError
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None, hooks=None) -> int:
             argv = ["train", *argv]
         parser.prog = Path(sys.argv[0]).name
     args = parser.parse_args(argv)
-    args.hooks = hooks
+    args.hooks, args.defaults = hooks, defaults
     func = args.func
     if "TORCHELASTIC_ERROR_FILE" in os.environ:  # under torchrun: uncaught errors go into its error record
         from torch.distributed.elastic.multiprocessing.errors import record

@@ -453,20 +453,26 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_config(path: Optional[str | Path] = None, overrides: list[str] = ()) -> Config:
-    """Defaults, then the YAML file, then `key=value` overrides; validated and frozen."""
+def load_config(path: Optional[str | Path] = None, overrides: list[str] = (),
+                defaults: Optional[dict] = None) -> Config:
+    """Defaults, a script's own `defaults` (dotted keys, from dtrain.main(config=...)), then the YAML file,
+    then `key=value` overrides; validated and frozen."""
     data: dict = {}
+    for key, value in (defaults or {}).items():
+        _set_dotted(data, key, value)
+    _check_keys(data, Config)
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config: file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
             raise ConfigError(f"config: {path}{where} is not valid YAML: {getattr(e, 'problem', e)}") from None
-    _check_keys(data, Config)
+        _check_keys(loaded, Config)
+        data = _merge(data, loaded)
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(data, key, value)
@@ -479,6 +485,19 @@ def load_config(path: Optional[str | Path] = None, overrides: list[str] = ()) ->
         got = err.get("input")
         shown = "" if isinstance(got, dict) else f" (got {got!r})"
         raise ConfigError(f"config: {key}: {err['msg']}{shown}") from None
+
+
+def _merge(base: dict, top: dict) -> dict:
+    """`top` over `base`, section by section (a dict-valued setting such as model.kwargs is replaced whole:
+    a file's kwargs are the factory's arguments, not additions to a script's)."""
+    out = dict(base)
+    for key, value in top.items():
+        section = Config.model_fields.get(key)
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and section is not None:
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
 
 
 def describe_fields(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:

@@ -86,6 +86,7 @@ class RunLogger:
 
     def start(self, step: int) -> None:
         """Open the progress bar and W&B run at `step`; drop metrics a killed run logged after its checkpoint."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             kept = [l for l in self.path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= step]
             tmp = self.path.with_suffix(".tmp")

@@ -45,6 +45,9 @@ class Metrics:
         self.sums_fns = sums_fns  # (source, fn) pairs
         self.torchmetrics = dict(torchmetrics or {})
         self._sums: dict[str, list] = {}
+        # {name: has a denominator}, fixed by the first update (the probe before training): every rank reduces
+        # the same vector, even one whose share of a split is empty
+        self.names: Optional[dict[str, bool]] = None
 
     def reset(self, device: torch.device) -> None:
         self._sums = {}
@@ -53,6 +56,9 @@ class Metrics:
             m.reset()
 
     def update(self, output, batch) -> None:
+        first = self.names is None
+        if first:
+            self.names = {}
         for source, fn in self.sums_fns:
             out = fn(output, batch)
             if not isinstance(out, Mapping):
@@ -64,6 +70,11 @@ class Metrics:
                         (den is not None and (not isinstance(den, torch.Tensor) or den.numel() != 1)):
                     raise ConfigError(f"config: metrics.fn: {source} returned {name!r}: {_what(value)}; return a "
                                       "scalar tensor (a per-batch sum) or a pair of them")
+                if first:
+                    self.names[name] = den is not None
+                elif self.names.get(name) != (den is not None):
+                    raise ConfigError(f"config: metrics.fn: {source} returned {name!r} now, not before (or now with, "
+                                      "now without a denominator); return the same metrics every time")
                 kept = self._sums.setdefault(name, [0.0, None if den is None else 0.0])
                 kept[0] = kept[0] + num.detach().double().reshape(())
                 if den is not None:
@@ -76,8 +87,9 @@ class Metrics:
                 m.update(pred, y)
 
     def sums(self) -> dict[str, tuple]:
-        """{name: (numerator, denominator or None: divide by the sample count)}, this rank's."""
-        return {k: tuple(v) for k, v in self._sums.items()}
+        """{name: (numerator, denominator or None: divide by the sample count)}, this rank's: zeros for a
+        rank that read nothing."""
+        return {k: tuple(self._sums.get(k, (0.0, 0.0 if has_den else None))) for k, has_den in (self.names or {}).items()}
 
     def compute_torchmetrics(self) -> dict[str, float]:
         """Collective (torchmetrics all-gathers its states when torch.distributed is initialised)."""

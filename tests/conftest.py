@@ -43,12 +43,10 @@ def free_port() -> int:
 
 
 def run_torchrun(nproc: int, args: list[str], cwd: Path, timeout: float = 300, check: bool = True,
-                 extra: list[str] = ()) -> subprocess.CompletedProcess:
-    """`torchrun --nproc-per-node N -m dtrain ARGS` on loopback (gloo on CPU)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *extra, "-m", "dtrain", *args]
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=_env(),
-                          stdin=subprocess.DEVNULL)
+                 extra: list[str] = (), env: dict | None = None, script: Path | None = None) -> subprocess.CompletedProcess:
+    """`torchrun --nproc-per-node N -m dtrain ARGS` (or `... SCRIPT ARGS`) on loopback (gloo on CPU)."""
+    proc = subprocess.run(torchrun_cmd(nproc, args, extra, script), cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=_env(env), stdin=subprocess.DEVNULL)
     if check and proc.returncode != 0:
         pytest.fail(f"torchrun {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -77,19 +75,22 @@ def data_root(tmp_path_factory) -> Path:
     return root
 
 
-def torchrun_cmd(nproc: int, args: list[str], extra: list[str] = ()) -> list[str]:
+def torchrun_cmd(nproc: int, args: list[str], extra: list[str] = (), script: Path | None = None) -> list[str]:
+    target = [str(script)] if script else ["-m", "dtrain"]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
-            "127.0.0.1", "--master-port", str(free_port()), *extra, "-m", "dtrain", *args]
+            "127.0.0.1", "--master-port", str(free_port()), *extra, *target, *args]
 
 
-def start(cmd: list[str], cwd: Path, tag: str) -> subprocess.Popen:
+def start(cmd: list[str], cwd: Path, tag: str, env: dict | None = None) -> subprocess.Popen:
     """Start a command in the background; its processes (and torchrun's workers) carry DTRAIN_TEST_TAG."""
-    return subprocess.Popen(cmd, cwd=cwd, env=_env({"DTRAIN_TEST_TAG": tag}), stdout=subprocess.PIPE,
+    return subprocess.Popen(cmd, cwd=cwd, env=_env({"DTRAIN_TEST_TAG": tag, **(env or {})}), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
 
 
-def workers(tag: str) -> dict[int, int]:
-    """{global rank: pid} of dtrain worker processes started with DTRAIN_TEST_TAG=tag (read from /proc)."""
+def workers(tag: str, needle: bytes = b"dtrain") -> dict[int, int]:
+    """{global rank: pid} of dtrain worker processes started with DTRAIN_TEST_TAG=tag (read from /proc): those
+    whose command line has `needle` (`-m dtrain`, or a user's script name), not torchrun's agent nor the
+    helpers a worker starts (W&B's service inherits the environment too)."""
     found = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -98,7 +99,8 @@ def workers(tag: str) -> dict[int, int]:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if env.get("DTRAIN_TEST_TAG") == tag and b"dtrain" in cmdline and b"torch.distributed.run" not in cmdline:
+        if env.get("DTRAIN_TEST_TAG") == tag and any(needle in arg for arg in cmdline) and \
+                b"torch.distributed.run" not in cmdline:
             found[int(env.get("RANK", 0))] = int(pid)
     return found
 

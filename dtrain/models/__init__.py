@@ -143,8 +143,8 @@ FACTS = ("input_shape", "num_outputs")  # what a factory may ask of the data set
 
 def instantiate(factory: Callable, kwargs: dict, key: str, facts: Optional[dict] = None):
     """factory(**kwargs), with `_target_` mappings inside kwargs built first and the data set's facts passed
-    where the factory's signature names them. Arguments the signature rejects are a one-line ConfigError
-    naming `key`; an exception inside the factory is the factory's own (its traceback is kept)."""
+    where the factory's signature names them. Arguments the factory rejects are a one-line ConfigError
+    naming `key`; an exception raised inside the factory is the factory's own (its traceback is kept)."""
     kwargs = {k: build_targets(v, f"{key}.{k}") for k, v in kwargs.items()}
     try:
         params = inspect.signature(factory).parameters
@@ -153,13 +153,16 @@ def instantiate(factory: Callable, kwargs: dict, key: str, facts: Optional[dict]
     for name in FACTS:
         if name in params and name not in kwargs and (facts or {}).get(name) is not None:
             kwargs[name] = facts[name]
-    if params:
-        try:
-            inspect.signature(factory).bind(**kwargs)
-        except TypeError as e:
+    try:
+        return factory(**kwargs)
+    except TypeError as e:
+        # Raised while binding the arguments, the traceback ends in this frame; raised inside the factory it
+        # goes on into the factory's own frames. (A signature can't tell in advance: Hugging Face's configs
+        # accept more than theirs shows.)
+        if e.__traceback__ is not None and e.__traceback__.tb_next is None:
             raise ConfigError(f"config: {key}: {describe(factory)} rejects these arguments ({e}); "
-                              f"it takes: {', '.join(params) or 'nothing'}") from None
-    return factory(**kwargs)
+                              f"its parameters: {', '.join(params) or 'none'}") from None
+        raise
 
 
 def build_targets(value, key: str):

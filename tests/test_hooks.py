@@ -1,0 +1,246 @@
+"""Your own model, loss and metrics (issue 13): from a config file (import strings) or from a Python script,
+with the guarantees dtrain gives its own. The user code lives in tests/usercode/ (on PYTHONPATH, not in
+dtrain) and in examples/hf_gpt2.py; Hugging Face models are built from small configs, never downloaded."""
+
+import hashlib
+import json
+import os
+import signal
+import time
+import uuid
+
+import pytest
+import torch
+
+from conftest import (REPO, final_params, key_log, latest_logged_step, metrics_of, result_of, run_dtrain,
+                      run_torchrun, start, torchrun_cmd, wait_for, workers)
+from dtrain import dist
+from dtrain.batch import default_forward, keys, logits, size, target
+from dtrain.config import ConfigError, load_config
+from dtrain.trainer import Trainer
+
+USERCODE = REPO / "tests" / "usercode"
+ENV = {"PYTHONPATH": os.pathsep.join([str(REPO), str(USERCODE)])}
+SCRIPT = REPO / "examples" / "hf_gpt2.py"
+HF_RESNET = ["model.factory=transformers:ResNetForImageClassification", "model.head=classifier",
+             "model.kwargs={config: {_target_: 'transformers:ResNetConfig', num_channels: 1, num_labels: 10, "
+             "embedding_size: 8, hidden_sizes: [8, 16], depths: [1, 1], layer_type: basic}}"]
+USER_NET = ["model.factory=mynet:build", "model.kwargs={num_classes: 10, width: 16}", "model.head=fc"]
+
+
+@pytest.fixture
+def usercode(monkeypatch):
+    monkeypatch.syspath_prepend(str(USERCODE))
+
+
+def trainer(tmp_path, data_root, *overrides) -> Trainer:
+    cfg = load_config(None, [f"data.root={data_root}", f"run.dir={tmp_path / 'runs'}", "log.progress=false",
+                             *overrides])
+    return Trainer(cfg, dist.setup(force_single=True))
+
+
+def files_of(run_dir) -> dict:
+    """sha256 of every file under a run's checkpoints (symlinks by target)."""
+    root = run_dir / "checkpoints"
+    return {str(p.relative_to(root)): os.readlink(p) if p.is_symlink() else hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_symlink() or p.is_file()}
+
+
+# ---- batches and outputs of any shape ---------------------------------------------------------------------
+def test_batches_may_be_tuples_or_dicts_and_outputs_tensors_dicts_or_model_outputs():
+    from transformers.modeling_outputs import ImageClassifierOutput
+    x, y = torch.rand(3, 2), torch.tensor([0, 1, 1])
+    as_tuple, as_dict = (x, y, ["a", "b", "c"]), {"x": x, "y": y, "__key__": ["a", "b", "c"]}
+    for b in (as_tuple, as_dict):
+        assert size(b) == 3 and keys(b) == ["a", "b", "c"] and target(b) is y
+    hf_batch = {"input_ids": torch.zeros(2, 5, dtype=torch.long), "labels": torch.zeros(2, 5, dtype=torch.long),
+                "__key__": ["a", "b"]}
+    seen = {}
+    default_forward(lambda **kw: seen.update(kw), hf_batch)  # other dicts: model(**fields), metadata left out
+    assert set(seen) == {"input_ids", "labels"} and size(hf_batch) == 2
+    assert default_forward(lambda t: t * 2, as_dict) is not None  # {"x": ...}: model(x)
+    out = ImageClassifierOutput(logits=torch.ones(3, 2))
+    assert logits(out) is out.logits and logits({"logits": out.logits}) is out.logits and logits(x) is x
+    with pytest.raises(ConfigError, match="returned a dict without logits .*set loss.fn"):
+        logits({"scores": x})
+
+
+def test_loss_terms_and_metric_sums_of_your_own_are_logged_and_reduced_exactly(tmp_path, data_root, usercode):
+    t = trainer(tmp_path, data_root, *USER_NET, "loss.fn=mynet:two_terms", "metrics.fn=mynet:top2",
+                "train.epochs=1", "train.log_every=5")
+    result = t.fit()
+    records = metrics_of(t.run_dir)
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val/loss" in r]
+    assert train and val and "test/top2" in result and "test/error_rate" in result
+    for r in train:  # the sum of the terms is what was backpropagated, each term logged
+        assert r["loss"] == pytest.approx(r["loss/ce"] + r["loss/logit_l2"], rel=1e-5)
+    for r in val:
+        assert r["val/loss"] == pytest.approx(r["val/loss/ce"] + r["val/loss/logit_l2"], rel=1e-6)
+        assert r["val/error_rate"] == pytest.approx(1 - r["val/acc"], abs=1e-9)  # (numerator, denominator)
+        assert r["val/acc"] <= r["val/top2"] <= 1  # a count divided by the samples
+
+
+def test_flops_are_counted_on_a_real_batch_or_said_to_be_unknown(usercode):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from dtrain.build import DataFacts, probe
+    from dtrain.losses import UserLoss
+    from dtrain.metrics import Metrics
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=16, n_layer=1, n_head=2, n_embd=32))
+    ids = {"input_ids": torch.randint(0, 256, (2, 16)), "labels": torch.randint(0, 256, (2, 16))}
+    said = []
+    flops = probe(gpt2, ids, default_forward, UserLoss(lambda out, b: out.loss, "test"), Metrics([]),
+                  torch.device("cpu"), DataFacts(None, None, None), said.append)  # integer ids, a dict batch
+    assert flops > 6 * 16 * sum(p.numel() for p in gpt2.transformer.h.parameters()) and not said
+
+    embed = torch.nn.Embedding(10, 4)  # no matmul: nothing to count
+    assert probe(embed, (torch.tensor([1, 2]), torch.zeros(2), ["a", "b"]), default_forward,
+                 UserLoss(lambda out, b: out.sum(), "test"), Metrics([]), torch.device("cpu"),
+                 DataFacts(None, None, None), said.append) is None
+    assert said == ["mfu: the model's FLOPs could not be counted; no MFU is logged"]
+
+
+# ---- clear errors, nothing lost -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, data_root):
+    """A user-model run with checkpoints, which every bad command below must leave byte-identical."""
+    cwd = tmp_path_factory.mktemp("errors")
+    run_dtrain(["train", f"data.root={data_root}", *USER_NET, "train.epochs=1", "log.progress=false",
+                "run.name=mine"], cwd, env=ENV)
+    return cwd
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.factory=mynet_missing:build"], "model.factory: cannot import module 'mynet_missing'"),
+    (["model.factory=mynet:nothing"], "model.factory: module 'mynet' has no attribute 'nothing'"),
+    (["model.factory=mynet:NOT_CALLABLE"], "model.factory: 'mynet:NOT_CALLABLE' is a int, not a callable"),
+    (["model.factory=mynet:not_a_module", "model.kwargs={}"], "model.factory: mynet:not_a_module returned a str, not a torch.nn.Module"),
+    (["model.kwargs={num_classes: 10, colour: red}"], "model.kwargs: mynet:build rejects these arguments"),
+    (["model.head=classifier"], "model.head: the model has no module 'classifier'; its top-level modules: "
+                                "features, fc"),
+    (["loss.fn=mynet:vector_loss"], "loss.fn: mynet:vector_loss returned a torch.float32 tensor of shape (2,), "
+                                    "not a scalar"),
+    (["metrics.fn=mynet:vector_loss"], "metrics.fn: mynet:vector_loss returned a Tensor, not a dict"),
+    (["loss.fn=mynet:two_terms", "loss.name=mse"], "loss.fn (or a loss handed in from Python) and loss.name"),
+])
+def test_hook_errors_are_one_line_exit_2_and_keep_the_checkpoints(finished_run, data_root, usercode, monkeypatch,
+                                                                  capsys, overrides, message):
+    from dtrain.cli import main  # in-process: `dtrain train` as the command line runs it, without a new python
+    monkeypatch.chdir(finished_run)
+    run_dir = finished_run / "runs" / "mine"
+    before = files_of(run_dir)
+    args = ["train", f"data.root={data_root}", *USER_NET, "train.epochs=1", "log.progress=false", "run.name=mine"]
+    assert main(args + overrides) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("dtrain: error: config: ") and message in lines[-1], lines
+    assert files_of(run_dir) == before
+
+
+@pytest.mark.multiproc
+def test_an_exception_in_your_code_keeps_its_traceback_and_ends_every_rank(tmp_path, data_root):
+    tag = uuid.uuid4().hex
+    args = ["train", f"data.root={data_root}", "model.factory=mynet:faulty", "model.head=fc", "train.epochs=2",
+            "log.progress=false", "dist.timeout_s=30", "checkpoint.every=2", "run.name=faulty"]
+    t0 = time.monotonic()
+    proc = start(torchrun_cmd(2, args), tmp_path, tag, env={**ENV, "FAULTY_RANK": "1", "FAULTY_CALL": "5"})
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and time.monotonic() - t0 < 60
+    assert "Traceback" in err and "usercode/mynet.py" in err and "ValueError: a bug in mynet.Faulty.forward" in err
+    assert not workers(tag)  # no rank left behind
+    latest = tmp_path / "runs" / "faulty" / "checkpoints" / "latest"
+    assert json.loads((latest / "manifest.json").read_text())["step"] == 4  # the last save before the bug stands
+
+
+# ---- the config route: your model on 2 ranks, exact resume after SIGKILL ------------------------------------
+@pytest.mark.multiproc
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["user", "hf"])
+def test_your_model_from_config_resumes_bit_identically_after_sigkill(tmp_path, data_root, model):
+    args = ["train", f"data.root={data_root}", *(USER_NET if model == "user" else HF_RESNET), "train.epochs=2",
+            "data.batch_size=32", "optim.lr=0.02", "log.progress=false", "train.log_every=1", "checkpoint.every=4",
+            "log.sample_keys=true", "data.shuffle_buffer=200"]
+    straight = run_torchrun(2, args + ["run.name=straight"], tmp_path, env=ENV)
+    assert result_of(straight)["test/acc"] > 0.4 and "world_size=2" in straight.stderr  # it learned (10 classes)
+    tag, run = uuid.uuid4().hex, tmp_path / "runs" / "r"
+    proc = start(torchrun_cmd(2, args + ["run.name=r"]), tmp_path, tag, env=ENV)
+    wait_for(lambda: latest_logged_step(run) >= 22, what="step 22")  # epoch 2 (19 steps per epoch)
+    os.kill(workers(tag)[1], signal.SIGKILL)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    resumed = run_torchrun(2, args + ["run.name=r"], tmp_path, env=ENV)
+    assert "resumed from" in resumed.stderr
+    a, b = final_params(tmp_path / "runs" / "straight"), final_params(run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert key_log(run) == key_log(tmp_path / "runs" / "straight")  # the same samples at every step
+
+
+# ---- transfer learning on the layer model.head names -------------------------------------------------------
+@pytest.mark.parametrize("model, head, new_head", [
+    (USER_NET, "fc", ["model.kwargs={num_classes: 2, width: 16}"]),
+    (HF_RESNET, "classifier", [HF_RESNET[2].replace("num_labels: 10", "num_labels: 2")]),
+])
+def test_transfer_learning_replaces_and_trains_the_named_head(tmp_path, data_root, usercode, model, head, new_head):
+    source = trainer(tmp_path, data_root, *model, "train.epochs=1", "run.name=source")
+    source.fit()
+    pretrained = final_params(source.run_dir)
+    ft = trainer(tmp_path, data_root, *model, *new_head, "data.dataset=digits_parity", "data.train_subset=256",
+                 f"model.init_from={source.run_dir}", "model.freeze_all_but_head=true", "model.unfreeze_at_step=4",
+                 "train.epochs=2", "checkpoint.every=4", "checkpoint.keep_last=5", "checkpoint.save_best=false",
+                 "run.name=ft")
+    body = [n for n, _ in ft.engine.module.named_parameters() if not n.startswith(head + ".")]
+    ft.fit()
+    at_4 = torch.load(ft.run_dir / "checkpoints" / "step-00000004" / "state.pt", weights_only=True)["engine"]["model"]
+    final = final_params(ft.run_dir)
+    assert all(torch.equal(at_4[n], pretrained[n]) for n in body)  # frozen: bit-identical to the source
+    assert all(not torch.equal(final[n], pretrained[n]) for n in body)  # unfrozen at step 4: trained
+    heads = [n for n in final if n.startswith(head + ".") and n.endswith("weight")]
+    assert heads and all(final[n].shape[0] == 2 and pretrained[n].shape[0] == 10 for n in heads)  # a new head
+
+
+# ---- the Python route: your own script under torchrun ------------------------------------------------------
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_hf_gpt2_script_under_torchrun_resumes_exactly_after_sigterm(tmp_path):
+    from wandb_records import read_run
+    args = [f"data.root={tmp_path / 'data'}", "data.text_bytes=120000", "data.text_context=32", "data.batch_size=8",
+            "data.shard_size=100", "log.progress=false", "train.log_every=1", "checkpoint.every=10",
+            "wandb.enabled=true", "wandb.project=tests"]
+    straight = run_torchrun(2, args + ["run.name=straight"], tmp_path, script=SCRIPT)
+    assert "world_size=2" in straight.stderr and result_of(straight)["stop_reason"] == "completed"
+    records = metrics_of(tmp_path / "runs" / "straight")
+    val = [r for r in records if "val/loss" in r]
+    assert val and all(r["val/token_acc"] == pytest.approx(r["val/acc"], abs=1e-6) for r in val)  # synchronised
+    total = records[-1]["step"]
+
+    tag, run = uuid.uuid4().hex, tmp_path / "runs" / "r"
+    proc = start(torchrun_cmd(2, args + ["run.name=r"], script=SCRIPT), tmp_path, tag)
+    wait_for(lambda: latest_logged_step(run) >= 12, what="step 12")  # of ~160
+    os.kill(workers(tag, needle=SCRIPT.name.encode())[0], signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    stopped = json.loads(out.strip().splitlines()[-1])
+    assert stopped["stop_reason"] == "signal:SIGTERM" and stopped["step"] < total, err[-2000:]
+    resumed = run_torchrun(2, args + ["run.name=r"], tmp_path, script=SCRIPT)
+    assert "resumed from" in resumed.stderr and result_of(resumed)["step"] == total
+    a, b = final_params(tmp_path / "runs" / "straight"), final_params(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # dropout included: RNG states restored
+
+    config = (run / "config.yaml").read_text()
+    assert "factory: __main__:build_model" in config and "fn: __main__:loss" in config
+    first, second = (read_run(f) for f in sorted((run / "wandb").glob("offline-run-*/run-*.wandb")))
+    assert first["id"] == second["id"]
+    history = [k for row in first["history"] + second["history"] for k in row]
+    assert {"loss", "val/token_acc", "test/token_acc"} <= set(history)
+
+    evaluated = run_dtrain_script(["eval", "--checkpoint", str(run)], tmp_path)
+    assert "test/token_acc" in evaluated.stdout
+
+
+def run_dtrain_script(args, cwd):
+    import subprocess
+    import sys
+    from conftest import _env
+    proc = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env=_env(), stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
