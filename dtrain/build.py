@@ -107,25 +107,45 @@ def build_model_for(cfg: Config, facts: DataFacts, hooks: Hooks, log: Callable[[
     return model
 
 
-def build_components(cfg: Config, info: dist.DistInfo, hooks: Optional[Hooks] = None,
-                     debug: bool = False) -> Components:
-    hooks = hooks or Hooks()
-    run_dir = Path(cfg.run.dir) / (cfg.run.name + ("-debug" if debug else ""))
-    device = info.device
+@dataclasses.dataclass
+class Data:
+    facts: DataFacts
+    feed: TrainFeed
+    val: ShardStream
+    test: ShardStream
+
+
+def build_data(cfg: Config, info: dist.DistInfo, debug: bool = False) -> Data:
+    """This rank's training feed (augmented) and its val and test streams (never augmented)."""
     index = resolve_shards(cfg.data, cfg.run.seed)
-    facts = data_facts(index)
     stream = dict(batch_size=cfg.data.batch_size, rank=info.global_rank, world_size=info.world_size,
-                  num_workers=0 if debug else cfg.data.num_workers, pin_memory=device.type == "cuda",
+                  num_workers=0 if debug else cfg.data.num_workers, pin_memory=info.device.type == "cuda",
                   prefetch_factor=cfg.data.prefetch_factor)
     train_index = index.subset("train", cfg.data.train_subset) if cfg.data.train_subset else index
     train = ShardStream(train_index, "train", train=True, seed=cfg.run.seed, grad_accum=cfg.train.grad_accum,
                         shuffle_buffer=cfg.data.shuffle_buffer, remainder=cfg.data.remainder,
-                        transform=build_augment(cfg.augment, cfg.run.seed), **stream)  # augmented; val, test never
-    feed = TrainFeed(train, info.global_rank, info.world_size, cfg.train, debug)
-    val_data, test_data = ShardStream(index, "val", **stream), ShardStream(index, "test", **stream)
+                        transform=build_augment(cfg.augment, cfg.run.seed), **stream)
+    return Data(data_facts(index), TrainFeed(train, info.global_rank, info.world_size, cfg.train, debug),
+                ShardStream(index, "val", **stream), ShardStream(index, "test", **stream))
 
-    log = build_logger(cfg.log, info, run_dir, feed.total_steps, cfg.wandb, cfg.to_dict())
-    model = build_model_for(cfg, facts, hooks, log.info)
+
+@dataclasses.dataclass
+class Core:
+    """What evaluating a model needs (all `dtrain eval` builds; the trainer adds the rest)."""
+    data: Data
+    engine: Any
+    evaluator: Evaluator
+    freezer: Freezer
+    flops: Optional[float]
+
+
+def build_core(cfg: Config, info: dist.DistInfo, hooks: Optional[Hooks] = None, debug: bool = False,
+               log: Callable[[str], None] = print) -> Core:
+    """Data, the model (probed on a real batch), its engine, loss, metrics and the evaluator."""
+    hooks = hooks or Hooks()
+    data = build_data(cfg, info, debug)
+    facts, device = data.facts, info.device
+    model = build_model_for(cfg, facts, hooks, log)
     freezer = Freezer(model, cfg.model)
     freezer.apply(0)  # before the engine: DDP only reduces parameters that require grad when wrapped
     forward = hooks.forward or (resolve(cfg.model.forward, "model.forward") if cfg.model.forward
@@ -133,18 +153,28 @@ def build_components(cfg: Config, info: dist.DistInfo, hooks: Optional[Hooks] = 
     loss = build_loss(cfg.loss, facts.task, hooks.loss)
     metrics = build_metrics(cfg.metrics, facts.task, facts.y_mean, hooks.metrics)
     model.to(device)
-    flops = probe(model, val_data.first_batch(2), forward, loss, metrics, device, facts, log.info)
-
+    flops = probe(model, data.val.first_batch(2), forward, loss, metrics, device, facts, log)
     scales = lr_scales(cfg.model.head, cfg.optim.backbone_lr_ratio) if cfg.optim.backbone_lr_ratio != 1 else None
     channels_last = cfg.model.channels_last if cfg.model.channels_last != "auto" else \
         device.type == "cuda" and has_convolutions(model)
     engine = build_engine(model, lambda module: build_optimizer(cfg.optim, module, scales, hooks.param_groups),
-                          lambda optimizer: build_scheduler(cfg.schedule, optimizer, feed.total_steps),
+                          lambda optimizer: build_scheduler(cfg.schedule, optimizer, data.feed.total_steps),
                           cfg.train, info, cfg.deepspeed, cfg.data.batch_size, channels_last=channels_last)
-    tokens_per_sample = facts.input_shape[-1] if facts.task == "lm" else 1  # tokens: samples unless sequences
-    meter = Throughput(feed.samples_per_step, tokens_per_sample, flops, peak_flops(device, cfg.train.peak_flops),
-                       info.world_size, device)
     evaluator = Evaluator(engine, forward, loss, metrics, facts.task, cfg.train.val_every, cfg.early_stop)
+    return Core(data, engine, evaluator, freezer, flops)
+
+
+def build_components(cfg: Config, info: dist.DistInfo, hooks: Optional[Hooks] = None,
+                     debug: bool = False) -> Components:
+    run_dir = Path(cfg.run.dir) / (cfg.run.name + ("-debug" if debug else ""))
+    device = info.device
+    log = build_logger(cfg.log, info, run_dir, 0, cfg.wandb, cfg.to_dict())
+    core = build_core(cfg, info, hooks, debug, log.info)
+    data, engine = core.data, core.engine
+    log.total_steps = data.feed.total_steps
+    tokens_per_sample = data.facts.input_shape[-1] if data.facts.task == "lm" else 1  # samples unless sequences
+    meter = Throughput(data.feed.samples_per_step, tokens_per_sample, core.flops,
+                       peak_flops(device, cfg.train.peak_flops), info.world_size, device)
     # Coordination that must not share the training group: created in this order on every rank.
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep_last, info, cfg.hash(),
                                 keep_best=cfg.checkpoint.keep_best, async_save=cfg.checkpoint.async_save,
@@ -154,8 +184,8 @@ def build_components(cfg: Config, info: dist.DistInfo, hooks: Optional[Hooks] = 
     key_log = SampleKeyLog(run_dir, info.global_rank) if cfg.log.sample_keys else None
     # Each rank its own dropout/augmentation stream; resumed exactly from the checkpoint.
     seed_all(cfg.run.seed * 1000 + info.global_rank)
-    return Components(run_dir, facts, feed, val_data, test_data, engine, forward, loss, evaluator, checkpointer,
-                      stop, log, freezer, meter, key_log)
+    return Components(run_dir, data.facts, data.feed, data.val, data.test, engine, core.evaluator.forward,
+                      core.evaluator.loss, core.evaluator, checkpointer, stop, log, core.freezer, meter, key_log)
 
 
 def seed_all(seed: int) -> None:

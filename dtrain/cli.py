@@ -132,8 +132,8 @@ def _load_for_eval(path_arg: str):
 
 def _eval(args) -> int:
     from . import dist
+    from .build import build_core
     from .config import Config
-    from .trainer import Trainer
 
     path, state = _load_for_eval(args.checkpoint)
     cfg = Config.from_saved(state["config"])
@@ -141,19 +141,19 @@ def _eval(args) -> int:
     # evaluation needs no DeepSpeed, whichever engine trained it
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_from": None}),
                                  "train": cfg.train.model_copy(update={"engine": "ddp"})})
-    info = dist.setup(force_single=True)
-    trainer = Trainer(cfg, info, hooks=args.hooks)
-    trainer.engine.module.load_state_dict(state["engine"]["model"])
-    stream = {"train": trainer.feed.stream, "val": trainer.val_data, "test": trainer.test_data}[args.split]
-    if args.split == "train":
+    core = build_core(cfg, dist.setup(force_single=True), args.hooks, log=lambda msg: None)
+    core.engine.module.load_state_dict(state["engine"]["model"])
+    data = core.data
+    stream = {"train": data.feed.stream, "val": data.val, "test": data.test}[args.split]
+    if args.split == "train":  # one unshuffled, unaugmented pass
         stream = type(stream)(stream.index, "train", batch_size=stream.batch_size, rank=0, world_size=1)
-    metrics = trainer.evaluate(stream, args.split)
+    metrics = core.evaluator.evaluate(stream, args.split)
     width = max(map(len, metrics))
     print(f"checkpoint {path.resolve()} (step {state['trainer']['step']}), split {args.split}")
     for k, v in metrics.items():
         print(f"  {k:<{width}}  {v:.6g}")
-    if trainer.facts.task == "classification":
-        print(format_confusion(trainer.evaluator.confusion_matrix(stream, trainer.facts.num_outputs)))
+    if data.facts.task == "classification":
+        print(format_confusion(core.evaluator.confusion_matrix(stream, data.facts.num_outputs)))
     return 0
 
 
@@ -233,7 +233,8 @@ def _config(args) -> int:
     from .config import describe_fields, load_config
 
     if args.describe:
-        print("\n".join(describe_fields()))
+        from .models import describe_factories
+        print("\n".join(describe_fields() + describe_factories()))
     else:
         print(load_config(args.config, args.overrides, args.defaults).to_yaml(), end="")
     return 0

@@ -101,6 +101,29 @@ def test_flops_are_counted_on_a_real_batch_or_said_to_be_unknown(usercode):
     assert said == ["mfu: the model's FLOPs could not be counted; no MFU is logged"]
 
 
+def test_objects_handed_in_from_python_param_groups_included(tmp_path, data_root, usercode):
+    import mynet
+    from dtrain.build import Hooks
+
+    def groups(model):  # the head at 10x the backbone's LR, no weight decay anywhere
+        head = list(model.fc.parameters())
+        return [{"params": [p for p in model.parameters() if all(p is not q for q in head)], "lr": 1e-3},
+                {"params": head, "lr": 1e-2, "weight_decay": 0.0}]
+    cfg = load_config(None, [f"data.root={data_root}", f"run.dir={tmp_path / 'runs'}", "log.progress=false",
+                             "model.head=fc", "train.epochs=1", "optim.weight_decay=0.1"])
+    hooks = Hooks(model=mynet.build, loss=mynet.two_terms, metrics=mynet.top2, param_groups=groups)
+    t = Trainer(hooks.record(cfg), dist.setup(force_single=True), hooks=hooks)
+    result = t.fit()
+    assert result["stop_reason"] == "completed" and "test/top2" in result
+    state = torch.load(t.run_dir / "checkpoints" / "latest" / "state.pt", weights_only=True)
+    opt = state["engine"]["optimizer"]["param_groups"]
+    assert [(g["initial_lr"], g["weight_decay"]) for g in opt] == [(1e-3, 0.1), (1e-2, 0.0)]
+    assert state["config"]["model"]["factory"] == "mynet:build" and state["config"]["loss"]["fn"] == "mynet:two_terms"
+    with pytest.raises(ConfigError, match="param_groups: 2 parameters are in no group"):
+        Trainer(cfg, dist.setup(force_single=True), hooks=Hooks(model=mynet.build, param_groups=lambda m: [
+            {"params": list(m.features.parameters())}]))
+
+
 # ---- clear errors, nothing lost -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, data_root):
@@ -244,3 +267,7 @@ def run_dtrain_script(args, cwd):
                           timeout=300, env=_env(), stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+def test_the_readme_shows_the_script_that_is_tested():
+    assert f"```python\n{SCRIPT.read_text()}```" in (REPO / "README.md").read_text()

@@ -117,6 +117,18 @@ def test_one_torchrun_per_node_on_two_nodes(slurm_cluster, tmp_path, data_root):
     assert summary(out)["stop_reason"] == "completed"
 
 
+def test_a_python_script_of_your_own_under_srun(slurm_cluster, tmp_path):
+    """`srun python train.py`: a script calling dtrain.main() is one worker, as `dtrain train` is."""
+    script = REPO / "examples" / "hf_gpt2.py"
+    job = sbatch(tmp_path, "--nodes=1", "--ntasks=2", "--output=%x-%j.out", "--job-name=script",
+                 f"--wrap=srun --kill-on-bad-exit=1 {sys.executable} {script} data.root={tmp_path / 'data'} "
+                 "data.text_bytes=40000 data.text_context=32 data.batch_size=8 train.max_steps=6 log.progress=false")
+    fields, out = wait_for(job, tmp_path)
+    assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", f"{fields}\n{out}"
+    assert "launch: slurm, world_size=2, backend=gloo" in out and "test/token_acc" in out, out
+    assert summary(out)["step"] == 6
+
+
 def test_dtrain_in_the_batch_script_without_srun_is_an_error(slurm_cluster, tmp_path):
     # the batch script has SLURM_PROCID=0 and SLURM_NTASKS=2: without the check it waited for a rank 1
     job = sbatch(tmp_path, "--ntasks=2", "--output=%x-%j.out", "--job-name=nosrun",

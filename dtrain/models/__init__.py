@@ -201,6 +201,17 @@ def resolve_factory(spec: str):
     return resolve(spec, "model.factory", BUILTIN)
 
 
+def describe_factories() -> list[str]:
+    """One line per built-in factory: its model.kwargs with their defaults, and what it builds."""
+    lines = []
+    for short, spec in BUILTIN.items():
+        factory = resolve(spec, "model.factory")
+        args = [f"{n}={p.default!r}" for n, p in inspect.signature(factory).parameters.items() if n not in FACTS]
+        doc = " ".join((factory.__doc__ or "").split())
+        lines.append(f"model.kwargs (model.factory={short}): {', '.join(args)}  # {doc}")
+    return lines
+
+
 def find_module(model: nn.Module, name: str, key: str = "model.head") -> nn.Module:
     """The submodule called `name` (dotted), or a one-line ConfigError listing the model's top-level ones."""
     try:
