@@ -72,25 +72,6 @@ class DataFacts:
         return {"input_shape": self.input_shape, "num_outputs": self.num_outputs}
 
 
-@dataclasses.dataclass
-class Components:
-    run_dir: Path
-    facts: DataFacts
-    feed: TrainFeed
-    val_data: ShardStream
-    test_data: ShardStream
-    engine: Any
-    forward: Callable
-    loss: Any
-    evaluator: Evaluator
-    checkpointer: Checkpointer
-    stop: StopControl
-    log: Any
-    freezer: Freezer
-    meter: Throughput
-    key_log: Optional[SampleKeyLog]
-
-
 def data_facts(index) -> DataFacts:
     return DataFacts(index.task, tuple(index.input_shape), index.num_classes or 1,
                      index.stats.get("train", {}).get("y_mean", 0.0))
@@ -164,13 +145,25 @@ def build_core(cfg: Config, info: dist.DistInfo, hooks: Optional[Hooks] = None, 
     return Core(data, engine, evaluator, freezer, flops)
 
 
+@dataclasses.dataclass
+class Components:
+    """A training run: the core, and what training adds to it."""
+    run_dir: Path
+    core: Core
+    checkpointer: Checkpointer
+    stop: StopControl
+    log: Any
+    meter: Throughput
+    key_log: Optional[SampleKeyLog]
+
+
 def build_components(cfg: Config, info: dist.DistInfo, hooks: Optional[Hooks] = None,
                      debug: bool = False) -> Components:
     run_dir = Path(cfg.run.dir) / (cfg.run.name + ("-debug" if debug else ""))
     device = info.device
     log = build_logger(cfg.log, info, run_dir, 0, cfg.wandb, cfg.to_dict())
     core = build_core(cfg, info, hooks, debug, log.info)
-    data, engine = core.data, core.engine
+    data = core.data
     log.total_steps = data.feed.total_steps
     tokens_per_sample = data.facts.input_shape[-1] if data.facts.task == "lm" else 1  # samples unless sequences
     meter = Throughput(data.feed.samples_per_step, tokens_per_sample, core.flops,
@@ -184,8 +177,7 @@ def build_components(cfg: Config, info: dist.DistInfo, hooks: Optional[Hooks] = 
     key_log = SampleKeyLog(run_dir, info.global_rank) if cfg.log.sample_keys else None
     # Each rank its own dropout/augmentation stream; resumed exactly from the checkpoint.
     seed_all(cfg.run.seed * 1000 + info.global_rank)
-    return Components(run_dir, data.facts, data.feed, data.val, data.test, engine, core.evaluator.forward,
-                      core.evaluator.loss, core.evaluator, checkpointer, stop, log, core.freezer, meter, key_log)
+    return Components(run_dir, core, checkpointer, stop, log, meter, key_log)
 
 
 def seed_all(seed: int) -> None:

@@ -40,10 +40,11 @@ class Trainer:
     def __init__(self, cfg: Config, dist_info: dist.DistInfo, debug: bool = False, hooks: Optional[Hooks] = None):
         self.cfg, self.info, self.debug = cfg, dist_info, debug
         c = build_components(cfg, dist_info, hooks, debug)
-        self.run_dir, self.facts, self.feed, self.engine = c.run_dir, c.facts, c.feed, c.engine
-        self.val_data, self.test_data = c.val_data, c.test_data
-        self.forward, self.loss, self.evaluator, self.checkpointer = c.forward, c.loss, c.evaluator, c.checkpointer
-        self.stop, self.log, self.freezer, self.meter, self.key_log = c.stop, c.log, c.freezer, c.meter, c.key_log
+        data, self.engine, self.evaluator, self.freezer = c.core.data, c.core.engine, c.core.evaluator, c.core.freezer
+        self.facts, self.feed, self.val_data, self.test_data = data.facts, data.feed, data.val, data.test
+        self.forward, self.loss = self.evaluator.forward, self.evaluator.loss
+        self.run_dir, self.checkpointer, self.stop, self.log = c.run_dir, c.checkpointer, c.stop, c.log
+        self.meter, self.key_log = c.meter, c.key_log
         self.step, self.saved_step = 0, -1
         self.skipped_updates = 0
         self._skips = torch.zeros((), device=dist_info.device)  # skipped updates not yet counted on the host
