@@ -28,6 +28,7 @@ from .losses import METRICS, build_loss, metric_sums
 from .models import build_model, flops_per_sample
 from .models.transfer import Freezer, load_pretrained, lr_scales
 from .optim import build_optimizer, build_scheduler
+from .resume import already_tested, check_config, finished
 from .throughput import Throughput, peak_flops
 
 
@@ -125,8 +126,16 @@ class Trainer:
 
     def _fit(self) -> dict:
         self.resume()
+        if self.stop_reason is not None:  # finished before this start: done, unless its test is still to run
+            done = already_tested(self.run_dir, self.step, self.stop_reason, self.dist.is_global_zero, self.log.info)
+            if done is not None:
+                return done
         self._skip_counted = self.step
         self.log.start(self.step)
+        if self.key_log:  # steps logged after the checkpoint (or by a run killed before its first one) go
+            self.key_log.truncate(self.step, self.log.info)
+            if self.dist.is_global_zero:
+                self.key_log.truncate_ranks_from(self.dist.world_size, self.step, self.log.info)
         self.log.info(f"training {self.total_steps} steps ({self.steps_per_epoch}/epoch, "
                       f"global batch {self.samples_per_step}) in {self.run_dir}")
         self.meter.reset()
@@ -422,6 +431,7 @@ class Trainer:
         if found is None:
             return
         path, state, rank_state = found
+        check_config(state["config"], self.cfg, self.run_dir, self.log.info)  # refuses before anything is loaded
         self.engine.load_from(path, state["engine"])  # the deepspeed engine refuses another world size here
         self.resume_data_position(path, state)
         self.load_state_dict(state["trainer"])
@@ -435,10 +445,7 @@ class Trainer:
                                                  f"{self.step}".encode()).digest()[:4], "little")
             torch.manual_seed(seed), random.seed(seed), np.random.seed(seed)
         self.saved_step = self.step
-        if self.key_log:
-            self.key_log.truncate(self.step)
-            if self.dist.is_global_zero:
-                self.key_log.truncate_ranks_from(self.dist.world_size, self.step)
+        self.stop_reason = finished(self.step, self.total_steps, self.bad_validations, self.cfg.early_stop.patience)
         self.log.info(f"resumed from {path} at step {self.step}")
 
 
