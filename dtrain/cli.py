@@ -21,6 +21,7 @@ def _train(args) -> int:
 
     from . import dist
     from .config import load_config
+    from .runlock import hold
     from .trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
@@ -34,14 +35,13 @@ def _train(args) -> int:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"num_workers": 0}),
                                      "log": cfg.log.model_copy(update={"progress": False})})
         torch.autograd.set_detect_anomaly(True)
-    with _session(cfg, force_single=args.debug) as info:
+    run_dir = Path(cfg.run.dir) / (cfg.run.name + ("-debug" if args.debug else ""))  # as Trainer.run_dir
+    say = lambda line: print(line, file=sys.stderr, flush=True)
+    with _session(cfg, force_single=args.debug) as info, hold(run_dir, info, say):  # one job per run directory
         trainer = Trainer(cfg, info, debug=args.debug)
         if cfg.run.doctor and info.distributed:
             _check_health(cfg, info, trainer.run_dir, trainer.engine.module, brief=True)
-        if info.is_global_zero:
-            trainer.run_dir.mkdir(parents=True, exist_ok=True)
-            (trainer.run_dir / "config.yaml").write_text(cfg.to_yaml())
-        result = trainer.fit()
+        result = trainer.fit()  # config.yaml is written once the resume is settled (RunLogger.start)
         if info.is_global_zero:
             print(json.dumps(result), flush=True)
     return EXIT_INTERRUPTED if result["stop_reason"].startswith("signal") else 0
@@ -326,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .data import DataError
     from .dist import CollectiveError, LaunchError
+    from .runlock import RunDirError
 
     args = build_parser().parse_args(argv)
     func = args.func
@@ -334,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         func = record(func)
     try:
         return func(args)
-    except (ConfigError, DataError, LaunchError, CheckpointError, DoctorError) as e:
+    except (ConfigError, DataError, LaunchError, CheckpointError, DoctorError, RunDirError) as e:
         print(f"dtrain: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except CollectiveError as e:
