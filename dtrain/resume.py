@@ -144,8 +144,22 @@ def config_hyperparameters(optimizer, scheduler):
     scheduler.base_lrs = base_lrs
     for fn, fields in zip(scheduler.lr_lambdas, schedules, strict=True):
         vars(fn).update(fields)  # as LambdaLR.load_state_dict does (Schedule is a frozen dataclass)
-    for group, fresh, base_lr, fn in zip(optimizer.param_groups, groups, base_lrs, scheduler.lr_lambdas, strict=True):
+    for group, fresh in zip(optimizer.param_groups, groups, strict=True):
         group.update(fresh)
+    _lr_at_this_step(optimizer, scheduler)
+
+
+def set_schedule_length(optimizer, scheduler, total_steps: int) -> None:
+    """Let the schedule span `total_steps`: an elastic resume settles the epoch length (the checkpoint's)
+    after the engine built the schedule from this run's own."""
+    for fn in scheduler.lr_lambdas:
+        vars(fn)["total_steps"] = total_steps  # Schedule is a frozen dataclass
+    _lr_at_this_step(optimizer, scheduler)
+
+
+def _lr_at_this_step(optimizer, scheduler) -> None:
+    """Each group's LR at the scheduler's step, computed as LambdaLR computes it."""
+    for group, base_lr, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
         group["lr"] = base_lr * fn(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 

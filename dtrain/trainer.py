@@ -28,7 +28,7 @@ from .losses import METRICS, build_loss, metric_sums
 from .models import build_model, flops_per_sample
 from .models.transfer import Freezer, load_pretrained, lr_scales
 from .optim import build_optimizer, build_scheduler
-from .resume import already_tested, check_config, finished
+from .resume import already_tested, check_config, finished, set_schedule_length
 from .throughput import Throughput, peak_flops
 
 
@@ -421,6 +421,7 @@ class Trainer:
         self.engine.set_grad_accum(layout.grad_accum)
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = self.log.total_steps = plan_total_steps(self.cfg.train, steps_per_epoch, self.debug)
+        set_schedule_length(self.engine.optimizer, self.engine.scheduler, self.total_steps)
         self.samples_per_step = self.meter.samples_per_step = layout.global_batch(world)
         self.position.layout = Segment(world, layout.batch_size, layout.grad_accum, self.train_data.num_workers, 0)
 

@@ -25,7 +25,7 @@ from dtrain.config import Config, load_config
 from dtrain.logging import key_log_step, metrics_record
 from dtrain.optim import build_optimizer, build_schedule, build_scheduler
 from dtrain.records import keep_records, read_records
-from dtrain.resume import config_changes, config_hyperparameters, fixed_reason
+from dtrain.resume import config_changes, config_hyperparameters, fixed_reason, set_schedule_length
 from dtrain.runlock import LOCK, RunDirError, RunLock, check_layout, make_run_dir
 
 FOREIGN = {"host": "node-b", "pid": 4242, "slurm_job": "99", "torchelastic_run": None, "machine": "another-machine",
@@ -170,6 +170,9 @@ def test_changed_lr_and_schedule_are_applied_after_loading_the_checkpoint():
     assert all(g["lr"] == want and g["initial_lr"] == 0.01 for g in fresh_opt.param_groups)
     assert fresh_sched.get_last_lr() == [want] * len(fresh_opt.param_groups)
     assert torch.equal(fresh_opt.state_dict()["state"][0]["exp_avg"], saved["optimizer"]["state"][0]["exp_avg"])
+    set_schedule_length(fresh_opt, fresh_sched, 30)  # an elastic resume keeps the checkpoint's epoch length
+    want = 0.01 * build_schedule(load_config(None, ["schedule.warmup_steps=3"]).schedule, 30)(7)
+    assert fresh_sched.get_last_lr() == [want] * len(fresh_opt.param_groups) == [g["lr"] for g in fresh_opt.param_groups]
 
     # unchanged config: the same LR, bit for bit, now and at the next step, as without the block
     model, same_opt, same_sched = _optimizer(0.003, 20, 0)
