@@ -43,7 +43,7 @@ MAY_CHANGE = (
 # Why the others cannot change: the first matching entry ("" matches every key).
 FIXED_BECAUSE = (
     ("model.init_from", "a resumed run's weights come from its checkpoint, not from model.init_from"),
-    ("model.", "the checkpoint holds the parameters it shaped"),
+    ("model.", "it shapes the parameters the checkpoint holds"),
     ("data.", "it decides the training samples, their order and the steps per epoch"),
     ("train.grad_accum", "it decides the global batch and the steps per epoch"),
     ("run.seed", "it decides the sample order, dropout and augmentation draws"),

@@ -22,6 +22,7 @@ longer than STALE_AFTER_S) stops at once, writing nothing more.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -180,10 +181,25 @@ class RunLock:
                 # over NFS, a link whose reply was lost is sent again and fails although the first one
                 # worked: the link count of our own file tells (open(2), O_EXCL)
                 return os.stat(own).st_nlink == 2
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                return self._create_exclusive(path)  # no hard links here (some FUSE mounts)
             finally:
                 own.unlink(missing_ok=True)
         except OSError as e:
             raise RunDirError(f"run: cannot create {path} ({e.strerror or e})") from None
+
+    def _create_exclusive(self, path: Path) -> bool:
+        """O_EXCL where link() is not supported: a reader may see the file empty for a moment, and then
+        judges it by its (fresh) mtime alone."""
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(self.raw)
+        return True
 
     def _read(self, path: Optional[Path] = None) -> Optional[Seen]:
         try:

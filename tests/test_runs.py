@@ -2,6 +2,7 @@
 changed config, two jobs on one run directory, and paths in the way. The rules are tested in-process;
 each case also once with real `dtrain train` processes."""
 
+import errno
 import hashlib
 import json
 import os
@@ -25,7 +26,7 @@ from dtrain.config import Config, load_config
 from dtrain.logging import key_log_step, metrics_record
 from dtrain.optim import build_optimizer, build_schedule, build_scheduler
 from dtrain.records import keep_records, read_records
-from dtrain.resume import config_changes, config_hyperparameters, fixed_reason, set_schedule_length
+from dtrain.resume import config_changes, config_hyperparameters, finished, fixed_reason, set_schedule_length
 from dtrain.runlock import LOCK, RunDirError, RunLock, check_layout, make_run_dir
 
 FOREIGN = {"host": "node-b", "pid": 4242, "slurm_job": "99", "torchelastic_run": None, "machine": "another-machine",
@@ -141,6 +142,8 @@ def test_changed_keys_are_classified_fixed_or_applied():
     assert fixed_reason("fsdp.reshard_after_forward", True, False)  # unknown: fixed until listed
     assert fixed_reason("model.init_from", None, "runs/x") and fixed_reason("optim.name", "sgd", "adamw")
     assert fixed_reason("optim.backbone_lr_ratio", 1.0, 0.1) and not fixed_reason("optim.backbone_lr_ratio", 0.2, 0.1)
+    assert finished(19, 19, 0, None) == "completed" and finished(10, 19, 3, 3) == "early_stop"
+    assert finished(10, 19, 3, 5) is None  # patience raised after an early stop: it trains on
     for key in ("schedule.name", "train.max_steps", "early_stop.patience", "checkpoint.keep_last", "dist.timeout_s",
                 "log.progress", "wandb.project", "run.stop_at_step", "data.num_workers", "model.unfreeze_at_step"):
         assert fixed_reason(key, 1, 2) is None, key
@@ -332,6 +335,19 @@ def test_heartbeat_and_an_earlier_attempt_of_the_same_job(tmp_path, monkeypatch)
     assert 0.9 < time.monotonic() - t0 < 5 and "its heartbeat is 1 s old" in said[0]
 
 
+def test_lock_without_hard_links(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+    monkeypatch.setattr(os, "link", no_links)  # some FUSE mounts
+    lock = RunLock(tmp_path)
+    lock.acquire(print)
+    assert json.loads((tmp_path / LOCK).read_text())["token"] == lock.me["token"]
+    with pytest.raises(RunDirError, match="is in use by"):
+        RunLock(tmp_path).acquire(print)
+    lock.release()
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_holder_whose_lock_was_taken_over_stops_without_writing_more(tmp_path):
     code = ("import sys, time; from pathlib import Path; from dtrain.runlock import RunLock; "
             "RunLock(Path(sys.argv[1]), heartbeat_s=0.05).acquire(print); print('held', flush=True); time.sleep(30)")
@@ -345,7 +361,7 @@ def test_a_holder_whose_lock_was_taken_over_stops_without_writing_more(tmp_path)
                                   "writing more\n")
 
 
-def _two_starts(cmds: list[list[str]], cwd: Path, run: Path) -> None:
+def _two_starts(cmds: list[list[str]], cwd: Path, run: Path, ranks: int) -> None:
     """Start both commands at once: one refuses, naming the other, which trains on (then is stopped)."""
     tags = [uuid.uuid4().hex for _ in cmds]
     procs = [start(cmd, cwd, tag) for cmd, tag in zip(cmds, tags)]
@@ -356,8 +372,10 @@ def _two_starts(cmds: list[list[str]], cwd: Path, run: Path) -> None:
         _, err = procs[loser].communicate()
         holder = json.loads((run / LOCK).read_text())
         assert holder["pid"] == workers(tags[1 - loser])[0] and winner.poll() is None
-        assert err.strip().splitlines()[-1].startswith(f"dtrain: error: run: {Path('runs') / run.name} is in use by "
-                                                       f"host {socket.gethostname()}, pid {holder['pid']} ("), err
+        refusals = [line for line in err.splitlines() if line.startswith("dtrain: error:")]
+        assert len(refusals) == ranks and all(line.startswith(  # every rank, with rank 0's verdict
+            f"dtrain: error: run: {Path('runs') / run.name} is in use by host {socket.gethostname()}, pid "
+            f"{holder['pid']} (") for line in refusals), err
         step = latest_logged_step(run)
         wait_for(lambda: latest_logged_step(run) > step + 2, what="the winner to train on")
         winner.send_signal(signal.SIGTERM)  # torchrun passes it on: every rank checkpoints and stops
@@ -373,7 +391,7 @@ def _two_starts(cmds: list[list[str]], cwd: Path, run: Path) -> None:
 def test_two_concurrent_starts_one_trains(tmp_path, data_root):
     args = ["-m", "dtrain", "train", f"data.root={data_root}", "train.epochs=100", "log.progress=false",
             "train.log_every=1", "run.name=two"]
-    _two_starts([[sys.executable, *args]] * 2, tmp_path, tmp_path / "runs" / "two")
+    _two_starts([[sys.executable, *args]] * 2, tmp_path, tmp_path / "runs" / "two", ranks=1)
 
 
 @pytest.mark.multiproc
@@ -381,7 +399,7 @@ def test_two_concurrent_starts_one_trains(tmp_path, data_root):
 def test_two_concurrent_starts_on_two_ranks_one_trains(tmp_path, data_root):
     args = ["train", f"data.root={data_root}", "train.epochs=100", "log.progress=false", "train.log_every=1",
             "run.name=two"]
-    _two_starts([torchrun_cmd(2, args), torchrun_cmd(2, args)], tmp_path, tmp_path / "runs" / "two")
+    _two_starts([torchrun_cmd(2, args), torchrun_cmd(2, args)], tmp_path, tmp_path / "runs" / "two", ranks=2)
 
 
 def test_lock_from_another_host_real_processes(tmp_path, data_root):
