@@ -157,9 +157,13 @@ class Components:
     key_log: Optional[SampleKeyLog]
 
 
+def run_dir_of(cfg: Config, debug: bool = False) -> Path:
+    return Path(cfg.run.dir) / (cfg.run.name + ("-debug" if debug else ""))
+
+
 def build_components(cfg: Config, info: dist.DistInfo, hooks: Optional[Hooks] = None,
                      debug: bool = False) -> Components:
-    run_dir = Path(cfg.run.dir) / (cfg.run.name + ("-debug" if debug else ""))
+    run_dir = run_dir_of(cfg, debug)
     device = info.device
     log = build_logger(cfg.log, info, run_dir, 0, cfg.wandb, cfg.to_dict())
     core = build_core(cfg, info, hooks, debug, log.info)

@@ -21,6 +21,8 @@ def _train(args) -> int:
 
     from . import dist
     from .config import load_config
+    from .build import run_dir_of
+    from .runlock import hold
     from .trainer import Trainer
 
     cfg = load_config(args.config, args.overrides, args.defaults)
@@ -36,14 +38,13 @@ def _train(args) -> int:
         torch.autograd.set_detect_anomaly(True)
     if args.hooks is not None:
         cfg = args.hooks.record(cfg)  # config.yaml names the script's callables
-    with _session(cfg, force_single=args.debug) as info:
+    run_dir = run_dir_of(cfg, args.debug)
+    say = lambda line: print(line, file=sys.stderr, flush=True)
+    with _session(cfg, force_single=args.debug) as info, hold(run_dir, info, say):  # one job per run directory
         trainer = Trainer(cfg, info, debug=args.debug, hooks=args.hooks)
         if cfg.run.doctor and info.distributed:
             _check_health(cfg, info, trainer.run_dir, trainer.engine.module, brief=True)
-        if info.is_global_zero:
-            trainer.run_dir.mkdir(parents=True, exist_ok=True)
-            (trainer.run_dir / "config.yaml").write_text(cfg.to_yaml())
-        result = trainer.fit()
+        result = trainer.fit()  # config.yaml is written once the resume is settled (RunLogger.start)
         if info.is_global_zero:
             print(json.dumps(result), flush=True)
     return EXIT_INTERRUPTED if result["stop_reason"].startswith("signal") else 0
@@ -330,6 +331,7 @@ def main(argv: list[str] | None = None, hooks=None, defaults: dict | None = None
     from .config import ConfigError
     from .data import DataError
     from .dist import CollectiveError, LaunchError
+    from .runlock import RunDirError
 
     parser = build_parser()
     if hooks is not None:
@@ -346,7 +348,7 @@ def main(argv: list[str] | None = None, hooks=None, defaults: dict | None = None
         func = record(func)
     try:
         return func(args)
-    except (ConfigError, DataError, LaunchError, CheckpointError, DoctorError) as e:
+    except (ConfigError, DataError, LaunchError, CheckpointError, DoctorError, RunDirError) as e:
         print(f"dtrain: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except CollectiveError as e:

@@ -18,9 +18,11 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from tqdm import tqdm
 
 from .config import ConfigError
+from .records import keep_records
 
 # Config keys whose values never leave the machine, should such a key ever appear in a config.
 SECRET_KEY = re.compile(r"api_?key|token|secret|password|credential", re.IGNORECASE)
@@ -85,13 +87,13 @@ class RunLogger:
         self.wandb_run_id = state.get("wandb_run_id")
 
     def start(self, step: int) -> None:
-        """Open the progress bar and W&B run at `step`; drop metrics a killed run logged after its checkpoint."""
+        """Write config.yaml, drop the metrics a killed run logged after its checkpoint (and a line it was
+        cut off in), open the progress bar and W&B run at `step`. Called once a resume is settled: a run
+        refused for a changed config or found finished has written nothing."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            kept = [l for l in self.path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= step]
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(l + "\n" for l in kept))
-            os.replace(tmp, self.path)
+        if self.run_config:
+            _write_atomic(self.run_dir / "config.yaml", yaml.safe_dump(self.run_config, sort_keys=False))
+        keep_records(self.path, lambda record: record["step"] <= step, metrics_record, self.info)
         if self.show_progress:
             tty = sys.stderr.isatty()
             self.bar = tqdm(total=self.total_steps, initial=step, unit="step", dynamic_ncols=True,
@@ -147,6 +149,20 @@ class NullLogger(RunLogger):
             _write_line(f"{self.prefix}{msg}")
 
 
+def metrics_record(line: str) -> dict:
+    """One line of metrics.jsonl (for dtrain.records): a JSON object with an integer step."""
+    record = json.loads(line)
+    if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+        raise ValueError("not a JSON object with an integer step")
+    return record
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _write_line(text: str) -> None:
     """One write per line: ranks share stderr, and print()'s separate newline write interleaves."""
     sys.stderr.write(text + "\n")
@@ -168,28 +184,31 @@ class SampleKeyLog:
 
     def __init__(self, run_dir: Path, rank: int):
         self.path = Path(run_dir) / "sample_keys" / f"rank-{rank:05d}.txt"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = None
 
-    def truncate(self, step: int) -> None:
+    def truncate(self, step: int, report=None) -> None:
         """Forget steps after the checkpoint we resume from (a killed run logged them, then lost them)."""
-        if self.path.exists():
-            kept = [l for l in self.path.read_text().splitlines() if l and int(l.split(" ", 1)[0]) <= step]
-            self.path.write_text("".join(l + "\n" for l in kept))
+        keep_records(self.path, lambda logged: logged <= step, key_log_step, report)
 
-    def truncate_ranks_from(self, world_size: int, step: int) -> None:
+    def truncate_ranks_from(self, world_size: int, step: int, report=None) -> None:
         """Resumed on fewer ranks: the files of ranks that no longer run keep only their steps up to the
         checkpoint, as truncate() does for those that do."""
         for path in self.path.parent.glob("rank-*.txt"):
             rank = int(path.stem.split("-")[1])
             if rank >= world_size:
-                SampleKeyLog(self.path.parent.parent, rank).truncate(step)
+                SampleKeyLog(self.path.parent.parent, rank).truncate(step, report)
 
     def write(self, step: int, keys: list[str]) -> None:
-        if self.file is None:
+        if self.file is None:  # created on first use: nothing is written before training starts
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             self.file = open(self.path, "a", buffering=1)
         self.file.write(f"{step} {' '.join(keys)}\n")
 
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
+
+
+def key_log_step(line: str) -> int:
+    """The step of one line of a sample-key log (for dtrain.records)."""
+    return int(line.split(" ", 1)[0])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -50,11 +51,16 @@ def run_summary(records: list[dict]) -> dict:
             "early_stop_step": stops[-1]["step"] if stops else None}
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
+def read_metrics(run_dir: Path, report=lambda message: print(f"plot: {message}", file=sys.stderr)) -> list[dict]:
+    """The records of a run's metrics.jsonl; a line cut off (the run is writing it, or was killed) or
+    malformed is left out and reported."""
+    from .logging import metrics_record
+    from .records import read_records
+
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise DataError(f"plot: {path} does not exist; give a run directory (runs/<run.name>)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [record for _, record in read_records(path, metrics_record, report)]
 
 
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> dict:

@@ -22,6 +22,7 @@ from .build import Hooks, build_components, seed_all
 from .checkpoint import CheckpointError, rng_state, set_rng_state, written_by
 from .config import Config
 from .data.elastic import DataPosition
+from .resume import already_tested, check_config, finished, set_schedule_length
 from .signals import StopReason, requeue_slurm_job
 
 
@@ -68,7 +69,16 @@ class Trainer:
 
     def _fit(self) -> dict:
         self.resume()
-        self.log.start(self.step)
+        if self.stop.reason is not None:  # finished before this start: done, unless its test is still to run
+            done = already_tested(self.run_dir, self.step, self.stop.reason.value, self.info.is_global_zero,
+                                  self.log.info)
+            if done is not None:
+                return done
+        self.log.start(self.step)  # nothing is written before this: a refused or finished run changes no file
+        if self.key_log:  # steps logged after the checkpoint (or by a run killed before its first one) go
+            self.key_log.truncate(self.step, self.log.info)
+            if self.info.is_global_zero:
+                self.key_log.truncate_ranks_from(self.info.world_size, self.step, self.log.info)
         self.log.info(f"training {self.feed.total_steps} steps ({self.feed.steps_per_epoch}/epoch, "
                       f"global batch {self.feed.samples_per_step}) in {self.run_dir}")
         self.meter.reset()
@@ -245,12 +255,15 @@ class Trainer:
         if found is None:
             return
         path, state, rank_state = found
+        check_config(state["config"], self.cfg, self.run_dir, self.log.info)  # refuses before anything is loaded
         self.engine.load_from(path, state["engine"])  # the deepspeed engine refuses another world size here
         trainer = state["trainer"]
         position = trainer.get("data") or DataPosition.legacy_state(written_by(path), state["config"],
                                                                     trainer["step"], trainer["steps_per_epoch"])
         if self.feed.resume(position, trainer["step"], state["config"], self.cfg.checkpoint.elastic, self.log.info):
             self.engine.set_grad_accum(self.feed.grad_accum)
+            # the epoch length is the checkpoint's: the schedule the engine built from this run's must span it
+            set_schedule_length(self.engine.optimizer, self.engine.scheduler, self.feed.total_steps)
             self.meter.samples_per_step, self.log.total_steps = self.feed.samples_per_step, self.feed.total_steps
         if trainer["steps_per_epoch"] != self.feed.steps_per_epoch:
             raise CheckpointError(f"checkpoint: it has {trainer['steps_per_epoch']} steps per epoch, this config "
@@ -267,10 +280,9 @@ class Trainer:
             seed_all(int.from_bytes(hashlib.sha256(f"{self.cfg.run.seed}/rank{self.info.global_rank}/resumed-at-"
                                                    f"{self.step}".encode()).digest()[:4], "little"))
         self.saved_step = self._skip_counted = self.step
-        if self.key_log:
-            self.key_log.truncate(self.step)
-            if self.info.is_global_zero:
-                self.key_log.truncate_ranks_from(self.info.world_size, self.step)
+        done = finished(self.step, self.feed.total_steps, self.evaluator.bad_validations, self.cfg.early_stop.patience)
+        if done is not None:  # nothing left to train under this config
+            self.stop.request(StopReason(done))
         self.log.info(f"resumed from {path} at step {self.step}")
 
 

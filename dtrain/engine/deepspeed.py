@@ -146,7 +146,8 @@ class DeepSpeedEngine:
             raise CheckpointError(f"checkpoint: {directory} was written by the ddp engine; resume it with "
                                   "train.engine=ddp (or `dtrain export` it and use model.init_from)")
         check_same_world_size(directory, self.world_size)
-        with weights_only_loads(directory / TAG):
+        from ..resume import config_hyperparameters
+        with weights_only_loads(directory / TAG), config_hyperparameters(self.optimizer, self.scheduler):
             path, _ = self.model.load_checkpoint(str(directory), tag=state["deepspeed"]["tag"])
         if path is None:
             raise CheckpointError(f"checkpoint: DeepSpeed could not load {directory / TAG}")

@@ -123,8 +123,10 @@ class SingleEngine:
         self.module.load_state_dict(state["model"])
 
     def load_state_dict(self, state: dict) -> None:
+        from ..resume import config_hyperparameters
         self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        with config_hyperparameters(self.optimizer, self.scheduler):  # the checkpoint's state, this config's LR
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])

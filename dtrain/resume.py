@@ -1,0 +1,197 @@
+"""What a resumed run takes from its checkpoint and what from the config it is started with.
+
+The checkpoint holds the config it was written with (state["config"]). At resume every setting of
+today's schema is compared with it (a setting the checkpoint predates counts as its default); rank 0
+prints one line per changed key. A key that may change is applied: the model, optimizer and data
+position come from the checkpoint, every hyperparameter from the new config (`config_hyperparameters`
+puts the optimizer's and the schedule's back after the checkpoint's state is loaded). A key that cannot
+change ends the run in one line before anything is loaded or written.
+
+A setting may change when it only decides what happens from now on; it is fixed when the checkpoint's
+state, or the meaning of what the run has logged so far, depends on it. Keys not listed in MAY_CHANGE
+are fixed, a new one too, until someone decides it is safe and lists it here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from . import dist
+from .config import Config, ConfigError, _migrate, _valid_keys
+
+# Entries ending in "." cover their whole section; others the key and anything under it.
+MAY_CHANGE = (
+    "run.name", "run.dir",  # the same run, renamed or moved
+    "run.doctor", "run.stop_at_step",
+    "data.root",  # where the same shards are
+    "data.num_workers", "data.prefetch_factor",  # loading only (an interrupted epoch ends in its old worker order)
+    "model.channels_last",  # memory layout of the same weights
+    "model.freeze", "model.freeze_all_but_head", "model.unfreeze_at_step",  # which weights train from now on
+    "optim.lr", "optim.weight_decay", "optim.momentum", "optim.nesterov", "optim.betas", "optim.fused",
+    "optim.backbone_lr_ratio",  # except between 1 and another value: see fixed_reason
+    "schedule.",  # a pure function of the step, rebuilt from the config
+    "train.epochs", "train.max_steps",  # the training length; the schedule spans the new one
+    "train.clip_grad_norm", "train.precision", "train.compile", "train.peak_flops", "train.nonfinite",
+    "train.val_every", "train.log_every", "train.debug_steps",
+    "early_stop.", "checkpoint.", "dist.", "log.", "wandb.",
+    "metrics.",  # what is measured on the validation and test splits; the loss (best, early stop) is loss.*
+)
+
+# Why the others cannot change: the first matching entry ("" matches every key).
+FIXED_BECAUSE = (
+    ("model.init_from", "a resumed run's weights come from its checkpoint, not from model.init_from"),
+    ("model.", "it shapes the parameters the checkpoint holds"),
+    ("data.", "it decides the training samples, their order and the steps per epoch"),
+    ("train.grad_accum", "it decides the global batch and the steps per epoch"),
+    ("run.seed", "it decides the sample order, dropout and augmentation draws"),
+    ("augment.", "it decides what the training samples are, like data.*"),
+    ("loss.", "validation losses before and after would not compare (best checkpoint, early stopping)"),
+    ("optim.", "the checkpoint holds that optimizer's state"),
+    ("train.engine", "the checkpoint is in that engine's format"),
+    ("deepspeed.", "it decides how the checkpoint's ZeRO state is laid out"),
+    ("", "it is not known to be safe to change in the middle of a run"),
+)
+
+
+def _matches(key: str, entry: str) -> bool:
+    return key.startswith(entry) if entry.endswith(".") or not entry else key == entry or key.startswith(entry + ".")
+
+
+def fixed_reason(key: str, old: Any, new: Any) -> Optional[str]:
+    """Why `key` cannot change from `old` to `new` when a run resumes; None when it may."""
+    if key == "optim.backbone_lr_ratio" and (old == 1) != (new == 1):
+        return "between 1 and another value it adds or removes a parameter group of the optimizer state"
+    if any(_matches(key, entry) for entry in MAY_CHANGE):
+        return None
+    return next(reason for entry, reason in FIXED_BECAUSE if _matches(key, entry))
+
+
+UNSET = "(unset)"
+
+
+@dataclass(frozen=True)
+class Change:
+    key: str
+    old: Any
+    new: Any
+    fixed: Optional[str]  # why it cannot change; None: it may
+
+
+def _show(value: Any) -> str:
+    text = value if value is UNSET else json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def config_changes(saved: dict, cfg: Config) -> list[Change]:
+    """Every setting of `cfg` that differs from the checkpoint's config `saved` (a setting the checkpoint
+    predates counts as its default; one the schema no longer has is not compared)."""
+    new, defaults, saved = cfg.to_dict(), Config().to_dict(), _migrate(saved)  # older checkpoints: today's keys
+    changes: list[Change] = []
+    for key in _valid_keys(Config):
+        parts = key.split(".")
+        changes += _diff(key, _get(saved, parts, _get(defaults, parts, UNSET)), _get(new, parts, UNSET))
+    return changes
+
+
+def _get(tree: dict, parts: list[str], default: Any) -> Any:
+    for part in parts:
+        if not isinstance(tree, dict) or part not in tree:
+            return default
+        tree = tree[part]
+    return tree
+
+
+def _diff(key: str, old: Any, new: Any) -> list[Change]:
+    if old == new:
+        return []
+    if isinstance(old, dict) and isinstance(new, dict):  # a dict-valued setting (loss.terms): name the entry
+        return [c for k in sorted(old.keys() | new.keys(), key=str)
+                for c in _diff(f"{key}.{k}", old.get(k, UNSET), new.get(k, UNSET))]
+    return [Change(key, old, new, fixed_reason(key, old, new))]
+
+
+def check_config(saved: dict, cfg: Config, run_dir: Path, log: Callable[[str], None]) -> list[Change]:
+    """Collective. Compare the checkpoint's config with this one: one line per changed key on rank 0, and
+    a ConfigError on every rank (rank 0's verdict) when a key that cannot change did. Call it before the
+    checkpoint's state is loaded and before anything is written."""
+    changes = dist.broadcast_object(config_changes(saved, cfg))
+    for change in changes:
+        log(f"resume: {change.key} changed since the checkpoint: {_show(change.old)} -> {_show(change.new)}")
+    fixed = [c for c in changes if c.fixed]
+    if fixed:
+        more = f" (so did {', '.join(c.key for c in fixed[1:])})" if len(fixed) > 1 else ""
+        raise ConfigError(f"config: {fixed[0].key} cannot change when a run resumes: {fixed[0].fixed}{more}; "
+                          f"to start afresh use another run.name (with model.init_from={run_dir} to start from "
+                          "this run's weights)")
+    return changes
+
+
+@contextlib.contextmanager
+def config_hyperparameters(optimizer, scheduler):
+    """Load an optimizer's and its LambdaLR's state from a checkpoint inside this block, and keep the
+    hyperparameters of this run's config: torch restores the param groups (lr, initial_lr, weight decay,
+    betas...) and the schedule (base_lrs, the Schedule's fields, e.g. total_steps) from the checkpoint,
+    which would silently undo a changed optim.lr, schedule.* or train.epochs. The step count and the
+    optimizer's moments stay the checkpoint's; the LR is recomputed at that step, as LambdaLR does, so an
+    unchanged config resumes bit for bit."""
+    groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    base_lrs = list(scheduler.base_lrs)
+    schedules = [dict(vars(fn)) for fn in scheduler.lr_lambdas]
+    yield
+    scheduler.base_lrs = base_lrs
+    for fn, fields in zip(scheduler.lr_lambdas, schedules, strict=True):
+        vars(fn).update(fields)  # as LambdaLR.load_state_dict does (Schedule is a frozen dataclass)
+    for group, fresh in zip(optimizer.param_groups, groups, strict=True):
+        group.update(fresh)
+    _lr_at_this_step(optimizer, scheduler)
+
+
+def set_schedule_length(optimizer, scheduler, total_steps: int) -> None:
+    """Let the schedule span `total_steps`: an elastic resume settles the epoch length (the checkpoint's)
+    after the engine built the schedule from this run's own."""
+    for fn in scheduler.lr_lambdas:
+        vars(fn)["total_steps"] = total_steps  # Schedule is a frozen dataclass
+    _lr_at_this_step(optimizer, scheduler)
+
+
+def _lr_at_this_step(optimizer, scheduler) -> None:
+    """Each group's LR at the scheduler's step, computed as LambdaLR computes it."""
+    for group, base_lr, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group["lr"] = base_lr * fn(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def finished(step: int, total_steps: int, bad_validations: int, patience: Optional[int]) -> Optional[str]:
+    """Why a run resumed at `step` has nothing left to train under this config: 'completed' (the training
+    length is reached) or 'early_stop' (patience ran out); None when it trains on."""
+    if step >= total_steps:
+        return "completed"
+    if patience is not None and bad_validations >= patience:
+        return "early_stop"
+    return None
+
+
+def already_tested(run_dir: Path, step: int, reason: str, is_global_zero: bool,
+                   log: Callable[[str], None]) -> Optional[dict]:
+    """Collective. The result of a finished run that was also tested at `step` (its test metrics, from
+    metrics.jsonl, read by rank 0), said in one line; None when the test is still to run."""
+    from .logging import metrics_record
+    from .records import read_records
+
+    tested = None
+    if is_global_zero:
+        records = read_records(Path(run_dir) / "metrics.jsonl", metrics_record)
+        tested = next((r for _, r in reversed(records) if r["step"] == step and any(k.startswith("test/") for k in r)),
+                      None)
+    tested = dist.broadcast_object(tested)
+    if tested is None:
+        return None
+    longer = "train.epochs or train.max_steps" + (" or early_stop.patience" if reason == "early_stop" else "")
+    log(f"resume: this run already finished at step {step} ({reason}) and was tested; nothing to do (raise "
+        f"{longer} to train on, or use another run.name to train afresh)")
+    return {"step": step, "stop_reason": "already_completed",
+            **{k: v for k, v in tested.items() if k.startswith("test/") and k != "test/weights_step"}}
