@@ -12,7 +12,7 @@ _step = trainer.Trainer.train_step
 
 
 def train_step(self, micro_batches):
-    if self.dist.global_rank == int(os.environ["SLEEPY_RANK"]) and self.step + 1 == int(os.environ["SLEEPY_STEP"]):
+    if self.info.global_rank == int(os.environ["SLEEPY_RANK"]) and self.step + 1 == int(os.environ["SLEEPY_STEP"]):
         time.sleep(3600)
     return _step(self, micro_batches)
 

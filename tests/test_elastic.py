@@ -180,7 +180,8 @@ def test_init_from_takes_an_exported_file(tmp_path):
     from dtrain.config import ModelConfig
     from dtrain.models import build_model
     from dtrain.models.transfer import load_pretrained
-    source, target = (build_model(ModelConfig(), (1, 8, 8), 10, seed) for seed in (1, 2))
+    facts = {"input_shape": (1, 8, 8), "num_outputs": 10}
+    source, target = (build_model(ModelConfig(), facts, seed) for seed in (1, 2))
     torch.save({"model": source.state_dict(), "config": {}, "step": 7}, tmp_path / "model.pt")  # export's format
     load_pretrained(target, tmp_path / "model.pt", log=lambda m: None)
     assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.state_dict().values()))

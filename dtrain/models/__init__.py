@@ -185,6 +185,9 @@ def build_model(cfg, facts: dict, seed: int, given=None) -> nn.Module:
     torch.manual_seed(seed)
     if isinstance(given, nn.Module):
         return given
+    if given is not None and not callable(given):
+        raise ConfigError(f"config: model: a {type(given).__name__} was handed in; give an nn.Module or a callable "
+                          "that returns one")
     if given is not None:
         model = instantiate(given, dict(cfg.kwargs), "model.kwargs", facts)
         source = describe(given)
