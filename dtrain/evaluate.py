@@ -32,9 +32,10 @@ class Evaluator:
 
     # ---- what ---------------------------------------------------------------------------------
     @torch.inference_mode()
-    def evaluate(self, stream, prefix: str, log_local: Optional[Callable[[str], None]] = None) -> dict:
+    def evaluate(self, stream, prefix: str, log_local: Optional[Callable[[float], None]] = None) -> dict:
         """Mean loss and metrics over the whole split: per-rank sums, one all-reduce, then divide.
-        Collective: every rank calls it (it reads its own share of the split)."""
+        Collective: every rank calls it (it reads its own share of the split). `log_local` gets this rank's
+        own mean loss (for diagnosing one rank's data)."""
         model = self.engine.module
         was_training = model.training
         model.eval()  # dropout off, batch norm uses running statistics
@@ -58,8 +59,8 @@ class Evaluator:
                  [den for _, den in sums.values() if den is not None]
         total = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.engine.device).reshape(())
                              for v in values])
-        if log_local is not None:  # this rank's own share, for diagnosing one rank's data (log.all_ranks)
-            log_local(f"local {prefix}/loss: {total[0].item() / max(n, 1):.6f}")
+        if log_local is not None:
+            log_local(total[0].item() / max(n, 1))
         dist.all_reduce_sum(total)
         model.train(was_training)
         total = total.tolist()

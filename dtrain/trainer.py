@@ -199,7 +199,8 @@ class Trainer:
 
     @_collective("metrics all-reduce (evaluation)")
     def evaluate(self, stream, prefix: str, log_local: bool = False) -> dict:
-        local = (lambda msg: self.log.info(f"{msg} at step {self.step}")) if log_local else None
+        local = (lambda loss: self.log.info(f"local {prefix}/loss at step {self.step}: {loss:.6f}")) if log_local \
+            else None
         return self.evaluator.evaluate(stream, prefix, local)
 
     def validate(self, epoch: int) -> None:
