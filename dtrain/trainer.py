@@ -19,7 +19,7 @@ from . import dist
 from .checkpoint import CheckpointError, Checkpointer, rng_state, set_rng_state, written_by
 from .signals import StopControl, requeue_slurm_job
 from .config import Config
-from .data import ShardStream, resolve_shards
+from .data import ShardStream, build_streams
 from .data.augment import build_augment
 from .data.elastic import BatchLayout, DataPosition, EpochReplay, Segment, choose_layout
 from .engine import build_engine
@@ -47,19 +47,13 @@ class Trainer:
         self.cfg, self.dist, self.debug = cfg, dist_info, debug
         self.run_dir = Path(cfg.run.dir) / (cfg.run.name + ("-debug" if debug else ""))
         self.device = dist_info.device
-        index = resolve_shards(cfg.data, cfg.run.seed)
-        self.task = index.task
-        self.y_mean = index.stats.get("train", {}).get("y_mean", 0.0)
-        stream = dict(batch_size=cfg.data.batch_size, rank=dist_info.global_rank, world_size=dist_info.world_size,
-                      num_workers=0 if debug else cfg.data.num_workers, pin_memory=self.device.type == "cuda",
-                      prefetch_factor=cfg.data.prefetch_factor)
-        train_index = index.subset("train", cfg.data.train_subset) if cfg.data.train_subset else index
-        self.train_data = ShardStream(train_index, "train", train=True, seed=cfg.run.seed,
-                                      grad_accum=cfg.train.grad_accum, shuffle_buffer=cfg.data.shuffle_buffer,
-                                      remainder=cfg.data.remainder, transform=build_augment(cfg.augment, cfg.run.seed),
-                                      **stream)  # augmented; validation and test never are
-        self.val_data = ShardStream(index, "val", **stream)
-        self.test_data = ShardStream(index, "test", **stream)
+        data = build_streams(cfg.data, seed=cfg.run.seed, rank=dist_info.global_rank,
+                             world_size=dist_info.world_size, grad_accum=cfg.train.grad_accum,
+                             num_workers=0 if debug else cfg.data.num_workers, pin_memory=self.device.type == "cuda",
+                             augment=build_augment(cfg.augment, cfg.run.seed))  # validation and test never are
+        self.task, self.y_mean = data.task, data.y_mean
+        self.train_data, self.val_data, self.test_data = data.train, data.val, data.test  # val, test: None if absent
+        input_shape = data.input_shape
         self.accum = cfg.train.grad_accum
         self.steps_per_epoch = self.train_data.steps_per_epoch
         self.total_steps = plan_total_steps(cfg.train, self.steps_per_epoch, debug)
@@ -70,7 +64,7 @@ class Trainer:
                                      self.samples_per_step, self.steps_per_epoch)
 
         self.log = build_logger(cfg.log, dist_info, self.run_dir, self.total_steps, cfg.wandb, cfg.to_dict())
-        model = build_model(cfg.model, index.input_shape, index.num_classes or 1, cfg.run.seed)
+        model = build_model(cfg.model, input_shape, data.num_classes or 1, cfg.run.seed)
         if cfg.model.init_from:  # every rank loads it (DDP would broadcast rank 0's weights anyway)
             load_pretrained(model, cfg.model.init_from, self.log.info)
         self.freezer = Freezer(model, cfg.model)
@@ -80,12 +74,12 @@ class Trainer:
         channels_last = cfg.model.channels_last if cfg.model.channels_last != "auto" else \
             cfg.model.name == "cnn" and self.device.type == "cuda"
         # the model's own FLOP count, taken before compile/DDP wrap it
-        flops = flops_per_sample(model, index.input_shape)
+        flops = flops_per_sample(model, input_shape)
         self.engine = build_engine(model, lambda module: build_optimizer(cfg.optim, module, scales),
                                    lambda optimizer: build_scheduler(cfg.schedule, optimizer, self.total_steps),
                                    cfg.train, dist_info, cfg.deepspeed, cfg.data.batch_size,
                                    channels_last=channels_last)
-        tokens_per_sample = index.input_shape[-1] if self.task == "lm" else 1  # tokens: samples unless sequences
+        tokens_per_sample = input_shape[-1] if self.task == "lm" else 1  # tokens: samples unless sequences
         self.meter = Throughput(self.samples_per_step, tokens_per_sample, flops,
                                 peak_flops(self.device, cfg.train.peak_flops), dist_info.world_size, self.device)
         self.loss_fn = build_loss(cfg.loss, self.task)
@@ -191,8 +185,8 @@ class Trainer:
         t0 = time.perf_counter()
         loss_sum = torch.zeros(len(self.loss_fn.names), device=self.device)
         if self.key_log:
-            self.key_log.write(self.step + 1, [k for _, _, keys in micro_batches for k in keys])
-        for i, (x, y, _) in enumerate(micro_batches):
+            self.key_log.write(self.step + 1, [k for batch in micro_batches for k in _keys(batch)])
+        for i, (x, y) in enumerate(map(_xy, micro_batches)):
             x, y = self.engine.to_device(x), y.to(self.device, non_blocking=True)
             with self.engine.no_backward_sync(i == len(micro_batches) - 1):
                 with self.engine.autocast():
@@ -280,7 +274,7 @@ class Trainer:
         model.eval()  # dropout off, batch norm uses running statistics
         names = [*self.loss_fn.names, "n", *METRICS[self.task]]
         sums = dict.fromkeys(names, 0.0)
-        for x, y, _ in stream.epoch(0):
+        for x, y in map(_xy, stream.epoch(0)):
             x, y = self.engine.to_device(x), y.to(self.device, non_blocking=True)
             with self.engine.autocast():
                 pred = model(x)
@@ -303,6 +297,8 @@ class Trainer:
         return metrics
 
     def validate(self, epoch: int) -> None:
+        if self.val_data is None:  # the data has no validation split
+            return
         metrics = self.evaluate(self.val_data, "val", log_local=self.cfg.log.all_ranks and self.dist.distributed)
         val_loss = metrics["val/loss"]
         improved = val_loss < self.best_val - self.cfg.early_stop.min_delta
@@ -328,6 +324,8 @@ class Trainer:
     def test(self) -> dict:
         """Final evaluation on the held-out test split with the best weights (the last ones if none)."""
         self.ckpt.wait()
+        if self.test_data is None:  # the data has no test split
+            return {}
         best = self.ckpt.pointer("best")
         if best is not None:
             state, _ = self.ckpt.load(best)
@@ -465,6 +463,15 @@ def plan_total_steps(train_cfg, steps_per_epoch: int, debug: bool = False) -> in
     """Optimizer steps the run takes (the schedule spans them): epochs, capped by max_steps / debug_steps."""
     return int(min(train_cfg.epochs * steps_per_epoch, train_cfg.max_steps or math.inf,
                    train_cfg.debug_steps if debug else math.inf))
+
+
+def _xy(batch) -> tuple:
+    """(input, target) of a batch: dtrain's (x, y, keys), or a mapped sample dict's fields x and y."""
+    return (batch["x"], batch["y"]) if isinstance(batch, dict) else batch[:2]
+
+
+def _keys(batch) -> list:
+    return batch["__key__"] if isinstance(batch, dict) else batch[2]
 
 
 def _groups(batches, size: int):

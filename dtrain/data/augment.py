@@ -5,24 +5,75 @@ never from a global RNG. So a sample's augmentation doesn't depend on which rank
 reads it, nor on what was read before: a run resumed mid-epoch augments exactly as an uninterrupted one,
 and the dropout RNG of the training process is left alone.
 
+A user's transform (`data.transform`: any callable, e.g. a torchvision.transforms.v2 pipeline) draws from
+the global generators instead; `SeededTransform` runs it with torch's, Python's and NumPy's global
+generators seeded from the same hash and restores them afterwards, which gives it the same guarantees.
+
 Images are float tensors [C, H, W] with pixel values scaled to [0, 1]; results are clamped to it.
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Optional
+import random
+from typing import Callable, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 OPS = ("hflip", "vflip", "brightness", "contrast", "noise", "crop")
 
 
-def sample_generator(seed: int, epoch: int, pass_index: int, key: str) -> torch.Generator:
-    """A generator that depends only on (seed, epoch, pass, key): str hashing is stable across processes."""
+def sample_seed(seed: int, epoch: int, pass_index: int, key: str) -> int:
+    """A seed that depends only on (seed, epoch, pass, key): str hashing is stable across processes."""
     digest = hashlib.blake2b(f"{seed}/{epoch}/{pass_index}/{key}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def sample_generator(seed: int, epoch: int, pass_index: int, key: str) -> torch.Generator:
+    return torch.Generator().manual_seed(sample_seed(seed, epoch, pass_index, key))
+
+
+class SeededTransform:
+    """A transform that draws from the global generators (torch's, as torchvision's do; Python's `random`;
+    NumPy's legacy one), run with each seeded from (seed, epoch, pass, key) and restored afterwards: the
+    same draws for a sample whichever process reads it and whatever ran before, and the caller's
+    generators (dropout's, in the training process) untouched. Costs ~20 us per sample."""
+
+    def __init__(self, fn: Callable, seed: int):
+        self.fn, self.seed = fn, seed
+
+    def __call__(self, x, *, key: str, epoch: int, pass_index: int = 0):
+        s = sample_seed(self.seed, epoch, pass_index, key)
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):  # CPU generator only: data workers never touch CUDA
+            torch.manual_seed(s)
+            random.seed(s)
+            np.random.seed(s & 0xFFFFFFFF)
+            try:
+                return self.fn(x)
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
+
+
+class Chain:
+    """Transforms applied in order, each with the same (key, epoch, pass)."""
+
+    def __init__(self, *transforms):
+        self.transforms = transforms
+
+    def __call__(self, x, *, key: str, epoch: int, pass_index: int = 0):
+        for t in self.transforms:
+            x = t(x, key=key, epoch=epoch, pass_index=pass_index)
+        return x
+
+
+def chain(*transforms) -> Optional[Callable]:
+    """The transforms that are not None, in order; None when there are none."""
+    present = [t for t in transforms if t is not None]
+    return None if not present else present[0] if len(present) == 1 else Chain(*present)
 
 
 class Augment:

@@ -23,7 +23,8 @@ import tarfile
 from typing import Iterator
 
 import webdataset as wds
-from webdataset import gopen, tariterators
+from webdataset import tariterators
+from webdataset.gopen import gopen
 from webdataset.handlers import reraise_exception
 
 BLOCK = 512
@@ -166,7 +167,7 @@ def sample_count(url: str) -> int:
     """Samples in the shard at `url` (local path, `pipe:` or URL, opened by webdataset's `gopen`), grouped
     as webdataset's `group_by_keys` does (consecutive members with the same key), from the tar headers
     only: a local shard's payloads are seeked over, a streamed one's read and dropped."""
-    stream = gopen.gopen(url)
+    stream = gopen(url)
     try:
         n, last = 0, None
         for member in tar_file_iterator(buffered(stream), payloads=False):
