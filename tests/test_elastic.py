@@ -48,6 +48,16 @@ def test_deal_gives_every_unread_sample_once_in_equal_shares():
         assert sum(len(o) - 1 for o in owners.values()) <= new_world - 1, trial
 
 
+def test_replayed_shuffle_is_webdatasets():
+    import webdataset as wds
+    from dtrain.data.elastic import shuffled
+    items = list(range(300))
+    for bufsize in (2, 3, 64, 299, 300, 1000):
+        ours = shuffled(items, bufsize, random.Random(f"s{bufsize}"))
+        assert ours == list(wds.filters._shuffle(iter(items), bufsize, bufsize, random.Random(f"s{bufsize}")))
+        assert sorted(ours) == items and (ours != items)
+
+
 def test_choose_layout():
     assert choose_layout(96, 3, 48) == (32, 1) and choose_layout(96, 1, 48) == (48, 2)
     assert choose_layout(96, 4, 48) == (24, 1) and choose_layout(128, 1, 64, "approximate") == (64, 2)

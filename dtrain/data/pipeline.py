@@ -169,6 +169,7 @@ class ShardStream:
         self.format = sample_format or DtrainFormat(index.task or "classification", index.x_scale)
         # True: read into memory on first use; a MemorySplit: share one (relayout)
         self.memory = in_memory if isinstance(in_memory, MemorySplit) else MemorySplit() if in_memory else None
+        self._eval_items: Optional[list] = None
         self.grad_accum, self.remainder, self.prefetch_arg = grad_accum, remainder, prefetch_factor
         n = index.num_samples(split)
         per_step = batch_size * world_size * grad_accum
@@ -252,10 +253,11 @@ class ShardStream:
     # ---- from memory ----------------------------------------------------------------------------
     def _from_memory(self, items: list, epoch: int, first: int, end: int, pass_len: int) -> Iterator[Batch]:
         """Batches first..end-1 of `items` ((shard, position), in stream order); item k is of pass k // pass_len."""
+        size = self.batch_size
         memory = self.memory.load(self)
-        rows, size = memory.rows(items), self.batch_size
+        epoch_cols = memory.columns.take(memory.rows(items[first * size:end * size]))  # one gather, then views
         for b in range(first, end):
-            cols = memory.columns.take(rows[b * size:(b + 1) * size])
+            cols = epoch_cols.cut((b - first) * size, (b - first + 1) * size)
             if self.transform is not None:
                 samples = [transform_input(s, self.transform, epoch, (b * size + j) // pass_len)
                            for j, s in enumerate(cols.samples())]
@@ -271,8 +273,10 @@ class ShardStream:
         """Batches `start..` of this epoch: exactly `batches_per_epoch - start` for training,
         one pass (last batch partial) for evaluation."""
         if not self.train:
-            if self.memory is not None:
-                items = self._replayed_pass(epoch)
+            if self.memory is not None:  # one unshuffled pass, the same every epoch: replayed once
+                if self._eval_items is None:
+                    self._eval_items = self._replayed_pass(0)
+                items = self._eval_items
                 yield from self._from_memory(items, epoch, start, math.ceil(len(items) / self.batch_size), len(items) or 1)
                 return
             batches = rebatch(self._one_pass(epoch), self.batch_size, partial=True)

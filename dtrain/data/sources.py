@@ -144,9 +144,11 @@ def resolve_split(spec: Spec, key: str, counts: Spec = None) -> tuple[list[str],
             nums += d.counts
             meta = d.meta if meta is None else meta
             continue
-        if known is None:
-            known = {u: n for source in ([counts] if isinstance(counts, str) else counts or [])
-                     for d in [Descriptor.read(source)] for u, n in zip(d.urls, d.counts)}
+        if known is None:  # read data.counts once, at the first pattern
+            known = {}
+            for source in [counts] if isinstance(counts, str) else counts or []:
+                d = Descriptor.read(source)
+                known.update(zip(d.urls, d.counts))
         for url in expand_urls(item):
             url = url if has_scheme(url) else _local(url)
             if url not in known:
