@@ -223,9 +223,11 @@ def test_a_bad_sample_names_its_shard_and_key(tmp_path, capsys, case):
 def test_index_of_an_unreadable_shard(tmp_path, capsys):
     write_jpg_shards(tmp_path, [6])
     path = tmp_path / "part-000.tar"
-    path.write_bytes(path.read_bytes()[:512 * 5 + 100])  # cut inside a member
-    line = error_line(capsys, ["index", str(path), "--out", str(tmp_path / "x.json")])
-    assert "cannot read" in line and "part-000.tar" in line and not (tmp_path / "x.json").exists()
+    data = path.read_bytes()
+    for cut in (512 * 5 + 100, 512 + 300):  # inside a header; inside the first member's data (seeked over)
+        path.write_bytes(data[:cut])
+        line = error_line(capsys, ["index", str(path), "--out", str(tmp_path / "x.json")])
+        assert "cannot read" in line and "part-000.tar" in line and not (tmp_path / "x.json").exists()
     line = error_line(capsys, ["index", "pipe:cat /nonexistent-{0..1}.tar", "--out", str(tmp_path / "x.json")])
     assert "pipe:cat /nonexistent-0.tar" in line
 

@@ -134,8 +134,7 @@ class MemorySplit:
     def load(self, stream: "ShardStream") -> "MemorySplit":
         if self.columns is None:
             stages = [wds.SimpleShardList(stream.urls), tarfile_to_samples(handler=_raise_data_error),
-                      _numbered(stream.shard_counts, stream.listed),
-                      wds.map(functools.partial(_decode, fmt=stream.format, transform=None, epoch=0, pass_index=0))]
+                      _numbered(stream.shard_counts, stream.listed), wds.map(stream.format.decode)]
             samples = list(wds.DataPipeline(*stages))
             start = 0
             for url, n in stream.shard_counts.items():

@@ -17,6 +17,7 @@ them. `sample_count` counts a shard's samples from its headers alone (`dtrain in
 from __future__ import annotations
 
 import io
+import os
 import re
 import struct
 import tarfile
@@ -67,7 +68,8 @@ def _pax(data: bytes) -> dict[str, str]:
 def _skip(stream, n: int) -> None:
     """Move past `n` payload bytes: a seek on a local file (no read at all), else read and drop them."""
     if n and getattr(stream, "seekable", lambda: False)():
-        stream.seek(n, 1)
+        if stream.seek(n, 1) > os.fstat(stream.fileno()).st_size:  # a seek past the end is no error by itself
+            raise tarfile.ReadError("unexpected end of data (a member runs past the end of the file)")
         return
     while n:
         got = len(stream.read(min(n, 1 << 20)))
