@@ -42,7 +42,7 @@ def main() -> None:
     print("| data set | webdataset reader samples/s | dtrain reader samples/s | ratio |")
     print("|---|---:|---:|---:|")
     for name, kw in DATASETS.items():
-        if not (root / name / "index.json").exists():
+        if not (root / name / "train.json").exists():
             make_builtin(name, root / name, 350, **kw)
         stream = ShardStream(read_index(root / name), "train", batch_size=args.batch_size, rank=0, world_size=1,
                              seed=0, shuffle_buffer=1000, train=True)

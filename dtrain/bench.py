@@ -39,7 +39,8 @@ def bench_config(args, root: Path, name: str, overrides: list[str] = ()):
          f"data.dataset={DATASETS[args.model]}", f"model.factory={args.model}", f"data.batch_size={args.batch_size}",
          f"train.compile={str(args.compile).lower()}", f"train.precision={args.precision}",
          f"train.log_every={args.steps}", "schedule.name=constant", "log.progress=false",
-         "checkpoint.save_best=false", "data.shuffle_buffer=100", f"data.num_workers={args.num_workers}"]
+         "checkpoint.save_best=false", "data.shuffle_buffer=100", f"data.num_workers={args.num_workers}",
+         "data.in_memory=false"]  # (c) measures reading shards, not the in-memory copy small data sets get
     if args.model == "gpt":
         windows = args.batch_size * (args.steps + 4) * 2  # enough for a couple of segments per epoch
         o += [f"data.text_context={args.seq_len}", f"data.text_bytes={max(200_000, windows * (args.seq_len + 1))}",

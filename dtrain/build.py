@@ -22,7 +22,7 @@ from . import batch as batches
 from . import dist
 from .checkpoint import Checkpointer
 from .config import Config, ConfigError
-from .data import ShardStream, resolve_shards
+from .data import ShardStream, build_streams
 from .data.augment import build_augment
 from .data.feed import TrainFeed
 from .engine import build_engine
@@ -46,6 +46,9 @@ class Hooks:
     metrics: Any = None  # sums callable, {name: torchmetrics.Metric}, or a list of those
     forward: Optional[Callable] = None  # forward(model, batch) -> output
     param_groups: Optional[Callable] = None  # param_groups(model) -> torch param groups (lr, weight_decay)
+    sample: Any = None  # sample(raw webdataset sample) -> {field: value}, or {field: "ext;ext"}
+    transform: Optional[Callable] = None  # transform(input) -> input, training samples, seeded per sample
+    collate: Optional[Callable] = None  # collate(list of sample dicts) -> batch dict
 
     def record(self, cfg: Config) -> Config:
         """The config with the names of the handed-in callables where their import strings would be, so the
@@ -55,9 +58,12 @@ class Hooks:
             model["factory"] = describe(type(self.model))
         loss = {"fn": describe(self.loss)} if self.loss is not None else {}
         metrics = {"fn": describe(self.metrics)} if callable(self.metrics) else {}
+        data = {k: describe(v) for k, v in (("sample", self.sample), ("transform", self.transform),
+                                            ("collate", self.collate)) if callable(v)}
         return cfg.model_copy(update={"model": cfg.model.model_copy(update=model),
                                       "loss": cfg.loss.model_copy(update=loss),
-                                      "metrics": cfg.metrics.model_copy(update=metrics)})
+                                      "metrics": cfg.metrics.model_copy(update=metrics),
+                                      "data": cfg.data.model_copy(update=data)})
 
 
 @dataclasses.dataclass
@@ -70,11 +76,6 @@ class DataFacts:
 
     def for_factory(self) -> dict:
         return {"input_shape": self.input_shape, "num_outputs": self.num_outputs}
-
-
-def data_facts(index) -> DataFacts:
-    return DataFacts(index.task, tuple(index.input_shape), index.num_classes or 1,
-                     index.stats.get("train", {}).get("y_mean", 0.0))
 
 
 def build_model_for(cfg: Config, facts: DataFacts, hooks: Hooks, log: Callable[[str], None]) -> nn.Module:
@@ -92,22 +93,22 @@ def build_model_for(cfg: Config, facts: DataFacts, hooks: Hooks, log: Callable[[
 class Data:
     facts: DataFacts
     feed: TrainFeed
-    val: ShardStream
-    test: ShardStream
+    val: Optional[ShardStream]  # None: the data has no such split
+    test: Optional[ShardStream]
 
 
-def build_data(cfg: Config, info: dist.DistInfo, debug: bool = False) -> Data:
-    """This rank's training feed (augmented) and its val and test streams (never augmented)."""
-    index = resolve_shards(cfg.data, cfg.run.seed)
-    stream = dict(batch_size=cfg.data.batch_size, rank=info.global_rank, world_size=info.world_size,
-                  num_workers=0 if debug else cfg.data.num_workers, pin_memory=info.device.type == "cuda",
-                  prefetch_factor=cfg.data.prefetch_factor)
-    train_index = index.subset("train", cfg.data.train_subset) if cfg.data.train_subset else index
-    train = ShardStream(train_index, "train", train=True, seed=cfg.run.seed, grad_accum=cfg.train.grad_accum,
-                        shuffle_buffer=cfg.data.shuffle_buffer, remainder=cfg.data.remainder,
-                        transform=build_augment(cfg.augment, cfg.run.seed), **stream)
-    return Data(data_facts(index), TrainFeed(train, info.global_rank, info.world_size, cfg.train, debug),
-                ShardStream(index, "val", **stream), ShardStream(index, "test", **stream))
+def build_data(cfg: Config, info: dist.DistInfo, hooks: Optional[Hooks] = None, debug: bool = False) -> Data:
+    """This rank's training feed (transformed, augmented) and its val and test streams (never augmented)."""
+    hooks = hooks or Hooks()
+    streams = build_streams(cfg.data, seed=cfg.run.seed, rank=info.global_rank, world_size=info.world_size,
+                            grad_accum=cfg.train.grad_accum, num_workers=0 if debug else cfg.data.num_workers,
+                            pin_memory=info.device.type == "cuda", augment=build_augment(cfg.augment, cfg.run.seed),
+                            sample=hooks.sample, transform=hooks.transform, collate=hooks.collate)
+    # a regression predicts one number; classes unknown (foreign shards, no data.num_classes): None
+    outputs = 1 if streams.task == "regression" else streams.num_classes or None
+    facts = DataFacts(streams.task, streams.input_shape, outputs, streams.y_mean)
+    return Data(facts, TrainFeed(streams.train, info.global_rank, info.world_size, cfg.train, debug),
+                streams.val, streams.test)
 
 
 @dataclasses.dataclass
@@ -124,7 +125,7 @@ def build_core(cfg: Config, info: dist.DistInfo, hooks: Optional[Hooks] = None, 
                log: Callable[[str], None] = print) -> Core:
     """Data, the model (probed on a real batch), its engine, loss, metrics and the evaluator."""
     hooks = hooks or Hooks()
-    data = build_data(cfg, info, debug)
+    data = build_data(cfg, info, hooks, debug)
     facts, device = data.facts, info.device
     model = build_model_for(cfg, facts, hooks, log)
     freezer = Freezer(model, cfg.model)
@@ -134,7 +135,7 @@ def build_core(cfg: Config, info: dist.DistInfo, hooks: Optional[Hooks] = None, 
     loss = build_loss(cfg.loss, facts.task, hooks.loss)
     metrics = build_metrics(cfg.metrics, facts.task, facts.y_mean, hooks.metrics)
     model.to(device)
-    flops = probe(model, data.val.first_batch(2), forward, loss, metrics, device, facts, log)
+    flops = probe(model, (data.val or data.feed.stream).first_batch(2), forward, loss, metrics, device, facts, log)
     scales = lr_scales(cfg.model.head, cfg.optim.backbone_lr_ratio) if cfg.optim.backbone_lr_ratio != 1 else None
     channels_last = cfg.model.channels_last if cfg.model.channels_last != "auto" else \
         device.type == "cuda" and has_convolutions(model)

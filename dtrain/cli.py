@@ -1,4 +1,4 @@
-"""`dtrain train | shard | eval | export | plot | augment-preview | config | bench | doctor`. User errors end with one line on stderr
+"""`dtrain train | shard | index | eval | export | plot | augment-preview | config | bench | doctor`. User errors end with one line on stderr
 and exit code 2."""
 
 from __future__ import annotations
@@ -89,27 +89,44 @@ def _check_health(cfg, info, run_dir, model, brief: bool) -> None:
 
 
 def _doctor(args) -> int:
-    from .build import Hooks, build_model_for, data_facts
     from .config import load_config
-    from .data import resolve_shards
+    from .build import Hooks, build_data, build_model_for
 
     cfg = load_config(args.config, args.overrides, args.defaults)
     hooks = args.hooks or Hooks()
     cfg = hooks.record(cfg)
     with _session(cfg) as info:
-        model = build_model_for(cfg, data_facts(resolve_shards(cfg.data, cfg.run.seed)), hooks, lambda msg: None)
+        model = build_model_for(cfg, build_data(cfg, info).facts, hooks, lambda msg: None)
         _check_health(cfg, info, Path(cfg.run.dir) / cfg.run.name, model, brief=False)
     return 0
 
 
 def _shard(args) -> int:
+    from .config import ConfigError
     from .data import make_builtin
 
-    params = {"context": args.context, "num_bytes": args.text_bytes} if args.dataset == "text" else {}
-    index = make_builtin(args.dataset, args.out, args.shard_size, seed=args.seed, **params)
+    if (args.dataset is None) == (args.from_folder is None):
+        raise ConfigError("shard: give one of --dataset NAME and --from-folder DIR")
+    if args.from_folder:
+        from .data.folder import shard_folder
+        index = shard_folder(args.from_folder, args.out, args.shard_size, val=args.val_fraction,
+                             test=args.test_fraction, seed=args.seed)
+        print(f"{len(index.classes)} classes: {', '.join(index.classes)}")
+    else:
+        params = {"context": args.context, "num_bytes": args.text_bytes} if args.dataset == "text" else {}
+        index = make_builtin(args.dataset, args.out, args.shard_size, seed=args.seed, **params)
     for split, shards in index.splits.items():
         print(f"{split}: {sum(shards.values())} samples in {len(shards)} shards")
-    print(f"wrote {args.out}/index.json")
+    print(f"wrote {', '.join(f'{args.out}/{split}.json' for split in index.splits)}")
+    return 0
+
+
+def _index(args) -> int:
+    from .data.sources import count_shards, descriptor, write_descriptor
+
+    shards = count_shards(args.patterns, jobs=args.jobs)
+    write_descriptor(descriptor(shards, args.out), args.out)
+    print(f"{len(shards)} shards, {sum(n for _, n in shards)} samples: wrote {args.out}")
     return 0
 
 
@@ -134,7 +151,7 @@ def _load_for_eval(path_arg: str):
 def _eval(args) -> int:
     from . import dist
     from .build import build_core
-    from .config import Config
+    from .config import Config, ConfigError
 
     path, state = _load_for_eval(args.checkpoint)
     cfg = Config.from_saved(state["config"])
@@ -146,8 +163,11 @@ def _eval(args) -> int:
     core.engine.module.load_state_dict(state["engine"]["model"])
     data = core.data
     stream = {"train": data.feed.stream, "val": data.val, "test": data.test}[args.split]
+    if stream is None:
+        raise ConfigError(f"eval: the run's data has no '{args.split}' split")
     if args.split == "train":  # one unshuffled, unaugmented pass
-        stream = type(stream)(stream.index, "train", batch_size=stream.batch_size, rank=0, world_size=1)
+        stream = type(stream)(stream.index, "train", batch_size=stream.batch_size, rank=0, world_size=1,
+                              sample_format=stream.format, in_memory=stream.memory or False)
     metrics = core.evaluator.evaluate(stream, args.split)
     width = max(map(len, metrics))
     print(f"checkpoint {path.resolve()} (step {state['trainer']['step']}), split {args.split}")
@@ -252,14 +272,28 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. optim.lr=0.01")
     t.set_defaults(func=_train)
 
-    s = sub.add_parser("shard", help="write train/val/test webdataset shards and their index")
-    s.add_argument("--dataset", required=True, help="built-in data set: digits, digits_parity, count, text")
+    s = sub.add_parser("shard", help="write train/val/test webdataset shards and their descriptors: a built-in "
+                                     "data set, or a folder of images (a subfolder per class)")
+    s.add_argument("--dataset", help="built-in data set: digits, digits_parity, count, text")
+    s.add_argument("--from-folder", metavar="DIR", help="images in DIR/CLASS/*.jpg|png|... (torchvision's ImageFolder "
+                   "layout), or in DIR/train/CLASS/..., DIR/val/CLASS/..., DIR/test/CLASS/... to keep that split")
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--shard-size", type=int, default=250, help="samples per shard (default 250)")
     s.add_argument("--seed", type=int, default=0, help="seed of the split and of generated data")
+    s.add_argument("--val-fraction", type=float, default=0.15, help="--from-folder without split subfolders: "
+                   "this fraction of each class for validation (default 0.15)")
+    s.add_argument("--test-fraction", type=float, default=0.15, help="... and this fraction for test (default 0.15)")
     s.add_argument("--context", type=int, default=256, help="text: tokens per sample (default 256)")
     s.add_argument("--text-bytes", type=int, default=1_000_000, help="text: bytes of stdlib source (default 1e6)")
     s.set_defaults(func=_shard)
+
+    i = sub.add_parser("index", help="count the samples of webdataset shards (tar headers only) into a shard "
+                                     "descriptor (webdataset's wids shape) that data.train/val/test can name")
+    i.add_argument("patterns", nargs="+", metavar="PATTERN", help="shards: paths, brace patterns "
+                   "('train-{000000..000099}.tar'), pipe: commands or http(s):// URLs")
+    i.add_argument("--out", required=True, help="the descriptor to write, e.g. train.json")
+    i.add_argument("--jobs", type=int, default=8, help="shards counted at once (default 8)")
+    i.set_defaults(func=_index)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint (or a run directory's best) on a split")
     e.add_argument("--checkpoint", required=True,

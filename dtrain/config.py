@@ -40,8 +40,48 @@ class RunConfig(Section):
 
 class DataConfig(Section):
     dataset: str = "digits"
-    """Built-in data set (`digits`, `digits_parity`, `count`, `text`) or `folder:PATH` holding shards written by
-    `dtrain shard`."""
+    """Built-in data set (`digits`, `digits_parity`, `count`, `text`) or `folder:PATH` holding shards and their
+    descriptors (train.json, val.json, test.json) written by `dtrain shard`. Not used when data.train is set."""
+    train: Union[str, list[str], None] = None
+    """Training shards of any webdataset: a shard descriptor (`.json` in the shape webdataset's wids uses, e.g.
+    written by `dtrain index`), a brace pattern (`shards/train-{000000..000099}.tar`; local paths, `pipe:`
+    commands and http(s):// URLs) whose sample counts are in data.counts, or a list of these."""
+    val: Union[str, list[str], None] = None
+    """Validation shards, given as data.train (null: no validation)."""
+    test: Union[str, list[str], None] = None
+    """Test shards, given as data.train (null: no final test)."""
+    counts: Union[str, list[str], None] = None
+    """Shard descriptor(s) holding the sample counts of shards that data.train/val/test name by pattern
+    (`dtrain index PATTERN --out FILE` counts them from the tar headers). Without counts dtrain refuses."""
+    sample: Union[dict[str, str], str, None] = None
+    """How a sample's tar members become fields: {field: extensions}, e.g. {x: "jpg;png", y: cls} (the first
+    extension present; decoded by webdataset: images to float CHW tensors in [0, 1], cls to int, json, txt,
+    npy, pth), or an import string `package.module:function` from the raw sample dict (member extension ->
+    bytes, `__key__`, `__url__`) to a dict of fields. The first field is the input. null: the descriptor's
+    own mapping (`dtrain shard --from-folder` writes one), else dtrain's x.npy + y.cls. Batches of mapped
+    samples are dicts of fields plus `__key__` (the sample keys)."""
+    image: Literal["rgb", "l", "rgba"] = "rgb"
+    """Channels of images decoded by data.sample: rgb (3), l (grey, 1) or rgba (4), as float CHW in [0, 1]."""
+    transform: Optional[str] = None
+    """Per-sample transform of training inputs (the first field), an import string `package.module:callable`:
+    any callable of one input, e.g. a torchvision.transforms.v2 pipeline defined in your module. It runs in
+    the data workers with torch's, Python's and NumPy's global generators seeded from (run.seed, epoch,
+    pass, sample key), so a resumed run augments exactly as an uninterrupted one on any number of ranks
+    or workers. The `augment:` ops (if any) run after it."""
+    collate: Optional[str] = None
+    """Batching of mapped samples: an import string `package.module:callable` taking the list of sample dicts
+    (fields only) and returning a dict, e.g. padding variable shapes. null: torch's default_collate per field."""
+    task: Optional[Literal["classification", "regression"]] = None
+    """What the labels are, for shards whose descriptor doesn't say (null: the descriptor's, else classification)."""
+    num_classes: Optional[int] = Field(None, ge=1)
+    """Classes of a classification task, for shards whose descriptor doesn't say."""
+    in_memory: Union[bool, Literal["auto"]] = "auto"
+    """Read and decode each split once and keep it in memory: the same batches, order and resume as from the
+    shards, at the speed of indexing a tensor. `auto`: on for dtrain's own shards (x.npy) that are local
+    files of at most data.in_memory_mb in all, unless DataLoader workers would run a transform; for other
+    shards set it true yourself (decoded images can take many times their files' size)."""
+    in_memory_mb: int = Field(256, ge=1)
+    """Largest split (its shard files' total size, MiB) that data.in_memory=auto keeps in memory."""
     root: str = "data"
     """Where built-in data sets' shards live (`<root>/<dataset>`); created on first use."""
     shard_size: int = Field(250, ge=1)

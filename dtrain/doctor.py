@@ -59,12 +59,10 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def _read_shards(cfg, info, brief: bool) -> str:
     """Decode the shards this rank reads (epoch 0's train share, its val and test share): every sample,
     or in brief mode each shard's first."""
-    from .data import ShardStream, resolve_shards
-    index = resolve_shards(cfg.data, cfg.run.seed, create=False)
+    from .data import build_streams
+    data = build_streams(cfg.data, seed=cfg.run.seed, rank=info.global_rank, world_size=info.world_size, create=False)
     n = 0
-    for split in ("train", "val", "test"):
-        stream = ShardStream(index, split, batch_size=1, rank=info.global_rank, world_size=info.world_size,
-                             seed=cfg.run.seed, train=split == "train")
+    for stream in filter(None, (data.train, data.val, data.test)):
         n += stream.check_readable(stream.shard_order(0)[info.global_rank::info.world_size], first_only=brief)
     return f"{n} {'shards' if brief else 'samples'}"
 

@@ -204,6 +204,8 @@ class Trainer:
         return self.evaluator.evaluate(stream, prefix, local)
 
     def validate(self, epoch: int) -> None:
+        if self.val_data is None:  # the data has no validation split
+            return
         metrics = self.evaluate(self.val_data, "val", log_local=self.cfg.log.all_ranks and self.info.distributed)
         improved, stop_early = self.evaluator.observe(metrics["val/loss"], self.step)
         ev = self.evaluator
@@ -221,6 +223,8 @@ class Trainer:
     def test(self) -> dict:
         """Final evaluation on the held-out test split with the best weights (the last ones if none)."""
         self.checkpointer.wait()
+        if self.test_data is None:  # the data has no test split
+            return {}
         best = self.checkpointer.pointer("best")
         if best is not None:
             state, _ = self.checkpointer.load(best)

@@ -3,6 +3,7 @@ unread samples are dealt over the new ranks (none twice, none lost), and what ca
 with one line naming the switch. Unit tests of the dealing and the replay, then real torchrun runs."""
 
 import collections
+import itertools
 import json
 import random
 import re
@@ -22,7 +23,7 @@ def test_deal_gives_every_unread_sample_once_in_equal_shares():
     rng = random.Random(0)
     for trial in range(300):
         shards = [f"s{i:03d}" for i in range(rng.randint(1, 12))]
-        keys = {u: [f"{u}/{j}" for j in range(rng.randint(1, 40))] for u in shards}
+        keys = {u: list(range(rng.randint(1, 40))) for u in shards}  # positions in the shard
         old_world, new_world = rng.randint(1, 5), rng.randint(1, 5)
         steps, per_rank_old = rng.randint(2, 10), rng.randint(1, 6) * new_world
         done = rng.randint(1, steps - 1)
@@ -36,8 +37,7 @@ def test_deal_gives_every_unread_sample_once_in_equal_shares():
         quota = len(remaining) // new_world
         assert quota * new_world == len(remaining)  # per_rank_old is a multiple of new_world
         shard_rank = {u: i for i, u in enumerate(shards)}
-        key_rank = {(u, k): i for u in shards for i, k in enumerate(keys[u])}
-        parts = deal(remaining, new_world, quota, shard_rank, key_rank)
+        parts = deal(remaining, new_world, quota, shard_rank)
         assert [len(p) for p in parts] == [quota] * new_world  # same steps on every new rank
         assert sum((collections.Counter(p) for p in parts), collections.Counter()) == collections.Counter(remaining)
         # by shard: consecutive runs, so a shard is shared by two ranks only at a boundary
@@ -46,6 +46,16 @@ def test_deal_gives_every_unread_sample_once_in_equal_shares():
             for u, _ in p:
                 owners[u].add(j)
         assert sum(len(o) - 1 for o in owners.values()) <= new_world - 1, trial
+
+
+def test_replayed_shuffle_is_webdatasets():
+    import webdataset as wds
+    from dtrain.data.elastic import shuffled
+    items = list(range(300))
+    for bufsize in (2, 3, 64, 299, 300, 1000):
+        ours = shuffled(items, bufsize, random.Random(f"s{bufsize}"))
+        assert ours == list(wds.filters._shuffle(iter(items), bufsize, bufsize, random.Random(f"s{bufsize}")))
+        assert sorted(ours) == items and (ours != items)
 
 
 def test_choose_layout():
@@ -64,10 +74,15 @@ def small_shards(tmp_path_factory):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_replay_matches_the_real_streams(small_shards, workers):
-    """The key-only replay (no data read) must equal what the pipelines yield: normal streams of other
-    world sizes, wrapping around included, and the dealt streams of two resumes in one epoch."""
+    """The replay from sample counts alone (no data read) must equal what the pipelines yield: normal
+    streams of other world sizes, wrapping around included, and the dealt streams of two resumes in one
+    epoch. (The built-in shards' keys are f"train-{i:07d}" in shard order: position -> key is known.)"""
     base = ShardStream(small_shards, "train", batch_size=30, rank=0, world_size=2, seed=5, shuffle_buffer=50,
                        train=True)
+    first = dict(zip(base.urls, itertools.accumulate([0] + base.index.counts("train"))))
+
+    def keys(items):
+        return [f"train-{first[u] + i:07d}" for u, i in items]
     segs = [Segment(2, 30, 1, workers, 0), Segment(3, 10, 2, workers, 5), Segment(1, 30, 2, 0, 9)]
     for n in (1, 2, 3):
         *_, (streams, dealt) = EpochReplay(base, 1, segs[:n]).segment_streams()
@@ -76,7 +91,7 @@ def test_replay_matches_the_real_streams(small_shards, workers):
             s = base.relayout(rank=r, world_size=seg.world_size, batch_size=seg.batch_size,
                               grad_accum=seg.grad_accum, num_workers=seg.num_workers, steps_per_epoch=base.steps_per_epoch)
             real = s.epoch(1) if n == 1 else s.dealt_epoch(1, n - 1, dealt[r])
-            assert [k for b in real for k in b[2]] == [k for _, k in streams[r]], (n, r)
+            assert [k for b in real for k in b[2]] == keys(streams[r]), (n, r)
     # over the whole epoch, resumed twice: the same samples as the uninterrupted 2-rank epoch
     read = collections.Counter(k for seg in consumed_keys(base, 1, segs, base.steps_per_epoch) for s in seg for k in s)
     straight = collections.Counter(k for seg in consumed_keys(base, 1, segs[:1], base.steps_per_epoch)

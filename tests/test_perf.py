@@ -101,7 +101,7 @@ def test_text_windows_shift_by_one_token(tmp_path):
 def test_lm_run_logs_throughput_and_perplexity(tmp_path):
     proc = run_dtrain(["shard", "--dataset", "text", "--out", "text", "--context", "32", "--text-bytes", "30000",
                        "--shard-size", "200"], tmp_path)
-    assert "wrote text/index.json" in proc.stdout
+    assert "wrote text/train.json, text/val.json, text/test.json" in proc.stdout
     run = run_dtrain(["train", "data.dataset=folder:text", *TINY_GPT, "data.batch_size=8", "train.max_steps=6",
                       "train.log_every=2", "run.name=lm"], tmp_path)
     result = result_of(run)

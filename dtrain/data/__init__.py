@@ -1,24 +1,37 @@
-"""Data: shards on disk -> per-rank minibatch streams."""
+"""Data: shards (dtrain's own or any webdataset) -> per-rank minibatch streams."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import os
 from pathlib import Path
+from typing import Callable, Optional, Union
 
 from .. import dist
-from .pipeline import ShardStream
-from .shards import DataError, ShardIndex, make_builtin, read_index
+from ..config import ConfigError
+from .augment import SeededTransform, chain
 from .datasets import BUILTIN
+from .pipeline import ShardStream
+from .samples import DtrainFormat, FieldMap, MappedFormat
+from .shards import DataError, ShardIndex, index_from_config, make_builtin, read_index
+from .sources import has_scheme
 
 
 def resolve_shards(cfg, seed: int, create: bool = True) -> ShardIndex:
-    """The shard index for `cfg.dataset`; built-in data sets are written on first use (by rank 0)."""
+    """The shard index of `data.train`/`val`/`test` if set, else of `cfg.dataset`; built-in data sets are
+    written on first use (by rank 0)."""
+    if cfg.train:
+        return index_from_config(cfg)
+    if cfg.val or cfg.test:
+        raise ConfigError("config: data.val and data.test need data.train (the training shards) as well")
     if cfg.dataset.startswith("folder:"):
         return read_index(cfg.dataset.removeprefix("folder:"))
     if cfg.dataset not in BUILTIN:
         raise DataError(f"data: unknown dataset '{cfg.dataset}'; built-in: {', '.join(BUILTIN)} (or folder:PATH)")
     root = Path(cfg.root) / cfg.dataset
     params = builtin_params(cfg)
-    if create and not (root / "index.json").exists():
+    if create and not (root / "train.json").exists():
         # rank 0 writes (atomically, via a temp dir); the others wait for it
         if dist.broadcast_object(None) is None and _is_zero():
             make_builtin(cfg.dataset, root, cfg.shard_size, seed=0, **params)
@@ -31,7 +44,7 @@ def resolve_shards(cfg, seed: int, create: bool = True) -> ShardIndex:
 
 
 def builtin_params(cfg) -> dict:
-    """The data config keys a built-in data set is generated from (recorded in its index)."""
+    """The data config keys a built-in data set is generated from (recorded in its descriptors)."""
     if cfg.dataset == "count":
         return {"samples": cfg.count_samples, "max_objects": cfg.count_max_objects}
     if cfg.dataset == "text":
@@ -44,4 +57,92 @@ def _is_zero() -> bool:
     return not (td.is_available() and td.is_initialized()) or td.get_rank() == 0
 
 
-__all__ = ["DataError", "ShardIndex", "ShardStream", "make_builtin", "read_index", "resolve_shards"]
+def _hook(given, spec: Optional[str], key: str):
+    """A hook handed in from Python, else the callable the config's import string names."""
+    from ..importing import resolve
+    return given if given is not None else resolve(spec, key) if spec else None
+
+
+def sample_format(cfg, index: ShardIndex, sample: Union[dict, Callable, None] = None,
+                  collate: Optional[Callable] = None):
+    """How samples are decoded and batched: `sample` (a field mapping or a function, from Python), else
+    data.sample, else the descriptor's own mapping, else dtrain's x.npy + y.cls."""
+    spec = sample if sample is not None else cfg.sample if cfg.sample is not None else index.meta.get("sample")
+    collate = _hook(collate, cfg.collate, "data.collate")
+    if spec is None:
+        if "x_scale" not in index.meta:
+            raise ConfigError(f"config: data.sample: the shards of {index.where} are not dtrain's own (x.npy + y.cls); "
+                              "map their members to fields, e.g. data.sample='{x: jpg;png, y: cls}'")
+        if collate is not None:
+            raise ConfigError("config: data.collate batches mapped samples; set data.sample as well")
+        return DtrainFormat(cfg.task or index.task or "classification", index.x_scale)
+    if isinstance(spec, dict):
+        return MappedFormat(FieldMap(spec, cfg.image), collate)
+    if isinstance(spec, str):
+        return MappedFormat(_hook(None, spec, "data.sample"), collate, f"data.sample ({spec})")
+    from ..importing import describe
+    return MappedFormat(spec, collate, describe(spec))
+
+
+def _in_memory(cfg, index: ShardIndex, split: str, fmt, transform, workers: int) -> bool:
+    if cfg.in_memory != "auto":
+        return bool(cfg.in_memory)
+    if fmt.mapped or (transform is not None and workers > 0):  # decoded images can be large; workers transform
+        return False
+    urls = index.shards(split)
+    return not any(has_scheme(u) for u in urls) and sum(map(os.path.getsize, urls)) <= cfg.in_memory_mb * 2**20
+
+
+@dataclasses.dataclass
+class Streams:
+    """A run's data: the split streams of this rank (val, test: None when the data has none) and what is
+    known of the data (`task`, `num_classes`, `input_shape`, `y_mean`, `classes`)."""
+    train: ShardStream
+    val: Optional[ShardStream]
+    test: Optional[ShardStream]
+    index: ShardIndex
+    task: str
+    num_classes: Optional[int]
+    y_mean: float
+    classes: Optional[list]
+
+    @property
+    def mapped(self) -> bool:
+        """Batches are dicts (`{field: ..., "__key__": keys}`), not dtrain's (x, y, keys) tuples."""
+        return self.train.format.mapped
+
+    @functools.cached_property
+    def input_shape(self) -> tuple:
+        """The descriptor's, else the shape of the first training sample's input (read from its shard)."""
+        if self.index.input_shape:
+            return self.index.input_shape
+        return tuple(next(v for k, v in self.train.first_sample().items() if k != "__key__").shape)
+
+
+def build_streams(cfg, *, seed: int, rank: int, world_size: int, grad_accum: int = 1,
+                  num_workers: Optional[int] = None, pin_memory: bool = False, augment: Optional[Callable] = None,
+                  sample: Union[dict, Callable, None] = None, transform: Optional[Callable] = None,
+                  collate: Optional[Callable] = None, create: bool = True) -> Streams:
+    """This rank's streams of every split from the data config. `augment`: dtrain's own augmentation
+    (augment.build_augment); `sample`, `transform`, `collate`: a user's hooks handed in from Python, in
+    place of data.sample, data.transform, data.collate."""
+    index = resolve_shards(cfg, seed, create)
+    fmt = sample_format(cfg, index, sample, collate)
+    user = _hook(transform, cfg.transform, "data.transform")
+    train_transform = chain(SeededTransform(user, seed) if user is not None else None, augment)
+    workers = cfg.num_workers if num_workers is None else num_workers
+    common = dict(batch_size=cfg.batch_size, rank=rank, world_size=world_size, num_workers=workers,
+                  pin_memory=pin_memory, prefetch_factor=cfg.prefetch_factor, sample_format=fmt)
+    train_index = index.subset("train", cfg.train_subset) if cfg.train_subset else index
+    train = ShardStream(train_index, "train", train=True, seed=seed, grad_accum=grad_accum,
+                        shuffle_buffer=cfg.shuffle_buffer, remainder=cfg.remainder, transform=train_transform,
+                        in_memory=_in_memory(cfg, train_index, "train", fmt, train_transform, workers), **common)
+    evals = {split: ShardStream(index, split, seed=seed, in_memory=_in_memory(cfg, index, split, fmt, None, workers),
+                                **common) if index.has(split) else None for split in ("val", "test")}
+    return Streams(train, evals["val"], evals["test"], index, task=cfg.task or index.task or "classification",
+                   num_classes=cfg.num_classes or index.num_classes,
+                   y_mean=index.stats.get("train", {}).get("y_mean", 0.0), classes=index.classes)
+
+
+__all__ = ["DataError", "ShardIndex", "ShardStream", "Streams", "build_streams", "make_builtin", "read_index",
+           "resolve_shards", "sample_format"]

@@ -5,24 +5,89 @@ never from a global RNG. So a sample's augmentation doesn't depend on which rank
 reads it, nor on what was read before: a run resumed mid-epoch augments exactly as an uninterrupted one,
 and the dropout RNG of the training process is left alone.
 
+A user's transform (`data.transform`: any callable, e.g. a torchvision.transforms.v2 pipeline) draws from
+the global generators instead; `SeededTransform` runs it with torch's, Python's and NumPy's global
+generators seeded from the same hash, which gives it the same guarantees.
+
 Images are float tensors [C, H, W] with pixel values scaled to [0, 1]; results are clamped to it.
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Optional
+import random
+from typing import Callable, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import get_worker_info
 
 OPS = ("hflip", "vflip", "brightness", "contrast", "noise", "crop")
 
 
-def sample_generator(seed: int, epoch: int, pass_index: int, key: str) -> torch.Generator:
-    """A generator that depends only on (seed, epoch, pass, key): str hashing is stable across processes."""
+def sample_seed(seed: int, epoch: int, pass_index: int, key: str) -> int:
+    """A seed that depends only on (seed, epoch, pass, key): str hashing is stable across processes."""
     digest = hashlib.blake2b(f"{seed}/{epoch}/{pass_index}/{key}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def sample_generator(seed: int, epoch: int, pass_index: int, key: str) -> torch.Generator:
+    return torch.Generator().manual_seed(sample_seed(seed, epoch, pass_index, key))
+
+
+def _seed_globals(seed: int) -> None:
+    # the CPU generator alone: torch.manual_seed also seeds every device's (~300 us, and the training
+    # process's CUDA generator is not the transform's to touch)
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed & 0xFFFFFFFF)
+
+
+class SeededTransform:
+    """A transform that draws from the global generators (torch's CPU generator, as torchvision's
+    transforms do; Python's `random`; NumPy's legacy one), run with each seeded from (seed, epoch, pass,
+    key): the same draws for a sample whichever process reads it and whatever ran before.
+
+    In the training process (no DataLoader workers, or an in-memory split) torch's and Python's
+    generators are restored afterwards, so dropout's stream is untouched. NumPy's is left seeded by the
+    last sample (saving and restoring it costs ~150 us a sample, more than a small image's decode): still
+    deterministic, and checkpointed with the others. A worker's generators serve nothing else: there they
+    are only seeded (~20 us a sample)."""
+
+    def __init__(self, fn: Callable, seed: int):
+        self.fn, self.seed = fn, seed
+
+    def __call__(self, x, *, key: str, epoch: int, pass_index: int = 0):
+        seed = sample_seed(self.seed, epoch, pass_index, key)
+        if get_worker_info() is not None:
+            _seed_globals(seed)
+            return self.fn(x)
+        saved = torch.default_generator.get_state(), random.getstate()
+        _seed_globals(seed)
+        try:
+            return self.fn(x)
+        finally:
+            torch.default_generator.set_state(saved[0])
+            random.setstate(saved[1])
+
+
+class Chain:
+    """Transforms applied in order, each with the same (key, epoch, pass)."""
+
+    def __init__(self, *transforms):
+        self.transforms = transforms
+
+    def __call__(self, x, *, key: str, epoch: int, pass_index: int = 0):
+        for t in self.transforms:
+            x = t(x, key=key, epoch=epoch, pass_index=pass_index)
+        return x
+
+
+def chain(*transforms) -> Optional[Callable]:
+    """The transforms that are not None, in order; None when there are none."""
+    present = [t for t in transforms if t is not None]
+    return None if not present else present[0] if len(present) == 1 else Chain(*present)
 
 
 class Augment:

@@ -6,79 +6,46 @@ permuted by a seeded RNG, an explicit node split (every world_size-th shard from
 other ranks and other world sizes can be replayed) and webdataset's `split_by_worker` hand shards to
 ranks and then to DataLoader workers, and each worker shuffles within a buffer seeded from the same
 tuple. Resuming mid-epoch rebuilds that order and skips what was consumed; resuming on another number of
-ranks reads the rest of the epoch as dealt by `elastic.py` (`dealt_epoch`).
+ranks reads the rest of the epoch as dealt by `elastic.py` (`dealt_epoch`). A sample is known by its
+shard and its position in it, so replaying an order needs only the descriptors' counts.
 
-Every rank yields exactly `batches_per_epoch` training batches, computed from the shard index before
+Every rank yields exactly `batches_per_epoch` training batches, computed from the sample counts before
 any data is read: a rank whose shards run out wraps around to the start of its own order, a rank with
 more stops early. That keeps the collectives of all ranks in lock step even with uneven shards.
+
+A split that fits in memory (`in_memory`) is read and decoded once; its epochs are then the same order,
+computed by `elastic.py`'s replay (the one a test holds against the real pipelines), gathered from memory:
+the same batches and resume as from the shards, at the speed of indexing a tensor.
 """
 
 from __future__ import annotations
 
 import functools
-import io
 import itertools
 import math
 import random
 import tarfile
 from typing import Callable, Iterator, Optional
 
-import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, get_worker_info
 
-from .elastic import as_counts
+from .elastic import EpochReplay, Segment, as_counts, dealt_order, shuffle_seed
+from .samples import Columns, DtrainFormat, rebatch, to_columns, transform_input
 from .shards import DataError, ShardIndex
 from .tario import tarfile_to_samples
 
-Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
+Batch = tuple  # (x, y, keys) for dtrain's own shards; a dict with "__key__" for mapped samples
 
 
 def _raise_data_error(exn: Exception) -> bool:
-    """webdataset handler: an unreadable shard is a user-facing error naming the file."""
-    where = next((a for a in reversed(exn.args) if isinstance(a, str) and a.endswith(".tar")), "a shard")
+    """webdataset handler: an unreadable shard is a user-facing error naming it (the url is the last
+    argument webdataset's opener and dtrain's tar reader add)."""
+    where = exn.args[-1] if exn.args and isinstance(exn.args[-1], str) else "a shard"
     if isinstance(exn, (tarfile.TarError, OSError, EOFError, ValueError)):
         raise DataError(f"data: cannot read {where} ({type(exn).__name__}: {exn.args[0] if exn.args else ''})")
     raise exn
-
-
-_NPY_HEADERS: dict[bytes, tuple] = {}  # raw .npy header -> (shape, fortran_order, dtype)
-
-
-def _npy(data: bytes) -> np.ndarray:
-    """np.load of one .npy member, without re-parsing a header seen before: every sample of a split shares
-    one, and parsing it (numpy evaluates the header dict literal) cost more than the rest of the decode."""
-    buf = memoryview(data)
-    if bytes(buf[:6]) != b"\x93NUMPY" or buf[6] not in (1, 2, 3):
-        raise ValueError("not a .npy array")
-    size_bytes = 2 if buf[6] == 1 else 4
-    end = 8 + size_bytes + int.from_bytes(buf[8:8 + size_bytes], "little")
-    header = bytes(buf[:end])
-    meta = _NPY_HEADERS.get(header)
-    if meta is None:
-        f = io.BytesIO(header)
-        version = np.lib.format.read_magic(f)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        meta = _NPY_HEADERS.setdefault(header, read(f))
-    shape, fortran, dtype = meta
-    if dtype.hasobject:
-        raise ValueError("object arrays are not loaded")
-    return np.frombuffer(buf, dtype=dtype, offset=end).reshape(shape, order="F" if fortran else "C")
-
-
-def decode(sample: dict, labels: bool = True) -> tuple:
-    """A raw webdataset sample -> (x array, label, key). Labels are `y.cls` (an ASCII integer,
-    webdataset's convention); a language model's samples have none (`labels=False`: the key stands in,
-    the targets are x shifted)."""
-    try:
-        x = _npy(sample["x.npy"])
-        y = int(sample["y.cls"]) if labels else sample["__key__"]
-    except (KeyError, ValueError) as e:
-        where = sample.get("__url__", "a shard")
-        raise DataError(f"data: cannot decode sample {sample.get('__key__')!r} of {where} "
-                        f"({type(e).__name__}: {e})") from None
-    return x, y, sample["__key__"]
 
 
 def _worker_shuffle(src, bufsize: int, seed: str):
@@ -91,31 +58,36 @@ def _worker_shuffle(src, bufsize: int, seed: str):
 worker_shuffle = wds.pipelinefilter(_worker_shuffle)
 
 
-def _first_per_shard_filter(src, counts: dict[str, int]):
-    """Only the first counts[shard] samples of each shard (the index may list a subset of a split).
-    Runs before the shuffle buffer, so the subset is the same whatever the seed. A shard that ends
-    with fewer samples than the index lists (cut at a member boundary, which a tar reader can't tell
-    from its end) is an error, not a silently shorter epoch."""
+def _numbered_filter(src, limits: dict[str, int], listed: dict[str, int]):
+    """Each sample's position in its shard (`__index__`), and only the first limits[shard] samples of each
+    (an index may list a subset of a split). Runs before the shuffle buffer, so the subset is the same
+    whatever the seed. A shard holding another number of samples than its descriptor lists is an error,
+    not a silently different epoch (one cut at a member boundary reads, to a tar reader, as complete)."""
     seen: dict[str, int] = {}
     current = None
     for sample in src:
-        url = sample.get("__url__")
+        url = sample["__url__"]
         if url != current:  # shards are read one after the other: the last one is complete
-            _check_complete(current, seen, counts)
+            _check_complete(current, seen, listed)
             current = url
-        seen[url] = seen.get(url, 0) + 1
-        if url not in counts or seen[url] <= counts[url]:
+        i = seen.get(url, 0)
+        seen[url] = i + 1
+        if url in listed and i >= listed[url]:
+            raise DataError(f"data: {url} holds more samples than the {listed[url]} its descriptor lists; "
+                            f"count it again with `dtrain index`")
+        if url not in limits or i < limits[url]:
+            sample["__index__"] = i
             yield sample
-    _check_complete(current, seen, counts)
+    _check_complete(current, seen, listed)
 
 
-def _check_complete(url, seen: dict[str, int], counts: dict[str, int]) -> None:
-    if url in counts and seen.get(url, 0) < counts[url]:
-        raise DataError(f"data: cannot read {url} (it holds {seen.get(url, 0)} samples, the index lists "
-                        f"{counts[url]}: truncated?)")
+def _check_complete(url, seen: dict[str, int], listed: dict[str, int]) -> None:
+    if url in listed and seen.get(url, 0) < listed[url]:
+        raise DataError(f"data: cannot read {url} (it holds {seen.get(url, 0)} samples, its descriptor lists "
+                        f"{listed[url]}: truncated?)")
 
 
-_first_per_shard = wds.pipelinefilter(_first_per_shard_filter)
+_numbered = wds.pipelinefilter(_numbered_filter)
 
 
 def _split_by_node_filter(src, rank: int, world_size: int):
@@ -127,34 +99,52 @@ _split_by_node = wds.pipelinefilter(_split_by_node_filter)
 
 
 def _keep_counts_filter(src, counts: dict):
-    """Only the samples dealt to this rank, each as often as dealt (counts[url][key])."""
+    """Only the samples dealt to this rank, each as often as dealt (counts[url][position])."""
     for sample in src:
-        for _ in range(counts.get(sample.get("__url__"), {}).get(sample["__key__"], 0)):
+        for _ in range(counts.get(sample["__url__"], {}).get(sample["__index__"], 0)):
             yield dict(sample)
 
 
 _keep_counts = wds.pipelinefilter(_keep_counts_filter)
 
 
-def _rebatch(batches: Iterator[Batch], size: int, partial: bool) -> Iterator[Batch]:
-    """Exact `size`-row batches from worker batches that may end short (each worker's last one)."""
-    xs: list[torch.Tensor] = []
-    ys: list[torch.Tensor] = []
-    keys: list[str] = []
-    n = 0
-    for x, y, k in batches:
-        if n == 0 and len(x) == size:  # the common case: pass through without copying
-            yield x, y, list(k)
-            continue
-        xs.append(x), ys.append(y), keys.extend(k)
-        n += len(x)
-        while n >= size:
-            x_all, y_all = torch.cat(xs), torch.cat(ys)
-            yield x_all[:size], y_all[:size], keys[:size]
-            xs, ys, keys = [x_all[size:]], [y_all[size:]], keys[size:]
-            n -= size
-    if partial and n > 0:
-        yield torch.cat(xs), torch.cat(ys), keys
+def _decode(sample: dict, fmt, transform: Optional[Callable], epoch: int, pass_index: int) -> dict:
+    sample = fmt.decode(sample)
+    if transform is not None:  # e.g. augmentation: a pure function of (x, key, epoch, pass)
+        sample = transform_input(sample, transform, epoch, pass_index)
+    return sample
+
+
+def _one_line(error: DataError) -> DataError:
+    """A DataError raised in a DataLoader worker comes back with the worker's traceback in its message."""
+    lines = str(error).strip().splitlines()
+    if len(lines) > 1 and lines[0].startswith("Caught DataError"):
+        return DataError(lines[-1].split(": ", 1)[-1])
+    return error
+
+
+class MemorySplit:
+    """A split's decoded samples (before any transform), read once in shard order, shared by the streams
+    of every rank layout of one process (`relayout`)."""
+
+    def __init__(self):
+        self.columns: Optional[Columns] = None
+        self.offsets: dict[str, int] = {}
+
+    def load(self, stream: "ShardStream") -> "MemorySplit":
+        if self.columns is None:
+            stages = [wds.SimpleShardList(stream.urls), tarfile_to_samples(handler=_raise_data_error),
+                      _numbered(stream.shard_counts, stream.listed), wds.map(stream.format.decode)]
+            samples = list(wds.DataPipeline(*stages))
+            start = 0
+            for url, n in stream.shard_counts.items():
+                self.offsets[url] = start
+                start += n
+            self.columns = Columns.of(samples)
+        return self
+
+    def rows(self, items: list[tuple[str, int]]) -> torch.Tensor:
+        return torch.tensor([self.offsets[url] + i for url, i in items], dtype=torch.int64)
 
 
 class ShardStream:
@@ -164,18 +154,21 @@ class ShardStream:
                  seed: int = 0, num_workers: int = 0, shuffle_buffer: int = 0, train: bool = False,
                  grad_accum: int = 1, remainder: str = "drop", pin_memory: bool = False,
                  transform: Optional[Callable] = None, prefetch_factor: Optional[int] = None,
-                 steps_per_epoch: Optional[int] = None):
+                 steps_per_epoch: Optional[int] = None, sample_format=None, in_memory=False):
         self.index, self.split = index, split
         self.urls = index.shards(split)
         # samples to read from each shard: all of them, but fewer where the index is a subset
         self.shard_counts = dict(zip(self.urls, index.counts(split)))
+        self.listed = index.listed.get(split, {})
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.num_workers, self.train = seed, num_workers, train
         self.shuffle_buffer = shuffle_buffer if train else 0
         self.pin_memory, self.transform = pin_memory, transform
         self.prefetch_factor = prefetch_factor if num_workers > 0 else None
-        self.regression = index.task == "regression"
-        self.lm = index.task == "lm"
+        self.format = sample_format or DtrainFormat(index.task or "classification", index.x_scale)
+        # True: read into memory on first use; a MemorySplit: share one (relayout)
+        self.memory = in_memory if isinstance(in_memory, MemorySplit) else MemorySplit() if in_memory else None
+        self._eval_items: Optional[list] = None
         self.grad_accum, self.remainder, self.prefetch_arg = grad_accum, remainder, prefetch_factor
         n = index.num_samples(split)
         per_step = batch_size * world_size * grad_accum
@@ -194,7 +187,8 @@ class ShardStream:
                            seed=self.seed, num_workers=num_workers, shuffle_buffer=self.shuffle_buffer,
                            train=self.train, grad_accum=grad_accum, remainder=self.remainder,
                            pin_memory=self.pin_memory, transform=self.transform,
-                           prefetch_factor=self.prefetch_arg, steps_per_epoch=steps_per_epoch)
+                           prefetch_factor=self.prefetch_arg, steps_per_epoch=steps_per_epoch,
+                           sample_format=self.format, in_memory=self.memory or False)
 
     def shard_order(self, epoch: int) -> list[str]:
         if not self.train:
@@ -205,87 +199,124 @@ class ShardStream:
 
     def rank_samples(self, epoch: int) -> int:
         """Samples this rank's shards hold this epoch (split_by_node takes every world_size-th shard)."""
-        counts = dict(zip(self.urls, self.index.counts(self.split)))
-        return sum(counts[u] for u in self.shard_order(epoch)[self.rank::self.world_size])
+        return sum(self.shard_counts[u] for u in self.shard_order(epoch)[self.rank::self.world_size])
 
-    def _to_tensors(self, sample, epoch: int = 0, pass_index: int = 0, transform: bool = True):
-        x, y, key = sample
-        if self.lm:  # a window of context + 1 byte tokens: predict each next one
-            tokens = torch.from_numpy(np.array(x, dtype=np.int64))  # a copy: x is read-only
-            return tokens[:-1], tokens[1:], key
-        x = torch.from_numpy(np.asarray(x, dtype=np.float32) * self.index.x_scale)
-        y = torch.tensor(y, dtype=torch.float32 if self.regression else torch.int64)
-        if self.transform is not None and transform:  # e.g. augmentation: a pure function of (x, key, epoch, pass)
-            x = self.transform(x, key=key, epoch=epoch, pass_index=pass_index)
-        return x, y, key
+    # ---- reading shards ---------------------------------------------------------------------------
+    def _reader(self, urls: list[str], node_split: bool) -> list:
+        return [wds.SimpleShardList(urls), *([_split_by_node(self.rank, self.world_size)] if node_split else []),
+                wds.split_by_worker, tarfile_to_samples(handler=_raise_data_error),
+                _numbered(self.shard_counts, self.listed)]
 
-    def _pipeline(self, epoch: int, pass_index: int = 0) -> wds.DataPipeline:
-        stages = [wds.SimpleShardList(self.shard_order(epoch)), _split_by_node(self.rank, self.world_size),
-                  wds.split_by_worker, tarfile_to_samples(handler=_raise_data_error),
-                  _first_per_shard(self.shard_counts)]
-        return self._decoded(stages, f"{self.seed}/epoch{epoch}/rank{self.rank}", epoch, pass_index)
-
-    def _decoded(self, stages: list, shuffle_seed: str, epoch: int, pass_index: int) -> wds.DataPipeline:
+    def _pipeline(self, stages: list, shuffle_seed_: str, epoch: int, pass_index: int) -> wds.DataPipeline:
         if self.shuffle_buffer > 1:
-            stages.append(worker_shuffle(self.shuffle_buffer, shuffle_seed))
-        stages += [wds.map(functools.partial(decode, labels=not self.lm)),
-                   wds.map(functools.partial(self._to_tensors, epoch=epoch, pass_index=pass_index))]
+            stages.append(worker_shuffle(self.shuffle_buffer, shuffle_seed_))
+        stages.append(wds.map(functools.partial(_decode, fmt=self.format, transform=self.transform, epoch=epoch,
+                                                pass_index=pass_index)))
         return wds.DataPipeline(*stages)
 
-    def check_readable(self, urls: list[str], first_only: bool = False) -> int:
-        """Read and decode every sample of `urls` (or only each one's first) in this process, without
-        node splitting. -> samples read. Raises DataError naming a shard that can't be read."""
-        def samples(url_list):
-            stages = [wds.SimpleShardList(url_list), tarfile_to_samples(handler=_raise_data_error),
-                      wds.map(functools.partial(decode, labels=not self.lm))]
-            return iter(wds.DataPipeline(*stages))
-        if first_only:
-            return sum(1 for url in urls if next(samples([url]), None) is not None)
-        return sum(1 for _ in samples(urls))
-
-    def first_batch(self, n: int):
-        """The split's first `n` samples (in shard order) as one batch, read in this process: no workers, no
-        shuffle, no transform. What the model and the loss are probed with before training."""
-        stages = [wds.SimpleShardList(self.urls), tarfile_to_samples(handler=_raise_data_error),
-                  _first_per_shard(self.shard_counts), wds.map(functools.partial(decode, labels=not self.lm)),
-                  wds.map(functools.partial(self._to_tensors, transform=False))]
-        return torch.utils.data.default_collate(list(itertools.islice(iter(wds.DataPipeline(*stages)), n)))
-
-    def _one_pass(self, epoch: int, pass_index: int = 0, pipeline: Optional[wds.DataPipeline] = None) -> Iterator[Batch]:
+    def _one_pass(self, epoch: int, pass_index: int = 0, pipeline: Optional[wds.DataPipeline] = None) -> Iterator[Columns]:
+        if pipeline is None:
+            pipeline = self._pipeline(self._reader(self.shard_order(epoch), True),
+                                      shuffle_seed(self.seed, epoch, 0, self.rank), epoch, pass_index)
         # A fresh DataLoader per pass: its workers fork with this epoch's shard order baked in.
         # Its own generator: otherwise each new iterator draws a seed from the global torch RNG and
         # shifts every dropout mask after it, so a resumed run would diverge from an uninterrupted one.
-        loader = DataLoader(pipeline or self._pipeline(epoch, pass_index), batch_size=self.batch_size,
-                            num_workers=self.num_workers,
-                            pin_memory=self.pin_memory, persistent_workers=False, prefetch_factor=self.prefetch_factor,
+        loader = DataLoader(pipeline, batch_size=self.batch_size, num_workers=self.num_workers,
+                            collate_fn=to_columns, pin_memory=self.pin_memory, persistent_workers=False,
+                            prefetch_factor=self.prefetch_factor,
                             generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
-        yield from loader
+        try:
+            yield from loader
+        except DataError as e:
+            raise _one_line(e) from None
 
+    def _decoded(self, urls: list[str]) -> Iterator[dict]:
+        """Every sample of `urls` decoded (no transform), in this process, without node splitting."""
+        stages = [wds.SimpleShardList(urls), tarfile_to_samples(handler=_raise_data_error), wds.map(self.format.decode)]
+        return iter(wds.DataPipeline(*stages))
+
+    def check_readable(self, urls: list[str], first_only: bool = False) -> int:
+        """Read and decode every sample of `urls` (or only each one's first). -> samples read. Raises
+        DataError naming a shard that can't be read."""
+        if first_only:
+            return sum(1 for url in urls if next(self._decoded([url]), None) is not None)
+        return sum(1 for _ in self._decoded(urls))
+
+    def first_batch(self, n: int):
+        """The split's first `n` samples (in shard order) as one batch, read in this process: no workers, no
+        shuffle, no transform. What the model and the hooks are probed with before training."""
+        samples = list(itertools.islice(self._decoded(self.urls), n))
+        if not samples:
+            raise DataError(f"data: the '{self.split}' shards hold no samples")
+        return self.format.batch(Columns.of(samples))
+
+    def first_sample(self) -> dict:
+        """The split's first sample, decoded (no transform): e.g. the input's shape."""
+        sample = next(self._decoded(self.urls[:1]), None)
+        if sample is None:
+            raise DataError(f"data: {self.urls[0]} holds no samples")
+        return sample
+
+    # ---- from memory ----------------------------------------------------------------------------
+    def _from_memory(self, items: list, epoch: int, first: int, end: int, pass_len: int) -> Iterator[Batch]:
+        """Batches first..end-1 of `items` ((shard, position), in stream order); item k is of pass k // pass_len."""
+        size = self.batch_size
+        memory = self.memory.load(self)
+        epoch_cols = memory.columns.take(memory.rows(items[first * size:end * size]))  # one gather, then views
+        for b in range(first, end):
+            cols = epoch_cols.cut((b - first) * size, (b - first + 1) * size)
+            if self.transform is not None:
+                samples = [transform_input(s, self.transform, epoch, (b * size + j) // pass_len)
+                           for j, s in enumerate(cols.samples())]
+                cols = Columns.of(samples)
+            yield self.format.batch(cols)
+
+    def _replayed_pass(self, epoch: int) -> list:
+        segment = Segment(self.world_size, self.batch_size, self.grad_accum, self.num_workers, 0)
+        return EpochReplay(self, epoch, [segment]).one_pass(segment, self.rank)
+
+    # ---- epochs ---------------------------------------------------------------------------------
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         """Batches `start..` of this epoch: exactly `batches_per_epoch - start` for training,
         one pass (last batch partial) for evaluation."""
         if not self.train:
-            yield from _rebatch(self._one_pass(epoch), self.batch_size, partial=True)
+            if self.memory is not None:  # one unshuffled pass, the same every epoch: replayed once
+                if self._eval_items is None:
+                    self._eval_items = self._replayed_pass(0)
+                items = self._eval_items
+                yield from self._from_memory(items, epoch, start, math.ceil(len(items) / self.batch_size), len(items) or 1)
+                return
+            batches = rebatch(self._one_pass(epoch), self.batch_size, partial=True)
+            yield from (self.format.batch(c) for c in itertools.islice(batches, start, None))
             return
         if self.rank_samples(epoch) == 0:
             raise DataError(f"data: rank {self.rank} got no '{self.split}' shards in epoch {epoch} "
                             f"({len(self.urls)} shards for {self.world_size} ranks); write more, smaller shards")
+        if self.memory is not None:
+            one = self._replayed_pass(epoch)
+            items = [one[i % len(one)] for i in range(self.batches_per_epoch * self.batch_size)]
+            yield from self._from_memory(items, epoch, start, self.batches_per_epoch, len(one))
+            return
         passes = itertools.chain.from_iterable(self._one_pass(epoch, i) for i in itertools.count())
-        batches = _rebatch(passes, self.batch_size, partial=False)
-        yield from itertools.islice(batches, start, self.batches_per_epoch)
+        batches = rebatch(passes, self.batch_size, partial=False)
+        yield from (self.format.batch(c) for c in itertools.islice(batches, start, self.batches_per_epoch))
 
-    def dealt_epoch(self, epoch: int, segment: int, items: list[tuple[str, str]], start: int = 0) -> Iterator[Batch]:
+    def dealt_epoch(self, epoch: int, segment: int, items: list[tuple[str, int]], start: int = 0) -> Iterator[Batch]:
         """Batches `start..` of the samples dealt to this rank for the rest of `epoch` (elastic resume):
-        its shards, read in order and filtered by key, shuffled in a buffer seeded from (seed, epoch,
-        segment, rank). `items` ((url, key), in shard order) are exactly batches x batch_size samples."""
+        its shards, read in order and filtered by position, shuffled in a buffer seeded from (seed, epoch,
+        segment, rank). `items` ((url, position), in shard order) are exactly batches x batch_size samples."""
+        total = len(items) // self.batch_size
+        seed = shuffle_seed(self.seed, epoch, segment, self.rank)
+        if self.memory is not None:
+            order = dealt_order(items, self.batch_size, self.num_workers, self.shuffle_buffer, seed)
+            yield from self._from_memory(order, epoch, start, total, len(order) + 1)  # one pass: pass 0
+            return
         urls, counts = as_counts(items)
-        stages = [wds.SimpleShardList(urls), wds.split_by_worker,
-                  tarfile_to_samples(handler=_raise_data_error), _keep_counts(counts)]
-        pipeline = self._decoded(stages, f"{self.seed}/epoch{epoch}/elastic{segment}/rank{self.rank}", epoch, 0)
-        batches = _rebatch(self._one_pass(epoch, 0, pipeline), self.batch_size, partial=False)
-        total, n = len(items) // self.batch_size, start
-        for n, batch in enumerate(itertools.islice(batches, start, total), start + 1):
-            yield batch
+        pipeline = self._pipeline(self._reader(urls, False) + [_keep_counts(counts)], seed, epoch, 0)
+        batches = rebatch(self._one_pass(epoch, 0, pipeline), self.batch_size, partial=False)
+        n = start
+        for n, cols in enumerate(itertools.islice(batches, start, total), start + 1):
+            yield self.format.batch(cols)
         if n < total:  # a shard shorter than when the epoch began
             raise DataError(f"data: rank {self.rank} read {n * self.batch_size} of the {len(items)} samples dealt "
                             f"to it for the rest of epoch {epoch} from {', '.join(urls)}: a shard changed or is truncated")

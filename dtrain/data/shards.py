@@ -1,11 +1,12 @@
-"""Writing shards (webdataset's ShardWriter) and the index that lists them.
+"""The shards of each split with their sample counts (`ShardIndex`), and writing shards.
 
-Layout of a shard directory:
+A shard directory written by dtrain (`dtrain shard`, the built-in data sets, `shard --from-folder`):
   train-000000.tar ...  val-000000.tar ...  test-000000.tar ...
-  index.json            {"task", "num_classes", "input_shape", "x_scale", "params",
-                         "splits": {split: {shard file name: sample count}}}
-Each sample is {"__key__", "x.npy" (uint8 array), "y.cls" (int label or count; none for task "lm")}.
-The index lets every rank know the epoch's length before reading a byte.
+  train.json  val.json  test.json     one shard descriptor per split, in the shape of webdataset's wids
+                                      (sources.py), with dtrain's extra key: task, num_classes, input_shape,
+                                      x_scale, params, stats, classes, sample (the default data.sample)
+The built-in data sets' samples are {"__key__", "x.npy" (uint8 array), "y.cls" (label; none for task lm)}.
+The counts let every rank know the epoch's length before reading a byte.
 """
 
 from __future__ import annotations
@@ -16,15 +17,17 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable, Optional
 
 import numpy as np
 import webdataset as wds
 
 from .datasets import BUILTIN
 
-INDEX = "index.json"
+SPLITS = ("train", "val", "test")
+LEGACY_INDEX = "index.json"  # dtrain's index before descriptors: still read
 
 
 class DataError(RuntimeError):
@@ -33,19 +36,32 @@ class DataError(RuntimeError):
 
 @dataclass(frozen=True)
 class ShardIndex:
-    root: Path
-    task: str
-    num_classes: int
-    input_shape: tuple[int, ...]
-    x_scale: float
-    splits: dict  # split -> {file name: count}
-    params: dict
-    stats: dict  # split -> {"y_mean": ...}
+    """Per split, its shards in order with the samples to read from each; what is known of the data."""
+    splits: dict  # split -> {url: samples read}: the descriptor's counts, fewer after `subset`
+    meta: dict = field(default_factory=dict)  # the descriptors' `dtrain` key (empty for foreign shards)
+    listed: dict = field(default_factory=dict)  # split -> {url: samples its descriptor lists}
+    where: str = ""  # the directory or config keys the index came from, for messages
+
+    def __post_init__(self):
+        if not self.listed:
+            object.__setattr__(self, "listed", {s: dict(c) for s, c in self.splits.items()})
+
+    task = property(lambda self: self.meta.get("task"))
+    num_classes = property(lambda self: self.meta.get("num_classes"))
+    input_shape = property(lambda self: tuple(self.meta["input_shape"]) if self.meta.get("input_shape") else None)
+    x_scale = property(lambda self: float(self.meta.get("x_scale", 1.0)))
+    params = property(lambda self: self.meta.get("params", {}))
+    stats = property(lambda self: self.meta.get("stats", {}))
+    classes = property(lambda self: self.meta.get("classes"))
+    root = property(lambda self: Path(self.where))
+
+    def has(self, split: str) -> bool:
+        return bool(self.splits.get(split))
 
     def shards(self, split: str) -> list[str]:
-        if split not in self.splits or not self.splits[split]:
-            raise DataError(f"data: {self.root} has no '{split}' shards")
-        return [str(self.root / name) for name in self.splits[split]]
+        if not self.has(split):
+            raise DataError(f"data: {self.where} has no '{split}' shards")
+        return list(self.splits[split])
 
     def num_samples(self, split: str) -> int:
         return sum(self.splits[split].values())
@@ -58,44 +74,57 @@ class ShardIndex:
         dropped and the last one kept is counted short; streams read only that many of its samples."""
         total = self.num_samples(split)
         if n > total:
-            raise DataError(f"data: train_subset {n} is larger than the {total} '{split}' samples in {self.root}")
+            raise DataError(f"data: train_subset {n} is larger than the {total} '{split}' samples in {self.where}")
         kept: dict[str, int] = {}
-        for name, count in self.splits[split].items():
+        for url, count in self.splits[split].items():
             if n <= 0:
                 break
-            kept[name] = min(count, n)
-            n -= kept[name]
+            kept[url] = min(count, n)
+            n -= kept[url]
         return dataclasses.replace(self, splits={**self.splits, split: kept})
 
 
 def write_shards(out: str | Path, splits: dict, meta: dict, shard_size: int) -> ShardIndex:
-    """Write every split as tar shards into a temp dir, then rename it into place: a half-written
-    directory never looks complete (several ranks or a killed process can't leave one behind)."""
+    """Arrays {split: (x, y)} as dtrain's own samples (x.npy + y.cls), a descriptor per split."""
+    stats = {split: {"y_mean": float(np.mean(y)) if len(y) else 0.0} for split, (_, y) in splits.items()}
+    meta = {**{k: meta[k] for k in ("task", "num_classes", "input_shape", "x_scale")},
+            "params": meta.get("params", {}), "stats": stats}
+
+    def samples(split, x, y):
+        for i in range(len(x)):
+            sample = {"__key__": f"{split}-{i:07d}", "x.npy": np.ascontiguousarray(x[i])}
+            if meta["task"] != "lm":  # a language model's targets are its input shifted: no label
+                sample["y.cls"] = int(y[i])
+            yield sample
+
+    return write_split_shards(out, {s: (samples(s, x, y), len(x)) for s, (x, y) in splits.items()}, meta, shard_size)
+
+
+def write_split_shards(out: str | Path, splits: dict[str, tuple[Iterable[dict], int]], meta: dict,
+                       shard_size: int) -> ShardIndex:
+    """Write every split ({split: (samples, how many)}) as tar shards and a descriptor into a temp dir,
+    then rename it into place: a half-written directory never looks complete (several ranks or a killed
+    process can't leave one behind)."""
+    from .sources import descriptor, write_descriptor
+
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        index = {k: meta[k] for k in ("task", "num_classes", "input_shape", "x_scale")}
-        index["params"] = meta.get("params", {})
-        index["splits"] = {}
-        index["stats"] = {split: {"y_mean": float(np.mean(y)) if len(y) else 0.0} for split, (_, y) in splits.items()}
-        for split, (x, y) in splits.items():
+        for split, (samples, n) in splits.items():
             counts: dict[str, int] = {}
             # as many shards as shard_size asks for, filled evenly, so ranks get similar amounts
-            per_shard = math.ceil(len(x) / max(1, math.ceil(len(x) / shard_size)))
+            per_shard = math.ceil(n / max(1, math.ceil(n / shard_size))) if n else 1
             # mtime=0: byte-identical shards from the same data, and plain ustar headers (a float
             # mtime makes tarfile add a PAX header to every member, half the cost of reading them back)
-            with wds.ShardWriter(str(tmp / f"{split}-%06d.tar"), maxcount=per_shard, verbose=0,
-                                 mtime=0) as sink:
-                for i in range(len(x)):
-                    sample = {"__key__": f"{split}-{i:07d}", "x.npy": np.ascontiguousarray(x[i])}
-                    if meta["task"] != "lm":  # a language model's targets are its input shifted: no label
-                        sample["y.cls"] = int(y[i])
+            with wds.ShardWriter(str(tmp / f"{split}-%06d.tar"), maxcount=per_shard, verbose=0, mtime=0) as sink:
+                for sample in samples:
                     sink.write(sample)
                     name = Path(sink.fname).name
                     counts[name] = counts.get(name, 0) + 1
-            index["splits"][split] = counts
-        (tmp / INDEX).write_text(json.dumps(index, indent=1))
+            if counts:
+                shards = [(str(tmp / name), c) for name, c in counts.items()]
+                write_descriptor(descriptor(shards, tmp / f"{split}.json", meta, name=split), tmp / f"{split}.json")
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -105,23 +134,45 @@ def write_shards(out: str | Path, splits: dict, meta: dict, shard_size: int) -> 
 
 
 def read_index(root: str | Path) -> ShardIndex:
+    """The splits of a shard directory: its `train.json`, `val.json`, `test.json` (those present)."""
+    from .sources import Descriptor
+
     root = Path(root)
-    path = root / INDEX
     if not root.is_dir():
         raise DataError(f"data: shard directory {root} does not exist")
-    if not path.is_file():
-        raise DataError(f"data: {path} is missing; write shards with `dtrain shard --out {root}`")
+    present = [s for s in SPLITS if (root / f"{s}.json").is_file()]
+    if not present:
+        if (root / LEGACY_INDEX).is_file():
+            return _read_legacy(root)
+        raise DataError(f"data: {root} has no shard descriptors (train.json, val.json, test.json); write shards "
+                        f"with `dtrain shard --out {root}`, or count yours with `dtrain index SHARDS --out {root}/train.json`")
+    splits, meta = {}, {}
+    for split in present:
+        d = Descriptor.read(str(root / f"{split}.json"))
+        splits[split] = dict(zip(d.urls, d.counts))
+        meta = meta or d.meta
+        missing = next((u for u in d.urls if "://" not in u and not u.startswith("pipe:") and not os.path.isfile(u)),
+                       None)
+        if missing:
+            raise DataError(f"data: missing shard {missing} (listed in {d.source})")
+    return ShardIndex(splits, meta, where=str(root))
+
+
+def _read_legacy(root: Path) -> ShardIndex:
+    path = root / LEGACY_INDEX
     try:
         d = json.loads(path.read_text())
-        index = ShardIndex(root, d["task"], int(d["num_classes"]), tuple(d["input_shape"]),
-                           float(d["x_scale"]), d["splits"], d.get("params", {}), d.get("stats", {}))
-    except (ValueError, KeyError, TypeError) as e:
+        meta = {k: d[k] for k in ("task", "num_classes", "input_shape", "x_scale")}
+        meta.update(params=d.get("params", {}), stats=d.get("stats", {}))
+        splits = {s: {str((root / name).absolute()): int(n) for name, n in shards.items()}
+                  for s, shards in d["splits"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise DataError(f"data: {path} is unreadable ({type(e).__name__}: {e})") from None
-    for split, shards in index.splits.items():
-        for name in shards:
-            if not (root / name).is_file():
-                raise DataError(f"data: missing shard {root / name} (listed in {path})")
-    return index
+    for shards in splits.values():
+        missing = next((u for u in shards if not os.path.isfile(u)), None)
+        if missing:
+            raise DataError(f"data: missing shard {missing} (listed in {path})")
+    return ShardIndex(splits, meta, where=str(root))
 
 
 def make_builtin(name: str, out: str | Path, shard_size: int, seed: int = 0, **params) -> ShardIndex:
@@ -129,3 +180,17 @@ def make_builtin(name: str, out: str | Path, shard_size: int, seed: int = 0, **p
         raise DataError(f"data: unknown dataset '{name}'; built-in: {', '.join(BUILTIN)} (or folder:PATH)")
     splits, meta = BUILTIN[name](seed=seed, **params)
     return write_shards(out, splits, meta, shard_size)
+
+
+def index_from_config(cfg, where: Optional[str] = None) -> ShardIndex:
+    """The index of `data.train` / `data.val` / `data.test` (shards dtrain did not write)."""
+    from .sources import resolve_split
+
+    splits, meta = {}, None
+    for split in SPLITS:
+        spec = getattr(cfg, split)
+        if spec:
+            urls, counts, m = resolve_split(spec, f"data.{split}", cfg.counts)
+            splits[split] = dict(zip(urls, counts))
+            meta = m if meta is None else meta
+    return ShardIndex(splits, meta or {}, where=where or "data.train")

@@ -151,8 +151,13 @@ def instantiate(factory: Callable, kwargs: dict, key: str, facts: Optional[dict]
     except (TypeError, ValueError):  # some builtins and C extensions have none: pass what was given
         params = {}
     for name in FACTS:
-        if name in params and name not in kwargs and (facts or {}).get(name) is not None:
-            kwargs[name] = facts[name]
+        if name in params and name not in kwargs:
+            if (facts or {}).get(name) is not None:
+                kwargs[name] = facts[name]
+            elif facts is not None and params[name].default is inspect.Parameter.empty:
+                fix = "set data.num_classes" if name == "num_outputs" else "describe the data set's shape"
+                raise ConfigError(f"config: model.kwargs: {describe(factory)} needs {name}, which the data set "
+                                  f"does not give; {fix} or model.kwargs.{name}")
     try:
         return factory(**kwargs)
     except TypeError as e:

@@ -1,0 +1,247 @@
+"""Data feeding speed, each comparison in one run (issue 14, "How it is shown"):
+
+(a) pipeline  a shard-fed image pipeline (jpg decoded and transformed in DataLoader workers) through dtrain's
+              ShardStream vs a hand-written webdataset + DataLoader loop on the same shards and decode;
+              samples/s of each, interleaved repetitions, ratio of medians (target >= 0.95).
+(b) train     `dtrain train` end to end on the digits example vs a hand-written loop on the same data held
+              in memory (same model, AdamW, clipping, a validation pass per epoch as dtrain does), at 1 and
+              2 ranks. Each is timed as a whole process for W and W + D steps; the rate is D / (time(W + D) -
+              time(W)), so start-up (imports, process group, data set creation, the final test and save)
+              cancels (target >= 0.9).
+
+    OMP_NUM_THREADS=1 python benchmarks/data_speed.py train [--ranks 1,2 --warm 60 --delta 2000 --reps 3]
+    OMP_NUM_THREADS=1 python benchmarks/data_speed.py pipeline [--images 2000 --workers 2 --reps 3]
+
+(`hand` is the hand-written digits loop itself, started by `train`.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---- (b): the hand-written loop on digits in memory --------------------------------------------------------
+def hand(args) -> None:
+    """What a minimal DDP script does: the digits split in memory, a seeded permutation per epoch, each rank
+    every world_size-th batch of 64, AdamW, clipping, and a validation pass (all-reduced) after each epoch."""
+    import torch
+    import torch.distributed as td
+    import torch.nn.functional as F
+
+    from dtrain.config import load_config
+    from dtrain.data.datasets import digits
+    from dtrain.models import build_model
+
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if world > 1:
+        td.init_process_group("gloo")
+    cfg = load_config(REPO / "configs" / "digits.yaml")
+    splits, meta = digits()
+    x, y = (torch.from_numpy(a) for a in splits["train"])
+    x = x.float() * meta["x_scale"]
+    vx, vy = (torch.from_numpy(a) for a in splits["val"])
+    vx = vx[rank::world].float() * meta["x_scale"]
+    vy = vy[rank::world]
+    model = build_model(cfg.model, (1, 8, 8), 10, 0)
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr)
+    batch, g = cfg.data.batch_size, torch.Generator().manual_seed(0)
+    per_epoch = len(x) // (batch * world)
+    step = 0
+    while step < args.steps:
+        order = torch.randperm(len(x), generator=g)
+        for i in range(per_epoch):
+            idx = order[(i * world + rank) * batch:(i * world + rank + 1) * batch]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            if step == args.steps:
+                break
+        model.eval()
+        with torch.no_grad():
+            total = torch.stack([F.cross_entropy(model(vx), vy, reduction="sum"), torch.tensor(float(len(vy)))])
+        if world > 1:
+            td.all_reduce(total)
+        model.train()
+    if world > 1:
+        td.destroy_process_group()
+
+
+def _launch(ranks: int, args: list[str]) -> list[str]:
+    if ranks == 1:
+        return [sys.executable, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-addr",
+            "127.0.0.1", "--master-port", str(29500 + os.getpid() % 1000), *args]
+
+
+def _timed(cmd: list[str], cwd: Path) -> float:
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - t0
+
+
+def train(args) -> None:
+    cwd = Path(args.out or tempfile.mkdtemp(prefix="dtrain-data-speed-"))
+    cwd.mkdir(parents=True, exist_ok=True)
+    print(f"(b) dtrain train vs a hand-written loop on digits in memory: rate from {args.warm} vs "
+          f"{args.warm + args.delta} steps, {args.reps} interleaved repetitions (median)")
+    print("| ranks | hand-written steps/s | dtrain train steps/s | ratio |")
+    print("|---:|---:|---:|---:|")
+    for ranks in (int(r) for r in args.ranks.split(",")):
+        def dtrain(steps: int, rep: int) -> list[str]:
+            return _launch(ranks, ["-m", "dtrain", "train", "--config", str(REPO / "configs" / "digits.yaml"),
+                                   f"run.name=r{ranks}-{steps}-{rep}", "train.epochs=100000",
+                                   f"train.max_steps={steps}", "log.progress=false", "run.doctor=false",
+                                   "checkpoint.save_best=false", *args.dtrain_overrides])
+
+        def handwritten(steps: int, rep: int) -> list[str]:
+            return _launch(ranks, [str(Path(__file__).resolve()), "hand", "--steps", str(steps)])
+
+        _timed(dtrain(args.warm, -1), cwd)  # warm-up: writes the digits shards, fills the page cache
+        rates: dict[str, list[float]] = {"hand": [], "dtrain": []}
+        for rep in range(args.reps):
+            for name, cmd in (("hand", handwritten), ("dtrain", dtrain)):
+                short, long = _timed(cmd(args.warm, rep), cwd), _timed(cmd(args.warm + args.delta, rep), cwd)
+                rates[name].append(args.delta / (long - short))
+        h, d = statistics.median(rates["hand"]), statistics.median(rates["dtrain"])
+        ratio = statistics.median(b / a for a, b in zip(rates["hand"], rates["dtrain"]))
+        print(f"| {ranks} | {h:.0f} | {d:.0f} | {ratio:.2f} |", flush=True)
+        print(f"  (per repetition, steps/s: hand {[round(r) for r in rates['hand']]}, "
+              f"dtrain {[round(r) for r in rates['dtrain']]})", file=sys.stderr, flush=True)
+
+
+# ---- (a): an image pipeline, dtrain's stream vs webdataset + DataLoader written by hand ---------------------
+def _photo_shards(root: Path, images: int, size: int, shard_size: int) -> list[str]:
+    """jpg + cls shards of `size`-pixel crops of scikit-learn's two bundled photos (class = which photo)."""
+    import io
+
+    import numpy as np
+    import webdataset as wds
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images().images
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    with wds.ShardWriter(str(root / "photos-%06d.tar"), maxcount=shard_size, verbose=0) as sink:
+        for i in range(images):
+            label = i % 2
+            h, w, _ = photos[label].shape
+            y, x = rng.integers(0, h - 2 * size), rng.integers(0, w - 2 * size)
+            crop = Image.fromarray(photos[label][y:y + 2 * size, x:x + 2 * size]).resize((size, size))
+            buf = io.BytesIO()
+            crop.save(buf, format="JPEG", quality=90)
+            sink.write({"__key__": f"{i:07d}", "jpg": buf.getvalue(), "cls": label})
+    return sorted(str(p) for p in root.glob("photos-*.tar"))
+
+
+def augment(x):
+    """A random flip, 4-pixel shift and brightness change, drawing from torch's global generator (as
+    torchvision.transforms.v2 does): what dtrain seeds per sample and the hand-written loop does not."""
+    import torch
+    import torch.nn.functional as F
+
+    if torch.rand(()) < 0.5:
+        x = x.flip(-1)
+    h, w = x.shape[-2:]
+    dy, dx = torch.randint(0, 9, (2,)).tolist()
+    x = F.pad(x, (4, 4, 4, 4))[:, dy:dy + h, dx:dx + w]
+    return (x * (0.8 + 0.4 * torch.rand(()))).clamp(0, 1)
+
+
+def pipeline(args) -> None:
+    import webdataset as wds
+
+    from dtrain.data import ShardIndex, ShardStream
+    from dtrain.data.augment import SeededTransform
+    from dtrain.data.samples import FieldMap, MappedFormat
+    from dtrain.data.sources import count_shards
+
+    root = Path(args.out or tempfile.mkdtemp(prefix="dtrain-pipeline-"))
+    urls = _photo_shards(root, args.images, args.size, args.shard_size)
+    index = ShardIndex({"train": dict(count_shards(urls))})
+    batches = args.images // args.batch_size
+
+    def dtrain_epoch(epoch: int) -> int:
+        stream = ShardStream(index, "train", batch_size=args.batch_size, rank=0, world_size=1, seed=0, train=True,
+                             num_workers=args.workers, shuffle_buffer=args.shuffle_buffer,
+                             transform=SeededTransform(augment, 0),
+                             sample_format=MappedFormat(FieldMap({"x": "jpg", "y": "cls"})))
+        return sum(len(b["y"]) for b in stream.epoch(epoch))
+
+    def hand_epoch(epoch: int) -> int:
+        dataset = (wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, empty_check=False)
+                   .shuffle(args.shuffle_buffer).decode("torchrgb").to_tuple("jpg", "cls")
+                   .map_tuple(augment, lambda y: y).batched(args.batch_size))
+        loader = wds.WebLoader(dataset, batch_size=None, num_workers=args.workers)
+        n = 0
+        for _, y in loader:
+            n += len(y)
+            if n >= batches * args.batch_size:
+                break
+        return n
+
+    runs = {"hand": hand_epoch, "dtrain": dtrain_epoch}
+    rates: dict[str, list[float]] = {k: [] for k in runs}
+    for rep in range(-1, args.reps):  # rep -1: warm-up (page cache, imports, first workers)
+        for name, run in (runs.items() if rep % 2 else reversed(runs.items())):
+            t0 = time.perf_counter()
+            n = run(rep)
+            if rep >= 0:
+                rates[name].append(n / (time.perf_counter() - t0))
+    h, d = statistics.median(rates["hand"]), statistics.median(rates["dtrain"])
+    ratio = statistics.median(b / a for a, b in zip(rates["hand"], rates["dtrain"]))
+    print(f"(a) {args.images} jpg {args.size}x{args.size} in {len(urls)} shards, batch {args.batch_size}, "
+          f"{args.workers} workers, decode + augment in the workers; {args.reps} interleaved repetitions (median)")
+    print("| pipeline | samples/s | ratio |")
+    print("|---|---:|---:|")
+    print(f"| webdataset + DataLoader, hand-written | {h:.0f} | 1.00 |")
+    print(f"| dtrain ShardStream (seeded transform, exact epoch) | {d:.0f} | {ratio:.2f} |")
+    print(f"  (per repetition, samples/s: hand {[round(r) for r in rates['hand']]}, "
+          f"dtrain {[round(r) for r in rates['dtrain']]})", file=sys.stderr)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="what", required=True)
+    h = sub.add_parser("hand")
+    h.add_argument("--steps", type=int, required=True)
+    t = sub.add_parser("train")
+    t.add_argument("--ranks", default="1,2")
+    t.add_argument("--warm", type=int, default=60)
+    t.add_argument("--delta", type=int, default=2000)
+    t.add_argument("--reps", type=int, default=3)
+    t.add_argument("--out", default=None)
+    t.add_argument("dtrain_overrides", nargs="*", help="extra dtrain config overrides, e.g. data.in_memory=false")
+    a = sub.add_parser("pipeline")
+    a.add_argument("--images", type=int, default=2048)
+    a.add_argument("--size", type=int, default=64)
+    a.add_argument("--shard-size", type=int, default=256)
+    a.add_argument("--batch-size", type=int, default=64)
+    a.add_argument("--workers", type=int, default=2)
+    a.add_argument("--shuffle-buffer", type=int, default=500)
+    a.add_argument("--reps", type=int, default=3)
+    a.add_argument("--out", default=None)
+    args = p.parse_args()
+    {"hand": hand, "train": train, "pipeline": pipeline}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""Samples and batches: a raw webdataset sample (member extension -> bytes, plus `__key__`, `__url__`)
+decoded into named fields, and the batches made of them.
+
+Two formats:
+- dtrain's own shards (`x.npy` uint8 array + `y.cls` label, written by `dtrain shard --dataset`): x a float
+  tensor scaled by the descriptor's x_scale, y an int64 label (float32 for regression; task lm: x, y =
+  tokens[:-1], tokens[1:]). Batches are tuples `(x, y, keys)`.
+- any other webdataset: `data.sample` maps members to fields by extension, e.g. {x: "jpg;png", y: "cls"}
+  (the first extension present: webdataset's `a;b` convention of `to_tuple`/`rename`), each decoded by
+  webdataset's own decoders (`autodecode`: images to float CHW tensors in [0, 1], cls to int, json, txt,
+  npy; pth with weights_only); or a function maps the raw sample dict to fields. Batches are dicts
+  `{field: batched values, "__key__": [keys]}`: tensors stacked by torch's default_collate, or by a
+  collate hook given the list of sample dicts (for variable shapes).
+
+Between DataLoader workers and the training process a batch travels as `Columns`: per field a tensor
+stacked over the samples, or a list of per-sample values. Both can be cut and joined along the samples,
+which a collated batch in general cannot (default_collate transposes sequences, a collate hook pads);
+that is what lets a rank yield exactly `batch_size` samples per batch whatever its workers' batches, and
+gives a collate hook exactly the samples of its batch.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import default_collate
+from webdataset import autodecode
+
+from ..config import ConfigError
+from .shards import DataError
+
+
+# ---- batches as columns ----------------------------------------------------------------------------------
+def _column(values: list):
+    """Per-sample values as one stacked tensor where they stack (tensors, arrays, numbers), else a list."""
+    if isinstance(values[0], (torch.Tensor, np.ndarray, int, float, np.number)):
+        try:
+            stacked = default_collate(values)  # in a DataLoader worker: straight into shared memory
+            if isinstance(stacked, torch.Tensor):
+                return stacked
+        except (RuntimeError, TypeError):  # shapes or types differ: the collate hook's job
+            pass
+    return list(values)
+
+
+def _join_column(parts: list):
+    if all(isinstance(p, torch.Tensor) for p in parts) and len({(p.shape[1:], p.dtype) for p in parts}) == 1:
+        return torch.cat(parts)
+    return [v for p in parts for v in (p.unbind(0) if isinstance(p, torch.Tensor) else p)]
+
+
+class Columns:
+    """The samples of a (part of a) batch: their keys, and per field a stacked tensor or a list."""
+    __slots__ = ("keys", "fields")
+
+    def __init__(self, keys: list[str], fields: dict):
+        self.keys, self.fields = keys, fields
+
+    @staticmethod
+    def of(samples: list[dict]) -> "Columns":
+        names = [n for n in samples[0] if n != "__key__"]
+        for s in samples[1:]:
+            if len(s) != len(names) + 1 or any(n not in s for n in names):
+                raise DataError(f"data: samples {samples[0]['__key__']!r} and {s['__key__']!r} have different "
+                                f"fields ({', '.join(names)} / {', '.join(n for n in s if n != '__key__')})")
+        return Columns([s["__key__"] for s in samples], {n: _column([s[n] for s in samples]) for n in names})
+
+    @staticmethod
+    def join(parts: list["Columns"]) -> "Columns":
+        if len(parts) == 1:
+            return parts[0]
+        return Columns([k for p in parts for k in p.keys],
+                       {n: _join_column([p.fields[n] for p in parts]) for n in parts[0].fields})
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def cut(self, start: int, end: int) -> "Columns":
+        return Columns(self.keys[start:end], {n: v[start:end] for n, v in self.fields.items()})
+
+    def take(self, index: torch.Tensor) -> "Columns":
+        """The samples at `index` (an int64 tensor), in that order."""
+        rows = index.tolist()
+        return Columns([self.keys[i] for i in rows], {n: v[index] if isinstance(v, torch.Tensor) else [v[i] for i in rows]
+                                                      for n, v in self.fields.items()})
+
+    def samples(self) -> list[dict]:
+        return [{**{n: v[i] for n, v in self.fields.items()}, "__key__": k} for i, k in enumerate(self.keys)]
+
+    def pin_memory(self) -> "Columns":  # DataLoader(pin_memory=True) calls this in its pinning thread
+        return Columns(self.keys, {n: v.pin_memory() if isinstance(v, torch.Tensor) else v
+                                   for n, v in self.fields.items()})
+
+
+def to_columns(samples: list[dict]) -> Columns:
+    """The DataLoader's collate_fn: a worker's batch as columns (module level: picklable)."""
+    return Columns.of(samples)
+
+
+def rebatch(parts, size: int, partial: bool):
+    """Exactly `size`-sample Columns from Columns of any sizes (a worker's last batch is short)."""
+    pending: list[Columns] = []
+    n = 0
+    for part in parts:
+        if n == 0 and len(part) == size:  # the common case: passed on as it is (pinned memory stays pinned)
+            yield part
+            continue
+        pending.append(part)
+        n += len(part)
+        while n >= size:
+            joined = Columns.join(pending)
+            yield joined.cut(0, size)
+            pending, n = ([joined.cut(size, n)] if n > size else []), n - size
+    if partial and n > 0:
+        yield Columns.join(pending)
+
+
+def transform_input(sample: dict, transform: Callable, epoch: int, pass_index: int) -> dict:
+    """`transform` applied to the sample's input: its first field (x)."""
+    name = next(n for n in sample if n != "__key__")
+    sample[name] = transform(sample[name], key=sample["__key__"], epoch=epoch, pass_index=pass_index)
+    return sample
+
+
+# ---- dtrain's own shards -------------------------------------------------------------------------------
+_NPY_HEADERS: dict[bytes, tuple] = {}  # raw .npy header -> (shape, fortran_order, dtype)
+
+
+def _npy(data: bytes) -> np.ndarray:
+    """np.load of one .npy member, without re-parsing a header seen before: every sample of a split shares
+    one, and parsing it (numpy evaluates the header dict literal) cost more than the rest of the decode."""
+    buf = memoryview(data)
+    if bytes(buf[:6]) != b"\x93NUMPY" or buf[6] not in (1, 2, 3):
+        raise ValueError("not a .npy array")
+    size_bytes = 2 if buf[6] == 1 else 4
+    end = 8 + size_bytes + int.from_bytes(buf[8:8 + size_bytes], "little")
+    header = bytes(buf[:end])
+    meta = _NPY_HEADERS.get(header)
+    if meta is None:
+        f = io.BytesIO(header)
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        meta = _NPY_HEADERS.setdefault(header, read(f))
+    shape, fortran, dtype = meta
+    if dtype.hasobject:
+        raise ValueError("object arrays are not loaded")
+    return np.frombuffer(buf, dtype=dtype, offset=end).reshape(shape, order="F" if fortran else "C")
+
+
+class DtrainFormat:
+    """`x.npy` + `y.cls` samples -> {"x", "y", "__key__"} tensors; batches (x, y, keys)."""
+    mapped = False
+
+    def __init__(self, task: str = "classification", x_scale: float = 1.0):
+        self.task, self.x_scale = task, x_scale
+
+    def decode(self, sample: dict) -> dict:
+        try:
+            x = _npy(sample["x.npy"])
+            if self.task == "lm":  # a window of context + 1 byte tokens: predict each next one
+                tokens = torch.from_numpy(np.array(x, dtype=np.int64))  # a copy: x is read-only
+                return {"x": tokens[:-1], "y": tokens[1:], "__key__": sample["__key__"]}
+            y = int(sample["y.cls"])  # an ASCII integer, webdataset's convention
+        except (KeyError, ValueError) as e:
+            raise DataError(f"data: cannot decode sample {sample.get('__key__')!r} of "
+                            f"{sample.get('__url__', 'a shard')} ({type(e).__name__}: {e})") from None
+        return {"x": torch.from_numpy(np.asarray(x, dtype=np.float32) * self.x_scale),
+                "y": torch.tensor(y, dtype=torch.float32 if self.task == "regression" else torch.int64),
+                "__key__": sample["__key__"]}
+
+    def batch(self, cols: Columns) -> tuple:
+        return cols.fields["x"], cols.fields["y"], cols.keys
+
+
+# ---- any webdataset ----------------------------------------------------------------------------------------
+def _pth(key: str, data: bytes):
+    """.pth/.pt members with weights_only=True (webdataset's own handler unpickles arbitrary objects)."""
+    if key.lower().endswith((".pth", ".pt")):
+        return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    return None
+
+
+class _Image:
+    """webdataset's image handler (`torchrgb`: float CHW in [0, 1]); a one-channel mode keeps its C axis."""
+
+    def __init__(self, mode: str):
+        self.handler = autodecode.imagehandler(f"torch{mode}")
+
+    def __call__(self, key: str, data: bytes):
+        image = self.handler(key, data)
+        return image.unsqueeze(0) if isinstance(image, torch.Tensor) and image.ndim == 2 else image
+
+
+class FieldMap:
+    """{field: "ext1;ext2"}: each field from the first of its extensions the sample has, decoded by
+    webdataset's Decoder (only the members a field uses are decoded; the others are ignored)."""
+
+    def __init__(self, fields: dict[str, str], image: str = "rgb"):
+        for name, spec in fields.items():
+            if name.startswith("__") or not spec or not all(spec.split(";")):
+                raise ConfigError(f"config: data.sample.{name}: {spec!r} is not a field name and member extensions "
+                                  "like x: 'jpg;png'")
+        self.fields = {name: [e.lower() for e in spec.split(";")] for name, spec in fields.items()}
+        self.decoder = autodecode.Decoder([_pth, _Image(image)])
+
+    def __call__(self, sample: dict) -> dict:
+        out = {}
+        for name, extensions in self.fields.items():
+            ext = next((e for e in extensions if e in sample), None)
+            if ext is None:
+                members = ", ".join(sorted(k for k in sample if not k.startswith("__")))
+                raise DataError(f"data: sample {sample['__key__']!r} of {sample.get('__url__', 'a shard')} has no "
+                                f"{' or '.join('.' + e for e in extensions)} member for data.sample.{name} "
+                                f"(it has {members or 'none'})")
+            try:
+                out[name] = self.decoder.decode1(ext, sample[ext])
+            except Exception as e:  # PIL, json, numpy, torch: any decoder's failure is the data's
+                raise DataError(f"data: cannot decode {sample['__key__']}.{ext} of {sample.get('__url__', 'a shard')} "
+                                f"({type(e).__name__}: {e})") from None
+        return out
+
+
+class MappedFormat:
+    """Fields from a FieldMap or a user's function of the raw sample; batches are dicts with `__key__`."""
+    mapped = True
+
+    def __init__(self, to_fields: Callable[[dict], dict], collate: Optional[Callable[[list], dict]] = None,
+                 name: str = "data.sample"):
+        self.to_fields, self.collate, self.name = to_fields, collate, name
+
+    def decode(self, sample: dict) -> dict:
+        try:
+            fields = self.to_fields(sample)
+        except DataError:
+            raise
+        except Exception as e:  # a bug in the user's function: keep its traceback, say which sample
+            e.add_note(f"({self.name} on sample {sample.get('__key__')!r} of {sample.get('__url__')})")
+            raise
+        if not isinstance(fields, dict) or not fields:
+            raise DataError(f"data: {self.name} returned {type(fields).__name__} for sample "
+                            f"{sample.get('__key__')!r}; it must return a dict of fields, e.g. {{'x': ..., 'y': ...}}")
+        return {**{k: v for k, v in fields.items() if k != "__key__"}, "__key__": sample["__key__"]}
+
+    def batch(self, cols: Columns) -> dict:
+        if self.collate is not None:
+            batch = self.collate([{k: v for k, v in s.items() if k != "__key__"} for s in cols.samples()])
+            if not isinstance(batch, dict):
+                raise DataError(f"data: data.collate returned {type(batch).__name__}; it must return a dict")
+            return {**batch, "__key__": cols.keys}
+        out = {}
+        for name, values in cols.fields.items():
+            try:
+                out[name] = values if isinstance(values, torch.Tensor) else default_collate(values)
+            except (RuntimeError, TypeError, KeyError, ValueError) as e:
+                raise DataError(f"data: cannot batch field '{name}' of samples {cols.keys[0]!r}... ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0]}); set data.collate to batch samples of different shapes") from None
+        out["__key__"] = cols.keys
+        return out

@@ -1,0 +1,184 @@
+"""Where a split's shards are and how many samples each holds.
+
+A split is given (`data.train`, `data.val`, `data.test`) as a shard descriptor file, a brace pattern
+(`data/train-{000000..000099}.tar`, `pipe:curl -s https://host/train-{0..9}.tar`: webdataset's own
+`expand_urls`), or a list of those. Shards are local paths, `pipe:` commands or URLs, read through
+webdataset's `gopen`.
+
+A descriptor has the shape of the webdataset project's `wids` shard index, so one written by
+`widsindex create` reads here and one written by `dtrain index` reads there:
+
+  {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": "train",
+   "shardlist": [{"url": "train-000000.tar", "nsamples": 250, "filesize": 20480}, ...],
+   "dtrain": {...}}
+
+`dtrain` (a key wids ignores) is written only by `dtrain shard`: task, classes, input shape, scale,
+generation params, label mean, default sample mapping. A relative shard URL is resolved against the
+descriptor's `base` if it has one, else against the descriptor's own location, so a directory of shards
+moves with its descriptor.
+
+The sample counts are what give every rank the epoch's length before it reads a byte; a shard named by
+a pattern gets its count from a descriptor in `data.counts`. Without counts there is no exact epoch, and
+dtrain refuses rather than guesses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Optional, Union
+from urllib.parse import urljoin, urlparse
+
+from webdataset.gopen import gopen
+from webdataset.shardlists import expand_urls
+
+from .shards import DataError
+from .tario import sample_count
+
+KIND = "wids-shard-index-v1"
+Spec = Union[str, list, None]
+
+
+def has_scheme(url: str) -> bool:
+    """A `pipe:` command or a URL, not a local path."""
+    return len(urlparse(url).scheme) > 1  # one letter: a Windows drive
+
+
+def _local(path: str) -> str:
+    return os.path.abspath(path)
+
+
+class Descriptor:
+    """A shard descriptor read from `source`: resolved shard URLs, their counts, dtrain's extra key."""
+
+    def __init__(self, source: str, urls: list[str], counts: list[int], meta: dict, filesizes: list):
+        self.source, self.urls, self.counts, self.meta, self.filesizes = source, urls, counts, meta, filesizes
+
+    @staticmethod
+    def read(source: str) -> "Descriptor":
+        try:
+            if has_scheme(source):
+                with gopen(source) as f:
+                    text = f.read()
+            else:
+                text = Path(source).read_bytes()
+            d = json.loads(text)
+        except (OSError, ValueError) as e:
+            raise DataError(f"data: cannot read shard descriptor {source} ({type(e).__name__}: {e})") from None
+        if not isinstance(d, dict) or not isinstance(d.get("shardlist"), list) or not d["shardlist"]:
+            hint = ("; its wids 'datasets' components are not supported: list the shards in 'shardlist'"
+                    if isinstance(d, dict) and "datasets" in d else "")
+            raise DataError(f"data: {source} is not a shard descriptor (a JSON object with a non-empty "
+                            f"'shardlist' of {{\"url\", \"nsamples\"}}){hint}")
+        base = d.get("base")
+        if base is None:
+            base = source.rsplit("/", 1)[0] if has_scheme(source) else os.path.dirname(os.path.abspath(source))
+        urls, counts = [], []
+        for shard in d["shardlist"]:
+            url = shard.get("url") if isinstance(shard, dict) else None
+            if not isinstance(url, str):
+                raise DataError(f"data: {source}: shardlist entry {shard!r} has no 'url'")
+            n = shard.get("nsamples")
+            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                raise DataError(f"data: {source}: shard {url} has no sample count ('nsamples'); count the shards "
+                                f"with `dtrain index SHARDS --out {source}`")
+            urls.append(resolve_url(url, base))
+            counts.append(n)
+        meta = d.get("dtrain") if isinstance(d.get("dtrain"), dict) else {}
+        return Descriptor(source, urls, counts, meta, [s.get("filesize") for s in d["shardlist"]])
+
+
+def resolve_url(url: str, base: str) -> str:
+    """`url` as listed in a descriptor: with a scheme as it is, else relative to `base` (a directory or URL)."""
+    if has_scheme(url):
+        return url
+    if has_scheme(base):
+        return urljoin(base.rstrip("/") + "/", url)
+    return _local(os.path.join(base, url))
+
+
+def descriptor(shards: list[tuple[str, int]], out: str | Path, meta: Optional[dict] = None,
+               name: Optional[str] = None) -> dict:
+    """The descriptor of `shards` ((url, count), in order) as written to `out`: local shards under its
+    directory by relative path (the directory can move), others as they are."""
+    where = os.path.dirname(os.path.abspath(out))
+    entries = []
+    for url, n in shards:
+        entry = {"url": url, "nsamples": n}
+        if not has_scheme(url):
+            path = os.path.abspath(url)
+            entry["url"] = os.path.relpath(path, where) if path.startswith(where + os.sep) else path
+            if os.path.isfile(path):
+                entry["filesize"] = os.path.getsize(path)
+        entries.append(entry)
+    d = {"__kind__": KIND, "wids_version": 1, "name": name or Path(out).stem, "shardlist": entries}
+    if meta:
+        d["dtrain"] = meta
+    return d
+
+
+def write_descriptor(d: dict, out: str | Path) -> None:
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(d, indent=1) + "\n")
+    os.replace(tmp, out)  # a half-written descriptor never looks complete
+
+
+# ---- a split from config ------------------------------------------------------------------------------------
+def is_descriptor(spec: str) -> bool:
+    return urlparse(spec).path.endswith(".json") and not spec.startswith("pipe:")
+
+
+def resolve_split(spec: Spec, key: str, counts: Spec = None) -> tuple[list[str], list[int], dict]:
+    """(shard URLs, their sample counts, dtrain's extra key of the first descriptor) of a split given as
+    a descriptor, a pattern or a list of them; counts of pattern shards from the descriptors `counts`."""
+    known: Optional[dict[str, int]] = None
+    urls, nums, meta = [], [], None
+    for item in [spec] if isinstance(spec, str) else list(spec or []):
+        if is_descriptor(item):
+            d = Descriptor.read(item)
+            urls += d.urls
+            nums += d.counts
+            meta = d.meta if meta is None else meta
+            continue
+        if known is None:  # read data.counts once, at the first pattern
+            known = {}
+            for source in [counts] if isinstance(counts, str) else counts or []:
+                d = Descriptor.read(source)
+                known.update(zip(d.urls, d.counts))
+        for url in expand_urls(item):
+            url = url if has_scheme(url) else _local(url)
+            if url not in known:
+                raise DataError(f"data: no sample count for {url} ({key}); count the shards once with "
+                                f"`dtrain index '{item}' --out FILE` and set {key}=FILE (or data.counts=FILE)")
+            urls.append(url)
+            nums.append(known[url])
+    if not urls:
+        raise DataError(f"data: {key} names no shards")
+    if len(set(urls)) != len(urls):
+        dup = next(u for u in urls if urls.count(u) > 1)
+        raise DataError(f"data: {key} lists {dup} twice")
+    return urls, nums, meta or {}
+
+
+# ---- `dtrain index` -----------------------------------------------------------------------------------------
+def count_shards(patterns: list[str], jobs: int = 8) -> list[tuple[str, int]]:
+    """(url, samples) of every shard the patterns name, in order, counted from tar headers only (a
+    thread per shard up to `jobs`: reading headers waits on the disk or the network, not the CPU)."""
+    urls = [u for p in patterns for u in expand_urls(p)]
+    if not urls:
+        raise DataError("data: the patterns name no shards")
+
+    def count(url: str) -> int:
+        if not has_scheme(url) and not os.path.isfile(url):
+            raise DataError(f"data: no shard {url}")
+        try:
+            return sample_count(url)
+        except (tarfile.TarError, OSError, ValueError, EOFError) as e:
+            raise DataError(f"data: cannot read {url} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        return list(zip(urls, pool.map(count, urls)))
