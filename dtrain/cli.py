@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("shard", help="write train/val/test webdataset shards and their descriptors: a built-in "
                                      "data set, or a folder of images (a subfolder per class)")
-    s.add_argument("--dataset", help="built-in data set: digits, digits_parity, count, text")
+    s.add_argument("--dataset", help="built-in data set: digits, digits_parity, count, text, photos")
     s.add_argument("--from-folder", metavar="DIR", help="images in DIR/CLASS/*.jpg|png|... (torchvision's ImageFolder "
                    "layout), or in DIR/train/CLASS/..., DIR/val/CLASS/..., DIR/test/CLASS/... to keep that split")
     s.add_argument("--out", required=True, help="output directory")

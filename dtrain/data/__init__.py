@@ -11,7 +11,7 @@ from typing import Callable, Optional, Union
 from .. import dist
 from ..config import ConfigError
 from .augment import SeededTransform, chain
-from .datasets import BUILTIN
+from .datasets import BUILTIN, FOLDERS
 from .pipeline import ShardStream
 from .samples import DtrainFormat, FieldMap, MappedFormat
 from .shards import DataError, ShardIndex, index_from_config, make_builtin, read_index
@@ -27,8 +27,9 @@ def resolve_shards(cfg, seed: int, create: bool = True) -> ShardIndex:
         raise ConfigError("config: data.val and data.test need data.train (the training shards) as well")
     if cfg.dataset.startswith("folder:"):
         return read_index(cfg.dataset.removeprefix("folder:"))
-    if cfg.dataset not in BUILTIN:
-        raise DataError(f"data: unknown dataset '{cfg.dataset}'; built-in: {', '.join(BUILTIN)} (or folder:PATH)")
+    if cfg.dataset not in BUILTIN and cfg.dataset not in FOLDERS:
+        raise DataError(f"data: unknown dataset '{cfg.dataset}'; built-in: {', '.join([*BUILTIN, *FOLDERS])} "
+                        "(or folder:PATH)")
     root = Path(cfg.root) / cfg.dataset
     params = builtin_params(cfg)
     if create and not (root / "train.json").exists():

@@ -87,4 +87,33 @@ def text(seed: int = 0, context: int = 256, num_bytes: int = 1_000_000, **_) -> 
     return _split(windows, np.zeros(n, np.int64), seed), meta
 
 
+def photo_folder(out, seed: int = 0, per_class: int = 500, size: int = 32, **_):
+    """An image folder of real photographs, two classes (the two photos scikit-learn ships with
+    load_sample_images: a Chinese temple and a flower), in torchvision's ImageFolder layout:
+    out/china/*.jpg and out/flower/*.jpg, each a random square patch (a tenth to a quarter of the photo's
+    height, anywhere in it) resized to size x size, in grey, saved as JPEG. Which photo a patch comes from
+    is the task: in grey, from texture and shape (roof tiles, branches, sky against petals and leaves),
+    not from colour alone."""
+    from pathlib import Path
+
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    rng = np.random.default_rng(seed)
+    photos = load_sample_images()
+    for name, image in zip(("china", "flower"), photos.images):
+        photo = Image.fromarray(image)
+        folder = Path(out) / name
+        folder.mkdir(parents=True, exist_ok=True)
+        h, w = image.shape[:2]
+        for i in range(per_class):
+            side = int(rng.integers(h // 10, h // 4 + 1))
+            top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+            crop = photo.crop((left, top, left + side, top + side)).resize((size, size), Image.BILINEAR).convert("L")
+            crop.save(folder / f"{name}-{i:04d}.jpg", quality=90)
+    return out
+
+
 BUILTIN = {"digits": digits, "digits_parity": digits_parity, "count": count, "text": text}
+# data sets made as an image folder and sharded by `dtrain shard --from-folder`'s code, as a user's would be
+FOLDERS = {"photos": photo_folder}

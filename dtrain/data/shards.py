@@ -24,7 +24,7 @@ from typing import Iterable, Optional
 import numpy as np
 import webdataset as wds
 
-from .datasets import BUILTIN
+from .datasets import BUILTIN, FOLDERS
 
 SPLITS = ("train", "val", "test")
 LEGACY_INDEX = "index.json"  # dtrain's index before descriptors: still read
@@ -176,8 +176,12 @@ def _read_legacy(root: Path) -> ShardIndex:
 
 
 def make_builtin(name: str, out: str | Path, shard_size: int, seed: int = 0, **params) -> ShardIndex:
+    if name in FOLDERS:  # an image folder, sharded as `dtrain shard --from-folder` shards a user's
+        from .folder import shard_folder
+        with tempfile.TemporaryDirectory() as tmp:
+            return shard_folder(FOLDERS[name](Path(tmp), seed=seed, **params), out, shard_size, seed=seed)
     if name not in BUILTIN:
-        raise DataError(f"data: unknown dataset '{name}'; built-in: {', '.join(BUILTIN)} (or folder:PATH)")
+        raise DataError(f"data: unknown dataset '{name}'; built-in: {', '.join([*BUILTIN, *FOLDERS])} (or folder:PATH)")
     splits, meta = BUILTIN[name](seed=seed, **params)
     return write_shards(out, splits, meta, shard_size)
 
