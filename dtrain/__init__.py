@@ -12,7 +12,8 @@ launched exactly as the command is (`python train.py ...`, `torchrun --nproc-per
 __version__ = "0.1.0"
 
 
-def main(argv=None, *, config=None, model=None, loss=None, metrics=None, forward=None, param_groups=None):
+def main(argv=None, *, config=None, model=None, loss=None, metrics=None, forward=None, param_groups=None,
+         sample=None, transform=None, collate=None):
     """Run dtrain's command line with objects of your own, then exit with its exit code (0, 2 for a user
     error, 75 when interrupted and resumable). `argv` defaults to sys.argv[1:]; its command defaults to
     `train` (also: eval, export, doctor, config, plot).
@@ -30,8 +31,13 @@ def main(argv=None, *, config=None, model=None, loss=None, metrics=None, forward
                   (logits, target), synchronised by torchmetrics), or a list of those
     forward       forward(model, batch) -> output (default: model(x), or model(**batch) for dict batches)
     param_groups  param_groups(model) -> torch optimizer param groups (lr, weight_decay per group)
+    sample        sample(raw webdataset sample) -> {field: value}, or {field: "ext;ext"} (as data.sample)
+    transform     transform(input) -> input, on training samples in the data workers, with torch's, Python's
+                  and NumPy's generators seeded per sample (as data.transform): resumes exactly
+    collate       collate(list of sample dicts) -> batch dict (as data.collate)
     """
     from .build import Hooks
     from .cli import main as cli_main
 
-    raise SystemExit(cli_main(argv, Hooks(model, loss, metrics, forward, param_groups), config))
+    hooks = Hooks(model, loss, metrics, forward, param_groups, sample, transform, collate)
+    raise SystemExit(cli_main(argv, hooks, config))

@@ -60,6 +60,8 @@ class Hooks:
         metrics = {"fn": describe(self.metrics)} if callable(self.metrics) else {}
         data = {k: describe(v) for k, v in (("sample", self.sample), ("transform", self.transform),
                                             ("collate", self.collate)) if callable(v)}
+        if isinstance(self.sample, dict):  # a field mapping is plain data: recorded as it is
+            data["sample"] = dict(self.sample)
         return cfg.model_copy(update={"model": cfg.model.model_copy(update=model),
                                       "loss": cfg.loss.model_copy(update=loss),
                                       "metrics": cfg.metrics.model_copy(update=metrics),

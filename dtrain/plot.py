@@ -175,15 +175,16 @@ def plot_schedule(cfg: Config, out: str | Path, world_size: int = 1) -> dict:
 def augment_preview(cfg: Config, out: str | Path, samples: int = 8, versions: int = 3) -> dict:
     """A grid: the first `samples` training images (top row) and `versions` augmented draws of each
     (the draws of epochs 0, 1, ...), exactly as the training stream would produce them."""
-    from .data import ShardStream, resolve_shards
+    from . import batch as batches
+    from .data import build_streams
     from .data.augment import build_augment
 
     augment = build_augment(cfg.augment, cfg.run.seed)
     if augment is None:
         raise ConfigError("config: augment: every probability is 0; set e.g. augment.crop.p=0.5")
-    index = resolve_shards(cfg.data, cfg.run.seed)
-    stream = ShardStream(index, "train", batch_size=samples, rank=0, world_size=1)  # unshuffled, unaugmented
-    x, _, keys = next(iter(stream.epoch(0)))
+    streams = build_streams(cfg.data, seed=cfg.run.seed, rank=0, world_size=1, num_workers=0)
+    batch = streams.train.first_batch(samples)  # in shard order, not augmented
+    x, keys = batches.model_input(batch), batches.keys(batch)
     rows = [x.numpy()] + [np.stack([augment(xi, key=k, epoch=v).numpy() for xi, k in zip(x, keys)])
                           for v in range(versions)]
     plt = _pyplot()
