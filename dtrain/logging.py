@@ -186,6 +186,13 @@ class SampleKeyLog:
         self.path = Path(run_dir) / "sample_keys" / f"rank-{rank:05d}.txt"
         self.file = None
 
+    def start(self, step: int, world_size: int, is_global_zero: bool, report=None) -> None:
+        """Forget the steps logged after `step` (by a run killed after its checkpoint, or before its first):
+        this rank's, and on rank 0 those of ranks a resume on fewer ranks left behind."""
+        self.truncate(step, report)
+        if is_global_zero:
+            self.truncate_ranks_from(world_size, step, report)
+
     def truncate(self, step: int, report=None) -> None:
         """Forget steps after the checkpoint we resume from (a killed run logged them, then lost them)."""
         keep_records(self.path, lambda logged: logged <= step, key_log_step, report)

@@ -74,18 +74,23 @@ class Trainer:
                                   self.log.info)
             if done is not None:
                 return done
-        self.log.start(self.step)  # nothing is written before this: a refused or finished run changes no file
-        if self.key_log:  # steps logged after the checkpoint (or by a run killed before its first one) go
-            self.key_log.truncate(self.step, self.log.info)
-            if self.info.is_global_zero:
-                self.key_log.truncate_ranks_from(self.info.world_size, self.step, self.log.info)
-        self.log.info(f"training {self.feed.total_steps} steps ({self.feed.steps_per_epoch}/epoch, "
-                      f"global batch {self.feed.samples_per_step}) in {self.run_dir}")
-        self.meter.reset()
+        self.start_logs()
         while self.stop.reason is None and self.step < self.feed.total_steps:  # an epoch (or its rest) a pass
             with contextlib.closing(self.feed.batches(self.step)) as epoch_batches:
                 self.train_epoch(epoch_batches)
-        reason = self.stop.reason or StopReason.COMPLETED  # None: resumed at the end of the plan
+        return self.finish(self.stop.reason or StopReason.COMPLETED)  # None: resumed at the end of the plan
+
+    def start_logs(self) -> None:
+        """Nothing is written before this: a run refused at resume, or found finished, changes no file."""
+        self.log.start(self.step)
+        if self.key_log:
+            self.key_log.start(self.step, self.info.world_size, self.info.is_global_zero, self.log.info)
+        self.log.info(f"training {self.feed.total_steps} steps ({self.feed.steps_per_epoch}/epoch, "
+                      f"global batch {self.feed.samples_per_step}) in {self.run_dir}")
+        self.meter.reset()
+
+    def finish(self, reason: StopReason) -> dict:
+        """The last checkpoint, then the test of the best weights, or (interrupted) how to go on."""
         if self.step != self.saved_step and not self.debug and reason != StopReason.NONFINITE:
             self.save()
         self.checkpointer.wait()
