@@ -84,7 +84,7 @@ class Trainer:
         self.engine = build_engine(model, lambda module: build_optimizer(cfg.optim, module, scales),
                                    lambda optimizer: build_scheduler(cfg.schedule, optimizer, self.total_steps),
                                    cfg.train, dist_info, cfg.deepspeed, cfg.data.batch_size,
-                                   channels_last=channels_last)
+                                   channels_last=channels_last, fsdp_cfg=cfg.fsdp, log=self.log.info)
         tokens_per_sample = index.input_shape[-1] if self.task == "lm" else 1  # tokens: samples unless sequences
         self.meter = Throughput(self.samples_per_step, tokens_per_sample, flops,
                                 peak_flops(self.device, cfg.train.peak_flops), dist_info.world_size, self.device)
@@ -280,16 +280,17 @@ class Trainer:
         model.eval()  # dropout off, batch norm uses running statistics
         names = [*self.loss_fn.names, "n", *METRICS[self.task]]
         sums = dict.fromkeys(names, 0.0)
-        for x, y, _ in stream.epoch(0):
-            x, y = self.engine.to_device(x), y.to(self.device, non_blocking=True)
-            with self.engine.autocast():
-                pred = model(x)
-            pred = pred.float()
-            for k, v in self.loss_fn(pred, y).items():
-                sums[k] = sums[k] + v * len(y)
-            sums["n"] += len(y)
-            for k, v in metric_sums(pred, y, self.task, self.y_mean).items():
-                sums[k] = sums[k] + v
+        with self.engine.evaluating():  # ranks run uneven numbers of batches: FSDP gathers its weights once
+            for x, y, _ in stream.epoch(0):
+                x, y = self.engine.to_device(x), y.to(self.device, non_blocking=True)
+                with self.engine.autocast():
+                    pred = model(x)
+                pred = pred.float()
+                for k, v in self.loss_fn(pred, y).items():
+                    sums[k] = sums[k] + v * len(y)
+                sums["n"] += len(y)
+                for k, v in metric_sums(pred, y, self.task, self.y_mean).items():
+                    sums[k] = sums[k] + v
         total = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=self.device) for k in names])
         i_n = names.index("n")
         if log_local:  # this rank's own share, for diagnosing one rank's data (log.all_ranks)
@@ -422,7 +423,7 @@ class Trainer:
         if found is None:
             return
         path, state, rank_state = found
-        self.engine.load_from(path, state["engine"])  # the deepspeed engine refuses another world size here
+        self.engine.load_from(path, state["engine"])  # deepspeed refuses another world size; fsdp reshards
         self.resume_data_position(path, state)
         self.load_state_dict(state["trainer"])
         self.log.load_state_dict(state.get("logger", {}))
