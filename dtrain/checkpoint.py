@@ -148,8 +148,7 @@ class Checkpointer:
             return self._save(step, state, rank_state, best, write_files)
         files = None
         if write_files is not None:
-            tmp = self._prepare(step)
-            files = self._all_ok(lambda: write_files(tmp, background=True, group=self.group), tmp) or _written()
+            files = _start(write_files, self._prepare(step), self.group)
         # only rank 0 writes `state` (the model and optimizer): the others need not copy it
         state = self._snapshot({"state": state if self.info.is_global_zero else None, "rank": rank_state})
         state, rank_state = state["state"], state["rank"]
@@ -222,12 +221,11 @@ class Checkpointer:
         self._all_ok(prepare if self.info.is_global_zero else None, tmp)
         return tmp
 
-    def _all_ok(self, action: Optional[Callable[[], object]], tmp: Path):
-        """`action()`'s result, once every rank's action (None: nothing to do here) has succeeded."""
-        error, result = None, None
+    def _all_ok(self, action: Optional[Callable[[], None]], tmp: Path) -> None:
+        error = None
         if action is not None:
             try:
-                result = action()
+                action()
             except (OSError, RuntimeError) as e:
                 error = f"{type(e).__name__}: {getattr(e, 'strerror', None) or str(e).splitlines()[0]}"
                 free = shutil.disk_usage(self.root if self.root.is_dir() else self.root.parent).free
@@ -240,7 +238,6 @@ class Checkpointer:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointError(f"checkpoint: cannot write {tmp.parent} ({error or 'failed on another rank'}); "
                                   "previous checkpoints are intact")
-        return result
 
     def _publish(self, tmp: Path, final: Path, step: int, best: bool) -> None:
         files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
@@ -321,11 +318,20 @@ class Checkpointer:
         return safe_load(path / "state.pt"), safe_load(path / own) if own in manifest["files"] else None
 
 
-def _written() -> Future:
-    """The future of files a writer has already written (e.g. DeepSpeed's, synchronously)."""
-    done: Future = Future()
-    done.set_result(None)
-    return done
+def _start(write_files: Callable[..., Optional[Future]], tmp: Path, group) -> Future:
+    """An engine's writer started in the training thread -> the future of its files: the writer's own
+    (DCP's thread, which runs collectives on `group`), or one already done (a synchronous writer) or
+    failed. A failure is reported by the save thread, which agrees on it with the other ranks once they
+    have their futures too: no rank may run a collective on `group` before then."""
+    try:
+        started = write_files(tmp, background=True, group=group)
+    except (OSError, RuntimeError) as e:
+        started = Future()
+        started.set_exception(e)
+    if started is None:  # a synchronous writer: its files are written
+        started = Future()
+        started.set_result(None)
+    return started
 
 
 def written_by(path: Path) -> int:

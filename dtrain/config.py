@@ -95,7 +95,7 @@ class ModelConfig(Section):
     """GPT shape (model.name: gpt). Dropout is model.dropout; model.init and model.norm don't apply."""
     channels_last: Union[bool, Literal["auto"]] = "auto"
     """Keep CNN weights and input images in channels-last memory layout (faster convolutions on tensor
-    cores). `auto`: on for cnn with CUDA, off elsewhere."""
+    cores). `auto`: on for cnn with CUDA, off elsewhere and with train.engine=fsdp."""
     hidden: list[PositiveInt] = [128, 64]
     """MLP: widths of the hidden layers."""
     channels: list[PositiveInt] = [16, 32]
@@ -384,6 +384,9 @@ class Config(Section):
                 raise PydanticCustomError("engine", "model.unfreeze_at_step is not supported with train.engine=fsdp "
                                           "(FSDP fixes which parameters train when it first gathers them); use "
                                           "train.engine=ddp, or unfreeze by starting a new run with model.init_from")
+            if self.model.channels_last is True:
+                raise PydanticCustomError("engine", "model.channels_last=true is not supported with train.engine=fsdp "
+                                          "(FSDP shards contiguous parameters only); use model.channels_last=auto")
         return self
 
     def to_dict(self) -> dict:

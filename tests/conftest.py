@@ -88,8 +88,9 @@ def start(cmd: list[str], cwd: Path, tag: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
 
 
-def workers(tag: str) -> dict[int, int]:
-    """{global rank: pid} of dtrain worker processes started with DTRAIN_TEST_TAG=tag (read from /proc)."""
+def workers(tag: str, program: bytes = b"dtrain") -> dict[int, int]:
+    """{global rank: pid} of dtrain worker processes (or of the `program` script torchrun ran) started with
+    DTRAIN_TEST_TAG=tag (read from /proc)."""
     found = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -98,7 +99,7 @@ def workers(tag: str) -> dict[int, int]:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if env.get("DTRAIN_TEST_TAG") == tag and b"dtrain" in cmdline and b"torch.distributed.run" not in cmdline:
+        if env.get("DTRAIN_TEST_TAG") == tag and program in cmdline and b"torch.distributed.run" not in cmdline:
             found[int(env.get("RANK", 0))] = int(pid)
     return found
 

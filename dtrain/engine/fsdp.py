@@ -70,49 +70,33 @@ def find_blocks(model: nn.Module, names: list[str]) -> tuple[list[nn.Module], st
 class FSDPEngine(SingleEngine):
     def __init__(self, model, make_optimizer, make_scheduler, train_cfg, dist_info, fsdp_cfg,
                  channels_last: bool = False, log=print):
+        name = type(model).__name__  # (fully_shard renames the class FSDP<name>)
+        blocks, where = find_blocks(model, fsdp_cfg.blocks)
+        if fsdp_cfg.activation_checkpointing and not blocks:
+            raise ConfigError(f"config: fsdp.activation_checkpointing needs blocks, and {name} has no "
+                              "nn.ModuleList; name its module lists in fsdp.blocks")
         if not torch.distributed.is_initialized():
             # one process: FSDP needs a process group; a world of one in this process, no rendezvous
             backend = "cpu:gloo,cuda:nccl" if dist_info.device.type == "cuda" else "gloo"
             torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
-        self.device, self.channels_last = dist_info.device, channels_last
-        self.module = model.to(dist_info.device, memory_format=torch.channels_last) if channels_last \
-            else model.to(dist_info.device)
-        name = type(model).__name__  # (fully_shard changes the class to FSDP<name>)
-        blocks, where = find_blocks(self.module, fsdp_cfg.blocks)
-        if fsdp_cfg.activation_checkpointing and not blocks:
-            raise ConfigError(f"config: fsdp.activation_checkpointing needs blocks, and {name} has no "
-                              "nn.ModuleList; name its module lists in fsdp.blocks")
+        # FSDP shards contiguous parameters only: no channels-last weights (model.channels_last=true is
+        # refused by the config; `auto` means off here)
+        self.device, self.channels_last = dist_info.device, False
+        self.module = model.to(dist_info.device)
         self.amp_dtype = pick_dtype(train_cfg.precision, dist_info.device)
-        param_dtype = {"fp32": None, "bf16": torch.bfloat16, "auto": torch.bfloat16
-                       if self.amp_dtype == torch.bfloat16 else None}[fsdp_cfg.param_dtype]
-        reduce_dtype = torch.bfloat16 if fsdp_cfg.reduce_dtype == "bf16" else torch.float32
-        offload = CPUOffloadPolicy(pin_memory=dist_info.device.type == "cuda") if fsdp_cfg.cpu_offload \
-            else OffloadPolicy()
-        mesh = init_device_mesh(dist_info.device.type, (torch.distributed.get_world_size(),))
         self.compile = should_compile(train_cfg.compile, dist_info.device)
-        block_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-        for block in blocks:
-            if fsdp_cfg.activation_checkpointing:
-                checkpoint(block)  # composable: hooks, so parameter names (and checkpoints) are unchanged
-            if self.compile:
-                block.compile()  # in place, per block (as torchtitan does): the FSDP hooks stay outside the graphs
-            fully_shard(block, mesh=mesh, reshard_after_forward=fsdp_cfg.reshard_after_forward,
-                        mp_policy=block_policy, offload_policy=offload)
-        # the root is needed first in backward: keep it gathered after forward. Its output (the model's) in
-        # fp32, so the loss is computed in fp32 whatever the parameters compute in.
-        fully_shard(self.module, mesh=mesh, reshard_after_forward=False, offload_policy=offload,
-                    mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype,
-                                                   output_dtype=torch.float32 if param_dtype else None))
-        self.fsdp_units = [m for m in self.module.modules() if m is self.module or m in blocks]
+        param_dtype = {"fp32": None, "bf16": torch.bfloat16,
+                       "auto": self.amp_dtype if self.amp_dtype == torch.bfloat16 else None}[fsdp_cfg.param_dtype]
         self.reshard_blocks = fsdp_cfg.reshard_after_forward
+        self.fsdp_units = self._shard(blocks, fsdp_cfg, param_dtype)
         if dist_info.is_global_zero:
             layout = (f"{len(blocks)} blocks of {where} one by one, then the rest at the root" if blocks else
-                      f"at the root as one unit ({name} has no nn.ModuleList of blocks; name its "
-                      "module lists in fsdp.blocks to shard it block by block)")
-            log(f"fsdp: sharding {layout} over {mesh.size()} rank{'s' * (mesh.size() > 1)}; params "
+                      f"at the root as one unit ({name} has no nn.ModuleList of blocks; name its module lists "
+                      "in fsdp.blocks to shard it block by block)")
+            world = torch.distributed.get_world_size()
+            log(f"fsdp: sharding {layout} over {world} rank{'s' * (world > 1)}; params "
                 f"{'bf16' if param_dtype else 'fp32'}, reduce {fsdp_cfg.reduce_dtype}"
-                + (", CPU offload" if fsdp_cfg.cpu_offload else "")
-                + (", activation checkpointing" if fsdp_cfg.activation_checkpointing else ""))
+                + ", CPU offload" * fsdp_cfg.cpu_offload + ", activation checkpointing" * fsdp_cfg.activation_checkpointing)
         self.model = self.module  # forward runs on the sharded module itself (blocks compiled in place)
         self.optimizer = make_optimizer(self.module)  # over the DTensor shards: its state is sharded too
         self.scheduler = make_scheduler(self.optimizer)
@@ -120,6 +104,25 @@ class FSDPEngine(SingleEngine):
         self.clip = train_cfg.clip_grad_norm
         self.nonfinite = train_cfg.nonfinite
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)  # fp16 is refused by the config
+
+    def _shard(self, blocks: list[nn.Module], fsdp_cfg, param_dtype) -> list[nn.Module]:
+        """fully_shard each block, then the root (bottom-up, as FSDP requires) -> the sharded units."""
+        reduce_dtype = torch.bfloat16 if fsdp_cfg.reduce_dtype == "bf16" else torch.float32
+        offload = CPUOffloadPolicy(pin_memory=self.device.type == "cuda") if fsdp_cfg.cpu_offload else OffloadPolicy()
+        mesh = init_device_mesh(self.device.type, (torch.distributed.get_world_size(),))
+        for block in blocks:
+            if fsdp_cfg.activation_checkpointing:
+                checkpoint(block)  # composable: hooks, so parameter names (and checkpoints) are unchanged
+            if self.compile:
+                block.compile()  # in place, per block (as torchtitan does): the FSDP hooks stay outside the graphs
+            fully_shard(block, mesh=mesh, reshard_after_forward=self.reshard_blocks, offload_policy=offload,
+                        mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype))
+        # the root is needed first in backward: keep it gathered after forward. Its output (the model's) in
+        # fp32, so the loss is computed in fp32 whatever the parameters compute in.
+        fully_shard(self.module, mesh=mesh, reshard_after_forward=False, offload_policy=offload,
+                    mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype,
+                                                   output_dtype=torch.float32 if param_dtype else None))
+        return [*blocks, self.module]
 
     def no_backward_sync(self, is_last_micro_step: bool):
         # FSDP2's own mechanism: on non-final micro-steps gradients accumulate unsharded on each rank and
@@ -238,8 +241,10 @@ def consolidated_state_dict(directory: Path, state: dict) -> dict:
 def _dcp_load(directory: Path, state: dict, planner=None, load=dcp.load, **kwargs) -> None:
     """Collective (unless no_dist=True): `state` read from directory/fsdp/, plain data only."""
     path = Path(directory) / TAG
+    reader = PlainDataReader(path)
     try:
-        load(state, storage_reader=PlainDataReader(path), planner=planner or PlainDataLoadPlanner(), **kwargs)
+        reader.read_metadata()  # first, alone: DCP would log a refusal as a missing file, with tracebacks
+        load(state, storage_reader=reader, planner=planner or PlainDataLoadPlanner(), **kwargs)
     except (pickle.UnpicklingError, CheckpointException, RuntimeError, KeyError, OSError) as e:
         raise _load_error(path, e) from None
 
