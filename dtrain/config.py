@@ -260,8 +260,10 @@ class CheckpointConfig(Section):
     async_save: bool = False
     """Write checkpoints in a background thread while training goes on (at most one in flight). The loop
     pauses only to copy the state into CPU memory (pinned buffers kept between saves, from a GPU; rank 0 holds
-    the model and optimizer copy, the other ranks only their RNG states). Not for train.engine=deepspeed,
-    whose writer uses the training group: its saves stay synchronous."""
+    the model and optimizer copy, the other ranks only their RNG states). train.engine=fsdp: every rank's
+    shards are copied to CPU memory and written by torch.distributed.checkpoint's async_save.
+    train.engine=deepspeed: its ZeRO shards are written before the loop goes on (DeepSpeed's save uses the
+    training group), the rest in the background."""
     save_best: bool = True
     """Save a checkpoint when validation loss improves; `best` points at it."""
     elastic: Literal["exact", "approximate"] = "exact"
