@@ -26,7 +26,7 @@ def fill(engine, step: int) -> None:
 
 def main(root: Path, async_save: bool) -> None:
     info = dist.setup("gloo", timeout_s=60)
-    model = nn.Sequential(nn.Linear(1000, 1000), nn.Linear(1000, 1000))  # 2M parameters (+ AdamW state)
+    model = nn.Sequential(nn.Linear(1500, 1500), nn.Linear(1500, 1500))  # 4.5M parameters, 54 MB with AdamW
     engine = build_engine(model, lambda m: torch.optim.AdamW(m.parameters()),
                           lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0), TrainConfig(engine="fsdp"), info,
                           fsdp_cfg=FSDPConfig(), log=lambda m: None)

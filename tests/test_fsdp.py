@@ -9,7 +9,6 @@ import pickle
 import random
 import shutil
 import signal
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -259,14 +258,16 @@ def test_kill_during_fsdp_saves_resumes_from_the_newest_complete_checkpoint(tmp_
     root, rng = tmp_path / "ckpts", random.Random(0)
     counts = {"trials": 0, "killed_mid_write": 0}
     expected = 0
-    for trial in range(4):
+    for trial in range(5):
         tag = uuid.uuid4().hex
         cmd = torchrun_cmd(2, [])[:-2] + [str(SAVE_LOOP), str(root)] + ["--async"] * (trial % 2)
         proc = start(cmd, tmp_path, tag)
         try:
             line = proc.stdout.readline()  # rank 0: `ready STEP` once it resumed and checked the weights
             assert line.split() == ["ready", str(expected)], (line, proc.stderr.read()[-3000:] if not line else "")
-            time.sleep(rng.uniform(0.1, 1.0))  # the loop does nothing but save: this lands inside a save
+            time.sleep(rng.uniform(0.1, 0.6))
+            wait_for(lambda: any(root.glob(".tmp-step-*")), interval=0.005, what="a save in progress")
+            time.sleep(rng.uniform(0, 0.02))  # a random moment of that save (or, rarely, just after it)
             os.kill(wait_for(lambda: workers(tag, str(SAVE_LOOP).encode()), what="workers")[rng.randint(0, 1)],
                     signal.SIGKILL)
             proc.communicate(timeout=120)

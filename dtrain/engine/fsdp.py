@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_s
                                                      set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 from ..config import ConfigError
 from .single import SingleEngine, pick_dtype, should_compile
@@ -96,7 +97,9 @@ class FSDPEngine(SingleEngine):
             world = torch.distributed.get_world_size()
             log(f"fsdp: sharding {layout} over {world} rank{'s' * (world > 1)}; params "
                 f"{'bf16' if param_dtype else 'fp32'}, reduce {fsdp_cfg.reduce_dtype}"
-                + ", CPU offload" * fsdp_cfg.cpu_offload + ", activation checkpointing" * fsdp_cfg.activation_checkpointing)
+                + ", CPU offload" * fsdp_cfg.cpu_offload + ", activation checkpointing" * fsdp_cfg.activation_checkpointing
+                + (("; blocks compiled" if blocks else "; not compiled (train.compile applies per block)")
+                   if self.compile else ""))
         self.model = self.module  # forward runs on the sharded module itself (blocks compiled in place)
         self.optimizer = make_optimizer(self.module)  # over the DTensor shards: its state is sharded too
         self.scheduler = make_scheduler(self.optimizer)
@@ -132,8 +135,8 @@ class FSDPEngine(SingleEngine):
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         norm = super().clip_grad_norm(max_norm)
-        # gradients are DTensor shards: the norm is a DTensor, already reduced over the ranks
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        # gradients are DTensor shards: the norm is a DTensor, already reduced over the ranks (replicated)
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
     def trainable_changed(self) -> None:
         raise ConfigError("model.unfreeze_at_step is not supported with train.engine=fsdp (FSDP fixes which "
