@@ -140,9 +140,10 @@ class Checkpointer:
         either way atomic. At most one save is in flight: a new one first waits for the last.
         `write_files(tmp_dir, background=, group=)`, called on every rank, lets an engine add its own files
         (DeepSpeed's ZeRO shards, FSDP's DCP shards); they are checksummed and published with the rest.
-        It runs collectives on the training group, so it is called in the training thread; with async_save
-        (`background=True`) it may return a future of writes it goes on with in the background (DCP's
-        async_save, coordinated on `group`), which the save thread waits for before checksumming."""
+        It may run collectives on the training group (DeepSpeed's does), so it is called in the training
+        thread; with async_save (`background=True`) it may return a future of writes it goes on with in the
+        background (DCP's async_save, coordinated on `group`), which the save thread waits for before
+        checksumming."""
         self.wait()
         if not self.async_save:
             return self._save(step, state, rank_state, best, write_files)

@@ -136,6 +136,7 @@ class DeepSpeedEngine:
         return {"deepspeed": {"tag": TAG, "zero_stage": self.zero_stage}}
 
     def evaluating(self):
+        """Context of an evaluation loop: nothing to do (see FSDPEngine.evaluating)."""
         return contextlib.nullcontext()
 
     def save_to(self, directory: Path, background: bool = False, group=None) -> None:
