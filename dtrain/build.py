@@ -143,7 +143,8 @@ def build_core(cfg: Config, info: dist.DistInfo, hooks: Optional[Hooks] = None, 
         device.type == "cuda" and has_convolutions(model)
     engine = build_engine(model, lambda module: build_optimizer(cfg.optim, module, scales, hooks.param_groups),
                           lambda optimizer: build_scheduler(cfg.schedule, optimizer, data.feed.total_steps),
-                          cfg.train, info, cfg.deepspeed, cfg.data.batch_size, channels_last=channels_last)
+                          cfg.train, info, cfg.deepspeed, cfg.data.batch_size, channels_last=channels_last,
+                          fsdp_cfg=cfg.fsdp, log=log)
     evaluator = Evaluator(engine, forward, loss, metrics, facts.task, cfg.train.val_every, cfg.early_stop)
     return Core(data, engine, evaluator, freezer, flops)
 

@@ -3,6 +3,7 @@
   checkpoints/step-00000120/state.pt       rank 0: model, optimizer, scheduler, trainer state, config
   checkpoints/step-00000120/rank-00000.pt  every rank: its RNG states
   checkpoints/step-00000120/deepspeed/     train.engine=deepspeed: every rank's ZeRO shards (DeepSpeed's files)
+  checkpoints/step-00000120/fsdp/          train.engine=fsdp: every rank's DCP shards of model and optimizer
   checkpoints/step-00000120/manifest.json  written last: sha256 + size of every file, step, world size,
                                            config hash, versions. No manifest = not a checkpoint.
   checkpoints/latest, checkpoints/best     relative symlinks to complete checkpoints
@@ -21,6 +22,7 @@ import os
 import random
 import shutil
 import threading
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -145,24 +147,31 @@ class Checkpointer:
         self.best_steps = list(state["best_steps"])
 
     def save(self, step: int, state: dict, rank_state: dict, best: bool = False,
-             write_files: Optional[Callable[[Path], None]] = None) -> Path:
+             write_files: Optional[Callable[..., Optional[Future]]] = None) -> Path:
         """Collective. Synchronous, or (async_save) snapshot to CPU now and write in the background;
         either way atomic. At most one save is in flight: a new one first waits for the last.
-        `write_files(tmp_dir)`, called on every rank, lets an engine add its own files (DeepSpeed's ZeRO
-        shards); they are checksummed and published with the rest. Such a save is always synchronous:
-        the engine's writer runs collectives on the training group, which the training thread uses.
-        A best checkpoint is kept among the keep_best newest best ones; `state` gets the checkpointer's own."""
+        `write_files(tmp_dir, background=, group=)`, called on every rank, lets an engine add its own files
+        (DeepSpeed's ZeRO shards, FSDP's DCP shards); they are checksummed and published with the rest.
+        It may run collectives on the training group (DeepSpeed's does), so it is called in the training
+        thread; with async_save (`background=True`) it may return a future of writes it goes on with in the
+        background (DCP's async_save, coordinated on `group`), which the save thread waits for before
+        checksumming. A best checkpoint is kept among the keep_best newest best ones; `state` gets the
+        checkpointer's own."""
         self.wait()
         if best:
             self.best_steps.append(step)
         self.protect = {f"step-{s:08d}" for s in (self.best_steps[-self.keep_best:] if self.keep_best else [])}
         state = {**state, "checkpointer": self.state_dict()}
-        if not self.async_save or write_files is not None:
+        if not self.async_save:
             return self._save(step, state, rank_state, best, write_files)
+        files = None
+        if write_files is not None:
+            files = _start(write_files, self._prepare(step), self.group)
         # only rank 0 writes `state` (the model and optimizer): the others need not copy it
         state = self._snapshot({"state": state if self.info.is_global_zero else None, "rank": rank_state})
         state, rank_state = state["state"], state["rank"]
-        self._thread = threading.Thread(target=self._save_in_background, args=(step, state, rank_state, best),
+        self._thread = threading.Thread(target=self._save_in_background, args=(step, state, rank_state, best,
+                                                                               None, files),
                                         name=f"dtrain-checkpoint-{step}", daemon=True)  # joined by wait()
         self._thread.start()
         return self.root / f"step-{step:08d}"
@@ -184,21 +193,21 @@ class Checkpointer:
 
     # ---- saving -------------------------------------------------------------------------------
     def _save(self, step: int, state: dict, rank_state: dict, best: bool = False,
-              write_files: Optional[Callable[[Path], None]] = None) -> Path:
-        """Collective: every rank calls it. Rank 0 writes `state`, every rank its `rank_state`.
+              write_files: Optional[Callable[..., Optional[Future]]] = None, files: Optional[Future] = None) -> Path:
+        """Collective: every rank calls it. Rank 0 writes `state`, every rank its `rank_state`, and
+        `write_files` its engine's files; or, from save() with async_save, the engine's files are already
+        being written into the prepared temporary directory and `files` is their future.
         Each phase ends with all ranks agreeing it succeeded everywhere, so a failure on one rank
         (disk full, read-only dir) raises on all of them and publishes nothing."""
         final = self.root / f"step-{step:08d}"
-        tmp = self.root / f".tmp-step-{step:08d}"
-
-        def prepare():
-            self.root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a killed save
-            tmp.mkdir()
+        tmp = self._prepare(step) if files is None else self._tmp(step)
 
         def write():
             if write_files is not None:
-                write_files(tmp)
+                write_files(tmp, background=False, group=self.group)
+            if files is not None:
+                files.result()
+            if write_files is not None or files is not None:
                 for f in tmp.rglob("*"):  # this rank's and its peers' files: fsync is per inode, cheap
                     if f.is_file():
                         _fsync_file(f)
@@ -211,10 +220,24 @@ class Checkpointer:
                 torch.save(state, tmp / "state.pt")
                 _fsync_file(tmp / "state.pt")
 
-        self._all_ok(prepare if self.info.is_global_zero else None, tmp)
         self._all_ok(write, tmp)
         self._all_ok((lambda: self._publish(tmp, final, step, best)) if self.info.is_global_zero else None, tmp)
         return final
+
+    def _tmp(self, step: int) -> Path:
+        return self.root / f".tmp-step-{step:08d}"
+
+    def _prepare(self, step: int) -> Path:
+        """Collective: rank 0 makes an empty temporary directory for the step (leftovers of a killed save
+        removed); every rank returns once it exists."""
+        tmp = self._tmp(step)
+
+        def prepare():
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        self._all_ok(prepare if self.info.is_global_zero else None, tmp)
+        return tmp
 
     def _all_ok(self, action: Optional[Callable[[], None]], tmp: Path) -> None:
         error = None
@@ -311,6 +334,22 @@ class Checkpointer:
         manifest = json.loads((path / MANIFEST).read_text()) if verified else verify(path)
         own = f"rank-{self.info.global_rank:05d}.pt"
         return safe_load(path / "state.pt"), safe_load(path / own) if own in manifest["files"] else None
+
+
+def _start(write_files: Callable[..., Optional[Future]], tmp: Path, group) -> Future:
+    """An engine's writer started in the training thread -> the future of its files: the writer's own
+    (DCP's thread, which runs collectives on `group`), or one already done (a synchronous writer) or
+    failed. A failure is reported by the save thread, which agrees on it with the other ranks once they
+    have their futures too: no rank may run a collective on `group` before then."""
+    try:
+        started = write_files(tmp, background=True, group=group)
+    except (OSError, RuntimeError) as e:
+        started = Future()
+        started.set_exception(e)
+    if started is None:  # a synchronous writer: its files are written
+        started = Future()
+        started.set_result(None)
+    return started
 
 
 def written_by(path: Path) -> int:

@@ -132,7 +132,7 @@ def _index(args) -> int:
 
 def _load_for_eval(path_arg: str):
     """(path, state with engine.model filled in) from a checkpoint directory, a run directory, or a file
-    written by `dtrain export` (a plain state dict: no DeepSpeed needed)."""
+    written by `dtrain export` (a plain state dict: no DeepSpeed, no process group needed)."""
     from .checkpoint import safe_load, verify
     from .engine import model_weights
     from .models.transfer import resolve_checkpoint
@@ -144,7 +144,7 @@ def _load_for_eval(path_arg: str):
     path = resolve_checkpoint(path_arg)  # a run directory: its best, else latest
     verify(path)
     state = safe_load(path / "state.pt")
-    state["engine"] = {"model": model_weights(path, state["engine"])}  # DeepSpeed: consolidated ZeRO shards
+    state["engine"] = {"model": model_weights(path, state["engine"])}  # DeepSpeed, FSDP: consolidated shards
     return path, state
 
 
@@ -156,7 +156,7 @@ def _eval(args) -> int:
     path, state = _load_for_eval(args.checkpoint)
     cfg = Config.from_saved(state["config"])
     # the weights come from the checkpoint: don't reload the run's pretrained source (it may be gone);
-    # evaluation needs no DeepSpeed, whichever engine trained it
+    # evaluation needs no DeepSpeed or FSDP, whichever engine trained it
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_from": None}),
                                  "train": cfg.train.model_copy(update={"engine": "ddp"})})
     core = build_core(cfg, dist.setup(force_single=True), args.hooks, log=lambda msg: None)
@@ -179,8 +179,9 @@ def _eval(args) -> int:
 
 
 def _export(args) -> int:
-    """A checkpoint (DeepSpeed ZeRO shards or DDP) as one plain file: the fp32 state dict, the config and
-    the step. It loads with torch.load(weights_only=True) and `dtrain eval --checkpoint FILE`, no DeepSpeed."""
+    """A checkpoint (DDP, DeepSpeed ZeRO shards or FSDP's DCP shards) as one plain file: the fp32 state dict,
+    the config and the step. It loads with torch.load(weights_only=True) and `dtrain eval --checkpoint FILE`,
+    without DeepSpeed or torch.distributed."""
     import torch
 
     path, state = _load_for_eval(args.checkpoint)
@@ -301,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
     e.set_defaults(func=_eval)
 
-    x = sub.add_parser("export", help="a checkpoint (DeepSpeed ZeRO shards too) as one plain fp32 state-dict file")
+    x = sub.add_parser("export", help="a checkpoint (DeepSpeed ZeRO or FSDP shards too) as one plain fp32 state-dict file")
     x.add_argument("--checkpoint", required=True, help="checkpoints/step-N directory, or a run directory (its best)")
     x.add_argument("--out", required=True, help="output file, e.g. model.pt")
     x.set_defaults(func=_export)

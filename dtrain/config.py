@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 
 class ConfigError(ValueError):
@@ -136,7 +137,7 @@ class ModelConfig(Section):
     for other dict batches, e.g. {input_ids, labels} for a Hugging Face model."""
     channels_last: Union[bool, Literal["auto"]] = "auto"
     """Keep conv weights and input images in channels-last memory layout (faster convolutions on tensor
-    cores). `auto`: on for models with 2-d convolutions with CUDA, off elsewhere."""
+    cores). `auto`: on for models with 2-d convolutions with CUDA, off elsewhere and with train.engine=fsdp."""
     init_from: Optional[str] = None
     """Start from another run's weights: a checkpoint directory (checkpoints/step-N, best, latest), a run
     directory (its best, else latest) or a file written by `dtrain export`. Verified and loaded with weights_only.
@@ -227,9 +228,10 @@ class ScheduleConfig(Section):
 
 
 class TrainConfig(Section):
-    engine: Literal["ddp", "deepspeed"] = "ddp"
+    engine: Literal["ddp", "deepspeed", "fsdp"] = "ddp"
     """`ddp`: DistributedDataParallel (one process: plain PyTorch); `deepspeed`: DeepSpeed ZeRO, set up by the
-    `deepspeed:` section (needs `pip install 'dtrain[deepspeed]'`)."""
+    `deepspeed:` section (needs `pip install 'dtrain[deepspeed]'`); `fsdp`: PyTorch FSDP2 (`fully_shard`), set
+    up by the `fsdp:` section, whose sharded checkpoints resume on any number of ranks."""
     epochs: int = Field(20, ge=1)
     """Passes over the training split."""
     max_steps: Optional[int] = Field(None, ge=1)
@@ -269,6 +271,31 @@ class DeepSpeedConfig(Section):
     """Keep parameters in CPU memory between uses (ZeRO-3 only)."""
 
 
+class FSDPConfig(Section):
+    """Used with train.engine=fsdp: parameters, gradients and optimizer state sharded over the ranks with
+    FSDP2's `fully_shard`, checkpoints written by torch.distributed.checkpoint (each rank its shards). Accumulation,
+    clipping and the NaN policy come from train.grad_accum, train.clip_grad_norm and train.nonfinite."""
+    blocks: list[str] = []
+    """Module lists (nn.ModuleList or nn.Sequential) whose children are sharded one by one, each gathered only
+    while it runs: [body.h] for model.name=gpt, [transformer.h] for Hugging Face GPT-2, [layer1, layer2, layer3,
+    layer4] for a torchvision ResNet. The root module shards the rest. Empty: the largest nn.ModuleList; a
+    model without one is sharded as one unit at the root (which saves no memory while it runs)."""
+    reshard_after_forward: bool = True
+    """Free each block's gathered parameters after its forward and gather them again in backward (less memory,
+    one more all-gather per block); false keeps them until backward. The root is always kept."""
+    param_dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """dtype of the gathered parameters that forward and backward compute with (and are all-gathered in); the
+    sharded parameters and the optimizer state stay fp32. `auto`: bf16 when train.precision resolves to bf16
+    (GPUs that have it), fp32 otherwise."""
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    """dtype gradients are reduce-scattered (summed over ranks) in; fp32 keeps bf16 gradients' sums exact."""
+    cpu_offload: bool = False
+    """Keep the sharded parameters, gradients and optimizer state in CPU memory; the optimizer steps on the CPU."""
+    activation_checkpointing: bool = False
+    """Keep only each block's input in forward and recompute its activations in backward (less memory, about
+    a third more compute); needs blocks."""
+
+
 class EarlyStopConfig(Section):
     patience: Optional[int] = Field(None, ge=1)
     """Stop after this many validations without improvement (null: never stop early)."""
@@ -286,8 +313,10 @@ class CheckpointConfig(Section):
     async_save: bool = False
     """Write checkpoints in a background thread while training goes on (at most one in flight). The loop
     pauses only to copy the state into CPU memory (pinned buffers kept between saves, from a GPU; rank 0 holds
-    the model and optimizer copy, the other ranks only their RNG states). Not for train.engine=deepspeed,
-    whose writer uses the training group: its saves stay synchronous."""
+    the model and optimizer copy, the other ranks only their RNG states). train.engine=fsdp: every rank's
+    shards are copied to CPU memory and written by torch.distributed.checkpoint's async_save.
+    train.engine=deepspeed: its ZeRO shards are written before the loop goes on (DeepSpeed's save uses the
+    training group), the rest in the background."""
     save_best: bool = True
     """Save a checkpoint when validation loss improves; `best` points at it."""
     elastic: Literal["exact", "approximate"] = "exact"
@@ -391,12 +420,30 @@ class Config(Section):
     schedule: ScheduleConfig = ScheduleConfig()
     train: TrainConfig = TrainConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    fsdp: FSDPConfig = FSDPConfig()
     early_stop: EarlyStopConfig = EarlyStopConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     dist: DistConfig = DistConfig()
     log: LogConfig = LogConfig()
     augment: AugmentConfig = AugmentConfig()
     wandb: WandbConfig = WandbConfig()
+
+    @model_validator(mode="after")
+    def _engine_can_run_it(self) -> "Config":
+        """Settings an engine can't honour, refused before anything starts (one line, exit 2)."""
+        if self.train.engine == "fsdp":
+            if self.train.precision == "fp16":
+                raise PydanticCustomError("engine", "train.precision=fp16 is not supported with train.engine=fsdp "
+                                          "(its loss scaling would need a sharded gradient scaler); use bf16")
+            if self.model.unfreeze_at_step is not None:
+                # FSDP2 fixes requires_grad of the parameters it gathers for compute when it first gathers them
+                raise PydanticCustomError("engine", "model.unfreeze_at_step is not supported with train.engine=fsdp "
+                                          "(FSDP fixes which parameters train when it first gathers them); use "
+                                          "train.engine=ddp, or unfreeze by starting a new run with model.init_from")
+            if self.model.channels_last is True:
+                raise PydanticCustomError("engine", "model.channels_last=true is not supported with train.engine=fsdp "
+                                          "(FSDP shards contiguous parameters only); use model.channels_last=auto")
+        return self
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")
@@ -521,7 +568,9 @@ def load_config(path: Optional[str | Path] = None, overrides: list[str] = (),
         return Config.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        key = ".".join(str(p) for p in err["loc"]) or "config"
+        if not err["loc"]:  # a combination of settings (Config._engine_can_run_it): the message names them
+            raise ConfigError(f"config: {err['msg']}") from None
+        key = ".".join(str(p) for p in err["loc"])
         got = err.get("input")
         shown = "" if isinstance(got, dict) else f" (got {got!r})"
         raise ConfigError(f"config: {key}: {err['msg']}{shown}") from None

@@ -42,16 +42,17 @@ class Evaluator:
         self.metrics.reset(self.engine.device)
         loss_sums: dict[str, torch.Tensor] = {}
         n = 0
-        for batch in stream.epoch(0):
-            batch = batches.to_device(batch, self.engine.to_device)
-            with self.engine.autocast():
-                output = self.forward(model, batch)
-            losses = self.loss(output, batch)
-            size = batches.size(batch)
-            for k, v in losses.items():
-                loss_sums[k] = loss_sums.get(k, 0.0) + v.detach().double() * size
-            n += size
-            self.metrics.update(output, batch)
+        with self.engine.evaluating():  # ranks run uneven numbers of batches: FSDP gathers its weights once
+            for batch in stream.epoch(0):
+                batch = batches.to_device(batch, self.engine.to_device)
+                with self.engine.autocast():
+                    output = self.forward(model, batch)
+                losses = self.loss(output, batch)
+                size = batches.size(batch)
+                for k, v in losses.items():
+                    loss_sums[k] = loss_sums.get(k, 0.0) + v.detach().double() * size
+                n += size
+                self.metrics.update(output, batch)
         names = self.loss.names or list(loss_sums)
         sums = self.metrics.sums()
         # one vector for one all-reduce: loss terms, sample count, metric numerators, explicit denominators
@@ -81,11 +82,12 @@ class Evaluator:
         was_training = model.training
         model.eval()
         cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-        for batch in stream.epoch(0):
-            batch = batches.to_device(batch, self.engine.to_device)
-            pred = batches.logits(self.forward(model, batch)).argmax(-1).cpu()
-            y = batches.target(batch).cpu()
-            cm += torch.bincount(y * num_classes + pred, minlength=num_classes ** 2).view(num_classes, num_classes)
+        with self.engine.evaluating():
+            for batch in stream.epoch(0):
+                batch = batches.to_device(batch, self.engine.to_device)
+                pred = batches.logits(self.forward(model, batch)).argmax(-1).cpu()
+                y = batches.target(batch).cpu()
+                cm += torch.bincount(y * num_classes + pred, minlength=num_classes ** 2).view(num_classes, num_classes)
         model.train(was_training)
         return cm
 

@@ -8,15 +8,20 @@
   step()              clip, optimizer.step, zero_grad, scheduler.step -> grad norm
   trainable_changed() parameters were frozen or unfrozen (DDP re-wraps the model)
   set_grad_accum(n)   micro-batches per step changed (elastic resume on another number of ranks)
+  evaluating()        context for an evaluation loop, whose ranks run uneven numbers of batches (FSDP
+                      gathers the parameters once instead of in every forward)
   state_dict()/load_state_dict()
-  save_to(dir), load_from(dir, state), load_weights(dir, state)
+  save_to(dir, background, group), load_from(dir, state), load_weights(dir, state)
                       checkpoint hooks: files the engine writes itself into the checkpoint directory
-                      (DeepSpeed's ZeRO shards; none for DDP), full resume, and weights only (test).
-                      DDP's state is replicated: it resumes on any number of ranks; ZeRO's is not
+                      (DeepSpeed's ZeRO shards, FSDP's DCP shards; none for DDP: save_to is None), full
+                      resume, and weights only (test). With `background`, save_to may return a future for
+                      writes it goes on with (DCP's async_save), coordinated on the gloo `group`.
+                      DDP's state is replicated and FSDP's resharded by DCP: both resume on any number
+                      of ranks; ZeRO's only on the same number
 
 `SingleEngine` runs one process; `DDPEngine` wraps the model in DistributedDataParallel;
-`DeepSpeedEngine` (train.engine=deepspeed) hands model, optimizer and schedule to DeepSpeed ZeRO.
-The trainer never asks which one it has.
+`DeepSpeedEngine` (train.engine=deepspeed) hands model, optimizer and schedule to DeepSpeed ZeRO;
+`FSDPEngine` (train.engine=fsdp) shards them with FSDP2's fully_shard. The trainer never asks which one it has.
 """
 
 from __future__ import annotations
@@ -25,10 +30,13 @@ from .single import SingleEngine
 
 
 def build_engine(model, make_optimizer, make_scheduler, train_cfg, dist_info, ds_cfg=None, micro_batch_size: int = 1,
-                 channels_last: bool = False):
+                 channels_last: bool = False, fsdp_cfg=None, log=print):
     """`make_optimizer(module)` and `make_scheduler(optimizer)` are called by the engine once the model is
     where its parameters will live (an engine that shards parameters must build the optimizer over the
-    shards, not over the full tensors)."""
+    shards, not over the full tensors). `log` (rank 0's) says once how FSDP sharded the model."""
+    if train_cfg.engine == "fsdp":
+        from .fsdp import FSDPEngine
+        return FSDPEngine(model, make_optimizer, make_scheduler, train_cfg, dist_info, fsdp_cfg, channels_last, log)
     if train_cfg.engine == "deepspeed":
         from .deepspeed import DeepSpeedEngine
         return DeepSpeedEngine(model, make_optimizer, make_scheduler, train_cfg, dist_info, ds_cfg, micro_batch_size)
@@ -38,12 +46,31 @@ def build_engine(model, make_optimizer, make_scheduler, train_cfg, dist_info, ds
     return SingleEngine(model, make_optimizer, make_scheduler, train_cfg, dist_info, channels_last)
 
 
+def written_by_engine(engine_state: dict) -> str:
+    """The engine that wrote a checkpoint's engine state: its files differ (DDP: the model in state.pt)."""
+    return next((name for name in ("deepspeed", "fsdp") if name in engine_state), "ddp")
+
+
+def check_engine(directory, engine_state: dict, engine: str) -> None:
+    """CheckpointError unless the checkpoint was written by `engine` (its files are another engine's)."""
+    wrote = written_by_engine(engine_state)
+    if wrote != engine:
+        from ..checkpoint import CheckpointError
+        raise CheckpointError(f"checkpoint: {directory} was written by the {wrote} engine; resume it with "
+                              f"train.engine={wrote} (or `dtrain export` it and use model.init_from)")
+
+
 def model_weights(directory, engine_state: dict) -> dict:
-    """A plain state dict of the model from a checkpoint's engine state, whichever engine wrote it."""
-    if "model" in engine_state:
-        return engine_state["model"]
-    from .deepspeed import consolidated_state_dict
-    return consolidated_state_dict(directory, engine_state)
+    """A plain state dict of the model from a checkpoint's engine state, whichever engine wrote it (in
+    this process alone: no process group needed)."""
+    wrote = written_by_engine(engine_state)
+    if wrote == "fsdp":
+        from .fsdp import consolidated_state_dict
+        return consolidated_state_dict(directory, engine_state)
+    if wrote == "deepspeed":
+        from .deepspeed import consolidated_state_dict
+        return consolidated_state_dict(directory, engine_state)
+    return engine_state["model"]
 
 
-__all__ = ["build_engine", "model_weights", "SingleEngine"]
+__all__ = ["build_engine", "check_engine", "model_weights", "written_by_engine", "SingleEngine"]

@@ -135,16 +135,20 @@ class DeepSpeedEngine:
         """What rank 0 puts in state.pt: where the weights are (they are in the ZeRO shards)."""
         return {"deepspeed": {"tag": TAG, "zero_stage": self.zero_stage}}
 
-    def save_to(self, directory: Path) -> None:
-        """Collective: every rank writes its ZeRO shards under directory/deepspeed/."""
+    def evaluating(self):
+        """Context of an evaluation loop: nothing to do (see FSDPEngine.evaluating)."""
+        return contextlib.nullcontext()
+
+    def save_to(self, directory: Path, background: bool = False, group=None) -> None:
+        """Collective: every rank writes its ZeRO shards under directory/deepspeed/, now (DeepSpeed's save is
+        synchronous, on the training group: the Checkpointer calls it in the training thread)."""
         self.model.save_checkpoint(str(directory), tag=TAG, save_latest=False)
 
     def load_from(self, directory: Path, state: dict) -> None:
         """Collective: model, optimizer shards and schedule from a verified checkpoint directory."""
         from ..checkpoint import CheckpointError
-        if "deepspeed" not in state:
-            raise CheckpointError(f"checkpoint: {directory} was written by the ddp engine; resume it with "
-                                  "train.engine=ddp (or `dtrain export` it and use model.init_from)")
+        from . import check_engine
+        check_engine(directory, state, "deepspeed")
         check_same_world_size(directory, self.world_size)
         from ..resume import config_hyperparameters
         with weights_only_loads(directory / TAG), config_hyperparameters(self.optimizer, self.scheduler):

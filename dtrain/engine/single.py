@@ -76,8 +76,7 @@ class SingleEngine:
         rank's norm and every rank makes the same skip decision without another collective."""
         self.scaler.unscale_(self.optimizer)
         # (parameters without a gradient, e.g. frozen ones, are skipped by clip_grad_norm_ itself)
-        max_norm = self.clip if self.clip is not None else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
+        norm = self.clip_grad_norm(self.clip if self.clip is not None else float("inf"))
         skipped: torch.Tensor | bool = False
         if self.scaler.is_enabled():
             self.scaler.step(self.optimizer)  # skips the update itself on overflow
@@ -101,6 +100,14 @@ class SingleEngine:
         self.scheduler.step()
         return norm, skipped
 
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Clip to `max_norm` (inf: measure only) -> the total gradient norm before clipping."""
+        return torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
+
+    def evaluating(self):
+        """Context of an evaluation loop (FSDP gathers its parameters here); nothing to do here."""
+        return contextlib.nullcontext()
+
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
@@ -109,14 +116,12 @@ class SingleEngine:
         return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
 
-    # checkpoint hooks (DeepSpeed writes its own files; here everything is in state_dict())
-    save_to = None  # no files of its own: the Checkpointer may save in the background
+    # checkpoint hooks (DeepSpeed and FSDP write their own files; here everything is in state_dict())
+    save_to = None  # no files of its own: the Checkpointer writes state.pt (in the background with async_save)
 
     def load_from(self, directory, state: dict) -> None:
-        if "model" not in state:
-            from ..checkpoint import CheckpointError
-            raise CheckpointError(f"checkpoint: {directory} was written by the deepspeed engine; resume it with "
-                                  "train.engine=deepspeed (or `dtrain export` it and use model.init_from)")
+        from . import check_engine
+        check_engine(directory, state, "ddp")
         self.load_state_dict(state)
 
     def load_weights(self, directory, state: dict) -> None:

@@ -39,7 +39,8 @@ def load_pretrained(model: nn.Module, source: str | Path, log: Callable[[str], N
     else:
         path = resolve_checkpoint(source)
         verify(path)  # complete and untampered, or CheckpointError
-        weights = safe_load(path / "state.pt")["engine"]["model"]  # weights_only: never runs code
+        from ..engine import model_weights
+        weights = model_weights(path, safe_load(path / "state.pt")["engine"])  # weights_only: never runs code
     own = model.state_dict()
     skipped = []
     for name, tensor in own.items():
