@@ -35,12 +35,13 @@ def _train(args) -> int:
         # one process, data in the main process, anomaly detection, per-step detail
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"num_workers": 0}),
                                      "log": cfg.log.model_copy(update={"progress": False})})
-        torch.autograd.set_detect_anomaly(True)
     if args.hooks is not None:
         cfg = args.hooks.record(cfg)  # config.yaml names the script's callables
     run_dir = run_dir_of(cfg, args.debug)
     say = lambda line: print(line, file=sys.stderr, flush=True)
-    with _session(cfg, force_single=args.debug) as info, hold(run_dir, info, say):  # one job per run directory
+    # --debug: anomaly detection for this run only (a context: `dtrain.main` may run in a longer-lived process)
+    anomaly = torch.autograd.detect_anomaly() if args.debug else contextlib.nullcontext()
+    with anomaly, _session(cfg, force_single=args.debug) as info, hold(run_dir, info, say):  # one job per run dir
         trainer = Trainer(cfg, info, debug=args.debug, hooks=args.hooks)
         if cfg.run.doctor and info.distributed:
             _check_health(cfg, info, trainer.run_dir, trainer.engine.module, brief=True)

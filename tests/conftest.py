@@ -26,14 +26,63 @@ def _env(extra: dict | None = None) -> dict:
     return env
 
 
+def pytest_collection_modifyitems(items):
+    """Files with the most multi-process tests first (the order within a file kept): the 2 xdist workers
+    (pyproject's addopts, a file per worker at a time) then start on the long files and end on short ones,
+    instead of one worker running the SLURM file alone at the end."""
+    heavy = {}
+    for item in items:
+        path = str(item.path)
+        heavy[path] = heavy.get(path, 0) + any(item.get_closest_marker(m) for m in ("multiproc", "slow", "slurm"))
+    items.sort(key=lambda item: -heavy[str(item.path)])  # stable: files keep their own order
+
+
 def run_dtrain(args: list[str], cwd: Path, timeout: float = 300, env: dict | None = None,
-               check: bool = True) -> subprocess.CompletedProcess:
-    """`python -m dtrain ARGS` in `cwd`; fails the test with the output when the exit code isn't 0."""
-    proc = subprocess.run([sys.executable, "-m", "dtrain", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=_env(env), stdin=subprocess.DEVNULL)
+               check: bool = True, process: bool = False) -> subprocess.CompletedProcess:
+    """`dtrain ARGS` in `cwd`; fails the test with the output when the exit code isn't 0. In this process (the
+    command line's own `main`, stdout and stderr captured, one torch thread as the subprocesses have):
+    a new python costs ~4 s of imports (torch, and torch._dynamo at the first optimizer), which over the
+    suite's runs was minutes. `process=True` where the test needs a process of its own (its environment at
+    import time, signals, W&B's service, a run that initialises torch.distributed)."""
+    if process:
+        proc = subprocess.run([sys.executable, "-m", "dtrain", *args], cwd=cwd, capture_output=True, text=True,
+                              timeout=timeout, env=_env(env), stdin=subprocess.DEVNULL)
+    else:
+        proc = _run_here(args, cwd, env)
     if check and proc.returncode != 0:
         pytest.fail(f"dtrain {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def run_dtrain_process(args: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
+    return run_dtrain(args, cwd, process=True, **kwargs)
+
+
+def _run_here(args: list[str], cwd: Path, env: dict | None) -> subprocess.CompletedProcess:
+    import contextlib
+    import io
+
+    from dtrain.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, saved_path, saved_cwd, threads = dict(os.environ), list(sys.path), os.getcwd(), torch.get_num_threads()
+    try:
+        extra = dict(env or {})
+        sys.path[:0] = [p for p in extra.pop("PYTHONPATH", "").split(os.pathsep) if p]
+        os.environ.update(extra)
+        os.chdir(cwd)
+        torch.set_num_threads(1)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as e:  # argparse
+                code = e.code if isinstance(e.code, int) else 1
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        sys.path[:] = saved_path
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess(["dtrain", *args], code, out.getvalue(), err.getvalue())
 
 
 def free_port() -> int:

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from dtrain.checkpoint import _sha256
-from conftest import (REPO, _env, free_port, latest_logged_step, metrics_of, result_of, run_dtrain, run_torchrun,
-                      start, torchrun_cmd, wait_for, workers)
+from conftest import (REPO, _env, free_port, latest_logged_step, metrics_of, result_of, run_dtrain_process,
+                      run_torchrun, start, torchrun_cmd, wait_for, workers)
 
 HAVE_DS = importlib.util.find_spec("deepspeed") is not None
 needs_ds = pytest.mark.skipif(not HAVE_DS, reason="DeepSpeed not installed: pip install 'dtrain[deepspeed]'")
@@ -38,7 +38,7 @@ def test_deepspeed_missing_is_one_line_error(tmp_path):
     shim = tmp_path / "shim"
     shim.mkdir()
     (shim / "deepspeed.py").write_text("raise ImportError('No module named deepspeed (simulated)')\n")
-    proc = run_dtrain(["train", "train.engine=deepspeed", "train.epochs=1", "log.progress=false"], tmp_path,
+    proc = run_dtrain_process(["train", "train.engine=deepspeed", "train.epochs=1", "log.progress=false"], tmp_path,
                       env={"PYTHONPATH": f"{REPO}{os.pathsep}{shim}"}, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
@@ -105,15 +105,15 @@ def test_zero2_resume_after_stop_is_exact_and_export_evaluates_the_same(tmp_path
 
     # export the best checkpoint (what the run tested) to one plain file; it needs no DeepSpeed to load
     out = tmp_path / "model.pt"
-    run_dtrain(["export", "--checkpoint", str(tmp_path / "runs/straight"), "--out", str(out)], tmp_path)
+    run_dtrain_process(["export", "--checkpoint", str(tmp_path / "runs/straight"), "--out", str(out)], tmp_path)
     exported = torch.load(out, weights_only=True)
     assert exported["step"] == 18 and exported["model"]
     assert all(v.dtype == torch.float32 and v.numel() > 0 for v in exported["model"].values())
-    ev = run_dtrain(["eval", "--checkpoint", str(out)], tmp_path)
+    ev = run_dtrain_process(["eval", "--checkpoint", str(out)], tmp_path)
     test_loss = float(next(l.split()[1] for l in ev.stdout.splitlines() if l.strip().startswith("test/loss")))
     assert abs(test_loss - result_of(straight)["test/loss"]) < 1e-5, (test_loss, result_of(straight))
     # and eval straight on the ZeRO checkpoint directory (consolidated on the fly) says the same
-    ev2 = run_dtrain(["eval", "--checkpoint", str(tmp_path / "runs/straight")], tmp_path)
+    ev2 = run_dtrain_process(["eval", "--checkpoint", str(tmp_path / "runs/straight")], tmp_path)
     assert ev.stdout.splitlines()[1:] == ev2.stdout.splitlines()[1:]
 
     # DeepSpeed's own loads pass weights_only=False; dtrain forces weights_only: a ZeRO shard that would
@@ -127,7 +127,7 @@ def test_zero2_resume_after_stop_is_exact_and_export_evaluates_the_same(tmp_path
     manifest = json.loads((ckpt / "manifest.json").read_text())
     manifest["files"][str(shard.relative_to(ckpt))] = {"sha256": _sha256(shard), "bytes": shard.stat().st_size}
     (ckpt / "manifest.json").write_text(json.dumps(manifest))
-    proc = run_dtrain(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "evil.pt")], tmp_path,
+    proc = run_dtrain_process(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "evil.pt")], tmp_path,
                       check=False)
     errors = [l for l in proc.stderr.splitlines() if l.startswith("dtrain: error:")]
     assert proc.returncode == 2 and errors and "refusing to load" in errors[0], proc.stderr[-2000:]
@@ -160,7 +160,7 @@ def test_zero2_resume_after_sigkill_matches_uninterrupted(tmp_path, warm_cache):
     resumed = run_torchrun(2, args + ["run.name=killed"], tmp_path)
     assert "resumed from" in resumed.stderr
     for name in ("straight", "killed"):
-        run_dtrain(["export", "--checkpoint", str(tmp_path / f"runs/{name}/checkpoints/latest"),
+        run_dtrain_process(["export", "--checkpoint", str(tmp_path / f"runs/{name}/checkpoints/latest"),
                     "--out", str(tmp_path / f"{name}.pt")], tmp_path)
     a, b = (torch.load(tmp_path / f"{n}.pt", weights_only=True)["model"] for n in ("straight", "killed"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -211,7 +211,7 @@ def test_fsdp_written_on_2_ranks_resumes_on_1_and_3(tmp_path, runs, world):
     cwd, args, procs = runs
     shutil.copytree(cwd / "runs" / "stopped", tmp_path / "runs" / "r", symlinks=True)
     args = args + ["run.name=r"]
-    proc = run_dtrain(args, tmp_path) if world == 1 else run_torchrun(world, args, tmp_path)
+    proc = run_dtrain(args, tmp_path, process=True) if world == 1 else run_torchrun(world, args, tmp_path)
     assert f"resume: 2 -> {world} ranks;" in proc.stderr and "to keep the global batch 96" in proc.stderr
     run, reference = tmp_path / "runs" / "r", cwd / "runs" / "fsdp"
     assert epoch_keys(run, 0) == epoch_keys(reference, 0)  # the interrupted epoch: no sample twice, none lost
@@ -236,12 +236,12 @@ def test_export_evaluates_like_the_fsdp_run(tmp_path, runs):
     assert sorted(exported["model"]) == ["body.1.bias", "body.1.weight", "body.4.bias", "body.4.weight",
                                          "head.bias", "head.weight"]
     assert all(v.dtype == torch.float32 and not hasattr(v, "placements") for v in exported["model"].values())
-    ev = run_dtrain(["eval", "--checkpoint", str(out)], tmp_path)
+    ev = run_dtrain(["eval", "--checkpoint", str(out)], tmp_path, process=True)
     metrics = dict(l.split() for l in ev.stdout.splitlines() if l.strip().startswith("test/"))
     straight = result_of(procs["fsdp"])
     assert abs(float(metrics["test/loss"]) - straight["test/loss"]) < 1e-5, (metrics, straight)
     assert abs(float(metrics["test/acc"]) - straight["test/acc"]) < 1e-6
-    ev2 = run_dtrain(["eval", "--checkpoint", str(cwd / "runs/fsdp")], tmp_path)  # the DCP shards directly
+    ev2 = run_dtrain(["eval", "--checkpoint", str(cwd / "runs/fsdp")], tmp_path, process=True)  # the DCP shards directly
     assert ev.stdout.splitlines()[1:] == ev2.stdout.splitlines()[1:]
 
 

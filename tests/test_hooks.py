@@ -226,7 +226,7 @@ def test_transfer_learning_replaces_and_trains_the_named_head(tmp_path, data_roo
 @pytest.mark.slow
 def test_hf_gpt2_script_under_torchrun_resumes_exactly_after_sigterm(tmp_path):
     from wandb_records import read_run
-    args = [f"data.root={tmp_path / 'data'}", "data.text_bytes=120000", "data.text_context=32", "data.batch_size=8",
+    args = [f"data.root={tmp_path / 'data'}", "data.text_bytes=60000", "data.text_context=32", "data.batch_size=8",
             "data.shard_size=100", "log.progress=false", "train.log_every=1", "checkpoint.every=10",
             "wandb.enabled=true", "wandb.project=tests"]
     straight = run_torchrun(2, args + ["run.name=straight"], tmp_path, script=SCRIPT)
@@ -238,7 +238,7 @@ def test_hf_gpt2_script_under_torchrun_resumes_exactly_after_sigterm(tmp_path):
 
     tag, run = uuid.uuid4().hex, tmp_path / "runs" / "r"
     proc = start(torchrun_cmd(2, args + ["run.name=r"], script=SCRIPT), tmp_path, tag)
-    wait_for(lambda: latest_logged_step(run) >= 12, what="step 12")  # of ~160
+    wait_for(lambda: latest_logged_step(run) >= 12, what="step 12")  # of ~80
     os.kill(workers(tag, needle=SCRIPT.name.encode())[0], signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     stopped = json.loads(out.strip().splitlines()[-1])

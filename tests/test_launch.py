@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, _env, final_params, free_port, metrics_of, result_of, run_dtrain, run_torchrun
+from conftest import REPO, run_dtrain_process, _env, final_params, free_port, metrics_of, result_of, run_dtrain, run_torchrun
 from dtrain import dist
 from dtrain.data.datasets import digits
 from dtrain.data.shards import write_shards
@@ -115,7 +115,7 @@ def test_hostnames_agrees_with_scontrol():
 # ---- the CLI: one line, exit 2, within seconds ---------------------------------------------------
 def run_timed(env: dict, *overrides: str, cwd):
     t0 = time.monotonic()
-    proc = run_dtrain(["train", "log.progress=false", *overrides], cwd, timeout=60, env=env, check=False)
+    proc = run_dtrain_process(["train", "log.progress=false", *overrides], cwd, timeout=60, env=env, check=False)
     return proc, time.monotonic() - t0
 
 
@@ -155,7 +155,7 @@ def test_missing_rank_fails_after_the_connect_timeout(tmp_path):
 
 def test_debug_under_a_launcher_is_refused(tmp_path):
     env = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    proc = run_dtrain(["train", "--debug"], tmp_path, env=env, check=False)
+    proc = run_dtrain_process(["train", "--debug"], tmp_path, env=env, check=False)
     assert_one_line_error(proc, "--debug runs one process")
 
 

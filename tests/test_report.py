@@ -83,9 +83,9 @@ def test_wandb_offline_run_resumes_with_the_same_id_and_never_records_secrets(tm
     env = {"WANDB_API_KEY": secret, "HF_TOKEN": token}
     args = ["train", f"data.root={data_root}", "train.epochs=2", "wandb.enabled=true", "wandb.project=tests",
             "run.name=wb", "log.progress=false"]
-    first = run_dtrain(args + ["run.stop_at_step=20"], tmp_path, env=env)
+    first = run_dtrain(args + ["run.stop_at_step=20"], tmp_path, env=env, process=True)
     assert "wandb: started run" in first.stderr
-    second = run_dtrain(args, tmp_path, env=env)
+    second = run_dtrain(args, tmp_path, env=env, process=True)
     run_dir = tmp_path / "runs" / "wb"
     run_id = torch.load(run_dir / "checkpoints" / "latest" / "state.pt", weights_only=True)["logger"]["wandb_run_id"]
     assert f"wandb: resumed run {run_id}" in second.stderr

@@ -414,14 +414,14 @@ def test_lock_from_another_host_real_processes(tmp_path, data_root):
     run = tmp_path / "runs" / "h"
     lock = _foreign_lock(run, age_s=10)
     args = ["train", f"data.root={data_root}", "train.max_steps=2", "log.progress=false", "run.name=h"]
-    refused = run_dtrain(args, tmp_path, check=False)
+    refused = run_dtrain(args, tmp_path, check=False, process=True)
     assert refused.returncode == 2 and re.fullmatch(
         rf"dtrain: error: run: {Path('runs') / 'h'} is in use by host node-b, pid 4242, SLURM job 99 \(heartbeat "
         r"\d+ s ago\); wait for it to end or use another run.name \(a lock from another host is taken over once its "
         r"heartbeat is 120 s old\)", refused.stderr.strip().splitlines()[-1]), refused.stderr
     assert sorted(os.listdir(run)) == [LOCK] and json.loads(lock.read_text()) == FOREIGN
     os.utime(lock, (time.time() - 3600,) * 2)
-    taken = run_dtrain(args, tmp_path)
+    taken = run_dtrain(args, tmp_path, process=True)
     assert re.search(r"took over \S+ from host node-b, pid 4242, SLURM job 99: its heartbeat is 36\d\d s old",
                      taken.stderr), taken.stderr
     assert result_of(taken)["step"] == 2 and not lock.exists()

@@ -425,7 +425,7 @@ def test_foreign_jpg_shards_train_and_resume_exactly(tmp_path):
                                    if epoch * 4 < s <= (epoch + 1) * 4 for k in keys)
     for world in (1, 3):
         run = tmp_path / "runs" / f"on{world}"
-        proc = run_dtrain(args + [f"run.name=on{world}"], tmp_path) if world == 1 else \
+        proc = run_dtrain(args + [f"run.name=on{world}"], tmp_path, process=True) if world == 1 else \
             run_torchrun(world, args + [f"run.name=on{world}"], tmp_path)
         assert f"dealt over {world} rank" in proc.stderr, proc.stderr[-2000:]
         for epoch in range(step // 4 + 1):  # up to the interrupted one: what the uninterrupted run read
