@@ -37,7 +37,7 @@ EXAMPLES = {"digits": ("digits.yaml", []), "count": ("count.yaml", ["data.count_
 
 
 def hand_loop(cfg, shape, out, task):
-    model = DistributedDataParallel(build_model(cfg.model, shape, out, cfg.run.seed))
+    model = DistributedDataParallel(build_model(cfg.model, {"input_shape": shape, "num_outputs": out}, cfg.run.seed))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
                             weight_decay=cfg.optim.weight_decay)
 
@@ -82,9 +82,8 @@ def main() -> None:
                            "log.progress=false", f"train.log_every={args.steps}", "schedule.name=constant"])
         trainer = Trainer(cfg, info)
         trainer.run_dir.mkdir(parents=True, exist_ok=True)
-        trainer.total_steps = trainer.steps_per_epoch = 10**12  # no end-of-epoch validation while timing
-        shape, task = tuple(trainer.train_data.index.input_shape), trainer.task
-        out = trainer.engine.module.head.out_features
+        trainer.feed.total_steps = trainer.feed.steps_per_epoch = 10**12  # no end-of-epoch validation while timing
+        shape, task, out = tuple(trainer.facts.input_shape), trainer.facts.task, trainer.facts.num_outputs
         g = torch.Generator().manual_seed(info.global_rank)
         batches = []
         for _ in range(8):
@@ -92,7 +91,7 @@ def main() -> None:
             y = torch.randint(0, out if task == "classification" else 10, (cfg.data.batch_size,), generator=g)
             batches.append((x, y.float() if task == "regression" else y, []))
         synthetic = itertools.cycle(batches)
-        shards = itertools.chain.from_iterable(trainer.train_data.epoch(e) for e in itertools.count())
+        shards = itertools.chain.from_iterable(trainer.feed.stream.epoch(e) for e in itertools.count())
         hand = hand_loop(cfg, shape, out, task)
         segments = {"hand": lambda n: hand(itertools.islice(synthetic, n)),
                     "dtrain": lambda n: trainer.train_epoch(itertools.islice(synthetic, n), 0),

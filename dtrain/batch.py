@@ -9,7 +9,8 @@ loss and metrics take (output, batch) as they are.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Mapping
+from typing import Any, Callable
 
 import torch
 
@@ -44,10 +45,10 @@ def to_device(batch, move: Callable[[torch.Tensor], torch.Tensor]):
     """Every tensor of a (nested) batch through `move` (the engine's to_device); keys and other values stay."""
     if isinstance(batch, torch.Tensor):
         return move(batch)
-    if isinstance(batch, Mapping):
-        return {k: to_device(v, move) for k, v in batch.items()}
     if isinstance(batch, (tuple, list)):
         return type(batch)(to_device(v, move) for v in batch)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, move) for k, v in batch.items()}
     return batch
 
 

@@ -25,7 +25,8 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from collections.abc import Mapping
+from typing import Callable
 
 import torch
 import torch.distributed as torchdist

@@ -8,7 +8,8 @@ the batch as they are and returns a scalar or a dict of named terms. The trainer
 from __future__ import annotations
 
 import functools
-from typing import Callable, Mapping, Optional
+from collections.abc import Mapping
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -45,9 +46,10 @@ class Loss:
 
     def of(self, pred: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         terms = {t: TERMS[t](pred.float(), y, self.cfg) for t in self.weights}
+        if len(terms) == 1:  # one term (weight 1 unless set): no 0 + w * term, two autograd ops a step
+            (t, w), = self.weights.items()
+            return {"loss": terms[t] if w == 1 else w * terms[t]}
         total = sum(w * terms[t] for t, w in self.weights.items())
-        if len(terms) == 1:
-            return {"loss": total}
         return {"loss": total, **{f"loss/{t}": v for t, v in terms.items()}}
 
 

@@ -11,7 +11,8 @@ Two kinds, both taking (output, batch):
 from __future__ import annotations
 
 import functools
-from typing import Callable, Mapping, Optional
+from collections.abc import Mapping
+from typing import Callable, Optional
 
 import torch
 

@@ -66,6 +66,7 @@ class StopControl:
         self.stop_signal: str | None = None  # the agreed signal, once all ranks know
         self.stop_at_step = stop_at_step
         self.reason: StopReason | None = None
+        self._signalled = False  # a signal came to this process (its flag is set)
         self._previous = {s: signal.signal(s, self._handle) for s in HANDLED}
 
     def _handle(self, signum, frame) -> None:
@@ -82,6 +83,7 @@ class StopControl:
         # Set the flag before saying anything: a second signal can re-enter this handler at any
         # bytecode, and must find the first one recorded.
         self.flags[HANDLED[signal.Signals(signum)]] = 1
+        self._signalled = True
         if first:  # os.write, not print: a handler may interrupt a print in progress
             os.write(2, f"dtrain: {signal.Signals(signum).name} received: stopping after this step with a "
                         f"checkpoint{' (interrupt again to abort)' if signum == signal.SIGINT else ''}\n".encode())
@@ -103,8 +105,8 @@ class StopControl:
 
     def should_stop(self) -> str | None:
         """Called once per step on every rank. -> name of the signal that stops all ranks, or None."""
-        if self.group is None:
-            agreed = self.flags.clone()
+        if self.group is None:  # one process: the flags as they are (read only once a signal came)
+            agreed = self.flags.clone() if self.stop_signal is None and self._signalled else None
         else:
             self._steps += 1
             if self._steps < self._next_check:

@@ -148,14 +148,15 @@ class Trainer:
         t0 = time.perf_counter()
         if self.key_log:
             self.key_log.write(self.step + 1, [k for b in micro_batches for k in batches.keys(b)])
-        loss_sum = torch.zeros(len(self.loss.names), device=self.info.device)
+        loss_sum = None
         for i, batch in enumerate(micro_batches):
             batch = batches.to_device(batch, self.engine.to_device)
             with self.engine.no_backward_sync(i == len(micro_batches) - 1):
                 with self.engine.autocast():
                     losses = self.loss(self.forward(self.engine.model, batch), batch)
                 self.engine.backward(losses["loss"])
-            loss_sum += torch.stack([losses[k].detach().float() for k in self.loss.names])
+            terms = torch.stack([losses[k].detach().float() for k in self.loss.names])
+            loss_sum = terms if loss_sum is None else loss_sum + terms
         grad_norm, skipped = self.engine.step()
         if skipped is not False:  # a device tensor when the optimizer decided there: counted at the next log
             self._skips += skipped
@@ -167,7 +168,7 @@ class Trainer:
             self.log.info(f"step {self.step + 1}: loss {loss_sum[0].item() / len(micro_batches):.5f} "
                           f"grad_norm {grad_norm.item():.4f} lr {self.engine.lr:.3e} batch {shape} "
                           f"{(time.perf_counter() - t0) * 1e3:.1f} ms")
-        return loss_sum / len(micro_batches)
+        return loss_sum / len(micro_batches) if len(micro_batches) > 1 else loss_sum
 
     def count_skips(self, step: int, first: Optional[int] = None) -> None:
         """Report updates skipped for a non-finite gradient norm in steps `first`..`step` (default: since

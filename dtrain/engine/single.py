@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -65,7 +66,7 @@ class SingleEngine:
 
     def backward(self, loss: torch.Tensor) -> None:
         # mean over micro-batches, so accumulation of k micro-batches equals one k-times batch
-        self.scaler.scale(loss / self.grad_accum).backward()
+        self.scaler.scale(loss / self.grad_accum if self.grad_accum > 1 else loss).backward()
 
     def step(self) -> tuple[torch.Tensor, torch.Tensor | bool]:
         """Clip, step, zero, advance the schedule. -> (gradient norm before clipping, update skipped).
@@ -92,7 +93,7 @@ class SingleEngine:
                 self.optimizer.step()
             finally:
                 del self.optimizer.found_inf, self.optimizer.grad_scale
-        elif not torch.isfinite(norm).item():  # host sync: see train.nonfinite
+        elif not math.isfinite(norm.item()):  # host sync: see train.nonfinite
             skipped = True
         else:
             self.optimizer.step()
