@@ -100,8 +100,9 @@ class Evaluator:
             self.best_val, self.best_step, self.bad_validations = val_loss, step, 0
         else:
             self.bad_validations += 1
-        stop = dist.broadcast_object(self.patience is not None and self.bad_validations >= self.patience)
-        return improved, stop
+        if self.patience is None:  # no early stopping: nothing to agree on (a broadcast per validation saved)
+            return improved, False
+        return improved, dist.broadcast_object(self.bad_validations >= self.patience)
 
     def state_dict(self) -> dict:
         return {"best_val": self.best_val, "best_step": self.best_step, "bad_validations": self.bad_validations}
