@@ -205,6 +205,19 @@ def epoch_keys(run: Path, epoch: int) -> collections.Counter:
 
 
 @pytest.mark.multiproc
+def test_fsdp_resume_applies_a_changed_learning_rate(tmp_path, runs):
+    """DCP restores the optimizer's param groups and the schedule's base LRs from the checkpoint; as with
+    the other engines, a changed optim.lr is said and applied from the resumed step on."""
+    cwd, args, _ = runs
+    shutil.copytree(cwd / "runs" / "stopped", tmp_path / "runs" / "lr", symlinks=True)
+    proc = run_torchrun(2, args + ["run.name=lr", "optim.lr=0.006", f"run.stop_at_step={STOP + 2}"], tmp_path)
+    assert "resume: optim.lr changed since the checkpoint: 0.003 -> 0.006" in proc.stderr, proc.stderr[-2000:]
+    lrs = [{r["step"]: r["lr"] for r in metrics_of(run) if "lr" in r} for run in (cwd / "runs" / "fsdp",
+                                                                                   tmp_path / "runs" / "lr")]
+    assert [lrs[1][s] for s in (STOP + 1, STOP + 2)] == pytest.approx([2 * lrs[0][s] for s in (STOP + 1, STOP + 2)])
+
+
+@pytest.mark.multiproc
 @pytest.mark.parametrize("world", [1, 3])
 def test_fsdp_written_on_2_ranks_resumes_on_1_and_3(tmp_path, runs, world):
     """DCP reshards model and optimizer onto the new ranks; the data position carries over as for DDP."""

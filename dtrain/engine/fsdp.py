@@ -134,9 +134,14 @@ class FSDPEngine(SingleEngine):
         return contextlib.nullcontext()
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        norm = super().clip_grad_norm(max_norm)
-        # gradients are DTensor shards: the norm is a DTensor, already reduced over the ranks (replicated)
-        return norm.full_tensor() if isinstance(norm, DTensor) else norm
+        # gradients are DTensor shards: their norm is a DTensor still partial over the ranks. Reduce it once
+        # (full_tensor) and clip with that; clip_grad_norm_ would reduce it for the clip coefficient and
+        # again for the norm it returns (torchtitan splits the call the same way)
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)
+        norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+        torch.nn.utils.clip_grads_with_norm_(self.module.parameters(), max_norm, norm)
+        return norm
 
     def trainable_changed(self) -> None:
         raise ConfigError("model.unfreeze_at_step is not supported with train.engine=fsdp (FSDP fixes which "
@@ -173,7 +178,8 @@ class FSDPEngine(SingleEngine):
     def save_to(self, directory: Path, background: bool = False, group=None):
         """Collective: every rank writes its shards under directory/fsdp/ (coordinated on `group`). With
         `background`, the state is copied to CPU memory now and written by DCP's thread: returns its future."""
-        writer = dcp.FileSystemWriter(directory / TAG)  # fsyncs its files
+        # no fsync here: the Checkpointer fsyncs every file and directory before it writes the manifest
+        writer = dcp.FileSystemWriter(directory / TAG, sync_files=False)
         if background:
             return _Written(dcp.async_save(self._sharded_state(), storage_writer=writer, process_group=group))
         try:
@@ -188,9 +194,11 @@ class FSDPEngine(SingleEngine):
         check_engine(directory, state, "fsdp")
         loaded = self._sharded_state()
         _dcp_load(directory, loaded)
-        set_state_dict(self.module, self.optimizer, model_state_dict=loaded["model"],
-                       optim_state_dict=loaded["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        from ..resume import config_hyperparameters
+        with config_hyperparameters(self.optimizer, self.scheduler):  # the checkpoint's state, this config's LR
+            set_state_dict(self.module, self.optimizer, model_state_dict=loaded["model"],
+                           optim_state_dict=loaded["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
 
     def load_weights(self, directory: Path, state: dict) -> None:
         """The weights only (test() on the best checkpoint), each rank reading its own shards."""
