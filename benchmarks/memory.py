@@ -41,7 +41,7 @@ def storages(tensors) -> dict[int, int]:
     for t in tensors:
         if t is None:
             continue
-        t = getattr(t, "_local_tensor", t)
+        t = getattr(t, "_local_tensor", t)  # the shard itself (to_local() may return an autograd view)
         s = t.untyped_storage()
         if s.nbytes():
             out[s.data_ptr()] = s.nbytes()
@@ -92,12 +92,12 @@ def measure(args, info) -> dict:
         if step == 0:
             engine.step()
     found = held(engine, args.engine)
-    mine = torch.tensor([sum(found[k].values()) for k in ("params", "grads", "optimizer")], dtype=torch.float64)
-    dist.all_reduce_max(mine)  # the rank holding the most (shards can be uneven)
-    params, grads, optimizer = mine.tolist()
+    parts = [sum(found[k].values()) for k in ("params", "grads", "optimizer")]
+    mine = torch.tensor([*parts, sum(parts)], dtype=torch.float64)
+    dist.all_reduce_max(mine)  # the rank holding the most (shards can be uneven); the total of one rank
+    params, grads, optimizer, total = mine.tolist()
     return {"engine": args.engine, "precision": args.precision, "ranks": info.world_size, "n_params": n_params,
-            "params_bytes": params,
-            "grads_bytes": grads, "optimizer_bytes": optimizer, "total_bytes": params + grads + optimizer}
+            "params_bytes": params, "grads_bytes": grads, "optimizer_bytes": optimizer, "total_bytes": total}
 
 
 def print_table(lines) -> None:

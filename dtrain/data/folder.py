@@ -56,7 +56,8 @@ def shard_folder(src: str | Path, out: str | Path, shard_size: int, val: float =
     if "train" in subdirs and subdirs <= set(SPLITS):  # the data set's own split
         trees = {split: _classes(src / split) for split in SPLITS if split in subdirs}
         classes = sorted({c for tree in trees.values() for c in tree})
-        splits = {split: [(p, classes.index(c)) for c, paths in tree.items() for p in paths]
+        label = {c: i for i, c in enumerate(classes)}
+        splits = {split: [(p, label[c]) for c, paths in tree.items() for p in paths]
                   for split, tree in trees.items()}
     else:
         tree = _classes(src)

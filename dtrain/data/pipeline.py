@@ -266,9 +266,8 @@ class ShardStream:
         for b in range(first, end):
             cols = epoch_cols.cut((b - first) * size, (b - first + 1) * size)
             if self.transform is not None:
-                samples = [transform_input(s, self.transform, epoch, (b * size + j) // pass_len)
-                           for j, s in enumerate(cols.samples())]
-                cols = Columns.of(samples)
+                cols = cols.transformed(lambda x, key, j: self.transform(x, key=key, epoch=epoch,
+                                                                         pass_index=(b * size + j) // pass_len))
             yield self.format.batch(cols)
 
     def _replayed_pass(self, epoch: int) -> list:

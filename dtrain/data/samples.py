@@ -22,7 +22,7 @@ gives a collate hook exactly the samples of its batch.
 from __future__ import annotations
 
 import io
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -86,6 +86,13 @@ class Columns:
         rows = index.tolist()
         return Columns([self.keys[i] for i in rows], {n: v[index] if isinstance(v, torch.Tensor) else [v[i] for i in rows]
                                                       for n, v in self.fields.items()})
+
+    def transformed(self, transform: Callable[[Any, str, int], Any]) -> "Columns":
+        """The input (first field) of each sample through transform(input, key, k), k its index here; the
+        other fields as they are (not unstacked and stacked again)."""
+        name = next(iter(self.fields))
+        values = [transform(x, k, j) for j, (x, k) in enumerate(zip(self.fields[name], self.keys))]
+        return Columns(self.keys, {**self.fields, name: _column(values)})
 
     def samples(self) -> list[dict]:
         return [{**{n: v[i] for n, v in self.fields.items()}, "__key__": k} for i, k in enumerate(self.keys)]

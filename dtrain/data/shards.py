@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable
 
 import numpy as np
 import webdataset as wds
@@ -53,7 +53,6 @@ class ShardIndex:
     params = property(lambda self: self.meta.get("params", {}))
     stats = property(lambda self: self.meta.get("stats", {}))
     classes = property(lambda self: self.meta.get("classes"))
-    root = property(lambda self: Path(self.where))
 
     def has(self, split: str) -> bool:
         return bool(self.splits.get(split))
@@ -135,7 +134,7 @@ def write_split_shards(out: str | Path, splits: dict[str, tuple[Iterable[dict], 
 
 def read_index(root: str | Path) -> ShardIndex:
     """The splits of a shard directory: its `train.json`, `val.json`, `test.json` (those present)."""
-    from .sources import Descriptor
+    from .sources import Descriptor, has_scheme
 
     root = Path(root)
     if not root.is_dir():
@@ -151,8 +150,7 @@ def read_index(root: str | Path) -> ShardIndex:
         d = Descriptor.read(str(root / f"{split}.json"))
         splits[split] = dict(zip(d.urls, d.counts))
         meta = meta or d.meta
-        missing = next((u for u in d.urls if "://" not in u and not u.startswith("pipe:") and not os.path.isfile(u)),
-                       None)
+        missing = next((u for u in d.urls if not has_scheme(u) and not os.path.isfile(u)), None)
         if missing:
             raise DataError(f"data: missing shard {missing} (listed in {d.source})")
     return ShardIndex(splits, meta, where=str(root))
@@ -186,7 +184,7 @@ def make_builtin(name: str, out: str | Path, shard_size: int, seed: int = 0, **p
     return write_shards(out, splits, meta, shard_size)
 
 
-def index_from_config(cfg, where: Optional[str] = None) -> ShardIndex:
+def index_from_config(cfg) -> ShardIndex:
     """The index of `data.train` / `data.val` / `data.test` (shards dtrain did not write)."""
     from .sources import resolve_split
 
@@ -197,4 +195,4 @@ def index_from_config(cfg, where: Optional[str] = None) -> ShardIndex:
             urls, counts, m = resolve_split(spec, f"data.{split}", cfg.counts)
             splits[split] = dict(zip(urls, counts))
             meta = m if meta is None else meta
-    return ShardIndex(splits, meta or {}, where=where or "data.train")
+    return ShardIndex(splits, meta or {}, where="data.train")

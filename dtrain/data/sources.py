@@ -47,15 +47,11 @@ def has_scheme(url: str) -> bool:
     return len(urlparse(url).scheme) > 1  # one letter: a Windows drive
 
 
-def _local(path: str) -> str:
-    return os.path.abspath(path)
-
-
 class Descriptor:
     """A shard descriptor read from `source`: resolved shard URLs, their counts, dtrain's extra key."""
 
-    def __init__(self, source: str, urls: list[str], counts: list[int], meta: dict, filesizes: list):
-        self.source, self.urls, self.counts, self.meta, self.filesizes = source, urls, counts, meta, filesizes
+    def __init__(self, source: str, urls: list[str], counts: list[int], meta: dict):
+        self.source, self.urls, self.counts, self.meta = source, urls, counts, meta
 
     @staticmethod
     def read(source: str) -> "Descriptor":
@@ -88,7 +84,7 @@ class Descriptor:
             urls.append(resolve_url(url, base))
             counts.append(n)
         meta = d.get("dtrain") if isinstance(d.get("dtrain"), dict) else {}
-        return Descriptor(source, urls, counts, meta, [s.get("filesize") for s in d["shardlist"]])
+        return Descriptor(source, urls, counts, meta)
 
 
 def resolve_url(url: str, base: str) -> str:
@@ -97,7 +93,7 @@ def resolve_url(url: str, base: str) -> str:
         return url
     if has_scheme(base):
         return urljoin(base.rstrip("/") + "/", url)
-    return _local(os.path.join(base, url))
+    return os.path.abspath(os.path.join(base, url))
 
 
 def descriptor(shards: list[tuple[str, int]], out: str | Path, meta: Optional[dict] = None,
@@ -150,7 +146,7 @@ def resolve_split(spec: Spec, key: str, counts: Spec = None) -> tuple[list[str],
                 d = Descriptor.read(source)
                 known.update(zip(d.urls, d.counts))
         for url in expand_urls(item):
-            url = url if has_scheme(url) else _local(url)
+            url = url if has_scheme(url) else os.path.abspath(url)
             if url not in known:
                 raise DataError(f"data: no sample count for {url} ({key}); count the shards once with "
                                 f"`dtrain index '{item}' --out FILE` and set {key}=FILE (or data.counts=FILE)")
