@@ -26,7 +26,7 @@ import dataclasses
 import itertools
 import math
 import random
-from typing import Iterator, NamedTuple
+from typing import Iterable, Iterator, NamedTuple
 
 from ..config import ConfigError
 from .shards import DataError
@@ -127,19 +127,15 @@ def shuffled(items: list, bufsize: int, rng: random.Random) -> list:
     return out
 
 
-def stream_order(urls: list[str], samples: dict[str, list[int]], counts: dict[str, collections.Counter] | None,
-                 batch_size: int, num_workers: int, shuffle_buffer: int, shuffle_seed: str) -> list[Item]:
-    """One pass of a rank's pipeline over `urls`, positions only. `samples[url]`: the positions read from
-    the shard (cut to the index's count); `counts[url][i]`: how often each is kept (None: every one once)."""
+def stream_order(urls: list[str], positions: dict[str, Iterable[int]], batch_size: int, num_workers: int,
+                 shuffle_buffer: int, shuffle_seed: str) -> list[Item]:
+    """One pass of a rank's pipeline over `urls`, positions only. `positions[url]`: the positions kept from
+    the shard, in the order it is read, each as often as it is kept."""
     per_worker = []
     for w in range(max(num_workers, 1)):
         items = []
         for url in (urls[w::num_workers] if num_workers > 1 else urls):
-            if counts is None:
-                items.extend((url, i) for i in samples[url])
-            else:
-                for i in samples[url]:
-                    items += [(url, i)] * counts[url][i]
+            items.extend((url, i) for i in positions[url])
         if shuffle_buffer > 1:  # the same generator, seed and calls as pipeline._worker_shuffle
             items = shuffled(items, shuffle_buffer, random.Random(f"{shuffle_seed}/worker{w}"))
         per_worker.append(items)
@@ -173,14 +169,14 @@ class EpochReplay:
     def __init__(self, stream, epoch: int, segments: list[Segment]):
         self.stream, self.epoch, self.segments = stream, epoch, segments
         self.steps = stream.steps_per_epoch
-        urls = stream.shard_order(epoch)
-        self.shard_rank = {u: i for i, u in enumerate(urls)}
-        self.samples = {u: list(range(stream.shard_counts[u])) for u in urls}  # counts only: nothing is read
+        self.urls = stream.shard_order(epoch)
+        self.shard_rank = {u: i for i, u in enumerate(self.urls)}
 
     def one_pass(self, seg: Segment, rank: int) -> list[Item]:
-        """One pass of rank `rank`'s normal stream this epoch."""
-        urls = self.stream.shard_order(self.epoch)[rank::seg.world_size]
-        return stream_order(urls, self.samples, None, seg.batch_size, seg.num_workers, self.stream.shuffle_buffer,
+        """One pass of rank `rank`'s normal stream this epoch (from the counts only: nothing is read)."""
+        urls = self.urls[rank::seg.world_size]
+        positions = {u: range(self.stream.shard_counts[u]) for u in urls}
+        return stream_order(urls, positions, seg.batch_size, seg.num_workers, self.stream.shuffle_buffer,
                             shuffle_seed(self.stream.seed, self.epoch, 0, rank))
 
     def normal_stream(self, seg: Segment, rank: int) -> list[Item]:
@@ -221,8 +217,8 @@ def dealt_order(items: list[Item], batch_size: int, num_workers: int, shuffle_bu
     """The order a rank reads the `items` dealt to it: its shards in first-use order, each read through
     and filtered by position, shuffled, batched by its workers."""
     urls, counts = as_counts(items)
-    return stream_order(urls, {u: sorted(counts[u]) for u in urls}, counts, batch_size, num_workers, shuffle_buffer,
-                        seed)
+    return stream_order(urls, {u: sorted(counts[u].elements()) for u in urls}, batch_size, num_workers,
+                        shuffle_buffer, seed)
 
 
 def consumed_keys(stream, epoch: int, segments: list[Segment], until: int) -> list[list[list[Item]]]:

@@ -41,7 +41,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 from torch.distributed.tensor import DTensor
 
 from ..config import ConfigError
-from .single import SingleEngine, pick_dtype, should_compile
+from .single import SingleEngine
 
 TAG = "fsdp"  # the sub-directory of a dtrain checkpoint that holds DCP's files
 
@@ -80,17 +80,21 @@ class FSDPEngine(SingleEngine):
             # one process: FSDP needs a process group; a world of one in this process, no rendezvous
             backend = "cpu:gloo,cuda:nccl" if dist_info.device.type == "cuda" else "gloo"
             torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
+        self._layout = (name, blocks, where, fsdp_cfg, log if dist_info.is_global_zero else None)  # for place()
         # FSDP shards contiguous parameters only: no channels-last weights (model.channels_last=true is
-        # refused by the config; `auto` means off here)
-        self.device, self.channels_last = dist_info.device, False
-        self.module = model.to(dist_info.device)
-        self.amp_dtype = pick_dtype(train_cfg.precision, dist_info.device)
-        self.compile = should_compile(train_cfg.compile, dist_info.device)
+        # refused by the config; `auto` means off here). fp16 is refused too: the scaler stays disabled.
+        super().__init__(model, make_optimizer, make_scheduler, train_cfg, dist_info, channels_last=False)
+
+    def place(self, model: nn.Module) -> nn.Module:
+        """The model on the device, sharded: each block, then the root. The optimizer built on it steps the
+        DTensor shards, so its state is sharded too."""
+        name, blocks, where, fsdp_cfg, log = self._layout
+        self.module = model.to(self.device)
         param_dtype = {"fp32": None, "bf16": torch.bfloat16,
                        "auto": self.amp_dtype if self.amp_dtype == torch.bfloat16 else None}[fsdp_cfg.param_dtype]
         self.reshard_blocks = fsdp_cfg.reshard_after_forward
         self.fsdp_units = self._shard(blocks, fsdp_cfg, param_dtype)
-        if dist_info.is_global_zero:
+        if log is not None:
             layout = (f"{len(blocks)} blocks of {where} one by one, then the rest at the root" if blocks else
                       f"at the root as one unit ({name} has no nn.ModuleList of blocks; name its module lists "
                       "in fsdp.blocks to shard it block by block)")
@@ -100,13 +104,10 @@ class FSDPEngine(SingleEngine):
                 + ", CPU offload" * fsdp_cfg.cpu_offload + ", activation checkpointing" * fsdp_cfg.activation_checkpointing
                 + (("; blocks compiled" if blocks else "; not compiled (train.compile applies per block)")
                    if self.compile else ""))
-        self.model = self.module  # forward runs on the sharded module itself (blocks compiled in place)
-        self.optimizer = make_optimizer(self.module)  # over the DTensor shards: its state is sharded too
-        self.scheduler = make_scheduler(self.optimizer)
-        self.grad_accum = train_cfg.grad_accum
-        self.clip = train_cfg.clip_grad_norm
-        self.nonfinite = train_cfg.nonfinite
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)  # fp16 is refused by the config
+        return self.module
+
+    def compiled(self, model: nn.Module) -> nn.Module:
+        return model  # forward runs on the sharded module itself (blocks compiled in place by _shard)
 
     def _shard(self, blocks: list[nn.Module], fsdp_cfg, param_dtype) -> list[nn.Module]:
         """fully_shard each block, then the root (bottom-up, as FSDP requires) -> the sharded units."""

@@ -25,21 +25,23 @@ def should_compile(setting, device: torch.device) -> bool:
 
 class SingleEngine:
     def __init__(self, model, make_optimizer, make_scheduler, train_cfg, dist_info, channels_last: bool = False):
-        self.channels_last = channels_last
-        self.module = model.to(dist_info.device, memory_format=torch.channels_last) if channels_last \
-            else model.to(dist_info.device)
+        self.device, self.channels_last = dist_info.device, channels_last
+        self.amp_dtype = pick_dtype(train_cfg.precision, dist_info.device)
         self.compile = should_compile(train_cfg.compile, dist_info.device)
+        self.module = self.place(model)
         # what forward is called on: compiled, and wrapped by DDP in DDPEngine; weights stay in self.module
         self.model = self.compiled(self.module)
         self.optimizer = make_optimizer(self.module)
         self.scheduler = make_scheduler(self.optimizer)
         self.grad_accum = train_cfg.grad_accum
         self.clip = train_cfg.clip_grad_norm
-        self.device = dist_info.device
-        self.amp_dtype = pick_dtype(train_cfg.precision, dist_info.device)
         # fp16 needs loss scaling; the scaler also skips steps whose gradients overflowed
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.nonfinite = train_cfg.nonfinite
+
+    def place(self, model):
+        """The model on the device (channels-last weights where asked): what the optimizer steps."""
+        return model.to(self.device, memory_format=torch.channels_last) if self.channels_last else model.to(self.device)
 
     def compiled(self, model):
         return torch.compile(model) if self.compile else model
