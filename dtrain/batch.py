@@ -34,7 +34,7 @@ def size(batch) -> int:
     for v in values:
         if isinstance(v, torch.Tensor):
             return len(v)
-        if isinstance(v, Mapping) or (isinstance(v, (tuple, list)) and not all(isinstance(k, str) for k in v)):
+        if isinstance(v, Mapping) or (isinstance(v, (tuple, list)) and not _is_keys(v)):
             n = size(v)  # nested fields; a list of strings is the keys
             if n:
                 return n
@@ -46,10 +46,17 @@ def to_device(batch, move: Callable[[torch.Tensor], torch.Tensor]):
     if isinstance(batch, torch.Tensor):
         return move(batch)
     if isinstance(batch, (tuple, list)):
+        if _is_keys(batch):  # not walked string by string: ~1 us a key, per step
+            return batch
         return type(batch)(to_device(v, move) for v in batch)
     if isinstance(batch, Mapping):
         return {k: to_device(v, move) for k, v in batch.items()}
     return batch
+
+
+def _is_keys(values) -> bool:
+    """A list of strings (a batch's keys, or a text field): nothing in it to move or to count."""
+    return all(isinstance(k, str) for k in values)
 
 
 def model_input(batch):

@@ -203,8 +203,8 @@ class OptimConfig(Section):
     backbone_lr_ratio: float = Field(1.0, gt=0)
     """Peak LR of every parameter outside `head` as a fraction of `lr` (e.g. 0.1 when fine-tuning)."""
     fused: Union[Literal["auto"], bool] = "auto"
-    """AdamW: torch's fused kernel (`auto`: on GPU). It also skips a non-finite update on the device, so
-    train.nonfinite=skip needs no host sync per step."""
+    """AdamW: torch's fused kernel (`auto`: wherever torch has one for the parameters' device, GPU and CPU).
+    It also skips a non-finite update on the device, so train.nonfinite=skip needs no host sync per step."""
 
 
 class ScheduleConfig(Section):

