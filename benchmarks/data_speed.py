@@ -9,7 +9,7 @@
               D / (time(W + D) - time(W)), so start-up (imports, process group, data set creation, the final
               test and save) cancels (target >= 0.9).
 
-    OMP_NUM_THREADS=1 python benchmarks/data_speed.py train [--ranks 1,2 --warm 60 --delta 2000 --reps 3]
+    OMP_NUM_THREADS=1 python benchmarks/data_speed.py train [--ranks 1,2 --warm 60 --delta 3000 --reps 9]
     OMP_NUM_THREADS=1 python benchmarks/data_speed.py pipeline [--images 2000 --workers 2 --reps 3]
 
 (`hand` is the hand-written digits loop itself, started by `train`.)
@@ -122,14 +122,16 @@ def train(args) -> None:
         _timed(dtrain(args.warm, -1), cwd)  # warm-up: writes the digits shards, fills the page cache
         rates: dict[str, list[float]] = {"hand": [], "dtrain": []}
         for rep in range(args.reps):
-            for name, cmd in (("hand", handwritten), ("dtrain", dtrain)):
+            # which goes first alternates: a machine whose speed drifts favours neither
+            for name, cmd in (("hand", handwritten), ("dtrain", dtrain))[::1 if rep % 2 == 0 else -1]:
                 short, long = _timed(cmd(args.warm, rep), cwd), _timed(cmd(args.warm + args.delta, rep), cwd)
                 rates[name].append(args.delta / (long - short))
         h, d = statistics.median(rates["hand"]), statistics.median(rates["dtrain"])
-        ratio = statistics.median(b / a for a, b in zip(rates["hand"], rates["dtrain"]))
-        print(f"| {ranks} | {h:.0f} | {d:.0f} | {ratio:.2f} |", flush=True)
+        ratios = [b / a for a, b in zip(rates["hand"], rates["dtrain"])]
+        print(f"| {ranks} | {h:.0f} | {d:.0f} | {statistics.median(ratios):.2f} |", flush=True)
         print(f"  (per repetition, steps/s: hand {[round(r) for r in rates['hand']]}, "
-              f"dtrain {[round(r) for r in rates['dtrain']]})", file=sys.stderr, flush=True)
+              f"dtrain {[round(r) for r in rates['dtrain']]}; ratios {[round(r, 2) for r in ratios]})",
+              file=sys.stderr, flush=True)
 
 
 # ---- (a): an image pipeline, dtrain's stream vs webdataset + DataLoader written by hand ---------------------
@@ -231,8 +233,8 @@ def main() -> None:
     t = sub.add_parser("train")
     t.add_argument("--ranks", default="1,2")
     t.add_argument("--warm", type=int, default=60)
-    t.add_argument("--delta", type=int, default=2000)
-    t.add_argument("--reps", type=int, default=3)
+    t.add_argument("--delta", type=int, default=3000)
+    t.add_argument("--reps", type=int, default=9)
     t.add_argument("--out", default=None)
     t.add_argument("dtrain_overrides", nargs="*", help="extra dtrain config overrides, e.g. data.in_memory=false")
     a = sub.add_parser("pipeline")
