@@ -12,6 +12,11 @@
     OMP_NUM_THREADS=1 python benchmarks/data_speed.py train [--ranks 1,2 --warm 60 --delta 3000 --reps 9]
     OMP_NUM_THREADS=1 python benchmarks/data_speed.py pipeline [--images 2000 --workers 2 --reps 3]
 
+(b') interleaved  (b) in one process at one rank, an epoch of each in turn: what the whole-process timing
+              cannot give on a machine whose speed drifts between runs.
+
+    OMP_NUM_THREADS=1 python benchmarks/data_speed.py interleaved [--epochs 300]
+
 (`hand` is the hand-written digits loop itself, started by `train`.)
 """
 
@@ -31,58 +36,115 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # ---- (b): the hand-written loop on digits in memory --------------------------------------------------------
-def hand(args) -> None:
+class HandLoop:
     """What a minimal DDP script does: the digits split in memory, a seeded permutation per epoch, each rank
-    every world_size-th batch of 64, AdamW, clipping, a cosine LR schedule, and a validation pass
-    (all-reduced) after each epoch."""
-    import torch
-    import torch.distributed as td
-    import torch.nn.functional as F
+    every world_size-th batch of 64, AdamW, clipping, a cosine LR schedule over `steps`, and a validation
+    pass (all-reduced) after each epoch."""
 
-    from dtrain.config import load_config
-    from dtrain.data.datasets import digits
-    from dtrain.models import build_model
+    def __init__(self, steps: int, world: int = 1, rank: int = 0):
+        import torch
+
+        from dtrain.config import load_config
+        from dtrain.data.datasets import digits
+        from dtrain.models import build_model
+
+        self.world, self.rank = world, rank
+        self.cfg = cfg = load_config(REPO / "configs" / "digits.yaml")
+        splits, meta = digits()
+        x, self.y = (torch.from_numpy(a) for a in splits["train"])
+        self.x = x.float() * meta["x_scale"]
+        vx, vy = (torch.from_numpy(a) for a in splits["val"])
+        self.vx, self.vy = vx[rank::world].float() * meta["x_scale"], vy[rank::world]
+        self.model = build_model(cfg.model, {"input_shape": (1, 8, 8), "num_outputs": 10}, 0)
+        if world > 1:
+            self.model = torch.nn.parallel.DistributedDataParallel(self.model)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.optim.lr)
+        # the same cosine decay over the run as dtrain's schedule (the same training, not only the same model)
+        cosine = lambda s: 0.5 * (1 + math.cos(math.pi * min(s / steps, 1)))  # noqa: E731
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, cosine)
+        self.batch, self.g = cfg.data.batch_size, torch.Generator().manual_seed(0)
+        self.per_epoch = len(self.x) // (self.batch * world)
+
+    def epoch(self, steps: int) -> int:
+        """One epoch, or its first `steps` steps, then the validation pass. -> steps taken."""
+        import torch
+        import torch.distributed as td
+        import torch.nn.functional as F
+
+        model, opt, b, world, rank = self.model, self.opt, self.batch, self.world, self.rank
+        order = torch.randperm(len(self.x), generator=self.g)
+        n = min(self.per_epoch, steps)
+        for i in range(n):
+            idx = order[(i * world + rank) * b:(i * world + rank + 1) * b]
+            loss = F.cross_entropy(model(self.x[idx]), self.y[idx])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.train.clip_grad_norm)
+            opt.step()
+            self.sched.step()
+            opt.zero_grad(set_to_none=True)
+        model.eval()
+        with torch.no_grad():
+            total = torch.stack([F.cross_entropy(model(self.vx), self.vy, reduction="sum"),
+                                 torch.tensor(float(len(self.vy)))])
+        if world > 1:
+            td.all_reduce(total)
+        model.train()
+        return n
+
+
+def hand(args) -> None:
+    import torch.distributed as td
 
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     if world > 1:
         td.init_process_group("gloo")
-    cfg = load_config(REPO / "configs" / "digits.yaml")
-    splits, meta = digits()
-    x, y = (torch.from_numpy(a) for a in splits["train"])
-    x = x.float() * meta["x_scale"]
-    vx, vy = (torch.from_numpy(a) for a in splits["val"])
-    vx = vx[rank::world].float() * meta["x_scale"]
-    vy = vy[rank::world]
-    model = build_model(cfg.model, {"input_shape": (1, 8, 8), "num_outputs": 10}, 0)
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr)
-    # the same cosine decay over the run as dtrain's schedule (the same training, not only the same model)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / args.steps, 1))))
-    batch, g = cfg.data.batch_size, torch.Generator().manual_seed(0)
-    per_epoch = len(x) // (batch * world)
-    step = 0
+    loop, step = HandLoop(args.steps, world, rank), 0
     while step < args.steps:
-        order = torch.randperm(len(x), generator=g)
-        for i in range(per_epoch):
-            idx = order[(i * world + rank) * batch:(i * world + rank + 1) * batch]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad_norm)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            if step == args.steps:
-                break
-        model.eval()
-        with torch.no_grad():
-            total = torch.stack([F.cross_entropy(model(vx), vy, reduction="sum"), torch.tensor(float(len(vy)))])
-        if world > 1:
-            td.all_reduce(total)
-        model.train()
+        step += loop.epoch(args.steps - step)
     if world > 1:
+        td.barrier()  # no rank tears gloo down while a peer is still in a collective
         td.destroy_process_group()
+
+
+def interleaved(args) -> None:
+    """(b) in one process, one rank: an epoch of dtrain's Trainer (train_epoch: its steps, logging and
+    validation) and an epoch of the hand-written loop, alternating, so both see the same machine. The
+    whole-process measurement's repetitions vary with this machine's speed; this one pairs epochs ~25 ms apart."""
+    import contextlib
+
+    import torch
+
+    from dtrain import dist
+    from dtrain.config import load_config
+    from dtrain.trainer import Trainer
+
+    torch.set_num_threads(1)
+    root = Path(args.out or tempfile.mkdtemp(prefix="dtrain-interleaved-"))
+    cfg = load_config(REPO / "configs" / "digits.yaml", [
+        f"run.dir={root / 'runs'}", f"data.root={root / 'data'}", "log.progress=false", "train.epochs=100000",
+        "run.doctor=false", "checkpoint.save_best=false", *args.dtrain_overrides])
+    trainer = Trainer(cfg, dist.DistInfo("single", 0, 0, 1, torch.device("cpu"), None))
+    trainer.resume()
+    trainer.start_logs()
+    loop = HandLoop(cfg.train.epochs * trainer.feed.steps_per_epoch)
+
+    def dtrain_epoch() -> int:
+        first = trainer.step
+        with contextlib.closing(trainer.feed.batches(trainer.step)) as batches:
+            trainer.train_epoch(batches)
+        return trainer.step - first
+
+    times: dict[str, list[float]] = {"hand": [], "dtrain": []}
+    for i in range(args.epochs + 3):  # the first three: warm-up
+        for name, run in (("hand", lambda: loop.epoch(loop.per_epoch)), ("dtrain", dtrain_epoch)):
+            t0 = time.perf_counter()
+            steps = run()
+            if i >= 3:
+                times[name].append((time.perf_counter() - t0) / steps)
+    h, d = statistics.median(times["hand"]), statistics.median(times["dtrain"])
+    paired = statistics.median(a / b for a, b in zip(times["hand"], times["dtrain"]))
+    print(f"(b, in one process) {args.epochs} epochs each, alternating: hand-written {1 / h:.0f} steps/s, "
+          f"dtrain {1 / d:.0f} steps/s; ratio of medians {h / d:.2f}, median of paired ratios {paired:.2f}")
 
 
 def _launch(ranks: int, args: list[str]) -> list[str]:
@@ -237,6 +299,10 @@ def main() -> None:
     t.add_argument("--reps", type=int, default=9)
     t.add_argument("--out", default=None)
     t.add_argument("dtrain_overrides", nargs="*", help="extra dtrain config overrides, e.g. data.in_memory=false")
+    i = sub.add_parser("interleaved")
+    i.add_argument("--epochs", type=int, default=300)
+    i.add_argument("--out", default=None)
+    i.add_argument("dtrain_overrides", nargs="*")
     a = sub.add_parser("pipeline")
     a.add_argument("--images", type=int, default=2048)
     a.add_argument("--size", type=int, default=64)
@@ -247,7 +313,7 @@ def main() -> None:
     a.add_argument("--reps", type=int, default=3)
     a.add_argument("--out", default=None)
     args = p.parse_args()
-    {"hand": hand, "train": train, "pipeline": pipeline}[args.what](args)
+    {"hand": hand, "train": train, "interleaved": interleaved, "pipeline": pipeline}[args.what](args)
 
 
 if __name__ == "__main__":
