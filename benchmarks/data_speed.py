@@ -12,10 +12,11 @@
     OMP_NUM_THREADS=1 python benchmarks/data_speed.py train [--ranks 1,2 --warm 60 --delta 3000 --reps 9]
     OMP_NUM_THREADS=1 python benchmarks/data_speed.py pipeline [--images 2000 --workers 2 --reps 3]
 
-(b') interleaved  (b) in one process at one rank, an epoch of each in turn: what the whole-process timing
+(b') interleaved  (b) in one process a rank, an epoch of each in turn: what the whole-process timing
               cannot give on a machine whose speed drifts between runs.
 
     OMP_NUM_THREADS=1 python benchmarks/data_speed.py interleaved [--epochs 300]
+    OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 benchmarks/data_speed.py interleaved [--epochs 300]
 
 (`hand` is the hand-written digits loop itself, started by `train`.)
 """
@@ -107,9 +108,10 @@ def hand(args) -> None:
 
 
 def interleaved(args) -> None:
-    """(b) in one process, one rank: an epoch of dtrain's Trainer (train_epoch: its steps, logging and
-    validation) and an epoch of the hand-written loop, alternating, so both see the same machine. The
-    whole-process measurement's repetitions vary with this machine's speed; this one pairs epochs ~25 ms apart."""
+    """(b) in one process a rank (alone, or under torchrun): an epoch of dtrain's Trainer (train_epoch: its
+    steps, logging and validation) and an epoch of the hand-written loop, alternating, so both see the same
+    machine. The whole-process measurement's repetitions vary with this machine's speed; this one pairs
+    epochs ~25 ms apart."""
     import contextlib
 
     import torch
@@ -119,14 +121,16 @@ def interleaved(args) -> None:
     from dtrain.trainer import Trainer
 
     torch.set_num_threads(1)
-    root = Path(args.out or tempfile.mkdtemp(prefix="dtrain-interleaved-"))
+    root = Path(args.out or "/tmp/dtrain-interleaved")  # every rank the same
     cfg = load_config(REPO / "configs" / "digits.yaml", [
-        f"run.dir={root / 'runs'}", f"data.root={root / 'data'}", "log.progress=false", "train.epochs=100000",
-        "run.doctor=false", "checkpoint.save_best=false", *args.dtrain_overrides])
-    trainer = Trainer(cfg, dist.DistInfo("single", 0, 0, 1, torch.device("cpu"), None))
+        f"run.dir={root / 'runs'}", f"run.name=interleaved-{os.getppid()}", f"data.root={root / 'data'}",
+        "log.progress=false", "train.epochs=100000", "run.doctor=false", "checkpoint.save_best=false",
+        *args.dtrain_overrides])
+    info = dist.setup("gloo", 600.0, 60.0)  # under torchrun: both loops on the same process group
+    trainer = Trainer(cfg, info)
     trainer.resume()
     trainer.start_logs()
-    loop = HandLoop(cfg.train.epochs * trainer.feed.steps_per_epoch)
+    loop = HandLoop(cfg.train.epochs * trainer.feed.steps_per_epoch, info.world_size, info.global_rank)
 
     def dtrain_epoch() -> int:
         first = trainer.step
@@ -141,10 +145,14 @@ def interleaved(args) -> None:
             steps = run()
             if i >= 3:
                 times[name].append((time.perf_counter() - t0) / steps)
+    trainer.stop.close()
     h, d = statistics.median(times["hand"]), statistics.median(times["dtrain"])
     paired = statistics.median(a / b for a, b in zip(times["hand"], times["dtrain"]))
-    print(f"(b, in one process) {args.epochs} epochs each, alternating: hand-written {1 / h:.0f} steps/s, "
-          f"dtrain {1 / d:.0f} steps/s; ratio of medians {h / d:.2f}, median of paired ratios {paired:.2f}")
+    if info.is_global_zero:
+        print(f"(b, in one process a rank) {info.world_size} rank(s), {args.epochs} epochs each, alternating: "
+              f"hand-written {1 / h:.0f} steps/s, dtrain {1 / d:.0f} steps/s; ratio of medians {h / d:.2f}, "
+              f"median of paired ratios {paired:.2f}", flush=True)
+    dist.teardown()
 
 
 def _launch(ranks: int, args: list[str]) -> list[str]:

@@ -62,15 +62,16 @@ def test_two_ranks_with_accumulation_match_one_rank(tmp_path, full_batch_data):
 
 
 def test_early_stop_is_decided_for_all_ranks(tmp_path):
-    """Rank 1 validates on a shard whose labels are noise: its own validation loss alone would stop
+    """Rank 1 validates on samples whose labels are noise: its own validation loss alone would stop
     it early, rank 0's alone would not. Both must stop at the same step and exit (no hang)."""
     splits, meta = digits()
     x, y = splits["train"]
     vx, vy = splits["val"]
-    noisy = np.random.default_rng(0).integers(0, 10, 100)
+    val_y = vy[:200].copy()
+    val_y[1::2] = np.random.default_rng(0).integers(0, 10, 100)  # in memory, rank 1 evaluates every second sample
     root = tmp_path / "d"
-    write_shards(root, {"train": (x[:1200], y[:1200]), "val": (vx[:200], np.concatenate([vy[:100], noisy])),
-                        "test": splits["test"]}, meta, shard_size=100)
+    write_shards(root, {"train": (x[:1200], y[:1200]), "val": (vx[:200], val_y), "test": splits["test"]}, meta,
+                 shard_size=100)
     args = ["train", f"data.dataset=folder:{root}", "train.epochs=40", "train.val_every=5", "early_stop.patience=3",
             "log.all_ranks=true", "log.progress=false"]
     proc = run_torchrun(2, args, tmp_path, timeout=240)

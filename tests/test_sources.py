@@ -324,7 +324,15 @@ def test_in_memory_split_reads_exactly_as_the_shards(data_root, workers):
                                         for p, q in zip(a, b))
     for epoch in (0, 1):
         same(shard.train.epoch(epoch, start=2), memory.train.epoch(epoch, start=2))
-    same(shard.val.epoch(0), memory.val.epoch(0))
+    # evaluation in memory: every second sample of the split to each rank, all of them once over the ranks
+    def val_keys(rank, in_memory, world_size=2, workers=workers):
+        val = build_streams(cfg.data.model_copy(update={"in_memory": in_memory, "num_workers": workers}), seed=3,
+                            rank=rank, world_size=world_size).val
+        return [k for b in val.epoch(0) for k in b[2]]
+    keys = {(r, m): val_keys(r, m) for r in (0, 1) for m in (False, True)}
+    in_shard_order = val_keys(0, False, world_size=1, workers=0)
+    assert keys[0, True] == in_shard_order[0::2] and keys[1, True] == in_shard_order[1::2]
+    assert sorted(keys[0, False] + keys[1, False]) == sorted(in_shard_order)  # from the shards: by shard
     # the rest of an epoch dealt over 3 ranks (an elastic resume)
     segments = [Segment(2, 50, 1, workers, 0), Segment(3, 25, 1, workers, 4)]
     relaid = [s.train.relayout(rank=2, world_size=3, batch_size=25, grad_accum=1, num_workers=workers,

@@ -13,9 +13,11 @@ Every rank yields exactly `batches_per_epoch` training batches, computed from th
 any data is read: a rank whose shards run out wraps around to the start of its own order, a rank with
 more stops early. That keeps the collectives of all ranks in lock step even with uneven shards.
 
-A split that fits in memory (`in_memory`) is read and decoded once; its epochs are then the same order,
-computed by `elastic.py`'s replay (the one a test holds against the real pipelines), gathered from memory:
-the same batches and resume as from the shards, at the speed of indexing a tensor.
+A split that fits in memory (`in_memory`) is read and decoded once; its training epochs are then the same
+order, computed by `elastic.py`'s replay (the one a test holds against the real pipelines), gathered from
+memory: the same batches and resume as from the shards, at the speed of indexing a tensor. An evaluation
+split in memory is dealt by sample, not by shard (every world_size-th sample to a rank), so the ranks wait
+on none of them for their share of a split with few shards.
 """
 
 from __future__ import annotations
@@ -282,9 +284,10 @@ class ShardStream:
         """Batches `start..` of this epoch: exactly `batches_per_epoch - start` for training,
         one pass (last batch partial) for evaluation."""
         if not self.train:
-            if self.memory is not None:  # one unshuffled pass, the same every epoch: replayed once
+            if self.memory is not None:  # every world_size-th sample of the split (in shard order): equal
+                # shares however few its shards (the metrics are means over every sample either way)
                 if self._eval_rows is None:
-                    self._eval_rows = self._replayed_rows(0)
+                    self._eval_rows = torch.arange(self.rank, len(self.memory.load(self).columns), self.world_size)
                 rows = self._eval_rows
                 yield from self._from_memory(rows, epoch, start, math.ceil(len(rows) / self.batch_size), len(rows) or 1)
                 return
