@@ -77,8 +77,9 @@ class DataConfig(Section):
     num_classes: Optional[int] = Field(None, ge=1)
     """Classes of a classification task, for shards whose descriptor doesn't say."""
     in_memory: Union[bool, Literal["auto"]] = "auto"
-    """Read and decode each split once and keep it in memory: the same batches, order and resume as from the
-    shards, at the speed of indexing a tensor. `auto`: on for dtrain's own shards (x.npy) that are local
+    """Read and decode each split once and keep it in memory: the same training batches, order and resume as
+    from the shards, at the speed of indexing a tensor (evaluation splits: every world_size-th sample to a
+    rank, equal shares). `auto`: on for dtrain's own shards (x.npy) that are local
     files of at most data.in_memory_mb in all, unless DataLoader workers would run a transform; for other
     shards set it true yourself (decoded images can take many times their files' size)."""
     in_memory_mb: int = Field(256, ge=1)
