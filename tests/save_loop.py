@@ -35,6 +35,8 @@ def fork_server() -> None:
         if pid == 0:
             try:
                 save_until_killed(Path(line.strip()))
+            except BaseException as e:  # on stdout, so a test's failure names it (stderr is not in its report)
+                print("error", repr(e).replace("\n", " "), flush=True)
             finally:
                 os._exit(1)
         print("pid", pid, flush=True)

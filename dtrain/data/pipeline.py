@@ -171,7 +171,6 @@ class ShardStream:
         self.format = sample_format or DtrainFormat(index.task or "classification", index.x_scale)
         # True: read into memory on first use; a MemorySplit: share one (relayout)
         self.memory = in_memory if isinstance(in_memory, MemorySplit) else MemorySplit() if in_memory else None
-        self._eval_rows: Optional[torch.Tensor] = None
         self.grad_accum, self.remainder, self.prefetch_arg = grad_accum, remainder, prefetch_factor
         n = index.num_samples(split)
         per_step = batch_size * world_size * grad_accum
@@ -286,9 +285,7 @@ class ShardStream:
         if not self.train:
             if self.memory is not None:  # every world_size-th sample of the split (in shard order): equal
                 # shares however few its shards (the metrics are means over every sample either way)
-                if self._eval_rows is None:
-                    self._eval_rows = torch.arange(self.rank, len(self.memory.load(self).columns), self.world_size)
-                rows = self._eval_rows
+                rows = torch.arange(self.rank, len(self.memory.load(self).columns), self.world_size)
                 yield from self._from_memory(rows, epoch, start, math.ceil(len(rows) / self.batch_size), len(rows) or 1)
                 return
             batches = rebatch(self._one_pass(epoch), self.batch_size, partial=True)
