@@ -24,7 +24,7 @@ def full_batch_data(tmp_path_factory):
 
 
 COMMON = ["train.epochs=12", "data.shuffle_buffer=0", "model.kwargs.dropout=0", "optim.lr=0.01", "log.progress=false",
-          "schedule.warmup_steps=3"]
+          "schedule.warmup_steps=3", "train.log_every=2"]
 
 
 def close(a: dict, b: dict, atol=1e-5) -> bool:

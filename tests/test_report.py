@@ -82,7 +82,7 @@ def test_wandb_offline_run_resumes_with_the_same_id_and_never_records_secrets(tm
     secret, token = "fake0123456789abcdef0123456789abcdef0123", "another-fake-token-7b1e9d"
     env = {"WANDB_API_KEY": secret, "HF_TOKEN": token}
     args = ["train", f"data.root={data_root}", "train.epochs=2", "wandb.enabled=true", "wandb.project=tests",
-            "run.name=wb", "log.progress=false"]
+            "run.name=wb", "log.progress=false", "train.log_every=10"]
     first = run_dtrain(args + ["run.stop_at_step=20"], tmp_path, env=env, process=True)
     assert "wandb: started run" in first.stderr
     second = run_dtrain(args, tmp_path, env=env, process=True)

@@ -87,3 +87,22 @@ def test_missing_shard_is_one_line(tmp_path, data_root):
     proc = run_dtrain(["train", "data.root=d"], tmp_path, check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("dtrain: error: data: missing shard")
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_eval_batch_size_changes_the_batches_not_the_metrics(data_root, in_memory):
+    from dtrain import dist
+    from dtrain.build import build_core
+    from dtrain.config import load_config
+
+    def evaluate(*overrides):
+        cfg = load_config(None, [f"data.root={data_root}", f"data.in_memory={str(in_memory).lower()}", *overrides])
+        core = build_core(cfg, dist.setup(force_single=True), log=lambda msg: None)
+        sizes = [len(b[1]) for b in core.data.val.epoch(0)]
+        return sizes, core.evaluator.evaluate(core.data.val, "val"), core.evaluator.evaluate(core.data.test, "test")
+
+    sizes, *default = evaluate()
+    big_sizes, *big = evaluate("data.eval_batch_size=1000", "data.batch_size=32")  # the training batch is not it
+    assert sizes[:-1] == [64] * (len(sizes) - 1) and big_sizes == [sum(sizes)]
+    for a, b in zip(default, big):
+        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-6) for k in a)
