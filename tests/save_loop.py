@@ -29,7 +29,7 @@ def save_until_killed(root: Path) -> None:
 def fork_server() -> None:
     """Python and torch imported once, a fresh saver process forked for each checkpoint directory
     read from stdin: a trial costs a fork, not an interpreter start. Prints the child's pid, then
-    `reaped` once it has died (the test SIGKILLs it)."""
+    `reaped CODE` once it has died (the test SIGKILLs it: CODE -9; os.waitstatus_to_exitcode)."""
     for line in sys.stdin:
         pid = os.fork()
         if pid == 0:
@@ -40,8 +40,8 @@ def fork_server() -> None:
             finally:
                 os._exit(1)
         print("pid", pid, flush=True)
-        os.waitpid(pid, 0)
-        print("reaped", flush=True)
+        _, status = os.waitpid(pid, 0)
+        print("reaped", os.waitstatus_to_exitcode(status), flush=True)
 
 
 if __name__ == "__main__":

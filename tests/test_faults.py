@@ -1,6 +1,7 @@
 """Fault injection with real processes and real signals: kills during saves, killed and signalled
 ranks, stalled ranks, corrupt and malicious checkpoints, a full disk, NaNs, and secrets."""
 
+import contextlib
 import json
 import os
 import pickle
@@ -30,21 +31,38 @@ def kill_during_save_trials(tmp_path: Path, trials: int) -> dict:
     new process resumes from the newest complete checkpoint. The processes are forked by one server
     (tests/save_loop.py --fork-server) so that a trial does not pay for an interpreter and torch import."""
     root = tmp_path / "ckpts"
-    counts = {"trials": 0, "killed_mid_write": 0, "resumed_ok": 0}
+    counts = {"trials": 0, "killed_mid_write": 0, "resumed_ok": 0, "killed_by_another_signal": 0}
     expected_min = 0
     rng = random.Random(0)
     server = subprocess.Popen([sys.executable, str(REPO / "tests" / "save_loop.py"), "--fork-server"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
+
+    def read_until(*wanted: str) -> dict:  # the server's and the saver's lines, in whatever order they come
+        lines: dict = {}
+        while not all(any(w in lines for w in alternatives.split("|")) for alternatives in wanted):
+            key, _, value = server.stdout.readline().strip().partition(" ")
+            assert key, f"the fork server ended: {lines}"
+            lines[key] = value
+        assert "error" not in lines, f"the saver failed: {lines['error']}"  # its exception, before `reaped`
+        return lines
+
     try:
         for _ in range(trials):
             server.stdin.write(f"{root}\n")
             server.stdin.flush()
-            lines = dict(server.stdout.readline().split(maxsplit=1) for _ in range(2))  # pid and ready, any order
-            assert "ready" in lines and "pid" in lines, lines
-            assert int(lines["ready"]) >= expected_min  # resumed from the newest complete checkpoint, not older
-            time.sleep(rng.uniform(0.02, 0.3))  # the loop does nothing but save: this lands inside a save
-            os.kill(int(lines["pid"]), signal.SIGKILL)
-            assert server.stdout.readline().strip() == "reaped"
+            lines = read_until("pid", "ready|reaped")
+            if "ready" in lines:
+                assert int(lines["ready"]) >= expected_min  # resumed from the newest complete checkpoint, not older
+                time.sleep(rng.uniform(0.02, 0.3))  # the loop does nothing but save: this lands inside a save
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(lines["pid"]), signal.SIGKILL)
+                lines.update(read_until("reaped"))
+            # A saver killed by a signal this test did not send (once in a few CI runs one died before `ready`,
+            # while other tests' processes start and end on a machine whose pids wrap at 32768) is one more
+            # kill at a random moment: the same checks hold. An exit of its own (an exception) is a failure.
+            code = int(lines["reaped"])
+            assert code < 0, f"the saver exited with {code}, not killed by a signal: {lines}"
+            counts["killed_by_another_signal"] += code != -signal.SIGKILL or "ready" not in lines
             counts["trials"] += 1
             counts["killed_mid_write"] += any(root.glob(".tmp-step-*"))
             found = Checkpointer(root, 2, SINGLE, "test").load_latest(lambda m: None)
@@ -69,7 +87,7 @@ def test_kill_during_save(tmp_path, capsys):
     counts = kill_during_save_trials(tmp_path, 100)
     with capsys.disabled():
         print(f"\nkill-during-save: {counts}")
-    assert counts["resumed_ok"] >= 95 and counts["killed_mid_write"] >= 20
+    assert counts["resumed_ok"] >= 95 and counts["killed_mid_write"] >= 20 and counts["killed_by_another_signal"] <= 3
 
 
 # ---- corrupt and malicious checkpoints ----------------------------------------------------------
