@@ -32,7 +32,17 @@ node_names() {  # prints the NodeNames for mode $1
   if [ "$1" = 2 ]; then echo "n1 n2"; else host_short; fi
 }
 
-pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1" 2>/dev/null)" 2>/dev/null; }
+# The daemon's pid from its pid file ($1), only while that pid is still that daemon (slurmd-n1.pid: slurmd):
+# a stale file's pid may since belong to any process (pids wrap at 32768 here), which must not be signalled.
+daemon_pid() {
+  local pid
+  [ -f "$1" ] || return 1
+  pid=$(cat "$1" 2>/dev/null) && [ -n "$pid" ] || return 1
+  [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$(basename "$1" .pid | sed 's/-.*//')" ] || return 1
+  echo "$pid"
+}
+
+pid_alive() { daemon_pid "$1" >/dev/null; }
 
 # ---------------------------------------------------------------- install
 install_pkgs() {
@@ -188,14 +198,13 @@ dump_logs() {
   sinfo -N -l >&2 2>/dev/null || true
 }
 
-kill_pidfile() {  # $1 = pidfile; SIGTERM, wait, SIGKILL
+kill_pidfile() {  # $1 = pidfile; SIGTERM, wait, SIGKILL (the daemon only: see daemon_pid)
   local f=$1 pid
   [ -f "$f" ] || return 0
-  pid=$(cat "$f" 2>/dev/null || true)
-  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+  if pid=$(daemon_pid "$f"); then
     kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
+    for _ in $(seq 1 50); do daemon_pid "$f" >/dev/null || break; sleep 0.1; done
+    if daemon_pid "$f" >/dev/null; then kill -KILL "$pid" 2>/dev/null || true; fi
   fi
   rm -f "$f"
 }
