@@ -30,6 +30,9 @@ def fork_server() -> None:
     """Python and torch imported once, a fresh saver process forked for each checkpoint directory
     read from stdin: a trial costs a fork, not an interpreter start. Prints the child's pid, then
     `reaped CODE` once it has died (the test SIGKILLs it: CODE -9; os.waitstatus_to_exitcode)."""
+    # one intra-op thread: a fork must not inherit a thread pool (a forked saver hung for 600 s in one ci-like
+    # run, and another died before `ready`); the saves here are I/O, not arithmetic
+    torch.set_num_threads(1)
     for line in sys.stdin:
         pid = os.fork()
         if pid == 0:

@@ -35,7 +35,8 @@ def kill_during_save_trials(tmp_path: Path, trials: int) -> dict:
     expected_min = 0
     rng = random.Random(0)
     server = subprocess.Popen([sys.executable, str(REPO / "tests" / "save_loop.py"), "--fork-server"],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})  # no OpenMP pool across forks
 
     def read_until(*wanted: str) -> dict:  # the server's and the saver's lines, in whatever order they come
         lines: dict = {}
