@@ -7,8 +7,9 @@ behind training; every rank reads the same value at the same step and stops toge
 every step while steps take CHECK_EVERY_S or longer; for shorter steps every few steps, about
 CHECK_EVERY_S apart (an extra collective per millisecond-long CPU step cost 25-30% of the throughput
 of 2 CPU ranks; every 0.25 s instead would gain another ~3% there, but the answer comes a check later,
-up to 100 millisecond-steps after the signal: a short run then ends before it stops). The reduce also carries each rank's recent step time, so all ranks compute the
-same next check from the same agreed (maximum) value. A second SIGINT aborts at once, and so does
+up to 100 millisecond-steps after the signal: a short run then ends before it stops). The reduce also
+carries each rank's recent step time, so all ranks compute the same next check from the same agreed
+(maximum) value. A second SIGINT aborts at once, and so does
 SIGTERM on a rank that has been inside one step for longer than the collective timeout: it is stuck
 (its peers have given up on it), and the launcher sends SIGTERM to end it, not to wait for a step
 that will not finish.

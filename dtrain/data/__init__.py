@@ -138,9 +138,9 @@ def build_streams(cfg, *, seed: int, rank: int, world_size: int, grad_accum: int
     train = ShardStream(train_index, "train", train=True, seed=seed, grad_accum=grad_accum,
                         shuffle_buffer=cfg.shuffle_buffer, remainder=cfg.remainder, transform=train_transform,
                         in_memory=_in_memory(cfg, train_index, "train", fmt, train_transform, workers), **common)
-    common["batch_size"] = cfg.eval_batch_size or cfg.batch_size
+    evaluation = {**common, "batch_size": cfg.eval_batch_size or cfg.batch_size}
     evals = {split: ShardStream(index, split, seed=seed, in_memory=_in_memory(cfg, index, split, fmt, None, workers),
-                                **common) if index.has(split) else None for split in ("val", "test")}
+                                **evaluation) if index.has(split) else None for split in ("val", "test")}
     return Streams(train, evals["val"], evals["test"], index, task=cfg.task or index.task or "classification",
                    num_classes=cfg.num_classes or index.num_classes,
                    y_mean=index.stats.get("train", {}).get("y_mean", 0.0), classes=index.classes)
