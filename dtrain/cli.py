@@ -271,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dtrain", description="Distributed data-parallel training with PyTorch.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train (one worker; start several with torchrun or srun)")
+    t = sub.add_parser("train", help="train (one worker; start several with torchrun or srun)",
+                       epilog="`dtrain config --describe` lists every key with its default and what it does; "
+                              "`dtrain config [--config FILE] [key=value ...]` prints the resolved config.")
     t.add_argument("--config", help="YAML config (defaults: the digits example)")
     t.add_argument("--debug", action="store_true",
                    help="one process, no data workers, anomaly detection, train.debug_steps steps with per-step detail")
@@ -307,7 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
     e.set_defaults(func=_eval)
 
-    x = sub.add_parser("export", help="a checkpoint (DeepSpeed ZeRO or FSDP shards too) as one plain fp32 state-dict file")
+    x = sub.add_parser("export", help="a checkpoint (DeepSpeed ZeRO or FSDP shards too) as one plain file: "
+                                      "{'model': fp32 state dict, 'config': dict, 'step': int}",
+                       epilog="Load it with torch.load(FILE, weights_only=True)['model'] (no DeepSpeed or "
+                              "torch.distributed needed), or evaluate it with `dtrain eval --checkpoint FILE`.")
     x.add_argument("--checkpoint", required=True, help="checkpoints/step-N directory, or a run directory (its best)")
     x.add_argument("--out", required=True, help="output file, e.g. model.pt")
     x.set_defaults(func=_export)
