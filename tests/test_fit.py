@@ -92,3 +92,13 @@ def test_every_rank_returns_the_same_result_under_torchrun(tmp_path, data_root):
     assert {k: v for k, v in results[0].items() if k != "rank"} == {k: v for k, v in results[1].items() if k != "rank"}
     assert results[0]["stop_reason"] == "completed" and "test/acc" in results[0]["metrics"]
     assert results[0]["best"].endswith(f"step-{results[0]['best_step']:08d}")
+
+
+def test_in_a_jupyter_kernel_the_arguments_default_to_none(monkeypatch):
+    from dtrain.build import Hooks
+    from dtrain.cli import parse_args
+    monkeypatch.setattr("sys.argv", ["/venv/lib/ipykernel_launcher.py", "-f", "/run/jupyter/kernel-1.json"])
+    args = parse_args(None, Hooks())
+    assert (args.command, args.overrides, args.config) == ("train", [], None)
+    monkeypatch.setattr("sys.argv", ["train.py", "optim.lr=0.5"])  # a script: its own arguments
+    assert parse_args(None, Hooks()).overrides == ["optim.lr=0.5"]
