@@ -24,17 +24,14 @@ SECRET_KEYS = frozenset({
     "passwd", "secret", "client_secret", "private_key", "credentials", "authorization",
 })
 SECRET_ENV = re.compile(r"(^|_)(TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIALS?|APIKEY)(_|$)", re.IGNORECASE)
-# values too plain to be secrets: redacting every string that contains them would lose hyperparameters
-_PLAIN = {"true", "false", "yes", "no", "none", "null", "0", "1"}
 
 
 def secret_values(environ: Optional[Mapping[str, str]] = None) -> set[str]:
-    """The values of this process's secret-looking environment variables that are long enough to be
-    secrets (8+ characters) and are not paths (GOOGLE_APPLICATION_CREDENTIALS names a file: the file is the
-    secret, a config that mentions its directory is not)."""
+    """The values of this process's secret-looking environment variables that can be secrets: 8+ characters
+    (shorter ones, "false" or "1", occur inside hyperparameters) and not a path (GOOGLE_APPLICATION_CREDENTIALS
+    names a file: the file is the secret, a config that mentions its directory is not)."""
     environ = os.environ if environ is None else environ
-    return {v for k, v in environ.items()
-            if SECRET_ENV.search(k) and len(v) >= 8 and v.lower() not in _PLAIN and not os.path.exists(v)}
+    return {v for k, v in environ.items() if SECRET_ENV.search(k) and len(v) >= 8 and not os.path.exists(v)}
 
 
 def redact(value: Any, secrets: Optional[set[str]] = None) -> Any:
