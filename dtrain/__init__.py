@@ -6,7 +6,8 @@ From a config: `dtrain train --config X.yaml key=value ...`. From your own scrip
     dtrain.main(model=build_model, loss=my_loss, metrics=my_metrics)
 
 launched exactly as the command is (`python train.py ...`, `torchrun --nproc-per-node N train.py ...`,
-`srun python train.py ...`), with the same config, overrides, run directory and guarantees.
+`srun python train.py ...`), with the same config, overrides, run directory and guarantees. `dtrain.fit(...)`
+takes the same arguments and returns the run's result instead of exiting (a notebook, a sweep, a script).
 """
 
 __version__ = "0.1.0"
@@ -41,3 +42,30 @@ def main(argv=None, *, config=None, model=None, loss=None, metrics=None, forward
 
     hooks = Hooks(model, loss, metrics, forward, param_groups, sample, transform, collate)
     raise SystemExit(cli_main(argv, hooks, config))
+
+
+def fit(argv=None, *, config=None, model=None, loss=None, metrics=None, forward=None, param_groups=None,
+        sample=None, transform=None, collate=None):
+    """Train exactly as `main` does (the same arguments, argv, config, hooks; under torchrun or srun too),
+    then return the run's `dtrain.result.FitResult` on every rank instead of exiting: exit_code, stop_reason,
+    step, total_steps, run_dir, metrics (the last value of each), best_metrics and best_step (the lowest
+    validation loss), best_checkpoint, latest_checkpoint.
+
+    Named after what a Lightning or Keras user calls to train (`trainer.fit(...)`, `model.fit(...)`, which
+    returns its History): it trains (and tests the best weights); the other commands stay with `main`.
+
+    How it ends, as a Python caller expects:
+    - done, or interrupted (SIGTERM, SIGUSR1, run.stop_at_step): it returns; `result.interrupted` (exit code
+      75) says the same call again resumes the run.
+    - bad input (config, data, hooks, launch, a checkpoint that can't be resumed, a held run directory):
+      it raises dtrain's own error (`dtrain.cli.user_errors()`: ConfigError, DataError, ...), whose text is
+      the one line `main` would print before exiting 2. Nothing is written.
+    - a rank stalled or died: dtrain.dist.CollectiveError (main: exit 1); an error in your own code: yours,
+      with its traceback.
+
+    `argv` defaults to sys.argv[1:] (in a Jupyter kernel, to []); its command may be omitted or `train`.
+    """
+    from .build import Hooks
+    from .cli import fit as cli_fit
+
+    return cli_fit(argv, Hooks(model, loss, metrics, forward, param_groups, sample, transform, collate), config)

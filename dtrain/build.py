@@ -82,7 +82,7 @@ class DataFacts:
 
 def build_model_for(cfg: Config, facts: DataFacts, hooks: Hooks, log: Callable[[str], None]) -> nn.Module:
     """The model with its pretrained weights (model.init_from), on the CPU."""
-    model = build_model(cfg.model, facts.for_factory(), cfg.run.seed, hooks.model)
+    model = build_model(cfg.model, facts.for_factory(), cfg.run.seed, hooks.model, log)
     if cfg.model.init_from or cfg.model.freeze_all_but_head or cfg.optim.backbone_lr_ratio != 1 or \
             cfg.model.head != "head":  # needed, or named on purpose: it must name a module (one line if not)
         find_module(model, cfg.model.head)

@@ -15,13 +15,17 @@ EXIT_FAILED = 1  # a rank stalled or died: CollectiveError
 
 
 def _train(args) -> int:
-    from .signals import EXIT_INTERRUPTED
+    return _fit(args, print_result=True).exit_code
 
+
+def _fit(args, print_result: bool = False):
+    """Train (and test) as `args` say. -> the run's FitResult, on every rank."""
     import torch
 
     from . import dist
     from .config import load_config
     from .build import run_dir_of
+    from .result import collect
     from .runlock import hold
     from .trainer import Trainer
 
@@ -45,10 +49,10 @@ def _train(args) -> int:
         trainer = Trainer(cfg, info, debug=args.debug, hooks=args.hooks)
         if cfg.run.doctor and info.distributed:
             _check_health(cfg, info, trainer.run_dir, trainer.engine.module, brief=True)
-        result = trainer.fit()  # config.yaml is written once the resume is settled (RunLogger.start)
-        if info.is_global_zero:
-            print(json.dumps(result), flush=True)
-    return EXIT_INTERRUPTED if result["stop_reason"].startswith("signal") else 0
+        outcome = trainer.fit()  # config.yaml is written once the resume is settled (RunLogger.start)
+        if print_result and info.is_global_zero:
+            print(json.dumps(outcome), flush=True)
+        return collect(trainer, outcome)
 
 
 @contextlib.contextmanager
@@ -267,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dtrain", description="Distributed data-parallel training with PyTorch.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train (one worker; start several with torchrun or srun)")
+    t = sub.add_parser("train", help="train (one worker; start several with torchrun or srun)",
+                       epilog="`dtrain config --describe` lists every key with its default and what it does; "
+                              "`dtrain config [--config FILE] [key=value ...]` prints the resolved config.")
     t.add_argument("--config", help="YAML config (defaults: the digits example)")
     t.add_argument("--debug", action="store_true",
                    help="one process, no data workers, anomaly detection, train.debug_steps steps with per-step detail")
@@ -303,7 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
     e.set_defaults(func=_eval)
 
-    x = sub.add_parser("export", help="a checkpoint (DeepSpeed ZeRO or FSDP shards too) as one plain fp32 state-dict file")
+    x = sub.add_parser("export", help="a checkpoint (DeepSpeed ZeRO or FSDP shards too) as one plain file: "
+                                      "{'model': fp32 state dict, 'config': dict, 'step': int}",
+                       epilog="Load it with torch.load(FILE, weights_only=True)['model'] (no DeepSpeed or "
+                              "torch.distributed needed), or evaluate it with `dtrain eval --checkpoint FILE`.")
     x.add_argument("--checkpoint", required=True, help="checkpoints/step-N directory, or a run directory (its best)")
     x.add_argument("--out", required=True, help="output file, e.g. model.pt")
     x.set_defaults(func=_export)
@@ -360,36 +369,74 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None, hooks=None, defaults: dict | None = None) -> int:
-    """`dtrain ...`, or a user's script (`dtrain.main(model=...)` hands in `hooks`): there the command is
-    optional and defaults to train, so `python train.py key=value` trains like `dtrain train key=value`."""
+def user_errors() -> tuple[type[Exception], ...]:
+    """dtrain's errors for bad input (config, data, launch, checkpoint, health check, run directory): one line
+    naming the problem and the fix; `dtrain ...` prints it and exits 2."""
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .data import DataError
-    from .dist import CollectiveError, LaunchError
+    from .dist import LaunchError
     from .runlock import RunDirError
 
+    return ConfigError, DataError, LaunchError, CheckpointError, DoctorError, RunDirError
+
+
+def parse_args(argv: list[str] | None, hooks=None, defaults: dict | None = None) -> argparse.Namespace:
+    """dtrain's command line; for a user's script (`hooks` handed in) the command is optional and defaults
+    to train, so `python train.py key=value` trains like `dtrain train key=value`."""
     parser = build_parser()
     if hooks is not None:
-        argv = list(sys.argv[1:] if argv is None else argv)
+        if argv is None:  # in a Jupyter kernel sys.argv is the kernel's own (-f connection.json), not overrides
+            argv = [] if Path(sys.argv[0]).name == "ipykernel_launcher.py" else sys.argv[1:]
+        argv = list(argv)
         commands = next(a.choices for a in parser._subparsers._group_actions)
         if not argv or argv[0] not in commands:
             argv = ["train", *argv]
         parser.prog = Path(sys.argv[0]).name
     args = parser.parse_args(argv)
     args.hooks, args.defaults = hooks, defaults
-    func = args.func
+    return args
+
+
+def _recorded(func):
     if "TORCHELASTIC_ERROR_FILE" in os.environ:  # under torchrun: uncaught errors go into its error record
         from torch.distributed.elastic.multiprocessing.errors import record
-        func = record(func)
+        return record(func)
+    return func
+
+
+def main(argv: list[str] | None = None, hooks=None, defaults: dict | None = None) -> int:
+    """`dtrain ...`, or a user's script (`dtrain.main(model=...)` hands in `hooks`). -> the exit code."""
+    from .dist import CollectiveError
+
+    args = parse_args(argv, hooks, defaults)
     try:
-        return func(args)
-    except (ConfigError, DataError, LaunchError, CheckpointError, DoctorError, RunDirError) as e:
+        return _recorded(args.func)(args)
+    except user_errors() as e:
         print(f"dtrain: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except CollectiveError as e:
         print(f"dtrain: error: {e}", file=sys.stderr)
         return EXIT_FAILED
+
+
+def fit(argv: list[str] | None, hooks, defaults: dict | None = None):
+    """`dtrain.fit`: train as `dtrain.main` would, and return the run's FitResult instead of exiting. Bad
+    input raises (one of user_errors(), the one-line message as its text); an interrupted run returns."""
+    import io
+
+    from .config import ConfigError
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()) as usage:
+            args = parse_args(argv, hooks, defaults)
+    except SystemExit as e:
+        if not e.code:  # --help: printed, as asked
+            raise
+        raise ConfigError(usage.getvalue().strip().splitlines()[-1]) from None  # argparse's own line, as raised
+    if args.func is not _train:
+        raise ConfigError(f"fit: it trains; `{args.command}` is run by dtrain.main (or the dtrain command)")
+    return _recorded(_fit)(args)
 
 
 if __name__ == "__main__":

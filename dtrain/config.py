@@ -2,7 +2,7 @@
 
 One precedence rule: command-line override > YAML file > defaults below. Each component
 is handed only its own section. Every field's docstring is its documentation
-(`dtrain train --help-config` prints them).
+(`dtrain config --describe` prints them).
 """
 
 from __future__ import annotations

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import secrets
 import sys
 from pathlib import Path
@@ -23,17 +22,7 @@ from tqdm import tqdm
 
 from .config import ConfigError
 from .records import keep_records
-
-# Config keys whose values never leave the machine, should such a key ever appear in a config.
-SECRET_KEY = re.compile(r"api_?key|token|secret|password|credential", re.IGNORECASE)
-
-
-def redact(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: "<redacted>" if SECRET_KEY.search(str(k)) else redact(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v) for v in value]
-    return value
+from .redaction import redact
 
 
 class WandbRun:

@@ -53,3 +53,13 @@ def test_cli_user_errors_are_one_line_exit_2(tmp_path, args, needle):
     lines = proc.stderr.strip().splitlines()
     assert needle in lines[-1] and lines[-1].startswith("dtrain: error:")
     assert "Traceback" not in proc.stderr
+
+
+def test_train_help_points_at_the_config_keys_and_the_docs_at_what_exists(capsys):
+    import dtrain.config
+    from dtrain.cli import main
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "`dtrain config --describe` lists every key" in " ".join(capsys.readouterr().out.split())
+    assert "`dtrain config --describe` prints them" in dtrain.config.__doc__
+    assert main(["config", "--describe"]) == 0 and "optim.lr" in capsys.readouterr().out

@@ -63,3 +63,43 @@ def test_dropout_is_off_in_eval_mode():
     assert torch.equal(m(x), m(x)) and torch.allclose(m(x), plain.eval()(x))  # eval: deterministic, no dropout
     m.train()
     assert not torch.equal(m(x), m(x))  # training: a new mask every call
+
+
+# ---- Hugging Face configs take any key: the ones the config class does not know are said once -----------
+BERT = ["model.factory=transformers:BertForSequenceClassification", "model.head=classifier",
+        "model.kwargs={config: {_target_: 'transformers:BertConfig', vocab_size: 64, hidden_size: 16, "
+        "num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 32, num_labels: 3, pad_token_id: 0}}"]
+GPT2 = ["model.factory=transformers:GPT2LMHeadModel", "model.head=lm_head",
+        "model.kwargs={config: {_target_: 'transformers:GPT2Config', vocab_size: 64, n_positions: 16, n_layer: 1, "
+        "n_head: 2, hidden_size: 16, tie_word_embeddings: false}}"]  # hidden_size: GPT-2's alias of n_embd
+
+
+@pytest.mark.parametrize("overrides, said", [
+    (BERT, []),
+    (GPT2, []),
+    (BERT + ["model.kwargs.config.hiden_size=32"], ["model: model.kwargs.config: keys unknown to BertConfig (kept "
+                                                    "by it, unused by the model): hiden_size (did you mean hidden_size?)"]),
+    (GPT2 + ["model.kwargs.config.n_layers=3", "model.kwargs.config.my_note=x"],
+     ["model: model.kwargs.config: keys unknown to GPT2Config (kept by it, unused by the model): n_layers (did you "
+      "mean n_layer?), my_note"]),
+])
+def test_keys_a_hugging_face_config_does_not_know_are_said_once(overrides, said):
+    pytest.importorskip("transformers")
+    lines = []
+    m = build_model(load_config(None, overrides).model, {"input_shape": (16,), "num_outputs": 3}, 0, log=lines.append)
+    assert lines == said
+    assert m.config.to_dict().get("n_embd", m.config.hidden_size) == 16  # built all the same, typo ignored
+
+
+def test_the_unknown_key_line_comes_once_at_start_up(tmp_path, data_root, capsys):
+    from dtrain.cli import main
+    pytest.importorskip("transformers")
+    hf_resnet = ["model.factory=transformers:ResNetForImageClassification", "model.head=classifier",
+                 "model.kwargs={config: {_target_: 'transformers:ResNetConfig', num_channels: 1, num_labels: 10, "
+                 "embedding_size: 8, hidden_sizes: [8, 16], depths: [1, 1], layer_type: basic, hiden_act: gelu}}"]
+    assert main(["train", f"data.root={data_root}", f"run.dir={tmp_path}", "log.progress=false", "train.max_steps=2",
+                 *hf_resnet]) == 0
+    err = capsys.readouterr().err
+    assert err.count("keys unknown to ResNetConfig") == 1
+    assert "model: model.kwargs.config: keys unknown to ResNetConfig (kept by it, unused by the model): hiden_act " \
+           "(did you mean hidden_act?)\n" in err

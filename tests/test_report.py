@@ -13,6 +13,7 @@ from dtrain.cli import main
 from dtrain.config import load_config
 from dtrain.logging import NullLogger, build_logger, redact
 from dtrain.optim import Schedule
+from dtrain.redaction import secret_values
 from dtrain.plot import plot_run
 from wandb_records import read_run
 
@@ -117,3 +118,28 @@ def test_only_rank_zero_logs_and_secrets_are_redacted(tmp_path):
     assert logger.wandb is None and not any(tmp_path.iterdir())
     assert redact({"a": {"api_key": "x", "hf_token": "y", "lr": 1}, "b": [{"password": "z"}]}) == \
         {"a": {"api_key": "<redacted>", "hf_token": "<redacted>", "lr": 1}, "b": [{"password": "<redacted>"}]}
+
+
+def test_redaction_keeps_every_hyperparameter_and_catches_secrets_by_key_and_by_value(tmp_path):
+    env = {"WANDB_API_KEY": "fake0123456789abcdef", "HF_TOKEN": "hf_fakeFAKEfake123", "MY_SERVICE_PASSWORD": "hunter2!x",
+           "AWS_SECRET_ACCESS_KEY": "aws/fake+secret=42", "GOOGLE_APPLICATION_CREDENTIALS": str(tmp_path),
+           "TOKENIZERS_PARALLELISM": "false", "SHORT_TOKEN": "abc", "HOME": "/home/someone-long-enough"}
+    secrets = secret_values(env)
+    assert secrets == {"fake0123456789abcdef", "hf_fakeFAKEfake123", "hunter2!x", "aws/fake+secret=42"}
+    # hyperparameters whose names contain token, key, secret...: kept as they are (W&B showed pad_token_id
+    # as "<redacted>" while config.yaml kept 0)
+    hyper = {"model": {"kwargs": {"config": {"_target_": "transformers:BertConfig", "pad_token_id": 0,
+                                             "max_tokens": 512, "tokenizer": "bytes", "num_keys": 4,
+                                             "secret_sharing_rounds": 3, "key_dim": [64, 64]}}},
+             "run": {"dir": str(tmp_path), "name": "a-token-run"}, "data": {"sample": {"x": "txt", "y": "cls"}}}
+    assert redact(hyper, secrets) == hyper
+    # secrets: by exact key name (any value), and by value under any key, inside longer strings too
+    planted = {"model": {"kwargs": {"token": "anything", "API-Key": 3, "hf_token": None, "tokenizer": "bytes"}},
+               "data": {"train": "pipe:curl -H 'Authorization: Bearer hf_fakeFAKEfake123' https://x/a.tar",
+                        "val": ["ok.json", "s3://bucket/x?sig=aws/fake+secret=42"]},
+               "run": {"name": "fake0123456789abcdef"}, "b": [{"password": "z"}]}
+    assert redact(planted, secrets) == {
+        "model": {"kwargs": {"token": "<redacted>", "API-Key": "<redacted>", "hf_token": "<redacted>",
+                             "tokenizer": "bytes"}},
+        "data": {"train": "<redacted>", "val": ["ok.json", "<redacted>"]},
+        "run": {"name": "<redacted>"}, "b": [{"password": "<redacted>"}]}

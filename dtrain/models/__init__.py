@@ -4,8 +4,10 @@ each ending in a layer named `head`."""
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import math
+import sys
 from typing import Callable, Optional
 
 import torch
@@ -183,10 +185,10 @@ def build_targets(value, key: str):
     return value
 
 
-def build_model(cfg, facts: dict, seed: int, given=None) -> nn.Module:
+def build_model(cfg, facts: dict, seed: int, given=None, log: Callable[[str], None] = lambda line: None) -> nn.Module:
     """The model of model.factory + model.kwargs, or `given` (an nn.Module, or a callable returning one,
     handed in from Python). Seeded, so every rank builds the same initial weights (DDP also broadcasts
-    rank 0's; sharding engines rely on it)."""
+    rank 0's; sharding engines rely on it). `log` hears of config keys a Hugging Face config ignores."""
     torch.manual_seed(seed)
     if isinstance(given, nn.Module):
         return given
@@ -202,7 +204,54 @@ def build_model(cfg, facts: dict, seed: int, given=None) -> nn.Module:
         source = cfg.factory
     if not isinstance(model, nn.Module):
         raise ConfigError(f"config: model.factory: {source} returned a {type(model).__name__}, not a torch.nn.Module")
+    for line in unknown_config_keys(dict(cfg.kwargs)):
+        log(line)
     return model
+
+
+def unknown_config_keys(kwargs: dict, key: str = "model.kwargs") -> list[str]:
+    """One line for each Hugging Face config built from a `_target_` mapping in `kwargs` that was given keys
+    its class does not know. A PretrainedConfig keeps any keyword as an attribute, one the model never
+    reads, so a typo (`hiden_size`) would train silently with the default; the model is built all the same
+    (a key of your own on a config may be meant)."""
+    lines = []
+    for path, cls, given in _targets(kwargs, key):
+        transformers = sys.modules.get("transformers")  # imported by the _target_ if it is one of its configs
+        if transformers is None or not (isinstance(cls, type) and issubclass(cls, transformers.PretrainedConfig)):
+            continue
+        try:
+            default = cls()
+        except Exception:  # a config that needs arguments (composite ones): not checked
+            continue
+        known = set(default.to_dict()) | set(getattr(cls, "attribute_map", {})) | \
+            {name for c in cls.__mro__ if "__init__" in vars(c) for name in _parameters(c.__init__)}
+        unknown = [k for k in given if k not in known and not hasattr(default, k)]  # hasattr: properties (num_labels)
+        if unknown:
+            named = [k + "".join(f" (did you mean {m}?)" for m in difflib.get_close_matches(k, sorted(known), n=1))
+                     for k in unknown]
+            lines.append(f"model: {path}: keys unknown to {cls.__name__} (kept by it, unused by the model): "
+                         f"{', '.join(named)}")
+    return lines
+
+
+def _targets(value, key: str):
+    """(key, class or callable, given keyword names) of every `_target_` mapping in `value`."""
+    if isinstance(value, dict):
+        if "_target_" in value:
+            yield key, resolve(value["_target_"], f"{key}._target_"), [k for k in value if k != "_target_"]
+        for k, v in value.items():
+            yield from _targets(v, f"{key}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _targets(v, f"{key}[{i}]")
+
+
+def _parameters(function) -> list[str]:
+    try:
+        params = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
 def resolve_factory(spec: str):

@@ -1,0 +1,69 @@
+"""What a training run hands back to Python: `dtrain.fit(...)` returns a FitResult, the same on every rank.
+
+It describes the whole run, restarts included: the metrics come from the run's metrics.jsonl (what was
+logged before a resume counts too), the checkpoints from the run's `best` and `latest` pointers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Optional
+
+from . import dist
+from .signals import EXIT_INTERRUPTED
+
+_NOT_METRICS = ("step", "epoch", "event")
+
+
+@dataclasses.dataclass(frozen=True)
+class FitResult:
+    exit_code: int
+    """What `dtrain train` exits with: 0 done (also stopped at run.stop_at_step or for non-finite
+    gradients), 75 interrupted by a signal and resumable (run the same again to continue)."""
+    stop_reason: str
+    """completed, early_stop, stop_at_step, nonfinite, signal:SIGTERM|SIGINT|SIGUSR1, or already_completed
+    (a finished, tested run started again: nothing was trained)."""
+    step: int
+    """Optimizer steps done, restarts included."""
+    total_steps: int
+    """Optimizer steps the run plans (train.epochs or train.max_steps)."""
+    run_dir: Path
+    metrics: dict
+    """The last logged value of every metric: loss, lr, throughput, val/*, and test/* once tested."""
+    best_metrics: dict
+    """The validation metrics (val/*) at best_step: the lowest validation loss. {} before any validation."""
+    best_step: Optional[int]
+    best_checkpoint: Optional[Path]
+    latest_checkpoint: Optional[Path]
+
+    @property
+    def interrupted(self) -> bool:
+        """Stopped by a signal; the same call (or command) again resumes it."""
+        return self.exit_code == EXIT_INTERRUPTED
+
+
+def collect(trainer, outcome: dict) -> FitResult:
+    """Collective: rank 0 reads the run's records and checkpoint pointers, every rank gets its result.
+    `outcome` is what trainer.fit() returned."""
+    from .logging import metrics_record
+    from .records import read_records
+
+    result = None
+    if trainer.info.is_global_zero:
+        records = [r for _, r in read_records(trainer.run_dir / "metrics.jsonl", metrics_record)]
+        final: dict = {}
+        for record in records:
+            if "event" not in record:
+                final.update({k: v for k, v in record.items() if k not in _NOT_METRICS})
+        best_step = trainer.evaluator.best_step if trainer.evaluator.best_step >= 0 else None
+        best = next((r for r in reversed(records) if r["step"] == best_step and "val/loss" in r), {})
+        checkpoints = {name: trainer.checkpointer.pointer(name) for name in ("best", "latest")}
+        reason = outcome["stop_reason"]
+        result = FitResult(
+            exit_code=EXIT_INTERRUPTED if reason.startswith("signal:") else 0, stop_reason=reason,
+            step=outcome["step"], total_steps=trainer.feed.total_steps, run_dir=trainer.run_dir.absolute(),
+            metrics=final, best_metrics={k: v for k, v in best.items() if k.startswith("val/") and k != "val/best_loss"},
+            best_step=best_step, best_checkpoint=checkpoints["best"] and checkpoints["best"].absolute(),
+            latest_checkpoint=checkpoints["latest"] and checkpoints["latest"].absolute())
+    return dist.broadcast_object(result)
