@@ -47,8 +47,16 @@ def _train(args) -> int:
             _check_health(cfg, info, trainer.run_dir, trainer.engine.module, brief=True)
         result = trainer.fit()  # config.yaml is written once the resume is settled (RunLogger.start)
         if info.is_global_zero:
+            trainer.summarize(result, _train_command(args))
             print(json.dumps(result), flush=True)
     return EXIT_INTERRUPTED if result["stop_reason"].startswith("signal") else 0
+
+
+def _train_command(args) -> list[str]:
+    """The command that goes on with this run (under torchrun or srun: the same launcher before it)."""
+    if args.hooks is not None:  # a script through dtrain.main
+        return ["python", *sys.argv]
+    return ["dtrain", "train", *(["--config", args.config] if args.config else []), *args.overrides]
 
 
 @contextlib.contextmanager

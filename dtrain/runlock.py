@@ -51,7 +51,7 @@ class RunDirError(RuntimeError):
 LAYOUT = (("checkpoints", "dir", "checkpoint"), ("checkpoints/latest", "link", "checkpoint"),
           ("checkpoints/best", "link", "checkpoint"), ("metrics.jsonl", "file", "log"),
           ("config.yaml", "file", "run"), ("sample_keys", "dir", "log"), ("wandb", "dir", "log"),
-          ("metrics.csv", "file", "log"), ("tensorboard", "dir", "log"))
+          ("metrics.csv", "file", "log"), ("tensorboard", "dir", "log"), ("summary.json", "file", "run"))
 
 
 @contextlib.contextmanager

@@ -101,3 +101,59 @@ def test_other_ranks_write_no_files(tmp_path):
     logger.metrics({"step": 1, "loss": 1.0})
     logger.close()
     assert isinstance(logger, NullLogger) and not any(tmp_path.iterdir())
+
+
+# ---- the end-of-run summary ---------------------------------------------------------------------------
+def test_summary_picks_final_and_best_and_splits_the_wall_time():
+    from dtrain.summary import build_summary, table
+    records = [{"step": 5, "epoch": 0, "loss": 2.0, "lr": 0.1, "samples_per_s": 100.0, "tokens_per_s": 100.0, "mfu": 0.2},
+               {"step": 5, "epoch": 0, "val/loss": 1.5, "val/acc": 0.6, "val/best_loss": 1.5},
+               {"step": 10, "epoch": 0, "loss": 1.0, "lr": 0.05, "samples_per_s": 300.0, "tokens_per_s": 300.0, "mfu": 0.4},
+               {"step": 10, "epoch": 0, "val/loss": 1.7, "val/acc": 0.7, "val/best_loss": 1.5},
+               {"step": 10, "event": "early_stop", "best_step": 5},
+               {"step": 10, "test/loss": 1.4, "test/weights_step": 5}]
+    times = {"total": 10.0, "validation": 2.0, "checkpoint": 1.0, "test": 1.0, "data_wait": 0.5}
+    cmd = ["dtrain", "train", "run.name=a b", "run.stop_at_step=10"]
+    s = build_summary(records, {"step": 10, "stop_reason": "early_stop"}, 5, times, Path("runs/x/step-5"), cmd)
+    assert s["final"] == {"loss": {"value": 1.0, "step": 10}, "lr": {"value": 0.05, "step": 10},
+                          "val/loss": {"value": 1.7, "step": 10}, "val/acc": {"value": 0.7, "step": 10},
+                          "test/loss": {"value": 1.4, "step": 10}}
+    assert s["best"] == {"step": 5, "val/loss": 1.5, "val/acc": 0.6}
+    assert s["wall_time_s"] == {"total": 10.0, "train": 6.0, "validation": 2.0, "checkpoint": 1.0, "test": 1.0,
+                                "data_wait": 0.5}
+    assert s["throughput"] == {"samples_per_s": 200.0, "mfu": pytest.approx(0.3)}  # medians; tokens = samples
+    assert s["evaluate"] == "dtrain eval --checkpoint runs/x/step-5 --split test" and "resume" not in s
+    stopped = build_summary(records, {"step": 10, "stop_reason": "stop_at_step"}, 5, times, None, cmd)
+    assert stopped["resume"] == "dtrain train 'run.name=a b'" and "evaluate" not in stopped
+    assert "10.0 s (this start): train 6.0 s (60%), of it data wait 0.5 s; validation 2.0 s (20%)" in table(s)
+
+
+def test_stopwatch_counts_a_part_inside_another_once(monkeypatch):
+    from dtrain import summary
+    now = iter(range(0, 100, 1))  # each clock reading one second later
+    monkeypatch.setattr(summary.time, "perf_counter", lambda: float(next(now)))
+    clock = summary.Stopwatch()  # 0
+    with clock.part("validation"):  # 1 .. 4
+        with clock.part("checkpoint"):  # a best checkpoint saved during a validation: 2 .. 3
+            pass
+    assert clock.times(data_wait=0.5) == {"total": 5.0, "validation": 2.0, "checkpoint": 1.0, "data_wait": 0.5}
+
+
+def test_summary_of_a_stopped_run_resumes_and_evaluates_with_the_commands_it_gives(tmp_path, data_root):
+    import json
+    import shlex
+
+    from conftest import result_of, run_dtrain
+    args = ["train", f"data.root={data_root}", "train.epochs=2", "log.progress=false", "train.log_every=10",
+            "run.name=s"]
+    first = run_dtrain(args + ["run.stop_at_step=20"], tmp_path)
+    summary = json.loads((tmp_path / "runs" / "s" / "summary.json").read_text())
+    assert summary["stop_reason"] == "stop_at_step" and summary["final"]["loss"]["step"] == 20
+    assert f"resume          {summary['resume']}" in first.stderr and "run.stop_at_step" not in summary["resume"]
+    resumed = run_dtrain(shlex.split(summary["resume"])[1:], tmp_path)  # without "dtrain"
+    assert result_of(resumed)["stop_reason"] == "completed"
+    summary = json.loads((tmp_path / "runs" / "s" / "summary.json").read_text())
+    assert "resume" not in summary and summary["final"]["test/acc"]["step"] == 38
+    assert summary["best"]["step"] == int(summary["checkpoint"].rsplit("-", 1)[1])
+    evaluated = run_dtrain(shlex.split(summary["evaluate"])[1:], tmp_path)
+    assert f"{summary['final']['test/acc']['value']:.4f}" in evaluated.stdout + evaluated.stderr
