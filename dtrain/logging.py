@@ -73,7 +73,6 @@ class RunLogger:
     def __init__(self, run_dir: Path, total_steps: int, progress: bool, prefix: str = "",
                  wandb_cfg=None, run_config: Optional[dict] = None, loggers=("jsonl",)):
         self.run_dir = Path(run_dir)
-        self.path = self.run_dir / "metrics.jsonl"
         self.total_steps, self.show_progress, self.prefix = total_steps, progress, prefix
         self.bar = None
         self.wandb_cfg, self.run_config = wandb_cfg, run_config or {}
