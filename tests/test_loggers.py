@@ -157,3 +157,13 @@ def test_summary_of_a_stopped_run_resumes_and_evaluates_with_the_commands_it_giv
     assert summary["best"]["step"] == int(summary["checkpoint"].rsplit("-", 1)[1])
     evaluated = run_dtrain(shlex.split(summary["evaluate"])[1:], tmp_path)
     assert f"{summary['final']['test/acc']['value']:.4f}" in evaluated.stdout + evaluated.stderr
+
+
+def test_tensorboard_without_its_package_is_one_line_naming_the_extra(tmp_path, data_root, monkeypatch, capsys):
+    from dtrain.cli import main
+    monkeypatch.setitem(__import__("sys").modules, "torch.utils.tensorboard", None)  # import fails
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", f"data.root={data_root}", "log.loggers=[tensorboard]", "log.progress=false"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == ("dtrain: error: config: log.loggers has tensorboard, which needs the tensorboard package; "
+                    "pip install 'dtrain[tensorboard]'"), last
