@@ -50,9 +50,18 @@ def _fit(args, print_result: bool = False):
         if cfg.run.doctor and info.distributed:
             _check_health(cfg, info, trainer.run_dir, trainer.engine.module, brief=True)
         outcome = trainer.fit()  # config.yaml is written once the resume is settled (RunLogger.start)
-        if print_result and info.is_global_zero:
-            print(json.dumps(outcome), flush=True)
+        if info.is_global_zero:
+            trainer.summarize(outcome, _train_command(args))  # the table on stderr, summary.json
+            if print_result:
+                print(json.dumps(outcome), flush=True)
         return collect(trainer, outcome)
+
+
+def _train_command(args) -> list[str]:
+    """The command that goes on with this run (under torchrun or srun: the same launcher before it)."""
+    if args.hooks is not None:  # a script through dtrain.main
+        return ["python", *sys.argv]
+    return ["dtrain", "train", *(["--config", args.config] if args.config else []), *args.overrides]
 
 
 @contextlib.contextmanager

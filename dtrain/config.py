@@ -347,6 +347,12 @@ class LogConfig(Section):
     """Let every rank print its log lines (prefixed with its rank), not just rank 0."""
     sample_keys: bool = False
     """Every rank writes the keys of the samples of each step to `sample_keys/rank-N.txt` (audits data order)."""
+    loggers: list[Literal["jsonl", "tensorboard", "csv", "wandb"]] = ["jsonl"]
+    """Where rank 0 writes the metric records (train loss, lr, throughput, MFU, val/*, test/*), e.g. [jsonl,
+    tensorboard, csv]: `jsonl` is metrics.jsonl, always written (dtrain plot and resume read it); `tensorboard`
+    <run dir>/tensorboard/ (scalars and the config as text; `pip install dtrain[tensorboard]`); `csv`
+    metrics.csv (a column per key); `wandb` a W&B run set up by the wandb section (as wandb.enabled=true).
+    A resumed run appends to the same logs, each step once."""
 
 
 class FlipAugment(Section):
@@ -401,7 +407,8 @@ class AugmentConfig(Section):
 
 class WandbConfig(Section):
     enabled: bool = False
-    """Log metrics and the resolved config to Weights & Biases from rank 0 (needs `pip install dtrain[wandb]`)."""
+    """Log metrics and the resolved config to Weights & Biases from rank 0 (needs `pip install dtrain[wandb]`);
+    the same as `wandb` in log.loggers (either turns it on)."""
     project: str = "dtrain"
     """W&B project."""
     entity: Optional[str] = None

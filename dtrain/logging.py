@@ -1,5 +1,6 @@
-"""What rank 0 reports: a progress bar, log lines, metrics.jsonl and (optionally) a W&B run. Other ranks
-get a logger that does nothing (or, with log.all_ranks, prints rank-prefixed lines).
+"""What rank 0 reports: a progress bar, log lines, and metric records to the sinks of log.loggers
+(metrics.jsonl always; TensorBoard, metrics.csv, a W&B run: dtrain.loggers). Other ranks get a logger that
+does nothing (or, with log.all_ranks, prints rank-prefixed lines).
 
 The W&B run id is part of the logger's state, saved with every checkpoint: a resumed run passes it to
 `wandb.init(id=..., resume="allow")` and continues the same W&B run. (Online, W&B ignores steps it has
@@ -9,7 +10,6 @@ exact the killed run logged the same values for them.)
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import secrets
@@ -21,11 +21,13 @@ import yaml
 from tqdm import tqdm
 
 from .config import ConfigError
+from .loggers import CsvLogger, JsonlLogger, MetricsLogger, TensorBoardLogger, active_loggers, numbers
+from .loggers import metrics_record  # noqa: F401  (its readers import it from here)
 from .records import keep_records
 from .redaction import redact
 
 
-class WandbRun:
+class WandbRun(MetricsLogger):
     """Rank 0's W&B run: numeric metrics at their step, the resolved config (secrets redacted), events
     as summary values. The files go to <run dir>/wandb/ (offline mode keeps them there)."""
 
@@ -45,9 +47,7 @@ class WandbRun:
                               settings=settings)
 
     def log(self, record: dict) -> None:
-        step = record.get("step")
-        values = {k: v for k, v in record.items()
-                  if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        step, values = record.get("step"), numbers(record)
         if "event" in record:  # e.g. early_stop: summary values ("early_stop/step"), not a curve
             self.run.summary.update({f"{record['event']}/{k}": v for k, v in {"step": step, **values}.items()})
             return
@@ -60,12 +60,13 @@ class WandbRun:
 
 class RunLogger:
     def __init__(self, run_dir: Path, total_steps: int, progress: bool, prefix: str = "",
-                 wandb_cfg=None, run_config: Optional[dict] = None):
+                 wandb_cfg=None, run_config: Optional[dict] = None, loggers=("jsonl",)):
         self.run_dir = Path(run_dir)
-        self.path = self.run_dir / "metrics.jsonl"
         self.total_steps, self.show_progress, self.prefix = total_steps, progress, prefix
         self.bar = None
         self.wandb_cfg, self.run_config = wandb_cfg, run_config or {}
+        self.names = active_loggers(loggers, wandb_cfg is not None and wandb_cfg.enabled)
+        self.sinks: list[MetricsLogger] = []
         self.wandb: Optional[WandbRun] = None
         self.wandb_run_id: Optional[str] = None
 
@@ -76,22 +77,33 @@ class RunLogger:
         self.wandb_run_id = state.get("wandb_run_id")
 
     def start(self, step: int) -> None:
-        """Write config.yaml, drop the metrics a killed run logged after its checkpoint (and a line it was
-        cut off in), open the progress bar and W&B run at `step`. Called once a resume is settled: a run
-        refused for a changed config or found finished has written nothing."""
+        """Write config.yaml, open the sinks at `step` (each drops the records a killed run logged after its
+        checkpoint, and a line it was cut off in), the progress bar and the W&B run. Called once a resume is
+        settled: a run refused for a changed config or found finished has written nothing."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.run_config:
             _write_atomic(self.run_dir / "config.yaml", yaml.safe_dump(self.run_config, sort_keys=False))
-        keep_records(self.path, lambda record: record["step"] <= step, metrics_record, self.info)
+        if not self.sinks:
+            self.sinks = [self._open(name, step) for name in self.names]
+            for sink in self.sinks:
+                sink.log_config(redact(self.run_config))
         if self.show_progress:
             tty = sys.stderr.isatty()
             self.bar = tqdm(total=self.total_steps, initial=step, unit="step", dynamic_ncols=True,
                             mininterval=0.5 if tty else 30, file=sys.stderr)
-        if self.wandb_cfg is not None and self.wandb_cfg.enabled and self.wandb is None:
-            self.wandb = WandbRun(self.wandb_cfg, self.run_dir, self.run_config, self.wandb_run_id)
-            self.info(f"wandb: {'resumed' if self.wandb_run_id else 'started'} run {self.wandb.id} "
-                      f"({self.wandb_cfg.mode}, {self.run_dir / 'wandb'})")
-            self.wandb_run_id = self.wandb.id
+
+    def _open(self, name: str, step: int) -> MetricsLogger:
+        if name == "jsonl":
+            return JsonlLogger(self.run_dir, step, self.info)
+        if name == "csv":
+            return CsvLogger(self.run_dir, step, self.info)
+        if name == "tensorboard":
+            return TensorBoardLogger(self.run_dir, step)
+        self.wandb = WandbRun(self.wandb_cfg, self.run_dir, self.run_config, self.wandb_run_id)
+        self.info(f"wandb: {'resumed' if self.wandb_run_id else 'started'} run {self.wandb.id} "
+                  f"({self.wandb_cfg.mode}, {self.run_dir / 'wandb'})")
+        self.wandb_run_id = self.wandb.id
+        return self.wandb
 
     def info(self, msg: str) -> None:
         text = f"{self.prefix}{msg}"
@@ -102,10 +114,8 @@ class RunLogger:
 
     def metrics(self, record: dict) -> None:
         record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.wandb is not None:
-            self.wandb.log(record)
+        for sink in self.sinks:
+            sink.log(record)
 
     def progress(self, step: int, **postfix) -> None:
         if self.bar is not None:
@@ -119,14 +129,15 @@ class RunLogger:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        if self.wandb is not None:
-            self.wandb.close()
-            self.wandb = None
+        for sink in self.sinks:
+            sink.close()
+        self.sinks, self.wandb = [], None
 
 
 class NullLogger(RunLogger):
     def __init__(self, prefix: str = "", echo: bool = False):
         self.prefix, self.echo, self.bar, self.wandb, self.wandb_run_id = prefix, echo, None, None, None
+        self.sinks = []
 
     def start(self, step): pass
     def metrics(self, record): pass
@@ -136,14 +147,6 @@ class NullLogger(RunLogger):
     def info(self, msg):
         if self.echo:
             _write_line(f"{self.prefix}{msg}")
-
-
-def metrics_record(line: str) -> dict:
-    """One line of metrics.jsonl (for dtrain.records): a JSON object with an integer step."""
-    record = json.loads(line)
-    if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-        raise ValueError("not a JSON object with an integer step")
-    return record
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -160,10 +163,10 @@ def _write_line(text: str) -> None:
 
 def build_logger(cfg, dist_info, run_dir: Path, total_steps: int, wandb_cfg=None,
                  run_config: Optional[dict] = None) -> RunLogger:
-    """Rank 0 alone writes metrics and talks to W&B; `run_config` is the resolved config W&B records."""
+    """Rank 0 alone writes metrics (the sinks of cfg.loggers); `run_config` is the resolved config they record."""
     prefix = f"[rank {dist_info.global_rank}] " if dist_info.distributed and cfg.all_ranks else ""
     if dist_info.is_global_zero:
-        return RunLogger(run_dir, total_steps, cfg.progress, prefix, wandb_cfg, run_config)
+        return RunLogger(run_dir, total_steps, cfg.progress, prefix, wandb_cfg, run_config, cfg.loggers)
     return NullLogger(prefix, echo=cfg.all_ranks)
 
 

@@ -50,7 +50,8 @@ class RunDirError(RuntimeError):
 # the way and ends the run at start-up, not with a traceback in the middle of it.
 LAYOUT = (("checkpoints", "dir", "checkpoint"), ("checkpoints/latest", "link", "checkpoint"),
           ("checkpoints/best", "link", "checkpoint"), ("metrics.jsonl", "file", "log"),
-          ("config.yaml", "file", "run"), ("sample_keys", "dir", "log"), ("wandb", "dir", "log"))
+          ("config.yaml", "file", "run"), ("sample_keys", "dir", "log"), ("wandb", "dir", "log"),
+          ("metrics.csv", "file", "log"), ("tensorboard", "dir", "log"), ("summary.json", "file", "run"))
 
 
 @contextlib.contextmanager

@@ -45,6 +45,7 @@ class Throughput:
         self.samples_per_step, self.tokens_per_sample = samples_per_step, tokens_per_sample
         self.flops_per_sample, self.peak = flops_per_sample, peak_flops_per_device
         self.world_size, self.device = world_size, device
+        self.total_data_wait = 0.0  # over the whole start (the end-of-run summary)
         self.reset()
 
     def reset(self) -> None:
@@ -59,7 +60,9 @@ class Throughput:
                 item = next(it)
             except StopIteration:
                 return
-            self.data_wait += time.perf_counter() - t
+            waited = time.perf_counter() - t
+            self.data_wait += waited
+            self.total_data_wait += waited
             yield item
 
     def step(self) -> None:

@@ -24,6 +24,7 @@ from .config import Config
 from .data.elastic import DataPosition
 from .resume import already_tested, check_config, finished, set_schedule_length
 from .signals import StopReason, requeue_slurm_job
+from .summary import Stopwatch, table, write_summary
 
 
 def _collective(op: str):
@@ -53,6 +54,7 @@ class Trainer:
         # running sums of "loss" and each named loss term since the last log line
         self._loss_sum = torch.zeros(len(self.loss.names), device=dist_info.device)
         self._loss_steps = 0
+        self.clock = Stopwatch()  # this start's wall time by part (the end-of-run summary)
 
     # ---- the loop -----------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -93,7 +95,8 @@ class Trainer:
         """The last checkpoint, then the test of the best weights, or (interrupted) how to go on."""
         if self.step != self.saved_step and not self.debug and reason != StopReason.NONFINITE:
             self.save()
-        self.checkpointer.wait()
+        with self.clock.part("checkpoint"):
+            self.checkpointer.wait()
         if not reason.finished:
             return self.interrupted(reason)
         return {"step": self.step, "stop_reason": reason.value, **self.test()}  # W&B gets test metrics too
@@ -212,7 +215,8 @@ class Trainer:
     def validate(self, epoch: int) -> None:
         if self.val_data is None:  # the data has no validation split
             return
-        metrics = self.evaluate(self.val_data, "val", log_local=self.cfg.log.all_ranks and self.info.distributed)
+        with self.clock.part("validation"):
+            metrics = self.evaluate(self.val_data, "val", log_local=self.cfg.log.all_ranks and self.info.distributed)
         improved, stop_early = self.evaluator.observe(metrics["val/loss"], self.step)
         ev = self.evaluator
         self.log.metrics({"step": self.step, "epoch": epoch, **metrics, "val/best_loss": ev.best_val})
@@ -231,11 +235,12 @@ class Trainer:
         self.checkpointer.wait()
         if self.test_data is None:  # the data has no test split
             return {}
-        best = self.checkpointer.pointer("best")
-        if best is not None:
-            state, _ = self.checkpointer.load(best)
-            self.engine.load_weights(best, state["engine"])
-        metrics = self.evaluate(self.test_data, "test")
+        with self.clock.part("test"):
+            best = self.checkpointer.pointer("best")
+            if best is not None:
+                state, _ = self.checkpointer.load(best)
+                self.engine.load_weights(best, state["engine"])
+            metrics = self.evaluate(self.test_data, "test")
         weights_step = self.evaluator.best_step if best else self.step
         self.log.metrics({"step": self.step, **metrics, "test/weights_step": weights_step})
         self.log.info("test: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
@@ -254,8 +259,21 @@ class Trainer:
                              "skipped_updates": self.skipped_updates, "data": self.feed.state_dict()},
                  "evaluator": self.evaluator.state_dict(),
                  "logger": self.log.state_dict()}  # the W&B run id, so a resumed run continues it
-        self.checkpointer.save(self.step, state, {"rng": rng_state()}, best=best, write_files=self.engine.save_to)
+        with self.clock.part("checkpoint"):
+            self.checkpointer.save(self.step, state, {"rng": rng_state()}, best=best, write_files=self.engine.save_to)
         self.saved_step = self.step
+
+    def summarize(self, result: dict, command: list[str]) -> Optional[dict]:
+        """Rank 0, after fit(): the end-of-run table on stderr and <run dir>/summary.json (dtrain.summary).
+        A start that found the run finished and tested writes nothing: the summary of the start that did stands."""
+        if result["stop_reason"] == "already_completed":
+            return None
+        best = self.checkpointer.pointer("best")
+        summary = write_summary(self.run_dir, result, self.evaluator.best_step if best else None,
+                                self.clock.times(data_wait=self.meter.total_data_wait),
+                                best or self.checkpointer.pointer("latest"), command)
+        self.log.info("summary\n" + table(summary))
+        return summary
 
     def resume(self) -> None:
         """Model, optimizer, schedule, data position, RNG states and the evaluator's best from the newest

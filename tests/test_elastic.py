@@ -49,13 +49,22 @@ def test_deal_gives_every_unread_sample_once_in_equal_shares():
 
 
 def test_replayed_shuffle_is_webdatasets():
+    """The pipeline's buffer shuffle (webdataset's public wds.shuffle) and its replay for in-memory splits draw
+    the same order for a seed; and that order is pinned, so a webdataset or Python upgrade that changes it
+    (and with it the sample order a resumed run expects) fails here."""
     import webdataset as wds
     from dtrain.data.elastic import shuffled
+    from dtrain.data.pipeline import _worker_shuffle
     items = list(range(300))
     for bufsize in (2, 3, 64, 299, 300, 1000):
-        ours = shuffled(items, bufsize, random.Random(f"s{bufsize}"))
-        assert ours == list(wds.filters._shuffle(iter(items), bufsize, bufsize, random.Random(f"s{bufsize}")))
+        ours = shuffled(items, bufsize, random.Random(f"s{bufsize}/worker0"))
+        assert ours == list(wds.shuffle(bufsize, bufsize, rng=random.Random(f"s{bufsize}/worker0"))(iter(items)))
+        assert ours == list(_worker_shuffle(iter(items), bufsize, f"s{bufsize}"))  # outside a worker: worker 0
         assert sorted(ours) == items and (ours != items)
+    assert shuffled(list(range(10)), 4, random.Random("pinned")) == PINNED_ORDER
+
+
+PINNED_ORDER = [2, 1, 3, 0, 4, 7, 9, 8, 6, 5]  # written down from webdataset 1.0.2, Python 3.11
 
 
 def test_choose_layout():

@@ -107,6 +107,16 @@ def test_checkpoint_files_are_read_as_plain_data_only(tmp_path):
     assert not marker.exists()
 
 
+def test_no_private_torch_or_webdataset_api_but_the_one_kept_with_its_reason():
+    """Issue 24: public APIs where one exists (each private one is an upgrade away from breaking). The one
+    kept, composable activation checkpointing, says why at its import; a new one fails here."""
+    import re
+    found = {(p.relative_to(REPO).as_posix(), m.group(0)) for p in (REPO / "dtrain").rglob("*.py")
+             for m in re.finditer(r"\b(?:torch|webdataset|wds)(?:\.\w+)*\.(?!__version__)_\w+"
+                                  r"|\bfrom (?:torch|webdataset)[\w.]* import [^\n]*\b_\w+", p.read_text())}
+    assert found == {("dtrain/engine/fsdp.py", "torch.distributed._composable")}, found
+
+
 # ---- real runs on 2 gloo ranks ---------------------------------------------------------------------------
 # digits, global batch 96 = 24 x 2 micro-batches x 2 ranks: 13 steps per epoch. Clipping at 0.5 is active
 # (gradient norms 0.9-1.6 in the first epoch); dropout 0.1 (each rank's stream, identical in both engines)

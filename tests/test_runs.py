@@ -84,10 +84,11 @@ def test_torn_last_line_is_dropped_and_a_malformed_one_reported_with_its_line(tm
 def test_sigkilled_run_with_cut_files_resumes_and_completes(tmp_path, data_root):
     """A run SIGKILLed mid-training leaves its lock; its metrics and key log are then cut at a random byte
     inside their last line and get a malformed line in the middle. The next start takes the lock over,
-    drops and reports those lines, resumes and completes: every line parses, no step is logged twice."""
+    drops and reports those lines, resumes and completes: every line parses, no step is logged twice, in
+    metrics.csv and TensorBoard either."""
     for attempt in range(5):  # a kill that lands right after a save, before the next step is logged, is no test
         args = ["train", f"data.root={data_root}", "train.epochs=2", "log.progress=false", "train.log_every=1",
-                "checkpoint.every=10", "log.sample_keys=true", f"run.name=k{attempt}"]
+                "checkpoint.every=10", "log.sample_keys=true", f"run.name=k{attempt}", "log.loggers=[csv,tensorboard]"]
         run = tmp_path / "runs" / f"k{attempt}"
         proc = start([sys.executable, "-m", "dtrain", *args], tmp_path, uuid.uuid4().hex)
         wait_for(lambda: latest_logged_step(run) >= 12, what="step 12")
@@ -122,6 +123,10 @@ def test_sigkilled_run_with_cut_files_resumes_and_completes(tmp_path, data_root)
     assert train_steps == list(range(1, 39)), train_steps  # logged once each, none lost after the resume point
     logged = [int(line.split()[0]) for line in (run / "sample_keys" / "rank-00000.txt").read_text().splitlines()]
     assert logged == list(range(1, 39))
+    from test_loggers import read_csv, scalars
+    assert [int(r["step"]) for r in read_csv(run / "metrics.csv") if r["loss"]] == list(range(1, 39))
+    assert [step for step, _ in scalars(run)["loss"]] == list(range(1, 39))
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 2
 
 
 # ---- 2. resuming with a changed config --------------------------------------------------------------------

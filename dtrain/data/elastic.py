@@ -104,7 +104,7 @@ def loader_order(per_worker: list[list], batch_size: int) -> list:
 
 
 def shuffled(items: list, bufsize: int, rng: random.Random) -> list:
-    """webdataset's buffer shuffle (`filters._shuffle` with initial = bufsize, what the pipeline runs) as a
+    """webdataset's buffer shuffle (`wds.shuffle` with initial = bufsize, what the pipeline runs) as a
     plain loop, which an in-memory split pays every epoch: the same draws, with randint(0, n - 1) inlined
     as CPython makes it (randrange(n) -> _randbelow: getrandbits(n.bit_length()) until below n): twice the
     speed of calling it (digits, 1257 items, buffer 1000: 0.30 vs 0.60 ms). A test holds it to webdataset's."""

@@ -54,7 +54,7 @@ def _worker_shuffle(src, bufsize: int, seed: str):
     """Buffer shuffle seeded from (seed, epoch, rank) plus the worker id, known only inside the worker."""
     info = get_worker_info()
     rng = random.Random(f"{seed}/worker{info.id if info else 0}")  # str seeds are stable across runs
-    return wds.filters._shuffle(src, bufsize, bufsize, rng)
+    return wds.shuffle(bufsize, bufsize, rng=rng)(src)
 
 
 worker_shuffle = wds.pipelinefilter(_worker_shuffle)

@@ -24,16 +24,18 @@ from __future__ import annotations
 import contextlib
 import io
 import pickle
+import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+# Private, kept: torch has no public composable activation checkpointing (hooks on the module, parameter names
+# unchanged; torch.utils.checkpoint would wrap forward, checkpoint_wrapper renames parameters and is private
+# too). test_fsdp_by_block_follows_ddp_without_accumulation_or_clipping runs it and fails if it goes or changes.
 from torch.distributed._composable import checkpoint
-from torch.distributed.checkpoint._traverse import set_element  # (private in 2.13; DefaultLoadPlanner's own)
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner  # (dcp_to_torch_save's)
-from torch.distributed.checkpoint.state_dict_loader import _load_state_dict  # (dcp_to_torch_save's)
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
@@ -242,23 +244,35 @@ def _as_write_error(e: CheckpointException) -> Exception:
 def consolidated_state_dict(directory: Path, state: dict) -> dict:
     """A plain state dict of the whole model from a dtrain FSDP checkpoint, read in this one process
     (no process group: `dtrain export`, `dtrain eval`, model.init_from)."""
-    loaded: dict = {}
-    # dcp.load would fill a copy of `loaded`: the planner builds the state dict in the one it is given,
-    # as in format_utils.dcp_to_torch_save
-    _dcp_load(directory, loaded, PlainDataWholePlanner(keys={"model"}), load=_load_state_dict, no_dist=True)
-    return {k: v.contiguous() for k, v in loaded["model"].items()}
+    # What format_utils.dcp_to_torch_save does, through public API only and plain data only (that function
+    # unpickles .metadata and non-tensor values with pickle, and would read the optimizer too): whole
+    # tensors of the shapes and dtypes the metadata records, which dcp.load fills in place.
+    model: dict = {}
+    metadata = _dcp_load(directory, None)
+    for fqn, item in metadata.state_dict_metadata.items():
+        path = (metadata.planner_data or {}).get(fqn, (fqn,))
+        if path[0] == "model" and len(path) == 2:
+            model[path[1]] = torch.empty(item.size, dtype=item.properties.dtype) \
+                if isinstance(item, TensorStorageMetadata) else None  # bytes: replaced by load_bytes
+    _dcp_load(directory, {"model": model}, no_dist=True)
+    return {k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in model.items()}
 
 
 # ---- DCP reading plain data only ----------------------------------------------------------------------------
-def _dcp_load(directory: Path, state: dict, planner=None, load=dcp.load, **kwargs) -> None:
-    """Collective (unless no_dist=True): `state` read from directory/fsdp/, plain data only."""
+def _dcp_load(directory: Path, state, **kwargs):
+    """Collective (unless no_dist=True): `state` read from directory/fsdp/, plain data only (state None: the
+    metadata alone). -> the checkpoint's metadata."""
     path = Path(directory) / TAG
     reader = PlainDataReader(path)
     try:
-        reader.read_metadata()  # first, alone: DCP would log a refusal as a missing file, with tracebacks
-        load(state, storage_reader=reader, planner=planner or PlainDataLoadPlanner(), **kwargs)
+        metadata = reader.read_metadata()  # first, alone: DCP would log a refusal as a missing file, with tracebacks
+        if state is not None:
+            with warnings.catch_warnings():  # no_dist is what we asked for, not news to the user
+                warnings.filterwarnings("ignore", "torch.distributed is disabled")
+                dcp.load(state, storage_reader=reader, planner=PlainDataLoadPlanner(), **kwargs)
     except (pickle.UnpicklingError, CheckpointException, RuntimeError, KeyError, OSError) as e:
         raise _load_error(path, e) from None
+    return metadata
 
 
 def _load_error(path: Path, e: BaseException):
@@ -305,14 +319,19 @@ class _PlainBytes:
     def load_bytes(self, read_item, value: io.BytesIO) -> None:
         obj = torch.load(value, weights_only=True)
         if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            _set_path(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
         else:
             self.state_dict[read_item.dest_index.fqn] = obj
 
 
 class PlainDataLoadPlanner(_PlainBytes, dcp.DefaultLoadPlanner):
-    """Loads into a state dict of the right shapes (resume: this run's shards)."""
+    """Loads into a state dict of the right shapes (resume: this run's shards; export: whole tensors)."""
 
 
-class PlainDataWholePlanner(_PlainBytes, _EmptyStateDictLoadPlanner):
-    """Builds the state dict from the metadata (export: whole tensors, as `format_utils.dcp_to_torch_save` does)."""
+def _set_path(root, path: tuple, value) -> None:
+    """root[path[0]][path[1]]... = value: where DCP's flattening found a non-tensor value (the optimizer's
+    param_groups nest dicts in lists). DefaultLoadPlanner does this with a private helper of DCP's; the
+    containers are already there, since the state dict being loaded has them."""
+    for key in path[:-1]:
+        root = root[key]
+    root[path[-1]] = value

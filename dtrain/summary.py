@@ -1,0 +1,118 @@
+"""The end of a run in one table (rank 0, stderr) and in `summary.json`: final and best metrics and their
+steps, where this start's wall time went, throughput and MFU, the checkpoint to use and the command that
+goes on from it.
+
+Metrics come from metrics.jsonl, which holds the whole run (every start, each step once); the wall time
+split is this start's (a resumed run's earlier starts timed their own).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import statistics
+import time
+from pathlib import Path
+from typing import Optional
+
+from .loggers import metrics_record, numbers
+from .records import read_records
+
+SPEED = ("samples_per_s", "tokens_per_s", "step_time_s", "data_wait_frac", "mfu", "peak_mem_mb")
+
+
+class Stopwatch:
+    """Wall time of one start by part. A part inside another (a best checkpoint saved during a validation)
+    counts for the inner one only, so the parts add up to no more than the total."""
+
+    def __init__(self):
+        self.started, self.spent, self._inner = time.perf_counter(), {}, [0.0]
+
+    @contextlib.contextmanager
+    def part(self, name: str):
+        t = time.perf_counter()
+        self._inner.append(0.0)
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - t
+            self.spent[name] = self.spent.get(name, 0.0) + elapsed - self._inner.pop()
+            self._inner[-1] += elapsed
+
+    def times(self, **more: float) -> dict:
+        return {"total": time.perf_counter() - self.started, **self.spent, **more}
+
+
+def build_summary(records: list[dict], result: dict, best_step: Optional[int], times: dict,
+                  checkpoint: Optional[Path], command: list[str]) -> dict:
+    """`records`: metrics.jsonl in order; `result`: what training returned (step, stop_reason, test/*);
+    `times`: seconds of this start by part ("total", "validation", "checkpoint", "test", "data_wait");
+    `command`: the one that started it."""
+    final: dict = {}
+    for record in records:
+        if "event" not in record:
+            for key, value in numbers(record).items():
+                if key not in SPEED and key != "epoch" and not key.endswith(("best_loss", "weights_step")):
+                    final[key] = {"value": value, "step": record["step"]}
+    best = next((r for r in reversed(records) if r["step"] == best_step and "val/loss" in r), None)
+    train = [r for r in records if "loss" in r and "samples_per_s" in r]
+    speed = {key: statistics.median(v) for key in SPEED
+             if (v := [r[key] for r in train if isinstance(r.get(key), (int, float))])}
+    if speed.get("tokens_per_s") == speed.get("samples_per_s"):  # not sequences: a token is a sample
+        speed.pop("tokens_per_s", None)
+    spent = {k: v for k, v in times.items() if k != "total"}
+    split = {"train": max(times.get("total", 0.0) - sum(v for k, v in spent.items() if k != "data_wait"), 0.0),
+             **spent}  # data_wait is part of train
+    stop = result.get("stop_reason", "")
+    finished = stop in ("completed", "early_stop", "already_completed")
+    summary = {"step": result.get("step"), "stop_reason": stop, "final": final,
+               "best": {"step": best_step, **{k: v for k, v in numbers(best).items()
+                                              if k.startswith("val/") and k != "val/best_loss"}} if best else None,
+               "wall_time_s": {"total": times.get("total", 0.0), **split},
+               "throughput": speed, "checkpoint": str(checkpoint) if checkpoint else None}
+    if checkpoint is not None:
+        summary["evaluate"] = f"dtrain eval --checkpoint {shlex.quote(str(checkpoint))} --split test"
+    if not finished:  # a run stopped by run.stop_at_step would stop again at once with it
+        summary["resume"] = shlex.join([a for a in command if not (stop == "stop_at_step"
+                                                                   and a.startswith("run.stop_at_step="))])
+    return summary
+
+
+def table(summary: dict) -> str:
+    """The summary as aligned `name  value` lines (what a terminal shows)."""
+    rows = [("run", f"step {summary['step']}, {summary['stop_reason']}")]
+    rows += [(k, f"{_fmt(v['value'])} (step {v['step']})") for k, v in summary["final"].items()]
+    if summary["best"]:
+        rows += [(f"best {k}", f"{_fmt(v)} (step {summary['best']['step']})")
+                 for k, v in summary["best"].items() if k != "step"]
+    wall = dict(summary["wall_time_s"])
+    total, wait = wall.pop("total") or 1e-9, wall.pop("data_wait", 0.0)
+    parts = [f"{k} {v:.1f} s ({100 * v / total:.0f}%)" + (f", of it data wait {wait:.1f} s" if k == "train" else "")
+             for k, v in wall.items()]
+    rows.append(("wall time", f"{total:.1f} s (this start): " + "; ".join(parts)))
+    rows += [(k, _fmt(v)) for k, v in summary["throughput"].items()]
+    if summary["checkpoint"]:
+        rows.append(("checkpoint", summary["checkpoint"]))
+    for key in ("resume", "evaluate"):
+        if key in summary:
+            rows.append((key, summary[key]))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def write_summary(run_dir: Path, result: dict, best_step: Optional[int], times: dict,
+                  checkpoint: Optional[Path], command: list[str]) -> dict:
+    """Read metrics.jsonl, write summary.json (atomically) and return the summary."""
+    records = [r for _, r in read_records(Path(run_dir) / "metrics.jsonl", metrics_record)]
+    summary = build_summary(records, result, best_step, times, checkpoint, command)
+    path = Path(run_dir) / "summary.json"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(summary, indent=1) + "\n")
+    os.replace(tmp, path)
+    return summary
