@@ -2,16 +2,17 @@
 shard (before), rank 1 has nothing to evaluate and the job waits on rank 0 for the whole split; dealt by
 sample (after), each rank evaluates half.
 
-    OMP_NUM_THREADS=1 python benchmarks/eval_split.py [--data jpg] [--passes 200] [OVERRIDES, e.g. data.num_workers=2]
+    OMP_NUM_THREADS=1 python benchmarks/eval_split.py [--data jpg] [--passes 200] [data.num_workers=2 ...]
 
 writes digits shards with `dtrain shard --dataset digits --shard-size 300` (val: one shard of 269 samples;
 small samples, whose reading costs more than their decoding), or with `--data jpg` one val shard of 512
-64x64 jpg images written by webdataset's TarWriter (decoding is most of the cost), and starts `torchrun --nproc-per-node 2` on itself: in one process a rank, validations (Evaluator.evaluate
-of the val split, data.in_memory=false: what a validation during training does, its all-reduce included)
-alternate between the split dealt by sample (ShardStream.epoch) and dealt by shard (the code it replaced:
-`_one_pass`'s split_by_node of the shards, still what training reads with), so both see the same machine.
-Printed: the median time of a validation each way, their ratio, and each rank's busy time (until its
-share is evaluated, before the all-reduce).
+64x64 jpg images written by webdataset's TarWriter (decoding is most of the cost), and starts `torchrun
+--nproc-per-node 2` on itself: in one process a rank, validations (Evaluator.evaluate of the val split,
+data.in_memory=false: what a validation during training does, its all-reduce included) alternate between
+the split dealt by sample (ShardStream.epoch) and dealt by shard (the code it replaced: `_one_pass`'s
+split_by_node of the shards, still what training reads with), so both see the same machine. Printed: the
+median time of a validation each way, their ratio, and each rank's busy time (until its share is
+evaluated, before the all-reduce).
 """
 
 from __future__ import annotations
@@ -51,8 +52,9 @@ def time_validation(args) -> None:
 
     torch.set_num_threads(1)
     info = dist.setup("gloo", 600.0, 60.0)
-    data = [f"data.train={args.shards}/train.json", f"data.val={args.shards}/val.json",
-            "data.sample={x: jpg, y: cls}", "data.num_classes=3"] if args.data == "jpg" else [f"data.dataset=folder:{args.shards}"]
+    data = [f"data.dataset=folder:{args.shards}"] if args.data == "digits" else [
+        f"data.train={args.shards}/train.json", f"data.val={args.shards}/val.json", "data.sample={x: jpg, y: cls}",
+        "data.num_classes=3"]
     cfg = load_config(None, [*data, "data.in_memory=false", *args.overrides])
     core = build_core(cfg, info, log=lambda msg: None)
     ways = {"by shard": ByShard(core.data.val), "by sample": core.data.val}
