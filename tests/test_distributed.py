@@ -108,3 +108,36 @@ def test_two_rank_resume_after_stop_is_exact(tmp_path):
     assert "at step 25" in proc.stderr
     a, b = final_params(tmp_path / "runs" / "straight"), final_params(tmp_path / "runs" / "resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_every_rank_validates_a_split_of_one_shard(tmp_path, monkeypatch):
+    """A validation split of one shard, streamed, on 2 ranks: both ranks evaluate (51 and 50 of its 101
+    samples; dealt by shard, rank 1 had none and logged a local loss of 0), and the metrics reduced over
+    them are `dtrain eval`'s one-rank evaluation of the same checkpoint."""
+    splits, meta = digits()
+    x, y = splits["train"]
+    vx, vy = splits["val"]
+    root = tmp_path / "d"
+    write_shards(root, {"train": (x[:512], y[:512]), "val": (vx[:101], vy[:101])}, meta, shard_size=128)
+    assert len(list(root.glob("val-*.tar"))) == 1
+    proc = run_torchrun(2, ["train", f"data.dataset=folder:{root}", "data.in_memory=false", "train.epochs=1",
+                            "run.name=onevalshard", "checkpoint.save_best=false", "log.all_ranks=true",
+                            "log.progress=false"], tmp_path, timeout=240)
+    local = {rank: [float(l.rsplit(": ", 1)[1]) for l in proc.stderr.splitlines()
+                    if l.startswith(f"[rank {rank}] local val/loss at step 4: ")] for rank in (0, 1)}
+    assert all(len(v) == 1 and v[0] > 0 for v in local.values()), (local, proc.stderr[-3000:])
+    logged = next(r for r in metrics_of(tmp_path / "runs" / "onevalshard") if "val/loss" in r)
+    assert logged["step"] == 4
+
+    from dtrain.evaluate import Evaluator
+    evaluations = []
+    real = Evaluator.evaluate
+
+    def recorded(self, *args, **kwargs):  # `dtrain eval` prints 6 digits; its numbers unrounded
+        evaluations.append(real(self, *args, **kwargs))
+        return evaluations[-1]
+    monkeypatch.setattr(Evaluator, "evaluate", recorded)
+    run_dtrain(["eval", "--checkpoint", "runs/onevalshard", "--split", "val"], tmp_path)
+    one_rank = evaluations[-1]
+    assert one_rank.keys() == {k for k in logged if k.startswith("val/") and k != "val/best_loss"}
+    assert all(abs(one_rank[k] - logged[k]) < 1e-6 for k in one_rank), (one_rank, logged)

@@ -324,7 +324,7 @@ def test_in_memory_split_reads_exactly_as_the_shards(data_root, workers):
                                         for p, q in zip(a, b))
     for epoch in (0, 1):
         same(shard.train.epoch(epoch, start=2), memory.train.epoch(epoch, start=2))
-    # evaluation in memory: every second sample of the split to each rank, all of them once over the ranks
+    # evaluation: every second sample of the split to each rank, in memory and from the shards alike
     def val_keys(rank, in_memory, world_size=2, workers=workers):
         val = build_streams(cfg.data.model_copy(update={"in_memory": in_memory, "num_workers": workers}), seed=3,
                             rank=rank, world_size=world_size).val
@@ -332,13 +332,42 @@ def test_in_memory_split_reads_exactly_as_the_shards(data_root, workers):
     keys = {(r, m): val_keys(r, m) for r in (0, 1) for m in (False, True)}
     in_shard_order = val_keys(0, False, world_size=1, workers=0)
     assert keys[0, True] == in_shard_order[0::2] and keys[1, True] == in_shard_order[1::2]
-    assert sorted(keys[0, False] + keys[1, False]) == sorted(in_shard_order)  # from the shards: by shard
+    assert keys[0, False] == keys[0, True] if workers == 0 else sorted(keys[0, False]) == sorted(keys[0, True])
+    assert sorted(keys[1, False]) == sorted(keys[1, True])
     # the rest of an epoch dealt over 3 ranks (an elastic resume)
     segments = [Segment(2, 50, 1, workers, 0), Segment(3, 25, 1, workers, 4)]
     relaid = [s.train.relayout(rank=2, world_size=3, batch_size=25, grad_accum=1, num_workers=workers,
                                steps_per_epoch=s.train.steps_per_epoch) for s in (shard, memory)]
     items = EpochReplay(relaid[0], 1, segments).assignment(2)
     same(relaid[0].dealt_epoch(1, 1, items, start=1), relaid[1].dealt_epoch(1, 1, items, start=1))
+
+
+# ---- evaluation splits: every rank an equal share, by sample ----------------------------------------------
+@pytest.mark.parametrize("workers", [0, 2])
+def test_every_rank_evaluates_an_equal_share_of_a_streamed_split(shards, tmp_path, workers):
+    """Rank r of W evaluates the samples at positions r, r + W, ... of the split (its shards in order),
+    however few shards: the ranks' shares are the split exactly once, equal to a sample, and with
+    DataLoader workers (which split a rank's share again) nothing is read twice or missed."""
+    one = write_jpg_shards(tmp_path / "one", sizes=[13])  # fewer shards than ranks (and than workers)
+    assert main(["index", str(one[0]), "--out", str(tmp_path / "one" / "val.json")]) == 0
+
+    def val_keys(val: Path, rank: int, world_size: int, num_workers: int) -> list[str]:
+        cfg = load_config(None, [SAMPLE, "data.batch_size=4", f"data.train={shards / 'train.json'}",
+                                 f"data.val={val}", f"data.num_workers={num_workers}"])
+        stream = build_streams(cfg.data, seed=3, rank=rank, world_size=world_size).val
+        assert stream.memory is None  # streamed from the shards (mapped samples are not kept in memory)
+        return keys_of(stream.epoch(0))
+    for val in (tmp_path / "one" / "val.json", shards / "train.json"):  # 1 shard of 13; 5 uneven shards, 96
+        split = val_keys(val, 0, 1, 0)  # the split's order: its shards in order
+        assert len(split) == len(set(split)) == (13 if "one" in str(val) else sum(SIZES))
+        for world_size in (2, 3):
+            shares = [val_keys(val, rank, world_size, workers) for rank in range(world_size)]
+            assert max(map(len, shares)) - min(map(len, shares)) <= 1, [len(s) for s in shares]
+            assert sorted(k for share in shares for k in share) == sorted(split)  # each sample once
+            # by position, as a split in memory is dealt (every world_size-th sample from the rank)
+            assert [sorted(share) for share in shares] == [sorted(split[r::world_size]) for r in range(world_size)]
+            if workers == 0:  # one reader: the split's order itself
+                assert shares == [split[r::world_size] for r in range(world_size)]
 
 
 def test_in_memory_auto_is_for_small_local_dtrain_shards(data_root, shards):

@@ -15,9 +15,12 @@ more stops early. That keeps the collectives of all ranks in lock step even with
 
 A split that fits in memory (`in_memory`) is read and decoded once; its training epochs are then the same
 order, computed by `elastic.py`'s replay (the one a test holds against the real pipelines), gathered from
-memory: the same batches and resume as from the shards, at the speed of indexing a tensor. An evaluation
-split in memory is dealt by sample, not by shard (every world_size-th sample to a rank), so the ranks wait
-on none of them for their share of a split with few shards.
+memory: the same batches and resume as from the shards, at the speed of indexing a tensor.
+
+Evaluation splits (validation, test) are dealt by sample, not by shard, in memory or streamed: rank r
+evaluates the samples at positions r, r + world_size, ... of the split's fixed order (its shards in order,
+each in its own order), so every rank gets an equal share (±1 sample) however few shards the split has, and
+none idles through an evaluation (nor does a metric that fails on some rank's samples go unseen).
 """
 
 from __future__ import annotations
@@ -100,6 +103,23 @@ def _split_by_node_filter(src, rank: int, world_size: int):
 _split_by_node = wds.pipelinefilter(_split_by_node_filter)
 
 
+def _split_by_sample_filter(src, rank: int, world_size: int, offsets: dict[str, int], by_worker: bool):
+    """This rank's samples of an evaluation split: those at positions rank, rank + world_size, ... of the
+    split's order (a sample's position: its shard's offset plus its `__index__`, so whichever worker reads a
+    shard keeps the same samples). With `by_worker` (the workers read every shard rather than split the
+    shards), this worker keeps every num_workers-th of them: webdataset's split_by_node and split_by_worker,
+    on samples instead of shards. Runs before decoding: a sample dropped here costs its tar bytes only."""
+    info = get_worker_info()
+    worker, workers = (info.id, info.num_workers) if by_worker and info is not None else (0, 1)
+    for sample in src:
+        share, owner = divmod(offsets[sample["__url__"]] + sample["__index__"], world_size)
+        if owner == rank and share % workers == worker:
+            yield sample
+
+
+_split_by_sample = wds.pipelinefilter(_split_by_sample_filter)
+
+
 def _keep_counts_filter(src, counts: dict):
     """Only the samples dealt to this rank, each as often as dealt (counts[url][position])."""
     for sample in src:
@@ -138,10 +158,7 @@ class MemorySplit:
             stages = [wds.SimpleShardList(stream.urls), tarfile_to_samples(handler=_raise_data_error),
                       _numbered(stream.shard_counts, stream.listed), wds.map(stream.format.decode)]
             samples = list(wds.DataPipeline(*stages))
-            start = 0
-            for url, n in stream.shard_counts.items():
-                self.offsets[url] = start
-                start += n
+            self.offsets = stream.offsets()
             self.columns = Columns.of(samples)
         return self
 
@@ -192,6 +209,10 @@ class ShardStream:
                            prefetch_factor=self.prefetch_arg, steps_per_epoch=steps_per_epoch,
                            sample_format=self.format, in_memory=self.memory or False)
 
+    def offsets(self) -> dict[str, int]:
+        """Each shard's first position in the split (shards in index order): a sample's place in the split."""
+        return dict(zip(self.shard_counts, itertools.accumulate(self.shard_counts.values(), initial=0)))
+
     def shard_order(self, epoch: int) -> list[str]:
         if not self.train:
             return list(self.urls)
@@ -204,10 +225,21 @@ class ShardStream:
         return sum(self.shard_counts[u] for u in self.shard_order(epoch)[self.rank::self.world_size])
 
     # ---- reading shards ---------------------------------------------------------------------------
-    def _reader(self, urls: list[str], node_split: bool) -> list:
+    def _reader(self, urls: list[str], node_split: bool, worker_split: bool = True) -> list:
         return [wds.SimpleShardList(urls), *([_split_by_node(self.rank, self.world_size)] if node_split else []),
-                wds.split_by_worker, tarfile_to_samples(handler=_raise_data_error),
+                *([wds.split_by_worker] if worker_split else []), tarfile_to_samples(handler=_raise_data_error),
                 _numbered(self.shard_counts, self.listed)]
+
+    def _eval_reader(self) -> list:
+        """Every shard of the split, read by this rank, which keeps its share by sample (_split_by_sample).
+        Each rank reads the whole split's tar bytes (and decodes only its share): world_size reads of an
+        evaluation split, which is small next to the training data, for equal shares and no idle rank.
+        DataLoader workers split the shards among them where there are enough (each shard read once per
+        rank); with fewer shards than workers they split by sample too, each reading every shard, so that
+        none idles (a 1-shard split read by 2 workers: read twice, decoded once)."""
+        by_worker = self.num_workers > len(self.urls)
+        return self._reader(list(self.urls), node_split=False, worker_split=not by_worker) + \
+            [_split_by_sample(self.rank, self.world_size, self.offsets(), by_worker)]
 
     def _pipeline(self, stages: list, shuffle_seed_: str, epoch: int, pass_index: int) -> wds.DataPipeline:
         if self.shuffle_buffer > 1:
@@ -283,12 +315,13 @@ class ShardStream:
         """Batches `start..` of this epoch: exactly `batches_per_epoch - start` for training,
         one pass (last batch partial) for evaluation."""
         if not self.train:
-            if self.memory is not None:  # every world_size-th sample of the split (in shard order): equal
-                # shares however few its shards (the metrics are means over every sample either way)
+            # every world_size-th sample of the split (module docstring): the same share in memory and streamed
+            if self.memory is not None:
                 rows = torch.arange(self.rank, len(self.memory.load(self).columns), self.world_size)
                 yield from self._from_memory(rows, epoch, start, math.ceil(len(rows) / self.batch_size), len(rows) or 1)
                 return
-            batches = rebatch(self._one_pass(epoch), self.batch_size, partial=True)
+            pipeline = self._pipeline(self._eval_reader(), "", epoch, 0)  # no shuffle: shuffle_buffer is 0
+            batches = rebatch(self._one_pass(epoch, 0, pipeline), self.batch_size, partial=True)
             yield from (self.format.batch(c) for c in itertools.islice(batches, start, None))
             return
         if self.rank_samples(epoch) == 0:
