@@ -10,7 +10,7 @@ launched exactly as the command is (`python train.py ...`, `torchrun --nproc-per
 takes the same arguments and returns the run's result instead of exiting (a notebook, a sweep, a script).
 """
 
-__version__ = "0.1.0"
+from .version import __version__
 
 
 def main(argv=None, *, config=None, model=None, loss=None, metrics=None, forward=None, param_groups=None,

@@ -25,7 +25,7 @@ from .config import Config, ConfigError
 from .data import ShardStream, build_streams
 from .data.augment import build_augment
 from .data.feed import TrainFeed
-from .engine import build_engine
+from .engine import build_engine, model_weights
 from .evaluate import Evaluator
 from .importing import describe, resolve
 from .logging import SampleKeyLog, build_logger
@@ -87,7 +87,7 @@ def build_model_for(cfg: Config, facts: DataFacts, hooks: Hooks, log: Callable[[
             cfg.model.head != "head":  # needed, or named on purpose: it must name a module (one line if not)
         find_module(model, cfg.model.head)
     if cfg.model.init_from:  # every rank loads it (DDP would broadcast rank 0's weights anyway)
-        load_pretrained(model, cfg.model.init_from, log, head=cfg.model.head)
+        load_pretrained(model, cfg.model.init_from, log, head=cfg.model.head, read_weights=model_weights)
     return model
 
 

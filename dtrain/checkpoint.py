@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from . import dist
+from .version import __version__
 
 MANIFEST = "manifest.json"
 
@@ -260,7 +261,7 @@ class Checkpointer:
     def _publish(self, tmp: Path, final: Path, step: int, best: bool) -> None:
         files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
         manifest = {"step": step, "world_size": self.info.world_size, "config_hash": self.config_hash,
-                    "torch": torch.__version__, "dtrain": _version(),
+                    "torch": torch.__version__, "dtrain": __version__,
                     "files": {n: {"sha256": _sha256(tmp / n), "bytes": (tmp / n).stat().st_size} for n in files}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         _fsync_file(tmp / MANIFEST)
@@ -393,8 +394,3 @@ def refusal(path, e: Exception) -> CheckpointError:
     reason = (reason or (lines[0] if lines else type(e).__name__)).split(" was not an allowed global")[0]
     return CheckpointError(f"checkpoint: refusing to load {path}: not a plain tensor file ({reason[:200]}); "
                            "dtrain never unpickles code")
-
-
-def _version() -> str:
-    from . import __version__
-    return __version__

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 import torch.distributed as torchdist
 
-from . import __version__, dist
+from . import dist
+from .version import __version__
 
 
 @dataclass

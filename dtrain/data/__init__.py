@@ -11,10 +11,11 @@ from typing import Callable, Optional, Union
 from .. import dist
 from ..config import ConfigError
 from .augment import SeededTransform, chain
+from .builtin import make_builtin
 from .datasets import BUILTIN, FOLDERS
 from .pipeline import ShardStream
 from .samples import DtrainFormat, FieldMap, MappedFormat
-from .shards import DataError, ShardIndex, index_from_config, make_builtin, read_index
+from .shards import DataError, ShardIndex, index_from_config, read_index
 from .sources import has_scheme
 
 

@@ -29,7 +29,7 @@ import random
 from typing import Iterable, Iterator, NamedTuple, Optional
 
 from ..config import ConfigError
-from .shards import DataError
+from .errors import DataError
 
 Item = tuple[str, int]  # (shard url, position of the sample in the shard)
 

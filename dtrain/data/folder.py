@@ -20,7 +20,8 @@ import os
 import random
 from pathlib import Path
 
-from .shards import DataError, ShardIndex, write_split_shards
+from .errors import DataError
+from .shards import ShardIndex, write_split_shards
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 SPLITS = ("train", "val", "test")

@@ -30,7 +30,7 @@ from torch.utils.data import default_collate
 from webdataset import autodecode
 
 from ..config import ConfigError
-from .shards import DataError
+from .errors import DataError
 
 
 # ---- batches as columns ----------------------------------------------------------------------------------

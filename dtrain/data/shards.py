@@ -24,14 +24,11 @@ from typing import Iterable
 import numpy as np
 import webdataset as wds
 
-from .datasets import BUILTIN, FOLDERS
+from .errors import DataError
+from .sources import Descriptor, descriptor, has_scheme, resolve_split, write_descriptor
 
 SPLITS = ("train", "val", "test")
 LEGACY_INDEX = "index.json"  # dtrain's index before descriptors: still read
-
-
-class DataError(RuntimeError):
-    """Shards are missing, unreadable or don't fit the run; the message names the file."""
 
 
 @dataclass(frozen=True)
@@ -104,8 +101,6 @@ def write_split_shards(out: str | Path, splits: dict[str, tuple[Iterable[dict], 
     """Write every split ({split: (samples, how many)}) as tar shards and a descriptor into a temp dir,
     then rename it into place: a half-written directory never looks complete (several ranks or a killed
     process can't leave one behind)."""
-    from .sources import descriptor, write_descriptor
-
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -134,8 +129,6 @@ def write_split_shards(out: str | Path, splits: dict[str, tuple[Iterable[dict], 
 
 def read_index(root: str | Path) -> ShardIndex:
     """The splits of a shard directory: its `train.json`, `val.json`, `test.json` (those present)."""
-    from .sources import Descriptor, has_scheme
-
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data: shard directory {root} does not exist")
@@ -173,21 +166,8 @@ def _read_legacy(root: Path) -> ShardIndex:
     return ShardIndex(splits, meta, where=str(root))
 
 
-def make_builtin(name: str, out: str | Path, shard_size: int, seed: int = 0, **params) -> ShardIndex:
-    if name in FOLDERS:  # an image folder, sharded as `dtrain shard --from-folder` shards a user's
-        from .folder import shard_folder
-        with tempfile.TemporaryDirectory() as tmp:
-            return shard_folder(FOLDERS[name](Path(tmp), seed=seed, **params), out, shard_size, seed=seed)
-    if name not in BUILTIN:
-        raise DataError(f"data: unknown dataset '{name}'; built-in: {', '.join([*BUILTIN, *FOLDERS])} (or folder:PATH)")
-    splits, meta = BUILTIN[name](seed=seed, **params)
-    return write_shards(out, splits, meta, shard_size)
-
-
 def index_from_config(cfg) -> ShardIndex:
     """The index of `data.train` / `data.val` / `data.test` (shards dtrain did not write)."""
-    from .sources import resolve_split
-
     splits, meta = {}, None
     for split in SPLITS:
         spec = getattr(cfg, split)

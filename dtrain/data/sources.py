@@ -35,7 +35,7 @@ from urllib.parse import urljoin, urlparse
 from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 
-from .shards import DataError
+from .errors import DataError
 from .tario import sample_count
 
 KIND = "wids-shard-index-v1"

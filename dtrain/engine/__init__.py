@@ -26,6 +26,7 @@
 
 from __future__ import annotations
 
+from .formats import check_engine, written_by_engine
 from .single import SingleEngine
 
 
@@ -44,20 +45,6 @@ def build_engine(model, make_optimizer, make_scheduler, train_cfg, dist_info, ds
         from .ddp import DDPEngine
         return DDPEngine(model, make_optimizer, make_scheduler, train_cfg, dist_info, channels_last)
     return SingleEngine(model, make_optimizer, make_scheduler, train_cfg, dist_info, channels_last)
-
-
-def written_by_engine(engine_state: dict) -> str:
-    """The engine that wrote a checkpoint's engine state: its files differ (DDP: the model in state.pt)."""
-    return next((name for name in ("deepspeed", "fsdp") if name in engine_state), "ddp")
-
-
-def check_engine(directory, engine_state: dict, engine: str) -> None:
-    """CheckpointError unless the checkpoint was written by `engine` (its files are another engine's)."""
-    wrote = written_by_engine(engine_state)
-    if wrote != engine:
-        from ..checkpoint import CheckpointError
-        raise CheckpointError(f"checkpoint: {directory} was written by the {wrote} engine; resume it with "
-                              f"train.engine={wrote} (or `dtrain export` it and use model.init_from)")
 
 
 def model_weights(directory, engine_state: dict) -> dict:

@@ -147,7 +147,7 @@ class DeepSpeedEngine:
     def load_from(self, directory: Path, state: dict) -> None:
         """Collective: model, optimizer shards and schedule from a verified checkpoint directory."""
         from ..checkpoint import CheckpointError
-        from . import check_engine
+        from .formats import check_engine
         check_engine(directory, state, "deepspeed")
         check_same_world_size(directory, self.world_size)
         from ..resume import config_hyperparameters

@@ -193,7 +193,7 @@ class FSDPEngine(SingleEngine):
 
     def load_from(self, directory: Path, state: dict) -> None:
         """Collective: model, optimizer and schedule, resharded onto this run's ranks by DCP."""
-        from . import check_engine
+        from .formats import check_engine
         check_engine(directory, state, "fsdp")
         loaded = self._sharded_state()
         _dcp_load(directory, loaded)
@@ -205,7 +205,7 @@ class FSDPEngine(SingleEngine):
 
     def load_weights(self, directory: Path, state: dict) -> None:
         """The weights only (test() on the best checkpoint), each rank reading its own shards."""
-        from . import check_engine
+        from .formats import check_engine
         check_engine(directory, state, "fsdp")
         loaded = {"model": get_model_state_dict(self.module)}
         _dcp_load(directory, loaded)

@@ -123,7 +123,7 @@ class SingleEngine:
     save_to = None  # no files of its own: the Checkpointer writes state.pt (in the background with async_save)
 
     def load_from(self, directory, state: dict) -> None:
-        from . import check_engine
+        from .formats import check_engine
         check_engine(directory, state, "ddp")
         self.load_state_dict(state)
 

@@ -30,17 +30,20 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def load_pretrained(model: nn.Module, source: str | Path, log: Callable[[str], None] = print,
-                    head: str = "head") -> list[str]:
+                    head: str = "head", read_weights: Optional[Callable[[Path, dict], dict]] = None) -> list[str]:
     """Copy a checkpoint's weights into `model`. The head (model.head) of another shape is left as
-    initialised (a new task); any other mismatch is the user's error. Returns the names that were not loaded."""
+    initialised (a new task); any other mismatch is the user's error. Returns the names that were not loaded.
+    A checkpoint directory's weights are in its engine's format: `read_weights(directory, engine_state)`
+    (dtrain.engine.model_weights) reads them, given by the caller so that models/ never imports an engine."""
     if Path(source).is_file():  # written by `dtrain export` (e.g. from ZeRO shards): {"model", "config", "step"}
         path = Path(source)
         weights = safe_load(path)["model"]
     else:
         path = resolve_checkpoint(source)
         verify(path)  # complete and untampered, or CheckpointError
-        from ..engine import model_weights
-        weights = model_weights(path, safe_load(path / "state.pt")["engine"])  # weights_only: never runs code
+        if read_weights is None:
+            raise TypeError("load_pretrained: a checkpoint directory needs read_weights (dtrain.engine.model_weights)")
+        weights = read_weights(path, safe_load(path / "state.pt")["engine"])  # weights_only: never runs code
     own = model.state_dict()
     skipped = []
     for name, tensor in own.items():
