@@ -259,6 +259,20 @@ def test_hf_gpt2_script_under_torchrun_resumes_exactly_after_sigterm(tmp_path):
     assert "test/token_acc" in evaluated.stdout
 
 
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_data_hooks_from_a_script_pass_the_start_up_check_on_two_ranks(tmp_path, data_root):
+    """Issue 22 (1): the check rebuilt sample/collate from their recorded names (`__main__:collate`), which
+    no import can, and failed every rank; it must use the objects the script handed in."""
+    script, args = USERCODE / "script_hooks.py", [f"data.root={data_root}"]
+    proc = run_torchrun(2, args, tmp_path, script=script)  # run.doctor is on by default
+    assert "world_size=2" in proc.stderr and "ok    shards" in proc.stderr, proc.stderr[-3000:]
+    assert result_of(proc)["stop_reason"] == "completed"
+    assert "collate: __main__:collate" in (tmp_path / "runs" / "script-hooks" / "config.yaml").read_text()
+    doctor = run_torchrun(2, ["doctor", *args], tmp_path, script=script)  # the full check, as `dtrain doctor`
+    assert "ok    shards" in doctor.stderr, doctor.stderr[-3000:]
+
+
 def run_dtrain_script(args, cwd):
     import subprocess
     import sys
