@@ -27,9 +27,12 @@ def keys(batch) -> list[str]:
 
 
 def size(batch) -> int:
-    """Samples in a batch: the length of its first tensor."""
+    """Samples in a batch: its keys where it has them (a collate hook's fields may all be lists or strings,
+    or lead with a tensor that is not per sample), else the length of its first tensor."""
     if isinstance(batch, torch.Tensor):
         return len(batch)
+    if isinstance(batch, Mapping) and isinstance(batch.get(KEY), (list, tuple)):
+        return len(batch[KEY])
     values = batch.values() if isinstance(batch, Mapping) else batch
     for v in values:
         if isinstance(v, torch.Tensor):
@@ -97,3 +100,4 @@ def logits(output: Any) -> torch.Tensor:
         else f"a {type(output).__name__}"
     raise ConfigError(f"config: loss: the built-in losses and metrics need a tensor or `logits` from the model, "
                       f"which returned {what}: set loss.fn (and metrics.fn or metrics.builtin=false)")
+
