@@ -242,18 +242,20 @@ def probe(model: nn.Module, batch, forward: Callable, loss, metrics, device: tor
     batch = batches.to_device(batch, lambda t: t.to(device))
     was_training = model.training
     model.eval()  # no batch-norm statistics update from the probe
-    flops, why = None, None
+    flops, why, counted = None, None, False
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             try:
                 with FlopCounterMode(display=False) as counter:
                     output = forward(model, batch)
                 flops = 3.0 * counter.get_total_flops() / max(batches.size(batch), 1)
+                counted = True
             except ConfigError:
                 raise
             except Exception as e:  # the counter can't follow every op: count nothing, run the model plainly
                 why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
-                output = forward(model, batch)  # an error here is the model's own (its traceback is kept)
+            if not counted:  # outside the except: an error here is the model's own, its traceback shown once
+                output = _forward_with_hint(forward, model, batch)
             loss(output, batch)
             metrics.reset(device)
             metrics.update(output, batch)
@@ -267,3 +269,14 @@ def probe(model: nn.Module, batch, forward: Callable, loss, metrics, device: tor
         return None
     return flops
 
+
+def _forward_with_hint(forward: Callable, model: nn.Module, batch):
+    """forward(model, batch); torch's error for a data/model mismatch (dtype, device, shape) gets a note
+    naming the batch field and the fix, printed under the user's traceback."""
+    try:
+        return forward(model, batch)
+    except Exception as e:
+        hint = batches.mismatch_hint(model, batch, e)
+        if hint:
+            e.add_note(hint)
+        raise

@@ -283,6 +283,46 @@ def test_text_fields_reach_the_collate_and_the_input_shape_is_read_only_when_ask
         Trainer(cfg, dist.setup(force_single=True), hooks=Hooks(model=needs_shape, collate=byte_collate))
 
 
+# ---- a data/model mismatch: one traceback, and a hint naming the field (issue 22, 4) ---------------------------
+def test_a_data_model_mismatch_prints_the_traceback_once_with_a_hint(tmp_path, data_root):
+    import traceback
+    from dtrain.cli import main
+    # dtrain's own shards read as foreign ones: x.npy stays uint8, into the default (float) MLP
+    args = ["train", f"data.root={data_root}", f"data.train={data_root / 'digits' / 'train.json'}",
+            "data.sample={x: x.npy, y: y.cls}", "data.num_classes=10", f"run.dir={tmp_path / 'runs'}"]
+    with pytest.raises(RuntimeError, match="same dtype") as caught:
+        main(args)
+    printed = "".join(traceback.format_exception(caught.value))  # as Python prints it
+    assert printed.count("Traceback (most recent call last)") == 1 and "During handling" not in printed, printed
+    assert printed.rstrip().splitlines()[-1] == ("hint: batch field 'x' is torch.uint8, the model's weights are "
+                                                 "torch.float32: convert it in data.transform or data.collate, "
+                                                 "e.g. x.to(torch.float32) (/ 255 for 8-bit pixels)")
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("state.pt"))
+
+
+@pytest.mark.parametrize("model, x, hint", [
+    (lambda: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 4)), torch.zeros(2, 1, 8, 8, dtype=torch.float64),
+     "batch field 'x' is torch.float64, the model's weights are torch.float32: convert it"),
+    (lambda: torch.nn.Conv2d(1, 4, 3), torch.zeros(2, 1, 8, 8, dtype=torch.uint8), "'x' is torch.uint8"),
+    (lambda: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 4)), torch.zeros(2, 3, 8, 8),
+     "'x' has shape (3, 8, 8) a sample, the model's first layer (Linear) takes in_features=64: reshape"),
+    (lambda: torch.nn.Conv2d(1, 4, 3), torch.zeros(2, 3, 8, 8), "first layer (Conv2d) takes in_channels=1"),
+    (lambda: torch.nn.Embedding(10, 4), torch.zeros(2, 8), "'x' is torch.float32, the model's first layer "
+                                                           "(Embedding) takes integer ids: make them"),
+    (lambda: torch.nn.Linear(8, 4).to("meta"), torch.zeros(2, 8), "'x' is on cpu, the model on meta"),
+    (lambda: torch.nn.Linear(8, 4), torch.zeros(2, 8), None),  # no mismatch: the model's own error, no hint
+])
+def test_mismatch_hints_name_the_field_and_the_fix(model, x, hint):
+    from dtrain.batch import mismatch_hint
+    module = model()
+    for batch in ({"x": x, "y": torch.zeros(2)}, (x, torch.zeros(2), ["a", "b"])):
+        try:
+            module(x) if hint else module(x)[:, 9]  # the last: an IndexError of the model's own
+        except Exception as e:
+            said = mismatch_hint(module, batch, e)
+        assert (hint in said and said.startswith("hint: ")) if hint else said == "", said
+
+
 # ---- the Python route: your own script under torchrun ------------------------------------------------------
 @pytest.mark.multiproc
 @pytest.mark.slow
