@@ -27,9 +27,12 @@ def keys(batch) -> list[str]:
 
 
 def size(batch) -> int:
-    """Samples in a batch: the length of its first tensor."""
+    """Samples in a batch: its keys where it has them (a collate hook's fields may all be lists or strings,
+    or lead with a tensor that is not per sample), else the length of its first tensor."""
     if isinstance(batch, torch.Tensor):
         return len(batch)
+    if isinstance(batch, Mapping) and isinstance(batch.get(KEY), (list, tuple)):
+        return len(batch[KEY])
     values = batch.values() if isinstance(batch, Mapping) else batch
     for v in values:
         if isinstance(v, torch.Tensor):
@@ -97,3 +100,53 @@ def logits(output: Any) -> torch.Tensor:
         else f"a {type(output).__name__}"
     raise ConfigError(f"config: loss: the built-in losses and metrics need a tensor or `logits` from the model, "
                       f"which returned {what}: set loss.fn (and metrics.fn or metrics.builtin=false)")
+
+
+def mismatch_hint(model: torch.nn.Module, batch, error: Exception) -> str:
+    """One line naming the batch field and the fix, for the data/model mismatches users commonly make (the
+    error is torch's, raised in the model's first layer): the field's dtype, its device, its shape against
+    the first layer's. "" when the error is none of these."""
+    message = str(error)
+    fields = _tensor_fields(batch)
+    param = next(model.parameters(), None)
+    if param is None or not fields:
+        return ""
+    first = next((m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.modules.conv._ConvNd,
+                                                                torch.nn.Embedding, torch.nn.EmbeddingBag))), None)
+    takes_ids = isinstance(first, (torch.nn.Embedding, torch.nn.EmbeddingBag))
+    if "device" in message:
+        name, t = next(((n, t) for n, t in fields if t.device != param.device), (None, None))
+        if name is not None:  # moved away again, or out of dtrain's reach (only dicts, lists, tuples are walked)
+            return (f"hint: batch field '{name}' is on {t.device}, the model on {param.device}: return it from "
+                    "data.collate in a dict, list or tuple, which dtrain moves to the model's device")
+        return (f"hint: the batch is on {param.device} with the model; a tensor your forward, loss or metrics "
+                "create must be made there too, e.g. torch.zeros(n, device=x.device)")
+    if "type" in message and takes_ids:  # "Expected tensor for argument #1 'indices' to have ... Long, Int"
+        name, t = next(((n, t) for n, t in fields if t.is_floating_point()), (None, None))
+        if name is not None:
+            return (f"hint: batch field '{name}' is {t.dtype}, the model's first layer ({type(first).__name__}) "
+                    "takes integer ids: make them in data.transform or data.collate, e.g. x.long()")
+    elif "type" in message:  # "same dtype", "expected scalar type", "Input type (...)"
+        name, t = next(((n, t) for n, t in fields if t.dtype != param.dtype), (None, None))
+        if name is not None:
+            pixels = " (/ 255 for 8-bit pixels)" if t.dtype == torch.uint8 else ""
+            return (f"hint: batch field '{name}' is {t.dtype}, the model's weights are {param.dtype}: convert it "
+                    f"in data.transform or data.collate, e.g. x.to({param.dtype}){pixels}")
+    if first is not None and any(s in message for s in ("shapes cannot be multiplied", "channels", "size mismatch")):
+        name, t = fields[0]
+        wants = f"in_features={first.in_features}" if isinstance(first, torch.nn.Linear) else \
+            f"in_channels={first.in_channels}" if hasattr(first, "in_channels") else ""
+        return (f"hint: batch field '{name}' has shape {tuple(t.shape[1:])} a sample, the model's first layer "
+                f"({type(first).__name__}) takes {wants}: reshape the input in data.transform or data.collate, or "
+                "build the model for it (a model factory with an `input_shape` parameter is given the data's)")
+    return ""
+
+
+def _tensor_fields(batch) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of the inputs a model is given: x of a tuple batch or of a dict that has one, else a
+    dict batch's tensor fields."""
+    if isinstance(batch, Mapping):
+        names = ["x"] if "x" in batch else [k for k in batch if not k.startswith("__")]
+        return [(n, batch[n]) for n in names if isinstance(batch[n], torch.Tensor)]
+    x = model_input(batch)
+    return [("x", x)] if isinstance(x, torch.Tensor) else []

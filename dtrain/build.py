@@ -10,9 +10,11 @@ that returns no scalar is a one-line error, not a failure at step 1 on every ran
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -70,14 +72,49 @@ class Hooks:
 
 @dataclasses.dataclass
 class DataFacts:
-    """What the data set tells the model and the built-in loss: its task, input shape and outputs."""
+    """What the data set tells the model and the built-in loss: its task, input shape and outputs. The input
+    shape may be given as a function -> (shape, or None and why it is unknown), which reads a sample: it is
+    called only when something asks (a factory whose signature names input_shape, a language model's MFU),
+    so text and other inputs without a shape train without one."""
     task: Optional[str]
-    input_shape: Optional[tuple]
+    shape: Union[tuple, None, Callable[[], tuple]]
     num_outputs: Optional[int]
     y_mean: float = 0.0
 
-    def for_factory(self) -> dict:
-        return {"input_shape": self.input_shape, "num_outputs": self.num_outputs}
+    @functools.cached_property
+    def _input(self) -> tuple:
+        return self.shape() if callable(self.shape) else (self.shape, "")
+
+    @property
+    def input_shape(self) -> Optional[tuple]:
+        return self._input[0]
+
+    def for_factory(self) -> "FactoryFacts":
+        return FactoryFacts(self)
+
+
+class FactoryFacts(Mapping):
+    """The facts a model factory may ask for by parameter name (models.FACTS), each worked out when asked;
+    `why(name)`: why one is unknown (None)."""
+
+    def __init__(self, facts: DataFacts):
+        self.facts = facts
+
+    def __getitem__(self, name: str):
+        if name == "input_shape":
+            return self.facts.input_shape
+        if name == "num_outputs":
+            return self.facts.num_outputs
+        raise KeyError(name)
+
+    def __iter__(self):
+        return iter(("input_shape", "num_outputs"))
+
+    def __len__(self) -> int:
+        return 2
+
+    def why(self, name: str) -> str:
+        return self.facts._input[1] if name == "input_shape" else ""
 
 
 def build_model_for(cfg: Config, facts: DataFacts, hooks: Hooks, log: Callable[[str], None]) -> nn.Module:
@@ -108,7 +145,7 @@ def build_data(cfg: Config, info: dist.DistInfo, hooks: Optional[Hooks] = None, 
                             sample=hooks.sample, transform=hooks.transform, collate=hooks.collate)
     # a regression predicts one number; classes unknown (foreign shards, no data.num_classes): None
     outputs = 1 if streams.task == "regression" else streams.num_classes or None
-    facts = DataFacts(streams.task, streams.input_shape, outputs, streams.y_mean)
+    facts = DataFacts(streams.task, lambda: streams.input, outputs, streams.y_mean)
     return Data(facts, TrainFeed(streams.train, info.global_rank, info.world_size, cfg.train, debug),
                 streams.val, streams.test)
 
@@ -173,7 +210,8 @@ def build_components(cfg: Config, info: dist.DistInfo, hooks: Optional[Hooks] = 
     core = build_core(cfg, info, hooks, debug, log.info)
     data = core.data
     log.total_steps = data.feed.total_steps
-    tokens_per_sample = data.facts.input_shape[-1] if data.facts.task == "lm" else 1  # samples unless sequences
+    shape = data.facts.input_shape if data.facts.task == "lm" else None  # read only for a language model
+    tokens_per_sample = shape[-1] if shape else 1  # samples unless sequences
     meter = Throughput(data.feed.samples_per_step, tokens_per_sample, core.flops,
                        peak_flops(device, cfg.train.peak_flops), info.world_size, device)
     # Coordination that must not share the training group: created in this order on every rank.
@@ -204,27 +242,41 @@ def probe(model: nn.Module, batch, forward: Callable, loss, metrics, device: tor
     batch = batches.to_device(batch, lambda t: t.to(device))
     was_training = model.training
     model.eval()  # no batch-norm statistics update from the probe
-    flops, why = None, None
+    flops, why, counted = None, None, False
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             try:
                 with FlopCounterMode(display=False) as counter:
                     output = forward(model, batch)
                 flops = 3.0 * counter.get_total_flops() / max(batches.size(batch), 1)
+                counted = True
             except ConfigError:
                 raise
             except Exception as e:  # the counter can't follow every op: count nothing, run the model plainly
                 why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
-                output = forward(model, batch)  # an error here is the model's own (its traceback is kept)
+            if not counted:  # outside the except: an error here is the model's own, its traceback shown once
+                output = _forward_with_hint(forward, model, batch)
             loss(output, batch)
             metrics.reset(device)
             metrics.update(output, batch)
             metrics.reset(device)
     finally:
         model.train(was_training)
-    if facts.task == "lm" and hasattr(model, "flops_per_token"):
+    if facts.task == "lm" and hasattr(model, "flops_per_token") and facts.input_shape:
         flops = model.flops_per_token(facts.input_shape[-1]) * facts.input_shape[-1]
     if not flops:
         log(f"mfu: the model's FLOPs could not be counted{f' ({why})' if why else ''}; no MFU is logged")
         return None
     return flops
+
+
+def _forward_with_hint(forward: Callable, model: nn.Module, batch):
+    """forward(model, batch); torch's error for a data/model mismatch (dtype, device, shape) gets a note
+    naming the batch field and the fix, printed under the user's traceback."""
+    try:
+        return forward(model, batch)
+    except Exception as e:
+        hint = batches.mismatch_hint(model, batch, e)
+        if hint:
+            e.add_note(hint)
+        raise

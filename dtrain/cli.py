@@ -48,7 +48,7 @@ def _fit(args, print_result: bool = False):
     with anomaly, _session(cfg, force_single=args.debug) as info, hold(run_dir, info, say):  # one job per run dir
         trainer = Trainer(cfg, info, debug=args.debug, hooks=args.hooks)
         if cfg.run.doctor and info.distributed:
-            _check_health(cfg, info, trainer.run_dir, trainer.engine.module, brief=True)
+            _check_health(cfg, info, trainer.run_dir, trainer.engine.module, brief=True, hooks=args.hooks)
         outcome = trainer.fit()  # config.yaml is written once the resume is settled (RunLogger.start)
         if info.is_global_zero:
             trainer.summarize(outcome, _train_command(args))  # the table on stderr, summary.json
@@ -89,11 +89,11 @@ class DoctorError(RuntimeError):
     """A health check failed; the message names it."""
 
 
-def _check_health(cfg, info, run_dir, model, brief: bool) -> None:
+def _check_health(cfg, info, run_dir, model, brief: bool, hooks=None) -> None:
     from . import doctor
 
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    checks = doctor.run(cfg, info, run_dir, brief=brief, model_bytes=model_bytes)
+    checks = doctor.run(cfg, info, run_dir, brief=brief, model_bytes=model_bytes, hooks=hooks)
     if info.is_global_zero:
         print(("doctor (brief; `dtrain doctor` for the full check):\n" if brief else "doctor:\n")
               + doctor.table(checks), file=sys.stderr, flush=True)
@@ -110,8 +110,8 @@ def _doctor(args) -> int:
     hooks = args.hooks or Hooks()
     cfg = hooks.record(cfg)
     with _session(cfg) as info:
-        model = build_model_for(cfg, build_data(cfg, info).facts, hooks, lambda msg: None)
-        _check_health(cfg, info, Path(cfg.run.dir) / cfg.run.name, model, brief=False)
+        model = build_model_for(cfg, build_data(cfg, info, hooks).facts, hooks, lambda msg: None)
+        _check_health(cfg, info, Path(cfg.run.dir) / cfg.run.name, model, brief=False, hooks=hooks)
     return 0
 
 

@@ -57,11 +57,14 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _read_shards(cfg, info, brief: bool) -> str:
+def _read_shards(cfg, info, brief: bool, hooks=None) -> str:
     """Decode the shards this rank reads (epoch 0's train share, its val and test share): every sample,
-    or in brief mode each shard's first."""
+    or in brief mode each shard's first. `hooks`: the data hooks a script handed in (build.Hooks), used as
+    they are: the config names them `__main__:...`, which no import rebuilds."""
     from .data import build_streams
-    data = build_streams(cfg.data, seed=cfg.run.seed, rank=info.global_rank, world_size=info.world_size, create=False)
+    given = {k: getattr(hooks, k) for k in ("sample", "transform", "collate")} if hooks is not None else {}
+    data = build_streams(cfg.data, seed=cfg.run.seed, rank=info.global_rank, world_size=info.world_size, create=False,
+                         **given)
     n = 0
     for stream in filter(None, (data.train, data.val, data.test)):
         n += stream.check_readable(stream.shard_order(0)[info.global_rank::info.world_size], first_only=brief)
@@ -98,12 +101,12 @@ def _bandwidth(info, size_mb: float, reps: int) -> str:
     return f"{size_mb:g} MiB in {seconds * 1e3:.1f} ms, bus bandwidth {busbw / 1e9:.2f} GB/s"
 
 
-def run(cfg, info, run_dir: Path, brief: bool = False, model_bytes: int = 0) -> list[Check]:
-    """Collective: every rank calls it and gets the same list."""
+def run(cfg, info, run_dir: Path, brief: bool = False, model_bytes: int = 0, hooks=None) -> list[Check]:
+    """Collective: every rank calls it and gets the same list. `hooks`: what a script handed in (build.Hooks)."""
     me = {
         "host": socket.gethostname(), "versions": (__version__, torch.__version__), "config": cfg.to_dict(),
         "device": (torch.cuda.get_device_properties(info.device).uuid.hex if info.device.type == "cuda" else None),
-        "shards": _local(lambda: _read_shards(cfg, info, brief)),
+        "shards": _local(lambda: _read_shards(cfg, info, brief, hooks)),
         # a checkpoint holds the weights and, for Adam, two moments: ~3x the model, twice over
         "ckpt": _local(lambda: _probe_checkpoint_dir(run_dir / "checkpoints", 2 * 3 * model_bytes)),
     }

@@ -221,6 +221,108 @@ def test_transfer_learning_replaces_and_trains_the_named_head(tmp_path, data_roo
     assert heads and all(final[n].shape[0] == 2 and pretrained[n].shape[0] == 10 for n in heads)  # a new head
 
 
+# ---- text: string fields reach your collate untouched (issue 22, 2) -----------------------------------------
+def text_shards(root, n=48):
+    """txt + cls samples written with webdataset's own TarWriter (two classes: which word a line repeats),
+    indexed as `dtrain index` does. -> {split: descriptor}"""
+    import webdataset as wds
+    from dtrain.data.sources import count_shards, descriptor, write_descriptor
+    root.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for split, count in (("train", n), ("val", n // 4)):
+        with wds.TarWriter(str(root / f"{split}-0.tar")) as sink:
+            for i in range(count):
+                sink.write({"__key__": f"{split}{i:04d}", "txt": ("spam " if i % 2 else "eggs ") * (1 + i % 5),
+                            "cls": i % 2})
+        out[split] = root / f"{split}.json"
+        write_descriptor(descriptor(count_shards([str(root / f"{split}-0.tar")]), out[split]), out[split])
+    return out
+
+
+def byte_collate(samples):
+    assert all(isinstance(s["x"], str) and isinstance(s["y"], int) for s in samples), samples  # untouched
+    ids = torch.zeros(len(samples), max(len(s["x"]) for s in samples), dtype=torch.long)
+    for i, s in enumerate(samples):
+        ids[i, :len(s["x"])] = torch.tensor(list(s["x"].encode()))
+    return {"x": ids, "text": [s["x"] for s in samples], "y": torch.tensor([s["y"] for s in samples])}
+
+
+def bag_of_bytes(num_outputs):
+    return torch.nn.Sequential(torch.nn.EmbeddingBag(256, 8, padding_idx=0), torch.nn.Linear(8, num_outputs))
+
+
+def test_samples_reach_the_collate_as_decoded_though_batched_as_columns():
+    import numpy as np
+    from dtrain.data.samples import Columns
+    cols = Columns.join([Columns.of([{"x": np.arange(3, dtype=np.uint8), "y": i, "w": 0.5, "t": "a b", "l": [1, 2],
+                                      "__key__": str(i)}]) for i in range(3)])  # as the workers' parts are joined
+    assert isinstance(cols.fields["x"], torch.Tensor)  # stacked: one tensor through shared memory
+    for s in cols.cut(1, 3).samples():
+        assert type(s["x"]) is np.ndarray and s["x"].dtype == np.uint8 and type(s["y"]) is int
+        assert type(s["w"]) is float and s["t"] == "a b" and s["l"] == [1, 2]
+
+
+@pytest.mark.parametrize("in_memory", ["true", "false"])
+def test_text_fields_reach_the_collate_and_the_input_shape_is_read_only_when_asked(tmp_path, in_memory):
+    from dtrain.build import Hooks
+    splits = text_shards(tmp_path / "text")
+    cfg = load_config(None, [f"data.train={splits['train']}", f"data.val={splits['val']}", "data.sample={x: txt, y: cls}",
+                             "data.num_classes=2", "data.batch_size=4", "train.max_steps=12", "train.val_every=6", "optim.lr=0.05",
+                             "log.sample_keys=true", "log.progress=false", f"run.dir={tmp_path / 'runs'}",
+                             f"data.in_memory={in_memory}", "data.num_workers=1"])
+    t = Trainer(cfg, dist.setup(force_single=True), hooks=Hooks(model=bag_of_bytes, collate=byte_collate))
+    assert t.fit()["step"] == 12
+    assert [r["val/acc"] for r in metrics_of(t.run_dir) if "val/acc" in r][-1] == 1.0  # it learned from the text
+    logged = key_log(t.run_dir)[0]
+    assert len(logged) == 12 and all(len(keys) == 4 and keys[0].startswith("train") for _, keys in logged)
+
+    def needs_shape(input_shape, num_outputs):
+        return bag_of_bytes(num_outputs)
+    with pytest.raises(ConfigError, match=r"needs input_shape, which the data set does not give \(the input field "
+                                          r"'x' is a str\); .* or model.kwargs.input_shape$"):
+        Trainer(cfg, dist.setup(force_single=True), hooks=Hooks(model=needs_shape, collate=byte_collate))
+
+
+# ---- a data/model mismatch: one traceback, and a hint naming the field (issue 22, 4) ---------------------------
+def test_a_data_model_mismatch_prints_the_traceback_once_with_a_hint(tmp_path, data_root):
+    import traceback
+    from dtrain.cli import main
+    # dtrain's own shards read as foreign ones: x.npy stays uint8, into the default (float) MLP
+    args = ["train", f"data.root={data_root}", f"data.train={data_root / 'digits' / 'train.json'}",
+            "data.sample={x: x.npy, y: y.cls}", "data.num_classes=10", f"run.dir={tmp_path / 'runs'}"]
+    with pytest.raises(RuntimeError, match="same dtype") as caught:
+        main(args)
+    printed = "".join(traceback.format_exception(caught.value))  # as Python prints it
+    assert printed.count("Traceback (most recent call last)") == 1 and "During handling" not in printed, printed
+    assert printed.rstrip().splitlines()[-1] == ("hint: batch field 'x' is torch.uint8, the model's weights are "
+                                                 "torch.float32: convert it in data.transform or data.collate, "
+                                                 "e.g. x.to(torch.float32) (/ 255 for 8-bit pixels)")
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("state.pt"))
+
+
+@pytest.mark.parametrize("model, x, hint", [
+    (lambda: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 4)), torch.zeros(2, 1, 8, 8, dtype=torch.float64),
+     "batch field 'x' is torch.float64, the model's weights are torch.float32: convert it"),
+    (lambda: torch.nn.Conv2d(1, 4, 3), torch.zeros(2, 1, 8, 8, dtype=torch.uint8), "'x' is torch.uint8"),
+    (lambda: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 4)), torch.zeros(2, 3, 8, 8),
+     "'x' has shape (3, 8, 8) a sample, the model's first layer (Linear) takes in_features=64: reshape"),
+    (lambda: torch.nn.Conv2d(1, 4, 3), torch.zeros(2, 3, 8, 8), "first layer (Conv2d) takes in_channels=1"),
+    (lambda: torch.nn.Embedding(10, 4), torch.zeros(2, 8), "'x' is torch.float32, the model's first layer "
+                                                           "(Embedding) takes integer ids: make them"),
+    (lambda: torch.nn.Linear(8, 4).to("meta"), torch.zeros(2, 8), "'x' is on cpu, the model on meta"),
+    (lambda: torch.nn.Linear(8, 4), torch.zeros(2, 8), None),  # no mismatch: the model's own error, no hint
+])
+def test_mismatch_hints_name_the_field_and_the_fix(model, x, hint):
+    from dtrain.batch import mismatch_hint
+    module = model()
+    for batch in ({"x": x, "y": torch.zeros(2)}, (x, torch.zeros(2), ["a", "b"])):
+        try:
+            module(x) if hint else module(x)[:, 9]  # the last: an IndexError of the model's own
+        except Exception as e:
+            said = mismatch_hint(module, batch, e)
+        assert (hint in said and said.startswith("hint: ")) if hint else said == "", said
+
+
 # ---- the Python route: your own script under torchrun ------------------------------------------------------
 @pytest.mark.multiproc
 @pytest.mark.slow
@@ -257,6 +359,20 @@ def test_hf_gpt2_script_under_torchrun_resumes_exactly_after_sigterm(tmp_path):
 
     evaluated = run_dtrain_script(["eval", "--checkpoint", str(run)], tmp_path)
     assert "test/token_acc" in evaluated.stdout
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_data_hooks_from_a_script_pass_the_start_up_check_on_two_ranks(tmp_path, data_root):
+    """Issue 22 (1): the check rebuilt sample/collate from their recorded names (`__main__:collate`), which
+    no import can, and failed every rank; it must use the objects the script handed in."""
+    script, args = USERCODE / "script_hooks.py", [f"data.root={data_root}"]
+    proc = run_torchrun(2, args, tmp_path, script=script)  # run.doctor is on by default
+    assert "world_size=2" in proc.stderr and "ok    shards" in proc.stderr, proc.stderr[-3000:]
+    assert result_of(proc)["stop_reason"] == "completed"
+    assert "collate: __main__:collate" in (tmp_path / "runs" / "script-hooks" / "config.yaml").read_text()
+    doctor = run_torchrun(2, ["doctor", *args], tmp_path, script=script)  # the full check, as `dtrain doctor`
+    assert "ok    shards" in doctor.stderr, doctor.stderr[-3000:]
 
 
 def run_dtrain_script(args, cwd):

@@ -8,6 +8,9 @@ import os
 from pathlib import Path
 from typing import Callable, Optional, Union
 
+import numpy as np
+import torch
+
 from .. import dist
 from ..config import ConfigError
 from .augment import SeededTransform, chain
@@ -114,11 +117,22 @@ class Streams:
         return self.train.format.mapped
 
     @functools.cached_property
-    def input_shape(self) -> tuple:
-        """The descriptor's, else the shape of the first training sample's input (read from its shard)."""
+    def input(self) -> tuple[Optional[tuple], str]:
+        """(the input shape, "") or (None, why it is unknown): the descriptor's shape, else that of the first
+        training sample's input (its first field, read from its shard). Text, lists and other values without
+        a shape are left to the collate hook as they are: their shape is unknown, not an error."""
         if self.index.input_shape:
-            return self.index.input_shape
-        return tuple(next(v for k, v in self.train.first_sample().items() if k != "__key__").shape)
+            return self.index.input_shape, ""
+        name, x = next((k, v) for k, v in self.train.first_sample().items() if k != "__key__")
+        if isinstance(x, (torch.Tensor, np.ndarray, np.number)):
+            return tuple(x.shape), ""
+        if isinstance(x, (int, float)):
+            return (), ""
+        return None, f"the input field '{name}' is a {type(x).__name__}"
+
+    @property
+    def input_shape(self) -> Optional[tuple]:
+        return self.input[0]
 
 
 def build_streams(cfg, *, seed: int, rank: int, world_size: int, grad_accum: int = 1,

@@ -52,12 +52,23 @@ def _join_column(parts: list):
     return [v for p in parts for v in (p.unbind(0) if isinstance(p, torch.Tensor) else p)]
 
 
-class Columns:
-    """The samples of a (part of a) batch: their keys, and per field a stacked tensor or a list."""
-    __slots__ = ("keys", "fields")
+def _restore(value, kind):
+    """A value cut from a stacked column as the sample gave it (`kind`: its type there): a collate hook or a
+    transform gets the int, float or NumPy array it would get without the stacking, untouched."""
+    if kind is None or not isinstance(value, torch.Tensor):
+        return value
+    if kind is np.ndarray:
+        return value.numpy()
+    return kind(value.item())  # int, float, bool, NumPy scalars
 
-    def __init__(self, keys: list[str], fields: dict):
-        self.keys, self.fields = keys, fields
+
+class Columns:
+    """The samples of a (part of a) batch: their keys, and per field a stacked tensor or a list. `kinds`:
+    the type of the values of each field stacked from something other than tensors (ints, arrays)."""
+    __slots__ = ("keys", "fields", "kinds")
+
+    def __init__(self, keys: list[str], fields: dict, kinds: Optional[dict] = None):
+        self.keys, self.fields, self.kinds = keys, fields, kinds or {}
 
     @staticmethod
     def of(samples: list[dict]) -> "Columns":
@@ -66,40 +77,53 @@ class Columns:
             if len(s) != len(names) + 1 or any(n not in s for n in names):
                 raise DataError(f"data: samples {samples[0]['__key__']!r} and {s['__key__']!r} have different "
                                 f"fields ({', '.join(names)} / {', '.join(n for n in s if n != '__key__')})")
-        return Columns([s["__key__"] for s in samples], {n: _column([s[n] for s in samples]) for n in names})
+        fields = {n: _column([s[n] for s in samples]) for n in names}
+        return Columns([s["__key__"] for s in samples], fields, _kinds(fields, samples[0]))
 
     @staticmethod
     def join(parts: list["Columns"]) -> "Columns":
         if len(parts) == 1:
             return parts[0]
         return Columns([k for p in parts for k in p.keys],
-                       {n: _join_column([p.fields[n] for p in parts]) for n in parts[0].fields})
+                       {n: _join_column([p.fields[n] for p in parts]) for n in parts[0].fields},
+                       {k: v for p in parts for k, v in p.kinds.items()})
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def cut(self, start: int, end: int) -> "Columns":
-        return Columns(self.keys[start:end], {n: v[start:end] for n, v in self.fields.items()})
+        return Columns(self.keys[start:end], {n: v[start:end] for n, v in self.fields.items()}, self.kinds)
 
     def take(self, index: torch.Tensor) -> "Columns":
         """The samples at `index` (an int64 tensor), in that order."""
         rows = index.tolist()
         return Columns([self.keys[i] for i in rows], {n: v[index] if isinstance(v, torch.Tensor) else [v[i] for i in rows]
-                                                      for n, v in self.fields.items()})
+                                                      for n, v in self.fields.items()}, self.kinds)
 
     def transformed(self, transform: Callable[[Any, str, int], Any]) -> "Columns":
         """The input (first field) of each sample through transform(input, key, k), k its index here; the
         other fields as they are (not unstacked and stacked again)."""
         name = next(iter(self.fields))
-        values = [transform(x, k, j) for j, (x, k) in enumerate(zip(self.fields[name], self.keys))]
-        return Columns(self.keys, {**self.fields, name: _column(values)})
+        kind = self.kinds.get(name)
+        values = [transform(_restore(x, kind), k, j) for j, (x, k) in enumerate(zip(self.fields[name], self.keys))]
+        column = _column(values)
+        kinds = {**{k: v for k, v in self.kinds.items() if k != name}, **_kinds({name: column}, {name: values[0]})}
+        return Columns(self.keys, {**self.fields, name: column}, kinds)
 
     def samples(self) -> list[dict]:
-        return [{**{n: v[i] for n, v in self.fields.items()}, "__key__": k} for i, k in enumerate(self.keys)]
+        """Each sample's fields as its decoding gave them (what a collate hook gets)."""
+        return [{**{n: _restore(v[i], self.kinds.get(n)) for n, v in self.fields.items()}, "__key__": k}
+                for i, k in enumerate(self.keys)]
 
     def pin_memory(self) -> "Columns":  # DataLoader(pin_memory=True) calls this in its pinning thread
         return Columns(self.keys, {n: v.pin_memory() if isinstance(v, torch.Tensor) else v
-                                   for n, v in self.fields.items()})
+                                   for n, v in self.fields.items()}, self.kinds)
+
+
+def _kinds(fields: dict, first: dict) -> dict:
+    """{field: the type of its values} for the fields stacked from values that are not tensors."""
+    return {n: type(first[n]) for n, v in fields.items()
+            if isinstance(v, torch.Tensor) and not isinstance(first[n], torch.Tensor)}
 
 
 def to_columns(samples: list[dict]) -> Columns:

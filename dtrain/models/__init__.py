@@ -8,6 +8,7 @@ import difflib
 import inspect
 import math
 import sys
+from collections.abc import Mapping
 from typing import Callable, Optional
 
 import torch
@@ -143,7 +144,7 @@ BUILTIN = {"mlp": "dtrain.models:mlp", "cnn": "dtrain.models:cnn", "gpt": "dtrai
 FACTS = ("input_shape", "num_outputs")  # what a factory may ask of the data set, by parameter name
 
 
-def instantiate(factory: Callable, kwargs: dict, key: str, facts: Optional[dict] = None):
+def instantiate(factory: Callable, kwargs: dict, key: str, facts: Optional[Mapping] = None):
     """factory(**kwargs), with `_target_` mappings inside kwargs built first and the data set's facts passed
     where the factory's signature names them. Arguments the factory rejects are a one-line ConfigError
     naming `key`; an exception raised inside the factory is the factory's own (its traceback is kept)."""
@@ -158,8 +159,9 @@ def instantiate(factory: Callable, kwargs: dict, key: str, facts: Optional[dict]
                 kwargs[name] = facts[name]
             elif facts is not None and params[name].default is inspect.Parameter.empty:
                 fix = "set data.num_classes" if name == "num_outputs" else "describe the data set's shape"
+                why = facts.why(name) if hasattr(facts, "why") else ""
                 raise ConfigError(f"config: model.kwargs: {describe(factory)} needs {name}, which the data set "
-                                  f"does not give; {fix} or model.kwargs.{name}")
+                                  f"does not give{f' ({why})' if why else ''}; {fix} or model.kwargs.{name}")
     try:
         return factory(**kwargs)
     except TypeError as e:
