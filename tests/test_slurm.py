@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import REPO, _env, final_params
+from test_matrix import CELLS, STEPS, USER_ERRORS, cell_dir, command, matrix_data  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.slurm
 
@@ -127,6 +128,30 @@ def test_a_python_script_of_your_own_under_srun(slurm_cluster, tmp_path):
     assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", f"{fields}\n{out}"
     assert "launch: slurm, world_size=2, backend=gloo" in out and "test/token_acc" in out, out
     assert summary(out)["step"] == 6
+
+
+@pytest.mark.parametrize("entry, launcher, data, outcome", [c for c in CELLS if c[1] == "srun"],
+                         ids=["-".join(c) for c in CELLS if c[1] == "srun"])
+def test_user_path_under_srun(slurm_cluster, matrix_data, tmp_path, entry, launcher, data, outcome):
+    """tests/test_matrix.py's srun cells: `srun --ntasks 2` of the same command a single process runs."""
+    import shlex
+
+    cwd = cell_dir(matrix_data, tmp_path)
+    extra = USER_ERRORS[entry][0] if outcome == "error" else []
+    cmd, env = command(entry, "single", data, STEPS + extra + ["run.name=cell"])
+    job = sbatch(cwd, "--nodes=1", "--ntasks=2", "--output=%x-%j.out", "--job-name=cell",
+                 f"--wrap=srun --kill-on-bad-exit=1 {shlex.join(cmd)}", env=env)
+    fields, out = wait_for(job, cwd)
+    assert "Traceback" not in out, out
+    if outcome == "error":
+        errors = [line for line in out.splitlines() if line.startswith("dtrain: error")]
+        assert fields["ExitCode"] == "2:0" and len(errors) == 1, f"{fields}\n{out}"
+        assert errors[0].startswith(USER_ERRORS[entry][1]), out
+        return
+    assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", f"{fields}\n{out}"
+    assert "launch: slurm, world_size=2" in out, out
+    result = summary(out)
+    assert result["step"] == 10 and any(k.startswith("test/") for k in result), result
 
 
 def test_dtrain_in_the_batch_script_without_srun_is_an_error(slurm_cluster, tmp_path):
