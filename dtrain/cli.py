@@ -1,4 +1,4 @@
-"""`dtrain train | shard | index | eval | export | plot | augment-preview | config | bench | doctor`. User errors end with one line on stderr
+"""`dtrain train | launch | shard | index | eval | export | plot | augment-preview | config | bench | doctor`. User errors end with one line on stderr
 and exit code 2."""
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ def _session(cfg, force_single: bool = False):
     clean = False
     try:
         if info.is_global_zero:
-            print(info.describe(), file=sys.stderr, flush=True)
+            from .launcher import note
+            note(info.describe())  # under `dtrain launch`, whose own line says what it started: in the log
         yield info
         clean = True
     except DoctorError:
@@ -357,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--describe", action="store_true", help="list every key, its default and what it does")
     c.add_argument("overrides", nargs="*", metavar="key.sub=value")
     c.set_defaults(func=_config)
+
+    from .launcher import add_parser
+    add_parser(sub)
     return p
 
 
@@ -367,6 +371,7 @@ def main(argv: list[str] | None = None, hooks=None, defaults: dict | None = None
     from .config import ConfigError
     from .data import DataError
     from .dist import CollectiveError, LaunchError
+    from .launcher import report_error
     from .runlock import RunDirError
 
     parser = build_parser()
@@ -378,18 +383,30 @@ def main(argv: list[str] | None = None, hooks=None, defaults: dict | None = None
         parser.prog = Path(sys.argv[0]).name
     args = parser.parse_args(argv)
     args.hooks, args.defaults = hooks, defaults
-    func = args.func
+
+    def run(args) -> int:
+        # handled here, inside `record`: torchrun's error file gets their one line, not a traceback
+        try:
+            return args.func(args)
+        except (ConfigError, DataError) as e:  # every rank meets these the same way: rank 0 says it
+            report_error(str(e), quiet=_is_other_rank())
+            return EXIT_USER_ERROR
+        except (LaunchError, CheckpointError, DoctorError, RunDirError) as e:
+            report_error(str(e))
+            return EXIT_USER_ERROR
+        except CollectiveError as e:
+            report_error(str(e))
+            return EXIT_FAILED
+
     if "TORCHELASTIC_ERROR_FILE" in os.environ:  # under torchrun: uncaught errors go into its error record
         from torch.distributed.elastic.multiprocessing.errors import record
-        func = record(func)
-    try:
-        return func(args)
-    except (ConfigError, DataError, LaunchError, CheckpointError, DoctorError, RunDirError) as e:
-        print(f"dtrain: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except CollectiveError as e:
-        print(f"dtrain: error: {e}", file=sys.stderr)
-        return EXIT_FAILED
+        run = record(run)
+    return run(args)
+
+
+def _is_other_rank() -> bool:
+    """Not global rank 0 of a job of several ranks (as the launcher's variables say)."""
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) != "0"
 
 
 if __name__ == "__main__":

@@ -1,0 +1,148 @@
+"""`dtrain launch` (dtrain/launcher.py): torch's elastic agent with one line per event and the workers'
+exit code, with real processes and real signals; and the one-line errors workers write for any launcher."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import _env, latest_logged_step, result_of, run_dtrain, start, wait_for, workers
+from dtrain import launcher
+from test_faults import RESUME_ARGS, assert_same_as_straight
+
+
+def launch_cmd(nproc: int, args: list[str], extra: list[str] = ()) -> list[str]:
+    return [sys.executable, "-m", "dtrain", "launch", "--nproc-per-node", str(nproc), *extra, *args]
+
+
+def launch(nproc: int, args: list[str], cwd, extra: list[str] = (), timeout: float = 300):
+    return subprocess.run(launch_cmd(nproc, args, extra), cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env=_env(), stdin=subprocess.DEVNULL)
+
+
+def launched_workers(tag: str) -> dict[int, int]:
+    """{rank: pid} of `dtrain launch`'s workers (not the launcher, not rank 0's tee processes)."""
+    return workers(tag, needle=b"dtrain.launcher")
+
+
+# ---- in-process: the launcher's own decisions ------------------------------------------------------
+def test_bad_config_is_one_line_before_any_worker_starts(tmp_path):
+    proc = run_dtrain(["launch", "--nproc-per-node", "2", "train", "optim.lr=fast"], tmp_path, check=False)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("dtrain: error: "), proc.stderr
+    assert not (tmp_path / "runs").exists()  # nothing started, nothing written
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["launch"], "give a dtrain command or a script"),
+    (["launch", "nosuch.py"], "neither a dtrain command"),
+    (["launch", "--nnodes", "2:1", "train"], "--nnodes '2:1' is not N or MIN:MAX"),
+    (["launch", "--nnodes", "2", "train"], "needs --rdzv-endpoint"),
+])
+def test_bad_launch_arguments_are_one_line(tmp_path, argv, message):
+    proc = run_dtrain(argv, tmp_path, check=False)
+    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def failure(exitcode, message="", error_file="/e.json"):
+    return SimpleNamespace(exitcode=exitcode, message=message, error_file=error_file, timestamp=1)
+
+
+def test_failure_lines_and_exit_codes(tmp_path, capsys):
+    logs = tmp_path / "logs"
+    # the first failure the agent saw is the cause, whatever the ranks it stopped afterwards wrote
+    code = launcher._report_failure({1: failure(2, "dtrain: error: data: no shards"),
+                                     0: failure(-15, "dtrain: error: data: no shards")}, logs, 0)
+    err = capsys.readouterr().err
+    assert code == 2 and err.splitlines() == [f"dtrain: error: data: no shards (rank 1 on {os.uname().nodename}, "
+                                              f"log {logs}/rank-1.log)"]
+    crash = {"message": "RuntimeError: boom", "extraInfo": {"py_callstack": "Traceback (most recent call last):\n"
+                                                                            "RuntimeError: boom\n", "timestamp": "1"}}
+    assert launcher._report_failure({1: failure(1, crash)}, logs, 1) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "Traceback (most recent call last):" and err.count("RuntimeError: boom") == 1  # printed once
+    assert err[-1].startswith("dtrain: error: launch: worker failed after 1 restart(s): RuntimeError: boom (rank 1")
+    assert launcher._report_failure({0: failure(-9, "", "<N/A>")}, logs, 0) == 1
+    assert "worker failed: killed by SIGKILL (rank 0" in capsys.readouterr().err
+    assert launcher._report_failure({0: failure(75, "")}, logs, 0) == 75
+
+
+def test_handled_errors_go_into_torchs_error_file_as_their_line(tmp_path, monkeypatch, capsys):
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv(launcher.LOG_DIR_ENV, raising=False)
+    launcher.report_error("config: bad", quiet=True)  # plain torchrun, rank 1, an error every rank meets: quiet
+    assert capsys.readouterr().err == ""
+    assert json.loads(error_file.read_text())["message"] == "dtrain: error: config: bad"
+    launcher.report_error("launcher: rank 1 cannot reach the master")  # its own: said
+    assert capsys.readouterr().err == "dtrain: error: launcher: rank 1 cannot reach the master\n"
+    monkeypatch.setenv(launcher.LOG_DIR_ENV, str(tmp_path / "logs"))
+    (tmp_path / "logs").mkdir()
+    launcher.report_error("config: bad", quiet=True)  # under dtrain launch: in the rank's log, not the terminal
+    assert capsys.readouterr().err == "" and (tmp_path / "logs" / "rank-1.log").read_text() == "dtrain: error: config: bad\n"
+
+
+# ---- real processes ------------------------------------------------------------------------------
+@pytest.mark.multiproc
+def test_user_error_on_two_ranks_is_one_line_and_exit_2(tmp_path, data_root):
+    proc = launch(2, ["train", f"data.root={data_root}", "data.sample.input=nosuch.png", "log.progress=false",
+                      "run.name=u"], tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("launch: 2 worker(s) per node"), proc.stderr
+    assert lines[1].startswith("dtrain: error: data: ") and "no .nosuch.png member" in lines[1], proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    logs = tmp_path / "runs" / "u" / "logs"
+    assert f"log {logs.relative_to(tmp_path)}/rank-" in lines[1]
+    for rank in (0, 1):  # each rank's full output, its error line included
+        assert "no .nosuch.png member" in (logs / f"rank-{rank}.log").read_text()
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("straight")
+    proc = launch(2, RESUME_ARGS + ["run.name=r"], cwd)
+    assert proc.returncode == 0, proc.stderr
+    return cwd / "runs" / "r", result_of(proc)
+
+
+@pytest.mark.multiproc
+def test_sigterm_to_the_launcher_exits_75_and_the_same_command_resumes(tmp_path, straight):
+    tag = uuid.uuid4().hex
+    run = tmp_path / "runs" / "r"
+    proc = start(launch_cmd(2, RESUME_ARGS + ["run.name=r"]), tmp_path, tag)
+    wait_for(lambda: latest_logged_step(run) >= 22, what="step 22")
+    proc.send_signal(signal.SIGTERM)  # the launcher only: it forwards to every worker
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 75, err
+    assert json.loads(out.strip().splitlines()[-1])["stop_reason"] == "signal:SIGTERM"
+    assert "launch: SIGTERM received: the workers saved and stopped" in err and "Traceback" not in err
+    assert not launched_workers(tag)
+    resumed = launch(2, RESUME_ARGS + ["run.name=r"], tmp_path)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr
+    assert_same_as_straight(run, straight[0])
+    log = (run / "logs" / "rank-1.log").read_text()  # appended across both runs
+    assert log.count("---- dtrain launch:") == 2 and "SIGTERM received" in log
+
+
+@pytest.mark.multiproc
+def test_killed_worker_restarts_from_the_newest_checkpoint(tmp_path, straight):
+    tag = uuid.uuid4().hex
+    run = tmp_path / "runs" / "r"
+    proc = start(launch_cmd(2, RESUME_ARGS + ["run.name=r"], ["--max-restarts", "2"]), tmp_path, tag)
+    wait_for(lambda: latest_logged_step(run) >= 13, what="step 13")
+    os.kill(launched_workers(tag)[1], signal.SIGKILL)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    restarts = [l for l in err.splitlines() if "restart 1 of 2" in l]
+    assert len(restarts) == 1 and "rank 1 on" in restarts[0] and "killed by SIGKILL" in restarts[0], err
+    assert "all workers resume from step 12" in restarts[0] or "all workers resume from step 16" in restarts[0], err
+    got, want = result_of(subprocess.CompletedProcess([], 0, out, "")), straight[1]
+    assert {k: v for k, v in got.items() if k.startswith("test/")} == {k: v for k, v in want.items() if k.startswith("test/")}
+    assert_same_as_straight(run, straight[0])
