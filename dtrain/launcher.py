@@ -211,7 +211,8 @@ def error_line(failure) -> str:
 def traceback_of(failure) -> str | None:
     message = failure.message
     if isinstance(message, dict):
-        return message.get("extraInfo", {}).get("py_callstack")
+        stack = message.get("extraInfo", {}).get("py_callstack") or ""
+        return stack if stack.startswith("Traceback") else None  # dtrain's handled errors: their line only
     return None
 
 
@@ -373,7 +374,11 @@ def report_error(message: str, quiet: bool = False) -> None:
     if error_file:
         try:
             with open(error_file, "w") as f:
-                json.dump({"message": f"dtrain: error: {message}", "timestamp": str(int(time.time()))}, f)
+                # the layout of torch's ErrorHandler.record_exception, with the line for a traceback:
+                # torchrun's summary shows py_callstack, and a message of another layout makes it warn
+                line = f"dtrain: error: {message}"
+                json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line,
+                                                                      "timestamp": str(int(time.time()))}}}, f)
         except OSError:
             pass
     if not quiet or rank_log() is not None:

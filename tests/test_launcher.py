@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import _env, latest_logged_step, result_of, run_dtrain, start, wait_for, workers
+from conftest import _env, latest_logged_step, result_of, run_dtrain, run_torchrun, start, wait_for, workers
 from dtrain import launcher
 from test_faults import RESUME_ARGS, assert_same_as_straight
 
@@ -70,6 +70,11 @@ def test_failure_lines_and_exit_codes(tmp_path, capsys):
     assert launcher._report_failure({0: failure(-9, "", "<N/A>")}, logs, 0) == 1
     assert "worker failed: killed by SIGKILL (rank 0" in capsys.readouterr().err
     assert launcher._report_failure({0: failure(75, "")}, logs, 0) == 75
+    handled = {"message": "dtrain: error: dist: gradient all-reduce failed", "extraInfo": {
+        "py_callstack": "dtrain: error: dist: gradient all-reduce failed", "timestamp": "1"}}
+    capsys.readouterr()
+    assert launcher._report_failure({1: failure(1, handled)}, logs, 0) == 1
+    assert capsys.readouterr().err.count("gradient all-reduce failed") == 1  # its line, once, no traceback
 
 
 def test_handled_errors_go_into_torchs_error_file_as_their_line(tmp_path, monkeypatch, capsys):
@@ -79,7 +84,8 @@ def test_handled_errors_go_into_torchs_error_file_as_their_line(tmp_path, monkey
     monkeypatch.delenv(launcher.LOG_DIR_ENV, raising=False)
     launcher.report_error("config: bad", quiet=True)  # plain torchrun, rank 1, an error every rank meets: quiet
     assert capsys.readouterr().err == ""
-    assert json.loads(error_file.read_text())["message"] == "dtrain: error: config: bad"
+    written = json.loads(error_file.read_text())["message"]  # torch's layout, the line for a traceback
+    assert written["message"] == written["extraInfo"]["py_callstack"] == "dtrain: error: config: bad"
     launcher.report_error("launcher: rank 1 cannot reach the master")  # its own: said
     assert capsys.readouterr().err == "dtrain: error: launcher: rank 1 cannot reach the master\n"
     monkeypatch.setenv(launcher.LOG_DIR_ENV, str(tmp_path / "logs"))
@@ -146,3 +152,31 @@ def test_killed_worker_restarts_from_the_newest_checkpoint(tmp_path, straight):
     got, want = result_of(subprocess.CompletedProcess([], 0, out, "")), straight[1]
     assert {k: v for k, v in got.items() if k.startswith("test/")} == {k: v for k, v in want.items() if k.startswith("test/")}
     assert_same_as_straight(run, straight[0])
+
+
+@pytest.mark.multiproc
+def test_killed_launcher_takes_its_workers_along(tmp_path, data_root):
+    """torch's agent starts workers in sessions of their own: without PR_SET_PDEATHSIG they would train on
+    as orphans after a SIGKILL of the launcher. They get SIGTERM instead, save and end."""
+    tag = uuid.uuid4().hex
+    run = tmp_path / "runs" / "o"
+    proc = start(launch_cmd(2, ["train", f"data.root={data_root}", "train.epochs=50", "log.progress=false",
+                                "train.log_every=1", "run.name=o"]), tmp_path, tag)
+    wait_for(lambda: latest_logged_step(run) >= 3, what="step 3")
+    assert len(launched_workers(tag)) == 2
+    proc.kill()
+    proc.communicate(timeout=120)  # rank 0's tee holds the pipe until the worker is gone
+    wait_for(lambda: not launched_workers(tag), timeout=120, what="the workers to end")
+    log = (run / "logs" / "rank-0.log").read_text()
+    assert "SIGTERM received" in log and "checkpoint saved" in log
+
+
+@pytest.mark.multiproc
+def test_under_torchrun_an_error_every_rank_meets_is_one_line_and_names_itself_in_the_summary(tmp_path, data_root):
+    proc = run_torchrun(2, ["train", f"data.root={data_root}", "data.sample.input=nosuch.png", "log.progress=false"],
+                        tmp_path, check=False)
+    assert proc.returncode != 0  # torchrun's own: 1
+    said = [l for l in proc.stderr.splitlines() if l.startswith("dtrain: error:")]
+    assert len(said) == 1 and "no .nosuch.png member" in said[0], proc.stderr
+    # torchrun's failure record: dtrain's line for a traceback, not "no error file" nor a stack
+    assert "traceback : dtrain: error: data: " in proc.stderr and 'File "' not in proc.stderr.split("dtrain FAILED")[1]
