@@ -40,6 +40,9 @@ def add_parser(sub) -> None:
     la.add_argument("--rdzv-endpoint", default="", metavar="HOST:PORT",
                     help="several nodes: the c10d rendezvous every node's launcher joins")
     la.add_argument("--rdzv-id", default="dtrain", help="several nodes: the same id on every node (default dtrain)")
+    la.add_argument("--rdzv-conf", default="", metavar="K=V,...",
+                    help="c10d rendezvous settings, as torchrun's: is_host=1 on the node that hosts the store, "
+                         "join_timeout=S (default 600), last_call_timeout=S, ...")
     la.add_argument("--max-restarts", type=int, default=0, metavar="K",
                     help="restart all workers from the newest complete checkpoint after a crashed, killed or "
                          "lost worker, at most K times (a user error, exit 2, is never retried)")
@@ -136,10 +139,14 @@ def _run_agent(args, nproc, min_nodes, max_nodes, entry, run_dir, logs) -> int:
         if name.startswith("torch.distributed.elastic"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
     standalone = max_nodes == 1 and not args.rdzv_endpoint
+    rdzv_configs = {"join_timeout": 600}  # how long the nodes wait for each other (torch's default)
+    for item in filter(None, args.rdzv_conf.split(",")):
+        key, _, value = item.partition("=")
+        rdzv_configs[key.strip()] = value.strip()
     config = LaunchConfig(min_nodes=min_nodes, max_nodes=max_nodes, nproc_per_node=nproc,
                           run_id=uuid.uuid4().hex if standalone else args.rdzv_id, rdzv_backend="c10d",
                           rdzv_endpoint="localhost:0" if standalone else args.rdzv_endpoint,
-                          max_restarts=args.max_restarts, signals_to_handle=FORWARDED,
+                          rdzv_configs=rdzv_configs, max_restarts=args.max_restarts, signals_to_handle=FORWARDED,
                           logs_specs=DefaultLogsSpecs(), shutdown_timeout=int(args.stop_timeout))
     os.environ.update({LOG_DIR_ENV: str(logs.resolve()), LAUNCHER_PID_ENV: str(os.getpid()),
                        "TORCHELASTIC_SIGNALS_TO_HANDLE": config.signals_to_handle})
