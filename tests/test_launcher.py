@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import _env, latest_logged_step, result_of, run_dtrain, run_torchrun, start, wait_for, workers
+from conftest import _env, free_port, latest_logged_step, result_of, run_dtrain, run_torchrun, start, wait_for, workers
 from dtrain import launcher
 from test_faults import RESUME_ARGS, assert_same_as_straight
 
@@ -180,3 +180,44 @@ def test_under_torchrun_an_error_every_rank_meets_is_one_line_and_names_itself_i
     assert len(said) == 1 and "no .nosuch.png member" in said[0], proc.stderr
     # torchrun's failure record: dtrain's line for a traceback, not "no error file" nor a stack
     assert "traceback : dtrain: error: data: " in proc.stderr and 'File "' not in proc.stderr.split("dtrain FAILED")[1]
+
+
+@pytest.mark.multiproc
+def test_elastic_two_nodes_lose_one_and_finish_on_the_other(tmp_path, data_root):
+    """Two `dtrain launch --nnodes 1:2` processes on this machine as two nodes (c10d on 127.0.0.1, one
+    worker each). Node B is lost mid-run (its launcher's process group and its worker SIGKILLed); node A's
+    agent re-forms alone and resumes on 1 rank through dtrain's elastic resume: the interrupted epoch reads
+    every sample of the uninterrupted 2-rank run's epoch once, the next epoch is a full one."""
+    from test_elastic import ARGS, STEPS_PER_EPOCH, epoch_keys
+    args = ARGS + [f"data.root={data_root}", "checkpoint.every=3"]
+    straight = launch(2, args + ["run.name=straight"], tmp_path)
+    assert straight.returncode == 0, straight.stderr
+
+    endpoint = f"127.0.0.1:{free_port()}"
+    run = tmp_path / "runs" / "e"
+    tags = {node: uuid.uuid4().hex for node in "AB"}
+    nodes = {node: subprocess.Popen(launch_cmd(1, args + ["run.name=e"], [
+        "--nnodes", "1:2", "--rdzv-endpoint", endpoint, "--rdzv-id", "e", "--max-restarts", "2",
+        "--rdzv-conf", f"is_host={int(node == 'A')},last_call_timeout=5"]), cwd=tmp_path,
+        env=_env({"DTRAIN_TEST_TAG": tags[node]}), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdin=subprocess.DEVNULL, start_new_session=True) for node in "AB"}  # a process group per "node"
+    try:
+        wait_for(lambda: latest_logged_step(run) >= 7 and launcher.newest_checkpoint_step(run), timeout=240,
+                 what="step 7 on two nodes")
+        assert "world_size=2" in (run / "logs" / "rank-0.log").read_text()
+        lost = launched_workers(tags["B"])
+        os.killpg(nodes["B"].pid, signal.SIGKILL)
+        for pid in lost.values():  # a lost node takes its workers along
+            os.kill(pid, signal.SIGKILL)
+        out, err = nodes["A"].communicate(timeout=300)
+    finally:
+        for p in nodes.values():
+            if p.poll() is None:
+                p.kill()
+    assert nodes["A"].returncode == 0, err[-3000:]
+    assert "restart 1 of 2" in err, err[-3000:]
+    assert json.loads(out.strip().splitlines()[-1])["stop_reason"] == "completed"
+    log = (run / "logs" / "rank-0.log").read_text()
+    assert "resume: 2 -> 1 ranks" in log, log[-3000:]
+    assert epoch_keys(run, 0) == epoch_keys(tmp_path / "runs" / "straight", 0)  # none twice, none lost
+    assert sum(epoch_keys(run, 1).values()) == 96 * STEPS_PER_EPOCH
