@@ -182,6 +182,7 @@ def test_under_torchrun_an_error_every_rank_meets_is_one_line_and_names_itself_i
     assert "traceback : dtrain: error: data: " in proc.stderr and 'File "' not in proc.stderr.split("dtrain FAILED")[1]
 
 
+@pytest.mark.slow
 @pytest.mark.multiproc
 def test_elastic_two_nodes_lose_one_and_finish_on_the_other(tmp_path, data_root):
     """Two `dtrain launch --nnodes 1:2` processes on this machine as two nodes (c10d on 127.0.0.1, one
@@ -221,3 +222,35 @@ def test_elastic_two_nodes_lose_one_and_finish_on_the_other(tmp_path, data_root)
     assert "resume: 2 -> 1 ranks" in log, log[-3000:]
     assert epoch_keys(run, 0) == epoch_keys(tmp_path / "runs" / "straight", 0)  # none twice, none lost
     assert sum(epoch_keys(run, 1).values()) == 96 * STEPS_PER_EPOCH
+
+
+DIES_AT_START_UP = '''
+import os
+import torch.nn as nn
+import dtrain
+
+def model(input_shape, num_outputs):
+    if os.environ["RANK"] == "1":
+        os._exit(9)  # lost before DDP's constructor, which rank 0 is about to enter
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, num_outputs))
+
+dtrain.main(model=model)
+'''
+
+
+@pytest.mark.multiproc
+def test_rank_lost_during_start_up_is_one_line_on_its_peer(tmp_path, data_root):
+    """DDP's constructor talks to every rank (it checks and broadcasts the weights): a rank lost just
+    before it ends the others in dtrain's one line, not in gloo's traceback. Two hand-started ranks,
+    no launcher that would stop rank 0 first."""
+    script = tmp_path / "dies.py"
+    script.write_text(DIES_AT_START_UP)
+    env = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    procs = [subprocess.Popen([sys.executable, str(script), f"data.root={data_root}", "train.max_steps=2",
+                               "log.progress=false", "run.doctor=false"], cwd=tmp_path, env=_env({**env, "RANK": str(r)}),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+             for r in (0, 1)]
+    (_, err), _ = procs[0].communicate(timeout=120), procs[1].communicate(timeout=120)
+    assert procs[0].returncode == 1 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("dtrain: error: dist: ddp set-up (the first collective with every "
+                                                   "rank) failed on rank 0"), err
