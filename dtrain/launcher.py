@@ -173,7 +173,7 @@ def _run_agent(args, nproc, min_nodes, max_nodes, entry, run_dir, logs) -> int:
             spec.rdzv_handler.shutdown()
     if result.state == WorkerState.SUCCEEDED:
         return 0
-    return _report_failure(result.failures, logs, agent.restarts)
+    return _report_failure(result.failures, logs, agent.restarts, agent.stall_cause())
 
 
 def _interrupted(agent, name: str, logs: Path) -> int:
@@ -230,10 +230,13 @@ def _first(failures: dict) -> tuple[int, object]:
     return next(iter(failures.items()))
 
 
-def _report_failure(failures: dict, logs: Path, restarts: int) -> int:
+def _report_failure(failures: dict, logs: Path, restarts: int, stalled: str | None = None) -> int:
     rank, failure = _first(failures)
     code = failure.exitcode
     where = f"rank {rank} on {socket.gethostname()}, log {logs}/rank-{rank}.log"
+    if stalled and code == EXIT_FAILED:  # rank `rank` gave up waiting for the stalled one: name that one
+        say(f"dtrain: error: launch: {stalled}; rank {rank} gave up waiting: {error_line(failure)} ({where})")
+        return EXIT_FAILED
     if code == EXIT_INTERRUPTED:
         say(f"launch: the workers stopped (interrupted, resumable); run the same command again ({where})")
         return EXIT_INTERRUPTED
@@ -246,6 +249,36 @@ def _report_failure(failures: dict, logs: Path, restarts: int) -> int:
     after = f" after {restarts} restart(s)" if restarts else ""
     say(f"dtrain: error: launch: worker failed{after}: {error_line(failure)} ({where})")
     return EXIT_FAILED
+
+
+STALL_STATES = {"T": "stopped (SIGSTOP or a debugger)", "t": "stopped by a debugger",
+                "D": "stuck in uninterruptible I/O"}
+STALLED_AFTER_S = 1.0  # in such a state this long when a peer gives up: the stall, not a passing disk wait
+
+
+def process_state(pid: int) -> str | None:
+    """The one-letter state of /proc/PID/stat (R, S, D, T, ...), None when unknown (gone, not Linux)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2:].split(" ", 1)[0]  # after the command name, which may hold spaces
+
+
+def last_logged_step(run_dir: Path) -> int | None:
+    """The newest step in metrics.jsonl (its last few KB): where training was."""
+    try:
+        with open(run_dir / "metrics.jsonl", "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 4096))
+            tail = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(tail):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return None
 
 
 def newest_checkpoint_step(run_dir: Path) -> int | None:
@@ -267,15 +300,44 @@ def _agent_class():
         def __init__(self, *a, run_dir: Path, logs: Path, **kw):
             super().__init__(*a, **kw)
             self.run_dir, self.logs, self.restarts, self.cause = run_dir, logs, 0, None
+            self.stalls: dict[int, tuple[float, str, int | None]] = {}  # rank -> (since, state, step then)
+            self.last_stall: str | None = None
+
+        def _watch_stalls(self, worker_group) -> None:
+            """Each monitor tick (0.1 s): which local workers are stopped or stuck in I/O, since when. A
+            stalled rank runs no code, so only its peers' collective timeout would end the job, naming the
+            rank that waited; this names the one that stalled. (Same node only: the agent sees its own.)"""
+            for w in worker_group.workers:
+                state = process_state(w.id) if w.id else None
+                if state in STALL_STATES:
+                    if w.global_rank not in self.stalls:
+                        self.stalls[w.global_rank] = (time.monotonic(), state, last_logged_step(self.run_dir))
+                else:
+                    self.stalls.pop(w.global_rank, None)
+
+        def stall_cause(self) -> str | None:
+            return self.last_stall
 
         def _monitor_workers(self, worker_group):
+            self._watch_stalls(worker_group)
+            stalls = dict(self.stalls)  # the failure below closes every worker: keep what was seen first
             result = super()._monitor_workers(worker_group)
             if result.state in (WorkerState.FAILED, WorkerState.UNHEALTHY) and result.failures:
                 rank, failure = _first(result.failures)
+                now = time.monotonic()
+                longest = [(since, r, state, step) for r, (since, state, step) in stalls.items()
+                           if now - since >= STALLED_AFTER_S and r != rank]
+                self.last_stall = None
+                if longest:
+                    since, r, state, step = min(longest)
+                    self.last_stall = (f"rank {r} on {socket.gethostname()} stalled: {STALL_STATES[state]} for "
+                                       f"{now - since:.0f} s, since step {step if step is not None else '?'}")
                 if failure.exitcode in (EXIT_USER_ERROR, EXIT_INTERRUPTED):
                     self._remaining_restarts = 0  # the same command would fail the same way / was asked to stop
                 else:
-                    self.cause = f"rank {rank} on {socket.gethostname()} failed: {error_line(failure)}"
+                    self.cause = self.last_stall or \
+                        f"rank {rank} on {socket.gethostname()} failed: {error_line(failure)}"
+                self.stalls.clear()
             return result
 
         def _restart_workers(self, worker_group):

@@ -1,6 +1,7 @@
 """`dtrain launch` (dtrain/launcher.py): torch's elastic agent with one line per event and the workers'
 exit code, with real processes and real signals; and the one-line errors workers write for any launcher."""
 
+import contextlib
 import json
 import os
 import signal
@@ -254,3 +255,27 @@ def test_rank_lost_during_start_up_is_one_line_on_its_peer(tmp_path, data_root):
     assert procs[0].returncode == 1 and "Traceback" not in err, err
     assert err.strip().splitlines()[-1].startswith("dtrain: error: dist: ddp set-up (the first collective with every "
                                                    "rank) failed on rank 0"), err
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_stalled_rank_is_named_not_the_one_that_waited(tmp_path, data_root):
+    """Rank 1 frozen by SIGSTOP: rank 0 gives up after dist.timeout_s with its own line, but the cause is
+    rank 1; the launcher names it, with its state and the step it stalled at. (The agent then waits its
+    fixed 30 s before it SIGKILLs a worker that cannot honour SIGTERM.)"""
+    tag = uuid.uuid4().hex
+    run = tmp_path / "runs" / "s"
+    proc = start(launch_cmd(2, ["train", f"data.root={data_root}", "train.epochs=100", "log.progress=false",
+                                "train.log_every=1", "dist.timeout_s=5", "run.name=s"]), tmp_path, tag)
+    wait_for(lambda: latest_logged_step(run) >= 5, what="step 5")
+    stalled = launched_workers(tag)[1]
+    os.kill(stalled, signal.SIGSTOP)
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stalled, signal.SIGKILL)
+    assert proc.returncode == 1, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("dtrain: error: launch: rank 1 on ") and "stalled: stopped (SIGSTOP or a debugger) for " in last
+    assert "since step " in last and "; rank 0 gave up waiting: dist: " in last and "Timed out" in last, last
