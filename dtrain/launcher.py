@@ -24,8 +24,7 @@ import uuid
 from pathlib import Path
 
 EXIT_USER_ERROR, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 75
-LOG_DIR_ENV = "DTRAIN_LAUNCH_LOGS"  # set by `dtrain launch` for its workers: where rank-N.log goes
-LAUNCHER_PID_ENV = "DTRAIN_LAUNCHER_PID"
+LOG_DIR_ENV = "DTRAIN_LAUNCH_LOGS"  # set in `dtrain launch`'s workers: where rank-N.log goes
 # SIGUSR1 too (SLURM's preemption warning): torch's agent forwards the signals it handles to every worker
 FORWARDED = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 
@@ -148,11 +147,11 @@ def _run_agent(args, nproc, min_nodes, max_nodes, entry, run_dir, logs) -> int:
                           rdzv_endpoint="localhost:0" if standalone else args.rdzv_endpoint,
                           rdzv_configs=rdzv_configs, max_restarts=args.max_restarts, signals_to_handle=FORWARDED,
                           logs_specs=DefaultLogsSpecs(), shutdown_timeout=int(args.stop_timeout))
-    os.environ.update({LOG_DIR_ENV: str(logs.resolve()), LAUNCHER_PID_ENV: str(os.getpid()),
-                       "TORCHELASTIC_SIGNALS_TO_HANDLE": config.signals_to_handle})
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default for several workers per node
+    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = config.signals_to_handle  # as launch_agent does
+    if nproc > 1:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default for several workers per node
     spec = WorkerSpec(role="dtrain", local_world_size=nproc, entrypoint=sys.executable,
-                      args=("-m", "dtrain.launcher", *entry),
+                      args=("-m", "dtrain.launcher", str(logs.resolve()), str(os.getpid()), *entry),
                       rdzv_handler=rdzv_registry.get_rendezvous_handler(RendezvousParameters(
                           backend=config.rdzv_backend, endpoint=config.rdzv_endpoint, run_id=config.run_id,
                           min_nodes=min_nodes, max_nodes=max_nodes, **config.rdzv_configs)),
@@ -358,10 +357,13 @@ def _agent_class():
 
 # ---- the worker ---------------------------------------------------------------------------------
 def worker_main(argv: list[str]) -> None:
-    """A worker of `dtrain launch`: `-m dtrain ARGS` or `SCRIPT.py ARGS`, run as `python` would."""
+    """A worker of `dtrain launch`: `LOG_DIR LAUNCHER_PID -m dtrain ARGS` or `... SCRIPT.py ARGS`, the
+    target run as `python` would run it."""
     import runpy
 
-    _die_with_launcher()
+    logs, launcher_pid, *argv = argv
+    os.environ[LOG_DIR_ENV] = logs  # for this worker (report_error, note) and its children, not the launcher
+    _die_with_launcher(int(launcher_pid))
     _send_output_to_log()
     if argv[:1] == ["-m"]:
         sys.argv = [argv[1], *argv[2:]]
@@ -372,7 +374,7 @@ def worker_main(argv: list[str]) -> None:
         runpy.run_path(argv[0], run_name="__main__")
 
 
-def _die_with_launcher() -> None:
+def _die_with_launcher(launcher: int) -> None:
     """SIGTERM when the launcher dies, even by SIGKILL: torch's agent starts workers in sessions of their
     own, so nothing else ends them (they would train on as orphans). SIGTERM, not SIGKILL: they save first."""
     import ctypes
@@ -382,8 +384,7 @@ def _die_with_launcher() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     except (OSError, AttributeError):  # not Linux
         return
-    launcher = os.environ.get(LAUNCHER_PID_ENV)
-    if launcher and os.getppid() != int(launcher):  # it died before prctl took effect
+    if os.getppid() != launcher:  # it died before prctl took effect
         os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -408,8 +409,10 @@ def _send_output_to_log() -> None:
     sys.stderr.flush()
     if os.environ.get("RANK", "0") == "0":
         for fd in (1, 2):
-            tee = subprocess.Popen(["tee", "-a", str(path)], stdin=subprocess.PIPE, stdout=os.dup(fd),
+            terminal = os.dup(fd)
+            tee = subprocess.Popen(["tee", "-a", str(path)], stdin=subprocess.PIPE, stdout=terminal,
                                    start_new_session=True)
+            os.close(terminal)
             os.dup2(tee.stdin.fileno(), fd)
             tee.stdin.close()
     else:
