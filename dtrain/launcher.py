@@ -458,6 +458,12 @@ def report_error(message: str, quiet: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    from torch.distributed.elastic.multiprocessing.errors import record
-
-    record(worker_main)(sys.argv[1:])
+    try:
+        worker_main(sys.argv[1:])
+    except Exception as e:
+        # as torch's `record`, unless dtrain.main's own `record` already wrote it, closer to the user's code
+        error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+        if error_file and not os.path.exists(error_file):
+            from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+            ErrorHandler().record_exception(e)
+        raise
