@@ -148,6 +148,11 @@ def _run_agent(args, nproc, min_nodes, max_nodes, entry, run_dir, logs) -> int:
                           rdzv_configs=rdzv_configs, max_restarts=args.max_restarts, signals_to_handle=FORWARDED,
                           logs_specs=DefaultLogsSpecs(), shutdown_timeout=int(args.stop_timeout))
     os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = config.signals_to_handle  # as launch_agent does
+
+    def stop(signum, frame):  # the agent's own handler, installed now: a signal during the rendezvous
+        raise SignalException(f"got {signal.Signals(signum).name}", sigval=signal.Signals(signum))
+    for name in FORWARDED.split(","):  # or before the first worker starts is an interruption too, not a kill
+        signal.signal(getattr(signal, name), stop)
     if nproc > 1:
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default for several workers per node
     spec = WorkerSpec(role="dtrain", local_world_size=nproc, entrypoint=sys.executable,
@@ -176,12 +181,14 @@ def _run_agent(args, nproc, min_nodes, max_nodes, entry, run_dir, logs) -> int:
 
 
 def _interrupted(agent, name: str, logs: Path) -> int:
-    """After the agent forwarded a signal and the workers ended: 75 when every one saved and exited
-    (75, or 0 if it had just finished), else 1."""
+    """After the agent forwarded a signal and the workers ended: 75 when every one saved and exited (75;
+    0 if it had just finished; ended by that signal itself if it came before dtrain's handlers, when there
+    was nothing to save yet), else 1 (killed after --stop-timeout, or an error on the way out)."""
     pcontext = getattr(agent, "_pcontext", None)
     handlers = getattr(pcontext, "subprocess_handlers", {}) or {}
     codes = {rank: h.proc.returncode for rank, h in handlers.items()}
-    bad = {r: c for r, c in codes.items() if c not in (0, EXIT_INTERRUPTED)}
+    clean = (0, EXIT_INTERRUPTED, -getattr(signal, name))
+    bad = {r: c for r, c in codes.items() if c not in clean}
     if bad:
         rank, code = min(bad.items())
         say(f"dtrain: error: launch: {name} received; local rank {rank} did not stop cleanly ({_exit_text(code)}); "
