@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dtrain", description="Distributed data-parallel training with PyTorch.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train (one worker; start several with torchrun or srun)")
+    t = sub.add_parser("train", help="train (one worker; start several with `dtrain launch`, torchrun or srun)")
     t.add_argument("--config", help="YAML config (defaults: the digits example)")
     t.add_argument("--debug", action="store_true",
                    help="one process, no data workers, anomaly detection, train.debug_steps steps with per-step detail")
