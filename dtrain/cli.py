@@ -388,8 +388,12 @@ def main(argv: list[str] | None = None, hooks=None, defaults: dict | None = None
         # handled here, inside `record`: torchrun's error file gets their one line, not a traceback
         try:
             return args.func(args)
-        except (ConfigError, DataError) as e:  # every rank meets these the same way: rank 0 says it
-            report_error(str(e), quiet=_is_other_rank())
+        except (ConfigError, DataError) as e:
+            # Every rank meets a config error alike, and usually a data error (in its own words: its
+            # shards): rank 0 says it. A data error of one rank alone is still said where the launcher
+            # shows every rank's error file (torchrun, dtrain launch), and under srun by the rank itself.
+            seen = isinstance(e, ConfigError) or "TORCHELASTIC_ERROR_FILE" in os.environ
+            report_error(str(e), quiet=seen and _is_other_rank())
             return EXIT_USER_ERROR
         except (LaunchError, CheckpointError, DoctorError, RunDirError) as e:
             report_error(str(e))
