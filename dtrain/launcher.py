@@ -60,7 +60,7 @@ def run(args) -> int:
     if not args.target:
         raise ConfigError("launch: give a dtrain command or a script, e.g. `dtrain launch --nproc-per-node 2 "
                           "train --config configs/digits.yaml`")
-    nproc = args.nproc_per_node or _visible_gpus() or 1
+    nproc = args.nproc_per_node if args.nproc_per_node is not None else (_visible_gpus() or 1)
     if nproc < 1 or args.max_restarts < 0:
         raise ConfigError("launch: --nproc-per-node must be >= 1 and --max-restarts >= 0")
     min_nodes, max_nodes = _nnodes(args.nnodes)
@@ -98,18 +98,17 @@ def _resolve(target: list[str]) -> tuple[list[str], Path, str]:
     itself (dtrain.main(config=...)) is not seen here."""
     from .build import run_dir_of
     from .cli import build_parser
-    from .config import load_config
+    from .config import ConfigError, load_config
 
-    first = target[0]
-    commands = next(a.choices for a in build_parser()._subparsers._group_actions)
+    first, parser = target[0], build_parser()
+    commands = next(a.choices for a in parser._subparsers._group_actions)
     if first in commands and first != "launch":
         entry = ["-m", "dtrain", *target]
-        parsed = build_parser().parse_args(target)  # argparse's own error (exit 2) for a bad command line
+        parsed = parser.parse_args(target)  # argparse's own error (exit 2) for a bad command line
         if hasattr(parsed, "overrides") and hasattr(parsed, "config"):
             return entry, run_dir_of(load_config(parsed.config, parsed.overrides)), ""
         return entry, Path("runs") / "launch", " (this command has no run directory)"
     if not first.endswith(".py") or not Path(first).is_file():
-        from .config import ConfigError
         raise ConfigError(f"launch: {first!r} is neither a dtrain command ({', '.join(sorted(set(commands) - {'launch'}))}) "
                           "nor a Python script that exists")
     config = next((target[i + 1] for i, a in enumerate(target[1:-1], 1) if a == "--config"), None)
@@ -117,7 +116,7 @@ def _resolve(target: list[str]) -> tuple[list[str], Path, str]:
     try:
         return [first, *target[1:]], run_dir_of(load_config(config, overrides)), \
             " (run directory from the script's key=value arguments)"
-    except Exception:
+    except ConfigError:  # the script's own arguments, not dtrain's
         return [first, *target[1:]], Path("runs") / Path(first).stem, \
             " (the script's arguments name no run directory dtrain can read)"
 

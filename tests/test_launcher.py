@@ -44,6 +44,7 @@ def test_bad_config_is_one_line_before_any_worker_starts(tmp_path):
     (["launch", "nosuch.py"], "neither a dtrain command"),
     (["launch", "--nnodes", "2:1", "train"], "--nnodes '2:1' is not N or MIN:MAX"),
     (["launch", "--nnodes", "2", "train"], "needs --rdzv-endpoint"),
+    (["launch", "--nproc-per-node", "0", "train"], "--nproc-per-node must be >= 1"),
 ])
 def test_bad_launch_arguments_are_one_line(tmp_path, argv, message):
     proc = run_dtrain(argv, tmp_path, check=False)
