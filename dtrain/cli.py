@@ -404,7 +404,9 @@ def main(argv: list[str] | None = None, hooks=None, defaults: dict | None = None
 
     if "TORCHELASTIC_ERROR_FILE" in os.environ:  # under torchrun: uncaught errors go into its error record
         from torch.distributed.elastic.multiprocessing.errors import record
+        from .launcher import die_with_launcher
         run = record(run)
+        die_with_launcher(os.getppid())  # torchrun's agent: no orphans when it is SIGKILLed
     return run(args)
 
 

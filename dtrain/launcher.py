@@ -369,7 +369,7 @@ def worker_main(argv: list[str]) -> None:
 
     logs, launcher_pid, *argv = argv
     os.environ[LOG_DIR_ENV] = logs  # for this worker (report_error, note) and its children, not the launcher
-    _die_with_launcher(int(launcher_pid))
+    die_with_launcher(int(launcher_pid))
     _send_output_to_log()
     if argv[:1] == ["-m"]:
         sys.argv = [argv[1], *argv[2:]]
@@ -380,9 +380,10 @@ def worker_main(argv: list[str]) -> None:
         runpy.run_path(argv[0], run_name="__main__")
 
 
-def _die_with_launcher(launcher: int) -> None:
+def die_with_launcher(launcher: int) -> None:
     """SIGTERM when the launcher dies, even by SIGKILL: torch's agent starts workers in sessions of their
-    own, so nothing else ends them (they would train on as orphans). SIGTERM, not SIGKILL: they save first."""
+    own, so nothing else ends them (they would train on as orphans). SIGTERM, not SIGKILL: they save first.
+    `launcher`: its pid, which must still be our parent (1, or any other: it is already gone)."""
     import ctypes
 
     PR_SET_PDEATHSIG = 1

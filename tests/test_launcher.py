@@ -12,7 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import _env, free_port, latest_logged_step, result_of, run_dtrain, run_torchrun, start, wait_for, workers
+from conftest import (_env, free_port, latest_logged_step, result_of, run_dtrain, run_torchrun, start,
+                      torchrun_cmd, wait_for, workers)
 from dtrain import launcher
 from test_faults import RESUME_ARGS, assert_same_as_straight
 
@@ -157,20 +158,23 @@ def test_killed_worker_restarts_from_the_newest_checkpoint(tmp_path, straight):
 
 
 @pytest.mark.multiproc
-def test_killed_launcher_takes_its_workers_along(tmp_path, data_root):
+@pytest.mark.parametrize("via", ["dtrain launch", "torchrun"])
+def test_killed_launcher_takes_its_workers_along(tmp_path, data_root, via):
     """torch's agent starts workers in sessions of their own: without PR_SET_PDEATHSIG they would train on
     as orphans after a SIGKILL of the launcher. They get SIGTERM instead, save and end."""
     tag = uuid.uuid4().hex
     run = tmp_path / "runs" / "o"
-    proc = start(launch_cmd(2, ["train", f"data.root={data_root}", "train.epochs=50", "log.progress=false",
-                                "train.log_every=1", "run.name=o"]), tmp_path, tag)
+    args = ["train", f"data.root={data_root}", "train.epochs=50", "log.progress=false", "train.log_every=1",
+            "run.name=o"]
+    proc = start(launch_cmd(2, args) if via == "dtrain launch" else torchrun_cmd(2, args), tmp_path, tag)
+    find = launched_workers if via == "dtrain launch" else workers
     wait_for(lambda: latest_logged_step(run) >= 3, what="step 3")
-    assert len(launched_workers(tag)) == 2
+    assert len(find(tag)) == 2
     proc.kill()
-    proc.communicate(timeout=120)  # rank 0's tee holds the pipe until the worker is gone
-    wait_for(lambda: not launched_workers(tag), timeout=120, what="the workers to end")
-    log = (run / "logs" / "rank-0.log").read_text()
-    assert "SIGTERM received" in log and "checkpoint saved" in log
+    _, err = proc.communicate(timeout=120)  # rank 0 (its tee) holds the pipe until the worker is gone
+    wait_for(lambda: not find(tag), timeout=120, what="the workers to end")
+    said = (run / "logs" / "rank-0.log").read_text() if via == "dtrain launch" else err
+    assert "SIGTERM received" in said and "checkpoint saved" in said, said[-2000:]
 
 
 @pytest.mark.multiproc
