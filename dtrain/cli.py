@@ -1,4 +1,4 @@
-"""`dtrain train | shard | index | eval | export | plot | augment-preview | config | bench | doctor`. User errors end with one line on stderr
+"""`dtrain train | launch | shard | index | eval | export | plot | augment-preview | config | bench | doctor`. User errors end with one line on stderr
 and exit code 2."""
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ def _session(cfg, force_single: bool = False):
     clean = False
     try:
         if info.is_global_zero:
-            print(info.describe(), file=sys.stderr, flush=True)
+            from .launcher import note
+            note(info.describe())  # under `dtrain launch`, whose own line says what it started: in the log
         yield info
         clean = True
     except DoctorError:
@@ -280,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dtrain", description="Distributed data-parallel training with PyTorch.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train (one worker; start several with torchrun or srun)",
+    t = sub.add_parser("train", help="train (one worker; start several with `dtrain launch`, torchrun or srun)",
                        epilog="`dtrain config --describe` lists every key with its default and what it does; "
                               "`dtrain config [--config FILE] [key=value ...]` prints the resolved config.")
     t.add_argument("--config", help="YAML config (defaults: the digits example)")
@@ -375,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--describe", action="store_true", help="list every key, its default and what it does")
     c.add_argument("overrides", nargs="*", metavar="key.sub=value")
     c.set_defaults(func=_config)
+
+    from .launcher import add_parser
+    add_parser(sub)
     return p
 
 
@@ -408,25 +412,60 @@ def parse_args(argv: list[str] | None, hooks=None, defaults: dict | None = None)
 
 
 def _recorded(func):
-    if "TORCHELASTIC_ERROR_FILE" in os.environ:  # under torchrun: uncaught errors go into its error record
+    """Under an elastic agent (torchrun, dtrain launch): uncaught errors go into its error record, and the
+    worker dies with its agent (no orphans when the agent is SIGKILLed)."""
+    if "TORCHELASTIC_ERROR_FILE" in os.environ:
         from torch.distributed.elastic.multiprocessing.errors import record
+
+        from .launcher import die_with_launcher
+        die_with_launcher(os.getppid())
         return record(func)
     return func
 
 
 def main(argv: list[str] | None = None, hooks=None, defaults: dict | None = None) -> int:
     """`dtrain ...`, or a user's script (`dtrain.main(model=...)` hands in `hooks`). -> the exit code."""
+    from .config import ConfigError
+    from .data import DataError
     from .dist import CollectiveError
+    from .launcher import report_error
 
     args = parse_args(argv, hooks, defaults)
-    try:
-        return _recorded(args.func)(args)
-    except user_errors() as e:
-        print(f"dtrain: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except CollectiveError as e:
-        print(f"dtrain: error: {e}", file=sys.stderr)
-        return EXIT_FAILED
+
+    def run(args) -> int:
+        # handled here, inside `record`: torchrun's error file gets their one line, not a traceback
+        try:
+            return args.func(args)
+        except CollectiveError as e:
+            report_error(str(e))
+            return EXIT_FAILED
+        except user_errors() as e:
+            _exiting_with_user_error()
+            # Every rank meets a config error alike, and usually a data error (in its own words: its
+            # shards): rank 0 says it. A data error of one rank alone is still said where the launcher
+            # shows every rank's error file (torchrun, dtrain launch), and under srun by the rank itself.
+            seen = isinstance(e, ConfigError) or (isinstance(e, DataError) and "TORCHELASTIC_ERROR_FILE" in os.environ)
+            report_error(str(e), quiet=seen and _is_other_rank())
+            return EXIT_USER_ERROR
+
+    return _recorded(run)(args)
+
+
+def _exiting_with_user_error() -> None:
+    """Under srun --kill-on-bad-exit, the first task to exit 2 gets every other task SIGTERMed: one still on
+    its way out with the same error then died by the signal, and the step's exit code was 143, not 2 (seen
+    in the user-path matrix). Such a task ignores SIGTERM from here: it is only printing its line and leaving
+    (nothing left to save; SLURM's SIGKILL after KillWait still ends it)."""
+    import signal
+    import threading
+
+    if "SLURM_PROCID" in os.environ and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _is_other_rank() -> bool:
+    """Not global rank 0 of a job of several ranks (as the launcher's variables say)."""
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) != "0"
 
 
 def fit(argv: list[str] | None, hooks, defaults: dict | None = None):

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Several nodes: run this once on every node; torchrun's c10d rendezvous on the head node joins them.
+# Several nodes: run this once on every node; `dtrain launch`'s c10d rendezvous (torch's elastic agent,
+# as torchrun's) on the head node joins them.
 #
 #   launch/multi_node.sh --nnodes N --node-rank R --head HOST[:PORT] [--nproc P] [--run-id ID] [-- dtrain train args]
 #
@@ -9,7 +10,8 @@
 # Each option falls back to an environment variable: NNODES, NODE_RANK, HEAD_ADDR (else MASTER_ADDR),
 # HEAD_PORT (else MASTER_PORT, else 29400), NPROC_PER_NODE (else the visible GPUs, else 1),
 # RDZV_ID (default dtrain: every node of one job must use the same id), RDZV_TIMEOUT (s, default 600:
-# how long the nodes wait for each other). PYTHON (default python3).
+# how long the nodes wait for each other), MAX_RESTARTS (default 0: restarts of all workers after a
+# crashed or killed one, from the newest checkpoint). PYTHON (default python3).
 #
 # Node rank 0 must run on HEAD: it hosts the rendezvous store (is_host=1). The c10d rendezvous then
 # assigns the global ranks itself, so node rank R need not end up holding ranks R*P..R*P+P-1.
@@ -53,9 +55,9 @@ fi
 
 is_host=0
 [ "$node_rank" = 0 ] && is_host=1
-cmd=("$PYTHON" -m torch.distributed.run --nnodes "$nnodes" --nproc-per-node "$nproc"
-     --rdzv-backend c10d --rdzv-endpoint "$head:$port" --rdzv-id "$run_id"
-     --rdzv-conf "is_host=$is_host,join_timeout=${RDZV_TIMEOUT:-600}" --max-restarts 0
-     -m dtrain train "$@")
+cmd=("$PYTHON" -m dtrain launch --nnodes "$nnodes" --nproc-per-node "$nproc"
+     --rdzv-endpoint "$head:$port" --rdzv-id "$run_id"
+     --rdzv-conf "is_host=$is_host,join_timeout=${RDZV_TIMEOUT:-600}" --max-restarts "${MAX_RESTARTS:-0}"
+     train "$@")
 { printf +; printf ' %q' "${cmd[@]}"; echo; } >&2
 exec "${cmd[@]}"

@@ -6,8 +6,10 @@
 #   launch/single_node.sh 2 -- --config configs/digits.yaml optim.lr=0.01
 #
 # NPROC defaults to the number of visible GPUs (CUDA_VISIBLE_DEVICES respected), else 1.
-# torchrun --standalone picks a free port itself, so several runs can share the node.
-# Env: PYTHON (default python3).
+# `dtrain launch` (torch's elastic agent, as torchrun --standalone) picks a free port itself, so several
+# runs can share the node; rank 0's output on the terminal, every rank's in runs/<name>/logs/rank-N.log.
+# Env: PYTHON (default python3), MAX_RESTARTS (default 0: restart all workers from the newest
+# checkpoint after a crashed or killed worker, at most this many times).
 set -euo pipefail
 
 usage() { echo "usage: $0 [NPROC] [-- dtrain train args]" >&2; exit 2; }
@@ -27,6 +29,6 @@ if [ -z "$nproc" ]; then
 fi
 [[ "$nproc" =~ ^[1-9][0-9]*$ ]] || { echo "launch/single_node.sh: NPROC must be a positive integer, got '$nproc'" >&2; usage; }
 
-cmd=("$PYTHON" -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node "$nproc" -m dtrain train "$@")
+cmd=("$PYTHON" -m dtrain launch --nproc-per-node "$nproc" --max-restarts "${MAX_RESTARTS:-0}" train "$@")
 { printf +; printf ' %q' "${cmd[@]}"; echo; } >&2
 exec "${cmd[@]}"

@@ -174,8 +174,10 @@ def test_single_node_script_starts_n_cpu_ranks(tmp_path, data_root):
     proc = script("single_node.sh", "2", "--", "train", f"data.root={data_root}", "train.epochs=1",
                   "log.progress=false", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "+ " in proc.stderr and "--nproc-per-node 2 -m dtrain train" in proc.stderr  # the command it runs
-    assert "launch: torchrun, world_size=2, backend=gloo, device=cpu, nodes=1, ranks_per_node=2" in proc.stderr
+    assert "+ " in proc.stderr and "-m dtrain launch --nproc-per-node 2 --max-restarts 0 train" in proc.stderr
+    assert "launch: 2 worker(s) per node" in proc.stderr  # dtrain launch's line; the workers' in their logs
+    assert "launch: torchrun, world_size=2, backend=gloo, device=cpu, nodes=1, ranks_per_node=2" in \
+        (tmp_path / "runs" / "digits" / "logs" / "rank-0.log").read_text()
     assert result_of(proc)["stop_reason"] == "completed"
 
 
@@ -224,9 +226,9 @@ def test_two_nodes_on_loopback_match_one_node(tmp_path, full_batch_data):
     outs = [p.communicate(timeout=240) for p in nodes]
     for p, (out, err) in zip(nodes, outs):
         assert p.returncode == 0, err
-        assert "--rdzv-backend c10d --rdzv-endpoint " + head in err
-    err = "".join(e for _, e in outs)
-    assert "launch: torchrun, world_size=2, backend=gloo, device=cpu, nodes=2, ranks_per_node=1" in err
+        assert "-m dtrain launch --nnodes 2 --nproc-per-node 1 --rdzv-endpoint " + head in err
+    assert "launch: torchrun, world_size=2, backend=gloo, device=cpu, nodes=2, ranks_per_node=1" in \
+        (tmp_path / "runs" / "two" / "logs" / "rank-0.log").read_text()
 
     a, b = final_params(tmp_path / "runs" / "one"), final_params(tmp_path / "runs" / "two")
     assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a), \

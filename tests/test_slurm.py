@@ -114,7 +114,9 @@ def test_one_torchrun_per_node_on_two_nodes(slurm_cluster, tmp_path, data_root):
                                env={"NPROC": "1"})
     assert fields["NodeList"] == "n[1-2]"
     assert f"rendezvous at n1:{20000 + int(fields['JobId']) % 20000}" in out
-    assert "launch: torchrun, world_size=2, backend=gloo, device=cpu, nodes=2, ranks_per_node=1" in out, out
+    assert "-m dtrain launch --nnodes" in out and "launch: 1 worker(s) per node, nodes=2" in out, out
+    assert "launch: torchrun, world_size=2, backend=gloo, device=cpu, nodes=2, ranks_per_node=1" in \
+        (tmp_path / "runs" / "digits" / "logs" / "rank-0.log").read_text()  # the workers' line: in their log
     assert summary(out)["stop_reason"] == "completed"
 
 

@@ -1,0 +1,476 @@
+"""`dtrain launch`: start N workers per node on torch's elastic agent (the agent behind torchrun), with
+one line per event on the terminal and the workers' exit code as the launcher's.
+
+The launcher side: the agent (rendezvous, restarts, signal forwarding, error files) is torch's
+`LocalElasticAgent`, built from a `LaunchConfig` as `torch.distributed.launcher.api.launch_agent` builds
+it; dtrain's subclass only decides which failures are retried (not a user error, exit 2, nor an
+interruption, exit 75) and says one line per restart. The worker side (`worker_main`, run as
+`python -m dtrain.launcher TARGET ...`): dies with the launcher, sends its output to
+runs/<name>/logs/rank-N.log (global rank 0's also to the terminal), then runs the dtrain command or script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+EXIT_USER_ERROR, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 75
+LOG_DIR_ENV = "DTRAIN_LAUNCH_LOGS"  # set in `dtrain launch`'s workers: where rank-N.log goes
+# SIGUSR1 too (SLURM's preemption warning): torch's agent forwards the signals it handles to every worker
+FORWARDED = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+
+
+def add_parser(sub) -> None:
+    la = sub.add_parser("launch", help="start workers on this node (torch's elastic agent, as torchrun): one "
+                                       "line per event, per-rank logs, restarts, the workers' exit code",
+                        usage="dtrain launch [options] COMMAND|SCRIPT.py [args]")
+    la.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+                    help="workers on this node (default: one per visible GPU, else 1)")
+    la.add_argument("--nnodes", default="1", metavar="N|MIN:MAX", help="nodes (default 1)")
+    la.add_argument("--rdzv-endpoint", default="", metavar="HOST:PORT",
+                    help="several nodes: the c10d rendezvous every node's launcher joins")
+    la.add_argument("--rdzv-id", default="dtrain", help="several nodes: the same id on every node (default dtrain)")
+    la.add_argument("--rdzv-conf", default="", metavar="K=V,...",
+                    help="c10d rendezvous settings, as torchrun's: is_host=1 on the node that hosts the store, "
+                         "join_timeout=S (default 600), last_call_timeout=S, ...")
+    la.add_argument("--max-restarts", type=int, default=0, metavar="K",
+                    help="restart all workers from the newest complete checkpoint after a crashed, killed or "
+                         "lost worker, at most K times (a user error, exit 2, is never retried)")
+    la.add_argument("--stop-timeout", type=float, default=120, metavar="S",
+                    help="after SIGTERM/SIGINT/SIGUSR1: how long the workers may take to save before SIGKILL "
+                         "(default 120)")
+    la.add_argument("target", nargs=argparse.REMAINDER, metavar="COMMAND|SCRIPT.py [args]",
+                    help="a dtrain command (train, doctor, ...) or a script that calls dtrain.main")
+    la.set_defaults(func=run)
+
+
+# ---- the launcher ---------------------------------------------------------------------------------
+def run(args) -> int:
+    from .config import ConfigError
+
+    if not args.target:
+        raise ConfigError("launch: give a dtrain command or a script, e.g. `dtrain launch --nproc-per-node 2 "
+                          "train --config configs/digits.yaml`")
+    nproc = args.nproc_per_node if args.nproc_per_node is not None else (_visible_gpus() or 1)
+    if nproc < 1 or args.max_restarts < 0:
+        raise ConfigError("launch: --nproc-per-node must be >= 1 and --max-restarts >= 0")
+    min_nodes, max_nodes = _nnodes(args.nnodes)
+    if max_nodes > 1 and not args.rdzv_endpoint:
+        raise ConfigError(f"launch: --nnodes {args.nnodes} needs --rdzv-endpoint HOST:PORT (the same on every node)")
+    entry, run_dir, note = _resolve(args.target)
+    logs = run_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    say(f"launch: {nproc} worker(s) per node, nodes={args.nnodes}, max_restarts={args.max_restarts}: "
+        f"{shlex.join(args.target)}; logs {logs}/rank-N.log{note}")
+    return _run_agent(args, nproc, min_nodes, max_nodes, entry, run_dir, logs)
+
+
+def say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _visible_gpus() -> int:
+    import torch
+    return torch.cuda.device_count()
+
+
+def _nnodes(text: str) -> tuple[int, int]:
+    from .config import ConfigError
+    lo, _, hi = text.partition(":")
+    if not lo.isdigit() or (hi and not hi.isdigit()) or int(lo) < 1 or int(hi or lo) < int(lo):
+        raise ConfigError(f"launch: --nnodes {text!r} is not N or MIN:MAX (positive, MIN <= MAX)")
+    return int(lo), int(hi or lo)
+
+
+def _resolve(target: list[str]) -> tuple[list[str], Path, str]:
+    """(the worker's arguments after `python -m dtrain.launcher`, the run directory, a note on it).
+    dtrain commands resolve the run directory as the workers will (so a bad config is one line here, before
+    any worker starts); a script's `key=value` arguments are read the same way, but what the script sets
+    itself (dtrain.main(config=...)) is not seen here."""
+    from .build import run_dir_of
+    from .cli import build_parser
+    from .config import ConfigError, load_config
+
+    first, parser = target[0], build_parser()
+    commands = next(a.choices for a in parser._subparsers._group_actions)
+    if first in commands and first != "launch":
+        entry = ["-m", "dtrain", *target]
+        parsed = parser.parse_args(target)  # argparse's own error (exit 2) for a bad command line
+        if hasattr(parsed, "overrides") and hasattr(parsed, "config"):
+            return entry, run_dir_of(load_config(parsed.config, parsed.overrides)), ""
+        return entry, Path("runs") / "launch", " (this command has no run directory)"
+    if not first.endswith(".py") or not Path(first).is_file():
+        raise ConfigError(f"launch: {first!r} is neither a dtrain command ({', '.join(sorted(set(commands) - {'launch'}))}) "
+                          "nor a Python script that exists")
+    config = next((target[i + 1] for i, a in enumerate(target[1:-1], 1) if a == "--config"), None)
+    overrides = [a for a in target[1:] if "=" in a and not a.startswith("-")]
+    try:
+        return [first, *target[1:]], run_dir_of(load_config(config, overrides)), \
+            " (run directory from the script's key=value arguments)"
+    except ConfigError:  # the script's own arguments, not dtrain's
+        return [first, *target[1:]], Path("runs") / Path(first).stem, \
+            " (the script's arguments name no run directory dtrain can read)"
+
+
+def _run_agent(args, nproc, min_nodes, max_nodes, entry, run_dir, logs) -> int:
+    import logging
+
+    from torch.distributed.elastic.agent.server.api import WorkerSpec, WorkerState
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
+    from torch.distributed.elastic.rendezvous import RendezvousParameters
+    from torch.distributed.elastic.rendezvous import registry as rdzv_registry
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
+    from torch.distributed.launcher.api import LaunchConfig
+
+    # The agent's own log lines (failures, restarts, shutdown) are said here, once, in dtrain's words.
+    # Its modules' loggers each have a level of their own (torch's LOGLEVEL), so set each.
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    standalone = max_nodes == 1 and not args.rdzv_endpoint
+    rdzv_configs = {"join_timeout": 600}  # how long the nodes wait for each other (torch's default)
+    for item in filter(None, args.rdzv_conf.split(",")):
+        key, _, value = item.partition("=")
+        rdzv_configs[key.strip()] = value.strip()
+    config = LaunchConfig(min_nodes=min_nodes, max_nodes=max_nodes, nproc_per_node=nproc,
+                          run_id=uuid.uuid4().hex if standalone else args.rdzv_id, rdzv_backend="c10d",
+                          rdzv_endpoint="localhost:0" if standalone else args.rdzv_endpoint,
+                          rdzv_configs=rdzv_configs, max_restarts=args.max_restarts, signals_to_handle=FORWARDED,
+                          logs_specs=DefaultLogsSpecs(), shutdown_timeout=int(args.stop_timeout))
+    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = config.signals_to_handle  # as launch_agent does
+
+    def stop(signum, frame):  # the agent's own handler, installed now: a signal during the rendezvous
+        raise SignalException(f"got {signal.Signals(signum).name}", sigval=signal.Signals(signum))
+    for name in FORWARDED.split(","):  # or before the first worker starts is an interruption too, not a kill
+        signal.signal(getattr(signal, name), stop)
+    if nproc > 1:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default for several workers per node
+    spec = WorkerSpec(role="dtrain", local_world_size=nproc, entrypoint=sys.executable,
+                      args=("-m", "dtrain.launcher", str(logs.resolve()), str(os.getpid()), *entry),
+                      rdzv_handler=rdzv_registry.get_rendezvous_handler(RendezvousParameters(
+                          backend=config.rdzv_backend, endpoint=config.rdzv_endpoint, run_id=config.run_id,
+                          min_nodes=min_nodes, max_nodes=max_nodes, **config.rdzv_configs)),
+                      max_restarts=config.max_restarts, monitor_interval=config.monitor_interval)
+    agent = _agent_class()(spec=spec, logs_specs=config.logs_specs, start_method="spawn",
+                           shutdown_timeout=config.shutdown_timeout, run_dir=run_dir, logs=logs)
+    shutdown_rdzv = True
+    try:
+        result = agent.run()
+    except SignalException as e:
+        shutdown_rdzv = False  # as torch's launch_agent: the rendezvous stays open for the nodes that go on
+        return _interrupted(agent, signal.Signals(e.sigval).name, logs)
+    except RendezvousError as e:
+        say(f"dtrain: error: launch: rendezvous failed ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})")
+        return EXIT_USER_ERROR
+    finally:
+        if shutdown_rdzv:
+            spec.rdzv_handler.shutdown()
+    if result.state == WorkerState.SUCCEEDED:
+        return 0
+    return _report_failure(result.failures, logs, agent.restarts, agent.stall_cause())
+
+
+def _interrupted(agent, name: str, logs: Path) -> int:
+    """After the agent forwarded a signal and the workers ended: 75 when every one saved and exited (75;
+    0 if it had just finished; ended by that signal itself if it came before dtrain's handlers, when there
+    was nothing to save yet), else 1 (killed after --stop-timeout, or an error on the way out)."""
+    pcontext = getattr(agent, "_pcontext", None)
+    handlers = getattr(pcontext, "subprocess_handlers", {}) or {}
+    codes = {rank: h.proc.returncode for rank, h in handlers.items()}
+    clean = (0, EXIT_INTERRUPTED, -getattr(signal, name))
+    bad = {r: c for r, c in codes.items() if c not in clean}
+    if bad:
+        rank, code = min(bad.items())
+        say(f"dtrain: error: launch: {name} received; local rank {rank} did not stop cleanly ({_exit_text(code)}); "
+            f"the newest complete checkpoint is intact: run the same command again (log {logs}/rank-N.log)")
+        return EXIT_FAILED
+    say(f"launch: {name} received: the workers saved and stopped; run the same command again to resume")
+    return EXIT_INTERRUPTED
+
+
+def _exit_text(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def error_line(failure) -> str:
+    """A worker's one-line error from its error file: dtrain's own message, `Type: message` of a crash,
+    or how the worker ended (no error file: killed by a signal, or an exit of its own)."""
+    message = failure.message
+    if isinstance(message, dict):
+        message = message.get("message", "")
+    lines = [l for l in str(message or "").splitlines() if l.strip()]
+    if not lines or failure.error_file == "<N/A>":
+        return _exit_text(failure.exitcode)
+    return lines[0].removeprefix("dtrain: error: ")
+
+
+def traceback_of(failure) -> str | None:
+    message = failure.message
+    if isinstance(message, dict):
+        stack = message.get("extraInfo", {}).get("py_callstack") or ""
+        return stack if stack.startswith("Traceback") else None  # dtrain's handled errors: their line only
+    return None
+
+
+def _first(failures: dict) -> tuple[int, object]:
+    """The root cause: the first failure the agent saw. Its failures dict keeps the order it found them
+    in, the failed ranks first and then those it stopped itself (SIGTERM, or an error a stopped rank
+    wrote on its way out); the error files' timestamps are whole seconds, too coarse to order them."""
+    return next(iter(failures.items()))
+
+
+def _report_failure(failures: dict, logs: Path, restarts: int, stalled: str | None = None) -> int:
+    rank, failure = _first(failures)
+    code = failure.exitcode
+    where = f"rank {rank} on {socket.gethostname()}, log {logs}/rank-{rank}.log"
+    if stalled and code == EXIT_FAILED:  # rank `rank` gave up waiting for the stalled one: name that one
+        say(f"dtrain: error: launch: {stalled}; rank {rank} gave up waiting: {error_line(failure)} ({where})")
+        return EXIT_FAILED
+    if code == EXIT_INTERRUPTED:
+        say(f"launch: the workers stopped (interrupted, resumable); run the same command again ({where})")
+        return EXIT_INTERRUPTED
+    if code == EXIT_USER_ERROR:
+        say(f"dtrain: error: {error_line(failure)} ({where})")
+        return EXIT_USER_ERROR
+    stack = traceback_of(failure)
+    if stack and rank != 0:  # rank 0's own traceback is already on the terminal
+        print(stack.rstrip(), file=sys.stderr)
+    after = f" after {restarts} restart(s)" if restarts else ""
+    say(f"dtrain: error: launch: worker failed{after}: {error_line(failure)} ({where})")
+    return EXIT_FAILED
+
+
+STALL_STATES = {"T": "stopped (SIGSTOP or a debugger)", "t": "stopped by a debugger",
+                "D": "stuck in uninterruptible I/O"}
+STALLED_AFTER_S = 1.0  # in such a state this long when a peer gives up: the stall, not a passing disk wait
+
+
+def process_state(pid: int) -> str | None:
+    """The one-letter state of /proc/PID/stat (R, S, D, T, ...), None when unknown (gone, not Linux)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2:].split(" ", 1)[0]  # after the command name, which may hold spaces
+
+
+def last_logged_step(run_dir: Path) -> int | None:
+    """The newest step in metrics.jsonl (its last few KB): where training was."""
+    try:
+        with open(run_dir / "metrics.jsonl", "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 4096))
+            tail = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(tail):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def newest_checkpoint_step(run_dir: Path) -> int | None:
+    """The step of `checkpoints/latest`, which only ever points at a complete checkpoint."""
+    link = run_dir / "checkpoints" / "latest"
+    try:
+        return int(os.readlink(link).removeprefix("step-"))
+    except (OSError, ValueError):
+        return None
+
+
+def _agent_class():
+    from torch.distributed.elastic.agent.server.api import WorkerState
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+
+    class Agent(LocalElasticAgent):
+        """torch's agent; a user error or an interruption is not retried, and each restart is one line."""
+
+        def __init__(self, *a, run_dir: Path, logs: Path, **kw):
+            super().__init__(*a, **kw)
+            self.run_dir, self.logs, self.restarts, self.cause = run_dir, logs, 0, None
+            self.stalls: dict[int, tuple[float, str, int | None]] = {}  # rank -> (since, state, step then)
+            self.last_stall: str | None = None
+
+        def _watch_stalls(self, worker_group) -> None:
+            """Each monitor tick (0.1 s): which local workers are stopped or stuck in I/O, since when. A
+            stalled rank runs no code, so only its peers' collective timeout would end the job, naming the
+            rank that waited; this names the one that stalled. (Same node only: the agent sees its own.)"""
+            for w in worker_group.workers:
+                state = process_state(w.id) if w.id else None
+                if state in STALL_STATES:
+                    if w.global_rank not in self.stalls:
+                        self.stalls[w.global_rank] = (time.monotonic(), state, last_logged_step(self.run_dir))
+                else:
+                    self.stalls.pop(w.global_rank, None)
+
+        def stall_cause(self) -> str | None:
+            return self.last_stall
+
+        def _monitor_workers(self, worker_group):
+            self._watch_stalls(worker_group)
+            stalls = dict(self.stalls)  # the failure below closes every worker: keep what was seen first
+            result = super()._monitor_workers(worker_group)
+            if result.state in (WorkerState.FAILED, WorkerState.UNHEALTHY) and result.failures:
+                rank, failure = _first(result.failures)
+                now = time.monotonic()
+                longest = [(since, r, state, step) for r, (since, state, step) in stalls.items()
+                           if now - since >= STALLED_AFTER_S and r != rank]
+                self.last_stall = None
+                if longest:
+                    since, r, state, step = min(longest)
+                    self.last_stall = (f"rank {r} on {socket.gethostname()} stalled: {STALL_STATES[state]} for "
+                                       f"{now - since:.0f} s, since step {step if step is not None else '?'}")
+                if failure.exitcode in (EXIT_USER_ERROR, EXIT_INTERRUPTED):
+                    self._remaining_restarts = 0  # the same command would fail the same way / was asked to stop
+                else:
+                    self.cause = self.last_stall or \
+                        f"rank {rank} on {socket.gethostname()} failed: {error_line(failure)}"
+                self.stalls.clear()
+            return result
+
+        def _restart_workers(self, worker_group):
+            self._stop_workers(worker_group)
+            worker_group.state = WorkerState.STOPPED
+            if self.cause is not None:  # a failure (not a node joining)
+                self.restarts += 1
+                step = newest_checkpoint_step(self.run_dir)
+                say(f"launch: {self.cause}; restart {self.restarts} of {worker_group.spec.max_restarts}: all "
+                    f"workers resume from {f'step {step}' if step is not None else 'the start (no checkpoint yet)'}")
+                self.cause = None
+            else:
+                say("launch: a node joined or left: the workers re-form and resume from the newest checkpoint")
+            self._initialize_workers(worker_group)
+
+    return Agent
+
+
+# ---- the worker ---------------------------------------------------------------------------------
+def worker_main(argv: list[str]) -> None:
+    """A worker of `dtrain launch`: `LOG_DIR LAUNCHER_PID -m dtrain ARGS` or `... SCRIPT.py ARGS`, the
+    target run as `python` would run it."""
+    import runpy
+
+    logs, launcher_pid, *argv = argv
+    os.environ[LOG_DIR_ENV] = logs  # for this worker (report_error, note) and its children, not the launcher
+    die_with_launcher(int(launcher_pid))
+    _send_output_to_log()
+    if argv[:1] == ["-m"]:
+        sys.argv = [argv[1], *argv[2:]]
+        runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = list(argv)
+        sys.path.insert(0, str(Path(argv[0]).resolve().parent))  # as `python script.py` puts its folder first
+        runpy.run_path(argv[0], run_name="__main__")
+
+
+def die_with_launcher(launcher: int) -> None:
+    """SIGTERM when the launcher dies, even by SIGKILL: torch's agent starts workers in sessions of their
+    own, so nothing else ends them (they would train on as orphans). SIGTERM, not SIGKILL: they save first.
+    `launcher`: its pid, which must still be our parent (1, or any other: it is already gone)."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux
+        return
+    if os.getppid() != launcher:  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def rank_log() -> Path | None:
+    """This worker's log under `dtrain launch`, else None."""
+    logs = os.environ.get(LOG_DIR_ENV)
+    return Path(logs) / f"rank-{os.environ.get('RANK', '0')}.log" if logs else None
+
+
+def _send_output_to_log() -> None:
+    """stdout and stderr (file descriptors: C++ and child processes too) appended to rank-N.log; global
+    rank 0's also to the launcher's terminal, through `tee` processes of its own session (the agent's
+    signals to the worker's process group must not end them; they end when the worker's pipe closes)."""
+    path = rank_log()
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:  # appended across restarts and runs: where each attempt begins
+        f.write(f"---- dtrain launch: {time.strftime('%Y-%m-%d %H:%M:%S')}, rank {os.environ.get('RANK', '0')}, "
+                f"attempt {int(os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')) + 1}, pid {os.getpid()} ----\n")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.environ.get("RANK", "0") == "0":
+        for fd in (1, 2):
+            terminal = os.dup(fd)
+            tee = subprocess.Popen(["tee", "-a", str(path)], stdin=subprocess.PIPE, stdout=terminal,
+                                   start_new_session=True)
+            os.close(terminal)
+            os.dup2(tee.stdin.fileno(), fd)
+            tee.stdin.close()
+    else:
+        log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.close(log)
+    for stream in (sys.stdout, sys.stderr):
+        stream.reconfigure(line_buffering=True)
+
+
+def note(line: str) -> None:
+    """A worker's line for its log: under `dtrain launch` this rank's log only (the launcher speaks for
+    the job on the terminal), else stderr."""
+    log = rank_log()
+    if log is None:
+        print(line, file=sys.stderr, flush=True)
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with open(log, "a") as f:
+        f.write(line + "\n")
+
+
+def report_error(message: str, quiet: bool = False) -> None:
+    """A handled error's one line, `dtrain: error: MESSAGE`, where each launcher wants it: in torch's error
+    file (TORCHELASTIC_ERROR_FILE, set by torchrun and `dtrain launch`) as that line, not as a traceback,
+    so torchrun's failure summary and `dtrain launch` name it; then as a `note`, unless `quiet` (an error
+    every rank meets alike, said by rank 0) and not under `dtrain launch`, where the log keeps it."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        try:
+            with open(error_file, "w") as f:
+                # the layout of torch's ErrorHandler.record_exception, with the line for a traceback:
+                # torchrun's summary shows py_callstack, and a message of another layout makes it warn
+                line = f"dtrain: error: {message}"
+                json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line,
+                                                                      "timestamp": str(int(time.time()))}}}, f)
+        except OSError:
+            pass
+    if not quiet or rank_log() is not None:
+        note(f"dtrain: error: {message}")
+
+
+if __name__ == "__main__":
+    try:
+        worker_main(sys.argv[1:])
+    except Exception as e:
+        # as torch's `record`, unless dtrain.main's own `record` already wrote it, closer to the user's code
+        error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+        if error_file and not os.path.exists(error_file):
+            from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+            ErrorHandler().record_exception(e)
+        raise

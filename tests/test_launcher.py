@@ -1,0 +1,286 @@
+"""`dtrain launch` (dtrain/launcher.py): torch's elastic agent with one line per event and the workers'
+exit code, with real processes and real signals; and the one-line errors workers write for any launcher."""
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import (_env, free_port, latest_logged_step, result_of, run_dtrain, run_torchrun, start,
+                      torchrun_cmd, wait_for, workers)
+from dtrain import launcher
+from test_faults import RESUME_ARGS, assert_same_as_straight
+
+
+def launch_cmd(nproc: int, args: list[str], extra: list[str] = ()) -> list[str]:
+    return [sys.executable, "-m", "dtrain", "launch", "--nproc-per-node", str(nproc), *extra, *args]
+
+
+def launch(nproc: int, args: list[str], cwd, extra: list[str] = (), timeout: float = 300):
+    return subprocess.run(launch_cmd(nproc, args, extra), cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env=_env(), stdin=subprocess.DEVNULL)
+
+
+def launched_workers(tag: str) -> dict[int, int]:
+    """{rank: pid} of `dtrain launch`'s workers (not the launcher, not rank 0's tee processes)."""
+    return workers(tag, needle=b"dtrain.launcher")
+
+
+# ---- in-process: the launcher's own decisions ------------------------------------------------------
+def test_bad_config_is_one_line_before_any_worker_starts(tmp_path):
+    proc = run_dtrain(["launch", "--nproc-per-node", "2", "train", "optim.lr=fast"], tmp_path, check=False)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("dtrain: error: "), proc.stderr
+    assert not (tmp_path / "runs").exists()  # nothing started, nothing written
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["launch"], "give a dtrain command or a script"),
+    (["launch", "nosuch.py"], "neither a dtrain command"),
+    (["launch", "--nnodes", "2:1", "train"], "--nnodes '2:1' is not N or MIN:MAX"),
+    (["launch", "--nnodes", "2", "train"], "needs --rdzv-endpoint"),
+    (["launch", "--nproc-per-node", "0", "train"], "--nproc-per-node must be >= 1"),
+])
+def test_bad_launch_arguments_are_one_line(tmp_path, argv, message):
+    proc = run_dtrain(argv, tmp_path, check=False)
+    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def failure(exitcode, message="", error_file="/e.json"):
+    return SimpleNamespace(exitcode=exitcode, message=message, error_file=error_file, timestamp=1)
+
+
+def test_failure_lines_and_exit_codes(tmp_path, capsys):
+    logs = tmp_path / "logs"
+    # the first failure the agent saw is the cause, whatever the ranks it stopped afterwards wrote
+    code = launcher._report_failure({1: failure(2, "dtrain: error: data: no shards"),
+                                     0: failure(-15, "dtrain: error: data: no shards")}, logs, 0)
+    err = capsys.readouterr().err
+    assert code == 2 and err.splitlines() == [f"dtrain: error: data: no shards (rank 1 on {os.uname().nodename}, "
+                                              f"log {logs}/rank-1.log)"]
+    crash = {"message": "RuntimeError: boom", "extraInfo": {"py_callstack": "Traceback (most recent call last):\n"
+                                                                            "RuntimeError: boom\n", "timestamp": "1"}}
+    assert launcher._report_failure({1: failure(1, crash)}, logs, 1) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "Traceback (most recent call last):" and err.count("RuntimeError: boom") == 1  # printed once
+    assert err[-1].startswith("dtrain: error: launch: worker failed after 1 restart(s): RuntimeError: boom (rank 1")
+    assert launcher._report_failure({0: failure(-9, "", "<N/A>")}, logs, 0) == 1
+    assert "worker failed: killed by SIGKILL (rank 0" in capsys.readouterr().err
+    assert launcher._report_failure({0: failure(75, "")}, logs, 0) == 75
+    handled = {"message": "dtrain: error: dist: gradient all-reduce failed", "extraInfo": {
+        "py_callstack": "dtrain: error: dist: gradient all-reduce failed", "timestamp": "1"}}
+    capsys.readouterr()
+    assert launcher._report_failure({1: failure(1, handled)}, logs, 0) == 1
+    assert capsys.readouterr().err.count("gradient all-reduce failed") == 1  # its line, once, no traceback
+
+
+def test_handled_errors_go_into_torchs_error_file_as_their_line(tmp_path, monkeypatch, capsys):
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv(launcher.LOG_DIR_ENV, raising=False)
+    launcher.report_error("config: bad", quiet=True)  # plain torchrun, rank 1, an error every rank meets: quiet
+    assert capsys.readouterr().err == ""
+    written = json.loads(error_file.read_text())["message"]  # torch's layout, the line for a traceback
+    assert written["message"] == written["extraInfo"]["py_callstack"] == "dtrain: error: config: bad"
+    launcher.report_error("launcher: rank 1 cannot reach the master")  # its own: said
+    assert capsys.readouterr().err == "dtrain: error: launcher: rank 1 cannot reach the master\n"
+    monkeypatch.setenv(launcher.LOG_DIR_ENV, str(tmp_path / "logs"))
+    (tmp_path / "logs").mkdir()
+    launcher.report_error("config: bad", quiet=True)  # under dtrain launch: in the rank's log, not the terminal
+    assert capsys.readouterr().err == "" and (tmp_path / "logs" / "rank-1.log").read_text() == "dtrain: error: config: bad\n"
+
+
+# ---- real processes ------------------------------------------------------------------------------
+@pytest.mark.multiproc
+def test_user_error_on_two_ranks_is_one_line_and_exit_2(tmp_path, data_root):
+    proc = launch(2, ["train", f"data.root={data_root}", "data.sample.input=nosuch.png", "log.progress=false",
+                      "run.name=u"], tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("launch: 2 worker(s) per node"), proc.stderr
+    assert lines[1].startswith("dtrain: error: data: ") and "no .nosuch.png member" in lines[1], proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    logs = tmp_path / "runs" / "u" / "logs"
+    assert f"log {logs.relative_to(tmp_path)}/rank-" in lines[1]
+    for rank in (0, 1):  # each rank's full output, its error line included
+        assert "no .nosuch.png member" in (logs / f"rank-{rank}.log").read_text()
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("straight")
+    proc = launch(2, RESUME_ARGS + ["run.name=r"], cwd)
+    assert proc.returncode == 0, proc.stderr
+    return cwd / "runs" / "r", result_of(proc)
+
+
+@pytest.mark.multiproc
+def test_sigterm_to_the_launcher_exits_75_and_the_same_command_resumes(tmp_path, straight):
+    tag = uuid.uuid4().hex
+    run = tmp_path / "runs" / "r"
+    proc = start(launch_cmd(2, RESUME_ARGS + ["run.name=r"]), tmp_path, tag)
+    wait_for(lambda: latest_logged_step(run) >= 22, what="step 22")
+    proc.send_signal(signal.SIGTERM)  # the launcher only: it forwards to every worker
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 75, err
+    assert json.loads(out.strip().splitlines()[-1])["stop_reason"] == "signal:SIGTERM"
+    assert "launch: SIGTERM received: the workers saved and stopped" in err and "Traceback" not in err
+    assert not launched_workers(tag)
+    resumed = launch(2, RESUME_ARGS + ["run.name=r"], tmp_path)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr
+    assert_same_as_straight(run, straight[0])
+    log = (run / "logs" / "rank-1.log").read_text()  # appended across both runs
+    assert log.count("---- dtrain launch:") == 2 and "SIGTERM received" in log
+
+
+@pytest.mark.multiproc
+def test_killed_worker_restarts_from_the_newest_checkpoint(tmp_path, straight):
+    tag = uuid.uuid4().hex
+    run = tmp_path / "runs" / "r"
+    proc = start(launch_cmd(2, RESUME_ARGS + ["run.name=r"], ["--max-restarts", "2"]), tmp_path, tag)
+    wait_for(lambda: latest_logged_step(run) >= 13, what="step 13")
+    os.kill(launched_workers(tag)[1], signal.SIGKILL)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    restarts = [l for l in err.splitlines() if "restart 1 of 2" in l]
+    assert len(restarts) == 1 and "rank 1 on" in restarts[0] and "killed by SIGKILL" in restarts[0], err
+    assert "all workers resume from step 12" in restarts[0] or "all workers resume from step 16" in restarts[0], err
+    got, want = result_of(subprocess.CompletedProcess([], 0, out, "")), straight[1]
+    assert {k: v for k, v in got.items() if k.startswith("test/")} == {k: v for k, v in want.items() if k.startswith("test/")}
+    assert_same_as_straight(run, straight[0])
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("via", ["dtrain launch", "torchrun"])
+def test_killed_launcher_takes_its_workers_along(tmp_path, data_root, via):
+    """torch's agent starts workers in sessions of their own: without PR_SET_PDEATHSIG they would train on
+    as orphans after a SIGKILL of the launcher. They get SIGTERM instead, save and end."""
+    tag = uuid.uuid4().hex
+    run = tmp_path / "runs" / "o"
+    args = ["train", f"data.root={data_root}", "train.epochs=50", "log.progress=false", "train.log_every=1",
+            "run.name=o"]
+    proc = start(launch_cmd(2, args) if via == "dtrain launch" else torchrun_cmd(2, args), tmp_path, tag)
+    find = launched_workers if via == "dtrain launch" else workers
+    wait_for(lambda: latest_logged_step(run) >= 3, what="step 3")
+    assert len(find(tag)) == 2
+    proc.kill()
+    _, err = proc.communicate(timeout=120)  # rank 0 (its tee) holds the pipe until the worker is gone
+    wait_for(lambda: not find(tag), timeout=120, what="the workers to end")
+    said = (run / "logs" / "rank-0.log").read_text() if via == "dtrain launch" else err
+    assert "SIGTERM received" in said and "checkpoint saved" in said, said[-2000:]
+
+
+@pytest.mark.multiproc
+def test_under_torchrun_an_error_every_rank_meets_is_one_line_and_names_itself_in_the_summary(tmp_path, data_root):
+    proc = run_torchrun(2, ["train", f"data.root={data_root}", "data.sample.input=nosuch.png", "log.progress=false"],
+                        tmp_path, check=False)
+    assert proc.returncode != 0  # torchrun's own: 1
+    said = [l for l in proc.stderr.splitlines() if l.startswith("dtrain: error:")]
+    assert len(said) == 1 and "no .nosuch.png member" in said[0], proc.stderr
+    # torchrun's failure record: dtrain's line for a traceback, not "no error file" nor a stack
+    assert "traceback : dtrain: error: data: " in proc.stderr and 'File "' not in proc.stderr.split("dtrain FAILED")[1]
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_elastic_two_nodes_lose_one_and_finish_on_the_other(tmp_path, data_root):
+    """Two `dtrain launch --nnodes 1:2` processes on this machine as two nodes (c10d on 127.0.0.1, one
+    worker each). Node B is lost mid-run (its launcher's process group and its worker SIGKILLed); node A's
+    agent re-forms alone and resumes on 1 rank through dtrain's elastic resume: the interrupted epoch reads
+    every sample of the uninterrupted 2-rank run's epoch once, the next epoch is a full one."""
+    from test_elastic import ARGS, STEPS_PER_EPOCH, epoch_keys
+    args = ARGS + [f"data.root={data_root}", "checkpoint.every=3"]
+    straight = launch(2, args + ["run.name=straight"], tmp_path)
+    assert straight.returncode == 0, straight.stderr
+
+    endpoint = f"127.0.0.1:{free_port()}"
+    run = tmp_path / "runs" / "e"
+    tags = {node: uuid.uuid4().hex for node in "AB"}
+    nodes = {node: subprocess.Popen(launch_cmd(1, args + ["run.name=e"], [
+        "--nnodes", "1:2", "--rdzv-endpoint", endpoint, "--rdzv-id", "e", "--max-restarts", "2",
+        "--rdzv-conf", f"is_host={int(node == 'A')},last_call_timeout=5"]), cwd=tmp_path,
+        env=_env({"DTRAIN_TEST_TAG": tags[node]}), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdin=subprocess.DEVNULL, start_new_session=True) for node in "AB"}  # a process group per "node"
+    try:
+        wait_for(lambda: latest_logged_step(run) >= 7 and launcher.newest_checkpoint_step(run), timeout=240,
+                 what="step 7 on two nodes")
+        assert "world_size=2" in (run / "logs" / "rank-0.log").read_text()
+        lost = launched_workers(tags["B"])
+        os.killpg(nodes["B"].pid, signal.SIGKILL)
+        for pid in lost.values():  # a lost node takes its workers along
+            os.kill(pid, signal.SIGKILL)
+        out, err = nodes["A"].communicate(timeout=300)
+    finally:
+        for p in nodes.values():
+            if p.poll() is None:
+                p.kill()
+    assert nodes["A"].returncode == 0, err[-3000:]
+    assert "restart 1 of 2" in err, err[-3000:]
+    assert json.loads(out.strip().splitlines()[-1])["stop_reason"] == "completed"
+    log = (run / "logs" / "rank-0.log").read_text()
+    assert "resume: 2 -> 1 ranks" in log, log[-3000:]
+    assert epoch_keys(run, 0) == epoch_keys(tmp_path / "runs" / "straight", 0)  # none twice, none lost
+    assert sum(epoch_keys(run, 1).values()) == 96 * STEPS_PER_EPOCH
+
+
+DIES_AT_START_UP = '''
+import os
+import torch.nn as nn
+import dtrain
+
+def model(input_shape, num_outputs):
+    if os.environ["RANK"] == "1":
+        os._exit(9)  # lost before DDP's constructor, which rank 0 is about to enter
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, num_outputs))
+
+dtrain.main(model=model)
+'''
+
+
+@pytest.mark.multiproc
+def test_rank_lost_during_start_up_is_one_line_on_its_peer(tmp_path, data_root):
+    """DDP's constructor talks to every rank (it checks and broadcasts the weights): a rank lost just
+    before it ends the others in dtrain's one line, not in gloo's traceback. Two hand-started ranks,
+    no launcher that would stop rank 0 first."""
+    script = tmp_path / "dies.py"
+    script.write_text(DIES_AT_START_UP)
+    env = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    procs = [subprocess.Popen([sys.executable, str(script), f"data.root={data_root}", "train.max_steps=2",
+                               "log.progress=false", "run.doctor=false"], cwd=tmp_path, env=_env({**env, "RANK": str(r)}),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+             for r in (0, 1)]
+    (_, err), _ = procs[0].communicate(timeout=120), procs[1].communicate(timeout=120)
+    assert procs[0].returncode == 1 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("dtrain: error: dist: ddp set-up (the first collective with every "
+                                                   "rank) failed on rank 0"), err
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_stalled_rank_is_named_not_the_one_that_waited(tmp_path, data_root):
+    """Rank 1 frozen by SIGSTOP: rank 0 gives up after dist.timeout_s with its own line, but the cause is
+    rank 1; the launcher names it, with its state and the step it stalled at. (The agent then waits its
+    fixed 30 s before it SIGKILLs a worker that cannot honour SIGTERM.)"""
+    tag = uuid.uuid4().hex
+    run = tmp_path / "runs" / "s"
+    proc = start(launch_cmd(2, ["train", f"data.root={data_root}", "train.epochs=100", "log.progress=false",
+                                "train.log_every=1", "dist.timeout_s=5", "run.name=s"]), tmp_path, tag)
+    wait_for(lambda: latest_logged_step(run) >= 5, what="step 5")
+    stalled = launched_workers(tag)[1]
+    os.kill(stalled, signal.SIGSTOP)
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stalled, signal.SIGKILL)
+    assert proc.returncode == 1, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("dtrain: error: launch: rank 1 on ") and "stalled: stopped (SIGSTOP or a debugger) for " in last
+    assert "since step " in last and "; rank 0 gave up waiting: dist: " in last and "Timed out" in last, last
