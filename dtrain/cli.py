@@ -75,7 +75,7 @@ def _session(cfg, force_single: bool = False):
     clean = False
     try:
         if info.is_global_zero:
-            from .launcher import note
+            from .worker import note
             note(info.describe())  # under `dtrain launch`, whose own line says what it started: in the log
         yield info
         clean = True
@@ -407,7 +407,7 @@ def parse_args(argv: list[str] | None, hooks=None, defaults: dict | None = None)
             argv = ["train", *argv]
         parser.prog = Path(sys.argv[0]).name
     args = parser.parse_args(argv)
-    args.hooks, args.defaults = hooks, defaults
+    args.hooks, args.defaults, args.parser = hooks, defaults, parser
     return args
 
 
@@ -417,7 +417,7 @@ def _recorded(func):
     if "TORCHELASTIC_ERROR_FILE" in os.environ:
         from torch.distributed.elastic.multiprocessing.errors import record
 
-        from .launcher import die_with_launcher
+        from .worker import die_with_launcher
         die_with_launcher(os.getppid())
         return record(func)
     return func
@@ -428,7 +428,7 @@ def main(argv: list[str] | None = None, hooks=None, defaults: dict | None = None
     from .config import ConfigError
     from .data import DataError
     from .dist import CollectiveError
-    from .launcher import report_error
+    from .worker import report_error
 
     args = parse_args(argv, hooks, defaults)
 

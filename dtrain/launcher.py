@@ -4,9 +4,8 @@ one line per event on the terminal and the workers' exit code as the launcher's.
 The launcher side: the agent (rendezvous, restarts, signal forwarding, error files) is torch's
 `LocalElasticAgent`, built from a `LaunchConfig` as `torch.distributed.launcher.api.launch_agent` builds
 it; dtrain's subclass only decides which failures are retried (not a user error, exit 2, nor an
-interruption, exit 75) and says one line per restart. The worker side (`worker_main`, run as
-`python -m dtrain.launcher TARGET ...`): dies with the launcher, sends its output to
-runs/<name>/logs/rank-N.log (global rank 0's also to the terminal), then runs the dtrain command or script.
+interruption, exit 75) and says one line per restart. The worker side is dtrain/worker.py
+(`python -m dtrain.worker LOG_DIR LAUNCHER_PID TARGET ...`).
 """
 
 from __future__ import annotations
@@ -17,14 +16,12 @@ import os
 import shlex
 import signal
 import socket
-import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
 
 EXIT_USER_ERROR, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 75
-LOG_DIR_ENV = "DTRAIN_LAUNCH_LOGS"  # set in `dtrain launch`'s workers: where rank-N.log goes
 # SIGUSR1 too (SLURM's preemption warning): torch's agent forwards the signals it handles to every worker
 FORWARDED = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 
@@ -66,7 +63,7 @@ def run(args) -> int:
     min_nodes, max_nodes = _nnodes(args.nnodes)
     if max_nodes > 1 and not args.rdzv_endpoint:
         raise ConfigError(f"launch: --nnodes {args.nnodes} needs --rdzv-endpoint HOST:PORT (the same on every node)")
-    entry, run_dir, note = _resolve(args.target)
+    entry, run_dir, note = _resolve(args.target, args.parser)  # dtrain's parser (cli.parse_args)
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     say(f"launch: {nproc} worker(s) per node, nodes={args.nnodes}, max_restarts={args.max_restarts}: "
@@ -91,16 +88,15 @@ def _nnodes(text: str) -> tuple[int, int]:
     return int(lo), int(hi or lo)
 
 
-def _resolve(target: list[str]) -> tuple[list[str], Path, str]:
-    """(the worker's arguments after `python -m dtrain.launcher`, the run directory, a note on it).
+def _resolve(target: list[str], parser: argparse.ArgumentParser) -> tuple[list[str], Path, str]:
+    """(the worker's arguments after `python -m dtrain.worker LOG_DIR PID`, the run directory, a note on it).
     dtrain commands resolve the run directory as the workers will (so a bad config is one line here, before
     any worker starts); a script's `key=value` arguments are read the same way, but what the script sets
     itself (dtrain.main(config=...)) is not seen here."""
     from .build import run_dir_of
-    from .cli import build_parser
     from .config import ConfigError, load_config
 
-    first, parser = target[0], build_parser()
+    first = target[0]
     commands = next(a.choices for a in parser._subparsers._group_actions)
     if first in commands and first != "launch":
         entry = ["-m", "dtrain", *target]
@@ -155,7 +151,7 @@ def _run_agent(args, nproc, min_nodes, max_nodes, entry, run_dir, logs) -> int:
     if nproc > 1:
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default for several workers per node
     spec = WorkerSpec(role="dtrain", local_world_size=nproc, entrypoint=sys.executable,
-                      args=("-m", "dtrain.launcher", str(logs.resolve()), str(os.getpid()), *entry),
+                      args=("-m", "dtrain.worker", str(logs.resolve()), str(os.getpid()), *entry),
                       rdzv_handler=rdzv_registry.get_rendezvous_handler(RendezvousParameters(
                           backend=config.rdzv_backend, endpoint=config.rdzv_endpoint, run_id=config.run_id,
                           min_nodes=min_nodes, max_nodes=max_nodes, **config.rdzv_configs)),
@@ -359,118 +355,3 @@ def _agent_class():
             self._initialize_workers(worker_group)
 
     return Agent
-
-
-# ---- the worker ---------------------------------------------------------------------------------
-def worker_main(argv: list[str]) -> None:
-    """A worker of `dtrain launch`: `LOG_DIR LAUNCHER_PID -m dtrain ARGS` or `... SCRIPT.py ARGS`, the
-    target run as `python` would run it."""
-    import runpy
-
-    logs, launcher_pid, *argv = argv
-    os.environ[LOG_DIR_ENV] = logs  # for this worker (report_error, note) and its children, not the launcher
-    die_with_launcher(int(launcher_pid))
-    _send_output_to_log()
-    if argv[:1] == ["-m"]:
-        sys.argv = [argv[1], *argv[2:]]
-        runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
-    else:
-        sys.argv = list(argv)
-        sys.path.insert(0, str(Path(argv[0]).resolve().parent))  # as `python script.py` puts its folder first
-        runpy.run_path(argv[0], run_name="__main__")
-
-
-def die_with_launcher(launcher: int) -> None:
-    """SIGTERM when the launcher dies, even by SIGKILL: torch's agent starts workers in sessions of their
-    own, so nothing else ends them (they would train on as orphans). SIGTERM, not SIGKILL: they save first.
-    `launcher`: its pid, which must still be our parent (1, or any other: it is already gone)."""
-    import ctypes
-
-    PR_SET_PDEATHSIG = 1
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux
-        return
-    if os.getppid() != launcher:  # it died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-def rank_log() -> Path | None:
-    """This worker's log under `dtrain launch`, else None."""
-    logs = os.environ.get(LOG_DIR_ENV)
-    return Path(logs) / f"rank-{os.environ.get('RANK', '0')}.log" if logs else None
-
-
-def _send_output_to_log() -> None:
-    """stdout and stderr (file descriptors: C++ and child processes too) appended to rank-N.log; global
-    rank 0's also to the launcher's terminal, through `tee` processes of its own session (the agent's
-    signals to the worker's process group must not end them; they end when the worker's pipe closes)."""
-    path = rank_log()
-    if path is None:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:  # appended across restarts and runs: where each attempt begins
-        f.write(f"---- dtrain launch: {time.strftime('%Y-%m-%d %H:%M:%S')}, rank {os.environ.get('RANK', '0')}, "
-                f"attempt {int(os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')) + 1}, pid {os.getpid()} ----\n")
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if os.environ.get("RANK", "0") == "0":
-        for fd in (1, 2):
-            terminal = os.dup(fd)
-            tee = subprocess.Popen(["tee", "-a", str(path)], stdin=subprocess.PIPE, stdout=terminal,
-                                   start_new_session=True)
-            os.close(terminal)
-            os.dup2(tee.stdin.fileno(), fd)
-            tee.stdin.close()
-    else:
-        log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.dup2(log, 1)
-        os.dup2(log, 2)
-        os.close(log)
-    for stream in (sys.stdout, sys.stderr):
-        stream.reconfigure(line_buffering=True)
-
-
-def note(line: str) -> None:
-    """A worker's line for its log: under `dtrain launch` this rank's log only (the launcher speaks for
-    the job on the terminal), else stderr."""
-    log = rank_log()
-    if log is None:
-        print(line, file=sys.stderr, flush=True)
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    with open(log, "a") as f:
-        f.write(line + "\n")
-
-
-def report_error(message: str, quiet: bool = False) -> None:
-    """A handled error's one line, `dtrain: error: MESSAGE`, where each launcher wants it: in torch's error
-    file (TORCHELASTIC_ERROR_FILE, set by torchrun and `dtrain launch`) as that line, not as a traceback,
-    so torchrun's failure summary and `dtrain launch` name it; then as a `note`, unless `quiet` (an error
-    every rank meets alike, said by rank 0) and not under `dtrain launch`, where the log keeps it."""
-    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if error_file:
-        try:
-            with open(error_file, "w") as f:
-                # the layout of torch's ErrorHandler.record_exception, with the line for a traceback:
-                # torchrun's summary shows py_callstack, and a message of another layout makes it warn
-                line = f"dtrain: error: {message}"
-                json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line,
-                                                                      "timestamp": str(int(time.time()))}}}, f)
-        except OSError:
-            pass
-    if not quiet or rank_log() is not None:
-        note(f"dtrain: error: {message}")
-
-
-if __name__ == "__main__":
-    try:
-        worker_main(sys.argv[1:])
-    except Exception as e:
-        # as torch's `record`, unless dtrain.main's own `record` already wrote it, closer to the user's code
-        error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
-        if error_file and not os.path.exists(error_file):
-            from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
-            ErrorHandler().record_exception(e)
-        raise

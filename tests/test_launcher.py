@@ -14,7 +14,7 @@ import pytest
 
 from conftest import (_env, free_port, latest_logged_step, result_of, run_dtrain, run_torchrun, start,
                       torchrun_cmd, wait_for, workers)
-from dtrain import launcher
+from dtrain import launcher, worker
 from test_faults import RESUME_ARGS, assert_same_as_straight
 
 
@@ -29,7 +29,7 @@ def launch(nproc: int, args: list[str], cwd, extra: list[str] = (), timeout: flo
 
 def launched_workers(tag: str) -> dict[int, int]:
     """{rank: pid} of `dtrain launch`'s workers (not the launcher, not rank 0's tee processes)."""
-    return workers(tag, needle=b"dtrain.launcher")
+    return workers(tag, needle=b"dtrain.worker")
 
 
 # ---- in-process: the launcher's own decisions ------------------------------------------------------
@@ -84,16 +84,16 @@ def test_handled_errors_go_into_torchs_error_file_as_their_line(tmp_path, monkey
     error_file = tmp_path / "error.json"
     monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
     monkeypatch.setenv("RANK", "1")
-    monkeypatch.delenv(launcher.LOG_DIR_ENV, raising=False)
-    launcher.report_error("config: bad", quiet=True)  # plain torchrun, rank 1, an error every rank meets: quiet
+    monkeypatch.delenv(worker.LOG_DIR_ENV, raising=False)
+    worker.report_error("config: bad", quiet=True)  # plain torchrun, rank 1, an error every rank meets: quiet
     assert capsys.readouterr().err == ""
     written = json.loads(error_file.read_text())["message"]  # torch's layout, the line for a traceback
     assert written["message"] == written["extraInfo"]["py_callstack"] == "dtrain: error: config: bad"
-    launcher.report_error("launcher: rank 1 cannot reach the master")  # its own: said
+    worker.report_error("launcher: rank 1 cannot reach the master")  # its own: said
     assert capsys.readouterr().err == "dtrain: error: launcher: rank 1 cannot reach the master\n"
-    monkeypatch.setenv(launcher.LOG_DIR_ENV, str(tmp_path / "logs"))
+    monkeypatch.setenv(worker.LOG_DIR_ENV, str(tmp_path / "logs"))
     (tmp_path / "logs").mkdir()
-    launcher.report_error("config: bad", quiet=True)  # under dtrain launch: in the rank's log, not the terminal
+    worker.report_error("config: bad", quiet=True)  # under dtrain launch: in the rank's log, not the terminal
     assert capsys.readouterr().err == "" and (tmp_path / "logs" / "rank-1.log").read_text() == "dtrain: error: config: bad\n"
 
 
