@@ -136,7 +136,7 @@ def mismatch_hint(model: torch.nn.Module, batch, error: Exception) -> str:
         name, t = fields[0]
         wants = f"in_features={first.in_features}" if isinstance(first, torch.nn.Linear) else \
             f"in_channels={first.in_channels}" if hasattr(first, "in_channels") else ""
-        return (f"hint: batch field '{name}' has shape {tuple(t.shape[1:])} a sample, the model's first layer "
+        return (f"hint: batch field '{name}' has shape {tuple(t.shape[1:])} per sample, the model's first layer "
                 f"({type(first).__name__}) takes {wants}: reshape the input in data.transform or data.collate, or "
                 "build the model for it (a model factory with an `input_shape` parameter is given the data's)")
     return ""

@@ -32,8 +32,8 @@ if __name__ == "__main__":
     dtrain.main(
         config={"run.name": "snippets-script", "data.train": f"{root}/train.json", "data.val": f"{root}/val.json",
                 "data.test": f"{root}/test.json", "data.num_classes": len(PACKAGES), "data.batch_size": 32,
-                "model.head": "classifier", "optim.lr": 0.003, "optim.weight_decay": 0.01,
-                "schedule.name": "cosine", "schedule.warmup_steps": 20, "train.epochs": 8},
+                "model.head": "classifier", "optim.lr": 0.006, "optim.weight_decay": 0.01,
+                "schedule.name": "cosine", "schedule.warmup_steps": 20, "train.epochs": 12},
         sample=sample, collate=collate, model=build_model, forward=forward,
         # updated with (logits, y); synchronised across ranks by torchmetrics
         metrics={"f1": torchmetrics.classification.MulticlassF1Score(num_classes=len(PACKAGES), average="macro")},

@@ -46,7 +46,7 @@ SNIPPETS = {"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "examples")])}
 
 def test_text_snippet_example_learns_from_the_config(tmp_path):
     """The config route as the README runs it, shorter: shards from wds.TarWriter, `.txt` read as strings,
-    hashed into tokens by examples/snippets.py's collate, a BERT from a small config (README: 8 epochs)."""
+    hashed into tokens by examples/snippets.py's collate, a BERT from a small config (README: 12 epochs)."""
     import subprocess
     import sys
     from conftest import _env
@@ -55,7 +55,7 @@ def test_text_snippet_example_learns_from_the_config(tmp_path):
     proc = run_dtrain(["train", "--config", str(CONFIGS / "snippets.yaml"), "log.progress=false", "train.epochs=4"],
                       tmp_path, env=SNIPPETS, timeout=600)
     result = result_of(proc)
-    assert result["step"] == 200 and result["test/f1"] > 0.45, result  # 4 classes: chance is 0.25; 0.58 seen
+    assert result["step"] == 200 and result["test/f1"] > 0.45, result  # 4 classes: chance is 0.25; 0.61 seen
 
 
 @pytest.mark.multiproc

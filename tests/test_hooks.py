@@ -305,7 +305,7 @@ def test_a_data_model_mismatch_prints_the_traceback_once_with_a_hint(tmp_path, d
      "batch field 'x' is torch.float64, the model's weights are torch.float32: convert it"),
     (lambda: torch.nn.Conv2d(1, 4, 3), torch.zeros(2, 1, 8, 8, dtype=torch.uint8), "'x' is torch.uint8"),
     (lambda: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 4)), torch.zeros(2, 3, 8, 8),
-     "'x' has shape (3, 8, 8) a sample, the model's first layer (Linear) takes in_features=64: reshape"),
+     "'x' has shape (3, 8, 8) per sample, the model's first layer (Linear) takes in_features=64: reshape"),
     (lambda: torch.nn.Conv2d(1, 4, 3), torch.zeros(2, 3, 8, 8), "first layer (Conv2d) takes in_channels=1"),
     (lambda: torch.nn.Embedding(10, 4), torch.zeros(2, 8), "'x' is torch.float32, the model's first layer "
                                                            "(Embedding) takes integer ids: make them"),
