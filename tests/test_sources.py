@@ -230,6 +230,9 @@ def test_index_of_an_unreadable_shard(tmp_path, capsys):
         assert "cannot read" in line and "part-000.tar" in line and not (tmp_path / "x.json").exists()
     line = error_line(capsys, ["index", "pipe:cat /nonexistent-{0..1}.tar", "--out", str(tmp_path / "x.json")])
     assert "pipe:cat /nonexistent-0.tar" in line
+    # a stranger's first try: a quoted glob, which webdataset does not expand (braces only)
+    line = error_line(capsys, ["index", f"{tmp_path}/part-*.tar", "--out", str(tmp_path / "x.json")])
+    assert "no shard" in line and "leave it unquoted" in line and "{000000..000099}" in line
 
 
 # ---- transforms that resume exactly ----------------------------------------------------------------------------

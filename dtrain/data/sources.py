@@ -170,7 +170,9 @@ def count_shards(patterns: list[str], jobs: int = 8) -> list[tuple[str, int]]:
 
     def count(url: str) -> int:
         if not has_scheme(url) and not os.path.isfile(url):
-            raise DataError(f"data: no shard {url}")
+            glob = any(c in url for c in "*?[")  # a quoted glob reaches us as it is: webdataset expands braces only
+            raise DataError(f"data: no shard {url}" + (" (a glob: leave it unquoted for the shell to expand, or "
+                                                       "write a brace pattern, train-{000000..000099}.tar)" if glob else ""))
         try:
             return sample_count(url)
         except (tarfile.TarError, OSError, ValueError, EOFError) as e:
