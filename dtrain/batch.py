@@ -111,8 +111,8 @@ def mismatch_hint(model: torch.nn.Module, batch, error: Exception) -> str:
     param = next(model.parameters(), None)
     if param is None or not fields:
         return ""
-    first = next((m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.modules.conv._ConvNd,
-                                                                torch.nn.Embedding, torch.nn.EmbeddingBag))), None)
+    first = next((m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d,
+                                                                torch.nn.Conv3d, torch.nn.Embedding, torch.nn.EmbeddingBag))), None)
     takes_ids = isinstance(first, (torch.nn.Embedding, torch.nn.EmbeddingBag))
     if "device" in message:
         name, t = next(((n, t) for n, t in fields if t.device != param.device), (None, None))
