@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -32,6 +33,7 @@ import torch
 from . import dist
 
 MANIFEST = "manifest.json"
+log = logging.getLogger("dtrain.checkpoint")
 
 
 class CheckpointError(RuntimeError):
@@ -273,6 +275,9 @@ class Checkpointer:
         if best:
             self._point("best", final)
         self._prune()
+        size = sum(f["bytes"] for f in manifest["files"].values())
+        log.debug(f"checkpoint: {final.name} published ({len(files)} files, {size / 2**20:.1f} MiB"
+                  f"{', best' if best else ''})")
 
     def _point(self, name: str, target: Path) -> None:
         link, tmp = self.root / name, self.root / f".{name}.tmp"

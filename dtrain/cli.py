@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -42,7 +43,7 @@ def _fit(args, print_result: bool = False):
     if args.hooks is not None:
         cfg = args.hooks.record(cfg)  # config.yaml names the script's callables
     run_dir = run_dir_of(cfg, args.debug)
-    say = lambda line: print(line, file=sys.stderr, flush=True)
+    say = logging.getLogger("dtrain.run").info
     # --debug: anomaly detection for this run only (a context: `dtrain.main` may run in a longer-lived process)
     anomaly = torch.autograd.detect_anomaly() if args.debug else contextlib.nullcontext()
     with anomaly, _session(cfg, force_single=args.debug) as info, hold(run_dir, info, say):  # one job per run dir
@@ -75,7 +76,7 @@ def _session(cfg, force_single: bool = False):
     clean = False
     try:
         if info.is_global_zero:
-            print(info.describe(), file=sys.stderr, flush=True)
+            logging.getLogger("dtrain.dist").info(info.describe())
         yield info
         clean = True
     except DoctorError:
@@ -95,8 +96,8 @@ def _check_health(cfg, info, run_dir, model, brief: bool) -> None:
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     checks = doctor.run(cfg, info, run_dir, brief=brief, model_bytes=model_bytes)
     if info.is_global_zero:
-        print(("doctor (brief; `dtrain doctor` for the full check):\n" if brief else "doctor:\n")
-              + doctor.table(checks), file=sys.stderr, flush=True)
+        logging.getLogger("dtrain.doctor").info(("doctor (brief; `dtrain doctor` for the full check):\n" if brief
+                                                 else "doctor:\n") + doctor.table(checks))
     failed = [c for c in checks if not c.ok]
     if failed:
         raise DoctorError(f"doctor: {failed[0].name} check failed: {failed[0].detail}")
@@ -390,10 +391,23 @@ def user_errors() -> tuple[type[Exception], ...]:
     return ConfigError, DataError, LaunchError, CheckpointError, DoctorError, RunDirError
 
 
+def _with_verbosity(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """-q / -v before or after the command (`dtrain -q train`, `python train.py -q key=value`)."""
+    commands = next(a.choices for a in parser._subparsers._group_actions)
+    for p in (parser, *commands.values()):
+        group = p.add_mutually_exclusive_group()
+        # SUPPRESS: a command's unset flag must not overwrite the one given before the command
+        group.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                           help="warnings and errors only (the `dtrain` logger at WARNING)")
+        group.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                           help="debug lines too (the `dtrain` logger at DEBUG)")
+    return parser
+
+
 def parse_args(argv: list[str] | None, hooks=None, defaults: dict | None = None) -> argparse.Namespace:
     """dtrain's command line; for a user's script (`hooks` handed in) the command is optional and defaults
     to train, so `python train.py key=value` trains like `dtrain train key=value`."""
-    parser = build_parser()
+    parser = _with_verbosity(build_parser())
     if hooks is not None:
         if argv is None:  # in a Jupyter kernel sys.argv is the kernel's own (-f connection.json), not overrides
             argv = [] if Path(sys.argv[0]).name == "ipykernel_launcher.py" else sys.argv[1:]
@@ -419,14 +433,18 @@ def main(argv: list[str] | None = None, hooks=None, defaults: dict | None = None
     from .dist import CollectiveError
 
     args = parse_args(argv, hooks, defaults)
+    log = logging.getLogger("dtrain")  # its handler writes the bare line (dtrain.logging), shown under -q too
+    level = _set_verbosity(args)
     try:
         return _recorded(args.func)(args)
     except user_errors() as e:
-        print(f"dtrain: error: {e}", file=sys.stderr)
+        log.error(f"dtrain: error: {e}")
         return EXIT_USER_ERROR
     except CollectiveError as e:
-        print(f"dtrain: error: {e}", file=sys.stderr)
+        log.error(f"dtrain: error: {e}")
         return EXIT_FAILED
+    finally:
+        log.setLevel(level)  # -q / -v for this command only: a script or a test may call main again
 
 
 def fit(argv: list[str] | None, hooks, defaults: dict | None = None):
@@ -445,7 +463,20 @@ def fit(argv: list[str] | None, hooks, defaults: dict | None = None):
         raise ConfigError(usage.getvalue().strip().splitlines()[-1]) from None  # argparse's own line, as raised
     if args.func is not _train:
         raise ConfigError(f"fit: it trains; `{args.command}` is run by dtrain.main (or the dtrain command)")
-    return _recorded(_fit)(args)
+    level = _set_verbosity(args)
+    try:
+        return _recorded(_fit)(args)
+    finally:
+        logging.getLogger("dtrain").setLevel(level)
+
+
+def _set_verbosity(args) -> int:
+    """-q / -v on the `dtrain` logger. -> its level before."""
+    from .logging import log, set_verbosity
+
+    level = log.level
+    set_verbosity(getattr(args, "quiet", False), getattr(args, "verbose", False))
+    return level
 
 
 if __name__ == "__main__":

@@ -6,10 +6,15 @@ The W&B run id is part of the logger's state, saved with every checkpoint: a res
 `wandb.init(id=..., resume="allow")` and continues the same W&B run. (Online, W&B ignores steps it has
 already seen; after a kill those are the steps between the checkpoint and the kill, and since resuming is
 exact the killed run logged the same values for them.)
+
+Lines go through Python's `logging`: the `dtrain` logger (child loggers `dtrain.<part>`), level INFO, with
+one handler that writes the bare message to stderr, so the output reads as it always did. A user can add
+handlers, change the level (`dtrain -q` / `-v` on the command line), or remove ours (`STDERR_HANDLER`).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import secrets
@@ -25,6 +30,51 @@ from .loggers import CsvLogger, JsonlLogger, MetricsLogger, TensorBoardLogger, a
 from .loggers import metrics_record  # noqa: F401  (its readers import it from here)
 from .records import keep_records
 from .redaction import redact
+
+log = logging.getLogger("dtrain")
+
+
+class StderrHandler(logging.Handler):
+    """dtrain's own handler: the bare message on the current sys.stderr (looked up per line: a test or a
+    notebook may swap it), above any progress bar, in one write (ranks share stderr, and print()'s separate
+    newline write interleaves)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text, stream = self.format(record) + "\n", sys.stderr
+            if getattr(tqdm, "_instances", None):  # a bar on the terminal: clear it, write, redraw it
+                with tqdm.external_write_mode(file=stream):
+                    stream.write(text)
+                    stream.flush()
+            else:
+                stream.write(text)
+                stream.flush()
+        except Exception:
+            self.handleError(record)
+
+
+def _install() -> StderrHandler:
+    """Once per process: dtrain's handler on the `dtrain` logger, INFO unless the user set a level first.
+    It doesn't propagate: a user's root handlers (or pytest's) would print every line a second time."""
+    for handler in log.handlers:
+        if type(handler).__name__ == "StderrHandler":  # also one installed before a reload of this module
+            return handler
+    handler = StderrHandler()
+    log.addHandler(handler)
+    if log.level == logging.NOTSET:
+        log.setLevel(logging.INFO)
+    log.propagate = False
+    return handler
+
+
+STDERR_HANDLER = _install()
+
+
+def set_verbosity(quiet: bool = False, verbose: bool = False) -> None:
+    """`-q`: warnings and errors only; `-v`: debug lines too; neither: the level stays as it is (INFO, or
+    what a script set)."""
+    if quiet or verbose:
+        log.setLevel(logging.WARNING if quiet else logging.DEBUG)
 
 
 class WandbRun(MetricsLogger):
@@ -106,11 +156,10 @@ class RunLogger:
         return self.wandb
 
     def info(self, msg: str) -> None:
-        text = f"{self.prefix}{msg}"
-        if self.bar is not None:
-            self.bar.write(text, file=sys.stderr)
-        else:
-            _write_line(text)
+        log.info(f"{self.prefix}{msg}")
+
+    def warning(self, msg: str) -> None:
+        log.warning(f"{self.prefix}{msg}")
 
     def metrics(self, record: dict) -> None:
         record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
@@ -146,19 +195,17 @@ class NullLogger(RunLogger):
 
     def info(self, msg):
         if self.echo:
-            _write_line(f"{self.prefix}{msg}")
+            log.info(f"{self.prefix}{msg}")
+
+    def warning(self, msg):
+        if self.echo:
+            log.warning(f"{self.prefix}{msg}")
 
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def _write_line(text: str) -> None:
-    """One write per line: ranks share stderr, and print()'s separate newline write interleaves."""
-    sys.stderr.write(text + "\n")
-    sys.stderr.flush()
 
 
 def build_logger(cfg, dist_info, run_dir: Path, total_steps: int, wandb_cfg=None,

@@ -138,8 +138,8 @@ class Trainer:
         if reason == StopReason.SIGUSR1 and self.info.is_global_zero:
             requeue_slurm_job(self.log.info)
         if reason == StopReason.NONFINITE:
-            self.log.info(f"stopped at step {self.step}: non-finite gradients (train.nonfinite=stop); the last "
-                          f"good checkpoint is {self.checkpointer.pointer('latest')}")
+            self.log.warning(f"stopped at step {self.step}: non-finite gradients (train.nonfinite=stop); the last "
+                             f"good checkpoint is {self.checkpointer.pointer('latest')}")
         else:
             self.log.info(f"stopped at step {self.step} ({reason.value}); checkpoint saved, run the same "
                           "command again to continue")
@@ -183,8 +183,8 @@ class Trainer:
         self._skips.zero_()
         self.skipped_updates += n
         where = f"step {step}" if first == step else f"steps {first}-{step}"
-        self.log.info(f"{where}: non-finite gradient norm; {n} update{'s' * (n > 1)} skipped "
-                      f"({self.skipped_updates} so far, train.nonfinite={self.cfg.train.nonfinite})")
+        self.log.warning(f"{where}: non-finite gradient norm; {n} update{'s' * (n > 1)} skipped "
+                         f"({self.skipped_updates} so far, train.nonfinite={self.cfg.train.nonfinite})")
         if self.cfg.train.nonfinite == "stop":
             self.stop.request(StopReason.NONFINITE)
 
