@@ -125,11 +125,11 @@ def _shard(args) -> int:
     if args.from_folder:
         from .data.folder import shard_folder
         index = shard_folder(args.from_folder, args.out, args.shard_size, val=args.val_fraction,
-                             test=args.test_fraction, seed=args.seed)
+                             test=args.test_fraction, seed=args.seed, progress=True)
         print(f"{len(index.classes)} classes: {', '.join(index.classes)}")
     else:
         params = {"context": args.context, "num_bytes": args.text_bytes} if args.dataset == "text" else {}
-        index = make_builtin(args.dataset, args.out, args.shard_size, seed=args.seed, **params)
+        index = make_builtin(args.dataset, args.out, args.shard_size, seed=args.seed, progress=True, **params)
     for split, shards in index.splits.items():
         print(f"{split}: {sum(shards.values())} samples in {len(shards)} shards")
     print(f"wrote {', '.join(f'{args.out}/{split}.json' for split in index.splits)}")
@@ -139,7 +139,7 @@ def _shard(args) -> int:
 def _index(args) -> int:
     from .data.sources import count_shards, descriptor, write_descriptor
 
-    shards = count_shards(args.patterns, jobs=args.jobs)
+    shards = count_shards(args.patterns, jobs=args.jobs, progress=True)
     write_descriptor(descriptor(shards, args.out), args.out)
     print(f"{len(shards)} shards, {sum(n for _, n in shards)} samples: wrote {args.out}")
     return 0
@@ -183,13 +183,14 @@ def _eval(args) -> int:
     if args.split == "train":  # one unshuffled, unaugmented pass
         stream = type(stream)(stream.index, "train", batch_size=stream.batch_size, rank=0, world_size=1,
                               sample_format=stream.format, in_memory=stream.memory or False)
-    metrics = core.evaluator.evaluate(stream, args.split)
+    metrics = core.evaluator.evaluate(stream, args.split, progress=cfg.log.progress)
     width = max(map(len, metrics))
     print(f"checkpoint {path.resolve()} (step {state['trainer']['step']}), split {args.split}")
     for k, v in metrics.items():
         print(f"  {k:<{width}}  {v:.6g}")
     if data.facts.task == "classification":
-        print(format_confusion(core.evaluator.confusion_matrix(stream, data.facts.num_outputs)))
+        print(format_confusion(core.evaluator.confusion_matrix(stream, data.facts.num_outputs,
+                                                               progress=cfg.log.progress)))
     return 0
 
 
@@ -199,11 +200,20 @@ def _export(args) -> int:
     without DeepSpeed or torch.distributed."""
     import torch
 
+    from tqdm.utils import CallbackIOWrapper
+
+    from .logging import progress_bar
+
     path, state = _load_for_eval(args.checkpoint)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    torch.save({"model": state["engine"]["model"], "config": state["config"], "step": state["trainer"]["step"]}, tmp)
+    size = sum(v.numel() * v.element_size() for v in state["engine"]["model"].values())
+    shown = state["config"].get("log", {}).get("progress", True)
+    with open(tmp, "wb") as f, progress_bar(total=size, desc="export", unit="B", unit_scale=True,
+                                            unit_divisor=1024, enabled=shown) as bar:
+        torch.save({"model": state["engine"]["model"], "config": state["config"], "step": state["trainer"]["step"]},
+                   CallbackIOWrapper(bar.update, f, "write"))  # a bar over the bytes written
     tmp.replace(out)
     n = sum(v.numel() for v in state["engine"]["model"].values())
     print(f"wrote {out} ({n} parameters, step {state['trainer']['step']}) from {path.resolve()}")

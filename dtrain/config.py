@@ -342,7 +342,8 @@ class DistConfig(Section):
 
 class LogConfig(Section):
     progress: bool = True
-    """Show a progress bar on rank 0."""
+    """Progress bars on rank 0 (training, validation and test batches), on a terminal only: a log file gets
+    the lines alone."""
     all_ranks: bool = False
     """Let every rank print its log lines (prefixed with its rank), not just rank 0."""
     sample_keys: bool = False

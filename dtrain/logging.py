@@ -70,6 +70,15 @@ def _install() -> StderrHandler:
 STDERR_HANDLER = _install()
 
 
+def progress_bar(iterable=None, *, total=None, desc=None, unit="it", enabled=True, leave=False, **kwargs) -> tqdm:
+    """A bar for long work (training; validation, `dtrain index`, `shard`, `eval`, `export`): on a terminal
+    only, and only where `enabled` (log.progress, rank 0). A log file gets no bar lines: the line the work
+    ends with (a validation's metrics, `wrote ...`, the summary) is its record. A bar other than training's
+    goes when done (leave=False), so that line follows the training bar, not a finished bar."""
+    return tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=leave, file=sys.stderr,
+                mininterval=0.5, disable=not (enabled and sys.stderr.isatty()), **kwargs)
+
+
 def set_verbosity(quiet: bool = False, verbose: bool = False) -> None:
     """`-q`: warnings and errors only; `-v`: debug lines too; neither: the level stays as it is (INFO, or
     what a script set)."""
@@ -137,10 +146,8 @@ class RunLogger:
             self.sinks = [self._open(name, step) for name in self.names]
             for sink in self.sinks:
                 sink.log_config(redact(self.run_config))
-        if self.show_progress:
-            tty = sys.stderr.isatty()
-            self.bar = tqdm(total=self.total_steps, initial=step, unit="step", dynamic_ncols=True,
-                            mininterval=0.5 if tty else 30, file=sys.stderr)
+        if self.show_progress and sys.stderr.isatty():
+            self.bar = progress_bar(total=self.total_steps, initial=step, unit="step", leave=True)
 
     def _open(self, name: str, step: int) -> MetricsLogger:
         if name == "jsonl":
@@ -186,6 +193,7 @@ class RunLogger:
 class NullLogger(RunLogger):
     def __init__(self, prefix: str = "", echo: bool = False):
         self.prefix, self.echo, self.bar, self.wandb, self.wandb_run_id = prefix, echo, None, None, None
+        self.show_progress = False
         self.sinks = []
 
     def start(self, step): pass

@@ -210,7 +210,7 @@ class Trainer:
     def evaluate(self, stream, prefix: str, log_local: bool = False) -> dict:
         local = (lambda loss: self.log.info(f"local {prefix}/loss at step {self.step}: {loss:.6f}")) if log_local \
             else None
-        return self.evaluator.evaluate(stream, prefix, local)
+        return self.evaluator.evaluate(stream, prefix, local, progress=self.log.show_progress)
 
     def validate(self, epoch: int) -> None:
         if self.val_data is None:  # the data has no validation split

@@ -1,6 +1,9 @@
 """dtrain's lines through Python's `logging`: the `dtrain` logger, its bare-message stderr handler, -q / -v."""
 
+import contextlib
+import io
 import logging
+import os
 import subprocess
 import sys
 
@@ -83,3 +86,56 @@ def test_quiet_before_the_command_and_in_a_real_process(tmp_path, data_root):
                           env=_env(), timeout=300, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == "" and result_of_json(proc)["step"] == 4
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def dtrain_on(stderr: io.StringIO, args: list[str], cwd) -> tuple[int, str, str]:
+    """`dtrain ARGS` in this process with `stderr` as its stderr (a terminal or a log file). -> (code, out, err)"""
+    from dtrain.cli import main
+    out, saved = io.StringIO(), os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(stderr):
+            code = main(args)
+    finally:
+        os.chdir(saved)
+    return code, out.getvalue(), stderr.getvalue()
+
+
+def test_progress_bars_on_rank_0s_terminal_and_never_in_a_log_file(tmp_path, data_root):
+    """Shard, index, validation and test, eval and export draw a bar on a terminal (tqdm's `\\r` updates)
+    that goes when done; into a file (not a terminal) and under log.progress=false nothing but the lines."""
+    shard = ["shard", "--dataset", "digits", "--out", str(tmp_path / "d"), "--shard-size", "100"]
+    code, out, err = dtrain_on(Terminal(), shard, tmp_path)
+    assert code == 0 and "wrote" in out and "train:" in err and "sample/s" in err and "\r" in err
+    shards = sorted(str(p) for p in (tmp_path / "d").glob("train-*.tar"))
+    index = ["index", *shards, "--out", str(tmp_path / "train.json")]
+    code, out, err = dtrain_on(Terminal(), index, tmp_path)
+    assert code == 0 and f"{len(shards)} shards" in out and "index:" in err and "shard" in err
+
+    train = ["train", f"data.root={tmp_path / 'd'}", f"run.dir={tmp_path}", "train.max_steps=4", "train.val_every=2"]
+    code, out, err = dtrain_on(Terminal(), train, tmp_path)
+    assert code == 0 and "val:" in err and "test:" in err and "batch/s" in err
+    assert "step 2: val/loss" in err  # the line the bar ends with, as ever
+    run = tmp_path / "digits"
+    code, out, err = dtrain_on(Terminal(), ["eval", "--checkpoint", str(run)], tmp_path)
+    assert code == 0 and "test/loss" in out and "test:" in err and "confusion matrix:" in err
+    code, out, err = dtrain_on(Terminal(), ["export", "--checkpoint", str(run), "--out", "m.pt"], tmp_path)
+    assert code == 0 and "wrote m.pt" in out and "export:" in err and "B/s" in err
+
+    # the same commands into a log file: their lines, no bar
+    for args in (shard, index, [*train, "run.name=file"], ["eval", "--checkpoint", str(run)],
+                 ["export", "--checkpoint", str(run), "--out", "m.pt"]):
+        code, out, err = dtrain_on(io.StringIO(), args, tmp_path)
+        assert code == 0 and "\r" not in err and "/s]" not in err, (args, err)
+    code, out, err = dtrain_on(Terminal(), [*train, "run.name=nobar", "log.progress=false"], tmp_path)
+    assert code == 0 and "\r" not in err and "step 2: val/loss" in err
+
+
+def test_other_ranks_draw_no_bar():
+    from dtrain.logging import NullLogger
+    assert NullLogger().show_progress is False  # the trainer's evaluation bar follows it
