@@ -14,6 +14,7 @@ handlers, change the level (`dtrain -q` / `-v` on the command line), or remove o
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -98,6 +99,7 @@ class WandbRun(MetricsLogger):
         # a fresh id from the OS, not from random/torch: drawing from the seeded RNGs would shift every
         # dropout mask after it and break bit-exact resume
         self.id = run_id or secrets.token_hex(6)
+        self.log_checkpoints, self.references = cfg.log_checkpoints, cfg.checkpoint_references
         settings = wandb.Settings(console="off", save_code=False, disable_git=True, disable_job_creation=True,
                                   silent=True)
         self.run = wandb.init(project=cfg.project, entity=cfg.entity, group=cfg.group, tags=list(cfg.tags),
@@ -112,6 +114,26 @@ class WandbRun(MetricsLogger):
             return
         if values:
             self.run.log(values, step=step)
+
+    def log_checkpoint(self, path: Path, step: int, best: bool) -> None:
+        """A published checkpoint (complete, its manifest's checksums written) as a version of the artifact
+        `checkpoint-<run id>`, aliases `latest` and, for a best one, `best`. Called from the save thread: W&B
+        hashes (or, by reference, lists) the files there and uploads from its own process."""
+        if not self.log_checkpoints or (self.log_checkpoints == "best" and not best):
+            return
+        import wandb
+
+        manifest = json.loads((path / "manifest.json").read_text())
+        artifact = wandb.Artifact(f"checkpoint-{self.id}", type="model",
+                                  metadata={"step": step, "best": best, "world_size": manifest["world_size"],
+                                            "config_hash": manifest["config_hash"]})
+        if self.references:
+            artifact.add_reference(path.resolve().as_uri(), name=path.name)
+        else:
+            artifact.add_dir(str(path), name=path.name)
+        aliases = [f"step-{step}"] + (["latest"] if self.log_checkpoints == "all" else []) + (["best"] if best else [])
+        self.run.log_artifact(artifact, aliases=aliases)
+        log.info(f"wandb: checkpoint {path.name} logged as artifact checkpoint-{self.id} ({', '.join(aliases)})")
 
     def close(self) -> None:
         self.run.finish()

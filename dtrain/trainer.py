@@ -85,6 +85,8 @@ class Trainer:
     def start_logs(self) -> None:
         """Nothing is written before this: a run refused at resume, or found finished, changes no file."""
         self.log.start(self.step)
+        if self.log.wandb is not None:  # rank 0: checkpoints as W&B artifacts (wandb.log_checkpoints)
+            self.checkpointer.published = self.log.wandb.log_checkpoint
         if self.key_log:
             self.key_log.start(self.step, self.info.world_size, self.info.is_global_zero, self.log.info)
         self.log.info(f"training {self.feed.total_steps} steps ({self.feed.steps_per_epoch}/epoch, "
