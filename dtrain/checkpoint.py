@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -33,6 +34,7 @@ from . import dist
 from .version import __version__
 
 MANIFEST = "manifest.json"
+log = logging.getLogger("dtrain.checkpoint")
 
 
 class CheckpointError(RuntimeError):
@@ -137,6 +139,8 @@ class Checkpointer:
         self._error: BaseException | None = None
         self.protect: set[str] = set()  # step directories kept regardless of age (the best m)
         self._snapshot = Snapshot()
+        # rank 0, after a checkpoint is published (in the save thread under async_save): (path, step, best)
+        self.published: Optional[Callable[[Path, int, bool], None]] = None
 
     def should_save(self, step: int) -> bool:
         return bool(self.every) and step % self.every == 0
@@ -274,6 +278,14 @@ class Checkpointer:
         if best:
             self._point("best", final)
         self._prune()
+        size = sum(f["bytes"] for f in manifest["files"].values())
+        log.debug(f"checkpoint: {final.name} published ({len(files)} files, {size / 2**20:.1f} MiB"
+                  f"{', best' if best else ''})")
+        if self.published is not None:
+            try:
+                self.published(final, step, best)
+            except Exception as e:  # a report failing (W&B) must not fail a checkpoint that is written
+                log.warning(f"checkpoint: {final.name} saved, but reporting it failed ({type(e).__name__}: {e})")
 
     def _point(self, name: str, target: Path) -> None:
         link, tmp = self.root / name, self.root / f".{name}.tmp"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -42,7 +43,7 @@ def _fit(args, print_result: bool = False):
     if args.hooks is not None:
         cfg = args.hooks.record(cfg)  # config.yaml names the script's callables
     run_dir = run_dir_of(cfg, args.debug)
-    say = lambda line: print(line, file=sys.stderr, flush=True)
+    say = logging.getLogger("dtrain.run").info
     # --debug: anomaly detection for this run only (a context: `dtrain.main` may run in a longer-lived process)
     anomaly = torch.autograd.detect_anomaly() if args.debug else contextlib.nullcontext()
     with anomaly, _session(cfg, force_single=args.debug) as info, hold(run_dir, info, say):  # one job per run dir
@@ -75,8 +76,11 @@ def _session(cfg, force_single: bool = False):
     clean = False
     try:
         if info.is_global_zero:
-            from .worker import note
-            note(info.describe())  # under `dtrain launch`, whose own line says what it started: in the log
+            from .worker import note, rank_log
+            if rank_log() is not None:  # under `dtrain launch`, whose own line says what it started: in the log
+                note(info.describe())
+            else:
+                logging.getLogger("dtrain.dist").info(info.describe())
         yield info
         clean = True
     except DoctorError:
@@ -96,8 +100,8 @@ def _check_health(cfg, info, run_dir, model, brief: bool, hooks=None) -> None:
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     checks = doctor.run(cfg, info, run_dir, brief=brief, model_bytes=model_bytes, hooks=hooks)
     if info.is_global_zero:
-        print(("doctor (brief; `dtrain doctor` for the full check):\n" if brief else "doctor:\n")
-              + doctor.table(checks), file=sys.stderr, flush=True)
+        logging.getLogger("dtrain.doctor").info(("doctor (brief; `dtrain doctor` for the full check):\n" if brief
+                                                 else "doctor:\n") + doctor.table(checks))
     failed = [c for c in checks if not c.ok]
     if failed:
         raise DoctorError(f"doctor: {failed[0].name} check failed: {failed[0].detail}")
@@ -125,11 +129,11 @@ def _shard(args) -> int:
     if args.from_folder:
         from .data.folder import shard_folder
         index = shard_folder(args.from_folder, args.out, args.shard_size, val=args.val_fraction,
-                             test=args.test_fraction, seed=args.seed)
+                             test=args.test_fraction, seed=args.seed, progress=True)
         print(f"{len(index.classes)} classes: {', '.join(index.classes)}")
     else:
         params = {"context": args.context, "num_bytes": args.text_bytes} if args.dataset == "text" else {}
-        index = make_builtin(args.dataset, args.out, args.shard_size, seed=args.seed, **params)
+        index = make_builtin(args.dataset, args.out, args.shard_size, seed=args.seed, progress=True, **params)
     for split, shards in index.splits.items():
         print(f"{split}: {sum(shards.values())} samples in {len(shards)} shards")
     print(f"wrote {', '.join(f'{args.out}/{split}.json' for split in index.splits)}")
@@ -139,7 +143,7 @@ def _shard(args) -> int:
 def _index(args) -> int:
     from .data.sources import count_shards, descriptor, write_descriptor
 
-    shards = count_shards(args.patterns, jobs=args.jobs)
+    shards = count_shards(args.patterns, jobs=args.jobs, progress=True)
     write_descriptor(descriptor(shards, args.out), args.out)
     print(f"{len(shards)} shards, {sum(n for _, n in shards)} samples: wrote {args.out}")
     return 0
@@ -183,13 +187,14 @@ def _eval(args) -> int:
     if args.split == "train":  # one unshuffled, unaugmented pass
         stream = type(stream)(stream.index, "train", batch_size=stream.batch_size, rank=0, world_size=1,
                               sample_format=stream.format, in_memory=stream.memory or False)
-    metrics = core.evaluator.evaluate(stream, args.split)
+    metrics = core.evaluator.evaluate(stream, args.split, progress=cfg.log.progress)
     width = max(map(len, metrics))
     print(f"checkpoint {path.resolve()} (step {state['trainer']['step']}), split {args.split}")
     for k, v in metrics.items():
         print(f"  {k:<{width}}  {v:.6g}")
     if data.facts.task == "classification":
-        print(format_confusion(core.evaluator.confusion_matrix(stream, data.facts.num_outputs)))
+        print(format_confusion(core.evaluator.confusion_matrix(stream, data.facts.num_outputs,
+                                                               progress=cfg.log.progress)))
     return 0
 
 
@@ -199,11 +204,20 @@ def _export(args) -> int:
     without DeepSpeed or torch.distributed."""
     import torch
 
+    from tqdm.utils import CallbackIOWrapper
+
+    from .logging import progress_bar
+
     path, state = _load_for_eval(args.checkpoint)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    torch.save({"model": state["engine"]["model"], "config": state["config"], "step": state["trainer"]["step"]}, tmp)
+    size = sum(v.numel() * v.element_size() for v in state["engine"]["model"].values())
+    shown = state["config"].get("log", {}).get("progress", True)
+    with open(tmp, "wb") as f, progress_bar(total=size, desc="export", unit="B", unit_scale=True,
+                                            unit_divisor=1024, enabled=shown) as bar:
+        torch.save({"model": state["engine"]["model"], "config": state["config"], "step": state["trainer"]["step"]},
+                   CallbackIOWrapper(bar.update, f, "write"))  # a bar over the bytes written
     tmp.replace(out)
     n = sum(v.numel() for v in state["engine"]["model"].values())
     print(f"wrote {out} ({n} parameters, step {state['trainer']['step']}) from {path.resolve()}")
@@ -394,10 +408,23 @@ def user_errors() -> tuple[type[Exception], ...]:
     return ConfigError, DataError, LaunchError, CheckpointError, DoctorError, RunDirError
 
 
+def _with_verbosity(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """-q / -v before or after the command (`dtrain -q train`, `python train.py -q key=value`)."""
+    commands = next(a.choices for a in parser._subparsers._group_actions)
+    for p in (parser, *commands.values()):
+        group = p.add_mutually_exclusive_group()
+        # SUPPRESS: a command's unset flag must not overwrite the one given before the command
+        group.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                           help="warnings and errors only (the `dtrain` logger at WARNING)")
+        group.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                           help="debug lines too (the `dtrain` logger at DEBUG)")
+    return parser
+
+
 def parse_args(argv: list[str] | None, hooks=None, defaults: dict | None = None) -> argparse.Namespace:
     """dtrain's command line; for a user's script (`hooks` handed in) the command is optional and defaults
     to train, so `python train.py key=value` trains like `dtrain train key=value`."""
-    parser = build_parser()
+    parser = _with_verbosity(build_parser())
     if hooks is not None:
         if argv is None:  # in a Jupyter kernel sys.argv is the kernel's own (-f connection.json), not overrides
             argv = [] if Path(sys.argv[0]).name == "ipykernel_launcher.py" else sys.argv[1:]
@@ -431,6 +458,7 @@ def main(argv: list[str] | None = None, hooks=None, defaults: dict | None = None
     from .worker import report_error
 
     args = parse_args(argv, hooks, defaults)
+    level = _set_verbosity(args)
 
     def run(args) -> int:
         # handled here, inside `record`: torchrun's error file gets their one line, not a traceback
@@ -448,7 +476,10 @@ def main(argv: list[str] | None = None, hooks=None, defaults: dict | None = None
             report_error(str(e), quiet=seen and _is_other_rank())
             return EXIT_USER_ERROR
 
-    return _recorded(run)(args)
+    try:
+        return _recorded(run)(args)
+    finally:
+        logging.getLogger("dtrain").setLevel(level)  # -q / -v for this command only: main may be called again
 
 
 def _exiting_with_user_error() -> None:
@@ -484,7 +515,20 @@ def fit(argv: list[str] | None, hooks, defaults: dict | None = None):
         raise ConfigError(usage.getvalue().strip().splitlines()[-1]) from None  # argparse's own line, as raised
     if args.func is not _train:
         raise ConfigError(f"fit: it trains; `{args.command}` is run by dtrain.main (or the dtrain command)")
-    return _recorded(_fit)(args)
+    level = _set_verbosity(args)
+    try:
+        return _recorded(_fit)(args)
+    finally:
+        logging.getLogger("dtrain").setLevel(level)
+
+
+def _set_verbosity(args) -> int:
+    """-q / -v on the `dtrain` logger. -> its level before."""
+    from .logging import log, set_verbosity
+
+    level = log.level
+    set_verbosity(getattr(args, "quiet", False), getattr(args, "verbose", False))
+    return level
 
 
 if __name__ == "__main__":

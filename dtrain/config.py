@@ -342,7 +342,8 @@ class DistConfig(Section):
 
 class LogConfig(Section):
     progress: bool = True
-    """Show a progress bar on rank 0."""
+    """Progress bars on rank 0 (training, validation and test batches), on a terminal only: a log file gets
+    the lines alone."""
     all_ranks: bool = False
     """Let every rank print its log lines (prefixed with its rank), not just rank 0."""
     sample_keys: bool = False
@@ -421,6 +422,13 @@ class WandbConfig(Section):
     """W&B group, e.g. to gather the runs of a sweep."""
     tags: list[str] = []
     """W&B tags."""
+    log_checkpoints: Literal[False, "best", "all"] = False
+    """Log checkpoints as W&B artifacts (`checkpoint-<run id>`, type model) once published and checksummed,
+    from the save thread: `best`: each new best (alias `best`); `all`: every save (alias `latest`, and `best`
+    when it is one). false: none. A full copy per version unless checkpoint_references."""
+    checkpoint_references: bool = False
+    """Log checkpoint artifacts as `file://` references (paths and checksums only, nothing copied or
+    uploaded): for a shared file system every reader can reach; the files stay where keep_last leaves them."""
 
 
 class Config(Section):

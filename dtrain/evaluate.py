@@ -15,7 +15,18 @@ import torch
 
 from . import batch as batches
 from . import dist
+from .logging import progress_bar
 from .metrics import Metrics
+
+
+def _batches(stream) -> Optional[int]:
+    """This rank's batches in one pass of an evaluation split, for the bar: its share of the samples (dealt
+    by sample, rank 0's share the larger by one) in batches. None where the stream doesn't say."""
+    try:
+        share = math.ceil(stream.index.num_samples(stream.split) / stream.world_size)
+        return math.ceil(share / stream.batch_size)
+    except (AttributeError, TypeError, KeyError):
+        return None
 
 
 class Evaluator:
@@ -32,10 +43,11 @@ class Evaluator:
 
     # ---- what ---------------------------------------------------------------------------------
     @torch.inference_mode()
-    def evaluate(self, stream, prefix: str, log_local: Optional[Callable[[float], None]] = None) -> dict:
+    def evaluate(self, stream, prefix: str, log_local: Optional[Callable[[float], None]] = None,
+                 progress: bool = False) -> dict:
         """Mean loss and metrics over the whole split: per-rank sums, one all-reduce, then divide.
         Collective: every rank calls it (it reads its own share of the split). `log_local` gets this rank's
-        own mean loss (for diagnosing one rank's data)."""
+        own mean loss (for diagnosing one rank's data); `progress`: a bar over this rank's batches."""
         model = self.engine.module
         was_training = model.training
         model.eval()  # dropout off, batch norm uses running statistics
@@ -43,7 +55,8 @@ class Evaluator:
         loss_sums: dict[str, torch.Tensor] = {}
         n = 0
         with self.engine.evaluating():  # ranks run uneven numbers of batches: FSDP gathers its weights once
-            for batch in stream.epoch(0):
+            for batch in progress_bar(stream.epoch(0), total=_batches(stream), desc=prefix, unit="batch",
+                                      enabled=progress):
                 batch = batches.to_device(batch, self.engine.to_device)
                 with self.engine.autocast():
                     output = self.forward(model, batch)
@@ -76,14 +89,15 @@ class Evaluator:
         return out
 
     @torch.inference_mode()
-    def confusion_matrix(self, stream, num_classes: int) -> torch.Tensor:
+    def confusion_matrix(self, stream, num_classes: int, progress: bool = False) -> torch.Tensor:
         """[true class, predicted class] counts over one pass of `stream` (this process's share)."""
         model = self.engine.module
         was_training = model.training
         model.eval()
         cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
         with self.engine.evaluating():
-            for batch in stream.epoch(0):
+            for batch in progress_bar(stream.epoch(0), total=_batches(stream), desc="confusion matrix",
+                                      unit="batch", enabled=progress):
                 batch = batches.to_device(batch, self.engine.to_device)
                 pred = batches.logits(self.forward(model, batch)).argmax(-1).cpu()
                 y = batches.target(batch).cpu()

@@ -6,10 +6,16 @@ The W&B run id is part of the logger's state, saved with every checkpoint: a res
 `wandb.init(id=..., resume="allow")` and continues the same W&B run. (Online, W&B ignores steps it has
 already seen; after a kill those are the steps between the checkpoint and the kill, and since resuming is
 exact the killed run logged the same values for them.)
+
+Lines go through Python's `logging`: the `dtrain` logger (child loggers `dtrain.<part>`), level INFO, with
+one handler that writes the bare message to stderr, so the output reads as it always did. A user can add
+handlers, change the level (`dtrain -q` / `-v` on the command line), or remove ours (`STDERR_HANDLER`).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import os
 import secrets
@@ -26,6 +32,60 @@ from .loggers import metrics_record  # noqa: F401  (its readers import it from h
 from .records import keep_records
 from .redaction import redact
 
+log = logging.getLogger("dtrain")
+
+
+class StderrHandler(logging.Handler):
+    """dtrain's own handler: the bare message on the current sys.stderr (looked up per line: a test or a
+    notebook may swap it), above any progress bar, in one write (ranks share stderr, and print()'s separate
+    newline write interleaves)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text, stream = self.format(record) + "\n", sys.stderr
+            if getattr(tqdm, "_instances", None):  # a bar on the terminal: clear it, write, redraw it
+                with tqdm.external_write_mode(file=stream):
+                    stream.write(text)
+                    stream.flush()
+            else:
+                stream.write(text)
+                stream.flush()
+        except Exception:
+            self.handleError(record)
+
+
+def _install() -> StderrHandler:
+    """Once per process: dtrain's handler on the `dtrain` logger, INFO unless the user set a level first.
+    It doesn't propagate: a user's root handlers (or pytest's) would print every line a second time."""
+    for handler in log.handlers:
+        if type(handler).__name__ == "StderrHandler":  # also one installed before a reload of this module
+            return handler
+    handler = StderrHandler()
+    log.addHandler(handler)
+    if log.level == logging.NOTSET:
+        log.setLevel(logging.INFO)
+    log.propagate = False
+    return handler
+
+
+STDERR_HANDLER = _install()
+
+
+def progress_bar(iterable=None, *, total=None, desc=None, unit="it", enabled=True, leave=False, **kwargs) -> tqdm:
+    """A bar for long work (training; validation, `dtrain index`, `shard`, `eval`, `export`): on a terminal
+    only, and only where `enabled` (log.progress, rank 0). A log file gets no bar lines: the line the work
+    ends with (a validation's metrics, `wrote ...`, the summary) is its record. A bar other than training's
+    goes when done (leave=False), so that line follows the training bar, not a finished bar."""
+    return tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=leave, file=sys.stderr,
+                mininterval=0.5, disable=not (enabled and sys.stderr.isatty()), **kwargs)
+
+
+def set_verbosity(quiet: bool = False, verbose: bool = False) -> None:
+    """`-q`: warnings and errors only; `-v`: debug lines too; neither: the level stays as it is (INFO, or
+    what a script set)."""
+    if quiet or verbose:
+        log.setLevel(logging.WARNING if quiet else logging.DEBUG)
+
 
 class WandbRun(MetricsLogger):
     """Rank 0's W&B run: numeric metrics at their step, the resolved config (secrets redacted), events
@@ -39,6 +99,7 @@ class WandbRun(MetricsLogger):
         # a fresh id from the OS, not from random/torch: drawing from the seeded RNGs would shift every
         # dropout mask after it and break bit-exact resume
         self.id = run_id or secrets.token_hex(6)
+        self.log_checkpoints, self.references = cfg.log_checkpoints, cfg.checkpoint_references
         settings = wandb.Settings(console="off", save_code=False, disable_git=True, disable_job_creation=True,
                                   silent=True)
         self.run = wandb.init(project=cfg.project, entity=cfg.entity, group=cfg.group, tags=list(cfg.tags),
@@ -53,6 +114,26 @@ class WandbRun(MetricsLogger):
             return
         if values:
             self.run.log(values, step=step)
+
+    def log_checkpoint(self, path: Path, step: int, best: bool) -> None:
+        """A published checkpoint (complete, its manifest's checksums written) as a version of the artifact
+        `checkpoint-<run id>`, aliases `latest` and, for a best one, `best`. Called from the save thread: W&B
+        hashes (or, by reference, lists) the files there and uploads from its own process."""
+        if not self.log_checkpoints or (self.log_checkpoints == "best" and not best):
+            return
+        import wandb
+
+        manifest = json.loads((path / "manifest.json").read_text())
+        artifact = wandb.Artifact(f"checkpoint-{self.id}", type="model",
+                                  metadata={"step": step, "best": best, "world_size": manifest["world_size"],
+                                            "config_hash": manifest["config_hash"]})
+        if self.references:
+            artifact.add_reference(path.resolve().as_uri(), name=path.name)
+        else:
+            artifact.add_dir(str(path), name=path.name)
+        aliases = [f"step-{step}"] + (["latest"] if self.log_checkpoints == "all" else []) + (["best"] if best else [])
+        self.run.log_artifact(artifact, aliases=aliases)
+        log.info(f"wandb: checkpoint {path.name} logged as artifact checkpoint-{self.id} ({', '.join(aliases)})")
 
     def close(self) -> None:
         self.run.finish()
@@ -87,10 +168,8 @@ class RunLogger:
             self.sinks = [self._open(name, step) for name in self.names]
             for sink in self.sinks:
                 sink.log_config(redact(self.run_config))
-        if self.show_progress:
-            tty = sys.stderr.isatty()
-            self.bar = tqdm(total=self.total_steps, initial=step, unit="step", dynamic_ncols=True,
-                            mininterval=0.5 if tty else 30, file=sys.stderr)
+        if self.show_progress and sys.stderr.isatty():
+            self.bar = progress_bar(total=self.total_steps, initial=step, unit="step", leave=True)
 
     def _open(self, name: str, step: int) -> MetricsLogger:
         if name == "jsonl":
@@ -106,11 +185,10 @@ class RunLogger:
         return self.wandb
 
     def info(self, msg: str) -> None:
-        text = f"{self.prefix}{msg}"
-        if self.bar is not None:
-            self.bar.write(text, file=sys.stderr)
-        else:
-            _write_line(text)
+        log.info(f"{self.prefix}{msg}")
+
+    def warning(self, msg: str) -> None:
+        log.warning(f"{self.prefix}{msg}")
 
     def metrics(self, record: dict) -> None:
         record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
@@ -137,6 +215,7 @@ class RunLogger:
 class NullLogger(RunLogger):
     def __init__(self, prefix: str = "", echo: bool = False):
         self.prefix, self.echo, self.bar, self.wandb, self.wandb_run_id = prefix, echo, None, None, None
+        self.show_progress = False
         self.sinks = []
 
     def start(self, step): pass
@@ -146,19 +225,17 @@ class NullLogger(RunLogger):
 
     def info(self, msg):
         if self.echo:
-            _write_line(f"{self.prefix}{msg}")
+            log.info(f"{self.prefix}{msg}")
+
+    def warning(self, msg):
+        if self.echo:
+            log.warning(f"{self.prefix}{msg}")
 
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def _write_line(text: str) -> None:
-    """One write per line: ranks share stderr, and print()'s separate newline write interleaves."""
-    sys.stderr.write(text + "\n")
-    sys.stderr.flush()
 
 
 def build_logger(cfg, dist_info, run_dir: Path, total_steps: int, wandb_cfg=None,

@@ -8,8 +8,8 @@ behind a picture can be checked (the tests do) or re-plotted elsewhere.
 from __future__ import annotations
 
 import json
+import logging
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +51,11 @@ def run_summary(records: list[dict]) -> dict:
             "early_stop_step": stops[-1]["step"] if stops else None}
 
 
-def read_metrics(run_dir: Path, report=lambda message: print(f"plot: {message}", file=sys.stderr)) -> list[dict]:
+def _warn(message: str) -> None:
+    logging.getLogger("dtrain.plot").warning(f"plot: {message}")
+
+
+def read_metrics(run_dir: Path, report=_warn) -> list[dict]:
     """The records of a run's metrics.jsonl; a line cut off (the run is writing it, or was killed) or
     malformed is left out and reported."""
     from .logging import metrics_record

@@ -85,6 +85,8 @@ class Trainer:
     def start_logs(self) -> None:
         """Nothing is written before this: a run refused at resume, or found finished, changes no file."""
         self.log.start(self.step)
+        if self.log.wandb is not None:  # rank 0: checkpoints as W&B artifacts (wandb.log_checkpoints)
+            self.checkpointer.published = self.log.wandb.log_checkpoint
         if self.key_log:
             self.key_log.start(self.step, self.info.world_size, self.info.is_global_zero, self.log.info)
         self.log.info(f"training {self.feed.total_steps} steps ({self.feed.steps_per_epoch}/epoch, "
@@ -138,8 +140,8 @@ class Trainer:
         if reason == StopReason.SIGUSR1 and self.info.is_global_zero:
             requeue_slurm_job(self.log.info)
         if reason == StopReason.NONFINITE:
-            self.log.info(f"stopped at step {self.step}: non-finite gradients (train.nonfinite=stop); the last "
-                          f"good checkpoint is {self.checkpointer.pointer('latest')}")
+            self.log.warning(f"stopped at step {self.step}: non-finite gradients (train.nonfinite=stop); the last "
+                             f"good checkpoint is {self.checkpointer.pointer('latest')}")
         else:
             self.log.info(f"stopped at step {self.step} ({reason.value}); checkpoint saved, run the same "
                           "command again to continue")
@@ -183,8 +185,8 @@ class Trainer:
         self._skips.zero_()
         self.skipped_updates += n
         where = f"step {step}" if first == step else f"steps {first}-{step}"
-        self.log.info(f"{where}: non-finite gradient norm; {n} update{'s' * (n > 1)} skipped "
-                      f"({self.skipped_updates} so far, train.nonfinite={self.cfg.train.nonfinite})")
+        self.log.warning(f"{where}: non-finite gradient norm; {n} update{'s' * (n > 1)} skipped "
+                         f"({self.skipped_updates} so far, train.nonfinite={self.cfg.train.nonfinite})")
         if self.cfg.train.nonfinite == "stop":
             self.stop.request(StopReason.NONFINITE)
 
@@ -210,7 +212,7 @@ class Trainer:
     def evaluate(self, stream, prefix: str, log_local: bool = False) -> dict:
         local = (lambda loss: self.log.info(f"local {prefix}/loss at step {self.step}: {loss:.6f}")) if log_local \
             else None
-        return self.evaluator.evaluate(stream, prefix, local)
+        return self.evaluator.evaluate(stream, prefix, local, progress=self.log.show_progress)
 
     def validate(self, epoch: int) -> None:
         if self.val_data is None:  # the data has no validation split

@@ -9,6 +9,7 @@ and on stderr or in the rank's log."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -88,12 +89,13 @@ def _send_output_to_log() -> None:
         stream.reconfigure(line_buffering=True)
 
 
-def note(line: str) -> None:
+def note(line: str, level: int = logging.INFO) -> None:
     """A worker's line for its log: under `dtrain launch` this rank's log only (the launcher speaks for
-    the job on the terminal), else stderr."""
+    the job on the terminal), else the `dtrain` logger (stderr, and any handler a user added)."""
     log = rank_log()
     if log is None:
-        print(line, file=sys.stderr, flush=True)
+        from .logging import STDERR_HANDLER  # noqa: F401  (importing it installs dtrain's stderr handler)
+        logging.getLogger("dtrain").log(level, line)
         return
     sys.stdout.flush()
     sys.stderr.flush()
@@ -118,7 +120,7 @@ def report_error(message: str, quiet: bool = False) -> None:
         except OSError:
             pass
     if not quiet or rank_log() is not None:
-        note(f"dtrain: error: {message}")
+        note(f"dtrain: error: {message}", logging.ERROR)
 
 if __name__ == "__main__":
     try:

@@ -143,3 +143,29 @@ def test_redaction_keeps_every_hyperparameter_and_catches_secrets_by_key_and_by_
                              "tokenizer": "bytes"}},
         "data": {"train": "<redacted>", "val": ["ok.json", "<redacted>"]},
         "run": {"name": "<redacted>"}, "b": [{"password": "<redacted>"}]}
+
+
+def test_checkpoints_as_wandb_artifacts_read_back_from_the_offline_run(tmp_path, data_root):
+    """wandb.log_checkpoints: each published checkpoint (its manifest written: complete, checksummed) as a
+    version of `checkpoint-<run id>` with aliases latest / best; by reference, file:// URIs and no copy."""
+    pytest.importorskip("wandb")
+    args = ["train", f"data.root={data_root}", "train.max_steps=6", "train.val_every=2", "checkpoint.every=3",
+            "wandb.enabled=true", "log.progress=false"]
+    run_dtrain(args + ["run.name=all", "wandb.log_checkpoints=all"], tmp_path, process=True)
+    run_dir = tmp_path / "runs" / "all"
+    run = read_run(next((run_dir / "wandb").glob("offline-run-*/run-*.wandb")))
+    logged = {a["metadata"]["step"]: a for a in run["artifacts"]}
+    assert {a["name"] for a in run["artifacts"]} == {f"checkpoint-{run['id']}"} and set(logged) == {2, 3, 4, 6}
+    assert all("latest" in a["aliases"] and a["type"] == "model" for a in logged.values())
+    assert ["best" in logged[s]["aliases"] for s in (2, 3, 4, 6)] == [logged[s]["metadata"]["best"]
+                                                                      for s in (2, 3, 4, 6)]
+    final = json.loads((run_dir / "checkpoints" / "latest" / "manifest.json").read_text())
+    assert set(logged[6]["files"]) == {f"step-00000006/{n}" for n in [*final["files"], "manifest.json"]}
+
+    run_dtrain(args + ["run.name=ref", "wandb.log_checkpoints=best", "wandb.checkpoint_references=true"],
+               tmp_path, process=True)
+    run_dir = tmp_path / "runs" / "ref"
+    run = read_run(next((run_dir / "wandb").glob("offline-run-*/run-*.wandb")))
+    assert run["artifacts"] and all("best" in a["aliases"] for a in run["artifacts"])  # W&B adds `latest` itself
+    best = (run_dir / "checkpoints" / "best").resolve()
+    assert any(ref == (best / "state.pt").as_uri() for a in run["artifacts"] for ref in a["files"].values())

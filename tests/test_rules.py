@@ -268,11 +268,14 @@ class ScriptedEvaluator(Evaluator):
                          cfg.train.val_every, cfg.early_stop)
         self.val_losses, self.step_of = val_losses, None
 
-    def evaluate(self, stream, prefix, log_local=None):
+    def evaluate(self, stream, prefix, log_local=None, progress=False):
         return {f"{prefix}/loss": self.val_losses.get(self.step_of(), 1.0) if prefix == "val" else 0.25}
 
 
 class FakeLogger:
+    wandb = None  # no W&B run: no checkpoint artifacts
+    show_progress = False
+
     def __init__(self, run_dir: Path):
         self.run_dir, self.records, self.lines, self.total_steps = run_dir, [], [], None
 
@@ -281,6 +284,8 @@ class FakeLogger:
 
     def info(self, line):
         self.lines.append(line)
+
+    warning = info  # skipped updates and the non-finite stop are warnings
 
     def metrics(self, record):
         self.records.append(record)

@@ -44,10 +44,11 @@ def raw_records(path: Path):
 
 
 def read_run(path: Path) -> dict:
-    """{"id", "project", "config": {key: value}, "history": [row...], "summary": {key: value}}."""
+    """{"id", "project", "config": {key: value}, "history": [row...], "summary": {key: value}, "artifacts":
+    [{"name", "type", "aliases", "metadata", "files": {path: reference or ""}}]}."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    run = {"id": None, "project": None, "config": {}, "history": [], "summary": {}}
+    run = {"id": None, "project": None, "config": {}, "history": [], "summary": {}, "artifacts": []}
     for blob in raw_records(path):
         record = pb.Record()
         record.ParseFromString(blob)
@@ -60,6 +61,11 @@ def read_run(path: Path) -> dict:
         elif kind == "history":
             run["history"].append({i.key or "/".join(i.nested_key): json.loads(i.value_json)
                                    for i in record.history.item})
+        elif kind == "artifact":
+            a = record.artifact
+            run["artifacts"].append({"name": a.name, "type": a.type, "aliases": list(a.aliases),
+                                     "metadata": json.loads(a.metadata or "{}"),
+                                     "files": {e.path: e.ref for e in a.manifest.contents}})
         elif kind == "summary":
             run["summary"].update({i.key or "/".join(i.nested_key): json.loads(i.value_json)
                                    for i in record.summary.update})

@@ -46,7 +46,7 @@ def _member(path: Path) -> str:
 
 
 def shard_folder(src: str | Path, out: str | Path, shard_size: int, val: float = 0.15, test: float = 0.15,
-                 seed: int = 0) -> ShardIndex:
+                 seed: int = 0, progress: bool = False) -> ShardIndex:
     src = Path(src)
     if not src.is_dir():
         raise DataError(f"data: image folder {src} does not exist")
@@ -85,4 +85,4 @@ def shard_folder(src: str | Path, out: str | Path, shard_size: int, val: float =
     meta = {"task": "classification", "num_classes": len(classes), "classes": classes,
             "sample": {"x": ";".join(extensions), "y": "cls"}}
     return write_split_shards(out, {split: (samples(split, items), len(items)) for split, items in splits.items()
-                                    if items}, meta, shard_size)
+                                    if items}, meta, shard_size, progress)

@@ -80,7 +80,7 @@ class ShardIndex:
         return dataclasses.replace(self, splits={**self.splits, split: kept})
 
 
-def write_shards(out: str | Path, splits: dict, meta: dict, shard_size: int) -> ShardIndex:
+def write_shards(out: str | Path, splits: dict, meta: dict, shard_size: int, progress: bool = False) -> ShardIndex:
     """Arrays {split: (x, y)} as dtrain's own samples (x.npy + y.cls), a descriptor per split."""
     stats = {split: {"y_mean": float(np.mean(y)) if len(y) else 0.0} for split, (_, y) in splits.items()}
     meta = {**{k: meta[k] for k in ("task", "num_classes", "input_shape", "x_scale")},
@@ -93,14 +93,17 @@ def write_shards(out: str | Path, splits: dict, meta: dict, shard_size: int) -> 
                 sample["y.cls"] = int(y[i])
             yield sample
 
-    return write_split_shards(out, {s: (samples(s, x, y), len(x)) for s, (x, y) in splits.items()}, meta, shard_size)
+    return write_split_shards(out, {s: (samples(s, x, y), len(x)) for s, (x, y) in splits.items()}, meta, shard_size,
+                              progress)
 
 
 def write_split_shards(out: str | Path, splits: dict[str, tuple[Iterable[dict], int]], meta: dict,
-                       shard_size: int) -> ShardIndex:
+                       shard_size: int, progress: bool = False) -> ShardIndex:
     """Write every split ({split: (samples, how many)}) as tar shards and a descriptor into a temp dir,
     then rename it into place: a half-written directory never looks complete (several ranks or a killed
-    process can't leave one behind)."""
+    process can't leave one behind). `progress`: a bar per split on a terminal (`dtrain shard`)."""
+    from ..logging import progress_bar
+
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -112,7 +115,7 @@ def write_split_shards(out: str | Path, splits: dict[str, tuple[Iterable[dict], 
             # mtime=0: byte-identical shards from the same data, and plain ustar headers (a float
             # mtime makes tarfile add a PAX header to every member, half the cost of reading them back)
             with wds.ShardWriter(str(tmp / f"{split}-%06d.tar"), maxcount=per_shard, verbose=0, mtime=0) as sink:
-                for sample in samples:
+                for sample in progress_bar(samples, total=n, desc=split, unit="sample", enabled=progress):
                     sink.write(sample)
                     name = Path(sink.fname).name
                     counts[name] = counts.get(name, 0) + 1

@@ -161,9 +161,12 @@ def resolve_split(spec: Spec, key: str, counts: Spec = None) -> tuple[list[str],
 
 
 # ---- `dtrain index` -----------------------------------------------------------------------------------------
-def count_shards(patterns: list[str], jobs: int = 8) -> list[tuple[str, int]]:
+def count_shards(patterns: list[str], jobs: int = 8, progress: bool = False) -> list[tuple[str, int]]:
     """(url, samples) of every shard the patterns name, in order, counted from tar headers only (a
-    thread per shard up to `jobs`: reading headers waits on the disk or the network, not the CPU)."""
+    thread per shard up to `jobs`: reading headers waits on the disk or the network, not the CPU).
+    `progress`: a bar over the shards on a terminal (`dtrain index`)."""
+    from ..logging import progress_bar
+
     urls = [u for p in patterns for u in expand_urls(p)]
     if not urls:
         raise DataError("data: the patterns name no shards")
@@ -179,4 +182,5 @@ def count_shards(patterns: list[str], jobs: int = 8) -> list[tuple[str, int]]:
             raise DataError(f"data: cannot read {url} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
     with ThreadPoolExecutor(max(1, jobs)) as pool:
-        return list(zip(urls, pool.map(count, urls)))
+        counts = progress_bar(pool.map(count, urls), total=len(urls), desc="index", unit="shard", enabled=progress)
+        return list(zip(urls, counts))
