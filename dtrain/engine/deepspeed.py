@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError
+from . import capabilities
 from .single import pick_dtype
 
 TAG = "deepspeed"  # the sub-directory of a dtrain checkpoint that holds DeepSpeed's own files
@@ -71,6 +72,8 @@ def build_ds_config(train_cfg, ds_cfg, micro_batch_size: int, device: torch.devi
 
 
 class DeepSpeedEngine:
+    unsupported = staticmethod(capabilities.deepspeed)
+
     def __init__(self, model, make_optimizer, make_scheduler, train_cfg, dist_info, ds_cfg, micro_batch_size: int):
         deepspeed = import_deepspeed(dist_info.device)
         if not torch.distributed.is_initialized():
