@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Config, ConfigError
+from .config import AugmentConfig, Config, ConfigError, DataConfig
 from .data import DataError
 
 
@@ -172,17 +172,18 @@ def plot_schedule(cfg: Config, out: str | Path, world_size: int = 1) -> dict:
 
 
 # ---- augmentation preview ------------------------------------------------------------------------
-def augment_preview(cfg: Config, out: str | Path, samples: int = 8, versions: int = 3) -> dict:
+def augment_preview(augment_cfg: AugmentConfig, data_cfg: DataConfig, seed: int, out: str | Path, samples: int = 8,
+                    versions: int = 3) -> dict:
     """A grid: the first `samples` training images (top row) and `versions` augmented draws of each
     (the draws of epochs 0, 1, ...), exactly as the training stream would produce them."""
     from . import batch as batches
     from .data import build_streams
     from .data.augment import build_augment
 
-    augment = build_augment(cfg.augment, cfg.run.seed)
+    augment = build_augment(augment_cfg, seed)
     if augment is None:
         raise ConfigError("config: augment: every probability is 0; set e.g. augment.crop.p=0.5")
-    streams = build_streams(cfg.data, seed=cfg.run.seed, rank=0, world_size=1, num_workers=0)
+    streams = build_streams(data_cfg, seed=seed, rank=0, world_size=1, num_workers=0)
     batch = streams.train.first_batch(samples)  # in shard order, not augmented
     x, keys = batches.model_input(batch), batches.keys(batch)
     rows = [x.numpy()] + [np.stack([augment(xi, key=k, epoch=v).numpy() for xi, k in zip(x, keys)])

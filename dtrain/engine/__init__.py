@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 
     import torch
 
+    from ..config import DeepSpeedConfig, FSDPConfig, TrainConfig
+
 # Nothing here imports torch: config validation imports .capabilities, which runs this package's __init__ first.
 
 
@@ -69,8 +71,9 @@ class Engine(Protocol):
     def load_weights(self, directory: Path, state: dict) -> None: ...
 
 
-def build_engine(model, make_optimizer, make_scheduler, train_cfg, dist_info, ds_cfg=None, micro_batch_size: int = 1,
-                 channels_last: bool = False, fsdp_cfg=None, log=print):
+def build_engine(model, make_optimizer, make_scheduler, train_cfg: TrainConfig, dist_info,
+                 ds_cfg: DeepSpeedConfig | None = None, micro_batch_size: int = 1, channels_last: bool = False,
+                 fsdp_cfg: FSDPConfig | None = None, log=print) -> Engine:
     """`make_optimizer(module)` and `make_scheduler(optimizer)` are called by the engine once the model is
     where its parameters will live (an engine that shards parameters must build the optimizer over the
     shards, not over the full tensors). `log` (rank 0's) says once how FSDP sharded the model."""
