@@ -65,12 +65,16 @@ def test_train_help_points_at_the_config_keys_and_the_docs_at_what_exists(capsys
     assert main(["config", "--describe"]) == 0 and "optim.lr" in capsys.readouterr().out
 
 
-def test_deepspeed_refuses_unfreezing_before_anything_starts():
-    # declared by DeepSpeedEngine.unsupported: refused at config time, not at the unfreeze step
+@pytest.mark.parametrize("overrides, says", [
+    (["model.freeze=[body]", "model.unfreeze_at_step=3"],
+     "model.unfreeze_at_step is not supported with train.engine=deepspeed"),
+    (["deepspeed.offload_param=cpu", "deepspeed.zero_stage=2"], "deepspeed.offload_param needs deepspeed.zero_stage=3")])
+def test_what_deepspeed_cannot_do_is_refused_before_anything_starts(overrides, says):
+    # declared by DeepSpeedEngine.unsupported: refused at config time, not at the unfreeze step or in the engine
     with pytest.raises(ConfigError) as e:
-        load_config(None, ["train.engine=deepspeed", "model.freeze=[body]", "model.unfreeze_at_step=3"])
-    assert str(e.value).startswith("config: model.unfreeze_at_step is not supported with train.engine=deepspeed")
-    assert "\n" not in str(e.value)
+        load_config(None, ["train.engine=deepspeed", *overrides])
+    assert str(e.value).startswith(f"config: {says}") and "\n" not in str(e.value)
+    load_config(None, overrides)  # fine with ddp
 
 
 def test_every_engine_declares_what_it_cannot_do_and_keeps_the_contract():

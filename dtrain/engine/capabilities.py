@@ -4,6 +4,13 @@ before anything starts (one line, exit 2), and each engine class names its own d
 
 from __future__ import annotations
 
+# also raised by the engines' trainable_changed, should a model be unfrozen by another way than the config
+FSDP_UNFREEZE = ("model.unfreeze_at_step is not supported with train.engine=fsdp (FSDP fixes which parameters train "
+                 "when it first gathers them); use train.engine=ddp, or unfreeze by starting a new run with "
+                 "model.init_from")
+DEEPSPEED_UNFREEZE = ("model.unfreeze_at_step is not supported with train.engine=deepspeed (ZeRO fixes the trainable "
+                      "parameters when it partitions them); use train.engine=ddp")
+
 
 def ddp(cfg) -> list[str]:
     """SingleEngine and DDPEngine run every setting."""
@@ -17,9 +24,7 @@ def fsdp(cfg) -> list[str]:
                        "(its loss scaling would need a sharded gradient scaler); use bf16")
     if cfg.model.unfreeze_at_step is not None:
         # FSDP2 fixes requires_grad of the parameters it gathers for compute when it first gathers them
-        reasons.append("model.unfreeze_at_step is not supported with train.engine=fsdp "
-                       "(FSDP fixes which parameters train when it first gathers them); use "
-                       "train.engine=ddp, or unfreeze by starting a new run with model.init_from")
+        reasons.append(FSDP_UNFREEZE)
     if cfg.model.channels_last is True:
         reasons.append("model.channels_last=true is not supported with train.engine=fsdp "
                        "(FSDP shards contiguous parameters only); use model.channels_last=auto")
@@ -29,8 +34,9 @@ def fsdp(cfg) -> list[str]:
 def deepspeed(cfg) -> list[str]:
     reasons = []
     if cfg.model.unfreeze_at_step is not None:
-        reasons.append("model.unfreeze_at_step is not supported with train.engine=deepspeed (ZeRO fixes the "
-                       "trainable parameters when it partitions them); use train.engine=ddp")
+        reasons.append(DEEPSPEED_UNFREEZE)
+    if cfg.deepspeed.offload_param != "none" and cfg.deepspeed.zero_stage != 3:
+        reasons.append("deepspeed.offload_param needs deepspeed.zero_stage=3 (only ZeRO-3 partitions parameters)")
     return reasons
 
 

@@ -150,8 +150,7 @@ class FSDPEngine(SingleEngine):
         return norm
 
     def trainable_changed(self) -> None:
-        raise ConfigError("model.unfreeze_at_step is not supported with train.engine=fsdp (FSDP fixes which "
-                          "parameters train when it first gathers them); use train.engine=ddp")
+        raise ConfigError(capabilities.FSDP_UNFREEZE)
 
     @contextlib.contextmanager
     def evaluating(self):
