@@ -68,7 +68,8 @@ def test_train_help_points_at_the_config_keys_and_the_docs_at_what_exists(capsys
 @pytest.mark.parametrize("overrides, says", [
     (["model.freeze=[body]", "model.unfreeze_at_step=3"],
      "model.unfreeze_at_step is not supported with train.engine=deepspeed"),
-    (["deepspeed.offload_param=cpu", "deepspeed.zero_stage=2"], "deepspeed.offload_param needs deepspeed.zero_stage=3")])
+    (["deepspeed.offload_param=cpu", "deepspeed.zero_stage=2"],
+     "deepspeed.offload_param needs deepspeed.zero_stage=3")])
 def test_what_deepspeed_cannot_do_is_refused_before_anything_starts(overrides, says):
     # declared by DeepSpeedEngine.unsupported: refused at config time, not at the unfreeze step or in the engine
     with pytest.raises(ConfigError) as e:
