@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import AugmentConfig, Config, ConfigError, DataConfig
+from .config import AugmentConfig, Config, ConfigError, DataConfig, OptimConfig, ScheduleConfig, TrainConfig
 from .data import DataError
 
 
@@ -119,26 +119,27 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> dict:
 
 
 # ---- an LR schedule, before training -------------------------------------------------------------
-def schedule_series(cfg: Config, world_size: int = 1) -> dict:
-    """The LR of every optimizer step (0-based) the config would train, per param group."""
+def schedule_series(data_cfg: DataConfig, train: TrainConfig, optim: OptimConfig, schedule_cfg: ScheduleConfig,
+                    seed: int, world_size: int = 1) -> dict:
+    """The LR of every optimizer step (0-based) these sections would train, per param group."""
     from .data import ShardStream, resolve_shards
     from .optim import build_schedule
     from .data.feed import plan_total_steps
 
-    index = resolve_shards(cfg.data, cfg.run.seed)
-    if cfg.data.train_subset:
-        index = index.subset("train", cfg.data.train_subset)
-    stream = ShardStream(index, "train", batch_size=cfg.data.batch_size, rank=0, world_size=world_size,
-                         train=True, grad_accum=cfg.train.grad_accum, remainder=cfg.data.remainder)
-    total = plan_total_steps(cfg.train, stream.steps_per_epoch)
-    schedule = build_schedule(cfg.schedule, total)
+    index = resolve_shards(data_cfg, seed)
+    if data_cfg.train_subset:
+        index = index.subset("train", data_cfg.train_subset)
+    stream = ShardStream(index, "train", batch_size=data_cfg.batch_size, rank=0, world_size=world_size,
+                         train=True, grad_accum=train.grad_accum, remainder=data_cfg.remainder)
+    total = plan_total_steps(train, stream.steps_per_epoch)
+    schedule = build_schedule(schedule_cfg, total)
     steps = list(range(total))
-    groups = {"lr": cfg.optim.lr}
-    if cfg.optim.backbone_lr_ratio != 1:
-        groups = {"lr/head": cfg.optim.lr, "lr/backbone": cfg.optim.lr * cfg.optim.backbone_lr_ratio}
+    groups = {"lr": optim.lr}
+    if optim.backbone_lr_ratio != 1:
+        groups = {"lr/head": optim.lr, "lr/backbone": optim.lr * optim.backbone_lr_ratio}
     restarts = []
-    if cfg.schedule.name == "cosine_restarts":
-        warmup = min(cfg.schedule.warmup_steps, max(total - 1, 0))
+    if schedule_cfg.name == "cosine_restarts":
+        warmup = min(schedule_cfg.warmup_steps, max(total - 1, 0))
         start = 0
         while warmup + start < total:
             restarts.append(warmup + start)
@@ -146,12 +147,12 @@ def schedule_series(cfg: Config, world_size: int = 1) -> dict:
         restarts = restarts[1:]  # the first cycle starts with training, not a restart
     return {"step": steps, **{name: [peak * schedule(s) for s in steps] for name, peak in groups.items()},
             "total_steps": total, "steps_per_epoch": stream.steps_per_epoch, "restarts": restarts,
-            "warmup_steps": min(cfg.schedule.warmup_steps, max(total - 1, 0))}
+            "warmup_steps": min(schedule_cfg.warmup_steps, max(total - 1, 0))}
 
 
 def plot_schedule(cfg: Config, out: str | Path, world_size: int = 1) -> dict:
     plt = _pyplot()
-    data = schedule_series(cfg, world_size)
+    data = schedule_series(cfg.data, cfg.train, cfg.optim, cfg.schedule, cfg.run.seed, world_size)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 3.5))
