@@ -27,7 +27,7 @@ from .config import Config, ConfigError, RunConfig
 from .data import ShardStream, build_streams
 from .data.augment import build_augment
 from .data.feed import TrainFeed
-from .engine import build_engine, model_weights
+from .engine import Engine, build_engine, model_weights
 from .evaluate import Evaluator
 from .importing import describe, resolve
 from .logging import SampleKeyLog, build_logger
@@ -154,7 +154,7 @@ def build_data(cfg: Config, info: dist.DistInfo, hooks: Optional[Hooks] = None, 
 class Core:
     """What evaluating a model needs (all `dtrain eval` builds; the trainer adds the rest)."""
     data: Data
-    engine: Any
+    engine: Engine
     evaluator: Evaluator
     freezer: Freezer
     flops: Optional[float]
