@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dist
-from .config import load_config
+from .config import ModelConfig, OptimConfig, TrainConfig, load_config
 from .engine.single import pick_dtype, should_compile
 from .models import build_model, has_convolutions
 
@@ -74,17 +74,18 @@ def synthetic_batches(args, input_shape, vocab: int, task: str, pin: bool, n: in
 class HandWrittenLoop:
     """What a minimal training script does: model, AdamW, autocast, clip, step, zero_grad(set_to_none)."""
 
-    def __init__(self, cfg, input_shape, out_features: int, task: str, device: torch.device):
+    def __init__(self, model_cfg: ModelConfig, optim: OptimConfig, train: TrainConfig, seed: int, input_shape,
+                 out_features: int, task: str, device: torch.device):
         facts = {"input_shape": input_shape, "num_outputs": out_features}
-        self.model = build_model(cfg.model, facts, cfg.run.seed).to(device)
-        self.channels_last = has_convolutions(self.model) and device.type == "cuda" and cfg.model.channels_last != False
+        self.model = build_model(model_cfg, facts, seed).to(device)
+        self.channels_last = has_convolutions(self.model) and device.type == "cuda" and model_cfg.channels_last != False
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.forward = torch.compile(self.model) if should_compile(cfg.train.compile, device) else self.model
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
+        self.forward = torch.compile(self.model) if should_compile(train.compile, device) else self.model
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=optim.lr, betas=optim.betas,
                                      fused=True if device.type == "cuda" else None)
-        self.dtype, self.device, self.task, self.clip = pick_dtype(cfg.train.precision, device), device, task, \
-            cfg.train.clip_grad_norm
+        self.dtype, self.device, self.task, self.clip = pick_dtype(train.precision, device), device, task, \
+            train.clip_grad_norm
 
     def run(self, batches: Iterator) -> None:
         for x, y, _ in batches:
@@ -138,7 +139,8 @@ def run_bench(args, out=print) -> dict:
         t.feed.total_steps = t.feed.steps_per_epoch = 10**12  # no last step, no end-of-epoch validation while timing
         if key in save_times:
             _time_saves(t, save_times[key])
-    hand = HandWrittenLoop(base.cfg, index_shape, vocab, task, device)
+    c = base.cfg
+    hand = HandWrittenLoop(c.model, c.optim, c.train, c.run.seed, index_shape, vocab, task, device)
     batches = synthetic_batches(args, index_shape, vocab, task, pin=device.type == "cuda")
     shard_batches = _cycle_epochs(base.feed.stream)
 

@@ -23,11 +23,11 @@ from torch import nn
 from . import batch as batches
 from . import dist
 from .checkpoint import Checkpointer
-from .config import Config, ConfigError
+from .config import Config, ConfigError, RunConfig
 from .data import ShardStream, build_streams
 from .data.augment import build_augment
 from .data.feed import TrainFeed
-from .engine import build_engine, model_weights
+from .engine import Engine, build_engine, model_weights
 from .evaluate import Evaluator
 from .importing import describe, resolve
 from .logging import SampleKeyLog, build_logger
@@ -154,7 +154,7 @@ def build_data(cfg: Config, info: dist.DistInfo, hooks: Optional[Hooks] = None, 
 class Core:
     """What evaluating a model needs (all `dtrain eval` builds; the trainer adds the rest)."""
     data: Data
-    engine: Any
+    engine: Engine
     evaluator: Evaluator
     freezer: Freezer
     flops: Optional[float]
@@ -201,13 +201,13 @@ class Components:
     key_log: Optional[SampleKeyLog]
 
 
-def run_dir_of(cfg: Config, debug: bool = False) -> Path:
-    return Path(cfg.run.dir) / (cfg.run.name + ("-debug" if debug else ""))
+def run_dir_of(run: RunConfig, debug: bool = False) -> Path:
+    return Path(run.dir) / (run.name + ("-debug" if debug else ""))
 
 
 def build_components(cfg: Config, info: dist.DistInfo, hooks: Optional[Hooks] = None,
                      debug: bool = False) -> Components:
-    run_dir = run_dir_of(cfg, debug)
+    run_dir = run_dir_of(cfg.run, debug)
     device = info.device
     log = build_logger(cfg.log, info, run_dir, 0, cfg.wandb, cfg.to_dict())
     core = build_core(cfg, info, hooks, debug, log.info)

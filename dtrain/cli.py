@@ -42,7 +42,7 @@ def _fit(args, print_result: bool = False):
                                      "log": cfg.log.model_copy(update={"progress": False})})
     if args.hooks is not None:
         cfg = args.hooks.record(cfg)  # config.yaml names the script's callables
-    run_dir = run_dir_of(cfg, args.debug)
+    run_dir = run_dir_of(cfg.run, args.debug)
     say = logging.getLogger("dtrain.run").info
     # --debug: anomaly detection for this run only (a context: `dtrain.main` may run in a longer-lived process)
     anomaly = torch.autograd.detect_anomaly() if args.debug else contextlib.nullcontext()
@@ -262,7 +262,7 @@ def _augment_preview(args) -> int:
     from .plot import augment_preview
 
     cfg = load_config(args.config, args.overrides)
-    result = augment_preview(cfg, args.out, samples=args.samples)
+    result = augment_preview(cfg.augment, cfg.data, cfg.run.seed, args.out, samples=args.samples)
     print(f"wrote {result['file']} ({len(result['keys'])} samples x {len(result['augmented'])} augmented draws)")
     return 0
 

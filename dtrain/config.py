@@ -451,19 +451,12 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _engine_can_run_it(self) -> "Config":
-        """Settings an engine can't honour, refused before anything starts (one line, exit 2)."""
-        if self.train.engine == "fsdp":
-            if self.train.precision == "fp16":
-                raise PydanticCustomError("engine", "train.precision=fp16 is not supported with train.engine=fsdp "
-                                          "(its loss scaling would need a sharded gradient scaler); use bf16")
-            if self.model.unfreeze_at_step is not None:
-                # FSDP2 fixes requires_grad of the parameters it gathers for compute when it first gathers them
-                raise PydanticCustomError("engine", "model.unfreeze_at_step is not supported with train.engine=fsdp "
-                                          "(FSDP fixes which parameters train when it first gathers them); use "
-                                          "train.engine=ddp, or unfreeze by starting a new run with model.init_from")
-            if self.model.channels_last is True:
-                raise PydanticCustomError("engine", "model.channels_last=true is not supported with train.engine=fsdp "
-                                          "(FSDP shards contiguous parameters only); use model.channels_last=auto")
+        """Settings the engine can't honour, refused before anything starts (one line, exit 2). The engine
+        declares them (dtrain/engine/capabilities.py: light, no torch), so no engine is named here."""
+        from .engine.capabilities import unsupported
+        reasons = unsupported(self)
+        if reasons:
+            raise PydanticCustomError("engine", reasons[0])
         return self
 
     def to_dict(self) -> dict:

@@ -19,12 +19,16 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as torchdist
 
 from . import dist
 from .version import __version__
+
+if TYPE_CHECKING:
+    from .config import Config, DataConfig
 
 
 @dataclass
@@ -57,13 +61,13 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _read_shards(cfg, info, brief: bool, hooks=None) -> str:
+def _read_shards(data_cfg: DataConfig, seed: int, info, brief: bool, hooks=None) -> str:
     """Decode the shards this rank reads (epoch 0's train share, its val and test share): every sample,
     or in brief mode each shard's first. `hooks`: the data hooks a script handed in (build.Hooks), used as
     they are: the config names them `__main__:...`, which no import rebuilds."""
     from .data import build_streams
     given = {k: getattr(hooks, k) for k in ("sample", "transform", "collate")} if hooks is not None else {}
-    data = build_streams(cfg.data, seed=cfg.run.seed, rank=info.global_rank, world_size=info.world_size, create=False,
+    data = build_streams(data_cfg, seed=seed, rank=info.global_rank, world_size=info.world_size, create=False,
                          **given)
     n = 0
     for stream in filter(None, (data.train, data.val, data.test)):
@@ -101,12 +105,12 @@ def _bandwidth(info, size_mb: float, reps: int) -> str:
     return f"{size_mb:g} MiB in {seconds * 1e3:.1f} ms, bus bandwidth {busbw / 1e9:.2f} GB/s"
 
 
-def run(cfg, info, run_dir: Path, brief: bool = False, model_bytes: int = 0, hooks=None) -> list[Check]:
+def run(cfg: Config, info, run_dir: Path, brief: bool = False, model_bytes: int = 0, hooks=None) -> list[Check]:
     """Collective: every rank calls it and gets the same list. `hooks`: what a script handed in (build.Hooks)."""
     me = {
         "host": socket.gethostname(), "versions": (__version__, torch.__version__), "config": cfg.to_dict(),
         "device": (torch.cuda.get_device_properties(info.device).uuid.hex if info.device.type == "cuda" else None),
-        "shards": _local(lambda: _read_shards(cfg, info, brief, hooks)),
+        "shards": _local(lambda: _read_shards(cfg.data, cfg.run.seed, info, brief, hooks)),
         # a checkpoint holds the weights and, for Adam, two moments: ~3x the model, twice over
         "ckpt": _local(lambda: _probe_checkpoint_dir(run_dir / "checkpoints", 2 * 3 * model_bytes)),
     }

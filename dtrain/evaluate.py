@@ -9,7 +9,7 @@ stop decision is broadcast from rank 0, so every rank stops at the same step.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
@@ -17,6 +17,9 @@ from . import batch as batches
 from . import dist
 from .logging import progress_bar
 from .metrics import Metrics
+
+if TYPE_CHECKING:
+    from .config import EarlyStopConfig
 
 
 def _batches(stream) -> Optional[int]:
@@ -31,7 +34,7 @@ def _batches(stream) -> Optional[int]:
 
 class Evaluator:
     def __init__(self, engine, forward: Callable, loss, metrics: Metrics, task: Optional[str], val_every: int,
-                 early_stop_cfg):
+                 early_stop_cfg: EarlyStopConfig):
         self.engine, self.forward, self.loss, self.metrics, self.task = engine, forward, loss, metrics, task
         self.val_every, self.patience, self.min_delta = val_every, early_stop_cfg.patience, early_stop_cfg.min_delta
         self.best_val, self.best_step, self.bad_validations = math.inf, -1, 0

@@ -102,7 +102,7 @@ def _resolve(target: list[str], parser: argparse.ArgumentParser) -> tuple[list[s
         entry = ["-m", "dtrain", *target]
         parsed = parser.parse_args(target)  # argparse's own error (exit 2) for a bad command line
         if hasattr(parsed, "overrides") and hasattr(parsed, "config"):
-            return entry, run_dir_of(load_config(parsed.config, parsed.overrides)), ""
+            return entry, run_dir_of(load_config(parsed.config, parsed.overrides).run), ""
         return entry, Path("runs") / "launch", " (this command has no run directory)"
     if not first.endswith(".py") or not Path(first).is_file():
         raise ConfigError(f"launch: {first!r} is neither a dtrain command ({', '.join(sorted(set(commands) - {'launch'}))}) "
@@ -110,7 +110,7 @@ def _resolve(target: list[str], parser: argparse.ArgumentParser) -> tuple[list[s
     config = next((target[i + 1] for i, a in enumerate(target[1:-1], 1) if a == "--config"), None)
     overrides = [a for a in target[1:] if "=" in a and not a.startswith("-")]
     try:
-        return [first, *target[1:]], run_dir_of(load_config(config, overrides)), \
+        return [first, *target[1:]], run_dir_of(load_config(config, overrides).run), \
             " (run directory from the script's key=value arguments)"
     except ConfigError:  # the script's own arguments, not dtrain's
         return [first, *target[1:]], Path("runs") / Path(first).stem, \

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .batch import logits, target
-from .config import ConfigError
+from .config import ConfigError, LossConfig
 from .importing import describe, resolve
 
 
@@ -37,7 +37,7 @@ CLASSIFICATION_TERMS = {"cross_entropy"}
 class Loss:
     """dtrain's losses on the output's logits and the batch's target. Each value is a batch mean."""
 
-    def __init__(self, weights: dict[str, float], cfg):
+    def __init__(self, weights: dict[str, float], cfg: LossConfig):
         self.weights, self.cfg = weights, cfg
         self.names = ["loss"] + ([f"loss/{t}" for t in weights] if len(weights) > 1 else [])
 
@@ -93,7 +93,7 @@ def _what(value) -> str:
     return f"a {type(value).__name__}"
 
 
-def build_loss(cfg, task: Optional[str], given: Optional[Callable] = None):
+def build_loss(cfg: LossConfig, task: Optional[str], given: Optional[Callable] = None):
     """`given` (handed in from Python), else loss.fn (an import string), else dtrain's own for the task."""
     if given is not None or cfg.fn:
         if cfg.terms or cfg.name != "auto":

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import torch
 
 from .batch import logits, target
-from .config import ConfigError
+from .config import ConfigError, MetricsConfig
 from .importing import describe, resolve
 
 # lm: acc is next-token accuracy; the evaluator adds perplexity, exp(loss), after averaging the loss
@@ -110,7 +110,7 @@ def _what(value) -> str:
     return f"a {type(value).__name__}"
 
 
-def build_metrics(cfg, task: Optional[str], y_mean: float, given=None) -> Metrics:
+def build_metrics(cfg: MetricsConfig, task: Optional[str], y_mean: float, given=None) -> Metrics:
     """metrics.builtin (the task's own), metrics.fn and metrics.torchmetrics from config, plus `given` from
     Python: a sums callable, a mapping of names to torchmetrics objects, or a list of those."""
     from .models import build_targets

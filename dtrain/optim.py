@@ -9,10 +9,10 @@ from typing import Callable, Optional
 import torch
 from torch.optim import lr_scheduler
 
-from .config import ConfigError
+from .config import ConfigError, OptimConfig, ScheduleConfig
 
 
-def build_optimizer(cfg, model: torch.nn.Module, lr_scales: Optional[dict[str, float]] = None,
+def build_optimizer(cfg: OptimConfig, model: torch.nn.Module, lr_scales: Optional[dict[str, float]] = None,
                     param_groups: Optional[Callable] = None) -> torch.optim.Optimizer:
     """Param groups by name prefix (`lr_scales`, e.g. {"head": 1.0, "": 0.1}: the first matching prefix sets
     the group's peak LR as a fraction of cfg.lr), each split into decayed and undecayed parameters; or a
@@ -40,7 +40,7 @@ def build_optimizer(cfg, model: torch.nn.Module, lr_scales: Optional[dict[str, f
     return _make(cfg, [g for g in groups if g["params"]])
 
 
-def _user_groups(cfg, model: torch.nn.Module, param_groups: Callable) -> list[dict]:
+def _user_groups(cfg: OptimConfig, model: torch.nn.Module, param_groups: Callable) -> list[dict]:
     groups = param_groups(model)
     if isinstance(groups, dict) or not all(isinstance(g, dict) and "params" in g for g in groups):
         raise ConfigError("config: param_groups: return a list of dicts with 'params' (torch's param groups)")
@@ -53,7 +53,7 @@ def _user_groups(cfg, model: torch.nn.Module, param_groups: Callable) -> list[di
     return groups
 
 
-def _make(cfg, groups: list[dict]) -> torch.optim.Optimizer:
+def _make(cfg: OptimConfig, groups: list[dict]) -> torch.optim.Optimizer:
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     params = [p for g in groups for p in g["params"]]
@@ -125,11 +125,11 @@ class Schedule:
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_schedule(cfg, total_steps: int) -> Schedule:
+def build_schedule(cfg: ScheduleConfig, total_steps: int) -> Schedule:
     return Schedule(cfg.name, total_steps, cfg.warmup_steps, cfg.min_lr_ratio, cfg.every, cfg.gamma,
                     cfg.restart_every, cfg.restart_mult)
 
 
-def build_scheduler(cfg, optimizer: torch.optim.Optimizer, total_steps: int) -> lr_scheduler.LambdaLR:
+def build_scheduler(cfg: ScheduleConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> lr_scheduler.LambdaLR:
     """Stepped once per optimizer step; its state (last_epoch) is checkpointed."""
     return lr_scheduler.LambdaLR(optimizer, build_schedule(cfg, total_steps))

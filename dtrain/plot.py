@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Config, ConfigError
+from .config import AugmentConfig, Config, ConfigError, DataConfig, OptimConfig, ScheduleConfig, TrainConfig
 from .data import DataError
 
 
@@ -123,26 +123,27 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> dict:
 
 
 # ---- an LR schedule, before training -------------------------------------------------------------
-def schedule_series(cfg: Config, world_size: int = 1) -> dict:
-    """The LR of every optimizer step (0-based) the config would train, per param group."""
+def schedule_series(data_cfg: DataConfig, train: TrainConfig, optim: OptimConfig, schedule_cfg: ScheduleConfig,
+                    seed: int, world_size: int = 1) -> dict:
+    """The LR of every optimizer step (0-based) these sections would train, per param group."""
     from .data import ShardStream, resolve_shards
     from .optim import build_schedule
     from .data.feed import plan_total_steps
 
-    index = resolve_shards(cfg.data, cfg.run.seed)
-    if cfg.data.train_subset:
-        index = index.subset("train", cfg.data.train_subset)
-    stream = ShardStream(index, "train", batch_size=cfg.data.batch_size, rank=0, world_size=world_size,
-                         train=True, grad_accum=cfg.train.grad_accum, remainder=cfg.data.remainder)
-    total = plan_total_steps(cfg.train, stream.steps_per_epoch)
-    schedule = build_schedule(cfg.schedule, total)
+    index = resolve_shards(data_cfg, seed)
+    if data_cfg.train_subset:
+        index = index.subset("train", data_cfg.train_subset)
+    stream = ShardStream(index, "train", batch_size=data_cfg.batch_size, rank=0, world_size=world_size,
+                         train=True, grad_accum=train.grad_accum, remainder=data_cfg.remainder)
+    total = plan_total_steps(train, stream.steps_per_epoch)
+    schedule = build_schedule(schedule_cfg, total)
     steps = list(range(total))
-    groups = {"lr": cfg.optim.lr}
-    if cfg.optim.backbone_lr_ratio != 1:
-        groups = {"lr/head": cfg.optim.lr, "lr/backbone": cfg.optim.lr * cfg.optim.backbone_lr_ratio}
+    groups = {"lr": optim.lr}
+    if optim.backbone_lr_ratio != 1:
+        groups = {"lr/head": optim.lr, "lr/backbone": optim.lr * optim.backbone_lr_ratio}
     restarts = []
-    if cfg.schedule.name == "cosine_restarts":
-        warmup = min(cfg.schedule.warmup_steps, max(total - 1, 0))
+    if schedule_cfg.name == "cosine_restarts":
+        warmup = min(schedule_cfg.warmup_steps, max(total - 1, 0))
         start = 0
         while warmup + start < total:
             restarts.append(warmup + start)
@@ -150,12 +151,12 @@ def schedule_series(cfg: Config, world_size: int = 1) -> dict:
         restarts = restarts[1:]  # the first cycle starts with training, not a restart
     return {"step": steps, **{name: [peak * schedule(s) for s in steps] for name, peak in groups.items()},
             "total_steps": total, "steps_per_epoch": stream.steps_per_epoch, "restarts": restarts,
-            "warmup_steps": min(cfg.schedule.warmup_steps, max(total - 1, 0))}
+            "warmup_steps": min(schedule_cfg.warmup_steps, max(total - 1, 0))}
 
 
 def plot_schedule(cfg: Config, out: str | Path, world_size: int = 1) -> dict:
     plt = _pyplot()
-    data = schedule_series(cfg, world_size)
+    data = schedule_series(cfg.data, cfg.train, cfg.optim, cfg.schedule, cfg.run.seed, world_size)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -176,17 +177,18 @@ def plot_schedule(cfg: Config, out: str | Path, world_size: int = 1) -> dict:
 
 
 # ---- augmentation preview ------------------------------------------------------------------------
-def augment_preview(cfg: Config, out: str | Path, samples: int = 8, versions: int = 3) -> dict:
+def augment_preview(augment_cfg: AugmentConfig, data_cfg: DataConfig, seed: int, out: str | Path, samples: int = 8,
+                    versions: int = 3) -> dict:
     """A grid: the first `samples` training images (top row) and `versions` augmented draws of each
     (the draws of epochs 0, 1, ...), exactly as the training stream would produce them."""
     from . import batch as batches
     from .data import build_streams
     from .data.augment import build_augment
 
-    augment = build_augment(cfg.augment, cfg.run.seed)
+    augment = build_augment(augment_cfg, seed)
     if augment is None:
         raise ConfigError("config: augment: every probability is 0; set e.g. augment.crop.p=0.5")
-    streams = build_streams(cfg.data, seed=cfg.run.seed, rank=0, world_size=1, num_workers=0)
+    streams = build_streams(data_cfg, seed=seed, rank=0, world_size=1, num_workers=0)
     batch = streams.train.first_batch(samples)  # in shard order, not augmented
     x, keys = batches.model_input(batch), batches.keys(batch)
     rows = [x.numpy()] + [np.stack([augment(xi, key=k, epoch=v).numpy() for xi, k in zip(x, keys)])

@@ -76,7 +76,8 @@ def test_resume_with_augmentation_and_dropout_is_exact(tmp_path, data_root):
 def test_preview_png_shows_originals_and_augmented_versions(tmp_path, data_root):
     cfg = load_config(None, [f"data.root={data_root}", "augment.crop.p=1", "augment.noise.p=1",
                              "augment.contrast.p=1"])
-    result = augment_preview(cfg, tmp_path / "grid.png", samples=6, versions=3)
+    result = augment_preview(cfg.augment, cfg.data, cfg.run.seed, tmp_path / "grid.png", samples=6,
+                             versions=3)
     assert result["original"].shape == (6, 1, 8, 8) and len(result["augmented"]) == 3
     for rows in result["augmented"]:
         assert (abs(rows - result["original"]) > 1e-3).any(axis=(1, 2, 3)).all()  # every image changed

@@ -63,3 +63,44 @@ def test_train_help_points_at_the_config_keys_and_the_docs_at_what_exists(capsys
     assert "`dtrain config --describe` lists every key" in " ".join(capsys.readouterr().out.split())
     assert "`dtrain config --describe` prints them" in dtrain.config.__doc__
     assert main(["config", "--describe"]) == 0 and "optim.lr" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("overrides, says", [
+    (["model.freeze=[body]", "model.unfreeze_at_step=3"],
+     "model.unfreeze_at_step is not supported with train.engine=deepspeed"),
+    (["deepspeed.offload_param=cpu", "deepspeed.zero_stage=2"],
+     "deepspeed.offload_param needs deepspeed.zero_stage=3")])
+def test_what_deepspeed_cannot_do_is_refused_before_anything_starts(overrides, says):
+    # declared by DeepSpeedEngine.unsupported: refused at config time, not at the unfreeze step or in the engine
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.engine=deepspeed", *overrides])
+    assert str(e.value).startswith(f"config: {says}") and "\n" not in str(e.value)
+    load_config(None, overrides)  # fine with ddp
+
+
+def test_every_engine_declares_what_it_cannot_do_and_keeps_the_contract():
+    import typing
+
+    import torch
+
+    from dtrain.config import TrainConfig
+    from dtrain.engine import Engine, SingleEngine, capabilities
+    from dtrain.engine.ddp import DDPEngine
+    from dtrain.engine.deepspeed import DeepSpeedEngine
+    from dtrain.engine.fsdp import FSDPEngine
+
+    names = set(typing.get_args(TrainConfig.model_fields["engine"].annotation))
+    assert set(capabilities.UNSUPPORTED) == names  # config validation can ask every engine a config can name
+    declared = {"ddp": [SingleEngine, DDPEngine], "fsdp": [FSDPEngine], "deepspeed": [DeepSpeedEngine]}
+    # methods and properties: on the class (the instance attributes are checked on an instance below)
+    methods = {m for m in typing._get_protocol_attrs(Engine) if hasattr(Engine, m)}
+    assert {"step", "lr", "load_from", "trainable_changed"} <= methods
+    for name, classes in declared.items():
+        for cls in classes:
+            assert cls.unsupported is capabilities.UNSUPPORTED[name], cls  # the class owns the declaration
+            assert [m for m in methods if not hasattr(cls, m)] == [], cls
+    cfg = load_config(None, [])
+    info = type("Info", (), {"device": torch.device("cpu"), "distributed": False, "local_rank": 0, "world_size": 1})()
+    engine = SingleEngine(torch.nn.Linear(2, 1), lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
+                          lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0), cfg.train, info)
+    assert isinstance(engine, Engine)  # instance attributes included

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .. import dist
-from ..config import ConfigError
+from ..config import ConfigError, DataConfig
 from .augment import SeededTransform, chain
 from .builtin import make_builtin
 from .datasets import BUILTIN, FOLDERS
@@ -22,7 +22,7 @@ from .shards import DataError, ShardIndex, index_from_config, read_index
 from .sources import has_scheme
 
 
-def resolve_shards(cfg, seed: int, create: bool = True) -> ShardIndex:
+def resolve_shards(cfg: DataConfig, seed: int, create: bool = True) -> ShardIndex:
     """The shard index of `data.train`/`val`/`test` if set, else of `cfg.dataset`; built-in data sets are
     written on first use (by rank 0)."""
     if cfg.train:
@@ -48,7 +48,7 @@ def resolve_shards(cfg, seed: int, create: bool = True) -> ShardIndex:
     return index
 
 
-def builtin_params(cfg) -> dict:
+def builtin_params(cfg: DataConfig) -> dict:
     """The data config keys a built-in data set is generated from (recorded in its descriptors)."""
     if cfg.dataset == "count":
         return {"samples": cfg.count_samples, "max_objects": cfg.count_max_objects}
@@ -68,7 +68,7 @@ def _hook(given, spec: Optional[str], key: str):
     return given if given is not None else resolve(spec, key) if spec else None
 
 
-def sample_format(cfg, index: ShardIndex, sample: Union[dict, Callable, None] = None,
+def sample_format(cfg: DataConfig, index: ShardIndex, sample: Union[dict, Callable, None] = None,
                   collate: Optional[Callable] = None):
     """How samples are decoded and batched: `sample` (a field mapping or a function, from Python), else
     data.sample, else the descriptor's own mapping, else dtrain's x.npy + y.cls."""
@@ -89,7 +89,7 @@ def sample_format(cfg, index: ShardIndex, sample: Union[dict, Callable, None] = 
     return MappedFormat(spec, collate, describe(spec))
 
 
-def _in_memory(cfg, index: ShardIndex, split: str, fmt, transform, workers: int) -> bool:
+def _in_memory(cfg: DataConfig, index: ShardIndex, split: str, fmt, transform, workers: int) -> bool:
     if cfg.in_memory != "auto":
         return bool(cfg.in_memory)
     if fmt.mapped or (transform is not None and workers > 0):  # decoded images can be large; workers transform
@@ -135,7 +135,7 @@ class Streams:
         return self.input[0]
 
 
-def build_streams(cfg, *, seed: int, rank: int, world_size: int, grad_accum: int = 1,
+def build_streams(cfg: DataConfig, *, seed: int, rank: int, world_size: int, grad_accum: int = 1,
                   num_workers: Optional[int] = None, pin_memory: bool = False, augment: Optional[Callable] = None,
                   sample: Union[dict, Callable, None] = None, transform: Optional[Callable] = None,
                   collate: Optional[Callable] = None, create: bool = True) -> Streams:

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import hashlib
 import random
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import get_worker_info
+
+if TYPE_CHECKING:
+    from ..config import AugmentConfig
 
 OPS = ("hflip", "vflip", "brightness", "contrast", "noise", "crop")
 
@@ -93,7 +96,7 @@ def chain(*transforms) -> Optional[Callable]:
 class Augment:
     """Applies each configured op with its probability, in a fixed order. Picklable (DataLoader workers)."""
 
-    def __init__(self, cfg, seed: int):
+    def __init__(self, cfg: AugmentConfig, seed: int):
         self.cfg, self.seed = cfg, seed
 
     @property
@@ -130,7 +133,7 @@ def random_crop(x: torch.Tensor, max_shift: int, g: torch.Generator) -> torch.Te
     return padded[..., dy:dy + h, dx:dx + w]
 
 
-def build_augment(cfg, seed: int) -> Optional[Augment]:
+def build_augment(cfg: AugmentConfig, seed: int) -> Optional[Augment]:
     """None when every probability is zero: the stream then skips the hook entirely."""
     augment = Augment(cfg, seed)
     return augment if augment.active else None

@@ -11,14 +11,17 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from .elastic import BatchLayout, DataPosition, EpochReplay, Segment, choose_layout
 from .pipeline import ShardStream
 
+if TYPE_CHECKING:
+    from ..config import TrainConfig
+
 
 class TrainFeed:
-    def __init__(self, stream: ShardStream, rank: int, world_size: int, train_cfg, debug: bool = False):
+    def __init__(self, stream: ShardStream, rank: int, world_size: int, train_cfg: TrainConfig, debug: bool = False):
         self.stream, self.rank, self.world_size = stream, rank, world_size
         self.train_cfg, self.debug = train_cfg, debug
         self.grad_accum = stream.grad_accum
@@ -125,7 +128,7 @@ def describe_resize(old: Segment, world: int, new: BatchLayout, global_batch: in
             f"(checkpoint.elastic=approximate; LR schedule unchanged, {steps_per_epoch} steps per epoch kept)")
 
 
-def plan_total_steps(train_cfg, steps_per_epoch: int, debug: bool = False) -> int:
+def plan_total_steps(train_cfg: TrainConfig, steps_per_epoch: int, debug: bool = False) -> int:
     """Optimizer steps the run takes (the schedule spans them): epochs, capped by max_steps / debug_steps."""
     return int(min(train_cfg.epochs * steps_per_epoch, train_cfg.max_steps or math.inf,
                    train_cfg.debug_steps if debug else math.inf))

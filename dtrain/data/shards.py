@@ -19,13 +19,16 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 import webdataset as wds
 
 from .errors import DataError
 from .sources import Descriptor, descriptor, has_scheme, resolve_split, write_descriptor
+
+if TYPE_CHECKING:
+    from ..config import DataConfig
 
 SPLITS = ("train", "val", "test")
 LEGACY_INDEX = "index.json"  # dtrain's index before descriptors: still read
@@ -169,7 +172,7 @@ def _read_legacy(root: Path) -> ShardIndex:
     return ShardIndex(splits, meta, where=str(root))
 
 
-def index_from_config(cfg) -> ShardIndex:
+def index_from_config(cfg: DataConfig) -> ShardIndex:
     """The index of `data.train` / `data.val` / `data.test` (shards dtrain did not write)."""
     splits, meta = {}, None
     for split in SPLITS:

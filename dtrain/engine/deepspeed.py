@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError
+from . import capabilities
 from .single import pick_dtype
 
 TAG = "deepspeed"  # the sub-directory of a dtrain checkpoint that holds DeepSpeed's own files
@@ -48,8 +49,6 @@ def import_deepspeed(device: torch.device | None = None):
 
 def build_ds_config(train_cfg, ds_cfg, micro_batch_size: int, device: torch.device) -> dict:
     dtype = pick_dtype(train_cfg.precision, device)
-    if ds_cfg.offload_param != "none" and ds_cfg.zero_stage != 3:
-        raise ConfigError("deepspeed.offload_param needs deepspeed.zero_stage=3 (only ZeRO-3 partitions parameters)")
     zero: dict = {"stage": ds_cfg.zero_stage}
     if ds_cfg.offload_optimizer != "none":
         zero["offload_optimizer"] = {"device": ds_cfg.offload_optimizer}
@@ -71,6 +70,8 @@ def build_ds_config(train_cfg, ds_cfg, micro_batch_size: int, device: torch.devi
 
 
 class DeepSpeedEngine:
+    unsupported = staticmethod(capabilities.deepspeed)
+
     def __init__(self, model, make_optimizer, make_scheduler, train_cfg, dist_info, ds_cfg, micro_batch_size: int):
         deepspeed = import_deepspeed(dist_info.device)
         if not torch.distributed.is_initialized():
@@ -106,8 +107,7 @@ class DeepSpeedEngine:
         return contextlib.nullcontext()
 
     def trainable_changed(self) -> None:
-        raise ConfigError("model.unfreeze_at_step is not supported with train.engine=deepspeed (ZeRO fixes the "
-                          "trainable parameters when it partitions them); use train.engine=ddp")
+        raise ConfigError(capabilities.DEEPSPEED_UNFREEZE)
 
     def set_grad_accum(self, grad_accum: int) -> None:
         raise ConfigError("train.engine=deepspeed fixes gradient accumulation when ZeRO is set up; it can't "

@@ -43,6 +43,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 from torch.distributed.tensor import DTensor
 
 from ..config import ConfigError
+from . import capabilities
 from .single import SingleEngine
 
 TAG = "fsdp"  # the sub-directory of a dtrain checkpoint that holds DCP's files
@@ -71,6 +72,8 @@ def find_blocks(model: nn.Module, names: list[str]) -> tuple[list[nn.Module], st
 
 
 class FSDPEngine(SingleEngine):
+    unsupported = staticmethod(capabilities.fsdp)
+
     def __init__(self, model, make_optimizer, make_scheduler, train_cfg, dist_info, fsdp_cfg,
                  channels_last: bool = False, log=print):
         name = type(model).__name__  # (fully_shard renames the class FSDP<name>)
@@ -147,8 +150,7 @@ class FSDPEngine(SingleEngine):
         return norm
 
     def trainable_changed(self) -> None:
-        raise ConfigError("model.unfreeze_at_step is not supported with train.engine=fsdp (FSDP fixes which "
-                          "parameters train when it first gathers them); use train.engine=ddp")
+        raise ConfigError(capabilities.FSDP_UNFREEZE)
 
     @contextlib.contextmanager
     def evaluating(self):

@@ -7,6 +7,8 @@ import math
 
 import torch
 
+from . import capabilities
+
 
 def pick_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """bf16 autocast where the device has fast bf16 (recent GPUs); fp32 on CPU unless asked."""
@@ -24,6 +26,8 @@ def should_compile(setting, device: torch.device) -> bool:
 
 
 class SingleEngine:
+    unsupported = staticmethod(capabilities.ddp)  # DDPEngine's too
+
     def __init__(self, model, make_optimizer, make_scheduler, train_cfg, dist_info, channels_last: bool = False):
         self.device, self.channels_last = dist_info.device, channels_last
         self.amp_dtype = pick_dtype(train_cfg.precision, dist_info.device)

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ..config import ConfigError
+from ..config import ConfigError, ModelConfig
 from ..importing import describe, resolve
 from .gpt import GPT
 
@@ -187,7 +187,8 @@ def build_targets(value, key: str):
     return value
 
 
-def build_model(cfg, facts: dict, seed: int, given=None, log: Callable[[str], None] = lambda line: None) -> nn.Module:
+def build_model(cfg: ModelConfig, facts: dict, seed: int, given=None,
+                log: Callable[[str], None] = lambda line: None) -> nn.Module:
     """The model of model.factory + model.kwargs, or `given` (an nn.Module, or a callable returning one,
     handed in from Python). Seeded, so every rank builds the same initial weights (DDP also broadcasts
     rank 0's; sharding engines rely on it). `log` hears of config keys a Hugging Face config ignores."""

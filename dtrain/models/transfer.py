@@ -13,7 +13,7 @@ from typing import Callable, Optional
 from torch import nn
 
 from ..checkpoint import CheckpointError, safe_load, verify
-from ..config import ConfigError
+from ..config import ConfigError, ModelConfig
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory as given, or a run directory's best checkpoint (else its latest)."""
@@ -68,7 +68,7 @@ def load_pretrained(model: nn.Module, source: str | Path, log: Callable[[str], N
 class Freezer:
     """Which parameters are frozen at a given step."""
 
-    def __init__(self, model: nn.Module, cfg):
+    def __init__(self, model: nn.Module, cfg: ModelConfig):
         self.model = model
         prefixes, head = list(cfg.freeze), cfg.head
         names = [n for n, _ in model.named_parameters()]
