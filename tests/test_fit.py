@@ -72,12 +72,13 @@ def test_bad_input_raises_dtrains_one_line_error_where_main_exits_2(here, capsys
 
 
 SCRIPT = """
-import json, sys
+import json, os, sys
 import dtrain
 result = dtrain.fit(sys.argv[1:])
-print("RESULT " + json.dumps({"rank": int(__import__("os").environ["RANK"]), "step": result.step,
-      "stop_reason": result.stop_reason, "metrics": result.metrics, "best_step": result.best_step,
-      "best": str(result.best_checkpoint)}), flush=True)
+# a file a rank, not stdout: two ranks' prints share torchrun's pipe, and print's text and newline are two writes
+with open(f"result-{os.environ['RANK']}.json", "w") as f:
+    json.dump({"rank": int(os.environ["RANK"]), "step": result.step, "stop_reason": result.stop_reason,
+               "metrics": result.metrics, "best_step": result.best_step, "best": str(result.best_checkpoint)}, f)
 """
 
 
@@ -86,8 +87,7 @@ def test_every_rank_returns_the_same_result_under_torchrun(tmp_path, data_root):
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
     proc = run_torchrun(2, [f"data.root={data_root}", *ARGS, "train.epochs=1"], tmp_path, script=script)
-    results = sorted((json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines()
-                      if line.startswith("RESULT ")), key=lambda r: r["rank"])
+    results = [json.loads((tmp_path / f"result-{rank}.json").read_text()) for rank in (0, 1)]
     assert [r["rank"] for r in results] == [0, 1]
     assert {k: v for k, v in results[0].items() if k != "rank"} == {k: v for k, v in results[1].items() if k != "rank"}
     assert results[0]["stop_reason"] == "completed" and "test/acc" in results[0]["metrics"]
