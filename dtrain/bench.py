@@ -212,13 +212,13 @@ def run_bench(args, out=print) -> dict:
 
 def _time_saves(trainer, sink: list[float]) -> None:
     """Record how long each checkpoint save blocks the loop (for async: the CPU snapshot + waiting on the last)."""
-    save = trainer.save
+    save = trainer.checkpointer.save_run
 
-    def timed(best: bool = False) -> None:
+    def timed(step: int, best: bool = False) -> None:
         t0 = time.perf_counter()
-        save(best)
+        save(step, best)
         sink.append(time.perf_counter() - t0)
-    trainer.save = timed
+    trainer.checkpointer.save_run = timed
 
 
 def _device_name(device: torch.device) -> str:

@@ -36,7 +36,10 @@ from .metrics import build_metrics
 from .models import build_model, find_module, has_convolutions
 from .models.transfer import Freezer, load_pretrained, lr_scales
 from .optim import build_optimizer, build_scheduler
-from .signals import StopControl
+from .resume import set_schedule_length
+from .signals import StopControl, StopReason
+from .steplog import SkippedUpdates, StepLog
+from .summary import Stopwatch
 from .throughput import Throughput, peak_flops
 
 
@@ -136,7 +139,8 @@ class Data:
     test: Optional[ShardStream]
 
 
-def build_data(cfg: Config, info: dist.DistInfo, hooks: Optional[Hooks] = None, debug: bool = False) -> Data:
+def build_data(cfg: Config, info: dist.DistInfo, hooks: Optional[Hooks] = None, debug: bool = False,
+               log: Callable[[str], None] = print) -> Data:
     """This rank's training feed (transformed, augmented) and its val and test streams (never augmented)."""
     hooks = hooks or Hooks()
     streams = build_streams(cfg.data, seed=cfg.run.seed, rank=info.global_rank, world_size=info.world_size,
@@ -146,8 +150,8 @@ def build_data(cfg: Config, info: dist.DistInfo, hooks: Optional[Hooks] = None, 
     # a regression predicts one number; classes unknown (foreign shards, no data.num_classes): None
     outputs = 1 if streams.task == "regression" else streams.num_classes or None
     facts = DataFacts(streams.task, lambda: streams.input, outputs, streams.y_mean)
-    return Data(facts, TrainFeed(streams.train, info.global_rank, info.world_size, cfg.train, debug),
-                streams.val, streams.test)
+    feed = TrainFeed(streams.train, info.global_rank, info.world_size, cfg.train, debug, cfg.checkpoint.elastic, log)
+    return Data(facts, feed, streams.val, streams.test)
 
 
 @dataclasses.dataclass
@@ -164,7 +168,7 @@ def build_core(cfg: Config, info: dist.DistInfo, hooks: Optional[Hooks] = None, 
                log: Callable[[str], None] = print) -> Core:
     """Data, the model (probed on a real batch), its engine, loss, metrics and the evaluator."""
     hooks = hooks or Hooks()
-    data = build_data(cfg, info, hooks, debug)
+    data = build_data(cfg, info, hooks, debug, log)
     facts, device = data.facts, info.device
     model = build_model_for(cfg, facts, hooks, log)
     freezer = Freezer(model, cfg.model)
@@ -197,7 +201,10 @@ class Components:
     checkpointer: Checkpointer
     stop: StopControl
     log: Any
+    step_log: StepLog
+    skipped: SkippedUpdates
     meter: Throughput
+    clock: Stopwatch
     key_log: Optional[SampleKeyLog]
 
 
@@ -211,22 +218,35 @@ def build_components(cfg: Config, info: dist.DistInfo, hooks: Optional[Hooks] = 
     device = info.device
     log = build_logger(cfg.log, info, run_dir, 0, cfg.wandb, cfg.to_dict())
     core = build_core(cfg, info, hooks, debug, log.info)
-    data = core.data
+    data, engine = core.data, core.engine
     log.total_steps = data.feed.total_steps
     shape = data.facts.input_shape if data.facts.task == "lm" else None  # read only for a language model
     tokens_per_sample = shape[-1] if shape else 1  # samples unless sequences
     meter = Throughput(data.feed.samples_per_step, tokens_per_sample, core.flops,
                        peak_flops(device, cfg.train.peak_flops), info.world_size, device)
+    clock = Stopwatch()  # this start's wall time by part (the end-of-run summary)
     # Coordination that must not share the training group: created in this order on every rank.
-    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep_last, info, cfg.hash(),
-                                keep_best=cfg.checkpoint.keep_best, async_save=cfg.checkpoint.async_save,
-                                group=dist.new_cpu_group(cfg.dist.timeout_s), every=cfg.checkpoint.every)
-    stop = StopControl(dist.new_cpu_group(cfg.dist.timeout_s), stuck_after_s=cfg.dist.timeout_s,
-                       stop_at_step=cfg.run.stop_at_step)
+    save_group, stop_group = dist.new_cpu_group(cfg.dist.timeout_s), dist.new_cpu_group(cfg.dist.timeout_s)
+    stop = StopControl(stop_group, stuck_after_s=cfg.dist.timeout_s, stop_at_step=cfg.run.stop_at_step)
+    ck = cfg.checkpoint
+    checkpointer = Checkpointer(run_dir / "checkpoints", ck.keep_last, info, cfg.hash(), keep_best=ck.keep_best,
+                                async_save=ck.async_save, group=save_group, every=ck.every, save_best=ck.save_best,
+                                enabled=not debug)
+    checkpointer.halted = lambda: stop.reason == StopReason.NONFINITE
+    checkpointer.clock = clock.part
+    skipped = SkippedUpdates(cfg.train.nonfinite, device, stop, log.warning, lambda: data.feed.step)
+    step_log = StepLog(log, meter, core.evaluator.loss.names, cfg.train.log_every, data.facts.task == "lm",
+                       lambda: engine.lr, skipped, device)
+
+    def follow(feed) -> None:  # an elastic resume re-chose the batch layout and kept the checkpoint's epoch length
+        engine.set_grad_accum(feed.grad_accum)
+        set_schedule_length(engine.optimizer, engine.scheduler, feed.total_steps)
+        meter.samples_per_step, log.total_steps = feed.samples_per_step, feed.total_steps
+    data.feed.relaid.append(follow)
     key_log = SampleKeyLog(run_dir, info.global_rank) if cfg.log.sample_keys else None
     # Each rank its own dropout/augmentation stream; resumed exactly from the checkpoint.
     seed_all(cfg.run.seed * 1000 + info.global_rank)
-    return Components(run_dir, core, checkpointer, stop, log, meter, key_log)
+    return Components(run_dir, core, checkpointer, stop, log, step_log, skipped, meter, clock, key_log)
 
 
 def seed_all(seed: int) -> None:

@@ -1,6 +1,6 @@
 """Atomic, verified checkpoints.
 
-  checkpoints/step-00000120/state.pt       rank 0: model, optimizer, scheduler, trainer state, config
+  checkpoints/step-00000120/state.pt       rank 0: the state of each stateful part of the run (state.py)
   checkpoints/step-00000120/rank-00000.pt  every rank: its RNG states
   checkpoints/step-00000120/deepspeed/     train.engine=deepspeed: every rank's ZeRO shards (DeepSpeed's files)
   checkpoints/step-00000120/fsdp/          train.engine=fsdp: every rank's DCP shards of model and optimizer
@@ -16,18 +16,17 @@ Everything is read with torch.load(weights_only=True): a checkpoint can never ex
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
-import random
 import shutil
 import threading
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 
 from . import dist
@@ -60,26 +59,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def rng_state() -> dict:
-    """This rank's RNG states, in types torch.load(weights_only=True) accepts."""
-    np_state = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    torch.set_rng_state(state["torch"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _step_of(path: Path) -> int:
@@ -127,9 +106,14 @@ class Checkpointer:
     """When to save (every N steps) and how (atomic, verified, pruned to the last k and the best m)."""
 
     def __init__(self, root: str | Path, keep_last: int, dist_info, config_hash: str, keep_best: int = 1,
-                 async_save: bool = False, group=None, every: int = 0):
+                 async_save: bool = False, group=None, every: int = 0, save_best: bool = True, enabled: bool = True):
         self.root = Path(root)
-        self.keep_last, self.keep_best, self.every = keep_last, keep_best, every
+        self.keep_last, self.keep_best, self.every, self.save_best = keep_last, keep_best, every, save_best
+        self.enabled = enabled  # False (train --debug): nothing is ever written
+        self.saved_step = -1  # the step of the newest checkpoint written or resumed from
+        self.parts = None  # the run's stateful parts (state.Parts), registered by the trainer
+        self.halted = lambda: False  # True once training stopped on a bad step: nothing after it is saved
+        self.clock = contextlib.nullcontext  # clock("checkpoint"): where the time saving takes is counted
         self.best_steps: list[int] = []  # newest last; the keep_best newest are the best m
         self.info = dist_info
         self.config_hash = config_hash
@@ -142,8 +126,51 @@ class Checkpointer:
         # rank 0, after a checkpoint is published (in the save thread under async_save): (path, step, best)
         self.published: Optional[Callable[[Path, int, bool], None]] = None
 
+    # ---- when: the loop tells the checkpointer where it is; the checkpointer decides and saves ----------
     def should_save(self, step: int) -> bool:
+        """The cadence: every checkpoint.every steps (0: never)."""
         return bool(self.every) and step % self.every == 0
+
+    def may_save(self, step: int) -> bool:
+        """Not in a debug run, not the same step twice, nothing after a step that stopped training as bad
+        (train.nonfinite=stop: the last good checkpoint stays the newest)."""
+        return self.enabled and step != self.saved_step and not self.halted()
+
+    def after_step(self, step: int) -> None:
+        if self.should_save(step):
+            self.save_run(step)
+
+    def after_validation(self, step: int, improved: bool) -> None:
+        if improved and self.save_best:
+            self.save_run(step, best=True)
+
+    def at_end(self, step: int) -> None:
+        """The final checkpoint (unless this step is saved already), and every save published."""
+        self.save_run(step)
+        with self.clock("checkpoint"):
+            self.wait()
+
+    def save_run(self, step: int, best: bool = False) -> None:
+        """Collective. Save every registered part at `step`, if a save may happen now."""
+        if not self.may_save(step):
+            return
+        with dist.guard("checkpoint save"), self.clock("checkpoint"):
+            state, own = self.parts.state()
+            self.save(step, state, own, best=best, write_files=self.parts.files)
+        self.saved_step = step
+
+    def restore(self, log: Callable[[str], None]) -> Optional[Path]:
+        """Collective. Put the newest complete checkpoint back into every registered part (whatever number of
+        ranks wrote it); its path, or None when there is none (or in a debug run)."""
+        if not self.enabled:
+            return None
+        found = self.load_latest(log)
+        if found is None:
+            return None
+        path, state, own = found
+        self.parts.load(path, state, own)
+        self.saved_step = _step_of(path)
+        return path
 
     def state_dict(self) -> dict:
         return {"best_steps": list(self.best_steps)}
@@ -166,7 +193,7 @@ class Checkpointer:
         if best:
             self.best_steps.append(step)
         self.protect = {f"step-{s:08d}" for s in (self.best_steps[-self.keep_best:] if self.keep_best else [])}
-        state = {**state, "checkpointer": self.state_dict()}
+        state = {**state, "checkpointer": self.state_dict()}  # with the best step just added
         if not self.async_save:
             return self._save(step, state, rank_state, best, write_files)
         files = None

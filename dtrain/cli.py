@@ -28,6 +28,7 @@ def _fit(args, print_result: bool = False):
     from .build import run_dir_of
     from .result import collect
     from .runlock import hold
+    from .summary import summarize
     from .trainer import Trainer
 
     cfg = load_config(args.config, args.overrides, args.defaults)
@@ -52,7 +53,7 @@ def _fit(args, print_result: bool = False):
             _check_health(cfg, info, trainer.run_dir, trainer.engine.module, brief=True, hooks=args.hooks)
         outcome = trainer.fit()  # config.yaml is written once the resume is settled (RunLogger.start)
         if info.is_global_zero:
-            trainer.summarize(outcome, _train_command(args))  # the table on stderr, summary.json
+            summarize(trainer, outcome, _train_command(args))  # the table on stderr, summary.json
             if print_result:
                 print(json.dumps(outcome), flush=True)
         return collect(trainer, outcome)

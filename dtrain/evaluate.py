@@ -9,6 +9,7 @@ stop decision is broadcast from rank 0, so every rank stops at the same step.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
@@ -43,6 +44,22 @@ class Evaluator:
     def should_validate(self, step: int, steps_per_epoch: int, last: bool) -> bool:
         """Every val_every steps (0: every epoch), at the end of every epoch, and after the last step."""
         return bool(self.val_every and step % self.val_every == 0) or step % steps_per_epoch == 0 or last
+
+    def validate(self, stream, step: int, epoch: int, log, log_local: bool = False) -> tuple[bool, bool]:
+        """Collective. Evaluate the validation split at `step`, keep the best, count the patience, and say so
+        (a metrics record and a line; the early stop's too). -> (improved, stop early)."""
+        local = (lambda loss: log.info(f"local val/loss at step {step}: {loss:.6f}")) if log_local else None
+        with dist.guard("metrics all-reduce (evaluation)"):
+            metrics = self.evaluate(stream, "val", local, progress=log.show_progress)
+        improved, stop_early = self.observe(metrics["val/loss"], step)
+        log.metrics({"step": step, "epoch": epoch, **metrics, "val/best_loss": self.best_val})
+        log.info(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+                 + (" (best)" if improved else f" (no improvement for {self.bad_validations})"))
+        if stop_early:
+            log.info(f"early stop at step {step}: validation loss has not improved for {self.bad_validations} "
+                     f"validations (best {self.best_val:.4f} at step {self.best_step})")
+            log.metrics({"step": step, "event": "early_stop", "best_step": self.best_step})
+        return improved, stop_early
 
     # ---- what ---------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -91,6 +108,20 @@ class Evaluator:
         out.update({f"{prefix}/{k}": v for k, v in self.metrics.compute_torchmetrics().items()})
         return out
 
+    def test(self, stream, step: int, best: Optional[Path], load: Callable, log) -> dict:
+        """Collective. The test split's metrics with the weights of the `best` checkpoint (read with `load`),
+        or the current ones when there is none; said in a metrics record and a line."""
+        if best is not None:
+            state, _ = load(best)
+            self.engine.load_weights(best, state["engine"])
+        with dist.guard("metrics all-reduce (evaluation)"):
+            metrics = self.evaluate(stream, "test", progress=log.show_progress)
+        weights_step = self.best_step if best is not None else step
+        log.metrics({"step": step, **metrics, "test/weights_step": weights_step})
+        log.info("test: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+                 + f" (weights of step {weights_step})")
+        return metrics
+
     @torch.inference_mode()
     def confusion_matrix(self, stream, num_classes: int, progress: bool = False) -> torch.Tensor:
         """[true class, predicted class] counts over one pass of `stream` (this process's share)."""
@@ -120,6 +151,12 @@ class Evaluator:
         if self.patience is None:  # no early stopping: nothing to agree on (a broadcast per validation saved)
             return improved, False
         return improved, dist.broadcast_object(self.bad_validations >= self.patience)
+
+    @property
+    def patience_used_up(self) -> bool:
+        """True when early_stop.patience validations in a row did not improve (also under a lowered
+        patience after a resume)."""
+        return self.patience is not None and self.bad_validations >= self.patience
 
     def state_dict(self) -> dict:
         return {"best_val": self.best_val, "best_step": self.best_step, "bad_validations": self.bad_validations}

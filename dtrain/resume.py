@@ -131,6 +131,20 @@ def check_config(saved: dict, cfg: Config, run_dir: Path, log: Callable[[str], N
     return changes
 
 
+class ConfigState:
+    """The config as a stateful part of the run: saved with every checkpoint, and on resume compared with this
+    one first (check_config), before any other part loads."""
+
+    def __init__(self, cfg: Config, run_dir: Path, log: Callable[[str], None]):
+        self.cfg, self.run_dir, self.log = cfg, run_dir, log
+
+    def state_dict(self) -> dict:
+        return self.cfg.to_dict()
+
+    def load_state_dict(self, saved: dict) -> None:
+        check_config(saved, self.cfg, self.run_dir, self.log)
+
+
 @contextlib.contextmanager
 def config_hyperparameters(optimizer, scheduler):
     """Load an optimizer's and its LambdaLR's state from a checkpoint inside this block, and keep the
@@ -164,16 +178,6 @@ def _lr_at_this_step(optimizer, scheduler) -> None:
     for group, base_lr, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
         group["lr"] = base_lr * fn(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-
-
-def finished(step: int, total_steps: int, bad_validations: int, patience: Optional[int]) -> Optional[str]:
-    """Why a run resumed at `step` has nothing left to train under this config: 'completed' (the training
-    length is reached) or 'early_stop' (patience ran out); None when it trains on."""
-    if step >= total_steps:
-        return "completed"
-    if patience is not None and bad_validations >= patience:
-        return "early_stop"
-    return None
 
 
 def already_tested(run_dir: Path, step: int, reason: str, is_global_zero: bool,

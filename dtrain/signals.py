@@ -90,6 +90,20 @@ class StopControl:
             os.write(2, f"dtrain: {signal.Signals(signum).name} received: stopping after this step with a "
                         f"checkpoint{' (interrupt again to abort)' if signum == signal.SIGINT else ''}\n".encode())
 
+    def resumed(self, step: int, total_steps: int, patience_used_up: bool) -> None:
+        """A run resumed at `step` with nothing left to train under this config: its training length reached
+        (completed), or its early_stop.patience used up (perhaps lowered since)."""
+        if step >= total_steps:
+            self.request(StopReason.COMPLETED)
+        elif patience_used_up:
+            self.request(StopReason.EARLY_STOP)
+
+    def state_dict(self) -> dict:
+        return {}  # a stop is decided anew in every start; a stateful part, so that state can be added here
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
     def request(self, reason: StopReason) -> None:
         """Stop after this step for `reason` (unless an earlier reason already stands)."""
         self.reason = self.reason or reason

@@ -116,3 +116,16 @@ def write_summary(run_dir: Path, result: dict, best_step: Optional[int], times: 
     tmp.write_text(json.dumps(summary, indent=1) + "\n")
     os.replace(tmp, path)
     return summary
+
+
+def summarize(trainer, result: dict, command: list[str]) -> Optional[dict]:
+    """Rank 0, after trainer.fit(): the end-of-run table on stderr and <run dir>/summary.json. A start that
+    found the run finished and tested writes nothing: the summary of the start that did stands."""
+    if result["stop_reason"] == "already_completed":
+        return None
+    best = trainer.checkpointer.pointer("best")
+    summary = write_summary(trainer.run_dir, result, trainer.evaluator.best_step if best else None,
+                            trainer.clock.times(data_wait=trainer.meter.total_data_wait),
+                            best or trainer.checkpointer.pointer("latest"), command)
+    trainer.log.info("summary\n" + table(summary))
+    return summary

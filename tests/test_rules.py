@@ -26,8 +26,9 @@ from dtrain import dist, trainer as trainer_module
 from dtrain.checkpoint import Checkpointer
 from dtrain.config import EarlyStopConfig, load_config
 from dtrain.evaluate import Evaluator
-from dtrain.resume import finished
 from dtrain.signals import StopControl, StopReason
+from dtrain.steplog import SkippedUpdates, StepLog
+from dtrain.summary import Stopwatch
 from dtrain.throughput import Throughput
 from dtrain.trainer import Trainer
 
@@ -77,8 +78,19 @@ def test_patience_counts_on_after_a_resume():
     assert (resumed.best_val, resumed.best_step) == (1.0, 1)
 
 
+def finished(step: int, total_steps: int, bad_validations: int, patience) -> str | None:
+    """What a run resumed at `step` stops for at once: the evaluator's patience, the stop control's verdict."""
+    ev = _evaluator(patience=patience)
+    ev.bad_validations = bad_validations
+    stop = StopControl(None)
+    stop.resumed(step, total_steps, ev.patience_used_up)
+    stop.close()
+    return stop.reason.value if stop.reason else None
+
+
 def test_resume_finds_a_run_finished_by_length_or_patience():
     assert finished(10, 10, 0, None) == "completed"
+    assert finished(10, 10, 3, 2) == "completed"  # both: the training length is said first
     assert finished(10, 12, 2, 2) == "early_stop"  # early_stop.patience lowered to what was already used up
     assert finished(10, 12, 1, 2) is None
     assert finished(10, 12, 5, None) is None  # patience removed: trains on
@@ -201,18 +213,19 @@ class FakeFeed:
 
     def __init__(self, total_steps: int, steps_per_epoch: int):
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
-        self.grad_accum, self.samples_per_step = 1, 1
+        self.grad_accum, self.samples_per_step, self.step = 1, 1, 0
 
     def batches(self, step: int):
         end = min((step // self.steps_per_epoch + 1) * self.steps_per_epoch, self.total_steps)
         for s in range(step, end):
+            self.step = s + 1
             yield {"x": torch.tensor([float(s + 1)])}
 
     def state_dict(self) -> dict:
-        return {"fake": True}
+        return {"step": self.step}
 
-    def resume(self, position, step, config, elastic, log) -> bool:
-        return False
+    def load_state_dict(self, state) -> None:
+        self.step = state["step"]
 
 
 class FakeEngine:
@@ -319,14 +332,20 @@ def make_trainer(tmp_path: Path, monkeypatch, overrides: list[str] = (), val_los
     log = FakeLogger(run_dir)
     data = types.SimpleNamespace(facts=types.SimpleNamespace(task="classification"),
                                  feed=FakeFeed(total, steps_per_epoch), val=object(), test=object() if test else None)
-    core = types.SimpleNamespace(data=data, engine=FakeEngine(skip_at, on_device), evaluator=evaluator,
+    evaluator.engine = FakeEngine(skip_at, on_device)
+    core = types.SimpleNamespace(data=data, engine=evaluator.engine, evaluator=evaluator,
                                  freezer=types.SimpleNamespace(apply=lambda step: False, frozen=set()))
+    meter, stop, clock = Throughput(1, 1, None, None, 1, torch.device("cpu")), \
+        StopControl(None, stop_at_step=cfg.run.stop_at_step), Stopwatch()
+    ck = cfg.checkpoint
+    checkpointer = Checkpointer(run_dir / "checkpoints", ck.keep_last, SINGLE, cfg.hash(), keep_best=ck.keep_best,
+                                every=ck.every, save_best=ck.save_best, enabled=not debug)
+    checkpointer.halted, checkpointer.clock = lambda: stop.reason == StopReason.NONFINITE, clock.part
+    skipped = SkippedUpdates(cfg.train.nonfinite, torch.device("cpu"), stop, log.warning, lambda: data.feed.step)
     components = types.SimpleNamespace(
-        run_dir=run_dir, core=core, log=log, key_log=None,
-        meter=Throughput(1, 1, None, None, 1, torch.device("cpu")),
-        checkpointer=Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep_last, SINGLE, cfg.hash(),
-                                  keep_best=cfg.checkpoint.keep_best, every=cfg.checkpoint.every),
-        stop=StopControl(None, stop_at_step=cfg.run.stop_at_step))
+        run_dir=run_dir, core=core, log=log, key_log=None, meter=meter, checkpointer=checkpointer, stop=stop,
+        clock=clock, skipped=skipped, step_log=StepLog(log, meter, ["loss"], cfg.train.log_every, False,
+                                                       lambda: 0.1, skipped, torch.device("cpu")))
     monkeypatch.setattr(trainer_module, "build_components", lambda *args: components)
     trainer = Trainer(cfg, SINGLE, debug=debug)
     evaluator.step_of = lambda: trainer.step
@@ -412,7 +431,7 @@ def test_nonfinite_stop_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, on
                      skip_at={5}, on_device=on_device)
     assert t.fit() == {"step": 5, "stop_reason": "nonfinite"}
     assert _saved(t) == [2, 4]  # nothing of the bad step
-    assert t.skipped_updates == 1
+    assert t.skipped.total == 1
 
 
 def test_nonfinite_stop_even_at_a_checkpoint_step(tmp_path, monkeypatch):
@@ -428,7 +447,7 @@ def test_nonfinite_skip_trains_on_and_counts(tmp_path, monkeypatch, on_device, s
     t = make_trainer(tmp_path, monkeypatch, ["train.max_steps=10", "train.nonfinite=skip", "train.log_every=5"],
                      skip_at={2, 3, 7}, on_device=on_device)
     assert t.fit()["stop_reason"] == "completed"
-    assert t.skipped_updates == 3
+    assert t.skipped.total == 3
     assert [line.split(":")[0] for line in t.log.lines if "non-finite" in line] == said
 
 

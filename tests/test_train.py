@@ -1,5 +1,7 @@
 """End-to-end training as a user runs it: real processes, real files."""
 
+import hashlib
+import json
 import shutil
 
 import pytest
@@ -33,6 +35,7 @@ def test_resume_after_stop_continues_the_same_curve(tmp_path, data_root):
     run_dtrain(args + ["run.name=straight"], tmp_path)
     stopped = run_dtrain(args + ["run.name=resumed", "run.stop_at_step=30"], tmp_path)
     assert result_of(stopped) == {"step": 30, "stop_reason": "stop_at_step"}
+    shutil.copytree(tmp_path / "runs" / "resumed", tmp_path / "runs" / "old", symlinks=True)
     resumed = run_dtrain(args + ["run.name=resumed"], tmp_path)
     assert "resumed from" in resumed.stderr and "at step 30" in resumed.stderr
 
@@ -43,6 +46,26 @@ def test_resume_after_stop_continues_the_same_curve(tmp_path, data_root):
     assert again == straight  # same LR and loss at every step, bit for bit on CPU
     a, b = final_params(tmp_path / "runs" / "straight"), final_params(tmp_path / "runs" / "resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # a checkpoint written by the dtrain before stateful parts (format 1: the data position and the skipped
+    # updates inside the trainer's entry) resumes the same way
+    ckpt = tmp_path / "runs" / "old" / "checkpoints" / "step-00000030"
+    state = torch.load(ckpt / "state.pt", weights_only=True)
+    assert state.pop("format") == 2
+    position = {k: v for k, v in state.pop("data").items() if k not in ("step", "batch")}
+    state["trainer"] = {"step": 30, "steps_per_epoch": 19, "data": position,
+                        "skipped_updates": state.pop("nonfinite")["skipped_updates"]}
+    del state["stop"]
+    torch.save(state, ckpt / "state.pt")
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    data = (ckpt / "state.pt").read_bytes()
+    manifest["files"]["state.pt"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    old = run_dtrain(args + ["run.name=old"], tmp_path)
+    assert "at step 30" in old.stderr
+    assert curve("old") == straight
+    c = final_params(tmp_path / "runs" / "old")
+    assert all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_resume_falls_back_from_a_corrupt_latest_checkpoint(tmp_path, data_root):

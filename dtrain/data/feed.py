@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
+from ..checkpoint import CheckpointError
 from .elastic import BatchLayout, DataPosition, EpochReplay, Segment, choose_layout
 from .pipeline import ShardStream
 
@@ -21,9 +22,13 @@ if TYPE_CHECKING:
 
 
 class TrainFeed:
-    def __init__(self, stream: ShardStream, rank: int, world_size: int, train_cfg: TrainConfig, debug: bool = False):
+    def __init__(self, stream: ShardStream, rank: int, world_size: int, train_cfg: TrainConfig, debug: bool = False,
+                 elastic: str = "keep_global_batch", log: Callable[[str], None] = print):
         self.stream, self.rank, self.world_size = stream, rank, world_size
-        self.train_cfg, self.debug = train_cfg, debug
+        self.train_cfg, self.debug, self.elastic, self.log = train_cfg, debug, elastic, log
+        self.configured = (stream.batch_size, train_cfg.grad_accum)  # this run's data.batch_size, train.grad_accum
+        self.relaid: list[Callable[[TrainFeed], None]] = []  # told when a resume re-chose the batch layout
+        self.step = 0  # optimizer steps whose micro-batches were handed out
         self.grad_accum = stream.grad_accum
         self.steps_per_epoch = stream.steps_per_epoch
         self.total_steps = plan_total_steps(train_cfg, self.steps_per_epoch, debug)
@@ -43,10 +48,24 @@ class TrainFeed:
             if seg.num_workers != stream.num_workers:  # resumed with another data.num_workers: the workers
                 # split the shards, so the epoch ends in the order it began; the new count from the next one
                 stream = self._relayout(seg)
-            return stream.epoch(epoch, start=done * self.grad_accum)
+            return self._counted(stream.epoch(epoch, start=done * self.grad_accum), step)
         stream = self._relayout(seg)
         items = EpochReplay(stream, epoch, segments).assignment(self.rank)
-        return stream.dealt_epoch(epoch, len(segments) - 1, items, start=(done - seg.start) * seg.grad_accum)
+        return self._counted(stream.dealt_epoch(epoch, len(segments) - 1, items,
+                                                start=(done - seg.start) * seg.grad_accum), step)
+
+    def _counted(self, micro_batches: Iterator, step: int) -> Iterator:
+        """The micro-batches, counting the steps handed out (a step's last micro-batch counts it: the loop
+        trains a step before it asks for the next)."""
+        self.step = step
+        try:
+            for i, batch in enumerate(micro_batches, 1):
+                if i % self.grad_accum == 0:
+                    self.step += 1
+                yield batch
+        finally:
+            if hasattr(micro_batches, "close"):
+                micro_batches.close()
 
     def _relayout(self, seg: Segment) -> ShardStream:
         return self.stream.relayout(rank=self.rank, world_size=seg.world_size, batch_size=seg.batch_size,
@@ -54,24 +73,33 @@ class TrainFeed:
                                     steps_per_epoch=self.steps_per_epoch)
 
     def state_dict(self) -> dict:
-        return self.position.state_dict()
+        return {**self.position.state_dict(), "step": self.step, "batch": list(self.configured)}
 
-    def resume(self, saved: dict, step: int, config: dict, elastic: str, log: Callable[[str], None]) -> bool:
+    def load_state_dict(self, saved: dict) -> None:
         """Per-rank batch, accumulation and data position from a checkpoint's, whatever number of ranks wrote
         it: on another number, the same global batch (and steps per epoch, so the same schedule), and the rest
-        of an interrupted epoch dealt over the new ranks. -> True when the layout changed (the engine must
-        accumulate `grad_accum` micro-batches)."""
-        world = self.world_size
+        of an interrupted epoch dealt over the new ranks. The `relaid` callbacks hear of a changed layout
+        (the engine must accumulate `grad_accum` micro-batches, the schedule span `total_steps`)."""
+        if self.resume(saved, saved["step"], saved["batch"]):
+            for tell in self.relaid:
+                tell(self)
+        if saved["steps_per_epoch"] != self.steps_per_epoch:
+            raise CheckpointError(f"checkpoint: it has {saved['steps_per_epoch']} steps per epoch, this config "
+                              f"{self.steps_per_epoch}; data or batch settings changed since it was written")
+        self.step = saved["step"]
+
+    def resume(self, saved: dict, step: int, batch: list) -> bool:
+        """-> True when the layout changed."""
+        world, log = self.world_size, self.log
         old = Segment(*saved["segments"][-1])
         changed = False
         if old.world_size != world:
-            layout = choose_layout(saved["global_batch"], world, old.batch_size, elastic)
+            layout = choose_layout(saved["global_batch"], world, old.batch_size, self.elastic)
             log(describe_resize(old, world, layout, saved["global_batch"], saved["steps_per_epoch"]))
             self.use_layout(layout, saved["steps_per_epoch"])
             changed = True
         elif (old.batch_size, old.grad_accum) != (self.stream.batch_size, self.grad_accum) and \
-                (self.stream.batch_size, self.train_cfg.grad_accum) == \
-                (config["data"]["batch_size"], config["train"]["grad_accum"]):
+                self.configured == tuple(batch):
             # chosen by an earlier resume on another number of ranks: keep it (a batch setting the user
             # changed since is not overridden; the steps-per-epoch check speaks for it)
             self.use_layout(BatchLayout(old.batch_size, old.grad_accum), saved["steps_per_epoch"])
