@@ -10,11 +10,12 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 
@@ -426,9 +427,21 @@ class WandbConfig(Section):
     """Log checkpoints as W&B artifacts (`checkpoint-<run id>`, type model) once published and checksummed,
     from the save thread: `best`: each new best (alias `best`); `all`: every save (alias `latest`, and `best`
     when it is one). false: none. A full copy per version unless checkpoint_references."""
-    checkpoint_references: bool = False
-    """Log checkpoint artifacts as `file://` references (paths and checksums only, nothing copied or
-    uploaded): for a shared file system every reader can reach; the files stay where keep_last leaves them."""
+    checkpoint_references: Union[bool, str] = False
+    """Log checkpoint artifacts as references, nothing copied or uploaded. true: `file://` URIs of the step
+    directory's files (paths and checksums), for a shared file system every reader can reach; the files stay
+    where keep_last leaves them. An `s3://bucket/prefix` the checkpoint directory is mirrored to: the URI
+    `<prefix>/step-N`, unchecksummed (nothing is read from the bucket; needs boto3; syncing is yours)."""
+
+    @field_validator("checkpoint_references", mode="before")
+    @classmethod
+    def _reference_scheme(cls, value: Any) -> Union[bool, str]:
+        if isinstance(value, bool):
+            return value
+        if not (isinstance(value, str) and re.fullmatch(r"s3://[^/\s]+(/\S*)?", value)):
+            raise PydanticCustomError("reference", "must be true, false or an s3:// prefix (s3://bucket/path) "
+                                                   "the checkpoint directory is mirrored to")
+        return value.rstrip("/")
 
 
 class Config(Section):

@@ -14,6 +14,7 @@ handlers, change the level (`dtrain -q` / `-v` on the command line), or remove o
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -100,6 +101,10 @@ class WandbRun(MetricsLogger):
         # dropout mask after it and break bit-exact resume
         self.id = run_id or secrets.token_hex(6)
         self.log_checkpoints, self.references = cfg.log_checkpoints, cfg.checkpoint_references
+        if cfg.log_checkpoints and isinstance(self.references, str) and importlib.util.find_spec("boto3") is None:
+            # wandb's S3 handler imports boto3 (and builds a client) for every s3:// reference, checksum or not
+            raise ConfigError(f"config: wandb.checkpoint_references={self.references} needs the boto3 package "
+                              "(W&B's s3:// references import it); pip install 'wandb[aws]'")
         settings = wandb.Settings(console="off", save_code=False, disable_git=True, disable_job_creation=True,
                                   silent=True)
         self.run = wandb.init(project=cfg.project, entity=cfg.entity, group=cfg.group, tags=list(cfg.tags),
@@ -118,7 +123,8 @@ class WandbRun(MetricsLogger):
     def log_checkpoint(self, path: Path, step: int, best: bool) -> None:
         """A published checkpoint (complete, its manifest's checksums written) as a version of the artifact
         `checkpoint-<run id>`, aliases `latest` and, for a best one, `best`. Called from the save thread: W&B
-        hashes (or, by reference, lists) the files there and uploads from its own process."""
+        hashes and stages (or, by file:// reference, lists and hashes) the files there and uploads from its
+        own process; an s3:// reference is the URI alone."""
         if not self.log_checkpoints or (self.log_checkpoints == "best" and not best):
             return
         import wandb
@@ -127,7 +133,11 @@ class WandbRun(MetricsLogger):
         artifact = wandb.Artifact(f"checkpoint-{self.id}", type="model",
                                   metadata={"step": step, "best": best, "world_size": manifest["world_size"],
                                             "config_hash": manifest["config_hash"]})
-        if self.references:
+        if isinstance(self.references, str):
+            # the step directory's URI in the bucket it is mirrored to, unchecksummed: W&B records the URI and
+            # reads nothing (the mirror may lag; with a checksum W&B would list every object now)
+            artifact.add_reference(f"{self.references}/{path.name}", name=path.name, checksum=False)
+        elif self.references:
             artifact.add_reference(path.resolve().as_uri(), name=path.name)
         else:
             artifact.add_dir(str(path), name=path.name)

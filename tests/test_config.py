@@ -22,6 +22,7 @@ def test_defaults_file_and_override_precedence(tmp_path):
     ("train.epochs=2.5", "train.epochs: Input should be a valid integer"),
     ("model.hidden=[4]", "'model.hidden' is now an argument of dtrain's model factories: model.kwargs.hidden"),
     ("model.name=cnn", "'model.name' is now model.factory"),
+    ("wandb.checkpoint_references=gs://b/c", "wandb.checkpoint_references: must be true, false or an s3:// prefix"),
 ])
 def test_bad_values_name_the_key(override, expected):
     with pytest.raises(ConfigError, match=None) as err:

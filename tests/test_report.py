@@ -2,6 +2,7 @@
 
 import json
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -9,13 +10,16 @@ import torch
 
 from conftest import CONFIGS, metrics_of, result_of, run_dtrain
 from dtrain import dist
+from dtrain.checkpoint import Checkpointer
 from dtrain.cli import main
-from dtrain.config import load_config
-from dtrain.logging import NullLogger, build_logger, redact
+from dtrain.config import ConfigError, load_config
+from dtrain.logging import NullLogger, WandbRun, build_logger, redact
 from dtrain.optim import Schedule
 from dtrain.redaction import secret_values
 from dtrain.plot import plot_run
 from wandb_records import read_run
+
+SINGLE = dist.DistInfo("single", 0, 0, 1, torch.device("cpu"), None)
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +173,43 @@ def test_checkpoints_as_wandb_artifacts_read_back_from_the_offline_run(tmp_path,
     assert run["artifacts"] and all("best" in a["aliases"] for a in run["artifacts"])  # W&B adds `latest` itself
     best = (run_dir / "checkpoints" / "best").resolve()
     assert any(ref == (best / "state.pt").as_uri() for a in run["artifacts"] for ref in a["files"].values())
+
+
+def test_checkpoint_artifact_as_an_s3_reference_records_the_uri_and_reads_nothing(tmp_path, monkeypatch):
+    """wandb.checkpoint_references=s3://...: the step directory's URI under the prefix, unchecksummed. W&B's S3
+    handler imports boto3 and builds a client even then, but no request may leave: nothing is listed or read."""
+    pytest.importorskip("wandb")
+    pytest.importorskip("boto3")
+    import botocore.httpsession
+
+    sent = []
+
+    def no_network(session, request):
+        sent.append(request.url)
+        raise AssertionError(f"a request to {request.url}")
+    monkeypatch.setattr(botocore.httpsession.URLLib3Session, "send", no_network)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)  # no credentials at log time
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    # without credentials boto3 would ask the EC2 instance metadata service for some while building the client
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    cfg = load_config(None, ["wandb.enabled=true", "wandb.log_checkpoints=all",
+                             "wandb.checkpoint_references=s3://bucket/runs/r/checkpoints/"])
+    run = WandbRun(cfg.wandb, tmp_path, {"run": {"name": "r"}}, None)
+    checkpointer = Checkpointer(tmp_path / "checkpoints", 2, SINGLE, "h")
+    checkpointer.published = run.log_checkpoint  # as the trainer wires it: on the save path
+    checkpointer.save(3, {"w": torch.zeros(4)}, {}, best=True)
+    run.close()
+    [artifact] = read_run(next(tmp_path.glob("wandb/offline-run-*/run-*.wandb")))["artifacts"]
+    assert artifact["files"] == {"step-00000003": "s3://bucket/runs/r/checkpoints/step-00000003"} and sent == []
+    assert {"step-3", "latest", "best"} <= set(artifact["aliases"]) and artifact["metadata"]["step"] == 3
+
+
+def test_s3_references_without_boto3_are_one_line_at_start(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setitem(sys.modules, "boto3", None)  # as if not installed
+    cfg = load_config(None, ["wandb.enabled=true", "wandb.log_checkpoints=best", "wandb.checkpoint_references=s3://b/c"])
+    with pytest.raises(ConfigError, match=r"s3://b/c needs the boto3 package .*pip install 'wandb\[aws\]'$"):
+        WandbRun(cfg.wandb, tmp_path, {}, None)
+    assert not (tmp_path / "wandb").exists()  # refused before the run started
