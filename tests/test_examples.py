@@ -58,31 +58,5 @@ def test_text_snippet_example_learns_from_the_config(tmp_path):
     assert result["step"] == 200 and result["test/f1"] > 0.45, result  # 4 classes: chance is 0.25; 0.61 seen
 
 
-@pytest.mark.multiproc
-def test_text_snippet_script_on_two_ranks_resumes_exactly_after_sigterm(tmp_path):
-    """The script route under torchrun: hooks handed in on 2 ranks (start-up check on), stopped by SIGTERM
-    on one rank and resumed, against an uninterrupted run: the same weights and the same test metrics."""
-    import json
-    import signal
-    import uuid
-    import torch
-    from conftest import final_params, latest_logged_step, run_torchrun, start, torchrun_cmd, wait_for, workers
-    script = REPO / "examples" / "snippets_script.py"
-    args = ["log.progress=false", "train.log_every=1", "checkpoint.every=5", "train.max_steps=30",
-            "train.val_every=15"]
-    straight = run_torchrun(2, args + ["run.name=straight"], tmp_path, script=script)
-    assert "world_size=2" in straight.stderr and "ok    shards" in straight.stderr
-    expected = result_of(straight)
-
-    tag, run = uuid.uuid4().hex, tmp_path / "runs" / "r"
-    proc = start(torchrun_cmd(2, args + ["run.name=r"], script=script), tmp_path, tag)
-    wait_for(lambda: latest_logged_step(run) >= 8, timeout=300, what="step 8")
-    os.kill(workers(tag, needle=script.name.encode())[1], signal.SIGTERM)  # one rank: all of them stop
-    out, err = proc.communicate(timeout=300)  # rank 0 exits 75; torchrun says 1 for any rank's non-zero exit
-    stopped = json.loads(out.strip().splitlines()[-1])
-    assert stopped["stop_reason"] == "signal:SIGTERM" and stopped["step"] < 30, err[-3000:]
-    resumed = run_torchrun(2, args + ["run.name=r"], tmp_path, script=script)
-    assert "resumed from" in resumed.stderr
-    assert result_of(resumed) == expected  # test loss, accuracy and the torchmetrics F1, to the last bit
-    a, b = final_params(tmp_path / "runs" / "straight"), final_params(run)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+# The script route on 2 ranks, stopped by SIGTERM and resumed to the same weights and test metrics: the
+# (script, torchrun, text, resume) cell of tests/test_matrix.py.

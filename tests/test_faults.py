@@ -212,6 +212,15 @@ def test_two_rank_resume_after_kill_is_bit_identical(tmp_path, data_root, straig
 
 
 @pytest.mark.multiproc
+def test_two_rank_resume_after_stop_at_step_is_bit_identical(tmp_path, straight_run):
+    """A planned stop (run.stop_at_step, mid-epoch) saves on every rank and the same command goes on."""
+    run_torchrun(2, RESUME_ARGS + ["run.name=r", "run.stop_at_step=25"], tmp_path)
+    proc = run_torchrun(2, RESUME_ARGS + ["run.name=r"], tmp_path)
+    assert "at step 25" in proc.stderr
+    assert_same_as_straight(tmp_path / "runs" / "r", straight_run)
+
+
+@pytest.mark.multiproc
 def test_torchrun_restart_resumes_automatically(tmp_path, straight_run):
     tag = uuid.uuid4().hex
     run = tmp_path / "runs" / "r"

@@ -328,7 +328,7 @@ def test_mismatch_hints_name_the_field_and_the_fix(model, x, hint):
 @pytest.mark.slow
 def test_hf_gpt2_script_under_torchrun_resumes_exactly_after_sigterm(tmp_path):
     from wandb_records import read_run
-    args = [f"data.root={tmp_path / 'data'}", "data.text_bytes=60000", "data.text_context=32", "data.batch_size=8",
+    args = [f"data.root={tmp_path / 'data'}", "data.text_bytes=30000", "data.text_context=32", "data.batch_size=8",
             "data.shard_size=100", "log.progress=false", "train.log_every=1", "checkpoint.every=10",
             "wandb.enabled=true", "wandb.project=tests"]
     straight = run_torchrun(2, args + ["run.name=straight"], tmp_path, script=SCRIPT)
@@ -340,7 +340,7 @@ def test_hf_gpt2_script_under_torchrun_resumes_exactly_after_sigterm(tmp_path):
 
     tag, run = uuid.uuid4().hex, tmp_path / "runs" / "r"
     proc = start(torchrun_cmd(2, args + ["run.name=r"], script=SCRIPT), tmp_path, tag)
-    wait_for(lambda: latest_logged_step(run) >= 12, what="step 12")  # of ~80
+    wait_for(lambda: latest_logged_step(run) >= 12, what="step 12")  # of ~40
     os.kill(workers(tag, needle=SCRIPT.name.encode())[0], signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     stopped = json.loads(out.strip().splitlines()[-1])
