@@ -245,21 +245,25 @@ dtrain.main(model=model)
 
 
 @pytest.mark.multiproc
-def test_rank_lost_during_start_up_is_one_line_on_its_peer(tmp_path, data_root):
-    """DDP's constructor talks to every rank (it checks and broadcasts the weights): a rank lost just
-    before it ends the others in dtrain's one line, not in gloo's traceback. Two hand-started ranks,
-    no launcher that would stop rank 0 first."""
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_rank_lost_during_start_up_is_one_line_on_its_peer_naming_it(tmp_path, data_root, engine):
+    """DDP's constructor talks to every rank (it checks and broadcasts the weights), FSDP's first step
+    all-gathers: a rank lost just before ends the others in dtrain's one line, not in gloo's traceback, and
+    that line names the lost rank (the roll call on the store), not only the rank that saw it. Two
+    hand-started ranks, no launcher that would stop rank 0 first."""
     script = tmp_path / "dies.py"
     script.write_text(DIES_AT_START_UP)
     env = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     procs = [subprocess.Popen([sys.executable, str(script), f"data.root={data_root}", "train.max_steps=2",
-                               "log.progress=false", "run.doctor=false"], cwd=tmp_path, env=_env({**env, "RANK": str(r)}),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+                               f"train.engine={engine}", "log.progress=false", "run.doctor=false"], cwd=tmp_path,
+                              env=_env({**env, "RANK": str(r)}), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, stdin=subprocess.DEVNULL)
              for r in (0, 1)]
     (_, err), _ = procs[0].communicate(timeout=120), procs[1].communicate(timeout=120)
     assert procs[0].returncode == 1 and "Traceback" not in err, err
-    assert err.strip().splitlines()[-1].startswith("dtrain: error: dist: ddp set-up (the first collective with every "
-                                                   "rank) failed on rank 0"), err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("dtrain: error: dist: ") and " failed on rank 0: rank 1 is gone or stuck (no answer " \
+        "within 3 s of the failure); " in last, err
 
 
 @pytest.mark.slow
