@@ -236,8 +236,8 @@ import torch.nn as nn
 import dtrain
 
 def model(input_shape, num_outputs):
-    if os.environ["RANK"] == "1":
-        os._exit(9)  # lost before DDP's constructor, which rank 0 is about to enter
+    if os.environ["RANK"] == os.environ["DIES"]:
+        os._exit(9)  # lost before the engine's set-up, which the other rank is about to enter
     return nn.Sequential(nn.Flatten(), nn.Linear(64, num_outputs))
 
 dtrain.main(model=model)
@@ -245,25 +245,30 @@ dtrain.main(model=model)
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
-def test_rank_lost_during_start_up_is_one_line_on_its_peer_naming_it(tmp_path, data_root, engine):
-    """DDP's constructor talks to every rank (it checks and broadcasts the weights), FSDP's first step
-    all-gathers: a rank lost just before ends the others in dtrain's one line, not in gloo's traceback, and
-    that line names the lost rank (the roll call on the store), not only the rank that saw it. Two
-    hand-started ranks, no launcher that would stop rank 0 first."""
+@pytest.mark.parametrize("engine, dies", [("ddp", 1), ("fsdp", 1), ("ddp", 0)])
+def test_rank_lost_during_start_up_is_one_line_on_its_peer_naming_it(tmp_path, data_root, engine, dies):
+    """A rank lost just before the engine's set-up (DDP's constructor broadcasts the weights; FSDP2's says
+    nothing to the other ranks, DeepSpeed's first makes groups: a barrier on each side) ends the other in
+    dtrain's one line, not in gloo's traceback, and that line names the lost rank (a roll call on the
+    store), not only the rank that saw it; rank 0 hosts the store, and its loss is said as such. Two
+    hand-started ranks, no launcher that would stop the other first."""
     script = tmp_path / "dies.py"
     script.write_text(DIES_AT_START_UP)
-    env = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    env = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "DIES": str(dies)}
     procs = [subprocess.Popen([sys.executable, str(script), f"data.root={data_root}", "train.max_steps=2",
                                f"train.engine={engine}", "log.progress=false", "run.doctor=false"], cwd=tmp_path,
                               env=_env({**env, "RANK": str(r)}), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, stdin=subprocess.DEVNULL)
              for r in (0, 1)]
-    (_, err), _ = procs[0].communicate(timeout=120), procs[1].communicate(timeout=120)
-    assert procs[0].returncode == 1 and "Traceback" not in err, err
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    survivor = 1 - dies
+    err = errs[survivor]
+    assert procs[survivor].returncode == 1 and "Traceback" not in err, err
+    lost = ("rank 1 is gone or stuck (no answer within 3 s of the failure); " if dies else
+            f"rank 0 (the rendezvous store, 127.0.0.1:{env['MASTER_PORT']}) is gone; ")
     last = err.strip().splitlines()[-1]
-    assert last.startswith("dtrain: error: dist: ") and " failed on rank 0: rank 1 is gone or stuck (no answer " \
-        "within 3 s of the failure); " in last, err
+    assert last.startswith(f"dtrain: error: dist: {engine} set-up (the first collective with every rank) failed on "
+                           f"rank {survivor}: {lost}"), err
 
 
 @pytest.mark.slow
