@@ -342,16 +342,12 @@ def setup(backend: str = "auto", timeout_s: float = 600.0, connect_timeout_s: fl
     store = _rendezvous(launch, connect_timeout_s)
     store.set_timeout(datetime.timedelta(seconds=timeout_s))  # from here on, collectives' patience
     try:
-        # Keys prefixed by torchrun's restart attempt: after `torchrun --max-restarts` restarts the workers,
-        # the agent's store still holds the killed attempt's keys, and groups made with new_group() (ours:
-        # checkpoint and stop-flag coordination) would read the dead workers' addresses ("connectFullMesh
-        # ... Connection refused").
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        attempt = _store_attempt()
         torchdist.init_process_group(backend, store=torchdist.PrefixStore(f"dtrain/attempt_{attempt}", store),
                                      rank=launch.global_rank, world_size=launch.world_size,
                                      timeout=datetime.timedelta(seconds=timeout_s),
                                      device_id=device if backend == "nccl" else None)
-        _ROLL_CALL.keep(store, f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{attempt}", launch.master_addr,
+        _ROLL_CALL.keep(store, attempt, launch.master_addr,
                         launch.master_port, "node 0's launcher" if _agent_hosts_store() else "rank 0",
                         hosted_here=launch.global_rank == 0 and not _agent_hosts_store())
     except Exception as e:  # a failure to join is a launch problem, not a bug
@@ -386,8 +382,7 @@ def _rendezvous(launch: Launch, timeout_s: float):
     except Exception as e:
         raise LaunchError(f"launcher: rank {launch.global_rank} could not {'open' if hosts_store else 'join'} "
                           f"the rendezvous at {where} ({_first_line(e)})") from None
-    # Count arrivals under a key unique to this launch attempt (torchrun's agent store outlives restarts).
-    key = f"dtrain/joined/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    key = f"dtrain/joined/{_store_attempt()}"
     # Poll rather than store.wait(): same bound, without a C++ warning when it runs out. The store's
     # host announces its timeout, then lingers a moment, so the others stop with this message too
     # instead of a broken connection.
@@ -411,8 +406,21 @@ def _rendezvous(launch: Launch, timeout_s: float):
 
 
 def _agent_hosts_store() -> bool:
-    """torchrun's and `dtrain launch`'s agent on node 0 hosts the store its workers share, else rank 0 does."""
+    """torchrun's agent on node 0 hosts the store its workers share, else rank 0 does (srun, by hand, and
+    `dtrain launch`, which asks torch's agent for a store of the workers' own at each re-formation)."""
     return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+
+
+def _store_attempt() -> str:
+    """This set of workers' name on the store they share, under which their keys go (the arrivals, the
+    process group's, the roll call). A store rank 0 opened is new with them. torchrun's agent store outlives
+    its restarts, and still holds the killed attempt's keys: groups made with new_group() (ours: checkpoint
+    and stop-flag coordination) would read the dead workers' addresses ("connectFullMesh ... Connection
+    refused"); there, torchrun's restart count (which is each agent's own count: a node that joins later
+    starts at 0, and a join is not counted, which is why `dtrain launch` does not use that store)."""
+    if not _agent_hosts_store():
+        return "0"
+    return f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 
 
 def _wait_reachable(addr: str, port: int, deadline: float, message: str) -> None:
