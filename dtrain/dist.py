@@ -70,15 +70,17 @@ class RollCall:
     (another thread's group) gets the same answer."""
 
     def __init__(self):
-        self.store, self.attempt, self.where, self.host, self.hosted_here, self.answer = None, "", ("", 0), "", False, None
         self.lock = threading.Lock()
+        self.keep(None, "", "", 0, "", hosted_here=False)
 
     def keep(self, store, attempt: str, addr: str, port: int, host: str, hosted_here: bool) -> None:
-        self.store, self.attempt, self.where, self.host, self.hosted_here = store, attempt, (addr, port), host, hosted_here
-        self.answer = None
+        """The store every rank shares, this set of workers' name on it, where it listens, who hosts it."""
+        self.store, self.attempt, self.where = store, attempt, (addr, port)
+        self.host, self.hosted_here, self.answer = host, hosted_here, None
 
     def lost(self, rank: int, world_size: int, wait_s: float = ROLL_CALL_S) -> str | None:
-        """'rank 1 is gone or stuck (...)', 'rank 0 (the rendezvous store) is gone', or None: nothing learned."""
+        """'rank 1 is gone or stuck (...)', 'rank 0 (the rendezvous store, HOST:PORT) is gone', or None when
+        nothing was learned."""
         if self.store is None or world_size < 2:
             return None
         with self.lock:

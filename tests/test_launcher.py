@@ -192,9 +192,9 @@ def elastic_node(cwd, target: list[str], endpoint: str, is_host: bool, extra: li
                  env: dict | None = None, last_call_s: int = 5) -> subprocess.Popen:
     """One "node": `dtrain launch --nnodes 1:2` with one worker, on the c10d rendezvous at `endpoint` (this
     machine, 127.0.0.1), in a process group of its own (a node lost: os.killpg)."""
-    return subprocess.Popen(launch_cmd(1, target, ["--nnodes", "1:2", "--rdzv-endpoint", endpoint, "--rdzv-id", "e",
-                                                   "--rdzv-conf", f"is_host={int(is_host)},last_call_timeout={last_call_s}",
-                                                   *extra]),
+    rdzv = ["--nnodes", "1:2", "--rdzv-endpoint", endpoint, "--rdzv-id", "e",
+            "--rdzv-conf", f"is_host={int(is_host)},last_call_timeout={last_call_s}"]
+    return subprocess.Popen(launch_cmd(1, target, [*rdzv, *extra]),
                             cwd=cwd, env=_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             stdin=subprocess.DEVNULL, start_new_session=True)
 
