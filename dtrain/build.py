@@ -182,13 +182,18 @@ def build_core(cfg: Config, info: dist.DistInfo, hooks: Optional[Hooks] = None, 
     scales = lr_scales(cfg.model.head, cfg.optim.backbone_lr_ratio) if cfg.optim.backbone_lr_ratio != 1 else None
     channels_last = cfg.model.channels_last if cfg.model.channels_last != "auto" else \
         device.type == "cuda" and has_convolutions(model)
-    # DDP, FSDP and DeepSpeed talk to every rank while they wrap the model (DDP checks and broadcasts the
-    # weights): a rank lost during start-up ends the others here, in one line, not in gloo's traceback
+    # DDP and DeepSpeed talk to every rank while they wrap the model (they broadcast the weights): a rank
+    # lost during start-up ends the others here, in one line naming it, not in gloo's traceback. A barrier
+    # on each side, because a barrier fails at once on a lost peer (its connection closes), while a new
+    # group waits dist.timeout_s for the lost rank's address in the store: DeepSpeed makes groups first,
+    # and FSDP2 shards locally without a word to the others, so ours (build_components) would be next.
     with dist.guard(f"{cfg.train.engine} set-up (the first collective with every rank)"):
+        dist.barrier()
         engine = build_engine(model, lambda module: build_optimizer(cfg.optim, module, scales, hooks.param_groups),
                               lambda optimizer: build_scheduler(cfg.schedule, optimizer, data.feed.total_steps),
                               cfg.train, info, cfg.deepspeed, cfg.data.batch_size, channels_last=channels_last,
                               fsdp_cfg=cfg.fsdp, log=log)
+        dist.barrier()
     evaluator = Evaluator(engine, forward, loss, metrics, facts.task, cfg.train.val_every, cfg.early_stop)
     return Core(data, engine, evaluator, freezer, flops)
 

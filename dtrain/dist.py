@@ -22,6 +22,7 @@ import re
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,11 +37,16 @@ class CollectiveError(RuntimeError):
     """A collective failed or timed out: a rank stalled, died or lost its connection."""
 
 
+ROLL_CALL_S = 3.0  # after a failed collective, how long the ranks that saw it wait to hear from each other
+
+
 @contextlib.contextmanager
 def guard(op: str):
-    """Turn a backend's failure inside `op` into one line naming the operation that got stuck."""
+    """Turn a backend's failure inside `op` into one line naming the operation, and the rank(s) lost."""
     try:
         yield
+    except CollectiveError:
+        raise  # an inner guard's line (its text says "timed out" too: not to be wrapped again)
     except RuntimeError as e:
         text = str(e)
         if not (isinstance(e, torchdist.DistError) or any(w in text for w in ("gloo", "Gloo", "NCCL", "Timed out",
@@ -48,8 +54,70 @@ def guard(op: str):
             raise
         rank = torchdist.get_rank() if _active() else 0
         first = next((l.strip() for l in text.splitlines() if l.strip()), type(e).__name__)
-        raise CollectiveError(f"dist: {op} failed on rank {rank}: {first[:300]} "
-                              "(another rank stalled, died or timed out; see dist.timeout_s)") from None
+        lost = _ROLL_CALL.lost(rank, torchdist.get_world_size()) if _active() else None
+        cause = f"{lost}; {first[:300]}" if lost else \
+            f"{first[:300]} (another rank stalled, died or timed out; see dist.timeout_s)"
+        raise CollectiveError(f"dist: {op} failed on rank {rank}: {cause}") from None
+
+
+class RollCall:
+    """Who is lost, asked on the store every rank shares (the one `setup` made), once a collective failed.
+
+    A backend's error names the rank that saw the failure, not the one that caused it. Each rank that saw
+    it answers under `dtrain/alive/<attempt>/<rank>` and waits up to ROLL_CALL_S for the others; the ranks
+    that did not answer are gone (or stuck). A store that cannot be reached is itself the answer: its host
+    is gone (rank 0's process, or node 0's launcher). Bounded, and asked once per process: a second failure
+    (another thread's group) gets the same answer."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.keep(None, "", "", 0, "", hosted_here=False)
+
+    def keep(self, store, attempt: str, addr: str, port: int, host: str, hosted_here: bool) -> None:
+        """The store every rank shares, this set of workers' name on it, where it listens, who hosts it."""
+        self.store, self.attempt, self.where = store, attempt, (addr, port)
+        self.host, self.hosted_here, self.answer = host, hosted_here, None
+
+    def lost(self, rank: int, world_size: int, wait_s: float = ROLL_CALL_S) -> str | None:
+        """'rank 1 is gone or stuck (...)', 'rank 0 (the rendezvous store, HOST:PORT) is gone', or None when
+        nothing was learned."""
+        if self.store is None or world_size < 2:
+            return None
+        with self.lock:
+            if self.answer is None:
+                self.answer = self._ask(rank, world_size, wait_s) or ""
+                if self.answer and self.hosted_here and world_size > 2:
+                    time.sleep(wait_s)  # the store lives in this process: keep it up for the others still asking
+        return self.answer or None
+
+    def _ask(self, rank: int, world_size: int, wait_s: float) -> str | None:
+        try:  # a plain socket first: a store whose host died is "connection refused" at once, while the
+            # store client would log a C++ stack trace before it said so
+            socket.create_connection(self.where, timeout=wait_s).close()
+        except OSError:
+            return f"{self.host} (the rendezvous store, {self.where[0]}:{self.where[1]}) is gone"
+        key = f"dtrain/alive/{self.attempt}"
+        deadline = time.monotonic() + wait_s
+        try:
+            self.store.set_timeout(datetime.timedelta(seconds=wait_s))  # no store call outlasts the roll call
+            self.store.set(f"{key}/{rank}", "1")
+            answered = self.store.add(f"{key}/count", 1)
+            while answered < world_size and time.monotonic() < deadline:
+                time.sleep(0.05)
+                answered = self.store.add(f"{key}/count", 0)
+            if answered >= world_size:
+                return None  # every rank is here: the failure is not a lost rank
+            missing = [r for r in range(world_size) if not self.store.check([f"{key}/{r}"])]
+        except Exception:  # the store went away meanwhile, or is too slow: nothing learned
+            return None
+        if not missing:
+            return None
+        named = ", ".join(map(str, missing[:8])) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        return (f"rank{'s' * (len(missing) > 1)} {named} {'are' if len(missing) > 1 else 'is'} gone or stuck "
+                f"(no answer within {wait_s:g} s of the failure)")
+
+
+_ROLL_CALL = RollCall()  # the job's store, kept by setup(): read only after a collective failed
 
 
 class LaunchError(RuntimeError):
@@ -276,15 +344,14 @@ def setup(backend: str = "auto", timeout_s: float = 600.0, connect_timeout_s: fl
     store = _rendezvous(launch, connect_timeout_s)
     store.set_timeout(datetime.timedelta(seconds=timeout_s))  # from here on, collectives' patience
     try:
-        # Keys prefixed by torchrun's restart attempt: after `torchrun --max-restarts` restarts the workers,
-        # the agent's store still holds the killed attempt's keys, and groups made with new_group() (ours:
-        # checkpoint and stop-flag coordination) would read the dead workers' addresses ("connectFullMesh
-        # ... Connection refused").
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        attempt = _store_attempt()
         torchdist.init_process_group(backend, store=torchdist.PrefixStore(f"dtrain/attempt_{attempt}", store),
                                      rank=launch.global_rank, world_size=launch.world_size,
                                      timeout=datetime.timedelta(seconds=timeout_s),
                                      device_id=device if backend == "nccl" else None)
+        _ROLL_CALL.keep(store, attempt, launch.master_addr,
+                        launch.master_port, "node 0's launcher" if _agent_hosts_store() else "rank 0",
+                        hosted_here=launch.global_rank == 0 and not _agent_hosts_store())
     except Exception as e:  # a failure to join is a launch problem, not a bug
         raise LaunchError(f"launcher: could not join the process group at {launch.master_addr}:"
                           f"{launch.master_port} ({type(e).__name__}: {_first_line(e)})") from None
@@ -303,7 +370,7 @@ def _rendezvous(launch: Launch, timeout_s: float):
     addr, port, where = launch.master_addr, launch.master_port, f"{launch.master_addr}:{launch.master_port}"
     hint = f"(dist.connect_timeout_s={timeout_s:g} sets how long to wait)"
     deadline = time.monotonic() + timeout_s
-    hosts_store = launch.global_rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    hosts_store = launch.global_rank == 0 and not _agent_hosts_store()
     if not hosts_store:
         # Probe with a plain socket first: TCPStore's own retries would also give up at the deadline,
         # but log a C++ stack trace per attempt.
@@ -317,8 +384,7 @@ def _rendezvous(launch: Launch, timeout_s: float):
     except Exception as e:
         raise LaunchError(f"launcher: rank {launch.global_rank} could not {'open' if hosts_store else 'join'} "
                           f"the rendezvous at {where} ({_first_line(e)})") from None
-    # Count arrivals under a key unique to this launch attempt (torchrun's agent store outlives restarts).
-    key = f"dtrain/joined/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    key = f"dtrain/joined/{_store_attempt()}"
     # Poll rather than store.wait(): same bound, without a C++ warning when it runs out. The store's
     # host announces its timeout, then lingers a moment, so the others stop with this message too
     # instead of a broken connection.
@@ -339,6 +405,24 @@ def _rendezvous(launch: Launch, timeout_s: float):
         raise LaunchError(f"launcher: {got} {launch.world_size} ranks joined at {where} within {timeout_s:g} s; "
                           f"start every rank (WORLD_SIZE={launch.world_size}) {hint}")
     return store
+
+
+def _agent_hosts_store() -> bool:
+    """torchrun's agent on node 0 hosts the store its workers share, else rank 0 does (srun, by hand, and
+    `dtrain launch`, which asks torch's agent for a store of the workers' own at each re-formation)."""
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+
+
+def _store_attempt() -> str:
+    """This set of workers' name on the store they share, under which their keys go (the arrivals, the
+    process group's, the roll call). A store rank 0 opened is new with them. torchrun's agent store outlives
+    its restarts, and still holds the killed attempt's keys: groups made with new_group() (ours: checkpoint
+    and stop-flag coordination) would read the dead workers' addresses ("connectFullMesh ... Connection
+    refused"); there, torchrun's restart count (which is each agent's own count: a node that joins later
+    starts at 0, and a join is not counted, which is why `dtrain launch` does not use that store)."""
+    if not _agent_hosts_store():
+        return "0"
+    return f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 
 
 def _wait_reachable(addr: str, port: int, deadline: float, message: str) -> None:
@@ -430,7 +514,8 @@ def new_cpu_group(timeout_s: float):
     collectives must be created in the same order on every rank. None in single mode."""
     if not _active():
         return None
-    return torchdist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    with guard("group set-up (every rank's address, through the store)"):
+        return torchdist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def broadcast_object(obj, src: int = 0):

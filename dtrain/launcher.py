@@ -143,6 +143,12 @@ def _run_agent(args, nproc, min_nodes, max_nodes, entry, run_dir, logs) -> int:
                           rdzv_configs=rdzv_configs, max_restarts=args.max_restarts, signals_to_handle=FORWARDED,
                           logs_specs=DefaultLogsSpecs(), shutdown_timeout=int(args.stop_timeout))
     os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = config.signals_to_handle  # as launch_agent does
+    # The workers' store: each re-formation a new one, opened by its rank 0 on a port node 0's agent picks
+    # and publishes in that round of the rendezvous (torch's opt-out of sharing the agent's store). With the
+    # shared store (torch's default) a node that joins later never gets in: torch 2.13's c10d handler
+    # publishes the store's address in the first round only, so the newcomer waits for it (60 s) and both
+    # agents fail. A new store also holds no keys of the workers before, whatever each agent's restart count.
+    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
 
     def stop(signum, frame):  # the agent's own handler, installed now: a signal during the rendezvous
         raise SignalException(f"got {signal.Signals(signum).name}", sigval=signal.Signals(signum))
@@ -342,16 +348,22 @@ def _agent_class():
             return result
 
         def _restart_workers(self, worker_group):
-            self._stop_workers(worker_group)
+            joining = self.cause is None  # torch's agent saw a node waiting to join: not counted as a restart
+            if joining:  # the workers save on SIGTERM: --stop-timeout to do it
+                self._shutdown(timeout=self._shutdown_timeout)
+            else:  # what is left of a failed group: torch's fixed 30 s before SIGKILL
+                self._stop_workers(worker_group)
             worker_group.state = WorkerState.STOPPED
-            if self.cause is not None:  # a failure (not a node joining)
-                self.restarts += 1
-                step = newest_checkpoint_step(self.run_dir)
-                say(f"launch: {self.cause}; restart {self.restarts} of {worker_group.spec.max_restarts}: all "
-                    f"workers resume from {f'step {step}' if step is not None else 'the start (no checkpoint yet)'}")
-                self.cause = None
+            step = newest_checkpoint_step(self.run_dir)
+            resume = f"step {step}" if step is not None else "the start (no checkpoint yet)"
+            if joining:
+                say(f"launch: a node is waiting to join: the workers saved and re-form with it; all workers "
+                    f"resume from {resume}")
             else:
-                say("launch: a node joined or left: the workers re-form and resume from the newest checkpoint")
+                self.restarts += 1
+                say(f"launch: {self.cause}; restart {self.restarts} of {worker_group.spec.max_restarts}: all "
+                    f"workers resume from {resume}")
+                self.cause = None
             self._initialize_workers(worker_group)
 
     return Agent

@@ -20,7 +20,7 @@ import torch
 from conftest import (REPO, _env, final_params, key_log, latest_logged_step, metrics_of, result_of, run_dtrain,
                       run_torchrun, start, torchrun_cmd, wait_for, workers)
 from dtrain.checkpoint import CheckpointError, Checkpointer, Snapshot, safe_load, verify
-from dtrain.dist import DistInfo
+from dtrain.dist import ROLL_CALL_S, DistInfo
 
 SINGLE = DistInfo("single", 0, 0, 1, torch.device("cpu"), None)
 
@@ -303,7 +303,8 @@ def test_sigint_stops_cleanly_and_second_sigint_aborts(tmp_path, data_root):
 @pytest.mark.multiproc
 def test_stalled_rank_ends_the_job_within_the_timeout(tmp_path, data_root):
     """Rank 1 is frozen with SIGSTOP (a real stall: it can run no code at all). Rank 0, waiting for it in
-    a collective, must give up after dist.timeout_s with one line naming the operation. torchrun then
+    a collective, must give up after dist.timeout_s with one line naming the operation and, after a roll call
+    on the store (ROLL_CALL_S), the rank that did not answer. torchrun then
     ends the job; for a worker that cannot honour SIGTERM (a stopped process) torch 2.13's agent waits a
     fixed 30 s before SIGKILL, whatever --shutdown-timeout says (that flag applies to signals sent to
     torchrun itself), so the job's end is bounded by timeout + 30 s."""
@@ -335,9 +336,11 @@ def test_stalled_rank_ends_the_job_within_the_timeout(tmp_path, data_root):
     # most steps, but the stall can land just before an end-of-epoch evaluation or best-checkpoint save
     ops = ("gradient all-reduce", "stop-flag all-reduce", "loss all-reduce", "metrics all-reduce",
            "checkpoint save")
-    assert any(f"dist: {op}" in line for op in ops) and "failed on rank 0" in line and "Timed out" in line, line
-    assert timeout_s - 1 < elapsed < timeout_s + 5, f"rank 0 reported the stall after {elapsed:.1f} s"
-    assert ended < timeout_s + 30 + 10, f"the job took {ended:.1f} s to end"
+    assert any(f"dist: {op}" in line for op in ops) and "failed on rank 0: rank 1 is gone or stuck" in line, line
+    assert "Timed out" in line, line
+    # after the timeout, the roll call: rank 0 waits ROLL_CALL_S for rank 1's answer, which never comes
+    assert timeout_s - 1 < elapsed < timeout_s + ROLL_CALL_S + 5, f"rank 0 reported the stall after {elapsed:.1f} s"
+    assert ended < timeout_s + ROLL_CALL_S + 30 + 10, f"the job took {ended:.1f} s to end"
 
 
 @pytest.mark.multiproc
@@ -363,7 +366,8 @@ def test_rank_sleeping_in_a_step_ends_the_job_within_the_timeout(tmp_path, data_
         proc.kill()
     ended, stderr = time.monotonic() - (reported or 0), "".join(lines)
     assert proc.returncode != 0
-    assert "dtrain: error: dist: gradient all-reduce (train step) failed on rank 0" in stderr, stderr[-3000:]
+    assert "dtrain: error: dist: gradient all-reduce (train step) failed on rank 0: rank 1 is gone or stuck" \
+        in stderr, stderr[-3000:]
     assert "this rank is stuck; exiting now" in stderr, stderr[-3000:]
     assert ended < 10, f"the job took {ended:.1f} s to end after rank 0 reported the timeout"
 

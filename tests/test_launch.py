@@ -125,6 +125,28 @@ def assert_one_line_error(proc, message: str):
     assert len(lines) == 1 and lines[0].startswith("dtrain: error: launcher: ") and message in lines[0], proc.stderr
 
 
+def test_roll_call_names_the_ranks_that_do_not_answer_or_the_stores_host():
+    """After a failed collective each rank answers on the shared store: the silent ones are named; a store
+    nobody answers at names its host; all present, or nothing learned, is no answer (the guard's old text)."""
+    import datetime
+    store = torch.distributed.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False,
+                                       timeout=datetime.timedelta(seconds=5))
+    store.set("dtrain/alive/a/2", "1")  # rank 2 already answered
+    store.add("dtrain/alive/a/count", 1)
+    call = dist.RollCall()
+    call.keep(store, "a", "127.0.0.1", store.port, "rank 0", hosted_here=False)
+    assert call.lost(0, 4, wait_s=0.3) == "ranks 1, 3 are gone or stuck (no answer within 0.3 s of the failure)"
+    assert call.lost(0, 4, wait_s=0.3) == call.answer  # asked once
+    call.keep(store, "b", "127.0.0.1", store.port, "rank 0", hosted_here=False)
+    store.set("dtrain/alive/b/1", "1")
+    store.add("dtrain/alive/b/count", 1)
+    assert call.lost(0, 2, wait_s=5) is None  # everybody is here, at once: not a lost rank
+    gone = free_port()  # nothing listens there
+    call.keep(store, "c", "127.0.0.1", gone, "node 0's launcher", hosted_here=False)
+    assert call.lost(1, 2) == f"node 0's launcher (the rendezvous store, 127.0.0.1:{gone}) is gone"
+    assert dist.RollCall().lost(0, 2) is None  # no store kept (single process)
+
+
 def test_world_size_without_rank_fails_at_once(tmp_path):
     proc, took = run_timed({"WORLD_SIZE": "2"}, cwd=tmp_path)
     assert_one_line_error(proc, "WORLD_SIZE set but RANK, MASTER_ADDR, MASTER_PORT missing")

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import (_env, free_port, latest_logged_step, result_of, run_dtrain, run_torchrun, start,
+from conftest import (REPO, _env, free_port, latest_logged_step, result_of, run_dtrain, run_torchrun, start,
                       torchrun_cmd, wait_for, workers)
 from dtrain import launcher, worker
 from test_faults import RESUME_ARGS, assert_same_as_straight
@@ -188,6 +188,25 @@ def test_under_torchrun_an_error_every_rank_meets_is_one_line_and_names_itself_i
     assert "traceback : dtrain: error: data: " in proc.stderr and 'File "' not in proc.stderr.split("dtrain FAILED")[1]
 
 
+def elastic_node(cwd, target: list[str], endpoint: str, is_host: bool, extra: list[str] = (),
+                 env: dict | None = None, last_call_s: int = 5) -> subprocess.Popen:
+    """One "node": `dtrain launch --nnodes 1:2` with one worker, on the c10d rendezvous at `endpoint` (this
+    machine, 127.0.0.1), in a process group of its own (a node lost: os.killpg)."""
+    rdzv = ["--nnodes", "1:2", "--rdzv-endpoint", endpoint, "--rdzv-id", "e",
+            "--rdzv-conf", f"is_host={int(is_host)},last_call_timeout={last_call_s}"]
+    return subprocess.Popen(launch_cmd(1, target, [*rdzv, *extra]),
+                            cwd=cwd, env=_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def elastic_args(data_root, batch_size: int = 48) -> list[str]:
+    """test_elastic's run (13 steps of a global batch 96 per epoch, 2 epochs, sample keys logged), checkpoints
+    every 3 steps; `batch_size` per rank."""
+    from test_elastic import ARGS
+    return [a for a in ARGS if not a.startswith("data.batch_size=")] + [
+        f"data.batch_size={batch_size}", f"data.root={data_root}", "checkpoint.every=3"]
+
+
 @pytest.mark.slow
 @pytest.mark.multiproc
 def test_elastic_two_nodes_lose_one_and_finish_on_the_other(tmp_path, data_root):
@@ -195,19 +214,16 @@ def test_elastic_two_nodes_lose_one_and_finish_on_the_other(tmp_path, data_root)
     worker each). Node B is lost mid-run (its launcher's process group and its worker SIGKILLed); node A's
     agent re-forms alone and resumes on 1 rank through dtrain's elastic resume: the interrupted epoch reads
     every sample of the uninterrupted 2-rank run's epoch once, the next epoch is a full one."""
-    from test_elastic import ARGS, STEPS_PER_EPOCH, epoch_keys
-    args = ARGS + [f"data.root={data_root}", "checkpoint.every=3"]
+    from test_elastic import STEPS_PER_EPOCH, epoch_keys
+    args = elastic_args(data_root)
     straight = launch(2, args + ["run.name=straight"], tmp_path)
     assert straight.returncode == 0, straight.stderr
 
     endpoint = f"127.0.0.1:{free_port()}"
     run = tmp_path / "runs" / "e"
     tags = {node: uuid.uuid4().hex for node in "AB"}
-    nodes = {node: subprocess.Popen(launch_cmd(1, args + ["run.name=e"], [
-        "--nnodes", "1:2", "--rdzv-endpoint", endpoint, "--rdzv-id", "e", "--max-restarts", "2",
-        "--rdzv-conf", f"is_host={int(node == 'A')},last_call_timeout=5"]), cwd=tmp_path,
-        env=_env({"DTRAIN_TEST_TAG": tags[node]}), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        stdin=subprocess.DEVNULL, start_new_session=True) for node in "AB"}  # a process group per "node"
+    nodes = {node: elastic_node(tmp_path, args + ["run.name=e"], endpoint, node == "A", ["--max-restarts", "2"],
+                                {"DTRAIN_TEST_TAG": tags[node]}) for node in "AB"}
     try:
         wait_for(lambda: latest_logged_step(run) >= 7 and launcher.newest_checkpoint_step(run), timeout=240,
                  what="step 7 on two nodes")
@@ -230,14 +246,47 @@ def test_elastic_two_nodes_lose_one_and_finish_on_the_other(tmp_path, data_root)
     assert sum(epoch_keys(run, 1).values()) == 96 * STEPS_PER_EPOCH
 
 
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_elastic_node_that_joins_is_taken_in_at_the_next_re_formation(tmp_path, data_root):
+    """Node A (`dtrain launch --nnodes 1:2`, one worker) trains alone, a second per step (tests/sleepy_rank.py:
+    slow enough for node B to arrive mid-epoch). torch's agent on A sees B waiting and stops A's worker
+    (SIGTERM: it saves), and the two re-form as 2 ranks, which is no restart (--max-restarts 0), resuming
+    through dtrain's elastic resume: the interrupted epoch reads the 1-rank run's samples once each, the next
+    is a full 2-rank epoch. (Joins need a store per re-formation: see _run_agent.)"""
+    from test_elastic import STEPS_PER_EPOCH, epoch_keys
+    args = elastic_args(data_root, batch_size=96)  # 1 rank, then 2 of 48: the same global batch throughout
+    run_dtrain(args + ["run.name=straight"], tmp_path)  # the 1-rank reference, in this process
+    endpoint = f"127.0.0.1:{free_port()}"
+    run = tmp_path / "runs" / "j"
+    target = [str(REPO / "tests" / "sleepy_rank.py"), *args, "run.name=j"]
+    nodes = {"A": elastic_node(tmp_path, target, endpoint, True, env={"SLOW_ALONE_S": "1"}, last_call_s=1)}
+    try:
+        wait_for(lambda: latest_logged_step(run) >= 2, timeout=120, what="step 2 on node A alone")
+        nodes["B"] = elastic_node(tmp_path, target, endpoint, False, env={"SLOW_ALONE_S": "1"}, last_call_s=1)
+        (_, err), (_, err_b) = nodes["A"].communicate(timeout=240), nodes["B"].communicate(timeout=60)
+    finally:
+        for p in nodes.values():
+            if p.poll() is None:
+                p.kill()
+    assert nodes["A"].returncode == nodes["B"].returncode == 0, err[-3000:] + err_b[-3000:]
+    joined = [l for l in err.splitlines() if l.startswith("launch: a node is waiting to join")]
+    assert len(joined) == 1 and "restart 1 of" not in err, err[-3000:]
+    assert json.loads((run / "summary.json").read_text())["stop_reason"] == "completed"
+    logs = "".join(p.read_text() for p in (run / "logs").glob("rank-*.log"))
+    assert "world_size=1" in logs and "world_size=2" in logs and "resume: 1 -> 2 ranks" in logs, logs[-3000:]
+    assert epoch_keys(run, 0) == epoch_keys(tmp_path / "runs" / "straight", 0)  # none twice, none lost
+    assert sum(epoch_keys(run, 1).values()) == 96 * STEPS_PER_EPOCH
+
+
 DIES_AT_START_UP = '''
 import os
 import torch.nn as nn
 import dtrain
 
 def model(input_shape, num_outputs):
-    if os.environ["RANK"] == "1":
-        os._exit(9)  # lost before DDP's constructor, which rank 0 is about to enter
+    if os.environ["RANK"] == os.environ["DIES"]:
+        os._exit(9)  # lost before the engine's set-up, which the other rank is about to enter
     return nn.Sequential(nn.Flatten(), nn.Linear(64, num_outputs))
 
 dtrain.main(model=model)
@@ -245,21 +294,30 @@ dtrain.main(model=model)
 
 
 @pytest.mark.multiproc
-def test_rank_lost_during_start_up_is_one_line_on_its_peer(tmp_path, data_root):
-    """DDP's constructor talks to every rank (it checks and broadcasts the weights): a rank lost just
-    before it ends the others in dtrain's one line, not in gloo's traceback. Two hand-started ranks,
-    no launcher that would stop rank 0 first."""
+@pytest.mark.parametrize("engine, dies", [("ddp", 1), ("fsdp", 1), ("ddp", 0)])
+def test_rank_lost_during_start_up_is_one_line_on_its_peer_naming_it(tmp_path, data_root, engine, dies):
+    """A rank lost just before the engine's set-up (DDP's constructor broadcasts the weights; FSDP2's says
+    nothing to the other ranks, DeepSpeed's first makes groups: a barrier on each side) ends the other in
+    dtrain's one line, not in gloo's traceback, and that line names the lost rank (a roll call on the
+    store), not only the rank that saw it; rank 0 hosts the store, and its loss is said as such. Two
+    hand-started ranks, no launcher that would stop the other first."""
     script = tmp_path / "dies.py"
     script.write_text(DIES_AT_START_UP)
-    env = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    env = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "DIES": str(dies)}
     procs = [subprocess.Popen([sys.executable, str(script), f"data.root={data_root}", "train.max_steps=2",
-                               "log.progress=false", "run.doctor=false"], cwd=tmp_path, env=_env({**env, "RANK": str(r)}),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+                               f"train.engine={engine}", "log.progress=false", "run.doctor=false"], cwd=tmp_path,
+                              env=_env({**env, "RANK": str(r)}), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, stdin=subprocess.DEVNULL)
              for r in (0, 1)]
-    (_, err), _ = procs[0].communicate(timeout=120), procs[1].communicate(timeout=120)
-    assert procs[0].returncode == 1 and "Traceback" not in err, err
-    assert err.strip().splitlines()[-1].startswith("dtrain: error: dist: ddp set-up (the first collective with every "
-                                                   "rank) failed on rank 0"), err
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    survivor = 1 - dies
+    err = errs[survivor]
+    assert procs[survivor].returncode == 1 and "Traceback" not in err, err
+    lost = ("rank 1 is gone or stuck (no answer within 3 s of the failure); " if dies else
+            f"rank 0 (the rendezvous store, 127.0.0.1:{env['MASTER_PORT']}) is gone; ")
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"dtrain: error: dist: {engine} set-up (the first collective with every rank) failed on "
+                           f"rank {survivor}: {lost}"), err
 
 
 @pytest.mark.slow
