@@ -178,7 +178,7 @@ def _run_agent(args, nproc, min_nodes, max_nodes, entry, run_dir, logs) -> int:
             spec.rdzv_handler.shutdown()
     if result.state == WorkerState.SUCCEEDED:
         return 0
-    return _report_failure(result.failures, logs, agent.restarts, agent.stall_cause())
+    return _report_failure(agent.causes(result.failures), logs, agent.restarts, agent.stall_cause())
 
 
 def _interrupted(agent, name: str, logs: Path) -> int:
@@ -309,6 +309,7 @@ def _agent_class():
             self.run_dir, self.logs, self.restarts, self.cause = run_dir, logs, 0, None
             self.stalls: dict[int, tuple[float, str, int | None]] = {}  # rank -> (since, state, step then)
             self.last_stall: str | None = None
+            self.killed: set[int] = set()  # stopped workers this agent SIGKILLed (not a failure's cause)
 
         def _watch_stalls(self, worker_group) -> None:
             """Each monitor tick (0.1 s): which local workers are stopped or stuck in I/O, since when. A
@@ -322,15 +323,36 @@ def _agent_class():
                 else:
                     self.stalls.pop(w.global_rank, None)
 
+        def _end_stopped_workers(self, worker_group) -> None:
+            """Once a worker has failed, torch's agent ends the others with SIGTERM and waits a fixed 30 s
+            for each; a stopped worker (SIGSTOP, a debugger) cannot honour SIGTERM, and the job would end
+            30 s later. It is SIGKILLed first (its last checkpoint is intact). (The agent's process context
+            is torch's own attribute, as the methods this class overrides.)"""
+            handlers = getattr(self._pcontext, "subprocess_handlers", None) or {}
+            if not any(h.proc.poll() not in (None, 0) for h in handlers.values()):
+                return
+            for w in worker_group.workers:
+                if w.id and process_state(w.id) in ("T", "t"):
+                    try:
+                        os.kill(w.id, signal.SIGKILL)
+                        self.killed.add(w.global_rank)
+                    except ProcessLookupError:
+                        pass
+
+        def causes(self, failures: dict) -> dict:
+            """The failures less the stopped workers this agent killed itself."""
+            return {r: f for r, f in failures.items() if r not in self.killed} or failures
+
         def stall_cause(self) -> str | None:
             return self.last_stall
 
         def _monitor_workers(self, worker_group):
             self._watch_stalls(worker_group)
             stalls = dict(self.stalls)  # the failure below closes every worker: keep what was seen first
+            self._end_stopped_workers(worker_group)
             result = super()._monitor_workers(worker_group)
             if result.state in (WorkerState.FAILED, WorkerState.UNHEALTHY) and result.failures:
-                rank, failure = _first(result.failures)
+                rank, failure = _first(self.causes(result.failures))
                 now = time.monotonic()
                 longest = [(since, r, state, step) for r, (since, state, step) in stalls.items()
                            if now - since >= STALLED_AFTER_S and r != rank]

@@ -307,7 +307,9 @@ def test_stalled_rank_ends_the_job_within_the_timeout(tmp_path, data_root):
     on the store (ROLL_CALL_S), the rank that did not answer. torchrun then
     ends the job; for a worker that cannot honour SIGTERM (a stopped process) torch 2.13's agent waits a
     fixed 30 s before SIGKILL, whatever --shutdown-timeout says (that flag applies to signals sent to
-    torchrun itself), so the job's end is bounded by timeout + 30 s."""
+    torchrun itself). That wait is torch's, and the same agent's under `dtrain launch`, whose stall test
+    (tests/test_launcher.py) sits through it: here the stopped rank is killed once rank 0 has reported, and
+    the job must then end at once."""
     timeout_s = 5
     tag = uuid.uuid4().hex
     run = tmp_path / "runs" / "s"
@@ -323,6 +325,7 @@ def test_stalled_rank_ends_the_job_within_the_timeout(tmp_path, data_root):
         for line in proc.stderr:  # read as it comes, to time rank 0's report
             if line.startswith("dtrain: error: dist:") and reported is None:
                 reported = (time.monotonic() - t0, line)
+                os.kill(stalled, signal.SIGKILL)  # spare the agent's fixed 30 s grace (see above)
         proc.wait(timeout=timeout_s + 60)
     finally:
         try:
@@ -340,7 +343,7 @@ def test_stalled_rank_ends_the_job_within_the_timeout(tmp_path, data_root):
     assert "Timed out" in line, line
     # after the timeout, the roll call: rank 0 waits ROLL_CALL_S for rank 1's answer, which never comes
     assert timeout_s - 1 < elapsed < timeout_s + ROLL_CALL_S + 5, f"rank 0 reported the stall after {elapsed:.1f} s"
-    assert ended < timeout_s + ROLL_CALL_S + 30 + 10, f"the job took {ended:.1f} s to end"
+    assert ended < elapsed + 15, f"the job took {ended - elapsed:.1f} s to end after the report"
 
 
 @pytest.mark.multiproc

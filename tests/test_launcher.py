@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from types import SimpleNamespace
 
@@ -324,8 +325,8 @@ def test_rank_lost_during_start_up_is_one_line_on_its_peer_naming_it(tmp_path, d
 @pytest.mark.multiproc
 def test_stalled_rank_is_named_not_the_one_that_waited(tmp_path, data_root):
     """Rank 1 frozen by SIGSTOP: rank 0 gives up after dist.timeout_s with its own line, but the cause is
-    rank 1; the launcher names it, with its state and the step it stalled at. (The agent then waits its
-    fixed 30 s before it SIGKILLs a worker that cannot honour SIGTERM.)"""
+    rank 1; the launcher names it, with its state and the step it stalled at, and SIGKILLs it once rank 0 has
+    failed (torch's agent would wait its fixed 30 s for a stopped worker to honour SIGTERM)."""
     tag = uuid.uuid4().hex
     run = tmp_path / "runs" / "s"
     proc = start(launch_cmd(2, ["train", f"data.root={data_root}", "train.epochs=100", "log.progress=false",
@@ -333,12 +334,15 @@ def test_stalled_rank_is_named_not_the_one_that_waited(tmp_path, data_root):
     wait_for(lambda: latest_logged_step(run) >= 5, what="step 5")
     stalled = launched_workers(tag)[1]
     os.kill(stalled, signal.SIGSTOP)
+    t0 = time.monotonic()
     try:
         out, err = proc.communicate(timeout=120)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(stalled, signal.SIGKILL)
     assert proc.returncode == 1, err
+    ended = time.monotonic() - t0  # dist.timeout_s 5 and the roll call's 3, without a 30 s grace
+    assert ended < 25, f"the job took {ended:.1f} s to end after the stall"
     last = err.strip().splitlines()[-1]
     assert last.startswith("dtrain: error: launch: rank 1 on ") and "stalled: stopped (SIGSTOP or a debugger) for " in last
     assert "since step " in last and "; rank 0 gave up waiting: dist: " in last and "Timed out" in last, last
