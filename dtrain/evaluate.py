@@ -150,7 +150,7 @@ class Evaluator:
             self.bad_validations += 1
         if self.patience is None:  # no early stopping: nothing to agree on (a broadcast per validation saved)
             return improved, False
-        return improved, dist.broadcast_object(self.bad_validations >= self.patience)
+        return improved, dist.broadcast_object(self.patience_used_up)
 
     @property
     def patience_used_up(self) -> bool:

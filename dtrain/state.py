@@ -36,8 +36,8 @@ class Stateful(Protocol):
 
 @dataclasses.dataclass
 class Parts:
-    shared: dict  # name -> part, saved by rank 0 (state.pt), restored in this order
-    own: dict  # name -> part, saved by every rank (rank-N.pt)
+    shared: dict[str, Stateful]  # saved by rank 0 (state.pt), restored in this order
+    own: dict[str, Stateful]  # saved by every rank (rank-N.pt)
 
     def state(self) -> tuple[dict, dict]:
         return ({"format": FORMAT, **{name: part.state_dict() for name, part in self.shared.items()}},
@@ -81,19 +81,6 @@ def upgrade(state: dict, written_by: int) -> dict:
             "nonfinite": {"skipped_updates": trainer["skipped_updates"]},
             "evaluator": state.get("evaluator", trainer), "checkpointer": state.get("checkpointer", trainer),
             "logger": state.get("logger", {})}
-
-
-class Progress:
-    """The trainer's own state: optimizer steps done."""
-
-    def __init__(self):
-        self.step = 0
-
-    def state_dict(self) -> dict:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step = state["step"]
 
 
 class RNG:

@@ -80,17 +80,17 @@ class TrainFeed:
         it: on another number, the same global batch (and steps per epoch, so the same schedule), and the rest
         of an interrupted epoch dealt over the new ranks. The `relaid` callbacks hear of a changed layout
         (the engine must accumulate `grad_accum` micro-batches, the schedule span `total_steps`)."""
-        if self.resume(saved, saved["step"], saved["batch"]):
+        if self._resume(saved):
             for tell in self.relaid:
                 tell(self)
         if saved["steps_per_epoch"] != self.steps_per_epoch:
             raise CheckpointError(f"checkpoint: it has {saved['steps_per_epoch']} steps per epoch, this config "
-                              f"{self.steps_per_epoch}; data or batch settings changed since it was written")
+                                  f"{self.steps_per_epoch}; data or batch settings changed since it was written")
         self.step = saved["step"]
 
-    def resume(self, saved: dict, step: int, batch: list) -> bool:
+    def _resume(self, saved: dict) -> bool:
         """-> True when the layout changed."""
-        world, log = self.world_size, self.log
+        world, log, step = self.world_size, self.log, saved["step"]
         old = Segment(*saved["segments"][-1])
         changed = False
         if old.world_size != world:
@@ -99,7 +99,7 @@ class TrainFeed:
             self.use_layout(layout, saved["steps_per_epoch"])
             changed = True
         elif (old.batch_size, old.grad_accum) != (self.stream.batch_size, self.grad_accum) and \
-                self.configured == tuple(batch):
+                self.configured == tuple(saved["batch"]):
             # chosen by an earlier resume on another number of ranks: keep it (a batch setting the user
             # changed since is not overridden; the steps-per-epoch check speaks for it)
             self.use_layout(BatchLayout(old.batch_size, old.grad_accum), saved["steps_per_epoch"])
