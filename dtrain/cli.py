@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -60,7 +61,10 @@ def _fit(args, print_result: bool = False):
 
 
 def _train_command(args) -> list[str]:
-    """The command that goes on with this run (under torchrun or srun: the same launcher before it)."""
+    """The command that goes on with this run: `dtrain launch`'s own (it sets DTRAIN_LAUNCH_COMMAND), or this
+    process's (under torchrun or srun: the same launcher before it)."""
+    if os.environ.get("DTRAIN_LAUNCH_COMMAND"):
+        return shlex.split(os.environ["DTRAIN_LAUNCH_COMMAND"])
     if args.hooks is not None:  # a script through dtrain.main
         return ["python", *sys.argv]
     return ["dtrain", "train", *(["--config", args.config] if args.config else []), *args.overrides]

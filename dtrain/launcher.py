@@ -68,7 +68,18 @@ def run(args) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     say(f"launch: {nproc} worker(s) per node, nodes={args.nnodes}, max_restarts={args.max_restarts}: "
         f"{shlex.join(args.target)}; logs {logs}/rank-N.log{note}")
+    os.environ["DTRAIN_LAUNCH_COMMAND"] = shlex.join(_command(args, nproc))  # what the summary says resumes it
     return _run_agent(args, nproc, min_nodes, max_nodes, entry, run_dir, logs)
+
+
+def _command(args, nproc: int) -> list[str]:
+    """This launch as a command line (the workers' end-of-run summary gives it as the one that goes on)."""
+    options = ["--nproc-per-node", str(nproc)]
+    if args.nnodes != "1":
+        options += ["--nnodes", args.nnodes, "--rdzv-endpoint", args.rdzv_endpoint, "--rdzv-id", args.rdzv_id]
+    if args.max_restarts:
+        options += ["--max-restarts", str(args.max_restarts)]
+    return ["dtrain", "launch", *options, *args.target]
 
 
 def say(line: str) -> None:

@@ -4,6 +4,7 @@ exit code, with real processes and real signals; and the one-line errors workers
 import contextlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -134,6 +135,9 @@ def test_sigterm_to_the_launcher_exits_75_and_the_same_command_resumes(tmp_path,
     assert json.loads(out.strip().splitlines()[-1])["stop_reason"] == "signal:SIGTERM"
     assert "launch: SIGTERM received: the workers saved and stopped" in err and "Traceback" not in err
     assert not launched_workers(tag)
+    # the summary's command that goes on is the launcher's, not a worker's (which would resume on 1 rank)
+    said = json.loads((run / "summary.json").read_text())["resume"]
+    assert said == shlex.join(["dtrain", "launch", "--nproc-per-node", "2", *RESUME_ARGS, "run.name=r"]), said
     resumed = launch(2, RESUME_ARGS + ["run.name=r"], tmp_path)
     assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr
     assert_same_as_straight(run, straight[0])
