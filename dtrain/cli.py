@@ -29,6 +29,7 @@ def _fit(args, print_result: bool = False):
     from .build import run_dir_of
     from .result import collect
     from .runlock import hold
+    from .signals import StopReason, requeue_slurm_job
     from .summary import summarize
     from .trainer import Trainer
 
@@ -57,7 +58,12 @@ def _fit(args, print_result: bool = False):
             summarize(trainer, outcome, _train_command(args))  # the table on stderr, summary.json
             if print_result:
                 print(json.dumps(outcome), flush=True)
-        return collect(trainer, outcome)
+        result = collect(trainer, outcome)
+    if info.is_global_zero and outcome["stop_reason"] == StopReason.SIGUSR1.value:
+        # last of all: SLURM ends the job's steps as soon as it is requeued (a rank 0 that requeued before
+        # its summary was killed printing it), and the checkpoint is complete since trainer.fit returned
+        requeue_slurm_job(say)
+    return result
 
 
 def _train_command(args) -> list[str]:

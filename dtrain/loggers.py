@@ -11,7 +11,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
+import socket
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -145,6 +148,7 @@ class TensorBoardLogger(MetricsLogger):
         # purge_step: the new event file starts with a marker that makes TensorBoard's readers discard the
         # events of steps >= step + 1 in the older files (those a killed run logged after its checkpoint)
         self.step = step
+        _sort_after_older_event_files(Path(run_dir) / "tensorboard")
         self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=step + 1)
 
     def log_config(self, config: dict) -> None:
@@ -163,3 +167,27 @@ class TensorBoardLogger(MetricsLogger):
 
     def close(self) -> None:
         self.writer.close()
+
+
+def _sort_after_older_event_files(logdir: Path, wait_s: float = 3.0) -> None:
+    """TensorBoard reads a directory's event files in name order, and tensorboard names a file
+    `events.out.tfevents.<second>.<host>.<pid>.<n>`. A restart within the second the killed run started in
+    (measured: a SIGKILLed run resumed 0.3 s later) with a smaller pid, or on a node whose clock is behind,
+    gets a name that sorts first: the reader then takes the killed run's file last, and its older steps
+    replace the resumed run's (TensorBoard drops events that go back in step). So wait, at most `wait_s`,
+    until this start's name sorts after every older one; past that, say so."""
+    older = [p.name for p in logdir.glob("events.out.tfevents.*")]
+    if not older:
+        return
+    newest = max(older)
+
+    def mine() -> str:
+        return "events.out.tfevents.%010d.%s.%s." % (time.time(), socket.gethostname(), os.getpid())
+
+    deadline = time.monotonic() + wait_s
+    while mine() <= newest and not newest.startswith(mine()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if mine() <= newest and not newest.startswith(mine()):
+        logging.getLogger("dtrain.run").warning(
+            f"tensorboard: {logdir / newest} is dated ahead of this host's clock; TensorBoard may show the steps "
+            "an earlier start logged after its checkpoint (check the clocks of the nodes)")

@@ -21,7 +21,7 @@ from . import dist
 from .build import Hooks, build_components, seed_all
 from .config import Config
 from .resume import ConfigState, already_tested
-from .signals import StopReason, requeue_slurm_job
+from .signals import StopReason
 from .state import RNG, Parts
 
 
@@ -148,8 +148,6 @@ class Trainer:
     def finish(self, reason: StopReason) -> dict:
         """The last checkpoint, then the test of the best weights, or (interrupted) how to go on."""
         self.checkpointer.at_end(self.step)
-        if reason == StopReason.SIGUSR1 and self.info.is_global_zero:
-            requeue_slurm_job(self.log.info)
         if reason == StopReason.NONFINITE:
             self.log.warning(f"stopped at step {self.step}: non-finite gradients (train.nonfinite=stop); the last "
                              f"good checkpoint is {self.checkpointer.pointer('latest')}")

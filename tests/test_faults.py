@@ -299,6 +299,31 @@ def test_sigint_stops_cleanly_and_second_sigint_aborts(tmp_path, data_root):
     assert proc.returncode == 130 and "second interrupt" in err, "".join(seen) + err
 
 
+def test_preempted_run_requeues_its_slurm_job_last_of_all(tmp_path, data_root, monkeypatch):
+    """SIGUSR1 (what `#SBATCH --signal=USR1@T` sends): rank 0 runs `scontrol requeue` after the checkpoint,
+    the summary and the result line, since SLURM ends the job's steps as soon as the job is requeued (a rank 0
+    that requeued first was killed printing its summary). In this process: a loss that raises the signal."""
+    import dtrain
+    bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol.calls"
+    bin_dir.mkdir()
+    summary = tmp_path / "runs" / "p" / "summary.json"
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$* summary=$(test -f {summary} && echo yes)" >> {calls}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")  # the batch script's own process: one rank
+    monkeypatch.chdir(tmp_path)
+    seen = []
+
+    def loss(output, batch):
+        seen.append(1)
+        if len(seen) == 6:  # the probe's call, then training steps
+            signal.raise_signal(signal.SIGUSR1)
+        return torch.nn.functional.cross_entropy(output, batch[1])
+    result = dtrain.fit([f"data.root={data_root}", "train.epochs=3", "log.progress=false", "run.name=p"], loss=loss)
+    assert result.stop_reason == "signal:SIGUSR1" and result.exit_code == 75 and result.step < result.total_steps
+    assert calls.read_text() == "requeue 4242 summary=yes\n"
+
+
 # ---- a stalled rank --------------------------------------------------------------------------------
 @pytest.mark.multiproc
 def test_stalled_rank_ends_the_job_within_the_timeout(tmp_path, data_root):

@@ -73,8 +73,16 @@ def test_tensorboard_scalars_config_text_and_a_resume_purges_what_the_killed_run
         first.metrics({"step": step, "loss": float(step), "lr": 0.1, "mfu": 0.25})
     first.metrics({"step": 10, "val/loss": float("nan")})  # non-finite: not a scalar (JSON null)
     first.close()  # a kill after step 10 loses nothing written: each record is flushed
+    # ...by another process, started in this second, whose name (pid 99999999) sorts after this one's: the
+    # resumed run's file must still be read last (it waits for the next second)
+    import os, socket, time
+    (killed,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
+    killed.rename(killed.with_name("events.out.tfevents.%010d.%s.99999999.0" % (time.time(), socket.gethostname())))
+    t0 = time.monotonic()
     resumed = build_logger(cfg.log, rank0, tmp_path, 20, None, {"optim": {"lr": 0.5}})
     resumed.start(6)  # the checkpoint of step 6
+    assert time.monotonic() - t0 < 2.5
+    assert max(p.name for p in (tmp_path / "tensorboard").glob("events.out.tfevents.*")).split(".")[-2] == str(os.getpid())
     for step in range(7, 13):
         resumed.metrics({"step": step, "loss": step + 0.5, "lr": 0.1, "mfu": 0.25})
     resumed.metrics({"step": 12, "event": "early_stop", "best_step": 9})
