@@ -21,12 +21,29 @@ def _split(x: np.ndarray, y: np.ndarray, seed: int) -> dict[str, tuple[np.ndarra
 
 def digits(seed: int = 0, **_) -> tuple[dict, dict]:
     """scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes)."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = d.images.astype(np.uint8)[:, None]  # values 0..16
+    images, labels = digits_arrays()
+    x = images.astype(np.uint8)[:, None]  # values 0..16
     meta = {"task": "classification", "num_classes": 10, "input_shape": [1, 8, 8], "x_scale": 1 / 16}
-    return _split(x, d.target.astype(np.int64), seed), meta
+    return _split(x, labels.astype(np.int64), seed), meta
+
+
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """(images [1797, 8, 8], labels) of scikit-learn's digits: its digits.csv.gz read as load_digits reads it
+    (64 pixels and the label a row), found without importing scikit-learn, whose import (scipy with it) costs
+    ~1.7 s of every first run's start against ~50 ms for the read; load_digits itself where the file isn't."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("sklearn")
+    path = Path(next(iter(spec.submodule_search_locations or []), "")) / "datasets" / "data" / "digits.csv.gz" \
+        if spec else None
+    if path is None or not path.is_file():
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        return d.images, d.target
+    data = np.loadtxt(path, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(np.int64)
 
 
 def digits_parity(seed: int = 0, **_) -> tuple[dict, dict]:
