@@ -259,12 +259,12 @@ def test_export_evaluates_like_the_fsdp_run(tmp_path, runs):
     assert sorted(exported["model"]) == ["body.1.bias", "body.1.weight", "body.4.bias", "body.4.weight",
                                          "head.bias", "head.weight"]
     assert all(v.dtype == torch.float32 and not hasattr(v, "placements") for v in exported["model"].values())
-    ev = run_dtrain(["eval", "--checkpoint", str(out)], tmp_path, process=True)
+    ev = run_dtrain(["eval", "--checkpoint", str(out)], tmp_path)  # in this process too
     metrics = dict(l.split() for l in ev.stdout.splitlines() if l.strip().startswith("test/"))
     straight = result_of(procs["fsdp"])
     assert abs(float(metrics["test/loss"]) - straight["test/loss"]) < 1e-5, (metrics, straight)
     assert abs(float(metrics["test/acc"]) - straight["test/acc"]) < 1e-6
-    ev2 = run_dtrain(["eval", "--checkpoint", str(cwd / "runs/fsdp")], tmp_path, process=True)  # the DCP shards directly
+    ev2 = run_dtrain(["eval", "--checkpoint", str(cwd / "runs/fsdp")], tmp_path)  # the DCP shards directly
     assert ev.stdout.splitlines()[1:] == ev2.stdout.splitlines()[1:]
 
 
