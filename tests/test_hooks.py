@@ -327,29 +327,31 @@ def test_mismatch_hints_name_the_field_and_the_fix(model, x, hint):
 # ---- the Python route: your own script under torchrun ------------------------------------------------------
 @pytest.mark.multiproc
 @pytest.mark.slow
-def test_hf_gpt2_script_under_torchrun_resumes_exactly_after_sigterm(tmp_path):
+def test_hf_gpt2_script_under_torchrun_stops_on_sigterm_and_resumes(tmp_path):
+    """The example script (GPT-2 from a config, a torchmetrics metric, W&B) on 2 ranks: SIGTERM to rank 0
+    stops and saves, the same command resumes into the same W&B run, and the script evaluates its checkpoint.
+    That the resumed weights are bit-identical to an uninterrupted run's, dropout included, on a script of
+    your own with a Hugging Face model under torchrun after a SIGTERM: test_matrix's script-torchrun-text-resume
+    (BERT) cell."""
     from wandb_records import read_run
     args = [f"data.root={tmp_path / 'data'}", "data.text_bytes=30000", "data.text_context=32", "data.batch_size=8",
             "data.shard_size=100", "log.progress=false", "train.log_every=1", "checkpoint.every=10",
             "wandb.enabled=true", "wandb.project=tests"]
-    straight = run_torchrun(2, args + ["run.name=straight"], tmp_path, script=SCRIPT)
-    assert "world_size=2" in straight.stderr and result_of(straight)["stop_reason"] == "completed"
-    records = metrics_of(tmp_path / "runs" / "straight")
-    val = [r for r in records if "val/loss" in r]
-    assert val and all(r["val/token_acc"] == pytest.approx(r["val/acc"], abs=1e-6) for r in val)  # synchronised
-    total = records[-1]["step"]
-
     tag, run = uuid.uuid4().hex, tmp_path / "runs" / "r"
     proc = start(torchrun_cmd(2, args + ["run.name=r"], script=SCRIPT), tmp_path, tag)
     wait_for(lambda: latest_logged_step(run) >= 12, what="step 12")  # of ~40
     os.kill(workers(tag, needle=SCRIPT.name.encode())[0], signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     stopped = json.loads(out.strip().splitlines()[-1])
-    assert stopped["stop_reason"] == "signal:SIGTERM" and stopped["step"] < total, err[-2000:]
+    assert stopped["stop_reason"] == "signal:SIGTERM" and "world_size=2" in err, err[-2000:]
     resumed = run_torchrun(2, args + ["run.name=r"], tmp_path, script=SCRIPT)
-    assert "resumed from" in resumed.stderr and result_of(resumed)["step"] == total
-    a, b = final_params(tmp_path / "runs" / "straight"), final_params(run)
-    assert all(torch.equal(a[k], b[k]) for k in a)  # dropout included: RNG states restored
+    total = result_of(resumed)["step"]
+    assert "resumed from" in resumed.stderr and result_of(resumed)["stop_reason"] == "completed"
+    assert stopped["step"] < total
+    records = metrics_of(run)
+    val = [r for r in records if "val/loss" in r]
+    assert val and all(r["val/token_acc"] == pytest.approx(r["val/acc"], abs=1e-6) for r in val)  # synchronised
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, total + 1))  # each step once
 
     config = (run / "config.yaml").read_text()
     assert "factory: __main__:build_model" in config and "fn: __main__:loss" in config
