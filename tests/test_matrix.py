@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dtrain.cli import main
 from conftest import REPO, _env, final_params, latest_logged_step, result_of, start, torchrun_cmd, wait_for
 
 USERCODE = REPO / "tests" / "usercode"
@@ -72,10 +73,9 @@ def matrix_data(tmp_path_factory, data_root) -> Path:
     snippets.write_shards(root / "snippets", per_class=80)
     for name, write in (("jpg", matrix_user.write_jpg_shards), ("tokens", matrix_user.write_token_shards)):
         shards = write(root / name)
-        for split in ("train", "val", "test"):
-            subprocess.run([sys.executable, "-m", "dtrain", "index",
-                            *[str(p) for p in shards if p.name.startswith(split)], "--out", str(root / name / f"{split}.json")],
-                           check=True, capture_output=True, env=_env(ENV), stdin=subprocess.DEVNULL)
+        for split in ("train", "val", "test"):  # `dtrain index`, in this process (a python each: ~4 s of imports)
+            assert main(["index", *[str(p) for p in shards if p.name.startswith(split)],
+                         "--out", str(root / name / f"{split}.json")]) == 0
     return root
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CONFIGS, metrics_of, result_of, run_dtrain
+from conftest import CONFIGS, metrics_of, result_of, run_dtrain, wait_for
 from dtrain import dist
 from dtrain.checkpoint import Checkpointer
 from dtrain.cli import main
@@ -201,7 +201,10 @@ def test_checkpoint_artifact_as_an_s3_reference_records_the_uri_and_reads_nothin
     checkpointer.published = run.log_checkpoint  # as the trainer wires it: on the save path
     checkpointer.save(3, {"w": torch.zeros(4)}, {}, best=True)
     run.close()
-    [artifact] = read_run(next(tmp_path.glob("wandb/offline-run-*/run-*.wandb")))["artifacts"]
+    # in this process W&B's service outlives the run, and may write the run's file after finish returns (once,
+    # under load, the file had no artifact record yet): read it until it has the one logged
+    [artifact] = wait_for(lambda: read_run(next(tmp_path.glob("wandb/offline-run-*/run-*.wandb")))["artifacts"],
+                          timeout=60, interval=0.2, what="the artifact's record in the offline run file")
     assert artifact["files"] == {"step-00000003": "s3://bucket/runs/r/checkpoints/step-00000003"} and sent == []
     assert {"step-3", "latest", "best"} <= set(artifact["aliases"]) and artifact["metadata"]["step"] == 3
 
