@@ -124,6 +124,15 @@ def data_root(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def resume_reference(tmp_path_factory) -> tuple[Path, dict]:
+    """(run dir, result) of test_faults' RESUME_ARGS run uninterrupted on 2 ranks under torchrun: the reference
+    of the resume tests in test_faults and test_launcher (once per xdist worker that runs either)."""
+    from test_faults import RESUME_ARGS
+    cwd = tmp_path_factory.mktemp("straight")
+    return cwd / "runs" / "r", result_of(run_torchrun(2, RESUME_ARGS + ["run.name=r"], cwd))
+
+
 def torchrun_cmd(nproc: int, args: list[str], extra: list[str] = (), script: Path | None = None) -> list[str]:
     target = [str(script)] if script else ["-m", "dtrain"]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",

@@ -170,10 +170,8 @@ RESUME_ARGS = ["train", "train.epochs=3", "data.batch_size=32", "model.kwargs.dr
 
 
 @pytest.fixture(scope="module")
-def straight_run(tmp_path_factory):
-    cwd = tmp_path_factory.mktemp("straight")
-    run_torchrun(2, RESUME_ARGS + ["run.name=r"], cwd)
-    return cwd / "runs" / "r"
+def straight_run(resume_reference):
+    return resume_reference[0]
 
 
 def assert_same_as_straight(run: Path, straight: Path):

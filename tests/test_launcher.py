@@ -116,11 +116,9 @@ def test_user_error_on_two_ranks_is_one_line_and_exit_2(tmp_path, data_root):
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-    cwd = tmp_path_factory.mktemp("straight")
-    proc = launch(2, RESUME_ARGS + ["run.name=r"], cwd)
-    assert proc.returncode == 0, proc.stderr
-    return cwd / "runs" / "r", result_of(proc)
+def straight(resume_reference):
+    """test_faults' uninterrupted run (under torchrun: dtrain launch trains the same weights to the bit)."""
+    return resume_reference
 
 
 @pytest.mark.multiproc
