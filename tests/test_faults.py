@@ -5,11 +5,13 @@ import contextlib
 import json
 import os
 import pickle
+import queue
 import random
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -31,17 +33,35 @@ def kill_during_save_trials(tmp_path: Path, trials: int) -> dict:
     new process resumes from the newest complete checkpoint. The processes are forked by one server
     (tests/save_loop.py --fork-server) so that a trial does not pay for an interpreter and torch import."""
     root = tmp_path / "ckpts"
-    counts = {"trials": 0, "killed_mid_write": 0, "resumed_ok": 0, "killed_by_another_signal": 0}
+    counts = {"trials": 0, "killed_mid_write": 0, "resumed_ok": 0, "killed_by_another_signal": 0,
+              "stopped_by_another_test": 0}
     expected_min = 0
     rng = random.Random(0)
     server = subprocess.Popen([sys.executable, str(REPO / "tests" / "save_loop.py"), "--fork-server"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})  # no OpenMP pool across forks
 
-    def read_until(*wanted: str) -> dict:  # the server's and the saver's lines, in whatever order they come
+    received: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [received.put(l) for l in iter(server.stdout.readline, "")] + [received.put("")],
+                     daemon=True).start()
+
+    def read_until(*wanted: str, pid: str | None = None) -> dict:  # the server's and the saver's lines
         lines: dict = {}
         while not all(any(w in lines for w in alternatives.split("|")) for alternatives in wanted):
-            key, _, value = server.stdout.readline().strip().partition(" ")
+            try:
+                line = received.get(timeout=90)
+            except queue.Empty:
+                # A saver silent for 90 s: once in some CI runs one hung here for the test's whole 600 s. A
+                # saver another test SIGSTOPped (its pid reused: those tests signal their own dead worker's pid
+                # again in `finally`) is one more random kill; any other state fails, naming it.
+                pid = lines.get("pid", pid)
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] if pid else "?"
+                assert state == "T", f"the saver {pid} hung in state {state} " \
+                    f"({Path(f'/proc/{pid}/wchan').read_text() if pid else ''}): {lines}"
+                counts["stopped_by_another_test"] += 1
+                os.kill(int(pid), signal.SIGKILL)
+                continue
+            key, _, value = line.strip().partition(" ")
             assert key, f"the fork server ended: {lines}"
             lines[key] = value
         assert "error" not in lines, f"the saver failed: {lines['error']}"  # its exception, before `reaped`
@@ -54,10 +74,12 @@ def kill_during_save_trials(tmp_path: Path, trials: int) -> dict:
             lines = read_until("pid", "ready|reaped")
             if "ready" in lines:
                 assert int(lines["ready"]) >= expected_min  # resumed from the newest complete checkpoint, not older
+                if not (root / "latest").exists():  # the first save first: on a slow disk one takes longer than
+                    wait_for(lambda: (root / "latest").exists(), timeout=60, what="the first checkpoint")  # a sleep
                 time.sleep(rng.uniform(0.02, 0.3))  # the loop does nothing but save: this lands inside a save
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(lines["pid"]), signal.SIGKILL)
-                lines.update(read_until("reaped"))
+                lines.update(read_until("reaped", pid=lines["pid"]))
             # A saver killed by a signal this test did not send (once in a few CI runs one died before `ready`,
             # while other tests' processes start and end on a machine whose pids wrap at 32768) is one more
             # kill at a random moment: the same checks hold. An exit of its own (an exception) is a failure.
@@ -350,11 +372,10 @@ def test_stalled_rank_ends_the_job_within_the_timeout(tmp_path, data_root):
                 reported = (time.monotonic() - t0, line)
                 os.kill(stalled, signal.SIGKILL)  # spare the agent's fixed 30 s grace (see above)
         proc.wait(timeout=timeout_s + 60)
-    finally:
-        try:
-            os.kill(stalled, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    finally:  # only if it is still this test's worker: a pid reused since may be another test's process
+        with contextlib.suppress(ProcessLookupError):
+            if stalled in workers(tag).values():
+                os.kill(stalled, signal.SIGKILL)
     ended = time.monotonic() - t0
     assert proc.returncode != 0 and reported is not None
     elapsed, line = reported
