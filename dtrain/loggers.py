@@ -181,13 +181,14 @@ def _sort_after_older_event_files(logdir: Path, wait_s: float = 3.0) -> None:
         return
     newest = max(older)
 
-    def mine() -> str:
-        return "events.out.tfevents.%010d.%s.%s." % (time.time(), socket.gethostname(), os.getpid())
+    def sorts_last() -> bool:  # the name tensorboard would give this start's file now (an equal prefix: this process's)
+        mine = "events.out.tfevents.%010d.%s.%s." % (time.time(), socket.gethostname(), os.getpid())
+        return mine > newest or newest.startswith(mine)
 
     deadline = time.monotonic() + wait_s
-    while mine() <= newest and not newest.startswith(mine()) and time.monotonic() < deadline:
+    while not sorts_last() and time.monotonic() < deadline:
         time.sleep(0.05)
-    if mine() <= newest and not newest.startswith(mine()):
+    if not sorts_last():
         logging.getLogger("dtrain.run").warning(
             f"tensorboard: {logdir / newest} is dated ahead of this host's clock; TensorBoard may show the steps "
             "an earlier start logged after its checkpoint (check the clocks of the nodes)")

@@ -35,8 +35,8 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     from pathlib import Path
 
     spec = importlib.util.find_spec("sklearn")
-    path = Path(next(iter(spec.submodule_search_locations or []), "")) / "datasets" / "data" / "digits.csv.gz" \
-        if spec else None
+    package = list(spec.submodule_search_locations or []) if spec else []
+    path = Path(package[0], "datasets", "data", "digits.csv.gz") if package else None
     if path is None or not path.is_file():
         from sklearn.datasets import load_digits
 
