@@ -11,6 +11,12 @@ from dtrain.checkpoint import Checkpointer
 from dtrain.dist import DistInfo
 
 
+def say(line: str) -> None:
+    """One line in one write (atomic on a pipe): the server and its forked saver share stdout, and print's
+    buffered pieces interleaved ("readypid 31910", "0": the test then waited for lines it never got)."""
+    os.write(1, (line + "\n").encode())
+
+
 def state_for(step: int) -> dict:
     return {"weights": torch.full((1_000_000,), float(step)), "step": step}
 
@@ -20,7 +26,7 @@ def save_until_killed(root: Path) -> None:
     ckpt = Checkpointer(root, keep_last=2, dist_info=info, config_hash="test")
     found = ckpt.load_latest(lambda m: print(m, file=sys.stderr, flush=True))
     step = found[1]["step"] if found else 0
-    print("ready", step, flush=True)
+    say(f"ready {step}")
     while True:
         step += 1
         ckpt.save(step, state_for(step), {"rank": 0})
@@ -39,12 +45,12 @@ def fork_server() -> None:
             try:
                 save_until_killed(Path(line.strip()))
             except BaseException as e:  # on stdout, so a test's failure names it (stderr is not in its report)
-                print("error", repr(e).replace("\n", " "), flush=True)
+                say("error " + repr(e).replace("\n", " "))
             finally:
                 os._exit(1)
-        print("pid", pid, flush=True)
+        say(f"pid {pid}")
         _, status = os.waitpid(pid, 0)
-        print("reaped", os.waitstatus_to_exitcode(status), flush=True)
+        say(f"reaped {os.waitstatus_to_exitcode(status)}")
 
 
 if __name__ == "__main__":
