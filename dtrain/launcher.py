@@ -274,6 +274,23 @@ STALL_STATES = {"T": "stopped (SIGSTOP or a debugger)", "t": "stopped by a debug
 STALLED_AFTER_S = 1.0  # in such a state this long when a peer gives up: the stall, not a passing disk wait
 
 
+def stall_to_blame(stalls: dict[int, tuple[float, str, int | None]], rank: int, exitcode: int,
+                   now: float) -> str | None:
+    """The stall to name instead of failed rank `rank`: the longest of the other ranks' stalls (rank ->
+    (since, state, step then)), only when `rank` gave up waiting (EXIT_FAILED: a collective timed out).
+    A rank that died itself (a signal, a user error) is the cause even while a peer happens to sit in a
+    slow disk write (seen: a SIGKILLed rank reported as rank 0 "stuck in uninterruptible I/O")."""
+    if exitcode != EXIT_FAILED:
+        return None
+    longest = [(since, r, state, step) for r, (since, state, step) in stalls.items()
+               if now - since >= STALLED_AFTER_S and r != rank]
+    if not longest:
+        return None
+    since, r, state, step = min(longest)
+    return (f"rank {r} on {socket.gethostname()} stalled: {STALL_STATES[state]} for {now - since:.0f} s, "
+            f"since step {step if step is not None else '?'}")
+
+
 def process_state(pid: int) -> str | None:
     """The one-letter state of /proc/PID/stat (R, S, D, T, ...), None when unknown (gone, not Linux)."""
     try:
@@ -364,14 +381,7 @@ def _agent_class():
             result = super()._monitor_workers(worker_group)
             if result.state in (WorkerState.FAILED, WorkerState.UNHEALTHY) and result.failures:
                 rank, failure = _first(self.causes(result.failures))
-                now = time.monotonic()
-                longest = [(since, r, state, step) for r, (since, state, step) in stalls.items()
-                           if now - since >= STALLED_AFTER_S and r != rank]
-                self.last_stall = None
-                if longest:
-                    since, r, state, step = min(longest)
-                    self.last_stall = (f"rank {r} on {socket.gethostname()} stalled: {STALL_STATES[state]} for "
-                                       f"{now - since:.0f} s, since step {step if step is not None else '?'}")
+                self.last_stall = stall_to_blame(stalls, rank, failure.exitcode, time.monotonic())
                 if failure.exitcode in (EXIT_USER_ERROR, EXIT_INTERRUPTED):
                     self._remaining_restarts = 0  # the same command would fail the same way / was asked to stop
                 else:

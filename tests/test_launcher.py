@@ -82,6 +82,22 @@ def test_failure_lines_and_exit_codes(tmp_path, capsys):
     assert capsys.readouterr().err.count("gradient all-reduce failed") == 1  # its line, once, no traceback
 
 
+def test_a_stall_is_blamed_only_for_a_rank_that_gave_up_waiting():
+    """A peer stalled (SIGSTOP, stuck I/O) >= 1 s is named when the failed rank exited 1 (its collective timed
+    out); a rank that died itself is the cause even while a peer sits in a slow disk write (seen under load:
+    a SIGKILLed rank 1 was reported as rank 0 "stuck in uninterruptible I/O")."""
+    host = os.uname().nodename
+    stalls = {0: (100.0, "D", 16), 2: (101.0, "T", None), 3: (104.5, "T", 17)}
+    assert launcher.stall_to_blame(stalls, 1, 1, 105.0) == \
+        f"rank 0 on {host} stalled: stuck in uninterruptible I/O for 5 s, since step 16"  # the longest
+    assert launcher.stall_to_blame({2: (101.0, "T", None)}, 1, 1, 105.0) == \
+        f"rank 2 on {host} stalled: stopped (SIGSTOP or a debugger) for 4 s, since step ?"
+    for exitcode in (-9, 2, 75, 0):  # killed, a user error, interrupted: the failed rank is the cause
+        assert launcher.stall_to_blame(stalls, 1, exitcode, 105.0) is None
+    assert launcher.stall_to_blame({1: (100.0, "T", 3)}, 1, 1, 105.0) is None  # not itself
+    assert launcher.stall_to_blame({3: (104.5, "T", 17)}, 1, 1, 105.0) is None  # 0.5 s: a passing disk wait
+
+
 def test_handled_errors_go_into_torchs_error_file_as_their_line(tmp_path, monkeypatch, capsys):
     error_file = tmp_path / "error.json"
     monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
