@@ -27,7 +27,7 @@ def _env(extra: dict | None = None) -> dict:
 
 
 def pytest_collection_modifyitems(items):
-    """Files with the most multi-process tests first (the order within a file kept): the 2 xdist workers
+    """Files with the most multi-process tests first (the order within a file kept): the xdist workers
     (pyproject's addopts, a file per worker at a time) then start on the long files and end on short ones,
     instead of one worker running the SLURM file alone at the end."""
     heavy = {}
@@ -131,6 +131,15 @@ def resume_reference(tmp_path_factory) -> tuple[Path, dict]:
     from test_faults import RESUME_ARGS
     cwd = tmp_path_factory.mktemp("straight")
     return cwd / "runs" / "r", result_of(run_torchrun(2, RESUME_ARGS + ["run.name=r"], cwd))
+
+
+@pytest.fixture(scope="session")
+def elastic_reference(tmp_path_factory, data_root) -> tuple[Path, dict]:
+    """(run dir, result) of test_elastic's ARGS run uninterrupted on 2 ranks under torchrun: the samples of each
+    epoch that test_elastic's resumes on 1 and 3 ranks and test_launcher's lost and joining nodes compare with."""
+    from test_elastic import ARGS
+    cwd = tmp_path_factory.mktemp("elastic-straight")
+    return cwd / "runs" / "straight", result_of(run_torchrun(2, ARGS + [f"data.root={data_root}", "run.name=straight"], cwd))
 
 
 def torchrun_cmd(nproc: int, args: list[str], extra: list[str] = (), script: Path | None = None) -> list[str]:

@@ -132,19 +132,18 @@ def epoch_keys(run: Path, epoch: int) -> collections.Counter:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, data_root):
-    """An uninterrupted 2-rank run, and one stopped at step 5 (copied by each test)."""
+def runs(tmp_path_factory, data_root, elastic_reference):
+    """A 2-rank run stopped at step 5 (copied by each test), and the uninterrupted one (conftest's)."""
     cwd = tmp_path_factory.mktemp("elastic-runs")
     args = ARGS + [f"data.root={data_root}"]
-    straight = run_torchrun(2, args + ["run.name=straight"], cwd)
     run_torchrun(2, args + ["run.name=stopped", f"run.stop_at_step={STOP}"], cwd)
-    return cwd, args, result_of(straight)
+    return cwd, args, elastic_reference
 
 
 @pytest.mark.multiproc
 @pytest.mark.parametrize("world", [1, 3])
 def test_resume_on_another_number_of_ranks(tmp_path, runs, world):
-    cwd, args, straight = runs
+    cwd, args, (reference, straight) = runs
     shutil.copytree(cwd / "runs" / "stopped", tmp_path / "runs" / "r", symlinks=True)
     args = args + ["run.name=r"]
     proc = run_dtrain(args, tmp_path) if world == 1 else run_torchrun(world, args, tmp_path)
@@ -152,7 +151,7 @@ def test_resume_on_another_number_of_ranks(tmp_path, runs, world):
     assert f"resume: 2 -> {world} ranks; {change} to keep the global batch 96" in proc.stderr, proc.stderr
     assert f"dealt over {world} rank" in proc.stderr and "continue" in proc.stderr
 
-    run, reference = tmp_path / "runs" / "r", cwd / "runs" / "straight"
+    run = tmp_path / "runs" / "r"
     assert epoch_keys(run, 0) == epoch_keys(reference, 0)  # the interrupted epoch: no sample twice, none lost
     assert sum(epoch_keys(run, 1).values()) == 96 * STEPS_PER_EPOCH  # the next one: a full normal epoch
     logged = key_log(run)

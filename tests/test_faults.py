@@ -232,15 +232,6 @@ def test_two_rank_resume_after_kill_is_bit_identical(tmp_path, data_root, straig
 
 
 @pytest.mark.multiproc
-def test_two_rank_resume_after_stop_at_step_is_bit_identical(tmp_path, straight_run):
-    """A planned stop (run.stop_at_step, mid-epoch) saves on every rank and the same command goes on."""
-    run_torchrun(2, RESUME_ARGS + ["run.name=r", "run.stop_at_step=25"], tmp_path)
-    proc = run_torchrun(2, RESUME_ARGS + ["run.name=r"], tmp_path)
-    assert "at step 25" in proc.stderr
-    assert_same_as_straight(tmp_path / "runs" / "r", straight_run)
-
-
-@pytest.mark.multiproc
 def test_torchrun_restart_resumes_automatically(tmp_path, straight_run):
     tag = uuid.uuid4().hex
     run = tmp_path / "runs" / "r"
@@ -504,10 +495,14 @@ def test_unwritable_checkpoint_dir(tmp_path, data_root):
 
 # ---- async save -------------------------------------------------------------------------------------
 @pytest.mark.multiproc
-def test_async_save_resume_is_exact(tmp_path, straight_run):
+def test_two_rank_resume_after_stop_at_step_with_async_saves_is_bit_identical(tmp_path, straight_run):
+    """A planned stop (run.stop_at_step, mid-epoch) saves on every rank and the same command goes on, with
+    the periodic checkpoints written in the background. (The synchronous save on a stop: the SIGTERM case of
+    test_two_rank_resume_after_kill_is_bit_identical, the same stop path.)"""
     args = RESUME_ARGS + ["run.name=r", "checkpoint.async_save=true"]
-    run_torchrun(2, args + ["run.stop_at_step=23"], tmp_path)
-    run_torchrun(2, args, tmp_path)
+    run_torchrun(2, args + ["run.stop_at_step=25"], tmp_path)
+    proc = run_torchrun(2, args, tmp_path)
+    assert "at step 25" in proc.stderr
     assert_same_as_straight(tmp_path / "runs" / "r", straight_run)
     for path in (tmp_path / "runs" / "r" / "checkpoints").glob("step-*"):
         verify(path)
