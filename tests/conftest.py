@@ -58,13 +58,16 @@ def run_dtrain_process(args: list[str], cwd: Path, **kwargs) -> subprocess.Compl
     return run_dtrain(args, cwd, process=True, **kwargs)
 
 
-def _run_here(args: list[str], cwd: Path, env: dict | None) -> subprocess.CompletedProcess:
+def _run_here(args: list[str], cwd: Path, env: dict | None, script: Path | None = None) -> subprocess.CompletedProcess:
+    """`dtrain ARGS`, or `python SCRIPT ARGS` (run as __main__, as python runs it), in this process."""
     import contextlib
     import io
+    import runpy
 
     from dtrain.cli import main
     out, err = io.StringIO(), io.StringIO()
     saved_env, saved_path, saved_cwd, threads = dict(os.environ), list(sys.path), os.getcwd(), torch.get_num_threads()
+    saved_argv = list(sys.argv)
     try:
         extra = dict(env or {})
         sys.path[:0] = [p for p in extra.pop("PYTHONPATH", "").split(os.pathsep) if p]
@@ -73,10 +76,17 @@ def _run_here(args: list[str], cwd: Path, env: dict | None) -> subprocess.Comple
         torch.set_num_threads(1)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                code = main(list(args))
-            except SystemExit as e:  # argparse
-                code = e.code if isinstance(e.code, int) else 1
+                if script is None:
+                    code = main(list(args))
+                else:
+                    sys.argv = [str(script), *args]
+                    sys.path.insert(0, str(Path(script).parent))
+                    runpy.run_path(str(script), run_name="__main__")
+                    code = 0
+            except SystemExit as e:  # argparse, dtrain.main
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     finally:
+        sys.argv = saved_argv
         os.chdir(saved_cwd)
         os.environ.clear()
         os.environ.update(saved_env)

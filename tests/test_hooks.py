@@ -379,11 +379,10 @@ def test_data_hooks_from_a_script_pass_the_start_up_check_on_two_ranks(tmp_path,
 
 
 def run_dtrain_script(args, cwd):
-    import subprocess
-    import sys
-    from conftest import _env
-    proc = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env=_env(), stdin=subprocess.DEVNULL)
+    """`python SCRIPT ARGS` in this process (a python of its own: ~6 s of torch, transformers and torchmetrics
+    imports)."""
+    from conftest import _run_here
+    proc = _run_here(args, cwd, None, script=SCRIPT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
