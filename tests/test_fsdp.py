@@ -288,6 +288,9 @@ def test_kill_during_fsdp_saves_resumes_from_the_newest_complete_checkpoint(tmp_
         try:
             line = proc.stdout.readline()  # rank 0: `ready STEP` once it resumed and checked the weights
             assert line.split() == ["ready", str(expected)], (line, proc.stderr.read()[-3000:] if not line else "")
+            if not (root / "latest").exists():  # the first save first: under load (3 test workers on 2 cores)
+                # one outlasted every trial's sleep, and 5 trials in a row had nothing to resume
+                wait_for(lambda: (root / "latest").exists(), timeout=120, what="the first checkpoint")
             time.sleep(rng.uniform(0.1, 0.6))
             wait_for(lambda: any(root.glob(".tmp-step-*")), interval=0.005, what="a save in progress")
             time.sleep(rng.uniform(0, 0.02))  # a random moment of that save (or, rarely, just after it)
