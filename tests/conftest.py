@@ -146,7 +146,7 @@ def resume_reference(tmp_path_factory) -> tuple[Path, dict]:
 @pytest.fixture(scope="session")
 def elastic_reference(tmp_path_factory, data_root) -> tuple[Path, dict]:
     """(run dir, result) of test_elastic's ARGS run uninterrupted on 2 ranks under torchrun: the samples of each
-    epoch that test_elastic's resumes on 1 and 3 ranks and test_launcher's lost and joining nodes compare with."""
+    epoch that test_elastic's resumes on 1 and 3 ranks and test_launcher's lost-node run compare with."""
     from test_elastic import ARGS
     cwd = tmp_path_factory.mktemp("elastic-straight")
     return cwd / "runs" / "straight", result_of(run_torchrun(2, ARGS + [f"data.root={data_root}", "run.name=straight"], cwd))
