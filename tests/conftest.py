@@ -1,9 +1,11 @@
-"""Shared helpers: run dtrain as a real process (one, or several under torchrun)."""
+"""Shared helpers: run dtrain in this process, as a real process, as ranks forked from a warm server
+(run_ranks), or under torchrun."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -42,8 +44,9 @@ def run_dtrain(args: list[str], cwd: Path, timeout: float = 300, env: dict | Non
     """`dtrain ARGS` in `cwd`; fails the test with the output when the exit code isn't 0. In this process (the
     command line's own `main`, stdout and stderr captured, one torch thread as the subprocesses have):
     a new python costs ~4 s of imports (torch, and torch._dynamo at the first optimizer), which over the
-    suite's runs was minutes. `process=True` where the test needs a process of its own (its environment at
-    import time, signals, W&B's service, a run that initialises torch.distributed)."""
+    suite's runs was minutes. `process=True` where the test needs a new python (its environment at import
+    time, its start-up time); a process of its own with torch already imported (W&B's service, a run that
+    initialises torch.distributed): run_ranks(1, ..., launcher="single")."""
     if process:
         proc = subprocess.run([sys.executable, "-m", "dtrain", *args], cwd=cwd, capture_output=True, text=True,
                               timeout=timeout, env=_env(env), stdin=subprocess.DEVNULL)
@@ -111,6 +114,65 @@ def run_torchrun(nproc: int, args: list[str], cwd: Path, timeout: float = 300, c
     return proc
 
 
+_RANK_SERVER: subprocess.Popen | None = None
+
+
+def run_ranks(nproc: int, args: list[str], cwd: Path, timeout: float = 300, check: bool = True,
+              env: dict | None = None, script: Path | None = None, preload: tuple[str, ...] = (),
+              launcher: str = "torchrun") -> subprocess.CompletedProcess:
+    """`dtrain ARGS` (or `python SCRIPT ARGS`) on `nproc` ranks forked from tests/rank_server.py, a python of
+    this test worker's with torch and dtrain imported: for runs whose subject is what the ranks compute, not
+    how a launcher starts them (run_torchrun and `start` for that). A 2-rank digits run costs ~0.7 s of CPU
+    here, ~11 s under torchrun (its agent and two new pythons importing torch). Each rank has the variables
+    `launcher` gives its workers: "torchrun" (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_*, ...; no agent, so rank 0
+    hosts the store), "srun" (SLURM_* only, from which dtrain.dist derives the rest) or "single" (none: one
+    process, as `python -m dtrain`). `preload`: modules imported once in the server (DeepSpeed is, for
+    train.engine=deepspeed). stdout and stderr are every rank's, as torchrun's are; the exit code is the first
+    failed rank's."""
+    import tempfile
+    global _RANK_SERVER
+    if _RANK_SERVER is None or _RANK_SERVER.poll() is not None:
+        _RANK_SERVER = subprocess.Popen([sys.executable, str(REPO / "tests" / "rank_server.py")], cwd=REPO,
+                                        env=_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                        start_new_session=True)  # its process group: it and its ranks
+    port, n = free_port(), str(nproc)
+    if launcher == "torchrun":
+        ranks = [dict(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=n, LOCAL_WORLD_SIZE=n, GROUP_RANK="0",
+                      GROUP_WORLD_SIZE="1", ROLE_RANK=str(r), ROLE_WORLD_SIZE=n, MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port)) for r in range(nproc)]
+    elif launcher == "single":
+        assert nproc == 1, launcher
+        ranks = [{}]
+    else:  # a task of an srun step (SLURM_STEP_ID), not the batch script
+        ranks = [dict(SLURM_PROCID=str(r), SLURM_LOCALID=str(r), SLURM_NTASKS=n, SLURM_STEP_ID="0",
+                      SLURM_NODELIST="127.0.0.1", SLURM_JOB_ID=str(40000 + port % 20000)) for r in range(nproc)]
+    preload = (*preload, *(["deepspeed"] if "train.engine=deepspeed" in args else []))
+    with tempfile.TemporaryDirectory() as logs:
+        out, err = Path(logs) / "stdout", Path(logs) / "stderr"
+        out.touch(), err.touch()
+        request = dict(args=[str(a) for a in args], cwd=str(cwd), env=[_env({**(env or {}), **r}) for r in ranks],
+                       script=str(script) if script else None, stdout=str(out), stderr=str(err), timeout=timeout,
+                       preload=list(preload))
+        try:
+            _RANK_SERVER.stdin.write(json.dumps(request) + "\n")
+            _RANK_SERVER.stdin.flush()
+            reply = _RANK_SERVER.stdout.readline()
+        except BaseException:  # a test's timeout, ^C: end the server and these ranks (a later run starts anew)
+            os.killpg(_RANK_SERVER.pid, signal.SIGKILL)
+            _RANK_SERVER.wait()
+            raise
+        assert reply, "tests/rank_server.py ended"
+        reply = json.loads(reply)
+        code = next((c for c in reply["codes"] if c != 0), 0)
+        proc = subprocess.CompletedProcess(["ranks", *map(str, args)], code, out.read_text(), err.read_text())
+    what = f"{nproc} ranks ({launcher}) of {' '.join(map(str, args))}"
+    if reply["timed_out"]:
+        pytest.fail(f"{what} ran past {timeout} s\n{proc.stdout}\n{proc.stderr}")
+    if check and proc.returncode != 0:
+        pytest.fail(f"{what} exited {reply['codes']}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
 def result_of(proc: subprocess.CompletedProcess) -> dict:
     """The JSON summary rank 0 prints last on stdout."""
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -136,20 +198,21 @@ def data_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def resume_reference(tmp_path_factory) -> tuple[Path, dict]:
-    """(run dir, result) of test_faults' RESUME_ARGS run uninterrupted on 2 ranks under torchrun: the reference
+    """(run dir, result) of test_faults' RESUME_ARGS run uninterrupted on 2 ranks (run_ranks): the reference
     of the resume tests in test_faults and test_launcher (once per xdist worker that runs either)."""
     from test_faults import RESUME_ARGS
     cwd = tmp_path_factory.mktemp("straight")
-    return cwd / "runs" / "r", result_of(run_torchrun(2, RESUME_ARGS + ["run.name=r"], cwd))
+    return cwd / "runs" / "r", result_of(run_ranks(2, RESUME_ARGS + ["run.name=r"], cwd))
 
 
 @pytest.fixture(scope="session")
 def elastic_reference(tmp_path_factory, data_root) -> tuple[Path, dict]:
-    """(run dir, result) of test_elastic's ARGS run uninterrupted on 2 ranks under torchrun: the samples of each
+    """(run dir, result) of test_elastic's ARGS run uninterrupted on 2 ranks (run_ranks): the samples of each
     epoch that test_elastic's resumes on 1 and 3 ranks and test_launcher's lost-node run compare with."""
     from test_elastic import ARGS
     cwd = tmp_path_factory.mktemp("elastic-straight")
-    return cwd / "runs" / "straight", result_of(run_torchrun(2, ARGS + [f"data.root={data_root}", "run.name=straight"], cwd))
+    return cwd / "runs" / "straight", result_of(run_ranks(2, ARGS + [f"data.root={data_root}", "run.name=straight"],
+                                                          cwd))
 
 
 def torchrun_cmd(nproc: int, args: list[str], extra: list[str] = (), script: Path | None = None) -> list[str]:
