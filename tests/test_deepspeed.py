@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from dtrain.checkpoint import _sha256
-from conftest import (REPO, _env, free_port, latest_logged_step, metrics_of, result_of, run_dtrain, run_dtrain_process,
-                      run_torchrun, start, torchrun_cmd, wait_for, workers)
+from conftest import (REPO, _env, latest_logged_step, metrics_of, result_of, run_dtrain, run_dtrain_process, run_ranks,
+                      start, torchrun_cmd, wait_for, workers)
 
 HAVE_DS = importlib.util.find_spec("deepspeed") is not None
 needs_ds = pytest.mark.skipif(not HAVE_DS, reason="DeepSpeed not installed: pip install 'dtrain[deepspeed]'")
@@ -61,7 +61,7 @@ def warm_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("ddp")
-    run_torchrun(2, ["train", *COMMON, "run.name=ddp"], cwd)
+    run_ranks(2, ["train", *COMMON, "run.name=ddp"], cwd)
     return cwd / "runs" / "ddp"
 
 
@@ -76,10 +76,11 @@ def test_zero_matches_ddp(tmp_path, warm_cache, ddp_run, stage):
     and computes the clipping norm over shards; DDP reduces its own buckets), so updates differ in the last
     bits (~1e-7 relative) and grow slowly over 18 steps; measured max difference ~1e-6. A real mistake
     (double accumulation scaling, clipping twice, schedule stepped twice, a missed all-reduce) moves the
-    curve by 1e-2 or more within a few steps. ZeRO-1 runs as two tasks started the way srun starts them
-    (SLURM_* only: dist.py derives RANK, LOCAL_RANK and the master), the others under torchrun."""
+    curve by 1e-2 or more within a few steps. ZeRO-1's ranks have what srun gives its tasks (SLURM_* only:
+    dist.py derives RANK, LOCAL_RANK and the master), the others torchrun's variables."""
     args = ["train", *COMMON, "train.engine=deepspeed", f"deepspeed.zero_stage={stage}", "run.name=zero"]
-    proc = as_srun_tasks(args, tmp_path) if stage == 1 else run_torchrun(2, args, tmp_path)
+    proc = run_ranks(2, args, tmp_path, launcher="srun" if stage == 1 else "torchrun")
+    assert f"launch: {'slurm' if stage == 1 else 'torchrun'}, world_size=2" in proc.stderr
     a, b = losses(ddp_run), losses(tmp_path / "runs" / "zero")
     assert len(a) == len(b) == 18
     diff = np.abs(a - b).max()
@@ -98,7 +99,7 @@ ZERO2 = ["train", *COMMON, "train.engine=deepspeed", "deepspeed.zero_stage=2", "
 @pytest.fixture(scope="module")
 def zero2_straight(tmp_path_factory, warm_cache):
     cwd = tmp_path_factory.mktemp("zero2")
-    return cwd, run_torchrun(2, ZERO2 + ["run.name=straight"], cwd)
+    return cwd, run_ranks(2, ZERO2 + ["run.name=straight"], cwd)
 
 
 @needs_ds
@@ -108,9 +109,9 @@ def test_zero2_resume_after_stop_is_exact_and_export_evaluates_the_same(tmp_path
     cwd, straight = zero2_straight
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "straight").symlink_to(cwd / "runs" / "straight")
-    run_torchrun(2, args + ["run.name=resumed", "run.stop_at_step=5"], tmp_path)
+    run_ranks(2, args + ["run.name=resumed", "run.stop_at_step=5"], tmp_path)
     assert (tmp_path / "runs/resumed/checkpoints/step-00000005/deepspeed").is_dir()
-    resumed = run_torchrun(2, args + ["run.name=resumed"], tmp_path)
+    resumed = run_ranks(2, args + ["run.name=resumed"], tmp_path)
     assert "resumed from" in resumed.stderr and "at step 5" in resumed.stderr
     a, b = losses(tmp_path / "runs/straight"), losses(tmp_path / "runs/resumed")
     assert len(a) == len(b) and np.array_equal(a, b), (a, b)  # bit for bit: same shards, same order
@@ -171,25 +172,10 @@ def test_zero2_resume_after_sigkill_matches_uninterrupted(tmp_path, zero2_straig
     os.kill(workers(tag)[1], signal.SIGKILL)
     proc.communicate(timeout=120)
     assert proc.returncode != 0
-    resumed = run_torchrun(2, args + ["run.name=killed"], tmp_path)
+    resumed = run_ranks(2, args + ["run.name=killed"], tmp_path)
     assert "resumed from" in resumed.stderr
     for name in ("straight", "killed"):
         run_dtrain(["export", "--checkpoint", str(tmp_path / f"runs/{name}/checkpoints/latest"),
                     "--out", str(tmp_path / f"{name}.pt")], tmp_path)
     a, b = (torch.load(tmp_path / f"{n}.pt", weights_only=True)["model"] for n in ("straight", "killed"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def as_srun_tasks(args: list[str], cwd) -> subprocess.CompletedProcess:
-    """`python -m dtrain ARGS` as two tasks of an srun step (SLURM_* variables only) -> rank 0's output."""
-    job = str(40000 + free_port() % 20000)
-    procs = [subprocess.Popen([sys.executable, "-m", "dtrain", *args], cwd=cwd, text=True, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                              env=_env({"SLURM_PROCID": str(r), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(r),
-                                        "SLURM_STEP_ID": "0",  # a task of an srun step, not the batch script
-                                        "SLURM_NODELIST": "127.0.0.1", "SLURM_JOB_ID": job}))
-             for r in (0, 1)]
-    outs = [p.communicate(timeout=400) for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs[0][1][-3000:] + outs[1][1][-3000:]
-    assert "launch: slurm, world_size=2" in outs[0][1]
-    return subprocess.CompletedProcess(procs[0].args, 0, *outs[0])

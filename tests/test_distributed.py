@@ -1,10 +1,11 @@
-"""Multi-process behaviour under real torchrun (gloo on CPU)."""
+"""Multi-process behaviour on real ranks (gloo on CPU), forked with torchrun's variables (conftest's run_ranks):
+what the ranks compute together; the launchers have their own tests (test_launcher, test_matrix, test_slurm)."""
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import final_params, metrics_of, result_of, run_dtrain, run_torchrun
+from conftest import final_params, metrics_of, result_of, run_dtrain, run_ranks
 from dtrain.data.datasets import digits
 from dtrain.data.shards import write_shards
 
@@ -34,7 +35,7 @@ def close(a: dict, b: dict, atol=1e-5) -> bool:
 def test_two_ranks_match_one_rank_on_the_same_global_batch(tmp_path, full_batch_data):
     data = f"data.dataset=folder:{full_batch_data}"
     run_dtrain(["train", data, "data.batch_size=256", "run.name=one", *COMMON], tmp_path)
-    two = run_torchrun(2, ["train", data, "data.batch_size=128", "run.name=two", *COMMON], tmp_path)
+    two = run_ranks(2, ["train", data, "data.batch_size=128", "run.name=two", *COMMON], tmp_path)
     assert "launch: torchrun, world_size=2, backend=gloo" in two.stderr
     a, b = final_params(tmp_path / "runs" / "one"), final_params(tmp_path / "runs" / "two")
     assert close(a, b), max((a[k] - b[k]).abs().max().item() for k in a)
@@ -56,7 +57,7 @@ def test_two_ranks_with_accumulation_match_one_rank(tmp_path, full_batch_data):
     # DDP no_sync on the first micro-step, all-reduce on the second: still the same update
     data = f"data.dataset=folder:{full_batch_data}"
     run_dtrain(["train", data, "data.batch_size=256", "run.name=one", *COMMON], tmp_path)
-    run_torchrun(2, ["train", data, "data.batch_size=64", "train.grad_accum=2", "run.name=two", *COMMON], tmp_path)
+    run_ranks(2, ["train", data, "data.batch_size=64", "train.grad_accum=2", "run.name=two", *COMMON], tmp_path)
     a, b = final_params(tmp_path / "runs" / "one"), final_params(tmp_path / "runs" / "two")
     assert close(a, b)
 
@@ -74,7 +75,7 @@ def test_early_stop_is_decided_for_all_ranks(tmp_path):
                  shard_size=100)
     args = ["train", f"data.dataset=folder:{root}", "train.epochs=40", "train.val_every=5", "early_stop.patience=3",
             "log.all_ranks=true", "log.progress=false"]
-    proc = run_torchrun(2, args, tmp_path, timeout=240)
+    proc = run_ranks(2, args, tmp_path, timeout=240)
     stops = sorted(l.split("early stop at step ")[1].split(":")[0] for l in proc.stderr.splitlines()
                    if "early stop at step" in l)
     assert len(stops) == 2 and stops[0] == stops[1], proc.stderr[-3000:]
@@ -109,9 +110,9 @@ def test_every_rank_validates_a_split_of_one_shard(tmp_path, monkeypatch):
     root = tmp_path / "d"
     write_shards(root, {"train": (x[:512], y[:512]), "val": (vx[:101], vy[:101])}, meta, shard_size=128)
     assert len(list(root.glob("val-*.tar"))) == 1
-    proc = run_torchrun(2, ["train", f"data.dataset=folder:{root}", "data.in_memory=false", "train.epochs=1",
-                            "run.name=onevalshard", "checkpoint.save_best=false", "log.all_ranks=true",
-                            "log.progress=false"], tmp_path, timeout=240)
+    proc = run_ranks(2, ["train", f"data.dataset=folder:{root}", "data.in_memory=false", "train.epochs=1",
+                         "run.name=onevalshard", "checkpoint.save_best=false", "log.all_ranks=true",
+                         "log.progress=false"], tmp_path, timeout=240)
     local = {rank: [float(l.rsplit(": ", 1)[1]) for l in proc.stderr.splitlines()
                     if l.startswith(f"[rank {rank}] local val/loss at step 4: ")] for rank in (0, 1)}
     assert all(len(v) == 1 and v[0] > 0 for v in local.values()), (local, proc.stderr[-3000:])

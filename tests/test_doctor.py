@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import _env, free_port, run_torchrun
+from conftest import _env, free_port, run_ranks
 from dtrain.data import ShardStream, read_index
 
 pytestmark = pytest.mark.multiproc
@@ -18,14 +18,14 @@ def failing_line(proc) -> str:
 
 
 def test_healthy_two_ranks_pass(tmp_path, data_root):
-    proc = run_torchrun(2, ["doctor", f"data.root={data_root}"], tmp_path)
+    proc = run_ranks(2, ["doctor", f"data.root={data_root}"], tmp_path)
     for name in ("versions", "config", "all-reduce", "shards", "checkpoint dir"):
         assert any(l.strip().startswith(f"ok    {name}") for l in proc.stderr.splitlines()), (name, proc.stderr)
     assert "bus bandwidth" in proc.stderr
 
 
 def test_train_runs_a_brief_doctor_first(tmp_path, data_root):
-    proc = run_torchrun(2, ["train", f"data.root={data_root}", "train.epochs=1", "log.progress=false"], tmp_path)
+    proc = run_ranks(2, ["train", f"data.root={data_root}", "train.epochs=1", "log.progress=false"], tmp_path)
     assert "doctor (brief" in proc.stderr and "FAIL" not in proc.stderr
 
 
@@ -36,7 +36,7 @@ def test_unreadable_shard_on_one_rank(tmp_path, data_root):
     victim = order[1::2][0]  # a shard that rank 1, and only rank 1, reads in epoch 0
     data = open(victim, "rb").read()
     open(victim, "wb").write(data[:512] + b"\xff" * 1024 + data[1536:])  # garbage in the middle
-    proc = run_torchrun(2, ["doctor", "data.root=d"], tmp_path, check=False)
+    proc = run_ranks(2, ["doctor", "data.root=d"], tmp_path, check=False)
     assert proc.returncode != 0
     line = failing_line(proc)
     assert "shards check failed" in line and "rank 1" in line and "rank 0" not in line, line
@@ -48,7 +48,7 @@ def test_read_only_checkpoint_dir(tmp_path, data_root):
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)]).returncode != 0:
         pytest.skip("cannot mount a read-only tmpfs here (needs root)")
     try:
-        proc = run_torchrun(2, ["doctor", f"data.root={data_root}", f"run.dir={ro}"], tmp_path, check=False)
+        proc = run_ranks(2, ["doctor", f"data.root={data_root}", f"run.dir={ro}"], tmp_path, check=False)
     finally:
         subprocess.run(["umount", str(ro)])
     assert proc.returncode != 0

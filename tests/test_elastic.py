@@ -1,6 +1,7 @@
 """Resuming on a different number of ranks (issue 8): the global batch is kept, the interrupted epoch's
 unread samples are dealt over the new ranks (none twice, none lost), and what can't be kept is refused
-with one line naming the switch. Unit tests of the dealing and the replay, then real torchrun runs."""
+with one line naming the switch. Unit tests of the dealing and the replay, then real multi-rank runs (forked
+ranks, conftest's run_ranks; the refusal under torchrun)."""
 
 import collections
 import itertools
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import key_log, result_of, run_dtrain, run_torchrun
+from conftest import key_log, result_of, run_dtrain, run_ranks, run_torchrun
 from dtrain.checkpoint import CheckpointError, verify
 from dtrain.data import ShardStream, make_builtin
 from dtrain.data.elastic import (ElasticError, EpochReplay, Segment, choose_layout, consumed_keys, deal)
@@ -136,7 +137,7 @@ def runs(tmp_path_factory, data_root, elastic_reference):
     """A 2-rank run stopped at step 5 (copied by each test), and the uninterrupted one (conftest's)."""
     cwd = tmp_path_factory.mktemp("elastic-runs")
     args = ARGS + [f"data.root={data_root}"]
-    run_torchrun(2, args + ["run.name=stopped", f"run.stop_at_step={STOP}"], cwd)
+    run_ranks(2, args + ["run.name=stopped", f"run.stop_at_step={STOP}"], cwd)
     return cwd, args, elastic_reference
 
 
@@ -146,7 +147,7 @@ def test_resume_on_another_number_of_ranks(tmp_path, runs, world):
     cwd, args, (reference, straight) = runs
     shutil.copytree(cwd / "runs" / "stopped", tmp_path / "runs" / "r", symlinks=True)
     args = args + ["run.name=r"]
-    proc = run_dtrain(args, tmp_path) if world == 1 else run_torchrun(world, args, tmp_path)
+    proc = run_dtrain(args, tmp_path) if world == 1 else run_ranks(world, args, tmp_path)
     change = "grad_accum 1 -> 2" if world == 1 else "per-rank batch 48 -> 32"
     assert f"resume: 2 -> {world} ranks; {change} to keep the global batch 96" in proc.stderr, proc.stderr
     assert f"dealt over {world} rank" in proc.stderr and "continue" in proc.stderr
@@ -185,7 +186,7 @@ def test_global_batch_that_does_not_divide_needs_the_switch(tmp_path, data_root)
     assert "checkpoint.elastic=approximate" in errors[0]
     assert {p.name: verify(p) for p in ckpts.glob("step-*")} == before  # intact, nothing new
 
-    proc = run_torchrun(2, args + ["checkpoint.elastic=approximate"], tmp_path)
+    proc = run_ranks(2, args + ["checkpoint.elastic=approximate"], tmp_path)
     assert ("resume: 1 -> 2 ranks; per-rank batch 45 -> 23: global batch 46 instead of 45 "
             "(checkpoint.elastic=approximate; LR schedule unchanged, 27 steps per epoch kept)") in proc.stderr
     assert result_of(proc)["step"] == 8

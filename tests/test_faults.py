@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from conftest import (REPO, _env, final_params, key_log, latest_logged_step, metrics_of, result_of, run_dtrain,
-                      run_torchrun, start, torchrun_cmd, wait_for, workers)
+                      run_ranks, run_torchrun, start, torchrun_cmd, wait_for, workers)
 from dtrain.checkpoint import CheckpointError, Checkpointer, Snapshot, safe_load, verify
 from dtrain.dist import ROLL_CALL_S, DistInfo
 
@@ -429,7 +429,7 @@ def nan_data(tmp_path_factory):
 @pytest.mark.multiproc
 def test_nan_on_one_rank_is_skipped_on_all(tmp_path, nan_data):
     args = ["train", f"data.dataset=folder:{nan_data}", "train.epochs=3", "log.progress=false", "log.all_ranks=true"]
-    proc = run_torchrun(2, args, tmp_path)
+    proc = run_ranks(2, args, tmp_path)
     skips = [l for l in proc.stderr.splitlines() if "non-finite gradient norm" in l]
     assert any(l.startswith("[rank 0]") for l in skips) and any(l.startswith("[rank 1]") for l in skips)
     params = final_params(tmp_path / "runs" / "digits")
@@ -500,8 +500,8 @@ def test_two_rank_resume_after_stop_at_step_with_async_saves_is_bit_identical(tm
     the periodic checkpoints written in the background. (The synchronous save on a stop: the SIGTERM case of
     test_two_rank_resume_after_kill_is_bit_identical, the same stop path.)"""
     args = RESUME_ARGS + ["run.name=r", "checkpoint.async_save=true"]
-    run_torchrun(2, args + ["run.stop_at_step=25"], tmp_path)
-    proc = run_torchrun(2, args, tmp_path)
+    run_ranks(2, args + ["run.stop_at_step=25"], tmp_path)
+    proc = run_ranks(2, args, tmp_path)
     assert "at step 25" in proc.stderr
     assert_same_as_straight(tmp_path / "runs" / "r", straight_run)
     for path in (tmp_path / "runs" / "r" / "checkpoints").glob("step-*"):
@@ -543,8 +543,8 @@ def test_keep_last_and_best(tmp_path, data_root):
 # ---- secrets ----------------------------------------------------------------------------------------
 def test_no_secret_is_written_anywhere(tmp_path, data_root):
     secret = "sk-test-" + uuid.uuid4().hex
-    run_dtrain(["train", f"data.root={data_root}", "train.epochs=1"], tmp_path, process=True,
-               env={"WANDB_API_KEY": secret, "HF_TOKEN": secret, "AWS_SECRET_ACCESS_KEY": secret})
+    run_ranks(1, ["train", f"data.root={data_root}", "train.epochs=1"], tmp_path, launcher="single",
+              env={"WANDB_API_KEY": secret, "HF_TOKEN": secret, "AWS_SECRET_ACCESS_KEY": secret})
     for path in (tmp_path / "runs").rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path

@@ -1,7 +1,7 @@
 """train.engine=fsdp (FSDP2 + torch.distributed.checkpoint) on CPU gloo ranks: what it refuses, how it finds
-blocks, that its checkpoints are read as plain data only (in-process); then real torchrun runs against DDP,
-SIGKILL and exact resume, resume on 1 and 3 ranks, export/eval, and kills during saves. The runs share one
-uninterrupted reference run per engine (module fixture)."""
+blocks, that its checkpoints are read as plain data only (in-process); then real multi-rank runs against DDP
+(ranks forked by conftest's run_ranks), a SIGKILL under torchrun and exact resume, resume on 1 and 3 ranks,
+export/eval, and kills during saves. The runs share one uninterrupted reference run per engine (module fixture)."""
 
 import collections
 import os
@@ -19,7 +19,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from conftest import (REPO, key_log, latest_logged_step, metrics_of, result_of, run_dtrain, run_torchrun, start,
+from conftest import (REPO, key_log, latest_logged_step, metrics_of, result_of, run_dtrain, run_ranks, start,
                       torchrun_cmd, wait_for, workers)
 from dtrain.checkpoint import CheckpointError, Checkpointer, safe_load, verify
 from dtrain.cli import main
@@ -148,10 +148,9 @@ def runs(tmp_path_factory, data_root):
     """Uninterrupted DDP and FSDP runs, and an FSDP run stopped at step 5 (copied by the tests that resume it)."""
     cwd = tmp_path_factory.mktemp("fsdp-runs")
     args = ARGS + [f"data.root={data_root}"]
-    ddp = run_torchrun(2, args + ["run.name=ddp", "run.doctor=false"], cwd)
-    fsdp = run_torchrun(2, args + ["train.engine=fsdp", "run.name=fsdp"], cwd)  # with the brief doctor
-    run_torchrun(2, args + ["train.engine=fsdp", "run.name=stopped", f"run.stop_at_step={STOP}", "run.doctor=false"],
-                 cwd)
+    ddp = run_ranks(2, args + ["run.name=ddp", "run.doctor=false"], cwd)
+    fsdp = run_ranks(2, args + ["train.engine=fsdp", "run.name=fsdp"], cwd)  # with the brief doctor
+    run_ranks(2, args + ["train.engine=fsdp", "run.name=stopped", f"run.stop_at_step={STOP}", "run.doctor=false"], cwd)
     return cwd, args + ["train.engine=fsdp", "run.doctor=false"], {"ddp": ddp, "fsdp": fsdp}
 
 
@@ -181,8 +180,8 @@ def test_fsdp_by_block_follows_ddp_without_accumulation_or_clipping(tmp_path):
             "data.text_context=32", "data.shard_size=500", "model.factory=gpt", "model.kwargs.n_layer=2", "model.kwargs.n_embd=32",
             "model.kwargs.n_head=2", "data.batch_size=8", "train.max_steps=8", "train.clip_grad_norm=null",
             "log.progress=false", "train.log_every=1", "run.doctor=false", "fsdp.activation_checkpointing=true"]
-    run_torchrun(2, args + ["run.name=ddp"], tmp_path)
-    fsdp = run_torchrun(2, args + ["run.name=fsdp", "train.engine=fsdp"], tmp_path)
+    run_ranks(2, args + ["run.name=ddp"], tmp_path)
+    fsdp = run_ranks(2, args + ["run.name=fsdp", "train.engine=fsdp"], tmp_path)
     assert "fsdp: sharding 2 blocks of body.h one by one, then the rest at the root over 2 ranks" in fsdp.stderr
     a, b = losses(tmp_path / "runs/ddp"), losses(tmp_path / "runs/fsdp")
     diff = np.abs(a - b).max()
@@ -202,7 +201,7 @@ def test_fsdp_resume_after_sigkill_is_bit_identical(tmp_path, runs):
     os.kill(workers(tag)[1], signal.SIGKILL)
     proc.communicate(timeout=120)
     assert proc.returncode != 0
-    resumed = run_torchrun(2, args, tmp_path)
+    resumed = run_ranks(2, args, tmp_path)
     assert "resumed from" in resumed.stderr
     a, b = weights(cwd / "runs/fsdp"), weights(run)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -220,7 +219,7 @@ def test_fsdp_resume_applies_a_changed_learning_rate(tmp_path, runs):
     the other engines, a changed optim.lr is said and applied from the resumed step on."""
     cwd, args, _ = runs
     shutil.copytree(cwd / "runs" / "stopped", tmp_path / "runs" / "lr", symlinks=True)
-    proc = run_torchrun(2, args + ["run.name=lr", "optim.lr=0.006", f"run.stop_at_step={STOP + 2}"], tmp_path)
+    proc = run_ranks(2, args + ["run.name=lr", "optim.lr=0.006", f"run.stop_at_step={STOP + 2}"], tmp_path)
     assert "resume: optim.lr changed since the checkpoint: 0.003 -> 0.006" in proc.stderr, proc.stderr[-2000:]
     lrs = [{r["step"]: r["lr"] for r in metrics_of(run) if "lr" in r} for run in (cwd / "runs" / "fsdp",
                                                                                    tmp_path / "runs" / "lr")]
@@ -234,7 +233,7 @@ def test_fsdp_written_on_2_ranks_resumes_on_1_and_3(tmp_path, runs, world):
     cwd, args, procs = runs
     shutil.copytree(cwd / "runs" / "stopped", tmp_path / "runs" / "r", symlinks=True)
     args = args + ["run.name=r"]
-    proc = run_dtrain(args, tmp_path, process=True) if world == 1 else run_torchrun(world, args, tmp_path)
+    proc = run_ranks(world, args, tmp_path, launcher="single" if world == 1 else "torchrun")
     assert f"resume: 2 -> {world} ranks;" in proc.stderr and "to keep the global batch 96" in proc.stderr
     run, reference = tmp_path / "runs" / "r", cwd / "runs" / "fsdp"
     assert epoch_keys(run, 0) == epoch_keys(reference, 0)  # the interrupted epoch: no sample twice, none lost

@@ -12,7 +12,7 @@ import uuid
 import pytest
 import torch
 
-from conftest import (REPO, final_params, key_log, latest_logged_step, metrics_of, result_of, run_dtrain,
+from conftest import (REPO, final_params, key_log, latest_logged_step, metrics_of, result_of, run_dtrain, run_ranks,
                       run_torchrun, start, torchrun_cmd, wait_for, workers)
 from dtrain import dist
 from dtrain.batch import default_forward, keys, logits, size, target
@@ -184,7 +184,7 @@ def test_hf_model_from_config_resumes_bit_identically_after_sigkill(tmp_path, da
     args = ["train", f"data.root={data_root}", *HF_RESNET, "train.epochs=2",
             "data.batch_size=32", "optim.lr=0.02", "log.progress=false", "train.log_every=1", "checkpoint.every=4",
             "log.sample_keys=true", "data.shuffle_buffer=200"]
-    straight = run_torchrun(2, args + ["run.name=straight"], tmp_path, env=ENV)
+    straight = run_ranks(2, args + ["run.name=straight"], tmp_path, env=ENV, preload=("transformers",))
     assert result_of(straight)["test/acc"] > 0.4 and "world_size=2" in straight.stderr  # it learned (10 classes)
     tag, run = uuid.uuid4().hex, tmp_path / "runs" / "r"
     proc = start(torchrun_cmd(2, args + ["run.name=r"]), tmp_path, tag, env=ENV)
@@ -192,7 +192,7 @@ def test_hf_model_from_config_resumes_bit_identically_after_sigkill(tmp_path, da
     os.kill(workers(tag)[1], signal.SIGKILL)
     proc.communicate(timeout=120)
     assert proc.returncode != 0
-    resumed = run_torchrun(2, args + ["run.name=r"], tmp_path, env=ENV)
+    resumed = run_ranks(2, args + ["run.name=r"], tmp_path, env=ENV, preload=("transformers",))
     assert "resumed from" in resumed.stderr
     a, b = final_params(tmp_path / "runs" / "straight"), final_params(run)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -370,11 +370,11 @@ def test_data_hooks_from_a_script_pass_the_start_up_check_on_two_ranks(tmp_path,
     """Issue 22 (1): the check rebuilt sample/collate from their recorded names (`__main__:collate`), which
     no import can, and failed every rank; it must use the objects the script handed in."""
     script, args = USERCODE / "script_hooks.py", [f"data.root={data_root}"]
-    proc = run_torchrun(2, args, tmp_path, script=script)  # run.doctor is on by default
+    proc = run_ranks(2, args, tmp_path, script=script)  # run.doctor is on by default
     assert "world_size=2" in proc.stderr and "ok    shards" in proc.stderr, proc.stderr[-3000:]
     assert result_of(proc)["stop_reason"] == "completed"
     assert "collate: __main__:collate" in (tmp_path / "runs" / "script-hooks" / "config.yaml").read_text()
-    doctor = run_torchrun(2, ["doctor", *args], tmp_path, script=script)  # the full check, as `dtrain doctor`
+    doctor = run_ranks(2, ["doctor", *args], tmp_path, script=script)  # the full check, as `dtrain doctor`
     assert "ok    shards" in doctor.stderr, doctor.stderr[-3000:]
 
 

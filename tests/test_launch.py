@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run_dtrain_process, _env, final_params, free_port, metrics_of, result_of, run_dtrain, run_torchrun
+from conftest import REPO, run_dtrain_process, _env, final_params, free_port, metrics_of, result_of, run_dtrain, run_ranks
 from dtrain import dist
 from dtrain.data.datasets import digits
 from dtrain.data.shards import write_shards
@@ -238,7 +238,7 @@ def test_two_nodes_on_loopback_match_one_node(tmp_path, full_batch_data):
     args = [f"data.dataset=folder:{full_batch_data}", "data.batch_size=128", "data.shuffle_buffer=0",
             "train.epochs=8", "optim.lr=0.01", "model.kwargs.dropout=0", "log.progress=false",
             "train.log_every=1"]
-    one = run_torchrun(2, ["train", *args, "run.name=one"], tmp_path)
+    one = run_ranks(2, ["train", *args, "run.name=one"], tmp_path)  # ranks as torchrun's on one node
     assert "launch: torchrun, world_size=2, backend=gloo, device=cpu, nodes=1, ranks_per_node=2" in one.stderr
 
     head = f"127.0.0.1:{free_port()}"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CONFIGS, metrics_of, result_of, run_dtrain, wait_for
+from conftest import CONFIGS, metrics_of, result_of, run_dtrain, run_ranks, wait_for
 from dtrain import dist
 from dtrain.checkpoint import Checkpointer
 from dtrain.cli import main
@@ -88,9 +88,9 @@ def test_wandb_offline_run_resumes_with_the_same_id_and_never_records_secrets(tm
     env = {"WANDB_API_KEY": secret, "HF_TOKEN": token}
     args = ["train", f"data.root={data_root}", "train.epochs=2", "wandb.enabled=true", "wandb.project=tests",
             "run.name=wb", "log.progress=false", "train.log_every=10"]
-    first = run_dtrain(args + ["run.stop_at_step=20"], tmp_path, env=env, process=True)
+    first = run_ranks(1, args + ["run.stop_at_step=20"], tmp_path, env=env, launcher="single")
     assert "wandb: started run" in first.stderr
-    second = run_dtrain(args, tmp_path, env=env, process=True)
+    second = run_ranks(1, args, tmp_path, env=env, launcher="single")
     run_dir = tmp_path / "runs" / "wb"
     run_id = torch.load(run_dir / "checkpoints" / "latest" / "state.pt", weights_only=True)["logger"]["wandb_run_id"]
     assert f"wandb: resumed run {run_id}" in second.stderr
@@ -155,7 +155,7 @@ def test_checkpoints_as_wandb_artifacts_read_back_from_the_offline_run(tmp_path,
     pytest.importorskip("wandb")
     args = ["train", f"data.root={data_root}", "train.max_steps=6", "train.val_every=2", "checkpoint.every=3",
             "wandb.enabled=true", "log.progress=false"]
-    run_dtrain(args + ["run.name=all", "wandb.log_checkpoints=all"], tmp_path, process=True)
+    run_ranks(1, args + ["run.name=all", "wandb.log_checkpoints=all"], tmp_path, launcher="single")
     run_dir = tmp_path / "runs" / "all"
     run = read_run(next((run_dir / "wandb").glob("offline-run-*/run-*.wandb")))
     logged = {a["metadata"]["step"]: a for a in run["artifacts"]}
@@ -166,8 +166,8 @@ def test_checkpoints_as_wandb_artifacts_read_back_from_the_offline_run(tmp_path,
     final = json.loads((run_dir / "checkpoints" / "latest" / "manifest.json").read_text())
     assert set(logged[6]["files"]) == {f"step-00000006/{n}" for n in [*final["files"], "manifest.json"]}
 
-    run_dtrain(args + ["run.name=ref", "wandb.log_checkpoints=best", "wandb.checkpoint_references=true"],
-               tmp_path, process=True)
+    run_ranks(1, args + ["run.name=ref", "wandb.log_checkpoints=best", "wandb.checkpoint_references=true"],
+              tmp_path, launcher="single")
     run_dir = tmp_path / "runs" / "ref"
     run = read_run(next((run_dir / "wandb").glob("offline-run-*/run-*.wandb")))
     assert run["artifacts"] and all("best" in a["aliases"] for a in run["artifacts"])  # W&B adds `latest` itself

@@ -434,14 +434,13 @@ def test_foreign_jpg_shards_train_and_resume_exactly(tmp_path):
     import signal
     import uuid
 
-    from conftest import (final_params, key_log, result_of, run_dtrain, run_torchrun, start, torchrun_cmd, wait_for,
-                          workers)
+    from conftest import final_params, key_log, result_of, run_ranks, start, torchrun_cmd, wait_for, workers
     write_jpg_shards(tmp_path / "shards")
     assert main(["index", str(tmp_path / "shards" / PATTERN), "--out", str(tmp_path / "shards" / "train.json")]) == 0
     (tmp_path / "usermod.py").write_text(USER_MODULE)  # in cwd: on the workers' sys.path (python -m dtrain)
     args = E2E + [f"data.train={tmp_path / 'shards' / 'train.json'}"]
     straight = tmp_path / "runs" / "straight"
-    assert result_of(run_torchrun(2, args + ["run.name=straight"], tmp_path))["step"] == 16
+    assert result_of(run_ranks(2, args + ["run.name=straight"], tmp_path))["step"] == 16
 
     (tmp_path / "stall_after").write_text("120")  # each rank stalls in its 11th step's batch or before
     tag = uuid.uuid4().hex
@@ -453,7 +452,7 @@ def test_foreign_jpg_shards_train_and_resume_exactly(tmp_path):
     (tmp_path / "stall_after").unlink()
     for world in (1, 3):
         shutil.copytree(tmp_path / "runs" / "killed", tmp_path / "runs" / f"on{world}", symlinks=True)
-    resumed = run_torchrun(2, args + ["run.name=killed"], tmp_path)
+    resumed = run_ranks(2, args + ["run.name=killed"], tmp_path)
     step = int(re.search(r"resumed from .* at step (\d+)", resumed.stderr).group(1))
     assert step % 4, step  # mid-epoch
     a, b = final_params(straight), final_params(tmp_path / "runs" / "killed")
@@ -465,8 +464,8 @@ def test_foreign_jpg_shards_train_and_resume_exactly(tmp_path):
                                    if epoch * 4 < s <= (epoch + 1) * 4 for k in keys)
     for world in (1, 3):
         run = tmp_path / "runs" / f"on{world}"
-        proc = run_dtrain(args + [f"run.name=on{world}"], tmp_path, process=True) if world == 1 else \
-            run_torchrun(world, args + [f"run.name=on{world}"], tmp_path)
+        proc = run_ranks(world, args + [f"run.name=on{world}"], tmp_path,
+                         launcher="single" if world == 1 else "torchrun")
         assert f"dealt over {world} rank" in proc.stderr, proc.stderr[-2000:]
         for epoch in range(step // 4 + 1):  # up to the interrupted one: what the uninterrupted run read
             assert epoch_keys(run, epoch) == epoch_keys(straight, epoch), (world, epoch)

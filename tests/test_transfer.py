@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import final_params, metrics_of, result_of, run_dtrain, run_torchrun
+from conftest import final_params, metrics_of, result_of, run_dtrain, run_ranks
 from dtrain import dist
 from dtrain.checkpoint import CheckpointError
 from dtrain.config import ConfigError, load_config
@@ -112,7 +112,7 @@ def test_two_ranks_freeze_then_unfreeze_like_one_rank(tmp_path, source):
               "model.freeze_all_but_head=true", "model.unfreeze_at_step=3", "train.epochs=8", "data.shuffle_buffer=0",
               "optim.name=sgd", "optim.lr=0.05", "log.progress=false"]
     run_dtrain(common + ["data.batch_size=256", "run.name=one"], tmp_path)
-    two = run_torchrun(2, common + ["data.batch_size=128", "run.name=two"], tmp_path)
+    two = run_ranks(2, common + ["data.batch_size=128", "run.name=two"], tmp_path)
     assert "world_size=2" in two.stderr and "step 3: unfroze" in two.stderr
     a, b = final_params(tmp_path / "runs" / "one"), final_params(tmp_path / "runs" / "two")
     assert all(not torch.equal(a[k], source[1][k]) for k in body(source[1]))  # the body did train
