@@ -128,7 +128,7 @@ def run_ranks(nproc: int, args: list[str], cwd: Path, timeout: float = 300, chec
     hosts the store), "srun" (SLURM_* only, from which dtrain.dist derives the rest) or "single" (none: one
     process, as `python -m dtrain`). `preload`: modules imported once in the server (DeepSpeed is, for
     train.engine=deepspeed). stdout and stderr are every rank's, as torchrun's are; the exit code is the first
-    failed rank's."""
+    rank that failed first."""
     import tempfile
     global _RANK_SERVER
     if _RANK_SERVER is None or _RANK_SERVER.poll() is not None:
@@ -163,8 +163,8 @@ def run_ranks(nproc: int, args: list[str], cwd: Path, timeout: float = 300, chec
             raise
         assert reply, "tests/rank_server.py ended"
         reply = json.loads(reply)
-        code = next((c for c in reply["codes"] if c != 0), 0)
-        proc = subprocess.CompletedProcess(["ranks", *map(str, args)], code, out.read_text(), err.read_text())
+        proc = subprocess.CompletedProcess(["ranks", *map(str, args)], reply["failed"], out.read_text(),
+                                           err.read_text())
     what = f"{nproc} ranks ({launcher}) of {' '.join(map(str, args))}"
     if reply["timed_out"]:
         pytest.fail(f"{what} ran past {timeout} s\n{proc.stdout}\n{proc.stderr}")

@@ -10,7 +10,8 @@ sys.path, stdout, stderr and exit code. Tests whose subject is a launcher (torch
 `dtrain launch`, SLURM), a signal or a kill keep starting real launchers.
 
 Protocol: one JSON request a line on stdin ({"args", "cwd", "env": one environment per rank, "script", "stdout",
-"stderr", "timeout", "preload"}), one JSON line back once every rank has ended ({"codes", "timed_out"}).
+"stderr", "timeout", "preload"}), one JSON line back once every rank has ended ({"codes": each rank's exit code,
+"failed": the first non-zero one to come, "timed_out"}).
 """
 
 import atexit
@@ -64,7 +65,7 @@ def _rank(req: dict, rank: int) -> None:
         traceback.print_exc()
         code = 1
     finally:
-        try:  # as the interpreter ends: its threads joined, its exit functions run, its streams flushed
+        try:  # as the interpreter ends (and multiprocessing's forked Process): threads joined, exit functions run
             threading._shutdown()
             atexit._run_exitfuncs()
             sys.stdout.flush()
@@ -85,22 +86,23 @@ def serve() -> None:
             if pid == 0:
                 _rank(req, rank)
             pids.append(pid)
-        codes, deadline, timed_out = {}, time.monotonic() + req["timeout"], False
+        codes, deadline, killed, timed_out, failed = {}, time.monotonic() + req["timeout"], False, False, None
         while len(codes) < len(pids):
             for pid in pids:
                 if pid not in codes:
                     done, status = os.waitpid(pid, os.WNOHANG)
                     if done:
                         codes[pid] = os.waitstatus_to_exitcode(status)
-                        if codes[pid] != 0:  # as torchrun's agent: a failed rank ends the others (after a grace)
-                            deadline = min(deadline, time.monotonic() + 10)
-            if len(codes) < len(pids) and time.monotonic() > deadline and not timed_out:
-                timed_out = True
+                        if codes[pid] != 0 and failed is None:  # as torchrun's agent: a failed rank ends the
+                            failed, deadline = codes[pid], min(deadline, time.monotonic() + 10)  # others (a grace)
+            if len(codes) < len(pids) and time.monotonic() > deadline and not killed:
+                killed, timed_out = True, all(c == 0 for c in codes.values())  # not a failed rank's grace
                 for pid in pids:
                     if pid not in codes:
                         os.kill(pid, signal.SIGKILL)
             time.sleep(0.02)
-        sys.stdout.write(json.dumps({"codes": [codes[p] for p in pids], "timed_out": timed_out}) + "\n")
+        reply = {"codes": [codes[p] for p in pids], "failed": failed or 0, "timed_out": timed_out}
+        sys.stdout.write(json.dumps(reply) + "\n")
         sys.stdout.flush()
 
 
