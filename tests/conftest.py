@@ -65,9 +65,8 @@ def _run_here(args: list[str], cwd: Path, env: dict | None, script: Path | None 
     """`dtrain ARGS`, or `python SCRIPT ARGS` (run as __main__, as python runs it), in this process."""
     import contextlib
     import io
-    import runpy
 
-    from dtrain.cli import main
+    from rank_server import run_as_python
     out, err = io.StringIO(), io.StringIO()
     saved_env, saved_path, saved_cwd, threads = dict(os.environ), list(sys.path), os.getcwd(), torch.get_num_threads()
     saved_argv = list(sys.argv)
@@ -78,16 +77,9 @@ def _run_here(args: list[str], cwd: Path, env: dict | None, script: Path | None 
         os.chdir(cwd)
         torch.set_num_threads(1)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                if script is None:
-                    code = main(list(args))
-                else:
-                    sys.argv = [str(script), *args]
-                    sys.path.insert(0, str(Path(script).parent))
-                    runpy.run_path(str(script), run_name="__main__")
-                    code = 0
-            except SystemExit as e:  # argparse, dtrain.main
-                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            if script is not None:
+                sys.path.insert(0, str(Path(script).parent))
+            code = run_as_python(list(args), script)
     finally:
         sys.argv = saved_argv
         os.chdir(saved_cwd)
@@ -127,8 +119,8 @@ def run_ranks(nproc: int, args: list[str], cwd: Path, timeout: float = 300, chec
     `launcher` gives its workers: "torchrun" (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_*, ...; no agent, so rank 0
     hosts the store), "srun" (SLURM_* only, from which dtrain.dist derives the rest) or "single" (none: one
     process, as `python -m dtrain`). `preload`: modules imported once in the server (DeepSpeed is, for
-    train.engine=deepspeed). stdout and stderr are every rank's, as torchrun's are; the exit code is the first
-    rank that failed first."""
+    train.engine=deepspeed). stdout and stderr are every rank's, as torchrun's are; the exit code is that of
+    the rank that failed first."""
     import tempfile
     global _RANK_SERVER
     if _RANK_SERVER is None or _RANK_SERVER.poll() is not None:

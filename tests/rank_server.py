@@ -25,13 +25,20 @@ import threading
 import time
 import traceback
 
-# what every rank imports before its first step, so that no fork pays for it; one intra-op thread (the
-# tests' environment sets OMP_NUM_THREADS=1) and no tensor op here: a fork must not inherit a thread pool
-import torch
-import torch._dynamo  # noqa: F401  (the optimizer's first step imports it)
 
-import dtrain.cli
-import dtrain.trainer  # noqa: F401
+def run_as_python(args: list[str], script: str | None = None) -> int:
+    """`python -m dtrain ARGS`, or `python SCRIPT ARGS` (run as __main__), in this process -> its exit code.
+    Sets sys.argv as python would; sys.path, the environment and the working directory are the caller's.
+    (conftest's in-process runner uses it too.)"""
+    import dtrain.cli
+    sys.argv = [str(script) if script else os.path.join(os.path.dirname(dtrain.cli.__file__), "__main__.py"), *args]
+    try:
+        if script is None:
+            return dtrain.cli.main(list(args))
+        runpy.run_path(str(script), run_name="__main__")
+        return 0
+    except SystemExit as e:  # argparse, dtrain.main, a script's sys.exit
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
 
 
 def _rank(req: dict, rank: int) -> None:
@@ -51,16 +58,7 @@ def _rank(req: dict, rank: int) -> None:
         script = req.get("script")
         sys.path[0:1] = [os.path.dirname(os.path.abspath(script)) if script else os.getcwd(),
                          *(p for p in req["env"][rank].get("PYTHONPATH", "").split(os.pathsep) if p)]
-        try:
-            if script:
-                sys.argv = [script, *req["args"]]
-                runpy.run_path(script, run_name="__main__")
-                code = 0
-            else:
-                sys.argv = [os.path.join(os.path.dirname(dtrain.cli.__file__), "__main__.py"), *req["args"]]
-                code = dtrain.cli.main(list(req["args"]))
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        code = run_as_python(req["args"], script)
     except BaseException:  # noqa: BLE001 - as python prints an uncaught exception, and exits 1
         traceback.print_exc()
         code = 1
@@ -79,7 +77,7 @@ def serve() -> None:
         req = json.loads(line)
         for module in req.get("preload", []):  # DeepSpeed, transformers: imported once, for every later fork
             importlib.import_module(module)
-        sys.stdout.flush()
+        sys.stdout.flush()  # nothing buffered for the forks to inherit
         pids = []
         for rank in range(len(req["env"])):
             pid = os.fork()
@@ -108,4 +106,8 @@ def serve() -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when DeepSpeed is imported (a preload)
+    # what every rank imports before its first step, so that no fork pays for it; one intra-op thread (the
+    # tests' environment sets OMP_NUM_THREADS=1) and no tensor op here: a fork must not inherit a thread pool
+    import torch._dynamo  # noqa: F401  (the optimizer's first step imports it)
+    import dtrain.trainer  # noqa: F401
     serve()

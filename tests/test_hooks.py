@@ -379,8 +379,8 @@ def test_data_hooks_from_a_script_pass_the_start_up_check_on_two_ranks(tmp_path,
 
 
 def run_dtrain_script(args, cwd):
-    """`python SCRIPT ARGS` in this process (a python of its own: ~6 s of torch, transformers and torchmetrics
-    imports)."""
+    """`python SCRIPT ARGS` in this process (a new python would cost ~6 s of torch, transformers and
+    torchmetrics imports)."""
     from conftest import _run_here
     proc = _run_here(args, cwd, None, script=SCRIPT)
     assert proc.returncode == 0, proc.stderr[-3000:]
