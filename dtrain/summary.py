@@ -46,10 +46,11 @@ class Stopwatch:
 
 
 def build_summary(records: list[dict], result: dict, best_step: Optional[int], times: dict,
-                  checkpoint: Optional[Path], command: list[str]) -> dict:
+                  checkpoint: Optional[Path], command: list[str], eval_split: Optional[str] = "test") -> dict:
     """`records`: metrics.jsonl in order; `result`: what training returned (step, stop_reason, test/*);
     `times`: seconds of this start by part ("total", "validation", "checkpoint", "test", "data_wait");
-    `command`: the one that started it."""
+    `command`: the one that started it; `eval_split`: the split `evaluate` names (test, else val: one the
+    run's data has), None for none."""
     final: dict = {}
     for record in records:
         if "event" not in record:
@@ -72,8 +73,8 @@ def build_summary(records: list[dict], result: dict, best_step: Optional[int], t
                                               if k.startswith("val/") and k != "val/best_loss"}} if best else None,
                "wall_time_s": {"total": times.get("total", 0.0), **split},
                "throughput": speed, "checkpoint": str(checkpoint) if checkpoint else None}
-    if checkpoint is not None:
-        summary["evaluate"] = f"dtrain eval --checkpoint {shlex.quote(str(checkpoint))} --split test"
+    if checkpoint is not None and eval_split is not None:
+        summary["evaluate"] = f"dtrain eval --checkpoint {shlex.quote(str(checkpoint))} --split {eval_split}"
     if not finished:  # a run stopped by run.stop_at_step would stop again at once with it
         summary["resume"] = shlex.join([a for a in command if not (stop == "stop_at_step"
                                                                    and a.startswith("run.stop_at_step="))])
@@ -107,10 +108,10 @@ def _fmt(value) -> str:
 
 
 def write_summary(run_dir: Path, result: dict, best_step: Optional[int], times: dict,
-                  checkpoint: Optional[Path], command: list[str]) -> dict:
+                  checkpoint: Optional[Path], command: list[str], eval_split: Optional[str] = "test") -> dict:
     """Read metrics.jsonl, write summary.json (atomically) and return the summary."""
     records = [r for _, r in read_records(Path(run_dir) / "metrics.jsonl", metrics_record)]
-    summary = build_summary(records, result, best_step, times, checkpoint, command)
+    summary = build_summary(records, result, best_step, times, checkpoint, command, eval_split)
     path = Path(run_dir) / "summary.json"
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(summary, indent=1) + "\n")
@@ -124,8 +125,9 @@ def summarize(trainer, result: dict, command: list[str]) -> Optional[dict]:
     if result["stop_reason"] == "already_completed":
         return None
     best = trainer.checkpointer.pointer("best")
+    split = "test" if trainer.test_data is not None else "val" if trainer.val_data is not None else None
     summary = write_summary(trainer.run_dir, result, trainer.evaluator.best_step if best else None,
                             trainer.clock.times(data_wait=trainer.meter.total_data_wait),
-                            best or trainer.checkpointer.pointer("latest"), command)
+                            best or trainer.checkpointer.pointer("latest"), command, split)
     trainer.log.info("summary\n" + table(summary))
     return summary

@@ -167,6 +167,25 @@ def test_summary_of_a_stopped_run_resumes_and_evaluates_with_the_commands_it_giv
     assert f"{summary['final']['test/acc']['value']:.4f}" in evaluated.stdout + evaluated.stderr
 
 
+def test_summary_of_a_run_without_a_test_split_evaluates_a_split_it_has(tmp_path):
+    """Shards with train and val only (a user's own, as often): `evaluate` names val, and it works; it named
+    `--split test`, which is one error line (`eval: the run's data has no 'test' split`)."""
+    import json
+    import shlex
+
+    from conftest import run_dtrain
+    from dtrain.data.datasets import digits
+    from dtrain.data.shards import write_shards
+    splits, meta = digits()
+    write_shards(tmp_path / "d", {"train": splits["train"], "val": splits["val"]}, meta, shard_size=500)
+    run_dtrain(["train", f"data.dataset=folder:{tmp_path / 'd'}", "train.max_steps=4", "log.progress=false",
+                "run.name=nt"], tmp_path)
+    summary = json.loads((tmp_path / "runs" / "nt" / "summary.json").read_text())
+    assert summary["evaluate"].endswith("--split val"), summary["evaluate"]
+    evaluated = run_dtrain(shlex.split(summary["evaluate"])[1:], tmp_path)
+    assert "val/acc" in evaluated.stdout, evaluated.stdout
+
+
 def test_tensorboard_without_its_package_is_one_line_naming_the_extra(tmp_path, data_root, monkeypatch, capsys):
     from dtrain.cli import main
     monkeypatch.setitem(__import__("sys").modules, "torch.utils.tensorboard", None)  # import fails
