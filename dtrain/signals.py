@@ -161,8 +161,9 @@ def requeue_slurm_job(log) -> None:
     job = os.environ.get("SLURM_JOB_ID")
     if not job:
         return
+    # said before the call: SLURM ends the job's steps as soon as the job is requeued, often before
+    # scontrol returns, so a line printed after it was lost (seen in CI: job requeued, no line)
+    log(f"slurm: requeueing job {job}; it resumes from the checkpoint just written")
     proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-    if proc.returncode == 0:
-        log(f"slurm: requeued job {job}; it resumes from the checkpoint just written")
-    else:
+    if proc.returncode != 0:
         log(f"slurm: `scontrol requeue {job}` failed ({proc.stderr.strip() or proc.returncode}); resubmit by hand")

@@ -310,10 +310,11 @@ def test_sigint_stops_cleanly_and_second_sigint_aborts(tmp_path, data_root):
     assert proc.returncode == 130 and "second interrupt" in err, "".join(seen) + err
 
 
-def test_preempted_run_requeues_its_slurm_job_last_of_all(tmp_path, data_root, monkeypatch):
+def test_preempted_run_requeues_its_slurm_job_last_of_all(tmp_path, data_root, monkeypatch, capfd):
     """SIGUSR1 (what `#SBATCH --signal=USR1@T` sends): rank 0 runs `scontrol requeue` after the checkpoint,
     the summary and the result line, since SLURM ends the job's steps as soon as the job is requeued (a rank 0
-    that requeued first was killed printing its summary). In this process: a loss that raises the signal."""
+    that requeued first was killed printing its summary; a "requeued" line printed after scontrol returned was
+    lost the same way). In this process: a loss that raises the signal."""
     import dtrain
     bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol.calls"
     bin_dir.mkdir()
@@ -323,7 +324,14 @@ def test_preempted_run_requeues_its_slurm_job_last_of_all(tmp_path, data_root, m
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("SLURM_JOB_ID", "4242")  # the batch script's own process: one rank
     monkeypatch.chdir(tmp_path)
-    seen = []
+    seen, said_before = [], []
+    run = subprocess.run
+
+    def run_noting_stderr(cmd, **kwargs):  # what this process had said when it ran scontrol
+        if cmd[0] == "scontrol":
+            said_before.append(capfd.readouterr().err)
+        return run(cmd, **kwargs)
+    monkeypatch.setattr(subprocess, "run", run_noting_stderr)
 
     def loss(output, batch):
         seen.append(1)
@@ -333,6 +341,7 @@ def test_preempted_run_requeues_its_slurm_job_last_of_all(tmp_path, data_root, m
     result = dtrain.fit([f"data.root={data_root}", "train.epochs=3", "log.progress=false", "run.name=p"], loss=loss)
     assert result.stop_reason == "signal:SIGUSR1" and result.exit_code == 75 and result.step < result.total_steps
     assert calls.read_text() == "requeue 4242 summary=yes\n"
+    assert len(said_before) == 1 and "slurm: requeueing job 4242" in said_before[0], said_before  # said first
 
 
 # ---- a stalled rank --------------------------------------------------------------------------------

@@ -211,7 +211,7 @@ def test_preemptible_job_checkpoints_requeues_itself_and_resumes(slurm_cluster, 
         assert time.monotonic() < deadline, f"{job_fields(job)}\n{output_of(job, tmp_path)}"
         time.sleep(0.2)
     first = output_of(job, tmp_path)
-    assert "SIGUSR1 received" in first and f"slurm: requeued job {job}" in first, first
+    assert "SIGUSR1 received" in first and f"slurm: requeueing job {job}" in first, first
     stopped = summary(first)
     assert stopped["stop_reason"] == "signal:SIGUSR1" and 0 < stopped["step"] < 10 * 9, first
     # No `scontrol update StartTime=now`: starting again within the second of the requeue meets the revoked
