@@ -49,20 +49,23 @@ def _fit(args, print_result: bool = False):
     say = logging.getLogger("dtrain.run").info
     # --debug: anomaly detection for this run only (a context: `dtrain.main` may run in a longer-lived process)
     anomaly = torch.autograd.detect_anomaly() if args.debug else contextlib.nullcontext()
-    with anomaly, _session(cfg, force_single=args.debug) as info, hold(run_dir, info, say):  # one job per run dir
-        trainer = Trainer(cfg, info, debug=args.debug, hooks=args.hooks)
-        if cfg.run.doctor and info.distributed:
-            _check_health(cfg, info, trainer.run_dir, trainer.engine.module, brief=True, hooks=args.hooks)
-        outcome = trainer.fit()  # config.yaml is written once the resume is settled (RunLogger.start)
-        if info.is_global_zero:
-            summarize(trainer, outcome, _train_command(args))  # the table on stderr, summary.json
-            if print_result:
-                print(json.dumps(outcome), flush=True)
-        result = collect(trainer, outcome)
-    if info.is_global_zero and outcome["stop_reason"] == StopReason.SIGUSR1.value:
-        # last of all: SLURM ends the job's steps as soon as it is requeued (a rank 0 that requeued before
-        # its summary was killed printing it), and the checkpoint is complete since trainer.fit returned
-        requeue_slurm_job(say)
+    with anomaly, _session(cfg, force_single=args.debug) as info:
+        with hold(run_dir, info, say):  # one job per run dir
+            trainer = Trainer(cfg, info, debug=args.debug, hooks=args.hooks)
+            if cfg.run.doctor and info.distributed:
+                _check_health(cfg, info, trainer.run_dir, trainer.engine.module, brief=True, hooks=args.hooks)
+            outcome = trainer.fit()  # config.yaml is written once the resume is settled (RunLogger.start)
+            if info.is_global_zero:
+                summarize(trainer, outcome, _train_command(args))  # the table on stderr, summary.json
+                if print_result:
+                    print(json.dumps(outcome), flush=True)
+            result = collect(trainer, outcome)
+        if info.is_global_zero and outcome["stop_reason"] == StopReason.SIGUSR1.value:
+            # Last of all, since SLURM ends the job's steps as soon as it is requeued (a rank 0 that requeued
+            # before its summary was killed printing it): the checkpoint is complete, the run lock released.
+            # But before the session's closing barrier, where the other ranks wait: one that had left, exit
+            # code 75, would get srun (--kill-on-bad-exit) to end rank 0 before it requeued the job.
+            requeue_slurm_job(say)
     return result
 
 

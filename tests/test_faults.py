@@ -344,6 +344,37 @@ def test_preempted_run_requeues_its_slurm_job_last_of_all(tmp_path, data_root, m
     assert len(said_before) == 1 and "slurm: requeueing job 4242" in said_before[0], said_before  # said first
 
 
+@pytest.mark.multiproc
+def test_preempted_rank_0_requeues_while_its_peers_wait(tmp_path, data_root):
+    """Under srun --kill-on-bad-exit, a rank that left first (exit 75) gets srun to end every other task: rank 0
+    must run `scontrol requeue` while its peers still wait in the session's closing barrier, not after they
+    left. Two ranks with srun's variables; a fake scontrol takes 2 s and notes whether rank 1 had left."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol.calls"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(
+        '#!/bin/sh\ncase "$1" in\n  show) echo "$3" ;;\n'  # `show hostnames 127.0.0.1`, for dtrain.dist
+        f'  requeue) sleep 2; test -e {tmp_path}/rank1.left && echo left >> {calls} || echo waiting >> {calls} ;;\n'
+        'esac\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    script = tmp_path / "preempted.py"
+    script.write_text(
+        "import atexit, os, signal, pathlib, torch, dtrain\n"
+        "calls = []\n"
+        "def loss(output, batch):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) == 6:  # both ranks: SIGUSR1 is sent to every task\n"
+        "        signal.raise_signal(signal.SIGUSR1)\n"
+        "    return torch.nn.functional.cross_entropy(output, batch[1])\n"
+        "if os.environ['SLURM_PROCID'] == '1':\n"
+        "    atexit.register(pathlib.Path('rank1.left').touch)\n"
+        "dtrain.main(loss=loss)\n")
+    proc = run_ranks(2, [f"data.root={data_root}", "train.epochs=3", "log.progress=false", "run.name=p"], tmp_path,
+                     script=script, launcher="srun", check=False,
+                     env={"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
+    assert proc.returncode == 75 and result_of(proc)["stop_reason"] == "signal:SIGUSR1", proc.stderr[-3000:]
+    assert (tmp_path / "rank1.left").exists() and calls.read_text() == "waiting\n", proc.stderr[-3000:]
+
+
 # ---- a stalled rank --------------------------------------------------------------------------------
 @pytest.mark.multiproc
 def test_stalled_rank_ends_the_job_within_the_timeout(tmp_path, data_root):
