@@ -3,6 +3,7 @@
 # as torchrun's) on the head node joins them.
 #
 #   launch/multi_node.sh --nnodes N --node-rank R --head HOST[:PORT] [--nproc P] [--run-id ID] [-- dtrain train args]
+#   launch/multi_node.sh ... -- train.py [its args]   # a script of your own that calls dtrain.main
 #
 #   head$  launch/multi_node.sh --nnodes 2 --node-rank 0 --head head01:29400 -- --config configs/digits.yaml
 #   other$ launch/multi_node.sh --nnodes 2 --node-rank 1 --head head01:29400 -- --config configs/digits.yaml
@@ -55,9 +56,11 @@ fi
 
 is_host=0
 [ "$node_rank" = 0 ] && is_host=1
+# A script of your own that calls dtrain.main (its path first) runs with the rest; else `dtrain train` does.
+if [[ "${1:-}" == *.py ]]; then run=("$@"); else run=(train "$@"); fi
 cmd=("$PYTHON" -m dtrain launch --nnodes "$nnodes" --nproc-per-node "$nproc"
      --rdzv-endpoint "$head:$port" --rdzv-id "$run_id"
      --rdzv-conf "is_host=$is_host,join_timeout=${RDZV_TIMEOUT:-600}" --max-restarts "${MAX_RESTARTS:-0}"
-     train "$@")
+     "${run[@]}")
 { printf +; printf ' %q' "${cmd[@]}"; echo; } >&2
 exec "${cmd[@]}"

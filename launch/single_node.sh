@@ -2,6 +2,7 @@
 # One node: one worker per local GPU, or NPROC CPU ranks (gloo).
 #
 #   launch/single_node.sh [NPROC] [-- dtrain train args]
+#   launch/single_node.sh [NPROC] -- train.py [its args]   # a script of your own that calls dtrain.main
 #   launch/single_node.sh -- --config configs/digits.yaml         # every visible GPU (1 rank without GPUs)
 #   launch/single_node.sh 2 -- --config configs/digits.yaml optim.lr=0.01
 #
@@ -29,6 +30,8 @@ if [ -z "$nproc" ]; then
 fi
 [[ "$nproc" =~ ^[1-9][0-9]*$ ]] || { echo "launch/single_node.sh: NPROC must be a positive integer, got '$nproc'" >&2; usage; }
 
-cmd=("$PYTHON" -m dtrain launch --nproc-per-node "$nproc" --max-restarts "${MAX_RESTARTS:-0}" train "$@")
+# A script of your own that calls dtrain.main (its path first) runs with the rest; else `dtrain train` does.
+if [[ "${1:-}" == *.py ]]; then run=("$@"); else run=(train "$@"); fi
+cmd=("$PYTHON" -m dtrain launch --nproc-per-node "$nproc" --max-restarts "${MAX_RESTARTS:-0}" "${run[@]}")
 { printf +; printf ' %q' "${cmd[@]}"; echo; } >&2
 exec "${cmd[@]}"

@@ -203,6 +203,22 @@ def test_single_node_script_starts_n_cpu_ranks(tmp_path, data_root):
     assert result_of(proc)["stop_reason"] == "completed"
 
 
+def test_scripts_run_dtrain_train_or_a_script_of_your_own(tmp_path):
+    """Arguments after `--` go to `dtrain train`, or, when the first is a .py file, to that script through
+    `dtrain launch` (PYTHON=echo prints the command the script would run)."""
+    def ran(*args):
+        proc = script(*args, cwd=tmp_path, env={"PYTHON": "echo"})
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.strip()
+    single = "-m dtrain launch --nproc-per-node 2 --max-restarts 0"
+    assert ran("single_node.sh", "2", "--", "lr=1") == f"{single} train lr=1"
+    assert ran("single_node.sh", "2", "--", "train", "lr=1") == f"{single} train lr=1"
+    assert ran("single_node.sh", "2", "--", "train.py", "lr=1") == f"{single} train.py lr=1"
+    multi = ("multi_node.sh", "--nnodes", "2", "--node-rank", "1", "--head", "h:1", "--nproc", "1", "--")
+    assert ran(*multi, "lr=1").endswith("--max-restarts 0 train lr=1")
+    assert ran(*multi, "train.py", "lr=1").endswith("--max-restarts 0 train.py lr=1")
+
+
 def test_debug_script_runs_one_process_even_under_launcher_variables(tmp_path, data_root):
     proc = script("debug.sh", "--", f"data.root={data_root}", "train.debug_steps=2", cwd=tmp_path,
                   env={"RANK": "1", "WORLD_SIZE": "2"})

@@ -121,15 +121,49 @@ def test_one_torchrun_per_node_on_two_nodes(slurm_cluster, tmp_path, data_root):
 
 
 def test_a_python_script_of_your_own_under_srun(slurm_cluster, tmp_path):
-    """`srun python train.py`: a script calling dtrain.main() is one worker, as `dtrain train` is."""
+    """`sbatch slurm/multi_node_srun.sbatch train.py ARGS`: srun runs the script on every task, and a script
+    calling dtrain.main() is one worker, as `dtrain train` is."""
     script = REPO / "examples" / "hf_gpt2.py"
-    job = sbatch(tmp_path, "--nodes=1", "--ntasks=2", "--output=%x-%j.out", "--job-name=script",
-                 f"--wrap=srun --kill-on-bad-exit=1 {sys.executable} {script} data.root={tmp_path / 'data'} "
-                 "data.text_bytes=40000 data.text_context=32 data.batch_size=8 train.max_steps=6 log.progress=false")
-    fields, out = wait_for(job, tmp_path)
-    assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", f"{fields}\n{out}"
+    fields, out = run_template(tmp_path, "multi_node_srun.sbatch", "--nodes=1", "--ntasks-per-node=2",
+                               train_args=[str(script), f"data.root={tmp_path / 'data'}", "data.text_bytes=40000",
+                                           "data.text_context=32", "data.batch_size=8", "train.max_steps=6",
+                                           "log.progress=false"])
+    assert f"{script} data.root=" in out and "-m dtrain" not in out, out  # the template's `+ srun ...` line
     assert "launch: slurm, world_size=2, backend=gloo" in out and "test/token_acc" in out, out
     assert summary(out)["step"] == 6
+
+
+TORCHRUN = "-m torch.distributed.run --standalone --nnodes 1 --nproc-per-node 2"
+LAUNCH = "-m dtrain launch --nnodes 1 --nproc-per-node 2 --rdzv-endpoint n1:20007 --rdzv-id 7 --rdzv-conf is_host=1 " \
+         "--max-restarts 2"
+
+
+@pytest.mark.parametrize("template, as_train, as_script", [
+    ("single_node.sbatch", f"{TORCHRUN} -m dtrain train --config c.yaml lr=1",
+     f"{TORCHRUN} train.py lr=1 --config c.yaml"),
+    ("multi_node_srun.sbatch", "-m dtrain train --config c.yaml lr=1", "train.py lr=1 --config c.yaml"),
+    ("multi_node_torchrun.sbatch", f"{LAUNCH} train --config c.yaml lr=1", f"{LAUNCH} train.py lr=1 --config c.yaml"),
+    ("preemptible.sbatch", "-m dtrain train run.name=dtrain-7 --config c.yaml lr=1",
+     "train.py run.name=dtrain-7 lr=1 --config c.yaml"),
+], ids=lambda v: v if v.endswith(".sbatch") else "")
+def test_each_template_runs_dtrain_train_or_a_script_of_your_own(tmp_path, template, as_train, as_script):
+    """What each template ends up running, without a cluster: its arguments go to `dtrain train`, or, when
+    the first is a .py file, that script gets the rest (fake srun/scontrol; PYTHON=echo prints the command)."""
+    (tmp_path / "srun").write_text('#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    (tmp_path / "scontrol").write_text('#!/bin/sh\necho n1\n')
+    for fake in ("srun", "scontrol"):
+        (tmp_path / fake).chmod(0o755)
+    env = {"PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}", "PYTHON": "echo", "NPROC": "2",
+           "SLURM_JOB_ID": "7", "SLURM_JOB_NAME": "dtrain", "SLURM_NTASKS": "2", "SLURM_JOB_NUM_NODES": "1",
+           "SLURM_JOB_NODELIST": "n1", "SLURMD_NODENAME": "n1", "SLURM_NODEID": "0"}
+
+    def run(*args):
+        proc = subprocess.run(["bash", str(REPO / "slurm" / template), *args], capture_output=True, text=True,
+                              cwd=tmp_path, env=env, timeout=30)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.strip().splitlines()[-1]  # what PYTHON=echo printed: the command each rank runs
+    assert run("--config", "c.yaml", "lr=1") == as_train
+    assert run("train.py", "lr=1", "--config", "c.yaml") == as_script
 
 
 @pytest.mark.parametrize("entry, launcher, data, outcome", [c for c in CELLS if c[1] == "srun"],
