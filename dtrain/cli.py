@@ -56,7 +56,8 @@ def _fit(args, print_result: bool = False):
                 _check_health(cfg, info, trainer.run_dir, trainer.engine.module, brief=True, hooks=args.hooks)
             outcome = trainer.fit()  # config.yaml is written once the resume is settled (RunLogger.start)
             if info.is_global_zero:
-                summarize(trainer, outcome, _train_command(args))  # the table on stderr, summary.json
+                # the table on stderr, summary.json
+                summarize(trainer, outcome, _train_command(args), _program(args))
                 if print_result:
                     print(json.dumps(outcome), flush=True)
             result = collect(trainer, outcome)
@@ -75,8 +76,14 @@ def _train_command(args) -> list[str]:
     if os.environ.get("DTRAIN_LAUNCH_COMMAND"):
         return shlex.split(os.environ["DTRAIN_LAUNCH_COMMAND"])
     if args.hooks is not None:  # a script through dtrain.main
-        return ["python", *sys.argv]
+        return [*_program(args), *sys.argv[1:]]
     return ["dtrain", "train", *(["--config", args.config] if args.config else []), *args.overrides]
+
+
+def _program(args) -> tuple[str, ...]:
+    """What runs this run's other commands (`eval`, `export`): a script of one's own, as python runs it (only it
+    can rebuild the model it handed in), else dtrain."""
+    return ("python", sys.argv[0]) if args.hooks is not None else ("dtrain",)
 
 
 @contextlib.contextmanager

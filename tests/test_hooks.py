@@ -5,6 +5,7 @@ dtrain) and in examples/hf_gpt2.py; Hugging Face models are built from small con
 import hashlib
 import json
 import os
+import shlex
 import signal
 import time
 import uuid
@@ -360,7 +361,9 @@ def test_hf_gpt2_script_under_torchrun_stops_on_sigterm_and_resumes(tmp_path):
     history = [k for row in first["history"] + second["history"] for k in row]
     assert {"loss", "val/token_acc", "test/token_acc"} <= set(history)
 
-    evaluated = run_dtrain_script(["eval", "--checkpoint", str(run)], tmp_path)
+    evaluate = shlex.split(json.loads((run / "summary.json").read_text())["evaluate"])  # the command it gives
+    assert evaluate[:3] == ["python", str(SCRIPT), "eval"], evaluate  # `dtrain eval` can't rebuild its model
+    evaluated = run_dtrain_script(evaluate[2:], tmp_path)
     assert "test/token_acc" in evaluated.stdout
 
 
@@ -374,6 +377,8 @@ def test_data_hooks_from_a_script_pass_the_start_up_check_on_two_ranks(tmp_path,
     assert "world_size=2" in proc.stderr and "ok    shards" in proc.stderr, proc.stderr[-3000:]
     assert result_of(proc)["stop_reason"] == "completed"
     assert "collate: __main__:collate" in (tmp_path / "runs" / "script-hooks" / "config.yaml").read_text()
+    evaluate = json.loads((tmp_path / "runs" / "script-hooks" / "summary.json").read_text())["evaluate"]
+    assert shlex.split(evaluate)[:3] == ["python", str(script), "eval"], evaluate  # the script rebuilds its model
     doctor = run_ranks(2, ["doctor", *args], tmp_path, script=script)  # the full check, as `dtrain doctor`
     assert "ok    shards" in doctor.stderr, doctor.stderr[-3000:]
 
