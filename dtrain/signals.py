@@ -164,6 +164,10 @@ def requeue_slurm_job(log) -> None:
     # said before the call: SLURM ends the job's steps as soon as the job is requeued, often before
     # scontrol returns, so a line printed after it was lost (seen in CI: job requeued, no line)
     log(f"slurm: requeueing job {job}; it resumes from the checkpoint just written")
-    proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-    if proc.returncode != 0:
-        log(f"slurm: `scontrol requeue {job}` failed ({proc.stderr.strip() or proc.returncode}); resubmit by hand")
+    try:  # bounded: the other ranks wait for this in the session's closing barrier
+        proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+        why = (proc.stderr.strip() or proc.returncode) if proc.returncode != 0 else None
+    except (OSError, subprocess.TimeoutExpired) as e:  # no scontrol here (a container without SLURM's tools)
+        why = e
+    if why is not None:
+        log(f"slurm: `scontrol requeue {job}` failed ({why}); resubmit by hand")

@@ -122,9 +122,10 @@ def write_summary(run_dir: Path, result: dict, best_step: Optional[int], times: 
     return summary
 
 
-def summarize(trainer, result: dict, command: list[str], program: tuple[str, ...] = ("dtrain",)) -> Optional[dict]:
+def summarize(trainer, result: dict, command: list[str], program: tuple[str, ...]) -> Optional[dict]:
     """Rank 0, after trainer.fit(): the end-of-run table on stderr and <run dir>/summary.json. A start that
-    found the run finished and tested writes nothing: the summary of the start that did stands."""
+    found the run finished and tested writes nothing: the summary of the start that did stands. `command`
+    resumes the run, `program` (dtrain, or `python train.py`) evaluates its checkpoint."""
     if result["stop_reason"] == "already_completed":
         return None
     best = trainer.checkpointer.pointer("best")

@@ -344,6 +344,27 @@ def test_preempted_run_requeues_its_slurm_job_last_of_all(tmp_path, data_root, m
     assert len(said_before) == 1 and "slurm: requeueing job 4242" in said_before[0], said_before  # said first
 
 
+def test_preempted_run_without_scontrol_says_so_in_one_line(tmp_path, data_root, monkeypatch, capfd):
+    """SLURM_JOB_ID set but no scontrol to run (a container without SLURM's tools): the run still ends as a
+    preempted one, exit 75 and its checkpoint, with one line saying to resubmit, not a traceback."""
+    import dtrain
+    (tmp_path / "bin").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.chdir(tmp_path)
+    seen = []
+
+    def loss(output, batch):
+        seen.append(1)
+        if len(seen) == 6:
+            signal.raise_signal(signal.SIGUSR1)
+        return torch.nn.functional.cross_entropy(output, batch[1])
+    result = dtrain.fit([f"data.root={data_root}", "train.epochs=3", "log.progress=false", "run.name=p"], loss=loss)
+    assert result.exit_code == 75 and result.latest_checkpoint is not None
+    err = capfd.readouterr().err
+    assert "slurm: `scontrol requeue 4242` failed" in err and "resubmit by hand" in err, err
+
+
 @pytest.mark.multiproc
 def test_preempted_rank_0_requeues_while_its_peers_wait(tmp_path, data_root):
     """Under srun --kill-on-bad-exit, a rank that left first (exit 75) gets srun to end every other task: rank 0
