@@ -47,6 +47,7 @@ def _fit(args, print_result: bool = False):
         cfg = args.hooks.record(cfg)  # config.yaml names the script's callables
     run_dir = run_dir_of(cfg.run, args.debug)
     say = logging.getLogger("dtrain.run").info
+    _say_where_the_rank_logs_are(run_dir, say)
     # --debug: anomaly detection for this run only (a context: `dtrain.main` may run in a longer-lived process)
     anomaly = torch.autograd.detect_anomaly() if args.debug else contextlib.nullcontext()
     with anomaly, _session(cfg, force_single=args.debug) as info:
@@ -68,6 +69,19 @@ def _fit(args, print_result: bool = False):
             # code 75, would get srun (--kill-on-bad-exit) to end rank 0 before it requeued the job.
             requeue_slurm_job(say)
     return result
+
+
+def _say_where_the_rank_logs_are(run_dir: Path, say) -> None:
+    """Under `dtrain launch`, rank 0: a line where the launcher's rank logs are not in this run's directory. It
+    reads a script's key=value arguments, not what the script sets itself (dtrain.main(config={"run.name": ..})),
+    so such a run's logs went to the directory of its default name (found walking the README with a script)."""
+    from .worker import rank_log
+
+    log = rank_log()
+    if log is not None and not _is_other_rank() and log.parent.resolve() != (run_dir / "logs").resolve():
+        say(f"launch: the rank logs are in {log.parent}, not in this run's {run_dir}: `dtrain launch` reads a "
+            f"script's key=value arguments, not what it sets itself; pass run.name={run_dir.name} to keep them "
+            "together")
 
 
 def _train_command(args) -> list[str]:

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import time
 import uuid
@@ -365,6 +366,23 @@ def test_hf_gpt2_script_under_torchrun_stops_on_sigterm_and_resumes(tmp_path):
     assert evaluate[:3] == ["python", str(SCRIPT), "eval"], evaluate  # `dtrain eval` can't rebuild its model
     evaluated = run_dtrain_script(evaluate[2:], tmp_path)
     assert "test/token_acc" in evaluated.stdout
+
+
+def test_under_dtrain_launch_a_script_that_names_its_own_run_is_told_where_the_rank_logs_are(tmp_path, data_root):
+    """`dtrain launch train.py` reads the script's key=value arguments, not its dtrain.main(config=...): a script
+    that sets run.name itself had its rank logs under the default name's directory, with no word of it. Rank 0
+    says where they are and how to keep them together; a run whose logs are its own says nothing."""
+    from conftest import _run_here
+    script, args = USERCODE / "script_hooks.py", [f"data.root={data_root}", "train.max_steps=2", "log.progress=false"]
+    for name, logs in (("digits", "runs/digits/logs"), ("script-hooks", "runs/script-hooks/logs")):
+        (tmp_path / logs).mkdir(parents=True)
+        proc = _run_here(args, tmp_path, {"DTRAIN_LAUNCH_LOGS": logs}, script=script)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        said = [line for line in proc.stderr.splitlines() if "the rank logs are in" in line]
+        assert said == ([f"launch: the rank logs are in {logs}, not in this run's runs/script-hooks: `dtrain launch` "
+                         "reads a script's key=value arguments, not what it sets itself; pass "
+                         "run.name=script-hooks to keep them together"] if name == "digits" else []), proc.stderr
+        shutil.rmtree(tmp_path / "runs")
 
 
 @pytest.mark.multiproc
