@@ -310,12 +310,25 @@ def test_sigint_stops_cleanly_and_second_sigint_aborts(tmp_path, data_root):
     assert proc.returncode == 130 and "second interrupt" in err, "".join(seen) + err
 
 
+def preempted_at_step_5(data_root):
+    """dtrain.fit in this process, with a loss that raises SIGUSR1 (what SLURM sends before preempting) in
+    step 5 -> the FitResult."""
+    import dtrain
+    calls = []
+
+    def loss(output, batch):
+        calls.append(1)
+        if len(calls) == 6:  # the start-up probe's call, then training steps
+            signal.raise_signal(signal.SIGUSR1)
+        return torch.nn.functional.cross_entropy(output, batch[1])
+    return dtrain.fit([f"data.root={data_root}", "train.epochs=3", "log.progress=false", "run.name=p"], loss=loss)
+
+
 def test_preempted_run_requeues_its_slurm_job_last_of_all(tmp_path, data_root, monkeypatch, capfd):
     """SIGUSR1 (what `#SBATCH --signal=USR1@T` sends): rank 0 runs `scontrol requeue` after the checkpoint,
     the summary and the result line, since SLURM ends the job's steps as soon as the job is requeued (a rank 0
     that requeued first was killed printing its summary; a "requeued" line printed after scontrol returned was
     lost the same way). In this process: a loss that raises the signal."""
-    import dtrain
     bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol.calls"
     bin_dir.mkdir()
     summary = tmp_path / "runs" / "p" / "summary.json"
@@ -324,8 +337,7 @@ def test_preempted_run_requeues_its_slurm_job_last_of_all(tmp_path, data_root, m
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("SLURM_JOB_ID", "4242")  # the batch script's own process: one rank
     monkeypatch.chdir(tmp_path)
-    seen, said_before = [], []
-    run = subprocess.run
+    said_before, run = [], subprocess.run
 
     def run_noting_stderr(cmd, **kwargs):  # what this process had said when it ran scontrol
         if cmd[0] == "scontrol":
@@ -333,12 +345,7 @@ def test_preempted_run_requeues_its_slurm_job_last_of_all(tmp_path, data_root, m
         return run(cmd, **kwargs)
     monkeypatch.setattr(subprocess, "run", run_noting_stderr)
 
-    def loss(output, batch):
-        seen.append(1)
-        if len(seen) == 6:  # the probe's call, then training steps
-            signal.raise_signal(signal.SIGUSR1)
-        return torch.nn.functional.cross_entropy(output, batch[1])
-    result = dtrain.fit([f"data.root={data_root}", "train.epochs=3", "log.progress=false", "run.name=p"], loss=loss)
+    result = preempted_at_step_5(data_root)
     assert result.stop_reason == "signal:SIGUSR1" and result.exit_code == 75 and result.step < result.total_steps
     assert calls.read_text() == "requeue 4242 summary=yes\n"
     assert len(said_before) == 1 and "slurm: requeueing job 4242" in said_before[0], said_before  # said first
@@ -347,19 +354,11 @@ def test_preempted_run_requeues_its_slurm_job_last_of_all(tmp_path, data_root, m
 def test_preempted_run_without_scontrol_says_so_in_one_line(tmp_path, data_root, monkeypatch, capfd):
     """SLURM_JOB_ID set but no scontrol to run (a container without SLURM's tools): the run still ends as a
     preempted one, exit 75 and its checkpoint, with one line saying to resubmit, not a traceback."""
-    import dtrain
     (tmp_path / "bin").mkdir()
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.chdir(tmp_path)
-    seen = []
-
-    def loss(output, batch):
-        seen.append(1)
-        if len(seen) == 6:
-            signal.raise_signal(signal.SIGUSR1)
-        return torch.nn.functional.cross_entropy(output, batch[1])
-    result = dtrain.fit([f"data.root={data_root}", "train.epochs=3", "log.progress=false", "run.name=p"], loss=loss)
+    result = preempted_at_step_5(data_root)
     assert result.exit_code == 75 and result.latest_checkpoint is not None
     err = capfd.readouterr().err
     assert "slurm: `scontrol requeue 4242` failed" in err and "resubmit by hand" in err, err
