@@ -91,7 +91,7 @@ def _train_command(args) -> list[str]:
         return shlex.split(os.environ["DTRAIN_LAUNCH_COMMAND"])
     if args.hooks is not None:  # a script through dtrain.main
         return [*_program(args), *sys.argv[1:]]
-    return ["dtrain", "train", *(["--config", args.config] if args.config else []), *args.overrides]
+    return ["dtrain", "train", *(a for c in args.config or () for a in ("--config", c)), *args.overrides]
 
 
 def _program(args) -> tuple[str, ...]:
@@ -333,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train (one worker; start several with `dtrain launch`, torchrun or srun)",
                        epilog="`dtrain config --describe` lists every key with its default and what it does; "
                               "`dtrain config [--config FILE] [key=value ...]` prints the resolved config.")
-    t.add_argument("--config", help="YAML config (defaults: the digits example)")
+    t.add_argument("--config", action="append", help="YAML config (defaults: the digits example); given again, "
+                   "the later file's settings override the earlier's")
     t.add_argument("--debug", action="store_true",
                    help="one process, no data workers, anomaly detection, train.debug_steps steps with per-step detail")
     t.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. optim.lr=0.01")
@@ -386,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=_plot)
 
     a = sub.add_parser("augment-preview", help="PNG grid of training samples next to augmented versions")
-    a.add_argument("--config", help="YAML config with an augment: section")
+    a.add_argument("--config", action="append", help="YAML config with an augment: section")
     a.add_argument("--out", default="augment_preview.png", help="PNG file (default augment_preview.png)")
     a.add_argument("--samples", type=int, default=8, help="training samples shown (default 8)")
     a.add_argument("overrides", nargs="*", metavar="key.sub=value")
@@ -394,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("doctor", help="check the cluster before a long job: versions, config, all-reduce, "
                                       "shards, checkpoint dir, devices (run it like train)")
-    d.add_argument("--config")
+    d.add_argument("--config", action="append")
     d.add_argument("overrides", nargs="*", metavar="key.sub=value")
     d.set_defaults(func=_doctor)
 
@@ -421,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_bench)
 
     c = sub.add_parser("config", help="print the resolved config, or every key with its documentation")
-    c.add_argument("--config")
+    c.add_argument("--config", action="append", help="YAML config; given again, the later file overrides")
     c.add_argument("--describe", action="store_true", help="list every key, its default and what it does")
     c.add_argument("overrides", nargs="*", metavar="key.sub=value")
     c.set_defaults(func=_config)

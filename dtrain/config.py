@@ -55,6 +55,10 @@ class DataConfig(Section):
     counts: Union[str, list[str], None] = None
     """Shard descriptor(s) holding the sample counts of shards that data.train/val/test name by pattern
     (`dtrain index PATTERN --out FILE` counts them from the tar headers). Without counts dtrain refuses."""
+    trust_descriptor_pipes: bool = False
+    """Let a shard descriptor's `pipe:` URLs run their shell commands. A descriptor is a data file (it may come
+    from anyone), so by default only `pipe:` URLs you wrote yourself (data.train/val/test/counts, the command
+    line) run; a descriptor entry with one is refused, naming the descriptor, the entry and this setting."""
     sample: Union[dict[str, str], str, None] = None
     """How a sample's tar members become fields: {field: extensions}, e.g. {x: "jpg;png", y: cls} (the first
     extension present; decoded by webdataset: images to float CHW tensors in [0, 1], cls to int, json, txt,
@@ -567,26 +571,32 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_config(path: Optional[str | Path] = None, overrides: list[str] = (),
+def _read_yaml(path: Path) -> dict:
+    """One config file's settings, keys checked."""
+    if not path.is_file():
+        raise ConfigError(f"config: file not found: {path}")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config: {path}{where} is not valid YAML: {getattr(e, 'problem', e)}") from None
+    _check_keys(loaded, Config)
+    return loaded
+
+
+def load_config(path: Union[str, Path, list, tuple, None] = None, overrides: list[str] = (),
                 defaults: Optional[dict] = None) -> Config:
-    """Defaults, a script's own `defaults` (dotted keys, from dtrain.main(config=...)), then the YAML file,
-    then `key=value` overrides; validated and frozen."""
+    """Defaults, a script's own `defaults` (dotted keys, from dtrain.main(config=...)), then the YAML file(s)
+    in order (`--config a.yaml --config b.yaml`: b's settings over a's, section by section, as Hydra and
+    LightningCLI compose them), then `key=value` overrides; validated and frozen."""
     data: dict = {}
     for key, value in (defaults or {}).items():
         _set_dotted(data, key, value)
     _check_keys(data, Config)
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config: file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"config: {path}{where} is not valid YAML: {getattr(e, 'problem', e)}") from None
-        _check_keys(loaded, Config)
-        data = _merge(data, loaded)
+    paths = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
+    for one in paths:
+        data = _merge(data, _read_yaml(Path(one)))
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(data, key, value)

@@ -118,7 +118,7 @@ def _resolve(target: list[str], parser: argparse.ArgumentParser) -> tuple[list[s
     if not first.endswith(".py") or not Path(first).is_file():
         raise ConfigError(f"launch: {first!r} is neither a dtrain command ({', '.join(sorted(set(commands) - {'launch'}))}) "
                           "nor a Python script that exists")
-    config = next((target[i + 1] for i, a in enumerate(target[1:-1], 1) if a == "--config"), None)
+    config = [target[i + 1] for i, a in enumerate(target[1:-1], 1) if a == "--config"]
     overrides = [a for a in target[1:] if "=" in a and not a.startswith("-")]
     try:
         return [first, *target[1:]], run_dir_of(load_config(config, overrides).run), \

@@ -30,6 +30,7 @@ MAY_CHANGE = (
     "data.root",  # where the same shards are
     "data.num_workers", "data.prefetch_factor",  # loading only (an interrupted epoch ends in its old worker order)
     "data.eval_batch_size",  # evaluation metrics are means over every sample whatever the batch
+    "data.trust_descriptor_pipes",  # whether a descriptor may run commands; the samples are the same
     "model.channels_last",  # memory layout of the same weights
     "model.freeze", "model.freeze_all_but_head", "model.unfreeze_at_step",  # which weights train from now on
     "optim.lr", "optim.weight_decay", "optim.momentum", "optim.nesterov", "optim.betas", "optim.fused",

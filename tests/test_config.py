@@ -14,6 +14,17 @@ def test_defaults_file_and_override_precedence(tmp_path):
     assert cfg.train.epochs == 20  # default kept
 
 
+def test_two_config_files_compose_in_order_the_later_one_wins(tmp_path):
+    """`--config a.yaml --config b.yaml`: a's settings stay unless b sets them (only b was kept before)."""
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text(yaml.safe_dump({"optim": {"lr": 0.5, "name": "sgd"}, "train": {"epochs": 3}}))
+    b.write_text(yaml.safe_dump({"optim": {"lr": 0.25}, "run": {"name": "composed"}}))
+    cfg = load_config([a, b], ["train.epochs=4"])
+    assert (cfg.optim.lr, cfg.optim.name, cfg.run.name, cfg.train.epochs) == (0.25, "sgd", "composed", 4)
+    out = run_dtrain(["config", "--config", str(a), "--config", str(b)], tmp_path).stdout
+    assert yaml.safe_load(out)["optim"] == {**yaml.safe_load(out)["optim"], "lr": 0.25, "name": "sgd"}
+
+
 @pytest.mark.parametrize("override, expected", [
     ("optim.lrr=1", "unknown key 'optim.lrr'; did you mean 'optim.lr'?"),
     ("trian.epochs=3", "unknown key 'trian'"),
