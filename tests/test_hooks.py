@@ -411,4 +411,4 @@ def run_dtrain_script(args, cwd):
 
 
 def test_the_readme_shows_the_script_that_is_tested():
-    assert f"```python\n{SCRIPT.read_text()}```" in (REPO / "README.md").read_text()
+    assert f"```python\n{SCRIPT.read_text()}```" in (REPO / "docs" / "python-api.md").read_text()
