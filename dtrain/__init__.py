@@ -10,11 +10,39 @@ launched exactly as the command is (`python train.py ...`, `torchrun --nproc-per
 takes the same arguments and returns the run's result instead of exiting (a notebook, a sweep, a script).
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, NoReturn, Optional, Sequence
+
 from .version import __version__
 
+if TYPE_CHECKING:  # imported when first used (`import dtrain` stays light: no torch until a run needs it)
+    from .checkpoint import CheckpointError
+    from .cli import DoctorError
+    from .config import ConfigError
+    from .data.errors import DataError
+    from .dist import CollectiveError, LaunchError
+    from .result import FitResult
+    from .runlock import RunDirError
 
-def main(argv=None, *, config=None, model=None, loss=None, metrics=None, forward=None, param_groups=None,
-         sample=None, transform=None, collate=None):
+__all__ = ["main", "fit", "FitResult", "ConfigError", "DataError", "LaunchError", "CheckpointError",
+           "DoctorError", "RunDirError", "CollectiveError", "__version__"]
+
+# public name -> the module that defines it, imported on first access (PEP 562)
+_LAZY = {"FitResult": "result", "ConfigError": "config", "DataError": "data.errors", "LaunchError": "dist",
+         "CollectiveError": "dist", "CheckpointError": "checkpoint", "DoctorError": "cli", "RunDirError": "runlock"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'dtrain' has no attribute {name!r}")
+
+
+def main(argv: Optional[Sequence[str]] = None, *, config: Optional[dict[str, Any]] = None, model: Any = None,
+         loss: Any = None, metrics: Any = None, forward: Any = None, param_groups: Any = None, sample: Any = None,
+         transform: Any = None, collate: Any = None) -> NoReturn:
     """Run dtrain's command line with objects of your own, then exit with its exit code (0, 2 for a user
     error, 75 when interrupted and resumable). `argv` defaults to sys.argv[1:]; its command defaults to
     `train` (also: eval, export, doctor, config, plot).
@@ -41,11 +69,12 @@ def main(argv=None, *, config=None, model=None, loss=None, metrics=None, forward
     from .cli import main as cli_main
 
     hooks = Hooks(model, loss, metrics, forward, param_groups, sample, transform, collate)
-    raise SystemExit(cli_main(argv, hooks, config))
+    raise SystemExit(cli_main(None if argv is None else list(argv), hooks, config))
 
 
-def fit(argv=None, *, config=None, model=None, loss=None, metrics=None, forward=None, param_groups=None,
-        sample=None, transform=None, collate=None):
+def fit(argv: Optional[Sequence[str]] = None, *, config: Optional[dict[str, Any]] = None, model: Any = None,
+        loss: Any = None, metrics: Any = None, forward: Any = None, param_groups: Any = None, sample: Any = None,
+        transform: Any = None, collate: Any = None) -> FitResult:
     """Train exactly as `main` does (the same arguments, argv, config, hooks; under torchrun or srun too),
     then return the run's `dtrain.result.FitResult` on every rank instead of exiting: exit_code, stop_reason,
     step, total_steps, run_dir, metrics (the last value of each), best_metrics and best_step (the lowest
@@ -68,4 +97,5 @@ def fit(argv=None, *, config=None, model=None, loss=None, metrics=None, forward=
     from .build import Hooks
     from .cli import fit as cli_fit
 
-    return cli_fit(argv, Hooks(model, loss, metrics, forward, param_groups, sample, transform, collate), config)
+    return cli_fit(None if argv is None else list(argv),
+                   Hooks(model, loss, metrics, forward, param_groups, sample, transform, collate), config)

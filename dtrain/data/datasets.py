@@ -28,21 +28,12 @@ def digits(seed: int = 0, **_) -> tuple[dict, dict]:
 
 
 def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
-    """(images [1797, 8, 8], labels) of scikit-learn's digits: its digits.csv.gz read as load_digits reads it
-    (64 pixels and the label a row), found without importing scikit-learn, whose import (scipy with it) costs
-    ~1.7 s of every first run's start against ~50 ms for the read; load_digits itself where the file isn't."""
-    import importlib.util
+    """(images [1797, 8, 8], labels) of the UCI optical handwritten digits (E. Alpaydin, C. Kaynak, 1998; CC BY
+    4.0), as scikit-learn ships them: its digits.csv.gz (64 pixels and the label a row) is package data of
+    dtrain's (DIGITS_NOTICE.md), so the core install needs neither scikit-learn nor SciPy (~190 MB)."""
     from pathlib import Path
 
-    spec = importlib.util.find_spec("sklearn")
-    package = list(spec.submodule_search_locations or []) if spec else []
-    path = Path(package[0], "datasets", "data", "digits.csv.gz") if package else None
-    if path is None or not path.is_file():
-        from sklearn.datasets import load_digits
-
-        d = load_digits()
-        return d.images, d.target
-    data = np.loadtxt(path, delimiter=",")
+    data = np.loadtxt(Path(__file__).with_name("digits.csv.gz"), delimiter=",")
     return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(np.int64)
 
 
@@ -114,7 +105,13 @@ def photo_folder(out, seed: int = 0, per_class: int = 500, size: int = 32, **_):
     from pathlib import Path
 
     from PIL import Image
-    from sklearn.datasets import load_sample_images
+
+    try:
+        from sklearn.datasets import load_sample_images
+    except ModuleNotFoundError:
+        from ..config import ConfigError
+        raise ConfigError("data: the photos data set is cut from the photographs scikit-learn ships; "
+                          "pip install 'dtrain[photos]' (scikit-learn)") from None
 
     rng = np.random.default_rng(seed)
     photos = load_sample_images()
