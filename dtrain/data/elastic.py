@@ -1,7 +1,15 @@
-"""Resuming on a different number of ranks: the per-rank batch that keeps the global batch, and the rest
-of the interrupted epoch dealt over the new ranks.
+"""How the samples of an epoch are dealt to ranks and DataLoader workers, and resuming on a different
+number of ranks: the per-rank batch that keeps the global batch, and the rest of the interrupted epoch
+dealt over the new ranks.
 
-An epoch is consumed in *segments*. Segment 0 is the normal one: N ranks, each reading its own stream
+A normal epoch deals samples, not whole shards: the epoch's samples (its shards in the epoch's seeded
+order, each shard's in order; from the start again for a padded last step) are cut into world_size equal
+consecutive runs, one a rank, so a rank reads whole shards except at most two it shares with a neighbour,
+read from and to a position (`Piece`); each rank's run is cut again into num_workers runs of whole
+batches, one a DataLoader worker. Every sample is drawn once an epoch whatever the shard sizes (less the
+dropped remainder, or plus the padded one), and every rank takes the same number of steps.
+
+An epoch is consumed in *segments*. Segment 0 is the normal one: N ranks, each reading its own run
 (`ShardStream.epoch`). When a run resumes mid-epoch on M != N ranks, a new segment starts at that step:
 the samples the N streams would still have consumed this epoch (their tails after the saved position)
 are dealt over the M ranks, and each new rank reads only its share. The next epoch is a normal one on M
@@ -9,14 +17,13 @@ ranks again. The checkpoint stores the segments of the current epoch, so a later
 of ranks, the same one included) replays them all and carries on exactly.
 
 Replaying a stream reads no data, not even tar headers: a sample is known by (shard, position in the
-shard), so the descriptors' sample counts are all it needs. It mirrors the pipeline: node split, worker
-split, the per-shard cut, the seeded shuffle buffer, and the order in which a DataLoader hands out its
-workers' batches (round-robin, a finished worker dropping out). A test holds the replay against the real
-streams. (An in-memory split, pipeline.py, is read in this replayed order.)
+shard), so the descriptors' sample counts are all it needs. It mirrors the pipeline: the dealing, the
+seeded shuffle buffer of each worker, and the order in which a DataLoader hands out its workers' batches
+(round-robin, a finished worker dropping out). A test holds the replay against the real streams. (An
+in-memory split, pipeline.py, is read in this replayed order.)
 
-Dealing is by shard: the samples still to be read are put in (epoch shard order, position in shard)
-order and cut into M equal runs, so a new rank reads whole shards except at most two it shares with a
-neighbour, filtered by position.
+The rest of an interrupted epoch is dealt the same way: the samples still to be read are put in (epoch
+shard order, position in shard) order and cut into M equal runs, read filtered by position.
 """
 
 from __future__ import annotations
@@ -26,12 +33,14 @@ import dataclasses
 import itertools
 import math
 import random
-from typing import Iterable, Iterator, NamedTuple, Optional
+from typing import Iterator, NamedTuple, Optional
 
 from ..config import ConfigError
 from .errors import DataError
 
 Item = tuple[str, int]  # (shard url, position of the sample in the shard)
+Piece = tuple[str, int, int, int]  # (shard url, first position, end position, pass): a run of a shard's samples
+DEALING = "samples"  # a checkpoint's data position says which dealing wrote it (none: whole shards per rank)
 
 
 class ElasticError(ConfigError):
@@ -134,19 +143,40 @@ def shuffled(items: list, bufsize: int, rng: random.Random) -> list:
     return out
 
 
-def stream_order(urls: list[str], items_of: dict[str, Iterable], batch_size: int, num_workers: int,
-                 shuffle_buffer: int, shuffle_seed: str) -> list:
-    """One pass of a rank's pipeline over `urls`, without reading them. `items_of[url]`: what stands for the
-    samples kept from the shard (e.g. (shard, position) items), in the order it is read, each as often as
-    it is kept."""
-    per_worker = []
-    for w in range(max(num_workers, 1)):
-        items: list = []
-        for url in (urls[w::num_workers] if num_workers > 1 else urls):
-            items.extend(items_of[url])
-        if shuffle_buffer > 1:  # the same generator, seed and calls as pipeline._worker_shuffle
-            items = shuffled(items, shuffle_buffer, random.Random(f"{shuffle_seed}/worker{w}"))
-        per_worker.append(items)
+def cut(urls: list[str], counts: dict[str, int], first: int, end: int) -> list[Piece]:
+    """Samples first..end-1 of the sequence of `urls`' samples (each shard's in order, then the next shard's,
+    then from the start again in a next pass), as runs of shards. O(shards), whatever the data size."""
+    n = sum(counts[u] for u in urls)
+    starts = list(itertools.accumulate((counts[u] for u in urls), initial=0))
+    pieces = []
+    for pass_index in range(first // n, (end - 1) // n + 1) if end > first else ():
+        base = pass_index * n
+        for url, lo in zip(urls, starts):
+            a, b = max(first - base - lo, 0), min(end - base - lo, counts[url])
+            if a < b:
+                pieces.append((url, a, b, pass_index))
+    return pieces
+
+
+def normal_share(urls: list[str], counts: dict[str, int], seg: Segment, steps: int, rank: int) -> list[list[Piece]]:
+    """What rank `rank` reads in a normal epoch of `steps` steps, per DataLoader worker (one list without
+    workers): the epoch's samples (`urls` in the epoch's shard order) cut into world_size equal runs, one a
+    rank, then the rank's run into num_workers runs of whole batches (their counts differing by at most one
+    batch), so every worker hands the loader whole batches only."""
+    batches = steps * seg.grad_accum
+    workers = max(seg.num_workers, 1)
+    first = rank * seg.samples_per_rank(steps)
+    bounds = [first + seg.batch_size * (w * batches // workers) for w in range(workers + 1)]
+    return [cut(urls, counts, bounds[w], bounds[w + 1]) for w in range(workers)]
+
+
+def worker_order(per_worker: list[list], batch_size: int, shuffle_buffer: int, seed: str) -> list:
+    """What a rank's pipeline yields when each DataLoader worker reads `per_worker[w]` (items in the order
+    read): each worker's shuffle buffer (the same generator, seed and calls as pipeline._worker_shuffle),
+    batched, taken round-robin by the loader."""
+    if shuffle_buffer > 1:
+        per_worker = [shuffled(items, shuffle_buffer, random.Random(f"{seed}/worker{w}"))
+                      for w, items in enumerate(per_worker)]
     return loader_order(per_worker, batch_size)
 
 
@@ -180,29 +210,25 @@ class EpochReplay:
         self.urls = stream.shard_order(epoch)
         self.shard_rank = {u: i for i, u in enumerate(self.urls)}
 
-    def one_pass(self, seg: Segment, rank: int, first_row: Optional[dict[str, int]] = None) -> list:
-        """One pass of rank `rank`'s normal stream this epoch (from the counts only: nothing is read): its
-        (shard, position) items, or with `first_row` (each shard's first row in memory) row numbers."""
-        urls = self.urls[rank::seg.world_size]
-        counts = self.stream.shard_counts
-        items_of = {u: [(u, i) for i in range(counts[u])] for u in urls} if first_row is None else \
-            {u: range(first_row[u], first_row[u] + counts[u]) for u in urls}
-        return stream_order(urls, items_of, seg.batch_size, seg.num_workers, self.stream.shuffle_buffer,
+    def normal_order(self, seg: Segment, rank: int, rows: Optional[tuple[dict[str, int], int]] = None) -> list:
+        """Everything rank `rank` of a normal segment reads this epoch, in order (from the counts only:
+        nothing is read): its (shard, position) items, or with `rows` (each shard's first row in memory,
+        the rows in memory) row numbers, plus rows x the sample's pass (a padded epoch draws some twice)."""
+        shares = normal_share(self.urls, self.stream.shard_counts, seg, self.steps, rank)
+        if rows is None:
+            per_worker = [[(u, i) for u, a, b, _ in pieces for i in range(a, b)] for pieces in shares]
+        else:
+            first_row, size = rows
+            per_worker = [[i for u, a, b, p in pieces for i in range(first_row[u] + a + p * size, first_row[u] + b + p * size)]
+                          for pieces in shares]
+        return worker_order(per_worker, seg.batch_size, self.stream.shuffle_buffer,
                             shuffle_seed(self.stream.seed, self.epoch, 0, rank))
-
-    def normal_stream(self, seg: Segment, rank: int) -> list[Item]:
-        """Everything rank `rank` of a normal segment reads this epoch (wrapping around a short stream)."""
-        one_pass = self.one_pass(seg, rank)
-        n = seg.samples_per_rank(self.steps)
-        if not one_pass:
-            raise DataError(f"data: rank {rank} of {seg.world_size} got no shards in epoch {self.epoch}")
-        return [one_pass[i % len(one_pass)] for i in range(n)]
 
     def segment_streams(self) -> Iterator[tuple[list[list[Item]], list[list[Item]]]]:
         """Per segment: (what each of its ranks reads from the segment's start to the epoch's end, in
         order; what was dealt to each, in shard order: empty lists for the normal segment 0)."""
         first = self.segments[0]
-        streams = [self.normal_stream(first, r) for r in range(first.world_size)]
+        streams = [self.normal_order(first, r) for r in range(first.world_size)]
         dealt: list[list[Item]] = [[] for _ in streams]
         yield streams, dealt
         for i in range(1, len(self.segments)):
@@ -225,11 +251,13 @@ class EpochReplay:
 
 
 def dealt_order(items: list[Item], batch_size: int, num_workers: int, shuffle_buffer: int, seed: str) -> list[Item]:
-    """The order a rank reads the `items` dealt to it: its shards in first-use order, each read through
-    and filtered by position, shuffled, batched by its workers."""
+    """The order a rank reads the `items` dealt to it: its shards in first-use order, split among its
+    workers by shard, each read through and filtered by position, shuffled, batched by its workers (the
+    last batch of each short: the pipeline joins them into whole ones)."""
     urls, counts = as_counts(items)
-    items_of = {u: [(u, i) for i in sorted(counts[u].elements())] for u in urls}
-    return stream_order(urls, items_of, batch_size, num_workers, shuffle_buffer, seed)
+    per_worker = [[(u, i) for u in urls[w::max(num_workers, 1)] for i in sorted(counts[u].elements())]
+                  for w in range(max(num_workers, 1))]
+    return worker_order(per_worker, batch_size, shuffle_buffer, seed)
 
 
 def consumed_keys(stream, epoch: int, segments: list[Segment], until: int) -> list[list[list[Item]]]:
@@ -258,7 +286,7 @@ class DataPosition:
         return self.segments
 
     def state_dict(self) -> dict:
-        return {"global_batch": self.global_batch, "steps_per_epoch": self.steps_per_epoch, "epoch": self.epoch,
+        return {"dealing": DEALING, "global_batch": self.global_batch, "steps_per_epoch": self.steps_per_epoch, "epoch": self.epoch,
                 "segments": [dataclasses.astuple(s) for s in self.segments]}
 
     def load_state_dict(self, state: dict) -> None:

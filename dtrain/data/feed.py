@@ -4,6 +4,8 @@ It owns the per-rank batch and accumulation (which an elastic resume may re-choo
 batch), the steps per epoch, and the data position (which rank layouts read the current epoch), saved
 with every checkpoint. Resuming on another number of ranks deals the rest of the interrupted epoch over
 the new ranks (elastic.py); resuming with another data.num_workers finishes the epoch in its old order.
+A checkpoint that an older dtrain (whole shards dealt per rank) wrote mid-epoch is refused: the rest of its
+epoch can't be replayed in that order.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from ..checkpoint import CheckpointError
-from .elastic import BatchLayout, DataPosition, EpochReplay, Segment, choose_layout
+from .elastic import DEALING, BatchLayout, DataPosition, EpochReplay, Segment, choose_layout
 from .pipeline import ShardStream
 
 if TYPE_CHECKING:
@@ -91,6 +93,12 @@ class TrainFeed:
     def _resume(self, saved: dict) -> bool:
         """-> True when the layout changed."""
         world, log, step = self.world_size, self.log, saved["step"]
+        old_epoch, old_done = divmod(step, saved["steps_per_epoch"])
+        if saved.get("dealing") != DEALING and old_done:  # today's order is another: no exact rest of the epoch
+            raise CheckpointError(
+                f"checkpoint: it stopped at step {old_done} of epoch {old_epoch}, written by a dtrain that dealt "
+                f"whole shards to ranks, whose order this one (each sample once an epoch) can't replay; resume it "
+                f"with the dtrain that wrote it to the epoch's end (run.stop_at_step={step - old_done + saved['steps_per_epoch']}), then with this one")
         old = Segment(*saved["segments"][-1])
         changed = False
         if old.world_size != world:

@@ -1,17 +1,19 @@
 """Per-rank minibatch streams read from webdataset shards.
 
 The sample order is a pure function of (seed, epoch, rank, world_size, worker): the shard list is
-permuted by a seeded RNG, an explicit node split (every world_size-th shard from `rank`, what webdataset's
-`split_by_node` does, but without reading rank and world size from the environment, so the streams of
-other ranks and other world sizes can be replayed) and webdataset's `split_by_worker` hand shards to
-ranks and then to DataLoader workers, and each worker shuffles within a buffer seeded from the same
-tuple. Resuming mid-epoch rebuilds that order and skips what was consumed; resuming on another number of
-ranks reads the rest of the epoch as dealt by `elastic.py` (`dealt_epoch`). A sample is known by its
-shard and its position in it, so replaying an order needs only the descriptors' counts.
+permuted by a seeded RNG, and the epoch's samples are dealt to ranks and then to DataLoader workers by
+`elastic.py` (`normal_share`): each rank an equal consecutive run of the epoch's samples, each worker a
+run of whole batches of its rank's, read as pieces of shards (from and to a position). Each worker
+shuffles within a buffer seeded from the same tuple. Every epoch draws every sample once, less the
+dropped remainder (data.remainder=drop) or plus the padded one (pad), whatever the shard sizes. Resuming
+mid-epoch rebuilds that order and skips what was consumed; resuming on another number of ranks reads the
+rest of the epoch as dealt by `elastic.py` (`dealt_epoch`). A sample is known by its shard and its
+position in it, so replaying an order needs only the descriptors' counts.
 
 Every rank yields exactly `batches_per_epoch` training batches, computed from the sample counts before
-any data is read: a rank whose shards run out wraps around to the start of its own order, a rank with
-more stops early. That keeps the collectives of all ranks in lock step even with uneven shards.
+any data is read, which keeps the collectives of all ranks in lock step. A shard that holds another
+number of samples than its descriptor lists is an error naming both counts, wherever it is read
+(training, in memory, evaluation): not a silently different epoch.
 
 A split that fits in memory (`in_memory`) is read and decoded once; its training epochs are then the same
 order, computed by `elastic.py`'s replay (the one a test holds against the real pipelines), gathered from
@@ -36,7 +38,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, get_worker_info
 
-from .elastic import EpochReplay, Segment, as_counts, dealt_order, shuffle_seed
+from .elastic import EpochReplay, Segment, as_counts, dealt_order, normal_share, shuffle_seed
 from .samples import Columns, DtrainFormat, rebatch, to_columns, transform_input
 from .shards import DataError, ShardIndex
 from .tario import tarfile_to_samples
@@ -63,44 +65,41 @@ def _worker_shuffle(src, bufsize: int, seed: str):
 worker_shuffle = wds.pipelinefilter(_worker_shuffle)
 
 
-def _numbered_filter(src, limits: dict[str, int], listed: dict[str, int]):
-    """Each sample's position in its shard (`__index__`), and only the first limits[shard] samples of each
-    (an index may list a subset of a split). Runs before the shuffle buffer, so the subset is the same
-    whatever the seed. A shard holding another number of samples than its descriptor lists is an error,
-    not a silently different epoch (one cut at a member boundary reads, to a tar reader, as complete)."""
-    seen: dict[str, int] = {}
-    current = None
-    for sample in src:
-        url = sample["__url__"]
-        if url != current:  # shards are read one after the other: the last one is complete
-            _check_complete(current, seen, listed)
-            current = url
-        i = seen.get(url, 0)
-        seen[url] = i + 1
-        if url in listed and i >= listed[url]:
-            raise DataError(f"data: {url} holds more samples than the {listed[url]} its descriptor lists; "
-                            f"count it again with `dtrain index`")
-        if url not in limits or i < limits[url]:
-            sample["__index__"] = i
-            yield sample
-    _check_complete(current, seen, listed)
+def _read_pieces_filter(src, listed: dict[str, int]):
+    """The samples of each piece (url, first, end, pass: elastic.Piece) of a shard, each numbered by its
+    position in the shard (`__index__`) and tagged with its pass (`__pass__`). A piece that ends where the
+    shard's descriptor count does reads the shard to its end: a shard that holds another number of samples
+    than its descriptor lists (0-byte, cut at a member boundary, which a tar reader takes for complete, or
+    longer) is an error, not a silently different epoch. A piece that ends earlier stops reading there."""
+    for url, first, end, pass_index in src:
+        listed_n = listed.get(url, end)
+        samples = tarfile_to_samples(handler=_raise_data_error)(iter([{"url": url}]))
+        n = 0
+        try:
+            for sample in samples:
+                if n == end:  # only read on where `end` is the descriptor's count: a sample too many
+                    n += 1 + sum(1 for _ in samples)
+                    break
+                if n >= first:
+                    sample["__index__"], sample["__pass__"] = n, pass_index
+                    yield sample
+                n += 1
+                if n == end and end < listed_n:  # the rest is another rank's, or beyond a subset (train_subset)
+                    break
+        finally:
+            samples.close()
+        if n < end or n > listed_n:
+            raise DataError(f"data: {url} holds {n} samples, its descriptor lists {listed_n}: truncated or "
+                            f"changed? write it again, or count it again with `dtrain index`")
 
 
-def _check_complete(url, seen: dict[str, int], listed: dict[str, int]) -> None:
-    if url in listed and seen.get(url, 0) < listed[url]:
-        raise DataError(f"data: cannot read {url} (it holds {seen.get(url, 0)} samples, its descriptor lists "
-                        f"{listed[url]}: truncated?)")
+_read_pieces = wds.pipelinefilter(_read_pieces_filter)
 
 
-_numbered = wds.pipelinefilter(_numbered_filter)
-
-
-def _split_by_node_filter(src, rank: int, world_size: int):
-    """Every world_size-th shard from `rank`: webdataset's split_by_node with rank and world size given."""
-    yield from itertools.islice(src, rank, None, world_size)
-
-
-_split_by_node = wds.pipelinefilter(_split_by_node_filter)
+def _worker_share(shares: list[list]) -> Iterator:
+    """The pieces this DataLoader worker reads (shares[worker]; shares[0] without workers)."""
+    info = get_worker_info()
+    return iter(shares[info.id if info else 0])
 
 
 def _split_by_sample_filter(src, rank: int, world_size: int, offsets: dict[str, int], by_worker: bool):
@@ -130,7 +129,8 @@ def _keep_counts_filter(src, counts: dict):
 _keep_counts = wds.pipelinefilter(_keep_counts_filter)
 
 
-def _decode(sample: dict, fmt, transform: Optional[Callable], epoch: int, pass_index: int) -> dict:
+def _decode(sample: dict, fmt, transform: Optional[Callable], epoch: int) -> dict:
+    pass_index = sample.get("__pass__", 0)  # a padded epoch's second draw of a sample is augmented anew
     sample = fmt.decode(sample)
     if transform is not None:  # e.g. augmentation: a pure function of (x, key, epoch, pass)
         sample = transform_input(sample, transform, epoch, pass_index)
@@ -155,8 +155,7 @@ class MemorySplit:
 
     def load(self, stream: "ShardStream") -> "MemorySplit":
         if self.columns is None:
-            stages = [wds.SimpleShardList(stream.urls), tarfile_to_samples(handler=_raise_data_error),
-                      _numbered(stream.shard_counts, stream.listed), wds.map(stream.format.decode)]
+            stages = [*stream._reader([stream.whole_shards(stream.urls)]), wds.map(stream.format.decode)]
             samples = list(wds.DataPipeline(*stages))
             self.offsets = stream.offsets()
             self.columns = Columns.of(samples)
@@ -220,15 +219,18 @@ class ShardStream:
         random.Random(f"{self.seed}/shards/epoch{epoch}").shuffle(order)
         return order
 
-    def rank_samples(self, epoch: int) -> int:
-        """Samples this rank's shards hold this epoch (split_by_node takes every world_size-th shard)."""
-        return sum(self.shard_counts[u] for u in self.shard_order(epoch)[self.rank::self.world_size])
+    def layout(self) -> Segment:
+        """This stream's ranks, batch and workers: the normal segment of an epoch."""
+        return Segment(self.world_size, self.batch_size, self.grad_accum, self.num_workers, 0)
 
     # ---- reading shards ---------------------------------------------------------------------------
-    def _reader(self, urls: list[str], node_split: bool, worker_split: bool = True) -> list:
-        return [wds.SimpleShardList(urls), *([_split_by_node(self.rank, self.world_size)] if node_split else []),
-                *([wds.split_by_worker] if worker_split else []), tarfile_to_samples(handler=_raise_data_error),
-                _numbered(self.shard_counts, self.listed)]
+    def whole_shards(self, urls: list[str]) -> list:
+        """Pieces that read each of `urls` whole (as far as the index counts it)."""
+        return [(u, 0, self.shard_counts[u], 0) for u in urls]
+
+    def _reader(self, shares: list[list]) -> list:
+        """Each DataLoader worker reads its share of pieces."""
+        return [functools.partial(_worker_share, shares), _read_pieces(self.listed)]
 
     def _eval_reader(self) -> list:
         """Every shard of the split, read by this rank, which keeps its share by sample (_split_by_sample).
@@ -237,22 +239,19 @@ class ShardStream:
         DataLoader workers split the shards among them where there are enough (each shard read once per
         rank); with fewer shards than workers they split by sample too, each reading every shard, so that
         none idles (a 1-shard split read by 2 workers: read twice, decoded once)."""
-        by_worker = self.num_workers > len(self.urls)
-        return self._reader(list(self.urls), node_split=False, worker_split=not by_worker) + \
-            [_split_by_sample(self.rank, self.world_size, self.offsets(), by_worker)]
+        by_worker, pieces = self.num_workers > len(self.urls), self.whole_shards(self.urls)
+        workers = max(self.num_workers, 1)
+        shares = [pieces if by_worker else pieces[w::workers] for w in range(workers)]
+        return self._reader(shares) + [_split_by_sample(self.rank, self.world_size, self.offsets(), by_worker)]
 
-    def _pipeline(self, stages: list, shuffle_seed_: str, epoch: int, pass_index: int) -> wds.DataPipeline:
+    def _pipeline(self, stages: list, shuffle_seed_: str, epoch: int) -> wds.DataPipeline:
         if self.shuffle_buffer > 1:
             stages.append(worker_shuffle(self.shuffle_buffer, shuffle_seed_))
-        stages.append(wds.map(functools.partial(_decode, fmt=self.format, transform=self.transform, epoch=epoch,
-                                                pass_index=pass_index)))
+        stages.append(wds.map(functools.partial(_decode, fmt=self.format, transform=self.transform, epoch=epoch)))
         return wds.DataPipeline(*stages)
 
-    def _one_pass(self, epoch: int, pass_index: int = 0, pipeline: Optional[wds.DataPipeline] = None) -> Iterator[Columns]:
-        if pipeline is None:
-            pipeline = self._pipeline(self._reader(self.shard_order(epoch), True),
-                                      shuffle_seed(self.seed, epoch, 0, self.rank), epoch, pass_index)
-        # A fresh DataLoader per pass: its workers fork with this epoch's shard order baked in.
+    def _loaded(self, pipeline: wds.DataPipeline, epoch: int) -> Iterator[Columns]:
+        # A fresh DataLoader per epoch: its workers fork with this epoch's pieces baked in.
         # Its own generator: otherwise each new iterator draws a seed from the global torch RNG and
         # shifts every dropout mask after it, so a resumed run would diverge from an uninterrupted one.
         loader = DataLoader(pipeline, batch_size=self.batch_size, num_workers=self.num_workers,
@@ -292,23 +291,19 @@ class ShardStream:
         return sample
 
     # ---- from memory ----------------------------------------------------------------------------
-    def _from_memory(self, rows: torch.Tensor, epoch: int, first: int, end: int, pass_len: int) -> Iterator[Batch]:
-        """Batches first..end-1 of the samples at `rows` (in stream order); sample k is of pass k // pass_len."""
-        size = self.batch_size
-        epoch_cols = self.memory.columns.take(rows[first * size:end * size])  # one gather, then views
+    def _from_memory(self, rows: torch.Tensor, epoch: int, first: int, end: int) -> Iterator[Batch]:
+        """Batches first..end-1 of the samples at `rows` (in stream order; a row + k x the rows in memory:
+        that row in its pass k)."""
+        size, memory = self.batch_size, self.memory.columns
+        rows = rows[first * size:end * size]
+        passes = rows.div(len(memory), rounding_mode="floor")
+        epoch_cols = memory.take(rows % len(memory))  # one gather, then views
         for b in range(first, end):
             cols = epoch_cols.cut((b - first) * size, (b - first + 1) * size)
             if self.transform is not None:
-                cols = cols.transformed(lambda x, key, j: self.transform(x, key=key, epoch=epoch,
-                                                                         pass_index=(b * size + j) // pass_len))
+                cols = cols.transformed(lambda x, key, j: self.transform(
+                    x, key=key, epoch=epoch, pass_index=int(passes[(b - first) * size + j])))
             yield self.format.batch(cols)
-
-    def _replayed_rows(self, epoch: int) -> torch.Tensor:
-        """The rows of one pass of this rank's stream this epoch, in the order the shards would be read in."""
-        segment = Segment(self.world_size, self.batch_size, self.grad_accum, self.num_workers, 0)
-        first_row = self.memory.load(self).offsets
-        return torch.tensor(EpochReplay(self, epoch, [segment]).one_pass(segment, self.rank, first_row),
-                            dtype=torch.int64)
 
     # ---- epochs ---------------------------------------------------------------------------------
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
@@ -318,23 +313,23 @@ class ShardStream:
             # every world_size-th sample of the split (module docstring): the same share in memory and streamed
             if self.memory is not None:
                 rows = torch.arange(self.rank, len(self.memory.load(self).columns), self.world_size)
-                yield from self._from_memory(rows, epoch, start, math.ceil(len(rows) / self.batch_size), len(rows) or 1)
+                yield from self._from_memory(rows, epoch, start, math.ceil(len(rows) / self.batch_size))
                 return
-            pipeline = self._pipeline(self._eval_reader(), "", epoch, 0)  # no shuffle: shuffle_buffer is 0
-            batches = rebatch(self._one_pass(epoch, 0, pipeline), self.batch_size, partial=True)
+            pipeline = self._pipeline(self._eval_reader(), "", epoch)  # no shuffle: shuffle_buffer is 0
+            batches = rebatch(self._loaded(pipeline, epoch), self.batch_size, partial=True)
             yield from (self.format.batch(c) for c in itertools.islice(batches, start, None))
             return
-        if self.rank_samples(epoch) == 0:
-            raise DataError(f"data: rank {self.rank} got no '{self.split}' shards in epoch {epoch} "
-                            f"({len(self.urls)} shards for {self.world_size} ranks); write more, smaller shards")
         if self.memory is not None:
-            one = self._replayed_rows(epoch)
-            need = self.batches_per_epoch * self.batch_size  # a short pass wraps around, as the shards do
-            rows = one[:need] if len(one) >= need else one.repeat(math.ceil(need / len(one)))[:need]
-            yield from self._from_memory(rows, epoch, start, self.batches_per_epoch, len(one))
+            rows = (self.memory.load(self).offsets, len(self.memory.columns))
+            order = torch.tensor(EpochReplay(self, epoch, [self.layout()]).normal_order(self.layout(), self.rank, rows),
+                                 dtype=torch.int64)
+            yield from self._from_memory(order, epoch, start, self.batches_per_epoch)
             return
-        passes = itertools.chain.from_iterable(self._one_pass(epoch, i) for i in itertools.count())
-        batches = rebatch(passes, self.batch_size, partial=False)
+        shares = normal_share(self.shard_order(epoch), self.shard_counts, self.layout(), self.steps_per_epoch,
+                              self.rank)
+        pipeline = self._pipeline(self._reader(shares), shuffle_seed(self.seed, epoch, 0, self.rank), epoch)
+        # every worker hands whole batches (normal_share): the same micro-batches as the replay, however many
+        batches = rebatch(self._loaded(pipeline, epoch), self.batch_size, partial=False)
         yield from (self.format.batch(c) for c in itertools.islice(batches, start, self.batches_per_epoch))
 
     def dealt_epoch(self, epoch: int, segment: int, items: list[tuple[str, int]], start: int = 0) -> Iterator[Batch]:
@@ -346,11 +341,15 @@ class ShardStream:
         if self.memory is not None:
             order = dealt_order(items, self.batch_size, self.num_workers, self.shuffle_buffer, seed)
             rows = self.memory.load(self).rows(order)
-            yield from self._from_memory(rows, epoch, start, total, len(order) + 1)  # one pass: pass 0
+            yield from self._from_memory(rows, epoch, start, total)
             return
         urls, counts = as_counts(items)
-        pipeline = self._pipeline(self._reader(urls, False) + [_keep_counts(counts)], seed, epoch, 0)
-        batches = rebatch(self._one_pass(epoch, 0, pipeline), self.batch_size, partial=False)
+        # each shard read up to its last dealt sample (a position past the shard's count: the error below)
+        pieces = [(u, 0, min(max(counts[u]) + 1, self.shard_counts[u]), 0) for u in urls]
+        workers = max(self.num_workers, 1)
+        pipeline = self._pipeline(self._reader([pieces[w::workers] for w in range(workers)]) + [_keep_counts(counts)],
+                                  seed, epoch)
+        batches = rebatch(self._loaded(pipeline, epoch), self.batch_size, partial=False)
         n = start
         for n, cols in enumerate(itertools.islice(batches, start, total), start + 1):
             yield self.format.batch(cols)
