@@ -12,7 +12,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
@@ -24,7 +24,12 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    # allow_inf_nan=False: every float setting (in lists, tuples and dicts too) is finite. optim.lr=inf trained
+    # to NaN weights and reported "completed" (#32.5); no setting has a use for nan or inf.
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False)
+
+
+Fraction = Annotated[float, Field(ge=0, lt=1)]  # [0, 1): betas, like momentum
 
 
 class RunConfig(Section):
@@ -32,8 +37,9 @@ class RunConfig(Section):
     """Run name: the run directory is `<dir>/<name>`; the same name resumes the same run."""
     dir: str = "runs"
     """Parent directory of run directories."""
-    seed: int = 0
-    """Seed for initialisation, data order, dropout and augmentation."""
+    seed: int = Field(0, ge=0, le=4_294_966)
+    """Seed for initialisation, data order, dropout and augmentation, 0 to 4294966 (each rank's stream is seeded
+    with seed x 1000 + rank, which NumPy takes below 2**32)."""
     doctor: bool = True
     """Run a brief `dtrain doctor` on all ranks before training (versions, config, all-reduce, shards, disk)."""
     stop_at_step: Optional[int] = Field(None, ge=1)
@@ -171,8 +177,8 @@ class LossConfig(Section):
     name: Literal["auto", "mse", "mae", "huber", "cross_entropy"] = "auto"
     """Built-in loss; `auto` is cross_entropy for classification, mse for regression. Ignored when `terms` is set.
     It takes the model's output (its `logits` when the output is a dict) and the batch's target (y)."""
-    terms: dict[Literal["mse", "mae", "huber", "cross_entropy"], float] = {}
-    """Weighted sum of named losses, e.g. {mse: 1.0, mae: 0.5}; each term is also logged on its own
+    terms: dict[Literal["mse", "mae", "huber", "cross_entropy"], Annotated[float, Field(ge=0)]] = {}
+    """Weighted sum of named losses, weights >= 0, e.g. {mse: 1.0, mae: 0.5}; each term is also logged on its own
     (loss/<name>, val/loss/<name>). Empty: the single loss `name`."""
     huber_delta: float = Field(1.0, gt=0)
     """Huber: quadratic below this absolute error, linear above."""
@@ -208,8 +214,8 @@ class OptimConfig(Section):
     """SGD momentum."""
     nesterov: bool = False
     """SGD: Nesterov momentum."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    """AdamW betas."""
+    betas: tuple[Fraction, Fraction] = (0.9, 0.999)
+    """AdamW betas, each in [0, 1)."""
     backbone_lr_ratio: float = Field(1.0, gt=0)
     """Peak LR of every parameter outside `head` as a fraction of `lr` (e.g. 0.1 when fine-tuning)."""
     fused: Union[Literal["auto"], bool] = "auto"
@@ -565,7 +571,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise ConfigError(f"config: override '{text}' must look like key.sub=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw, f"override '{key.strip()}'") if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -576,13 +582,49 @@ def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config: file not found: {path}")
     try:
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = load_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config: {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                          "a config file is YAML saved as UTF-8") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"config: {path}{where} is not valid YAML: {getattr(e, 'problem', e)}") from None
+        problem = getattr(e, "problem", None) or getattr(e, "reason", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config: {path}{where} is not valid YAML: {problem}") from None
     _check_keys(loaded, Config)
     return loaded
+
+
+MAX_YAML_DEPTH = 100  # configs nest a few levels; PyYAML's composer, pydantic and json recurse once per level
+MAX_YAML_VALUES = 1_000_000  # values once aliases are expanded; a config file with as many would be megabytes
+
+
+def load_yaml(text: str, what: str) -> Any:
+    """`text` as YAML with safe_load (tags that construct Python objects are refused), after one pass over its
+    events that refuses, in one line, nesting deeper than MAX_YAML_DEPTH (PyYAML recursed into a
+    RecursionError at 50,000 levels; libyaml stops at 1,000, a YAMLError) and aliases that expand to more than MAX_YAML_VALUES values: PyYAML
+    shares an alias's value, but validation, the config's hash and config.yaml copy it out in full, and nine
+    levels of nine aliases each are 387 million values (a "billion laughs" file ran for minutes)."""
+    total, opened, sizes = 0, [], {}  # values so far; (anchor, total before it) per open collection; per anchor
+    for event in yaml.parse(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml: 10x faster
+        if isinstance(event, yaml.AliasEvent):
+            total += sizes.get(event.anchor, 1)  # an undefined alias: safe_load says so below
+        elif isinstance(event, yaml.ScalarEvent):
+            total += 1
+            sizes[event.anchor] = 1
+        elif isinstance(event, yaml.CollectionStartEvent):
+            total += 1
+            opened.append((event.anchor, total - 1))
+            if len(opened) > MAX_YAML_DEPTH:
+                raise ConfigError(f"config: {what} nests deeper than {MAX_YAML_DEPTH} levels (line "
+                                  f"{event.start_mark.line + 1}); a config is sections of settings a few levels deep")
+        elif isinstance(event, yaml.CollectionEndEvent):
+            anchor, before = opened.pop()
+            sizes[anchor] = total - before
+        if total > MAX_YAML_VALUES:
+            raise ConfigError(f"config: {what} expands to more than {MAX_YAML_VALUES:,} values through its aliases "
+                              f"(line {event.start_mark.line + 1}); write the settings out instead of nesting aliases")
+    return yaml.safe_load(text)
 
 
 def load_config(path: Union[str, Path, list, tuple, None] = None, overrides: list[str] = (),

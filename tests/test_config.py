@@ -116,3 +116,80 @@ def test_every_engine_declares_what_it_cannot_do_and_keeps_the_contract():
     engine = SingleEngine(torch.nn.Linear(2, 1), lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
                           lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0), cfg.train, info)
     assert isinstance(engine, Engine)  # instance attributes included
+
+
+# ---- nonsense values and hostile files (#32.5, #33) --------------------------------------------------------
+
+@pytest.mark.parametrize("override, expected", [
+    ("optim.lr=.inf", "optim.lr: Input should be a finite number (got inf)"),  # trained to NaN, said "completed"
+    ("optim.lr=nan", "optim.lr: Input should be a finite number"),
+    ("optim.lr=1e999", "optim.lr: Input should be a finite number"),  # a string YAML leaves, float() makes inf
+    ("optim.betas=[0.9, .nan]", "optim.betas.1: Input should be a finite number"),
+    ("optim.betas=[0.9, 1.0]", "optim.betas.1: Input should be less than 1"),
+    ("loss.terms={mse: .inf}", "loss.terms.mse: Input should be a finite number"),
+    ("loss.terms={mse: -1}", "loss.terms.mse: Input should be greater than or equal to 0"),
+    ("schedule.gamma=.nan", "schedule.gamma: Input should be a finite number"),
+    ("train.clip_grad_norm=.inf", "train.clip_grad_norm: Input should be a finite number"),
+    ("dist.timeout_s=.inf", "dist.timeout_s: Input should be a finite number"),
+    ("augment.noise.std=.inf", "augment.noise.std: Input should be a finite number"),
+    ("run.seed=-1", "run.seed: Input should be greater than or equal to 0"),  # NumPy's seeding raised
+    ("run.seed=5000000", "run.seed: Input should be less than or equal to 4294966"),
+])
+def test_nonfinite_and_out_of_range_values_are_refused(override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert str(err.value).startswith(f"config: {expected}") and "\n" not in str(err.value)
+
+
+def _bomb(levels: int = 9) -> str:
+    """A "billion laughs" YAML: each level an anchored list of 9 aliases of the one before (9**9 values)."""
+    lines = ["l0: &l0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return "model:\n  kwargs:\n" + "".join(f"    {line}\n" for line in lines)
+
+
+HOSTILE = {  # file content -> what the one line says
+    "latin1": ("run:\n  name: caf\xe9\n".encode("latin-1"), "is not UTF-8 text (byte 0xe9 at offset 16)"),
+    "binary": (bytes(range(256)), "is not UTF-8 text (byte 0x80 at offset 128)"),
+    "control": (b"run: {name: \x00}\n", "is not valid YAML: control characters are not allowed"),
+    "flow_deep": (b"run: " + b"[" * 50_000 + b"]" * 50_000, "is not valid YAML: exceeded maximum nesting depth"),
+    "block_deep": ("".join(" " * i + f"k{i}:\n" for i in range(1000)).encode(), "nests deeper than 100 levels"),
+    "bomb": (_bomb().encode(), "expands to more than 1,000,000 values through its aliases (line 9)"),
+    "tag": (b"run:\n  name: !!python/object/apply:os.system [touch pwned]\n",
+            "could not determine a constructor for the tag 'tag:yaml.org,2002:python/object/apply:os.system'"),
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_hostile_config_files_are_one_line(tmp_path, name):
+    """A binary or Latin-1 file (UnicodeDecodeError), 50,000 levels of nesting (RecursionError), aliases that
+    expand to 387 million values (loaded, then the config's hash ran for minutes), a tag that would run a
+    command: each a ConfigError naming the file, at once."""
+    content, says = HOSTILE[name]
+    path = tmp_path / f"{name}.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"config: {path}") and says in str(err.value), err.value
+    assert "\n" not in str(err.value) and not (tmp_path / "pwned").exists()
+
+
+def test_a_few_aliases_are_fine_and_override_values_are_held_to_the_same_limits(tmp_path):
+    path = tmp_path / "anchors.yaml"
+    path.write_text("model:\n  kwargs: {hidden: &w [16, 16]}\nmetrics:\n  kwargs: {widths: *w}\n")
+    assert load_config(path).metrics.kwargs == {"widths": [16, 16]}
+    bomb = "{" + ", ".join(line.strip() for line in _bomb().splitlines()[2:]) + "}"
+    with pytest.raises(ConfigError, match=r"^config: override 'model.kwargs' expands to more than 1,000,000 values"):
+        load_config(None, [f"model.kwargs={bomb}"])
+    deep = "[" * 50_000 + "]" * 50_000  # not YAML to libyaml: the text itself, as any value that isn't YAML
+    assert load_config(None, [f"wandb.project={deep}"]).wandb.project == deep
+    tag = "!!python/object/apply:os.system [touch pwned]"  # not constructed: the text itself
+    assert load_config(None, [f"wandb.project={tag}"]).wandb.project == tag
+
+
+def test_cli_hostile_config_file_exits_2_in_one_line(tmp_path):
+    (tmp_path / "c.yaml").write_bytes("run:\n  name: caf\xe9\n".encode("latin-1"))
+    proc = run_dtrain(["train", "--config", "c.yaml"], tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == ("dtrain: error: config: c.yaml is not UTF-8 text (byte 0xe9 at "
+                                                     "offset 16); a config file is YAML saved as UTF-8")
