@@ -43,6 +43,15 @@ from .summary import Stopwatch
 from .throughput import Throughput, peak_flops
 
 
+# The config key each hook handed in from Python is recorded under (so config.yaml says what trained the run)
+# and whose place it takes for the whole run: the builders get the object and see the key empty, so a name
+# recorded there is never resolved again (`__main__:my_metrics` imports nowhere; `mynet:top2` would be a
+# second copy, used as well: #32). param_groups has no key.
+RECORDED = {"model": ("model", "factory"), "forward": ("model", "forward"), "loss": ("loss", "fn"),
+            "metrics": ("metrics", "fn"), "sample": ("data", "sample"), "transform": ("data", "transform"),
+            "collate": ("data", "collate")}
+
+
 @dataclasses.dataclass
 class Hooks:
     """What a user hands in from Python (dtrain.main(model=..., ...)); None: the config's choice."""
@@ -56,21 +65,30 @@ class Hooks:
     collate: Optional[Callable] = None  # collate(list of sample dicts) -> batch dict
 
     def record(self, cfg: Config) -> Config:
-        """The config with the names of the handed-in callables where their import strings would be, so the
-        run's config.yaml says what trained it (`__main__:build_model`: rebuilt only by that script)."""
-        model = {k: describe(v) for k, v in (("factory", self.model), ("forward", self.forward)) if v is not None}
-        if isinstance(self.model, nn.Module):
-            model["factory"] = describe(type(self.model))
-        loss = {"fn": describe(self.loss)} if self.loss is not None else {}
-        metrics = {"fn": describe(self.metrics)} if callable(self.metrics) else {}
-        data = {k: describe(v) for k, v in (("sample", self.sample), ("transform", self.transform),
-                                            ("collate", self.collate)) if callable(v)}
-        if isinstance(self.sample, dict):  # a field mapping is plain data: recorded as it is
-            data["sample"] = dict(self.sample)
-        return cfg.model_copy(update={"model": cfg.model.model_copy(update=model),
-                                      "loss": cfg.loss.model_copy(update=loss),
-                                      "metrics": cfg.metrics.model_copy(update=metrics),
-                                      "data": cfg.data.model_copy(update=data)})
+        """The config with the names of the handed-in hooks under their keys (`__main__:build_model`: rebuilt
+        only by that script); a field mapping (sample) as it is; a hook without a name (metrics as a dict
+        or list) as null: what the config named there is not used."""
+        return self._put(cfg, _name)
+
+    def replacing(self, cfg: Config) -> Config:
+        """The config the builders read: each key a handed-in hook takes the place of, empty."""
+        return self._put(cfg, lambda hook: None)
+
+    def _put(self, cfg: Config, value: Callable[[Any], Any]) -> Config:
+        sections: dict[str, dict] = {}
+        for hook, (section, key) in RECORDED.items():
+            if getattr(self, hook) is not None:
+                sections.setdefault(section, {})[key] = value(getattr(self, hook))
+        return cfg.model_copy(update={name: getattr(cfg, name).model_copy(update=keys)
+                                      for name, keys in sections.items()})
+
+
+def _name(hook) -> Any:
+    if callable(hook):  # an nn.Module instance is named by its class
+        return describe(hook)
+    if isinstance(hook, Mapping) and all(isinstance(v, str) for v in hook.values()):
+        return dict(hook)  # a field mapping is plain data
+    return None
 
 
 @dataclasses.dataclass
@@ -122,6 +140,7 @@ class FactoryFacts(Mapping):
 
 def build_model_for(cfg: Config, facts: DataFacts, hooks: Hooks, log: Callable[[str], None]) -> nn.Module:
     """The model with its pretrained weights (model.init_from), on the CPU."""
+    cfg = hooks.replacing(cfg)
     model = build_model(cfg.model, facts.for_factory(), cfg.run.seed, hooks.model, log)
     if cfg.model.init_from or cfg.model.freeze_all_but_head or cfg.optim.backbone_lr_ratio != 1 or \
             cfg.model.head != "head":  # needed, or named on purpose: it must name a module (one line if not)
@@ -143,6 +162,7 @@ def build_data(cfg: Config, info: dist.DistInfo, hooks: Optional[Hooks] = None, 
                log: Callable[[str], None] = print) -> Data:
     """This rank's training feed (transformed, augmented) and its val and test streams (never augmented)."""
     hooks = hooks or Hooks()
+    cfg = hooks.replacing(cfg)
     streams = build_streams(cfg.data, seed=cfg.run.seed, rank=info.global_rank, world_size=info.world_size,
                             grad_accum=cfg.train.grad_accum, num_workers=0 if debug else cfg.data.num_workers,
                             pin_memory=info.device.type == "cuda", augment=build_augment(cfg.augment, cfg.run.seed),
@@ -168,6 +188,7 @@ def build_core(cfg: Config, info: dist.DistInfo, hooks: Optional[Hooks] = None, 
                log: Callable[[str], None] = print) -> Core:
     """Data, the model (probed on a real batch), its engine, loss, metrics and the evaluator."""
     hooks = hooks or Hooks()
+    cfg = hooks.replacing(cfg)  # the hooks handed in, never the names recorded for them
     data = build_data(cfg, info, hooks, debug, log)
     facts, device = data.facts, info.device
     model = build_model_for(cfg, facts, hooks, log)

@@ -112,27 +112,29 @@ def _what(value) -> str:
 
 def build_metrics(cfg: MetricsConfig, task: Optional[str], y_mean: float, given=None) -> Metrics:
     """metrics.builtin (the task's own), metrics.fn and metrics.torchmetrics from config, plus `given` from
-    Python: a sums callable, a mapping of names to torchmetrics objects, or a list of those."""
+    Python: a sums callable, a mapping of names to torchmetrics objects, or a list of those (in a run, what
+    is handed in takes metrics.fn's place: build.Hooks.replacing; metrics.kwargs go to its callables)."""
     from .models import build_targets
 
+    given = list(given) if isinstance(given, (list, tuple)) else [given] if given is not None else []
     sums_fns, tms = [], {}
     if cfg.builtin and task in BUILTIN:
         sums_fns.append(("dtrain", builtin_sums(task, y_mean)))
     if cfg.fn:
         fn = resolve(cfg.fn, "metrics.fn")
         sums_fns.append((cfg.fn, functools.partial(fn, **cfg.kwargs) if cfg.kwargs else fn))
-    elif cfg.kwargs:
-        raise ConfigError("config: metrics.kwargs needs metrics.fn")
+    elif cfg.kwargs and not any(callable(item) and not isinstance(item, Mapping) for item in given):
+        raise ConfigError("config: metrics.kwargs needs metrics.fn (or a metrics function handed in from Python)")
     for name, spec in cfg.torchmetrics.items():
         if "_target_" not in spec:
             raise ConfigError(f"config: metrics.torchmetrics.{name}: needs a _target_ (e.g. "
                               "torchmetrics.classification:MulticlassAccuracy) and its arguments")
         tms[name] = build_targets(spec, f"metrics.torchmetrics.{name}")
-    for item in (given if isinstance(given, (list, tuple)) else [given] if given is not None else []):
+    for item in given:
         if isinstance(item, Mapping):
             tms.update(item)
         elif callable(item):
-            sums_fns.append((describe(item), item))
+            sums_fns.append((describe(item), functools.partial(item, **cfg.kwargs) if cfg.kwargs else item))
         else:
             raise ConfigError(f"config: metrics: a {type(item).__name__} handed in from Python; give a sums "
                               "callable or a dict of torchmetrics objects")

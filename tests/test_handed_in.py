@@ -1,0 +1,70 @@
+"""What a user hands in from Python is used exactly once, as the object handed in, whether the script defined it
+(`__main__:...`, which no import rebuilds) or imported it (issue 32, 1): every hook counts its calls
+(tests/usercode/handed_in_user.py) and what it logs is checked against dtrain's own computation."""
+
+import shutil
+
+import pytest
+import yaml
+
+from conftest import REPO, _run_here, metrics_of
+
+USERCODE = REPO / "tests" / "usercode"
+SCRIPT = USERCODE / "handed_in_script.py"
+
+
+def run_script(cwd, data_root, **env):
+    """`python handed_in_script.py data.root=...` in this process -> (its run directory, the hooks' call counts)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(USERCODE))
+        import handed_in_user as user
+        user.COUNTS.clear()
+        shutil.rmtree(cwd / "runs", ignore_errors=True)
+        proc = _run_here([f"data.root={data_root}"], cwd, env, script=SCRIPT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return cwd / "runs" / "handed-in", dict(user.COUNTS)
+
+
+@pytest.fixture(scope="module")
+def builtin_loss_run(tmp_path_factory, data_root):
+    """The same run with dtrain's own cross-entropy in place of the handed-in one: the reference."""
+    run_dir, _ = run_script(tmp_path_factory.mktemp("reference"), data_root, HANDED_IN="module", METRICS="fn",
+                            NO_LOSS="1")
+    return metrics_of(run_dir)
+
+
+@pytest.mark.parametrize("metrics", ["fn", "dict", "list"])
+@pytest.mark.parametrize("handed_in", ["main", "module"])
+def test_every_hook_handed_in_is_used_once_as_it_was_handed_in(tmp_path, data_root, builtin_loss_run, handed_in,
+                                                               metrics):
+    run_dir, calls = run_script(tmp_path, data_root, HANDED_IN=handed_in, METRICS=metrics)
+    # once per use: the model and its param groups built once; each forward's output through the loss once;
+    # each evaluated batch (the probe's, validation's, test's) through the metrics once; each training
+    # sample transformed once (6 steps of 16); each decoded sample batched once
+    assert calls["model"] == 1 and calls["param_groups"] == 1, calls
+    assert calls["forward"] == calls["model.train"] + calls["model.eval"] == calls["loss"], calls
+    assert calls["model.train"] == 6 and calls["transform"] == 6 * 16, calls
+    assert calls["collated"] == calls["sample"] > 0, calls
+    for counted in {"fn": ["metrics"], "dict": ["torchmetrics"], "list": ["metrics", "torchmetrics"]}[metrics]:
+        assert calls[counted] == calls["model.eval"], calls
+
+    records = metrics_of(run_dir)
+    evaluated = [r for r in records if "val/loss" in r or "test/loss" in r]
+    assert len(evaluated) == 3  # steps 3 and 6, and the test
+    for r in evaluated:
+        split = "val" if "val/loss" in r else "test"
+        for name in {"fn": ["my_acc"], "dict": ["tm_acc"], "list": ["my_acc", "tm_acc"]}[metrics]:
+            assert r[f"{split}/{name}"] == pytest.approx(r[f"{split}/acc"], abs=1e-6), r  # dtrain's own accuracy
+    # the handed-in cross-entropy trains and evaluates as dtrain's own does
+    def losses(records):
+        return [(r["step"], k, r[k]) for r in records for k in ("loss", "val/loss", "test/loss") if k in r]
+    got, reference = losses(records), losses(builtin_loss_run)
+    assert [g[:2] for g in got] == [r[:2] for r in reference] and len(got) == 9
+    assert [g[2] for g in got] == pytest.approx([r[2] for r in reference], rel=1e-6)
+
+    names = {"main": "__main__", "module": "handed_in_user"}[handed_in]
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())  # what trained the run, by name
+    assert config["model"]["factory"] == f"{names}:model" and config["loss"]["fn"] == f"{names}:loss"
+    assert config["model"]["forward"] == f"{names}:forward" and config["data"]["collate"] == f"{names}:collate"
+    assert config["data"]["sample"] == f"{names}:sample" and config["data"]["transform"] == f"{names}:transform"
+    assert config["metrics"]["fn"] == (f"{names}:metrics" if metrics == "fn" else None)
