@@ -4,8 +4,9 @@ Each stateful part of a run has `state_dict()` and `load_state_dict(state)`, as 
 `Stateful`: the config it was written with (checked first, before anything loads), the engine (model,
 optimizer, schedule), the trainer's step, the data feed's position, the non-finite counter, the evaluator's
 best and patience, the checkpointer's best steps, the logger's W&B run id, the stop control, and this rank's
-RNG. The trainer registers them once, by name, in the order they are restored; saving is
-`{name: part.state_dict()}` and resuming the same loop back, so a part that gains state edits nothing else.
+RNG and open window of logged losses. The trainer registers them once, by name, in the order they are
+restored; saving is `{name: part.state_dict()}` and resuming the same loop back, so a part that gains state
+edits nothing else.
 Rank 0 writes the shared parts (state.pt), every rank its own (rank-N.pt).
 
 A part that keeps files of its own in the checkpoint directory (an engine's ZeRO or DCP shards) is handed
@@ -37,7 +38,7 @@ class Stateful(Protocol):
 @dataclasses.dataclass
 class Parts:
     shared: dict[str, Stateful]  # saved by rank 0 (state.pt), restored in this order
-    own: dict[str, Stateful]  # saved by every rank (rank-N.pt)
+    own: dict[str, Stateful]  # saved by every rank (rank-N.pt), restored in this order
 
     def state(self) -> tuple[dict, dict]:
         return ({"format": FORMAT, **{name: part.state_dict() for name, part in self.shared.items()}},
@@ -56,8 +57,8 @@ class Parts:
                 part.load_from(directory, state[name])
             else:
                 part.load_state_dict(state.get(name, {}))
-        for name, part in self.own.items():
-            part.load_state_dict(None if own is None else own[name])
+        for name, part in self.own.items():  # None also for a part the checkpoint predates
+            part.load_state_dict(None if own is None else own.get(name))
 
 
 def upgrade(state: dict, written_by: int) -> dict:

@@ -41,7 +41,8 @@ class Trainer:
             shared={"config": ConfigState(cfg, self.run_dir, self.log.info), "engine": self.engine, "trainer": self,
                     "data": self.feed, "nonfinite": self.skipped, "evaluator": self.evaluator,
                     "checkpointer": self.checkpointer, "logger": self.log, "stop": self.stop},
-            own={"rng": RNG(cfg.run.seed, dist_info.global_rank, lambda: self.step, seed_all)})
+            own={"rng": RNG(cfg.run.seed, dist_info.global_rank, lambda: self.step, seed_all),
+                 "steplog": self.step_log})
 
     # ---- the loop -----------------------------------------------------------------------------
     def fit(self) -> dict:
