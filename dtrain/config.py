@@ -18,6 +18,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from .redaction import redact
+
 
 class ConfigError(ValueError):
     """A user's config is wrong; the message is one line naming the key."""
@@ -494,8 +496,9 @@ class Config(Section):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def hash(self) -> str:
-        """Short hash of the resolved config (ranks compare it; checkpoints record it)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        """Short hash of the resolved config (ranks compare it; checkpoints and W&B artifacts record it). Its
+        secrets count as "<redacted>": an unsalted fast hash of a known config would give a short one away."""
+        blob = json.dumps(redact(self.to_dict()), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 

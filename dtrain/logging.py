@@ -14,6 +14,7 @@ handlers, change the level (`dtrain -q` / `-v` on the command line), or remove o
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -31,7 +32,7 @@ from .config import ConfigError
 from .loggers import CsvLogger, JsonlLogger, MetricsLogger, TensorBoardLogger, active_loggers, numbers
 from .loggers import metrics_record  # noqa: F401  (its readers import it from here)
 from .records import keep_records
-from .redaction import redact
+from .redaction import redact, redact_command
 
 log = logging.getLogger("dtrain")
 
@@ -107,10 +108,11 @@ class WandbRun(MetricsLogger):
                               "(W&B's s3:// references import it); pip install 'wandb[aws]'")
         settings = wandb.Settings(console="off", save_code=False, disable_git=True, disable_job_creation=True,
                                   silent=True)
-        self.run = wandb.init(project=cfg.project, entity=cfg.entity, group=cfg.group, tags=list(cfg.tags),
-                              name=cfg.name or run_config.get("run", {}).get("name"), mode=cfg.mode,
-                              dir=str(run_dir), id=self.id, resume="allow", config=redact(run_config),
-                              settings=settings)
+        with _command_line_redacted():  # W&B records sys.argv, overrides and all, in the run's metadata
+            self.run = wandb.init(project=cfg.project, entity=cfg.entity, group=cfg.group, tags=redact(list(cfg.tags)),
+                                  name=redact(cfg.name or run_config.get("run", {}).get("name")), mode=cfg.mode,
+                                  dir=str(run_dir), id=self.id, resume="allow", config=redact(run_config),
+                                  settings=settings)
 
     def log(self, record: dict) -> None:
         step, values = record.get("step"), numbers(record)
@@ -149,6 +151,19 @@ class WandbRun(MetricsLogger):
         self.run.finish()
 
 
+@contextlib.contextmanager
+def _command_line_redacted():
+    """sys.argv with its secrets as "<redacted>" (dtrain.redaction) inside the block: wandb.init reads it (its
+    Settings._args, the metadata's `args`), and no setting of W&B's leaves that out but x_disable_meta, which
+    drops the hardware description too."""
+    argv = list(sys.argv)
+    sys.argv[:] = redact_command(argv)
+    try:
+        yield
+    finally:
+        sys.argv[:] = argv
+
+
 class RunLogger:
     def __init__(self, run_dir: Path, total_steps: int, progress: bool, prefix: str = "",
                  wandb_cfg=None, run_config: Optional[dict] = None, loggers=("jsonl",)):
@@ -172,8 +187,9 @@ class RunLogger:
         checkpoint, and a line it was cut off in), the progress bar and the W&B run. Called once a resume is
         settled: a run refused for a changed config or found finished has written nothing."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.run_config:
-            _write_atomic(self.run_dir / "config.yaml", yaml.safe_dump(self.run_config, sort_keys=False))
+        if self.run_config:  # secrets sealed: config.yaml is read back (it may be a resume's --config)
+            _write_atomic(self.run_dir / "config.yaml",
+                          yaml.safe_dump(redact(self.run_config, keyed=True), sort_keys=False))
         if not self.sinks:
             self.sinks = [self._open(name, step) for name in self.names]
             for sink in self.sinks:

@@ -1,4 +1,5 @@
-"""What never leaves the machine: secrets in a config sent to another service (W&B).
+"""What never leaves the machine: secrets in a config, in any file dtrain writes (config.yaml, checkpoints,
+summary.json, the printed commands) or hands to W&B.
 
 A secret is recognised by its key or by its value, never by a word inside a key: `pad_token_id`,
 `max_tokens`, `tokenizer` and `num_keys` are hyperparameters and reach W&B as they are.
@@ -7,13 +8,24 @@ A secret is recognised by its key or by its value, never by a word inside a key:
 - By value: a string that contains the value of a secret environment variable (WANDB_API_KEY, HF_TOKEN,
   AWS_SECRET_ACCESS_KEY, any *_TOKEN, *_KEY, *_SECRET, *_PASSWORD...), wherever it is: a token pasted into
   an override or into a URL is caught under any key.
+
+What is sent away (W&B, TensorBoard, a printed command) holds "<redacted>". What dtrain reads back to
+compare (config.yaml, a checkpoint's config) holds the secret sealed: "<redacted:scrypt:SALT:HASH>", a
+salted scrypt hash (slow, so a short password can't be guessed from it quickly; salted per process, so
+equal secrets in two runs don't show as equal), which a resume checks the value it is given against: a
+changed secret is noticed, an unchanged one is not reported, and neither value is shown.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import os
 import re
 from typing import Any, Mapping, Optional
+
+import yaml
 
 REDACTED = "<redacted>"
 
@@ -34,18 +46,75 @@ def secret_values(environ: Optional[Mapping[str, str]] = None) -> set[str]:
     return {v for k, v in environ.items() if SECRET_ENV.search(k) and len(v) >= 8 and not os.path.exists(v)}
 
 
-def redact(value: Any, secrets: Optional[set[str]] = None) -> Any:
-    """`value` (a config dict, nested) with every secret replaced by "<redacted>"; `secrets`: the values
-    to catch (default: the environment's)."""
+def redact(value: Any, secrets: Optional[set[str]] = None, keyed: bool = False) -> Any:
+    """`value` (a config dict, nested) with every secret replaced by "<redacted>", or with `keyed` by its
+    seal; `secrets`: the values to catch (default: the environment's)."""
     secrets = secret_values() if secrets is None else secrets
+    hide = (lambda v: v if is_sealed(v) else seal(v)) if keyed else (lambda v: REDACTED)
     if isinstance(value, dict):
-        return {k: REDACTED if _secret_key(k) else redact(v, secrets) for k, v in value.items()}
+        return {k: hide(v) if secret_key(k) else redact(v, secrets, keyed) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(redact(v, secrets) for v in value)
+        return type(value)(redact(v, secrets, keyed) for v in value)
     if isinstance(value, str) and any(s in value for s in secrets):
-        return REDACTED
+        return hide(value)
     return value
 
 
-def _secret_key(key: Any) -> bool:
+def redact_command(argv: list[str], secrets: Optional[set[str]] = None) -> list[str]:
+    """A command line with each secret as "<redacted>": an override's value whose key names a credential
+    (model.kwargs.api_key=...), a secret inside an override's YAML value (model.kwargs={token: ...}), and a
+    secret environment variable's value anywhere (a token in a URL: the rest of the URL stays)."""
+    secrets = secret_values() if secrets is None else secrets
+    return [_redact_arg(arg, secrets) for arg in argv]
+
+
+def _redact_arg(arg: str, secrets: set[str]) -> str:
+    key, sep, raw = arg.partition("=")
+    if sep and key.strip() and not arg.startswith("-"):  # key.sub=value, as dtrain.config reads it
+        if any(secret_key(part) for part in key.strip().split(".")):
+            return f"{key}={REDACTED}"
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, (dict, list)) and redact(value, secrets) != value:
+            return f"{key}={yaml.safe_dump(redact(value, secrets), default_flow_style=True, width=1e9).strip()}"
+    for secret in sorted(secrets, key=len, reverse=True):
+        arg = arg.replace(secret, REDACTED)
+    return arg
+
+
+def secret_key(key: Any) -> bool:
+    """Whether a setting of this name holds a credential (whatever its value)."""
     return str(key).lower().replace("-", "_") in SECRET_KEYS
+
+
+def is_secret(dotted_key: str, value: Any, secrets: Optional[set[str]] = None) -> bool:
+    """Whether the setting `dotted_key` (e.g. model.kwargs.api_key) holding `value` is, or is under, a secret."""
+    return any(secret_key(part) for part in dotted_key.split(".")) or redact(value, secrets) != value or \
+        (isinstance(value, str) and is_sealed(value))
+
+
+# a fresh salt per process: the first save of a run draws it (os.urandom: dtrain's seeded RNGs stay untouched)
+_SALT = os.urandom(8).hex()
+_SEALED = re.compile(r"<redacted:scrypt:([0-9a-f]{16}):([0-9a-f]{32})>")
+
+
+def seal(value: Any, salt: Optional[str] = None) -> str:
+    """`value` (any YAML value) as "<redacted:scrypt:SALT:HASH>"."""
+    return f"<redacted:scrypt:{salt or _SALT}:{_kdf(json.dumps(value, sort_keys=True), salt or _SALT)}>"
+
+
+@functools.lru_cache(maxsize=64)  # a checkpoint seals the same secrets at every save: ~50 ms each once
+def _kdf(text: str, salt: str) -> str:
+    return hashlib.scrypt(text.encode(), salt=bytes.fromhex(salt), n=2**14, r=8, p=1, dklen=16).hex()
+
+
+def is_sealed(value: Any) -> bool:
+    return isinstance(value, str) and _SEALED.fullmatch(value) is not None
+
+
+def same_secret(sealed: Any, value: Any) -> bool:
+    """Whether `sealed` (a seal, as a checkpoint stored it) is the seal of `value` (the value given now)."""
+    found = _SEALED.fullmatch(sealed) if isinstance(sealed, str) else None
+    return found is not None and not is_sealed(value) and seal(value, found.group(1)) == sealed

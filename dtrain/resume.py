@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from . import dist
+from . import dist, redaction
 from .config import Config, ConfigError, _migrate, _valid_keys
 
 # Entries ending in "." cover their whole section; others the key and anything under it.
@@ -84,7 +84,7 @@ class Change:
 
 
 def _show(value: Any) -> str:
-    text = value if value is UNSET else json.dumps(value)
+    text = value if value is UNSET or value is redaction.REDACTED else json.dumps(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -108,11 +108,16 @@ def _get(tree: dict, parts: list[str], default: Any) -> Any:
 
 
 def _diff(key: str, old: Any, new: Any) -> list[Change]:
-    if old == new:
+    if old == new or redaction.same_secret(old, new):  # a checkpoint holds its secrets sealed (dtrain.redaction)
         return []
     if isinstance(old, dict) and isinstance(new, dict):  # a dict-valued setting (loss.terms): name the entry
         return [c for k in sorted(old.keys() | new.keys(), key=str)
                 for c in _diff(f"{key}.{k}", old.get(k, UNSET), new.get(k, UNSET))]
+    if redaction.is_secret(key, old) or redaction.is_secret(key, new):
+        # neither value is shown; a credential (by its key's name) shapes nothing the checkpoint holds: a
+        # rotated token may change
+        fixed = None if any(redaction.secret_key(part) for part in key.split(".")) else fixed_reason(key, old, new)
+        return [Change(key, redaction.REDACTED, redaction.REDACTED, fixed)]
     return [Change(key, old, new, fixed_reason(key, old, new))]
 
 
@@ -140,7 +145,7 @@ class ConfigState:
         self.cfg, self.run_dir, self.log = cfg, run_dir, log
 
     def state_dict(self) -> dict:
-        return self.cfg.to_dict()
+        return redaction.redact(self.cfg.to_dict(), keyed=True)  # secrets sealed: a resume compares them
 
     def load_state_dict(self, saved: dict) -> None:
         check_config(saved, self.cfg, self.run_dir, self.log)

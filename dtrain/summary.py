@@ -19,6 +19,7 @@ from typing import Optional
 
 from .loggers import metrics_record, numbers
 from .records import read_records
+from .redaction import REDACTED, redact_command
 
 SPEED = ("samples_per_s", "tokens_per_s", "step_time_s", "data_wait_frac", "mfu", "peak_mem_mb")
 
@@ -80,6 +81,17 @@ def build_summary(records: list[dict], result: dict, best_step: Optional[int], t
     if not finished:  # a run stopped by run.stop_at_step would stop again at once with it
         summary["resume"] = shlex.join([a for a in command if not (stop == "stop_at_step"
                                                                    and a.startswith("run.stop_at_step="))])
+    return _without_secrets(summary)
+
+
+def _without_secrets(summary: dict) -> dict:
+    """The commands' secrets (an override's token, a config's api_key they repeat) as "<redacted>", and a note
+    saying to give them again (dtrain.redaction: no secret in summary.json, the table, or a rank's log)."""
+    for key in ("resume", "evaluate"):
+        if key in summary:
+            summary[key] = shlex.join(redact_command(shlex.split(summary[key])))
+    if any(REDACTED in summary.get(key, "") for key in ("resume", "evaluate")):
+        summary["commands_note"] = f"give the secrets shown as {REDACTED} again"
     return summary
 
 
@@ -98,9 +110,9 @@ def table(summary: dict) -> str:
     rows += [(k, _fmt(v)) for k, v in summary["throughput"].items()]
     if summary["checkpoint"]:
         rows.append(("checkpoint", summary["checkpoint"]))
-    for key in ("resume", "evaluate"):
+    for key in ("resume", "evaluate", "commands_note"):
         if key in summary:
-            rows.append((key, summary[key]))
+            rows.append((key, summary[key]) if key != "commands_note" else ("", f"({summary[key]})"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
