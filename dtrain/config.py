@@ -86,9 +86,11 @@ class DataConfig(Section):
     """Batching of mapped samples: an import string `package.module:callable` taking the list of sample dicts
     (fields only) and returning a dict, e.g. padding variable shapes. null: torch's default_collate per field."""
     task: Optional[Literal["classification", "regression"]] = None
-    """What the labels are, for shards whose descriptor doesn't say (null: the descriptor's, else classification)."""
+    """What the labels are, for shards whose descriptor doesn't say (null: the descriptor's, else read from the
+    first training samples' labels, field y: floating-point values a regression, integers a classification)."""
     num_classes: Optional[int] = Field(None, ge=1)
-    """Classes of a classification task, for shards whose descriptor doesn't say."""
+    """Classes of a classification task, for shards whose descriptor doesn't say. Every label is checked
+    against it as it is read (one line naming the sample and shard, not an IndexError mid-training)."""
     in_memory: Union[bool, Literal["auto"]] = "auto"
     """Read and decode each split once and keep it in memory: the same training batches, order and resume as
     from the shards, at the speed of indexing a tensor (evaluation splits: every world_size-th sample to a

@@ -24,9 +24,9 @@ from .importing import describe, resolve
 BUILTIN = {"classification": ["acc"], "regression": ["mae", "mse", "mae_predict_mean"], "lm": ["acc"]}
 
 
-def builtin_sums(task: str, y_mean: float = 0.0) -> Callable:
+def builtin_sums(task: str, y_mean: Optional[float] = None) -> Callable:
     """dtrain's metrics of a task as a sums callable. Regression also scores the baseline that always
-    predicts the training mean."""
+    predicts the training mean, where it is known (`y_mean`; None: not scored)."""
     def sums(output, batch) -> dict[str, torch.Tensor]:
         pred, y = logits(output), target(batch)
         if task == "classification":
@@ -34,7 +34,8 @@ def builtin_sums(task: str, y_mean: float = 0.0) -> Callable:
         if task == "lm":  # per-sample token accuracy, summed: every sample has the same number of tokens
             return {"acc": (pred.argmax(-1) == y).float().mean(-1).sum()}
         err = (pred.squeeze(-1) if pred.dim() > 1 and pred.shape[-1] == 1 else pred).float() - y
-        return {"mae": err.abs().sum(), "mse": (err * err).sum(), "mae_predict_mean": (y - y_mean).abs().sum()}
+        baseline = {"mae_predict_mean": (y - y_mean).abs().sum()} if y_mean is not None else {}
+        return {"mae": err.abs().sum(), "mse": (err * err).sum(), **baseline}
     return sums
 
 
@@ -110,7 +111,7 @@ def _what(value) -> str:
     return f"a {type(value).__name__}"
 
 
-def build_metrics(cfg: MetricsConfig, task: Optional[str], y_mean: float, given=None) -> Metrics:
+def build_metrics(cfg: MetricsConfig, task: Optional[str], y_mean: Optional[float], given=None) -> Metrics:
     """metrics.builtin (the task's own), metrics.fn and metrics.torchmetrics from config, plus `given` from
     Python: a sums callable, a mapping of names to torchmetrics objects, or a list of those (in a run, what
     is handed in takes metrics.fn's place: build.Hooks.replacing; metrics.kwargs go to its callables)."""

@@ -17,7 +17,7 @@ from .augment import SeededTransform, chain
 from .builtin import make_builtin
 from .datasets import BUILTIN, FOLDERS
 from .pipeline import ShardStream
-from .samples import DtrainFormat, FieldMap, MappedFormat
+from .samples import ClassLabels, DtrainFormat, FieldMap, MappedFormat, task_of_labels
 from .shards import DataError, ShardIndex, index_from_config, read_index
 from .sources import has_scheme
 
@@ -108,7 +108,7 @@ class Streams:
     index: ShardIndex
     task: str
     num_classes: Optional[int]
-    y_mean: float
+    y_mean: Optional[float]  # the training mean of the target, where known
     classes: Optional[list]
 
     @property
@@ -144,21 +144,46 @@ def build_streams(cfg: DataConfig, *, seed: int, rank: int, world_size: int, gra
     place of data.sample, data.transform, data.collate."""
     index = resolve_shards(cfg, seed, create)
     fmt = sample_format(cfg, index, sample, collate)
+    train_index = index.subset("train", cfg.train_subset) if cfg.train_subset else index
+    task = cfg.task or index.task or infer_task(ShardStream(train_index, "train", batch_size=1, rank=0, world_size=1,
+                                                            sample_format=fmt))
+    num_classes = cfg.num_classes or index.num_classes
+    if task == "classification":  # every label checked as it is decoded, in every split
+        fmt = fmt.checking(ClassLabels(num_classes, floats=getattr(fmt, "collate", None) is None))
     user = _hook(transform, cfg.transform, "data.transform")
     train_transform = chain(SeededTransform(user, seed) if user is not None else None, augment)
     workers = cfg.num_workers if num_workers is None else num_workers
     common = dict(batch_size=cfg.batch_size, rank=rank, world_size=world_size, num_workers=workers,
                   pin_memory=pin_memory, prefetch_factor=cfg.prefetch_factor, sample_format=fmt)
-    train_index = index.subset("train", cfg.train_subset) if cfg.train_subset else index
     train = ShardStream(train_index, "train", train=True, seed=seed, grad_accum=grad_accum,
                         shuffle_buffer=cfg.shuffle_buffer, remainder=cfg.remainder, transform=train_transform,
                         in_memory=_in_memory(cfg, train_index, "train", fmt, train_transform, workers), **common)
     evaluation = {**common, "batch_size": cfg.eval_batch_size or cfg.batch_size}
     evals = {split: ShardStream(index, split, seed=seed, in_memory=_in_memory(cfg, index, split, fmt, None, workers),
                                 **evaluation) if index.has(split) else None for split in ("val", "test")}
-    return Streams(train, evals["val"], evals["test"], index, task=cfg.task or index.task or "classification",
-                   num_classes=cfg.num_classes or index.num_classes,
-                   y_mean=index.stats.get("train", {}).get("y_mean", 0.0), classes=index.classes)
+    # the training mean of the target: known from the descriptor of shards dtrain wrote, else unknown (None:
+    # no mae_predict_mean), rather than worked out from a pass over every label before the first step
+    return Streams(train, evals["val"], evals["test"], index, task=task, num_classes=num_classes,
+                   y_mean=index.stats.get("train", {}).get("y_mean"), classes=index.classes)
+
+
+INFER_FROM = 8  # training samples whose labels say the task when neither data.task nor a descriptor does
+
+
+def infer_task(train: ShardStream) -> str:
+    """The task of shards that don't say (dtrain didn't write them) and data.task left out, from the first
+    training samples' targets (field y) as batched: floating-point values are a regression, integers a
+    classification. Without a y field dtrain's built-in loss and metrics don't apply: classification, as
+    before (a user's loss and metrics score the run)."""
+    batch = train.first_batch(INFER_FROM)
+    y = batch.get("y") if isinstance(batch, dict) else batch[1]
+    if y is None:
+        return "classification"
+    task = task_of_labels(y)
+    if task is None:
+        raise DataError(f"data: cannot tell the task from the labels of {train.urls[0]} (field y is a "
+                        f"{type(y).__name__}): set data.task=classification or data.task=regression")
+    return task
 
 
 __all__ = ["DataError", "ShardIndex", "ShardStream", "Streams", "build_streams", "make_builtin", "read_index",

@@ -22,9 +22,12 @@ gives a collate hook exactly the samples of its batch.
 from __future__ import annotations
 
 import io
+import re
+import warnings
 from typing import Any, Callable, Optional
 
 import numpy as np
+import PIL.Image
 import torch
 from torch.utils.data import default_collate
 from webdataset import autodecode
@@ -156,6 +159,61 @@ def transform_input(sample: dict, transform: Callable, epoch: int, pass_index: i
     return sample
 
 
+# ---- labels -------------------------------------------------------------------------------------------
+def task_of_labels(y) -> Optional[str]:
+    """The task a batch's targets `y` imply: floating-point values are a regression, integers (or bools)
+    classes; None for anything else (strings, lists: what only the user's code knows how to score)."""
+    if isinstance(y, torch.Tensor) and not y.is_complex():
+        return "regression" if y.is_floating_point() else "classification"
+    return None
+
+
+class ClassLabels:
+    """Every sample's class label (its field y) checked as it is decoded, against `num_classes` when known:
+    a label outside 0..num_classes-1 would fail in cross-entropy mid-training (an IndexError on the CPU, a
+    device-side assert that kills the CUDA context on a GPU), and a negative one could be ignored by it
+    (ignore_index -100) while accuracy counts it. Checked in the DataLoader workers, where the samples are
+    decoded: one compare a sample, none in the training process. `floats`: float labels are an error (no
+    collate hook to turn them into classes)."""
+
+    def __init__(self, num_classes: Optional[int], floats: bool = True):
+        self.num_classes, self.floats = num_classes, floats
+
+    def __call__(self, y, key: str, url: str) -> None:
+        if type(y) is int:  # a .cls member's label: the common case, no array made
+            lo = hi = y
+        else:
+            extremes = self._extremes(y, key, url)
+            if extremes is None:
+                return
+            lo, hi = extremes
+        n = self.num_classes
+        if lo < 0:
+            raise DataError(f"data: sample {key!r} of {url} has the class label {lo}; class labels are 0.."
+                            f"{n - 1 if n else 'num_classes-1'}: fix the label or leave the sample out of the shards")
+        if n is not None and hi >= n:
+            raise DataError(f"data: sample {key!r} of {url} has the class label {hi}, but data.num_classes is {n} "
+                            f"(labels 0..{n - 1}): set data.num_classes to the number of classes (at least {hi + 1})")
+
+    def _extremes(self, y, key: str, url: str) -> Optional[tuple[int, int]]:
+        """(smallest, largest) of integer labels; None for labels that are no classes to check (bools,
+        strings, empty); float labels refused unless a collate hook makes them classes."""
+        if isinstance(y, (int, float, np.number, np.ndarray)):  # bools too: their dtype is no integer
+            y = np.asarray(y)
+            floating, integral = y.dtype.kind in "fc", y.dtype.kind in "iu"
+        elif isinstance(y, torch.Tensor):
+            floating, integral = y.is_floating_point() or y.is_complex(), y.dtype != torch.bool
+        else:  # a string, a list: what the collate hook makes classes of
+            return None
+        if floating and self.floats:
+            value = y.item() if len(y.reshape(-1)) == 1 else f"a {y.dtype} array"
+            raise DataError(f"data: sample {key!r} of {url} has the label {value}, not a class index; for numeric "
+                            "targets set data.task=regression")
+        if floating or not integral or len(y.reshape(-1)) == 0:
+            return None
+        return int(y.min()), int(y.max())
+
+
 # ---- dtrain's own shards -------------------------------------------------------------------------------
 _NPY_HEADERS: dict[bytes, tuple] = {}  # raw .npy header -> (shape, fortran_order, dtype)
 
@@ -185,8 +243,12 @@ class DtrainFormat:
     """`x.npy` + `y.cls` samples -> {"x", "y", "__key__"} tensors; batches (x, y, keys)."""
     mapped = False
 
-    def __init__(self, task: str = "classification", x_scale: float = 1.0):
-        self.task, self.x_scale = task, x_scale
+    def __init__(self, task: str = "classification", x_scale: float = 1.0, labels: Optional[ClassLabels] = None):
+        self.task, self.x_scale, self.labels = task, x_scale, labels
+
+    def checking(self, labels: Optional[ClassLabels]) -> "DtrainFormat":
+        """This format, checking every class label with `labels`."""
+        return DtrainFormat(self.task, self.x_scale, labels)
 
     def decode(self, sample: dict) -> dict:
         try:
@@ -198,6 +260,8 @@ class DtrainFormat:
         except (KeyError, ValueError) as e:
             raise DataError(f"data: cannot decode sample {sample.get('__key__')!r} of "
                             f"{sample.get('__url__', 'a shard')} ({type(e).__name__}: {e})") from None
+        if self.labels is not None and self.task == "classification":
+            self.labels(y, sample["__key__"], sample.get("__url__", "a shard"))
         return {"x": torch.from_numpy(np.asarray(x, dtype=np.float32) * self.x_scale),
                 "y": torch.tensor(y, dtype=torch.float32 if self.task == "regression" else torch.int64),
                 "__key__": sample["__key__"]}
@@ -207,21 +271,52 @@ class DtrainFormat:
 
 
 # ---- any webdataset ----------------------------------------------------------------------------------------
-def _pth(key: str, data: bytes):
-    """.pth/.pt members with weights_only=True (webdataset's own handler unpickles arbitrary objects)."""
-    if key.lower().endswith((".pth", ".pt")):
-        return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
-    return None
+# Shards are data, which may come from anyone: decoding a member never runs code from it. webdataset's
+# basichandlers unpickle .pkl/.pickle/.pyd members and load .pth with torch.load(weights_only=False).
+PICKLES = ("pkl", "pickle", "pyd")
+
+
+def _safe_basic(key: str, data: bytes):
+    """webdataset's basichandlers (txt, cls, json, npz, msgpack, ...) less what could run code: pickles are
+    refused, .pth/.pt members are read with weights_only=True (tensors and plain containers), .npy
+    without pickles (an object array is refused)."""
+    ext = key.rsplit(".", 1)[-1].lower()
+    if ext in PICKLES:
+        raise ValueError(f"a .{ext} member is a Python pickle, which runs code when loaded; dtrain never unpickles "
+                         "shard data: store it as npy, json, cls or pth (tensors)")
+    if ext in ("pth", "pt"):
+        try:
+            return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+        except Exception as e:  # torch's refusal is a page long: the line naming what was refused
+            lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+            reason = next((l for l in lines if "unsupported" in l.lower()), lines[0] if lines else "")
+            raise ValueError(f"not a plain tensor file ({reason[:200]}); dtrain never unpickles code") from None
+    if ext == "npy":
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    return autodecode.basichandlers(key, data)
 
 
 class _Image:
-    """webdataset's image handler (`torchrgb`: float CHW in [0, 1]); a one-channel mode keeps its C axis."""
+    """webdataset's image handler (`torchrgb`: float CHW in [0, 1]); a one-channel mode keeps its C axis.
+    An image declaring more pixels than PIL.Image.MAX_IMAGE_PIXELS (PIL's own limit, 89,478,485 unless
+    your code changes it) is refused from its header, before a pixel is decoded: a few bytes of PNG can
+    declare 30000 x 30000 pixels (a decompression bomb, 10 GB as float RGB). PIL itself only warns up to
+    twice its limit and decodes; refused here."""
 
     def __init__(self, mode: str):
         self.handler = autodecode.imagehandler(f"torch{mode}")
 
     def __call__(self, key: str, data: bytes):
-        image = self.handler(key, data)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
+            try:
+                image = self.handler(key, data)
+            except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning) as e:
+                declared = re.search(r"\((\d+) pixels\)", str(e))
+                raise ValueError(f"the image declares {int(declared[1]) if declared else 'too many':,} pixels, more "
+                                 f"than PIL.Image.MAX_IMAGE_PIXELS ({PIL.Image.MAX_IMAGE_PIXELS:,}): a decompression "
+                                 "bomb, or an image too large to train on; raise PIL.Image.MAX_IMAGE_PIXELS in your "
+                                 "own code if it is genuine") from None
         return image.unsqueeze(0) if isinstance(image, torch.Tensor) and image.ndim == 2 else image
 
 
@@ -235,7 +330,7 @@ class FieldMap:
                 raise ConfigError(f"config: data.sample.{name}: {spec!r} is not a field name and member extensions "
                                   "like x: 'jpg;png'")
         self.fields = {name: [e.lower() for e in spec.split(";")] for name, spec in fields.items()}
-        self.decoder = autodecode.Decoder([_pth, _Image(image)])
+        self.decoder = autodecode.Decoder([_Image(image)], post=[_safe_basic])
 
     def __call__(self, sample: dict) -> dict:
         out = {}
@@ -250,7 +345,8 @@ class FieldMap:
                 out[name] = self.decoder.decode1(ext, sample[ext])
             except Exception as e:  # PIL, json, numpy, torch: any decoder's failure is the data's
                 raise DataError(f"data: cannot decode {sample['__key__']}.{ext} of {sample.get('__url__', 'a shard')} "
-                                f"({type(e).__name__}: {e})") from None
+                                f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") \
+                    from None
         return out
 
 
@@ -259,8 +355,12 @@ class MappedFormat:
     mapped = True
 
     def __init__(self, to_fields: Callable[[dict], dict], collate: Optional[Callable[[list], dict]] = None,
-                 name: str = "data.sample"):
-        self.to_fields, self.collate, self.name = to_fields, collate, name
+                 name: str = "data.sample", labels: Optional[ClassLabels] = None):
+        self.to_fields, self.collate, self.name, self.labels = to_fields, collate, name, labels
+
+    def checking(self, labels: Optional[ClassLabels]) -> "MappedFormat":
+        """This format, checking every sample's class label (field y) with `labels`."""
+        return MappedFormat(self.to_fields, self.collate, self.name, labels)
 
     def decode(self, sample: dict) -> dict:
         try:
@@ -273,6 +373,8 @@ class MappedFormat:
         if not isinstance(fields, dict) or not fields:
             raise DataError(f"data: {self.name} returned {type(fields).__name__} for sample "
                             f"{sample.get('__key__')!r}; it must return a dict of fields, e.g. {{'x': ..., 'y': ...}}")
+        if self.labels is not None and "y" in fields:
+            self.labels(fields["y"], sample["__key__"], sample.get("__url__", "a shard"))
         return {**{k: v for k, v in fields.items() if k != "__key__"}, "__key__": sample["__key__"]}
 
     def batch(self, cols: Columns) -> dict:
