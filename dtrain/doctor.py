@@ -25,6 +25,7 @@ import torch
 import torch.distributed as torchdist
 
 from . import dist
+from .redaction import REDACTED, is_secret
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -127,8 +128,9 @@ def run(cfg: Config, info, run_dir: Path, brief: bool = False, model_bytes: int 
     for i, r in enumerate(ranks[1:], 1):
         other = _flatten(r["config"])
         key = next((k for k in sorted(set(base) | set(other)) if base.get(k) != other.get(k)), None)
-        if key is not None:
-            diffs.append(f"rank {i} has {key}={other.get(key)!r}, rank 0 has {base.get(key)!r}")
+        if key is not None:  # a secret's values are not shown (the rank logs are files)
+            shown = [REDACTED if is_secret(key, v) else repr(v) for v in (other.get(key), base.get(key))]
+            diffs.append(f"rank {i} has {key}={shown[0]}, rank 0 has {shown[1]}")
     checks.append(Check("config", not diffs, f"hash {cfg.hash()} on all {len(ranks)} ranks" if not diffs
                         else "; ".join(diffs)))
 

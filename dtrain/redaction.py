@@ -50,7 +50,7 @@ def redact(value: Any, secrets: Optional[set[str]] = None, keyed: bool = False) 
     """`value` (a config dict, nested) with every secret replaced by "<redacted>", or with `keyed` by its
     seal; `secrets`: the values to catch (default: the environment's)."""
     secrets = secret_values() if secrets is None else secrets
-    hide = (lambda v: v if is_sealed(v) else seal(v)) if keyed else (lambda v: REDACTED)
+    hide = _seal_kept if keyed else (lambda v: REDACTED)
     if isinstance(value, dict):
         return {k: hide(v) if secret_key(k) else redact(v, secrets, keyed) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -108,6 +108,12 @@ def seal(value: Any, salt: Optional[str] = None) -> str:
 @functools.lru_cache(maxsize=64)  # a checkpoint seals the same secrets at every save: ~50 ms each once
 def _kdf(text: str, salt: str) -> str:
     return hashlib.scrypt(text.encode(), salt=bytes.fromhex(salt), n=2**14, r=8, p=1, dklen=16).hex()
+
+
+def _seal_kept(value: Any) -> Any:
+    """A value read back (config.yaml, a checkpoint) sealed, but for none and true/false (`token: null`,
+    `use_auth_token: true`: no secret, and a model built from the file reads them as they were)."""
+    return value if value is None or isinstance(value, bool) or is_sealed(value) else seal(value)
 
 
 def is_sealed(value: Any) -> bool:

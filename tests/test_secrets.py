@@ -82,13 +82,16 @@ def test_no_secret_reaches_any_file_or_wandb_and_resume_tells_a_changed_one(tmp_
 
 
 def test_a_sealed_secret_compares_by_its_keyed_hash_and_validates_where_the_value_did():
-    cfg = load_config(None, ["model.kwargs={api_key: correct-horse-battery, width: 8}"])
+    kwargs = "width: 8, token: null, use_auth_token: true"  # null and true: no secret, kept as they are
+    cfg = load_config(None, [f"model.kwargs={{api_key: correct-horse-battery, {kwargs}}}"])
     sealed = redaction.redact(cfg.to_dict(), set(), keyed=True)
     value = sealed["model"]["kwargs"]["api_key"]
-    assert redaction.is_sealed(value) and "correct-horse-battery" not in value and sealed["model"]["kwargs"]["width"] == 8
+    assert sealed["model"]["kwargs"]["token"] is None and sealed["model"]["kwargs"]["use_auth_token"] is True
+    assert redaction.is_sealed(value) and "correct-horse-battery" not in value
+    assert sealed["model"]["kwargs"]["width"] == 8
     assert Config.from_saved(sealed).model.kwargs["api_key"] == value  # a checkpoint's config still loads
     assert config_changes(sealed, cfg) == []
-    other = load_config(None, ["model.kwargs={api_key: correct-horse-staple, width: 8}"])
+    other = load_config(None, [f"model.kwargs={{api_key: correct-horse-staple, {kwargs}}}"])
     assert [(c.key, c.old, c.new) for c in config_changes(sealed, other)] == \
         [("model.kwargs.api_key", "<redacted>", "<redacted>")]
     # a fresh salt per process: the same secret sealed elsewhere gives another string, equal by its hash
@@ -112,3 +115,18 @@ def test_printed_commands_hold_no_secret(monkeypatch):
     evaluate = _without_secrets({"evaluate": shlex.join(["dtrain", "eval", "--checkpoint", "c", "model.kwargs="
                                                          + json.dumps({"_target_": "m:C", "hf_token": "abc12345"})])})
     assert "abc12345" not in evaluate["evaluate"] and 'hf_token: <redacted>' in evaluate["evaluate"]
+
+
+def test_doctor_names_a_secret_that_differs_between_ranks_without_its_values(tmp_path, data_root, monkeypatch):
+    from dtrain import dist, doctor
+    cfg = load_config(None, [f"data.root={data_root}", "model.kwargs={hidden: 16, api_key: rank0-secret-value}"])
+    gather = doctor._gather
+
+    def two_ranks(me):  # rank 1 was started with another key
+        (rank0,) = gather(me)
+        model = {**rank0["config"]["model"], "kwargs": {"hidden": 16, "api_key": "rank1-secret-value"}}
+        return [rank0, {**rank0, "config": {**rank0["config"], "model": model}}]
+    monkeypatch.setattr(doctor, "_gather", two_ranks)
+    single = dist.DistInfo("single", 0, 0, 1, torch.device("cpu"), None)
+    check = next(c for c in doctor.run(cfg, single, tmp_path, brief=True) if c.name == "config")
+    assert not check.ok and check.detail == "rank 1 has model.kwargs.api_key=<redacted>, rank 0 has <redacted>"
