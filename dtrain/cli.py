@@ -10,6 +10,7 @@ import logging
 import os
 import shlex
 import sys
+import tempfile
 from pathlib import Path
 
 EXIT_USER_ERROR = 2
@@ -180,19 +181,23 @@ def _index(args) -> int:
 
     shards = count_shards(args.patterns, jobs=args.jobs, progress=True)
     write_descriptor(descriptor(shards, args.out), args.out)
-    print(f"{len(shards)} shards, {sum(n for _, n in shards)} samples: wrote {args.out}")
+    print(f"{len(shards)} shard{'s' * (len(shards) != 1)}, {sum(n for _, n in shards)} samples: wrote {args.out}")
     return 0
 
 
 def _load_for_eval(path_arg: str):
     """(path, state with engine.model filled in) from a checkpoint directory, a run directory, or a file
     written by `dtrain export` (a plain state dict: no DeepSpeed, no process group needed)."""
-    from .checkpoint import safe_load, verify
+    from .checkpoint import CheckpointError, safe_load, verify
     from .engine import model_weights
     from .models.transfer import resolve_checkpoint
 
     if Path(path_arg).is_file():
         exported = safe_load(Path(path_arg))
+        if not (isinstance(exported, dict) and isinstance(exported.get("model"), dict)
+                and isinstance(exported.get("config"), dict) and isinstance(exported.get("step"), int)):
+            raise CheckpointError(f"checkpoint: {path_arg} is not a file written by `dtrain export` (a dict of "
+                                  "model, config and step); give one, a run directory or checkpoints/step-N")
         return Path(path_arg), {"config": exported["config"], "trainer": {"step": exported["step"]},
                                 "engine": {"model": exported["model"]}}
     path = resolve_checkpoint(path_arg)  # a run directory: its best, else latest
@@ -202,13 +207,38 @@ def _load_for_eval(path_arg: str):
     return path, state
 
 
+def _stored_config(args, stored: dict, source: Path):
+    """The config that rebuilds a run from a checkpoint or an exported file: the one it stored, under the
+    user's --config files and key=value overrides (the same precedence as train's). A stored setting that
+    would run code is used only where the user names it too (or trusts the file): dtrain.trust."""
+    from pydantic import ValidationError
+
+    from .checkpoint import CheckpointError
+    from .config import Config, load_config
+    from .trust import check_stored
+
+    try:
+        if not isinstance(stored, dict):
+            raise CheckpointError(f"checkpoint: {source} holds no config (a {type(stored).__name__})")
+        stored = Config.from_saved(stored).to_dict()
+    except ValidationError as e:
+        raise CheckpointError(f"checkpoint: {source} holds a config this dtrain can't read "
+                              f"({'.'.join(map(str, e.errors()[0]['loc']))}: {e.errors()[0]['msg']})") from None
+    cfg = load_config(args.config, args.overrides, stored)
+    user = load_config(args.config, args.overrides, args.defaults)  # what the user's own words name
+    if args.hooks is not None:  # a script's own callables: what it hands in is what runs
+        cfg, user = args.hooks.record(cfg), args.hooks.record(user)
+    check_stored(cfg, user, source, args.trust_checkpoint_code)
+    return cfg
+
+
 def _eval(args) -> int:
     from . import dist
     from .build import build_core
-    from .config import Config, ConfigError
+    from .config import ConfigError
 
     path, state = _load_for_eval(args.checkpoint)
-    cfg = Config.from_saved(state["config"])
+    cfg = _stored_config(args, state["config"], path)
     # the weights come from the checkpoint: don't reload the run's pretrained source (it may be gone);
     # evaluation needs no DeepSpeed or FSDP, whichever engine trained it
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_from": None}),
@@ -227,7 +257,7 @@ def _eval(args) -> int:
     print(f"checkpoint {path.resolve()} (step {state['trainer']['step']}), split {args.split}")
     for k, v in metrics.items():
         print(f"  {k:<{width}}  {v:.6g}")
-    if data.facts.task == "classification":
+    if data.facts.task == "classification" and data.facts.num_outputs:  # classes unknown: no matrix
         print(format_confusion(core.evaluator.confusion_matrix(stream, data.facts.num_outputs,
                                                                progress=cfg.log.progress)))
     return 0
@@ -244,19 +274,55 @@ def _export(args) -> int:
     from .logging import progress_bar
 
     path, state = _load_for_eval(args.checkpoint)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
+    out = _export_target(Path(args.out), path)
     size = sum(v.numel() * v.element_size() for v in state["engine"]["model"].values())
     shown = state["config"].get("log", {}).get("progress", True)
-    with open(tmp, "wb") as f, progress_bar(total=size, desc="export", unit="B", unit_scale=True,
-                                            unit_divisor=1024, enabled=shown) as bar:
-        torch.save({"model": state["engine"]["model"], "config": state["config"], "step": state["trainer"]["step"]},
-                   CallbackIOWrapper(bar.update, f, "write"))  # a bar over the bytes written
-    tmp.replace(out)
+    # a new temporary file of our own (O_EXCL), renamed over `out`: nothing is written through what is there
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # as open() would make it (mkstemp's is 0600)
+        with os.fdopen(fd, "wb") as f, progress_bar(total=size, desc="export", unit="B", unit_scale=True,
+                                                    unit_divisor=1024, enabled=shown) as bar:
+            torch.save({"model": state["engine"]["model"], "config": state["config"],
+                        "step": state["trainer"]["step"]}, CallbackIOWrapper(bar.update, f, "write"))  # a bar
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     n = sum(v.numel() for v in state["engine"]["model"].values())
     print(f"wrote {out} ({n} parameters, step {state['trainer']['step']}) from {path.resolve()}")
     return 0
+
+
+def _export_target(out: Path, source: Path) -> Path:
+    """`out`, where export may write a regular file: not over anything else (a directory, a device, a link),
+    not over the file it reads, nor into a checkpoint directory (its manifest would no longer match, and the
+    run would resume from an older one). Its folder is made. -> out; a ConfigError in one line otherwise."""
+    from .checkpoint import MANIFEST
+    from .config import ConfigError
+
+    def refuse(why: str):
+        return ConfigError(f"export: --out {out} {why}; give the path of a new or regular file outside the "
+                           "run's checkpoints")
+
+    if out.is_symlink() or out.exists() and not out.is_file():
+        kind = "a symbolic link" if out.is_symlink() else "a directory" if out.is_dir() else "not a regular file"
+        raise refuse(f"is {kind}")
+    if out.exists() and source.is_file() and out.samefile(source):
+        raise refuse("is the file being exported")
+    folder = out.parent.resolve()  # before it is made: nothing is made inside a checkpoint either
+    if any((d / MANIFEST).is_file() for d in (folder, *folder.parents)) or \
+            source.is_dir() and folder.is_relative_to(source.resolve()):
+        raise refuse("is inside a checkpoint directory")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise refuse(f"cannot be made ({e.strerror})") from None
+    return out
 
 
 def format_confusion(cm) -> str:
@@ -367,6 +433,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True,
                    help="checkpoints/step-N directory, a run directory, or a file from `dtrain export`")
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
+    e.add_argument("--config", action="append", help="YAML config over the checkpoint's stored one (e.g. naming "
+                   "your own model.factory); given again, the later file's settings override the earlier's")
+    e.add_argument("--trust-checkpoint-code", action="store_true",
+                   help="run the code the checkpoint's stored config names (import strings such as model.factory, "
+                        "pipe: shards) even where your command line, --config and script do not name it; only for "
+                        "files you trust, as with Hugging Face's trust_remote_code")
+    e.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="config overrides over the checkpoint's stored config, e.g. data.test=other/test.json")
     e.set_defaults(func=_eval)
 
     x = sub.add_parser("export", help="a checkpoint (DeepSpeed ZeRO or FSDP shards too) as one plain file: "

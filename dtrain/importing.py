@@ -2,12 +2,13 @@
 `_target_` and LightningCLI's `class_path`).
 
 A config key holding an import string names a callable: a model factory, a loss, metrics, a sample
-mapping, a transform. The string lives in the run's config.yaml; nothing executable is ever read from a
-checkpoint. `resolve` turns one into the object, or into a one-line ConfigError naming the key, the value
+mapping, a transform. The string lives in the run's config.yaml; one stored in a checkpoint is resolved
+only where dtrain.trust allows it (the user names it too, or trusts the file). `resolve` turns one into the object, or into a one-line ConfigError naming the key, the value
 and what to fix: the module does not import, the attribute is missing, it is not callable.
 
 An ImportError raised *inside* the user's module (a missing dependency of theirs) is theirs: the message
-names it. Any other exception raised while importing it is a bug in their code and keeps its traceback.
+names it, as it names a module that calls sys.exit() when imported. Any other exception raised while
+importing it is a bug in their code and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ def resolve(spec: str, key: str, aliases: Optional[dict[str, str]] = None) -> An
                               "or on PYTHONPATH?") from None
         raise ConfigError(f"config: {key}: importing '{module_name}' failed: it needs '{e.name}', which is not "
                           "installed") from None
+    except SystemExit as e:  # exit() at import time (a script's `main()` unguarded): not a reason to end silently
+        raise ConfigError(f"config: {key}: importing '{module_name}' called sys.exit({e.code!r}); a module named by "
+                          "an import string must not exit when imported (guard it with `if __name__ == "
+                          "'__main__':`)") from None
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):

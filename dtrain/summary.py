@@ -19,6 +19,7 @@ from typing import Optional
 
 from .loggers import metrics_record, numbers
 from .records import read_records
+from .trust import naming
 from .redaction import REDACTED, redact_command
 
 SPEED = ("samples_per_s", "tokens_per_s", "step_time_s", "data_wait_frac", "mfu", "peak_mem_mb")
@@ -48,12 +49,13 @@ class Stopwatch:
 
 def build_summary(records: list[dict], result: dict, best_step: Optional[int], times: dict,
                   checkpoint: Optional[Path], command: list[str], eval_split: Optional[str] = "test",
-                  program: tuple[str, ...] = ("dtrain",)) -> dict:
+                  program: tuple[str, ...] = ("dtrain",), eval_args: tuple[str, ...] = ()) -> dict:
     """`records`: metrics.jsonl in order; `result`: what training returned (step, stop_reason, test/*);
     `times`: seconds of this start by part ("total", "validation", "checkpoint", "test", "data_wait");
     `command`: the one that started it; `eval_split`: the split `evaluate` names (test, else val: one the
     run's data has), None for none; `program`: what `evaluate` runs (a script of one's own: `python train.py`,
-    since only it can rebuild the model it handed in)."""
+    since only it can rebuild the model it handed in); `eval_args`: what `evaluate` adds (the overrides naming the
+    run's own code, which eval does not take from a checkpoint: dtrain.trust)."""
     final: dict = {}
     for record in records:
         if "event" not in record:
@@ -77,7 +79,8 @@ def build_summary(records: list[dict], result: dict, best_step: Optional[int], t
                "wall_time_s": {"total": times.get("total", 0.0), **split},
                "throughput": speed, "checkpoint": str(checkpoint) if checkpoint else None}
     if checkpoint is not None and eval_split is not None:
-        summary["evaluate"] = shlex.join([*program, "eval", "--checkpoint", str(checkpoint), "--split", eval_split])
+        summary["evaluate"] = shlex.join([*program, "eval", "--checkpoint", str(checkpoint), "--split", eval_split,
+                                         *eval_args])
     if not finished:  # a run stopped by run.stop_at_step would stop again at once with it
         summary["resume"] = shlex.join([a for a in command if not (stop == "stop_at_step"
                                                                    and a.startswith("run.stop_at_step="))])
@@ -123,10 +126,11 @@ def _fmt(value) -> str:
 
 def write_summary(run_dir: Path, result: dict, best_step: Optional[int], times: dict,
                   checkpoint: Optional[Path], command: list[str], eval_split: Optional[str] = "test",
-                  program: tuple[str, ...] = ("dtrain",)) -> dict:
+                  program: tuple[str, ...] = ("dtrain",), eval_args: tuple[str, ...] = ()) -> dict:
     """Read metrics.jsonl, write summary.json (atomically) and return the summary."""
     records = [r for _, r in read_records(Path(run_dir) / "metrics.jsonl", metrics_record)]
-    summary = build_summary(records, result, best_step, times, checkpoint, command, eval_split, program)
+    summary = build_summary(records, result, best_step, times, checkpoint, command, eval_split, program,
+                            eval_args)
     path = Path(run_dir) / "summary.json"
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(summary, indent=1) + "\n")
@@ -144,6 +148,7 @@ def summarize(trainer, result: dict, command: list[str], program: tuple[str, ...
     split = "test" if trainer.test_data is not None else "val" if trainer.val_data is not None else None
     summary = write_summary(trainer.run_dir, result, trainer.evaluator.best_step if best else None,
                             trainer.clock.times(data_wait=trainer.meter.total_data_wait),
-                            best or trainer.checkpointer.pointer("latest"), command, split, program)
+                            best or trainer.checkpointer.pointer("latest"), command, split, program,
+                            tuple(naming(trainer.cfg)))
     trainer.log.info("summary\n" + table(summary))
     return summary

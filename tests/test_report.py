@@ -3,6 +3,7 @@
 import json
 import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -80,6 +81,94 @@ def test_eval_prints_a_confusion_matrix(overfit_run):
     cm = np.array([[int(v) for v in line.split()[1:]] for line in lines[1:11]])
     assert cm.shape == (10, 10) and cm.sum() == 271  # every test sample once
     assert np.trace(cm) / cm.sum() == pytest.approx(acc, abs=1e-5)
+
+
+# a tiny run of each task kind; `indexed`: digits shards under a descriptor of `dtrain index` (no task, no class
+# count: classification with the classes unknown, as shards of one's own are)
+KINDS = {"classification": ["data.dataset=digits"],
+         "regression": ["data.dataset=count", "data.count_samples=120"],
+         "lm": ["data.dataset=text", "data.text_context=16", "data.text_bytes=4000", "model.factory=gpt",
+                "model.kwargs={n_layer: 1, n_head: 1, n_embd: 8}"],
+         "indexed": ["data.train=train.json", "data.val=val.json", "data.test=test.json",
+                     "data.sample={x: x.npy, y: y.cls}", "data.collate=matrix_script:digits_collate",
+                     "model.kwargs={num_outputs: 10}"]}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_commands_the_summary_prints_run_as_printed(tmp_path, data_root, kind):
+    """#32.10: the summary's evaluate command printed the metrics, then crashed (exit 1) in the confusion
+    matrix where the class count is unknown. A run stopped early is resumed by its `resume` command, then
+    evaluated by its `evaluate` command, each run exactly as printed."""
+    import shlex
+    import shutil
+    if kind == "indexed":
+        for split in ("train", "val", "test"):
+            run_dtrain(["index", *map(str, sorted((data_root / "digits").glob(f"{split}-*.tar"))),
+                        "--out", f"{split}.json"], tmp_path)
+    elif kind != "classification":
+        shutil.copytree(data_root, tmp_path / "data")  # the other built-in data sets are made beside digits
+    root = data_root if kind in ("classification", "indexed") else tmp_path / "data"
+    train = ["train", f"data.root={root}", *KINDS[kind], "data.batch_size=16", "data.train_subset=64",
+             "train.epochs=1", "run.doctor=false", "log.progress=false", "run.name=r"]
+    usercode = {"PYTHONPATH": str(Path(__file__).parent / "usercode")}  # the indexed run's collate
+    first = run_dtrain([*train, "run.stop_at_step=2"], tmp_path, env=usercode)
+    assert result_of(first)["stop_reason"] == "stop_at_step"
+    summary = tmp_path / "runs" / "r" / "summary.json"
+    resume = shlex.split(json.loads(summary.read_text())["resume"])
+    assert resume[:2] == ["dtrain", "train"], resume
+    assert result_of(run_dtrain(resume[1:], tmp_path, env=usercode))["stop_reason"] == "completed"
+    evaluate = shlex.split(json.loads(summary.read_text())["evaluate"])
+    assert evaluate[:2] == ["dtrain", "eval"], evaluate
+    assert ("data.collate=matrix_script:digits_collate" in evaluate) == (kind == "indexed")  # the run's own code
+    proc = run_dtrain(evaluate[1:], tmp_path, env=usercode)
+    assert "test/loss" in proc.stdout
+    assert ("confusion matrix" in proc.stdout) == (kind == "classification")  # only where the classes are known
+
+
+def test_export_writes_a_regular_file_and_nothing_else(tmp_path, data_root):
+    """#32: `export --out` replaced whatever was at the path: a device (as root, /dev/full became the file), a
+    file of the checkpoint it was reading (which then read as truncated: resume fell back a step); a directory
+    was an IsADirectoryError. Now a regular file, written atomically, or one line."""
+    import os
+
+    from dtrain.checkpoint import verify
+    run_dtrain(["train", f"data.root={data_root}", "train.max_steps=2", "data.train_subset=64", "run.doctor=false",
+                "log.progress=false", "run.name=d"], tmp_path)
+    step = (tmp_path / "runs" / "d" / "checkpoints" / "latest").resolve()
+    state = (step / "state.pt").read_bytes()
+    (tmp_path / "adir").mkdir()
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "link").symlink_to(step / "state.pt")
+    run_dtrain(["export", "--checkpoint", "runs/d", "--out", "m.pt"], tmp_path)
+    refused = {"adir": "is a directory", "fifo": "is not a regular file", "link": "is a symbolic link",
+               str(step / "state.pt"): "is inside a checkpoint directory",
+               str(step / "fsdp" / "m.pt"): "is inside a checkpoint directory"}
+    for out, why in refused.items():
+        proc = run_dtrain(["export", "--checkpoint", "runs/d", "--out", out], tmp_path, check=False)
+        said = [line for line in proc.stderr.splitlines() if line.startswith("dtrain: error:")]
+        assert proc.returncode == 2 and said == [f"dtrain: error: export: --out {out} {why}; give the path of a new "
+                                                 "or regular file outside the run's checkpoints"], proc.stderr[-2000:]
+    proc = run_dtrain(["export", "--checkpoint", "m.pt", "--out", "m.pt"], tmp_path, check=False)
+    assert proc.returncode == 2 and "export: --out m.pt is the file being exported" in proc.stderr
+    verify(step)  # the checkpoint read is whole, nothing added to it
+    assert not (step / "fsdp").exists()
+    assert (step / "state.pt").read_bytes() == state and (tmp_path / "fifo").is_fifo() and (tmp_path / "adir").is_dir()
+    run_dtrain(["export", "--checkpoint", "runs/d", "--out", "m.pt"], tmp_path)  # over a regular file: replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "fifo", "link", "m.pt", "runs"]  # no temporary left
+    assert (os.stat(tmp_path / "m.pt").st_mode & 0o777) == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    import os
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_index_of_one_shard_says_one_shard(tmp_path, data_root):
+    shard = sorted((data_root / "digits").glob("test-*.tar"))[0]
+    proc = run_dtrain(["index", str(shard), "--out", "one.json"], tmp_path)
+    assert re.fullmatch(r"1 shard, \d+ samples: wrote one.json", proc.stdout.strip().splitlines()[-1]), proc.stdout
 
 
 def test_wandb_offline_run_resumes_with_the_same_id_and_never_records_secrets(tmp_path, data_root):
