@@ -333,8 +333,7 @@ class Checkpointer:
 
     # ---- loading ------------------------------------------------------------------------------
     def pointer(self, name: str) -> Optional[Path]:
-        link = self.root / name
-        return self.root / os.readlink(link) if link.is_symlink() else None
+        return pointed(self.root, name)
 
     def candidates(self) -> list[Path]:
         """Newest first: the `latest` target, then every other step directory by step."""
@@ -390,6 +389,21 @@ def _start(write_files: Callable[..., Optional[Future]], tmp: Path, group) -> Fu
         started = Future()
         started.set_result(None)
     return started
+
+
+def pointed(root: Path, name: str) -> Optional[Path]:
+    """The step directory that the pointer root/`name` (best, latest) names; None where there is no pointer.
+    A pointer names one of its own run's step directories: one that leads anywhere else (another run's
+    checkpoint, `..`, an absolute path, a step directory that is itself a link out) is refused in one line,
+    so no run reads or reports another's checkpoint as its own."""
+    link = Path(root) / name
+    if not link.is_symlink():
+        return None
+    target = link.resolve()
+    if target.parent != Path(root).resolve() or not target.name.startswith("step-"):
+        raise CheckpointError(f"checkpoint: {link} points outside its run's checkpoints ({os.readlink(link)}); "
+                              "remove it, or give the checkpoint you mean by its own path")
+    return Path(root) / target.name
 
 
 def written_by(path: Path) -> int:

@@ -118,3 +118,33 @@ def test_two_ranks_freeze_then_unfreeze_like_one_rank(tmp_path, source):
     assert all(not torch.equal(a[k], source[1][k]) for k in body(source[1]))  # the body did train
     assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a), \
         max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_a_pointer_that_leads_out_of_its_run_is_refused(tmp_path, data_root):
+    """#32.7: a `best` or `latest` pointer to another run's checkpoint was used by `dtrain eval` silently, and
+    the path it printed was not in the run. A pointer names a step directory of its own run, or is refused."""
+    import shutil
+
+    from dtrain.models.transfer import resolve_checkpoint
+    run_dtrain(["train", f"data.root={data_root}", "train.max_steps=2", "data.train_subset=64", "run.doctor=false",
+                "log.progress=false", "run.name=a"], tmp_path)
+    shutil.copytree(tmp_path / "runs" / "a", tmp_path / "runs" / "b", symlinks=True)
+    ckpts = tmp_path / "runs" / "b" / "checkpoints"
+    step = (ckpts / "latest").resolve().name
+    shutil.rmtree(ckpts / step)
+    for target in (f"../../a/checkpoints/{step}", str(tmp_path / "runs" / "a" / "checkpoints" / step)):
+        for name in ("best", "latest"):
+            (ckpts / name).unlink(missing_ok=True)
+        (ckpts / "best").symlink_to(target)
+        proc = run_dtrain(["eval", "--checkpoint", "runs/b"], tmp_path, check=False)
+        said = [line for line in proc.stderr.splitlines() if line.startswith("dtrain: error:")]
+        assert proc.returncode == 2 and said == [
+            f"dtrain: error: checkpoint: runs/b/checkpoints/best points outside its run's checkpoints ({target}); "
+            "remove it, or give the checkpoint you mean by its own path"], proc.stderr[-2000:]
+        with pytest.raises(CheckpointError, match="points outside its run's checkpoints"):
+            resolve_checkpoint(ckpts / "best")  # the pointer given itself (eval --checkpoint, model.init_from)
+    (ckpts / "best").unlink()
+    (ckpts / step).symlink_to(tmp_path / "runs" / "a" / "checkpoints" / step)  # a step directory linked out
+    (ckpts / "latest").symlink_to(step)
+    with pytest.raises(CheckpointError, match="points outside its run's checkpoints"):
+        resolve_checkpoint(tmp_path / "runs" / "b")

@@ -12,18 +12,25 @@ from typing import Callable, Optional
 
 from torch import nn
 
-from ..checkpoint import CheckpointError, safe_load, verify
+from ..checkpoint import CheckpointError, pointed, safe_load, verify
 from ..config import ConfigError, ModelConfig
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory as given, or a run directory's best checkpoint (else its latest)."""
+    """A checkpoint directory as given, or a run directory's best checkpoint (else its latest). A pointer
+    (best, latest) leads only to a step directory of its own run (checkpoint.pointed), so the path used,
+    and printed, is in the run named."""
     path = Path(path)
     ckpts = path / "checkpoints"
     if ckpts.is_dir():
         for name in ("best", "latest"):
-            if (ckpts / name).exists():
+            target = pointed(ckpts, name)
+            if target is not None and target.exists():
+                return target.resolve()
+            if target is None and (ckpts / name).is_dir():  # a copy of the step directory, not a link
                 return (ckpts / name).resolve()
         raise CheckpointError(f"checkpoint: run directory {path} has no complete checkpoint (no best or latest)")
+    if path.name in ("best", "latest") and path.is_symlink():  # a run's pointer, given itself
+        path = pointed(path.parent, path.name)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint: {path} does not exist; give a run directory or checkpoints/step-N")
     return path
