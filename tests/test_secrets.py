@@ -90,6 +90,12 @@ def test_a_sealed_secret_compares_by_its_keyed_hash_and_validates_where_the_valu
     assert redaction.is_sealed(value) and "correct-horse-battery" not in value
     assert sealed["model"]["kwargs"]["width"] == 8
     assert Config.from_saved(sealed).model.kwargs["api_key"] == value  # a checkpoint's config still loads
+    # a secret by its value, in settings of their own types: still a valid config once sealed
+    token = "hf_" + uuid.uuid4().hex
+    pasted = load_config(None, [f"data.train=https://hub.example/{{000..009}}.tar?auth={token}",
+                                f"data.root=/mnt/{token}", f"wandb.entity=team-{token}", f"wandb.tags=[a, {token}]"])
+    stored = redaction.redact(pasted.to_dict(), {token}, keyed=True)
+    assert token not in json.dumps(stored) and Config.from_saved(stored).data.root == stored["data"]["root"]
     assert config_changes(sealed, cfg) == []
     other = load_config(None, [f"model.kwargs={{api_key: correct-horse-staple, {kwargs}}}"])
     assert [(c.key, c.old, c.new) for c in config_changes(sealed, other)] == \
