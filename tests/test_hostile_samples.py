@@ -146,7 +146,8 @@ def test_class_labels_of_dtrains_own_shards_and_of_every_kind_are_checked(tmp_pa
         list(stream.epoch(0))
 
     check = ClassLabels(5)
-    for fine in (4, np.int64(0), torch.tensor([0, 4]), np.array([[1, 2]], np.uint8), True, "cat", torch.zeros(0, dtype=torch.long)):
+    for fine in (4, np.int64(0), torch.tensor([0, 4]), np.array([[1, 2]], np.uint8), True, "cat",
+                 torch.zeros(0, dtype=torch.long)):
         check(fine, "k", "s.tar")
     for bad, said in ((torch.tensor([1, 5]), "label 5"), (np.array([-3, 2]), "label -3"), (np.int32(9), "label 9"),
                       (2.5, "label 2.5, not a class index"), (torch.ones(2), "float32 array, not a class")):
@@ -196,6 +197,27 @@ def test_a_decompression_bomb_in_a_training_run_is_one_line(tmp_path, monkeypatc
     line = error_line(run_dtrain(train_args(tmp_path, f"data.train={train}", "data.sample={x: png, y: cls}",
                                             "data.num_classes=2", "data.shuffle_buffer=0"), tmp_path, check=False))
     assert "i0021.png of" in line and "train-0.tar" in line and "declares 256 pixels" in line, line
+
+
+def test_a_gz_member_inflating_past_the_limit_is_refused(monkeypatch):
+    """webdataset's gzfilter inflated a .gz member whatever its size (1 MB of gzip holds 1 GB of zeros); here
+    zlib inflates at most GZ_LIMIT bytes (lowered to 1 MB for the test) and the member is refused."""
+    import gzip
+
+    from dtrain.data import samples
+    monkeypatch.setattr(samples, "GZ_LIMIT", 2**20)
+    bomb = gzip.compress(bytes(2**21))
+    assert len(bomb) < 5000
+    with pytest.raises(DataError, match=r"cannot decode evil.npy.gz of /data/evil-0.tar \(ValueError: it inflates to "
+                                        r"more than 1,048,576 bytes"):
+        FieldMap({"x": "npy.gz"})({"__key__": "evil", "__url__": "/data/evil-0.tar", "npy.gz": bomb})
+    arr = io.BytesIO()
+    np.save(arr, np.arange(6))
+    half = len(arr.getvalue()) // 2  # two gzip members, then zero padding: what gzip itself reads
+    data = gzip.compress(arr.getvalue()[:half]) + gzip.compress(arr.getvalue()[half:]) + bytes(8)
+    fields = FieldMap({"x": "npy.gz", "y": "json.gz"})({"__key__": "k", "__url__": "u", "npy.gz": data,
+                                                        "json.gz": gzip.compress(b"[2.5]")})
+    assert fields["x"].tolist() == list(range(6)) and fields["y"] == [2.5]
 
 
 # ---- pickles: no member runs code (#33) ------------------------------------------------------------------

@@ -24,10 +24,10 @@ from __future__ import annotations
 import io
 import re
 import warnings
+import zlib
 from typing import Any, Callable, Optional
 
 import numpy as np
-import PIL.Image
 import torch
 from torch.utils.data import default_collate
 from webdataset import autodecode
@@ -271,9 +271,30 @@ class DtrainFormat:
 
 
 # ---- any webdataset ----------------------------------------------------------------------------------------
-# Shards are data, which may come from anyone: decoding a member never runs code from it. webdataset's
-# basichandlers unpickle .pkl/.pickle/.pyd members and load .pth with torch.load(weights_only=False).
+# Shards are data, which may come from anyone: decoding a member never runs code from it, nor inflates a few
+# bytes into gigabytes. webdataset's basichandlers unpickle .pkl/.pickle/.pyd members and load .pth with
+# torch.load(weights_only=False); its gzfilter inflates a .gz member whatever its size.
 PICKLES = ("pkl", "pickle", "pyd")
+GZ_LIMIT = 2**30  # bytes a .gz member may inflate to: 1 MB of gzip can hold 1 GB of zeros
+
+
+def _gunzip(key: str, data: bytes):
+    """webdataset's gzfilter (x.npy.gz is x.npy once inflated), bounded by GZ_LIMIT: zlib inflates at most
+    that much, so a bomb is refused without its gigabytes ever being made."""
+    if not key.endswith(".gz"):
+        return None
+    parts, rest, size = [], data, 0
+    while rest:  # a gzip file may hold several members, one after the other
+        inflate = zlib.decompressobj(wbits=31)
+        parts.append(inflate.decompress(rest, GZ_LIMIT + 1 - size))
+        size += len(parts[-1])
+        if size > GZ_LIMIT:
+            raise ValueError(f"it inflates to more than {GZ_LIMIT:,} bytes (dtrain.data.samples.GZ_LIMIT): a "
+                             "decompression bomb, or a member too large for a sample")
+        if not inflate.eof:
+            raise ValueError("truncated gzip data")
+        rest = inflate.unused_data.lstrip(b"\0")  # zero padding after the last member, as gzip allows
+    return autodecode.Continue(key[:-3], b"".join(parts))
 
 
 def _safe_basic(key: str, data: bytes):
@@ -307,13 +328,16 @@ class _Image:
         self.handler = autodecode.imagehandler(f"torch{mode}")
 
     def __call__(self, key: str, data: bytes):
+        import PIL.Image  # as webdataset's handler does: not on every import of dtrain
+
         with warnings.catch_warnings():
             warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
             try:
                 image = self.handler(key, data)
             except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning) as e:
-                declared = re.search(r"\((\d+) pixels\)", str(e))
-                raise ValueError(f"the image declares {int(declared[1]) if declared else 'too many':,} pixels, more "
+                declared = re.search(r"\((\d+) pixels\)", str(e))  # PIL's message is all that says
+                pixels = f"{int(declared[1]):,}" if declared else "too many"
+                raise ValueError(f"the image declares {pixels} pixels, more "
                                  f"than PIL.Image.MAX_IMAGE_PIXELS ({PIL.Image.MAX_IMAGE_PIXELS:,}): a decompression "
                                  "bomb, or an image too large to train on; raise PIL.Image.MAX_IMAGE_PIXELS in your "
                                  "own code if it is genuine") from None
@@ -330,7 +354,7 @@ class FieldMap:
                 raise ConfigError(f"config: data.sample.{name}: {spec!r} is not a field name and member extensions "
                                   "like x: 'jpg;png'")
         self.fields = {name: [e.lower() for e in spec.split(";")] for name, spec in fields.items()}
-        self.decoder = autodecode.Decoder([_Image(image)], post=[_safe_basic])
+        self.decoder = autodecode.Decoder([_Image(image)], pre=[_gunzip], post=[_safe_basic])
 
     def __call__(self, sample: dict) -> dict:
         out = {}
