@@ -19,8 +19,10 @@ _NOT_METRICS = ("step", "epoch", "event")
 @dataclasses.dataclass(frozen=True)
 class FitResult:
     exit_code: int
-    """What `dtrain train` exits with: 0 done (also stopped at run.stop_at_step or for non-finite
-    gradients), 75 interrupted by a signal and resumable (run the same again to continue)."""
+    """What `dtrain train` exits with: 0 done (also stopped at run.stop_at_step), 2 stopped for non-finite
+    gradients (train.nonfinite=stop) or weights: the last good checkpoint is kept, and the same run again
+    diverges again unless a setting changes; 75 interrupted by a signal and resumable (run the same again to
+    continue)."""
     stop_reason: str
     """completed, early_stop, stop_at_step, nonfinite, signal:SIGTERM|SIGINT|SIGUSR1, or already_completed
     (a finished, tested run started again: nothing was trained)."""
@@ -61,7 +63,8 @@ def collect(trainer, outcome: dict) -> FitResult:
         checkpoints = {name: trainer.checkpointer.pointer(name) for name in ("best", "latest")}
         reason = outcome["stop_reason"]
         result = FitResult(
-            exit_code=EXIT_INTERRUPTED if reason.startswith("signal:") else 0, stop_reason=reason,
+            exit_code=EXIT_INTERRUPTED if reason.startswith("signal:") else 2 if reason == "nonfinite" else 0,
+            stop_reason=reason,
             step=outcome["step"], total_steps=trainer.feed.total_steps, run_dir=trainer.run_dir.absolute(),
             metrics=final, best_metrics={k: v for k, v in best.items() if k.startswith("val/") and k != "val/best_loss"},
             best_step=best_step, best_checkpoint=checkpoints["best"] and checkpoints["best"].absolute(),

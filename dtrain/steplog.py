@@ -5,8 +5,9 @@ for a non-finite gradient norm.
 on the device, all-reduced once a line, and checkpointed: a resume goes on with the same window), the LR and the throughput (training time only: the meter restarts
 after a line, so validation and saving that follow it are not counted). `SkippedUpdates` counts the skipped
 updates without a host sync per step (an optimizer that decides on the device returns a tensor, added up
-there and read at the next line or save), warns with the steps they happened in, and under
-train.nonfinite=stop stops the run at the first one, through the stop control.
+there and read at the next line or save), warns with the steps they happened in, under train.nonfinite=stop
+stops the run at the first one, through the stop control, and keeps how many were skipped in a row (a run
+that ends in two or more never reports "completed": trainer.check_weights).
 """
 
 from __future__ import annotations
@@ -26,11 +27,15 @@ class SkippedUpdates:
         self.total = 0
         self._pending = torch.zeros((), device=device)  # skipped updates not yet counted on the host
         self._counted = 0  # the step up to which they were
+        self._in_a_row = torch.zeros((), device=device)  # updates skipped in a row up to the last step
 
     def add(self, skipped, step: int) -> None:
         """After optimizer step `step`: `skipped` is False, True (decided on the host) or a device tensor."""
-        if skipped is not False:
+        if skipped is False:
+            self._in_a_row.zero_()
+        else:
             self._pending += skipped
+            self._in_a_row = (self._in_a_row + 1) * skipped  # on the device: no sync
         if skipped is True or self.policy == "stop":  # decided on the host, or must stop now
             self.count(step, first=step)
 
@@ -48,12 +53,18 @@ class SkippedUpdates:
         if self.policy == "stop":
             self.stop.request(StopReason.NONFINITE)
 
+    def in_a_row(self) -> int:
+        """Updates skipped in a row up to the last step (a host sync). A skipped update leaves the weights as
+        they were, so two or more mean the same weights gave non-finite gradients on as many batches."""
+        return int(self._in_a_row.item())
+
     def state_dict(self) -> dict:
         self.count(self.step_of())
-        return {"skipped_updates": self.total}
+        return {"skipped_updates": self.total, "in_a_row": self.in_a_row()}
 
     def load_state_dict(self, state: dict) -> None:
         self.total, self._counted = state["skipped_updates"], self.step_of()
+        self._in_a_row.fill_(state.get("in_a_row", 0))  # 0: a checkpoint from before it was kept
 
 
 class StepLog:

@@ -36,6 +36,7 @@ class Trainer:
         self.step_log, self.skipped, self.meter, self.clock = c.step_log, c.skipped, c.meter, c.clock
         self.key_log = c.key_log
         self.step = 0
+        self.diverged: Optional[str] = None  # why, when check_weights stopped the run
         # what a checkpoint holds, restored in this order: the config is compared first, before anything loads
         self.checkpointer.parts = Parts(
             shared={"config": ConfigState(cfg, self.run_dir, self.log.info), "engine": self.engine, "trainer": self,
@@ -123,6 +124,8 @@ class Trainer:
         """The owners of the rules, each asked in turn whether to act at this step."""
         last = self.step >= self.feed.total_steps
         self.step_log.after_step(self.step, epoch, loss, last)
+        if last or self.checkpointer.should_save(self.step):  # before this step's validation and saves
+            self.check_weights()
         self.unfreeze()
         if self.val_data is not None and self.evaluator.should_validate(self.step, self.feed.steps_per_epoch, last):
             self.validate(epoch)
@@ -146,12 +149,40 @@ class Trainer:
                 self.log.info(f"step {self.step}: unfroze {len(self.freezer.frozen)} parameter tensors")
 
     # ---- the end ------------------------------------------------------------------------------
+    def check_weights(self, at_end: bool = False) -> None:
+        """Collective. A run whose weights are non-finite stops (StopReason.NONFINITE, over any reason given
+        before), so they are never saved, tested or reported "completed": a huge LR (optim.lr=1e30 with SGD)
+        overflows the weights from finite gradients, which train.nonfinite's gradient check never sees, and
+        under `ignore` the NaN gradients that follow are applied. So does a run that ends (`at_end`) in two or
+        more skipped updates in a row (train.nonfinite=skip): its final weights gave non-finite gradients on as
+        many batches (lr=1e30: finite weights of 1e29, every update after the first skipped, test loss NaN).
+        Every parameter is read once (this rank's shards under FSDP), at the steps that save and at the end."""
+        device = self.info.device
+        finite = [torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all().to(device)  # DTensor: shard
+                  for p in self.engine.module.parameters()]
+        bad = (~torch.stack(finite).all()).float() if finite else torch.zeros((), device=device)
+        with dist.guard("non-finite weights all-reduce"):
+            nonfinite = bool(dist.all_reduce_max(bad).item())
+        in_a_row = self.skipped.in_a_row() if at_end and not nonfinite else 0  # the same on every rank
+        if nonfinite or in_a_row >= 2:
+            self.stop.reason = StopReason.NONFINITE  # over any reason: nothing after this step is kept
+            self.diverged = "the weights are non-finite (NaN/inf)" if nonfinite else \
+                f"the last {in_a_row} updates were skipped (non-finite gradients from the same weights)"
+
     def finish(self, reason: StopReason) -> dict:
         """The last checkpoint, then the test of the best weights, or (interrupted) how to go on."""
+        if reason != StopReason.NONFINITE:
+            self.check_weights(at_end=reason.finished)  # an interrupted run may still recover from a skip
+            reason = self.stop.reason or reason
         self.checkpointer.at_end(self.step)
-        if reason == StopReason.NONFINITE:
+        latest = self.checkpointer.pointer("latest")
+        if self.diverged:
+            kept = f"the newest checkpoint is {latest}" if latest else "no checkpoint was kept"
+            self.log.warning(f"stopped at step {self.step}: {self.diverged}: the run diverged; {kept}; lower "
+                             "optim.lr and run again, or start afresh under another run.name")
+        elif reason == StopReason.NONFINITE:
             self.log.warning(f"stopped at step {self.step}: non-finite gradients (train.nonfinite=stop); the last "
-                             f"good checkpoint is {self.checkpointer.pointer('latest')}")
+                             f"good checkpoint is {latest}")
         elif not reason.finished:
             self.log.info(f"stopped at step {self.step} ({reason.value}); checkpoint saved, run the same "
                           "command again to continue")

@@ -515,9 +515,9 @@ def test_nan_skip_on_the_device_with_fused_adamw(tmp_path, nan_data, fused):
 def test_nan_stop_policy_keeps_the_last_good_checkpoint(tmp_path, nan_data):
     args = ["train", f"data.dataset=folder:{nan_data}", "train.epochs=2", "log.progress=false",
             "train.nonfinite=stop", "checkpoint.every=2"]
-    proc = run_dtrain(args, tmp_path)
+    proc = run_dtrain(args, tmp_path, check=False)
     result = result_of(proc)
-    assert result["stop_reason"] == "nonfinite"
+    assert result["stop_reason"] == "nonfinite" and proc.returncode == 2  # not done: the same run diverges again
     latest = tmp_path / "runs" / "digits" / "checkpoints" / "latest"
     assert verify(latest)["step"] < result["step"]
     assert all(torch.isfinite(v).all() for v in final_params(tmp_path / "runs" / "digits").values())

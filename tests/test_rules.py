@@ -234,6 +234,7 @@ class FakeEngine:
 
     def __init__(self, skip_at=(), on_device: bool = False):
         self.model, self.lr, self.skip_at, self.steps = torch.nn.Linear(1, 1), 0.1, set(skip_at), 0
+        self.module = self.model  # the weights (trainer.check_weights reads them)
         self.on_device = on_device
         self.loaded = self.tested = None
         self.to_device = lambda t: t
@@ -439,6 +440,48 @@ def test_nonfinite_stop_even_at_a_checkpoint_step(tmp_path, monkeypatch):
                      skip_at={4})
     assert t.fit() == {"step": 4, "stop_reason": "nonfinite"}
     assert _saved(t) == [2]
+
+
+def _weights_turn_nan_at(t: Trainer, step: int) -> None:
+    engine_step = t.engine.step
+
+    def step_then_nan():
+        out = engine_step()
+        if t.engine.steps == step:  # a finite gradient, an update that overflows (optim.lr=1e30)
+            with torch.no_grad():
+                t.engine.module.weight.fill_(math.inf)
+        return out
+    t.engine.step = step_then_nan
+
+
+def test_nonfinite_weights_stop_before_any_save_and_never_complete(tmp_path, monkeypatch):
+    t = make_trainer(tmp_path, monkeypatch, ["train.max_steps=10", "checkpoint.every=2"])
+    _weights_turn_nan_at(t, 5)
+    assert t.fit() == {"step": 6, "stop_reason": "nonfinite"}  # found at the next save: not saved, not tested
+    assert _saved(t) == [2, 4] and _logged(t, "test/loss") == []
+    assert t.log.lines[-1] == (f"stopped at step 6: the weights are non-finite (NaN/inf): the run diverged; the "
+                               f"newest checkpoint is {t.run_dir / 'checkpoints' / 'step-00000004'}; lower optim.lr "
+                               "and run again, or start afresh under another run.name")
+
+
+@pytest.mark.parametrize("overrides", [["run.stop_at_step=3"], []])
+def test_nonfinite_weights_at_the_end_are_not_saved(tmp_path, monkeypatch, overrides):
+    """The last step (or run.stop_at_step's) is checked before its final save, whatever the reason to stop."""
+    t = make_trainer(tmp_path, monkeypatch, ["train.max_steps=3", *overrides])
+    _weights_turn_nan_at(t, 3)
+    assert t.fit() == {"step": 3, "stop_reason": "nonfinite"}
+    assert _saved(t) == [] and "no checkpoint was kept" in t.log.lines[-1]
+
+
+@pytest.mark.parametrize("skip_at, reason", [({9, 10}, "nonfinite"), ({10}, "completed"), ({2, 3}, "completed")])
+def test_a_run_that_ends_in_skipped_updates_does_not_complete(tmp_path, monkeypatch, skip_at, reason):
+    """train.nonfinite=skip with optim.lr=1e30: finite weights of 1e29, every update after the first skipped,
+    'completed' with a NaN test loss. Two skipped in a row at the end: the same weights failed on two batches.
+    One at the end is a bad batch; a run of them mid-run was recovered from."""
+    t = make_trainer(tmp_path, monkeypatch, ["train.max_steps=10"], skip_at=skip_at, on_device=True)
+    assert t.fit()["stop_reason"] == reason
+    if reason == "nonfinite":
+        assert "stopped at step 10: the last 2 updates were skipped" in t.log.lines[-1]
 
 
 @pytest.mark.parametrize("on_device, said", [(False, ["step 2", "step 3", "step 7"]),

@@ -88,6 +88,24 @@ def test_what_is_logged_after_a_resume_equals_the_uninterrupted_run(tmp_path, da
     assert resumed == straight
 
 
+@pytest.mark.parametrize("nonfinite", ["skip", "ignore"])
+def test_a_diverged_run_never_says_completed(tmp_path, data_root, nonfinite):
+    """optim.lr=1e30 (lr=inf is refused by the config now): SGD's first update takes the weights to 1e29, and
+    from there every gradient is NaN; skipped (skip: finite weights that give NaN) or applied (ignore: NaN
+    weights). It said "completed" with a NaN test loss, and a rerun "nothing to do" (#32.5)."""
+    args = ["train", f"data.root={data_root}", "train.epochs=1", "optim.name=sgd", "optim.lr=1e30",
+            f"train.nonfinite={nonfinite}", "checkpoint.every=5", "log.progress=false"]
+    for _ in range(2):  # and run again: it resumes from the newest checkpoint and diverges again
+        proc = run_dtrain(args, tmp_path, check=False)
+        assert proc.returncode == 2, proc.stderr
+        assert result_of(proc) == {"step": 19 if nonfinite == "skip" else 5, "stop_reason": "nonfinite"}
+        assert "the run diverged" in proc.stderr and "nothing to do" not in proc.stderr
+    if nonfinite == "skip":  # saved at steps 5, 10, 15 (finite weights); not at 19
+        assert all(torch.isfinite(v).all() for v in final_params(tmp_path / "runs" / "digits").values())
+    else:  # NaN at step 2, found at the first save: none
+        assert not (tmp_path / "runs" / "digits" / "checkpoints" / "latest").exists()
+
+
 def test_resume_falls_back_from_a_corrupt_latest_checkpoint(tmp_path, data_root):
     args = ["train", f"data.root={data_root}", "train.epochs=2", "checkpoint.every=10", "checkpoint.keep_last=5",
             "checkpoint.save_best=false", "run.name=r"]
