@@ -11,7 +11,8 @@
 A save writes into `.tmp-step-N`, fsyncs every file, writes the manifest, renames the directory into
 place and only then moves the pointers, so a kill at any moment leaves the previous checkpoint
 loadable. Loading verifies the manifest and falls back to the newest complete checkpoint, saying so.
-Everything is read with torch.load(weights_only=True): a checkpoint can never execute code.
+Everything is read with torch.load(weights_only=True): a checkpoint can never execute code. The config it
+stores names code (import strings), which a command rebuilding the run uses only as dtrain.trust allows.
 """
 
 from __future__ import annotations
