@@ -84,6 +84,19 @@ def _redact_arg(arg: str, secrets: set[str]) -> str:
     return arg
 
 
+def sealed_settings(config: dict, secrets: Optional[set[str]] = None, prefix: str = "") -> list[str]:
+    """The dotted keys whose values a stored config holds sealed: what a command that rebuilds the run from
+    its checkpoint (dtrain eval) must be given again."""
+    secrets = secret_values() if secrets is None else secrets
+    keys = []
+    for key, value in config.items():
+        if isinstance(value, dict) and not secret_key(key):
+            keys += sealed_settings(value, secrets, f"{prefix}{key}.")
+        elif redact({key: value}, secrets, keyed=True) != {key: value}:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
 def secret_key(key: Any) -> bool:
     """Whether a setting of this name holds a credential (whatever its value)."""
     return str(key).lower().replace("-", "_") in SECRET_KEYS

@@ -20,7 +20,7 @@ from typing import Optional
 from .loggers import metrics_record, numbers
 from .records import read_records
 from .trust import naming
-from .redaction import REDACTED, redact_command
+from .redaction import REDACTED, redact_command, sealed_settings
 
 SPEED = ("samples_per_s", "tokens_per_s", "step_time_s", "data_wait_frac", "mfu", "peak_mem_mb")
 
@@ -87,6 +87,11 @@ def build_summary(records: list[dict], result: dict, best_step: Optional[int], t
     return _without_secrets(summary)
 
 
+def _secrets_to_give(config: dict) -> list[str]:
+    """`key=<redacted>` for each secret the checkpoint holds sealed: eval takes it from the user again."""
+    return [f"{key}={REDACTED}" for key in sealed_settings(config)]
+
+
 def _without_secrets(summary: dict) -> dict:
     """The commands' secrets (an override's token, a config's api_key they repeat) as "<redacted>", and a note
     saying to give them again (dtrain.redaction: no secret in summary.json, the table, or a rank's log)."""
@@ -149,6 +154,6 @@ def summarize(trainer, result: dict, command: list[str], program: tuple[str, ...
     summary = write_summary(trainer.run_dir, result, trainer.evaluator.best_step if best else None,
                             trainer.clock.times(data_wait=trainer.meter.total_data_wait),
                             best or trainer.checkpointer.pointer("latest"), command, split, program,
-                            tuple(naming(trainer.cfg)))
+                            (*naming(trainer.cfg), *_secrets_to_give(trainer.cfg.to_dict())))
     trainer.log.info("summary\n" + table(summary))
     return summary

@@ -46,10 +46,11 @@ def test_no_secret_reaches_any_file_or_wandb_and_resume_tells_a_changed_one(tmp_
            "WANDB_DATA_DIR": str(tmp_path / "wandb-data"), "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"),
            "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"), "WANDB_ARTIFACT_DIR": str(tmp_path / "wandb-artifacts")}
     # the HF token pasted into a URL under a key that is no secret's name: caught by its value
+    endpoint = f"https://hub.example/models?auth={env_secrets['HF_TOKEN']}"
     args = ["train", "--config", "keyed.yaml", f"data.root={data_root}", "train.max_steps=6", "train.val_every=2",
             "checkpoint.every=2", "log.progress=false", "run.name=s", "log.loggers=[jsonl,tensorboard,csv]",
             "wandb.enabled=true", "wandb.mode=offline", "wandb.log_checkpoints=all",
-            f"model.kwargs.endpoint=https://hub.example/models?auth={env_secrets['HF_TOKEN']}"]
+            f"model.kwargs.endpoint={endpoint}"]
     first = run_ranks(1, args + [f"model.kwargs.token={in_override}", "run.stop_at_step=2"], tmp_path, env=env,
                       launcher="single")
     # the same secrets again: nothing changed
@@ -68,6 +69,13 @@ def test_no_secret_reaches_any_file_or_wandb_and_resume_tells_a_changed_one(tmp_
 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["step"] == 6 and "resume" not in summary  # finished: the resume line was the earlier starts'
+    # the evaluate command names each secret the checkpoint holds sealed, to be given again: so given, it runs
+    given = {"model.kwargs.api_key": in_file, "model.kwargs.token": rotated, "model.kwargs.endpoint": endpoint}
+    evaluate = shlex.split(summary["evaluate"])
+    assert {f"{key}=<redacted>" for key in given} <= set(evaluate), evaluate
+    assert summary["commands_note"] == "give the secrets shown as <redacted> again"
+    evaluate = [f"{a.split('=')[0]}={given[a.split('=')[0]]}" if a.endswith("=<redacted>") else a for a in evaluate]
+    assert "test/acc" in run_dtrain(evaluate[1:], tmp_path, env=env).stdout
     assert "'model.kwargs.token=<redacted>'" in first.stderr  # the first start's resume command, a placeholder
     stored = torch.load(run_dir / "checkpoints" / "latest" / "state.pt", weights_only=True)["config"]
     assert all(redaction.is_sealed(stored["model"]["kwargs"][k]) for k in ("api_key", "token", "endpoint"))
