@@ -10,7 +10,7 @@ loss and metrics take (output, batch) as they are.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -84,8 +84,30 @@ def target(batch) -> torch.Tensor:
             raise ConfigError(f"config: loss: the built-in losses and metrics need a target `y` in the batch; it has "
                               f"{', '.join(k for k in batch if not k.startswith('__'))}: set loss.fn (and "
                               "metrics.fn or metrics.builtin=false)")
-        return batch["y"]
-    return batch[1]
+        y = batch["y"]
+    else:
+        y = batch[1]
+    if not isinstance(y, torch.Tensor):  # e.g. a dict of labels from data.collate
+        what = f"a dict ({', '.join(map(str, y))})" if isinstance(y, Mapping) else f"a {type(y).__name__}"
+        raise ConfigError(f"config: loss: the batch's target y is {what}; the built-in losses and metrics take one "
+                          "tensor of labels or values: return that as y from data.collate, or set loss.fn (and "
+                          "metrics.fn or metrics.builtin=false) to score it yourself")
+    return y
+
+
+def token_ids(batch) -> Optional[tuple[str, torch.Tensor]]:
+    """(field, tensor) of a batch's token ids: the model input (x, else a dict batch's `input_ids`, Hugging
+    Face's name) when it is an integer tensor of shape [batch, tokens]. None for other inputs (images,
+    features, strings)."""
+    if isinstance(batch, Mapping):
+        name = "x" if "x" in batch else "input_ids"
+        ids = batch.get(name)
+    else:
+        name, ids = "x", model_input(batch)
+    if isinstance(ids, torch.Tensor) and ids.dim() == 2 and not ids.is_floating_point() and not ids.is_complex() \
+            and ids.dtype != torch.bool:
+        return name, ids
+    return None
 
 
 def logits(output: Any) -> torch.Tensor:
@@ -100,6 +122,29 @@ def logits(output: Any) -> torch.Tensor:
         else f"a {type(output).__name__}"
     raise ConfigError(f"config: loss: the built-in losses and metrics need a tensor or `logits` from the model, "
                       f"which returned {what}: set loss.fn (and metrics.fn or metrics.builtin=false)")
+
+
+def check_token_ids(model: torch.nn.Module, batch) -> None:
+    """A one-line ConfigError where the batch's token ids (token_ids) reach past the model's input embedding:
+    torch's own error is `IndexError: index out of range in self`, deep in a traceback."""
+    ids = token_ids(batch)
+    get = getattr(model, "get_input_embeddings", None)  # Hugging Face's; else the first embedding
+    try:
+        embedding = get() if callable(get) else None
+    except NotImplementedError:
+        embedding = None
+    if not isinstance(embedding, torch.nn.Embedding):
+        embedding = next((m for m in model.modules() if isinstance(m, torch.nn.Embedding)), None)
+    if ids is None or embedding is None or ids[1].numel() == 0:
+        return
+    (name, t), size = ids, embedding.num_embeddings
+    low, high = int(t.min()), int(t.max())
+    if high >= size or low < 0:
+        where = next((n for n, m in model.named_modules() if m is embedding), "") or "embedding"
+        bad = f"token id {high}" if high >= size else f"a negative token id ({low})"
+        raise ConfigError(f"config: model: batch field '{name}' holds {bad}, the model's input embedding ({where}) "
+                          f"has {size} entries (ids 0..{size - 1}): build the model with a vocabulary of at least "
+                          f"{max(high + 1, size)} (e.g. model.kwargs.vocab_size) or check the data's token ids")
 
 
 def mismatch_hint(model: torch.nn.Module, batch, error: Exception) -> str:

@@ -31,7 +31,7 @@ from .engine import Engine, build_engine, model_weights
 from .evaluate import Evaluator
 from .importing import describe, resolve
 from .logging import SampleKeyLog, build_logger
-from .losses import build_loss
+from .losses import Loss, build_loss, check_shapes
 from .metrics import build_metrics
 from .models import build_model, find_module, has_convolutions
 from .models.transfer import Freezer, load_pretrained, lr_scales
@@ -182,6 +182,7 @@ class Core:
     evaluator: Evaluator
     freezer: Freezer
     flops: Optional[float]
+    tokens: Optional[int]  # per sample, for tokens_per_s (tokens_per_sample); None: the inputs are not tokens
 
 
 def build_core(cfg: Config, info: dist.DistInfo, hooks: Optional[Hooks] = None, debug: bool = False,
@@ -199,7 +200,8 @@ def build_core(cfg: Config, info: dist.DistInfo, hooks: Optional[Hooks] = None, 
     loss = build_loss(cfg.loss, facts.task, hooks.loss)
     metrics = build_metrics(cfg.metrics, facts.task, facts.y_mean, hooks.metrics)
     model.to(device)
-    flops = probe(model, (data.val or data.feed.stream).first_batch(2), forward, loss, metrics, device, facts, log)
+    first = (data.val or data.feed.stream).first_batch(2)
+    flops = probe(model, first, forward, loss, metrics, device, facts, log)
     scales = lr_scales(cfg.model.head, cfg.optim.backbone_lr_ratio) if cfg.optim.backbone_lr_ratio != 1 else None
     channels_last = cfg.model.channels_last if cfg.model.channels_last != "auto" else \
         device.type == "cuda" and has_convolutions(model)
@@ -216,7 +218,7 @@ def build_core(cfg: Config, info: dist.DistInfo, hooks: Optional[Hooks] = None, 
                               fsdp_cfg=cfg.fsdp, log=log)
         dist.barrier()
     evaluator = Evaluator(engine, forward, loss, metrics, facts.task, cfg.train.val_every, cfg.early_stop)
-    return Core(data, engine, evaluator, freezer, flops)
+    return Core(data, engine, evaluator, freezer, flops, tokens_per_sample(first, facts))
 
 
 @dataclasses.dataclass
@@ -246,9 +248,7 @@ def build_components(cfg: Config, info: dist.DistInfo, hooks: Optional[Hooks] = 
     core = build_core(cfg, info, hooks, debug, log.info)
     data, engine = core.data, core.engine
     log.total_steps = data.feed.total_steps
-    shape = data.facts.input_shape if data.facts.task == "lm" else None  # read only for a language model
-    tokens_per_sample = shape[-1] if shape else 1  # samples unless sequences
-    meter = Throughput(data.feed.samples_per_step, tokens_per_sample, core.flops,
+    meter = Throughput(data.feed.samples_per_step, core.tokens, core.flops,
                        peak_flops(device, cfg.train.peak_flops), info.world_size, device)
     clock = Stopwatch()  # this start's wall time by part (the end-of-run summary)
     # Coordination that must not share the training group: created in this order on every rank.
@@ -261,7 +261,8 @@ def build_components(cfg: Config, info: dist.DistInfo, hooks: Optional[Hooks] = 
     checkpointer.halted = lambda: stop.reason == StopReason.NONFINITE
     checkpointer.clock = clock.part
     skipped = SkippedUpdates(cfg.train.nonfinite, device, stop, log.warning, lambda: data.feed.step)
-    step_log = StepLog(log, meter, core.evaluator.loss.names, cfg.train.log_every, data.facts.task == "lm",
+    # show_tokens: the meter's records have tokens_per_s only where it counts tokens (core.tokens)
+    step_log = StepLog(log, meter, core.evaluator.loss.names, cfg.train.log_every, True,
                        lambda: engine.lr, skipped, device)
 
     def follow(feed) -> None:  # an elastic resume re-chose the batch layout and kept the checkpoint's epoch length
@@ -279,16 +280,31 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed), random.seed(seed), np.random.seed(seed)
 
 
+def tokens_per_sample(batch, facts: DataFacts) -> Optional[int]:
+    """The tokens of a sample, for tokens_per_s: the length T of the batch's token ids (batch.token_ids: an
+    integer [B, T] input, `x` or `input_ids`, whatever the task) where the data set says every sample has
+    it (its per-sample input shape is (T,)). None, and no tokens_per_s, for other inputs (images, features:
+    a token is not a sample) and for sequences of varying length, whose padded batches would count padding."""
+    ids = batches.token_ids(batch)
+    if ids is None:
+        return None
+    length = ids[1].shape[1]
+    shape = facts.input_shape
+    return length if shape is not None and tuple(shape) == (length,) else None
+
+
 def probe(model: nn.Module, batch, forward: Callable, loss, metrics, device: torch.device, facts: DataFacts,
           log: Callable[[str], None]) -> Optional[float]:
     """One forward of a real batch (2 samples) before training, in eval mode without gradients and without
-    touching any RNG: checks that the loss and metrics hooks return what they must (a one-line error before
-    anything is written), fixes the loss terms' names, and counts the model's training FLOPs per sample for
+    touching any RNG: checks that the loss and metrics hooks return what they must, that token ids fit the
+    model's embedding and that the output fits the target of dtrain's own loss and metrics (one-line errors
+    before anything is written, not tracebacks or a broadcast loss at step 1), fixes the loss terms' names, and counts the model's training FLOPs per sample for
     MFU: the model's own count where it has one (`flops_per_token`, as nanoGPT's), else 3x the forward
     FLOPs torch's FlopCounterMode counts. -> FLOPs per sample, or None (said once) where they can't be counted."""
     from torch.utils.flop_counter import FlopCounterMode
 
     batch = batches.to_device(batch, lambda t: t.to(device))
+    batches.check_token_ids(model, batch)
     was_training = model.training
     model.eval()  # no batch-norm statistics update from the probe
     flops, why, counted = None, None, False
@@ -305,6 +321,8 @@ def probe(model: nn.Module, batch, forward: Callable, loss, metrics, device: tor
                 why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
             if not counted:  # outside the except: an error here is the model's own, its traceback shown once
                 output = _forward_with_hint(forward, model, batch)
+            if isinstance(loss, Loss) or metrics.builtin:  # dtrain scores the output against the batch's y
+                check_shapes(output, batch, facts.task, facts.num_outputs)
             loss(output, batch)
             metrics.reset(device)
             metrics.update(output, batch)

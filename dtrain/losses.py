@@ -8,6 +8,7 @@ the batch as they are and returns a scalar or a dict of named terms. The trainer
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping
 from typing import Callable, Optional
 
@@ -32,6 +33,30 @@ TERMS = {
                                                           label_smoothing=cfg.label_smoothing),
 }
 CLASSIFICATION_TERMS = {"cross_entropy"}
+
+
+def check_shapes(output, batch, task: Optional[str], num_outputs: Optional[int]) -> None:
+    """A one-line ConfigError where dtrain's built-in losses and metrics can't score the model's output
+    against the batch's target (checked on the probe's batch, before training). torch broadcasts an MSE of
+    [B, 10] against [B] with a warning only: a wrong loss, exit 0. A cross-entropy over fewer class scores
+    than the data has classes fails at the first label out of range, some step later."""
+    pred, y = logits(output), target(batch)
+    out, per = tuple(pred.shape[1:]), tuple(y.shape[1:])
+    fix = "(a model factory's `num_outputs` parameter is given it, unless model.kwargs sets one), or set loss.fn"
+    if task == "regression" and _squeeze(pred).shape != y.shape:
+        raise ConfigError(f"config: loss: the model's output has shape {out} per sample, the target y {per} "
+                          f"({math.prod(per)} value{'s' * (math.prod(per) != 1)}), which the built-in loss would "
+                          f"broadcast: build the model with {math.prod(per)} output{'s' * (math.prod(per) != 1)} "
+                          f"for this regression {fix}")
+    if task in ("classification", "lm"):
+        if pred.dim() != y.dim() + 1 or pred.shape[:-1] != y.shape:
+            raise ConfigError(f"config: loss: the model's output has shape {out} per sample, the target y {per}: "
+                              f"cross-entropy takes a score per class ({per + ('classes',)}) for labels of shape "
+                              f"{per}: make the model's output that shape, or set loss.fn")
+        if num_outputs and pred.shape[-1] < num_outputs:
+            raise ConfigError(f"config: loss: the model gives {pred.shape[-1]} class scores per "
+                              f"{'token' if task == 'lm' else 'sample'}, the data has {num_outputs} classes "
+                              f"(data.num_classes): build the model with {num_outputs} outputs {fix}")
 
 
 class Loss:

@@ -51,6 +51,11 @@ class Metrics:
         # the same vector, even one whose share of a split is empty
         self.names: Optional[dict[str, bool]] = None
 
+    @property
+    def builtin(self) -> bool:
+        """dtrain's own metrics are among them (they score the output's logits against the batch's y)."""
+        return any(source == "dtrain" for source, _ in self.sums_fns)
+
     def reset(self, device: torch.device) -> None:
         self._sums = {}
         for m in self.torchmetrics.values():

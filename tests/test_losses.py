@@ -64,3 +64,59 @@ def test_each_term_is_logged_for_train_and_validation(tmp_path):
         assert r["val/loss"] == pytest.approx(r["val/loss/mse"] + 0.5 * r["val/loss/mae"], rel=1e-6)
         assert r["val/loss/mse"] == pytest.approx(r["val/mse"]) and r["val/loss/mae"] == pytest.approx(r["val/mae"])
     assert "test/loss/mae" in result_of(proc)
+
+
+# ---- an output the built-in loss can't score against the target: one line before training (#32) ------------
+@pytest.fixture(scope="module")
+def count_root(tmp_path_factory, data_root):
+    from dtrain.data import make_builtin
+    root = tmp_path_factory.mktemp("count")
+    make_builtin("count", root / "count", 250)
+    (root / "digits").symlink_to(data_root / "digits")
+    return root
+
+
+@pytest.mark.parametrize("overrides, message", [
+    # a regression model with 10 outputs: MSE broadcast [B, 10] against [B] and trained, exit 0
+    (["data.dataset=count", "model.kwargs.num_outputs=10"],
+     "config: loss: the model's output has shape (10,) per sample, the target y () (1 value), which the built-in "
+     "loss would broadcast: build the model with 1 output for this regression (a model factory's `num_outputs` "
+     "parameter is given it, unless model.kwargs sets one), or set loss.fn"),
+    # 5 class scores for 10 classes: cross-entropy's IndexError (`Target 9 is out of bounds`), a traceback
+    (["model.kwargs.num_outputs=5"],
+     "config: loss: the model gives 5 class scores per sample, the data has 10 classes (data.num_classes): build "
+     "the model with 10 outputs"),
+])
+def test_an_output_that_does_not_fit_the_target_is_one_line_before_training(tmp_path, count_root, monkeypatch,
+                                                                             capsys, overrides, message):
+    from dtrain.cli import main
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", f"data.root={count_root}", "train.max_steps=2", "log.progress=false", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith(f"dtrain: error: {message}"), err
+    assert "Traceback" not in err and not (tmp_path / "runs" / "digits" / "checkpoints").exists()
+
+
+def test_labels_that_are_no_tensor_are_one_line_for_the_built_in_loss():
+    from dtrain.batch import default_forward
+    from dtrain.build import DataFacts, probe
+    from dtrain.metrics import build_metrics
+
+    cfg = load_config(None, [])
+    batch = {"x": torch.rand(2, 4), "y": {"digit": torch.tensor([1, 2]), "parity": torch.tensor([1, 0])}}
+    with pytest.raises(ConfigError, match=r"^config: loss: the batch's target y is a dict \(digit, parity\); the "
+                                          r"built-in losses and metrics take one tensor of labels or values"):
+        probe(torch.nn.Linear(4, 10), batch, default_forward, build_loss(cfg.loss, "classification"),
+              build_metrics(cfg.metrics, "classification", None), torch.device("cpu"),
+              DataFacts("classification", (4,), 10), print)
+
+
+def test_shapes_the_built_in_losses_take():
+    from dtrain.losses import check_shapes
+    check_shapes(torch.zeros(2, 1), (None, torch.zeros(2)), "regression", 1)  # [B, 1] for [B]
+    check_shapes(torch.zeros(2, 3), (None, torch.zeros(2, 3)), "regression", 1)  # several targets a sample
+    check_shapes(torch.zeros(2, 8, 50304), (None, torch.zeros(2, 8, dtype=torch.long)), "lm", 50257)  # padded vocab
+    with pytest.raises(ConfigError, match=r"output has shape \(8, 100\) per sample, the target y \(7,\): "):
+        check_shapes(torch.zeros(2, 8, 100), (None, torch.zeros(2, 7, dtype=torch.long)), "lm", 100)
+    with pytest.raises(ConfigError, match="the model gives 100 class scores per token, the data has 256 classes"):
+        check_shapes(torch.zeros(2, 8, 100), (None, torch.zeros(2, 8, dtype=torch.long)), "lm", 256)

@@ -103,3 +103,70 @@ def test_the_unknown_key_line_comes_once_at_start_up(tmp_path, data_root, capsys
     assert err.count("keys unknown to ResNetConfig") == 1
     assert "model: model.kwargs.config: keys unknown to ResNetConfig (kept by it, unused by the model): hiden_act " \
            "(did you mean hidden_act?)\n" in err
+
+
+# ---- token ids: past the embedding, one line; tokens_per_s counted from the token ids (#32) -----------------
+USERCODE = __import__("pathlib").Path(__file__).parent / "usercode"
+HF_GPT2 = "model.kwargs={{config: {{_target_: 'transformers:GPT2Config', vocab_size: {vocab}, n_positions: 48, " \
+          "n_layer: 1, n_head: 2, n_embd: 16}}}}"
+
+
+@pytest.fixture(scope="module")
+def token_shards(tmp_path_factory):
+    """Byte tokens (ids.npy, 48 int64 ids of 0..255 each, written with webdataset's TarWriter), indexed as
+    `dtrain index` does: a dict batch of input_ids (and labels, the same ids) for a Hugging Face GPT-2."""
+    import sys
+    sys.path.insert(0, str(USERCODE))
+    import matrix_user
+    from dtrain.cli import main
+
+    root = tmp_path_factory.mktemp("tokens")
+    shards = matrix_user.write_token_shards(root, per_class=40)
+    for split in ("train", "val", "test"):
+        assert main(["index", *[str(p) for p in shards if p.name.startswith(split)],
+                     "--out", str(root / f"{split}.json")]) == 0
+    return [f"data.{split}={root / f'{split}.json'}" for split in ("train", "val", "test")] + \
+        ["data.sample={input_ids: ids.npy, labels: ids.npy}", "model.factory=transformers:GPT2LMHeadModel",
+         "model.head=lm_head", "loss.fn=matrix_user:hf_loss", "metrics.builtin=false", "data.batch_size=8",
+         "train.max_steps=4", "train.log_every=2", "log.progress=false"]
+
+
+def run_here(args, cwd, monkeypatch, capsys):
+    from dtrain.cli import main
+    monkeypatch.chdir(cwd)
+    monkeypatch.syspath_prepend(str(USERCODE))
+    code = main(args)
+    return code, capsys.readouterr().err
+
+
+def test_token_ids_past_the_embedding_are_one_line_before_training(tmp_path, token_shards, monkeypatch, capsys):
+    """They were torch's `IndexError: index out of range in self` at the end of a 96-line traceback."""
+    code, err = run_here(["train", *token_shards, HF_GPT2.format(vocab=64)], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith(
+        "dtrain: error: config: model: batch field 'input_ids' holds token id "), err
+    assert "the model's input embedding (transformer.wte) has 64 entries (ids 0..63): build the model with a " \
+           "vocabulary of at least" in err
+    code, err = run_here(["train", "data.dataset=text", "data.text_context=32", "data.text_bytes=20000",
+                          f"data.root={tmp_path / 'data'}", "model.factory=gpt",
+                          "model.kwargs={vocab_size: 64, n_layer: 1, n_head: 2, n_embd: 16}", "train.max_steps=2",
+                          "log.progress=false"], tmp_path, monkeypatch, capsys)  # dtrain's GPT, tuple batches
+    assert code == 2 and "Traceback" not in err, err
+    assert "config: model: batch field 'x' holds token id " in err.strip().splitlines()[-1] and \
+           "the model's input embedding (body.wte) has 64 entries" in err, err
+
+
+def test_tokens_per_s_counts_the_token_ids_of_every_batch_form(tmp_path, token_shards, data_root, monkeypatch,
+                                                               capsys):
+    """A dict batch of 48 input_ids a sample logged tokens_per_s == samples_per_s; images log none."""
+    from conftest import metrics_of
+    code, err = run_here(["train", *token_shards, HF_GPT2.format(vocab=256), "run.name=hf"], tmp_path,
+                         monkeypatch, capsys)
+    assert code == 0, err
+    train = [r for r in metrics_of(tmp_path / "runs" / "hf") if "loss" in r]
+    assert len(train) == 2 and all(r["tokens_per_s"] == pytest.approx(48 * r["samples_per_s"]) for r in train)
+    code, err = run_here(["train", f"data.root={data_root}", "train.max_steps=2", "log.progress=false",
+                          "run.name=images"], tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    train = [r for r in metrics_of(tmp_path / "runs" / "images") if "loss" in r]
+    assert train and all("samples_per_s" in r and "tokens_per_s" not in r for r in train)  # a token is no pixel
