@@ -108,7 +108,8 @@ def is_secret(dotted_key: str, value: Any, secrets: Optional[set[str]] = None) -
         (isinstance(value, str) and is_sealed(value))
 
 
-# a fresh salt per process: the first save of a run draws it (os.urandom: dtrain's seeded RNGs stay untouched)
+# a fresh salt per process, drawn at import (os.urandom: dtrain's seeded RNGs stay untouched); a seal keeps its
+# salt, so a later process checks a value against it
 _SALT = os.urandom(8).hex()
 _SEALED = re.compile(r"<redacted:scrypt:([0-9a-f]{16}):([0-9a-f]{32})>")
 
