@@ -8,9 +8,15 @@ Two formats:
 - any other webdataset: `data.sample` maps members to fields by extension, e.g. {x: "jpg;png", y: "cls"}
   (the first extension present: webdataset's `a;b` convention of `to_tuple`/`rename`), each decoded by
   webdataset's own decoders (`autodecode`: images to float CHW tensors in [0, 1], cls to int, json, txt,
-  npy; pth with weights_only); or a function maps the raw sample dict to fields. Batches are dicts
-  `{field: batched values, "__key__": [keys]}`: tensors stacked by torch's default_collate, or by a
-  collate hook given the list of sample dicts (for variable shapes).
+  npy, pth), less what would run code or exhaust memory on hostile shards; or a function maps the raw
+  sample dict to fields. Batches are dicts `{field: batched values, "__key__": [keys]}`: tensors stacked by
+  torch's default_collate, or by a collate hook given the list of sample dicts (for variable shapes).
+
+Shards are data (anyone's): no member runs code when decoded (pickle members refused, .pth read with
+weights_only, .npy without pickles), and no few bytes become gigabytes (an image declaring more pixels
+than PIL.Image.MAX_IMAGE_PIXELS, a .gz member inflating past GZ_LIMIT: refused before they are decoded).
+In a classification every sample's label (field y) is checked against the number of classes as it is
+decoded (`ClassLabels`). Each refusal is one DataError line naming the sample and its shard.
 
 Between DataLoader workers and the training process a batch travels as `Columns`: per field a tensor
 stacked over the samples, or a list of per-sample values. Both can be cut and joined along the samples,
