@@ -64,9 +64,9 @@ def check_stored(cfg: Config, user: Config, source, trusted: bool, reads_data: b
                # a script's own callable: rebuilt by that script only (importing.resolve says how)
                and not (isinstance(value, str) and value.startswith("__main__:"))]
     if refused:
-        (path, value), more = refused[0], len(refused) - 1
+        (path, value), more = refused[0], [".".join(map(str, p)) for p, _ in refused[1:]]
         shown = value if len(str(value)) <= 80 else f"{str(value)[:77]}..."
-        also = f" (and {more} more)" if more else ""
+        also = f" (and {', '.join(more)})" if more else ""
         raise CheckpointError(f"checkpoint: {source} asks to run {'.'.join(map(str, path))}={shown}{also}, which "
                               "your command line, --config and script do not name; name it there yourself, or "
                               f"pass {TRUST_FLAG} if you trust this file")

@@ -12,7 +12,7 @@ from conftest import result_of, run_dtrain
 from dtrain.checkpoint import MANIFEST, CheckpointError, _sha256
 from dtrain.config import Config, ConfigError, _leaf_fields, load_config
 from dtrain.importing import resolve
-from dtrain.trust import IMPORT_STRINGS, PERMISSIONS, SHARD_SOURCES, TRUST_FLAG, check_stored
+from dtrain.trust import IMPORT_STRINGS, PERMISSIONS, SHARD_SOURCES, TRUST_FLAG, check_stored, naming
 
 TINY = ["train.max_steps=4", "data.train_subset=128", "log.progress=false", "run.doctor=false"]
 
@@ -123,10 +123,28 @@ def test_every_code_setting_of_a_stored_config_is_checked():
         check_stored(cfg, cfg, "model.pt", trusted=False)  # the user names the same
         check_stored(cfg, user, "model.pt", trusted=True)
     check_stored(load_config(None, [], {"data.test": "pipe:cat x"}), user, "model.pt", trusted=False,
-                 reads_data=False)  # export reads no data
+                 reads_data=False)  # a command that reads no data
     for safe in ({"model.factory": "gpt"}, {"model.factory": "cnn"}, {"loss.fn": "__main__:loss"},
                  {"data.sample": {"x": "npy", "y": "cls"}}, {"data.test": "shards/test-{0..3}.tar"}):
         check_stored(load_config(None, [], safe), user, "model.pt", trusted=False)
+    several = load_config(None, [], {"model.factory": "os:system", "loss.fn": "a:b",
+                                     "model.kwargs": {"c": {"_target_": "x:y"}}})
+    with pytest.raises(CheckpointError, match=r"model.factory=os:system \(and loss.fn, model.kwargs.c._target_\), "):
+        check_stored(several, user, "model.pt", trusted=False)
+
+
+def test_the_overrides_the_summary_names_allow_the_runs_own_code():
+    """The summary's evaluate command carries `naming`'s overrides: with them, eval accepts exactly the run's code."""
+    cfg = load_config(None, [], {"model.factory": "mynet:build", "loss.fn": "__main__:loss",
+                                 "model.kwargs": {"cfg": {"_target_": "x:y", "n": 2}, "blocks": [{"_target_": "a:b"}]},
+                                 "data.test": ["pipe:cat a.tar", "b.tar"], "data.trust_descriptor_pipes": True,
+                                 "data.sample": {"x": "npy"}})
+    named = naming(cfg)
+    assert named == ["model.factory=mynet:build", "model.kwargs.cfg._target_=x:y",
+                     'model.kwargs.blocks=[{"_target_": "a:b"}]', 'data.test=["pipe:cat a.tar", "b.tar"]',
+                     "data.trust_descriptor_pipes=true"]  # not a script's own callable, nor plain data
+    check_stored(cfg, load_config(None, named), "model.pt", trusted=False)
+    assert naming(Config()) == []
 
 
 def test_the_list_of_code_settings_covers_the_config_schema():
