@@ -154,8 +154,8 @@ def yaml_python_tag(p):
 
 
 def override_alias_bomb(p):
-    return refused(p.run("config", "model.kwargs.x=[&a [1,1,1,1,1,1,1,1,1,1], [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a]]")), \
-        "alias in an override (small)"
+    levels = ["&a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"] + [f"&a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    return refused(p.run("config", f"model.kwargs.x=[{', '.join(levels)}]", timeout=60)), "10^9-value alias override"
 
 
 def pipe_in_descriptor(p):
