@@ -317,9 +317,16 @@ def _safe_basic(key: str, data: bytes):
         except Exception as e:  # torch's refusal is a page long: the line naming what was refused
             lines = [l.strip() for l in str(e).splitlines() if l.strip()]
             reason = next((l for l in lines if "unsupported" in l.lower()), lines[0] if lines else "")
+            reason = reason.split(" was not an allowed global")[0]  # not torch's advice to allow it
             raise ValueError(f"not a plain tensor file ({reason[:200]}); dtrain never unpickles code") from None
     if ext == "npy":
-        return np.load(io.BytesIO(data), allow_pickle=False)
+        try:
+            return np.load(io.BytesIO(data), allow_pickle=False)
+        except ValueError as e:
+            if "allow_pickle" not in str(e):
+                raise
+            raise ValueError("an object array, whose items are Python pickles, which run code when loaded; dtrain "
+                             "never unpickles shard data") from None
     return autodecode.basichandlers(key, data)
 
 
