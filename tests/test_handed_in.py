@@ -13,22 +13,24 @@ USERCODE = REPO / "tests" / "usercode"
 SCRIPT = USERCODE / "handed_in_script.py"
 
 
-def run_script(cwd, data_root, **env):
-    """`python handed_in_script.py data.root=...` in this process -> (its run directory, the hooks' call counts)."""
+def run_script(cwd, data_root, *args, **env):
+    """`python handed_in_script.py data.root=... ARGS` in this process -> (its run directory, the hooks' call
+    counts, its stdout)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.syspath_prepend(str(USERCODE))
         import handed_in_user as user
         user.COUNTS.clear()
-        shutil.rmtree(cwd / "runs", ignore_errors=True)
-        proc = _run_here([f"data.root={data_root}"], cwd, env, script=SCRIPT)
+        if not args:  # training: a fresh run
+            shutil.rmtree(cwd / "runs", ignore_errors=True)
+        proc = _run_here([*args, f"data.root={data_root}"], cwd, env, script=SCRIPT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return cwd / "runs" / "handed-in", dict(user.COUNTS)
+    return cwd / "runs" / "handed-in", dict(user.COUNTS), proc.stdout
 
 
 @pytest.fixture(scope="module")
 def builtin_loss_run(tmp_path_factory, data_root):
     """The same run with dtrain's own cross-entropy in place of the handed-in one: the reference."""
-    run_dir, _ = run_script(tmp_path_factory.mktemp("reference"), data_root, HANDED_IN="module", METRICS="fn",
+    run_dir, _, _ = run_script(tmp_path_factory.mktemp("reference"), data_root, HANDED_IN="module", METRICS="fn",
                             NO_LOSS="1")
     return metrics_of(run_dir)
 
@@ -37,7 +39,7 @@ def builtin_loss_run(tmp_path_factory, data_root):
 @pytest.mark.parametrize("handed_in", ["main", "module"])
 def test_every_hook_handed_in_is_used_once_as_it_was_handed_in(tmp_path, data_root, builtin_loss_run, handed_in,
                                                                metrics):
-    run_dir, calls = run_script(tmp_path, data_root, HANDED_IN=handed_in, METRICS=metrics)
+    run_dir, calls, _ = run_script(tmp_path, data_root, HANDED_IN=handed_in, METRICS=metrics)
     # once per use: the model and its param groups built once; each forward's output through the loss once;
     # each evaluated batch (the probe's, validation's, test's) through the metrics once; each training
     # sample transformed once (6 steps of 16); each decoded sample batched once
@@ -68,3 +70,13 @@ def test_every_hook_handed_in_is_used_once_as_it_was_handed_in(tmp_path, data_ro
     assert config["model"]["forward"] == f"{names}:forward" and config["data"]["collate"] == f"{names}:collate"
     assert config["data"]["sample"] == f"{names}:sample" and config["data"]["transform"] == f"{names}:transform"
     assert config["metrics"]["fn"] == (f"{names}:metrics" if metrics == "fn" else None)
+
+    # evaluated again by the script (the command its summary gives): the same hooks, each once
+    _, calls, out = run_script(tmp_path, data_root, "eval", "--checkpoint", str(run_dir / "checkpoints" / "best"),
+                               "--split", "test", HANDED_IN=handed_in, METRICS=metrics)
+    printed = dict(line.split() for line in out.splitlines() if line.startswith("  test/"))
+    best = next(r for r in evaluated if "test/loss" in r)  # the test split, scored with the best weights
+    for name in {"fn": ["my_acc"], "dict": ["tm_acc"], "list": ["my_acc", "tm_acc"]}[metrics]:
+        assert float(printed[f"test/{name}"]) == pytest.approx(best["test/acc"], abs=1e-5), out
+    for counted in {"fn": ["metrics"], "dict": ["torchmetrics"], "list": ["metrics", "torchmetrics"]}[metrics]:
+        assert calls[counted] == calls["loss"] > 0, calls  # each scored batch (the confusion matrix scores none)
