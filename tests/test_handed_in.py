@@ -80,3 +80,32 @@ def test_every_hook_handed_in_is_used_once_as_it_was_handed_in(tmp_path, data_ro
         assert float(printed[f"test/{name}"]) == pytest.approx(best["test/acc"], abs=1e-5), out
     for counted in {"fn": ["metrics"], "dict": ["torchmetrics"], "list": ["metrics", "torchmetrics"]}[metrics]:
         assert calls[counted] == calls["loss"] > 0, calls  # each scored batch (the confusion matrix scores none)
+
+
+def test_a_hook_handed_in_takes_the_place_of_its_config_key_in_every_form():
+    """One rule for every hook: config.yaml names what was handed in (record), and the builders see its key
+    empty (replacing), whatever the config file had set there."""
+    import dataclasses
+
+    import torch
+
+    from dtrain.build import RECORDED, Hooks
+    from dtrain.config import load_config
+
+    assert {f.name for f in dataclasses.fields(Hooks)} == set(RECORDED) | {"param_groups"}  # each hook its key
+    cfg = load_config(None, ["model.factory=mynet:build", "model.forward=mynet:fwd", "loss.fn=mynet:two_terms",
+                             "metrics.fn=mynet:top2", "data.sample={x: png, y: cls}", "data.transform=m:t",
+                             "data.collate=m:c"])
+
+    def metric(output, batch):
+        return {}
+    hooks = Hooks(model=torch.nn.Linear(2, 2), loss=metric, metrics=[metric, {"f1": object()}], forward=metric,
+                  sample={"x": "jpg;png", "y": "cls"}, transform=metric, collate=metric)
+    recorded, built = hooks.record(cfg), hooks.replacing(cfg)
+    name = f"{__name__}:test_a_hook_handed_in_takes_the_place_of_its_config_key_in_every_form.<locals>.metric"
+    assert recorded.model.factory == "torch.nn.modules.linear:Linear" and recorded.loss.fn == name
+    assert recorded.metrics.fn is None  # a list: nothing to name, and the config's metrics.fn is not used
+    assert recorded.data.sample == {"x": "jpg;png", "y": "cls"} and recorded.data.collate == name
+    for section, key in RECORDED.values():
+        assert getattr(getattr(built, section), key) is None, (section, key)
+    assert Hooks(loss=metric).replacing(cfg).metrics.fn == "mynet:top2"  # only what was handed in
