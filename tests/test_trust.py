@@ -10,7 +10,7 @@ import torch
 
 from conftest import result_of, run_dtrain
 from dtrain.checkpoint import MANIFEST, CheckpointError, _sha256
-from dtrain.config import Config, ConfigError, _leaf_fields, load_config
+from dtrain.config import Config, ConfigError, DataConfig, _leaf_fields, load_config
 from dtrain.importing import resolve
 from dtrain.trust import IMPORT_STRINGS, PERMISSIONS, SHARD_SOURCES, TRUST_FLAG, check_stored, naming
 
@@ -84,7 +84,8 @@ def test_stored_code_runs_when_the_user_names_it_or_trusts_the_file(run, tmp_pat
     run_dir, exported = run
     note = tmp_path / "ran"
     stored = {"factory": "test_trust:noting_mlp", "kwargs": {"note": str(note)}}
-    for target in (evil_file(exported, tmp_path / "other.pt", **stored), evil_run(run_dir, tmp_path / "other", **stored)):
+    for target in (evil_file(exported, tmp_path / "other.pt", **stored),
+                   evil_run(run_dir, tmp_path / "other", **stored)):
         proc = run_dtrain(["eval", "--checkpoint", str(target)], tmp_path, check=False)
         assert proc.returncode == 2 and "asks to run model.factory=test_trust:noting_mlp" in errors(proc)[0]
         assert not note.exists()
@@ -152,9 +153,8 @@ def test_the_list_of_code_settings_covers_the_config_schema():
     documented = {key for key, field in _leaf_fields(Config) if "import string" in (field.description or "").lower()}
     targets = {key for key, field in _leaf_fields(Config) if "_target_" in (field.description or "")}
     assert documented - targets == set(IMPORT_STRINGS)  # `_target_` mappings are found wherever they are
-    shards = {key for key, field in _leaf_fields(Config) if str(field.annotation) == str(Config.model_fields[
-        "data"].annotation.model_fields["train"].annotation)}
-    assert shards == set(SHARD_SOURCES)
+    shard_type = DataConfig.model_fields["train"].annotation  # shards: a URL, a pattern, a descriptor, or a list
+    assert {key for key, field in _leaf_fields(Config) if field.annotation == shard_type} == set(SHARD_SOURCES)
     assert all(key.split(".")[-1].startswith("trust_") for key in PERMISSIONS)
     assert {key for key, _ in _leaf_fields(Config) if key.split(".")[-1].startswith("trust_")} == set(PERMISSIONS)
 
@@ -218,8 +218,8 @@ def test_a_script_evaluates_its_run_with_its_own_callables(tmp_path, data_root):
 def test_a_file_that_is_not_an_export_or_holds_an_unreadable_config_is_one_line(run, tmp_path):
     run_dir, exported = run
     state = torch.load(exported, weights_only=True)
-    cases = {"list.pt": ([1, 2], "is not a file written by `dtrain export` (a dict of model, config and step)"),
-             "noconfig.pt": ({**state, "config": 5}, "is not a file written by `dtrain export` (a dict of model, config and step)"),
+    not_export = "is not a file written by `dtrain export` (a dict of model, config and step)"
+    cases = {"list.pt": ([1, 2], not_export), "noconfig.pt": ({**state, "config": 5}, not_export),
              "badconfig.pt": ({**state, "config": with_config(state["config"], factory=5)},
                               "holds a config this dtrain can't read (model.factory: Input should be a valid string)")}
     for name, (content, message) in cases.items():
