@@ -167,6 +167,8 @@ def build_data(cfg: Config, info: dist.DistInfo, hooks: Optional[Hooks] = None, 
                             grad_accum=cfg.train.grad_accum, num_workers=0 if debug else cfg.data.num_workers,
                             pin_memory=info.device.type == "cuda", augment=build_augment(cfg.augment, cfg.run.seed),
                             sample=hooks.sample, transform=hooks.transform, collate=hooks.collate)
+    for note in streams.notes:
+        log(note)
     # a regression predicts one number; classes unknown (foreign shards, no data.num_classes): None
     outputs = 1 if streams.task == "regression" else streams.num_classes or None
     facts = DataFacts(streams.task, lambda: streams.input, outputs, streams.y_mean)

@@ -86,8 +86,11 @@ def test_float_targets_train_as_a_regression_without_a_made_up_baseline(tmp_path
         splits[split] = write_split(tmp_path / "shards", split, samples)
     args = train_args(tmp_path, *(f"data.{s}={d}" for s, d in splits.items()), "data.sample={x: npy, y: json}",
                       *([f"data.task={task}"] if task else []))
-    result = result_of(run_dtrain(args, tmp_path))
+    proc = run_dtrain(args, tmp_path)
+    result = result_of(proc)
     assert {"test/mae", "test/mse"} <= set(result) and "test/acc" not in result, result
+    said = "data: task regression: the first training samples' labels (field y) are floating-point; set data.task"
+    assert (said in proc.stdout + proc.stderr) == (task is None), proc.stderr
     assert "test/mae_predict_mean" not in result, result  # the training mean of foreign shards is unknown
 
 

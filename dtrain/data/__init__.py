@@ -110,6 +110,16 @@ class Streams:
     num_classes: Optional[int]
     y_mean: Optional[float]  # the training mean of the target, where known
     classes: Optional[list]
+    task_from_labels: bool = False  # neither data.task nor a descriptor said: read from the first labels
+
+    @property
+    def notes(self) -> list[str]:
+        """What a run says about its data before it starts (rank 0 logs them)."""
+        if not self.task_from_labels:
+            return []
+        kind = "floating-point" if self.task == "regression" else "integers"
+        return [f"data: task {self.task}: the first training samples' labels (field y) are {kind}; set data.task "
+                "to choose"]
 
     @property
     def mapped(self) -> bool:
@@ -145,8 +155,9 @@ def build_streams(cfg: DataConfig, *, seed: int, rank: int, world_size: int, gra
     index = resolve_shards(cfg, seed, create)
     fmt = sample_format(cfg, index, sample, collate)
     train_index = index.subset("train", cfg.train_subset) if cfg.train_subset else index
-    task = cfg.task or index.task or infer_task(ShardStream(train_index, "train", batch_size=1, rank=0, world_size=1,
-                                                            sample_format=fmt))
+    inferred = None if cfg.task or index.task else \
+        infer_task(ShardStream(train_index, "train", batch_size=1, rank=0, world_size=1, sample_format=fmt))
+    task = cfg.task or index.task or inferred or "classification"
     num_classes = cfg.num_classes or index.num_classes
     if task == "classification":  # every label checked as it is decoded, in every split
         fmt = fmt.checking(ClassLabels(num_classes, floats=getattr(fmt, "collate", None) is None))
@@ -164,21 +175,22 @@ def build_streams(cfg: DataConfig, *, seed: int, rank: int, world_size: int, gra
     # the training mean of the target: known from the descriptor of shards dtrain wrote, else unknown (None:
     # no mae_predict_mean), rather than worked out from a pass over every label before the first step
     return Streams(train, evals["val"], evals["test"], index, task=task, num_classes=num_classes,
-                   y_mean=index.stats.get("train", {}).get("y_mean"), classes=index.classes)
+                   y_mean=index.stats.get("train", {}).get("y_mean"), classes=index.classes,
+                   task_from_labels=inferred is not None)
 
 
 INFER_FROM = 8  # training samples whose labels say the task when neither data.task nor a descriptor does
 
 
-def infer_task(train: ShardStream) -> str:
+def infer_task(train: ShardStream) -> Optional[str]:
     """The task of shards that don't say (dtrain didn't write them) and data.task left out, from the first
     training samples' targets (field y) as batched: floating-point values are a regression, integers a
-    classification. Without a y field dtrain's built-in loss and metrics don't apply: classification, as
-    before (a user's loss and metrics score the run)."""
+    classification. None without a y field: dtrain's built-in loss and metrics don't apply (a user's loss
+    and metrics score the run)."""
     batch = train.first_batch(INFER_FROM)
     y = batch.get("y") if isinstance(batch, dict) else batch[1]
     if y is None:
-        return "classification"
+        return None
     task = task_of_labels(y)
     if task is None:
         raise DataError(f"data: cannot tell the task from the labels of {train.urls[0]} (field y is a "
