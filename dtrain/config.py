@@ -271,7 +271,9 @@ class TrainConfig(Section):
     nonfinite: Literal["skip", "stop", "ignore"] = "skip"
     """A NaN/inf gradient on any rank (all-reduced, so every rank sees it): skip that update, or stop
     keeping the last good checkpoint. With fused AdamW (optim.fused) `skip` happens on the device and is
-    reported at the next log line; otherwise, and for `stop`, the gradient norm is read on the host each step."""
+    reported at the next log line; otherwise, and for `stop`, the gradient norm is read on the host each step.
+    Whatever the setting, non-finite weights (checked before each save and at the end), or a finished run's
+    last two or more updates skipped, stop the run as diverged (`nonfinite`, exit 2, nothing after saved)."""
     val_every: int = Field(0, ge=0)
     """Validate every N optimizer steps (0: at the end of every epoch)."""
     log_every: int = Field(50, ge=1)
