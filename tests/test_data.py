@@ -187,3 +187,68 @@ def test_digits_are_read_as_scikit_learn_loads_them_without_importing_it():
     assert np.array_equal(images, d.images) and np.array_equal(labels, d.target) and labels.dtype == np.int64
     check = "import sys; from dtrain.data.datasets import digits; digits(); assert 'sklearn' not in sys.modules"
     subprocess.run([sys.executable, "-c", check], check=True)  # ~1.7 s of every first run's start
+
+
+# ---- a shard that holds another number of samples than its descriptor lists (#32.4) ---------------------
+def _tar_shard(path, first: int, n: int) -> str:
+    """`n` samples written with webdataset's TarWriter, keys k{first}.. (x: float32 1x2x2, y: class)."""
+    import webdataset as wds
+    with wds.TarWriter(str(path)) as sink:
+        for i in range(first, first + n):
+            sink.write({"__key__": f"k{i:05d}", "x.npy": np.full((1, 2, 2), i % 7, np.float32), "y.cls": i % 3})
+    return str(path)
+
+
+@pytest.fixture
+def counted(tmp_path):
+    """train and val: 3 shards of 64, 40 and 50 samples each, counted by `dtrain index`'s counter."""
+    from dtrain.data.sources import count_shards
+    splits = {}
+    for split in ("train", "val"):
+        urls = [_tar_shard(tmp_path / f"{split}-{s}.tar", 100 * s, n) for s, n in enumerate((64, 40, 50))]
+        splits[split] = dict(count_shards(urls))
+    assert splits["train"][urls[0].replace("val", "train")] == 64
+    meta = {"task": "classification", "num_classes": 3, "input_shape": [1, 2, 2], "x_scale": 1.0}
+    return tmp_path, ShardIndex(splits, meta)
+
+
+@pytest.mark.parametrize("holds", [0, 63, 65])  # a 0-byte file, one sample short, one too many
+@pytest.mark.parametrize("read", ["streamed", "workers", "in_memory", "val", "val_in_memory"])
+def test_a_shard_with_another_count_than_listed_is_an_error_naming_both(counted, holds, read):
+    """The descriptor lists 64 samples in the shard: training (streamed, in DataLoader workers, in memory)
+    and evaluation refuse it in one line naming the shard and both counts. (A 0-byte shard was trained on
+    with exit 0, the other shards' samples drawn again in its place.)"""
+    root, index = counted
+    split = "val" if read.startswith("val") else "train"
+    shard = root / f"{split}-0.tar"
+    if holds:
+        _tar_shard(shard, 0, holds)
+    else:
+        shard.write_bytes(b"")
+    s = ShardStream(index, split, batch_size=8, rank=1, world_size=2, train=split == "train", shuffle_buffer=10,
+                    num_workers=2 if read == "workers" else 0, in_memory=read.endswith("in_memory"))
+    with pytest.raises(DataError) as e:
+        for _ in range(2):  # two epochs: the shards' order (and so who reads the shard's end) changes
+            list(s.epoch(_))
+    assert str(e.value) == (f"data: {shard} holds {holds} samples, its descriptor lists 64: truncated or changed? "
+                            f"write it again, or count it again with `dtrain index`")
+
+
+@pytest.mark.parametrize("empty", [0, 1])  # the first shard, whose first sample gives the input's shape, or another
+def test_training_on_a_0_byte_shard_is_one_line_and_exit_2(counted, capsys, empty):
+    """dtrain train on TarWriter shards counted by `dtrain index`, one of them emptied since: exit 2 and one line
+    (the old code trained on the other shards with exit 0 where the empty one wasn't the first)."""
+    import json
+    from dtrain.cli import main
+    root, index = counted
+    assert main(["index", str(root / "train-{0..2}.tar"), "--out", str(root / "train.json")]) == 0
+    shard = root / f"train-{empty}.tar"
+    listed = json.loads((root / "train.json").read_text())["shardlist"][empty]["nsamples"]
+    shard.write_bytes(b"")
+    assert main(["train", f"data.train={root / 'train.json'}", "data.sample={x: x.npy, y: y.cls}",
+                 "data.num_classes=3", "data.batch_size=16", f"run.dir={root / 'runs'}", "log.progress=false",
+                 "run.doctor=false"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"dtrain: error: data: {shard} holds 0 samples, its descriptor lists {listed}: "
+                       f"truncated or changed? write it again, or count it again with `dtrain index`"), err
+    assert not any(l.startswith("Traceback") for l in err)

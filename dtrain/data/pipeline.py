@@ -89,8 +89,12 @@ def _read_pieces_filter(src, listed: dict[str, int]):
         finally:
             samples.close()
         if n < end or n > listed_n:
-            raise DataError(f"data: {url} holds {n} samples, its descriptor lists {listed_n}: truncated or "
-                            f"changed? write it again, or count it again with `dtrain index`")
+            raise _miscounted(url, n, listed_n)
+
+
+def _miscounted(url: str, holds: int, listed: int) -> DataError:
+    return DataError(f"data: {url} holds {holds} samples, its descriptor lists {listed}: truncated or changed? "
+                     f"write it again, or count it again with `dtrain index`")
 
 
 _read_pieces = wds.pipelinefilter(_read_pieces_filter)
@@ -287,7 +291,7 @@ class ShardStream:
         """The split's first sample, decoded (no transform): e.g. the input's shape."""
         sample = next(self._decoded(self.urls[:1]), None)
         if sample is None:
-            raise DataError(f"data: {self.urls[0]} holds no samples")
+            raise _miscounted(self.urls[0], 0, self.listed.get(self.urls[0], 0))
         return sample
 
     # ---- from memory ----------------------------------------------------------------------------
