@@ -192,6 +192,7 @@ def build_core(cfg: Config, info: dist.DistInfo, hooks: Optional[Hooks] = None, 
     """Data, the model (probed on a real batch), its engine, loss, metrics and the evaluator."""
     hooks = hooks or Hooks()
     cfg = hooks.replacing(cfg)  # the hooks handed in, never the names recorded for them
+    _refuse_sealed(cfg)
     data = build_data(cfg, info, hooks, debug, log)
     facts, device = data.facts, info.device
     model = build_model_for(cfg, facts, hooks, log)
@@ -221,6 +222,18 @@ def build_core(cfg: Config, info: dist.DistInfo, hooks: Optional[Hooks] = None, 
         dist.barrier()
     evaluator = Evaluator(engine, forward, loss, metrics, facts.task, cfg.train.val_every, cfg.early_stop)
     return Core(data, engine, evaluator, freezer, flops, tokens_per_sample(first, facts))
+
+
+def _refuse_sealed(cfg: Config) -> None:
+    """A secret is never stored (config.yaml and checkpoints hold it sealed, `<redacted:scrypt:...>`): a config
+    that still holds one came from such a file (`--config runs/x/config.yaml`, or `dtrain eval` of a checkpoint
+    without the secret given again), and the model or data would get the sealed string in its place."""
+    from .redaction import sealed_paths
+
+    sealed = sealed_paths(cfg.to_dict())
+    if sealed:
+        raise ConfigError(f"config: {sealed[0]} holds a sealed secret from a run's config.yaml or checkpoint "
+                          f"(secrets are never stored); give its value yourself: {sealed[0]}=...")
 
 
 @dataclasses.dataclass

@@ -138,3 +138,13 @@ def same_secret(sealed: Any, value: Any) -> bool:
     """Whether `sealed` (a seal, as a checkpoint stored it) is the seal of `value` (the value given now)."""
     found = _SEALED.fullmatch(sealed) if isinstance(sealed, str) else None
     return found is not None and not is_sealed(value) and seal(value, found.group(1)) == sealed
+
+
+def sealed_paths(value: Any, prefix: str = "") -> list[str]:
+    """The dotted keys of `value` (a config dict) that hold a sealed secret, `<redacted:scrypt:...>`."""
+    if isinstance(value, dict):
+        return [k for key, v in value.items() for k in sealed_paths(v, f"{prefix}{key}.")]
+    if isinstance(value, (list, tuple)):
+        return [k for i, v in enumerate(value) for k in sealed_paths(v, f"{prefix}{i}.")]
+    return [prefix.rstrip(".")] if is_sealed(value) else []
+

@@ -144,3 +144,25 @@ def test_doctor_names_a_secret_that_differs_between_ranks_without_its_values(tmp
     single = dist.DistInfo("single", 0, 0, 1, torch.device("cpu"), None)
     check = next(c for c in doctor.run(cfg, single, tmp_path, brief=True) if c.name == "config")
     assert not check.ok and check.detail == "rank 1 has model.kwargs.api_key=<redacted>, rank 0 has <redacted>"
+
+
+def test_a_sealed_secret_fed_back_is_one_line_naming_the_setting(tmp_path, data_root):
+    """A run's config.yaml given as --config, or `dtrain eval` of its checkpoint without the secret given
+    again: the factory would get the sealed string in its place (keyed.build raised ValueError, a traceback)."""
+    key = _fake("file-key")
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO), str(USERCODE)])}
+    common = [f"data.root={data_root}", "log.progress=false", "run.doctor=false"]
+    run_dtrain(["train", "model.factory=keyed:build", f"model.kwargs.api_key={key}", "model.kwargs.token=t0k3n-value",
+                "train.max_steps=2", "run.name=k", *common], tmp_path, env=env)
+    stored = tmp_path / "runs" / "k" / "config.yaml"
+    assert redaction.is_sealed(yaml.safe_load(stored.read_text())["model"]["kwargs"]["api_key"])
+    for args in (["train", "--config", str(stored), "run.name=k2", *common],
+                 ["eval", "--checkpoint", "runs/k", "--trust-checkpoint-code"]):
+        proc = run_dtrain(args, tmp_path, env=env, check=False)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert proc.stderr.strip().splitlines()[-1].startswith("dtrain: error: config: model.kwargs.api_key holds a "
+                                                               "sealed secret"), proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+    given = run_dtrain(["eval", "--checkpoint", "runs/k", "--trust-checkpoint-code", f"model.kwargs.api_key={key}",
+                        "model.kwargs.token=t0k3n-value"], tmp_path, env=env)
+    assert "test/" in given.stdout or "val/" in given.stdout
