@@ -30,7 +30,7 @@ def resolve_shards(cfg: DataConfig, seed: int, create: bool = True) -> ShardInde
     if cfg.val or cfg.test:
         raise ConfigError("config: data.val and data.test need data.train (the training shards) as well")
     if cfg.dataset.startswith("folder:"):
-        return read_index(cfg.dataset.removeprefix("folder:"))
+        return read_index(cfg.dataset.removeprefix("folder:"), cfg.trust_descriptor_pipes)
     if cfg.dataset not in BUILTIN and cfg.dataset not in FOLDERS:
         raise DataError(f"data: unknown dataset '{cfg.dataset}'; built-in: {', '.join([*BUILTIN, *FOLDERS])} "
                         "(or folder:PATH)")
@@ -41,7 +41,7 @@ def resolve_shards(cfg: DataConfig, seed: int, create: bool = True) -> ShardInde
         if dist.broadcast_object(None) is None and _is_zero():
             make_builtin(cfg.dataset, root, cfg.shard_size, seed=0, **params)
         dist.barrier()
-    index = read_index(root)
+    index = read_index(root, cfg.trust_descriptor_pipes)
     if params and any(index.params.get(k) != v for k, v in params.items()):
         raise DataError(f"data: shards in {root} were made with {index.params}, the config asks for {params}; "
                         f"delete {root} or set data.root elsewhere")

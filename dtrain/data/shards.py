@@ -133,8 +133,9 @@ def write_split_shards(out: str | Path, splits: dict[str, tuple[Iterable[dict], 
     return read_index(out)
 
 
-def read_index(root: str | Path) -> ShardIndex:
-    """The splits of a shard directory: its `train.json`, `val.json`, `test.json` (those present)."""
+def read_index(root: str | Path, trust_pipes: bool = False) -> ShardIndex:
+    """The splits of a shard directory: its `train.json`, `val.json`, `test.json` (those present).
+    `trust_pipes`: data.trust_descriptor_pipes (their `pipe:` shards may run)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data: shard directory {root} does not exist")
@@ -146,7 +147,7 @@ def read_index(root: str | Path) -> ShardIndex:
                         f"with `dtrain shard --out {root}`, or count yours with `dtrain index SHARDS --out {root}/train.json`")
     splits, meta = {}, {}
     for split in present:
-        d = Descriptor.read(str(root / f"{split}.json"))
+        d = Descriptor.read(str(root / f"{split}.json"), trust_pipes)
         splits[split] = dict(zip(d.urls, d.counts))
         meta = meta or d.meta
         missing = next((u for u in d.urls if not has_scheme(u) and not os.path.isfile(u)), None)
@@ -178,7 +179,7 @@ def index_from_config(cfg: DataConfig) -> ShardIndex:
     for split in SPLITS:
         spec = getattr(cfg, split)
         if spec:
-            urls, counts, m = resolve_split(spec, f"data.{split}", cfg.counts)
+            urls, counts, m = resolve_split(spec, f"data.{split}", cfg.counts, cfg.trust_descriptor_pipes)
             splits[split] = dict(zip(urls, counts))
             meta = m if meta is None else meta
     return ShardIndex(splits, meta or {}, where="data.train")

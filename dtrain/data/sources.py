@@ -17,6 +17,12 @@ generation params, label mean, default sample mapping. A relative shard URL is r
 descriptor's `base` if it has one, else against the descriptor's own location, so a directory of shards
 moves with its descriptor.
 
+A descriptor is data (it may come from anyone): its URLs are only read, never run. A `pipe:` URL runs a
+shell command, so one in a descriptor that lists the shards to read is refused unless the user says
+otherwise (`data.trust_descriptor_pipes`); a `pipe:` URL the user wrote (data.train/val/test/counts, the
+command line) runs. Relative URLs may climb out of the descriptor's directory (`../shards/x.tar`) and
+absolute paths and http(s) URLs are allowed: reading a file as a shard runs nothing and writes nothing.
+
 The sample counts are what give every rank the epoch's length before it reads a byte; a shard named by
 a pattern gets its count from a descriptor in `data.counts`. Without counts there is no exact epoch, and
 dtrain refuses rather than guesses.
@@ -25,7 +31,10 @@ dtrain refuses rather than guesses.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import secrets
+import stat
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -54,7 +63,9 @@ class Descriptor:
         self.source, self.urls, self.counts, self.meta = source, urls, counts, meta
 
     @staticmethod
-    def read(source: str) -> "Descriptor":
+    def read(source: str, trust_pipes: bool = False) -> "Descriptor":
+        """`trust_pipes`: let the descriptor's `pipe:` URLs run (data.trust_descriptor_pipes); else a descriptor
+        that lists one is refused."""
         try:
             if has_scheme(source):
                 with gopen(source) as f:
@@ -73,10 +84,14 @@ class Descriptor:
         if base is None:
             base = source.rsplit("/", 1)[0] if has_scheme(source) else os.path.dirname(os.path.abspath(source))
         urls, counts = [], []
-        for shard in d["shardlist"]:
+        for i, shard in enumerate(d["shardlist"]):
             url = shard.get("url") if isinstance(shard, dict) else None
             if not isinstance(url, str):
                 raise DataError(f"data: {source}: shardlist entry {shard!r} has no 'url'")
+            if not trust_pipes and is_pipe(resolve_url(url, base)):
+                raise DataError(f"data: {source}: shardlist[{i}] is a shell command ({url!r}), which a descriptor "
+                                "may not run (it is data); set data.trust_descriptor_pipes=true if you trust the "
+                                "file, or put the pipe: pattern in data.train and the file in data.counts")
             n = shard.get("nsamples")
             if not isinstance(n, int) or isinstance(n, bool) or n < 0:
                 raise DataError(f"data: {source}: shard {url} has no sample count ('nsamples'); count the shards "
@@ -85,6 +100,11 @@ class Descriptor:
             counts.append(n)
         meta = d.get("dtrain") if isinstance(d.get("dtrain"), dict) else {}
         return Descriptor(source, urls, counts, meta)
+
+
+def is_pipe(url: str) -> bool:
+    """A URL webdataset's `gopen` runs as a shell command (its scheme as urlparse reads it: `PIPE:`, ` pipe:`)."""
+    return urlparse(url).scheme == "pipe"
 
 
 def resolve_url(url: str, base: str) -> str:
@@ -117,10 +137,37 @@ def descriptor(shards: list[tuple[str, int]], out: str | Path, meta: Optional[di
 
 
 def write_descriptor(d: dict, out: str | Path) -> None:
+    """`d` as the regular file `out`, atomically: a temp file in the same directory, fsynced, renamed over
+    `out`, so a half-written descriptor never looks complete. Something at `out` that is not a regular file
+    (a directory, a device, a fifo) is refused: the rename would replace it (as root, /dev/full)."""
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(d, indent=1) + "\n")
-    os.replace(tmp, out)  # a half-written descriptor never looks complete
+    if out.exists() and not out.is_file():
+        kind = _KINDS.get(stat.S_IFMT(out.stat().st_mode), "special file")
+        raise DataError(f"data: cannot write the descriptor {out}: it is a {kind}, not a regular file; "
+                        "name a file instead")
+    # a name of its own (two writers never share one), created new (O_EXCL: not through a link planted
+    # there), with the umask's permissions as any file the user writes
+    tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w") as f:
+            f.write(json.dumps(d, indent=1) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+        dir_fd = os.open(out.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the rename itself, on disk
+        finally:
+            os.close(dir_fd)
+    except OSError as e:
+        raise DataError(f"data: cannot write the descriptor {out} ({type(e).__name__}: {e.strerror or e})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+_KINDS = {stat.S_IFDIR: "directory", stat.S_IFCHR: "character device", stat.S_IFBLK: "block device",
+          stat.S_IFIFO: "fifo", stat.S_IFSOCK: "socket"}
 
 
 # ---- a split from config ------------------------------------------------------------------------------------
@@ -128,14 +175,16 @@ def is_descriptor(spec: str) -> bool:
     return urlparse(spec).path.endswith(".json") and not spec.startswith("pipe:")
 
 
-def resolve_split(spec: Spec, key: str, counts: Spec = None) -> tuple[list[str], list[int], dict]:
+def resolve_split(spec: Spec, key: str, counts: Spec = None,
+                  trust_pipes: bool = False) -> tuple[list[str], list[int], dict]:
     """(shard URLs, their sample counts, dtrain's extra key of the first descriptor) of a split given as
-    a descriptor, a pattern or a list of them; counts of pattern shards from the descriptors `counts`."""
+    a descriptor, a pattern or a list of them; counts of pattern shards from the descriptors `counts`.
+    `trust_pipes`: data.trust_descriptor_pipes (a descriptor's `pipe:` shards may run)."""
     known: Optional[dict[str, int]] = None
     urls, nums, meta = [], [], None
     for item in [spec] if isinstance(spec, str) else list(spec or []):
         if is_descriptor(item):
-            d = Descriptor.read(item)
+            d = Descriptor.read(item, trust_pipes)
             urls += d.urls
             nums += d.counts
             meta = d.meta if meta is None else meta
@@ -143,7 +192,8 @@ def resolve_split(spec: Spec, key: str, counts: Spec = None) -> tuple[list[str],
         if known is None:  # read data.counts once, at the first pattern
             known = {}
             for source in [counts] if isinstance(counts, str) else counts or []:
-                d = Descriptor.read(source)
+                # a counts file's URLs are only looked up: what runs is the pattern the user wrote
+                d = Descriptor.read(source, trust_pipes=True)
                 known.update(zip(d.urls, d.counts))
         for url in expand_urls(item):
             url = url if has_scheme(url) else os.path.abspath(url)
@@ -164,7 +214,8 @@ def resolve_split(spec: Spec, key: str, counts: Spec = None) -> tuple[list[str],
 def count_shards(patterns: list[str], jobs: int = 8, progress: bool = False) -> list[tuple[str, int]]:
     """(url, samples) of every shard the patterns name, in order, counted from tar headers only (a
     thread per shard up to `jobs`: reading headers waits on the disk or the network, not the CPU).
-    `progress`: a bar over the shards on a terminal (`dtrain index`)."""
+    `progress`: a bar over the shards on a terminal (`dtrain index`). A shard that can't be read entirely
+    (truncated, corrupt, a CRC error) is a DataError naming it; an empty one is counted (0) and warned of."""
     from ..logging import progress_bar
 
     urls = [u for p in patterns for u in expand_urls(p)]
@@ -172,6 +223,8 @@ def count_shards(patterns: list[str], jobs: int = 8, progress: bool = False) -> 
         raise DataError("data: the patterns name no shards")
 
     def count(url: str) -> int:
+        if not has_scheme(url) and os.path.exists(url) and not os.path.isfile(url):
+            raise DataError(f"data: {url} is not a regular file (a fifo, a device or a directory is never a shard)")
         if not has_scheme(url) and not os.path.isfile(url):
             glob = any(c in url for c in "*?[")  # a quoted glob reaches us as it is: webdataset expands braces only
             raise DataError(f"data: no shard {url}" + (" (a glob: leave it unquoted for the shell to expand, or "
@@ -182,5 +235,10 @@ def count_shards(patterns: list[str], jobs: int = 8, progress: bool = False) -> 
             raise DataError(f"data: cannot read {url} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
     with ThreadPoolExecutor(max(1, jobs)) as pool:
-        counts = progress_bar(pool.map(count, urls), total=len(urls), desc="index", unit="shard", enabled=progress)
-        return list(zip(urls, counts))
+        counts = list(progress_bar(pool.map(count, urls), total=len(urls), desc="index", unit="shard",
+                                   enabled=progress))
+    for url, n in zip(urls, counts):
+        if n == 0:  # a valid tar with no samples, e.g. a writer that died before its first: said, then kept
+            logging.getLogger("dtrain.data").warning(f"index: {url} holds no samples (is it the shard you meant, "
+                                                     "written completely?)")
+    return list(zip(urls, counts))
