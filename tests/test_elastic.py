@@ -227,3 +227,26 @@ def test_resume_with_more_data_workers_finishes_the_epoch_in_its_order(tmp_path,
     epoch1 = [k for _, keys in resumed[steps:] for k in keys]
     assert len(epoch1) == len(set(epoch1)) == sum(len(keys) for _, keys in straight[steps:])
     assert resumed[steps:] != straight[steps:]  # epoch 1 is read by 2 workers: another order
+
+
+def test_a_checkpoint_of_the_whole_shard_dealing_resumes_at_an_epoch_end_and_is_refused_mid_epoch(small_shards):
+    """Checkpoints written before #32.2 (whole shards dealt per rank) have no `dealing` in their data position:
+    the rest of an epoch they stopped in can't be replayed in that order, so mid-epoch they are refused in one
+    line naming the way on; at an epoch's end nothing of the old order is left, and they resume."""
+    from dtrain.config import load_config
+    from dtrain.data.feed import TrainFeed
+    stream = ShardStream(small_shards, "train", batch_size=16, rank=0, world_size=2, train=True)
+    steps = stream.steps_per_epoch
+
+    def resumed(step):
+        feed = TrainFeed(stream, 0, 2, load_config(None, []).train, log=lambda msg: None)
+        saved = {**feed.state_dict(), "step": step, "epoch": step // steps}
+        del saved["dealing"]
+        feed.load_state_dict(saved)
+        return feed
+    assert resumed(2 * steps).step == 2 * steps
+    with pytest.raises(CheckpointError) as e:
+        resumed(steps + 3)
+    assert str(e.value) == (f"checkpoint: it stopped at step 3 of epoch 1, written by a dtrain that dealt whole shards "
+                            f"to ranks, whose order this one (each sample once an epoch) can't replay; resume it with "
+                            f"the dtrain that wrote it to the epoch's end (run.stop_at_step={2 * steps}), then with this one")
