@@ -11,6 +11,12 @@
 
     OMP_NUM_THREADS=1 python benchmarks/data_speed.py train [--ranks 1,2 --warm 60 --delta 3000 --reps 9]
     OMP_NUM_THREADS=1 python benchmarks/data_speed.py pipeline [--images 2000 --workers 2 --reps 3]
+    OMP_NUM_THREADS=1 python benchmarks/data_speed.py pipeline --baseline /tmp/base   # + another dtrain's stream
+
+(a') with --baseline DIR (a checkout of another dtrain, e.g. `git worktree add /tmp/base HEAD~3`), that dtrain's
+              ShardStream is timed too, in the same interleaved repetitions: a python of its own with DIR first
+              on its path (`stream-epochs`, fed epoch numbers on stdin), its epochs timed inside it, as ours
+              are here. Printed: its samples/s and ours over its (the before/after ratio of a change).
 
 (b') interleaved  (b) in one process a rank, an epoch of each in turn: what the whole-process timing
               cannot give on a machine whose speed drifts between runs.
@@ -243,18 +249,14 @@ def augment(x):
     return (x * (0.8 + 0.4 * torch.rand(()))).clamp(0, 1)
 
 
-def pipeline(args) -> None:
-    import webdataset as wds
-
+def _dtrain_epochs(args, urls: list[str]):
+    """One training epoch of the photo shards through the ShardStream of whichever dtrain is imported."""
     from dtrain.data import ShardIndex, ShardStream
     from dtrain.data.augment import SeededTransform
     from dtrain.data.samples import FieldMap, MappedFormat
     from dtrain.data.sources import count_shards
 
-    root = Path(args.out or tempfile.mkdtemp(prefix="dtrain-pipeline-"))
-    urls = _photo_shards(root, args.images, args.size, args.shard_size)
     index = ShardIndex({"train": dict(count_shards(urls))})
-    batches = args.images // args.batch_size
 
     def dtrain_epoch(epoch: int) -> int:
         stream = ShardStream(index, "train", batch_size=args.batch_size, rank=0, world_size=1, seed=0, train=True,
@@ -262,6 +264,45 @@ def pipeline(args) -> None:
                              transform=SeededTransform(augment, 0),
                              sample_format=MappedFormat(FieldMap({"x": "jpg", "y": "cls"})))
         return sum(len(b["y"]) for b in stream.epoch(epoch))
+    return dtrain_epoch
+
+
+def stream_epochs(args) -> None:
+    """(a'): reads an epoch number a line, runs that epoch, prints `samples seconds` (the baseline's side)."""
+    import dtrain
+    dtrain_epoch = _dtrain_epochs(args, sorted(str(p) for p in Path(args.out).glob("photos-*.tar")))
+    print(Path(dtrain.__file__).parents[1], flush=True)  # which dtrain this is
+    for line in sys.stdin:
+        t0 = time.perf_counter()
+        n = dtrain_epoch(int(line))
+        print(n, time.perf_counter() - t0, flush=True)
+
+
+class _Baseline:
+    """Another dtrain's `stream-epochs` in a python of its own, its epochs run one at a time on request."""
+
+    def __init__(self, args, root: Path):
+        cmd = [sys.executable, __file__, "stream-epochs", "--out", str(root)] + [
+            f"--{k.replace('_', '-')}={getattr(args, k)}" for k in ("batch_size", "workers", "shuffle_buffer")]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([args.baseline, os.environ.get("PYTHONPATH", "")])}
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.where, self.seconds = self.proc.stdout.readline().strip(), 0.0
+
+    def __call__(self, epoch: int) -> int:
+        self.proc.stdin.write(f"{epoch}\n")
+        self.proc.stdin.flush()
+        n, self.seconds = self.proc.stdout.readline().split()
+        self.seconds = float(self.seconds)
+        return int(n)
+
+
+def pipeline(args) -> None:
+    import webdataset as wds
+
+    root = Path(args.out or tempfile.mkdtemp(prefix="dtrain-pipeline-"))
+    urls = _photo_shards(root, args.images, args.size, args.shard_size)
+    batches = args.images // args.batch_size
+    dtrain_epoch = _dtrain_epochs(args, urls)
 
     def hand_epoch(epoch: int) -> int:
         dataset = (wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, empty_check=False)
@@ -276,13 +317,16 @@ def pipeline(args) -> None:
         return n
 
     runs = {"hand": hand_epoch, "dtrain": dtrain_epoch}
+    if args.baseline:
+        runs["baseline"] = _Baseline(args, root)
     rates: dict[str, list[float]] = {k: [] for k in runs}
     for rep in range(-1, args.reps):  # rep -1: warm-up (page cache, imports, first workers)
-        for name, run in (runs.items() if rep % 2 else reversed(runs.items())):
+        for name, run in (list(runs.items()) if rep % 2 else list(reversed(runs.items()))):
             t0 = time.perf_counter()
             n = run(rep)
+            seconds = run.seconds if name == "baseline" else time.perf_counter() - t0
             if rep >= 0:
-                rates[name].append(n / (time.perf_counter() - t0))
+                rates[name].append(n / seconds)
     h, d = statistics.median(rates["hand"]), statistics.median(rates["dtrain"])
     ratio = statistics.median(b / a for a, b in zip(rates["hand"], rates["dtrain"]))
     print(f"(a) {args.images} jpg {args.size}x{args.size} in {len(urls)} shards, batch {args.batch_size}, "
@@ -291,8 +335,16 @@ def pipeline(args) -> None:
     print("|---|---:|---:|")
     print(f"| webdataset + DataLoader, hand-written | {h:.0f} | 1.00 |")
     print(f"| dtrain ShardStream (seeded transform, exact epoch) | {d:.0f} | {ratio:.2f} |")
-    print(f"  (per repetition, samples/s: hand {[round(r) for r in rates['hand']]}, "
-          f"dtrain {[round(r) for r in rates['dtrain']]})", file=sys.stderr)
+    if args.baseline:
+        b = statistics.median(rates["baseline"])
+        after = statistics.median(d / b for b, d in zip(rates["baseline"], rates["dtrain"]))
+        print(f"| dtrain ShardStream of {runs['baseline'].where} (baseline) | {b:.0f} | "
+              f"{statistics.median(x / y for y, x in zip(rates['hand'], rates['baseline'])):.2f} |")
+        print(f"this dtrain / baseline: {after:.3f} (median of the per-repetition ratios)")
+        runs["baseline"].proc.stdin.close()
+        runs["baseline"].proc.wait()
+    print(f"  (per repetition, samples/s: " + ", ".join(f"{k} {[round(r) for r in v]}" for k, v in rates.items())
+          + ")", file=sys.stderr)
 
 
 def main() -> None:
@@ -320,8 +372,14 @@ def main() -> None:
     a.add_argument("--shuffle-buffer", type=int, default=500)
     a.add_argument("--reps", type=int, default=3)
     a.add_argument("--out", default=None)
+    a.add_argument("--baseline", default=None, help="a checkout of another dtrain whose ShardStream to time too")
+    e = sub.add_parser("stream-epochs")  # (a')'s other side, started by `pipeline --baseline`
+    e.add_argument("--out", required=True)
+    for name, default in (("--batch-size", 64), ("--workers", 2), ("--shuffle-buffer", 500)):
+        e.add_argument(name, type=int, default=default)
     args = p.parse_args()
-    {"hand": hand, "train": train, "interleaved": interleaved, "pipeline": pipeline}[args.what](args)
+    {"hand": hand, "train": train, "interleaved": interleaved, "pipeline": pipeline,
+     "stream-epochs": stream_epochs}[args.what](args)
 
 
 if __name__ == "__main__":

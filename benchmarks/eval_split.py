@@ -9,8 +9,8 @@ small samples, whose reading costs more than their decoding), or with `--data jp
 64x64 jpg images written by webdataset's TarWriter (decoding is most of the cost), and starts `torchrun
 --nproc-per-node 2` on itself: in one process a rank, validations (Evaluator.evaluate of the val split,
 data.in_memory=false: what a validation during training does, its all-reduce included) alternate between
-the split dealt by sample (ShardStream.epoch) and dealt by shard (the code it replaced: `_one_pass`'s
-split_by_node of the shards, still what training reads with), so both see the same machine. Printed: the
+the split dealt by sample (ShardStream.epoch) and dealt by shard (the code it replaced: every
+world_size-th shard to a rank, read whole), so both see the same machine. Printed: the
 median time of a validation each way, their ratio, and each rank's busy time (until its share is
 evaluated, before the all-reduce).
 """
@@ -39,7 +39,9 @@ class ByShard:
     def epoch(self, epoch: int, start: int = 0):
         from dtrain.data.samples import rebatch
         s = self.stream
-        yield from (s.format.batch(c) for c in rebatch(s._one_pass(epoch), s.batch_size, partial=True))
+        pieces, workers = s.whole_shards(s.urls[s.rank::s.world_size]), max(s.num_workers, 1)
+        pipeline = s._pipeline(s._reader([pieces[w::workers] for w in range(workers)]), "", epoch)
+        yield from (s.format.batch(c) for c in rebatch(s._loaded(pipeline, epoch), s.batch_size, partial=True))
 
 
 def time_validation(args) -> None:
