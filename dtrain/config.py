@@ -320,10 +320,18 @@ class FSDPConfig(Section):
 
 
 class EarlyStopConfig(Section):
+    monitor: str = "val/loss"
+    """The validation metric that decides the best checkpoint (checkpoints/best, checkpoint.keep_best, the W&B
+    alias `best`, the summary's best) and early stopping, named as metrics.jsonl logs it: val/loss, a loss term
+    (val/loss/NAME), val/acc, val/mae, val/ppl, a metrics.fn or torchmetrics name (val/NAME). Checked at
+    start-up against what validation logs; it cannot change when a run resumes."""
+    mode: Literal["auto", "min", "max"] = "auto"
+    """Whether lower (min) or higher (max) values of early_stop.monitor are better. `auto`: max for acc, min for
+    the loss and its terms, ppl, mae and mse; other metrics need min or max set."""
     patience: Optional[int] = Field(None, ge=1)
     """Stop after this many validations without improvement (null: never stop early)."""
     min_delta: float = Field(0.0, ge=0)
-    """An improvement must lower the validation loss by more than this."""
+    """An improvement must better early_stop.monitor by more than this (lower it under min, raise it under max)."""
 
 
 class CheckpointConfig(Section):
@@ -332,7 +340,7 @@ class CheckpointConfig(Section):
     keep_last: int = Field(2, ge=1)
     """Keep this many most recent checkpoints."""
     keep_best: int = Field(1, ge=0)
-    """Also keep this many checkpoints with the lowest validation loss."""
+    """Also keep this many checkpoints with the best early_stop.monitor (the validation loss by default)."""
     async_save: bool = False
     """Write checkpoints in a background thread while training goes on (at most one in flight). The loop
     pauses only to copy the state into CPU memory (pinned buffers kept between saves, from a GPU; rank 0 holds
@@ -341,7 +349,7 @@ class CheckpointConfig(Section):
     train.engine=deepspeed: its ZeRO shards are written before the loop goes on (DeepSpeed's save uses the
     training group), the rest in the background."""
     save_best: bool = True
-    """Save a checkpoint when validation loss improves; `best` points at it."""
+    """Save a checkpoint when early_stop.monitor (the validation loss by default) improves; `best` names it."""
     elastic: Literal["exact", "approximate"] = "exact"
     """Resuming on a different number of ranks keeps the checkpoint's global batch (per-rank batch, then
     grad_accum, rechosen). `exact`: stop with an error when it can't be split evenly over the new ranks;

@@ -1,5 +1,6 @@
-"""Evaluation: the loss and metrics of a whole split on all ranks, when to validate, the best validation
-loss so far and when to stop early.
+"""Evaluation: the loss and metrics of a whole split on all ranks, when to validate, the best value so far of
+the monitored validation metric (early_stop.monitor, lower or higher better: early_stop.mode) and when to stop
+early.
 
 A split's loss and metric sums are this rank's sums over its samples, all-reduced once and divided by the
 global sample count, so the result is the mean over every sample whatever the number of ranks. The early
@@ -8,6 +9,7 @@ stop decision is broadcast from rank 0, so every rank stops at the same step.
 
 from __future__ import annotations
 
+import difflib
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
@@ -16,8 +18,10 @@ import torch
 
 from . import batch as batches
 from . import dist
+from .config import ConfigError
 from .logging import progress_bar
 from .metrics import Metrics
+from .summary import BEST_SO_FAR
 
 if TYPE_CHECKING:
     from .config import EarlyStopConfig
@@ -33,12 +37,28 @@ def _batches(stream) -> Optional[int]:
         return None
 
 
+# early_stop.mode=auto: the direction of dtrain's own metrics (the loss and its terms, val/loss/NAME, are min).
+# Any other name needs min or max said: a guess from the name would pick the worst checkpoint as "best" unsaid.
+AUTO_MODE = {"loss": "min", "ppl": "min", "mae": "min", "mse": "min", "mae_predict_mean": "min", "acc": "max"}
+
+
+def auto_mode(monitor: str) -> Optional[str]:
+    """min or max for early_stop.mode=auto; None where dtrain doesn't know the metric's direction."""
+    name = monitor.removeprefix("val/")
+    return "min" if name.startswith("loss/") else AUTO_MODE.get(name)
+
+
 class Evaluator:
     def __init__(self, engine, forward: Callable, loss, metrics: Metrics, task: Optional[str], val_every: int,
                  early_stop_cfg: EarlyStopConfig):
         self.engine, self.forward, self.loss, self.metrics, self.task = engine, forward, loss, metrics, task
         self.val_every, self.patience, self.min_delta = val_every, early_stop_cfg.patience, early_stop_cfg.min_delta
-        self.best_val, self.best_step, self.bad_validations = math.inf, -1, 0
+        self.monitor = early_stop_cfg.monitor
+        self.mode = auto_mode(self.monitor) if early_stop_cfg.mode == "auto" else early_stop_cfg.mode
+        # the record of each validation holds the best value so far under this name (val/best_loss by default)
+        self.best_key = BEST_SO_FAR + self.monitor.removeprefix("val/")
+        self.best_val = -math.inf if self.mode == "max" else math.inf
+        self.best_step, self.bad_validations = -1, 0
 
     # ---- when ---------------------------------------------------------------------------------
     def should_validate(self, step: int, steps_per_epoch: int, last: bool) -> bool:
@@ -51,12 +71,15 @@ class Evaluator:
         local = (lambda loss: log.info(f"local val/loss at step {step}: {loss:.6f}")) if log_local else None
         with dist.guard("metrics all-reduce (evaluation)"):
             metrics = self.evaluate(stream, "val", local, progress=log.show_progress)
-        improved, stop_early = self.observe(metrics["val/loss"], step)
-        log.metrics({"step": step, "epoch": epoch, **metrics, "val/best_loss": self.best_val})
+        if self.monitor not in metrics:  # a torchmetrics dict without that key: the start-up check can't see it
+            raise ConfigError(f"config: early_stop.monitor: {self.monitor!r} is not a validation metric; validation "
+                              f"logs {', '.join(metrics)}")
+        improved, stop_early = self.observe(metrics[self.monitor], step)
+        log.metrics({"step": step, "epoch": epoch, **metrics, self.best_key: self.best_val})
         log.info(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
                  + (" (best)" if improved else f" (no improvement for {self.bad_validations})"))
         if stop_early:
-            log.info(f"early stop at step {step}: validation loss has not improved for {self.bad_validations} "
+            log.info(f"early stop at step {step}: {self.monitor} has not improved for {self.bad_validations} "
                      f"validations (best {self.best_val:.4f} at step {self.best_step})")
             log.metrics({"step": step, "event": "early_stop", "best_step": self.best_step})
         return improved, stop_early
@@ -140,12 +163,41 @@ class Evaluator:
         return cm
 
     # ---- best and early stopping --------------------------------------------------------------
-    def observe(self, val_loss: float, step: int) -> tuple[bool, bool]:
-        """Record a validation loss. -> (improved, stop early). The loss is already identical on all ranks;
-        broadcasting rank 0's stop decision makes it certain."""
-        improved = val_loss < self.best_val - self.min_delta
+    def validation_names(self) -> list[str]:
+        """What validation logs, as fixed by the probe: the loss and its terms, the metrics' sums, perplexity
+        (lm) and the torchmetrics (one returning a dict logs val/NAME/KEY)."""
+        names = ["loss", *(self.loss.names or [])] + list(self.metrics.names or {}) + \
+            (["ppl"] if self.task == "lm" else []) + list(self.metrics.torchmetrics)
+        return [f"val/{k}" for k in dict.fromkeys(names)]
+
+    def check_monitor(self, validates: bool, warn: Callable[[str], None]) -> None:
+        """Before training, after the probe: early_stop.monitor names what validation logs, with a known direction
+        (a one-line ConfigError if not: a misspelled name would otherwise fail at the first validation, hours
+        in). `validates`: the data has a validation split; without one nothing is monitored, said in one line."""
+        if not validates:
+            if self.monitor != "val/loss" or self.patience is not None:
+                warn(f"early_stop: the data has no validation split, so {self.monitor} is never measured: no best "
+                     "checkpoint, no early stopping (the test uses the last weights)")
+            return
+        names = self.validation_names()
+        dicts = tuple(f"val/{k}/" for k in self.metrics.torchmetrics)  # the keys of a dict one returns
+        if self.monitor not in names and not (dicts and self.monitor.startswith(dicts)):
+            close = difflib.get_close_matches(self.monitor, names, n=1, cutoff=0.5)
+            raise ConfigError(f"config: early_stop.monitor: {self.monitor!r} is not a validation metric; validation "
+                              f"logs {', '.join(names)}" + (f"; did you mean {close[0]}?" if close else ""))
+        if self.mode is None:
+            raise ConfigError(f"config: early_stop.mode: auto does not know whether {self.monitor} is better lower "
+                              "or higher; set early_stop.mode=min or early_stop.mode=max")
+
+    def observe(self, value: float, step: int) -> tuple[bool, bool]:
+        """Record a validation's value of the monitored metric. -> (improved, stop early). The value is already
+        identical on all ranks; broadcasting rank 0's stop decision makes it certain. NaN never improves."""
+        if self.mode == "max":
+            improved = value > self.best_val + self.min_delta
+        else:
+            improved = value < self.best_val - self.min_delta
         if improved:
-            self.best_val, self.best_step, self.bad_validations = val_loss, step, 0
+            self.best_val, self.best_step, self.bad_validations = value, step, 0
         else:
             self.bad_validations += 1
         if self.patience is None:  # no early stopping: nothing to agree on (a broadcast per validation saved)

@@ -16,6 +16,7 @@ import numpy as np
 
 from .config import AugmentConfig, Config, ConfigError, DataConfig, OptimConfig, ScheduleConfig, TrainConfig
 from .data import DataError
+from .summary import BEST_SO_FAR
 
 
 def _pyplot():
@@ -36,18 +37,21 @@ def _series(records: list[dict], key: str) -> dict:
 # ---- a finished (or running) run ------------------------------------------------------------------
 def run_summary(records: list[dict]) -> dict:
     """Series by name (train loss and terms, lr, every val/ metric) plus the best checkpoint's step (the
-    last validation that improved: val/loss == val/best_loss) and the early-stop step, if any."""
+    last validation that improved: the monitored metric equals its best so far, e.g. val/loss == val/best_loss)
+    and the early-stop step, if any."""
     keys: list[str] = []
     for r in records:
         if "event" in r or any(k.startswith("test/") for k in r):
             continue
         keys += [k for k in r if k not in keys and k not in ("step", "epoch", "samples_per_s")]
     series = {k: _series(records, k) for k in keys}
-    improved = [r for r in records if r.get("val/loss") is not None and r.get("val/loss") == r.get("val/best_loss")]
+    # where validation improved: the monitored metric (val/X) equals its best so far (val/best_X, summary.py)
+    improved = [r for r in records if any(k.startswith(BEST_SO_FAR) and v is not None and
+                                          r.get("val/" + k[len(BEST_SO_FAR):]) == v for k, v in r.items())]
     stops = [r for r in records if r.get("event") == "early_stop"]
     return {"series": series,
             "best_step": improved[-1]["step"] if improved else None,
-            "best_val_loss": improved[-1]["val/loss"] if improved else None,
+            "best_val_loss": improved[-1].get("val/loss") if improved else None,
             "early_stop_step": stops[-1]["step"] if stops else None}
 
 
@@ -99,7 +103,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> dict:
     ax.legend(fontsize=8)
     files["loss"] = _save(fig, out / "loss.png", plt)
 
-    metric_keys = [k for k in series if k.startswith("val/") and k not in loss_keys and k != "val/best_loss"]
+    metric_keys = [k for k in series if k.startswith("val/") and k not in loss_keys and not k.startswith(BEST_SO_FAR)]
     if metric_keys:
         fig, axes = plt.subplots(1, len(metric_keys), figsize=(4.5 * len(metric_keys), 4), squeeze=False)
         for ax, k in zip(axes[0], metric_keys):

@@ -12,6 +12,7 @@ from typing import Optional
 
 from . import dist
 from .signals import EXIT_INTERRUPTED
+from .summary import BEST_SO_FAR
 
 _NOT_METRICS = ("step", "epoch", "event")
 
@@ -34,10 +35,12 @@ class FitResult:
     metrics: dict
     """The last logged value of every metric: loss, lr, throughput, val/*, and test/* once tested."""
     best_metrics: dict
-    """The validation metrics (val/*) at best_step: the lowest validation loss. {} before any validation."""
+    """The validation metrics (val/*) at best_step: the best value of `monitor`. {} before any validation."""
     best_step: Optional[int]
     best_checkpoint: Optional[Path]
     latest_checkpoint: Optional[Path]
+    monitor: str = "val/loss"
+    """The validation metric that decided best_step and early stopping (early_stop.monitor)."""
 
     @property
     def interrupted(self) -> bool:
@@ -66,7 +69,9 @@ def collect(trainer, outcome: dict) -> FitResult:
             exit_code=EXIT_INTERRUPTED if reason.startswith("signal:") else 2 if reason == "nonfinite" else 0,
             stop_reason=reason,
             step=outcome["step"], total_steps=trainer.feed.total_steps, run_dir=trainer.run_dir.absolute(),
-            metrics=final, best_metrics={k: v for k, v in best.items() if k.startswith("val/") and k != "val/best_loss"},
+            metrics=final,
+            best_metrics={k: v for k, v in best.items() if k.startswith("val/") and not k.startswith(BEST_SO_FAR)},
             best_step=best_step, best_checkpoint=checkpoints["best"] and checkpoints["best"].absolute(),
-            latest_checkpoint=checkpoints["latest"] and checkpoints["latest"].absolute())
+            latest_checkpoint=checkpoints["latest"] and checkpoints["latest"].absolute(),
+            monitor=trainer.evaluator.monitor)
     return dist.broadcast_object(result)

@@ -43,6 +43,14 @@ MAY_CHANGE = (
     "metrics.",  # what is measured on the validation and test splits; the loss (best, early stop) is loss.*
 )
 
+# Keys of a section that may change which cannot, and why (asked before MAY_CHANGE).
+FIXED_IN_SECTION = {
+    "early_stop.monitor": "the best checkpoint, its value and the patience so far were judged by the checkpoint's "
+                          "metric; a value of another says nothing against them",
+    "early_stop.mode": "the best checkpoint, its value and the patience so far were judged in the checkpoint's "
+                       "direction",
+}
+
 # Why the others cannot change: the first matching entry ("" matches every key).
 FIXED_BECAUSE = (
     ("model.init_from", "a resumed run's weights come from its checkpoint, not from model.init_from"),
@@ -67,6 +75,8 @@ def fixed_reason(key: str, old: Any, new: Any) -> Optional[str]:
     """Why `key` cannot change from `old` to `new` when a run resumes; None when it may."""
     if key == "optim.backbone_lr_ratio" and (old == 1) != (new == 1):
         return "between 1 and another value it adds or removes a parameter group of the optimizer state"
+    if key in FIXED_IN_SECTION:
+        return FIXED_IN_SECTION[key]
     if any(_matches(key, entry) for entry in MAY_CHANGE):
         return None
     return next(reason for entry, reason in FIXED_BECAUSE if _matches(key, entry))

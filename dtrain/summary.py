@@ -23,6 +23,8 @@ from .trust import naming
 from .redaction import REDACTED, redact_command, sealed_settings
 
 SPEED = ("samples_per_s", "tokens_per_s", "step_time_s", "data_wait_frac", "mfu", "peak_mem_mb")
+# A validation record's best value so far of the monitored metric (evaluate.py): val/best_loss, val/best_acc...
+BEST_SO_FAR = "val/best_"
 
 
 class Stopwatch:
@@ -49,18 +51,21 @@ class Stopwatch:
 
 def build_summary(records: list[dict], result: dict, best_step: Optional[int], times: dict,
                   checkpoint: Optional[Path], command: list[str], eval_split: Optional[str] = "test",
-                  program: tuple[str, ...] = ("dtrain",), eval_args: tuple[str, ...] = ()) -> dict:
+                  program: tuple[str, ...] = ("dtrain",), eval_args: tuple[str, ...] = (),
+                  monitor: Optional[str] = None) -> dict:
     """`records`: metrics.jsonl in order; `result`: what training returned (step, stop_reason, test/*);
     `times`: seconds of this start by part ("total", "validation", "checkpoint", "test", "data_wait");
     `command`: the one that started it; `eval_split`: the split `evaluate` names (test, else val: one the
     run's data has), None for none; `program`: what `evaluate` runs (a script of one's own: `python train.py`,
     since only it can rebuild the model it handed in); `eval_args`: what `evaluate` adds (the overrides naming the
-    run's own code, which eval does not take from a checkpoint: dtrain.trust)."""
+    run's own code, which eval does not take from a checkpoint: dtrain.trust); `monitor`: the metric that chose
+    best_step (early_stop.monitor), said in the summary's best."""
     final: dict = {}
     for record in records:
         if "event" not in record:
             for key, value in numbers(record).items():
-                if key not in SPEED and key != "epoch" and not key.endswith(("best_loss", "weights_step")):
+                if key not in SPEED and key != "epoch" and not key.startswith(BEST_SO_FAR) and \
+                        not key.endswith("weights_step"):
                     final[key] = {"value": value, "step": record["step"]}
     best = next((r for r in reversed(records) if r["step"] == best_step and "val/loss" in r), None)
     train = [r for r in records if "loss" in r and "samples_per_s" in r]
@@ -74,8 +79,9 @@ def build_summary(records: list[dict], result: dict, best_step: Optional[int], t
     stop = result.get("stop_reason", "")
     finished = stop in ("completed", "early_stop", "already_completed")
     summary = {"step": result.get("step"), "stop_reason": stop, "final": final,
-               "best": {"step": best_step, **{k: v for k, v in numbers(best).items()
-                                              if k.startswith("val/") and k != "val/best_loss"}} if best else None,
+               "best": {"step": best_step, **({"monitor": monitor} if monitor else {}),
+                        **{k: v for k, v in numbers(best).items()
+                           if k.startswith("val/") and not k.startswith(BEST_SO_FAR)}} if best else None,
                "wall_time_s": {"total": times.get("total", 0.0), **split},
                "throughput": speed, "checkpoint": str(checkpoint) if checkpoint else None}
     if checkpoint is not None and eval_split is not None:
@@ -108,8 +114,9 @@ def table(summary: dict) -> str:
     rows = [("run", f"step {summary['step']}, {summary['stop_reason']}")]
     rows += [(k, f"{_fmt(v['value'])} (step {v['step']})") for k, v in summary["final"].items()]
     if summary["best"]:
-        rows += [(f"best {k}", f"{_fmt(v)} (step {summary['best']['step']})")
-                 for k, v in summary["best"].items() if k != "step"]
+        monitor = summary["best"].get("monitor")
+        rows += [(f"best {k}", f"{_fmt(v)} (step {summary['best']['step']}{', monitored' if k == monitor else ''})")
+                 for k, v in summary["best"].items() if k not in ("step", "monitor")]
     wall = dict(summary["wall_time_s"])
     total, wait = wall.pop("total") or 1e-9, wall.pop("data_wait", 0.0)
     parts = [f"{k} {v:.1f} s ({100 * v / total:.0f}%)" + (f", of it data wait {wait:.1f} s" if k == "train" else "")
@@ -131,11 +138,12 @@ def _fmt(value) -> str:
 
 def write_summary(run_dir: Path, result: dict, best_step: Optional[int], times: dict,
                   checkpoint: Optional[Path], command: list[str], eval_split: Optional[str] = "test",
-                  program: tuple[str, ...] = ("dtrain",), eval_args: tuple[str, ...] = ()) -> dict:
+                  program: tuple[str, ...] = ("dtrain",), eval_args: tuple[str, ...] = (),
+                  monitor: Optional[str] = None) -> dict:
     """Read metrics.jsonl, write summary.json (atomically) and return the summary."""
     records = [r for _, r in read_records(Path(run_dir) / "metrics.jsonl", metrics_record)]
     summary = build_summary(records, result, best_step, times, checkpoint, command, eval_split, program,
-                            eval_args)
+                            eval_args, monitor)
     path = Path(run_dir) / "summary.json"
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(summary, indent=1) + "\n")
@@ -154,6 +162,6 @@ def summarize(trainer, result: dict, command: list[str], program: tuple[str, ...
     summary = write_summary(trainer.run_dir, result, trainer.evaluator.best_step if best else None,
                             trainer.clock.times(data_wait=trainer.meter.total_data_wait),
                             best or trainer.checkpointer.pointer("latest"), command, split, program,
-                            (*naming(trainer.cfg), *_secrets_to_give(trainer.cfg.to_dict())))
+                            (*naming(trainer.cfg), *_secrets_to_give(trainer.cfg.to_dict())), trainer.evaluator.monitor)
     trainer.log.info("summary\n" + table(summary))
     return summary
