@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -40,7 +40,7 @@ MAY_CHANGE = (
     "train.clip_grad_norm", "train.precision", "train.compile", "train.peak_flops", "train.nonfinite",
     "train.val_every", "train.log_every", "train.debug_steps",
     "early_stop.", "checkpoint.", "dist.", "log.", "wandb.",
-    "metrics.",  # what is measured on the validation and test splits; the loss (best, early stop) is loss.*
+    "metrics.",  # what is measured on the validation and test splits (fixed while one decides the best: below)
 )
 
 # Keys of a section that may change which cannot, and why (asked before MAY_CHANGE).
@@ -50,6 +50,8 @@ FIXED_IN_SECTION = {
     "early_stop.mode": "the best checkpoint, its value and the patience so far were judged in the checkpoint's "
                        "direction",
 }
+METRIC_MONITORED = ("early_stop.monitor names a metric: the best checkpoint and the patience so far were judged "
+                    "by the checkpoint's metrics")
 
 # Why the others cannot change: the first matching entry ("" matches every key).
 FIXED_BECAUSE = (
@@ -106,6 +108,10 @@ def config_changes(saved: dict, cfg: Config) -> list[Change]:
     for key in _valid_keys(Config):
         parts = key.split(".")
         changes += _diff(key, _get(saved, parts, _get(defaults, parts, UNSET)), _get(new, parts, UNSET))
+    monitor = cfg.early_stop.monitor
+    if monitor != "val/loss" and not monitor.startswith("val/loss/"):  # a metric, not the loss, decides the best
+        changes = [replace(c, fixed=c.fixed or METRIC_MONITORED) if c.key.startswith("metrics.") else c
+                   for c in changes]
     return changes
 
 

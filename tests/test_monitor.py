@@ -149,3 +149,13 @@ def test_two_ranks_pick_the_same_best_step_as_one(tmp_path, data_root):
     assert pointer(tmp_path / "runs" / "one", "best") == pointer(tmp_path / "runs" / "two", "best") == best
     summaries = [json.loads((tmp_path / "runs" / name / "summary.json").read_text()) for name in ("one", "two")]
     assert summaries[0]["best"]["step"] == summaries[1]["best"]["step"] == best
+
+
+def test_metrics_cannot_change_at_resume_while_a_metric_decides_the_best():
+    from dtrain.config import load_config
+    from dtrain.resume import config_changes
+
+    for monitor, fixed in [("val/acc", True), ("val/loss", False)]:
+        saved = load_config(None, [f"early_stop.monitor={monitor}"]).to_dict()
+        (change,) = config_changes(saved, load_config(None, [f"early_stop.monitor={monitor}", "metrics.builtin=false"]))
+        assert change.key == "metrics.builtin" and bool(change.fixed) == fixed, monitor
