@@ -343,7 +343,7 @@ def pipeline(args) -> None:
         print(f"this dtrain / baseline: {after:.3f} (median of the per-repetition ratios)")
         runs["baseline"].proc.stdin.close()
         runs["baseline"].proc.wait()
-    print(f"  (per repetition, samples/s: " + ", ".join(f"{k} {[round(r) for r in v]}" for k, v in rates.items())
+    print("  (per repetition, samples/s: " + ", ".join(f"{k} {[round(r) for r in v]}" for k, v in rates.items())
           + ")", file=sys.stderr)
 
 

@@ -249,4 +249,5 @@ def test_a_checkpoint_of_the_whole_shard_dealing_resumes_at_an_epoch_end_and_is_
         resumed(steps + 3)
     assert str(e.value) == (f"checkpoint: it stopped at step 3 of epoch 1, written by a dtrain that dealt whole shards "
                             f"to ranks, whose order this one (each sample once an epoch) can't replay; resume it with "
-                            f"the dtrain that wrote it to the epoch's end (run.stop_at_step={2 * steps}), then with this one")
+                            f"the dtrain that wrote it to the epoch's end (run.stop_at_step={2 * steps}), then with "
+                            f"this one")

@@ -28,6 +28,7 @@ shard order, position in shard) order and cut into M equal runs, read filtered b
 
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
 import itertools
@@ -145,16 +146,18 @@ def shuffled(items: list, bufsize: int, rng: random.Random) -> list:
 
 def cut(urls: list[str], counts: dict[str, int], first: int, end: int) -> list[Piece]:
     """Samples first..end-1 of the sequence of `urls`' samples (each shard's in order, then the next shard's,
-    then from the start again in a next pass), as runs of shards. O(shards), whatever the data size."""
-    n = sum(counts[u] for u in urls)
+    then from the start again in a next pass), as runs of shards: O(pieces x log(shards)), whatever the data
+    size, for every rank and worker each epoch."""
     starts = list(itertools.accumulate((counts[u] for u in urls), initial=0))
-    pieces = []
-    for pass_index in range(first // n, (end - 1) // n + 1) if end > first else ():
-        base = pass_index * n
-        for url, lo in zip(urls, starts):
-            a, b = max(first - base - lo, 0), min(end - base - lo, counts[url])
-            if a < b:
-                pieces.append((url, a, b, pass_index))
+    pieces, p = [], first
+    while p < end:
+        pass_index, at = divmod(p, starts[-1])
+        # the shard holding sample `at` (never an empty one: its start is the next shard's, bisect passes it)
+        k = bisect.bisect_right(starts, at) - 1
+        a = at - starts[k]
+        b = min(counts[urls[k]], a + end - p)
+        pieces.append((urls[k], a, b, pass_index))
+        p += b - a
     return pieces
 
 
@@ -218,9 +221,13 @@ class EpochReplay:
         if rows is None:
             per_worker = [[(u, i) for u, a, b, _ in pieces for i in range(a, b)] for pieces in shares]
         else:
-            first_row, size = rows
-            per_worker = [[i for u, a, b, p in pieces for i in range(first_row[u] + a + p * size, first_row[u] + b + p * size)]
-                          for pieces in shares]
+            (first_row, size), per_worker = rows, []
+            for pieces in shares:
+                items: list = []
+                for u, a, b, p in pieces:
+                    row = first_row[u] + p * size  # in pass p (pipeline._from_memory)
+                    items.extend(range(row + a, row + b))
+                per_worker.append(items)
         return worker_order(per_worker, seg.batch_size, self.stream.shuffle_buffer,
                             shuffle_seed(self.stream.seed, self.epoch, 0, rank))
 
@@ -286,7 +293,8 @@ class DataPosition:
         return self.segments
 
     def state_dict(self) -> dict:
-        return {"dealing": DEALING, "global_batch": self.global_batch, "steps_per_epoch": self.steps_per_epoch, "epoch": self.epoch,
+        return {"dealing": DEALING, "global_batch": self.global_batch, "steps_per_epoch": self.steps_per_epoch,
+                "epoch": self.epoch,
                 "segments": [dataclasses.astuple(s) for s in self.segments]}
 
     def load_state_dict(self, state: dict) -> None:

@@ -95,10 +95,11 @@ class TrainFeed:
         world, log, step = self.world_size, self.log, saved["step"]
         old_epoch, old_done = divmod(step, saved["steps_per_epoch"])
         if saved.get("dealing") != DEALING and old_done:  # today's order is another: no exact rest of the epoch
+            end = step - old_done + saved["steps_per_epoch"]
             raise CheckpointError(
                 f"checkpoint: it stopped at step {old_done} of epoch {old_epoch}, written by a dtrain that dealt "
                 f"whole shards to ranks, whose order this one (each sample once an epoch) can't replay; resume it "
-                f"with the dtrain that wrote it to the epoch's end (run.stop_at_step={step - old_done + saved['steps_per_epoch']}), then with this one")
+                f"with the dtrain that wrote it to the epoch's end (run.stop_at_step={end}), then with this one")
         old = Segment(*saved["segments"][-1])
         changed = False
         if old.world_size != world:
