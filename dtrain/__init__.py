@@ -77,8 +77,8 @@ def fit(argv: Optional[Sequence[str]] = None, *, config: Optional[dict[str, Any]
         transform: Any = None, collate: Any = None) -> FitResult:
     """Train exactly as `main` does (the same arguments, argv, config, hooks; under torchrun or srun too),
     then return the run's `dtrain.result.FitResult` on every rank instead of exiting: exit_code, stop_reason,
-    step, total_steps, run_dir, metrics (the last value of each), best_metrics and best_step (the lowest
-    validation loss), best_checkpoint, latest_checkpoint.
+    step, total_steps, run_dir, metrics (the last value of each), best_metrics and best_step (the best
+    early_stop.monitor: by default the lowest validation loss), best_checkpoint, latest_checkpoint.
 
     Named after what a Lightning or Keras user calls to train (`trainer.fit(...)`, `model.fit(...)`, which
     returns its History): it trains (and tests the best weights); the other commands stay with `main`.

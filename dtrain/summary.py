@@ -87,7 +87,8 @@ def build_summary(records: list[dict], result: dict, best_step: Optional[int], t
     if checkpoint is not None and eval_split is not None:
         summary["evaluate"] = shlex.join([*program, "eval", "--checkpoint", str(checkpoint), "--split", eval_split,
                                          *eval_args])
-    if not finished:  # a run stopped by run.stop_at_step would stop again at once with it
+    # a diverged run (nonfinite) resumed as it is diverges again: its stop line says what to change instead
+    if not finished and stop != "nonfinite":  # a run stopped by run.stop_at_step would stop again at once with it
         summary["resume"] = shlex.join([a for a in command if not (stop == "stop_at_step"
                                                                    and a.startswith("run.stop_at_step="))])
     return _without_secrets(summary)

@@ -100,6 +100,8 @@ def test_a_diverged_run_never_says_completed(tmp_path, data_root, nonfinite):
         assert proc.returncode == 2, proc.stderr
         assert result_of(proc) == {"step": 19 if nonfinite == "skip" else 5, "stop_reason": "nonfinite"}
         assert "the run diverged" in proc.stderr and "nothing to do" not in proc.stderr
+        # no command that resumes it as it is (it would diverge again): the stop line says what to change
+        assert "resume" not in json.loads((tmp_path / "runs" / "digits" / "summary.json").read_text())
     if nonfinite == "skip":  # saved at steps 5, 10, 15 (finite weights); not at 19
         assert all(torch.isfinite(v).all() for v in final_params(tmp_path / "runs" / "digits").values())
     else:  # NaN at step 2, found at the first save: none
