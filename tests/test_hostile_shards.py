@@ -326,3 +326,27 @@ def test_a_header_that_would_loop_the_reader_is_an_error(tmp_path, case):
         with pytest.raises(tarfile.ReadError, match=says):
             list(tario.tar_file_iterator(Bounded(path), payloads=payloads))
     assert says in error_of(index(tmp_path, path))
+
+
+# ---- dtrain shard --out: a directory of shards is replaced whole, nothing else is --------------------------------
+def test_shard_out_replaces_only_a_directory_dtrain_wrote(tmp_path):
+    from PIL import Image
+    shard_digits = ["shard", "--dataset", "digits", "--shard-size", "2000", "--out"]
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "thesis.tex").write_text("years of work")
+    line = error_of(dtrain(tmp_path, *shard_digits, "home"))
+    assert "home holds thesis.tex, which dtrain did not write there" in line and "new directory" in line
+    assert (tmp_path / "home" / "thesis.tex").read_text() == "years of work"
+    (tmp_path / "file").write_text("x")
+    assert "file exists and is not a directory" in error_of(dtrain(tmp_path, *shard_digits, "file"))
+    # the folder it shards, as its own output: refused before anything is read or written
+    for i in range(4):
+        (tmp_path / "photos" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (4, 4)).save(tmp_path / "photos" / f"c{i % 2}" / f"{i}.png")
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "photos").rglob("*"))
+    assert "photos holds c0" in error_of(dtrain(tmp_path, "shard", "--from-folder", "photos", "--out", "photos"))
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "photos").rglob("*")) == before
+    # shards dtrain wrote are replaced by new ones
+    for _ in range(2):
+        assert dtrain(tmp_path, *shard_digits, "home/digits").returncode == 0
+    assert (tmp_path / "home" / "digits" / "train.json").is_file()

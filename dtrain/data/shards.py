@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -108,6 +109,7 @@ def write_split_shards(out: str | Path, splits: dict[str, tuple[Iterable[dict], 
     from ..logging import progress_bar
 
     out = Path(out)
+    _check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -131,6 +133,23 @@ def write_split_shards(out: str | Path, splits: dict[str, tuple[Iterable[dict], 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return read_index(out)
+
+
+def _check_replaceable(out: Path) -> None:
+    """New shards replace `out` whole: only where it is absent or a directory of shards and descriptors
+    as dtrain writes them. Anything else there is the user's (`--out ~`, `--from-folder photos --out
+    photos`): a DataError, before a shard is written."""
+    if not os.path.lexists(out):
+        return
+    if out.is_symlink() or not out.is_dir():
+        raise DataError(f"data: {out} exists and is not a directory; write the shards to a new directory")
+    other = next((p.name for p in sorted(out.iterdir()) if not _WRITTEN.fullmatch(p.name)), None)
+    if other is not None:
+        raise DataError(f"data: {out} holds {other}, which dtrain did not write there, and the new shards would "
+                        "replace the whole directory; write them to a new directory, or empty it first")
+
+
+_WRITTEN = re.compile(r"(train|val|test)(-\d{6}\.tar|\.json)|" + re.escape(LEGACY_INDEX))  # what write_split_shards makes
 
 
 def read_index(root: str | Path, trust_pipes: bool = False) -> ShardIndex:
