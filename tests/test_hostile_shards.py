@@ -106,6 +106,18 @@ def test_a_descriptor_pipe_runs_only_with_trust_descriptor_pipes(tmp_path, where
     assert marker.exists()
 
 
+@pytest.mark.parametrize("url", ["PIPE:touch {m}", " pipe:touch {m}", "Pipe:touch {m}"])
+def test_a_pipe_in_any_spelling_gopen_runs_is_refused(tmp_path, url):
+    """webdataset's gopen picks its handler by the scheme as urlparse reads it (case-insensitive, leading
+    blanks stripped): every URL it would hand to its pipe handler is refused, not only "pipe:" as typed."""
+    from dtrain.data import DataError
+    from dtrain.data.sources import Descriptor
+    (tmp_path / "d.json").write_text(json.dumps({"shardlist": [{"url": url.format(m=tmp_path / "ran"),
+                                                                "nsamples": 1}]}))
+    with pytest.raises(DataError, match=r"shardlist\[0\] is a shell command"):
+        Descriptor.read(str(tmp_path / "d.json"))
+
+
 def test_a_counts_descriptor_is_only_looked_up(tmp_path):
     """data.counts' URLs are keys for the patterns the user wrote: a pipe: key no pattern names runs nothing,
     and a pipe: pattern the user wrote runs with its count from the file `dtrain index` wrote for it."""
