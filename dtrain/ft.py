@@ -1,0 +1,178 @@
+"""Per-step fault tolerance on torchft (issue #36): replica groups train under a quorum that torchft's
+Lighthouse decides each step; a lost group leaves the quorum at the next step and the others train on at the
+smaller world size; a restarted group heals from a live peer (no checkpoint read) and rejoins.
+
+What dtrain adds to torchft's own loop is that every sample is still seen once:
+
+- Each step's *global* batch is a pure function of (seed, epoch, step): samples step*B..(step+1)*B-1 of the
+  epoch's order (`global_order`: the order one rank reading the whole epoch with batch B reads it). It is dealt
+  over that step's quorum by replica rank (`deal_step`), so whatever the number of groups, the step trains
+  on the same B samples.
+- Each group's loss is its share's mean times share/B, and the gradients are all-reduced with SUM, so the
+  update is the global batch's mean gradient at any quorum size (uneven shares included).
+- The data position is torchft's committed step (`Manager.current_step`): a step whose commit fails does not
+  advance it, so the next try deals the same samples again (over the new quorum); a healed group receives the
+  step with the weights.
+
+The quorum is synchronous (`use_async_quorum=False`): a step must know its participants before its forward
+pass, to deal its batch; healing is then applied before the forward pass, and a group is never a spare.
+
+Not yet here (see docs/fault-tolerance.md): the launcher's mode, the trainer's validation/checkpoint
+agreement, more than one process per replica group.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from .data.elastic import EpochReplay, Item, Segment
+
+log = logging.getLogger("dtrain.ft")
+
+
+# ---- which samples a step trains on, and which of them a replica group reads -------------------------------
+def global_order(stream, epoch: int, global_batch: int) -> list[Item]:
+    """The epoch's samples, (shard, position) each, in the order one rank with batch `global_batch` and no
+    DataLoader workers reads them from `stream` (a training ShardStream): seeded shard order, shuffle buffer.
+    A pure function of (seed, epoch), the same in every replica group; nothing is read."""
+    seg = Segment(1, global_batch, 1, 0, 0)
+    one_rank = stream.relayout(rank=0, world_size=1, batch_size=global_batch, grad_accum=1, num_workers=0,
+                               steps_per_epoch=stream.steps_per_epoch)
+    return EpochReplay(one_rank, epoch, [seg]).normal_order(seg, 0)
+
+
+def deal_step(keys: Sequence, replica_rank: int, participants: int) -> Sequence:
+    """Replica rank `replica_rank`'s share of a step's global batch over `participants` groups: consecutive
+    runs whose sizes differ by at most one, in rank order, so the shares of ranks 0..participants-1 are the
+    batch exactly once."""
+    n = len(keys)
+    return keys[replica_rank * n // participants:(replica_rank + 1) * n // participants]
+
+
+# ---- one replica group's steps ---------------------------------------------------------------------------
+@dataclasses.dataclass
+class StepResult:
+    step: int  # the committed step this try trained (the data position)
+    committed: bool
+    participants: int
+    replica_rank: int
+    keys: list  # this group's share
+    loss: float
+
+
+class StepRunner:
+    """Trains one replica group (one process) a step at a time through a torchft Manager.
+
+    `order(epoch)` gives the epoch's sample keys in order (at least steps_per_epoch * global_batch of them),
+    `fetch(keys)` the batch (x, y) of those keys. The model, optimizer and schedule heal through the manager's
+    state-dict callbacks, registered here; the step comes with torchft's own state."""
+
+    def __init__(self, manager, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 loss_fn: Callable, order: Callable[[int], Sequence], fetch: Callable[[Sequence], tuple],
+                 global_batch: int, steps_per_epoch: int, scheduler=None, say: Callable[[str], None] = log.warning):
+        self.manager, self.model, self.optimizer, self.scheduler = manager, model, optimizer, scheduler
+        self.loss_fn, self.order, self.fetch, self.say = loss_fn, order, fetch, say
+        self.global_batch, self.steps_per_epoch = global_batch, steps_per_epoch
+        self.healed_at: list[int] = []  # the steps at which this group loaded a peer's state
+        self._participants: int | None = None
+        self._epoch_keys: tuple[int, Sequence] = (-1, ())
+        manager.register_state_dict_fn("dtrain", self.load_state_dict, self.state_dict)
+
+    # what a healing group receives from a live peer (the step is torchft's own state)
+    def state_dict(self) -> dict[str, Any]:
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.healed_at.append(self.manager.current_step())
+
+    def step_keys(self, step: int) -> Sequence:
+        epoch, done = divmod(step, self.steps_per_epoch)
+        if self._epoch_keys[0] != epoch:
+            self._epoch_keys = (epoch, self.order(epoch))
+        return self._epoch_keys[1][done * self.global_batch:(done + 1) * self.global_batch]
+
+    def step(self) -> StepResult:
+        """One try of the next step: quorum (healing first if this group is behind), this group's share of the
+        step's global batch, gradients summed over the quorum, commit. Not committed: the weights and the step
+        are unchanged, so the next call trains the same samples again."""
+        m = self.manager
+        m.start_quorum()  # synchronous: heals before returning, so the forward pass sees the peer's weights
+        step, participants, rank = m.current_step(), m.num_participants(), m.participating_rank()
+        if participants != self._participants:
+            if self._participants is not None:
+                self.say(f"ft: step {step}: quorum {self._participants} -> {participants} replica groups")
+            self._participants = participants
+        keys = list(deal_step(self.step_keys(step), rank, participants))
+        self.optimizer.zero_grad(set_to_none=False)
+        loss = torch.zeros(())
+        if keys:
+            x, y = self.fetch(keys)
+            # this share's mean x share/B: summed over the quorum, the global batch's mean at any quorum size
+            loss = self.loss_fn(self.model(x), y) * (len(keys) / self.global_batch)
+            loss.backward()
+        self._sum_gradients()
+        committed = m.should_commit()
+        if committed:
+            self.optimizer.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
+        else:
+            self.say(f"ft: step {step} not committed ({_first_line(m.errored())}); "
+                     f"its samples are dealt again over the next quorum")
+        return StepResult(step, committed, participants, rank, keys, float(loss.detach()) * participants)
+
+    def _sum_gradients(self) -> None:
+        """All-reduce (SUM) every gradient through torchft's managed process group, in one flat buffer (one
+        collective a step). An error there is recorded by the manager and fails the commit, not this call."""
+        from torch.distributed import ReduceOp
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for p in params:
+            if p.grad is None:  # a parameter unused by this share still takes part in the sum
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        self.manager.allreduce(flat, reduce_op=ReduceOp.SUM).wait()
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+
+def _first_line(error) -> str:
+    """torchft's error (ExceptionWithTraceback carries the whole traceback in its text) in one line."""
+    if error is None:
+        return "too few replica groups"
+    error = getattr(error, "original_exception", error)
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+
+
+def build_manager(replica_id: str, lighthouse: str, *, timeout_s: float = 10.0, quorum_timeout_s: float = 60.0,
+                  min_replicas: int = 1, store: tuple[str, int] | None = None):
+    """A torchft Manager for a replica group of one process: gloo, a synchronous quorum, a TCPStore of its own
+    (`store`, or one started here on a free port). `timeout_s` bounds a collective with a lost peer."""
+    from torch.distributed import TCPStore
+    from torchft import Manager, ProcessGroupGloo
+
+    own = None
+    if store is None:
+        own = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+        store = ("127.0.0.1", own.port)
+    manager = Manager(pg=ProcessGroupGloo(timeout=timedelta(seconds=timeout_s)), load_state_dict=None,
+                      state_dict=None, min_replica_size=min_replicas, use_async_quorum=False,
+                      timeout=timedelta(seconds=timeout_s), quorum_timeout=timedelta(seconds=quorum_timeout_s),
+                      rank=0, world_size=1, store_addr=store[0], store_port=store[1],
+                      lighthouse_addr=lighthouse, replica_id=replica_id)
+    manager.dtrain_store = own  # the group's store must live as long as the manager that talks to it
+    return manager

@@ -1,0 +1,108 @@
+"""One replica group of tests/test_ft.py (and benchmarks/ft_faults.py): a small regression model on a synthetic
+data set, trained through dtrain.ft.StepRunner. Writes one JSON line per step try to OUT/g<ID>.jsonl (step,
+commit, quorum, replica rank, the sample keys it trained, a hash of the weights after the try) and one per
+healing (the step, the hash of the weights received); the final weights to OUT/g<ID>.pt.
+
+--kill-at STEP: SIGKILL this process mid-step at STEP, after its backward pass and before the all-reduce, as a
+lost machine would (the peers' collective fails, so the step is not committed anywhere and is replayed).
+--hold-at STEP --hold-for ID: wait before STEP until group ID's manager is up (its OUT/g<ID>.up), so that a
+replacement surely joins before the survivors finish, however slow the machine."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torchft  # noqa: F401 (imported before --wait-for's wait: seconds of imports, not part of joining)
+
+from dtrain.ft import StepRunner, build_manager
+
+N, DIM = 96, 8  # samples, features
+
+
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, DIM, generator=g)
+    y = x @ torch.randn(DIM, 1, generator=g) + 0.1 * torch.randn(N, 1, generator=g)
+    return x, y
+
+
+def order(epoch: int) -> list[int]:
+    return torch.randperm(N, generator=torch.Generator().manual_seed(1000 + epoch)).tolist()
+
+
+def build_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(DIM, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+
+
+def build_optim(model):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)  # momentum: state that must heal too
+    return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.8)
+
+
+def weights_hash(model) -> str:
+    return hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()[:16]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--replica-id", required=True)
+    ap.add_argument("--lighthouse", required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--global-batch", type=int, default=16)
+    ap.add_argument("--kill-at", type=int, default=-1)
+    ap.add_argument("--step-delay", type=float, default=0.0)
+    ap.add_argument("--timeout", type=float, default=5.0)
+    ap.add_argument("--wait-for", type=Path, help="join only once this file exists (a replacement started early)")
+    ap.add_argument("--hold-at", type=int, default=-1, help="before this step, wait until --hold-for has joined")
+    ap.add_argument("--hold-for", default="", help="a replica id (its manager touches OUT/g<ID>.up)")
+    args = ap.parse_args()
+    x, y = data()
+    model = build_model()
+    opt, sched = build_optim(model)
+    records = (args.out / f"g{args.replica_id}.jsonl").open("a", buffering=1)
+
+    def write(**rec):
+        records.write(json.dumps({"pid": os.getpid(), "t": time.time(), **rec}) + "\n")
+
+    class Runner(StepRunner):
+        def load_state_dict(self, state):
+            super().load_state_dict(state)
+            write(healed=self.manager.current_step(), weights=weights_hash(self.model))
+
+        def _sum_gradients(self):
+            if self.manager.current_step() == args.kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            super()._sum_gradients()
+
+    while args.wait_for and not args.wait_for.exists():
+        time.sleep(0.02)
+    manager = build_manager(args.replica_id, args.lighthouse, timeout_s=args.timeout)
+    runner = Runner(manager, model, opt, torch.nn.functional.mse_loss, order,
+                    lambda keys: (x[keys], y[keys]), args.global_batch, N // args.global_batch, scheduler=sched,
+                    say=lambda line: print(line, file=sys.stderr, flush=True))
+    (args.out / f"g{args.replica_id}.up").touch()  # heartbeating from here on: the lighthouse will wait for it
+    write(started=True)
+    while manager.current_step() < args.steps:
+        while manager.current_step() == args.hold_at and not (args.out / f"g{args.hold_for}.up").exists():
+            time.sleep(0.02)
+        r = runner.step()
+        write(step=r.step, committed=r.committed, participants=r.participants, rank=r.replica_rank, keys=r.keys,
+              weights=weights_hash(model))
+        time.sleep(args.step_delay)
+    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, args.out / f"g{args.replica_id}.pt")
+    manager.shutdown(wait=False)
+    write(done=True)
+
+
+if __name__ == "__main__":
+    main()
