@@ -28,6 +28,7 @@ gives a collate hook exactly the samples of its batch.
 from __future__ import annotations
 
 import io
+import json
 import re
 import warnings
 import zlib
@@ -359,14 +360,23 @@ class _Image:
 
 class FieldMap:
     """{field: "ext1;ext2"}: each field from the first of its extensions the sample has, decoded by
-    webdataset's Decoder (only the members a field uses are decoded; the others are ignored)."""
+    webdataset's Decoder (only the members a field uses are decoded; the others are ignored).
+    {field: "json#/count"}: a number inside a JSON member, by a JSON pointer (RFC 6901) after `#`, which
+    no member extension holds (`;` separates extensions, `.` is inside them: seg.png)."""
 
     def __init__(self, fields: dict[str, str], image: str = "rgb"):
+        self.fields, self.pointers = {}, {}
         for name, spec in fields.items():
-            if name.startswith("__") or not spec or not all(spec.split(";")):
+            exts, _, pointer = spec.partition("#") if isinstance(spec, str) else ("", "", "")
+            if name.startswith("__") or not exts or not all(exts.split(";")):
                 raise ConfigError(f"config: data.sample.{name}: {spec!r} is not a field name and member extensions "
-                                  "like x: 'jpg;png'")
-        self.fields = {name: [e.lower() for e in spec.split(";")] for name, spec in fields.items()}
+                                  "like x: 'jpg;png' (or a number in a JSON member, y: 'json#/count')")
+            if "#" in spec and not pointer.startswith("/"):
+                raise ConfigError(f"config: data.sample.{name}: {spec!r}: after '#' comes a JSON pointer starting "
+                                  f"with '/', e.g. y: '{exts}#/{pointer or 'count'}'")
+            self.fields[name] = [e.lower() for e in exts.split(";")]
+            if pointer:  # "/labels/0" -> ["labels", "0"]; ~1 and ~0 are RFC 6901's escapes of / and ~
+                self.pointers[name] = [t.replace("~1", "/").replace("~0", "~") for t in pointer[1:].split("/")]
         self.decoder = autodecode.Decoder([_Image(image)], pre=[_gunzip], post=[_safe_basic])
 
     def __call__(self, sample: dict) -> dict:
@@ -384,7 +394,28 @@ class FieldMap:
                 raise DataError(f"data: cannot decode {sample['__key__']}.{ext} of {sample.get('__url__', 'a shard')} "
                                 f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") \
                     from None
+            if name in self.pointers:
+                out[name] = self._number(out[name], self.pointers[name], name, ext, sample)
         return out
+
+    def _number(self, value, tokens: list[str], name: str, ext: str, sample: dict):
+        """The number at the JSON pointer `tokens` in a decoded JSON member, else one DataError line."""
+        where = f"sample {sample['__key__']!r} of {sample.get('__url__', 'a shard')}"
+        field = f"/{'/'.join(t.replace('~', '~0').replace('/', '~1') for t in tokens)}"
+        for token in tokens:
+            if isinstance(value, dict) and token in value:
+                value = value[token]
+            elif isinstance(value, list) and token.isdigit() and int(token) < len(value):
+                value = value[int(token)]
+            else:
+                has = f"keys {', '.join(map(str, value)) or 'none'}" if isinstance(value, dict) else \
+                    f"a list of {len(value)}" if isinstance(value, list) else f"a {type(value).__name__}"
+                raise DataError(f"data: {where}: its .{ext} member has no {field} for data.sample.{name} (at "
+                                f"'{token}' it has {has})")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):  # bool: an int to Python, not a count
+            raise DataError(f"data: {where}: {field} of its .{ext} member (data.sample.{name}) is "
+                            f"{json.dumps(value)[:60]}, not a number")
+        return value
 
 
 class MappedFormat:
@@ -392,12 +423,38 @@ class MappedFormat:
     mapped = True
 
     def __init__(self, to_fields: Callable[[dict], dict], collate: Optional[Callable[[list], dict]] = None,
-                 name: str = "data.sample", labels: Optional[ClassLabels] = None):
+                 name: str = "data.sample", labels: Optional[ClassLabels] = None, next_tokens: bool = False):
         self.to_fields, self.collate, self.name, self.labels = to_fields, collate, name, labels
+        self.next_tokens = next_tokens
 
     def checking(self, labels: Optional[ClassLabels]) -> "MappedFormat":
         """This format, checking every sample's class label (field y) with `labels`."""
-        return MappedFormat(self.to_fields, self.collate, self.name, labels)
+        return MappedFormat(self.to_fields, self.collate, self.name, labels, self.next_tokens)
+
+    def predicting_next(self) -> "MappedFormat":
+        """This format for a causal language model (data.task=lm): the one field of token ids becomes x, its
+        tokens but the last, and y, its tokens but the first, as dtrain's own text shards are decoded."""
+        fields = getattr(self.to_fields, "fields", None)  # a FieldMap's; a function's are seen per sample
+        if fields is not None and len(fields) != 1:
+            raise ConfigError(f"config: data.task=lm takes one field of token ids, data.sample has {', '.join(fields)}: "
+                              "map only the tokens, e.g. data.sample='{x: tokens.npy}' (y is x shifted by one)")
+        return MappedFormat(self.to_fields, self.collate, self.name, self.labels, True)
+
+    def _shifted(self, fields: dict, sample: dict) -> dict:
+        where = f"sample {sample.get('__key__')!r} of {sample.get('__url__', 'a shard')}"
+        if len(fields) != 1:
+            raise DataError(f"data: {self.name} returned the fields {', '.join(map(str, fields))} for {where}; "
+                            "data.task=lm takes one field of token ids (y is x shifted by one)")
+        (name, ids), = fields.items()
+        tokens = torch.as_tensor(ids) if isinstance(ids, (torch.Tensor, np.ndarray, list)) else None
+        if tokens is None or tokens.dim() != 1 or len(tokens) < 2 or tokens.is_floating_point() or \
+                tokens.is_complex() or tokens.dtype == torch.bool:
+            what = f"a {tokens.dtype} array of shape {tuple(tokens.shape)}" if tokens is not None else \
+                f"a {type(ids).__name__}"
+            raise DataError(f"data: {where}: field '{name}' is {what}; data.task=lm takes a 1-D array of at least 2 "
+                            "integer token ids")
+        tokens = tokens.long()  # cross-entropy's targets are int64; a copy where the ids were narrower
+        return {"x": tokens[:-1], "y": tokens[1:]}
 
     def decode(self, sample: dict) -> dict:
         try:
@@ -410,6 +467,8 @@ class MappedFormat:
         if not isinstance(fields, dict) or not fields:
             raise DataError(f"data: {self.name} returned {type(fields).__name__} for sample "
                             f"{sample.get('__key__')!r}; it must return a dict of fields, e.g. {{'x': ..., 'y': ...}}")
+        if self.next_tokens:
+            fields = self._shifted(fields, sample)
         if self.labels is not None and "y" in fields:
             self.labels(fields["y"], sample["__key__"], sample.get("__url__", "a shard"))
         return {**{k: v for k, v in fields.items() if k != "__key__"}, "__key__": sample["__key__"]}
