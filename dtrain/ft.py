@@ -62,23 +62,29 @@ class StepResult:
     committed: bool
     participants: int
     replica_rank: int
-    keys: list  # this group's share
-    loss: float
+    keys: list  # this group's share of the step's global batch
+    micro_batches: int  # the share cut into at most `micro_batch` samples each, gradients accumulated
+    loss: float  # the global batch's mean loss (summed over the quorum with the gradients)
+    votes: list[float]  # each of the step's `votes`, summed over the quorum: a decision all groups share
 
 
 class StepRunner:
     """Trains one replica group (one process) a step at a time through a torchft Manager.
 
     `order(epoch)` gives the epoch's sample keys in order (at least steps_per_epoch * global_batch of them),
-    `fetch(keys)` the batch (x, y) of those keys. The model, optimizer and schedule heal through the manager's
-    state-dict callbacks, registered here; the step comes with torchft's own state."""
+    `fetch(keys)` the batch (x, y) of those keys, `loss_fn(output, y)` a mean over the batch. A share larger
+    than `micro_batch` is trained in micro-batches of at most that many, accumulating: memory per group stays
+    bounded when the quorum shrinks and the shares grow. The model, optimizer and schedule heal through the
+    manager's state-dict callbacks, registered here; the step comes with torchft's own state."""
 
     def __init__(self, manager, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  loss_fn: Callable, order: Callable[[int], Sequence], fetch: Callable[[Sequence], tuple],
-                 global_batch: int, steps_per_epoch: int, scheduler=None, say: Callable[[str], None] = log.warning):
+                 global_batch: int, steps_per_epoch: int, scheduler=None, micro_batch: int | None = None,
+                 say: Callable[[str], None] = log.warning):
         self.manager, self.model, self.optimizer, self.scheduler = manager, model, optimizer, scheduler
         self.loss_fn, self.order, self.fetch, self.say = loss_fn, order, fetch, say
         self.global_batch, self.steps_per_epoch = global_batch, steps_per_epoch
+        self.micro_batch = micro_batch or global_batch
         self.healed_at: list[int] = []  # the steps at which this group loaded a peer's state
         self._participants: int | None = None
         self._epoch_keys: tuple[int, Sequence] = (-1, ())
@@ -92,22 +98,37 @@ class StepRunner:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._load(state)
+        self.healed_at.append(self.manager.current_step())
+
+    def _load(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
-        self.healed_at.append(self.manager.current_step())
+
+    # what a checkpoint holds: torchft's step too (its own docs: restore the Manager's state with the weights)
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {"dtrain": self.state_dict(), "torchft": self.manager.state_dict()}
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        self._load(state["dtrain"])
+        self.manager.load_state_dict(state["torchft"])
 
     def step_keys(self, step: int) -> Sequence:
+        """The global batch of committed step `step`: samples done*B..(done+1)*B-1 of its epoch's order."""
         epoch, done = divmod(step, self.steps_per_epoch)
         if self._epoch_keys[0] != epoch:
             self._epoch_keys = (epoch, self.order(epoch))
         return self._epoch_keys[1][done * self.global_batch:(done + 1) * self.global_batch]
 
-    def step(self) -> StepResult:
+    def step(self, votes: Sequence[float] = ()) -> StepResult:
         """One try of the next step: quorum (healing first if this group is behind), this group's share of the
         step's global batch, gradients summed over the quorum, commit. Not committed: the weights and the step
-        are unchanged, so the next call trains the same samples again."""
+        are unchanged, so the next call trains the same samples again.
+
+        `votes` (the same number from every group) travel with the gradients and come back summed over the
+        quorum: 1.0 for "save now" (a signal this group got) makes every group of the committed step save."""
         m = self.manager
         m.start_quorum()  # synchronous: heals before returning, so the forward pass sees the peer's weights
         step, participants, rank = m.current_step(), m.num_participants(), m.participating_rank()
@@ -117,13 +138,16 @@ class StepRunner:
             self._participants = participants
         keys = list(deal_step(self.step_keys(step), rank, participants))
         self.optimizer.zero_grad(set_to_none=False)
-        loss = torch.zeros(())
-        if keys:
-            x, y = self.fetch(keys)
-            # this share's mean x share/B: summed over the quorum, the global batch's mean at any quorum size
-            loss = self.loss_fn(self.model(x), y) * (len(keys) / self.global_batch)
-            loss.backward()
-        self._sum_gradients()
+        chunks = [keys[i:i + self.micro_batch] for i in range(0, len(keys), self.micro_batch)]
+        loss = torch.zeros((), dtype=torch.float64)
+        for chunk in chunks:
+            x, y = self.fetch(chunk)
+            # this chunk's mean x chunk/B: summed over chunks and the quorum, the global batch's mean
+            part = self.loss_fn(self.model(x), y) * (len(chunk) / self.global_batch)
+            part.backward()
+            loss += part.detach()
+        summed = self._sum_gradients(torch.tensor([float(loss), *votes], dtype=torch.float64))
+        loss, votes = float(summed[0]), summed[1:].tolist()
         committed = m.should_commit()
         if committed:
             self.optimizer.step()
@@ -132,22 +156,26 @@ class StepRunner:
         else:
             self.say(f"ft: step {step} not committed ({_first_line(m.errored())}); "
                      f"its samples are dealt again over the next quorum")
-        return StepResult(step, committed, participants, rank, keys, float(loss.detach()) * participants)
+        return StepResult(step, committed, participants, rank, keys, len(chunks), loss, votes)
 
-    def _sum_gradients(self) -> None:
-        """All-reduce (SUM) every gradient through torchft's managed process group, in one flat buffer (one
-        collective a step). An error there is recorded by the manager and fails the commit, not this call."""
+    def _sum_gradients(self, extra: torch.Tensor) -> torch.Tensor:
+        """All-reduce (SUM) every gradient, and `extra` (the loss, the votes), through torchft's managed process
+        group in one flat buffer (one collective a step); -> `extra` summed. An error there is recorded by the
+        manager and fails the commit, not this call."""
         from torch.distributed import ReduceOp
         params = [p for p in self.model.parameters() if p.requires_grad]
         for p in params:
             if p.grad is None:  # a parameter unused by this share still takes part in the sum
                 p.grad = torch.zeros_like(p)
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        # in the gradients' dtype (no wider: it would double the bytes sent); votes are small whole numbers,
+        # exact in any float dtype
+        flat = torch.cat([p.grad.reshape(-1) for p in params] + [extra.to(params[0].grad.dtype)])
         self.manager.allreduce(flat, reduce_op=ReduceOp.SUM).wait()
         offset = 0
         for p in params:
             p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
             offset += p.numel()
+        return flat[offset:]
 
 
 def _first_line(error) -> str:

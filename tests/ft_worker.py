@@ -59,7 +59,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--global-batch", type=int, default=16)
+    ap.add_argument("--micro-batch", type=int, default=None)
     ap.add_argument("--kill-at", type=int, default=-1)
+    ap.add_argument("--vote-at", type=int, default=-1, help="vote 1 (as a signal would: save now) at this step")
     ap.add_argument("--step-delay", type=float, default=0.0)
     ap.add_argument("--timeout", type=float, default=5.0)
     ap.add_argument("--wait-for", type=Path, help="join only once this file exists (a replacement started early)")
@@ -79,25 +81,26 @@ def main() -> None:
             super().load_state_dict(state)
             write(healed=self.manager.current_step(), weights=weights_hash(self.model))
 
-        def _sum_gradients(self):
+        def _sum_gradients(self, loss):
             if self.manager.current_step() == args.kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
-            super()._sum_gradients()
+            return super()._sum_gradients(loss)
 
     while args.wait_for and not args.wait_for.exists():
         time.sleep(0.02)
     manager = build_manager(args.replica_id, args.lighthouse, timeout_s=args.timeout)
     runner = Runner(manager, model, opt, torch.nn.functional.mse_loss, order,
                     lambda keys: (x[keys], y[keys]), args.global_batch, N // args.global_batch, scheduler=sched,
+                    micro_batch=args.micro_batch,
                     say=lambda line: print(line, file=sys.stderr, flush=True))
     (args.out / f"g{args.replica_id}.up").touch()  # heartbeating from here on: the lighthouse will wait for it
     write(started=True)
     while manager.current_step() < args.steps:
         while manager.current_step() == args.hold_at and not (args.out / f"g{args.hold_for}.up").exists():
             time.sleep(0.02)
-        r = runner.step()
+        r = runner.step(votes=[float(manager.current_step() == args.vote_at)])
         write(step=r.step, committed=r.committed, participants=r.participants, rank=r.replica_rank, keys=r.keys,
-              weights=weights_hash(model))
+              micro_batches=r.micro_batches, loss=r.loss, votes=r.votes, weights=weights_hash(model))
         time.sleep(args.step_delay)
     torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, args.out / f"g{args.replica_id}.pt")
     manager.shutdown(wait=False)

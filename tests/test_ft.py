@@ -5,6 +5,7 @@ every epoch trained once (tests/ft_worker.py is one replica group)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import subprocess
@@ -43,7 +44,7 @@ def test_the_global_order_is_the_epochs_samples_once_whatever_the_ranks(data_roo
 
 
 # ---- replica groups as processes ---------------------------------------------------------------------------
-STEPS, GLOBAL_BATCH, KILL_AT = 48, 16, 14
+STEPS, GLOBAL_BATCH, MICRO_BATCH, KILL_AT, VOTE_AT = 48, 16, 6, 14, 30
 
 
 def _records(out: Path, group: int) -> list[dict]:
@@ -51,22 +52,25 @@ def _records(out: Path, group: int) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def _reference() -> dict[str, torch.Tensor]:
-    """The same run on one process without torchft: each step the mean gradient of its whole global batch."""
+def _reference() -> tuple[dict[str, torch.Tensor], list[float]]:
+    """The same run on one process without torchft, each step the mean gradient of its whole global batch:
+    (final weights, each step's loss)."""
     sys.path.insert(0, str(WORKER.parent))
     import ft_worker as w
     x, y = w.data()
     model = w.build_model()
     opt, sched = w.build_optim(model)
-    per_epoch = w.N // GLOBAL_BATCH
+    per_epoch, losses = w.N // GLOBAL_BATCH, []
     for step in range(STEPS):
         epoch, done = divmod(step, per_epoch)
         keys = w.order(epoch)[done * GLOBAL_BATCH:(done + 1) * GLOBAL_BATCH]
         opt.zero_grad()
-        torch.nn.functional.mse_loss(model(x[keys]), y[keys]).backward()
+        loss = torch.nn.functional.mse_loss(model(x[keys]), y[keys])
+        loss.backward()
+        losses.append(loss.item())
         opt.step()
         sched.step()
-    return model.state_dict()
+    return model.state_dict(), losses
 
 
 @pytest.mark.multiproc
@@ -82,13 +86,14 @@ def test_a_killed_replica_group_heals_and_every_sample_is_trained_once(tmp_path)
     def group(g: int, *extra: str) -> subprocess.Popen:
         cmd = [sys.executable, str(WORKER), "--replica-id", str(g), "--lighthouse", f"http://127.0.0.1:{port}",
                "--out", str(tmp_path), "--steps", str(STEPS), "--global-batch", str(GLOBAL_BATCH),
-               "--step-delay", "0.05", "--timeout", "5", *extra]
+               "--micro-batch", str(MICRO_BATCH), "--step-delay", "0.05", "--timeout", "5", *extra]
         procs.append(subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, text=True,
                                       stderr=(tmp_path / f"w{g}-{len(procs)}.err").open("w")))
         return procs[-1]
 
     try:
-        survivors = [group(g, "--hold-at", str(STEPS - 6), "--hold-for", "2") for g in (0, 1)]
+        survivors = [group(0, "--hold-at", str(STEPS - 6), "--hold-for", "2"),
+                     group(1, "--hold-at", str(STEPS - 6), "--hold-for", "2", "--vote-at", str(VOTE_AT))]
         victim = group(2, "--kill-at", str(KILL_AT))
         assert victim.wait(timeout=120) == -9  # SIGKILLed mid-step by itself
         (tmp_path / "g2.up").unlink()
@@ -110,6 +115,8 @@ def test_a_killed_replica_group_heals_and_every_sample_is_trained_once(tmp_path)
     logs = {g: _records(tmp_path, g) for g in range(3)}
     alone = sorted(r["step"] for r in logs[0] if r.get("committed") and r["participants"] == 2 and r["step"] >= KILL_AT)
     assert len(alone) >= 3 and alone == list(range(alone[0], alone[-1] + 1))  # kept rising during the outage
+    # shares of 8 at 2 groups, trained as micro-batches of 6 and 2; of 5 or 6 at 3 groups, in one
+    assert {r["micro_batches"] for r in logs[0] if r.get("committed")} == {1, 2}
 
     # the replacement healed from a live peer past the kill, holding exactly the weights a survivor committed
     healed = [r for r in logs[2] if "healed" in r and r["pid"] == replacement.pid]
@@ -126,6 +133,8 @@ def test_a_killed_replica_group_heals_and_every_sample_is_trained_once(tmp_path)
     finals = [torch.load(tmp_path / f"g{g}.pt") for g in range(3)]
     assert all(torch.equal(finals[0][k], f[k]) for f in finals[1:] for k in f)
 
+    # a vote of one group (group 1's at step 30, as a signal's "save now") reached every group of that step
+    assert all(r["votes"] == [float(r["step"] == VOTE_AT)] for g in range(3) for r in logs[g] if r.get("committed"))
     # sample accounting: each committed step's shares are its quorum's ranks once each, and the committed
     # steps of an epoch train each of its samples exactly once, though the kill's step was tried twice
     committed = [r for g in range(3) for r in logs[g] if r.get("committed")]
@@ -141,9 +150,45 @@ def test_a_killed_replica_group_heals_and_every_sample_is_trained_once(tmp_path)
             keys += [k for r in sorted(rs, key=lambda r: r["rank"]) for k in r["keys"]]
         assert sorted(keys) == list(range(96))
     # the same updates as one process taking each step's whole global batch (up to the order of float sums)
-    reference = _reference()
+    reference, losses = _reference()
     assert all(torch.allclose(finals[0][k], reference[k], rtol=1e-4, atol=1e-6) for k in reference)
+    assert all(abs(r["loss"] - losses[r["step"]]) <= 1e-4 * losses[r["step"]] for r in committed)
     # one line for the fault, from each survivor
     for g in (0, 1):
         err = (tmp_path / f"w{g}-{g}.err").read_text()
         assert "quorum 3 -> 2 replica groups" in err and f"ft: step {KILL_AT} not committed" in err
+
+
+def _one_group_run(steps: int, start_from: dict | None = None, save_at: int = -1):
+    """One replica group in this process under a Lighthouse of its own: (final weights, the checkpoint state
+    taken after `save_at` committed steps, the first step trained)."""
+    from torchft._torchft import LighthouseServer
+    sys.path.insert(0, str(WORKER.parent))
+    import ft_worker as w
+    from dtrain.ft import StepRunner, build_manager
+    lighthouse = LighthouseServer(bind="127.0.0.1:0", min_replicas=1, join_timeout_ms=100)
+    manager = build_manager("0", lighthouse.address(), timeout_s=10)
+    try:
+        x, y = w.data()
+        model = w.build_model()
+        opt, sched = w.build_optim(model)
+        runner = StepRunner(manager, model, opt, torch.nn.functional.mse_loss, w.order,
+                            lambda keys: (x[keys], y[keys]), GLOBAL_BATCH, w.N // GLOBAL_BATCH, scheduler=sched)
+        if start_from is not None:
+            runner.load_checkpoint_state(start_from)
+        first, saved = manager.current_step(), None
+        while manager.current_step() < steps:
+            assert runner.step().committed
+            if manager.current_step() == save_at:
+                saved = copy.deepcopy(runner.checkpoint_state())
+        return model.state_dict(), saved, first
+    finally:
+        manager.shutdown(wait=False)
+        lighthouse.shutdown()
+
+
+def test_a_checkpoint_of_a_replica_group_resumes_exactly():
+    straight, saved, _ = _one_group_run(10, save_at=4)
+    resumed, _, first = _one_group_run(10, start_from=saved)
+    assert first == 4 and saved["torchft"]["step"] == 4
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)  # weights, momentum, LR and data position
