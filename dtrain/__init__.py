@@ -22,15 +22,17 @@ if TYPE_CHECKING:  # imported when first used (`import dtrain` stays light: no t
     from .config import ConfigError
     from .data.errors import DataError
     from .dist import CollectiveError, LaunchError
+    from .load import load_model
     from .result import FitResult
     from .runlock import RunDirError
 
-__all__ = ["main", "fit", "FitResult", "ConfigError", "DataError", "LaunchError", "CheckpointError",
+__all__ = ["main", "fit", "load_model", "FitResult", "ConfigError", "DataError", "LaunchError", "CheckpointError",
            "DoctorError", "RunDirError", "CollectiveError", "__version__"]
 
 # public name -> the module that defines it, imported on first access (PEP 562)
-_LAZY = {"FitResult": "result", "ConfigError": "config", "DataError": "data.errors", "LaunchError": "dist",
-         "CollectiveError": "dist", "CheckpointError": "checkpoint", "DoctorError": "cli", "RunDirError": "runlock"}
+_LAZY = {"FitResult": "result", "load_model": "load", "ConfigError": "config", "DataError": "data.errors",
+         "LaunchError": "dist", "CollectiveError": "dist", "CheckpointError": "checkpoint", "DoctorError": "cli",
+         "RunDirError": "runlock"}
 
 
 def __getattr__(name: str) -> Any:

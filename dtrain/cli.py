@@ -186,50 +186,14 @@ def _index(args) -> int:
 
 
 def _load_for_eval(path_arg: str):
-    """(path, state with engine.model filled in) from a checkpoint directory, a run directory, or a file
-    written by `dtrain export` (a plain state dict: no DeepSpeed, no process group needed)."""
-    from .checkpoint import CheckpointError, safe_load, verify
-    from .engine import model_weights
-    from .models.transfer import resolve_checkpoint
-
-    if Path(path_arg).is_file():
-        exported = safe_load(Path(path_arg))
-        if not (isinstance(exported, dict) and isinstance(exported.get("model"), dict)
-                and isinstance(exported.get("config"), dict) and isinstance(exported.get("step"), int)):
-            raise CheckpointError(f"checkpoint: {path_arg} is not a file written by `dtrain export` (a dict of "
-                                  "model, config and step); give one, a run directory or checkpoints/step-N")
-        return Path(path_arg), {"config": exported["config"], "trainer": {"step": exported["step"]},
-                                "engine": {"model": exported["model"]}}
-    path = resolve_checkpoint(path_arg)  # a run directory: its best, else latest
-    verify(path)
-    state = safe_load(path / "state.pt")
-    state["engine"] = {"model": model_weights(path, state["engine"])}  # DeepSpeed, FSDP: consolidated shards
-    return path, state
+    from .load import read_checkpoint
+    return read_checkpoint(path_arg)
 
 
 def _stored_config(args, stored: dict, source: Path):
-    """The config that rebuilds a run from a checkpoint or an exported file: the one it stored, under the
-    user's --config files and key=value overrides (the same precedence as train's). A stored setting that
-    would run code is used only where the user names it too (or trusts the file): dtrain.trust."""
-    from pydantic import ValidationError
-
-    from .checkpoint import CheckpointError
-    from .config import Config, load_config
-    from .trust import check_stored
-
-    try:
-        if not isinstance(stored, dict):
-            raise CheckpointError(f"checkpoint: {source} holds no config (a {type(stored).__name__})")
-        stored = Config.from_saved(stored).to_dict()
-    except ValidationError as e:
-        raise CheckpointError(f"checkpoint: {source} holds a config this dtrain can't read "
-                              f"({'.'.join(map(str, e.errors()[0]['loc']))}: {e.errors()[0]['msg']})") from None
-    cfg = load_config(args.config, args.overrides, stored)
-    user = load_config(args.config, args.overrides, args.defaults)  # what the user's own words name
-    if args.hooks is not None:  # a script's own callables: what it hands in is what runs
-        cfg, user = args.hooks.record(cfg), args.hooks.record(user)
-    check_stored(cfg, user, source, args.trust_checkpoint_code)
-    return cfg
+    from .load import stored_config
+    return stored_config(stored, source, args.config, args.overrides, args.defaults, args.hooks,
+                         args.trust_checkpoint_code)
 
 
 def _eval(args) -> int:
@@ -503,6 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .launcher import add_parser
     add_parser(sub)
+    from .predict import add_parser as add_predict
+    add_predict(sub)
     return p
 
 

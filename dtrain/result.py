@@ -47,6 +47,19 @@ class FitResult:
         """Stopped by a signal; the same call (or command) again resumes it."""
         return self.exit_code == EXIT_INTERRUPTED
 
+    def load_model(self, **kwargs):
+        """The trained nn.Module of best_checkpoint (latest_checkpoint where the run has no best), on the CPU,
+        in eval mode: `dtrain.load_model(checkpoint, **kwargs)`. A script hands in its own factory again,
+        `result.load_model(model=build_model)`: a name stored in the checkpoint is never imported from it."""
+        from .load import load_model
+
+        checkpoint = self.best_checkpoint or self.latest_checkpoint
+        if checkpoint is None:
+            from .checkpoint import CheckpointError
+            raise CheckpointError(f"checkpoint: the run {self.run_dir} has no checkpoint to load (it stopped "
+                                  "before its first save)")
+        return load_model(checkpoint, **kwargs)
+
 
 def collect(trainer, outcome: dict) -> FitResult:
     """Collective: rank 0 reads the run's records and checkpoint pointers, every rank gets its result.
