@@ -44,7 +44,7 @@ def __getattr__(name: str) -> Any:
 
 def main(argv: Optional[Sequence[str]] = None, *, config: Optional[dict[str, Any]] = None, model: Any = None,
          loss: Any = None, metrics: Any = None, forward: Any = None, param_groups: Any = None, sample: Any = None,
-         transform: Any = None, collate: Any = None) -> NoReturn:
+         transform: Any = None, collate: Any = None, callbacks: Optional[Sequence[Any]] = None) -> NoReturn:
     """Run dtrain's command line with objects of your own, then exit with its exit code (0, 2 for a user
     error, 75 when interrupted and resumable). `argv` defaults to sys.argv[1:]; its command defaults to
     `train` (also: eval, export, doctor, config, plot).
@@ -66,17 +66,21 @@ def main(argv: Optional[Sequence[str]] = None, *, config: Optional[dict[str, Any
     transform     transform(input) -> input, on training samples in the data workers, with torch's, Python's
                   and NumPy's generators seeded per sample (as data.transform): resumes exactly
     collate       collate(list of sample dicts) -> batch dict (as data.collate)
+    callbacks     objects told what the run does, on every rank: on_train_start(run), on_step_end(step, loss),
+                  on_validation_end(step, metrics), on_checkpoint(path, step, best), on_train_end(result),
+                  on_exception(error), any of them (dtrain.callbacks); in place of run.callbacks
     """
     from .build import Hooks
     from .cli import main as cli_main
 
-    hooks = Hooks(model, loss, metrics, forward, param_groups, sample, transform, collate)
+    hooks = Hooks(model, loss, metrics, forward, param_groups, sample, transform, collate,
+                  None if callbacks is None else list(callbacks))
     raise SystemExit(cli_main(None if argv is None else list(argv), hooks, config))
 
 
 def fit(argv: Optional[Sequence[str]] = None, *, config: Optional[dict[str, Any]] = None, model: Any = None,
         loss: Any = None, metrics: Any = None, forward: Any = None, param_groups: Any = None, sample: Any = None,
-        transform: Any = None, collate: Any = None) -> FitResult:
+        transform: Any = None, collate: Any = None, callbacks: Optional[Sequence[Any]] = None) -> FitResult:
     """Train exactly as `main` does (the same arguments, argv, config, hooks; under torchrun or srun too),
     then return the run's `dtrain.result.FitResult` on every rank instead of exiting: exit_code, stop_reason,
     step, total_steps, run_dir, metrics (the last value of each), best_metrics and best_step (the best
@@ -100,4 +104,5 @@ def fit(argv: Optional[Sequence[str]] = None, *, config: Optional[dict[str, Any]
     from .cli import fit as cli_fit
 
     return cli_fit(None if argv is None else list(argv),
-                   Hooks(model, loss, metrics, forward, param_groups, sample, transform, collate), config)
+                   Hooks(model, loss, metrics, forward, param_groups, sample, transform, collate,
+                         None if callbacks is None else list(callbacks)), config)

@@ -46,10 +46,11 @@ from .throughput import Throughput, peak_flops
 # The config key each hook handed in from Python is recorded under (so config.yaml says what trained the run)
 # and whose place it takes for the whole run: the builders get the object and see the key empty, so a name
 # recorded there is never resolved again (`__main__:my_metrics` imports nowhere; `mynet:top2` would be a
-# second copy, used as well: #32). param_groups has no key.
+# second copy, used as well: #32). param_groups has no key. Callbacks handed in replace the config's list
+# whole, recorded as the list of their `module:Class` names.
 RECORDED = {"model": ("model", "factory"), "forward": ("model", "forward"), "loss": ("loss", "fn"),
             "metrics": ("metrics", "fn"), "sample": ("data", "sample"), "transform": ("data", "transform"),
-            "collate": ("data", "collate")}
+            "collate": ("data", "collate"), "callbacks": ("run", "callbacks")}
 
 
 @dataclasses.dataclass
@@ -63,22 +64,24 @@ class Hooks:
     sample: Any = None  # sample(raw webdataset sample) -> {field: value}, or {field: "ext;ext"}
     transform: Optional[Callable] = None  # transform(input) -> input, training samples, seeded per sample
     collate: Optional[Callable] = None  # collate(list of sample dicts) -> batch dict
+    callbacks: Optional[list] = None  # objects with on_train_start, on_step_end, ... (dtrain.callbacks)
 
     def record(self, cfg: Config) -> Config:
         """The config with the names of the handed-in hooks under their keys (`__main__:build_model`: rebuilt
         only by that script); a field mapping (sample) as it is; a hook without a name (metrics as a dict
         or list) as null: what the config named there is not used."""
-        return self._put(cfg, _name)
+        return self._put(cfg, _name, lambda callbacks: [describe(cb) for cb in callbacks])
 
     def replacing(self, cfg: Config) -> Config:
         """The config the builders read: each key a handed-in hook takes the place of, empty."""
-        return self._put(cfg, lambda hook: None)
+        return self._put(cfg, lambda hook: None, lambda callbacks: [])
 
-    def _put(self, cfg: Config, value: Callable[[Any], Any]) -> Config:
+    def _put(self, cfg: Config, value: Callable[[Any], Any], callbacks: Callable[[list], list]) -> Config:
         sections: dict[str, dict] = {}
         for hook, (section, key) in RECORDED.items():
-            if getattr(self, hook) is not None:
-                sections.setdefault(section, {})[key] = value(getattr(self, hook))
+            given = getattr(self, hook)
+            if given is not None:
+                sections.setdefault(section, {})[key] = callbacks(given) if hook == "callbacks" else value(given)
         return cfg.model_copy(update={name: getattr(cfg, name).model_copy(update=keys)
                                       for name, keys in sections.items()})
 
@@ -256,7 +259,7 @@ def run_dir_of(run: RunConfig, debug: bool = False) -> Path:
 
 
 def build_components(cfg: Config, info: dist.DistInfo, hooks: Optional[Hooks] = None,
-                     debug: bool = False) -> Components:
+                     debug: bool = False, callbacks=None) -> Components:
     run_dir = run_dir_of(cfg.run, debug)
     device = info.device
     log = build_logger(cfg.log, info, run_dir, 0, cfg.wandb, cfg.to_dict())
@@ -273,7 +276,7 @@ def build_components(cfg: Config, info: dist.DistInfo, hooks: Optional[Hooks] = 
     ck = cfg.checkpoint
     checkpointer = Checkpointer(run_dir / "checkpoints", ck.keep_last, info, cfg.hash(), keep_best=ck.keep_best,
                                 async_save=ck.async_save, group=save_group, every=ck.every, save_best=ck.save_best,
-                                enabled=not debug)
+                                enabled=not debug, callbacks=callbacks)
     checkpointer.halted = lambda: stop.reason == StopReason.NONFINITE
     checkpointer.clock = clock.part
     skipped = SkippedUpdates(cfg.train.nonfinite, device, stop, log.warning, lambda: data.feed.step)

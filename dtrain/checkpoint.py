@@ -107,7 +107,8 @@ class Checkpointer:
     """When to save (every N steps) and how (atomic, verified, pruned to the last k and the best m)."""
 
     def __init__(self, root: str | Path, keep_last: int, dist_info, config_hash: str, keep_best: int = 1,
-                 async_save: bool = False, group=None, every: int = 0, save_best: bool = True, enabled: bool = True):
+                 async_save: bool = False, group=None, every: int = 0, save_best: bool = True, enabled: bool = True,
+                 callbacks=None):
         self.root = Path(root)
         self.keep_last, self.keep_best, self.every, self.save_best = keep_last, keep_best, every, save_best
         self.enabled = enabled  # False (train --debug): nothing is ever written
@@ -126,6 +127,7 @@ class Checkpointer:
         self._snapshot = Snapshot()
         # rank 0, after a checkpoint is published (in the save thread under async_save): (path, step, best)
         self.published: Optional[Callable[[Path, int, bool], None]] = None
+        self.callbacks = callbacks  # every rank, once every rank knows the checkpoint is published: on_checkpoint
 
     # ---- when: the loop tells the checkpointer where it is; the checkpointer decides and saves ----------
     def should_save(self, step: int) -> bool:
@@ -255,6 +257,8 @@ class Checkpointer:
 
         self._all_ok(write, tmp)
         self._all_ok((lambda: self._publish(tmp, final, step, best)) if self.info.is_global_zero else None, tmp)
+        if self.callbacks is not None:  # an error of theirs is the user's (from the save thread: raised by wait())
+            self.callbacks.emit("on_checkpoint", final.absolute(), step, best)
         return final
 
     def _tmp(self, step: int) -> Path:

@@ -28,6 +28,7 @@ def _fit(args, print_result: bool = False):
     from . import dist
     from .config import load_config
     from .build import run_dir_of
+    from .callbacks import build_callbacks
     from .result import collect
     from .runlock import hold
     from .signals import StopReason, requeue_slurm_job
@@ -46,14 +47,15 @@ def _fit(args, print_result: bool = False):
                                      "log": cfg.log.model_copy(update={"progress": False})})
     if args.hooks is not None:
         cfg = args.hooks.record(cfg)  # config.yaml names the script's callables
+    callbacks = build_callbacks(cfg.run.callbacks, args.hooks and args.hooks.callbacks)
     run_dir = run_dir_of(cfg.run, args.debug)
     say = logging.getLogger("dtrain.run").info
     _say_where_the_rank_logs_are(run_dir, say)
     # --debug: anomaly detection for this run only (a context: `dtrain.main` may run in a longer-lived process)
     anomaly = torch.autograd.detect_anomaly() if args.debug else contextlib.nullcontext()
-    with anomaly, _session(cfg, force_single=args.debug) as info:
+    with anomaly, _session(cfg, force_single=args.debug) as info, _told(callbacks):
         with hold(run_dir, info, say):  # one job per run dir
-            trainer = Trainer(cfg, info, debug=args.debug, hooks=args.hooks)
+            trainer = Trainer(cfg, info, debug=args.debug, hooks=args.hooks, callbacks=callbacks)
             if cfg.run.doctor and info.distributed:
                 _check_health(cfg, info, trainer.run_dir, trainer.engine.module, brief=True, hooks=args.hooks)
             outcome = trainer.fit()  # config.yaml is written once the resume is settled (RunLogger.start)
@@ -63,6 +65,7 @@ def _fit(args, print_result: bool = False):
                 if print_result:
                     print(json.dumps(outcome), flush=True)
             result = collect(trainer, outcome)
+            callbacks.emit("on_train_end", result)
         if info.is_global_zero and outcome["stop_reason"] == StopReason.SIGUSR1.value:
             # Last of all, since SLURM ends the job's steps as soon as it is requeued (a rank 0 that requeued
             # before its summary was killed printing it): the checkpoint is complete, the run lock released.
@@ -70,6 +73,16 @@ def _fit(args, print_result: bool = False):
             # code 75, would get srun (--kill-on-bad-exit) to end rank 0 before it requeued the job.
             requeue_slurm_job(say)
     return result
+
+
+@contextlib.contextmanager
+def _told(callbacks):
+    """The callbacks' on_exception, on the rank where the run ends in an exception, before it goes on up."""
+    try:
+        yield
+    except Exception as e:
+        callbacks.emit("on_exception", e)
+        raise
 
 
 def _say_where_the_rank_logs_are(run_dir: Path, say) -> None:

@@ -46,6 +46,11 @@ class RunConfig(Section):
     """Run a brief `dtrain doctor` on all ranks before training (versions, config, all-reduce, shards, disk)."""
     stop_at_step: Optional[int] = Field(None, ge=1)
     """Checkpoint and exit (resumable) once this global step is reached; the schedule is unchanged."""
+    callbacks: list[str] = []
+    """Callbacks, each an import string `package.module:Class` called with no arguments: an object with any of
+    on_train_start(run), on_step_end(step, loss), on_validation_end(step, metrics), on_checkpoint(path, step,
+    best), on_train_end(result), on_exception(error), called on every rank (dtrain.callbacks). One with
+    state_dict()/load_state_dict() is resumed exactly. Callbacks handed to dtrain.fit/main take their place."""
 
 
 class DataConfig(Section):

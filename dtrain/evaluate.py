@@ -59,6 +59,7 @@ class Evaluator:
         self.best_key = BEST_SO_FAR + self.monitor.removeprefix("val/")
         self.best_val = -math.inf if self.mode == "max" else math.inf
         self.best_step, self.bad_validations = -1, 0
+        self.validated: dict = {}  # the last validation's metrics record, without step and epoch (callbacks)
 
     # ---- when ---------------------------------------------------------------------------------
     def should_validate(self, step: int, steps_per_epoch: int, last: bool) -> bool:
@@ -75,7 +76,8 @@ class Evaluator:
             raise ConfigError(f"config: early_stop.monitor: {self.monitor!r} is not a validation metric; validation "
                               f"logs {', '.join(metrics)}")
         improved, stop_early = self.observe(metrics[self.monitor], step)
-        log.metrics({"step": step, "epoch": epoch, **metrics, self.best_key: self.best_val})
+        self.validated = {**metrics, self.best_key: self.best_val}
+        log.metrics({"step": step, "epoch": epoch, **self.validated})
         log.info(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
                  + (" (best)" if improved else f" (no improvement for {self.bad_validations})"))
         if stop_early:

@@ -26,7 +26,7 @@ from .config import Config, ConfigError, _migrate, _valid_keys
 # Entries ending in "." cover their whole section; others the key and anything under it.
 MAY_CHANGE = (
     "run.name", "run.dir",  # the same run, renamed or moved
-    "run.doctor", "run.stop_at_step",
+    "run.doctor", "run.stop_at_step", "run.callbacks",  # a callback added or removed only watches from now on
     "data.root",  # where the same shards are
     "data.num_workers", "data.prefetch_factor",  # loading only (an interrupted epoch ends in its old worker order)
     "data.eval_batch_size",  # evaluation metrics are means over every sample whatever the batch

@@ -19,6 +19,7 @@ import torch
 from . import batch as batches
 from . import dist
 from .build import Hooks, build_components, seed_all
+from .callbacks import Callbacks, RunStart, build_callbacks
 from .config import Config
 from .resume import ConfigState, already_tested
 from .signals import StopReason
@@ -26,9 +27,12 @@ from .state import RNG, Parts
 
 
 class Trainer:
-    def __init__(self, cfg: Config, dist_info: dist.DistInfo, debug: bool = False, hooks: Optional[Hooks] = None):
+    def __init__(self, cfg: Config, dist_info: dist.DistInfo, debug: bool = False, hooks: Optional[Hooks] = None,
+                 callbacks: Optional[Callbacks] = None):
         self.cfg, self.info, self.debug = cfg, dist_info, debug
-        c = build_components(cfg, dist_info, hooks, debug)
+        # the run's lifecycle (run.py) hands in the callbacks it also tells how the run ended
+        self.callbacks = callbacks or build_callbacks(cfg.run.callbacks, hooks and hooks.callbacks)
+        c = build_components(cfg, dist_info, hooks, debug, self.callbacks)
         data, self.engine, self.evaluator, self.freezer = c.core.data, c.core.engine, c.core.evaluator, c.core.freezer
         self.facts, self.feed, self.val_data, self.test_data = data.facts, data.feed, data.val, data.test
         self.forward, self.loss = self.evaluator.forward, self.evaluator.loss
@@ -43,7 +47,7 @@ class Trainer:
                     "data": self.feed, "nonfinite": self.skipped, "evaluator": self.evaluator,
                     "checkpointer": self.checkpointer, "logger": self.log, "stop": self.stop},
             own={"rng": RNG(cfg.run.seed, dist_info.global_rank, lambda: self.step, seed_all),
-                 "steplog": self.step_log})
+                 "steplog": self.step_log, "callbacks": self.callbacks})
 
     # ---- the loop -----------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -80,6 +84,8 @@ class Trainer:
             self.key_log.start(self.step, self.info.world_size, self.info.is_global_zero, self.log.info)
         self.log.info(f"training {self.feed.total_steps} steps ({self.feed.steps_per_epoch}/epoch, "
                       f"global batch {self.feed.samples_per_step}) in {self.run_dir}")
+        self.callbacks.emit("on_train_start", RunStart(self.info.global_rank, self.info.world_size,
+                                                       self.run_dir.absolute(), self.step, self.feed.total_steps))
         self.meter.reset()
 
     def train_epoch(self, epoch_batches, epoch: Optional[int] = None) -> None:
@@ -92,6 +98,7 @@ class Trainer:
                 loss = self.train_step(micro_batches)
             self.stop.step_started = None
             self.step += 1
+            self.callbacks.emit("on_step_end", self.step, loss[0])
             self.after_step(loss, epoch)
             if self.stop.reason is not None:
                 break
@@ -138,6 +145,7 @@ class Trainer:
         with self.clock.part("validation"):
             improved, stop_early = self.evaluator.validate(self.val_data, self.step, epoch, self.log,
                                                            log_local=self.cfg.log.all_ranks and self.info.distributed)
+        self.callbacks.emit("on_validation_end", self.step, dict(self.evaluator.validated))
         self.checkpointer.after_validation(self.step, improved)
         if stop_early:
             self.stop.request(StopReason.EARLY_STOP)

@@ -26,7 +26,7 @@ from .models import BUILTIN
 # Every setting whose value is an import string that dtrain imports and calls (tests/test_trust.py keeps this
 # list complete against the config's documentation). A `_target_` mapping counts wherever it is.
 IMPORT_STRINGS = ("model.factory", "model.forward", "loss.fn", "metrics.fn", "data.sample", "data.transform",
-                  "data.collate")
+                  "data.collate", "run.callbacks")
 # Shards: a `pipe:` URL among them runs a shell command when the data is read.
 SHARD_SOURCES = ("data.train", "data.val", "data.test", "data.counts")
 # Permissions to run code found in data files: honoured only from the user.
@@ -42,6 +42,8 @@ def code_settings(config: dict, reads_data: bool = True) -> Iterator[tuple[tuple
         value = _get(config, key.split("."))
         if isinstance(value, str) and not (key == "model.factory" and value in BUILTIN):  # data.sample: or a dict
             yield tuple(key.split(".")), value
+        elif isinstance(value, list):  # run.callbacks: each of them, at its index
+            yield from (((*key.split("."), i), item) for i, item in enumerate(value))
     yield from _targets(config, ())
     if reads_data:
         for key in SHARD_SOURCES:
