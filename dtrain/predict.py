@@ -60,7 +60,8 @@ def add_parser(sub) -> None:
     p.add_argument("--format", default="jsonl", choices=["jsonl", "tar"],
                    help="jsonl: a JSON line per sample; tar: webdataset shards of KEY.output.npy (default jsonl)")
     p.add_argument("--part-size", type=int, default=10000,
-                   help="samples per part file, each written atomically: what a stop can lose (default 10000)")
+                   help="samples per part file (at the first batch's end at or past it), each written "
+                        "atomically: at most what a SIGKILL loses (default 10000)")
     p.add_argument("--config", action="append", help="YAML config over the checkpoint's stored one")
     p.add_argument("--trust-checkpoint-code", action="store_true",
                    help="run the code the checkpoint's stored config names (import strings) even where your "

@@ -1,0 +1,141 @@
+"""dtrain predict (#34.5): a checkpoint's model over shards on N ranks, each sample once, outputs keyed by sample
+key, resumable after SIGTERM with no duplicate and nothing missing."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+import torch
+import webdataset as wds
+
+import dtrain
+from conftest import _env, run_dtrain, run_ranks
+from dtrain.load import rebuild
+from dtrain.predict import read_keys
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, data_root):
+    """A digits run of dtrain's own mlp, trained in this process: its directory and its test descriptor."""
+    where = tmp_path_factory.mktemp("predict")
+    result = dtrain.fit([f"data.root={data_root}", f"run.dir={where}", "run.name=mlp", "log.progress=false",
+                         "train.epochs=1", "data.batch_size=64"])
+    assert result.exit_code == 0
+    return result.run_dir, data_root / "digits" / "test.json"
+
+
+@pytest.fixture(scope="module")
+def expected(run):
+    """{key: logits} of load_model's forward over every test sample (read as the run read its test split)."""
+    model = dtrain.load_model(run[0])
+    out = {}
+    with torch.inference_mode():
+        for x, _, keys in rebuild(run[0]).streams.test.epoch(0):
+            out.update(zip(keys, model(x)))
+    return out
+
+
+def outputs(out) -> dict:
+    """{key: [every output row under that key]} of the parts under `out` (JSON lines or tar shards)."""
+    rows: dict = {}
+    for part in sorted(out.glob("part-*")):
+        if part.suffix == ".jsonl":
+            for line in part.read_text().splitlines():
+                record = json.loads(line)
+                rows.setdefault(record["__key__"], []).append((record["output"], record["pred"]))
+        else:
+            for sample in wds.WebDataset(str(part), shardshuffle=False).decode():
+                rows.setdefault(sample["__key__"], []).append((sample["output.npy"].tolist(), sample["pred.cls"]))
+    return rows
+
+
+def check_once(out, expected) -> None:
+    """Every test sample exactly once, with load_model's output for it and its argmax."""
+    rows = outputs(out)
+    assert rows.keys() == expected.keys()
+    assert all(len(v) == 1 for v in rows.values()), [k for k, v in rows.items() if len(v) > 1][:3]
+    for key, [(row, pred)] in rows.items():
+        assert torch.allclose(torch.tensor(row), expected[key], atol=1e-5), key
+        assert pred == int(expected[key].argmax())
+    assert json.loads((out / "predict.json").read_text())["complete"] is True
+
+
+def test_predict_in_one_process_writes_every_key_once(run, expected, tmp_path):
+    run_dir, test = run
+    proc = run_dtrain(["predict", "--checkpoint", str(run_dir), "--data", str(test), "--out", "out",
+                       "--part-size", "100"], tmp_path)
+    check_once(tmp_path / "out", expected)
+    assert len(list((tmp_path / "out").glob("part-rank00000-*.jsonl"))) == 3  # 271 samples: 128, 128, 15 (batches of 64)
+    assert f"predict: {len(expected)} outputs in out (" in proc.stdout and "samples/s on 1 rank)" in proc.stdout
+
+
+def test_predict_on_two_ranks_writes_every_key_once(run, expected, tmp_path):
+    run_dir, test = run
+    run_ranks(2, ["predict", "--checkpoint", str(run_dir), "--data", str(test), "--out", "out", "--format", "tar",
+                  "--part-size", "64"], tmp_path)
+    check_once(tmp_path / "out", expected)
+    by_rank = Counter(p.name[:14] for p in (tmp_path / "out").glob("part-*.tar"))
+    assert by_rank == {"part-rank00000": 3, "part-rank00001": 3}  # 136 and 135 samples each
+
+
+def test_another_checkpoint_or_data_into_the_same_out_is_one_line(run, tmp_path):
+    run_dir, test = run
+    run_dtrain(["predict", "--checkpoint", str(run_dir), "--data", str(test), "--out", "out"], tmp_path)
+    proc = run_dtrain(["predict", "--checkpoint", str(run_dir), "--data", str(test.parent / "val.json"),
+                       "--out", "out"], tmp_path, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        f"predict: --out out holds the outputs of data '{test}', not '{test.parent / 'val.json'}'; give a new --out "
+        "(or remove that one) to start over")
+
+
+def test_a_key_twice_in_the_outputs_fails_the_final_check(run, tmp_path):
+    run_dir, test = run
+    args = ["predict", "--checkpoint", str(run_dir), "--data", str(test), "--out", "out", "--part-size", "100"]
+    run_dtrain(args, tmp_path)
+    out = tmp_path / "out"
+    shutil.copy(out / "part-rank00000-000001.jsonl", out / "part-rank00001-000000.jsonl")  # 128 keys twice
+    proc = run_dtrain(args, tmp_path, check=False)
+    assert proc.returncode == 2
+    assert "predict: out holds 128 keys more than once (first 'test-0000128') of --data" in proc.stderr
+
+
+SLOW = """import time
+
+def forward(model, batch):  # a slow model: the predict is still running when the test signals it
+    time.sleep(0.1)
+    return model(batch[0])
+"""
+
+
+def test_sigterm_mid_predict_exits_75_and_the_same_command_finishes_exactly_once(run, expected, tmp_path):
+    run_dir, test = run
+    (tmp_path / "slow.py").write_text(SLOW)
+    cmd = [sys.executable, "-m", "dtrain", "predict", "--checkpoint", str(run_dir), "--data", str(test), "--out",
+           "out", "--part-size", "16", "data.eval_batch_size=8", "model.forward=slow:forward"]
+    env = _env({"PYTHONPATH": str(tmp_path)})
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list((tmp_path / "out").glob("part-*.jsonl")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 75, stderr
+    assert "predict: stopped by a signal" in stdout and "run the same command again to go on" in stdout
+    first = Counter(read_keys(tmp_path / "out"))
+    assert 0 < len(first) < len(expected) and set(first.values()) == {1}
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    check_once(tmp_path / "out", expected)
+    # the second start computed only the rest
+    assert f"predict: {len(expected)} outputs in out ({len(expected) - len(first)} samples in " in again.stdout
+    assert not [p for p in os.listdir(tmp_path / "out") if p.startswith(".")]  # no temporary part left
