@@ -75,7 +75,8 @@ class DataConfig(Section):
     sample: Union[dict[str, str], str, None] = None
     """How a sample's tar members become fields: {field: extensions}, e.g. {x: "jpg;png", y: cls} (the first
     extension present; decoded by webdataset: images to float CHW tensors in [0, 1], cls to int, json, txt,
-    npy, pth), or an import string `package.module:function` from the raw sample dict (member extension ->
+    npy, pth; a number inside a JSON member by a JSON pointer after `#`: y: "json#/count", "json#/labels/0"),
+    or an import string `package.module:function` from the raw sample dict (member extension ->
     bytes, `__key__`, `__url__`) to a dict of fields. The first field is the input. null: the descriptor's
     own mapping (`dtrain shard --from-folder` writes one), else dtrain's x.npy + y.cls. Batches of mapped
     samples are dicts of fields plus `__key__` (the sample keys)."""
@@ -90,7 +91,7 @@ class DataConfig(Section):
     collate: Optional[str] = None
     """Batching of mapped samples: an import string `package.module:callable` taking the list of sample dicts
     (fields only) and returning a dict, e.g. padding variable shapes. null: torch's default_collate per field."""
-    task: Optional[Literal["classification", "regression"]] = None
+    task: Optional[Literal["classification", "regression", "lm"]] = None
     """What the labels are, for shards whose descriptor doesn't say (null: the descriptor's, else read from the
     first training samples' labels, field y: floating-point values a regression, integers a classification)."""
     num_classes: Optional[int] = Field(None, ge=1)

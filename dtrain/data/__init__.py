@@ -159,6 +159,8 @@ def build_streams(cfg: DataConfig, *, seed: int, rank: int, world_size: int, gra
         infer_task(ShardStream(train_index, "train", batch_size=1, rank=0, world_size=1, sample_format=fmt))
     task = cfg.task or index.task or inferred or "classification"
     num_classes = cfg.num_classes or index.num_classes
+    if task == "lm" and fmt.mapped:  # one field of token ids: y is x shifted by one
+        fmt = fmt.predicting_next()
     if task == "classification":  # every label checked as it is decoded, in every split
         fmt = fmt.checking(ClassLabels(num_classes, floats=getattr(fmt, "collate", None) is None))
     user = _hook(transform, cfg.transform, "data.transform")

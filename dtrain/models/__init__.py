@@ -125,7 +125,7 @@ def cnn(input_shape: tuple[int, ...], num_outputs: int, channels: list[int] = (1
     return model
 
 
-def gpt(input_shape: tuple[int, ...], num_outputs: int, n_layer: int = 12, n_head: int = 12, n_embd: int = 768,
+def gpt(input_shape: tuple[int, ...], num_outputs: Optional[int] = None, n_layer: int = 12, n_head: int = 12, n_embd: int = 768,
         block_size: Optional[int] = None, vocab_size: Optional[int] = None, bias: bool = True,
         dropout: float = 0.0) -> GPT:
     """dtrain's GPT (GPT-2 124M's shape by default, with the data set's vocabulary and context unless
@@ -136,6 +136,9 @@ def gpt(input_shape: tuple[int, ...], num_outputs: int, n_layer: int = 12, n_hea
             raise ConfigError(f"config: model.kwargs.{name}: {value!r} must be a positive integer")
     if n_embd % n_head:
         raise ConfigError(f"config: model.kwargs.n_embd: {n_embd} must be a multiple of n_head ({n_head})")
+    if not (vocab_size or num_outputs):  # token shards of one's own say no vocabulary: data.num_classes or this
+        raise ConfigError("config: model.kwargs.vocab_size: the data set does not say how many token ids there are; "
+                          "set model.kwargs.vocab_size (or data.num_classes) to the vocabulary's size")
     return GPT(vocab_size or num_outputs, block_size or input_shape[-1], n_layer, n_head, n_embd, dropout, bias)
 
 
