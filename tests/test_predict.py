@@ -139,3 +139,46 @@ def test_sigterm_mid_predict_exits_75_and_the_same_command_finishes_exactly_once
     # the second start computed only the rest
     assert f"predict: {len(expected)} outputs in out ({len(expected) - len(first)} samples in " in again.stdout
     assert not [p for p in os.listdir(tmp_path / "out") if p.startswith(".")]  # no temporary part left
+
+
+def test_unlabelled_shards_without_a_descriptor_of_dtrains_are_scaled_as_the_run_was(run, expected, tmp_path):
+    """Data to predict has no labels, and shards indexed by `dtrain index` no x_scale: the run's is used (the
+    raw pixels would give other logits, exit 0)."""
+    run_dir, test = run
+    tars = [test.parent / u["url"] for u in json.loads(test.read_text())["shardlist"]]
+    with wds.TarWriter(str(tmp_path / "bare.tar")) as sink:
+        for sample in wds.WebDataset([str(t) for t in tars], shardshuffle=False):
+            sink.write({"__key__": sample["__key__"], "x.npy": sample["x.npy"]})  # no y.cls
+    run_dtrain(["index", "bare.tar", "--out", "bare.json"], tmp_path)
+    run_dtrain(["predict", "--checkpoint", str(run_dir), "--data", "bare.json", "--out", "out"], tmp_path)
+    check_once(tmp_path / "out", expected)
+
+
+SCRIPT = """import math
+
+import torch
+import dtrain
+
+
+def build_model(input_shape, num_outputs):
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(math.prod(input_shape), num_outputs))
+
+
+if __name__ == "__main__":
+    dtrain.main(model=build_model, config={"run.name": "script", "train.max_steps": 4, "log.progress": False})
+"""
+
+
+def test_a_scripts_model_is_predicted_by_the_script(tmp_path, data_root):
+    from conftest import _run_here
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    assert _run_here([f"data.root={data_root}"], tmp_path, None, script=script).returncode == 0
+    args = ["predict", "--checkpoint", "runs/script", "--data", str(data_root / "digits" / "val.json"), "--out"]
+    proc = _run_here([*args, "out"], tmp_path, None, script=script)
+    assert proc.returncode == 0 and "predict: 269 outputs in out" in proc.stdout, proc.stderr[-2000:]
+    # dtrain's own command can't rebuild it: one line saying how
+    proc = run_dtrain([*args, "out2"], tmp_path, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].endswith(
+        "'s model was built by a script's own __main__:build_model; hand it in: load_model(..., model=build_model), "
+        "or run that script's predict command"), proc.stderr[-2000:]
