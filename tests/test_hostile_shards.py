@@ -23,19 +23,14 @@ from test_sources import image_sample, train_args, write_tar
 
 
 def shard(path: Path, n: int = 8, extra=(), at: int = 0) -> Path:
-    """A shard of `n` jpg+cls samples as any tool writes it, with `extra` members (tarfile.TarInfo, data)
-    added after the first `at` samples."""
+    """A shard of `n` jpg+cls+json samples as any tool writes it, with `extra` members ((TarInfo, data),
+    from `member`) after the first `at` samples."""
     samples = [image_sample(i, np.random.default_rng(i)) for i in range(n)]
-    write_tar(path, samples[:at])
-    with tarfile.open(path, "a") as tar:
-        for info, data in extra:
-            tar.addfile(info, io.BytesIO(data) if data is not None else None)
-    with tarfile.open(path, "a") as tar:
-        for sample in samples[at:]:
-            for ext in ("jpg", "cls", "json"):
-                info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
-                info.size = len(sample[ext])
-                tar.addfile(info, io.BytesIO(sample[ext]))
+    members = [member(f"{s['__key__']}.{ext}", s[ext]) for s in samples for ext in ("jpg", "cls", "json")]
+    members[3 * at:3 * at] = extra
+    with tarfile.open(path, "w") as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data))
     return path
 
 
@@ -56,6 +51,12 @@ def patch_header(path: Path, name: str, field: slice, value: bytes) -> None:
     header[148:156] = b"%06o\0 " % sum(header)
     data[offset:offset + 512] = header
     path.write_bytes(bytes(data))
+
+
+def names(path: Path) -> list[str]:
+    """The members dtrain's reader yields from a shard."""
+    with open(path, "rb") as f:
+        return [m["fname"] for m in tario.tar_file_iterator(f)]
 
 
 def dtrain(tmp_path: Path, *args: str):
@@ -163,7 +164,7 @@ def test_relative_urls_resolve_against_the_descriptor_and_may_climb_out(tmp_path
 
 def test_a_shard_that_is_a_fifo_or_a_device_is_refused_before_it_is_opened(tmp_path):
     """A fifo (or /dev/stdin) listed as a shard would block the reader forever, /dev/zero read as an empty tar."""
-    good = shard(tmp_path / "good.tar")
+    shard(tmp_path / "good.tar")
     os.mkfifo(tmp_path / "fifo")
     for bad in (tmp_path / "fifo", Path("/dev/zero")):
         (tmp_path / "d.json").write_text(json.dumps({"shardlist": [{"url": "good.tar", "nsamples": 8},
@@ -258,8 +259,7 @@ def test_links_are_skipped_never_followed(tmp_path):
              member("s00003.txt", kind=tarfile.LNKTYPE, linkname="s00000.cls"),
              member("s00009.jpg", kind=tarfile.SYMTYPE, linkname=str(secret))]  # a sample of links alone
     path = shard(tmp_path / "links.tar", extra=links, at=4)
-    assert [m["fname"] for m in tario.tar_file_iterator(open(path, "rb")) if "txt" in m["fname"] or
-            m["fname"].startswith("s00009")] == []
+    assert [name for name in names(path) if "txt" in name or name.startswith("s00009")] == []
     assert index(tmp_path, path).returncode == 0
     assert json.loads((tmp_path / "d.json").read_text())["shardlist"][0]["nsamples"] == 8  # s00009: no sample
     assert train(tmp_path, f"data.train={tmp_path / 'd.json'}", "data.shuffle_buffer=0",
@@ -273,7 +273,7 @@ def test_a_link_header_that_declares_data_reads_as_tarfile_reads_it(tmp_path):
     patch_header(path, "s00000.txt", slice(124, 136), b"%011o" % 512)  # hides s00001.jpg's header as "data"
     with tarfile.open(path) as tar:
         expected = [m.name for m in tar if m.isreg()]
-    assert [m["fname"] for m in tario.tar_file_iterator(open(path, "rb"))] == expected
+    assert names(path) == expected
     assert index(tmp_path, path).returncode == 0
     assert json.loads((tmp_path / "d.json").read_text())["shardlist"][0]["nsamples"] == 3
 
