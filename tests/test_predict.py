@@ -82,6 +82,12 @@ def test_predict_on_two_ranks_writes_every_key_once(run, expected, tmp_path):
     check_once(tmp_path / "out", expected)
     by_rank = Counter(p.name[:14] for p in (tmp_path / "out").glob("part-*.tar"))
     assert by_rank == {"part-rank00000": 3, "part-rank00001": 3}  # 136 and 135 samples each
+    # a part lost (never committed): the same command on another number of ranks computes only its samples
+    (tmp_path / "out" / "part-rank00001-000001.tar").unlink()
+    proc = run_dtrain(["predict", "--checkpoint", str(run_dir), "--data", str(test), "--out", "out", "--format", "tar"],
+                      tmp_path)
+    check_once(tmp_path / "out", expected)
+    assert f"predict: {len(expected)} outputs in out (64 samples in " in proc.stdout
 
 
 def test_another_checkpoint_or_data_into_the_same_out_is_one_line(run, tmp_path):
