@@ -224,6 +224,9 @@ def test_index_writes_only_a_regular_file(tmp_path):
         line = error_of(index(tmp_path, good, out=path.name))
         assert f"cannot write the descriptor {path}: it is a" in line and "not a regular file" in line
         assert (path.lstat().st_mode, path.lstat().st_ino) == (before.st_mode, before.st_ino)
+    # nor the shard it counts
+    assert "it is one of the shards it lists" in error_of(index(tmp_path, good, out="good.tar"))
+    assert tarfile.is_tarfile(good)
     # a regular file is replaced whole, through a temp file that does not stay behind
     (tmp_path / "d.json").write_text("old")
     assert index(tmp_path, good).returncode == 0

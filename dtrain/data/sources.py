@@ -139,12 +139,17 @@ def descriptor(shards: list[tuple[str, int]], out: str | Path, meta: Optional[di
 def write_descriptor(d: dict, out: str | Path) -> None:
     """`d` as the regular file `out`, atomically: a temp file in the same directory, fsynced, renamed over
     `out`, so a half-written descriptor never looks complete. Something at `out` that is not a regular file
-    (a directory, a device, a fifo) is refused: the rename would replace it (as root, /dev/full)."""
+    (a directory, a device, a fifo) is refused: the rename would replace it (as root, /dev/full); so is
+    one of the shards `d` lists (`dtrain index x.tar --out x.tar`)."""
     out = Path(out)
     if out.exists() and not out.is_file():
         kind = _KINDS.get(stat.S_IFMT(out.stat().st_mode), "special file")
         raise DataError(f"data: cannot write the descriptor {out}: it is a {kind}, not a regular file; "
                         "name a file instead")
+    where = os.path.dirname(os.path.abspath(out))
+    if any(resolve_url(e["url"], where) == os.path.abspath(out) for e in d.get("shardlist", [])):
+        raise DataError(f"data: cannot write the descriptor {out}: it is one of the shards it lists; name "
+                        "another file")
     # a name of its own (two writers never share one), created new (O_EXCL: not through a link planted
     # there), with the umask's permissions as any file the user writes
     tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")
