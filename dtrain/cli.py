@@ -10,7 +10,6 @@ import logging
 import os
 import shlex
 import sys
-import tempfile
 from pathlib import Path
 
 EXIT_USER_ERROR = 2
@@ -241,65 +240,9 @@ def _eval(args) -> int:
 
 
 def _export(args) -> int:
-    """A checkpoint (DDP, DeepSpeed ZeRO shards or FSDP's DCP shards) as one plain file: the fp32 state dict,
-    the config and the step. It loads with torch.load(weights_only=True) and `dtrain eval --checkpoint FILE`,
-    without DeepSpeed or torch.distributed."""
-    import torch
-
-    from tqdm.utils import CallbackIOWrapper
-
-    from .logging import progress_bar
-
-    path, state = _load_for_eval(args.checkpoint)
-    out = _export_target(Path(args.out), path)
-    size = sum(v.numel() * v.element_size() for v in state["engine"]["model"].values())
-    shown = state["config"].get("log", {}).get("progress", True)
-    # a new temporary file of our own (O_EXCL), renamed over `out`: nothing is written through what is there
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # as open() would make it (mkstemp's is 0600)
-        with os.fdopen(fd, "wb") as f, progress_bar(total=size, desc="export", unit="B", unit_scale=True,
-                                                    unit_divisor=1024, enabled=shown) as bar:
-            torch.save({"model": state["engine"]["model"], "config": state["config"],
-                        "step": state["trainer"]["step"]}, CallbackIOWrapper(bar.update, f, "write"))  # a bar
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    n = sum(v.numel() for v in state["engine"]["model"].values())
-    print(f"wrote {out} ({n} parameters, step {state['trainer']['step']}) from {path.resolve()}")
-    return 0
-
-
-def _export_target(out: Path, source: Path) -> Path:
-    """`out`, where export may write a regular file: not over anything else (a directory, a device, a link),
-    not over the file it reads, nor into a checkpoint directory (its manifest would no longer match, and the
-    run would resume from an older one). Its folder is made. -> out; a ConfigError in one line otherwise."""
-    from .checkpoint import MANIFEST
-    from .config import ConfigError
-
-    def refuse(why: str):
-        return ConfigError(f"export: --out {out} {why}; give the path of a new or regular file outside the "
-                           "run's checkpoints")
-
-    if out.is_symlink() or out.exists() and not out.is_file():
-        kind = "a symbolic link" if out.is_symlink() else "a directory" if out.is_dir() else "not a regular file"
-        raise refuse(f"is {kind}")
-    if out.exists() and source.is_file() and out.samefile(source):
-        raise refuse("is the file being exported")
-    folder = out.parent.resolve()  # before it is made: nothing is made inside a checkpoint either
-    if any((d / MANIFEST).is_file() for d in (folder, *folder.parents)) or \
-            source.is_dir() and folder.is_relative_to(source.resolve()):
-        raise refuse("is inside a checkpoint directory")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise refuse(f"cannot be made ({e.strerror})") from None
-    return out
+    from .export import export
+    return export(args.checkpoint, Path(args.out), args.format, config=args.config, overrides=args.overrides,
+                  defaults=args.defaults, hooks=args.hooks, trusted=args.trust_checkpoint_code)
 
 
 def format_confusion(cm) -> str:
@@ -420,12 +363,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="config overrides over the checkpoint's stored config, e.g. data.test=other/test.json")
     e.set_defaults(func=_eval)
 
-    x = sub.add_parser("export", help="a checkpoint (DeepSpeed ZeRO or FSDP shards too) as one plain file: "
-                                      "{'model': fp32 state dict, 'config': dict, 'step': int}",
-                       epilog="Load it with torch.load(FILE, weights_only=True)['model'] (no DeepSpeed or "
-                              "torch.distributed needed), or evaluate it with `dtrain eval --checkpoint FILE`.")
+    x = sub.add_parser("export", help="a checkpoint (DeepSpeed ZeRO or FSDP shards too) as what its users load: "
+                                      "one plain file (pt, safetensors) or a Hugging Face directory (hf)",
+                       epilog="pt: torch.load(FILE, weights_only=True)['model'] (no DeepSpeed or torch.distributed "
+                              "needed), or `dtrain eval --checkpoint FILE`; safetensors: "
+                              "safetensors.torch.load_file(FILE) (tied weights stored once); hf: "
+                              "from_pretrained(DIR) of the model's own class.")
     x.add_argument("--checkpoint", required=True, help="checkpoints/step-N directory, or a run directory (its best)")
-    x.add_argument("--out", required=True, help="output file, e.g. model.pt")
+    x.add_argument("--out", required=True, help="output file, e.g. model.pt (a new or empty directory for hf)")
+    x.add_argument("--format", default="pt", choices=["pt", "safetensors", "hf"],
+                   help="pt (default): {'model': fp32 state dict, 'config': dict, 'step': int}; safetensors: the "
+                        "state dict; hf: the model's save_pretrained (a transformers PreTrainedModel, built from "
+                        "the stored config: its factory must be named by you, as for eval)")
+    x.add_argument("--config", action="append", help="with --format hf: YAML config over the checkpoint's stored "
+                   "one (e.g. naming the model.factory)")
+    x.add_argument("--trust-checkpoint-code", action="store_true",
+                   help="with --format hf: build the model with the code the checkpoint's stored config names even "
+                        "where your command line and --config do not name it; only for files you trust")
+    x.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="with --format hf: config overrides over the checkpoint's stored config, e.g. "
+                        "model.factory=transformers:GPT2LMHeadModel")
     x.set_defaults(func=_export)
 
     pl = sub.add_parser("plot", help="PNGs of a run's loss, metrics and LR (or, with --lr, of a config's schedule)")
