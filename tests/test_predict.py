@@ -120,18 +120,21 @@ def forward(model, batch):  # a slow model: the predict is still running when th
 """
 
 
-def test_sigterm_mid_predict_exits_75_and_the_same_command_finishes_exactly_once(run, expected, tmp_path):
+def interrupt_then_finish(launcher: list[str], run, expected, tmp_path) -> None:
+    """`LAUNCHER predict ...` SIGTERMed once its first part is written exits 75 with some keys written once; the
+    same command again exits 0 with every key exactly once, computing only the rest."""
     run_dir, test = run
     (tmp_path / "slow.py").write_text(SLOW)
-    cmd = [sys.executable, "-m", "dtrain", "predict", "--checkpoint", str(run_dir), "--data", str(test), "--out",
-           "out", "--part-size", "16", "data.eval_batch_size=8", "model.forward=slow:forward"]
+    cmd = [*launcher, "predict", "--checkpoint", str(run_dir), "--data", str(test), "--out", "out", "--part-size", "16",
+           "data.eval_batch_size=8", "model.forward=slow:forward"]
     env = _env({"PYTHONPATH": str(tmp_path)})
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
         while not list((tmp_path / "out").glob("part-*.jsonl")) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)  # a launcher forwards it to every rank
         stdout, stderr = proc.communicate(timeout=120)
     finally:
         proc.kill()
@@ -139,13 +142,21 @@ def test_sigterm_mid_predict_exits_75_and_the_same_command_finishes_exactly_once
     assert "predict: stopped by a signal" in stdout and "run the same command again to go on" in stdout
     first = Counter(read_keys(tmp_path / "out"))
     assert 0 < len(first) < len(expected) and set(first.values()) == {1}
-    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+                           stdin=subprocess.DEVNULL)
     assert again.returncode == 0, again.stderr
     check_once(tmp_path / "out", expected)
-    # the second start computed only the rest
     assert f"predict: {len(expected)} outputs in out ({len(expected) - len(first)} samples in " in again.stdout
     assert not [p for p in os.listdir(tmp_path / "out") if p.startswith(".")]  # no temporary part left
 
+
+def test_sigterm_mid_predict_exits_75_and_the_same_command_finishes_exactly_once(run, expected, tmp_path):
+    interrupt_then_finish([sys.executable, "-m", "dtrain"], run, expected, tmp_path)
+
+
+@pytest.mark.multiproc
+def test_sigterm_to_dtrain_launch_of_two_ranks_exits_75_and_the_same_command_finishes(run, expected, tmp_path):
+    interrupt_then_finish([sys.executable, "-m", "dtrain", "launch", "--nproc-per-node", "2"], run, expected, tmp_path)
 
 def test_unlabelled_shards_without_a_descriptor_of_dtrains_are_scaled_as_the_run_was(run, expected, tmp_path):
     """Data to predict has no labels, and shards indexed by `dtrain index` no x_scale: the run's is used (the
