@@ -71,3 +71,11 @@ def test_weights_that_do_not_fit_the_factory_are_one_line(run):
     with pytest.raises(CheckpointError, match=r"^checkpoint: .*weights do not fit the model built for it .*size "
                                               r"mismatch.*; build it with the factory and model.kwargs that trained it"):
         dtrain.load_model(run.best_checkpoint, model=build_model, overrides=["model.kwargs.hidden=16"])
+
+
+def test_an_exported_file_loads_the_same_model(run, tmp_path):
+    from conftest import run_dtrain
+    run_dtrain(["export", "--checkpoint", str(run.best_checkpoint), "--out", "model.pt"], tmp_path)
+    exported = dtrain.load_model(tmp_path / "model.pt", model=build_model)
+    reference = dtrain.load_model(run.best_checkpoint, model=build_model)
+    assert all(torch.equal(exported.state_dict()[k], v) for k, v in reference.state_dict().items())
