@@ -11,12 +11,14 @@ interruption, exit 75) and says one line per restart. The worker side is dtrain/
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
 import signal
 import socket
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -24,6 +26,11 @@ from pathlib import Path
 EXIT_USER_ERROR, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 75
 # SIGUSR1 too (SLURM's preemption warning): torch's agent forwards the signals it handles to every worker
 FORWARDED = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+# How long a node waits for the rendezvous of several nodes: stated on the terminal, as the workers'
+# dist.connect_timeout_s is; torch's own 600 s read as a hang. A node started by hand may need longer.
+RDZV_TIMEOUT_S = 300
+WAIT_SAID_AFTER_S, WAIT_SAID_EVERY_S = 3.0, 30.0  # "waiting for ..." lines while the nodes meet
+STOP_TIMEOUT_S = 120
 
 
 def add_parser(sub) -> None:
@@ -38,11 +45,14 @@ def add_parser(sub) -> None:
     la.add_argument("--rdzv-id", default="dtrain", help="several nodes: the same id on every node (default dtrain)")
     la.add_argument("--rdzv-conf", default="", metavar="K=V,...",
                     help="c10d rendezvous settings, as torchrun's: is_host=1 on the node that hosts the store, "
-                         "join_timeout=S (default 600), last_call_timeout=S, ...")
+                         "join_timeout=S (as --rdzv-timeout), last_call_timeout=S, ...")
+    la.add_argument("--rdzv-timeout", type=int, default=RDZV_TIMEOUT_S, metavar="S",
+                    help=f"several nodes: how long this node waits for the rendezvous store to answer, then for "
+                         f"the other nodes to join, before it ends saying why (default {RDZV_TIMEOUT_S})")
     la.add_argument("--max-restarts", type=int, default=0, metavar="K",
                     help="restart all workers from the newest complete checkpoint after a crashed, killed or "
                          "lost worker, at most K times (a user error, exit 2, is never retried)")
-    la.add_argument("--stop-timeout", type=float, default=120, metavar="S",
+    la.add_argument("--stop-timeout", type=float, default=STOP_TIMEOUT_S, metavar="S",
                     help="after SIGTERM/SIGINT/SIGUSR1: how long the workers may take to save before SIGKILL "
                          "(default 120)")
     la.add_argument("target", nargs=argparse.REMAINDER, metavar="COMMAND|SCRIPT.py [args]",
@@ -58,8 +68,8 @@ def run(args) -> int:
         raise ConfigError("launch: give a dtrain command or a script, e.g. `dtrain launch --nproc-per-node 2 "
                           "train --config configs/digits.yaml`")
     nproc = args.nproc_per_node if args.nproc_per_node is not None else (_visible_gpus() or 1)
-    if nproc < 1 or args.max_restarts < 0:
-        raise ConfigError("launch: --nproc-per-node must be >= 1 and --max-restarts >= 0")
+    if nproc < 1 or args.max_restarts < 0 or args.rdzv_timeout <= 0:
+        raise ConfigError("launch: --nproc-per-node must be >= 1, --max-restarts >= 0 and --rdzv-timeout > 0")
     min_nodes, max_nodes = _nnodes(args.nnodes)
     if max_nodes > 1 and not args.rdzv_endpoint:
         raise ConfigError(f"launch: --nnodes {args.nnodes} needs --rdzv-endpoint HOST:PORT (the same on every node)")
@@ -77,8 +87,14 @@ def _command(args, nproc: int) -> list[str]:
     options = ["--nproc-per-node", str(nproc)]
     if args.nnodes != "1":
         options += ["--nnodes", args.nnodes, "--rdzv-endpoint", args.rdzv_endpoint, "--rdzv-id", args.rdzv_id]
+    if args.rdzv_conf:  # is_host=1: without it the node that hosts the store would not host it again
+        options += ["--rdzv-conf", args.rdzv_conf]
+    if args.rdzv_timeout != RDZV_TIMEOUT_S:
+        options += ["--rdzv-timeout", str(args.rdzv_timeout)]
     if args.max_restarts:
         options += ["--max-restarts", str(args.max_restarts)]
+    if args.stop_timeout != STOP_TIMEOUT_S:
+        options += ["--stop-timeout", f"{args.stop_timeout:g}"]
     return ["dtrain", "launch", *options, *args.target]
 
 
@@ -103,7 +119,8 @@ def _resolve(target: list[str], parser: argparse.ArgumentParser) -> tuple[list[s
     """(the worker's arguments after `python -m dtrain.worker LOG_DIR PID`, the run directory, a note on it).
     dtrain commands resolve the run directory as the workers will (so a bad config is one line here, before
     any worker starts); a script's `key=value` arguments are read the same way, but what the script sets
-    itself (dtrain.main(config=...)) is not seen here."""
+    itself (dtrain.main(config=...)) is not seen here. A script's arguments that do not load as a config
+    (a mistake its workers will name, or arguments of its own) may still name the run: its run.* keys."""
     from .build import run_dir_of
     from .config import ConfigError, load_config
 
@@ -123,9 +140,195 @@ def _resolve(target: list[str], parser: argparse.ArgumentParser) -> tuple[list[s
     try:
         return [first, *target[1:]], run_dir_of(load_config(config, overrides).run), \
             " (run directory from the script's key=value arguments)"
-    except ConfigError:  # the script's own arguments, not dtrain's
-        return [first, *target[1:]], Path("runs") / Path(first).stem, \
-            " (the script's arguments name no run directory dtrain can read)"
+    except ConfigError:  # the script's own arguments, or a mistake in dtrain's that its workers will name
+        named = _run_named(config, [a for a in overrides if a.startswith("run.")])
+    if named:  # the logs where the user looks for them, not under the script's name
+        return [first, *target[1:]], named, " (run directory from the script's run.name)"
+    return [first, *target[1:]], Path("runs") / Path(first).stem, \
+        " (the script's arguments name no run directory dtrain can read)"
+
+
+def _run_named(config: list[str], run_keys: list[str]) -> Path | None:
+    """The run directory a script's --config files or its run.* arguments name, read without the rest of
+    its arguments (which did not load); None when they name no run."""
+    from .build import run_dir_of
+    from .config import ConfigError, RunConfig, load_config
+
+    for files in (config, []):
+        with contextlib.suppress(ConfigError):
+            run = load_config(files, run_keys).run
+            if run.name != RunConfig().name:
+                return run_dir_of(run)
+    return None
+
+
+class Rendezvous:
+    """What this node knows of the c10d rendezvous of several nodes, to say while it waits what for (after
+    WAIT_SAID_AFTER_S, then every WAIT_SAID_EVERY_S) and, when it fails, the likely cause in one line.
+    `endpoint` None: one node on a rendezvous of its own (localhost), which has nothing to wait for."""
+
+    def __init__(self, endpoint: str | None, run_id: str, nnodes: str, min_nodes: int, wait_s: int):
+        self.endpoint, self.run_id, self.nnodes, self.min_nodes, self.wait_s = endpoint, run_id, nnodes, min_nodes, wait_s
+        self.phase: str | None = None  # "store" (connecting to it), "join" (the nodes meeting), None
+        self.handler = None  # torch's rendezvous handler, once connected
+        self.most = 0  # the most nodes seen in the rendezvous: a node that gives up leaves it first
+        self.formed: int | None = None  # the nodes of a rendezvous that completed with too few
+
+    def connect(self, make_handler):
+        """torch's rendezvous handler, `make_handler()`, which on a node that does not host the store waits
+        for the store to answer: in a thread of its own, so that a signal meanwhile is handled at once (a
+        signal handler runs in the main thread, which C++ would hold until it gave up) and the wait ends
+        when said (torch's connection retries may take longer)."""
+        from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
+
+        made = {}
+
+        def make():
+            try:
+                made["handler"] = make_handler()
+            except Exception as e:  # noqa: BLE001  (raised again in the main thread)
+                made["error"] = e
+        thread = threading.Thread(target=make, daemon=True)  # left behind if the launcher ends first
+        with self.waiting("store"):
+            thread.start()
+            thread.join(self.wait_s)
+            if "error" in made:
+                raise made["error"]
+            if "handler" not in made:
+                raise RendezvousConnectionError(f"no answer from {self.endpoint} within {self.wait_s} s")
+        return made["handler"]
+
+    @contextlib.contextmanager
+    def waiting(self, phase: str, handler=None):
+        """While the body waits in `phase`: say what for now and then; `phase` stays set if it fails."""
+        self.phase, self.handler, self.most = phase, handler or self.handler, 0
+        done = threading.Event()
+        watch = threading.Thread(target=self._say_while_waiting, args=(done,), daemon=True)
+        if self.endpoint:
+            watch.start()
+        try:
+            yield
+        finally:
+            done.set()
+            if watch.is_alive():
+                watch.join()
+        self.phase = None
+
+    def _say_while_waiting(self, done: threading.Event) -> None:
+        start, said_at = time.monotonic(), WAIT_SAID_AFTER_S
+        while not done.wait(0.5):
+            self.seen()
+            waited = time.monotonic() - start
+            if waited >= said_at:
+                left = max(0, self.wait_s - waited)
+                say(f"launch: {self.waiting_for()}; {left:.0f} s left of {self.wait_s} (--rdzv-timeout)")
+                said_at += WAIT_SAID_EVERY_S
+
+    def joined(self) -> int | None:
+        """Nodes in the rendezvous now, from torch's handler's own copy of its state (the thread in
+        next_rendezvous syncs it with the store each second); None before it connected. (A private
+        attribute of torch's: without it the lines leave the count out.)"""
+        state = getattr(getattr(self.handler, "_state_holder", None), "state", None)
+        return len(state.participants) if state is not None else None
+
+    def seen(self) -> int:
+        """The most nodes seen in the rendezvous since this wait began (a node that gives up leaves it)."""
+        self.most = max(self.most, self.joined() or 0)
+        return self.most
+
+    def _nodes(self, joined: int | None) -> str:
+        need = self.nnodes.replace(":", "-")
+        return f"{joined} of {need} nodes" if joined is not None else f"{need} nodes"
+
+    def waiting_for(self) -> str:
+        if self.phase == "store":
+            return (f"waiting for the rendezvous store at {self.endpoint} to answer (the node whose address that "
+                    f"is hosts it, or the one given --rdzv-conf is_host=1)")
+        return f"waiting for the other nodes: {self._nodes(self.joined())} joined the rendezvous at " \
+               f"{self.endpoint} (id {self.run_id})"
+
+    def check(self, nodes: int) -> None:
+        """After each rendezvous, `nodes` met: fewer than this node's --nnodes N only when a node with a
+        smaller --nnodes joined last (torch completes the rendezvous at the count of the node that joins
+        last), and the job would train on fewer nodes than this one was told."""
+        from torch.distributed.elastic.rendezvous.api import RendezvousError
+
+        if nodes < self.min_nodes:
+            self.formed = nodes
+            raise RendezvousError(f"{nodes} nodes met")
+
+    def where_now(self) -> str:
+        """For a signal's line: where the launcher was, if it was waiting."""
+        if self.phase == "store":
+            return f" while waiting for the rendezvous store at {self.endpoint}"
+        if self.phase == "join" and self.endpoint:
+            return f" during the rendezvous ({self._nodes(self.seen())} had joined at {self.endpoint})"
+        return ""
+
+    def failure(self, error) -> str:
+        """The one line for a failed rendezvous, naming the likely cause and the fix."""
+        from torch.distributed.elastic.rendezvous.api import (RendezvousClosedError, RendezvousConnectionError,
+                                                              RendezvousTimeoutError)
+
+        at, same = f"{self.endpoint} (id {self.run_id})", f"--rdzv-endpoint {self.endpoint} --rdzv-id {self.run_id}"
+        if self.phase == "store" and "in use" in _causes_text(error):
+            return (f"launch: cannot host the rendezvous store at {self.endpoint}: the port is in use (another "
+                    f"job's?); give every node another --rdzv-endpoint port")
+        if self.phase == "store":
+            return (f"launch: no rendezvous store answered at {self.endpoint} within {self.wait_s} s: start the node "
+                    f"that hosts it (the one whose address that is, or given --rdzv-conf is_host=1), give every "
+                    f"node the same --rdzv-endpoint, and check the port is open between the nodes")
+        most, seen = self.seen(), self._nodes(self.seen())
+        if self.formed is not None:
+            return (f"launch: the rendezvous at {at} completed with {self.formed} nodes, but this node has --nnodes "
+                    f"{self.nnodes}: another node was started with a smaller --nnodes; give every node the same "
+                    f"--nnodes")
+        if isinstance(error, RendezvousTimeoutError) and most >= self.min_nodes:
+            return (f"launch: the rendezvous at {at} never completed within {self.wait_s} s though {seen} joined: "
+                    f"another node was started with a larger --nnodes (this one: {self.nnodes}); give every node "
+                    f"the same --nnodes")
+        if isinstance(error, RendezvousTimeoutError) and most <= 1:
+            return (f"launch: no other node joined the rendezvous at {at} within {self.wait_s} s: start the others "
+                    f"with {same} (a node given another port or id waits in a rendezvous of its own), or "
+                    f"give them longer with --rdzv-timeout")
+        if isinstance(error, RendezvousTimeoutError):
+            return (f"launch: only {seen} joined the rendezvous at {at} within {self.wait_s} s: start the others "
+                    f"with {same} --nnodes {self.nnodes}")
+        if isinstance(error, (RendezvousClosedError, RendezvousConnectionError)):  # closed, or its store gone
+            return (f"launch: another node ended the rendezvous at {at} after {seen} had joined (it gave up "
+                    f"waiting or stopped; its own line says why): start every node with the same --nnodes (this "
+                    f"one: {self.nnodes}), {same}")
+        reason = str(error).strip().splitlines()[:1]
+        return f"launch: the rendezvous at {at} failed ({type(error).__name__}{': ' + reason[0] if reason else ''})"
+
+
+def _causes_text(error: BaseException) -> str:
+    """An exception's message and its causes' (torch's RendezvousConnectionError says "see inner exception")."""
+    texts = []
+    while error is not None:
+        texts.append(str(error))
+        error = error.__cause__ or error.__context__
+    return " ".join(texts)
+
+
+def _quiet_cpp_warnings() -> None:
+    """The rendezvous store is C++ (TCPStore): a store that does not answer, or a peer that goes away (a
+    node that gave up closes the store under the others), is logged with a C++ stack dump on every node,
+    and then raised to Python, where the launcher says what happened in one line. c10's level is read from
+    TORCH_CPP_LOG_LEVEL once, as torch loads (here, long before the launcher runs), into a global of libc10:
+    set to FATAL there, in this process only (the workers keep torch's lines), unless the user chose one."""
+    import ctypes
+
+    import torch
+
+    if "TORCH_CPP_LOG_LEVEL" in os.environ:
+        return
+    try:
+        level = ctypes.c_int.in_dll(ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libc10.so")),
+                                    "FLAGS_caffe2_log_level")
+    except (OSError, ValueError):  # another build or platform: torch's lines stay
+        return
+    level.value = 3  # c10's FATAL
 
 
 def _run_agent(args, nproc, min_nodes, max_nodes, entry, run_dir, logs) -> int:
@@ -143,11 +346,18 @@ def _run_agent(args, nproc, min_nodes, max_nodes, entry, run_dir, logs) -> int:
     for name in list(logging.root.manager.loggerDict):
         if name.startswith("torch.distributed.elastic"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
+    _quiet_cpp_warnings()
     standalone = max_nodes == 1 and not args.rdzv_endpoint
-    rdzv_configs = {"join_timeout": 600}  # how long the nodes wait for each other (torch's default)
+    rdzv_configs = {}
     for item in filter(None, args.rdzv_conf.split(",")):
         key, _, value = item.partition("=")
         rdzv_configs[key.strip()] = value.strip()
+    # One bound for both waits, the join_timeout a --rdzv-conf gives or --rdzv-timeout: for the nodes to
+    # join, and, on a node that does not host the store, for the store to answer (torch's read_timeout,
+    # else a fixed 60 s, then a traceback, however long the nodes were told to wait for each other)
+    wait_s = int(rdzv_configs.setdefault("join_timeout", args.rdzv_timeout))
+    rdzv_configs.setdefault("read_timeout", wait_s)
+    rdzv = Rendezvous(None if standalone else args.rdzv_endpoint, args.rdzv_id, args.nnodes, min_nodes, wait_s)
     config = LaunchConfig(min_nodes=min_nodes, max_nodes=max_nodes, nproc_per_node=nproc,
                           run_id=uuid.uuid4().hex if standalone else args.rdzv_id, rdzv_backend="c10d",
                           rdzv_endpoint="localhost:0" if standalone else args.rdzv_endpoint,
@@ -167,36 +377,44 @@ def _run_agent(args, nproc, min_nodes, max_nodes, entry, run_dir, logs) -> int:
         signal.signal(getattr(signal, name), stop)
     if nproc > 1:
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default for several workers per node
-    spec = WorkerSpec(role="dtrain", local_world_size=nproc, entrypoint=sys.executable,
-                      args=("-m", "dtrain.worker", str(logs.resolve()), str(os.getpid()), *entry),
-                      rdzv_handler=rdzv_registry.get_rendezvous_handler(RendezvousParameters(
-                          backend=config.rdzv_backend, endpoint=config.rdzv_endpoint, run_id=config.run_id,
-                          min_nodes=min_nodes, max_nodes=max_nodes, **config.rdzv_configs)),
-                      max_restarts=config.max_restarts, monitor_interval=config.monitor_interval)
-    agent = _agent_class()(spec=spec, logs_specs=config.logs_specs, start_method="spawn",
-                           shutdown_timeout=config.shutdown_timeout, run_dir=run_dir, logs=logs)
-    shutdown_rdzv = True
+    handler = agent = None
     try:
+        handler = rdzv.connect(lambda: rdzv_registry.get_rendezvous_handler(RendezvousParameters(
+            backend=config.rdzv_backend, endpoint=config.rdzv_endpoint, run_id=config.run_id,
+            min_nodes=min_nodes, max_nodes=max_nodes, **config.rdzv_configs)))
+        spec = WorkerSpec(role="dtrain", local_world_size=nproc, entrypoint=sys.executable,
+                          args=("-m", "dtrain.worker", str(logs.resolve()), str(os.getpid()), *entry),
+                          rdzv_handler=handler, max_restarts=config.max_restarts,
+                          monitor_interval=config.monitor_interval)
+        agent = _agent_class()(spec=spec, logs_specs=config.logs_specs, start_method="spawn",
+                               shutdown_timeout=config.shutdown_timeout, run_dir=run_dir, logs=logs, rdzv=rdzv)
         result = agent.run()
     except SignalException as e:
-        shutdown_rdzv = False  # as torch's launch_agent: the rendezvous stays open for the nodes that go on
-        return _interrupted(agent, signal.Signals(e.sigval).name, logs)
+        handler = None  # as torch's launch_agent: the rendezvous stays open for the nodes that go on
+        return _interrupted(agent, signal.Signals(e.sigval).name, logs, rdzv)
     except RendezvousError as e:
-        say(f"dtrain: error: launch: rendezvous failed ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})")
+        say(f"dtrain: error: {rdzv.failure(e)}")
         return EXIT_USER_ERROR
     finally:
-        if shutdown_rdzv:
-            spec.rdzv_handler.shutdown()
+        if handler is not None:
+            handler.shutdown()
     if result.state == WorkerState.SUCCEEDED:
         return 0
     return _report_failure(agent.causes(result.failures), logs, agent.restarts, agent.stall_cause())
 
 
-def _interrupted(agent, name: str, logs: Path) -> int:
+def _interrupted(agent, name: str, logs: Path, rdzv: Rendezvous) -> int:
     """After the agent forwarded a signal and the workers ended: 75 when every one saved and exited (75;
     0 if it had just finished; ended by that signal itself if it came before dtrain's handlers, when there
-    was nothing to save yet), else 1 (killed after --stop-timeout, or an error on the way out)."""
+    was nothing to save yet), else 1 (killed after --stop-timeout, or an error on the way out).
+    A signal while the nodes met, before any worker started, is 75 too: nothing failed, and the same
+    command starts the run (or resumes it from its newest checkpoint), as after a signal one step later;
+    a preemptible job's script requeues on 75, which is what a preempted rendezvous needs."""
     pcontext = getattr(agent, "_pcontext", None)
+    if pcontext is None:
+        say(f"launch: {name} received{rdzv.where_now()}: no worker had started, nothing to save; run the same "
+            f"command again to start")
+        return EXIT_INTERRUPTED
     handlers = getattr(pcontext, "subprocess_handlers", {}) or {}
     codes = {rank: h.proc.returncode for rank, h in handlers.items()}
     clean = (0, EXIT_INTERRUPTED, -getattr(signal, name))
@@ -262,11 +480,22 @@ def _report_failure(failures: dict, logs: Path, restarts: int, stalled: str | No
         say(f"dtrain: error: {error_line(failure)} ({where})")
         return EXIT_USER_ERROR
     stack = traceback_of(failure)
-    if stack and rank != 0:  # rank 0's own traceback is already on the terminal
+    if stack and not _on_the_terminal(stack, failures):
         print(stack.rstrip(), file=sys.stderr)
     after = f" after {restarts} restart(s)" if restarts else ""
     say(f"dtrain: error: launch: worker failed{after}: {error_line(failure)} ({where})")
     return EXIT_FAILED
+
+
+def _on_the_terminal(stack: str, failures: dict) -> bool:
+    """Whether rank 0, whose output the terminal shows, printed this crash already: its own, or the same
+    crash in the same place (a bug every rank meets, each with its own message, e.g. a rank's number)."""
+    ours = traceback_of(failures[0]) if 0 in failures else None
+    return ours is not None and _frames(ours) == _frames(stack)
+
+
+def _frames(stack: str) -> list[str]:
+    return [line for line in stack.splitlines() if line.startswith("  File ")]
 
 
 STALL_STATES = {"T": "stopped (SIGSTOP or a debugger)", "t": "stopped by a debugger",
@@ -332,9 +561,9 @@ def _agent_class():
     class Agent(LocalElasticAgent):
         """torch's agent; a user error or an interruption is not retried, and each restart is one line."""
 
-        def __init__(self, *a, run_dir: Path, logs: Path, **kw):
+        def __init__(self, *a, run_dir: Path, logs: Path, rdzv: Rendezvous, **kw):
             super().__init__(*a, **kw)
-            self.run_dir, self.logs, self.restarts, self.cause = run_dir, logs, 0, None
+            self.run_dir, self.logs, self.restarts, self.cause, self.rdzv = run_dir, logs, 0, None, rdzv
             self.stalls: dict[int, tuple[float, str, int | None]] = {}  # rank -> (since, state, step then)
             self.last_stall: str | None = None
             self.killed: set[int] = set()  # stopped workers this agent SIGKILLed (not a failure's cause)
@@ -366,6 +595,11 @@ def _agent_class():
                         self.killed.add(w.global_rank)
                     except ProcessLookupError:
                         pass
+
+        def _rendezvous(self, worker_group) -> None:
+            with self.rdzv.waiting("join", worker_group.spec.rdzv_handler):  # say what it waits for
+                super()._rendezvous(worker_group)
+            self.rdzv.check(worker_group.group_world_size)
 
         def causes(self, failures: dict) -> dict:
             """The failures less the stopped workers this agent killed itself."""

@@ -4,12 +4,14 @@ exit code, with real processes and real signals; and the one-line errors workers
 import contextlib
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -80,6 +82,50 @@ def test_failure_lines_and_exit_codes(tmp_path, capsys):
     capsys.readouterr()
     assert launcher._report_failure({1: failure(1, handled)}, logs, 0) == 1
     assert capsys.readouterr().err.count("gradient all-reduce failed") == 1  # its line, once, no traceback
+
+
+def test_a_crash_every_rank_meets_is_printed_once(tmp_path, capsys):
+    """Rank 0's traceback is on the terminal already (its output is): the cause's, rank 1's, is printed only
+    when it is another crash (seen: a model that fails on every rank, its traceback twice, 95 lines)."""
+    def crash(rank, where="c.py", line=7):
+        stack = (f'Traceback (most recent call last):\n  File "{where}", line {line}, in model\n    raise ValueError\n'
+                 f"ValueError: boom on rank {rank}\n")
+        return {"message": f"ValueError: boom on rank {rank}", "extraInfo": {"py_callstack": stack, "timestamp": "1"}}
+    logs = tmp_path / "logs"
+    assert launcher._report_failure({1: failure(1, crash(1)), 0: failure(1, crash(0))}, logs, 0) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.splitlines() == [
+        f"dtrain: error: launch: worker failed: ValueError: boom on rank 1 (rank 1 on {os.uname().nodename}, "
+        f"log {logs}/rank-1.log)"]
+    # rank 0 failed elsewhere (its peer's loss, seen in a collective): the cause's traceback is news
+    assert launcher._report_failure({1: failure(1, crash(1)), 0: failure(1, crash(0, "dist.py", 9))}, logs, 0) == 1
+    assert capsys.readouterr().err.count("Traceback") == 1
+
+
+def test_the_resume_command_of_a_node_is_its_own_launch_command():
+    """The summary's command that goes on (DTRAIN_LAUNCH_COMMAND) keeps every option that changes how the node
+    joins: without --rdzv-conf is_host=1 the node that hosts the store would not host it again."""
+    from dtrain.cli import parse_args
+    argv = ["launch", "--nproc-per-node", "1", "--nnodes", "2", "--rdzv-endpoint", "127.0.0.1:29400",
+            "--rdzv-conf", "is_host=1,last_call_timeout=5", "--rdzv-timeout", "60", "--max-restarts", "1",
+            "--stop-timeout", "30", "train", "run.name=r"]
+    command = launcher._command(parse_args(argv), 1)
+    assert command[:2] == ["dtrain", "launch"] and "--rdzv-conf" in command
+    again = parse_args(command[1:])
+    assert vars(again) | {"parser": None} == vars(parse_args(argv)) | {"parser": None}
+
+
+def test_a_script_whose_config_fails_keeps_its_logs_under_its_run_name(tmp_path):
+    """A script's arguments with a mistake in them (its workers say it, exit 2) still name the run: the launcher
+    puts the logs, and its error line names them, under runs/<run.name>/logs, not runs/<script>/logs."""
+    from dtrain.cli import build_parser
+    script = tmp_path / "train.py"
+    script.write_text("import dtrain\ndtrain.main()\n")
+    for mistake in ("optim.lr=fast", "optim.nosuch=1"):
+        _, run_dir, note = launcher._resolve([str(script), "run.name=mine", mistake], build_parser())
+        assert run_dir == Path("runs") / "mine" and "no run directory" not in note, (mistake, run_dir, note)
+    _, run_dir, note = launcher._resolve([str(script), "optim.lr=fast", "--own-flag"], build_parser())
+    assert run_dir == Path("runs") / "train" and "name no run directory" in note  # none named: the script's
 
 
 def test_a_stall_is_blamed_only_for_a_rank_that_gave_up_waiting():
@@ -362,3 +408,129 @@ def test_stalled_rank_is_named_not_the_one_that_waited(tmp_path, data_root):
     last = err.strip().splitlines()[-1]
     assert last.startswith("dtrain: error: launch: rank 1 on ") and "stalled: stopped (SIGSTOP or a debugger) for " in last
     assert "since step " in last and "; rank 0 gave up waiting: dist: " in last and "Timed out" in last, last
+
+
+CRASHES_EVERYWHERE = '''
+import os
+import time
+import dtrain
+
+def loss(output, batch):
+    if os.environ["RANK"] == "0":
+        time.sleep(3)  # rank 1 fails first and is named; rank 0 (dtrain handles SIGTERM) fails alike after
+    raise ValueError(f"no loss on rank {os.environ['RANK']}")
+
+dtrain.main(loss=loss)
+'''
+
+
+@pytest.mark.multiproc
+def test_a_crash_in_the_users_code_on_every_rank_is_one_traceback(tmp_path, data_root):
+    script = tmp_path / "crashes.py"
+    script.write_text(CRASHES_EVERYWHERE)
+    proc = launch(2, [str(script), f"data.root={data_root}", "run.doctor=false", "log.progress=false"], tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.count("Traceback (most recent call last)") == 1, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]  # rank 1, unless a loaded machine started it 3 s late
+    assert re.match(r"dtrain: error: launch: worker failed: ValueError: no loss on rank (\d) \(rank \1 on ", last), last
+
+
+# ---- several nodes whose rendezvous fails: launchers on 127.0.0.1, a short --rdzv-timeout ----------
+def rdzv_node(cwd, name: str, port: int, nnodes: str, conf: str, timeout_s: int | None) -> tuple[subprocess.Popen, Path]:
+    """A `dtrain launch --nnodes N` node (one worker, never started) whose stderr goes to NAME.err."""
+    err = cwd / f"{name}.err"
+    timeout = ["--rdzv-timeout", str(timeout_s)] if timeout_s else []
+    with open(err, "w") as f:
+        proc = subprocess.Popen(launch_cmd(1, ["train", "run.name=n"], [
+            "--nnodes", nnodes, "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-conf", conf, *timeout]),
+            cwd=cwd, env=_env(), stdout=subprocess.DEVNULL, stderr=f, stdin=subprocess.DEVNULL)
+    return proc, err
+
+
+def said(proc: subprocess.Popen, err: Path, words: str) -> None:
+    """Wait until the node says `words`: it is in the rendezvous (or it ended, which fails the test)."""
+    wait_for(lambda: words in err.read_text() or proc.poll() is not None, what=words)
+    assert words in err.read_text(), err.read_text()
+
+
+def ended(proc: subprocess.Popen, err: Path) -> list[str]:
+    try:
+        proc.wait(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    said = err.read_text()
+    assert "frame #" not in said and "Traceback" not in said, said  # no C++ stack dump, no traceback
+    return said.strip().splitlines()
+
+
+@pytest.mark.multiproc
+def test_nodes_given_different_ports_say_what_they_wait_for_and_why_they_stop(tmp_path):
+    """Each node hosts a rendezvous of its own: each says within seconds that 1 of 2 nodes joined, where, and
+    how long it waits, then ends in one line with the likely cause (was: 600 s of silence, then
+    `rendezvous failed (RendezvousTimeoutError: )`). The second node's wait comes from torch's own setting."""
+    ports = [free_port(), free_port()]
+    while ports[1] == ports[0]:
+        ports[1] = free_port()
+    nodes = [rdzv_node(tmp_path, "n0", ports[0], "2", "is_host=1", 8),
+             rdzv_node(tmp_path, "n1", ports[1], "2", "is_host=1,join_timeout=8", None)]
+    for (proc, err), port in zip(nodes, ports):
+        lines = ended(proc, err)
+        assert proc.returncode == 2, lines
+        assert any(l.startswith(f"launch: waiting for the other nodes: 1 of 2 nodes joined the rendezvous at "
+                                f"127.0.0.1:{port} (id dtrain); ") and l.endswith(" of 8 (--rdzv-timeout)")
+                   for l in lines), lines
+        assert lines[-1].startswith(f"dtrain: error: launch: no other node joined the rendezvous at 127.0.0.1:{port} "
+                                    f"(id dtrain) within 8 s: start the others with --rdzv-endpoint 127.0.0.1:{port} "
+                                    f"--rdzv-id dtrain"), lines
+
+
+@pytest.mark.multiproc
+def test_nodes_given_different_nnodes_name_it(tmp_path):
+    """A (--nnodes 2, hosts the store) joins first, B (--nnodes 3) last: no node completes the rendezvous (torch
+    completes it at the count of the node that joins last). A ends naming --nnodes, and B, whose store A
+    closes, says so in one line (was: 600 s, then `RendezvousTimeoutError: `, and C++ stack dumps on B)."""
+    port = free_port()
+    a, a_err = rdzv_node(tmp_path, "a", port, "2", "is_host=1", 30)
+    said(a, a_err, "waiting for the other nodes: 1 of 2")
+    b, b_err = rdzv_node(tmp_path, "b", port, "3", "is_host=0", 120)
+    a_lines, b_lines = ended(a, a_err), ended(b, b_err)
+    assert a.returncode == 2 and a_lines[-1].startswith(
+        f"dtrain: error: launch: the rendezvous at 127.0.0.1:{port} (id dtrain) never completed within 30 s though "
+        f"2 of 2 nodes joined: another node was started with a larger --nnodes (this one: 2)"), a_lines
+    assert b.returncode == 2 and b_lines[-1].startswith(
+        f"dtrain: error: launch: another node ended the rendezvous at 127.0.0.1:{port} (id dtrain) after 2 of 3 "
+        f"nodes had joined"), b_lines
+
+
+@pytest.mark.multiproc
+def test_a_node_outnumbered_by_a_smaller_nnodes_says_so(tmp_path):
+    """B (--nnodes 3) joins first, A (--nnodes 2) last and completes the rendezvous with 2 nodes: B refuses to
+    train on fewer nodes than it was told, in one line (was: it trained on 2)."""
+    port = free_port()
+    b, b_err = rdzv_node(tmp_path, "b", port, "3", "is_host=1", 120)
+    said(b, b_err, "waiting for the other nodes: 1 of 3")
+    a, a_err = rdzv_node(tmp_path, "a", port, "2", "is_host=0", 120)
+    try:
+        b_lines = ended(b, b_err)
+    finally:
+        a.kill()  # its worker waits for B's, which never start
+        a.wait(timeout=60)
+    assert b.returncode == 2 and b_lines[-1] == (
+        f"dtrain: error: launch: the rendezvous at 127.0.0.1:{port} (id dtrain) completed with 2 nodes, but this "
+        f"node has --nnodes 3: another node was started with a smaller --nnodes; give every node the same "
+        f"--nnodes"), b_lines
+
+
+@pytest.mark.multiproc
+def test_sigterm_during_the_rendezvous_says_no_worker_started(tmp_path):
+    """Nothing ran, nothing was saved: the line says so (was: 'the workers saved and stopped'). Exit 75 still:
+    the same command starts the run, as after a SIGTERM one step later, and a preemptible job requeues."""
+    proc, err = rdzv_node(tmp_path, "alone", free_port(), "2", "is_host=1", 120)
+    said(proc, err, "waiting for the other nodes: 1 of 2")
+    proc.send_signal(signal.SIGTERM)
+    lines = ended(proc, err)
+    assert proc.returncode == 75, lines
+    assert lines[-1].startswith("launch: SIGTERM received during the rendezvous (1 of 2 nodes had joined at "
+                                "127.0.0.1:") and "no worker had started" in lines[-1], lines
+    assert "saved" not in "\n".join(lines)
