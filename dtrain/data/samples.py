@@ -436,8 +436,9 @@ class MappedFormat:
         tokens but the last, and y, its tokens but the first, as dtrain's own text shards are decoded."""
         fields = getattr(self.to_fields, "fields", None)  # a FieldMap's; a function's are seen per sample
         if fields is not None and len(fields) != 1:
-            raise ConfigError(f"config: data.task=lm takes one field of token ids, data.sample has {', '.join(fields)}: "
-                              "map only the tokens, e.g. data.sample='{x: tokens.npy}' (y is x shifted by one)")
+            raise ConfigError(f"config: data.task=lm takes one field of token ids, data.sample has "
+                              f"{', '.join(fields)}: map only the tokens, e.g. data.sample='{{x: tokens.npy}}' (y is "
+                              "x shifted by one)")
         return MappedFormat(self.to_fields, self.collate, self.name, self.labels, True)
 
     def _shifted(self, fields: dict, sample: dict) -> dict:

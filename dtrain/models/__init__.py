@@ -125,8 +125,8 @@ def cnn(input_shape: tuple[int, ...], num_outputs: int, channels: list[int] = (1
     return model
 
 
-def gpt(input_shape: tuple[int, ...], num_outputs: Optional[int] = None, n_layer: int = 12, n_head: int = 12, n_embd: int = 768,
-        block_size: Optional[int] = None, vocab_size: Optional[int] = None, bias: bool = True,
+def gpt(input_shape: tuple[int, ...], num_outputs: Optional[int] = None, n_layer: int = 12, n_head: int = 12,
+        n_embd: int = 768, block_size: Optional[int] = None, vocab_size: Optional[int] = None, bias: bool = True,
         dropout: float = 0.0) -> GPT:
     """dtrain's GPT (GPT-2 124M's shape by default, with the data set's vocabulary and context unless
     vocab_size / block_size say otherwise; 50304 is GPT-2's vocabulary padded for fast matmuls). GPT-2's own
