@@ -44,7 +44,8 @@ def __getattr__(name: str) -> Any:
 
 def main(argv: Optional[Sequence[str]] = None, *, config: Optional[dict[str, Any]] = None, model: Any = None,
          loss: Any = None, metrics: Any = None, forward: Any = None, param_groups: Any = None, sample: Any = None,
-         transform: Any = None, collate: Any = None, callbacks: Optional[Sequence[Any]] = None) -> NoReturn:
+         transform: Any = None, collate: Any = None, callbacks: Optional[Sequence[Any]] = None,
+         optimizer: Any = None, scheduler: Any = None) -> NoReturn:
     """Run dtrain's command line with objects of your own, then exit with its exit code (0, 2 for a user
     error, 75 when interrupted and resumable). `argv` defaults to sys.argv[1:]; its command defaults to
     `train` (also: eval, export, doctor, config, plot).
@@ -69,18 +70,27 @@ def main(argv: Optional[Sequence[str]] = None, *, config: Optional[dict[str, Any
     callbacks     objects told what the run does, on every rank: on_train_start(run), on_step_end(step, loss),
                   on_validation_end(step, metrics), on_checkpoint(path, step, best), on_train_end(result),
                   on_exception(error), any of them (dtrain.callbacks); in place of run.callbacks
+    optimizer     optimizer(param_groups) -> torch.optim.Optimizer, e.g. torch.optim.RAdam or
+                  functools.partial(torch.optim.RAdam, eps=1e-6): a factory (the engine calls it once it has
+                  placed the parameters), called with the param groups (optim.lr, weight_decay, backbone_lr_ratio,
+                  param_groups); in place of optim.name
+    scheduler     scheduler(optimizer) -> LR scheduler, stepped once per optimizer step, e.g.
+                  torch.optim.lr_scheduler.OneCycleLR (dtrain passes total_steps, T_max and max_lr where the
+                  signature names them, as for schedule.name) or lambda opt: StepLR(opt, 100); in place of
+                  schedule.name
     """
     from .build import Hooks
     from .cli import main as cli_main
 
     hooks = Hooks(model, loss, metrics, forward, param_groups, sample, transform, collate,
-                  None if callbacks is None else list(callbacks))
+                  None if callbacks is None else list(callbacks), optimizer, scheduler)
     raise SystemExit(cli_main(None if argv is None else list(argv), hooks, config))
 
 
 def fit(argv: Optional[Sequence[str]] = None, *, config: Optional[dict[str, Any]] = None, model: Any = None,
         loss: Any = None, metrics: Any = None, forward: Any = None, param_groups: Any = None, sample: Any = None,
-        transform: Any = None, collate: Any = None, callbacks: Optional[Sequence[Any]] = None) -> FitResult:
+        transform: Any = None, collate: Any = None, callbacks: Optional[Sequence[Any]] = None,
+        optimizer: Any = None, scheduler: Any = None) -> FitResult:
     """Train exactly as `main` does (the same arguments, argv, config, hooks; under torchrun or srun too),
     then return the run's `dtrain.result.FitResult` on every rank instead of exiting: exit_code, stop_reason,
     step, total_steps, run_dir, metrics (the last value of each), best_metrics and best_step (the best
@@ -105,4 +115,4 @@ def fit(argv: Optional[Sequence[str]] = None, *, config: Optional[dict[str, Any]
 
     return cli_fit(None if argv is None else list(argv),
                    Hooks(model, loss, metrics, forward, param_groups, sample, transform, collate,
-                         None if callbacks is None else list(callbacks)), config)
+                         None if callbacks is None else list(callbacks), optimizer, scheduler), config)

@@ -50,7 +50,8 @@ from .throughput import Throughput, peak_flops
 # whole, recorded as the list of their `module:Class` names.
 RECORDED = {"model": ("model", "factory"), "forward": ("model", "forward"), "loss": ("loss", "fn"),
             "metrics": ("metrics", "fn"), "sample": ("data", "sample"), "transform": ("data", "transform"),
-            "collate": ("data", "collate"), "callbacks": ("run", "callbacks")}
+            "collate": ("data", "collate"), "callbacks": ("run", "callbacks"), "optimizer": ("optim", "name"),
+            "scheduler": ("schedule", "name")}
 
 
 @dataclasses.dataclass
@@ -65,6 +66,8 @@ class Hooks:
     transform: Optional[Callable] = None  # transform(input) -> input, training samples, seeded per sample
     collate: Optional[Callable] = None  # collate(list of sample dicts) -> batch dict
     callbacks: Optional[list] = None  # objects with on_train_start, on_step_end, ... (dtrain.callbacks)
+    optimizer: Optional[Callable] = None  # optimizer(param groups) -> torch.optim.Optimizer
+    scheduler: Optional[Callable] = None  # scheduler(optimizer) -> LR scheduler, stepped per optimizer step
 
     def record(self, cfg: Config) -> Config:
         """The config with the names of the handed-in hooks under their keys (`__main__:build_model`: rebuilt
@@ -218,8 +221,10 @@ def build_core(cfg: Config, info: dist.DistInfo, hooks: Optional[Hooks] = None, 
     # and FSDP2 shards locally without a word to the others, so ours (build_components) would be next.
     with dist.guard(f"{cfg.train.engine} set-up (the first collective with every rank)"):
         dist.barrier()
-        engine = build_engine(model, lambda module: build_optimizer(cfg.optim, module, scales, hooks.param_groups),
-                              lambda optimizer: build_scheduler(cfg.schedule, optimizer, data.feed.total_steps),
+        engine = build_engine(model, lambda module: build_optimizer(cfg.optim, module, scales, hooks.param_groups,
+                                                                    hooks.optimizer),
+                              lambda optimizer: build_scheduler(cfg.schedule, optimizer, data.feed.total_steps,
+                                                                hooks.scheduler),
                               cfg.train, info, cfg.deepspeed, cfg.data.batch_size, channels_last=channels_last,
                               fsdp_cfg=cfg.fsdp, log=log)
         dist.barrier()

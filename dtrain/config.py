@@ -213,9 +213,28 @@ class MetricsConfig(Section):
     target) and synchronised across ranks by torchmetrics itself."""
 
 
+# dtrain's own optimizers and schedules; any other optim.name or schedule.name is an import string
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("constant", "step", "exponential", "cosine", "cosine_restarts")
+
+
+def _builtin_or_import_string(key: str, value: str, builtins: tuple, example: str) -> str:
+    if value not in builtins and not re.fullmatch(r"[\w.]+[:.][\w.]+", value):
+        raise PydanticCustomError("name", f"{key}: {value!r} is not {', '.join(builtins)} or an "
+                                          f"import string ('package.module:Class', e.g. {example})")
+    return value
+
+
 class OptimConfig(Section):
-    name: Literal["sgd", "adamw"] = "adamw"
-    """Optimizer."""
+    name: str = "adamw"
+    """`sgd` or `adamw` (dtrain's own, set up by the keys below), or an import string of a torch optimizer
+    class or factory, e.g. `torch.optim:RAdam` or one in your own package, called with the param groups (each
+    with its lr and weight_decay: optim.lr, optim.weight_decay, optim.backbone_lr_ratio and param groups
+    handed in from Python apply to it) and optim.kwargs; momentum, nesterov, betas and fused are AdamW's and
+    SGD's only."""
+    kwargs: dict[str, Any] = {}
+    """Keyword arguments of optim.name when it is not sgd or adamw, e.g. {betas: [0.9, 0.99], eps: 1.0e-6}
+    (not lr or weight_decay: they are optim.lr and optim.weight_decay)."""
     lr: float = Field(3e-3, gt=0)
     """Peak learning rate (after warmup)."""
     weight_decay: float = Field(0.0, ge=0)
@@ -232,13 +251,35 @@ class OptimConfig(Section):
     """AdamW: torch's fused kernel (`auto`: wherever torch has one for the parameters' device, GPU and CPU).
     It also skips a non-finite update on the device, so train.nonfinite=skip needs no host sync per step."""
 
+    def check(self) -> None:
+        """Config-level (its messages name the keys): dtrain's own optimizer, or one named with its kwargs."""
+        _builtin_or_import_string("optim.name", self.name, OPTIMIZERS, "torch.optim:RAdam")
+        if self.kwargs and self.name in OPTIMIZERS:
+            raise PydanticCustomError("kwargs", f"optim.kwargs applies to an optimizer named by an import string, "
+                                                f"not to {self.name}; e.g. optim.name=torch.optim:AdamW")
+        named = sorted({"lr", "weight_decay"} & set(self.kwargs))
+        if named:
+            raise PydanticCustomError("kwargs", f"optim.kwargs.{named[0]}: set optim.{named[0]} instead (each param "
+                                                "group gets it, scaled by optim.backbone_lr_ratio)")
+
 
 class ScheduleConfig(Section):
-    name: Literal["constant", "step", "exponential", "cosine", "cosine_restarts"] = "cosine"
+    name: str = "cosine"
     """LR schedule after warmup (t = steps since warmup ended): `constant`; `step`: lr * gamma^floor(t/every);
     `exponential`: lr * gamma^(t/every), the same decay but smooth; `cosine`: one half cycle from lr down to
     min_lr_ratio * lr at the last step; `cosine_restarts`: cosine cycles of restart_every steps (each
-    restart_mult times longer than the last), jumping back to lr at every restart."""
+    restart_mult times longer than the last), jumping back to lr at every restart. Or an import string of a
+    torch LR scheduler class or factory, e.g. `torch.optim.lr_scheduler:OneCycleLR` or one in your own
+    package, called with the optimizer and schedule.kwargs, and stepped once per optimizer step (its
+    step sizes and lengths count optimizer steps, not epochs). Where its signature names them and
+    schedule.kwargs doesn't set them, dtrain passes `total_steps` and `T_max` (the run's optimizer steps,
+    unless kwargs set OneCycleLR's epochs or steps_per_epoch) and `max_lr` (each param group's peak LR).
+    A scheduler whose step() needs a metric (ReduceLROnPlateau) is refused. Its state, arguments and
+    length included, resumes from the checkpoint as it was saved: at resume schedule.*, optim.* and the
+    training length cannot change."""
+    kwargs: dict[str, Any] = {}
+    """Keyword arguments of schedule.name when it is not one of dtrain's own, e.g. {pct_start: 0.1} for
+    OneCycleLR."""
     warmup_steps: int = Field(0, ge=0)
     """Linear warmup from lr/warmup_steps to lr over this many optimizer steps, before any schedule."""
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
@@ -251,6 +292,26 @@ class ScheduleConfig(Section):
     """Cosine_restarts: length of the first cycle in optimizer steps."""
     restart_mult: int = Field(1, ge=1)
     """Cosine_restarts: each cycle is this many times longer than the one before (1: periodic)."""
+
+    def check(self) -> None:
+        """Config-level (its messages name the keys): dtrain's own schedule and its keys, or one named with
+        its kwargs."""
+        _builtin_or_import_string("schedule.name", self.name, SCHEDULES, "torch.optim.lr_scheduler:OneCycleLR")
+        if self.name in SCHEDULES:
+            if self.kwargs:
+                raise PydanticCustomError("kwargs", f"schedule.kwargs applies to a scheduler named by import string, "
+                                                    f"not to {self.name}; set its keys schedule.warmup_steps, ...")
+            return
+        own = self.own_keys_set()
+        if own:
+            raise PydanticCustomError("own", f"schedule.{own[0]} applies to dtrain's own schedules, not to "
+                                             f"{self.name}; put that scheduler's arguments in schedule.kwargs")
+
+    def own_keys_set(self) -> list[str]:
+        """The keys of dtrain's own schedules set to other than their defaults (another scheduler ignores them)."""
+        defaults = ScheduleConfig()
+        return [key for key in ScheduleConfig.model_fields if key not in ("name", "kwargs")
+                and getattr(self, key) != getattr(defaults, key)]
 
 
 class TrainConfig(Section):
@@ -496,6 +557,7 @@ class Config(Section):
     def _engine_can_run_it(self) -> "Config":
         """Settings the engine can't honour, refused before anything starts (one line, exit 2). The engine
         declares them (dtrain/engine/capabilities.py: light, no torch), so no engine is named here."""
+        self.optim.check(), self.schedule.check()
         from .engine.capabilities import unsupported
         reasons = unsupported(self)
         if reasons:

@@ -1,19 +1,23 @@
-"""Optimizers and LR schedules, built on torch.optim and torch.optim.lr_scheduler."""
+"""Optimizers and LR schedules, built on torch.optim and torch.optim.lr_scheduler: dtrain's own (AdamW, SGD;
+a LambdaLR of `Schedule`), or any other named by an import string (optim.name, schedule.name) or handed
+in from Python as a factory."""
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch.optim import lr_scheduler
 
-from .config import ConfigError, OptimConfig, ScheduleConfig
+from .config import OPTIMIZERS, SCHEDULES, ConfigError, OptimConfig, ScheduleConfig
+from .importing import describe, resolve
 
 
 def build_optimizer(cfg: OptimConfig, model: torch.nn.Module, lr_scales: Optional[dict[str, float]] = None,
-                    param_groups: Optional[Callable] = None) -> torch.optim.Optimizer:
+                    param_groups: Optional[Callable] = None, factory: Optional[Callable] = None) -> torch.optim.Optimizer:
     """Param groups by name prefix (`lr_scales`, e.g. {"head": 1.0, "": 0.1}: the first matching prefix sets
     the group's peak LR as a fraction of cfg.lr), each split into decayed and undecayed parameters; or a
     user's `param_groups(model)` (torch's format: {"params", optional "lr", "weight_decay"}; the defaults
@@ -21,12 +25,18 @@ def build_optimizer(cfg: OptimConfig, model: torch.nn.Module, lr_scales: Optiona
 
     Frozen parameters (requires_grad=False) are included: they get no gradient, so the optimizer skips them
     and they stay bit-identical, and unfreezing later needs no new optimizer. Weight decay on matrices and
-    kernels only: decaying biases and norm gains only hurts."""
+    kernels only: decaying biases and norm gains only hurts.
+
+    The groups go to dtrain's AdamW or SGD, or to `factory(groups)` (handed in from Python), or to
+    optim.name's class or factory with optim.kwargs."""
+    _refuse_built("optimizer", factory, "torch.optim.RAdam", "the param groups once the engine has placed "
+                  "the parameters (FSDP shards them)")
+    _refuse_kwargs("optim", cfg.kwargs, factory)
     if param_groups is not None:
         if lr_scales:
             raise ConfigError("config: optim.backbone_lr_ratio and param groups handed in from Python are both "
                               "set; put the backbone's LR into your param groups")
-        return _make(cfg, _user_groups(cfg, model, param_groups))
+        return _make(cfg, _user_groups(cfg, model, param_groups), factory)
     lr_scales = lr_scales or {"": 1.0}
     named: dict[str, list] = {prefix: [] for prefix in lr_scales}
     for name, p in model.named_parameters():
@@ -37,7 +47,7 @@ def build_optimizer(cfg: OptimConfig, model: torch.nn.Module, lr_scales: Optiona
         lr = cfg.lr * lr_scales[prefix]
         groups += [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay, "lr": lr},
                    {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr": lr}]
-    return _make(cfg, [g for g in groups if g["params"]])
+    return _make(cfg, [g for g in groups if g["params"]], factory)
 
 
 def _user_groups(cfg: OptimConfig, model: torch.nn.Module, param_groups: Callable) -> list[dict]:
@@ -53,7 +63,30 @@ def _user_groups(cfg: OptimConfig, model: torch.nn.Module, param_groups: Callabl
     return groups
 
 
-def _make(cfg: OptimConfig, groups: list[dict]) -> torch.optim.Optimizer:
+def _refuse_built(what: str, factory: Any, example: str, called_with: str) -> None:
+    """An optimizer or scheduler handed in already built would be over tensors the engine may replace, and a
+    resume could not build it again: a factory is called at the right moment."""
+    if factory is not None and (not callable(factory) or
+                                isinstance(factory, (torch.optim.Optimizer, lr_scheduler.LRScheduler))):
+        raise ConfigError(f"{what}: hand in a factory, not a built {type(factory).__name__} (its class, e.g. "
+                          f"{example}, or a functools.partial of it): dtrain calls it with {called_with}")
+
+
+def _refuse_kwargs(section: str, kwargs: dict, factory: Any) -> None:
+    """A factory handed in from Python brings its own arguments; the config's are for the name it replaces."""
+    if factory is not None and kwargs:
+        raise ConfigError(f"config: {section}.kwargs is for {section}.name, which the {describe(factory)} handed in "
+                          "from Python replaces; bind its arguments in Python (functools.partial)")
+
+
+def _make(cfg: OptimConfig, groups: list[dict], factory: Optional[Callable] = None) -> torch.optim.Optimizer:
+    if factory is not None or cfg.name not in OPTIMIZERS:
+        make = factory or resolve(cfg.name, "optim.name")
+        optimizer = make(groups, **cfg.kwargs)  # the user's code: an error in it keeps its traceback
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ConfigError(f"optim.name: {describe(make)} returned a {type(optimizer).__name__}, not a "
+                              "torch.optim.Optimizer")
+        return optimizer
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     params = [p for g in groups for p in g["params"]]
@@ -126,10 +159,68 @@ class Schedule:
 
 
 def build_schedule(cfg: ScheduleConfig, total_steps: int) -> Schedule:
+    if cfg.name not in SCHEDULES:
+        raise ConfigError(f"schedule.name: {cfg.name} is not one of dtrain's schedules, which alone are drawn "
+                          "before training; its LR is logged as it trains (dtrain plot RUN_DIR)")
     return Schedule(cfg.name, total_steps, cfg.warmup_steps, cfg.min_lr_ratio, cfg.every, cfg.gamma,
                     cfg.restart_every, cfg.restart_mult)
 
 
-def build_scheduler(cfg: ScheduleConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> lr_scheduler.LambdaLR:
-    """Stepped once per optimizer step; its state (last_epoch) is checkpointed."""
-    return lr_scheduler.LambdaLR(optimizer, build_schedule(cfg, total_steps))
+def build_scheduler(cfg: ScheduleConfig, optimizer: torch.optim.Optimizer, total_steps: int,
+                    factory: Optional[Callable] = None) -> Any:
+    """Stepped once per optimizer step; its state is checkpointed. dtrain's own: a LambdaLR of the Schedule
+    (its last_epoch is the step). Another: `factory(optimizer, ...)` (handed in from Python) or schedule.name's
+    class or factory, with schedule.kwargs and the arguments of `filled`."""
+    _refuse_built("scheduler", factory, "torch.optim.lr_scheduler.OneCycleLR", "the optimizer the engine built")
+    _refuse_kwargs("schedule", cfg.kwargs, factory)
+    if factory is None and cfg.name in SCHEDULES:
+        return lr_scheduler.LambdaLR(optimizer, build_schedule(cfg, total_steps))
+    if factory is not None and cfg.own_keys_set():  # the config was checked with its own schedule.name
+        raise ConfigError(f"schedule.{cfg.own_keys_set()[0]} applies to dtrain's own schedules, not to the "
+                          f"scheduler handed in from Python ({describe(factory)}); leave it unset")
+    make = factory or resolve(cfg.name, "schedule.name")
+    scheduler = make(optimizer, **filled(make, cfg.kwargs, optimizer, total_steps), **cfg.kwargs)
+    step = getattr(scheduler, "step", None)
+    if not (callable(step) and hasattr(scheduler, "state_dict") and hasattr(scheduler, "load_state_dict")):
+        raise ConfigError(f"schedule.name: {describe(make)} returned a {type(scheduler).__name__}, not an LR "
+                          "scheduler (step, state_dict, load_state_dict)")
+    if _needs_argument(step):  # ReduceLROnPlateau.step(metrics)
+        raise ConfigError(f"schedule.name: {type(scheduler).__name__}.step() needs an argument (a metric), and "
+                          "dtrain steps the scheduler once per optimizer step without one; use a scheduler "
+                          "stepped by the step count (e.g. torch.optim.lr_scheduler:OneCycleLR, CosineAnnealingLR)")
+    return scheduler
+
+
+# Arguments dtrain fills in when a scheduler's signature names them and schedule.kwargs doesn't set them (nor,
+# for the length, OneCycleLR's other way to give it: epochs and steps_per_epoch).
+LENGTHS = ("total_steps", "T_max")
+
+
+def filled(make: Callable, kwargs: dict, optimizer: torch.optim.Optimizer, total_steps: int) -> dict:
+    """{total_steps, T_max: the run's optimizer steps; max_lr: each param group's peak LR (so
+    optim.backbone_lr_ratio and param groups hold under OneCycleLR)}, those that `make` names."""
+    try:
+        names = inspect.signature(make).parameters
+    except (TypeError, ValueError):  # no signature to read (a builtin): nothing filled
+        return {}
+    given = set(kwargs)
+    fills: dict[str, Any] = {}
+    if not given & {*LENGTHS, "epochs", "steps_per_epoch"}:
+        fills.update({name: total_steps for name in LENGTHS if name in names})
+    if "max_lr" in names and "max_lr" not in given:
+        fills["max_lr"] = [group["lr"] for group in optimizer.param_groups]
+    return fills
+
+
+def _needs_argument(method: Callable) -> bool:
+    try:
+        params = inspect.signature(method).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+
+
+def rebuilt_from_config(scheduler: Any) -> bool:
+    """dtrain's own schedule: a pure function of the step, rebuilt from the config at resume (the step count
+    alone comes from the checkpoint); any other scheduler's state comes from the checkpoint whole."""
+    return isinstance(scheduler, lr_scheduler.LambdaLR) and all(isinstance(fn, Schedule) for fn in scheduler.lr_lambdas)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from . import dist, redaction
-from .config import Config, ConfigError, _migrate, _valid_keys
+from .config import SCHEDULES, Config, ConfigError, _migrate, _valid_keys
 
 # Entries ending in "." cover their whole section; others the key and anything under it.
 MAY_CHANGE = (
@@ -50,6 +50,11 @@ FIXED_IN_SECTION = {
     "early_stop.mode": "the best checkpoint, its value and the patience so far were judged in the checkpoint's "
                        "direction",
 }
+# A scheduler other than dtrain's resumes from its saved state whole (config_hyperparameters): a new optim.* or
+# schedule.* value, or a new length, would be silently ignored (or step it past its end).
+OWN_SCHEDULER_KEYS = ("optim.", "schedule.", "train.epochs", "train.max_steps")
+OWN_SCHEDULER = ("schedule.name is not one of dtrain's schedules: its state resumes from the checkpoint as saved "
+                 "(its LRs, arguments and length), so a new value would be ignored")
 METRIC_MONITORED = ("early_stop.monitor names a metric: the best checkpoint and the patience so far were judged "
                     "by the checkpoint's metrics")
 
@@ -111,6 +116,9 @@ def config_changes(saved: dict, cfg: Config) -> list[Change]:
     monitor = cfg.early_stop.monitor
     if monitor != "val/loss" and not monitor.startswith("val/loss/"):  # a metric, not the loss, decides the best
         changes = [replace(c, fixed=c.fixed or METRIC_MONITORED) if c.key.startswith("metrics.") else c
+                   for c in changes]
+    if not {_get(saved, ["schedule", "name"], "cosine"), cfg.schedule.name} <= set(SCHEDULES):
+        changes = [replace(c, fixed=c.fixed or OWN_SCHEDULER) if c.key.startswith(OWN_SCHEDULER_KEYS) else c
                    for c in changes]
     return changes
 
@@ -174,7 +182,16 @@ def config_hyperparameters(optimizer, scheduler):
     betas...) and the schedule (base_lrs, the Schedule's fields, e.g. total_steps) from the checkpoint,
     which would silently undo a changed optim.lr, schedule.* or train.epochs. The step count and the
     optimizer's moments stay the checkpoint's; the LR is recomputed at that step, as LambdaLR does, so an
-    unchanged config resumes bit for bit."""
+    unchanged config resumes bit for bit.
+
+    Any other scheduler (schedule.name an import string) keeps the checkpoint's state whole, and the
+    optimizer's param groups too (their LR is that scheduler's, and OneCycleLR cycles the betas): it can't
+    be recomputed at a step in general (torch's chainable schedulers are recursions), so the keys that
+    would change it are fixed at resume instead (OWN_SCHEDULER)."""
+    from .optim import rebuilt_from_config
+    if not rebuilt_from_config(scheduler):
+        yield
+        return
     groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     base_lrs = list(scheduler.base_lrs)
     schedules = [dict(vars(fn)) for fn in scheduler.lr_lambdas]
@@ -189,7 +206,12 @@ def config_hyperparameters(optimizer, scheduler):
 
 def set_schedule_length(optimizer, scheduler, total_steps: int) -> None:
     """Let the schedule span `total_steps`: an elastic resume settles the epoch length (the checkpoint's)
-    after the engine built the schedule from this run's own."""
+    after the engine built the schedule from this run's own. Any other scheduler has the checkpoint's state,
+    its length included, loaded before (the engine is restored before the data position), and the run's
+    length cannot change at resume (OWN_SCHEDULER): the checkpoint's epoch length gives the same one."""
+    from .optim import rebuilt_from_config
+    if not rebuilt_from_config(scheduler):
+        return
     for fn in scheduler.lr_lambdas:
         vars(fn)["total_steps"] = total_steps  # Schedule is a frozen dataclass
     _lr_at_this_step(optimizer, scheduler)

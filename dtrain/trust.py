@@ -20,13 +20,15 @@ from typing import Any, Iterator
 import yaml
 
 from .checkpoint import CheckpointError
-from .config import Config
+from .config import OPTIMIZERS, SCHEDULES, Config
 from .models import BUILTIN
 
 # Every setting whose value is an import string that dtrain imports and calls (tests/test_trust.py keeps this
 # list complete against the config's documentation). A `_target_` mapping counts wherever it is.
 IMPORT_STRINGS = ("model.factory", "model.forward", "loss.fn", "metrics.fn", "data.sample", "data.transform",
-                  "data.collate", "run.callbacks")
+                  "data.collate", "optim.name", "schedule.name", "run.callbacks")
+# Settings that name dtrain's own code unless their value is an import string: a built-in name runs no user code.
+OWN_NAMES = {"model.factory": BUILTIN, "optim.name": OPTIMIZERS, "schedule.name": SCHEDULES}
 # Shards: a `pipe:` URL among them runs a shell command when the data is read.
 SHARD_SOURCES = ("data.train", "data.val", "data.test", "data.counts")
 # Permissions to run code found in data files: honoured only from the user.
@@ -40,7 +42,7 @@ def code_settings(config: dict, reads_data: bool = True) -> Iterator[tuple[tuple
     dtrain's built-ins; the shard sources and permissions only when the command reads data."""
     for key in IMPORT_STRINGS:
         value = _get(config, key.split("."))
-        if isinstance(value, str) and not (key == "model.factory" and value in BUILTIN):  # data.sample: or a dict
+        if isinstance(value, str) and value not in OWN_NAMES.get(key, ()):  # data.sample: or a dict
             yield tuple(key.split(".")), value
         elif isinstance(value, list):  # run.callbacks: each of them, at its index
             yield from (((*key.split("."), i), item) for i, item in enumerate(value))

@@ -100,7 +100,8 @@ def test_a_hook_handed_in_takes_the_place_of_its_config_key_in_every_form():
     def metric(output, batch):
         return {}
     hooks = Hooks(model=torch.nn.Linear(2, 2), loss=metric, metrics=[metric, {"f1": object()}], forward=metric,
-                  sample={"x": "jpg;png", "y": "cls"}, transform=metric, collate=metric)
+                  sample={"x": "jpg;png", "y": "cls"}, transform=metric, collate=metric, optimizer=metric,
+                  scheduler=metric)
     recorded, built = hooks.record(cfg), hooks.replacing(cfg)
     name = f"{__name__}:test_a_hook_handed_in_takes_the_place_of_its_config_key_in_every_form.<locals>.metric"
     assert recorded.model.factory == "torch.nn.modules.linear:Linear" and recorded.loss.fn == name
