@@ -18,7 +18,7 @@ from .version import __version__
 
 if TYPE_CHECKING:  # imported when first used (`import dtrain` stays light: no torch until a run needs it)
     from .checkpoint import CheckpointError
-    from .cli import DoctorError
+    from .run import DoctorError
     from .config import ConfigError
     from .data.errors import DataError
     from .dist import CollectiveError, LaunchError
@@ -31,7 +31,7 @@ __all__ = ["main", "fit", "load_model", "FitResult", "ConfigError", "DataError",
 
 # public name -> the module that defines it, imported on first access (PEP 562)
 _LAZY = {"FitResult": "result", "load_model": "load", "ConfigError": "config", "DataError": "data.errors",
-         "LaunchError": "dist", "CollectiveError": "dist", "CheckpointError": "checkpoint", "DoctorError": "cli",
+         "LaunchError": "dist", "CollectiveError": "dist", "CheckpointError": "checkpoint", "DoctorError": "run",
          "RunDirError": "runlock"}
 
 

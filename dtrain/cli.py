@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import shlex
@@ -17,84 +16,17 @@ EXIT_FAILED = 1  # a rank stalled or died: CollectiveError
 
 
 def _train(args) -> int:
-    return _fit(args, print_result=True).exit_code
+    return _fit(args, print_outcome=True).exit_code
 
 
-def _fit(args, print_result: bool = False):
-    """Train (and test) as `args` say. -> the run's FitResult, on every rank."""
-    import torch
-
-    from . import dist
+def _fit(args, print_outcome: bool = False):
+    """`dtrain train` as `args` say (dtrain.run). -> the run's FitResult, on every rank."""
     from .config import load_config
-    from .build import run_dir_of
-    from .callbacks import build_callbacks
-    from .result import collect
-    from .runlock import hold
-    from .signals import StopReason, requeue_slurm_job
-    from .summary import summarize
-    from .trainer import Trainer
+    from .run import run
 
     cfg = load_config(args.config, args.overrides, args.defaults)
-    if args.debug:
-        launch = dist.detect()
-        if launch.world_size > 1:
-            raise dist.LaunchError(f"launcher: --debug runs one process, but this is rank {launch.global_rank} of "
-                                   f"{launch.world_size} ({launch.mode}); run `dtrain train --debug` without "
-                                   "torchrun or srun (launch/debug.sh does)")
-        # one process, data in the main process, anomaly detection, per-step detail
-        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"num_workers": 0}),
-                                     "log": cfg.log.model_copy(update={"progress": False})})
-    if args.hooks is not None:
-        cfg = args.hooks.record(cfg)  # config.yaml names the script's callables
-    callbacks = build_callbacks(cfg.run.callbacks, args.hooks and args.hooks.callbacks)
-    run_dir = run_dir_of(cfg.run, args.debug)
-    say = logging.getLogger("dtrain.run").info
-    _say_where_the_rank_logs_are(run_dir, say)
-    # --debug: anomaly detection for this run only (a context: `dtrain.main` may run in a longer-lived process)
-    anomaly = torch.autograd.detect_anomaly() if args.debug else contextlib.nullcontext()
-    with anomaly, _session(cfg, force_single=args.debug) as info, _told(callbacks):
-        with hold(run_dir, info, say):  # one job per run dir
-            trainer = Trainer(cfg, info, debug=args.debug, hooks=args.hooks, callbacks=callbacks)
-            if cfg.run.doctor and info.distributed:
-                _check_health(cfg, info, trainer.run_dir, trainer.engine.module, brief=True, hooks=args.hooks)
-            outcome = trainer.fit()  # config.yaml is written once the resume is settled (RunLogger.start)
-            if info.is_global_zero:
-                # the table on stderr, summary.json
-                summarize(trainer, outcome, _train_command(args), _program(args))
-                if print_result:
-                    print(json.dumps(outcome), flush=True)
-            result = collect(trainer, outcome)
-            callbacks.emit("on_train_end", result)
-        if info.is_global_zero and outcome["stop_reason"] == StopReason.SIGUSR1.value:
-            # Last of all, since SLURM ends the job's steps as soon as it is requeued (a rank 0 that requeued
-            # before its summary was killed printing it): the checkpoint is complete, the run lock released.
-            # But before the session's closing barrier, where the other ranks wait: one that had left, exit
-            # code 75, would get srun (--kill-on-bad-exit) to end rank 0 before it requeued the job.
-            requeue_slurm_job(say)
-    return result
-
-
-@contextlib.contextmanager
-def _told(callbacks):
-    """The callbacks' on_exception, on the rank where the run ends in an exception, before it goes on up."""
-    try:
-        yield
-    except Exception as e:
-        callbacks.emit("on_exception", e)
-        raise
-
-
-def _say_where_the_rank_logs_are(run_dir: Path, say) -> None:
-    """Under `dtrain launch`, rank 0: a line where the launcher's rank logs are not in this run's directory. It
-    reads a script's key=value arguments, not what the script sets itself (dtrain.main(config={"run.name": ..})),
-    so such a run's logs went to the directory of its default name (found walking the README with a script)."""
-    from .worker import rank_log
-
-    log = rank_log()
-    if log is not None and not _is_other_rank() and log.parent.resolve() != (run_dir / "logs").resolve():
-        say(f"launch: the rank logs are in {log.parent}, not in this run's {run_dir}: `dtrain launch` reads a "
-            f"script's key=value arguments, not what it sets itself; pass run.name={run_dir.name} to keep them "
-            "together")
+    return run(cfg, args.hooks, debug=args.debug, command=_train_command(args), program=_program(args),
+               print_outcome=print_outcome)
 
 
 def _train_command(args) -> list[str]:
@@ -113,58 +45,17 @@ def _program(args) -> tuple[str, ...]:
     return ("python", sys.argv[0]) if args.hooks is not None else ("dtrain",)
 
 
-@contextlib.contextmanager
-def _session(cfg, force_single: bool = False):
-    """The process group of one command: set up, described once by rank 0, and torn down: cleanly
-    (barrier, then leave) after success or a DoctorError, which every rank raises at the same point;
-    abruptly after any other error, when a peer may be gone."""
-    from . import dist
-
-    info = dist.setup(cfg.dist.backend, cfg.dist.timeout_s, cfg.dist.connect_timeout_s, force_single=force_single)
-    clean = False
-    try:
-        if info.is_global_zero:
-            from .worker import note, rank_log
-            if rank_log() is not None:  # under `dtrain launch`, whose own line says what it started: in the log
-                note(info.describe())
-            else:
-                logging.getLogger("dtrain.dist").info(info.describe())
-        yield info
-        clean = True
-    except DoctorError:
-        clean = True
-        raise
-    finally:
-        dist.teardown(clean)
-
-
-class DoctorError(RuntimeError):
-    """A health check failed; the message names it."""
-
-
-def _check_health(cfg, info, run_dir, model, brief: bool, hooks=None) -> None:
-    from . import doctor
-
-    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    checks = doctor.run(cfg, info, run_dir, brief=brief, model_bytes=model_bytes, hooks=hooks)
-    if info.is_global_zero:
-        logging.getLogger("dtrain.doctor").info(("doctor (brief; `dtrain doctor` for the full check):\n" if brief
-                                                 else "doctor:\n") + doctor.table(checks))
-    failed = [c for c in checks if not c.ok]
-    if failed:
-        raise DoctorError(f"doctor: {failed[0].name} check failed: {failed[0].detail}")
-
-
 def _doctor(args) -> int:
     from .config import load_config
     from .build import Hooks, build_data, build_model_for
+    from .run import check_health, session
 
     cfg = load_config(args.config, args.overrides, args.defaults)
     hooks = args.hooks or Hooks()
     cfg = hooks.record(cfg)
-    with _session(cfg) as info:
+    with session(cfg) as info:
         model = build_model_for(cfg, build_data(cfg, info, hooks).facts, hooks, lambda msg: None)
-        _check_health(cfg, info, Path(cfg.run.dir) / cfg.run.name, model, brief=False, hooks=hooks)
+        check_health(cfg, info, Path(cfg.run.dir) / cfg.run.name, model, brief=False, hooks=hooks)
     return 0
 
 
@@ -449,6 +340,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from .config import ConfigError
     from .data import DataError
     from .dist import LaunchError
+    from .run import DoctorError
     from .runlock import RunDirError
 
     return ConfigError, DataError, LaunchError, CheckpointError, DoctorError, RunDirError
@@ -501,6 +393,7 @@ def main(argv: list[str] | None = None, hooks=None, defaults: dict | None = None
     from .config import ConfigError
     from .data import DataError
     from .dist import CollectiveError
+    from .run import is_other_rank
     from .worker import report_error
 
     args = parse_args(argv, hooks, defaults)
@@ -519,7 +412,7 @@ def main(argv: list[str] | None = None, hooks=None, defaults: dict | None = None
             # shards): rank 0 says it. A data error of one rank alone is still said where the launcher
             # shows every rank's error file (torchrun, dtrain launch), and under srun by the rank itself.
             seen = isinstance(e, ConfigError) or (isinstance(e, DataError) and "TORCHELASTIC_ERROR_FILE" in os.environ)
-            report_error(str(e), quiet=seen and _is_other_rank())
+            report_error(str(e), quiet=seen and is_other_rank())
             return EXIT_USER_ERROR
 
     try:
@@ -538,11 +431,6 @@ def _exiting_with_user_error() -> None:
 
     if "SLURM_PROCID" in os.environ and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def _is_other_rank() -> bool:
-    """Not global rank 0 of a job of several ranks (as the launcher's variables say)."""
-    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) != "0"
 
 
 def fit(argv: list[str] | None, hooks, defaults: dict | None = None):

@@ -201,7 +201,11 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def _publish(tmp: Path, path: Path) -> None:
-    """`tmp` as `path`, durably: its bytes on disk before the rename, the rename on disk after it."""
+    """`tmp` as `path`, durably: its bytes on disk before the rename, the rename on disk after it; readable as
+    open() would have made it (mkstemp's files are 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)

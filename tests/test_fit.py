@@ -102,3 +102,25 @@ def test_in_a_jupyter_kernel_the_arguments_default_to_none(monkeypatch):
     assert (args.command, args.overrides, args.config) == ("train", [], None)
     monkeypatch.setattr("sys.argv", ["train.py", "optim.lr=0.5"])  # a script: its own arguments
     assert parse_args(None, Hooks()).overrides == ["optim.lr=0.5"]
+
+
+def test_the_run_lifecycle_takes_a_config_not_a_command_line(here, tmp_path, capsys):
+    """dtrain.run.run(cfg, hooks): the whole run (session, lock, trainer, summary, result, callbacks) from a
+    Config; cli.py only parses into one. Its summary names the command it is given to go on with."""
+    from dtrain.build import Hooks
+    from dtrain.config import load_config
+    from dtrain.result import FitResult
+    from dtrain.run import run
+
+    told = []
+
+    class Ends:
+        def on_train_end(self, result):
+            told.append(result)
+
+    result = run(load_config(None, [*here, "run.stop_at_step=2"]), Hooks(callbacks=[Ends()]),
+                 command=["my", "command", "run.stop_at_step=2"], program=["python", "mine.py"])
+    assert isinstance(result, FitResult) and result.stop_reason == "stop_at_step" and told == [result]
+    summary = json.loads((tmp_path / "runs" / "fit" / "summary.json").read_text())
+    assert summary["resume"] == "my command" and summary["evaluate"].startswith("python mine.py eval ")
+    assert capsys.readouterr().out == ""  # no outcome printed: `dtrain train` asks for it

@@ -73,6 +73,10 @@ def test_predict_in_one_process_writes_every_key_once(run, expected, tmp_path):
     check_once(tmp_path / "out", expected)
     assert len(list((tmp_path / "out").glob("part-rank00000-*.jsonl"))) == 3  # 271 samples: 128, 128, 15 (batches of 64)
     assert f"predict: {len(expected)} outputs in out (" in proc.stdout and "samples/s on 1 rank)" in proc.stdout
+    umask = os.umask(0)
+    os.umask(umask)
+    for written in (tmp_path / "out").iterdir():  # as open() makes files, not mkstemp's 0600
+        assert written.stat().st_mode & 0o777 == 0o666 & ~umask, written
 
 
 def test_predict_on_two_ranks_writes_every_key_once(run, expected, tmp_path):
