@@ -125,3 +125,14 @@ def test_fused_adamw_is_the_default_on_cpu_too_and_steps_as_the_loop_does():
     assert auto[0].defaults["fused"] is True and looped[0].defaults["fused"] is None
     assert [g["weight_decay"] for g in auto[0].param_groups] == [0.01, 0.0]  # decay on matrices only
     assert torch.allclose(auto[1], looped[1], rtol=1e-5, atol=1e-6) and not torch.equal(auto[1], looped[1])
+
+
+def test_plot_lr_of_a_torch_scheduler_is_refused_in_one_line(data_root, capsys):
+    """Only dtrain's own schedules are pure functions of the step drawn before training (a torch scheduler's
+    max_lr or lengths may be its own): one line, exit 2, rather than a wrong curve."""
+    code = main(["plot", "--lr", str(CONFIGS / "digits.yaml"), f"data.root={data_root}",
+                 "schedule.name=torch.optim.lr_scheduler:OneCycleLR"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == ("dtrain: error: schedule.name: torch.optim.lr_scheduler:OneCycleLR is not one of "
+                                 "dtrain's schedules, which alone are drawn before training; its LR is logged as it "
+                                 "trains (dtrain plot RUN_DIR)")

@@ -1,7 +1,8 @@
 """DeepSpeed ZeRO (stages 1-3, optional CPU offload) behind the same interface as DDP.
 
-dtrain builds the optimizer and its LambdaLR schedule as for DDP and hands both to
-`deepspeed.initialize` as client objects; DeepSpeed then owns what it must own to shard them:
+dtrain builds the optimizer and its schedule as for DDP (its own AdamW/SGD and LambdaLR, or any torch optimizer
+and scheduler: optim.name, schedule.name) and hands both to `deepspeed.initialize` as client objects (ZeRO
+wraps any torch optimizer: zero_allow_untested_optimizer); DeepSpeed then owns what it must own to shard them:
 
 - accumulation: `gradient_accumulation_steps = train.grad_accum`. `engine.backward` divides the loss
   by it (so this class does not, unlike SingleEngine.backward), and the accumulation boundary is set
