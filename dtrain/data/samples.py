@@ -6,9 +6,11 @@ Two formats:
   tensor scaled by the descriptor's x_scale, y an int64 label (float32 for regression; task lm: x, y =
   tokens[:-1], tokens[1:]). Batches are tuples `(x, y, keys)`.
 - any other webdataset: `data.sample` maps members to fields by extension, e.g. {x: "jpg;png", y: "cls"}
-  (the first extension present: webdataset's `a;b` convention of `to_tuple`/`rename`), each decoded by
-  webdataset's own decoders (`autodecode`: images to float CHW tensors in [0, 1], cls to int, json, txt,
-  npy, pth), less what would run code or exhaust memory on hostile shards; or a function maps the raw
+  (the first extension present: webdataset's `a;b` convention of `to_tuple`/`rename`; a number inside a
+  JSON member by a JSON pointer after `#`: y: "json#/count"; task lm: one field of token ids, shifted as
+  dtrain's own), each decoded by webdataset's own decoders (`autodecode`: images to float CHW tensors in
+  [0, 1], cls to int, json, txt, npy, pth), less what would run code or exhaust memory on hostile shards;
+  or a function maps the raw
   sample dict to fields. Batches are dicts `{field: batched values, "__key__": [keys]}`: tensors stacked by
   torch's default_collate, or by a collate hook given the list of sample dicts (for variable shapes).
 
