@@ -68,8 +68,9 @@ def test_fit_result_leads_to_the_model_in_one_call(run):
 
 
 def test_weights_that_do_not_fit_the_factory_are_one_line(run):
-    with pytest.raises(CheckpointError, match=r"^checkpoint: .*weights do not fit the model built for it .*size "
-                                              r"mismatch.*; build it with the factory and model.kwargs that trained it"):
+    fix = "build it with the factory and model.kwargs that trained it"
+    with pytest.raises(CheckpointError, match=rf"^checkpoint: .*weights do not fit the model built for it .*size "
+                                              rf"mismatch.*; {fix}"):
         dtrain.load_model(run.best_checkpoint, model=build_model, overrides=["model.kwargs.hidden=16"])
 
 

@@ -71,7 +71,7 @@ def test_predict_in_one_process_writes_every_key_once(run, expected, tmp_path):
     proc = run_dtrain(["predict", "--checkpoint", str(run_dir), "--data", str(test), "--out", "out",
                        "--part-size", "100"], tmp_path)
     check_once(tmp_path / "out", expected)
-    assert len(list((tmp_path / "out").glob("part-rank00000-*.jsonl"))) == 3  # 271 samples: 128, 128, 15 (batches of 64)
+    assert len(list((tmp_path / "out").glob("part-rank00000-*.jsonl"))) == 3  # 271 samples: 128, 128, 15 (batch 64)
     assert f"predict: {len(expected)} outputs in out (" in proc.stdout and "samples/s on 1 rank)" in proc.stdout
     umask = os.umask(0)
     os.umask(umask)
