@@ -261,6 +261,16 @@ class OptimConfig(Section):
         if named:
             raise PydanticCustomError("kwargs", f"optim.kwargs.{named[0]}: set optim.{named[0]} instead (each param "
                                                 "group gets it, scaled by optim.backbone_lr_ratio)")
+        own = self.own_keys_set() if self.name not in OPTIMIZERS else []
+        if own:
+            raise PydanticCustomError("own", f"optim.{own[0]} applies to sgd and adamw, not to {self.name}; put "
+                                             f"that optimizer's arguments in optim.kwargs (e.g. {{{own[0]}: ...}})")
+
+    def own_keys_set(self) -> list[str]:
+        """The keys of dtrain's own optimizers set to other than their defaults (another optimizer ignores them)."""
+        defaults = OptimConfig()
+        return [key for key in ("momentum", "nesterov", "betas", "fused")
+                if getattr(self, key) != getattr(defaults, key)]
 
 
 class ScheduleConfig(Section):

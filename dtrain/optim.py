@@ -17,7 +17,8 @@ from .importing import describe, resolve
 
 
 def build_optimizer(cfg: OptimConfig, model: torch.nn.Module, lr_scales: Optional[dict[str, float]] = None,
-                    param_groups: Optional[Callable] = None, factory: Optional[Callable] = None) -> torch.optim.Optimizer:
+                    param_groups: Optional[Callable] = None,
+                    factory: Optional[Callable] = None) -> torch.optim.Optimizer:
     """Param groups by name prefix (`lr_scales`, e.g. {"head": 1.0, "": 0.1}: the first matching prefix sets
     the group's peak LR as a fraction of cfg.lr), each split into decayed and undecayed parameters; or a
     user's `param_groups(model)` (torch's format: {"params", optional "lr", "weight_decay"}; the defaults
@@ -32,6 +33,9 @@ def build_optimizer(cfg: OptimConfig, model: torch.nn.Module, lr_scales: Optiona
     _refuse_built("optimizer", factory, "torch.optim.RAdam", "the param groups once the engine has placed "
                   "the parameters (FSDP shards them)")
     _refuse_kwargs("optim", cfg.kwargs, factory)
+    if factory is not None and cfg.own_keys_set():  # the config was checked with its own optim.name
+        raise ConfigError(f"config: optim.{cfg.own_keys_set()[0]} applies to sgd and adamw, not to the optimizer "
+                          f"handed in from Python ({describe(factory)}); pass it to that optimizer")
     if param_groups is not None:
         if lr_scales:
             raise ConfigError("config: optim.backbone_lr_ratio and param groups handed in from Python are both "
@@ -176,7 +180,7 @@ def build_scheduler(cfg: ScheduleConfig, optimizer: torch.optim.Optimizer, total
     if factory is None and cfg.name in SCHEDULES:
         return lr_scheduler.LambdaLR(optimizer, build_schedule(cfg, total_steps))
     if factory is not None and cfg.own_keys_set():  # the config was checked with its own schedule.name
-        raise ConfigError(f"schedule.{cfg.own_keys_set()[0]} applies to dtrain's own schedules, not to the "
+        raise ConfigError(f"config: schedule.{cfg.own_keys_set()[0]} applies to dtrain's own schedules, not to the "
                           f"scheduler handed in from Python ({describe(factory)}); leave it unset")
     make = factory or resolve(cfg.name, "schedule.name")
     scheduler = make(optimizer, **filled(make, cfg.kwargs, optimizer, total_steps), **cfg.kwargs)

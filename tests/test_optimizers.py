@@ -23,7 +23,8 @@ from dtrain.resume import OWN_SCHEDULER, config_changes
 RADAM, ONECYCLE = "optim.name=torch.optim:RAdam", "schedule.name=torch.optim.lr_scheduler:OneCycleLR"
 # digits: 1257 training samples, batch 64: 19 steps per epoch, 38 in all; no dropout: runs compare bit for bit
 ARGS = ["train", "train.epochs=2", "train.log_every=1", "log.progress=false", "run.doctor=false",
-        "model.kwargs.dropout=0", "optim.lr=0.01", RADAM, "optim.kwargs={eps: 1.0e-7}", ONECYCLE, "schedule.kwargs={pct_start: 0.25}"]
+        "model.kwargs.dropout=0", "optim.lr=0.01", RADAM, "optim.kwargs={eps: 1.0e-7}", ONECYCLE,
+        "schedule.kwargs={pct_start: 0.25}"]
 TOTAL = 38
 
 
@@ -57,7 +58,8 @@ def test_radam_and_onecycle_by_import_string_log_its_lr_and_resume_bit_identical
     a, b = final_params(tmp_path / "runs/straight"), final_params(tmp_path / "runs/resumed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     state = torch.load(tmp_path / "runs/straight/checkpoints/latest/state.pt", weights_only=True)["engine"]
-    assert state["scheduler"]["total_steps"] == TOTAL and "decoupled_weight_decay" in state["optimizer"]["param_groups"][0]
+    assert state["scheduler"]["total_steps"] == TOTAL
+    assert "decoupled_weight_decay" in state["optimizer"]["param_groups"][0]  # RAdam's
     assert state["optimizer"]["param_groups"][0]["eps"] == 1e-7  # optim.kwargs reached RAdam
 
 
@@ -102,9 +104,9 @@ def test_backbone_lr_ratio_and_param_groups_hold_with_a_torch_optimizer_and_onec
         peaks = np.maximum(peaks, [g["lr"] for g in opt.param_groups])
     assert peaks == pytest.approx([3e-3, 3e-3, 3e-4, 3e-4])  # each group's OneCycle peaks at its own LR
 
-    groups = build_optimizer(cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"backbone_lr_ratio": 1.0})}).optim,
-                             model, param_groups=lambda m: [{"params": m.body.parameters(), "lr": 0.5},
-                                                            {"params": m.head.parameters()}])
+    groups = build_optimizer(load_config(None, [RADAM]).optim, model,
+                             param_groups=lambda m: [{"params": m.body.parameters(), "lr": 0.5},
+                                                     {"params": m.head.parameters()}])
     assert type(groups) is torch.optim.RAdam and [g["lr"] for g in groups.param_groups] == [0.5, 3e-3]
 
 
@@ -125,6 +127,8 @@ def test_dtrain_fills_a_schedulers_length_and_peak_only_where_its_signature_name
     ([ONECYCLE, "schedule.warmup_steps=5"], "config: schedule.warmup_steps applies to dtrain's own schedules, "
                                             "not to torch.optim.lr_scheduler:OneCycleLR"),
     (["schedule.kwargs={pct_start: 0.1}"], "config: schedule.kwargs applies to a scheduler named by import string"),
+    ([RADAM, "optim.betas=[0.9, 0.95]"], "config: optim.betas applies to sgd and adamw, not to torch.optim:RAdam; "
+                                         "put that optimizer's arguments in optim.kwargs (e.g. {betas: ...})"),
 ])
 def test_settings_that_would_be_ignored_are_refused_in_one_line(overrides, says):
     with pytest.raises(ConfigError) as e:
@@ -142,10 +146,16 @@ def test_a_scheduler_stepped_by_a_metric_or_a_built_object_is_refused_in_one_lin
         build_optimizer(cfg.optim, model, factory=torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(ConfigError, match="^scheduler: hand in a factory, not a built StepLR"):
         build_scheduler(load_config(None, []).schedule, opt, 10, factory=lr_scheduler.StepLR(opt, 3))
-    with pytest.raises(ConfigError, match="^schedule.warmup_steps applies to dtrain's own schedules, not to the "
-                                          "scheduler handed in"):
+    with pytest.raises(ConfigError, match="^config: schedule.warmup_steps applies to dtrain's own schedules, not to "
+                                          "the scheduler handed in"):
         build_scheduler(load_config(None, ["schedule.warmup_steps=3"]).schedule, opt, 10,
                         factory=lambda o: lr_scheduler.StepLR(o, 3))
+    with pytest.raises(ConfigError, match=r"^config: optim.momentum applies to sgd and adamw, not to the optimizer "
+                                          "handed in"):
+        build_optimizer(load_config(None, ["optim.momentum=0.5"]).optim, model, factory=torch.optim.SGD)
+    with pytest.raises(ConfigError, match=r"^config: optim.kwargs is for optim.name, which the .* handed in from "
+                                          r"Python replaces; bind its arguments in Python \(functools.partial\)"):
+        build_optimizer(load_config(None, [RADAM, "optim.kwargs={eps: 0.1}"]).optim, model, factory=torch.optim.SGD)
 
 
 @pytest.mark.parametrize("key, value", [("optim.lr", 0.01), ("schedule.kwargs", {"pct_start": 0.5}),
