@@ -179,11 +179,12 @@ class StepRunner:
 
 
 def _first_line(error) -> str:
-    """torchft's error (ExceptionWithTraceback carries the whole traceback in its text) in one line."""
+    """torchft's error in one sentence (ExceptionWithTraceback carries the whole traceback in its text, gloo's
+    errors three sentences of advice)."""
     if error is None:
         return "too few replica groups"
     error = getattr(error, "original_exception", error)
-    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0].split('. ')[0]}"
 
 
 def build_manager(replica_id: str, lighthouse: str, *, timeout_s: float = 10.0, quorum_timeout_s: float = 60.0,

@@ -3,8 +3,9 @@ data set, trained through dtrain.ft.StepRunner. Writes one JSON line per step tr
 commit, quorum, replica rank, the sample keys it trained, a hash of the weights after the try) and one per
 healing (the step, the hash of the weights received); the final weights to OUT/g<ID>.pt.
 
---kill-at STEP: SIGKILL this process mid-step at STEP, after its backward pass and before the all-reduce, as a
-lost machine would (the peers' collective fails, so the step is not committed anywhere and is replayed).
+--kill-at STEP (or --kill-after N: its N-th step try): SIGKILL this process mid-step, after its backward pass
+and before the all-reduce, as a lost machine would (the peers' collective fails, so the step is not committed
+anywhere and is replayed).
 --hold-at STEP --hold-for ID: wait before STEP until group ID's manager is up (its OUT/g<ID>.up), so that a
 replacement surely joins before the survivors finish, however slow the machine."""
 
@@ -61,6 +62,7 @@ def main() -> None:
     ap.add_argument("--global-batch", type=int, default=16)
     ap.add_argument("--micro-batch", type=int, default=None)
     ap.add_argument("--kill-at", type=int, default=-1)
+    ap.add_argument("--kill-after", type=int, default=-1, help="SIGKILL mid-step in this process's N-th step try")
     ap.add_argument("--vote-at", type=int, default=-1, help="vote 1 (as a signal would: save now) at this step")
     ap.add_argument("--step-delay", type=float, default=0.0)
     ap.add_argument("--timeout", type=float, default=5.0)
@@ -81,8 +83,11 @@ def main() -> None:
             super().load_state_dict(state)
             write(healed=self.manager.current_step(), weights=weights_hash(self.model))
 
+        tries = 0
+
         def _sum_gradients(self, loss):
-            if self.manager.current_step() == args.kill_at:
+            self.tries += 1
+            if self.manager.current_step() == args.kill_at or self.tries == args.kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
             return super()._sum_gradients(loss)
 
