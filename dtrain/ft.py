@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from .config import ConfigError
 from .data.elastic import EpochReplay, Item, Segment
 
 log = logging.getLogger("dtrain.ft")
@@ -192,7 +193,10 @@ def build_manager(replica_id: str, lighthouse: str, *, timeout_s: float = 10.0, 
     """A torchft Manager for a replica group of one process: gloo, a synchronous quorum, a TCPStore of its own
     (`store`, or one started here on a free port). `timeout_s` bounds a collective with a lost peer."""
     from torch.distributed import TCPStore
-    from torchft import Manager, ProcessGroupGloo
+    try:
+        from torchft import Manager, ProcessGroupGloo
+    except ImportError as e:
+        raise ConfigError(f"ft: torchft is not installed ({e}); pip install 'dtrain[ft]'") from None
 
     own = None
     if store is None:

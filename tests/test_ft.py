@@ -43,6 +43,14 @@ def test_the_global_order_is_the_epochs_samples_once_whatever_the_ranks(data_roo
         (u, i) for u in two.urls for i in range(two.shard_counts[u])}
 
 
+def test_without_torchft_building_a_group_is_one_line(monkeypatch):
+    from dtrain.config import ConfigError
+    from dtrain.ft import build_manager
+    monkeypatch.setitem(sys.modules, "torchft", None)  # as if not installed: import raises ImportError
+    with pytest.raises(ConfigError, match=r"^ft: torchft is not installed \(.*\); pip install 'dtrain\[ft\]'$"):
+        build_manager("0", "http://127.0.0.1:1")
+
+
 # ---- replica groups as processes ---------------------------------------------------------------------------
 STEPS, GLOBAL_BATCH, MICRO_BATCH, KILL_AT, VOTE_AT = 48, 16, 6, 14, 30
 
