@@ -95,18 +95,22 @@ def test_a_hook_handed_in_takes_the_place_of_its_config_key_in_every_form():
     assert {f.name for f in dataclasses.fields(Hooks)} == set(RECORDED) | {"param_groups"}  # each hook its key
     cfg = load_config(None, ["model.factory=mynet:build", "model.forward=mynet:fwd", "loss.fn=mynet:two_terms",
                              "metrics.fn=mynet:top2", "data.sample={x: png, y: cls}", "data.transform=m:t",
-                             "data.collate=m:c"])
+                             "data.collate=m:c", "run.callbacks=[m:Printer]"])
 
     def metric(output, batch):
         return {}
+
+    class Printer:
+        def on_step_end(self, step, loss): ...
     hooks = Hooks(model=torch.nn.Linear(2, 2), loss=metric, metrics=[metric, {"f1": object()}], forward=metric,
                   sample={"x": "jpg;png", "y": "cls"}, transform=metric, collate=metric, optimizer=metric,
-                  scheduler=metric)
+                  scheduler=metric, callbacks=[Printer()])
     recorded, built = hooks.record(cfg), hooks.replacing(cfg)
     name = f"{__name__}:test_a_hook_handed_in_takes_the_place_of_its_config_key_in_every_form.<locals>.metric"
     assert recorded.model.factory == "torch.nn.modules.linear:Linear" and recorded.loss.fn == name
     assert recorded.metrics.fn is None  # a list: nothing to name, and the config's metrics.fn is not used
     assert recorded.data.sample == {"x": "jpg;png", "y": "cls"} and recorded.data.collate == name
+    assert recorded.run.callbacks == [name.replace(".metric", ".Printer")]  # a list of callbacks: their names
     for section, key in RECORDED.values():
-        assert getattr(getattr(built, section), key) is None, (section, key)
+        assert getattr(getattr(built, section), key) == ([] if key == "callbacks" else None), (section, key)
     assert Hooks(loss=metric).replacing(cfg).metrics.fn == "mynet:top2"  # only what was handed in
