@@ -2,13 +2,14 @@
 named in the config; a callback's exception ends every rank with its traceback once."""
 
 import json
+import shlex
 from pathlib import Path
 
 import pytest
 import yaml
 
 import dtrain
-from conftest import REPO, metrics_of, run_ranks
+from conftest import REPO, metrics_of, run_dtrain, run_ranks
 from dtrain.checkpoint import verify
 from dtrain.config import ConfigError
 
@@ -121,6 +122,17 @@ def test_callbacks_handed_in_replace_the_configs_and_are_recorded(here, tmp_path
     assert not Counter.made and rec.events  # the config's is never made
     config = yaml.safe_load((tmp_path / "runs" / "cb" / "config.yaml").read_text())
     assert config["run"]["callbacks"] == ["test_callbacks:Recorder"]
+
+
+def test_a_checkpoints_callbacks_are_code_that_eval_imports_only_where_the_user_names_them(here, tmp_path):
+    """run.callbacks in a stored config are import strings (dtrain.trust): eval refuses them unnamed, and the
+    summary's evaluate command names them."""
+    dtrain.fit([*here, "run.callbacks=[test_callbacks:Counter]"])
+    proc = run_dtrain(["eval", "--checkpoint", "runs/cb"], tmp_path, check=False)
+    assert proc.returncode == 2 and "asks to run run.callbacks.0=test_callbacks:Counter" in proc.stderr
+    printed = shlex.split(json.loads((tmp_path / "runs" / "cb" / "summary.json").read_text())["evaluate"])
+    assert "run.callbacks=[\"test_callbacks:Counter\"]" in printed
+    run_dtrain(printed[printed.index("eval"):], tmp_path)
 
 
 def test_a_callback_with_no_events_and_a_bad_import_string_are_one_line(here):
