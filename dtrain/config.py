@@ -232,9 +232,6 @@ class OptimConfig(Section):
     with its lr and weight_decay: optim.lr, optim.weight_decay, optim.backbone_lr_ratio and param groups
     handed in from Python apply to it) and optim.kwargs; momentum, nesterov, betas and fused are AdamW's and
     SGD's only."""
-    kwargs: dict[str, Any] = {}
-    """Keyword arguments of optim.name when it is not sgd or adamw, e.g. {betas: [0.9, 0.99], eps: 1.0e-6}
-    (not lr or weight_decay: they are optim.lr and optim.weight_decay)."""
     lr: float = Field(3e-3, gt=0)
     """Peak learning rate (after warmup)."""
     weight_decay: float = Field(0.0, ge=0)
@@ -250,6 +247,9 @@ class OptimConfig(Section):
     fused: Union[Literal["auto"], bool] = "auto"
     """AdamW: torch's fused kernel (`auto`: wherever torch has one for the parameters' device, GPU and CPU).
     It also skips a non-finite update on the device, so train.nonfinite=skip needs no host sync per step."""
+    kwargs: dict[str, Any] = {}
+    """Keyword arguments of optim.name when it is not sgd or adamw, e.g. {betas: [0.9, 0.99], eps: 1.0e-6}
+    (not lr or weight_decay: they are optim.lr and optim.weight_decay)."""
 
     def check(self) -> None:
         """Config-level (its messages name the keys): dtrain's own optimizer, or one named with its kwargs."""
@@ -287,9 +287,6 @@ class ScheduleConfig(Section):
     A scheduler whose step() needs a metric (ReduceLROnPlateau) is refused. Its state, arguments and
     length included, resumes from the checkpoint as it was saved: at resume schedule.*, optim.* and the
     training length cannot change."""
-    kwargs: dict[str, Any] = {}
-    """Keyword arguments of schedule.name when it is not one of dtrain's own, e.g. {pct_start: 0.1} for
-    OneCycleLR."""
     warmup_steps: int = Field(0, ge=0)
     """Linear warmup from lr/warmup_steps to lr over this many optimizer steps, before any schedule."""
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
@@ -302,6 +299,9 @@ class ScheduleConfig(Section):
     """Cosine_restarts: length of the first cycle in optimizer steps."""
     restart_mult: int = Field(1, ge=1)
     """Cosine_restarts: each cycle is this many times longer than the one before (1: periodic)."""
+    kwargs: dict[str, Any] = {}
+    """Keyword arguments of schedule.name when it is not one of dtrain's own, e.g. {pct_start: 0.1} for
+    OneCycleLR."""
 
     def check(self) -> None:
         """Config-level (its messages name the keys): dtrain's own schedule and its keys, or one named with

@@ -47,8 +47,9 @@ def add_parser(sub) -> None:
                     help="c10d rendezvous settings, as torchrun's: is_host=1 on the node that hosts the store, "
                          "join_timeout=S (as --rdzv-timeout), last_call_timeout=S, ...")
     la.add_argument("--rdzv-timeout", type=int, default=RDZV_TIMEOUT_S, metavar="S",
-                    help=f"several nodes: how long this node waits for the rendezvous store to answer, then for "
-                         f"the other nodes to join, before it ends saying why (default {RDZV_TIMEOUT_S})")
+                    help=f"several nodes: how long this node waits for the rendezvous store to answer, and "
+                         f"then for the other nodes to join (each), before it ends saying why (default "
+                         f"{RDZV_TIMEOUT_S})")
     la.add_argument("--max-restarts", type=int, default=0, metavar="K",
                     help="restart all workers from the newest complete checkpoint after a crashed, killed or "
                          "lost worker, at most K times (a user error, exit 2, is never retried)")
