@@ -95,8 +95,8 @@ def test_a_crash_every_rank_meets_is_printed_once(tmp_path, capsys):
     assert launcher._report_failure({1: failure(1, crash(1)), 0: failure(1, crash(0))}, logs, 0) == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.splitlines() == [
-        f"dtrain: error: launch: worker failed: ValueError: boom on rank 1 (rank 1 on {os.uname().nodename}, "
-        f"log {logs}/rank-1.log)"]
+        (f"dtrain: error: launch: worker failed: ValueError: boom on rank 1 (rank 1 on {os.uname().nodename}, "
+         f"log {logs}/rank-1.log)")]
     # rank 0 failed elsewhere (its peer's loss, seen in a collective): the cause's traceback is news
     assert launcher._report_failure({1: failure(1, crash(1)), 0: failure(1, crash(0, "dist.py", 9))}, logs, 0) == 1
     assert capsys.readouterr().err.count("Traceback") == 1
@@ -510,7 +510,7 @@ def test_a_node_outnumbered_by_a_smaller_nnodes_says_so(tmp_path):
     port = free_port()
     b, b_err = rdzv_node(tmp_path, "b", port, "3", "is_host=1", 120)
     said(b, b_err, "waiting for the other nodes: 1 of 3")
-    a, a_err = rdzv_node(tmp_path, "a", port, "2", "is_host=0", 120)
+    a, _ = rdzv_node(tmp_path, "a", port, "2", "is_host=0", 120)
     try:
         b_lines = ended(b, b_err)
     finally:
