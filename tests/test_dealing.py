@@ -119,3 +119,14 @@ def test_a_two_rank_run_on_uneven_shards_draws_each_sample_once_an_epoch(tmp_pat
     for epoch in (0, 1):
         keys = [k for rows in logged.values() for s, ks in rows if epoch * steps < s <= (epoch + 1) * steps for k in ks]
         assert len(keys) == len(set(keys)) == steps * 64, (epoch, len(keys), len(set(keys)))
+
+
+def test_a_train_subset_of_uneven_shards_is_drawn_once_an_epoch(tmp_path):
+    """data.train_subset=1000 of the 520/310/430/240 shards (the first 1000 in shard order: the third shard
+    cut at 170) on 2 ranks: each epoch draws 960 of those 1000 once (1000 % 64 = 40 dropped), none beyond."""
+    index = uneven(tmp_path, [520, 310, 430, 240]).subset("train", 1000)
+    streams = [ShardStream(index, "train", batch_size=32, rank=r, world_size=2, seed=2, shuffle_buffer=20,
+                           train=True, num_workers=2) for r in (0, 1)]
+    for epoch in (0, 1):
+        drawn = collections.Counter(k for s in streams for b in s.epoch(epoch) for k in b[2])
+        assert max(drawn.values()) == 1 and len(drawn) == 960 and max(drawn) < "k01000"
