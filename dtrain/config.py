@@ -231,7 +231,7 @@ class OptimConfig(Section):
     class or factory, e.g. `torch.optim:RAdam` or one in your own package, called with the param groups (each
     with its lr and weight_decay: optim.lr, optim.weight_decay, optim.backbone_lr_ratio and param groups
     handed in from Python apply to it) and optim.kwargs; momentum, nesterov, betas and fused are AdamW's and
-    SGD's only."""
+    SGD's only (set with another optimizer, they are refused: give its own arguments in optim.kwargs)."""
     lr: float = Field(3e-3, gt=0)
     """Peak learning rate (after warmup)."""
     weight_decay: float = Field(0.0, ge=0)
