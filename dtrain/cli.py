@@ -53,7 +53,7 @@ def _doctor(args) -> int:
     cfg = load_config(args.config, args.overrides, args.defaults)
     hooks = args.hooks or Hooks()
     cfg = hooks.record(cfg)
-    with session(cfg) as info:
+    with session(cfg.dist) as info:
         model = build_model_for(cfg, build_data(cfg, info, hooks).facts, hooks, lambda msg: None)
         check_health(cfg, info, Path(cfg.run.dir) / cfg.run.name, model, brief=False, hooks=hooks)
     return 0

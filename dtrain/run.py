@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 if TYPE_CHECKING:
     from .build import Hooks
-    from .config import Config
+    from .config import Config, DistConfig
     from .result import FitResult
 
 
@@ -52,7 +52,7 @@ def run(cfg: Config, hooks: Optional[Hooks] = None, debug: bool = False, command
     _say_where_the_rank_logs_are(run_dir, say)
     # --debug: anomaly detection for this run only (a context: `dtrain.main` may run in a longer-lived process)
     anomaly = torch.autograd.detect_anomaly() if debug else contextlib.nullcontext()
-    with anomaly, session(cfg, force_single=debug) as info, _told(callbacks):
+    with anomaly, session(cfg.dist, force_single=debug) as info, _told(callbacks):
         with hold(run_dir, info, say):  # one job per run dir
             trainer = Trainer(cfg, info, debug=debug, hooks=hooks, callbacks=callbacks)
             if cfg.run.doctor and info.distributed:
@@ -116,13 +116,13 @@ def is_other_rank() -> bool:
 
 
 @contextlib.contextmanager
-def session(cfg: Config, force_single: bool = False):
+def session(cfg: DistConfig, force_single: bool = False):
     """The process group of one command: set up, described once by rank 0, and torn down: cleanly
     (barrier, then leave) after success or a DoctorError, which every rank raises at the same point;
     abruptly after any other error, when a peer may be gone."""
     from . import dist
 
-    info = dist.setup(cfg.dist.backend, cfg.dist.timeout_s, cfg.dist.connect_timeout_s, force_single=force_single)
+    info = dist.setup(cfg.backend, cfg.timeout_s, cfg.connect_timeout_s, force_single=force_single)
     clean = False
     try:
         if info.is_global_zero:
