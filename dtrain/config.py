@@ -309,8 +309,9 @@ class ScheduleConfig(Section):
         _builtin_or_import_string("schedule.name", self.name, SCHEDULES, "torch.optim.lr_scheduler:OneCycleLR")
         if self.name in SCHEDULES:
             if self.kwargs:
-                raise PydanticCustomError("kwargs", f"schedule.kwargs applies to a scheduler named by import string, "
-                                                    f"not to {self.name}; set its keys schedule.warmup_steps, ...")
+                raise PydanticCustomError("kwargs", "schedule.kwargs applies to a scheduler named by an import "
+                                                    f"string, not to {self.name}; set its keys schedule.warmup_steps, "
+                                                    "...")
             return
         own = self.own_keys_set()
         if own:

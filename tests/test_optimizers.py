@@ -3,7 +3,6 @@ their kwargs) or handed to dtrain.fit as a factory; param groups and backbone_lr
 the scheduler's; the state resumes exactly (on another number of ranks too); the engines run them."""
 import functools
 import importlib.util
-import os
 from collections import OrderedDict
 
 import numpy as np
@@ -121,14 +120,14 @@ def test_dtrain_fills_a_schedulers_length_and_peak_only_where_its_signature_name
 
 @pytest.mark.parametrize("overrides, says", [
     (["optim.name=adam"], "config: optim.name: 'adam' is not sgd, adamw or an import string"),
-    (["optim.kwargs={eps: 1.0e-6}"], "config: optim.kwargs applies to an optimizer named by an import string, "
-                                     "not to adamw"),
+    (["optim.kwargs={eps: 1.0e-6}"], ("config: optim.kwargs applies to an optimizer named by an import string, "
+                                      "not to adamw")),
     ([RADAM, "optim.kwargs={lr: 0.1}"], "config: optim.kwargs.lr: set optim.lr instead"),
-    ([ONECYCLE, "schedule.warmup_steps=5"], "config: schedule.warmup_steps applies to dtrain's own schedules, "
-                                            "not to torch.optim.lr_scheduler:OneCycleLR"),
-    (["schedule.kwargs={pct_start: 0.1}"], "config: schedule.kwargs applies to a scheduler named by import string"),
-    ([RADAM, "optim.betas=[0.9, 0.95]"], "config: optim.betas applies to sgd and adamw, not to torch.optim:RAdam; "
-                                         "put that optimizer's arguments in optim.kwargs (e.g. {betas: ...})"),
+    ([ONECYCLE, "schedule.warmup_steps=5"], ("config: schedule.warmup_steps applies to dtrain's own schedules, "
+                                             "not to torch.optim.lr_scheduler:OneCycleLR")),
+    (["schedule.kwargs={pct_start: 0.1}"], "config: schedule.kwargs applies to a scheduler named by an import string"),
+    ([RADAM, "optim.betas=[0.9, 0.95]"], ("config: optim.betas applies to sgd and adamw, not to torch.optim:RAdam; "
+                                          "put that optimizer's arguments in optim.kwargs (e.g. {betas: ...})")),
 ])
 def test_settings_that_would_be_ignored_are_refused_in_one_line(overrides, says):
     with pytest.raises(ConfigError) as e:
@@ -163,7 +162,7 @@ def test_a_scheduler_stepped_by_a_metric_or_a_built_object_is_refused_in_one_lin
 def test_with_a_torch_scheduler_what_its_saved_state_holds_cannot_change_at_resume(key, value):
     """Its state (LRs, arguments, length) is the checkpoint's whole: a new value would be silently ignored, or
     step OneCycleLR past its end. dtrain's own schedule takes them (a pure function of the step)."""
-    section, name = key.split(".")
+    section = key.split(".")[0]
     saved = load_config(None, [RADAM, ONECYCLE]).to_dict()
     new = load_config(None, [RADAM, ONECYCLE, f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}"])
     changed = [c for c in config_changes(saved, new) if c.key.startswith(key)]
