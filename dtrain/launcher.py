@@ -74,13 +74,32 @@ def run(args) -> int:
     min_nodes, max_nodes = _nnodes(args.nnodes)
     if max_nodes > 1 and not args.rdzv_endpoint:
         raise ConfigError(f"launch: --nnodes {args.nnodes} needs --rdzv-endpoint HOST:PORT (the same on every node)")
+    rdzv_configs = _rdzv_configs(args.rdzv_conf, args.rdzv_timeout)
     entry, run_dir, note = _resolve(args.target, args.parser)  # dtrain's parser (cli.parse_args)
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     say(f"launch: {nproc} worker(s) per node, nodes={args.nnodes}, max_restarts={args.max_restarts}: "
         f"{shlex.join(args.target)}; logs {logs}/rank-N.log{note}")
     os.environ["DTRAIN_LAUNCH_COMMAND"] = shlex.join(_command(args, nproc))  # what the summary says resumes it
-    return _run_agent(args, nproc, min_nodes, max_nodes, entry, run_dir, logs)
+    return _run_agent(args, nproc, min_nodes, max_nodes, rdzv_configs, entry, run_dir, logs)
+
+
+def _rdzv_configs(conf: str, timeout_s: int) -> dict:
+    """--rdzv-conf K=V,... as torch's rendezvous settings, with one bound for both waits, the join_timeout it
+    gives, else --rdzv-timeout: for the nodes to join, and, on a node that does not host the store, for
+    the store to answer (torch's read_timeout, else a fixed 60 s and a traceback, however long the nodes
+    were told to wait for each other)."""
+    from .config import ConfigError
+
+    configs = {}
+    for item in filter(None, conf.split(",")):
+        key, _, value = item.partition("=")
+        configs[key.strip()] = value.strip()
+    wait_s = str(configs.setdefault("join_timeout", timeout_s))
+    if not wait_s.isdigit() or int(wait_s) < 1:
+        raise ConfigError(f"launch: --rdzv-conf join_timeout={wait_s} is not a whole number of seconds >= 1")
+    configs.setdefault("read_timeout", wait_s)
+    return configs
 
 
 def _command(args, nproc: int) -> list[str]:
@@ -332,7 +351,7 @@ def _quiet_cpp_warnings() -> None:
     level.value = 3  # c10's FATAL
 
 
-def _run_agent(args, nproc, min_nodes, max_nodes, entry, run_dir, logs) -> int:
+def _run_agent(args, nproc, min_nodes, max_nodes, rdzv_configs, entry, run_dir, logs) -> int:
     import logging
 
     from torch.distributed.elastic.agent.server.api import WorkerSpec, WorkerState
@@ -349,15 +368,7 @@ def _run_agent(args, nproc, min_nodes, max_nodes, entry, run_dir, logs) -> int:
             logging.getLogger(name).setLevel(logging.CRITICAL)
     _quiet_cpp_warnings()
     standalone = max_nodes == 1 and not args.rdzv_endpoint
-    rdzv_configs = {}
-    for item in filter(None, args.rdzv_conf.split(",")):
-        key, _, value = item.partition("=")
-        rdzv_configs[key.strip()] = value.strip()
-    # One bound for both waits, the join_timeout a --rdzv-conf gives or --rdzv-timeout: for the nodes to
-    # join, and, on a node that does not host the store, for the store to answer (torch's read_timeout,
-    # else a fixed 60 s, then a traceback, however long the nodes were told to wait for each other)
-    wait_s = int(rdzv_configs.setdefault("join_timeout", args.rdzv_timeout))
-    rdzv_configs.setdefault("read_timeout", wait_s)
+    wait_s = int(rdzv_configs["join_timeout"])
     rdzv = Rendezvous(None if standalone else args.rdzv_endpoint, args.rdzv_id, args.nnodes, min_nodes, wait_s)
     config = LaunchConfig(min_nodes=min_nodes, max_nodes=max_nodes, nproc_per_node=nproc,
                           run_id=uuid.uuid4().hex if standalone else args.rdzv_id, rdzv_backend="c10d",

@@ -50,6 +50,9 @@ def test_bad_config_is_one_line_before_any_worker_starts(tmp_path):
     (["launch", "--nnodes", "2:1", "train"], "--nnodes '2:1' is not N or MIN:MAX"),
     (["launch", "--nnodes", "2", "train"], "needs --rdzv-endpoint"),
     (["launch", "--nproc-per-node", "0", "train"], "--nproc-per-node must be >= 1"),
+    (["launch", "--rdzv-timeout", "0", "train"], "--rdzv-timeout > 0"),
+    (["launch", "--nnodes", "2", "--rdzv-endpoint", "127.0.0.1:1", "--rdzv-conf", "join_timeout=soon", "train"],
+     "--rdzv-conf join_timeout=soon is not a whole number of seconds"),
 ])
 def test_bad_launch_arguments_are_one_line(tmp_path, argv, message):
     proc = run_dtrain(argv, tmp_path, check=False)
