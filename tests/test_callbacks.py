@@ -74,8 +74,8 @@ def test_every_event_fires_in_order_with_its_arguments(here, tmp_path, async_sav
     run_dir, names = tmp_path / "runs" / "cb", [e[0] for e in rec.events]
     assert names[0] == "on_train_start" and names[-1] == "on_train_end" and "on_exception" not in names
     start = rec.events[0][1]
-    assert (start.global_rank, start.world_size, start.is_global_zero, start.step, start.total_steps) == (0, 1, True, 0, 6)
-    assert start.run_dir == run_dir
+    assert (start.global_rank, start.world_size, start.is_global_zero, start.step, start.total_steps, start.run_dir) \
+        == (0, 1, True, 0, 6, run_dir)
     assert [e[1] for e in rec.events if e[0] == "on_step_end"] == [1, 2, 3, 4, 5, 6]
     logged = {r["step"]: r["loss"] for r in metrics_of(run_dir) if "loss" in r}  # log_every=1: this rank's = the mean
     assert all(e[2] == pytest.approx(logged[e[1]], rel=1e-5) for e in rec.events if e[0] == "on_step_end")
