@@ -48,6 +48,16 @@ def global_order(stream, epoch: int, global_batch: int) -> list[Item]:
     return EpochReplay(one_rank, epoch, [seg]).normal_order(seg, 0)
 
 
+def memory_fetch(stream) -> Callable[[Sequence[Item]], tuple]:
+    """A `fetch` for StepRunner from a training ShardStream read into memory (data.in_memory): the batch of
+    (shard, position) items, decoded as the stream's own batches are ((x, y, keys) for dtrain's shards)."""
+    if stream.transform is not None:  # it takes the epoch and the sample's pass, which no step here tracks yet
+        raise ConfigError("ft: data.augment and a data transform are not supported with replica groups yet; "
+                          "leave them out")
+    memory = stream.memory.load(stream)
+    return lambda items: stream.format.batch(memory.columns.take(memory.rows(list(items))))
+
+
 def deal_step(keys: Sequence, replica_rank: int, participants: int) -> Sequence:
     """Replica rank `replica_rank`'s share of a step's global batch over `participants` groups: consecutive
     runs whose sizes differ by at most one, in rank order, so the shares of ranks 0..participants-1 are the
@@ -73,9 +83,10 @@ class StepRunner:
     """Trains one replica group (one process) a step at a time through a torchft Manager.
 
     `order(epoch)` gives the epoch's sample keys in order (at least steps_per_epoch * global_batch of them),
-    `fetch(keys)` the batch (x, y) of those keys, `loss_fn(output, y)` a mean over the batch. A share larger
-    than `micro_batch` is trained in micro-batches of at most that many, accumulating: memory per group stays
-    bounded when the quorum shrinks and the shares grow. The model, optimizer and schedule heal through the
+    `fetch(keys)` the batch (x, y, ...) of those keys (`global_order` and `memory_fetch` for a ShardStream),
+    `loss_fn(output, y)` a mean over the batch. A share larger than `micro_batch` is trained in micro-batches
+    of at most that many, accumulating: memory per group stays bounded when the quorum shrinks and the shares
+    grow. The model, optimizer and schedule heal through the
     manager's state-dict callbacks, registered here; the step comes with torchft's own state."""
 
     def __init__(self, manager, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -142,7 +153,7 @@ class StepRunner:
         chunks = [keys[i:i + self.micro_batch] for i in range(0, len(keys), self.micro_batch)]
         loss = torch.zeros((), dtype=torch.float64)
         for chunk in chunks:
-            x, y = self.fetch(chunk)
+            x, y = self.fetch(chunk)[:2]  # (x, y, keys ...): the model's input and its target
             # this chunk's mean x chunk/B: summed over chunks and the quorum, the global batch's mean
             part = self.loss_fn(self.model(x), y) * (len(chunk) / self.global_batch)
             part.backward()

@@ -17,7 +17,8 @@ import torch
 from conftest import _env, free_port, wait_for
 
 from dtrain.data import ShardStream, read_index
-from dtrain.ft import deal_step, global_order  # imports no torchft: only building a Manager does
+from dtrain.config import ConfigError
+from dtrain.ft import deal_step, global_order, memory_fetch  # imports no torchft: only building a Manager does
 
 WORKER = Path(__file__).with_name("ft_worker.py")
 
@@ -44,11 +45,26 @@ def test_the_global_order_is_the_epochs_samples_once_whatever_the_ranks(data_roo
 
 
 def test_without_torchft_building_a_group_is_one_line(monkeypatch):
-    from dtrain.config import ConfigError
     from dtrain.ft import build_manager
     monkeypatch.setitem(sys.modules, "torchft", None)  # as if not installed: import raises ImportError
     with pytest.raises(ConfigError, match=r"^ft: torchft is not installed \(.*\); pip install 'dtrain\[ft\]'$"):
         build_manager("0", "http://127.0.0.1:1")
+
+
+def test_the_global_order_is_what_one_rank_reads_and_memory_fetch_reads_it(data_root):
+    index = read_index(data_root / "digits")
+    stream = ShardStream(index, "train", batch_size=25, rank=0, world_size=1, seed=5, shuffle_buffer=100,
+                         train=True, in_memory=True)
+    fetch = memory_fetch(stream)
+    order = global_order(stream, 1, 25)
+    for step, (x, y, keys) in enumerate(stream.epoch(1)):
+        fx, fy, fkeys = fetch(order[step * 25:(step + 1) * 25])
+        assert fkeys == keys and torch.equal(fx, x) and torch.equal(fy, y)
+    assert step == stream.steps_per_epoch - 1 > 0
+    augmented = ShardStream(index, "train", batch_size=25, rank=0, world_size=1, train=True, in_memory=True,
+                            transform=lambda x, **kw: x)
+    with pytest.raises(ConfigError, match="^ft: data.augment and a data transform are not supported"):
+        memory_fetch(augmented)
 
 
 # ---- replica groups as processes ---------------------------------------------------------------------------
