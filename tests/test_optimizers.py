@@ -62,16 +62,20 @@ def test_radam_and_onecycle_by_import_string_log_its_lr_and_resume_bit_identical
     assert state["optimizer"]["param_groups"][0]["eps"] == 1e-7  # optim.kwargs reached RAdam
 
 
-def test_a_torch_optimizer_under_dtrains_own_schedule_resumes_bit_identical(tmp_path, data_root):
-    """dtrain's schedule puts the config's hyperparameters back into the param groups at resume: RAdam's own
-    (eps from optim.kwargs, its flags) come back as they were."""
+@pytest.mark.parametrize("schedule", [["schedule.warmup_steps=4"],
+                                      ["schedule.name=torch.optim.lr_scheduler:CosineAnnealingLR"]])
+def test_a_torch_optimizer_resumes_bit_identical_under_dtrains_schedule_and_a_recursive_one(tmp_path, data_root,
+                                                                                             schedule):
+    """dtrain's schedule puts the config's hyperparameters back into the param groups at resume (RAdam's eps from
+    optim.kwargs, its flags); CosineAnnealingLR computes each LR from the last one (a recursion), which resumes
+    from the checkpoint's param groups."""
     args = ["train", f"data.root={data_root}", "train.max_steps=20", "train.log_every=1", "log.progress=false",
-            "run.doctor=false", "model.kwargs.dropout=0", RADAM, "optim.kwargs={eps: 1.0e-7}",
-            "schedule.warmup_steps=4"]
+            "run.doctor=false", "model.kwargs.dropout=0", RADAM, "optim.kwargs={eps: 1.0e-7}", *schedule]
     run_dtrain(args + ["run.name=straight"], tmp_path)
     run_dtrain(args + ["run.name=resumed", "run.stop_at_step=9"], tmp_path)
     run_dtrain(args + ["run.name=resumed"], tmp_path)
     assert curve(tmp_path / "runs/straight") == curve(tmp_path / "runs/resumed")
+    assert curve(tmp_path / "runs/straight")[-1][2] == pytest.approx(0.0, abs=1e-12)  # both decay to 0 at step 20
     a, b = final_params(tmp_path / "runs/straight"), final_params(tmp_path / "runs/resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
