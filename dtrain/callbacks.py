@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from .config import ConfigError
 from .importing import describe, resolve
@@ -62,7 +62,13 @@ class Callbacks:
     """The run's callbacks: each event to each in turn; their states as one stateful part of the run."""
 
     def __init__(self, callbacks: Sequence[Any] = ()):
-        self.callbacks = list(callbacks)
+        self.callbacks: list = []
+        self.names: list[str] = []  # the key of each one's state in a checkpoint: its `module:Class`
+        for callback in callbacks:
+            self.add(callback)
+
+    def add(self, callback: Any) -> None:
+        self.callbacks.append(callback)
         names = [describe(cb) for cb in self.callbacks]  # the same class twice: numbered by its order
         self.names = [n if names.count(n) == 1 else f"{n}#{names[:i].count(n)}" for i, n in enumerate(names)]
 
@@ -81,6 +87,20 @@ class Callbacks:
         for name, cb in zip(self.names, self.callbacks):
             if _stateful(cb) and state is not None and name in state:
                 cb.load_state_dict(state[name])
+
+
+class Reporter:
+    """A report of dtrain's own as a callback: W&B's checkpoint artifacts (wandb.log_checkpoints), on rank 0.
+    Unlike a user's callback, its failure is a warning: the checkpoint it reports is written and stays."""
+
+    def __init__(self, report: Callable[[Path, int, bool], None], warn: Callable[[str], None]):
+        self.report, self.warn = report, warn
+
+    def on_checkpoint(self, path: Path, step: int, best: bool) -> None:
+        try:
+            self.report(path, step, best)
+        except Exception as e:
+            self.warn(f"checkpoint: {path.name} saved, but reporting it failed ({type(e).__name__}: {e})")
 
 
 def _stateful(callback: Any) -> bool:

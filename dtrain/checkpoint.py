@@ -125,9 +125,9 @@ class Checkpointer:
         self._error: BaseException | None = None
         self.protect: set[str] = set()  # step directories kept regardless of age (the best m)
         self._snapshot = Snapshot()
-        # rank 0, after a checkpoint is published (in the save thread under async_save): (path, step, best)
-        self.published: Optional[Callable[[Path, int, bool], None]] = None
-        self.callbacks = callbacks  # every rank, once every rank knows the checkpoint is published: on_checkpoint
+        # every rank, once every rank knows the checkpoint is published (in the save thread under async_save):
+        # callbacks.on_checkpoint(path, step, best), the user's and W&B's artifacts (callbacks.Reporter)
+        self.callbacks = callbacks
 
     # ---- when: the loop tells the checkpointer where it is; the checkpointer decides and saves ----------
     def should_save(self, step: int) -> bool:
@@ -313,11 +313,6 @@ class Checkpointer:
         size = sum(f["bytes"] for f in manifest["files"].values())
         log.debug(f"checkpoint: {final.name} published ({len(files)} files, {size / 2**20:.1f} MiB"
                   f"{', best' if best else ''})")
-        if self.published is not None:
-            try:
-                self.published(final, step, best)
-            except Exception as e:  # a report failing (W&B) must not fail a checkpoint that is written
-                log.warning(f"checkpoint: {final.name} saved, but reporting it failed ({type(e).__name__}: {e})")
 
     def _point(self, name: str, target: Path) -> None:
         link, tmp = self.root / name, self.root / f".{name}.tmp"

@@ -19,7 +19,7 @@ import torch
 from . import batch as batches
 from . import dist
 from .build import Hooks, build_components, seed_all
-from .callbacks import Callbacks, RunStart, build_callbacks
+from .callbacks import Callbacks, Reporter, RunStart, build_callbacks
 from .config import Config
 from .resume import ConfigState, already_tested
 from .signals import StopReason
@@ -79,7 +79,7 @@ class Trainer:
         """Nothing is written before this: a run refused at resume, or found finished, changes no file."""
         self.log.start(self.step)
         if self.log.wandb is not None:  # rank 0: checkpoints as W&B artifacts (wandb.log_checkpoints)
-            self.checkpointer.published = self.log.wandb.log_checkpoint
+            self.callbacks.add(Reporter(self.log.wandb.log_checkpoint, self.log.warning))
         if self.key_log:
             self.key_log.start(self.step, self.info.world_size, self.info.is_global_zero, self.log.info)
         self.log.info(f"training {self.feed.total_steps} steps ({self.feed.steps_per_epoch}/epoch, "

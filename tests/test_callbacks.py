@@ -176,3 +176,22 @@ def test_callbacks_run_on_every_rank_and_resume_each_ranks_state(tmp_path, data_
     counts = [json.loads((tmp_path / "runs" / "cb" / f"steps-{r}.json").read_text()) for r in (0, 1)]
     assert [c["steps"] for c in counts] == [6, 6] and [c["result_step"] for c in counts] == [6, 6]
     assert counts[0]["pid"] != counts[1]["pid"]  # each rank its own
+
+
+def test_a_failing_report_of_dtrains_own_is_a_warning_not_the_runs_end(tmp_path):
+    """W&B's checkpoint artifacts are a callback (callbacks.Reporter) whose failure leaves the checkpoint be."""
+    import torch
+
+    from dtrain.callbacks import Callbacks, Reporter
+    from dtrain.checkpoint import Checkpointer
+    from dtrain.dist import setup
+
+    def unreachable(path, step, best):
+        raise ConnectionError("W&B is unreachable")
+
+    warned, seen = [], []
+    checkpointer = Checkpointer(tmp_path / "checkpoints", 2, setup(force_single=True), "h", callbacks=Callbacks(
+        [Reporter(unreachable, warned.append), Reporter(lambda *told: seen.append(told), warned.append)]))
+    checkpointer.save(3, {"w": torch.zeros(2)}, {}, best=True)
+    assert warned == ["checkpoint: step-00000003 saved, but reporting it failed (ConnectionError: W&B is unreachable)"]
+    assert seen == [((tmp_path / "checkpoints" / "step-00000003").absolute(), 3, True)] and verify(seen[0][0])

@@ -11,6 +11,7 @@ import torch
 
 from conftest import CONFIGS, metrics_of, result_of, run_dtrain, run_ranks, wait_for
 from dtrain import dist
+from dtrain.callbacks import Callbacks, Reporter
 from dtrain.checkpoint import Checkpointer
 from dtrain.cli import main
 from dtrain.config import ConfigError, load_config
@@ -286,8 +287,8 @@ def test_checkpoint_artifact_as_an_s3_reference_records_the_uri_and_reads_nothin
     cfg = load_config(None, ["wandb.enabled=true", "wandb.log_checkpoints=all",
                              "wandb.checkpoint_references=s3://bucket/runs/r/checkpoints/"])
     run = WandbRun(cfg.wandb, tmp_path, {"run": {"name": "r"}}, None)
-    checkpointer = Checkpointer(tmp_path / "checkpoints", 2, SINGLE, "h")
-    checkpointer.published = run.log_checkpoint  # as the trainer wires it: on the save path
+    checkpointer = Checkpointer(tmp_path / "checkpoints", 2, SINGLE, "h",  # as the trainer wires it: a callback
+                                callbacks=Callbacks([Reporter(run.log_checkpoint, print)]))
     checkpointer.save(3, {"w": torch.zeros(4)}, {}, best=True)
     run.close()
     # in this process W&B's service outlives the run, and may write the run's file after finish returns (once,
