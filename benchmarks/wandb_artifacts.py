@@ -82,6 +82,7 @@ def run(sizes: list[int], reps: int, top: Path) -> int:
     import torch
     import wandb
 
+    from dtrain.callbacks import Callbacks, Reporter
     from dtrain.checkpoint import Checkpointer
     from dtrain.config import WandbConfig
     from dtrain.dist import DistInfo
@@ -102,6 +103,7 @@ def run(sizes: list[int], reps: int, top: Path) -> int:
         t = time.perf_counter()
         wb.log_checkpoint(path, step, best)
         spent.append(time.perf_counter() - t)
+    told = Callbacks([Reporter(logged, print)])  # as the trainer wires W&B: a callback told on_checkpoint
 
     step = 0
     rows = []
@@ -113,7 +115,7 @@ def run(sizes: list[int], reps: int, top: Path) -> int:
         sync = Checkpointer(root, keep_last=1, dist_info=single, config_hash="bench")
         sync.save(step := step + 1, state, rank_state)  # untimed warm-up: directory, page cache, allocator
         wb.references = False
-        sync.published = logged
+        sync.callbacks = told
         sync.save(step := step + 1, state, rank_state)  # W&B's first artifact of the run (its own set-up)
         shutil.rmtree(staging, ignore_errors=True)
         saves = {name: [] for name in ["plain", *variants]}  # the whole save() call
@@ -128,7 +130,7 @@ def run(sizes: list[int], reps: int, top: Path) -> int:
                 if name == "parts":
                     parts_of(root / "latest" / "state.pt", top / "copy", parts)
                     continue
-                sync.published = None if name == "plain" else logged
+                sync.callbacks = None if name == "plain" else told
                 if name != "plain":
                     wb.references = variants[name]
                 before, spent[:] = du(staging), []
@@ -146,7 +148,7 @@ def run(sizes: list[int], reps: int, top: Path) -> int:
         asyncs = {}
         for name in ("async plain", "async full"):
             ckpt = Checkpointer(root, keep_last=1, dist_info=single, config_hash="bench", async_save=True)
-            ckpt.published = logged if name == "async full" else None
+            ckpt.callbacks = told if name == "async full" else None
             wb.references = False
             ckpt.save(step := step + 1, state, rank_state)  # warm-up: the snapshot's buffers are allocated once
             ckpt.wait()
