@@ -72,7 +72,7 @@ def _refuse_built(what: str, factory: Any, example: str, called_with: str) -> No
     resume could not build it again: a factory is called at the right moment."""
     if factory is not None and (not callable(factory) or
                                 isinstance(factory, (torch.optim.Optimizer, lr_scheduler.LRScheduler))):
-        raise ConfigError(f"{what}: hand in a factory, not a built {type(factory).__name__} (its class, e.g. "
+        raise ConfigError(f"config: {what}: hand in a factory, not a built {type(factory).__name__} (its class, e.g. "
                           f"{example}, or a functools.partial of it): dtrain calls it with {called_with}")
 
 
@@ -88,7 +88,8 @@ def _make(cfg: OptimConfig, groups: list[dict], factory: Optional[Callable] = No
         make = factory or resolve(cfg.name, "optim.name")
         optimizer = make(groups, **cfg.kwargs)  # the user's code: an error in it keeps its traceback
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise ConfigError(f"optim.name: {describe(make)} returned a {type(optimizer).__name__}, not a "
+            key = "optimizer" if factory is not None else "optim.name"
+            raise ConfigError(f"config: {key}: {describe(make)} returned a {type(optimizer).__name__}, not a "
                               "torch.optim.Optimizer")
         return optimizer
     if cfg.name == "sgd":
@@ -164,7 +165,7 @@ class Schedule:
 
 def build_schedule(cfg: ScheduleConfig, total_steps: int) -> Schedule:
     if cfg.name not in SCHEDULES:
-        raise ConfigError(f"schedule.name: {cfg.name} is not one of dtrain's schedules, which alone are drawn "
+        raise ConfigError(f"config: schedule.name: {cfg.name} is not one of dtrain's schedules, which alone are drawn "
                           "before training; its LR is logged as it trains (dtrain plot RUN_DIR)")
     return Schedule(cfg.name, total_steps, cfg.warmup_steps, cfg.min_lr_ratio, cfg.every, cfg.gamma,
                     cfg.restart_every, cfg.restart_mult)
@@ -184,12 +185,12 @@ def build_scheduler(cfg: ScheduleConfig, optimizer: torch.optim.Optimizer, total
                           f"scheduler handed in from Python ({describe(factory)}); leave it unset")
     make = factory or resolve(cfg.name, "schedule.name")
     scheduler = make(optimizer, **filled(make, cfg.kwargs, optimizer, total_steps), **cfg.kwargs)
-    step = getattr(scheduler, "step", None)
+    key, step = "scheduler" if factory is not None else "schedule.name", getattr(scheduler, "step", None)
     if not (callable(step) and hasattr(scheduler, "state_dict") and hasattr(scheduler, "load_state_dict")):
-        raise ConfigError(f"schedule.name: {describe(make)} returned a {type(scheduler).__name__}, not an LR "
+        raise ConfigError(f"config: {key}: {describe(make)} returned a {type(scheduler).__name__}, not an LR "
                           "scheduler (step, state_dict, load_state_dict)")
     if _needs_argument(step):  # ReduceLROnPlateau.step(metrics)
-        raise ConfigError(f"schedule.name: {type(scheduler).__name__}.step() needs an argument (a metric), and "
+        raise ConfigError(f"config: {key}: {type(scheduler).__name__}.step() needs an argument (a metric), and "
                           "dtrain steps the scheduler once per optimizer step without one; use a scheduler "
                           "stepped by the step count (e.g. torch.optim.lr_scheduler:OneCycleLR, CosineAnnealingLR)")
     return scheduler

@@ -157,11 +157,12 @@ def test_a_scheduler_stepped_by_a_metric_or_a_built_object_is_refused_in_one_lin
     model = nn.Linear(2, 2)
     cfg = load_config(None, ["schedule.name=torch.optim.lr_scheduler:ReduceLROnPlateau"])
     opt = build_optimizer(cfg.optim, model)
-    with pytest.raises(ConfigError, match=r"^schedule.name: ReduceLROnPlateau.step\(\) needs an argument \(a metric\)"):
+    with pytest.raises(ConfigError, match=r"^config: schedule.name: ReduceLROnPlateau.step\(\) needs an argument "
+                                          r"\(a metric\)"):
         build_scheduler(cfg.schedule, opt, 10)
-    with pytest.raises(ConfigError, match="^optimizer: hand in a factory, not a built SGD"):
+    with pytest.raises(ConfigError, match="^config: optimizer: hand in a factory, not a built SGD"):
         build_optimizer(cfg.optim, model, factory=torch.optim.SGD(model.parameters(), lr=0.1))
-    with pytest.raises(ConfigError, match="^scheduler: hand in a factory, not a built StepLR"):
+    with pytest.raises(ConfigError, match="^config: scheduler: hand in a factory, not a built StepLR"):
         build_scheduler(load_config(None, []).schedule, opt, 10, factory=lr_scheduler.StepLR(opt, 3))
     with pytest.raises(ConfigError, match="^config: schedule.warmup_steps applies to dtrain's own schedules, not to "
                                           "the scheduler handed in"):
@@ -173,6 +174,10 @@ def test_a_scheduler_stepped_by_a_metric_or_a_built_object_is_refused_in_one_lin
     with pytest.raises(ConfigError, match=r"^config: optim.kwargs is for optim.name, which the .* handed in from "
                                           r"Python replaces; bind its arguments in Python \(functools.partial\)"):
         build_optimizer(load_config(None, [RADAM, "optim.kwargs={eps: 0.1}"]).optim, model, factory=torch.optim.SGD)
+    with pytest.raises(ConfigError, match=r"^config: optimizer: .*<lambda> returned a list, not a torch.optim"):
+        build_optimizer(load_config(None, []).optim, model, factory=lambda groups: groups)
+    with pytest.raises(ConfigError, match=r"^config: scheduler: .*<lambda> returned a object, not an LR scheduler"):
+        build_scheduler(load_config(None, []).schedule, opt, 10, factory=lambda o: object())
 
 
 @pytest.mark.parametrize("key, value", [("optim.lr", 0.01), ("schedule.kwargs", {"pct_start": 0.5}),

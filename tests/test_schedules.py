@@ -133,6 +133,6 @@ def test_plot_lr_of_a_torch_scheduler_is_refused_in_one_line(data_root, capsys):
     code = main(["plot", "--lr", str(CONFIGS / "digits.yaml"), f"data.root={data_root}",
                  "schedule.name=torch.optim.lr_scheduler:OneCycleLR"])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and err == ("dtrain: error: schedule.name: torch.optim.lr_scheduler:OneCycleLR is not one of "
-                                 "dtrain's schedules, which alone are drawn before training; its LR is logged as it "
-                                 "trains (dtrain plot RUN_DIR)")
+    assert code == 2 and err == ("dtrain: error: config: schedule.name: torch.optim.lr_scheduler:OneCycleLR is not "
+                                 "one of dtrain's schedules, which alone are drawn before training; its LR is logged "
+                                 "as it trains (dtrain plot RUN_DIR)")
