@@ -1,4 +1,4 @@
-"""`dtrain train | launch | shard | index | eval | export | plot | augment-preview | config | bench | doctor`. User errors end with one line on stderr
+"""`dtrain train | launch | shard | index | eval | predict | export | plot | augment-preview | config | bench | doctor`. User errors end with one line on stderr
 and exit code 2."""
 
 from __future__ import annotations

@@ -93,7 +93,10 @@ class DataConfig(Section):
     (fields only) and returning a dict, e.g. padding variable shapes. null: torch's default_collate per field."""
     task: Optional[Literal["classification", "regression", "lm"]] = None
     """What the labels are, for shards whose descriptor doesn't say (null: the descriptor's, else read from the
-    first training samples' labels, field y: floating-point values a regression, integers a classification)."""
+    first training samples' labels, field y: floating-point values a regression, integers a classification).
+    lm: a causal language model on token ids: data.sample maps one field of 1-D integer token ids (e.g.
+    {x: tokens.npy}), and each sample's input x is its tokens but the last, its target y its tokens but the
+    first (next-token cross-entropy; metrics: token accuracy and perplexity)."""
     num_classes: Optional[int] = Field(None, ge=1)
     """Classes of a classification task, for shards whose descriptor doesn't say. Every label is checked
     against it as it is read (one line naming the sample and shard, not an IndexError mid-training)."""
