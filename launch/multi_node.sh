@@ -10,8 +10,8 @@
 #
 # Each option falls back to an environment variable: NNODES, NODE_RANK, HEAD_ADDR (else MASTER_ADDR),
 # HEAD_PORT (else MASTER_PORT, else 29400), NPROC_PER_NODE (else the visible GPUs, else 1),
-# RDZV_ID (default dtrain: every node of one job must use the same id), RDZV_TIMEOUT (s, default 600:
-# how long the nodes wait for each other), MAX_RESTARTS (default 0: restarts of all workers after a
+# RDZV_ID (default dtrain: every node of one job must use the same id), RDZV_TIMEOUT (s, default 300:
+# how long the nodes wait for each other, dtrain launch's --rdzv-timeout), MAX_RESTARTS (default 0: restarts of all workers after a
 # crashed or killed one, from the newest checkpoint). PYTHON (default python3).
 #
 # Node rank 0 must run on HEAD: it hosts the rendezvous store (is_host=1). The c10d rendezvous then
@@ -60,7 +60,7 @@ is_host=0
 if [[ "${1:-}" == *.py ]]; then run=("$@"); else run=(train "$@"); fi
 cmd=("$PYTHON" -m dtrain launch --nnodes "$nnodes" --nproc-per-node "$nproc"
      --rdzv-endpoint "$head:$port" --rdzv-id "$run_id"
-     --rdzv-conf "is_host=$is_host,join_timeout=${RDZV_TIMEOUT:-600}" --max-restarts "${MAX_RESTARTS:-0}"
+     --rdzv-conf "is_host=$is_host" --rdzv-timeout "${RDZV_TIMEOUT:-300}" --max-restarts "${MAX_RESTARTS:-0}"
      "${run[@]}")
 { printf +; printf ' %q' "${cmd[@]}"; echo; } >&2
 exec "${cmd[@]}"

@@ -216,6 +216,7 @@ def test_scripts_run_dtrain_train_or_a_script_of_your_own(tmp_path):
     assert ran("single_node.sh", "2", "--", "train.py", "lr=1") == f"{single} train.py lr=1"
     multi = ("multi_node.sh", "--nnodes", "2", "--node-rank", "1", "--head", "h:1", "--nproc", "1", "--")
     assert ran(*multi, "lr=1").endswith("--max-restarts 0 train lr=1")
+    assert "--rdzv-conf is_host=0 --rdzv-timeout 300 " in ran(*multi, "lr=1")  # the launcher's own bound, said
     assert ran(*multi, "train.py", "lr=1").endswith("--max-restarts 0 train.py lr=1")
 
 
