@@ -16,7 +16,9 @@
 (a') with --baseline DIR (a checkout of another dtrain, e.g. `git worktree add /tmp/base HEAD~3`), that dtrain's
               ShardStream is timed too, in the same interleaved repetitions: a python of its own with DIR first
               on its path (`stream-epochs`, fed epoch numbers on stdin), its epochs timed inside it, as ours
-              are here. Printed: its samples/s and ours over its (the before/after ratio of a change).
+              are here. Printed: its samples/s and ours over its (the before/after ratio of a change), and
+              the same per CPU second (the process's and its reaped DataLoader workers' user + system time),
+              which other jobs on a shared machine disturb far less than the wall clock.
 
 (b') interleaved  (b) in one process a rank, an epoch of each in turn: what the whole-process timing
               cannot give on a machine whose speed drifts between runs.
@@ -267,15 +269,23 @@ def _dtrain_epochs(args, urls: list[str]):
     return dtrain_epoch
 
 
+def _cpu_seconds() -> float:
+    """User + system time of this process and its reaped children (an epoch's DataLoader workers end with it)."""
+    import resource
+    return sum(t for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+               for t in resource.getrusage(who)[:2])
+
+
 def stream_epochs(args) -> None:
-    """(a'): reads an epoch number a line, runs that epoch, prints `samples seconds` (the baseline's side)."""
+    """(a'): reads an epoch number a line, runs that epoch, prints `samples seconds cpu_seconds` (the
+    baseline's side)."""
     import dtrain
     dtrain_epoch = _dtrain_epochs(args, sorted(str(p) for p in Path(args.out).glob("photos-*.tar")))
     print(Path(dtrain.__file__).parents[1], flush=True)  # which dtrain this is
     for line in sys.stdin:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_seconds()
         n = dtrain_epoch(int(line))
-        print(n, time.perf_counter() - t0, flush=True)
+        print(n, time.perf_counter() - t0, _cpu_seconds() - c0, flush=True)
 
 
 class _Baseline:
@@ -286,13 +296,13 @@ class _Baseline:
             f"--{k.replace('_', '-')}={getattr(args, k)}" for k in ("batch_size", "workers", "shuffle_buffer")]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([args.baseline, os.environ.get("PYTHONPATH", "")])}
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-        self.where, self.seconds = self.proc.stdout.readline().strip(), 0.0
+        self.where, self.seconds, self.cpu = self.proc.stdout.readline().strip(), 0.0, 0.0
 
     def __call__(self, epoch: int) -> int:
         self.proc.stdin.write(f"{epoch}\n")
         self.proc.stdin.flush()
-        n, self.seconds = self.proc.stdout.readline().split()
-        self.seconds = float(self.seconds)
+        n, seconds, cpu = self.proc.stdout.readline().split()
+        self.seconds, self.cpu = float(seconds), float(cpu)
         return int(n)
 
 
@@ -320,13 +330,16 @@ def pipeline(args) -> None:
     if args.baseline:
         runs["baseline"] = _Baseline(args, root)
     rates: dict[str, list[float]] = {k: [] for k in runs}
+    per_cpu: dict[str, list[float]] = {k: [] for k in runs}  # samples per CPU second
     for rep in range(-1, args.reps):  # rep -1: warm-up (page cache, imports, first workers)
         for name, run in (list(runs.items()) if rep % 2 else list(reversed(runs.items()))):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), _cpu_seconds()
             n = run(rep)
-            seconds = run.seconds if name == "baseline" else time.perf_counter() - t0
+            seconds, cpu = (run.seconds, run.cpu) if name == "baseline" else \
+                (time.perf_counter() - t0, _cpu_seconds() - c0)
             if rep >= 0:
                 rates[name].append(n / seconds)
+                per_cpu[name].append(n / cpu)
     h, d = statistics.median(rates["hand"]), statistics.median(rates["dtrain"])
     ratio = statistics.median(b / a for a, b in zip(rates["hand"], rates["dtrain"]))
     print(f"(a) {args.images} jpg {args.size}x{args.size} in {len(urls)} shards, batch {args.batch_size}, "
@@ -340,7 +353,9 @@ def pipeline(args) -> None:
         after = statistics.median(d / b for b, d in zip(rates["baseline"], rates["dtrain"]))
         print(f"| dtrain ShardStream of {runs['baseline'].where} (baseline) | {b:.0f} | "
               f"{statistics.median(x / y for y, x in zip(rates['hand'], rates['baseline'])):.2f} |")
-        print(f"this dtrain / baseline: {after:.3f} (median of the per-repetition ratios)")
+        print(f"this dtrain / baseline: {after:.3f} (median of the per-repetition ratios); per CPU second: "
+              f"{statistics.median(per_cpu['dtrain']):.0f} / {statistics.median(per_cpu['baseline']):.0f} samples = "
+              f"{statistics.median(d / b for b, d in zip(per_cpu['baseline'], per_cpu['dtrain'])):.3f}")
         runs["baseline"].proc.stdin.close()
         runs["baseline"].proc.wait()
     print("  (per repetition, samples/s: " + ", ".join(f"{k} {[round(r) for r in v]}" for k, v in rates.items())
