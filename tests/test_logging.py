@@ -117,7 +117,8 @@ def test_progress_bars_on_rank_0s_terminal_and_never_in_a_log_file(tmp_path, dat
     code, out, err = dtrain_on(Terminal(), index, tmp_path)
     assert code == 0 and f"{len(shards)} shards" in out and "index:" in err and "shard" in err
 
-    train = ["train", f"data.root={tmp_path / 'd'}", f"run.dir={tmp_path}", "train.max_steps=4", "train.val_every=2"]
+    # the built-in data set under a root of its own: `shard --out d` again below replaces only dtrain's shards
+    train = ["train", f"data.root={tmp_path / 'root'}", f"run.dir={tmp_path}", "train.max_steps=4", "train.val_every=2"]
     code, out, err = dtrain_on(Terminal(), train, tmp_path)
     assert code == 0 and "val:" in err and "test:" in err and "batch/s" in err
     assert "step 2: val/loss" in err  # the line the bar ends with, as ever
