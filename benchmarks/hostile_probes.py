@@ -357,7 +357,7 @@ def secrets_written(p):
             return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, num_outputs))
     """))
     (p.root / "c.yaml").write_text(f"model: {{factory: keyed:build, kwargs: {{api_key: {SECRET}}}}}\n")
-    p.run("train", "--config", "c.yaml", f"data.root={p.root}/data", "run.name=s", f"wandb.project=x",
+    p.run("train", "--config", "c.yaml", f"data.root={p.root}/data", "run.name=s", "wandb.project=x",
           *QUICK, timeout=300)
     leaked = [str(f.relative_to(p.root)) for f in (p.root / "runs").rglob("*") if f.is_file() and
               any(s.encode() in f.read_bytes() for s in (SECRET, ENV_SECRET))]

@@ -78,7 +78,7 @@ class HandWrittenLoop:
                  out_features: int, task: str, device: torch.device):
         facts = {"input_shape": input_shape, "num_outputs": out_features}
         self.model = build_model(model_cfg, facts, seed).to(device)
-        self.channels_last = has_convolutions(self.model) and device.type == "cuda" and model_cfg.channels_last != False
+        self.channels_last = has_convolutions(self.model) and device.type == "cuda" and model_cfg.channels_last is not False  # auto or true
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.forward = torch.compile(self.model) if should_compile(train.compile, device) else self.model

@@ -23,7 +23,7 @@ import os
 import secrets
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import yaml
 from tqdm import tqdm

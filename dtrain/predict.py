@@ -18,7 +18,6 @@ training does. At the end rank 0 checks that the parts hold every sample of the 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import tarfile

@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import socket
-import sys
 import threading
 import time
 import uuid

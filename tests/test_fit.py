@@ -59,7 +59,7 @@ def test_fit_returns_the_result_of_an_interrupted_run_then_of_its_resume(here, t
 def test_bad_input_raises_dtrains_one_line_error_where_main_exits_2(here, capsys):
     with pytest.raises(ConfigError, match=r"^config: optim.lr: .*") as e:
         dtrain.fit([*here, "optim.lr=-1"])
-    assert "\n" not in str(e.value) and not (e.value.__traceback__ is None)
+    assert "\n" not in str(e.value) and e.value.__traceback__ is not None
     with pytest.raises(ConfigError, match=r"error: unrecognized arguments: --nonsense$"):
         dtrain.fit([*here, "--nonsense"])
     with pytest.raises(ConfigError, match=r"^fit: it trains; `eval` is run by dtrain.main"):
@@ -86,7 +86,7 @@ with open(f"result-{os.environ['RANK']}.json", "w") as f:
 def test_every_rank_returns_the_same_result_under_torchrun(tmp_path, data_root):
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
-    proc = run_torchrun(2, [f"data.root={data_root}", *ARGS, "train.epochs=1"], tmp_path, script=script)
+    run_torchrun(2, [f"data.root={data_root}", *ARGS, "train.epochs=1"], tmp_path, script=script)
     results = [json.loads((tmp_path / f"result-{rank}.json").read_text()) for rank in (0, 1)]
     assert [r["rank"] for r in results] == [0, 1]
     assert {k: v for k, v in results[0].items() if k != "rank"} == {k: v for k, v in results[1].items() if k != "rank"}

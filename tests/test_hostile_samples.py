@@ -13,9 +13,7 @@ process and through the decode functions.
 from __future__ import annotations
 
 import io
-import json
 import struct
-import tarfile
 import zlib
 from pathlib import Path
 

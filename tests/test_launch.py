@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run_dtrain_process, _env, final_params, free_port, metrics_of, result_of, run_dtrain, run_ranks
+from conftest import REPO, run_dtrain_process, _env, final_params, free_port, metrics_of, result_of, run_ranks
 from dtrain import dist
 from dtrain.data.datasets import digits
 from dtrain.data.shards import write_shards

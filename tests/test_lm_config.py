@@ -10,7 +10,6 @@ import pytest
 
 from dtrain.config import ConfigError, DataConfig
 from dtrain.data import build_streams
-from dtrain.data.shards import DataError
 
 VOCAB, WINDOW = 32, 17  # 16 tokens of input a sample
 

@@ -75,7 +75,9 @@ def test_tensorboard_scalars_config_text_and_a_resume_purges_what_the_killed_run
     first.close()  # a kill after step 10 loses nothing written: each record is flushed
     # ...by another process, started in this second, whose name (pid 99999999) sorts after this one's: the
     # resumed run's file must still be read last (it waits for the next second)
-    import os, socket, time
+    import os
+    import socket
+    import time
     (killed,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
     killed.rename(killed.with_name("events.out.tfevents.%010d.%s.99999999.0" % (time.time(), socket.gethostname())))
     t0 = time.monotonic()

@@ -7,7 +7,6 @@ holds on one path only fails here). The srun cells run in tests/test_slurm.py, o
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess

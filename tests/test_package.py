@@ -43,3 +43,10 @@ def test_the_wheel_ships_the_digits_data_the_license_and_py_typed(tmp_path):
     for member in ("dtrain/py.typed", "dtrain/data/digits.csv.gz", "dtrain/data/DIGITS_NOTICE.md"):
         assert member in names, member
     assert any(n.endswith("licenses/LICENSE") for n in names)
+
+
+def test_lint_is_clean():
+    """ruff's rule set in pyproject.toml ([tool.ruff.lint]), over the package, tests, benchmarks and examples."""
+    proc = subprocess.run([sys.executable, "-m", "ruff", "check", "dtrain", "tests", "benchmarks", "examples", "docs"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-1000:]

@@ -168,7 +168,7 @@ def test_each_template_runs_dtrain_train_or_a_script_of_your_own(tmp_path, templ
 
 @pytest.mark.parametrize("entry, launcher, data, outcome", [c for c in CELLS if c[1] == "srun"],
                          ids=["-".join(c) for c in CELLS if c[1] == "srun"])
-def test_user_path_under_srun(slurm_cluster, matrix_data, tmp_path, entry, launcher, data, outcome):
+def test_user_path_under_srun(slurm_cluster, matrix_data, tmp_path, entry, launcher, data, outcome):  # noqa: F811
     """tests/test_matrix.py's srun cells: `srun --ntasks 2` of the same command a single process runs."""
     import shlex
 

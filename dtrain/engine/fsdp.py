@@ -35,7 +35,7 @@ from torch import nn
 # too). test_fsdp_by_block_follows_ddp_without_accumulation_or_clipping runs it and fails if it goes or changes.
 from torch.distributed._composable import checkpoint
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
