@@ -50,7 +50,7 @@ def code_settings(config: dict, reads_data: bool = True) -> Iterator[tuple[tuple
     if reads_data:
         for key in SHARD_SOURCES:
             value = _get(config, key.split("."))
-            if any(url.startswith("pipe:") for url in ([value] if isinstance(value, str) else value or [])):
+            if any(_runs_a_command(item) for item in ([value] if isinstance(value, str) else value or [])):
                 yield tuple(key.split(".")), value
         for key in PERMISSIONS:
             if _get(config, key.split(".")):
@@ -92,6 +92,21 @@ def naming(cfg: Config) -> list[str]:
             plain = isinstance(value, str) and yaml.safe_load(value) == value  # read back as written
             named[key] = value if plain else json.dumps(value)
     return [f"{key}={value}" for key, value in named.items()]
+
+
+def _runs_a_command(pattern: Any) -> bool:
+    """A shard pattern any of whose URLs, brace-expanded as the data reader expands them, webdataset's gopen
+    would run as a shell command: `{pipe:touch x; cat a.tar,b.tar}` and `PIPE:...` too (a prefix test of the
+    unexpanded string let both through)."""
+    from .data.sources import expand_urls, is_pipe
+
+    if not isinstance(pattern, str):
+        return False
+    try:
+        urls = expand_urls(pattern)
+    except Exception:  # a pattern the reader can't expand either: judge the text as it is
+        urls = [pattern]
+    return any(is_pipe(url) for url in [pattern, *urls])
 
 
 def _get(tree: Any, path: list) -> Any:

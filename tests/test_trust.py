@@ -134,6 +134,25 @@ def test_every_code_setting_of_a_stored_config_is_checked():
         check_stored(several, user, "model.pt", trusted=False)
 
 
+@pytest.mark.parametrize("pattern", ["{pipe:touch /tmp/x; cat a.tar,b.tar}", "{a.tar,pipe:touch /tmp/x}",
+                                     "PIPE:touch /tmp/x", " pipe:touch /tmp/x", ["a.tar", "{b.tar,Pipe:ls}"]])
+def test_a_pipe_in_a_brace_pattern_or_another_spelling_is_a_stored_command(pattern):
+    """Found walking as a stranger: a stored data.val of `{pipe:touch X; cat a.tar,b.tar}` (with a data.counts
+    listing the expanded URL) ran the command on a plain `dtrain eval`, predict and load_model: the check
+    tested the unexpanded string's prefix. The shard patterns are judged as the reader expands them."""
+    cfg = load_config(None, [], {"data.val": pattern})
+    with pytest.raises(CheckpointError, match=r"^checkpoint: model.pt asks to run data.val="):
+        check_stored(cfg, Config(), "model.pt", trusted=False)
+
+
+def test_a_pipe_typed_in_another_spelling_is_one_line(tmp_path):
+    """webdataset's gopen runs 'PIPE:...' (urlparse's scheme) but then asserts on the prefix: a traceback."""
+    from dtrain.data import DataError
+    from dtrain.data.sources import resolve_split
+    with pytest.raises(DataError, match=r"^data: data.train: 'PIPE:cat a.tar' is a pipe: command spelled otherwise"):
+        resolve_split("PIPE:cat a.tar", "data.train")
+
+
 def test_the_overrides_the_summary_names_allow_the_runs_own_code():
     """The summary's evaluate command carries `naming`'s overrides: with them, eval accepts exactly the run's code."""
     cfg = load_config(None, [], {"model.factory": "mynet:build", "loss.fn": "__main__:loss",

@@ -201,6 +201,9 @@ def resolve_split(spec: Spec, key: str, counts: Spec = None,
                 d = Descriptor.read(source, trust_pipes=True)
                 known.update(zip(d.urls, d.counts))
         for url in expand_urls(item):
+            if is_pipe(url) and not url.startswith("pipe:"):  # webdataset's gopen asserts on any other spelling
+                raise DataError(f"data: {key}: {url[:60]!r} is a pipe: command spelled otherwise; write it as "
+                                "'pipe:COMMAND' (lower case, at the start)")
             url = url if has_scheme(url) else os.path.abspath(url)
             if url not in known:
                 raise DataError(f"data: no sample count for {url} ({key}); count the shards once with "
