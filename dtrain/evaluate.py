@@ -95,7 +95,8 @@ class Evaluator:
         own mean loss (for diagnosing one rank's data); `progress`: a bar over this rank's batches."""
         model = self.engine.module
         was_training = model.training
-        model.eval()  # dropout off, batch norm uses running statistics
+        model.eval()  # dropout off, batch norm uses running statistics: rank 0's, the checkpoint's, on every rank
+        dist.broadcast_buffers(model)
         self.metrics.reset(self.engine.device)
         loss_sums: dict[str, torch.Tensor] = {}
         n = 0
