@@ -225,14 +225,16 @@ def _lr_at_this_step(optimizer, scheduler) -> None:
 
 
 def already_tested(run_dir: Path, step: int, reason: str, is_global_zero: bool,
-                   log: Callable[[str], None]) -> Optional[dict]:
+                   log: Callable[[str], None], has_test: bool = True) -> Optional[dict]:
     """Collective. The result of a finished run that was also tested at `step` (its test metrics, from
-    metrics.jsonl, read by rank 0), said in one line; None when the test is still to run."""
+    metrics.jsonl, read by rank 0), said in one line; None when the test is still to run. A run whose data
+    has no test split (`has_test` false) is done once it finished (it was trained again from its last step,
+    its summary rewritten with this start's 0.1 s)."""
     from .logging import metrics_record
     from .records import read_records
 
-    tested = None
-    if is_global_zero:
+    tested = None if has_test else {}
+    if is_global_zero and has_test:
         records = read_records(Path(run_dir) / "metrics.jsonl", metrics_record)
         tested = next((r for _, r in reversed(records) if r["step"] == step and any(k.startswith("test/") for k in r)),
                       None)
@@ -240,7 +242,8 @@ def already_tested(run_dir: Path, step: int, reason: str, is_global_zero: bool,
     if tested is None:
         return None
     longer = "train.epochs or train.max_steps" + (" or early_stop.patience" if reason == "early_stop" else "")
-    log(f"resume: this run already finished at step {step} ({reason}) and was tested; nothing to do (raise "
+    done = "was tested" if has_test else "its data has no test split"
+    log(f"resume: this run already finished at step {step} ({reason}) and {done}; nothing to do (raise "
         f"{longer} to train on, or use another run.name to train afresh)")
     return {"step": step, "stop_reason": "already_completed",
             **{k: v for k, v in tested.items() if k.startswith("test/") and k != "test/weights_step"}}

@@ -66,7 +66,7 @@ class Trainer:
         self.resume()
         if self.stop.reason is not None:  # finished before this start: done, unless its test is still to run
             done = already_tested(self.run_dir, self.step, self.stop.reason.value, self.info.is_global_zero,
-                                  self.log.info)
+                                  self.log.info, has_test=self.test_data is not None)
             if done is not None:
                 return done
         self.start_logs()

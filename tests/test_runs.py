@@ -464,3 +464,20 @@ def test_path_in_the_way_ends_a_run_in_one_line(tmp_path, in_the_way):
     assert proc.stderr.strip().splitlines()[-1].startswith("dtrain: error: ") and \
         f"{Path(in_the_way)} is {kind}" in proc.stderr.strip().splitlines()[-1], proc.stderr
     assert (path.read_text() == "mine") if path.is_file() else not any(path.iterdir())
+
+
+def test_a_finished_run_without_a_test_split_is_not_trained_or_summarised_again(tmp_path, data_root):
+    """Found walking the docs: run again, a finished run on shards with train and val only said 'resumed ...
+    training 108 steps' and rewrote summary.json with this start's 0.1 s: 'nothing to do' needed test metrics."""
+    from dtrain.data import make_builtin
+    make_builtin("digits", tmp_path / "d", 250)
+    args = ["train", f"data.train={tmp_path / 'd' / 'train.json'}", f"data.val={tmp_path / 'd' / 'val.json'}",
+            "train.max_steps=4", "log.progress=false", "run.doctor=false", "run.name=notest"]
+    first = run_dtrain(args, tmp_path)
+    assert result_of(first)["stop_reason"] == "completed"
+    run = tmp_path / "runs" / "notest"
+    before = tree(run)
+    again = run_dtrain(args, tmp_path)
+    assert "this run already finished at step 4 (completed) and its data has no test split; nothing to do" \
+        in again.stderr, again.stderr
+    assert result_of(again)["stop_reason"] == "already_completed" and tree(run) == before
