@@ -149,7 +149,9 @@ def _resolve(target: list[str], parser: argparse.ArgumentParser) -> tuple[list[s
     if first in commands and first != "launch":
         entry = ["-m", "dtrain", *target]
         parsed = parser.parse_args(target)  # argparse's own error (exit 2) for a bad command line
-        if hasattr(parsed, "overrides") and hasattr(parsed, "config"):
+        # eval, predict and export read a checkpoint: their overrides name no run of theirs (the default run
+        # name's runs/digits/logs got their logs, and an unrelated run called digits would have too)
+        if hasattr(parsed, "overrides") and hasattr(parsed, "config") and not hasattr(parsed, "checkpoint"):
             return entry, run_dir_of(load_config(parsed.config, parsed.overrides).run), ""
         return entry, Path("runs") / "launch", " (this command has no run directory)"
     if not first.endswith(".py") or not Path(first).is_file():

@@ -131,6 +131,18 @@ def test_a_script_whose_config_fails_keeps_its_logs_under_its_run_name(tmp_path)
     assert run_dir == Path("runs") / "train" and "name no run directory" in note  # none named: the script's
 
 
+def test_commands_that_read_a_checkpoint_log_outside_any_run():
+    """`dtrain launch ... eval|predict|export --checkpoint runs/x`: their overrides name no run of theirs; the
+    launcher put their rank logs in the default run name's runs/digits/logs (found walking the docs)."""
+    from dtrain.cli import build_parser
+    for command in (["eval", "--checkpoint", "runs/x"], ["export", "--checkpoint", "runs/x", "--out", "m.pt"],
+                    ["predict", "--checkpoint", "runs/x", "--data", "d.json", "--out", "p", "data.root=r"]):
+        _, run_dir, note = launcher._resolve(command, build_parser())
+        assert run_dir == Path("runs") / "launch" and "no run directory" in note, command
+    _, run_dir, _ = launcher._resolve(["train", "run.name=mine"], build_parser())
+    assert run_dir == Path("runs") / "mine"
+
+
 def test_a_stall_is_blamed_only_for_a_rank_that_gave_up_waiting():
     """A peer stalled (SIGSTOP, stuck I/O) >= 1 s is named when the failed rank exited 1 (its collective timed
     out); a rank that died itself is the cause even while a peer sits in a slow disk write (seen under load:
