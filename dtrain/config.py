@@ -453,7 +453,8 @@ class LogConfig(Section):
     all_ranks: bool = False
     """Let every rank print its log lines (prefixed with its rank), not just rank 0."""
     sample_keys: bool = False
-    """Every rank writes the keys of the samples of each step to `sample_keys/rank-N.txt` (audits data order)."""
+    """Every rank writes the keys of the samples of each step to `sample_keys/rank-00000.txt` (rank 1:
+    `rank-00001.txt`, ...), a line per optimizer step, `STEP key key ...` (audits the data order)."""
     loggers: list[Literal["jsonl", "tensorboard", "csv", "wandb"]] = ["jsonl"]
     """Where rank 0 writes the metric records (train loss, lr, throughput, MFU, val/*, test/*), e.g. [jsonl,
     tensorboard, csv]: `jsonl` is metrics.jsonl, always written (dtrain plot and resume read it); `tensorboard`
