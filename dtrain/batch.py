@@ -177,8 +177,13 @@ def mismatch_hint(model: torch.nn.Module, batch, error: Exception) -> str:
             pixels = " (/ 255 for 8-bit pixels)" if t.dtype == torch.uint8 else ""
             return (f"hint: batch field '{name}' is {t.dtype}, the model's weights are {param.dtype}: convert it "
                     f"in data.transform or data.collate, e.g. x.to({param.dtype}){pixels}")
-    if first is not None and any(s in message for s in ("shapes cannot be multiplied", "channels", "size mismatch")):
+    if first is not None and any(s in message for s in ("shapes cannot be multiplied", "channels", "size mismatch",
+                                                         "channel dimension")):  # the last: Hugging Face's check
         name, t = fields[0]
+        if isinstance(first, torch.nn.Conv2d) and t.dim() == 4 and t.shape[1] != first.in_channels:
+            return (f"hint: batch field '{name}' has {t.shape[1]} channels per image, the model's first layer "
+                    f"(Conv2d) takes in_channels={first.in_channels}: set data.image (l: 1 channel, rgb: 3, rgba: "
+                    "4) to match, or build the model for the data's channels")
         wants = f"in_features={first.in_features}" if isinstance(first, torch.nn.Linear) else \
             f"in_channels={first.in_channels}" if hasattr(first, "in_channels") else ""
         return (f"hint: batch field '{name}' has shape {tuple(t.shape[1:])} per sample, the model's first layer "

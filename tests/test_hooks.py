@@ -326,6 +326,21 @@ def test_mismatch_hints_name_the_field_and_the_fix(model, x, hint):
         assert (hint in said and said.startswith("hint: ")) if hint else said == "", said
 
 
+def test_a_hugging_face_model_of_other_channels_gets_the_data_image_hint():
+    """Found walking the docs: data.image=rgb (the default) for an HF ResNet of num_channels=1 ended in HF's
+    own ValueError ('Make sure that the channel dimension ...'), 66 lines and no hint."""
+    transformers = pytest.importorskip("transformers")
+    from dtrain.batch import mismatch_hint
+    model = transformers.ResNetForImageClassification(transformers.ResNetConfig(
+        num_channels=1, embedding_size=8, hidden_sizes=[8], depths=[1], layer_type="basic", num_labels=3))
+    x = torch.zeros(2, 3, 16, 16)
+    with pytest.raises(ValueError) as e:
+        model(pixel_values=x)
+    said = mismatch_hint(model, {"x": x, "y": torch.zeros(2)}, e.value)
+    assert said.startswith("hint: batch field 'x' has 3 channels per image, the model's first layer (Conv2d) takes "
+                           "in_channels=1: set data.image (l: 1 channel, rgb: 3, rgba: 4)"), said
+
+
 # ---- the Python route: your own script under torchrun ------------------------------------------------------
 @pytest.mark.multiproc
 @pytest.mark.slow
