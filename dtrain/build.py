@@ -238,7 +238,10 @@ def _refuse_sealed(cfg: Config) -> None:
     without the secret given again), and the model or data would get the sealed string in its place."""
     from .redaction import sealed_paths
 
-    sealed = sealed_paths(cfg.to_dict())
+    config = cfg.to_dict()
+    # what builds the model, its data, loss and metrics: a sealed wandb.entity hurts no evaluation
+    sealed = [path for section in ("model", "data", "loss", "metrics", "optim", "schedule")
+              for path in sealed_paths(config[section], f"{section}.")]
     if sealed:
         raise ConfigError(f"config: {sealed[0]} holds a sealed secret from a run's config.yaml or checkpoint "
                           f"(secrets are never stored); give its value yourself: {sealed[0]}=...")

@@ -163,6 +163,12 @@ def test_a_sealed_secret_fed_back_is_one_line_naming_the_setting(tmp_path, data_
         assert proc.stderr.strip().splitlines()[-1].startswith("dtrain: error: config: model.kwargs.api_key holds a "
                                                                "sealed secret"), proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr
+    # a setting that builds nothing (W&B's entity holding an environment secret) needs no giving back
+    from dtrain.build import _refuse_sealed
+    from dtrain.config import ConfigError
+    _refuse_sealed(load_config(None, [], {"wandb.entity": redaction.seal("team-secret-value")}))
+    with pytest.raises(ConfigError, match=r"^config: model.kwargs.api_key holds a sealed secret"):
+        _refuse_sealed(load_config(None, [], {"model.kwargs": {"api_key": redaction.seal("k")}}))
     given = run_dtrain(["eval", "--checkpoint", "runs/k", "--trust-checkpoint-code", f"model.kwargs.api_key={key}",
                         "model.kwargs.token=t0k3n-value"], tmp_path, env=env)
     assert "test/" in given.stdout or "val/" in given.stdout
