@@ -106,7 +106,7 @@ class DataFacts:
     task: Optional[str]
     shape: Union[tuple, None, Callable[[], tuple]]
     num_outputs: Optional[int]
-    y_mean: float = 0.0
+    y_mean: Optional[float] = 0.0  # None: the data does not say (Streams.y_mean); its baseline is not scored
 
     @functools.cached_property
     def _input(self) -> tuple:

@@ -25,10 +25,15 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from .config import ConfigError
 from .importing import describe, resolve
+
+if TYPE_CHECKING:  # a callback module costs no torch import
+    import torch
+
+    from .result import FitResult
 
 EVENTS = ("on_train_start", "on_step_end", "on_validation_end", "on_checkpoint", "on_train_end", "on_exception")
 
@@ -36,11 +41,11 @@ EVENTS = ("on_train_start", "on_step_end", "on_validation_end", "on_checkpoint",
 class Callback:
     """A callback that does nothing: subclass it and define the events you want."""
 
-    def on_train_start(self, run: "RunStart") -> None: ...
-    def on_step_end(self, step: int, loss) -> None: ...
-    def on_validation_end(self, step: int, metrics: dict) -> None: ...
+    def on_train_start(self, run: RunStart) -> None: ...
+    def on_step_end(self, step: int, loss: torch.Tensor) -> None: ...
+    def on_validation_end(self, step: int, metrics: dict[str, float]) -> None: ...
     def on_checkpoint(self, path: Path, step: int, best: bool) -> None: ...
-    def on_train_end(self, result) -> None: ...
+    def on_train_end(self, result: FitResult) -> None: ...
     def on_exception(self, error: BaseException) -> None: ...
 
 
@@ -72,7 +77,7 @@ class Callbacks:
         names = [describe(cb) for cb in self.callbacks]  # the same class twice: numbered by its order
         self.names = [n if names.count(n) == 1 else f"{n}#{names[:i].count(n)}" for i, n in enumerate(names)]
 
-    def emit(self, event: str, *args) -> None:
+    def emit(self, event: str, *args: Any) -> None:
         for callback in self.callbacks:
             method = getattr(callback, event, None)
             if method is not None:

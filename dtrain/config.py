@@ -12,10 +12,11 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Iterator, Literal, Optional, Sequence, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
 from .redaction import redact
@@ -572,7 +573,8 @@ class Config(Section):
     def _engine_can_run_it(self) -> "Config":
         """Settings the engine can't honour, refused before anything starts (one line, exit 2). The engine
         declares them (dtrain/engine/capabilities.py: light, no torch), so no engine is named here."""
-        self.optim.check(), self.schedule.check()
+        self.optim.check()
+        self.schedule.check()
         from .engine.capabilities import unsupported
         reasons = unsupported(self)
         if reasons:
@@ -617,7 +619,7 @@ def _migrate(data: dict) -> dict:
     return {**data, "model": {**model, "factory": name, "kwargs": kwargs}}
 
 
-def _leaf_fields(model: type[BaseModel], prefix: str = ""):
+def _leaf_fields(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, FieldInfo]]:
     """(dotted key, field) of every setting, sections flattened."""
     for name, field in model.model_fields.items():
         ann = field.annotation
@@ -703,7 +705,9 @@ def load_yaml(text: str, what: str) -> Any:
     at 50,000 levels; libyaml stops at 1,000 with a YAMLError) and more than MAX_YAML_VALUES values once
     aliases are expanded: PyYAML shares an alias's value, but validation, the config's hash and config.yaml
     copy it out in full, and nine levels of nine aliases each are 387 million values (it ran for minutes)."""
-    total, opened, sizes = 0, [], {}  # values so far; (anchor, total before it) per open collection; per anchor
+    total = 0  # values so far
+    opened: list[tuple[Optional[str], int]] = []  # (anchor, total before it) per open collection
+    sizes: dict[Optional[str], int] = {}  # values per anchor
     # libyaml's parser where PyYAML has it: the pure-Python one took 1.8 s to reach level 100 of 50,000 '['
     for event in yaml.parse(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
         if isinstance(event, yaml.AliasEvent):
@@ -727,7 +731,7 @@ def load_yaml(text: str, what: str) -> Any:
     return yaml.safe_load(text)
 
 
-def load_config(path: Union[str, Path, list, tuple, None] = None, overrides: list[str] = (),
+def load_config(path: Union[str, Path, Sequence[Union[str, Path]], None] = None, overrides: Sequence[str] = (),
                 defaults: Optional[dict] = None) -> Config:
     """Defaults, a script's own `defaults` (dotted keys, from dtrain.main(config=...)), then the YAML file(s)
     in order (`--config a.yaml --config b.yaml`: b's settings over a's, section by section, as Hydra and

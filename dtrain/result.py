@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from . import dist
 from .signals import EXIT_INTERRUPTED
 from .summary import BEST_SO_FAR
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .trainer import Trainer
 
 _NOT_METRICS = ("step", "epoch", "event")
 
@@ -32,9 +37,9 @@ class FitResult:
     total_steps: int
     """Optimizer steps the run plans (train.epochs or train.max_steps)."""
     run_dir: Path
-    metrics: dict
+    metrics: dict[str, float]
     """The last logged value of every metric: loss, lr, throughput, val/*, and test/* once tested."""
-    best_metrics: dict
+    best_metrics: dict[str, float]
     """The validation metrics (val/*) at best_step: the best value of `monitor`. {} before any validation."""
     best_step: Optional[int]
     best_checkpoint: Optional[Path]
@@ -47,7 +52,7 @@ class FitResult:
         """Stopped by a signal; the same call (or command) again resumes it."""
         return self.exit_code == EXIT_INTERRUPTED
 
-    def load_model(self, **kwargs):
+    def load_model(self, **kwargs: Any) -> nn.Module:
         """The trained nn.Module of best_checkpoint (latest_checkpoint where the run has no best), on the CPU,
         in eval mode: `dtrain.load_model(checkpoint, **kwargs)`. A script hands in its own factory again,
         `result.load_model(model=build_model)`: a name stored in the checkpoint is never imported from it."""
@@ -61,7 +66,7 @@ class FitResult:
         return load_model(checkpoint, **kwargs)
 
 
-def collect(trainer, outcome: dict) -> FitResult:
+def collect(trainer: Trainer, outcome: dict[str, Any]) -> FitResult:
     """Collective: rank 0 reads the run's records and checkpoint pointers, every rank gets its result.
     `outcome` is what trainer.fit() returned."""
     from .logging import metrics_record
@@ -70,12 +75,12 @@ def collect(trainer, outcome: dict) -> FitResult:
     result = None
     if trainer.info.is_global_zero:
         records = [r for _, r in read_records(trainer.run_dir / "metrics.jsonl", metrics_record)]
-        final: dict = {}
+        final: dict[str, float] = {}
         for record in records:
             if "event" not in record:
                 final.update({k: v for k, v in record.items() if k not in _NOT_METRICS})
         best_step = trainer.evaluator.best_step if trainer.evaluator.best_step >= 0 else None
-        best = next((r for r in reversed(records) if r["step"] == best_step and "val/loss" in r), {})
+        best: dict[str, Any] = next((r for r in reversed(records) if r["step"] == best_step and "val/loss" in r), {})
         checkpoints = {name: trainer.checkpointer.pointer(name) for name in ("best", "latest")}
         reason = outcome["stop_reason"]
         result = FitResult(

@@ -32,7 +32,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from . import dist
 
@@ -54,7 +54,7 @@ LAYOUT = (("checkpoints", "dir", "checkpoint"), ("checkpoints/latest", "link", "
 
 
 @contextlib.contextmanager
-def hold(run_dir: Path, dist_info, log: Callable[[str], None]):
+def hold(run_dir: Path, dist_info: dist.DistInfo, log: Callable[[str], None]) -> Iterator[None]:
     """Collective. Rank 0 makes the run directory and takes its lock; every rank gets rank 0's outcome, so
     all of them go on or all raise the same RunDirError. The lock is released when the block ends (and
     the directory removed again if this job made it and wrote nothing into it)."""
