@@ -102,7 +102,8 @@ def sample(meta, key="k1", url="shard-7.tar"):
     ({"count": True}, "data: sample 'k1' of shard-7.tar: /count of its .json member (data.sample.y) is true, not a "
                       "number"),
     ([1, 2], "data: sample 'k1' of shard-7.tar: its .json member has no /count for data.sample.y (at 'count' it "
-             "has a list of 2)"),
+             "has a list of 2)"),    ({"cuont": 3, "n": 1}, "data: sample 'k1' of shard-7.tar: its .json member has no /count for data.sample.y "
+                           "(at 'count' it has keys cuont, n; did you mean 'cuont'?)"),
 ])
 def test_a_missing_or_non_number_field_is_one_line_naming_sample_shard_and_field(meta, message):
     with pytest.raises(DataError) as e:

@@ -29,6 +29,7 @@ gives a collate hook exactly the samples of its batch.
 
 from __future__ import annotations
 
+import difflib
 import io
 import json
 import re
@@ -412,8 +413,10 @@ class FieldMap:
             else:
                 has = f"keys {', '.join(map(str, value)) or 'none'}" if isinstance(value, dict) else \
                     f"a list of {len(value)}" if isinstance(value, list) else f"a {type(value).__name__}"
+                near = difflib.get_close_matches(token, list(map(str, value)), 1) if isinstance(value, dict) else []
+                hint = f"; did you mean '{near[0]}'?" if near else ""
                 raise DataError(f"data: {where}: its .{ext} member has no {field} for data.sample.{name} (at "
-                                f"'{token}' it has {has})")
+                                f"'{token}' it has {has}{hint})")
         if isinstance(value, bool) or not isinstance(value, (int, float)):  # bool: an int to Python, not a count
             raise DataError(f"data: {where}: {field} of its .{ext} member (data.sample.{name}) is "
                             f"{json.dumps(value)[:60]}, not a number")
