@@ -15,6 +15,7 @@ are fixed, a new one too, until someone decides it is safe and lists it here.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -113,6 +114,9 @@ def config_changes(saved: dict, cfg: Config) -> list[Change]:
     for key in _valid_keys(Config):
         parts = key.split(".")
         changes += _diff(key, _get(saved, parts, _get(defaults, parts, UNSET)), _get(new, parts, UNSET))
+    if _get(saved, ["model", "factory"], defaults["model"]["factory"]) == cfg.model.factory:
+        spelled_out = _factory_defaults(cfg.model.factory)
+        changes = [c for c in changes if not _is_factory_default(c, spelled_out)]
     monitor = cfg.early_stop.monitor
     if monitor != "val/loss" and not monitor.startswith("val/loss/"):  # a metric, not the loss, decides the best
         changes = [replace(c, fixed=c.fixed or METRIC_MONITORED) if c.key.startswith("metrics.") else c
@@ -121,6 +125,26 @@ def config_changes(saved: dict, cfg: Config) -> list[Change]:
         changes = [replace(c, fixed=c.fixed or OWN_SCHEDULER) if c.key.startswith(OWN_SCHEDULER_KEYS) else c
                    for c in changes]
     return changes
+
+
+def _factory_defaults(factory: str) -> dict:
+    """The keyword defaults of dtrain's own model factories (mlp, cnn, gpt; nothing is imported for others)."""
+    from .models import BUILTIN, resolve_factory
+
+    if factory not in BUILTIN:
+        return {}
+    params = inspect.signature(resolve_factory(factory)).parameters
+    return {n: json.loads(json.dumps(p.default)) for n, p in params.items() if p.default is not p.empty}
+
+
+def _is_factory_default(change: Change, defaults: dict) -> bool:
+    """A model.kwargs entry unset on one side and the factory's own default on the other is the same model:
+    `dtrain train` and `dtrain train --config configs/digits.yaml`, which spells the defaults out."""
+    name = change.key.removeprefix("model.kwargs.")
+    if name == change.key or name not in defaults or (change.old is UNSET) == (change.new is UNSET):
+        return False
+    given = change.new if change.old is UNSET else change.old
+    return json.loads(json.dumps(given)) == defaults[name]
 
 
 def _get(tree: dict, parts: list[str], default: Any) -> Any:

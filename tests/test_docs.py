@@ -62,3 +62,14 @@ def test_the_readmes_script_trains_as_shown(tmp_path, data_root):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = result_of(proc)
     assert result["stop_reason"] == "completed" and result["test/acc"] > 0.5, result
+
+
+def test_the_digits_config_is_the_run_dtrain_train_runs(tmp_path, data_root):
+    """configs/digits.yaml says `dtrain train` with no --config runs its values: the docs run one after the other
+    (getting-started.md, README.md), and the second resumed nothing: 'model.kwargs.activation cannot change when
+    a run resumes', the factory's defaults spelled out against the checkpoint's unset kwargs."""
+    from conftest import CONFIGS, run_dtrain
+    common = ["train.max_steps=2", f"data.root={data_root}", "log.progress=false"]
+    run_dtrain(["train", *common], tmp_path)
+    proc = run_dtrain(["train", "--config", str(CONFIGS / "digits.yaml"), *common], tmp_path, check=False)
+    assert proc.returncode == 0 and "changed since the checkpoint" not in proc.stderr, proc.stderr[-2000:]
