@@ -15,11 +15,15 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from .build import Hooks
+    from .callbacks import Callbacks
     from .config import Config, DistConfig
+    from .dist import DistInfo
     from .result import FitResult
 
 
@@ -46,7 +50,7 @@ def run(cfg: Config, hooks: Optional[Hooks] = None, debug: bool = False, command
         cfg = _debug_config(cfg)
     if hooks is not None:
         cfg = hooks.record(cfg)  # config.yaml names the script's callables
-    callbacks = build_callbacks(cfg.run.callbacks, hooks and hooks.callbacks)
+    callbacks = build_callbacks(cfg.run.callbacks, hooks.callbacks if hooks is not None else None)
     run_dir = run_dir_of(cfg.run, debug)
     say = logging.getLogger("dtrain.run").info
     _say_where_the_rank_logs_are(run_dir, say)
@@ -88,7 +92,7 @@ def _debug_config(cfg: Config) -> Config:
 
 
 @contextlib.contextmanager
-def _told(callbacks):
+def _told(callbacks: Callbacks) -> Iterator[None]:
     """The callbacks' on_exception, on the rank where the run ends in an exception, before it goes on up."""
     try:
         yield
@@ -97,7 +101,7 @@ def _told(callbacks):
         raise
 
 
-def _say_where_the_rank_logs_are(run_dir: Path, say) -> None:
+def _say_where_the_rank_logs_are(run_dir: Path, say: Callable[[str], None]) -> None:
     """Under `dtrain launch`, rank 0: a line where the launcher's rank logs are not in this run's directory. It
     reads a script's key=value arguments, not what the script sets itself (dtrain.main(config={"run.name": ..})),
     so such a run's logs went to the directory of its default name (found walking the README with a script)."""
@@ -116,7 +120,7 @@ def is_other_rank() -> bool:
 
 
 @contextlib.contextmanager
-def session(cfg: DistConfig, force_single: bool = False):
+def session(cfg: DistConfig, force_single: bool = False) -> Iterator[DistInfo]:
     """The process group of one command: set up, described once by rank 0, and torn down: cleanly
     (barrier, then leave) after success or a DoctorError, which every rank raises at the same point;
     abruptly after any other error, when a peer may be gone."""
@@ -140,7 +144,8 @@ def session(cfg: DistConfig, force_single: bool = False):
         dist.teardown(clean)
 
 
-def check_health(cfg: Config, info, run_dir: Path, model, brief: bool, hooks: Optional[Hooks] = None) -> None:
+def check_health(cfg: Config, info: DistInfo, run_dir: Path, model: nn.Module, brief: bool,
+                 hooks: Optional[Hooks] = None) -> None:
     """Collective. `dtrain doctor`'s checks (brief: before training), its table said by rank 0; a failed check
     is a DoctorError on every rank."""
     from . import doctor
