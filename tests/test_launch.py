@@ -1,6 +1,7 @@
 """Launching: environment detection, one-line launcher errors that come quickly, launch/ scripts,
 and two "nodes" on loopback training exactly like one node with the same world size."""
 
+import shutil
 import subprocess
 import sys
 import time
@@ -102,11 +103,11 @@ def test_parse_nodelist_rejects_garbage(bad):
 
 
 def test_hostnames_falls_back_to_the_parser_without_scontrol(monkeypatch):
-    monkeypatch.setattr(dist.shutil, "which", lambda name: None)
+    monkeypatch.setattr(dist.environment.shutil, "which", lambda name: None)
     assert dist.hostnames("gpu[03-04]") == ["gpu03", "gpu04"]
 
 
-@pytest.mark.skipif(not dist.shutil.which("scontrol"), reason="scontrol not installed")
+@pytest.mark.skipif(not shutil.which("scontrol"), reason="scontrol not installed")
 def test_hostnames_agrees_with_scontrol():
     for nodelist in ("gpu[03-05,07],cpu1", "n[08-10]", "rack[1-2]-node[1,3]"):
         assert dist.hostnames(nodelist) == parse_nodelist(nodelist)
