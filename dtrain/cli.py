@@ -326,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*", metavar="key.sub=value")
     c.set_defaults(func=_config)
 
-    from .launcher import add_parser
+    from .ft_launch import add_parser  # dtrain launch (launcher.py), and its --ft mode (ft_launch.py)
     add_parser(sub)
     from .predict import add_parser as add_predict
     add_predict(sub)

@@ -1,0 +1,457 @@
+"""`dtrain launch --ft`: replica groups under torchft (issue #36, docs/fault-tolerance.md). One process per
+replica group (dtrain.ft trains a group as one process): --nproc-per-node groups on this node, each the
+command `dtrain launch` would run (`python -m dtrain ARGS`, or the script), told by its environment which group
+it is and where the Lighthouse is. A group that dies is restarted alone (--max-restarts counts the restarts of
+all groups) and heals from a live peer; the others train on at the smaller world size meanwhile.
+
+The Lighthouse (torchft's quorum server) is started here on 127.0.0.1 and a free port, or on several nodes by
+the node given --ft-host-lighthouse at --ft-lighthouse's port, the others only connecting; it is stopped at the
+end. Each group's output goes to logs/group-N.log (group 0's to the terminal too), its one-line error to an
+error file of torch's layout (dtrain.worker.report_error writes it), as the normal launcher's workers do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+from .launcher import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USER_ERROR, FORWARDED, _command, _exit_text, _nnodes,
+                       _resolve, _visible_gpus, error_line, last_logged_step, say, traceback_of)
+from .launcher import add_parser as add_launch_parser
+from .launcher import run as launch
+
+FT_TIMEOUT_S, FT_MIN_REPLICAS = 10.0, 1
+# How soon the Lighthouse drops a group that stopped heartbeating: the survivors' stall after a group dies (a
+# group heartbeats every 100 ms from torchft's own thread, not from the Python loop, so a busy step is no gap)
+HEARTBEAT_TIMEOUT_MS, QUORUM_TICK_MS = 1000, 50
+POLL_S = 0.1
+# what torchrun or torch's agent set for their workers: a group is a world of its own (RANK 0 of 1), and a
+# parent's TORCHFT_MANAGER_PORT would give every group the same port
+INHERITED = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
+             "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT", "TORCH_NCCL_ASYNC_ERROR_HANDLING",
+             "TORCHFT_MANAGER_PORT", "DTRAIN_LAUNCH_LOGS"}
+OPTIONS = {"ft_lighthouse": "--ft-lighthouse", "ft_host_lighthouse": "--ft-host-lighthouse",
+           "ft_timeout": "--ft-timeout", "ft_min_replicas": "--ft-min-replicas"}
+
+
+def add_parser(sub) -> None:
+    """`dtrain launch` (launcher.add_parser) with the --ft options, which this module runs (defaults None:
+    given without --ft, they are refused, not ignored)."""
+    add_launch_parser(sub)
+    la = sub.choices["launch"]
+    la.add_argument("--ft", action="store_true",
+                    help="fault tolerant (torchft, pip install 'dtrain[ft]'): one replica group per worker, a lost "
+                         "group restarted alone (within --max-restarts) while the others train on")
+    la.add_argument("--ft-lighthouse", default=None, metavar="HOST:PORT",
+                    help="--ft: the torchft Lighthouse to use (several nodes: the same on every node); default: "
+                         "one started here on 127.0.0.1 and a free port")
+    la.add_argument("--ft-host-lighthouse", action="store_true", default=None,
+                    help="--ft on several nodes: this node starts the Lighthouse, at --ft-lighthouse's port")
+    la.add_argument("--ft-timeout", type=float, default=None, metavar="S",
+                    help=f"--ft: a lost group is left behind within S s (collective timeout; default "
+                         f"{FT_TIMEOUT_S:g})")
+    la.add_argument("--ft-min-replicas", type=int, default=None, metavar="M",
+                    help=f"--ft: the fewest replica groups that may train a step (default {FT_MIN_REPLICAS})")
+    la.set_defaults(func=run)
+
+
+def run(args) -> int:
+    """`dtrain launch ...`: with --ft here, else the normal launcher."""
+    if not asked(args):
+        return launch(args)
+    nproc = args.nproc_per_node if args.nproc_per_node is not None else (_visible_gpus() or 1)
+    return run_ft(args, nproc)
+
+
+def asked(args) -> bool:
+    return bool(getattr(args, "ft", False)) or any(getattr(args, k, None) is not None for k in OPTIONS)
+
+
+def options(args) -> list[str]:
+    """The --ft options of this launch, as given (for the command that resumes it)."""
+    out = ["--ft"]
+    if args.ft_lighthouse:
+        out += ["--ft-lighthouse", args.ft_lighthouse]
+    if args.ft_host_lighthouse:
+        out += ["--ft-host-lighthouse"]
+    if args.ft_timeout is not None:
+        out += ["--ft-timeout", f"{args.ft_timeout:g}"]
+    if args.ft_min_replicas is not None:
+        out += ["--ft-min-replicas", str(args.ft_min_replicas)]
+    return out
+
+
+def resume_command(args, nproc: int) -> list[str]:
+    """This launch as a command line, its --ft options included (what the summary gives as the one that
+    goes on)."""
+    command = _command(args, nproc)
+    return [*command[:2], *options(args), *command[2:]]
+
+
+def _check(args, nproc: int) -> tuple[int, float, int]:
+    """-> (nodes, timeout, min_replicas), or a one-line ConfigError for what --ft cannot do."""
+    from .config import ConfigError
+
+    if not args.ft:
+        given = [flag for key, flag in OPTIONS.items() if getattr(args, key) is not None]
+        raise ConfigError(f"launch: {', '.join(given)} is an option of --ft; add --ft or leave it out")
+    if not args.target:
+        raise ConfigError("launch: give a dtrain command or a script, e.g. `dtrain launch --ft --nproc-per-node 3 "
+                          "train --config configs/digits.yaml`")
+    if nproc < 1 or args.max_restarts < 0:
+        raise ConfigError("launch: --nproc-per-node must be >= 1 and --max-restarts >= 0")
+    lo, hi = _nnodes(args.nnodes)
+    timeout = FT_TIMEOUT_S if args.ft_timeout is None else args.ft_timeout
+    min_replicas = FT_MIN_REPLICAS if args.ft_min_replicas is None else args.ft_min_replicas
+    if lo != hi:
+        raise ConfigError(f"launch: --ft takes --nnodes N, not {args.nnodes}: replica groups come and go under "
+                          f"the Lighthouse's quorum without an elastic rendezvous")
+    if args.rdzv_endpoint:
+        raise ConfigError("launch: --ft needs no --rdzv-endpoint: replica groups meet at the Lighthouse; give every "
+                          "node --ft-lighthouse HOST:PORT instead (--ft-host-lighthouse on the one that starts it)")
+    if hi > 1 and not args.ft_lighthouse:
+        raise ConfigError(f"launch: --ft with --nnodes {hi} needs --ft-lighthouse HOST:PORT, the same on every "
+                          f"node, and --ft-host-lighthouse on the one node that starts it")
+    if args.ft_host_lighthouse and not args.ft_lighthouse:
+        raise ConfigError("launch: --ft-host-lighthouse needs --ft-lighthouse HOST:PORT (the address the other "
+                          "nodes use; this node listens on its port)")
+    if args.ft_lighthouse and not _host_port(args.ft_lighthouse):
+        raise ConfigError(f"launch: --ft-lighthouse {args.ft_lighthouse!r} is not HOST:PORT")
+    if timeout <= 0 or not 1 <= min_replicas <= nproc * hi:
+        raise ConfigError(f"launch: --ft-timeout must be > 0 and --ft-min-replicas between 1 and the replica groups "
+                          f"started ({nproc * hi})")
+    if importlib.util.find_spec("torchft") is None:
+        raise ConfigError("launch: --ft needs torchft, which is not installed; pip install 'dtrain[ft]'")
+    return hi, timeout, min_replicas
+
+
+def _host_port(text: str) -> tuple[str, int] | None:
+    host, _, port = text.removeprefix("http://").rpartition(":")
+    return (host.strip("[]"), int(port)) if host and port.isdigit() else None
+
+
+def run_ft(args, nproc: int) -> int:
+    """`dtrain launch --ft ...` -> the launch's exit code."""
+    nodes, timeout, min_replicas = _check(args, nproc)
+    entry, run_dir, note = _resolve(args.target, args.parser)
+    logs = run_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    stop = Stop()
+    with stop.handling(), tempfile.TemporaryDirectory(prefix="dtrain-ft-") as errors:
+        lighthouse = Lighthouse(args, timeout, min_replicas, logs)
+        try:
+            address = lighthouse.start(stop)
+            if address is None:
+                say(f"launch: {stop.name} received before any replica group started: nothing to save; run the "
+                    f"same command again to start")
+                return EXIT_INTERRUPTED
+            say(f"launch: --ft, {nproc} replica group(s) of one process{' on this node' if nodes > 1 else ''}, "
+                f"nodes={nodes}, max_restarts={args.max_restarts}, lighthouse {address} ({lighthouse.whose}): "
+                f"{shlex.join(args.target)}; logs {logs}/group-N.log{note}")
+            os.environ["DTRAIN_LAUNCH_COMMAND"] = shlex.join(resume_command(args, nproc))
+            env = {"DTRAIN_FT": "1", "TORCHFT_LIGHTHOUSE": address, "DTRAIN_FT_GROUPS": str(nproc * nodes),
+                   "DTRAIN_FT_TIMEOUT_S": f"{timeout:g}", "DTRAIN_FT_MIN_REPLICAS": str(min_replicas)}
+            ids = [str(i) if nodes == 1 else f"{socket.gethostname()}-{i}" for i in range(nproc)]
+            groups = Groups(ids, [sys.executable, *entry], env, logs, Path(errors), run_dir, args.max_restarts,
+                            args.stop_timeout, stop)
+            return groups.run()
+        finally:
+            lighthouse.stop()
+
+
+class Stop:
+    """The signals the launcher forwards: noted here (the loop forwards them), never a restart's cause."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.count = 0
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else ""
+
+    def _note(self, signum, frame) -> None:
+        self.signum, self.count = self.signum or signum, self.count + 1
+
+    @contextlib.contextmanager
+    def handling(self):
+        names = FORWARDED.split(",")
+        before = {n: signal.signal(getattr(signal, n), self._note) for n in names}
+        try:
+            yield self
+        finally:
+            for n, handler in before.items():
+                signal.signal(getattr(signal, n), handler)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _answers(host: str, port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
+        return True
+    return False
+
+
+def _dies_with_launcher():
+    """A preexec_fn: SIGTERM to the child when this launcher dies, even by SIGKILL (PR_SET_PDEATHSIG, as
+    dtrain.worker.die_with_launcher, but from before exec: a group's imports take seconds). None off Linux."""
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def set_it():
+        prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the launcher died before it took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+    return set_it
+
+
+class Lighthouse:
+    """torchft's Lighthouse: started here (127.0.0.1 and a free port, or --ft-host-lighthouse: all interfaces
+    at --ft-lighthouse's port) and stopped at the end, or the one --ft-lighthouse names, waited for."""
+
+    START_S = 30.0  # for it to listen (a Rust binary: well under a second)
+
+    def __init__(self, args, timeout: float, min_replicas: int, logs: Path):
+        self.given, self.host_it = args.ft_lighthouse, bool(args.ft_host_lighthouse)
+        self.wait_s, self.logs = args.rdzv_timeout, logs
+        self.flags = ["--min_replicas", str(min_replicas), "--quorum_tick_ms", str(QUORUM_TICK_MS),
+                      # a group alive but slower to its next quorum (saving, validating) is waited for this long
+                      "--join_timeout_ms", str(int(timeout * 1000)),
+                      "--heartbeat_timeout_ms", str(min(HEARTBEAT_TIMEOUT_MS, int(timeout * 1000)))]
+        self.proc: subprocess.Popen | None = None
+        self.whose = "started here, log " + str(logs / "lighthouse.log") if self.host_it or not self.given else "given"
+
+    def start(self, stop: Stop) -> str | None:
+        """-> the address the groups use (http://HOST:PORT); None when a signal came first."""
+        from .config import ConfigError
+
+        if self.given and not self.host_it:
+            host, port = _host_port(self.given)
+            deadline, said = time.monotonic() + self.wait_s, False
+            while not _answers(host, port):
+                if stop.signum:
+                    return None
+                if time.monotonic() > deadline:
+                    raise ConfigError(f"launch: no Lighthouse answered at {self.given} within {self.wait_s} s "
+                                      f"(--rdzv-timeout): start the node given --ft-host-lighthouse, or "
+                                      f"`torchft_lighthouse {' '.join(self.flags)} --bind 0.0.0.0:{port}`")
+                if not said:
+                    say(f"launch: waiting for the Lighthouse at {self.given} to answer")
+                    said = True
+                time.sleep(0.5)
+            return f"http://{self.given.removeprefix('http://')}"
+        binary = Path(sys.executable).parent / "torchft_lighthouse"
+        binary = str(binary) if binary.exists() else shutil.which("torchft_lighthouse")
+        if binary is None:
+            raise ConfigError("launch: --ft needs torchft's torchft_lighthouse command (none beside python or on "
+                              "PATH); pip install 'dtrain[ft]'")
+        for _ in range(3):  # a free port can be taken by another process before the Lighthouse binds it
+            host, port = ("0.0.0.0", _host_port(self.given)[1]) if self.host_it else ("127.0.0.1", _free_port())
+            with open(self.logs / "lighthouse.log", "a") as log:
+                self.proc = subprocess.Popen([binary, *self.flags, "--bind", f"{host}:{port}"], stdin=subprocess.DEVNULL,
+                                             stdout=log, stderr=log, start_new_session=True,
+                                             preexec_fn=_dies_with_launcher())
+            deadline = time.monotonic() + self.START_S
+            while self.proc.poll() is None and not _answers("127.0.0.1", port) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if self.proc.poll() is None and _answers("127.0.0.1", port):
+                return f"http://{self.given.removeprefix('http://')}" if self.host_it else f"http://{host}:{port}"
+            self.stop()
+            if self.host_it:
+                break
+        last = (self.logs / "lighthouse.log").read_text(errors="replace").strip().splitlines()[-1:]
+        raise ConfigError(f"launch: torchft_lighthouse did not start ({last[0] if last else 'no output'}); "
+                          f"log {self.logs}/lighthouse.log")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+class Group:
+    """One replica group: its process, this attempt's error file, how it ended."""
+
+    def __init__(self, index: int, replica_id: str):
+        self.index, self.replica_id = index, replica_id
+        self.proc: subprocess.Popen | None = None
+        self.attempt = 0
+        self.error_file: Path | None = None
+        self.code: int | None = None  # how its last attempt ended; None while it runs
+
+    def failure(self) -> SimpleNamespace:
+        """Its end as torch's agent reads a worker's (launcher.error_line and traceback_of read it)."""
+        message, error_file = "", "<N/A>"
+        with contextlib.suppress(OSError, ValueError):
+            message = json.loads(self.error_file.read_text())["message"]
+            error_file = str(self.error_file)
+        return SimpleNamespace(exitcode=self.code, message=message, error_file=error_file)
+
+
+class Groups:
+    """Starts the replica groups and watches them: restarts a lost one alone, stops all on a user error or a
+    signal, and gives the launch's exit code."""
+
+    def __init__(self, ids: list[str], command: list[str], env: dict, logs: Path, errors: Path, run_dir: Path,
+                 max_restarts: int, stop_timeout: float, stop: Stop):
+        self.groups = [Group(i, r) for i, r in enumerate(ids)]
+        self.command, self.logs, self.errors, self.run_dir = command, logs, errors, run_dir
+        self.max_restarts, self.stop_timeout, self.stop = max_restarts, stop_timeout, stop
+        self.restarts = 0
+        self.env = {k: v for k, v in os.environ.items() if k not in INHERITED and not k.startswith("TORCHELASTIC_")}
+        self.env.update(env)
+        if len(ids) > 1:
+            self.env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default for several workers per node
+        self.user_error: Group | None = None
+        self.failed: list[Group] = []  # groups lost for good (no restarts left), in the order they died
+
+    def log(self, g: Group) -> Path:
+        return self.logs / f"group-{g.index}.log"
+
+    def start(self, g: Group) -> None:
+        g.attempt += 1
+        g.code = None
+        g.error_file = self.errors / f"group-{g.index}-{g.attempt}.json"
+        env = dict(self.env, REPLICA_GROUP_ID=g.replica_id, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                   LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+                   TORCHELASTIC_ERROR_FILE=str(g.error_file))  # where dtrain's one-line error goes
+        with open(self.log(g), "a") as f:  # appended across restarts and runs: where each attempt begins
+            f.write(f"---- dtrain launch --ft: {time.strftime('%Y-%m-%d %H:%M:%S')}, group {g.index} "
+                    f"(REPLICA_GROUP_ID={g.replica_id}), attempt {g.attempt} ----\n")
+        with open(self.log(g), "a") as log:
+            outputs, tees = (log, log), []
+            if g.index == 0:  # group 0's output on the terminal too, through tee (a session of its own: our
+                # signals are not its, it ends when the group's pipe closes)
+                tees = [subprocess.Popen(["tee", "-a", str(self.log(g))], stdin=subprocess.PIPE, stdout=fd,
+                                         start_new_session=True) for fd in (sys.stdout.fileno(), sys.stderr.fileno())]
+                outputs = tuple(t.stdin for t in tees)
+            # a session of its own: a ^C at the terminal reaches the launcher only, which forwards it
+            g.proc = subprocess.Popen(self.command, env=env, stdin=subprocess.DEVNULL, stdout=outputs[0],
+                                      stderr=outputs[1], start_new_session=True, preexec_fn=_dies_with_launcher())
+            for t in tees:
+                t.stdin.close()
+
+    def live(self) -> list[Group]:
+        return [g for g in self.groups if g.proc is not None and g.code is None]
+
+    def run(self) -> int:
+        for g in self.groups:
+            self.start(g)
+        deadline, forwarded = None, 0
+        while self.live():
+            if self.stop.count > forwarded:  # every signal the launcher got, to every group at once
+                forwarded = self.stop.count
+                self._signal_all(self._forwarded(self.stop.signum))
+                deadline = deadline or time.monotonic() + self.stop_timeout
+            if deadline is not None and time.monotonic() > deadline:
+                self._signal_all(signal.SIGKILL)
+            time.sleep(POLL_S)
+            for g in self.live():
+                if g.proc.poll() is not None:
+                    g.code = g.proc.returncode
+                    if self._ended(g) and deadline is None:
+                        deadline = time.monotonic() + self.stop_timeout
+                        self._signal_all(signal.SIGTERM)  # a user error: the others save and stop
+        return self._result()
+
+    @staticmethod
+    def _forwarded(signum: int) -> int:
+        """SIGINT and SIGUSR1 (SLURM's warning) as they are, the others as SIGTERM: dtrain's workers save on
+        SIGTERM, SIGINT and SIGUSR1 (a second SIGINT aborts), and SIGHUP or SIGQUIT would kill them unsaved."""
+        return signum if signum in (signal.SIGINT, signal.SIGUSR1) else signal.SIGTERM
+
+    def _signal_all(self, signum: int) -> None:
+        for g in self.live():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(g.proc.pid, signum)
+
+    def _ended(self, g: Group) -> bool:
+        """Group `g` ended with g.code: restart it if it died and restarts are left. -> whether the others
+        must stop (a user error)."""
+        if g.code == EXIT_USER_ERROR and not self.stop.signum:
+            self.user_error = self.user_error or g
+            return True
+        # done, saved after a signal (the launcher's, or its own: then the quorum's vote stops them all), or
+        # ended by a signal that asks to stop: never restarted
+        if g.code in (0, EXIT_INTERRUPTED, -signal.SIGTERM, -signal.SIGINT) or self.stop.signum:
+            return False
+        step = last_logged_step(self.run_dir)
+        how = self._how(g)
+        at = f" at step ~{step}" if step is not None else " before its first logged step"
+        if self.restarts < self.max_restarts:
+            self.restarts += 1
+            say(f"ft: group {g.index} died ({how}){at}; restarting it ({self.restarts} of {self.max_restarts} "
+                f"restarts); the others train on")
+            self.start(g)
+        else:
+            self.failed.append(g)
+            others = " the others train on without it" if self.live() else ""
+            say(f"ft: group {g.index} died ({how}){at}; no restarts left (--max-restarts {self.max_restarts});"
+                f"{others or ' no group left'}")
+        return False
+
+    def _how(self, g: Group) -> str:
+        if g.code is not None and g.code < 0:
+            return _exit_text(g.code).removeprefix("killed by ")
+        return f"{error_line(g.failure())}; log {self.log(g)}"
+
+    def _result(self) -> int:
+        host = socket.gethostname()
+        if self.user_error is not None:
+            g = self.user_error
+            say(f"dtrain: error: {error_line(g.failure())} (group {g.index} on {host}, log {self.log(g)})")
+            return EXIT_USER_ERROR
+        ended = [g for g in self.groups if g not in self.failed]  # the last attempt of each group still in
+        if self.stop.signum:
+            bad = [g for g in ended if g.code not in (0, EXIT_INTERRUPTED, -self._forwarded(self.stop.signum))]
+            if bad:
+                say(f"dtrain: error: launch: {self.stop.name} received; group {bad[0].index} did not stop cleanly "
+                    f"({_exit_text(bad[0].code)}); the newest complete checkpoint is intact: run the same command "
+                    f"again (log {self.log(bad[0])})")
+                return EXIT_FAILED
+            say(f"launch: {self.stop.name} received: the replica groups saved and stopped; run the same command "
+                f"again to resume")
+            return EXIT_INTERRUPTED
+        if any(g.code == EXIT_INTERRUPTED for g in ended):
+            say(f"launch: the replica groups stopped (interrupted, resumable); run the same command again "
+                f"(logs {self.logs}/group-N.log)")
+            return EXIT_INTERRUPTED
+        if ended and all(g.code == 0 for g in ended):
+            if self.failed:
+                say(f"launch: done by {len(ended)} of {len(self.groups)} replica groups; lost for good: "
+                    f"{', '.join(f'group {g.index} ({self._how(g)})' for g in self.failed)}")
+            return 0
+        g = self.failed[0] if self.failed else next(g for g in ended if g.code != 0)
+        stack = traceback_of(g.failure())
+        if stack and g.index != 0:  # group 0's is on the terminal already
+            print(stack.rstrip(), file=sys.stderr)
+        after = f" after {self.restarts} restart(s)" if self.restarts else ""
+        say(f"dtrain: error: launch: replica group failed{after}: {error_line(g.failure())} (group {g.index} on "
+            f"{host}, log {self.log(g)})")
+        return EXIT_FAILED
