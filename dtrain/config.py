@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
+from . import capabilities
 from .redaction import redact
 
 
@@ -572,11 +573,10 @@ class Config(Section):
     @model_validator(mode="after")
     def _engine_can_run_it(self) -> "Config":
         """Settings the engine can't honour, refused before anything starts (one line, exit 2). The engine
-        declares them (dtrain/engine/capabilities.py: light, no torch), so no engine is named here."""
+        declares them (dtrain/capabilities.py: rules on the config, no torch), so no engine is named here."""
         self.optim.check()
         self.schedule.check()
-        from .engine.capabilities import unsupported
-        reasons = unsupported(self)
+        reasons = capabilities.unsupported(self)
         if reasons:
             raise PydanticCustomError("engine", reasons[0])
         return self

@@ -96,7 +96,8 @@ def test_every_engine_declares_what_it_cannot_do_and_keeps_the_contract():
     import torch
 
     from dtrain.config import TrainConfig
-    from dtrain.engine import Engine, SingleEngine, capabilities
+    from dtrain import capabilities
+    from dtrain.engine import Engine, SingleEngine
     from dtrain.engine.ddp import DDPEngine
     from dtrain.engine.deepspeed import DeepSpeedEngine
     from dtrain.engine.fsdp import FSDPEngine

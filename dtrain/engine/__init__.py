@@ -23,7 +23,7 @@
 `DeepSpeedEngine` (train.engine=deepspeed) hands model, optimizer and schedule to DeepSpeed ZeRO;
 `FSDPEngine` (train.engine=fsdp) shards them with FSDP2's fully_shard. The trainer never asks which one it has.
 Each satisfies `Engine` below and declares, as `unsupported(cfg)`, the settings it can't honour
-(capabilities.py, which config validation asks without importing torch).
+(dtrain/capabilities.py, which config validation asks without importing torch or an engine).
 """
 
 from __future__ import annotations
@@ -39,14 +39,14 @@ if TYPE_CHECKING:
 
     from ..config import DeepSpeedConfig, FSDPConfig, TrainConfig
 
-# Nothing here imports torch: config validation imports .capabilities, which runs this package's __init__ first.
+# Nothing here imports torch: each engine is loaded when it is first asked for.
 
 
 @runtime_checkable
 class Engine(Protocol):
     """The contract the trainer, evaluator and checkpointer rely on (see the module docstring for each part).
     `unsupported(cfg)` is the engine's own list of settings it can't honour, one line each, asked by config
-    validation (through .capabilities, without importing the engine) before anything starts."""
+    validation (dtrain/capabilities.py, without importing the engine) before anything starts."""
 
     unsupported: ClassVar[Callable[[Any], list[str]]]
     module: torch.nn.Module
@@ -105,7 +105,7 @@ def model_weights(directory, engine_state: dict) -> dict:
 
 
 def __getattr__(name: str):
-    # the engines import torch: loaded when first asked for, so that importing .capabilities stays light
+    # the engines import torch: loaded when first asked for, so that importing this package stays light
     if name in ("check_engine", "written_by_engine"):
         from . import formats
         return getattr(formats, name)

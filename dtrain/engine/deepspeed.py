@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError
-from . import capabilities
+from .. import capabilities
 from .single import pick_dtype
 
 TAG = "deepspeed"  # the sub-directory of a dtrain checkpoint that holds DeepSpeed's own files

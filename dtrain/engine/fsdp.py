@@ -43,7 +43,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 from torch.distributed.tensor import DTensor
 
 from ..config import ConfigError
-from . import capabilities
+from .. import capabilities
 from .single import SingleEngine
 
 TAG = "fsdp"  # the sub-directory of a dtrain checkpoint that holds DCP's files

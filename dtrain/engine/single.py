@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from . import capabilities
+from .. import capabilities
 
 
 def pick_dtype(precision: str, device: torch.device) -> torch.dtype | None:

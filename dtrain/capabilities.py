@@ -1,8 +1,14 @@
-"""What each engine can't honour, declared without importing torch: config validation asks `unsupported(cfg)`
-before anything starts (one line, exit 2), and each engine class names its own declaration as its
-`unsupported`, so the rule lives next to no other engine's and config.py names none."""
+"""What each engine can't honour: plain rules on the config, no torch and no engine imported, so config validation
+(config.py) asks `unsupported(cfg)` before anything starts (one line, exit 2) without reaching up into engine/.
+Each engine class names its own declaration as its `unsupported` (engine/: the Engine protocol), so the rule
+lives next to no other engine's and config.py names none."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .config import Config
 
 # also raised by the engines' trainable_changed, should a model be unfrozen by another way than the config
 FSDP_UNFREEZE = ("model.unfreeze_at_step is not supported with train.engine=fsdp (FSDP fixes which parameters train "
@@ -12,12 +18,12 @@ DEEPSPEED_UNFREEZE = ("model.unfreeze_at_step is not supported with train.engine
                       "parameters when it partitions them); use train.engine=ddp")
 
 
-def ddp(cfg) -> list[str]:
+def ddp(cfg: Config) -> list[str]:
     """SingleEngine and DDPEngine run every setting."""
     return []
 
 
-def fsdp(cfg) -> list[str]:
+def fsdp(cfg: Config) -> list[str]:
     reasons = []
     if cfg.train.precision == "fp16":
         reasons.append("train.precision=fp16 is not supported with train.engine=fsdp "
@@ -31,7 +37,7 @@ def fsdp(cfg) -> list[str]:
     return reasons
 
 
-def deepspeed(cfg) -> list[str]:
+def deepspeed(cfg: Config) -> list[str]:
     reasons = []
     if cfg.model.unfreeze_at_step is not None:
         reasons.append(DEEPSPEED_UNFREEZE)
@@ -43,6 +49,6 @@ def deepspeed(cfg) -> list[str]:
 UNSUPPORTED = {"ddp": ddp, "deepspeed": deepspeed, "fsdp": fsdp}
 
 
-def unsupported(cfg) -> list[str]:
+def unsupported(cfg: Config) -> list[str]:
     """One line per setting of `cfg` that its train.engine can't honour (empty: it runs)."""
     return UNSUPPORTED[cfg.train.engine](cfg)
