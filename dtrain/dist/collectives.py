@@ -13,6 +13,7 @@ import datetime
 import socket
 import threading
 import time
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as torchdist
@@ -25,7 +26,7 @@ ROLL_CALL_S = 3.0  # after a failed collective, how long the ranks that saw it w
 
 
 @contextlib.contextmanager
-def guard(op: str):
+def guard(op: str) -> Iterator[None]:
     """Turn a backend's failure inside `op` into one line naming the operation, and the rank(s) lost."""
     try:
         yield
@@ -53,11 +54,15 @@ class RollCall:
     is gone (rank 0's process, or node 0's launcher). Bounded, and asked once per process: a second failure
     (another thread's group) gets the same answer."""
 
-    def __init__(self):
+    store: Optional[torchdist.Store]
+    answer: Optional[str]  # None: not asked yet; "": asked, nothing learned
+
+    def __init__(self) -> None:
         self.lock = threading.Lock()
         self.keep(None, "", "", 0, "", hosted_here=False)
 
-    def keep(self, store, attempt: str, addr: str, port: int, host: str, hosted_here: bool) -> None:
+    def keep(self, store: Optional[torchdist.Store], attempt: str, addr: str, port: int, host: str,
+             hosted_here: bool) -> None:
         """The store every rank shares, this set of workers' name on it, where it listens, who hosts it."""
         self.store, self.attempt, self.where = store, attempt, (addr, port)
         self.host, self.hosted_here, self.answer = host, hosted_here, None
@@ -75,6 +80,7 @@ class RollCall:
         return self.answer or None
 
     def _ask(self, rank: int, world_size: int, wait_s: float) -> str | None:
+        assert self.store is not None  # lost() asks only once setup() kept a store
         try:  # a plain socket first: a store whose host died is "connection refused" at once, while the
             # store client would log a C++ stack trace before it said so
             socket.create_connection(self.where, timeout=wait_s).close()
@@ -122,13 +128,13 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_reduce_max(t: torch.Tensor, group=None) -> torch.Tensor:
+def all_reduce_max(t: torch.Tensor, group: Optional[torchdist.ProcessGroup] = None) -> torch.Tensor:
     if _active():
         torchdist.all_reduce(t, op=torchdist.ReduceOp.MAX, group=group)
     return t
 
 
-def new_cpu_group(timeout_s: float):
+def new_cpu_group(timeout_s: float) -> Optional[torchdist.ProcessGroup]:
     """A gloo group for CPU-side coordination from another thread (async checkpoints, stop flags);
     collectives must be created in the same order on every rank. None in single mode."""
     if not _active():
@@ -137,8 +143,9 @@ def new_cpu_group(timeout_s: float):
         return torchdist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
 
 
-def broadcast_object(obj, src: int = 0):
-    """Rank `src`'s object on every rank (decisions are made once, then shared)."""
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s object on every rank (decisions are made once, then shared). Any: the other ranks often
+    hand in a placeholder (None) of another type."""
     if not _active():
         return obj
     box = [obj]

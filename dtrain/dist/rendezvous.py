@@ -64,6 +64,7 @@ def setup(backend: str = "auto", timeout_s: float = 600.0, connect_timeout_s: fl
         torch.cuda.set_device(device)
     if launch.mode == "single":
         return DistInfo("single", 0, 0, 1, device, None)
+    assert launch.master_addr is not None and launch.master_port is not None  # detect() names them for several
     # Normalise to torchrun's variables: webdataset's split_by_node reads RANK/WORLD_SIZE.
     os.environ.update(RANK=str(launch.global_rank), WORLD_SIZE=str(launch.world_size),
                       LOCAL_RANK=str(launch.local_rank), MASTER_ADDR=launch.master_addr,
@@ -95,10 +96,11 @@ def _first_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else ""
 
 
-def _rendezvous(launch: Launch, timeout_s: float):
+def _rendezvous(launch: Launch, timeout_s: float) -> torchdist.TCPStore:
     """The TCP store every rank shares, once all `world_size` ranks have checked in; LaunchError
     (not a hang) when the master can't be reached or ranks are missing after `timeout_s`."""
     addr, port, where = launch.master_addr, launch.master_port, f"{launch.master_addr}:{launch.master_port}"
+    assert addr is not None and port is not None  # detect() names them for a launch of several processes
     hint = f"(dist.connect_timeout_s={timeout_s:g} sets how long to wait)"
     deadline = time.monotonic() + timeout_s
     hosts_store = launch.global_rank == 0 and not _agent_hosts_store()
@@ -197,8 +199,10 @@ def _wait_for_idle_threads(name: str, timeout_s: float = 2.0) -> None:
             try:
                 if (task / "comm").read_text().strip() == name:
                     status = (task / "status").read_text()
-                    found[task.name] = (re.search(r"^State:\s+(\S)", status, re.M)[1],
-                                        re.search(r"^voluntary_ctxt_switches:\s+(\d+)", status, re.M)[1])
+                    # no match (None[1]): a TypeError, the thread half gone
+                    found[task.name] = (
+                        re.search(r"^State:\s+(\S)", status, re.M)[1],  # type: ignore[index]
+                        re.search(r"^voluntary_ctxt_switches:\s+(\d+)", status, re.M)[1])  # type: ignore[index]
             except (OSError, TypeError):  # the thread exited meanwhile
                 continue
         return found
