@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import shlex
@@ -193,14 +194,56 @@ def _bench(args) -> int:
 
 
 def _config(args) -> int:
-    from .config import describe_fields, load_config
+    from .config import Config, ConfigError, describe_fields, load_config
 
-    if args.describe:
-        from .models import describe_factories
-        print("\n".join(describe_fields() + describe_factories()))
+    if args.out and not args.schema:
+        raise ConfigError("config: --out FILE goes with --schema")
+    if args.schema:  # pydantic's, of draft 2020-12; unknown keys are refused (additionalProperties: false)
+        schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", **Config.model_json_schema()}
+        text = json.dumps(schema, indent=2) + "\n"
+        if args.out:
+            Path(args.out).write_text(text)
+            print(f"wrote {args.out}")
+        else:
+            print(text, end="")
+    elif args.describe:
+        print("\n".join(describe_fields() + _describe_factories()))
     else:
         print(load_config(args.config, args.overrides, args.defaults).to_yaml(), end="")
     return 0
+
+
+def _describe_factories() -> list[str]:
+    """dtrain.models.describe_factories(), read from the models' source instead of imported: it imports torch
+    (1.5 s and more of `dtrain config --describe`'s 1.7 s). tests/test_cli_fast.py keeps the two the same."""
+    import ast
+
+    root = Path(__file__).parent / "models"
+    trees = {path.stem: ast.parse(path.read_text()) for path in root.glob("*.py")}
+    top = {n.targets[0].id: n.value for n in trees["__init__"].body
+           if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name)}
+    builtin, facts = ast.literal_eval(top["BUILTIN"]), ast.literal_eval(top["FACTS"])
+    functions = {n.name: n for tree in trees.values() for n in tree.body if isinstance(n, ast.FunctionDef)}
+    lines = []
+    for short, spec in builtin.items():
+        factory = functions[spec.rpartition(":")[2]]
+        params = factory.args.args[len(factory.args.args) - len(factory.args.defaults):]
+        args = [f"{a.arg}={ast.literal_eval(d)!r}" for a, d in zip(params, factory.args.defaults)
+                if a.arg not in facts]
+        doc = " ".join((ast.get_docstring(factory) or "").split())
+        lines.append(f"model.kwargs (model.factory={short}): {', '.join(args)}  # {doc}")
+    return lines
+
+
+def _completion(args) -> int:
+    from .completion import script
+    print(script(args.shell, args.parser), end="")
+    return 0
+
+
+def _predict(args) -> int:
+    from .predict import predict_command
+    return predict_command(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -323,27 +366,64 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("config", help="print the resolved config, or every key with its documentation")
     c.add_argument("--config", action="append", help="YAML config; given again, the later file overrides")
     c.add_argument("--describe", action="store_true", help="list every key, its default and what it does")
+    c.add_argument("--schema", action="store_true", help="print the config's JSON schema (for editors: YAML "
+                   "completion and checks, e.g. `# yaml-language-server: $schema=dtrain.schema.json`)")
+    c.add_argument("--out", metavar="FILE", help="with --schema: write it to FILE instead")
     c.add_argument("overrides", nargs="*", metavar="key.sub=value")
     c.set_defaults(func=_config)
 
+    pr = sub.add_parser("predict", help="run a checkpoint's model over shards on N ranks (launch it like train): "
+                                        "each sample once, outputs keyed by sample key, resumable")
+    pr.add_argument("--checkpoint", required=True,
+                    help="checkpoints/step-N directory, a run directory (its best), or a file from `dtrain export`")
+    pr.add_argument("--data", required=True, metavar="DESCRIPTOR|PATTERN",
+                    help="the shards: a descriptor (.json, as `dtrain index` writes), or a pattern whose counts "
+                         "data.counts holds")
+    pr.add_argument("--out", required=True, help="output directory; the same command again resumes into it")
+    pr.add_argument("--format", default="jsonl", choices=["jsonl", "tar"],
+                    help="jsonl: a JSON line per sample; tar: webdataset shards of KEY.output.npy (default jsonl)")
+    pr.add_argument("--part-size", type=int, default=10000,
+                    help="samples per part file (at the first batch's end at or past it), each written "
+                         "atomically: at most what a SIGKILL loses (default 10000)")
+    pr.add_argument("--config", action="append", help="YAML config over the checkpoint's stored one")
+    pr.add_argument("--trust-checkpoint-code", action="store_true",
+                    help="run the code the checkpoint's stored config names (import strings) even where your "
+                         "command line, --config and script do not name it; only for files you trust")
+    pr.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                    help="config overrides over the checkpoint's stored config, e.g. data.eval_batch_size=512")
+    pr.set_defaults(func=_predict)
+
+    co = sub.add_parser("completion", help="print a shell completion script (commands, options, config keys)",
+                        epilog="bash: `source <(dtrain completion bash)` (or save it in "
+                               "~/.local/share/bash-completion/completions/dtrain); zsh: "
+                               "`source <(dtrain completion zsh)` after `autoload -U compinit && compinit`")
+    co.add_argument("shell", choices=["bash", "zsh"])
+    co.set_defaults(func=_completion)
+
     from .ft_launch import add_parser  # dtrain launch (launcher.py), and its --ft mode (ft_launch.py)
     add_parser(sub)
-    from .predict import add_parser as add_predict
-    add_predict(sub)
     return p
+
+
+# dtrain's errors for bad input (config, data, launch, checkpoint, health check, run directory), by module
+USER_ERRORS = (("config", "ConfigError"), ("data.errors", "DataError"), ("dist", "LaunchError"),
+               ("checkpoint", "CheckpointError"), ("run", "DoctorError"), ("runlock", "RunDirError"))
 
 
 def user_errors() -> tuple[type[Exception], ...]:
     """dtrain's errors for bad input (config, data, launch, checkpoint, health check, run directory): one line
     naming the problem and the fix; `dtrain ...` prints it and exits 2."""
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .data import DataError
-    from .dist import LaunchError
-    from .run import DoctorError
-    from .runlock import RunDirError
+    import importlib
 
-    return ConfigError, DataError, LaunchError, CheckpointError, DoctorError, RunDirError
+    return tuple(getattr(importlib.import_module(f".{module}", __package__), name) for module, name in USER_ERRORS)
+
+
+def _imported(classes: tuple[tuple[str, str], ...]) -> tuple[type[Exception], ...]:
+    """Those of `classes` ((module, name), ...) whose module is imported already: what an error can be an
+    instance of (a class is defined when its module runs). Importing the others to ask would import torch
+    (dist, checkpoint): 1.5 s and more before a config error's line."""
+    modules = ((sys.modules.get(f"{__package__}.{module}"), name) for module, name in classes)
+    return tuple(getattr(module, name) for module, name in modules if module is not None)
 
 
 def _with_verbosity(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -390,9 +470,6 @@ def _recorded(func):
 
 def main(argv: list[str] | None = None, hooks=None, defaults: dict | None = None) -> int:
     """`dtrain ...`, or a user's script (`dtrain.main(model=...)` hands in `hooks`). -> the exit code."""
-    from .config import ConfigError
-    from .data import DataError
-    from .dist import CollectiveError
     from .run import is_other_rank
     from .worker import report_error
 
@@ -400,18 +477,21 @@ def main(argv: list[str] | None = None, hooks=None, defaults: dict | None = None
     level = _set_verbosity(args)
 
     def run(args) -> int:
-        # handled here, inside `record`: torchrun's error file gets their one line, not a traceback
+        # handled here, inside `record`: torchrun's error file gets their one line, not a traceback. The
+        # classes are looked up as an error comes (an except clause's expression is evaluated then), among
+        # the modules imported: `dtrain config` and a config error import no torch.
         try:
             return args.func(args)
-        except CollectiveError as e:
+        except _imported((("dist", "CollectiveError"),)) as e:
             report_error(str(e))
             return EXIT_FAILED
-        except user_errors() as e:
+        except _imported(USER_ERRORS) as e:
             _exiting_with_user_error()
             # Every rank meets a config error alike, and usually a data error (in its own words: its
             # shards): rank 0 says it. A data error of one rank alone is still said where the launcher
             # shows every rank's error file (torchrun, dtrain launch), and under srun by the rank itself.
-            seen = isinstance(e, ConfigError) or (isinstance(e, DataError) and "TORCHELASTIC_ERROR_FILE" in os.environ)
+            config_error, data_error = _imported((("config", "ConfigError"),)), _imported((("data.errors", "DataError"),))
+            seen = isinstance(e, config_error) or (isinstance(e, data_error) and "TORCHELASTIC_ERROR_FILE" in os.environ)
             report_error(str(e), quiet=seen and is_other_rank())
             return EXIT_USER_ERROR
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -31,6 +33,12 @@ FORWARDED = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 RDZV_TIMEOUT_S = 300
 WAIT_SAID_AFTER_S, WAIT_SAID_EVERY_S = 3.0, 30.0  # "waiting for ..." lines while the nodes meet
 STOP_TIMEOUT_S = 120
+# The torch releases `dtrain launch` is tested on (CI: 2.13.0), as pip spells them: its agent overrides
+# private methods of torch's LocalElasticAgent and reads private attributes, which another release may lack
+TORCH_TESTED = ">=2.13,<2.14"
+AGENT_METHODS = ("_monitor_workers", "_restart_workers", "_rendezvous", "_shutdown", "_stop_workers",
+                 "_initialize_workers")
+AGENT_ATTRIBUTES = ("_pcontext", "_remaining_restarts", "_shutdown_timeout")  # set in the agent's __init__
 
 
 def add_parser(sub) -> None:
@@ -68,6 +76,8 @@ def run(args) -> int:
     if not args.target:
         raise ConfigError("launch: give a dtrain command or a script, e.g. `dtrain launch --nproc-per-node 2 "
                           "train --config configs/digits.yaml`")
+    # first, before torch is imported (the GPU count, the agent): a bad config is its line in well under 2 s
+    entry, run_dir, note = _resolve(args.target, args.parser)  # dtrain's parser (cli.parse_args)
     nproc = args.nproc_per_node if args.nproc_per_node is not None else (_visible_gpus() or 1)
     if nproc < 1 or args.max_restarts < 0 or args.rdzv_timeout <= 0:
         raise ConfigError("launch: --nproc-per-node must be >= 1, --max-restarts >= 0 and --rdzv-timeout > 0")
@@ -75,7 +85,6 @@ def run(args) -> int:
     if max_nodes > 1 and not args.rdzv_endpoint:
         raise ConfigError(f"launch: --nnodes {args.nnodes} needs --rdzv-endpoint HOST:PORT (the same on every node)")
     rdzv_configs = _rdzv_configs(args.rdzv_conf, args.rdzv_timeout)
-    entry, run_dir, note = _resolve(args.target, args.parser)  # dtrain's parser (cli.parse_args)
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     say(f"launch: {nproc} worker(s) per node, nodes={args.nnodes}, max_restarts={args.max_restarts}: "
@@ -141,7 +150,6 @@ def _resolve(target: list[str], parser: argparse.ArgumentParser) -> tuple[list[s
     any worker starts); a script's `key=value` arguments are read the same way, but what the script sets
     itself (dtrain.main(config=...)) is not seen here. A script's arguments that do not load as a config
     (a mistake its workers will name, or arguments of its own) may still name the run: its run.* keys."""
-    from .build import run_dir_of
     from .config import ConfigError, load_config
 
     first = target[0]
@@ -152,15 +160,16 @@ def _resolve(target: list[str], parser: argparse.ArgumentParser) -> tuple[list[s
         # eval, predict and export read a checkpoint: their overrides name no run of theirs (the default run
         # name's runs/digits/logs got their logs, and an unrelated run called digits would have too)
         if hasattr(parsed, "overrides") and hasattr(parsed, "config") and not hasattr(parsed, "checkpoint"):
-            return entry, run_dir_of(load_config(parsed.config, parsed.overrides).run), ""
+            return entry, _run_dir(load_config(parsed.config, parsed.overrides).run), ""
         return entry, Path("runs") / "launch", " (this command has no run directory)"
     if not first.endswith(".py") or not Path(first).is_file():
         raise ConfigError(f"launch: {first!r} is neither a dtrain command ({', '.join(sorted(set(commands) - {'launch'}))}) "
                           "nor a Python script that exists")
     config = [target[i + 1] for i, a in enumerate(target[1:-1], 1) if a == "--config"]
     overrides = [a for a in target[1:] if "=" in a and not a.startswith("-")]
+    _check_script_keys(target[1:], overrides, parser)
     try:
-        return [first, *target[1:]], run_dir_of(load_config(config, overrides).run), \
+        return [first, *target[1:]], _run_dir(load_config(config, overrides).run), \
             " (run directory from the script's key=value arguments)"
     except ConfigError:  # the script's own arguments, or a mistake in dtrain's that its workers will name
         named = _run_named(config, [a for a in overrides if a.startswith("run.")])
@@ -170,17 +179,57 @@ def _resolve(target: list[str], parser: argparse.ArgumentParser) -> tuple[list[s
         " (the script's arguments name no run directory dtrain can read)"
 
 
+def _run_dir(run) -> Path:
+    """build.run_dir_of, imported only once the config loaded: build imports torch (1.5 s and more), which a
+    config error's line need not wait for."""
+    from .build import run_dir_of
+    return run_dir_of(run)
+
+
+def _check_script_keys(args: list[str], overrides: list[str], parser: argparse.ArgumentParser) -> None:
+    """A script's `section.key=value` argument whose key dtrain's config lacks (a misspelling: optim.lrr=0.1) is
+    dtrain's one line here, before any worker starts (its workers said it 10 s later, having started, imported
+    torch and run the script), when every argument is one dtrain's command line takes: then dtrain.main reads
+    them as `dtrain train` would, whatever the script sets itself (its config= defaults set values, not keys).
+    Arguments of the script's own, or a key outside dtrain's sections (epochs=3), are left to the script."""
+    from .config import Config, load_config
+
+    with contextlib.redirect_stderr(io.StringIO()):  # argparse's usage lines for arguments of the script's own
+        try:
+            commands = next(a.choices for a in parser._subparsers._group_actions)
+            parser.parse_args(args if args[:1] and args[0] in commands else ["train", *args])
+        except SystemExit:
+            return
+    for override in overrides:
+        key = override.partition("=")[0].strip().split(".")
+        if len(key) > 1 and key[0] in Config.model_fields and not _is_key(Config, key):
+            load_config(None, [override])  # config's own line, naming the closest key
+
+
+def _is_key(section, parts: list[str]) -> bool:
+    """Whether dotted `parts` name a setting of pydantic model `section` (or lie inside a dict-valued one,
+    such as model.kwargs.hidden)."""
+    from pydantic import BaseModel
+
+    field = section.model_fields.get(parts[0])
+    if field is None:
+        return False
+    inner = field.annotation
+    if len(parts) > 1 and isinstance(inner, type) and issubclass(inner, BaseModel):
+        return _is_key(inner, parts[1:])
+    return True
+
+
 def _run_named(config: list[str], run_keys: list[str]) -> Path | None:
     """The run directory a script's --config files or its run.* arguments name, read without the rest of
     its arguments (which did not load); None when they name no run."""
-    from .build import run_dir_of
     from .config import ConfigError, RunConfig, load_config
 
     for files in (config, []):
         with contextlib.suppress(ConfigError):
             run = load_config(files, run_keys).run
             if run.name != RunConfig().name:
-                return run_dir_of(run)
+                return _run_dir(run)
     return None
 
 
@@ -568,15 +617,44 @@ def newest_checkpoint_step(run_dir: Path) -> int | None:
         return None
 
 
+def torch_tested(version: str) -> bool:
+    """Whether torch `version` (2.13.0, 2.13.1+cu128, 2.14.0.dev20270101) is in TORCH_TESTED: by its release's
+    major.minor, as pip's >=,< read it (a 2.14 nightly is 2.14's)."""
+    low, high = (tuple(map(int, bound.lstrip("<>=").split("."))) for bound in TORCH_TESTED.split(","))
+    found = re.match(r"(\d+)\.(\d+)", version)
+    return found is not None and low <= tuple(map(int, found.groups())) < high
+
+
+def _check_agent(agent_or_class, names: tuple[str, ...]) -> None:
+    """The one line for a torch whose agent lacks what dtrain's builds on, instead of an AttributeError inside
+    torch's agent once the workers run."""
+    import torch
+
+    from .dist import LaunchError
+
+    missing = [n for n in names if not hasattr(agent_or_class, n)]
+    if missing:
+        raise LaunchError(f"launch: torch {torch.__version__}'s elastic agent has no {', '.join(missing)}, which "
+                          f"dtrain launch builds on (tested with torch{TORCH_TESTED}): install a tested torch "
+                          f"(pip install 'torch{TORCH_TESTED}'), or start the workers with torchrun")
+
+
 def _agent_class():
+    import torch
     from torch.distributed.elastic.agent.server.api import WorkerState
     from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+
+    if not torch_tested(torch.__version__):
+        say(f"launch: warning: torch {torch.__version__} is not among the releases dtrain launch is tested with "
+            f"(torch{TORCH_TESTED}); if its agent fails, install a tested torch or use torchrun")
+    _check_agent(LocalElasticAgent, AGENT_METHODS)
 
     class Agent(LocalElasticAgent):
         """torch's agent; a user error or an interruption is not retried, and each restart is one line."""
 
         def __init__(self, *a, run_dir: Path, logs: Path, rdzv: Rendezvous, **kw):
             super().__init__(*a, **kw)
+            _check_agent(self, AGENT_ATTRIBUTES)
             self.run_dir, self.logs, self.restarts, self.cause, self.rdzv = run_dir, logs, 0, None, rdzv
             self.stalls: dict[int, tuple[float, str, int | None]] = {}  # rank -> (since, state, step then)
             self.last_stall: str | None = None

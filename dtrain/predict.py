@@ -47,30 +47,8 @@ MANIFEST = "predict.json"
 PART = re.compile(r"part-rank(\d{5})-(\d{6})\.(jsonl|tar)")
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser("predict", help="run a checkpoint's model over shards on N ranks (launch it like train): "
-                                       "each sample once, outputs keyed by sample key, resumable")
-    p.add_argument("--checkpoint", required=True,
-                   help="checkpoints/step-N directory, a run directory (its best), or a file from `dtrain export`")
-    p.add_argument("--data", required=True, metavar="DESCRIPTOR|PATTERN",
-                   help="the shards: a descriptor (.json, as `dtrain index` writes), or a pattern whose counts "
-                        "data.counts holds")
-    p.add_argument("--out", required=True, help="output directory; the same command again resumes into it")
-    p.add_argument("--format", default="jsonl", choices=["jsonl", "tar"],
-                   help="jsonl: a JSON line per sample; tar: webdataset shards of KEY.output.npy (default jsonl)")
-    p.add_argument("--part-size", type=int, default=10000,
-                   help="samples per part file (at the first batch's end at or past it), each written "
-                        "atomically: at most what a SIGKILL loses (default 10000)")
-    p.add_argument("--config", action="append", help="YAML config over the checkpoint's stored one")
-    p.add_argument("--trust-checkpoint-code", action="store_true",
-                   help="run the code the checkpoint's stored config names (import strings) even where your "
-                        "command line, --config and script do not name it; only for files you trust")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                   help="config overrides over the checkpoint's stored config, e.g. data.eval_batch_size=512")
-    p.set_defaults(func=_predict)
-
-
-def _predict(args) -> int:
+def predict_command(args) -> int:
+    """`dtrain predict` (its command line: dtrain.cli)."""
     if args.part_size < 1:
         raise ConfigError("predict: --part-size must be >= 1")
     loaded = rebuild(args.checkpoint, args.hooks or Hooks(), args.config, args.overrides, args.defaults,
