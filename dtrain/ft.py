@@ -77,6 +77,7 @@ class StepResult:
     micro_batches: int  # the share cut into at most `micro_batch` samples each, gradients accumulated
     loss: float  # the global batch's mean loss (summed over the quorum with the gradients)
     votes: list[float]  # each of the step's `votes`, summed over the quorum: a decision all groups share
+    terms: list[float] = dataclasses.field(default_factory=list)  # each loss term's global mean (batch_loss)
 
 
 class StepRunner:
@@ -92,9 +93,20 @@ class StepRunner:
     def __init__(self, manager, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  loss_fn: Callable, order: Callable[[int], Sequence], fetch: Callable[[Sequence], tuple],
                  global_batch: int, steps_per_epoch: int, scheduler=None, micro_batch: int | None = None,
-                 say: Callable[[str], None] = log.warning):
+                 say: Callable[[str], None] = log.warning, *, batch_loss: Callable | None = None,
+                 update: Callable[[], Any] | None = None, state=None, seed: int | None = None, terms: int = 1):
+        """Optional, for a trainer of its own (dtrain.ft_train): `batch_loss(batch)` -> the batch's mean loss
+        terms, a 1-D tensor whose first is backpropagated (instead of loss_fn(model(x), y)), `terms` of them;
+        `update()` applies the summed gradients (instead of optimizer.step and scheduler.step); `state`
+        (state_dict and load_state_dict) is what a healing group receives (instead of model, optimizer and
+        schedule); `seed`:
+        torch's RNG is seeded from (seed, step, replica rank) before each try, so dropout draws are a pure
+        function of them, the same after healing, a replay or a resume."""
         self.manager, self.model, self.optimizer, self.scheduler = manager, model, optimizer, scheduler
         self.loss_fn, self.order, self.fetch, self.say = loss_fn, order, fetch, say
+        self.batch_loss = batch_loss or (lambda batch: self.loss_fn(self.model(batch[0]), batch[1]).reshape(1))
+        self.update, self.state, self.seed, self.terms = update, state, seed, terms
+        self._averaged: tuple[Sequence[torch.Tensor], int] = ((), 1)  # the buffers a step averages, over how many
         self.global_batch, self.steps_per_epoch = global_batch, steps_per_epoch
         self.micro_batch = micro_batch or global_batch
         self.healed_at: list[int] = []  # the steps at which this group loaded a peer's state
@@ -104,6 +116,8 @@ class StepRunner:
 
     # what a healing group receives from a live peer (the step is torchft's own state)
     def state_dict(self) -> dict[str, Any]:
+        if self.state is not None:
+            return self.state.state_dict()
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
         if self.scheduler is not None:
             state["scheduler"] = self.scheduler.state_dict()
@@ -114,6 +128,9 @@ class StepRunner:
         self.healed_at.append(self.manager.current_step())
 
     def _load(self, state: dict[str, Any]) -> None:
+        if self.state is not None:
+            self.state.load_state_dict(state)
+            return
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:
@@ -134,13 +151,14 @@ class StepRunner:
             self._epoch_keys = (epoch, self.order(epoch))
         return self._epoch_keys[1][done * self.global_batch:(done + 1) * self.global_batch]
 
-    def step(self, votes: Sequence[float] = ()) -> StepResult:
+    def step(self, votes: Sequence[float] | Callable[[], Sequence[float]] = ()) -> StepResult:
         """One try of the next step: quorum (healing first if this group is behind), this group's share of the
         step's global batch, gradients summed over the quorum, commit. Not committed: the weights and the step
         are unchanged, so the next call trains the same samples again.
 
         `votes` (the same number from every group) travel with the gradients and come back summed over the
-        quorum: 1.0 for "save now" (a signal this group got) makes every group of the committed step save."""
+        quorum: 1.0 for "save now" (a signal this group got) makes every group of the committed step save. A
+        callable is asked after the quorum (and healing): a vote may say that this group healed."""
         m = self.manager
         m.start_quorum()  # synchronous: heals before returning, so the forward pass sees the peer's weights
         step, participants, rank = m.current_step(), m.num_participants(), m.participating_rank()
@@ -149,45 +167,73 @@ class StepRunner:
                 self.say(f"ft: step {step}: quorum {self._participants} -> {participants} replica groups")
             self._participants = participants
         keys = list(deal_step(self.step_keys(step), rank, participants))
+        votes = votes() if callable(votes) else votes
+        if self.seed is not None:
+            torch.manual_seed(_mix(self.seed, step, rank))
+        buffers = [b for b in self.model.buffers() if b.is_floating_point()]
+        before = [b.clone() for b in buffers]  # a try that is not committed leaves them as they were
         self.optimizer.zero_grad(set_to_none=False)
         chunks = [keys[i:i + self.micro_batch] for i in range(0, len(keys), self.micro_batch)]
-        loss = torch.zeros((), dtype=torch.float64)
+        terms = None
         for chunk in chunks:
-            x, y = self.fetch(chunk)[:2]  # (x, y, keys ...): the model's input and its target
             # this chunk's mean x chunk/B: summed over chunks and the quorum, the global batch's mean
-            part = self.loss_fn(self.model(x), y) * (len(chunk) / self.global_batch)
-            part.backward()
-            loss += part.detach()
-        summed = self._sum_gradients(torch.tensor([float(loss), *votes], dtype=torch.float64))
-        loss, votes = float(summed[0]), summed[1:].tolist()
+            part = self.batch_loss(self.fetch(chunk)) * (len(chunk) / self.global_batch)
+            part[0].backward()
+            terms = part.detach().double() if terms is None else terms + part.detach().double()
+        if terms is None:  # no share this step (more groups than samples): nothing of ours in the sum
+            terms = torch.zeros(self.terms, dtype=torch.float64)
+        self._averaged = (buffers, participants)
+        summed = self._sum_gradients(torch.cat([terms, torch.tensor(list(votes), dtype=torch.float64,
+                                                                    device=terms.device)]))
+        terms, votes = summed[:len(terms)].tolist(), summed[len(terms):].tolist()
         committed = m.should_commit()
         if committed:
-            self.optimizer.step()
-            if self.scheduler is not None:
-                self.scheduler.step()
+            if self.update is not None:
+                self.update()
+            else:
+                self.optimizer.step()
+                if self.scheduler is not None:
+                    self.scheduler.step()
         else:
+            with torch.no_grad():
+                for b, old in zip(buffers, before):
+                    b.copy_(old)
             self.say(f"ft: step {step} not committed ({_first_line(m.errored())}); "
                      f"its samples are dealt again over the next quorum")
-        return StepResult(step, committed, participants, rank, keys, len(chunks), loss, votes)
+        return StepResult(step, committed, participants, rank, keys, len(chunks), terms[0], votes, terms)
 
     def _sum_gradients(self, extra: torch.Tensor) -> torch.Tensor:
-        """All-reduce (SUM) every gradient, and `extra` (the loss, the votes), through torchft's managed process
-        group in one flat buffer (one collective a step); -> `extra` summed. An error there is recorded by the
-        manager and fails the commit, not this call."""
+        """All-reduce (SUM) every gradient, the floating-point buffers (batch-norm statistics: averaged over
+        the quorum, so that every group validates and saves the same ones), and `extra` (the loss, the votes),
+        through torchft's managed process group in one flat buffer (one collective a step); -> `extra` summed.
+        An error there is recorded by the manager and fails the commit, not this call."""
         from torch.distributed import ReduceOp
+        buffers, participants = self._averaged
         params = [p for p in self.model.parameters() if p.requires_grad]
         for p in params:
             if p.grad is None:  # a parameter unused by this share still takes part in the sum
                 p.grad = torch.zeros_like(p)
+        dtype = params[0].grad.dtype
         # in the gradients' dtype (no wider: it would double the bytes sent); votes are small whole numbers,
         # exact in any float dtype
-        flat = torch.cat([p.grad.reshape(-1) for p in params] + [extra.to(params[0].grad.dtype)])
+        flat = torch.cat([p.grad.reshape(-1) for p in params] + [b.reshape(-1).to(dtype) for b in buffers]
+                         + [extra.to(params[0].grad.device, dtype)])
         self.manager.allreduce(flat, reduce_op=ReduceOp.SUM).wait()
         offset = 0
         for p in params:
             p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
             offset += p.numel()
+        with torch.no_grad():
+            for b in buffers:
+                b.copy_((flat[offset:offset + b.numel()] / participants).view_as(b))
+                offset += b.numel()
         return flat[offset:]
+
+
+def _mix(seed: int, step: int, rank: int) -> int:
+    """A seed for torch's RNG from (seed, step, replica rank), well spread."""
+    import hashlib
+    return int.from_bytes(hashlib.sha256(f"{seed}/{step}/{rank}".encode()).digest()[:8], "little") % 2**63
 
 
 def _first_line(error) -> str:
@@ -200,9 +246,10 @@ def _first_line(error) -> str:
 
 
 def build_manager(replica_id: str, lighthouse: str, *, timeout_s: float = 10.0, quorum_timeout_s: float = 60.0,
-                  min_replicas: int = 1, store: tuple[str, int] | None = None):
+                  min_replicas: int = 1, store: tuple[str, int] | None = None, host_store: bool = False):
     """A torchft Manager for a replica group of one process: gloo, a synchronous quorum, a TCPStore of its own
-    (`store`, or one started here on a free port). `timeout_s` bounds a collective with a lost peer."""
+    (at `store`, started here if `host_store`; or started here on a free port). `timeout_s` bounds a
+    collective with a lost peer."""
     from torch.distributed import TCPStore
     try:
         from torchft import Manager, ProcessGroupGloo
@@ -210,9 +257,10 @@ def build_manager(replica_id: str, lighthouse: str, *, timeout_s: float = 10.0, 
         raise ConfigError(f"ft: torchft is not installed ({e}); pip install 'dtrain[ft]'") from None
 
     own = None
-    if store is None:
-        own = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-        store = ("127.0.0.1", own.port)
+    if store is None or host_store:
+        addr, port = store or ("127.0.0.1", 0)
+        own = TCPStore(addr, port, is_master=True, wait_for_workers=False)
+        store = (addr, own.port)
     manager = Manager(pg=ProcessGroupGloo(timeout=timedelta(seconds=timeout_s)), load_state_dict=None,
                       state_dict=None, min_replica_size=min_replicas, use_async_quorum=False,
                       timeout=timedelta(seconds=timeout_s), quorum_timeout=timedelta(seconds=quorum_timeout_s),

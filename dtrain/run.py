@@ -36,6 +36,9 @@ def run(cfg: Config, hooks: Optional[Hooks] = None, debug: bool = False, command
     """Train (and test) under `cfg` with the objects `hooks` hands in. -> the run's FitResult, on every rank.
     `command` goes on with this run and `program` runs its other commands (the summary says both);
     `print_outcome`: rank 0 prints the trainer's outcome as JSON on stdout (`dtrain train`'s last line)."""
+    from . import ft_train
+    if ft_train.enabled():  # one replica group of `dtrain launch --ft` (torchft): its own lifecycle
+        return ft_train.run(cfg, hooks, debug, command, program, print_outcome)
     import torch
 
     from .build import run_dir_of
