@@ -31,6 +31,7 @@ from .launcher import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USER_ERROR, FORWARDED
                        _resolve, _visible_gpus, error_line, last_logged_step, say, traceback_of)
 from .launcher import add_parser as add_launch_parser
 from .launcher import run as launch
+from .worker import LOG_FILE_ENV
 
 FT_TIMEOUT_S, FT_MIN_REPLICAS = 10.0, 1
 # How soon the Lighthouse drops a group that stopped heartbeating: the survivors' stall after a group dies (a
@@ -41,7 +42,7 @@ POLL_S = 0.1
 # parent's TORCHFT_MANAGER_PORT would give every group the same port
 INHERITED = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
              "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT", "TORCH_NCCL_ASYNC_ERROR_HANDLING",
-             "TORCHFT_MANAGER_PORT", "DTRAIN_LAUNCH_LOGS"}
+             "TORCHFT_MANAGER_PORT", "DTRAIN_LAUNCH_LOGS", "DTRAIN_LAUNCH_LOG"}
 OPTIONS = {"ft_lighthouse": "--ft-lighthouse", "ft_host_lighthouse": "--ft-host-lighthouse",
            "ft_timeout": "--ft-timeout", "ft_min_replicas": "--ft-min-replicas"}
 
@@ -340,7 +341,10 @@ class Groups:
         g.error_file = self.errors / f"group-{g.index}-{g.attempt}.json"
         env = dict(self.env, REPLICA_GROUP_ID=g.replica_id, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
                    LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-                   TORCHELASTIC_ERROR_FILE=str(g.error_file))  # where dtrain's one-line error goes
+                   TORCHELASTIC_ERROR_FILE=str(g.error_file),  # where dtrain's one-line error goes
+                   # the worker's own notes (its error line, its launch line) to its log only: the launcher
+                   # speaks for the job on the terminal, as for the normal launcher's ranks
+                   **{LOG_FILE_ENV: str(self.log(g).resolve())})
         with open(self.log(g), "a") as f:  # appended across restarts and runs: where each attempt begins
             f.write(f"---- dtrain launch --ft: {time.strftime('%Y-%m-%d %H:%M:%S')}, group {g.index} "
                     f"(REPLICA_GROUP_ID={g.replica_id}), attempt {g.attempt} ----\n")

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 LOG_DIR_ENV = "DTRAIN_LAUNCH_LOGS"  # set in `dtrain launch`'s workers: where rank-N.log goes
+LOG_FILE_ENV = "DTRAIN_LAUNCH_LOG"  # set in `dtrain launch --ft`'s replica groups: their group-N.log
 
 
 def worker_main(argv: list[str]) -> None:
@@ -54,7 +55,9 @@ def die_with_launcher(launcher: int) -> None:
 
 
 def rank_log() -> Path | None:
-    """This worker's log under `dtrain launch`, else None."""
+    """This worker's log under `dtrain launch` (`--ft`: its replica group's), else None."""
+    if os.environ.get(LOG_FILE_ENV):
+        return Path(os.environ[LOG_FILE_ENV])
     logs = os.environ.get(LOG_DIR_ENV)
     return Path(logs) / f"rank-{os.environ.get('RANK', '0')}.log" if logs else None
 

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -171,16 +175,18 @@ def test_a_lost_group_is_restarted_alone_within_max_restarts(tmp_path):
 @needs_torchft
 def test_a_user_error_stops_every_group_and_is_one_line(tmp_path):
     """A group's exit 2 is never retried: the others get SIGTERM (they save), and the launch ends with that
-    group's one line, exit 2, as the normal launcher's."""
+    group's one line, exit 2, as the normal launcher's. Group 0's own line goes to its log only, though its
+    output is on the terminal (it was there twice)."""
     proc = launch(tmp_path, 3, "--max-restarts", "3")
     wait_for(lambda: all(started(tmp_path, g) for g in range(3)), 60, what="3 groups")
-    order(tmp_path, "usererror", 2)
+    order(tmp_path, "usererror", 0)
     out, err = finish(proc)
     assert proc.returncode == 2, err
-    assert err.strip().splitlines()[1:] == [f"dtrain: error: config: fake mistake in group 2 (group 2 on "
-                                            f"{os.uname().nodename}, log runs/fake/logs/group-2.log)"]
-    assert len(started(tmp_path, 2)) == 1  # not restarted
-    for g in (0, 1):
+    assert err.strip().splitlines()[1:] == [f"dtrain: error: config: fake mistake in group 0 (group 0 on "
+                                            f"{os.uname().nodename}, log runs/fake/logs/group-0.log)"]
+    assert "dtrain: error: config: fake mistake" in (tmp_path / "runs" / "fake" / "logs" / "group-0.log").read_text()
+    assert len(started(tmp_path, 0)) == 1  # not restarted
+    for g in (1, 2):
         assert (tmp_path / "o" / f"saved-{g}-{started(tmp_path, g)[0]['pid']}").read_text() == "SIGTERM"
 
 
@@ -242,3 +248,121 @@ def test_a_given_lighthouse_that_never_answers_is_one_line(tmp_path):
         f"dtrain: error: launch: no Lighthouse answered at {address} within 1 s (--rdzv-timeout): start the node "
         f"given --ft-host-lighthouse, or `torchft_lighthouse --min_replicas 1 --quorum_tick_ms 50 --join_timeout_ms "
         f"10000 --heartbeat_timeout_ms 1000 --bind 0.0.0.0:{address.rsplit(':', 1)[1]}`"]
+
+
+# ---- end to end: dtrain train as replica groups (dtrain/ft_train.py) -------------------------------------------
+class Said:
+    """The launcher's stderr lines as they come, each with the time it came (a thread reads the pipe)."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.lines: list[tuple[float, str]] = []
+        self.thread = threading.Thread(target=self._read, args=(proc.stderr,), daemon=True)
+        self.thread.start()
+
+    def _read(self, pipe) -> None:
+        for line in pipe:
+            self.lines.append((time.monotonic(), line.rstrip("\n")))
+
+    def when(self, text: str) -> float | None:
+        return next((t for t, line in self.lines if text in line), None)
+
+    def text(self) -> str:
+        return "\n".join(line for _, line in self.lines)
+
+
+def group_pids(tag: str) -> dict[str, int]:
+    """{REPLICA_GROUP_ID: pid} of the groups (`python -m dtrain train ...`) started with DTRAIN_TEST_TAG=tag."""
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            env = dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_bytes().decode(
+                errors="replace").split("\0") if "=" in kv)
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if env.get("DTRAIN_TEST_TAG") == tag and "REPLICA_GROUP_ID" in env and b"train" in cmdline:
+            found[env["REPLICA_GROUP_ID"]] = int(pid)
+    return found
+
+
+def keys_logged(run_dir: Path, group: int) -> list[int]:
+    """The steps group `group` took part in (its sample-key log, log.sample_keys)."""
+    path = run_dir / "sample_keys" / f"group-{group}.txt"
+    return [int(line.split()[0]) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def attempt(log: Path, n: int) -> str:
+    """The n-th attempt's part of a group's log (1 = the first)."""
+    parts = log.read_text().split("---- dtrain launch --ft:") if log.exists() else []
+    return parts[n] if len(parts) > n else ""
+
+
+FT_ARGS = ["train", "run.name=e", "data.in_memory=true", "train.epochs=100", "log.progress=false",
+           "train.log_every=1", "checkpoint.every=10", "log.sample_keys=true"]
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+@needs_torchft
+def test_dtrain_train_as_replica_groups_heals_a_killed_group_and_resumes_after_sigterm(tmp_path, data_root):
+    """`dtrain launch --ft --nproc-per-node 3 --max-restarts 1 train ...`: group 2 SIGKILLed mid-run is restarted
+    alone and heals from a live peer while groups 0 and 1 train on (their processes untouched); a SIGTERM of
+    the launcher saves (exit 75) and the same command resumes from that step."""
+    tag, run_dir, logs = uuid.uuid4().hex, tmp_path / "runs" / "e", tmp_path / "runs" / "e" / "logs"
+    cmd = [sys.executable, "-m", "dtrain", "launch", "--ft", "--nproc-per-node", "3", "--max-restarts", "1",
+           *FT_ARGS, f"data.root={data_root}"]
+
+    def start() -> tuple[subprocess.Popen, Said]:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env({"DTRAIN_TEST_TAG": tag}), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+        return proc, Said(proc)
+
+    proc, said = start()
+    try:
+        # every group has trained a step (a late one heals first), and a few more steps went by
+        wait_for(lambda: all(keys_logged(run_dir, g) for g in range(3)), 120, 0.2, "all 3 groups in a step")
+        joined = max(keys_logged(run_dir, g)[0] for g in range(3))
+        wait_for(lambda: min(keys_logged(run_dir, g)[-1] for g in range(3)) >= joined + 3, 60, 0.1, "3 more steps")
+        pids = group_pids(tag)
+        assert sorted(pids) == ["0", "1", "2"], pids
+        killed_at, t_kill = keys_logged(run_dir, 2)[-1], time.monotonic()
+        os.kill(pids["2"], signal.SIGKILL)
+        wait_for(lambda: "healed from a live peer" in attempt(logs / "group-2.log", 2), 120, 0.1, "group 2's heal")
+        t_rejoin = time.monotonic()
+        t_restart = said.when("ft: group 2 died (SIGKILL)")
+        assert re.search(r"^ft: group 2 died \(SIGKILL\) at step ~\d+; restarting it \(1 of 1 restarts\); the others "
+                         r"train on$", said.text(), re.M), said.text()
+        for g in ("0", "1"):  # untouched, and trained on meanwhile
+            assert group_pids(tag)[g] == pids[g]
+        during = [s for s in keys_logged(run_dir, 0) if s > killed_at and s not in keys_logged(run_dir, 2)]
+        assert during, "the survivors took no step while group 2 was away"
+        print(f"\nSIGKILL -> restart line {t_restart - t_kill:.2f} s, -> healed {t_rejoin - t_kill:.2f} s; "
+              f"steps the survivors took without group 2: {len(during)}")
+        healed_at = keys_logged(run_dir, 2)[-1]
+        wait_for(lambda: keys_logged(run_dir, 2)[-1] >= healed_at + 2, 60, 0.1, "group 2 training again")
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+        said.thread.join(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 75, said.text()
+    assert ("launch: SIGTERM received: the replica groups saved and stopped; run the same command again to "
+            "resume") in said.text().splitlines(), said.text()
+    assert said.text().count("restarting it") == 1  # the SIGTERM restarted none
+    saved = json.loads(out.strip().splitlines()[-1])
+    assert saved["stop_reason"] == "signal:SIGTERM", out[-2000:]
+
+    proc, said = start()  # the same command resumes
+    try:
+        wait_for(lambda: all(any(s > saved["step"] for s in keys_logged(run_dir, g)) for g in range(3)), 120, 0.2,
+                 "every group training after the saved step")
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 75, said.text()
+    for g in range(3):  # each group's second launch began from the saved step
+        last = (logs / f"group-{g}.log").read_text().split("---- dtrain launch --ft:")[-1]
+        assert f"checkpoints/step-{saved['step']:08d} at step {saved['step']}" in last, last
