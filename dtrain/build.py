@@ -36,7 +36,6 @@ from .metrics import build_metrics
 from .models import build_model, find_module, has_convolutions
 from .models.transfer import Freezer, load_pretrained, lr_scales
 from .optim import build_optimizer, build_scheduler
-from .resume import set_schedule_length
 from .signals import StopControl, StopReason
 from .steplog import SkippedUpdates, StepLog
 from .summary import Stopwatch
@@ -252,7 +251,7 @@ class Components:
     """A training run: the core, and what training adds to it."""
     run_dir: Path
     core: Core
-    checkpointer: Checkpointer
+    make_checkpointer: Callable[..., Checkpointer]  # make_checkpointer(parts=the run's stateful parts)
     stop: StopControl
     log: Any
     step_log: StepLog
@@ -282,25 +281,19 @@ def build_components(cfg: Config, info: dist.DistInfo, hooks: Optional[Hooks] = 
     save_group, stop_group = dist.new_cpu_group(cfg.dist.timeout_s), dist.new_cpu_group(cfg.dist.timeout_s)
     stop = StopControl(stop_group, stuck_after_s=cfg.dist.timeout_s, stop_at_step=cfg.run.stop_at_step)
     ck = cfg.checkpoint
-    checkpointer = Checkpointer(run_dir / "checkpoints", ck.keep_last, info, cfg.hash(), keep_best=ck.keep_best,
-                                async_save=ck.async_save, group=save_group, every=ck.every, save_best=ck.save_best,
-                                enabled=not debug, callbacks=callbacks)
-    checkpointer.halted = lambda: stop.reason == StopReason.NONFINITE
-    checkpointer.clock = clock.part
+    # the trainer adds the run's stateful parts, which include itself: make_checkpointer(parts)
+    make_checkpointer = functools.partial(
+        Checkpointer, run_dir / "checkpoints", ck.keep_last, info, cfg.hash(), keep_best=ck.keep_best,
+        async_save=ck.async_save, group=save_group, every=ck.every, save_best=ck.save_best, enabled=not debug,
+        callbacks=callbacks, halted=lambda: stop.reason == StopReason.NONFINITE, clock=clock.part)
     skipped = SkippedUpdates(cfg.train.nonfinite, device, stop, log.warning, lambda: data.feed.step)
     # show_tokens: the meter's records have tokens_per_s only where it counts tokens (core.tokens)
     step_log = StepLog(log, meter, core.evaluator.loss.names, cfg.train.log_every, True,
                        lambda: engine.lr, skipped, device)
-
-    def follow(feed) -> None:  # an elastic resume re-chose the batch layout and kept the checkpoint's epoch length
-        engine.set_grad_accum(feed.grad_accum)
-        set_schedule_length(engine.optimizer, engine.scheduler, feed.total_steps)
-        meter.samples_per_step, log.total_steps = feed.samples_per_step, feed.total_steps
-    data.feed.relaid.append(follow)
     key_log = SampleKeyLog(run_dir, info.global_rank) if cfg.log.sample_keys else None
     # Each rank its own dropout/augmentation stream; resumed exactly from the checkpoint.
     seed_all(cfg.run.seed * 1000 + info.global_rank)
-    return Components(run_dir, core, checkpointer, stop, log, step_log, skipped, meter, clock, key_log)
+    return Components(run_dir, core, make_checkpointer, stop, log, step_log, skipped, meter, clock, key_log)
 
 
 def seed_all(seed: int) -> None:

@@ -1,70 +1,32 @@
-"""Atomic, verified checkpoints.
+"""When a run saves, and how: atomic, verified, on every rank at once, optionally in the background.
 
-  checkpoints/step-00000120/state.pt       rank 0: the state of each stateful part of the run (state.py)
-  checkpoints/step-00000120/rank-00000.pt  every rank: its RNG states
-  checkpoints/step-00000120/deepspeed/     train.engine=deepspeed: every rank's ZeRO shards (DeepSpeed's files)
-  checkpoints/step-00000120/fsdp/          train.engine=fsdp: every rank's DCP shards of model and optimizer
-  checkpoints/step-00000120/manifest.json  written last: sha256 + size of every file, step, world size,
-                                           config hash, versions. No manifest = not a checkpoint.
-  checkpoints/latest, checkpoints/best     relative symlinks to complete checkpoints
-
-A save writes into `.tmp-step-N`, fsyncs every file, writes the manifest, renames the directory into
-place and only then moves the pointers, so a kill at any moment leaves the previous checkpoint
-loadable. Loading verifies the manifest and falls back to the newest complete checkpoint, saying so.
-Everything is read with torch.load(weights_only=True): a checkpoint can never execute code. The config it
-stores names code (import strings), which a command rebuilding the run uses only as dtrain.trust allows.
+A save has every rank write its files into the step's temporary directory (checkpoint_files.py: the layout, the
+manifest, publishing, verification), each phase ending with all ranks agreeing it succeeded, so a failure on
+one rank publishes nothing anywhere and the previous checkpoint stays loadable. Loading verifies the manifest
+and falls back to the newest complete checkpoint, saying so. Everything is read with
+torch.load(weights_only=True): a checkpoint can never execute code. The config it stores names code (import
+strings), which a command rebuilding the run uses only as dtrain.trust allows.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import logging
-import os
 import shutil
 import threading
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Optional
 
 import torch
 
 from . import dist
-from .version import __version__
+from .checkpoint_files import (MANIFEST, CheckpointDir, CheckpointError, _fsync_dir, _fsync_file, _sha256,  # noqa: F401
+                               pointed, refusal, safe_load, step_of, verify, written_by)
 
-MANIFEST = "manifest.json"
-log = logging.getLogger("dtrain.checkpoint")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint can't be written or loaded; the message names the file and the reason."""
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _step_of(path: Path) -> int:
-    return int(path.name.removeprefix("step-"))
-
+if TYPE_CHECKING:  # annotations only (state.py imports this module)
+    from .callbacks import Callbacks
+    from .state import Parts
 
 class Snapshot:
     """Copies a state's tensors into CPU buffers, so training can change the originals while the copy is
@@ -84,7 +46,7 @@ class Snapshot:
             torch.cuda.synchronize()
         return copy
 
-    def _copy(self, obj, path: tuple, copied: dict, kept: dict):
+    def _copy(self, obj: Any, path: tuple, copied: dict, kept: dict) -> Any:
         if isinstance(obj, torch.Tensor):
             src = obj.detach()
             same = (src.device, src.data_ptr(), src.shape, src.stride(), src.dtype)
@@ -104,18 +66,28 @@ class Snapshot:
 
 
 class Checkpointer:
-    """When to save (every N steps) and how (atomic, verified, pruned to the last k and the best m)."""
+    """When to save (every N steps, the best, the last) and how (atomic, verified, pruned to the last k and
+    the best m), and the newest complete checkpoint put back.
 
-    def __init__(self, root: str | Path, keep_last: int, dist_info, config_hash: str, keep_best: int = 1,
-                 async_save: bool = False, group=None, every: int = 0, save_best: bool = True, enabled: bool = True,
-                 callbacks=None):
-        self.root = Path(root)
-        self.keep_last, self.keep_best, self.every, self.save_best = keep_last, keep_best, every, save_best
+    Its collaborators come with it: `parts`, the run's stateful parts (state.Parts) it saves and restores, its
+    own best steps with them; `halted()`, True once training stopped on a bad step, after which nothing is
+    saved; `clock(part)`, the context where the time saving takes is counted (summary.Stopwatch.part);
+    `callbacks`, told on every rank once a checkpoint is published (in the save thread under async_save):
+    on_checkpoint(path, step, best), the user's and W&B's artifacts (callbacks.Reporter)."""
+
+    def __init__(self, root: str | Path, keep_last: int, dist_info: dist.DistInfo, config_hash: str, keep_best: int = 1,
+                 async_save: bool = False, group: Optional[torch.distributed.ProcessGroup] = None, every: int = 0,
+                 save_best: bool = True, enabled: bool = True, callbacks: Optional[Callbacks] = None,
+                 parts: Optional[Parts] = None, halted: Callable[[], bool] = lambda: False,
+                 clock: Callable[[str], ContextManager] = lambda part: contextlib.nullcontext()) -> None:
+        self.files = CheckpointDir(root, keep_last)
+        self.root = self.files.root
+        self.keep_best, self.every, self.save_best = keep_best, every, save_best
         self.enabled = enabled  # False (train --debug): nothing is ever written
         self.saved_step = -1  # the step of the newest checkpoint written or resumed from
-        self.parts = None  # the run's stateful parts (state.Parts), registered by the trainer
-        self.halted = lambda: False  # True once training stopped on a bad step: nothing after it is saved
-        self.clock = contextlib.nullcontext  # clock("checkpoint"): where the time saving takes is counted
+        if parts is not None:  # its own state goes with the parts (a caller may have listed it already)
+            parts = type(parts)({**parts.shared, "checkpointer": self}, parts.own)
+        self.parts, self.halted, self.clock, self.callbacks = parts, halted, clock, callbacks
         self.best_steps: list[int] = []  # newest last; the keep_best newest are the best m
         self.info = dist_info
         self.config_hash = config_hash
@@ -125,9 +97,6 @@ class Checkpointer:
         self._error: BaseException | None = None
         self.protect: set[str] = set()  # step directories kept regardless of age (the best m)
         self._snapshot = Snapshot()
-        # every rank, once every rank knows the checkpoint is published (in the save thread under async_save):
-        # callbacks.on_checkpoint(path, step, best), the user's and W&B's artifacts (callbacks.Reporter)
-        self.callbacks = callbacks
 
     # ---- when: the loop tells the checkpointer where it is; the checkpointer decides and saves ----------
     def should_save(self, step: int) -> bool:
@@ -157,6 +126,7 @@ class Checkpointer:
         """Collective. Save every registered part at `step`, if a save may happen now."""
         if not self.may_save(step):
             return
+        assert self.parts is not None, "a Checkpointer made without parts saves only what save() is handed"
         with dist.guard("checkpoint save"), self.clock("checkpoint"):
             state, own = self.parts.state()
             self.save(step, state, own, best=best, write_files=self.parts.files)
@@ -171,8 +141,9 @@ class Checkpointer:
         if found is None:
             return None
         path, state, own = found
+        assert self.parts is not None, "a Checkpointer made without parts restores nothing"
         self.parts.load(path, state, own)
-        self.saved_step = _step_of(path)
+        self.saved_step = step_of(path)
         return path
 
     def state_dict(self) -> dict:
@@ -209,9 +180,9 @@ class Checkpointer:
                                                                                None, files),
                                         name=f"dtrain-checkpoint-{step}", daemon=True)  # joined by wait()
         self._thread.start()
-        return self.root / f"step-{step:08d}"
+        return self.files.final(step)
 
-    def _save_in_background(self, *args) -> None:
+    def _save_in_background(self, *args: Any) -> None:
         try:
             self._save(*args)
         except BaseException as e:  # re-raised in the training thread by wait()
@@ -234,8 +205,8 @@ class Checkpointer:
         being written into the prepared temporary directory and `files` is their future.
         Each phase ends with all ranks agreeing it succeeded everywhere, so a failure on one rank
         (disk full, read-only dir) raises on all of them and publishes nothing."""
-        final = self.root / f"step-{step:08d}"
-        tmp = self._prepare(step) if files is None else self._tmp(step)
+        final = self.files.final(step)
+        tmp = self._prepare(step) if files is None else self.files.tmp(step)
 
         def write():
             if write_files is not None:
@@ -255,28 +226,21 @@ class Checkpointer:
                 torch.save(state, tmp / "state.pt")
                 _fsync_file(tmp / "state.pt")
 
+        def publish():
+            self.files.publish(tmp, step, best, self.info.world_size, self.config_hash, self.protect)
+
         self._all_ok(write, tmp)
-        self._all_ok((lambda: self._publish(tmp, final, step, best)) if self.info.is_global_zero else None, tmp)
+        self._all_ok(publish if self.info.is_global_zero else None, tmp)
         if self.callbacks is not None:  # an error of theirs is the user's (from the save thread: raised by wait())
             self.callbacks.emit("on_checkpoint", final.absolute(), step, best)
         return final
 
-    def _tmp(self, step: int) -> Path:
-        return self.root / f".tmp-step-{step:08d}"
-
     def _prepare(self, step: int) -> Path:
-        """Collective: rank 0 makes an empty temporary directory for the step (leftovers of a killed save
-        removed); every rank returns once it exists."""
-        tmp = self._tmp(step)
+        """Collective: rank 0 makes an empty temporary directory for the step; every rank returns once it exists."""
+        self._all_ok((lambda: self.files.make_tmp(step)) if self.info.is_global_zero else None, self.files.tmp(step))
+        return self.files.tmp(step)
 
-        def prepare():
-            self.root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-        self._all_ok(prepare if self.info.is_global_zero else None, tmp)
-        return tmp
-
-    def _all_ok(self, action: Optional[Callable[[], None]], tmp: Path) -> None:
+    def _all_ok(self, action: Optional[Callable[[], object]], tmp: Path) -> None:
         error = None
         if action is not None:
             try:
@@ -294,52 +258,13 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint: cannot write {tmp.parent} ({error or 'failed on another rank'}); "
                                   "previous checkpoints are intact")
 
-    def _publish(self, tmp: Path, final: Path, step: int, best: bool) -> None:
-        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
-        manifest = {"step": step, "world_size": self.info.world_size, "config_hash": self.config_hash,
-                    "torch": torch.__version__, "dtrain": __version__,
-                    "files": {n: {"sha256": _sha256(tmp / n), "bytes": (tmp / n).stat().st_size} for n in files}}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        _fsync_file(tmp / MANIFEST)
-        _fsync_dir(tmp)
-        if final.exists():  # the same step saved twice (e.g. best, then final): replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(self.root)
-        self._point("latest", final)
-        if best:
-            self._point("best", final)
-        self._prune()
-        size = sum(f["bytes"] for f in manifest["files"].values())
-        log.debug(f"checkpoint: {final.name} published ({len(files)} files, {size / 2**20:.1f} MiB"
-                  f"{', best' if best else ''})")
-
-    def _point(self, name: str, target: Path) -> None:
-        link, tmp = self.root / name, self.root / f".{name}.tmp"
-        tmp.unlink(missing_ok=True)
-        os.symlink(target.name, tmp)
-        os.replace(tmp, link)  # atomic: readers see the old target or the new one
-        _fsync_dir(self.root)
-
-    def _prune(self) -> None:
-        steps = sorted(self.root.glob("step-*"), key=_step_of)
-        keep = set(steps[-self.keep_last:]) | {self.root / name for name in self.protect}
-        for name in ("latest", "best"):
-            if (self.root / name).is_symlink():
-                keep.add(self.root / os.readlink(self.root / name))
-        for path in steps:
-            if path not in keep:
-                shutil.rmtree(path, ignore_errors=True)
-
     # ---- loading ------------------------------------------------------------------------------
     def pointer(self, name: str) -> Optional[Path]:
-        return pointed(self.root, name)
+        return self.files.pointer(name)
 
     def candidates(self) -> list[Path]:
         """Newest first: the `latest` target, then every other step directory by step."""
-        steps = sorted(self.root.glob("step-*"), key=_step_of, reverse=True) if self.root.is_dir() else []
-        latest = self.pointer("latest")
-        return ([latest] if latest in steps else []) + [p for p in steps if p != latest]
+        return self.files.candidates()
 
     def load_latest(self, log: Callable[[str], None]) -> Optional[tuple[Path, dict, Optional[dict]]]:
         """(path, state, this rank's rank_state) of the newest checkpoint that verifies and loads, or
@@ -375,7 +300,8 @@ class Checkpointer:
         return safe_load(path / "state.pt"), safe_load(path / own) if own in manifest["files"] else None
 
 
-def _start(write_files: Callable[..., Optional[Future]], tmp: Path, group) -> Future:
+def _start(write_files: Callable[..., Optional[Future]], tmp: Path,
+           group: Optional[torch.distributed.ProcessGroup]) -> Future:
     """An engine's writer started in the training thread -> the future of its files: the writer's own
     (DCP's thread, which runs collectives on `group`), or one already done (a synchronous writer) or
     failed. A failure is reported by the save thread, which agrees on it with the other ranks once they
@@ -389,61 +315,3 @@ def _start(write_files: Callable[..., Optional[Future]], tmp: Path, group) -> Fu
         started = Future()
         started.set_result(None)
     return started
-
-
-def pointed(root: Path, name: str) -> Optional[Path]:
-    """The step directory that the pointer root/`name` (best, latest) names; None where there is no pointer.
-    A pointer names one of its own run's step directories: one that leads anywhere else (another run's
-    checkpoint, `..`, an absolute path, a step directory that is itself a link out) is refused in one line,
-    so no run reads or reports another's checkpoint as its own."""
-    link = Path(root) / name
-    if not link.is_symlink():
-        return None
-    target = link.resolve()
-    if target.parent != Path(root).resolve() or not target.name.startswith("step-"):
-        raise CheckpointError(f"checkpoint: {link} points outside its run's checkpoints ({os.readlink(link)}); "
-                              "remove it, or give the checkpoint you mean by its own path")
-    return Path(root) / target.name
-
-
-def written_by(path: Path) -> int:
-    """The number of ranks that wrote a (verified) checkpoint."""
-    return json.loads((Path(path) / MANIFEST).read_text())["world_size"]
-
-
-def verify(path: Path) -> dict:
-    """The manifest of a complete, untampered checkpoint directory; CheckpointError otherwise."""
-    mpath = Path(path) / MANIFEST
-    if not mpath.is_file():
-        raise CheckpointError(f"checkpoint: {path} is incomplete (no {MANIFEST})")
-    try:
-        manifest = json.loads(mpath.read_text())
-        files = manifest["files"]
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"checkpoint: {mpath} is unreadable ({e})") from None
-    for name, want in files.items():
-        f = Path(path) / name
-        if not f.is_file():
-            raise CheckpointError(f"checkpoint: {f} is missing")
-        if f.stat().st_size != want["bytes"]:
-            raise CheckpointError(f"checkpoint: {f} is truncated ({f.stat().st_size} of {want['bytes']} bytes)")
-        if _sha256(f) != want["sha256"]:
-            raise CheckpointError(f"checkpoint: {f} does not match its checksum (corrupt or modified)")
-    return manifest
-
-
-def safe_load(path: Path) -> dict:
-    """torch.load(weights_only=True): tensors and plain containers only; never unpickles code."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise refusal(path, e) from None
-
-
-def refusal(path, e: Exception) -> CheckpointError:
-    """The one-line error for a file that torch's weights-only unpickler refused."""
-    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-    reason = next((l for l in lines if "Unsupported" in l or "unpickler error" in l.lower()), None)
-    reason = (reason or (lines[0] if lines else type(e).__name__)).split(" was not an allowed global")[0]
-    return CheckpointError(f"checkpoint: refusing to load {path}: not a plain tensor file ({reason[:200]}); "
-                           "dtrain never unpickles code")

@@ -21,7 +21,7 @@ from . import dist
 from .build import Hooks, build_components, seed_all
 from .callbacks import Callbacks, Reporter, RunStart, build_callbacks
 from .config import Config
-from .resume import ConfigState, already_tested
+from .resume import ConfigState, already_tested, set_schedule_length
 from .signals import StopReason
 from .state import RNG, Parts
 
@@ -36,18 +36,19 @@ class Trainer:
         data, self.engine, self.evaluator, self.freezer = c.core.data, c.core.engine, c.core.evaluator, c.core.freezer
         self.facts, self.feed, self.val_data, self.test_data = data.facts, data.feed, data.val, data.test
         self.forward, self.loss = self.evaluator.forward, self.evaluator.loss
-        self.run_dir, self.checkpointer, self.stop, self.log = c.run_dir, c.checkpointer, c.stop, c.log
+        self.run_dir, self.stop, self.log = c.run_dir, c.stop, c.log
         self.step_log, self.skipped, self.meter, self.clock = c.step_log, c.skipped, c.meter, c.clock
         self.key_log = c.key_log
         self.step = 0
         self.diverged: Optional[str] = None  # why, when check_weights stopped the run
         # what a checkpoint holds, restored in this order: the config is compared first, before anything loads
-        self.checkpointer.parts = Parts(
+        # (the checkpointer adds its own state)
+        self.checkpointer = c.make_checkpointer(parts=Parts(
             shared={"config": ConfigState(cfg, self.run_dir, self.log.info), "engine": self.engine, "trainer": self,
                     "data": self.feed, "nonfinite": self.skipped, "evaluator": self.evaluator,
-                    "checkpointer": self.checkpointer, "logger": self.log, "stop": self.stop},
+                    "logger": self.log, "stop": self.stop},
             own={"rng": RNG(cfg.run.seed, dist_info.global_rank, lambda: self.step, seed_all),
-                 "steplog": self.step_log, "callbacks": self.callbacks})
+                 "steplog": self.step_log, "callbacks": self.callbacks}))
 
     # ---- the loop -----------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -215,12 +216,28 @@ class Trainer:
     def resume(self) -> None:
         """Every stateful part from the newest complete checkpoint (checkpointer.restore), whatever number of
         ranks wrote it; then whether anything is left to train under this config."""
+        layout = self._layout()
         path = self.checkpointer.restore(self.log.info)
         if path is None:
             return
+        if self._layout() != layout:
+            self.relaid()
         self.unfreeze(say=False)
         self.stop.resumed(self.step, self.feed.total_steps, self.evaluator.patience_used_up)
         self.log.info(f"resumed from {path} at step {self.step}")
+
+    def _layout(self) -> tuple:
+        """The feed's batch layout (its number of ranks is this run's: these say its per-rank batch too)."""
+        return self.feed.grad_accum, self.feed.samples_per_step, self.feed.total_steps
+
+    def relaid(self) -> None:
+        """A resume on another number of ranks re-chose the per-rank batch (data feed) and kept the checkpoint's
+        epoch length: the engine accumulates the new number of micro-batches, the schedule spans the run's
+        steps, the meter and the progress bar count by them. After the engine's state is loaded, so the
+        schedule is the checkpoint's (a DeepSpeed engine refuses: ZeRO fixed its accumulation)."""
+        self.engine.set_grad_accum(self.feed.grad_accum)
+        set_schedule_length(self.engine.optimizer, self.engine.scheduler, self.feed.total_steps)
+        self.meter.samples_per_step, self.log.total_steps = self.feed.samples_per_step, self.feed.total_steps
 
 
 def _groups(micro_batches, size: int):

@@ -47,11 +47,6 @@ TOP = PACKAGE.name
 # Imports up the layers that are still there, each a candidate for its owner. The optimizer-and-schedule resume
 # rule lives in resume.py, which the engines' load_state_dict calls.
 KNOWN_UPWARD = {
-    ("dtrain.data.feed", "dtrain.checkpoint"),
-    ("dtrain.models.transfer", "dtrain.checkpoint"),
-    ("dtrain.engine.formats", "dtrain.checkpoint"),
-    ("dtrain.engine.deepspeed", "dtrain.checkpoint"),
-    ("dtrain.engine.fsdp", "dtrain.checkpoint"),
     ("dtrain.engine.deepspeed", "dtrain.resume"),
     ("dtrain.engine.fsdp", "dtrain.resume"),
     ("dtrain.engine.single", "dtrain.resume"),

@@ -13,6 +13,7 @@ ranks, kills, SLURM) stays in the process tests.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import signal
@@ -339,12 +340,12 @@ def make_trainer(tmp_path: Path, monkeypatch, overrides: list[str] = (), val_los
     meter, stop, clock = Throughput(1, 1, None, None, 1, torch.device("cpu")), \
         StopControl(None, stop_at_step=cfg.run.stop_at_step), Stopwatch()
     ck = cfg.checkpoint
-    checkpointer = Checkpointer(run_dir / "checkpoints", ck.keep_last, SINGLE, cfg.hash(), keep_best=ck.keep_best,
-                                every=ck.every, save_best=ck.save_best, enabled=not debug)
-    checkpointer.halted, checkpointer.clock = lambda: stop.reason == StopReason.NONFINITE, clock.part
+    make_checkpointer = functools.partial(
+        Checkpointer, run_dir / "checkpoints", ck.keep_last, SINGLE, cfg.hash(), keep_best=ck.keep_best, every=ck.every,
+        save_best=ck.save_best, enabled=not debug, halted=lambda: stop.reason == StopReason.NONFINITE, clock=clock.part)
     skipped = SkippedUpdates(cfg.train.nonfinite, torch.device("cpu"), stop, log.warning, lambda: data.feed.step)
     components = types.SimpleNamespace(
-        run_dir=run_dir, core=core, log=log, key_log=None, meter=meter, checkpointer=checkpointer, stop=stop,
+        run_dir=run_dir, core=core, log=log, key_log=None, meter=meter, make_checkpointer=make_checkpointer, stop=stop,
         clock=clock, skipped=skipped, step_log=StepLog(log, meter, ["loss"], cfg.train.log_every, False,
                                                        lambda: 0.1, skipped, torch.device("cpu")))
     monkeypatch.setattr(trainer_module, "build_components", lambda *args: components)

@@ -14,7 +14,7 @@ import dataclasses
 import math
 from typing import TYPE_CHECKING, Callable, Iterator
 
-from ..checkpoint import CheckpointError
+from ..checkpoint_files import CheckpointError
 from .elastic import DEALING, BatchLayout, DataPosition, EpochReplay, Segment, choose_layout
 from .pipeline import ShardStream
 
@@ -28,7 +28,6 @@ class TrainFeed:
         self.stream, self.rank, self.world_size = stream, rank, world_size
         self.train_cfg, self.debug, self.elastic, self.log = train_cfg, debug, elastic, log
         self.configured = (stream.batch_size, train_cfg.grad_accum)  # this run's data.batch_size, train.grad_accum
-        self.relaid: list[Callable[[TrainFeed], None]] = []  # told when a resume re-chose the batch layout
         self.step = 0  # optimizer steps whose micro-batches were handed out
         self.grad_accum = stream.grad_accum
         self.steps_per_epoch = stream.steps_per_epoch
@@ -79,11 +78,9 @@ class TrainFeed:
     def load_state_dict(self, saved: dict) -> None:
         """Per-rank batch, accumulation and data position from a checkpoint's, whatever number of ranks wrote
         it: on another number, the same global batch (and steps per epoch, so the same schedule), and the rest
-        of an interrupted epoch dealt over the new ranks. The `relaid` callbacks hear of a changed layout
-        (the engine must accumulate `grad_accum` micro-batches, the schedule span `total_steps`)."""
-        if self._resume(saved):
-            for tell in self.relaid:
-                tell(self)
+        of an interrupted epoch dealt over the new ranks. The trainer tells the engine and the schedule of a
+        changed layout (Trainer.relaid)."""
+        self._resume(saved)
         if saved["steps_per_epoch"] != self.steps_per_epoch:
             raise CheckpointError(f"checkpoint: it has {saved['steps_per_epoch']} steps per epoch, this config "
                                   f"{self.steps_per_epoch}; data or batch settings changed since it was written")

@@ -147,7 +147,7 @@ class DeepSpeedEngine:
 
     def load_from(self, directory: Path, state: dict) -> None:
         """Collective: model, optimizer shards and schedule from a verified checkpoint directory."""
-        from ..checkpoint import CheckpointError
+        from ..checkpoint_files import CheckpointError
         from .formats import check_engine
         check_engine(directory, state, "deepspeed")
         check_same_world_size(directory, self.world_size)
@@ -170,7 +170,7 @@ def check_same_world_size(directory: Path, world_size: int) -> None:
     """ZeRO shards optimizer state (and gradients, parameters) by rank: a checkpoint resumes only on the
     ranks that wrote it. Re-partitioning them is DeepSpeed's universal-checkpoint conversion, which dtrain
     does not run; say what to do instead of letting DeepSpeed fail or load a wrong partition."""
-    from ..checkpoint import CheckpointError, written_by
+    from ..checkpoint_files import CheckpointError, written_by
     saved = written_by(directory)
     if saved != world_size:
         raise CheckpointError(f"checkpoint: {directory} holds ZeRO shards of {saved} ranks and this run has "
@@ -193,7 +193,7 @@ def weights_only_loads(what: Path):
     """Every torch.load inside, DeepSpeed's own included (they pass weights_only=False), as
     weights_only=True: torch's TORCH_FORCE_WEIGHTS_ONLY_LOAD, read at each call. The few plain data
     classes DeepSpeed pickles into its optimizer files are allowlisted; anything else is refused."""
-    from ..checkpoint import refusal
+    from ..checkpoint_files import refusal
     old = os.environ.get(_FORCE)
     os.environ[_FORCE] = "1"
     try:
@@ -202,7 +202,7 @@ def weights_only_loads(what: Path):
     except pickle.UnpicklingError as e:
         raise refusal(what, e) from None
     except (RuntimeError, EOFError, OSError) as e:  # e.g. not a torch file at all
-        from ..checkpoint import CheckpointError
+        from ..checkpoint_files import CheckpointError
         first = next((l.strip() for l in str(e).splitlines() if l.strip()), type(e).__name__)
         raise CheckpointError(f"checkpoint: DeepSpeed could not load {what} ({first[:200]})") from None
     finally:

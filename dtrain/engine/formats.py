@@ -3,7 +3,7 @@ of its own, below the engines, so that none imports the engine package back."""
 
 from __future__ import annotations
 
-from ..checkpoint import CheckpointError
+from ..checkpoint_files import CheckpointError
 
 
 def written_by_engine(engine_state: dict) -> str:

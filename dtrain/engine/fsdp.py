@@ -278,7 +278,7 @@ def _dcp_load(directory: Path, state, **kwargs):
 
 
 def _load_error(path: Path, e: BaseException):
-    from ..checkpoint import CheckpointError, refusal
+    from ..checkpoint_files import CheckpointError, refusal
     e = _first_failure(e)
     if isinstance(e, pickle.UnpicklingError):
         return refusal(path, e)

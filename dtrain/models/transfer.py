@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 from torch import nn
 
-from ..checkpoint import CheckpointError, pointed, safe_load, verify
+from ..checkpoint_files import CheckpointError, pointed, safe_load, verify
 from ..config import ConfigError, ModelConfig
 
 def resolve_checkpoint(path: str | Path) -> Path:
