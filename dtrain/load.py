@@ -21,9 +21,11 @@ from .config import Config
 from .data import Streams, build_streams
 
 # What a model's predictions never use, emptied before the stored config is checked and built: the training
-# transform (augmentation), the loss and the metrics. A stored import string there would otherwise have to
-# be named again (dtrain.trust) for code that is not run.
-UNUSED = ("data.transform=null", "loss.fn=null", "metrics.fn=null")
+# transform (augmentation), the loss, the metrics, the optimizer and schedule (with their kwargs, which only
+# an import string takes) and the callbacks. A stored import string there would otherwise have to be named
+# again (dtrain.trust) for code that is not run: load_model of a run trained with torch.optim:RAdam was refused.
+UNUSED = ("data.transform=null", "loss.fn=null", "metrics.fn=null", "optim.name=adamw", "optim.kwargs={}",
+          "schedule.name=constant", "schedule.kwargs={}", "run.callbacks=[]")
 
 
 @dataclasses.dataclass
@@ -81,6 +83,11 @@ def read_checkpoint(path_arg: str) -> tuple[Path, dict]:
         exported = safe_load(Path(path_arg))
         if not (isinstance(exported, dict) and isinstance(exported.get("model"), dict)
                 and isinstance(exported.get("config"), dict) and isinstance(exported.get("step"), int)):
+            if _is_safetensors(path_arg):  # it was said to be no export of dtrain's, which it is
+                raise CheckpointError(f"checkpoint: {path_arg} is a safetensors file: weights alone, no config to "
+                                      "rebuild the model from; give a file of `dtrain export --format pt`, a run "
+                                      "directory or checkpoints/step-N (or load it into your model with "
+                                      "safetensors.torch.load_model)")
             raise CheckpointError(f"checkpoint: {path_arg} is not a file written by `dtrain export` (a dict of "
                                   "model, config and step); give one, a run directory or checkpoints/step-N")
         return Path(path_arg), {"config": exported["config"], "trainer": {"step": exported["step"]},
@@ -90,6 +97,16 @@ def read_checkpoint(path_arg: str) -> tuple[Path, dict]:
     state = safe_load(path / "state.pt")
     state["engine"] = {"model": model_weights(path, state["engine"])}  # DeepSpeed, FSDP: consolidated shards
     return path, state
+
+
+def _is_safetensors(path: str) -> bool:
+    """A file safetensors reads (`dtrain export --format safetensors`), where safetensors is installed."""
+    try:
+        from safetensors import safe_open
+        with safe_open(path, "pt"):
+            return True
+    except Exception:  # not installed, or another file
+        return False
 
 
 def stored_config(stored: dict, source: Path, config: Optional[Sequence[str]], overrides: Sequence[str],
