@@ -23,7 +23,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import AbstractSet, Any, Optional
 
 import torch
 
@@ -84,14 +84,15 @@ class CheckpointDir:
         return tmp
 
     def publish(self, tmp: Path, step: int, best: bool, world_size: int, config_hash: str,
-                protect: set[str] = frozenset()) -> Path:
+                protect: AbstractSet[str] = frozenset()) -> Path:
         """The manifest of every file in `tmp` (all fsynced), then `tmp` renamed to the step's directory, the
         pointers moved and the old step directories pruned."""
         final = self.final(step)
         files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
-        manifest = {"step": step, "world_size": world_size, "config_hash": config_hash,
-                    "torch": torch.__version__, "dtrain": __version__,
-                    "files": {n: {"sha256": _sha256(tmp / n), "bytes": (tmp / n).stat().st_size} for n in files}}
+        manifest: dict[str, Any] = {
+            "step": step, "world_size": world_size, "config_hash": config_hash, "torch": torch.__version__,
+            "dtrain": __version__,
+            "files": {n: {"sha256": _sha256(tmp / n), "bytes": (tmp / n).stat().st_size} for n in files}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         _fsync_file(tmp / MANIFEST)
         _fsync_dir(tmp)
@@ -115,7 +116,7 @@ class CheckpointDir:
         os.replace(tmp, link)  # atomic: readers see the old target or the new one
         _fsync_dir(self.root)
 
-    def _prune(self, protect: set[str]) -> None:
+    def _prune(self, protect: AbstractSet[str]) -> None:
         steps = sorted(self.root.glob("step-*"), key=step_of)
         keep = set(steps[-self.keep_last:]) | {self.root / name for name in protect}
         for name in ("latest", "best"):
@@ -184,7 +185,7 @@ def safe_load(path: Path) -> dict:
         raise refusal(path, e) from None
 
 
-def refusal(path, e: Exception) -> CheckpointError:
+def refusal(path: Path, e: Exception) -> CheckpointError:
     """The one-line error for a file that torch's weights-only unpickler refused."""
     lines = [l.strip() for l in str(e).splitlines() if l.strip()]
     reason = next((l for l in lines if "Unsupported" in l or "unpickler error" in l.lower()), None)
