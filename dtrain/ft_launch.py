@@ -6,8 +6,9 @@ all groups) and heals from a live peer; the others train on at the smaller world
 
 The Lighthouse (torchft's quorum server) is started here on 127.0.0.1 and a free port, or on several nodes by
 the node given --ft-host-lighthouse at --ft-lighthouse's port, the others only connecting; it is stopped at the
-end. Each group's output goes to logs/group-N.log (group 0's to the terminal too), its one-line error to an
-error file of torch's layout (dtrain.worker.report_error writes it), as the normal launcher's workers do.
+end. Each group's output goes to logs/group-<REPLICA_GROUP_ID>.log (group 0's to the terminal too), its one-line
+error to an error file of torch's layout (dtrain.worker.report_error writes it), as the normal launcher's
+workers' do. REPLICA_GROUP_ID is 0, 1, ... on one node, <host>-0, <host>-1, ... on several.
 """
 
 from __future__ import annotations
@@ -160,7 +161,8 @@ def run_ft(args, nproc: int) -> int:
                 return EXIT_INTERRUPTED
             say(f"launch: --ft, {nproc} replica group(s) of one process{' on this node' if nodes > 1 else ''}, "
                 f"nodes={nodes}, max_restarts={args.max_restarts}, lighthouse {address} ({lighthouse.whose}): "
-                f"{shlex.join(args.target)}; logs {logs}/group-N.log{note}")
+                f"{shlex.join(args.target)}; logs {logs}/group-{'N' if nodes == 1 else socket.gethostname() + '-N'}"
+                f".log{note}")
             os.environ["DTRAIN_LAUNCH_COMMAND"] = shlex.join(resume_command(args, nproc))
             env = {"DTRAIN_FT": "1", "TORCHFT_LIGHTHOUSE": address, "DTRAIN_FT_GROUPS": str(nproc * nodes),
                    "DTRAIN_FT_TIMEOUT_S": f"{timeout:g}", "DTRAIN_FT_MIN_REPLICAS": str(min_replicas)}
@@ -333,7 +335,8 @@ class Groups:
         self.failed: list[Group] = []  # groups lost for good (no restarts left), in the order they died
 
     def log(self, g: Group) -> Path:
-        return self.logs / f"group-{g.index}.log"
+        """group-<REPLICA_GROUP_ID>.log: unique across nodes too (a shared run directory)."""
+        return self.logs / f"group-{g.replica_id}.log"
 
     def start(self, g: Group) -> None:
         g.attempt += 1
@@ -346,8 +349,8 @@ class Groups:
                    # speaks for the job on the terminal, as for the normal launcher's ranks
                    **{LOG_FILE_ENV: str(self.log(g).resolve())})
         with open(self.log(g), "a") as f:  # appended across restarts and runs: where each attempt begins
-            f.write(f"---- dtrain launch --ft: {time.strftime('%Y-%m-%d %H:%M:%S')}, group {g.index} "
-                    f"(REPLICA_GROUP_ID={g.replica_id}), attempt {g.attempt} ----\n")
+            f.write(f"---- dtrain launch --ft: {time.strftime('%Y-%m-%d %H:%M:%S')}, group {g.replica_id}, "
+                    f"attempt {g.attempt} ----\n")
         with open(self.log(g), "a") as log:
             outputs, tees = (log, log), []
             if g.index == 0:  # group 0's output on the terminal too, through tee (a session of its own: our
@@ -410,13 +413,13 @@ class Groups:
         at = f" at step ~{step}" if step is not None else " before its first logged step"
         if self.restarts < self.max_restarts:
             self.restarts += 1
-            say(f"ft: group {g.index} died ({how}){at}; restarting it ({self.restarts} of {self.max_restarts} "
+            say(f"ft: group {g.replica_id} died ({how}){at}; restarting it ({self.restarts} of {self.max_restarts} "
                 f"restarts); the others train on")
             self.start(g)
         else:
             self.failed.append(g)
             others = " the others train on without it" if self.live() else ""
-            say(f"ft: group {g.index} died ({how}){at}; no restarts left (--max-restarts {self.max_restarts});"
+            say(f"ft: group {g.replica_id} died ({how}){at}; no restarts left (--max-restarts {self.max_restarts});"
                 f"{others or ' no group left'}")
         return False
 
@@ -429,13 +432,13 @@ class Groups:
         host = socket.gethostname()
         if self.user_error is not None:
             g = self.user_error
-            say(f"dtrain: error: {error_line(g.failure())} (group {g.index} on {host}, log {self.log(g)})")
+            say(f"dtrain: error: {error_line(g.failure())} (group {g.replica_id} on {host}, log {self.log(g)})")
             return EXIT_USER_ERROR
         ended = [g for g in self.groups if g not in self.failed]  # the last attempt of each group still in
         if self.stop.signum:
             bad = [g for g in ended if g.code not in (0, EXIT_INTERRUPTED, -self._forwarded(self.stop.signum))]
             if bad:
-                say(f"dtrain: error: launch: {self.stop.name} received; group {bad[0].index} did not stop cleanly "
+                say(f"dtrain: error: launch: {self.stop.name} received; group {bad[0].replica_id} did not stop cleanly "
                     f"({_exit_text(bad[0].code)}); the newest complete checkpoint is intact: run the same command "
                     f"again (log {self.log(bad[0])})")
                 return EXIT_FAILED
@@ -449,13 +452,13 @@ class Groups:
         if ended and all(g.code == 0 for g in ended):
             if self.failed:
                 say(f"launch: done by {len(ended)} of {len(self.groups)} replica groups; lost for good: "
-                    f"{', '.join(f'group {g.index} ({self._how(g)})' for g in self.failed)}")
+                    f"{', '.join(f'group {g.replica_id} ({self._how(g)})' for g in self.failed)}")
             return 0
         g = self.failed[0] if self.failed else next(g for g in ended if g.code != 0)
         stack = traceback_of(g.failure())
         if stack and g.index != 0:  # group 0's is on the terminal already
             print(stack.rstrip(), file=sys.stderr)
         after = f" after {self.restarts} restart(s)" if self.restarts else ""
-        say(f"dtrain: error: launch: replica group failed{after}: {error_line(g.failure())} (group {g.index} on "
+        say(f"dtrain: error: launch: replica group failed{after}: {error_line(g.failure())} (group {g.replica_id} on "
             f"{host}, log {self.log(g)})")
         return EXIT_FAILED
