@@ -3,8 +3,8 @@ contract set by the test), with a small MLP of this script's and a callback that
 step, its weights' hash to $FT_OUT/g<REPLICA_GROUP_ID>.jsonl, and each validation's metrics. It SIGKILLs this
 process after step $FT_KILL_AT (mid-epoch, as a lost machine would), waits at step $FT_HOLD_AT until
 $FT_OUT/$FT_HOLD_FOR exists (so that a replacement surely joins before the others finish, however slow the
-machine), and sleeps $FT_DELAY seconds a step (so that a fault lands mid-run). Writes the final weights to
-$FT_OUT/g<ID>-<pid>.pt."""
+machine), and sleeps $FT_DELAY seconds a step (so that a fault lands mid-run). Writes the weights after the
+last step to $FT_OUT/g<ID>-<pid>.pt."""
 
 from __future__ import annotations
 
@@ -42,11 +42,14 @@ class Recorder:
         self.file.write(json.dumps({"pid": os.getpid(), **record}) + "\n")
 
     def on_train_start(self, run) -> None:
+        self.total = run.total_steps
         self.write(start=run.step)
         (OUT / f"g{GROUP}.up").touch()
 
     def on_step_end(self, step, loss) -> None:
         self.write(step=step, weights=weights_hash(), loss=float(loss))
+        if step == self.total:  # the last step's weights (the test then loads the best checkpoint's)
+            torch.save({k: v.clone() for k, v in MODEL[-1].state_dict().items()}, OUT / f"g{GROUP}-{os.getpid()}.pt")
         if step == int(os.environ.get("FT_KILL_AT", -1)):
             os.kill(os.getpid(), signal.SIGKILL)
         while step == int(os.environ.get("FT_HOLD_AT", -1)) and not (OUT / os.environ["FT_HOLD_FOR"]).exists():
@@ -57,7 +60,6 @@ class Recorder:
         self.write(validated=step, metrics=metrics)
 
     def on_train_end(self, result) -> None:
-        torch.save({k: v.clone() for k, v in MODEL[-1].state_dict().items()}, OUT / f"g{GROUP}-{os.getpid()}.pt")
         self.write(end=result.exit_code, at=result.step)
 
 
