@@ -291,13 +291,20 @@ class FtTrainer(Trainer):
             except CheckpointError:
                 if attempt == 2:
                     raise
-        segments = self.feed.position.segments
-        done = self.step % self.feed.steps_per_epoch
-        if done and [(s.world_size, s.num_workers) for s in segments] != [(1, 0)]:
-            end = self.step - done + self.feed.steps_per_epoch
-            raise CheckpointError(f"checkpoint: step {self.step} is in the middle of an epoch that "
-                                  f"{segments[-1].world_size} ranks read in their own order; finish the epoch with "
-                                  f"`dtrain train` (run.stop_at_step={end}), then resume with `dtrain launch --ft`")
+        feed, position = self.feed, self.feed.position
+        done = self.step % feed.steps_per_epoch
+        if done and [(s.world_size, s.num_workers) for s in position.segments] != [(1, 0)]:
+            end = self.step - done + feed.steps_per_epoch
+            raise CheckpointError(f"checkpoint: step {self.step} is in the middle of an epoch that a run of "
+                                  f"{position.segments[-1].world_size} rank(s) and data workers read in its own "
+                                  f"order; finish the epoch with `dtrain train` (run.stop_at_step={end}), then "
+                                  "resume with `dtrain launch --ft`")
+        # A checkpoint of several ranks keeps its global batch and epoch length (the feed chose its layout):
+        # the steps deal that batch, and the epochs from here on are read as one process without workers.
+        self.global_batch = self.runner.global_batch = feed.samples_per_step
+        self.runner.steps_per_epoch = feed.steps_per_epoch
+        self.runner.micro_batch = math.ceil(self.global_batch / self.group.groups)
+        position.layout = dataclasses.replace(position.layout, num_workers=0)
         self.manager.load_state_dict({"step": self.step, "batches_committed": self.step})
         self.checkpointer.enabled = False  # until this group writes a step
 

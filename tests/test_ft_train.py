@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import _env, free_port, wait_for
+from conftest import _env, free_port, run_dtrain, wait_for
 
 from dtrain.config import ConfigError, load_config
 
@@ -61,6 +61,31 @@ def test_one_line_per_fault():
     assert faults.lines(40) == ["ft: group 0 lost at step 31, not back by the end (step 40); 10 steps at 2 of 3 groups",
                                 "ft: group 2 lost at step 17, rejoined (healed) at step 23; 6 steps at 2 of 3 groups"]
     assert Faults(3).lines(9) == []
+
+
+@needs_torchft
+def test_one_group_resumes_a_plain_runs_checkpoint_at_an_epochs_end_and_refuses_one_mid_epoch(tmp_path, data_root):
+    """In process: `dtrain train` as the one replica group of a Lighthouse of this test's, after plain `dtrain train`
+    runs with 2 DataLoader workers, whose order of an epoch's rest replica groups can't deal."""
+    from torchft._torchft import LighthouseServer
+    args = ["train", f"data.root={data_root}", "data.batch_size=32", "train.epochs=2", "log.progress=false",
+            "run.doctor=false", "data.num_workers=2", "data.shuffle_buffer=200"]
+    lighthouse = LighthouseServer(bind="127.0.0.1:0", min_replicas=1, join_timeout_ms=100)
+    group = {"DTRAIN_FT": "1", "TORCHFT_LIGHTHOUSE": lighthouse.address(), "REPLICA_GROUP_ID": "0",
+             "DTRAIN_FT_GROUPS": "1", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    try:
+        run_dtrain([*args, "run.stop_at_step=5"], tmp_path)
+        refused = run_dtrain(args, tmp_path, env={**group, "MASTER_PORT": str(free_port())}, check=False)
+        assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1] == (
+            "dtrain: error: checkpoint: step 5 is in the middle of an epoch that a run of 1 rank(s) and data workers "
+            "read in its own order; finish the epoch with `dtrain train` (run.stop_at_step=39), then resume with "
+            "`dtrain launch --ft`"), refused.stderr[-2000:]
+        run_dtrain([*args, "run.stop_at_step=39"], tmp_path)
+        done = run_dtrain(args, tmp_path, env={**group, "MASTER_PORT": str(free_port())})
+    finally:
+        lighthouse.shutdown()
+    assert json.loads(done.stdout.strip().splitlines()[-1])["step"] == 78
+    assert "resumed from runs/digits/checkpoints/step-00000039 at step 39" in done.stderr
 
 
 # ---- replica groups as processes ---------------------------------------------------------------------------
