@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, Optional
 import torch
 
 from . import dist
-from .checkpoint_files import (MANIFEST, CheckpointDir, CheckpointError, _fsync_dir, _fsync_file, _sha256,  # noqa: F401
-                               pointed, refusal, safe_load, step_of, verify, written_by)
+from .checkpoint_files import (MANIFEST, CheckpointDir, CheckpointError, _sha256, fsync_tree,  # noqa: F401
+                               pointed, refusal, safe_load, save_fsynced, step_of, verify, write_error, written_by)
 
 if TYPE_CHECKING:  # annotations only (state.py imports this module)
     from .callbacks import Callbacks
@@ -214,17 +214,10 @@ class Checkpointer:
             if files is not None:
                 files.result()
             if write_files is not None or files is not None:
-                for f in tmp.rglob("*"):  # this rank's and its peers' files: fsync is per inode, cheap
-                    if f.is_file():
-                        _fsync_file(f)
-                for d in [p for p in tmp.rglob("*") if p.is_dir()]:
-                    _fsync_dir(d)
-            name = tmp / f"rank-{self.info.global_rank:05d}.pt"
-            torch.save(rank_state, name)
-            _fsync_file(name)
+                fsync_tree(tmp)  # this rank's and its peers' files: fsync is per inode, cheap
+            save_fsynced(rank_state, tmp / f"rank-{self.info.global_rank:05d}.pt")
             if self.info.is_global_zero:
-                torch.save(state, tmp / "state.pt")
-                _fsync_file(tmp / "state.pt")
+                save_fsynced(state, tmp / "state.pt")
 
         def publish():
             self.files.publish(tmp, step, best, self.info.world_size, self.config_hash, self.protect)
@@ -246,11 +239,7 @@ class Checkpointer:
             try:
                 action()
             except (OSError, RuntimeError) as e:
-                error = f"{type(e).__name__}: {getattr(e, 'strerror', None) or str(e).splitlines()[0]}"
-                free = shutil.disk_usage(self.root if self.root.is_dir() else self.root.parent).free
-                if isinstance(e, RuntimeError) and ("unexpected pos" in str(e) or free < 2**26):
-                    # torch.save reports a short write on a full disk as "unexpected pos N vs M"
-                    error = f"No space left on device ({free // 1024} KiB free)"
+                error = write_error(e, self.root)
         failed = dist.all_reduce_max(torch.tensor(0.0 if error is None else 1.0), group=self.group).item() > 0
         if failed:
             if self.info.is_global_zero:

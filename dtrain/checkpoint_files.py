@@ -58,6 +58,30 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def fsync_tree(directory: Path) -> None:
+    """Every file under `directory`, then every directory under it, to disk."""
+    for f in directory.rglob("*"):
+        if f.is_file():
+            _fsync_file(f)
+    for d in [p for p in directory.rglob("*") if p.is_dir()]:
+        _fsync_dir(d)
+
+
+def save_fsynced(obj: Any, path: Path) -> None:
+    torch.save(obj, path)
+    _fsync_file(path)
+
+
+def write_error(e: OSError | RuntimeError, root: Path) -> str:
+    """What went wrong writing into `root`, in a few words; a full disk said as such."""
+    error = f"{type(e).__name__}: {getattr(e, 'strerror', None) or str(e).splitlines()[0]}"
+    free = shutil.disk_usage(root if root.is_dir() else root.parent).free
+    if isinstance(e, RuntimeError) and ("unexpected pos" in str(e) or free < 2**26):
+        # torch.save reports a short write on a full disk as "unexpected pos N vs M"
+        error = f"No space left on device ({free // 1024} KiB free)"
+    return error
+
+
 def step_of(path: Path) -> int:
     return int(path.name.removeprefix("step-"))
 

@@ -4,7 +4,7 @@ Each rule has one owner, which decides "now?" and acts: the step log when to log
 when to validate, the best validation and the patience (evaluate.py), the checkpointer when to save (cadence,
 best, final) and what to keep (checkpoint.py), the stop control why training stops (signals.py), the data feed
 what each epoch reads (data/feed.py), the engine how gradients are reduced (engine/). Saving and resuming are
-loops over the run's stateful parts (state.py). Distributed details live in dist.py and engine/.
+loops over the run's stateful parts (state.py). Distributed details live in dist/ and engine/.
 """
 
 from __future__ import annotations
