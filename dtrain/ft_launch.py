@@ -99,6 +99,9 @@ def resume_command(args, nproc: int) -> list[str]:
     """This launch as a command line, its --ft options included (what the summary gives as the one that
     goes on)."""
     command = _command(args, nproc)
+    for flag in ("--rdzv-endpoint", "--rdzv-id"):  # --nnodes N's rendezvous, which --ft has none of
+        if flag in command:
+            del command[command.index(flag):command.index(flag) + 2]
     return [*command[:2], *options(args), *command[2:]]
 
 
@@ -120,9 +123,10 @@ def _check(args, nproc: int) -> tuple[int, float, int]:
     if lo != hi:
         raise ConfigError(f"launch: --ft takes --nnodes N, not {args.nnodes}: replica groups come and go under "
                           f"the Lighthouse's quorum without an elastic rendezvous")
-    if args.rdzv_endpoint:
-        raise ConfigError("launch: --ft needs no --rdzv-endpoint: replica groups meet at the Lighthouse; give every "
-                          "node --ft-lighthouse HOST:PORT instead (--ft-host-lighthouse on the one that starts it)")
+    if args.rdzv_endpoint or args.rdzv_conf:
+        raise ConfigError("launch: --ft needs no rendezvous (--rdzv-endpoint, --rdzv-conf): replica groups meet at "
+                          "the Lighthouse; give every node --ft-lighthouse HOST:PORT instead (--ft-host-lighthouse on "
+                          "the one that starts it)")
     if hi > 1 and not args.ft_lighthouse:
         raise ConfigError(f"launch: --ft with --nnodes {hi} needs --ft-lighthouse HOST:PORT, the same on every "
                           f"node, and --ft-host-lighthouse on the one node that starts it")

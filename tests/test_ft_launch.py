@@ -34,7 +34,8 @@ needs_torchft = pytest.mark.skipif(shutil.which("torchft_lighthouse", path=os.pa
     (["--ft-timeout", "5"], "launch: --ft-timeout is an option of --ft; add --ft or leave it out"),
     (["--ft", "--nnodes", "2"], "launch: --ft with --nnodes 2 needs --ft-lighthouse HOST:PORT"),
     (["--ft", "--nnodes", "1:2"], "launch: --ft takes --nnodes N, not 1:2"),
-    (["--ft", "--rdzv-endpoint", "h:1"], "launch: --ft needs no --rdzv-endpoint"),
+    (["--ft", "--rdzv-endpoint", "h:1"], "launch: --ft needs no rendezvous (--rdzv-endpoint, --rdzv-conf)"),
+    (["--ft", "--rdzv-conf", "is_host=1"], "launch: --ft needs no rendezvous (--rdzv-endpoint, --rdzv-conf)"),
     (["--ft", "--ft-host-lighthouse"], "launch: --ft-host-lighthouse needs --ft-lighthouse HOST:PORT"),
     (["--ft", "--ft-lighthouse", "nohost"], "launch: --ft-lighthouse 'nohost' is not HOST:PORT"),
     (["--ft", "--nproc-per-node", "2", "--ft-min-replicas", "3"], "launch: --ft-timeout must be > 0 and "
@@ -61,6 +62,10 @@ def test_the_resume_command_keeps_the_ft_options():
     command = ft_launch.resume_command(parse_args(argv), 3)
     assert command[:2] == ["dtrain", "launch"]
     assert vars(parse_args(command[1:])) | {"parser": None} == vars(parse_args(argv)) | {"parser": None}
+    nodes = ["launch", "--ft", "--nnodes", "2", "--ft-lighthouse", "h:29510", "train", "run.name=r"]
+    command = ft_launch.resume_command(parse_args(nodes), 1)  # no rendezvous options of the normal launcher's
+    assert command == ["dtrain", "launch", "--ft", "--ft-lighthouse", "h:29510", "--nproc-per-node", "1", "--nnodes",
+                       "2", "train", "run.name=r"]
 
 
 # ---- real processes ----------------------------------------------------------------------------------------
@@ -263,22 +268,33 @@ def test_a_given_lighthouse_that_never_answers_is_one_line(tmp_path):
 
 # ---- end to end: dtrain train as replica groups (dtrain/ft_train.py) -------------------------------------------
 class Said:
-    """The launcher's stderr lines as they come, each with the time it came (a thread reads the pipe)."""
+    """The launcher's output as it comes: stderr's lines each with the time it came, and stdout (a thread reads
+    each pipe; communicate() would read them too and take lines from under the thread)."""
 
     def __init__(self, proc: subprocess.Popen):
-        self.lines: list[tuple[float, str]] = []
-        self.thread = threading.Thread(target=self._read, args=(proc.stderr,), daemon=True)
-        self.thread.start()
+        self.proc, self.lines, self.out = proc, [], []
+        self.threads = [threading.Thread(target=self._read, args=(pipe, into), daemon=True)
+                        for pipe, into in ((proc.stderr, self.lines), (proc.stdout, self.out))]
+        for t in self.threads:
+            t.start()
 
-    def _read(self, pipe) -> None:
+    @staticmethod
+    def _read(pipe, into: list) -> None:
         for line in pipe:
-            self.lines.append((time.monotonic(), line.rstrip("\n")))
+            into.append((time.monotonic(), line.rstrip("\n")))
 
     def when(self, text: str) -> float | None:
         return next((t for t, line in self.lines if text in line), None)
 
     def text(self) -> str:
         return "\n".join(line for _, line in self.lines)
+
+    def wait(self, timeout: float) -> str:
+        """-> stdout, once the launcher ended and both pipes are read to their end."""
+        self.proc.wait(timeout)
+        for t in self.threads:
+            t.join(30)
+        return "\n".join(line for _, line in self.out)
 
 
 def group_pids(tag: str) -> dict[str, int]:
@@ -352,8 +368,7 @@ def test_dtrain_train_as_replica_groups_heals_a_killed_group_and_resumes_after_s
         healed_at = keys_logged(run_dir, 2)[-1]
         wait_for(lambda: keys_logged(run_dir, 2)[-1] >= healed_at + 2, 60, 0.1, "group 2 training again")
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=120)
-        said.thread.join(10)
+        out = said.wait(120)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -369,7 +384,7 @@ def test_dtrain_train_as_replica_groups_heals_a_killed_group_and_resumes_after_s
         wait_for(lambda: all(any(s > saved["step"] for s in keys_logged(run_dir, g)) for g in range(3)), 120, 0.2,
                  "every group training after the saved step")
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=120)
+        said.wait(120)
     finally:
         if proc.poll() is None:
             proc.kill()
