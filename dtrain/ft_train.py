@@ -126,9 +126,9 @@ def run(cfg: Config, hooks: Optional[Hooks] = None, debug: bool = False, command
     the outcome line and the faults' lines come from the group that writes the last step."""
     import json
 
+    from . import dist
     from .callbacks import build_callbacks
     from .result import collect
-    from .run import _told, session
     from .summary import summarize
 
     check(cfg, debug)
@@ -137,7 +137,8 @@ def run(cfg: Config, hooks: Optional[Hooks] = None, debug: bool = False, command
     if hooks is not None:
         cfg = hooks.record(cfg)
     callbacks = build_callbacks(cfg.run.callbacks, hooks and hooks.callbacks)
-    with session(cfg.dist, force_single=True) as info, _told(callbacks):
+    info = dist.setup(cfg.dist.backend, cfg.dist.timeout_s, cfg.dist.connect_timeout_s, force_single=True)
+    try:
         trainer = FtTrainer(cfg, info, group, hooks=hooks, callbacks=callbacks)
         try:
             outcome = trainer.fit()
@@ -150,7 +151,10 @@ def run(cfg: Config, hooks: Optional[Hooks] = None, debug: bool = False, command
             if print_outcome:
                 print(json.dumps(outcome), flush=True)
         result = collect(trainer, outcome)
-        callbacks.emit("on_train_end", result)
+    except Exception as e:  # the callbacks are told, as run.run tells them
+        callbacks.emit("on_exception", e)
+        raise
+    callbacks.emit("on_train_end", result)
     return result
 
 
