@@ -423,12 +423,11 @@ def user_errors() -> tuple[type[Exception], ...]:
     return tuple(getattr(importlib.import_module(f".{module}", __package__), name) for module, name in USER_ERRORS)
 
 
-def _imported(classes: tuple[tuple[str, str], ...]) -> tuple[type[Exception], ...]:
-    """Those of `classes` ((module, name), ...) whose module is imported already: what an error can be an
-    instance of (a class is defined when its module runs). Importing the others to ask would import torch
-    (dist, checkpoint): 1.5 s and more before a config error's line."""
-    modules = ((sys.modules.get(f"{__package__}.{module}"), name) for module, name in classes)
-    return tuple(getattr(module, name) for module, name in modules if module is not None)
+def _dtrain_error(error: BaseException, *names: str) -> bool:
+    """Whether `error` is of one of dtrain's classes called `names` (or of a subclass), told from its class's
+    name and module, not by importing dtrain's classes to ask: importing dist or checkpoint imports torch,
+    1.5 s and more before a config error's line. (A class moved between dtrain's modules is still told.)"""
+    return any(c.__name__ in names and c.__module__.split(".")[0] == __package__ for c in type(error).__mro__)
 
 
 def _with_verbosity(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -482,21 +481,21 @@ def main(argv: list[str] | None = None, hooks: Hooks | None = None, defaults: di
     level = _set_verbosity(args)
 
     def run(args) -> int:
-        # handled here, inside `record`: torchrun's error file gets their one line, not a traceback. The
-        # classes are looked up as an error comes (an except clause's expression is evaluated then), among
-        # the modules imported: `dtrain config` and a config error import no torch.
+        # handled here, inside `record`: torchrun's error file gets their one line, not a traceback
         try:
             return args.func(args)
-        except _imported((("dist", "CollectiveError"),)) as e:
-            report_error(str(e))
-            return EXIT_FAILED
-        except _imported(USER_ERRORS) as e:
+        except Exception as e:
+            if _dtrain_error(e, "CollectiveError"):
+                report_error(str(e))
+                return EXIT_FAILED
+            if not _dtrain_error(e, *(name for _, name in USER_ERRORS)):
+                raise  # the user's own code's error (or dtrain's bug): its traceback
             _exiting_with_user_error()
             # Every rank meets a config error alike, and usually a data error (in its own words: its
             # shards): rank 0 says it. A data error of one rank alone is still said where the launcher
             # shows every rank's error file (torchrun, dtrain launch), and under srun by the rank itself.
-            config_error, data_error = _imported((("config", "ConfigError"),)), _imported((("data.errors", "DataError"),))
-            seen = isinstance(e, config_error) or (isinstance(e, data_error) and "TORCHELASTIC_ERROR_FILE" in os.environ)
+            seen = _dtrain_error(e, "ConfigError") or (_dtrain_error(e, "DataError")
+                                                       and "TORCHELASTIC_ERROR_FILE" in os.environ)
             report_error(str(e), quiet=seen and is_other_rank())
             return EXIT_USER_ERROR
 

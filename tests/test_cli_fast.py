@@ -203,3 +203,26 @@ def test_zsh_completion_loads_bashs_through_bashcompinit(tmp_path):
     if shutil.which("zsh"):
         (tmp_path / "dtrain.zsh").write_text(text)
         assert subprocess.run(["zsh", "-n", str(tmp_path / "dtrain.zsh")]).returncode == 0
+
+
+# ---- main tells dtrain's errors without importing their modules ------------------------------------------
+def test_an_error_of_dtrains_is_told_by_its_class_wherever_it_is_defined(monkeypatch, capsys):
+    """main() no longer imports dist and checkpoint (torch) to tell a user error: it reads the class's name and
+    module, so a class that moves between dtrain's modules (CheckpointError into checkpoint_files) is still one
+    line, exit 2, even where the module it used to live in was never imported; anything else keeps its
+    traceback."""
+    from dtrain import cli
+
+    moved = type("CheckpointError", (RuntimeError,), {"__module__": "dtrain.checkpoint_files"})
+
+    def fail(args):
+        raise moved("checkpoint: runs/x holds no checkpoint; train first")
+    monkeypatch.setattr(cli, "_config", fail)
+    assert cli.main(["config"]) == 2
+    assert capsys.readouterr().err == "dtrain: error: checkpoint: runs/x holds no checkpoint; train first\n"
+
+    def bug(args):
+        raise type("CheckpointError", (RuntimeError,), {"__module__": "mypkg.errors"})("the user's own")
+    monkeypatch.setattr(cli, "_config", bug)
+    with pytest.raises(RuntimeError, match="the user's own"):
+        cli.main(["config"])
