@@ -11,6 +11,7 @@ strings), which a command rebuilding the run uses only as dtrain.trust allows.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 import threading
@@ -86,7 +87,7 @@ class Checkpointer:
         self.enabled = enabled  # False (train --debug): nothing is ever written
         self.saved_step = -1  # the step of the newest checkpoint written or resumed from
         if parts is not None:  # its own state goes with the parts (a caller may have listed it already)
-            parts = type(parts)({**parts.shared, "checkpointer": self}, parts.own)
+            parts = dataclasses.replace(parts, shared={**parts.shared, "checkpointer": self})
         self.parts, self.halted, self.clock, self.callbacks = parts, halted, clock, callbacks
         self.best_steps: list[int] = []  # newest last; the keep_best newest are the best m
         self.info = dist_info
