@@ -159,7 +159,7 @@ def run_ft(args, nproc: int) -> int:
         lighthouse = Lighthouse(args, timeout, min_replicas, logs)
         try:
             address = lighthouse.start(stop)
-            if address is None:
+            if address is None or stop.signum:
                 say(f"launch: {stop.name} received before any replica group started: nothing to save; run the "
                     f"same command again to start")
                 return EXIT_INTERRUPTED
@@ -237,7 +237,7 @@ class Lighthouse:
     """torchft's Lighthouse: started here (127.0.0.1 and a free port, or --ft-host-lighthouse: all interfaces
     at --ft-lighthouse's port) and stopped at the end, or the one --ft-lighthouse names, waited for."""
 
-    START_S = 30.0  # for it to listen (a Rust binary: well under a second)
+    START_S = 30.0  # for it to listen (a python script that runs torchft's Rust server: a second or two)
 
     def __init__(self, args, timeout: float, min_replicas: int, logs: Path):
         self.given, self.host_it = args.ft_lighthouse, bool(args.ft_host_lighthouse)
@@ -408,9 +408,9 @@ class Groups:
         if g.code == EXIT_USER_ERROR and not self.stop.signum:
             self.user_error = self.user_error or g
             return True
-        # done, saved after a signal (the launcher's, or its own: then the quorum's vote stops them all), or
-        # ended by a signal that asks to stop: never restarted
-        if g.code in (0, EXIT_INTERRUPTED, -signal.SIGTERM, -signal.SIGINT) or self.stop.signum:
+        # done, saved after a signal (the launcher's, or its own: then the quorum's vote stops them all), ended
+        # by a signal that asks to stop, or while all are stopping: never restarted
+        if g.code in (0, EXIT_INTERRUPTED, -signal.SIGTERM, -signal.SIGINT) or self.stop.signum or self.user_error:
             return False
         step = last_logged_step(self.run_dir)
         how = self._how(g)

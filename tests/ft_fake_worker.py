@@ -5,7 +5,8 @@ without training anything, and imports no torch (a group starts in a fraction of
 It writes its environment to DIR/env-<group>-<pid>.json, whether the Lighthouse answered, then counts steps
 (group 0 logs them to runs/NAME/metrics.jsonl, as rank 0 does) until told, by a file DIR/<what>-<group>:
 `die` SIGKILL itself, `crash` exit 1 with a traceback, `usererror` exit 2 with dtrain's one-line error, `done`
-exit 0; SIGTERM or SIGINT: it "saves" (DIR/saved-<group>-<pid>) and exits 75."""
+exit 0; SIGTERM or SIGINT: it "saves" (DIR/saved-<group>-<pid>) and exits 75, or with DIR/crashonstop-<group>
+exits 1."""
 
 import json
 import os
@@ -23,6 +24,8 @@ group, pid = os.environ["REPLICA_GROUP_ID"], os.getpid()
 
 
 def saved(signum, frame):
+    if (out / f"crashonstop-{group}").exists():  # a group that fails on its way out
+        sys.exit(1)
     (out / f"saved-{group}-{pid}").write_text(signal.Signals(signum).name)
     sys.exit(75)
 

@@ -180,19 +180,19 @@ def test_a_lost_group_is_restarted_alone_within_max_restarts(tmp_path):
 @needs_torchft
 def test_a_user_error_stops_every_group_and_is_one_line(tmp_path):
     """A group's exit 2 is never retried: the others get SIGTERM (they save), and the launch ends with that
-    group's one line, exit 2, as the normal launcher's. Group 0's own line goes to its log only, though its
-    output is on the terminal (it was there twice)."""
+    group's one line, exit 2, as the normal launcher's; one that fails on its way out is not restarted.
+    Group 0's own line goes to its log only, though its output is on the terminal (it was there twice)."""
     proc = launch(tmp_path, 3, "--max-restarts", "3")
     wait_for(lambda: all(started(tmp_path, g) for g in range(3)), 60, what="3 groups")
+    order(tmp_path, "crashonstop", 2)
     order(tmp_path, "usererror", 0)
     out, err = finish(proc)
     assert proc.returncode == 2, err
     assert err.strip().splitlines()[1:] == [f"dtrain: error: config: fake mistake in group 0 (group 0 on "
                                             f"{os.uname().nodename}, log runs/fake/logs/group-0.log)"]
     assert "dtrain: error: config: fake mistake" in (tmp_path / "runs" / "fake" / "logs" / "group-0.log").read_text()
-    assert len(started(tmp_path, 0)) == 1  # not restarted
-    for g in (1, 2):
-        assert (tmp_path / "o" / f"saved-{g}-{started(tmp_path, g)[0]['pid']}").read_text() == "SIGTERM"
+    assert [len(started(tmp_path, g)) for g in range(3)] == [1, 1, 1]  # none restarted
+    assert (tmp_path / "o" / f"saved-1-{started(tmp_path, 1)[0]['pid']}").read_text() == "SIGTERM"
 
 
 @pytest.mark.multiproc
