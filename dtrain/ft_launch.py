@@ -360,7 +360,7 @@ class Groups:
             if g.index == 0:  # group 0's output on the terminal too, through tee (a session of its own: our
                 # signals are not its, it ends when the group's pipe closes)
                 tees = [subprocess.Popen(["tee", "-a", str(self.log(g))], stdin=subprocess.PIPE, stdout=fd,
-                                         start_new_session=True) for fd in (sys.stdout.fileno(), sys.stderr.fileno())]
+                                         start_new_session=True) for fd in (1, 2)]  # the launcher's own
                 outputs = tuple(t.stdin for t in tees)
             # a session of its own: a ^C at the terminal reaches the launcher only, which forwards it
             g.proc = subprocess.Popen(self.command, env=env, stdin=subprocess.DEVNULL, stdout=outputs[0],
