@@ -149,7 +149,7 @@ def digits_train_keys(data_root: Path) -> set[str]:
 @pytest.mark.slow
 @needs_torchft
 def test_a_killed_group_heals_and_the_run_trains_every_sample_once(tmp_path, data_root):
-    KILL_AT, HOLD_AT = 12, 30
+    KILL_IN, HOLD_AT = 12, 30
     # "best" the highest validation loss: step 10's, which the replacement knows only from its peers (healed
     # state), no checkpoint being written before the end
     args = [*ARGS, f"data.root={data_root}", "run.name=ft", "early_stop.mode=max", "checkpoint.every=0",
@@ -158,11 +158,12 @@ def test_a_killed_group_heals_and_the_run_trains_every_sample_once(tmp_path, dat
     try:
         hold = {"FT_HOLD_AT": str(HOLD_AT), "FT_HOLD_FOR": "replacement.up", "FT_DELAY": "0.05"}
         survivors = [groups.start(0, args, **hold), groups.start(1, args, **hold)]
-        victim = groups.start(2, args, FT_KILL_AT=str(KILL_AT), FT_DELAY="0.05")
+        victim = groups.start(2, args, FT_KILL_IN_STEP=str(KILL_IN), FT_DELAY="0.05")
         assert victim.wait(timeout=240) == -signal.SIGKILL, groups.err(victim)[-3000:]
+        died = max(r["step"] for r in records(tmp_path, 2) if "step" in r) + 1  # the step it died in
 
         def steps_alone() -> list[int]:
-            return [r["step"] for r in records(tmp_path, 0) if r.get("step", 0) > KILL_AT + 1]
+            return [r["step"] for r in records(tmp_path, 0) if r.get("step", 0) > died]
         wait_for(lambda: len(steps_alone()) >= 3, what="the survivors' steps at 2 replica groups", timeout=120)
         replacement = groups.start(2, args, FT_DELAY="0.05")
         wait_for(lambda: any("start" in r and r["pid"] == replacement.pid for r in records(tmp_path, 2)),
@@ -176,12 +177,12 @@ def test_a_killed_group_heals_and_the_run_trains_every_sample_once(tmp_path, dat
     run_dir = tmp_path / "runs" / "ft"
     keys = {g: key_log(run_dir, g) for g in range(3)}
     # the survivors kept training at 2 groups while group 2 was away: consecutive steps from the kill on
-    alone = sorted(s for s in keys[0] if s > KILL_AT and s not in keys[2])
+    alone = sorted(s for s in keys[0] if s >= died and s not in keys[2])
     assert len(alone) >= 3 and alone == list(range(alone[0], alone[-1] + 1)), alone
     # the replacement healed from a live peer after the kill: its first step's weights are the survivors'
     logs = {g: records(tmp_path, g) for g in range(3)}
     healed = [r for r in logs[2] if r.get("step") and r["pid"] == replacement.pid]
-    assert healed[0]["step"] > KILL_AT + 3
+    assert healed[0]["step"] > died + 3
     after = {r["step"]: r["weights"] for r in logs[0] if "step" in r}
     assert all(r["weights"] == after[r["step"]] for r in healed)  # every step after healing, too
     # every group's weights after every step it committed are the same; the final ones torch.equal
@@ -203,15 +204,15 @@ def test_a_killed_group_heals_and_the_run_trains_every_sample_once(tmp_path, dat
     assert all(len(m) >= 2 and all(x == m[0] for x in m) for m in validated.values())
     assert len(validated[39]) == 3 and validated[39][0]["val/best_loss"] == validated[10][0]["val/loss"]
     # sample accounting: the epoch's committed steps train each of its samples exactly once over the groups,
-    # though the step after the kill was tried twice (the victim's lines end at the kill)
-    assert max(s for s in keys[2] if s <= KILL_AT + 3) == KILL_AT
+    # though the step the victim died in was tried twice: not committed, then dealt over 2 groups
+    assert max(s for s in keys[2] if s <= died + 3) == died - 1
+    assert f"ft: step {died - 1} not committed" in groups.err(survivors[0])  # (0-based: the data position)
     everything = digits_train_keys(data_root)
     seen = [k for s in range(1, STEPS + 1) for g in range(3) for k in keys[g].get(s, [])]
     assert len(seen) == len(set(seen)) == STEPS * 32 and set(seen) <= everything
     # one line for the fault, from the group that wrote the end; the run's files are one run's
-    back = min(s for s in keys[2] if s > KILL_AT)
-    line = f"ft: group 2 lost at step {KILL_AT + 1}, rejoined (healed) at step {back}; " \
-           f"{back - KILL_AT - 1} steps at 2 of 3 groups"
+    back = min(s for s in keys[2] if s > died)
+    line = f"ft: group 2 lost at step {died}, rejoined (healed) at step {back}; {back - died} steps at 2 of 3 groups"
     assert line in groups.err(survivors[0]), groups.err(survivors[0])[-2000:]
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in metrics if "loss" in r] == list(range(1, STEPS + 1))
