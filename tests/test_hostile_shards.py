@@ -365,3 +365,22 @@ def test_shard_out_replaces_only_a_directory_dtrain_wrote(tmp_path):
     for _ in range(2):
         assert dtrain(tmp_path, *shard_digits, "home/digits").returncode == 0
     assert (tmp_path / "home" / "digits" / "train.json").is_file()
+
+
+def test_shard_out_keeps_shards_of_the_users_named_as_dtrains(tmp_path):
+    """docs/your-data.md's block, run in order: the user's train-000000.tar... counted by `dtrain index` into
+    shards/train.json, then `dtrain shard --from-folder photos/ --out shards/` deleted them (exit 0)."""
+    import webdataset as wds
+    from PIL import Image
+    (tmp_path / "shards").mkdir()
+    for s in range(2):
+        with wds.TarWriter(str(tmp_path / "shards" / f"train-{s:06d}.tar")) as w:
+            w.write({"__key__": f"k{s}", "cls": 0})
+    (tmp_path / "photos" / "c0").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(tmp_path / "photos" / "c0" / "0.png")
+    shard = ["shard", "--from-folder", "photos", "--out", "shards"]
+    assert "shards holds train-000000.tar, which dtrain did not write" in error_of(dtrain(tmp_path, *shard))
+    assert dtrain(tmp_path, "index", "shards/train-{000000..000001}.tar", "--out", "shards/train.json").returncode == 0
+    assert "shards holds train.json, which dtrain did not write" in error_of(dtrain(tmp_path, *shard))
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["train-000000.tar", "train-000001.tar",
+                                                                       "train.json"]

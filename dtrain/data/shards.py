@@ -143,13 +143,32 @@ def _check_replaceable(out: Path) -> None:
         return
     if out.is_symlink() or not out.is_dir():
         raise DataError(f"data: {out} exists and is not a directory; write the shards to a new directory")
-    other = next((p.name for p in sorted(out.iterdir()) if not _WRITTEN.fullmatch(p.name)), None)
+    names = sorted(p.name for p in out.iterdir())
+    other = next((n for n in names if not _WRITTEN.fullmatch(n)), None) or _not_from_shard(out, names)
     if other is not None:
         raise DataError(f"data: {out} holds {other}, which dtrain did not write there, and the new shards would "
                         "replace the whole directory; write them to a new directory, or empty it first")
 
 
 _WRITTEN = re.compile(r"(train|val|test)(-\d{6}\.tar|\.json)|" + re.escape(LEGACY_INDEX))  # what write_split_shards makes
+
+
+def _not_from_shard(out: Path, names: list[str]) -> str | None:
+    """A file of `out` named as dtrain names its shards that `dtrain shard` did not write: a descriptor without
+    its `dtrain` section (`dtrain index` writes none), or a shard no such descriptor lists (a user's own
+    train-000000.tar, the names dtrain's docs give theirs)."""
+    if LEGACY_INDEX in names:
+        return None
+    listed = set()
+    for name in (f"{split}.json" for split in SPLITS if f"{split}.json" in names):
+        try:
+            d = json.loads((out / name).read_text())
+        except (OSError, ValueError):
+            return name
+        if not isinstance(d, dict) or "dtrain" not in d:
+            return name
+        listed |= {e.get("url") for e in d.get("shardlist", []) if isinstance(e, dict)}
+    return next((n for n in names if n.endswith(".tar") and n not in listed), None)
 
 
 def read_index(root: str | Path, trust_pipes: bool = False) -> ShardIndex:
