@@ -17,8 +17,9 @@ What dtrain adds to torchft's own loop is that every sample is still seen once:
 The quorum is synchronous (`use_async_quorum=False`): a step must know its participants before its forward
 pass, to deal its batch; healing is then applied before the forward pass, and a group is never a spare.
 
-Not yet here (see docs/fault-tolerance.md): the launcher's mode, the trainer's validation/checkpoint
-agreement, more than one process per replica group.
+`dtrain train` as a replica group (the run's own model, data, validation, checkpoints and logs around a
+StepRunner) is dtrain.ft_train; the launcher's side is dtrain.ft_launch. Not yet: more than one process per
+replica group.
 """
 
 from __future__ import annotations
