@@ -37,6 +37,7 @@ the best checkpoints and the fault history from a live peer: it decides as its p
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import math
 import os
@@ -133,6 +134,8 @@ def run(cfg: Config, hooks: Optional[Hooks] = None, debug: bool = False, command
 
     check(cfg, debug)
     group = GroupEnv.read()
+    if importlib.util.find_spec("torchft") is None:  # said before the data and model are built
+        raise ConfigError("ft: torchft is not installed; pip install 'dtrain[ft]'")
     os.environ.setdefault("RUST_LOG", "warn")  # torchft's own lines: 6 a step at its default, info
     if hooks is not None:
         cfg = hooks.record(cfg)
