@@ -17,9 +17,10 @@ The launcher's contract (dtrain/ft_launch.py starts the groups; this module is o
 - SIGTERM (the launcher sends it to every group at once) is a "save" vote in the next step: every group of
   the step that commits it stops there, the writing group saves the checkpoint, and all exit 75.
 - The writing group: at each committed step, the group of participating (replica) rank 0 in that step's
-  quorum, the lowest REPLICA_GROUP_ID taking part (torchft orders the quorum by replica id). It alone writes
-  that step's metrics records, checkpoints and, at the end, the summary: every committed step has exactly one
-  writer, whichever groups are lost. Log lines go to each group's own stderr.
+  quorum, the lowest REPLICA_GROUP_ID taking part (torchft orders the quorum by the ids as strings: "10"
+  before "2"). It alone writes that step's metrics records, checkpoints and, at the end, the test, the
+  summary and the faults' lines: every committed step has exactly one writer, whichever groups are lost. Log
+  lines go to each group's own stderr. The groups share the run directory and take no run lock.
 
 What a step trains (dtrain.ft): the global batch is the config's, data.batch_size x train.grad_accum, the
 batch one `dtrain train` process takes, whatever the number of groups: committed step s trains samples
