@@ -1,9 +1,11 @@
 """Optimizers and LR schedules, built on torch.optim and torch.optim.lr_scheduler: dtrain's own (AdamW, SGD;
 a LambdaLR of `Schedule`), or any other named by an import string (optim.name, schedule.name) or handed
-in from Python as a factory."""
+in from Python as a factory; and how their state resumes under this run's config (config_hyperparameters,
+set_schedule_length), which the engines' load_state_dict use."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from dataclasses import dataclass
@@ -229,3 +231,50 @@ def rebuilt_from_config(scheduler: Any) -> bool:
     """dtrain's own schedule: a pure function of the step, rebuilt from the config at resume (the step count
     alone comes from the checkpoint); any other scheduler's state comes from the checkpoint whole."""
     return isinstance(scheduler, lr_scheduler.LambdaLR) and all(isinstance(fn, Schedule) for fn in scheduler.lr_lambdas)
+
+
+@contextlib.contextmanager
+def config_hyperparameters(optimizer, scheduler):
+    """Load an optimizer's and its LambdaLR's state from a checkpoint inside this block, and keep the
+    hyperparameters of this run's config: torch restores the param groups (lr, initial_lr, weight decay,
+    betas...) and the schedule (base_lrs, the Schedule's fields, e.g. total_steps) from the checkpoint,
+    which would silently undo a changed optim.lr, schedule.* or train.epochs. The step count and the
+    optimizer's moments stay the checkpoint's; the LR is recomputed at that step, as LambdaLR does, so an
+    unchanged config resumes bit for bit.
+
+    Any other scheduler (schedule.name an import string) keeps the checkpoint's state whole, and the
+    optimizer's param groups too (their LR is that scheduler's, and OneCycleLR cycles the betas): it can't
+    be recomputed at a step in general (torch's chainable schedulers are recursions), so the keys that
+    would change it are fixed at resume instead (resume.OWN_SCHEDULER)."""
+    if not rebuilt_from_config(scheduler):
+        yield
+        return
+    groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    base_lrs = list(scheduler.base_lrs)
+    schedules = [dict(vars(fn)) for fn in scheduler.lr_lambdas]
+    yield
+    scheduler.base_lrs = base_lrs
+    for fn, fields in zip(scheduler.lr_lambdas, schedules, strict=True):
+        vars(fn).update(fields)  # as LambdaLR.load_state_dict does (Schedule is a frozen dataclass)
+    for group, fresh in zip(optimizer.param_groups, groups, strict=True):
+        group.update(fresh)
+    _lr_at_this_step(optimizer, scheduler)
+
+
+def set_schedule_length(optimizer, scheduler, total_steps: int) -> None:
+    """Let the schedule span `total_steps`: an elastic resume settles the epoch length (the checkpoint's)
+    after the engine built the schedule from this run's own. Any other scheduler has the checkpoint's state,
+    its length included, loaded before (the engine is restored before the data position), and the run's
+    length cannot change at resume (resume.OWN_SCHEDULER): the checkpoint's epoch length gives the same one."""
+    if not rebuilt_from_config(scheduler):
+        return
+    for fn in scheduler.lr_lambdas:
+        vars(fn)["total_steps"] = total_steps  # Schedule is a frozen dataclass
+    _lr_at_this_step(optimizer, scheduler)
+
+
+def _lr_at_this_step(optimizer, scheduler) -> None:
+    """Each group's LR at the scheduler's step, computed as LambdaLR computes it."""
+    for group, base_lr, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group["lr"] = base_lr * fn(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

@@ -3,8 +3,8 @@
 The checkpoint holds the config it was written with (state["config"]). At resume every setting of
 today's schema is compared with it (a setting the checkpoint predates counts as its default); rank 0
 prints one line per changed key. A key that may change is applied: the model, optimizer and data
-position come from the checkpoint, every hyperparameter from the new config (`config_hyperparameters`
-puts the optimizer's and the schedule's back after the checkpoint's state is loaded). A key that cannot
+position come from the checkpoint, every hyperparameter from the new config (the engines load the
+optimizer's and the schedule's state inside optim.config_hyperparameters, which puts this config's back). A key that cannot
 change ends the run in one line before anything is loaded or written.
 
 A setting may change when it only decides what happens from now on; it is fixed when the checkpoint's
@@ -14,7 +14,6 @@ are fixed, a new one too, until someone decides it is safe and lists it here.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 from dataclasses import dataclass, replace
@@ -51,7 +50,7 @@ FIXED_IN_SECTION = {
     "early_stop.mode": "the best checkpoint, its value and the patience so far were judged in the checkpoint's "
                        "direction",
 }
-# A scheduler other than dtrain's resumes from its saved state whole (config_hyperparameters): a new optim.* or
+# A scheduler other than dtrain's resumes from its saved state whole (optim.config_hyperparameters): a new optim.* or
 # schedule.* value, or a new length, would be silently ignored (or step it past its end).
 OWN_SCHEDULER_KEYS = ("optim.", "schedule.", "train.epochs", "train.max_steps")
 OWN_SCHEDULER = ("schedule.name is not one of dtrain's schedules: its state resumes from the checkpoint as saved "
@@ -197,55 +196,6 @@ class ConfigState:
 
     def load_state_dict(self, saved: dict) -> None:
         check_config(saved, self.cfg, self.run_dir, self.log)
-
-
-@contextlib.contextmanager
-def config_hyperparameters(optimizer, scheduler):
-    """Load an optimizer's and its LambdaLR's state from a checkpoint inside this block, and keep the
-    hyperparameters of this run's config: torch restores the param groups (lr, initial_lr, weight decay,
-    betas...) and the schedule (base_lrs, the Schedule's fields, e.g. total_steps) from the checkpoint,
-    which would silently undo a changed optim.lr, schedule.* or train.epochs. The step count and the
-    optimizer's moments stay the checkpoint's; the LR is recomputed at that step, as LambdaLR does, so an
-    unchanged config resumes bit for bit.
-
-    Any other scheduler (schedule.name an import string) keeps the checkpoint's state whole, and the
-    optimizer's param groups too (their LR is that scheduler's, and OneCycleLR cycles the betas): it can't
-    be recomputed at a step in general (torch's chainable schedulers are recursions), so the keys that
-    would change it are fixed at resume instead (OWN_SCHEDULER)."""
-    from .optim import rebuilt_from_config
-    if not rebuilt_from_config(scheduler):
-        yield
-        return
-    groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    base_lrs = list(scheduler.base_lrs)
-    schedules = [dict(vars(fn)) for fn in scheduler.lr_lambdas]
-    yield
-    scheduler.base_lrs = base_lrs
-    for fn, fields in zip(scheduler.lr_lambdas, schedules, strict=True):
-        vars(fn).update(fields)  # as LambdaLR.load_state_dict does (Schedule is a frozen dataclass)
-    for group, fresh in zip(optimizer.param_groups, groups, strict=True):
-        group.update(fresh)
-    _lr_at_this_step(optimizer, scheduler)
-
-
-def set_schedule_length(optimizer, scheduler, total_steps: int) -> None:
-    """Let the schedule span `total_steps`: an elastic resume settles the epoch length (the checkpoint's)
-    after the engine built the schedule from this run's own. Any other scheduler has the checkpoint's state,
-    its length included, loaded before (the engine is restored before the data position), and the run's
-    length cannot change at resume (OWN_SCHEDULER): the checkpoint's epoch length gives the same one."""
-    from .optim import rebuilt_from_config
-    if not rebuilt_from_config(scheduler):
-        return
-    for fn in scheduler.lr_lambdas:
-        vars(fn)["total_steps"] = total_steps  # Schedule is a frozen dataclass
-    _lr_at_this_step(optimizer, scheduler)
-
-
-def _lr_at_this_step(optimizer, scheduler) -> None:
-    """Each group's LR at the scheduler's step, computed as LambdaLR computes it."""
-    for group, base_lr, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
-        group["lr"] = base_lr * fn(scheduler.last_epoch)
-    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def already_tested(run_dir: Path, step: int, reason: str, is_global_zero: bool,

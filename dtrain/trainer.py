@@ -21,7 +21,8 @@ from . import dist
 from .build import Hooks, build_components, seed_all
 from .callbacks import Callbacks, Reporter, RunStart, build_callbacks
 from .config import Config
-from .resume import ConfigState, already_tested, set_schedule_length
+from .optim import set_schedule_length
+from .resume import ConfigState, already_tested
 from .signals import StopReason
 from .state import RNG, Parts
 

@@ -44,13 +44,9 @@ LAYERS = {
 }
 TOP = PACKAGE.name
 
-# Imports up the layers that are still there, each a candidate for its owner. The optimizer-and-schedule resume
-# rule lives in resume.py, which the engines' load_state_dict calls.
-KNOWN_UPWARD = {
-    ("dtrain.engine.deepspeed", "dtrain.resume"),
-    ("dtrain.engine.fsdp", "dtrain.resume"),
-    ("dtrain.engine.single", "dtrain.resume"),
-}
+# Imports up the layers that are still there, each a candidate for its owner (none: the last three, the engines'
+# load_state_dict calling resume.config_hyperparameters, went when that rule moved down to optim.py).
+KNOWN_UPWARD: set[tuple[str, str]] = set()
 
 
 def layer_of(module: str) -> int | None:

@@ -23,9 +23,9 @@ import torch
 from conftest import latest_logged_step, result_of, run_dtrain, start, torchrun_cmd, wait_for, workers
 from dtrain.config import Config, load_config
 from dtrain.logging import key_log_step, metrics_record
-from dtrain.optim import build_optimizer, build_schedule, build_scheduler
+from dtrain.optim import build_optimizer, build_schedule, build_scheduler, config_hyperparameters, set_schedule_length
 from dtrain.records import keep_records, read_records
-from dtrain.resume import config_changes, config_hyperparameters, fixed_reason, set_schedule_length
+from dtrain.resume import config_changes, fixed_reason
 from dtrain.runlock import LOCK, RunDirError, RunLock, check_layout, make_run_dir
 
 FOREIGN = {"host": "node-b", "pid": 4242, "slurm_job": "99", "torchelastic_run": None, "machine": "another-machine",

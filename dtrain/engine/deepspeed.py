@@ -29,6 +29,7 @@ import torch
 
 from ..config import ConfigError
 from .. import capabilities
+from ..optim import config_hyperparameters
 from .single import pick_dtype
 
 TAG = "deepspeed"  # the sub-directory of a dtrain checkpoint that holds DeepSpeed's own files
@@ -151,7 +152,6 @@ class DeepSpeedEngine:
         from .formats import check_engine
         check_engine(directory, state, "deepspeed")
         check_same_world_size(directory, self.world_size)
-        from ..resume import config_hyperparameters
         with weights_only_loads(directory / TAG), config_hyperparameters(self.optimizer, self.scheduler):
             path, _ = self.model.load_checkpoint(str(directory), tag=state["deepspeed"]["tag"])
         if path is None:

@@ -44,6 +44,7 @@ from torch.distributed.tensor import DTensor
 
 from ..config import ConfigError
 from .. import capabilities
+from ..optim import config_hyperparameters
 from .single import SingleEngine
 
 TAG = "fsdp"  # the sub-directory of a dtrain checkpoint that holds DCP's files
@@ -199,7 +200,6 @@ class FSDPEngine(SingleEngine):
         check_engine(directory, state, "fsdp")
         loaded = self._sharded_state()
         _dcp_load(directory, loaded)
-        from ..resume import config_hyperparameters
         with config_hyperparameters(self.optimizer, self.scheduler):  # the checkpoint's state, this config's LR
             set_state_dict(self.module, self.optimizer, model_state_dict=loaded["model"],
                            optim_state_dict=loaded["optimizer"])

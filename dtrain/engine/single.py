@@ -8,6 +8,7 @@ import math
 import torch
 
 from .. import capabilities
+from ..optim import config_hyperparameters
 
 
 def pick_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -135,7 +136,6 @@ class SingleEngine:
         self.module.load_state_dict(state["model"])
 
     def load_state_dict(self, state: dict) -> None:
-        from ..resume import config_hyperparameters
         self.module.load_state_dict(state["model"])
         with config_hyperparameters(self.optimizer, self.scheduler):  # the checkpoint's state, this config's LR
             self.optimizer.load_state_dict(state["optimizer"])
