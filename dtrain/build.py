@@ -269,11 +269,10 @@ def build_components(cfg: Config, info: dist.DistInfo, hooks: Optional[Hooks] = 
                      debug: bool = False, callbacks=None) -> Components:
     run_dir = run_dir_of(cfg.run, debug)
     device = info.device
-    log = build_logger(cfg.log, info, run_dir, 0, cfg.wandb, cfg.to_dict())
+    log = build_logger(cfg.log, info, run_dir, cfg.wandb, cfg.to_dict())
     core = build_core(cfg, info, hooks, debug, log.info)
     data, engine = core.data, core.engine
     core.evaluator.check_monitor(data.val is not None, log.warning)  # after the probe named what validation logs
-    log.total_steps = data.feed.total_steps
     meter = Throughput(data.feed.samples_per_step, core.tokens, core.flops,
                        peak_flops(device, cfg.train.peak_flops), info.world_size, device)
     clock = Stopwatch()  # this start's wall time by part (the end-of-run summary)

@@ -263,7 +263,7 @@ class FtTrainer(Trainer):
         """This group writes this step's records and checkpoints, or not: the sinks open at the step before
         (dropping whatever a killed writer logged after it) and close when another group takes over."""
         if writes and not self.log.sinks:
-            self.log.start(self.step - 1)
+            self.log.start(self.step - 1, self.feed.total_steps)
         elif not writes and self.log.sinks:
             self.log.close()
         self.writes = self.checkpointer.enabled = writes

@@ -165,10 +165,10 @@ def _command_line_redacted():
 
 
 class RunLogger:
-    def __init__(self, run_dir: Path, total_steps: int, progress: bool, prefix: str = "",
-                 wandb_cfg=None, run_config: Optional[dict] = None, loggers=("jsonl",)):
+    def __init__(self, run_dir: Path, progress: bool, prefix: str = "", wandb_cfg=None,
+                 run_config: Optional[dict] = None, loggers=("jsonl",)):
         self.run_dir = Path(run_dir)
-        self.total_steps, self.show_progress, self.prefix = total_steps, progress, prefix
+        self.show_progress, self.prefix = progress, prefix
         self.bar = None
         self.wandb_cfg, self.run_config = wandb_cfg, run_config or {}
         self.names = active_loggers(loggers, wandb_cfg is not None and wandb_cfg.enabled)
@@ -182,10 +182,11 @@ class RunLogger:
     def load_state_dict(self, state: dict) -> None:
         self.wandb_run_id = state.get("wandb_run_id")
 
-    def start(self, step: int) -> None:
+    def start(self, step: int, total_steps: int) -> None:
         """Write config.yaml, open the sinks at `step` (each drops the records a killed run logged after its
-        checkpoint, and a line it was cut off in), the progress bar and the W&B run. Called once a resume is
-        settled: a run refused for a changed config or found finished has written nothing."""
+        checkpoint, and a line it was cut off in), the progress bar (of the run's `total_steps`) and the W&B
+        run. Called once a resume is settled: a run refused for a changed config or found finished has written
+        nothing, and the length is the resumed run's (a resume on other ranks keeps the checkpoint's epochs)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.run_config:  # secrets sealed: config.yaml is read back (it may be a resume's --config)
             _write_atomic(self.run_dir / "config.yaml",
@@ -195,7 +196,7 @@ class RunLogger:
             for sink in self.sinks:
                 sink.log_config(redact(self.run_config))
         if self.show_progress and sys.stderr.isatty():
-            self.bar = progress_bar(total=self.total_steps, initial=step, unit="step", leave=True)
+            self.bar = progress_bar(total=total_steps, initial=step, unit="step", leave=True)
 
     def _open(self, name: str, step: int) -> MetricsLogger:
         if name == "jsonl":
@@ -244,7 +245,7 @@ class NullLogger(RunLogger):
         self.show_progress = False
         self.sinks = []
 
-    def start(self, step): pass
+    def start(self, step, total_steps): pass
     def metrics(self, record): pass
     def progress(self, step, **postfix): pass
     def advance(self, step): pass
@@ -264,12 +265,11 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def build_logger(cfg, dist_info, run_dir: Path, total_steps: int, wandb_cfg=None,
-                 run_config: Optional[dict] = None) -> RunLogger:
+def build_logger(cfg, dist_info, run_dir: Path, wandb_cfg=None, run_config: Optional[dict] = None) -> RunLogger:
     """Rank 0 alone writes metrics (the sinks of cfg.loggers); `run_config` is the resolved config they record."""
     prefix = f"[rank {dist_info.global_rank}] " if dist_info.distributed and cfg.all_ranks else ""
     if dist_info.is_global_zero:
-        return RunLogger(run_dir, total_steps, cfg.progress, prefix, wandb_cfg, run_config, cfg.loggers)
+        return RunLogger(run_dir, cfg.progress, prefix, wandb_cfg, run_config, cfg.loggers)
     return NullLogger(prefix, echo=cfg.all_ranks)
 
 

@@ -79,7 +79,7 @@ class Trainer:
 
     def start_logs(self) -> None:
         """Nothing is written before this: a run refused at resume, or found finished, changes no file."""
-        self.log.start(self.step)
+        self.log.start(self.step, self.feed.total_steps)
         if self.log.wandb is not None:  # rank 0: checkpoints as W&B artifacts (wandb.log_checkpoints)
             self.callbacks.add(Reporter(self.log.wandb.log_checkpoint, self.log.warning))
         if self.key_log:
@@ -234,11 +234,12 @@ class Trainer:
     def relaid(self) -> None:
         """A resume on another number of ranks re-chose the per-rank batch (data feed) and kept the checkpoint's
         epoch length: the engine accumulates the new number of micro-batches, the schedule spans the run's
-        steps, the meter and the progress bar count by them. After the engine's state is loaded, so the
-        schedule is the checkpoint's (a DeepSpeed engine refuses: ZeRO fixed its accumulation)."""
+        steps, the meter counts by them (the progress bar gets the length when the logs start). After the
+        engine's state is loaded, so the schedule is the checkpoint's (a DeepSpeed engine refuses: ZeRO fixed
+        its accumulation)."""
         self.engine.set_grad_accum(self.feed.grad_accum)
         set_schedule_length(self.engine.optimizer, self.engine.scheduler, self.feed.total_steps)
-        self.meter.samples_per_step, self.log.total_steps = self.feed.samples_per_step, self.feed.total_steps
+        self.meter.samples_per_step = self.feed.samples_per_step
 
 
 def _groups(micro_batches, size: int):

@@ -67,8 +67,8 @@ def test_tensorboard_scalars_config_text_and_a_resume_purges_what_the_killed_run
     pytest.importorskip("tensorboard")
     cfg = load_config(None, ["log.loggers=[tensorboard]", "log.progress=false"])
     rank0 = dist.DistInfo("none", 0, 0, 1, torch.device("cpu"), "gloo")
-    first = build_logger(cfg.log, rank0, tmp_path, 20, None, {"optim": {"lr": 0.5}, "api_key": "s3cret"})
-    first.start(0)
+    first = build_logger(cfg.log, rank0, tmp_path, None, {"optim": {"lr": 0.5}, "api_key": "s3cret"})
+    first.start(0, 20)
     for step in range(1, 11):
         first.metrics({"step": step, "loss": float(step), "lr": 0.1, "mfu": 0.25})
     first.metrics({"step": 10, "val/loss": float("nan")})  # non-finite: not a scalar (JSON null)
@@ -81,8 +81,8 @@ def test_tensorboard_scalars_config_text_and_a_resume_purges_what_the_killed_run
     (killed,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
     killed.rename(killed.with_name("events.out.tfevents.%010d.%s.99999999.0" % (time.time(), socket.gethostname())))
     t0 = time.monotonic()
-    resumed = build_logger(cfg.log, rank0, tmp_path, 20, None, {"optim": {"lr": 0.5}})
-    resumed.start(6)  # the checkpoint of step 6
+    resumed = build_logger(cfg.log, rank0, tmp_path, None, {"optim": {"lr": 0.5}})
+    resumed.start(6, 20)  # the checkpoint of step 6
     assert time.monotonic() - t0 < 2.5
     assert max(p.name for p in (tmp_path / "tensorboard").glob("events.out.tfevents.*")).split(".")[-2] == str(os.getpid())
     for step in range(7, 13):
@@ -106,8 +106,8 @@ def test_tensorboard_scalars_config_text_and_a_resume_purges_what_the_killed_run
 def test_other_ranks_write_no_files(tmp_path):
     cfg = load_config(None, ["log.loggers=[tensorboard,csv]"])
     rank1 = dist.DistInfo("torchrun", 1, 1, 2, torch.device("cpu"), "gloo")
-    logger = build_logger(cfg.log, rank1, tmp_path, 10, cfg.wandb, cfg.to_dict())
-    logger.start(0)
+    logger = build_logger(cfg.log, rank1, tmp_path, cfg.wandb, cfg.to_dict())
+    logger.start(0, 10)
     logger.metrics({"step": 1, "loss": 1.0})
     logger.close()
     assert isinstance(logger, NullLogger) and not any(tmp_path.iterdir())

@@ -205,9 +205,9 @@ def test_only_rank_zero_logs_and_secrets_are_redacted(tmp_path):
     cfg = load_config(None, ["wandb.enabled=true"])
     import torch as _torch
     rank1 = dist.DistInfo("torchrun", 1, 1, 2, _torch.device("cpu"), "gloo")
-    logger = build_logger(cfg.log, rank1, tmp_path, 10, cfg.wandb, cfg.to_dict())
+    logger = build_logger(cfg.log, rank1, tmp_path, cfg.wandb, cfg.to_dict())
     assert isinstance(logger, NullLogger)
-    logger.start(0)
+    logger.start(0, 10)
     logger.metrics({"step": 1, "loss": 1.0})
     assert logger.wandb is None and not any(tmp_path.iterdir())
     assert redact({"a": {"api_key": "x", "hf_token": "y", "lr": 1}, "b": [{"password": "z"}]}) == \

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import io
+from pathlib import Path
 
+import dtrain
 from dtrain.checkpoint import Checkpointer
+from dtrain.config import Config
 from dtrain.dist import setup
+from dtrain.logging import build_logger
 from dtrain.state import Parts
 
 
@@ -52,3 +58,29 @@ def test_the_checkpointer_is_built_with_its_parts_halt_and_clock(tmp_path):
     assert resumed.best_steps == [3]  # its own state went with the parts and came back
     state, _ = resumed.load(tmp_path / "step-00000003")
     assert set(state) == {"format", "counter", "checkpointer"}
+
+
+def test_the_logger_gets_the_runs_length_when_it_starts(tmp_path, monkeypatch):
+    """It is built before the data says how many steps the run has (build_components), and started once a
+    resume has settled them (a resume on other ranks keeps the checkpoint's epochs): the bar's length comes
+    with start(), not through an attribute set in between."""
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr("sys.stderr", Terminal())
+    logger = build_logger(Config().log, setup(force_single=True), tmp_path)
+    logger.start(3, 12)
+    assert (logger.bar.n, logger.bar.total) == (3, 12)
+    logger.close()
+
+
+def test_build_sets_no_attribute_of_another_object():
+    """build.py hands each component its collaborators through its constructor: an `x.attr = ...` there
+    (the logger's total_steps was one) is wiring after construction."""
+    tree = ast.parse((Path(dtrain.__file__).parent / "build.py").read_text())
+    targets = [t for node in ast.walk(tree) if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign))
+               for t in (node.targets if isinstance(node, ast.Assign) else [node.target])]
+    names = [e for t in targets for e in (t.elts if isinstance(t, ast.Tuple) else [t])]
+    assert [ast.unparse(n) for n in names if isinstance(n, ast.Attribute)
+            and not (isinstance(n.value, ast.Name) and n.value.id == "self")] == []
