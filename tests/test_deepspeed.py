@@ -77,7 +77,7 @@ def test_zero_matches_ddp(tmp_path, warm_cache, ddp_run, stage):
     bits (~1e-7 relative) and grow slowly over 18 steps; measured max difference ~1e-6. A real mistake
     (double accumulation scaling, clipping twice, schedule stepped twice, a missed all-reduce) moves the
     curve by 1e-2 or more within a few steps. ZeRO-1's ranks have what srun gives its tasks (SLURM_* only:
-    dist.py derives RANK, LOCAL_RANK and the master), the others torchrun's variables."""
+    dist/environment.py derives RANK, LOCAL_RANK and the master), the others torchrun's variables."""
     args = ["train", *COMMON, "train.engine=deepspeed", f"deepspeed.zero_stage={stage}", "run.name=zero"]
     proc = run_ranks(2, args, tmp_path, launcher="srun" if stage == 1 else "torchrun")
     assert f"launch: {'slurm' if stage == 1 else 'torchrun'}, world_size=2" in proc.stderr
