@@ -234,9 +234,8 @@ class Trainer:
     def relaid(self) -> None:
         """A resume on another number of ranks re-chose the per-rank batch (data feed) and kept the checkpoint's
         epoch length: the engine accumulates the new number of micro-batches, the schedule spans the run's
-        steps, the meter counts by them (the progress bar gets the length when the logs start). After the
-        engine's state is loaded, so the schedule is the checkpoint's (a DeepSpeed engine refuses: ZeRO fixed
-        its accumulation)."""
+        steps, the meter counts by them. After the engine's state is loaded, so the schedule is the checkpoint's
+        (a DeepSpeed engine refuses: ZeRO fixed its accumulation)."""
         self.engine.set_grad_accum(self.feed.grad_accum)
         set_schedule_length(self.engine.optimizer, self.engine.scheduler, self.feed.total_steps)
         self.meter.samples_per_step = self.feed.samples_per_step
