@@ -295,6 +295,7 @@ def test_monitor_optimizer_json_labels_and_a_callback_resume_through_a_sigterm(t
                     for k, y in zip(batch["__key__"], model(batch["x"]))}
     assert sorted(r["__key__"] for r in rows) == sorted(expected) and len(rows) == 96  # each sample once
     assert all(torch.allclose(torch.tensor(r["output"]), expected[r["__key__"]], atol=1e-6) for r in rows)
+    assert not any("pred" in r for r in rows)  # a class only for a classification
 
 
 def test_load_model_and_predict_need_not_name_the_optimizer_schedule_or_callbacks(tmp_path, data_root, monkeypatch):
