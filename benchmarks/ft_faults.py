@@ -12,8 +12,8 @@ is small on purpose: what is measured is what a fault costs (restart, checkpoint
 ft:      3 replica groups of one process each (tests/ft_worker.py --hidden W: dtrain's MLP, AdamW) under a
          torchft_lighthouse; group 0 saves `runner.checkpoint_state()` with torch.save every --every committed
          steps (one copy, as dtrain's rank 0 saves one). Group 2 is SIGKILLed mid-step (after its backward
-         pass, before the all-reduce) after --kill-every step tries and restarted at once, alone, as the
-         launcher will; it heals from a live peer (torchft's HTTP transport) and rejoins. Time lost, group 0's
+         pass, before the all-reduce) at step every + every/2, then each replacement after --kill-every step
+         tries, and restarted at once, alone, as the launcher will; it heals from a live peer (torchft's HTTP transport) and rejoins. Time lost, group 0's
          view: its *stall* at the fault (last commit before it to first commit after it, less one median step:
          the failed try, then the new quorum without the lost group) plus its stall when the replacement joins
          (the state sent to it); its saves and holds in those windows are not counted.
@@ -116,8 +116,11 @@ def ft_run(faults: int, hidden: int, layers: int, every: int, kill_every: int, t
     starts = []  # wall clock of each replacement's start
     try:
         start = time.monotonic()
-        procs = [group(0, "--save-every", str(every)), group(1)]
-        victim = group(2, *(kill if faults else []))
+        # all three start together (the survivors wait at step 0 for group 2's manager); the first fault at the
+        # step the restart side's first is at, the next ones --kill-every tries after each replacement's start
+        together = ["--hold-at", "0", "--hold-for", "2"]
+        procs = [group(0, "--save-every", str(every), *together), group(1, *together)]
+        victim = group(2, *(["--kill-at", str(every + every // 2)] if faults else []))
         for k in range(faults):
             assert victim.wait(timeout=600) == -9, f"the victim was to die by its own SIGKILL: see {out}"
             starts.append(time.time())
@@ -302,7 +305,7 @@ def breakdown(row: dict) -> str:
         return ", ".join([part("failed try", "failed_try_s"), part("new quorum", "requorum_s"),
                           part("rejoin", "rejoin_s"), part("(heal transfer", "heal_transfer_s") + ")",
                           part("not lost: replacement start", "replacement_start_s")])
-    return ", ".join([part("stop", "stop_s"), part("start", "start_s"), part("build + read", "build_and_read_s"),
+    return ", ".join([part("stop", "stop_s"), part("spawn", "spawn_s"), part("start", "start_s"), part("build + read", "build_and_read_s"),
                       part("first step", "first_step_s"), part("redo", "redo_s")])
 
 

@@ -28,9 +28,12 @@ def _train(args) -> int:
 def _fit(args: argparse.Namespace, print_outcome: bool = False) -> FitResult:
     """`dtrain train` as `args` say (dtrain.run). -> the run's FitResult, on every rank."""
     from .config import load_config
+    from .data import check_first_sample
     from .run import run
 
     cfg = load_config(args.config, args.overrides, args.defaults)
+    if getattr(args.hooks, "sample", None) is None:  # a script's own sample function is seen per sample
+        check_first_sample(cfg.data)  # a data.sample field the shards lack: one line before torch is imported
     return run(cfg, args.hooks, debug=args.debug, command=_train_command(args), program=_program(args),
                print_outcome=print_outcome)
 

@@ -151,6 +151,7 @@ def _resolve(target: list[str], parser: argparse.ArgumentParser) -> tuple[list[s
     itself (dtrain.main(config=...)) is not seen here. A script's arguments that do not load as a config
     (a mistake its workers will name, or arguments of its own) may still name the run: its run.* keys."""
     from .config import ConfigError, load_config
+    from .data import check_first_sample
 
     first = target[0]
     commands = next(a.choices for a in parser._subparsers._group_actions)
@@ -160,7 +161,10 @@ def _resolve(target: list[str], parser: argparse.ArgumentParser) -> tuple[list[s
         # eval, predict and export read a checkpoint: their overrides name no run of theirs (the default run
         # name's runs/digits/logs got their logs, and an unrelated run called digits would have too)
         if hasattr(parsed, "overrides") and hasattr(parsed, "config") and not hasattr(parsed, "checkpoint"):
-            return entry, _run_dir(load_config(parsed.config, parsed.overrides).run), ""
+            cfg = load_config(parsed.config, parsed.overrides)
+            if first == "train":  # a data.sample field the first training sample lacks: the workers' line
+                check_first_sample(cfg.data)
+            return entry, _run_dir(cfg.run), ""
         return entry, Path("runs") / "launch", " (this command has no run directory)"
     if not first.endswith(".py") or not Path(first).is_file():
         raise ConfigError(f"launch: {first!r} is neither a dtrain command ({', '.join(sorted(set(commands) - {'launch'}))}) "

@@ -4,27 +4,36 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import os
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import TYPE_CHECKING, Callable, Optional, Union
 
-import numpy as np
-import torch
-
-from .. import dist
 from ..config import ConfigError, DataConfig
-from .augment import SeededTransform, chain
-from .builtin import make_builtin
-from .datasets import BUILTIN, FOLDERS
-from .pipeline import ShardStream
-from .samples import ClassLabels, DtrainFormat, FieldMap, MappedFormat, task_of_labels
-from .shards import DataError, ShardIndex, index_from_config, read_index
-from .sources import has_scheme
+from .errors import DataError
+
+if TYPE_CHECKING:
+    from .pipeline import ShardStream
+    from .shards import ShardIndex
+
+# The package's names from its modules, imported as first asked for (PEP 562): importing any module of the
+# package runs this file, and a module that needs no torch (fields: `dtrain launch`'s check of data.sample,
+# before any worker starts) must not wait 1.5 s and more for it.
+_FROM = {"make_builtin": "builtin", "ShardStream": "pipeline", "ShardIndex": "shards", "read_index": "shards"}
+
+
+def __getattr__(name: str):
+    if name not in _FROM:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_FROM[name]}", __name__), name)
 
 
 def resolve_shards(cfg: DataConfig, seed: int, create: bool = True) -> ShardIndex:
     """The shard index of `data.train`/`val`/`test` if set, else of `cfg.dataset`; built-in data sets are
     written on first use (by rank 0)."""
+    from .datasets import BUILTIN, FOLDERS
+    from .shards import index_from_config, read_index
+
     if cfg.train:
         return index_from_config(cfg)
     if cfg.val or cfg.test:
@@ -37,6 +46,9 @@ def resolve_shards(cfg: DataConfig, seed: int, create: bool = True) -> ShardInde
     root = Path(cfg.root) / cfg.dataset
     params = builtin_params(cfg)
     if create and not (root / "train.json").exists():
+        from .. import dist
+        from .builtin import make_builtin
+
         # rank 0 writes (atomically, via a temp dir); the others wait for it
         if dist.broadcast_object(None) is None and _is_zero():
             make_builtin(cfg.dataset, root, cfg.shard_size, seed=0, **params)
@@ -46,6 +58,40 @@ def resolve_shards(cfg: DataConfig, seed: int, create: bool = True) -> ShardInde
         raise DataError(f"data: shards in {root} were made with {index.params}, the config asks for {params}; "
                         f"delete {root} or set data.root elsewhere")
     return index
+
+
+def check_first_sample(cfg: DataConfig) -> None:
+    """data.sample held against the members of the first sample the workers decode, before any worker starts
+    (`dtrain train` and `dtrain launch`, before torch is imported): their own DataError line for a field that
+    no member has, in a second, not after every worker imported torch and built its streams. Only where that
+    is cheap and certain: a field mapping, and the local descriptors and shards the workers will read (a
+    built-in data set once written); anything else (remote or pipe: shards, a data set not yet written, a
+    mistake in the split itself, a shard it cannot read) is left to the workers, who check every sample."""
+    from .fields import check_first_sample as check
+    from .sources import has_scheme
+
+    if not isinstance(cfg.sample, dict) or (cfg.task == "lm" and len(cfg.sample) != 1):
+        return  # a function's fields are seen per sample; task lm's one-field rule is the workers' line
+    named = [item for spec in (cfg.train, cfg.val, cfg.test, cfg.counts)
+             for item in ([spec] if isinstance(spec, str) else spec or [])]
+    if any(not isinstance(item, str) or has_scheme(item) or "${" in item for item in named):
+        return  # read through webdataset (gopen, expand_urls): torch, and maybe the network
+    try:
+        index = resolve_shards(cfg, seed=0, create=False)
+        train = (index.subset("train", cfg.train_subset) if cfg.train_subset else index).shards("train")
+    except (ConfigError, DataError, ValueError):  # the workers say these (braceexpand's errors: ValueError)
+        return
+    # The first sample decoded: the task is read from the first training samples' labels when neither
+    # data.task nor the descriptor says it (infer_task), else the model is probed on the first validation
+    # batch (build.build_core), unless the model asked for the input's shape first and no descriptor said it
+    if not (cfg.task or index.task) or not index.has("val"):
+        first = train[0]
+    elif index.input_shape:
+        first = index.shards("val")[0]
+    else:
+        return  # train's first sample or val's: which depends on the model's factory
+    if not has_scheme(first) and os.path.isfile(first):
+        check(cfg.sample, first)
 
 
 def builtin_params(cfg: DataConfig) -> dict:
@@ -72,6 +118,8 @@ def sample_format(cfg: DataConfig, index: ShardIndex, sample: Union[dict, Callab
                   collate: Optional[Callable] = None):
     """How samples are decoded and batched: `sample` (a field mapping or a function, from Python), else
     data.sample, else the descriptor's own mapping, else dtrain's x.npy + y.cls."""
+    from .samples import DtrainFormat, FieldMap, MappedFormat
+
     spec = sample if sample is not None else cfg.sample if cfg.sample is not None else index.meta.get("sample")
     collate = _hook(collate, cfg.collate, "data.collate")
     if spec is None:
@@ -90,6 +138,8 @@ def sample_format(cfg: DataConfig, index: ShardIndex, sample: Union[dict, Callab
 
 
 def _in_memory(cfg: DataConfig, index: ShardIndex, split: str, fmt, transform, workers: int) -> bool:
+    from .sources import has_scheme
+
     if cfg.in_memory != "auto":
         return bool(cfg.in_memory)
     if fmt.mapped or (transform is not None and workers > 0):  # decoded images can be large; workers transform
@@ -131,6 +181,9 @@ class Streams:
         """(the input shape, "") or (None, why it is unknown): the descriptor's shape, else that of the first
         training sample's input (its first field, read from its shard). Text, lists and other values without
         a shape are left to the collate hook as they are: their shape is unknown, not an error."""
+        import numpy as np
+        import torch
+
         if self.index.input_shape:
             return self.index.input_shape, ""
         name, x = next((k, v) for k, v in self.train.first_sample().items() if k != "__key__")
@@ -152,6 +205,10 @@ def build_streams(cfg: DataConfig, *, seed: int, rank: int, world_size: int, gra
     """This rank's streams of every split from the data config. `augment`: dtrain's own augmentation
     (augment.build_augment); `sample`, `transform`, `collate`: a user's hooks handed in from Python, in
     place of data.sample, data.transform, data.collate."""
+    from .augment import SeededTransform, chain
+    from .pipeline import ShardStream
+    from .samples import ClassLabels
+
     index = resolve_shards(cfg, seed, create)
     fmt = sample_format(cfg, index, sample, collate)
     train_index = index.subset("train", cfg.train_subset) if cfg.train_subset else index
@@ -189,6 +246,8 @@ def infer_task(train: ShardStream) -> Optional[str]:
     training samples' targets (field y) as batched: floating-point values are a regression, integers a
     classification. None without a y field: dtrain's built-in loss and metrics don't apply (a user's loss
     and metrics score the run)."""
+    from .samples import task_of_labels
+
     batch = train.first_batch(INFER_FROM)
     y = batch.get("y") if isinstance(batch, dict) else batch[1]
     if y is None:

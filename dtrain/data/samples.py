@@ -29,9 +29,7 @@ gives a collate hook exactly the samples of its batch.
 
 from __future__ import annotations
 
-import difflib
 import io
-import json
 import re
 import warnings
 import zlib
@@ -44,6 +42,7 @@ from webdataset import autodecode
 
 from ..config import ConfigError
 from .errors import DataError
+from .fields import no_member, parse, pointed
 
 
 # ---- batches as columns ----------------------------------------------------------------------------------
@@ -368,59 +367,25 @@ class FieldMap:
     no member extension holds (`;` separates extensions, `.` is inside them: seg.png)."""
 
     def __init__(self, fields: dict[str, str], image: str = "rgb"):
-        self.fields, self.pointers = {}, {}
-        for name, spec in fields.items():
-            exts, _, pointer = spec.partition("#") if isinstance(spec, str) else ("", "", "")
-            if name.startswith("__") or not exts or not all(exts.split(";")):
-                raise ConfigError(f"config: data.sample.{name}: {spec!r} is not a field name and member extensions "
-                                  "like x: 'jpg;png' (or a number in a JSON member, y: 'json#/count')")
-            if "#" in spec and not pointer.startswith("/"):
-                raise ConfigError(f"config: data.sample.{name}: {spec!r}: after '#' comes a JSON pointer starting "
-                                  f"with '/', e.g. y: '{exts}#/{pointer or 'count'}'")
-            self.fields[name] = [e.lower() for e in exts.split(";")]
-            if pointer:  # "/labels/0" -> ["labels", "0"]; ~1 and ~0 are RFC 6901's escapes of / and ~
-                self.pointers[name] = [t.replace("~1", "/").replace("~0", "~") for t in pointer[1:].split("/")]
+        self.fields, self.pointers = parse(fields)  # fields.py: the rules dtrain launch checks too
         self.decoder = autodecode.Decoder([_Image(image)], pre=[_gunzip], post=[_safe_basic])
 
     def __call__(self, sample: dict) -> dict:
         out = {}
+        key, url = sample["__key__"], sample.get("__url__", "a shard")
         for name, extensions in self.fields.items():
             ext = next((e for e in extensions if e in sample), None)
             if ext is None:
-                members = ", ".join(sorted(k for k in sample if not k.startswith("__")))
-                raise DataError(f"data: sample {sample['__key__']!r} of {sample.get('__url__', 'a shard')} has no "
-                                f"{' or '.join('.' + e for e in extensions)} member for data.sample.{name} "
-                                f"(it has {members or 'none'})")
+                raise no_member(key, url, name, extensions, sample)
             try:
                 out[name] = self.decoder.decode1(ext, sample[ext])
             except Exception as e:  # PIL, json, numpy, torch: any decoder's failure is the data's
-                raise DataError(f"data: cannot decode {sample['__key__']}.{ext} of {sample.get('__url__', 'a shard')} "
+                raise DataError(f"data: cannot decode {key}.{ext} of {url} "
                                 f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") \
                     from None
             if name in self.pointers:
-                out[name] = self._number(out[name], self.pointers[name], name, ext, sample)
+                out[name] = pointed(out[name], self.pointers[name], name, ext, key, url)
         return out
-
-    def _number(self, value, tokens: list[str], name: str, ext: str, sample: dict):
-        """The number at the JSON pointer `tokens` in a decoded JSON member, else one DataError line."""
-        where = f"sample {sample['__key__']!r} of {sample.get('__url__', 'a shard')}"
-        field = f"/{'/'.join(t.replace('~', '~0').replace('/', '~1') for t in tokens)}"
-        for token in tokens:
-            if isinstance(value, dict) and token in value:
-                value = value[token]
-            elif isinstance(value, list) and token.isdigit() and int(token) < len(value):
-                value = value[int(token)]
-            else:
-                has = f"keys {', '.join(map(str, value)) or 'none'}" if isinstance(value, dict) else \
-                    f"a list of {len(value)}" if isinstance(value, list) else f"a {type(value).__name__}"
-                near = difflib.get_close_matches(token, list(map(str, value)), 1) if isinstance(value, dict) else []
-                hint = f"; did you mean '{near[0]}'?" if near else ""
-                raise DataError(f"data: {where}: its .{ext} member has no {field} for data.sample.{name} (at "
-                                f"'{token}' it has {has}{hint})")
-        if isinstance(value, bool) or not isinstance(value, (int, float)):  # bool: an int to Python, not a count
-            raise DataError(f"data: {where}: {field} of its .{ext} member (data.sample.{name}) is "
-                            f"{json.dumps(value)[:60]}, not a number")
-        return value
 
 
 class MappedFormat:

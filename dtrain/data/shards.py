@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
-import webdataset as wds
 
 from .errors import DataError
 from .sources import Descriptor, descriptor, has_scheme, resolve_split, write_descriptor
@@ -106,6 +105,8 @@ def write_split_shards(out: str | Path, splits: dict[str, tuple[Iterable[dict], 
     """Write every split ({split: (samples, how many)}) as tar shards and a descriptor into a temp dir,
     then rename it into place: a half-written directory never looks complete (several ranks or a killed
     process can't leave one behind). `progress`: a bar per split on a terminal (`dtrain shard`)."""
+    import webdataset as wds  # here, not at the top: it imports torch, which reading descriptors needs not
+
     from ..logging import progress_bar
 
     out = Path(out)

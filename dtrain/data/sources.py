@@ -41,11 +41,10 @@ from pathlib import Path
 from typing import Optional, Union
 from urllib.parse import urljoin, urlparse
 
-from webdataset.gopen import gopen
-from webdataset.shardlists import expand_urls
-
 from .errors import DataError
-from .tario import sample_count
+
+# webdataset (gopen, expand_urls) and the tar reader are imported where used: webdataset imports torch, and
+# a local descriptor is read without it (`dtrain launch`'s check of data.sample, data/fields.py)
 
 KIND = "wids-shard-index-v1"
 Spec = Union[str, list, None]
@@ -68,6 +67,7 @@ class Descriptor:
         that lists one is refused."""
         try:
             if has_scheme(source):
+                from webdataset.gopen import gopen
                 with gopen(source) as f:
                     text = f.read()
             else:
@@ -100,6 +100,17 @@ class Descriptor:
             counts.append(n)
         meta = d.get("dtrain") if isinstance(d.get("dtrain"), dict) else {}
         return Descriptor(source, urls, counts, meta)
+
+
+def expand_urls(pattern: str) -> list[str]:
+    """The URLs of a pattern as webdataset reads it: its own expand_urls, which splits at `::`, substitutes
+    ${VAR} from $WDS_VAR, then expands braces with braceexpand. A pattern without `${` is split and
+    brace-expanded here, as it would be, without importing webdataset (and so torch)."""
+    if "${" in pattern:
+        from webdataset.shardlists import expand_urls as expand
+        return expand(pattern)
+    from braceexpand import braceexpand
+    return [url for part in pattern.split("::") for url in braceexpand(part)]
 
 
 def is_pipe(url: str) -> bool:
@@ -225,6 +236,7 @@ def count_shards(patterns: list[str], jobs: int = 8, progress: bool = False) -> 
     `progress`: a bar over the shards on a terminal (`dtrain index`). A shard that can't be read entirely
     (truncated, corrupt, a CRC error) is a DataError naming it; an empty one is counted (0) and warned of."""
     from ..logging import progress_bar
+    from .tario import sample_count
 
     urls = [u for p in patterns for u in expand_urls(p)]
     if not urls:
