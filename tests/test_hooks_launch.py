@@ -5,7 +5,7 @@ ranks forked from the warm rank server, run_ranks, which train the same bits as 
 (a) A regression from a config alone on shards written by webdataset's TarWriter (png + json, the label from
     `json#/count`, point 4), the best checkpoint decided by early_stop.monitor=val/mae with a patience (point 1),
     RAdam and OneCycleLR by import string with their kwargs (point 2), a callback by import string recording its
-    events on every rank (point 3). SIGTERM to the launcher at the first validation that does not improve on the
+    events on every rank, with a state each rank resumes (point 3). SIGTERM to the launcher at the first validation that does not improve on the
     best (the patience counts it), then the printed resume command: final weights, per-step losses and LRs,
     validations (val/best_mae), the early stop and sample keys equal the uninterrupted run's (exact); the best
     value and patience are checked in the interrupted checkpoint and, through val/best_mae and the early stop,
@@ -43,9 +43,10 @@ from test_lm_config import HF, VOCAB, write_tokens
 from test_optimizers import onecycle_lrs
 
 # A callback by import string (run.callbacks=[hookcb:Recorder]): each event on each rank, one JSON line in
-# events-RANK.jsonl of the run directory. Where the test sets HOOK_GATE (a directory), it also paces the steps
-# (20 ms each: the ranks then compare their stop flags every step or two, so a stop comes within a few steps)
-# and, at step HOOK_GATE_STEP, says it is there and waits for the test's `go`: the SIGTERM lands at a known step.
+# events-RANK.jsonl of the run directory, and a state (the steps it saw). Where the test sets HOOK_GATE (a
+# directory), it also paces the steps (20 ms each: the ranks then compare their stop flags every step or two, so
+# a stop comes within a few steps) and, at step HOOK_GATE_STEP, says it is there and waits for the test's `go`:
+# the SIGTERM lands at a known step.
 CALLBACK = '''import json, os, time
 from pathlib import Path
 
@@ -53,6 +54,13 @@ from pathlib import Path
 class Recorder:
     def __init__(self):
         self.gate, self.at = os.environ.get("HOOK_GATE"), int(os.environ.get("HOOK_GATE_STEP", 0))
+        self.steps = 0  # this rank's steps over the whole run: its state, resumed from rank-N.pt
+
+    def state_dict(self):
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state):
+        self.steps = state["steps"]
 
     def say(self, *event):
         with open(self.out, "a") as f:
@@ -63,6 +71,7 @@ class Recorder:
         self.say("start", run.step, run.world_size, run.total_steps)
 
     def on_step_end(self, step, loss):
+        self.steps += 1
         self.say("step", step)
         if self.gate:
             time.sleep(0.02)
@@ -80,7 +89,7 @@ class Recorder:
 
     def on_train_end(self, result):
         self.say("end", result.stop_reason, result.step, result.monitor, result.best_step, result.best_metrics,
-                 str(result.best_checkpoint))
+                 str(result.best_checkpoint), self.steps)
 '''
 
 
@@ -265,6 +274,7 @@ def test_monitor_optimizer_json_labels_and_a_callback_resume_through_a_sigterm(t
         assert first[:2] == ["signal:SIGTERM", cut]
         assert last[1:4] == [end, "val/mae", best["best_step"]] and last[4]["val/mae"] == best["best_val"]
         assert last[5] == str((got / "checkpoints" / f"step-{best['best_step']:08d}").absolute())
+        assert first[6] == cut and last[6] == end  # its state: the steps before the cut counted on
         assert [v[0] for v in of_kind(evs, "val")] == [r["step"] for r in want]
         assert [v[1]["val/mae"] for v in of_kind(evs, "val")] == [r["val/mae"] for r in want]
         improved = [r["step"] for r in want if r["val/mae"] == r["val/best_mae"]]
@@ -275,6 +285,7 @@ def test_monitor_optimizer_json_labels_and_a_callback_resume_through_a_sigterm(t
     assert "resume: 2 -> 1 ranks" in one.stderr, one.stderr[-3000:]
     steps = training(copy / "runs" / "r")
     assert [s for s, _, _ in steps] == list(range(1, steps[-1][0] + 1))
+    assert of_kind(events(copy / "runs" / "r", 0), "end")[-1][6] == steps[-1][0]  # rank 0's callback state
     assert [lr for _, _, lr in steps] == onecycle_lrs(TOTAL, max_lr=LR, pct_start=0.25)[:len(steps)]
     radam = state_of(copy / "runs" / "r")["engine"]["optimizer"]["state"]
     assert {float(s["step"]) for s in radam.values()} == {steps[-1][0]}  # counted on from the checkpoint's
