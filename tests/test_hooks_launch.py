@@ -5,19 +5,22 @@ ranks forked from the warm rank server, run_ranks, which train the same bits as 
 (a) A regression from a config alone on shards written by webdataset's TarWriter (png + json, the label from
     `json#/count`, point 4), the best checkpoint decided by early_stop.monitor=val/mae with a patience (point 1),
     RAdam and OneCycleLR by import string with their kwargs (point 2), a callback by import string recording its
-    events on every rank, with a state each rank resumes (point 3). SIGTERM to the launcher at the first validation that does not improve on the
-    best (the patience counts it), then the printed resume command: final weights, per-step losses and LRs,
-    validations (val/best_mae), the early stop and sample keys equal the uninterrupted run's (exact); the best
-    value and patience are checked in the interrupted checkpoint and, through val/best_mae and the early stop,
-    after it. The interrupted checkpoint
-    also resumes on 1 rank: continuous, not bit-identical (the batches are composed otherwise, as in
-    tests/test_elastic.py), so checked are its step count, every LR (OneCycleLR's state) and RAdam's own step
-    count (the optimizer's state). Then `dtrain export --format safetensors`, dtrain.load_model and dtrain
-    predict on it (point 5; predict's own SIGTERM under dtrain launch is tests/test_predict.py's).
+    events on every rank, with a state each rank resumes (point 3). SIGTERM to the launcher at the first validation
+    that does not improve on the best (the patience counts it), then the printed resume command: final weights,
+    per-step losses and LRs, validations (val/best_mae), the early stop and sample keys equal the uninterrupted
+    run's (exact); the best value and patience are checked in the interrupted checkpoint and, through val/best_mae
+    and the early stop, after it. The interrupted checkpoint also resumes on 1 rank: continuous, not bit-identical
+    (the batches are composed otherwise, as in tests/test_elastic.py), so checked are its step count, every LR
+    (OneCycleLR's state) and RAdam's own step count (the optimizer's state). Then `dtrain export --format
+    safetensors`, dtrain.load_model and dtrain predict on it (point 5; predict's own SIGTERM under dtrain launch is
+    tests/test_predict.py's).
 (b) A causal LM from a config alone (data.task=lm, Hugging Face's GPT2LMHeadModel of a tiny config) on token
     shards written by TarWriter (point 7), SIGTERM through the launcher, resumed (on forked ranks: the launcher's
     resume command is (a)'s), exact; `dtrain export --format hf` loads with AutoModelForCausalLM.from_pretrained
-    with load_model's logits, and `dtrain eval` with a key=value override gives the run's validation metrics.
+    with load_model's logits, and the summary's `dtrain eval` command with key=value overrides (data.val,
+    data.eval_batch_size) gives the metrics computed here by hand.
+Plus, in this process, the fix these runs found: load_model and predict no longer ask for the optimizer's,
+schedule's and callbacks' import strings, and a safetensors export given to them is said to be one.
 """
 
 import io
