@@ -155,7 +155,11 @@ def run_ft(args, nproc: int) -> int:
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     stop = Stop()
-    with stop.handling(), tempfile.TemporaryDirectory(prefix="dtrain-ft-") as errors:
+    # The groups take no run lock (they share the directory): the launch is the one job that holds it, as a
+    # plain run's rank 0 does, so that a second launch or a `dtrain train` of this run is refused meanwhile. On
+    # several nodes, the node that starts the Lighthouse (the others' launchers are the same job)
+    lock = held(run_dir) if not args.ft_lighthouse or args.ft_host_lighthouse else contextlib.nullcontext()
+    with lock, stop.handling(), tempfile.TemporaryDirectory(prefix="dtrain-ft-") as errors:
         lighthouse = Lighthouse(args, timeout, min_replicas, logs)
         try:
             address = lighthouse.start(stop)
@@ -176,6 +180,20 @@ def run_ft(args, nproc: int) -> int:
             return groups.run()
         finally:
             lighthouse.stop()
+
+
+@contextlib.contextmanager
+def held(run_dir: Path):
+    """dtrain's run lock (runlock.RunLock: refused in one line while another job holds it) for the launch."""
+    from .runlock import RunLock, check_layout
+
+    lock = RunLock(run_dir)
+    lock.acquire(say)
+    try:
+        check_layout(run_dir)
+        yield
+    finally:
+        lock.release()
 
 
 class Stop:

@@ -2,7 +2,8 @@
 with real signals. tests/ft_fake_worker.py stands in for a replica group (the workers' side of the contract
 without training: a group starts in a fraction of a second): the environment each group gets, a lost group
 restarted alone while the others run on, --max-restarts across groups, a user error stopping all (exit 2, no
-restart), SIGTERM saving every group (exit 75, never a restart), the Lighthouse started and stopped."""
+restart), SIGTERM saving every group (exit 75, never a restart), the Lighthouse started and stopped, the run
+lock held."""
 
 from __future__ import annotations
 
@@ -195,12 +196,37 @@ def test_a_user_error_stops_every_group_and_is_one_line(tmp_path):
     assert (tmp_path / "o" / f"saved-1-{started(tmp_path, 1)[0]['pid']}").read_text() == "SIGTERM"
 
 
+@needs_torchft
+def test_a_run_directory_another_job_holds_is_refused_in_one_line(tmp_path):
+    """In process: this test holds the run lock, as a running `dtrain train` would; the launch starts no group
+    (each would exit 0 at once: the launch passing would be the failure)."""
+    from dtrain.runlock import RunLock
+    (tmp_path / "runs" / "fake").mkdir(parents=True)
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "done-0").touch()
+    lock = RunLock(tmp_path / "runs" / "fake")
+    lock.acquire(print)
+    try:
+        proc = run_dtrain(["launch", "--ft", "--nproc-per-node", "1", str(FAKE), "--out", "o", "run.name=fake"],
+                          tmp_path, check=False)
+    finally:
+        lock.release()
+    assert proc.returncode == 2 and re.fullmatch(
+        rf"dtrain: error: run: runs/fake is in use by host {os.uname().nodename}, pid {os.getpid()} \(heartbeat \d+ s "
+        r"ago\); wait for it to end or use another run.name", proc.stderr.strip()), proc.stderr
+    assert not list(tmp_path.glob("o/env-*"))
+
+
 @pytest.mark.multiproc
 @needs_torchft
 def test_sigterm_saves_every_group_exits_75_and_restarts_none(tmp_path):
+    """And the launch holds the run lock meanwhile: a plain `dtrain train` of the same run is refused."""
     proc = launch(tmp_path, 2, "--max-restarts", "3")
     wait_for(lambda: all(started(tmp_path, g) for g in range(2)), 60, what="2 groups")
     port = started(tmp_path, 0)[0]["env"]["TORCHFT_LIGHTHOUSE"].rsplit(":", 1)[1]
+    plain = run_dtrain(["train", "run.name=fake"], tmp_path, check=False)
+    assert plain.returncode == 2 and plain.stderr.strip().splitlines()[-1].startswith(
+        f"dtrain: error: run: runs/fake is in use by host {os.uname().nodename}, pid {proc.pid} "), plain.stderr
     proc.send_signal(signal.SIGTERM)  # the launcher only: it forwards to every group
     out, err = finish(proc)
     assert proc.returncode == 75, err
@@ -210,6 +236,7 @@ def test_sigterm_saves_every_group_exits_75_and_restarts_none(tmp_path):
         assert len(started(tmp_path, g)) == 1
         assert (tmp_path / "o" / f"saved-{g}-{started(tmp_path, g)[0]['pid']}").read_text() == "SIGTERM"
     assert not lighthouses(port)
+    assert not (tmp_path / "runs" / "fake" / "run.lock").exists()  # released
 
 
 @pytest.mark.multiproc
