@@ -40,7 +40,6 @@ COPIES = {"docs/index.md": "README.md"}
 RUN, CONFIG, OUTPUT = {"bash", "sh", "console", "python"}, {"yaml"}, {"text"}
 LINKED = ("configs", "examples", "launch", "slurm", "benchmarks")  # the repository's, in every page's workspace
 MAX_STEPS = 3
-# configs/gpt.yaml's own comment says how to run it on a CPU
 # configs/gpt.yaml's own comment says how to run it on a CPU; and its bytes' vocabulary (not 50304, padded for GPUs)
 # on 200 KB of its 4 MB of text (as examples/hf_gpt2.py), or 4 CPU ranks evaluate thousands of windows of 50304 logits
 GPT_ON_CPU = [*re.search(r"try `([^`]+)`", (REPO / "configs" / "gpt.yaml").read_text().replace("\n# ", " "))[1].split(),
@@ -72,7 +71,6 @@ REWRITES = {
     "tensorboard": "`tensorboard --logdir DIR` (a server) is not run: tensorboard must be installed and DIR hold "
                    "event files",
 }
-TRAINING_CMDS = {"train"}
 DTRAIN_CMDS = {"train", "launch", "shard", "index", "eval", "predict", "export", "plot", "augment-preview", "config",
                "bench", "doctor"}
 
@@ -218,14 +216,14 @@ def plan(words: list[str], block: Block, env: dict | None = None) -> Step:
                          f"tests/test_docs_blocks.py (plan) or mark the block <!-- docs-test: skip (why) -->")
 
 
-def rewrite(args: list[str], command: str, trains: bool) -> list[str]:
+def rewrite(args: list[str], command: str) -> list[str]:
     """REWRITES['train'], ['gpt.yaml'], ['bench'] applied to a dtrain command's arguments."""
     args = list(args)
     if any(a.endswith("configs/gpt.yaml") for a in args):
         args += GPT_ON_CPU
     if command == "bench":
         args = _fewest(args, {"--steps": "2", "--reps": "1", "--warmup": "1"})
-    if trains:
+    if command == "train":
         args.append(f"train.max_steps={MAX_STEPS}")
     return args
 
@@ -254,12 +252,11 @@ def _dtrain(args: list[str], block: Block, env: dict) -> Step:
     command = _command_of(args, script=False)
     if command == "launch":
         launch = _launch_args(args)
-        trains = _command_of(launch.target, script=launch.target[0].endswith(".py")) in TRAINING_CMDS
-        target = rewrite(launch.target, "launch", trains)
+        target = rewrite(launch.target, _command_of(launch.target, script=launch.target[0].endswith(".py")))
         full = args[:len(args) - len(launch.target)] + target
         return Step(f"dtrain {shlex.join(full)} (a process)", lambda page: _process(
             [sys.executable, "-m", "dtrain", *full], page, env, block, parsed=_parsed(full)), slow=True)
-    args = rewrite(args, command, command in TRAINING_CMDS)
+    args = rewrite(args, command)
     if command == "train" and any(re.match(r"(wandb\.enabled=true|log\.loggers=.*wandb)", a) for a in args):
         return _ranks(1, args, None, "single", block, env, note=" (W&B: a process of its own)", rewritten=True)
     return Step(f"dtrain {shlex.join(args)}", lambda page: _here(args, None, page, env, block, parsed=_parsed(args)))
@@ -276,7 +273,7 @@ def _python(args: list[str], block: Block, env: dict) -> Step:
     script, rest = args[0], args[1:]
     assert script.endswith(".py"), f"{block}: python {shlex.join(args)}"
     command = _command_of(rest, script=True)
-    rest = rewrite(rest, command, command in TRAINING_CMDS)
+    rest = rewrite(rest, command)
     return Step(f"python {script} {shlex.join(rest)}", lambda page: _here(rest, script, page, env, block))
 
 
@@ -284,7 +281,7 @@ def _ranks(n: int, args: list[str], script: str | None, launcher: str, block: Bl
            rewritten: bool = False) -> Step:
     if not rewritten:
         command = _command_of(args, script=script is not None)
-        args = rewrite(args, command, command in TRAINING_CMDS)
+        args = rewrite(args, command)
     what = f"{n} rank(s) ({launcher}) of {'python ' + script if script else 'dtrain'} {shlex.join(args)}{note}"
 
     def run(page: Page) -> None:
