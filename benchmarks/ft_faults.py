@@ -101,13 +101,13 @@ def ft_run(faults: int, hidden: int, layers: int, every: int, kill_every: int, t
 
     def end_soon(since: float, heal: bool) -> None:
         """Once the last group 2 has healed (after a fault) and committed 2 steps: every group ends 3 steps
-        later."""
+        later (and not before step 2 * every)."""
         while True:
             mine = [r for r in records(out, 2) if r["t"] > since]
             healed = next((i for i, r in enumerate(mine) if "healed" in r), None if heal else 0)
             done = [r for r in mine[healed:] if r.get("committed")] if healed is not None else []
             if len(done) >= 2:
-                (out / "stop.tmp").write_text(str(done[-1]["step"] + 4))
+                (out / "stop.tmp").write_text(str(max(done[-1]["step"] + 4, 2 * every)))  # a save at least
                 (out / "stop.tmp").replace(stop)
                 return
             time.sleep(0.1)
