@@ -490,6 +490,7 @@ def _python_block(block: Block, page: Page) -> None:
         if (REPO / path).exists():
             assert (REPO / path).read_text() == block.body + "\n", f"{block}: differs from {path}: copy it again"
         else:
+            (page.ws / path).parent.mkdir(parents=True, exist_ok=True)
             (page.ws / path).write_text(block.body + "\n")
         if 'if __name__ == "__main__":' in block.body:
             plan(["python", path], block).run(page)
