@@ -23,8 +23,9 @@ def _env(extra: dict | None = None) -> dict:
            if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_", "TORCHELASTIC"))}
     env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     # this checkout's dtrain, not whichever one `pip install -e` last pointed at (tests run with cwd=tmp_path)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    # after the test's own variables: a test's PYTHONPATH (its user modules) goes after it, not in its place
     env.update(extra or {})
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return env
 
 
