@@ -289,6 +289,35 @@ def test_a_field_the_first_sample_lacks_is_the_workers_line_before_they_start(tm
     assert line[0] == workers.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_the_sample_said_is_the_one_the_workers_decode_first(tmp_path, monkeypatch, split):
+    """train: no data.task and no descriptor's task, so the workers read it from the first training labels
+    (infer_task); val: dtrain's own shards (their descriptor says task and input shape), where the model's
+    probe on the first validation batch decodes first. With a task given, a val split and no input shape in
+    the descriptor, which comes first depends on the model's factory: the workers say it."""
+    import dtrain.data
+    import dtrain.run
+    from dtrain.config import load_config
+
+    if split == "val":
+        run_dtrain(["shard", "--dataset", "digits", "--out", str(tmp_path / "digits")], tmp_path)
+        overrides = ["data.dataset=folder:digits", "data.sample={x: nosuch.npy, y: cls}", "data.num_workers=0",
+                     f"run.dir={tmp_path / 'runs'}"]
+    else:
+        overrides = [f"data.val={write_shard(tmp_path / 'val-000000.tar')}", "data.task=null", "data.sample.x=jpg"]
+        config = mapped_config(tmp_path, {"x": "png", "y": "json#/count"})
+        overrides = ["--config", config, *overrides]
+        ambiguous = load_config([config], [f"data.val={tmp_path / 'val-000000.json'}"]).data
+        dtrain.data.check_first_sample(ambiguous)  # task regression, a val split, no input shape: nothing said
+    with monkeypatch.context() as patch:
+        patch.setattr(dtrain.run, "run", lambda *a, **k: pytest.fail("the workers' start-up was reached"))
+        said = run_dtrain(["train", *overrides], tmp_path, check=False)
+    monkeypatch.setattr(dtrain.data, "check_first_sample", lambda cfg: None)
+    workers = run_dtrain(["train", *overrides], tmp_path, check=False)
+    assert said.stderr.strip().splitlines() == [workers.stderr.strip().splitlines()[-1]], said.stderr
+    assert f"of {tmp_path / 'digits' if split == 'val' else tmp_path}/{split}-000000.tar" in said.stderr
+
+
 def test_a_field_no_member_has_under_launch_imports_no_torch_and_starts_no_worker(tmp_path):
     config = mapped_config(tmp_path, {"x": "jpg", "y": "json#/count"})
     proc = run_probed(["launch", "--nproc-per-node", "2", "train", "--config", config], tmp_path)
