@@ -268,4 +268,34 @@ def build_manager(replica_id: str, lighthouse: str, *, timeout_s: float = 10.0, 
                       rank=0, world_size=1, store_addr=store[0], store_port=store[1],
                       lighthouse_addr=lighthouse, replica_id=replica_id)
     manager.dtrain_store = own  # the group's store must live as long as the manager that talks to it
+    _quiet(manager)
     return manager
+
+
+class _SaidByDtrain(logging.Filter):
+    """torchft.manager's lines that dtrain says itself in one line (a failed collective, heal or configure
+    reaches `ft: step N not committed (...)` through Manager.errored(); torchft logs it with gloo's whole
+    message and a traceback), or that do not apply to gloo (NCCL's flight recorder, at each quorum change)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("] got exception in" in message or "] got exception waiting for work" in message
+                    or "Unable to reset NCCL flight recorder" in message)
+
+
+_SAID_BY_DTRAIN = _SaidByDtrain()
+
+
+def _quiet(manager) -> None:
+    """What torchft and torch print in a group's log that says nothing to dtrain's user, silenced at its
+    source: the filter above; the access line ('GET /checkpoint/31/full HTTP/1.1" 200') of the HTTP server
+    that sends this group's state to a healing peer (its error lines stay); torch's warning that the state a
+    healing group receives is read from a buffer that is not writable (loaded into the model, then dropped)."""
+    import warnings
+    logging.getLogger("torchft.manager").addFilter(_SAID_BY_DTRAIN)
+    warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning,
+                            module="torch.distributed._serialization")
+    server = getattr(getattr(manager, "_checkpoint_transport", None), "_server", None)
+    handler = getattr(server, "RequestHandlerClass", None)
+    if handler is not None:
+        handler.log_request = lambda self, code="-", size="-": None

@@ -1,11 +1,16 @@
-"""One replica group of tests/test_ft_train.py: `dtrain train` through dtrain.main (the launcher's environment
-contract set by the test), with a small MLP of this script's and a callback that records, after each committed
-step, its weights' hash to $FT_OUT/g<REPLICA_GROUP_ID>.jsonl, and each validation's metrics. It SIGKILLs this
-process in the forward pass of its $FT_KILL_IN_STEP-th training step (mid-step, before the step's all-reduce, as
-a lost machine would: the others' step fails and is replayed), waits at step $FT_HOLD_AT until
-$FT_OUT/$FT_HOLD_FOR exists (so that a replacement surely joins before the others finish, however slow the
-machine), and sleeps $FT_DELAY seconds a step (so that a fault lands mid-run). Writes the weights after the
-last step to $FT_OUT/g<ID>-<pid>.pt."""
+"""One replica group of tests/test_ft_train.py, started by `dtrain launch --ft` (or plain `dtrain train`):
+`dtrain train` through dtrain.main, with a small MLP of this script's and a callback that records, after each
+committed step, its weights' hash to $FT_OUT/g<REPLICA_GROUP_ID>.jsonl, and each validation's metrics. Told by
+its environment (the same for every group of a launch):
+- FT_WAIT_ALL=N: before its first step, wait until N groups are up (so that the first quorum has them all);
+- FT_KILL_GROUP=G, FT_KILL_IN_STEP=K: group G SIGKILLs itself in the forward pass of its K-th training step
+  (mid-step, before the step's all-reduce, as a lost machine would: the others' step fails and is replayed),
+  once ($FT_OUT/killed); its replacement, once up, waits for the others to hold after step $FT_REJOIN_AFTER
+  (it then joins there, however fast it started) and creates $FT_OUT/replacement.up;
+- FT_HOLDS=S=NAME,...: after step S create $FT_OUT/holding-S and wait until $FT_OUT/NAME exists (a replacement surely joins, a signal
+  surely comes before the end, however slow the machine);
+- FT_DELAY: seconds to sleep a step.
+Writes the weights after the last step to $FT_OUT/g<ID>-<pid>.pt."""
 
 from __future__ import annotations
 
@@ -37,7 +42,9 @@ def forward(model, batch):
     micro-batch at full quorum), SIGKILL."""
     if model.training:
         FORWARDS.append(1)
-        if len(FORWARDS) == int(os.environ.get("FT_KILL_IN_STEP", -1)):
+        if GROUP == os.environ.get("FT_KILL_GROUP") and len(FORWARDS) == int(os.environ.get("FT_KILL_IN_STEP", -1)) \
+                and not (OUT / "killed").exists():
+            (OUT / "killed").touch()
             os.kill(os.getpid(), signal.SIGKILL)
     return default_forward(model, batch)
 
@@ -60,12 +67,21 @@ class Recorder:
         self.total = run.total_steps
         self.write(start=run.step)
         (OUT / f"g{GROUP}.up").touch()
+        if GROUP == os.environ.get("FT_KILL_GROUP") and (OUT / "killed").exists():
+            while not (OUT / f"holding-{os.environ.get('FT_REJOIN_AFTER', 0)}").exists():
+                time.sleep(0.02)
+            (OUT / "replacement.up").touch()
+        while not all((OUT / f"g{g}.up").exists() for g in range(int(os.environ.get("FT_WAIT_ALL", 0)))):
+            time.sleep(0.02)
 
     def on_step_end(self, step, loss) -> None:
         self.write(step=step, weights=weights_hash(), loss=float(loss))
         if step == self.total:  # the last step's weights (the test then loads the best checkpoint's)
             torch.save({k: v.clone() for k, v in MODEL[-1].state_dict().items()}, OUT / f"g{GROUP}-{os.getpid()}.pt")
-        while step == int(os.environ.get("FT_HOLD_AT", -1)) and not (OUT / os.environ["FT_HOLD_FOR"]).exists():
+        holds = dict(hold.split("=") for hold in filter(None, os.environ.get("FT_HOLDS", "").split(",")))
+        if str(step) in holds:
+            (OUT / f"holding-{step}").touch()
+        while str(step) in holds and not (OUT / holds[str(step)]).exists():
             time.sleep(0.02)
         time.sleep(float(os.environ.get("FT_DELAY", 0)))
 

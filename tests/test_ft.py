@@ -1,20 +1,18 @@
 """Per-step fault tolerance on torchft (dtrain.ft, issue #36): how a step's global batch is dealt over the
-quorum (in process), and replica groups as real processes under a real Lighthouse: one SIGKILLed mid-step
-and restarted, the survivors training on meanwhile, the replacement healing from a live peer, every sample of
-every epoch trained once (tests/ft_worker.py is one replica group)."""
+quorum, and replica groups (tests/ft_worker.py's model and data) as threads of this process under a Lighthouse:
+one process's steps, votes, every sample of every epoch once, and an exact resume. A group killed mid-step and
+restarted, the survivors training on meanwhile and the replacement healing from a live peer, is
+tests/test_ft_train.py's `dtrain launch --ft` run, through the same StepRunner."""
 
 from __future__ import annotations
 
 import copy
-import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import _env, free_port, wait_for
 
 from dtrain.data import ShardStream, read_index
 from dtrain.config import ConfigError
@@ -67,13 +65,9 @@ def test_the_global_order_is_what_one_rank_reads_and_memory_fetch_reads_it(data_
         memory_fetch(augmented)
 
 
-# ---- replica groups as processes ---------------------------------------------------------------------------
-STEPS, GLOBAL_BATCH, MICRO_BATCH, KILL_AT, VOTE_AT = 48, 16, 6, 14, 30
-
-
-def _records(out: Path, group: int) -> list[dict]:
-    path = out / f"g{group}.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+# ---- replica groups under a Lighthouse ---------------------------------------------------------------------
+# (a group killed, restarted and healed: tests/test_ft_train.py's `dtrain launch --ft`, through this StepRunner)
+STEPS, GLOBAL_BATCH, MICRO_BATCH, VOTE_AT = 12, 16, 4, 7
 
 
 def _reference() -> tuple[dict[str, torch.Tensor], list[float]]:
@@ -97,90 +91,57 @@ def _reference() -> tuple[dict[str, torch.Tensor], list[float]]:
     return model.state_dict(), losses
 
 
-@pytest.mark.multiproc
 @pytest.mark.skipif(shutil.which("torchft_lighthouse") is None, reason="needs torchft (pip install 'dtrain[ft]')")
-def test_a_killed_replica_group_heals_and_every_sample_is_trained_once(tmp_path):
-    port = free_port()
-    lighthouse = subprocess.Popen(
-        ["torchft_lighthouse", "--min_replicas", "2", "--join_timeout_ms", "1000", "--quorum_tick_ms", "50",
-         "--heartbeat_timeout_ms", "1000", "--bind", f"127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL, stderr=(tmp_path / "lighthouse.log").open("w"))
-    procs = []
+def test_three_groups_take_one_processs_steps_and_share_a_vote():
+    """3 replica groups as threads of this process under a Lighthouse of its own: uneven shares (5, 5, 6) in
+    micro-batches of 4 give each step the loss and the update of one process taking the whole global batch (up to
+    the order of float sums), the same weights in every group; a vote of one group reaches every group at that
+    step only; each step's shares are the quorum's ranks once, each epoch's samples once."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    def group(g: int, *extra: str) -> subprocess.Popen:
-        cmd = [sys.executable, str(WORKER), "--replica-id", str(g), "--lighthouse", f"http://127.0.0.1:{port}",
-               "--out", str(tmp_path), "--steps", str(STEPS), "--global-batch", str(GLOBAL_BATCH),
-               "--micro-batch", str(MICRO_BATCH), "--step-delay", "0.05", "--timeout", "5", *extra]
-        procs.append(subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, text=True,
-                                      stderr=(tmp_path / f"w{g}-{len(procs)}.err").open("w")))
-        return procs[-1]
+    from torchft._torchft import LighthouseServer
 
+    from dtrain.ft import StepRunner, build_manager
+    sys.path.insert(0, str(WORKER.parent))
+    import ft_worker as w
+    x, y = w.data()
+    built = [(model := w.build_model(), *w.build_optim(model)) for _ in range(3)]  # here: build_model seeds
+    lighthouse = LighthouseServer(bind="127.0.0.1:0", min_replicas=3, join_timeout_ms=100)
+
+    def group(g: int) -> list:
+        model, opt, sched = built[g]
+        manager = build_manager(str(g), lighthouse.address(), timeout_s=10)
+        try:
+            runner = StepRunner(manager, model, opt, torch.nn.functional.mse_loss, w.order,
+                                lambda keys: (x[keys], y[keys]), GLOBAL_BATCH, w.N // GLOBAL_BATCH, scheduler=sched,
+                                micro_batch=MICRO_BATCH)
+            results = []
+            while manager.current_step() < STEPS:
+                results.append(runner.step(votes=[float(g == 1 and manager.current_step() == VOTE_AT)]))
+            return results
+        finally:
+            manager.shutdown(wait=False)
     try:
-        survivors = [group(0, "--hold-at", str(STEPS - 6), "--hold-for", "2"),
-                     group(1, "--hold-at", str(STEPS - 6), "--hold-for", "2", "--vote-at", str(VOTE_AT))]
-        victim = group(2, "--kill-at", str(KILL_AT))
-        assert victim.wait(timeout=120) == -9  # SIGKILLed mid-step by itself
-        (tmp_path / "g2.up").unlink()
-        # the replacement starts now and waits (torch imported) until the survivors were seen training alone
-        replacement = group(2, "--wait-for", str(tmp_path / "go"))
-
-        def steps_alone() -> list[int]:
-            return [r["step"] for r in _records(tmp_path, 0) if r.get("committed") and r.get("participants") == 2
-                    and r["step"] > KILL_AT]
-        wait_for(lambda: len(steps_alone()) >= 3, what="the survivors' steps at 2 replica groups")
-        (tmp_path / "go").touch()
-        for p in [*survivors, replacement]:
-            assert p.wait(timeout=120) == 0, next(tmp_path.glob(f"w*-{procs.index(p)}.err")).read_text()[-3000:]
+        with ThreadPoolExecutor(3) as pool:
+            results = [r for rs in pool.map(group, range(3)) for r in rs]
     finally:
-        for p in [*procs, lighthouse]:
-            if p.poll() is None:
-                p.kill()
-
-    logs = {g: _records(tmp_path, g) for g in range(3)}
-    alone = sorted(r["step"] for r in logs[0] if r.get("committed") and r["participants"] == 2 and r["step"] >= KILL_AT)
-    assert len(alone) >= 3 and alone == list(range(alone[0], alone[-1] + 1))  # kept rising during the outage
-    # shares of 8 at 2 groups, trained as micro-batches of 6 and 2; of 5 or 6 at 3 groups, in one
-    assert {r["micro_batches"] for r in logs[0] if r.get("committed")} == {1, 2}
-
-    # the replacement healed from a live peer past the kill, holding exactly the weights a survivor committed
-    healed = [r for r in logs[2] if "healed" in r and r["pid"] == replacement.pid]
-    assert healed and healed[0]["healed"] > KILL_AT
-    after = {r["step"]: r["weights"] for r in logs[0] if r.get("committed")}
-    assert healed[0]["weights"] == after[healed[0]["healed"] - 1]
-    # every step that several groups committed left them all with the same weights; and the final weights
-    by_step: dict[int, set] = {}
-    for g in range(3):
-        for r in logs[g]:
-            if r.get("committed"):
-                by_step.setdefault(r["step"], set()).add(r["weights"])
-    assert sorted(by_step) == list(range(STEPS)) and all(len(h) == 1 for h in by_step.values())
-    finals = [torch.load(tmp_path / f"g{g}.pt") for g in range(3)]
-    assert all(torch.equal(finals[0][k], f[k]) for f in finals[1:] for k in f)
-
-    # a vote of one group (group 1's at step 30, as a signal's "save now") reached every group of that step
-    assert all(r["votes"] == [float(r["step"] == VOTE_AT)] for g in range(3) for r in logs[g] if r.get("committed"))
-    # sample accounting: each committed step's shares are its quorum's ranks once each, and the committed
-    # steps of an epoch train each of its samples exactly once, though the kill's step was tried twice
-    committed = [r for g in range(3) for r in logs[g] if r.get("committed")]
-    tries = [r for g in range(3) for r in logs[g] if "step" in r and not r["committed"]]
-    assert any(r["step"] == KILL_AT for r in tries)  # the step the victim died in failed, and was replayed
-    per_epoch = 96 // GLOBAL_BATCH
+        lighthouse.shutdown()
+    assert all(r.committed and r.participants == 3 and r.micro_batches == 2 for r in results)
+    assert sorted(r.step for r in results) == sorted(list(range(STEPS)) * 3)
+    assert all(r.votes == [float(r.step == VOTE_AT)] for r in results)
+    per_epoch = w.N // GLOBAL_BATCH
     for epoch in range(STEPS // per_epoch):
         keys = []
         for step in range(epoch * per_epoch, (epoch + 1) * per_epoch):
-            rs = [r for r in committed if r["step"] == step]
-            n = {r["participants"] for r in rs}
-            assert len(n) == 1 and sorted(r["rank"] for r in rs) == list(range(n.pop())), rs
-            keys += [k for r in sorted(rs, key=lambda r: r["rank"]) for k in r["keys"]]
-        assert sorted(keys) == list(range(96))
-    # the same updates as one process taking each step's whole global batch (up to the order of float sums)
+            rs = sorted((r for r in results if r.step == step), key=lambda r: r.replica_rank)
+            assert [r.replica_rank for r in rs] == [0, 1, 2] and sorted(len(r.keys) for r in rs) == [5, 5, 6]
+            keys += [k for r in rs for k in r.keys]
+        assert sorted(keys) == list(range(w.N))
+    finals = [model.state_dict() for model, _, _ in built]
+    assert all(torch.equal(finals[0][k], f[k]) for f in finals[1:] for k in f)
     reference, losses = _reference()
     assert all(torch.allclose(finals[0][k], reference[k], rtol=1e-4, atol=1e-6) for k in reference)
-    assert all(abs(r["loss"] - losses[r["step"]]) <= 1e-4 * losses[r["step"]] for r in committed)
-    # one line for the fault, from each survivor
-    for g in (0, 1):
-        err = (tmp_path / f"w{g}-{g}.err").read_text()
-        assert "quorum 3 -> 2 replica groups" in err and f"ft: step {KILL_AT} not committed" in err
+    assert all(abs(r.loss - losses[r.step]) <= 1e-4 * losses[r.step] for r in results)
 
 
 def _one_group_run(steps: int, start_from: dict | None = None, save_at: int = -1):

@@ -3,7 +3,8 @@ with real signals. tests/ft_fake_worker.py stands in for a replica group (the wo
 without training: a group starts in a fraction of a second): the environment each group gets, a lost group
 restarted alone while the others run on, --max-restarts across groups, a user error stopping all (exit 2, no
 restart), SIGTERM saving every group (exit 75, never a restart), the Lighthouse started and stopped, the run
-lock held."""
+lock held. tests/test_ft_train.py runs `dtrain train` as replica groups of a real launch (a group killed and
+healed, SIGTERM and resume)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -291,133 +291,3 @@ def test_a_given_lighthouse_that_never_answers_is_one_line(tmp_path):
         f"dtrain: error: launch: no Lighthouse answered at {address} within 1 s (--rdzv-timeout): start the node "
         f"given --ft-host-lighthouse, or `torchft_lighthouse --min_replicas 1 --quorum_tick_ms 50 --join_timeout_ms "
         f"10000 --heartbeat_timeout_ms 1000 --bind 0.0.0.0:{address.rsplit(':', 1)[1]}`"]
-
-
-# ---- end to end: dtrain train as replica groups (dtrain/ft_train.py) -------------------------------------------
-class Said:
-    """The launcher's output as it comes: stderr's lines each with the time it came, and stdout (a thread reads
-    each pipe; communicate() would read them too and take lines from under the thread)."""
-
-    def __init__(self, proc: subprocess.Popen):
-        self.proc, self.lines, self.out = proc, [], []
-        self.threads = [threading.Thread(target=self._read, args=(pipe, into), daemon=True)
-                        for pipe, into in ((proc.stderr, self.lines), (proc.stdout, self.out))]
-        for t in self.threads:
-            t.start()
-
-    @staticmethod
-    def _read(pipe, into: list) -> None:
-        for line in pipe:
-            into.append((time.monotonic(), line.rstrip("\n")))
-
-    def when(self, text: str) -> float | None:
-        return next((t for t, line in self.lines if text in line), None)
-
-    def text(self) -> str:
-        return "\n".join(line for _, line in self.lines)
-
-    def wait(self, timeout: float) -> str:
-        """-> stdout, once the launcher ended and both pipes are read to their end."""
-        self.proc.wait(timeout)
-        for t in self.threads:
-            t.join(30)
-        return "\n".join(line for _, line in self.out)
-
-
-def group_pids(tag: str) -> dict[str, int]:
-    """{REPLICA_GROUP_ID: pid} of the groups (`python -m dtrain train ...`) started with DTRAIN_TEST_TAG=tag."""
-    found = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            env = dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_bytes().decode(
-                errors="replace").split("\0") if "=" in kv)
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if env.get("DTRAIN_TEST_TAG") == tag and "REPLICA_GROUP_ID" in env and b"train" in cmdline:
-            found[env["REPLICA_GROUP_ID"]] = int(pid)
-    return found
-
-
-def keys_logged(run_dir: Path, group: int) -> list[int]:
-    """The steps group `group` took part in (its sample-key log, log.sample_keys)."""
-    path = run_dir / "sample_keys" / f"group-{group}.txt"
-    return [int(line.split()[0]) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-def attempt(log: Path, n: int) -> str:
-    """The n-th attempt's part of a group's log (1 = the first)."""
-    parts = log.read_text().split("---- dtrain launch --ft:") if log.exists() else []
-    return parts[n] if len(parts) > n else ""
-
-
-FT_ARGS = ["train", "run.name=e", "data.in_memory=true", "train.epochs=100", "log.progress=false",
-           "train.log_every=1", "checkpoint.every=10", "log.sample_keys=true"]
-
-
-@pytest.mark.slow
-@pytest.mark.multiproc
-@needs_torchft
-def test_dtrain_train_as_replica_groups_heals_a_killed_group_and_resumes_after_sigterm(tmp_path, data_root):
-    """`dtrain launch --ft --nproc-per-node 3 --max-restarts 1 train ...`: group 2 SIGKILLed mid-run is restarted
-    alone and heals from a live peer while groups 0 and 1 train on (their processes untouched); a SIGTERM of
-    the launcher saves (exit 75) and the same command resumes from that step."""
-    tag, run_dir, logs = uuid.uuid4().hex, tmp_path / "runs" / "e", tmp_path / "runs" / "e" / "logs"
-    cmd = [sys.executable, "-m", "dtrain", "launch", "--ft", "--nproc-per-node", "3", "--max-restarts", "1",
-           *FT_ARGS, f"data.root={data_root}"]
-
-    def start() -> tuple[subprocess.Popen, Said]:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env({"DTRAIN_TEST_TAG": tag}), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
-        return proc, Said(proc)
-
-    proc, said = start()
-    try:
-        # every group has trained a step (a late one heals first), and a few more steps went by
-        wait_for(lambda: all(keys_logged(run_dir, g) for g in range(3)), 120, 0.2, "all 3 groups in a step")
-        joined = max(keys_logged(run_dir, g)[0] for g in range(3))
-        wait_for(lambda: min(keys_logged(run_dir, g)[-1] for g in range(3)) >= joined + 3, 60, 0.1, "3 more steps")
-        pids = group_pids(tag)
-        assert sorted(pids) == ["0", "1", "2"], pids
-        killed_at, t_kill = keys_logged(run_dir, 2)[-1], time.monotonic()
-        os.kill(pids["2"], signal.SIGKILL)
-        wait_for(lambda: "healed from a live peer" in attempt(logs / "group-2.log", 2), 120, 0.1, "group 2's heal")
-        t_rejoin = time.monotonic()
-        t_restart = said.when("ft: group 2 died (SIGKILL)")
-        assert re.search(r"^ft: group 2 died \(SIGKILL\) at step ~\d+; restarting it \(1 of 1 restarts\); the others "
-                         r"train on$", said.text(), re.M), said.text()
-        for g in ("0", "1"):  # untouched, and trained on meanwhile
-            assert group_pids(tag)[g] == pids[g]
-        during = [s for s in keys_logged(run_dir, 0) if s > killed_at and s not in keys_logged(run_dir, 2)]
-        assert during, "the survivors took no step while group 2 was away"
-        print(f"\nSIGKILL -> restart line {t_restart - t_kill:.2f} s, -> healed {t_rejoin - t_kill:.2f} s; "
-              f"steps the survivors took without group 2: {len(during)}")
-        healed_at = keys_logged(run_dir, 2)[-1]
-        wait_for(lambda: keys_logged(run_dir, 2)[-1] >= healed_at + 2, 60, 0.1, "group 2 training again")
-        proc.send_signal(signal.SIGTERM)
-        out = said.wait(120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 75, said.text()
-    assert ("launch: SIGTERM received: the replica groups saved and stopped; run the same command again to "
-            "resume") in said.text().splitlines(), said.text()
-    assert said.text().count("restarting it") == 1  # the SIGTERM restarted none
-    saved = json.loads(out.strip().splitlines()[-1])
-    assert saved["stop_reason"] == "signal:SIGTERM", out[-2000:]
-
-    proc, said = start()  # the same command resumes
-    try:
-        wait_for(lambda: all(any(s > saved["step"] for s in keys_logged(run_dir, g)) for g in range(3)), 120, 0.2,
-                 "every group training after the saved step")
-        proc.send_signal(signal.SIGTERM)
-        said.wait(120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 75, said.text()
-    # the second launch began from the saved step (a group that starts later may find a newer checkpoint, and
-    # heals from its peers anyway), never from an older one
-    resumed = [int(re.search(r"resumed from \S+ at step (\d+)", (logs / f"group-{g}.log").read_text().split(
-        "---- dtrain launch --ft:")[-1])[1]) for g in range(3)]
-    assert min(resumed) == saved["step"], resumed
