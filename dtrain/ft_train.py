@@ -20,7 +20,8 @@ The launcher's contract (dtrain/ft_launch.py starts the groups; this module is o
   quorum, the lowest REPLICA_GROUP_ID taking part (torchft orders the quorum by the ids as strings: "10"
   before "2"). It alone writes that step's metrics records, checkpoints and, at the end, the test, the
   summary and the faults' lines: every committed step has exactly one writer, whichever groups are lost. Log
-  lines go to each group's own stderr. The groups share the run directory and take no run lock.
+  lines go to each group's own stderr. The groups share the run directory and take no run lock: the launch
+  holds it (ft_launch), so that another job on this run directory is refused.
 
 What a step trains (dtrain.ft): the global batch is the config's, data.batch_size x train.grad_accum, the
 batch one `dtrain train` process takes, whatever the number of groups: committed step s trains samples
