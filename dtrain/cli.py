@@ -102,10 +102,17 @@ def _load_for_eval(path_arg: str):
     return read_checkpoint(path_arg)
 
 
+# What evaluation never uses (it runs the loss and metrics, not the optimizer, schedule, augmentation or
+# callbacks): emptied first, so their stored import strings need not be named again (a run of
+# optim.name=torch.optim:RAdam asked `dtrain eval` to name it); the user's overrides still come after.
+EVAL_UNUSED = ("data.transform=null", "optim.name=adamw", "optim.kwargs={}", "schedule.name=constant",
+               "schedule.kwargs={}", "run.callbacks=[]")
+
+
 def _stored_config(args, stored: dict, source: Path):
     from .load import stored_config
-    return stored_config(stored, source, args.config, args.overrides, args.defaults, args.hooks,
-                         args.trust_checkpoint_code)
+    return stored_config(stored, source, args.config, [*EVAL_UNUSED, *args.overrides], args.defaults,
+                         args.hooks, args.trust_checkpoint_code)
 
 
 def _eval(args) -> int:

@@ -58,6 +58,9 @@ def test_radam_and_onecycle_by_import_string_log_its_lr_and_resume_bit_identical
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     state = torch.load(tmp_path / "runs/straight/checkpoints/latest/state.pt", weights_only=True)["engine"]
     assert state["scheduler"]["total_steps"] == TOTAL
+    # evaluation builds no optimizer or schedule of the run's: their import strings need not be named again
+    out = run_dtrain(["eval", "--checkpoint", str(tmp_path / "runs/straight"), "log.progress=false"], tmp_path)
+    assert "test/loss" in out.stdout and "asks to run" not in out.stderr
     assert "decoupled_weight_decay" in state["optimizer"]["param_groups"][0]  # RAdam's
     assert state["optimizer"]["param_groups"][0]["eps"] == 1e-7  # optim.kwargs reached RAdam
 
