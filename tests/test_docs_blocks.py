@@ -72,7 +72,7 @@ REWRITES = {
                    "event files",
 }
 DTRAIN_CMDS = {"train", "launch", "shard", "index", "eval", "predict", "export", "plot", "augment-preview", "config",
-               "bench", "doctor"}
+               "bench", "doctor", "completion"}
 
 
 # ---- the blocks --------------------------------------------------------------------------------------------
