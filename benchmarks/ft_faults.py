@@ -4,12 +4,26 @@ checkpoint interval, with 1 and 3 faults (a SIGKILLed worker).
 
     python benchmarks/ft_faults.py --model-mb 200        # both sides, faults 1 3: JSON lines, then a table
     python benchmarks/ft_faults.py --model-mb 10 --only ft --faults 1
+    python benchmarks/ft_faults.py --only ft --ft-side worker   # the ft side on tests/ft_worker.py's groups
 
 The model: dtrain's MLP of --layers hidden layers of a width that makes model + AdamW state --model-mb MB
 (12 bytes a parameter), batch 16 (global), a checkpoint every --every steps on both sides. The work of a step
 is small on purpose: what is measured is what a fault costs (restart, checkpoint read, healing), not compute.
 
-ft:      3 replica groups of one process each (tests/ft_worker.py --hidden W: dtrain's MLP, AdamW) under a
+ft (--ft-side launch, the default): what users run, `dtrain launch --ft --nproc-per-node 3 --max-restarts K
+         --ft-timeout T train` on digits (data.in_memory=true) with the restart side's model, global batch
+         (data.batch_size=16, dealt over each step's quorum) and checkpoint.every; dtrain's trainer, checkpointer,
+         validation (each epoch, by every group) and metrics.jsonl (train.log_every=1, written by group 0).
+         Once the Lighthouse's last quorum has all 3 groups (group 0 may train alone for tens of steps while the
+         others start), group 2 (the launcher's child with REPLICA_GROUP_ID=2) is SIGKILLed from outside once
+         the run has logged the restart side's step (every*c + every/2), or the first step of that phase after
+         the last heal; the launcher restarts it, it reads the newest checkpoint, heals from a live peer
+         ("healed ... at step H" in logs/group-2.log) and rejoins. Time lost, from when each step's record first
+         appears in metrics.jsonl (polled every 25 ms, as the restart side's): the stall at the fault (the
+         longest of the 3 gaps after the kill) plus the stall at the rejoin (the gap at step H or H+1), each less
+         the usual gap of its kind (a step, a step with a save, a validation). The run then ends by SIGTERM
+         (exit 75).
+ft --ft-side worker: 3 replica groups of one process each (tests/ft_worker.py --hidden W: dtrain's MLP, AdamW) under a
          torchft_lighthouse; group 0 saves `runner.checkpoint_state()` with torch.save every --every committed
          steps (one copy, as dtrain's rank 0 saves one). Group 2 is SIGKILLed mid-step (after its backward
          pass, before the all-reduce) at step every + every/2, then each replacement after --kill-every step
@@ -32,11 +46,13 @@ compare the time lost, not the wall times.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -283,6 +299,206 @@ def restart_run(faults: int, hidden: int, layers: int, every: int, data_root: Pa
     return row
 
 
+# ---- ft, launch: `dtrain launch --ft`, what users run; group 2 killed, restarted by the launcher --------------
+class StepTimes:
+    """When each step's record first appears in run/metrics.jsonl (polled every 25 ms from a thread: the
+    records carry no time), the same clock for both sides; a file cut back (a resumed run drops the records
+    after its checkpoint) is read again from its start. Also the peak RSS of `pid`'s descendants."""
+
+    def __init__(self, run: Path, pid: int):
+        self.path, self.pid = run / "metrics.jsonl", pid
+        self.seen: list[tuple[float, dict]] = []  # (monotonic time first seen, record), in file order
+        self.peak_rss_mb = 0.0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        offset, buffer, polls = 0, "", 0
+        while not self._done.is_set():
+            try:
+                size = self.path.stat().st_size
+                if size < offset:
+                    offset, buffer = 0, ""
+                with open(self.path) as f:
+                    f.seek(offset)
+                    chunk = f.read()
+                offset += len(chunk.encode())
+                buffer += chunk
+            except OSError:
+                pass
+            now = time.monotonic()
+            *lines, buffer = buffer.split("\n")
+            for line in lines:
+                with contextlib.suppress(ValueError):
+                    self.seen.append((now, json.loads(line)))
+            polls += 1
+            if polls % 20 == 0:
+                self.peak_rss_mb = max(self.peak_rss_mb, tree_rss_mb(self.pid))
+            time.sleep(0.025)
+
+    def last_step(self) -> int:
+        return max((r.get("step", -1) for _, r in list(self.seen)), default=-1)
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join(timeout=5)
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def tree_rss_mb(pid: int) -> float:
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        todo += children(p)
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += int(Path(f"/proc/{p}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+    return total
+
+
+def group_pid(launcher: int, group: str) -> int | None:
+    """The launcher's child with REPLICA_GROUP_ID=group in its environment (not group 0's tee processes)."""
+    for pid in children(launcher):
+        with contextlib.suppress(OSError):
+            if f"REPLICA_GROUP_ID={group}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                return pid
+    return None
+
+
+def launch_ft_run(faults: int, hidden: int, layers: int, every: int, timeout: float, data_root: Path,
+                  run_timeout: float, log: Path | None) -> dict:
+    cwd = Path(tempfile.mkdtemp(prefix="ft-launch-bench-"))
+    run = cwd / "runs" / "b"
+    cmd = [sys.executable, "-m", "dtrain", "launch", "--ft", "--nproc-per-node", "3", "--max-restarts",
+           str(max(faults, 1)), "--ft-timeout", f"{timeout:g}", "train", f"data.root={data_root}", "run.name=b",
+           f"data.batch_size={GLOBAL_BATCH}", "data.in_memory=true", "log.progress=false", "train.log_every=1",
+           f"checkpoint.every={every}", "checkpoint.save_best=false", "train.epochs=1000", "train.max_steps=1000000",
+           "model.kwargs={hidden: [" + ", ".join([str(hidden)] * layers) + "]}"]
+    start = time.monotonic()
+    deadline = start + run_timeout
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    lines: list[tuple[float, str]] = []
+    reader = threading.Thread(target=lambda: lines.extend((time.monotonic(), l.rstrip()) for l in proc.stderr),
+                              daemon=True)
+    reader.start()
+    watch = StepTimes(run, proc.pid)
+    group_log = run / "logs" / "group-2.log"
+
+    def wait_for(what: str, ok) -> None:
+        while not ok():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                how = "timed out" if proc.poll() is None else f"exited {proc.returncode}"
+                raise RuntimeError(f"launch --ft: {what}: launcher {how}; its last lines: "
+                                   + " | ".join(l for _, l in lines[-8:]) + f"; run dir {run}")
+            time.sleep(0.05)
+
+    def all_three() -> bool:
+        """The Lighthouse's last quorum has the 3 groups (with --ft-min-replicas 1, group 0 may train alone
+        for tens of steps before the others have started; a group lost then costs nothing)."""
+        text = (run / "logs" / "lighthouse.log").read_text(errors="replace") if run.exists() else ""
+        quorums = [line for line in text.splitlines() if "Quorum! " in line]
+        return bool(quorums) and quorums[-1].count("replica_id:") == 3
+
+    def healed_steps() -> list[int]:
+        text = group_log.read_text() if group_log.exists() else ""
+        return [int(m) for m in re.findall(r"healed from a live peer at step (\d+)", text)]
+
+    kills, heals = [], []  # the SIGKILLs' monotonic times, the steps the replacements healed at
+    try:
+        for c in range(1, faults + 1):
+            # the restart side's step (every*c + every/2), or, once all 3 groups train, the first one of that
+            # phase 2 steps later
+            wait_for("all 3 groups in the quorum", all_three)
+            step = every * c + every // 2
+            while step <= watch.last_step() + 2:
+                step += every
+            wait_for(f"step {step}", lambda: watch.last_step() >= step)
+            pid = group_pid(proc.pid, "2")
+            assert pid is not None, "no replica group 2 among the launcher's children"
+            os.kill(pid, signal.SIGKILL)
+            kills.append(time.monotonic())
+            known = len(healed_steps())
+            wait_for("group 2 restarted and healed", lambda: len(healed_steps()) > known)
+            heals.append(healed_steps()[-1])
+        wait_for("3 steps after the last heal", lambda: watch.last_step() >= max(heals or [every]) + 3
+                 and watch.last_step() >= 2 * every)
+        proc.send_signal(signal.SIGTERM)  # the groups save and stop (75): the measurement is over
+        proc.wait(timeout=max(deadline - time.monotonic(), 30))
+    finally:
+        if proc.poll() is None:  # the launcher and its groups (each in a session of its own), by their ids
+            tree, todo = [], [proc.pid]
+            while todo:
+                tree.append(todo.pop())
+                todo += children(tree[-1])
+            for pid in tree:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.wait()
+        watch.stop()
+        reader.join(timeout=5)
+        if log is not None:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(run / "logs", log, dirs_exist_ok=True)
+            (log / "steps.json").write_text(json.dumps({"start": start, "kills": kills, "heals": heals,
+                                                        "seen": [(t, r["step"]) for t, r in watch.seen]}))
+    assert proc.returncode == 75, f"launch --ft exited {proc.returncode}: " + " | ".join(l for _, l in lines[-8:])
+    newest = sorted((run / "checkpoints").glob("step-*"))
+    state_mb = (newest[-1] / "state.pt").stat().st_size / 1e6 if newest else None
+    row = {"mode": "ft-launch", "model_mb": rounded(state_mb, 1), "faults": faults,
+           "wall_s": round(time.monotonic() - start, 1), "peak_rss_mb": round(watch.peak_rss_mb),
+           **step_figures(watch.seen, kills, heals, every)}
+    shutil.rmtree(cwd, ignore_errors=True)
+    return row
+
+
+def step_figures(seen: list[tuple[float, dict]], kills: list[float], heals: list[int],
+                 every: int) -> dict:
+    """The writing group's stalls, from when each step's record appeared: at each fault (the longest of the 3
+    gaps after the kill) and at each heal (the longer of the gaps ending at the heal step and the next one), each
+    less the usual gap of a step of its kind (a save every `every` steps, a validation where the record has
+    val_ keys, else a plain step); `window`: the sum of every gap's excess from the kill to 2 steps after the
+    heal (the steps at 2 groups' pace included)."""
+    first: dict[int, tuple[float, dict]] = {}
+    for t, r in seen:
+        first.setdefault(r["step"], (t, r))
+    steps = sorted(first)
+
+    def kind(s: int) -> str:  # what came between step s-1's record and step s's
+        if any(k.startswith("val") for k in first[s][1]):
+            return "val"
+        return "save" if (s - 1) % every == 0 and s > 1 else "step"
+
+    gap = {s: first[s][0] - first[p][0] for p, s in zip(steps, steps[1:]) if s == p + 1}
+    kills = [max((s for s in steps if first[s][0] <= t), default=0) for t in kills]  # the step logged last
+    faulty = {s for k, h in zip(kills, heals) for s in range(k, h + 4)}
+    usual = {}
+    for name in ("step", "save", "val"):
+        clean = [g for s, g in gap.items() if kind(s) == name and s not in faulty]
+        usual[name] = statistics.median(clean) if clean else statistics.median(gap.values())
+
+    def excess(s: int) -> float:
+        return gap.get(s, 0.0) - usual[kind(s)] if s in gap else 0.0
+    stalls, rejoins, windows = [], [], []
+    for k, h in zip(kills, heals):
+        at = max(range(k + 1, k + 4), key=excess)
+        stalls.append(excess(at))
+        # the replacement may heal within the fault's stall (a survivor held by the collective timeout): that
+        # gap is counted once
+        rejoins.append(max([excess(s) for s in (h, h + 1) if s != at], default=0.0))
+        windows.append(sum(excess(s) for s in range(k + 1, h + 3)))
+    return {"step_s": round(usual["step"], 3), "save_gap_s": round(usual["save"], 2), "kill_steps": kills,
+            "heal_steps": heals, "stall_s": [rounded(s) for s in stalls], "rejoin_s": [rounded(s) for s in rejoins],
+            "window_s": [rounded(s) for s in windows]}
+
+
 # ---- the table -----------------------------------------------------------------------------------------------
 def mean(values) -> float | None:
     values = [v for v in values or () if v is not None and not math.isnan(v)]
@@ -291,7 +507,7 @@ def mean(values) -> float | None:
 
 def lost_per_fault(row: dict) -> float | None:
     """ft: group 0's stall at the fault plus at the rejoin; restart: from the step's first log to its second."""
-    if row["mode"] == "ft":
+    if row["mode"] in ("ft", "ft-launch"):
         stall, rejoin = mean(row["stall_s"]), mean(row["rejoin_s"])
         return None if stall is None else stall + (rejoin or 0.0)
     return mean(row.get("lost_s"))
@@ -305,6 +521,11 @@ def breakdown(row: dict) -> str:
         return ", ".join([part("failed try", "failed_try_s"), part("new quorum", "requorum_s"),
                           part("rejoin", "rejoin_s"), part("(heal transfer", "heal_transfer_s") + ")",
                           part("not lost: replacement start", "replacement_start_s")])
+    if row["mode"] == "ft-launch":
+        return ", ".join([part("stall", "stall_s"), part("rejoin", "rejoin_s"),
+                          part("(kill to heal + 2, all excess", "window_s") + ")",
+                          f"killed after steps {row['kill_steps']}, healed at {row['heal_steps']}",
+                          f"peak RSS {row['peak_rss_mb']} MB"])
     return ", ".join([part("stop", "stop_s"), part("spawn", "spawn_s"), part("start", "start_s"), part("build + read", "build_and_read_s"),
                       part("first step", "first_step_s"), part("redo", "redo_s")])
 
@@ -316,33 +537,50 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4, help="hidden layers of the MLP")
     ap.add_argument("--faults", type=int, nargs="+", default=[1, 3])
     ap.add_argument("--only", choices=["ft", "restart"])
+    ap.add_argument("--ft-side", choices=["launch", "worker"], default="launch",
+                    help="ft: `dtrain launch --ft --nproc-per-node 3 train` (what users run), or tests/ft_worker.py's "
+                         "hand-made groups")
+    ap.add_argument("--run-timeout", type=float, default=900.0, help="launch ft side: a run's limit, seconds")
     ap.add_argument("--every", type=int, default=10, help="checkpoint every N steps, both sides")
     ap.add_argument("--kill-every", type=int, default=3, help="ft: the victim's step tries before it is killed")
     ap.add_argument("--timeout", type=float, default=30.0,
                     help="ft: torchft's timeout (collectives, healing), seconds: a large state takes seconds to send")
-    ap.add_argument("--log", type=Path, help="restart: write the launcher's timed lines to this folder")
+    ap.add_argument("--log", type=Path, help="restart: write the launcher's timed lines to this folder; "
+                                             "launch ft side: copy the groups' logs there")
     args = ap.parse_args()
     rows = []
 
     def measured(row: dict) -> None:
+        row["load_avg"] = [round(x, 1) for x in os.getloadavg()]  # shared machine: the load at the run's end
         print(json.dumps(row), flush=True)
         rows.append(row)
     data_root = None
+
+    def digits() -> Path:
+        nonlocal data_root
+        if data_root is None:
+            from dtrain.data import make_builtin
+            data_root = Path(tempfile.mkdtemp(prefix="bench-data-"))
+            make_builtin("digits", data_root / "digits", 250)
+        return data_root
     for mb in args.model_mb:
         hidden = width(mb, args.layers)
         if args.only != "restart":
             for k in args.faults:
-                measured(ft_run(k, hidden, args.layers, args.every, args.kill_every, args.timeout))
+                if args.ft_side == "worker":
+                    measured(ft_run(k, hidden, args.layers, args.every, args.kill_every, args.timeout))
+                else:
+                    log = args.log and args.log / f"ft-launch-{mb:g}MB-{k}"
+                    measured(launch_ft_run(k, hidden, args.layers, args.every, args.timeout, digits(),
+                                           args.run_timeout, log))
         if args.only != "ft":
-            if data_root is None:
-                from dtrain.data import make_builtin
-                data_root = Path(tempfile.mkdtemp(prefix="bench-data-"))
-                make_builtin("digits", data_root / "digits", 250)
+            digits()
             for k in args.faults:
                 log = args.log and args.log / f"restart-{mb:g}MB-{k}.log"
                 measured(restart_run(k, hidden, args.layers, args.every, data_root, log))
     if data_root is not None:
         shutil.rmtree(data_root, ignore_errors=True)
+    print(f"load average at the end (1, 5, 15 min; {os.cpu_count()} CPUs): {os.getloadavg()}")
     print("\n| mode | state MB | faults | step s | time lost per fault s | of which (means per fault) |\n"
           "|---|---:|---:|---:|---:|---|")
     for row in rows:
@@ -350,10 +588,10 @@ def main() -> None:
         print(f"| {row['mode']} | {row['model_mb']} | {row['faults']} | {row['step_s']} | "
               f"{'-' if lost is None else f'{lost:.2f}'} | {breakdown(row)} |")
     for row in (r for r in rows if r["mode"] == "restart"):
-        ft = next((r for r in rows if r["mode"] == "ft" and r["faults"] == row["faults"]
+        ft = next((r for r in rows if r["mode"] in ("ft", "ft-launch") and r["faults"] == row["faults"]
                    and r["model_mb"] and row["model_mb"] and abs(r["model_mb"] / row["model_mb"] - 1) < 0.1), None)
         if ft and lost_per_fault(ft) and lost_per_fault(row):
-            print(f"restart / ft, {row['model_mb']} MB, {row['faults']} fault(s): "
+            print(f"restart / {ft['mode']}, {row['model_mb']} MB, {row['faults']} fault(s): "
                   f"{lost_per_fault(row) / lost_per_fault(ft):.1f}x the time lost per fault")
 
 
