@@ -403,7 +403,8 @@ def launch_ft_run(faults: int, hidden: int, layers: int, every: int, timeout: fl
     def all_three() -> bool:
         """The Lighthouse's last quorum has the 3 groups (with --ft-min-replicas 1, group 0 may train alone
         for tens of steps before the others have started; a group lost then costs nothing)."""
-        text = (run / "logs" / "lighthouse.log").read_text(errors="replace") if run.exists() else ""
+        log = run / "logs" / "lighthouse.log"
+        text = log.read_text(errors="replace") if log.exists() else ""
         quorums = [line for line in text.splitlines() if "Quorum! " in line]
         return bool(quorums) and quorums[-1].count("replica_id:") == 3
 
