@@ -179,17 +179,19 @@ def test_handled_errors_go_into_torchs_error_file_as_their_line(tmp_path, monkey
 # ---- real processes ------------------------------------------------------------------------------
 @pytest.mark.multiproc
 def test_user_error_on_two_ranks_is_one_line_and_exit_2(tmp_path, data_root):
-    proc = launch(2, ["train", f"data.root={data_root}", "data.sample.input=nosuch.png", "log.progress=false",
+    """An error only the workers can see (a model factory's import: a wrong data.sample field is now the
+    launcher's own line before any worker, tests/test_cli_fast.py)."""
+    proc = launch(2, ["train", f"data.root={data_root}", "model.factory=nosuch:Net", "log.progress=false",
                       "run.name=u"], tmp_path)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("launch: 2 worker(s) per node"), proc.stderr
-    assert lines[1].startswith("dtrain: error: data: ") and "no .nosuch.png member" in lines[1], proc.stderr
+    assert lines[1].startswith("dtrain: error: config: model.factory: cannot import module 'nosuch'"), proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     logs = tmp_path / "runs" / "u" / "logs"
     assert f"log {logs.relative_to(tmp_path)}/rank-" in lines[1]
     for rank in (0, 1):  # each rank's full output, its error line included
-        assert "no .nosuch.png member" in (logs / f"rank-{rank}.log").read_text()
+        assert "cannot import module 'nosuch'" in (logs / f"rank-{rank}.log").read_text()
 
 
 @pytest.fixture(scope="module")

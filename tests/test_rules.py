@@ -294,7 +294,7 @@ class FakeLogger:
     def __init__(self, run_dir: Path):
         self.run_dir, self.records, self.lines, self.total_steps = run_dir, [], [], None
 
-    def start(self, step):
+    def start(self, step, total_steps):
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
     def info(self, line):
