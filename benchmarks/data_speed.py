@@ -84,7 +84,7 @@ class HandLoop:
         order = torch.randperm(len(self.x), generator=self.g)
         n = min(self.per_epoch, steps)
         for i in range(n):
-            idx = order[(i * world + rank) * b:(i * world + rank + 1) * b]
+            idx = order[(i * world + rank) * b : (i * world + rank + 1) * b]
             loss = F.cross_entropy(model(self.x[idx]), self.y[idx])
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.train.clip_grad_norm)
@@ -93,8 +93,9 @@ class HandLoop:
             opt.zero_grad(set_to_none=True)
         model.eval()
         with torch.no_grad():
-            total = torch.stack([F.cross_entropy(model(self.vx), self.vy, reduction="sum"),
-                                 torch.tensor(float(len(self.vy)))])
+            total = torch.stack(
+                [F.cross_entropy(model(self.vx), self.vy, reduction="sum"), torch.tensor(float(len(self.vy)))]
+            )
         if world > 1:
             td.all_reduce(total)
         model.train()
@@ -130,10 +131,19 @@ def interleaved(args) -> None:
 
     torch.set_num_threads(1)
     root = Path(args.out or "/tmp/dtrain-interleaved")  # every rank the same
-    cfg = load_config(REPO / "configs" / "digits.yaml", [
-        f"run.dir={root / 'runs'}", f"run.name=interleaved-{os.getppid()}", f"data.root={root / 'data'}",
-        "log.progress=false", "train.epochs=100000", "run.doctor=false", "checkpoint.save_best=false",
-        *args.dtrain_overrides])
+    cfg = load_config(
+        REPO / "configs" / "digits.yaml",
+        [
+            f"run.dir={root / 'runs'}",
+            f"run.name=interleaved-{os.getppid()}",
+            f"data.root={root / 'data'}",
+            "log.progress=false",
+            "train.epochs=100000",
+            "run.doctor=false",
+            "checkpoint.save_best=false",
+            *args.dtrain_overrides,
+        ],
+    )
     info = dist.setup("gloo", 600.0, 60.0)  # under torchrun: both loops on the same process group
     trainer = Trainer(cfg, info)
     trainer.resume()
@@ -157,22 +167,38 @@ def interleaved(args) -> None:
     h, d = statistics.median(times["hand"]), statistics.median(times["dtrain"])
     paired = statistics.median(a / b for a, b in zip(times["hand"], times["dtrain"]))
     if info.is_global_zero:
-        print(f"(b, in one process a rank) {info.world_size} rank(s), {args.epochs} epochs each, alternating: "
-              f"hand-written {1 / h:.0f} steps/s, dtrain {1 / d:.0f} steps/s; ratio of medians {h / d:.2f}, "
-              f"median of paired ratios {paired:.2f}", flush=True)
+        print(
+            f"(b, in one process a rank) {info.world_size} rank(s), {args.epochs} epochs each, alternating: "
+            f"hand-written {1 / h:.0f} steps/s, dtrain {1 / d:.0f} steps/s; ratio of medians {h / d:.2f}, "
+            f"median of paired ratios {paired:.2f}",
+            flush=True,
+        )
     dist.teardown()
 
 
 def _launch(ranks: int, args: list[str]) -> list[str]:
     if ranks == 1:
         return [sys.executable, *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-addr",
-            "127.0.0.1", "--master-port", str(29500 + os.getpid() % 1000), *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(ranks),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(29500 + os.getpid() % 1000),
+        *args,
+    ]
 
 
 def _timed(cmd: list[str], cwd: Path) -> float:
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -183,16 +209,32 @@ def _timed(cmd: list[str], cwd: Path) -> float:
 def train(args) -> None:
     cwd = Path(args.out or tempfile.mkdtemp(prefix="dtrain-data-speed-"))
     cwd.mkdir(parents=True, exist_ok=True)
-    print(f"(b) dtrain train vs a hand-written loop on digits in memory: rate from {args.warm} vs "
-          f"{args.warm + args.delta} steps, {args.reps} interleaved repetitions (median)")
+    print(
+        f"(b) dtrain train vs a hand-written loop on digits in memory: rate from {args.warm} vs "
+        f"{args.warm + args.delta} steps, {args.reps} interleaved repetitions (median)"
+    )
     print("| ranks | hand-written steps/s | dtrain train steps/s | ratio |")
     print("|---:|---:|---:|---:|")
     for ranks in (int(r) for r in args.ranks.split(",")):
+
         def dtrain(steps: int, rep: int) -> list[str]:
-            return _launch(ranks, ["-m", "dtrain", "train", "--config", str(REPO / "configs" / "digits.yaml"),
-                                   f"run.name=r{ranks}-{steps}-{rep}", "train.epochs=100000",
-                                   f"train.max_steps={steps}", "log.progress=false", "run.doctor=false",
-                                   "checkpoint.save_best=false", *args.dtrain_overrides])
+            return _launch(
+                ranks,
+                [
+                    "-m",
+                    "dtrain",
+                    "train",
+                    "--config",
+                    str(REPO / "configs" / "digits.yaml"),
+                    f"run.name=r{ranks}-{steps}-{rep}",
+                    "train.epochs=100000",
+                    f"train.max_steps={steps}",
+                    "log.progress=false",
+                    "run.doctor=false",
+                    "checkpoint.save_best=false",
+                    *args.dtrain_overrides,
+                ],
+            )
 
         def handwritten(steps: int, rep: int) -> list[str]:
             return _launch(ranks, [str(Path(__file__).resolve()), "hand", "--steps", str(steps)])
@@ -201,15 +243,18 @@ def train(args) -> None:
         rates: dict[str, list[float]] = {"hand": [], "dtrain": []}
         for rep in range(args.reps):
             # which goes first alternates: a machine whose speed drifts favours neither
-            for name, cmd in (("hand", handwritten), ("dtrain", dtrain))[::1 if rep % 2 == 0 else -1]:
+            for name, cmd in (("hand", handwritten), ("dtrain", dtrain))[:: 1 if rep % 2 == 0 else -1]:
                 short, long = _timed(cmd(args.warm, rep), cwd), _timed(cmd(args.warm + args.delta, rep), cwd)
                 rates[name].append(args.delta / (long - short))
         h, d = statistics.median(rates["hand"]), statistics.median(rates["dtrain"])
         ratios = [b / a for a, b in zip(rates["hand"], rates["dtrain"])]
         print(f"| {ranks} | {h:.0f} | {d:.0f} | {statistics.median(ratios):.2f} |", flush=True)
-        print(f"  (per repetition, steps/s: hand {[round(r) for r in rates['hand']]}, "
-              f"dtrain {[round(r) for r in rates['dtrain']]}; ratios {[round(r, 2) for r in ratios]})",
-              file=sys.stderr, flush=True)
+        print(
+            f"  (per repetition, steps/s: hand {[round(r) for r in rates['hand']]}, "
+            f"dtrain {[round(r) for r in rates['dtrain']]}; ratios {[round(r, 2) for r in ratios]})",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 # ---- (a): an image pipeline, dtrain's stream vs webdataset + DataLoader written by hand ---------------------
@@ -230,7 +275,7 @@ def _photo_shards(root: Path, images: int, size: int, shard_size: int) -> list[s
             label = i % 2
             h, w, _ = photos[label].shape
             y, x = rng.integers(0, h - 2 * size), rng.integers(0, w - 2 * size)
-            crop = Image.fromarray(photos[label][y:y + 2 * size, x:x + 2 * size]).resize((size, size))
+            crop = Image.fromarray(photos[label][y : y + 2 * size, x : x + 2 * size]).resize((size, size))
             buf = io.BytesIO()
             crop.save(buf, format="JPEG", quality=90)
             sink.write({"__key__": f"{i:07d}", "jpg": buf.getvalue(), "cls": label})
@@ -247,7 +292,7 @@ def augment(x):
         x = x.flip(-1)
     h, w = x.shape[-2:]
     dy, dx = torch.randint(0, 9, (2,)).tolist()
-    x = F.pad(x, (4, 4, 4, 4))[:, dy:dy + h, dx:dx + w]
+    x = F.pad(x, (4, 4, 4, 4))[:, dy : dy + h, dx : dx + w]
     return (x * (0.8 + 0.4 * torch.rand(()))).clamp(0, 1)
 
 
@@ -261,25 +306,36 @@ def _dtrain_epochs(args, urls: list[str]):
     index = ShardIndex({"train": dict(count_shards(urls))})
 
     def dtrain_epoch(epoch: int) -> int:
-        stream = ShardStream(index, "train", batch_size=args.batch_size, rank=0, world_size=1, seed=0, train=True,
-                             num_workers=args.workers, shuffle_buffer=args.shuffle_buffer,
-                             transform=SeededTransform(augment, 0),
-                             sample_format=MappedFormat(FieldMap({"x": "jpg", "y": "cls"})))
+        stream = ShardStream(
+            index,
+            "train",
+            batch_size=args.batch_size,
+            rank=0,
+            world_size=1,
+            seed=0,
+            train=True,
+            num_workers=args.workers,
+            shuffle_buffer=args.shuffle_buffer,
+            transform=SeededTransform(augment, 0),
+            sample_format=MappedFormat(FieldMap({"x": "jpg", "y": "cls"})),
+        )
         return sum(len(b["y"]) for b in stream.epoch(epoch))
+
     return dtrain_epoch
 
 
 def _cpu_seconds() -> float:
     """User + system time of this process and its reaped children (an epoch's DataLoader workers end with it)."""
     import resource
-    return sum(t for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-               for t in resource.getrusage(who)[:2])
+
+    return sum(t for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN) for t in resource.getrusage(who)[:2])
 
 
 def stream_epochs(args) -> None:
     """(a'): reads an epoch number a line, runs that epoch, prints `samples seconds cpu_seconds` (the
     baseline's side)."""
     import dtrain
+
     dtrain_epoch = _dtrain_epochs(args, sorted(str(p) for p in Path(args.out).glob("photos-*.tar")))
     print(Path(dtrain.__file__).parents[1], flush=True)  # which dtrain this is
     for line in sys.stdin:
@@ -293,7 +349,8 @@ class _Baseline:
 
     def __init__(self, args, root: Path):
         cmd = [sys.executable, __file__, "stream-epochs", "--out", str(root)] + [
-            f"--{k.replace('_', '-')}={getattr(args, k)}" for k in ("batch_size", "workers", "shuffle_buffer")]
+            f"--{k.replace('_', '-')}={getattr(args, k)}" for k in ("batch_size", "workers", "shuffle_buffer")
+        ]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([args.baseline, os.environ.get("PYTHONPATH", "")])}
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.where, self.seconds, self.cpu = self.proc.stdout.readline().strip(), 0.0, 0.0
@@ -315,9 +372,14 @@ def pipeline(args) -> None:
     dtrain_epoch = _dtrain_epochs(args, urls)
 
     def hand_epoch(epoch: int) -> int:
-        dataset = (wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, empty_check=False)
-                   .shuffle(args.shuffle_buffer).decode("torchrgb").to_tuple("jpg", "cls")
-                   .map_tuple(augment, lambda y: y).batched(args.batch_size))
+        dataset = (
+            wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, empty_check=False)
+            .shuffle(args.shuffle_buffer)
+            .decode("torchrgb")
+            .to_tuple("jpg", "cls")
+            .map_tuple(augment, lambda y: y)
+            .batched(args.batch_size)
+        )
         loader = wds.WebLoader(dataset, batch_size=None, num_workers=args.workers)
         n = 0
         for _, y in loader:
@@ -332,18 +394,21 @@ def pipeline(args) -> None:
     rates: dict[str, list[float]] = {k: [] for k in runs}
     per_cpu: dict[str, list[float]] = {k: [] for k in runs}  # samples per CPU second
     for rep in range(-1, args.reps):  # rep -1: warm-up (page cache, imports, first workers)
-        for name, run in (list(runs.items()) if rep % 2 else list(reversed(runs.items()))):
+        for name, run in list(runs.items()) if rep % 2 else list(reversed(runs.items())):
             t0, c0 = time.perf_counter(), _cpu_seconds()
             n = run(rep)
-            seconds, cpu = (run.seconds, run.cpu) if name == "baseline" else \
-                (time.perf_counter() - t0, _cpu_seconds() - c0)
+            seconds, cpu = (
+                (run.seconds, run.cpu) if name == "baseline" else (time.perf_counter() - t0, _cpu_seconds() - c0)
+            )
             if rep >= 0:
                 rates[name].append(n / seconds)
                 per_cpu[name].append(n / cpu)
     h, d = statistics.median(rates["hand"]), statistics.median(rates["dtrain"])
     ratio = statistics.median(b / a for a, b in zip(rates["hand"], rates["dtrain"]))
-    print(f"(a) {args.images} jpg {args.size}x{args.size} in {len(urls)} shards, batch {args.batch_size}, "
-          f"{args.workers} workers, decode + augment in the workers; {args.reps} interleaved repetitions (median)")
+    print(
+        f"(a) {args.images} jpg {args.size}x{args.size} in {len(urls)} shards, batch {args.batch_size}, "
+        f"{args.workers} workers, decode + augment in the workers; {args.reps} interleaved repetitions (median)"
+    )
     print("| pipeline | samples/s | ratio |")
     print("|---|---:|---:|")
     print(f"| webdataset + DataLoader, hand-written | {h:.0f} | 1.00 |")
@@ -351,15 +416,21 @@ def pipeline(args) -> None:
     if args.baseline:
         b = statistics.median(rates["baseline"])
         after = statistics.median(d / b for b, d in zip(rates["baseline"], rates["dtrain"]))
-        print(f"| dtrain ShardStream of {runs['baseline'].where} (baseline) | {b:.0f} | "
-              f"{statistics.median(x / y for y, x in zip(rates['hand'], rates['baseline'])):.2f} |")
-        print(f"this dtrain / baseline: {after:.3f} (median of the per-repetition ratios); per CPU second: "
-              f"{statistics.median(per_cpu['dtrain']):.0f} / {statistics.median(per_cpu['baseline']):.0f} samples = "
-              f"{statistics.median(d / b for b, d in zip(per_cpu['baseline'], per_cpu['dtrain'])):.3f}")
+        print(
+            f"| dtrain ShardStream of {runs['baseline'].where} (baseline) | {b:.0f} | "
+            f"{statistics.median(x / y for y, x in zip(rates['hand'], rates['baseline'])):.2f} |"
+        )
+        print(
+            f"this dtrain / baseline: {after:.3f} (median of the per-repetition ratios); per CPU second: "
+            f"{statistics.median(per_cpu['dtrain']):.0f} / {statistics.median(per_cpu['baseline']):.0f} samples = "
+            f"{statistics.median(d / b for b, d in zip(per_cpu['baseline'], per_cpu['dtrain'])):.3f}"
+        )
         runs["baseline"].proc.stdin.close()
         runs["baseline"].proc.wait()
-    print("  (per repetition, samples/s: " + ", ".join(f"{k} {[round(r) for r in v]}" for k, v in rates.items())
-          + ")", file=sys.stderr)
+    print(
+        "  (per repetition, samples/s: " + ", ".join(f"{k} {[round(r) for r in v]}" for k, v in rates.items()) + ")",
+        file=sys.stderr,
+    )
 
 
 def main() -> None:
@@ -393,8 +464,9 @@ def main() -> None:
     for name, default in (("--batch-size", 64), ("--workers", 2), ("--shuffle-buffer", 500)):
         e.add_argument(name, type=int, default=default)
     args = p.parse_args()
-    {"hand": hand, "train": train, "interleaved": interleaved, "pipeline": pipeline,
-     "stream-epochs": stream_epochs}[args.what](args)
+    {"hand": hand, "train": train, "interleaved": interleaved, "pipeline": pipeline, "stream-epochs": stream_epochs}[
+        args.what
+    ](args)
 
 
 if __name__ == "__main__":

@@ -38,8 +38,9 @@ EXAMPLES = {"digits": ("digits.yaml", []), "count": ("count.yaml", ["data.count_
 
 def hand_loop(cfg, shape, out, task):
     model = DistributedDataParallel(build_model(cfg.model, {"input_shape": shape, "num_outputs": out}, cfg.run.seed))
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
-                            weight_decay=cfg.optim.weight_decay)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay
+    )
 
     def run(batches):
         for x, y, _ in batches:
@@ -49,17 +50,22 @@ def hand_loop(cfg, shape, out, task):
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad_norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
+
     return run
 
 
 def print_table(lines) -> None:
     rows = sorted((json.loads(l) for l in lines if l.startswith("{")), key=lambda r: (r["example"], r["ranks"]))
-    print("| example | ranks | hand-written DDP samples/s | dtrain samples/s | dtrain / hand "
-          "| dtrain shard-fed samples/s | shard-fed / hand |")
+    print(
+        "| example | ranks | hand-written DDP samples/s | dtrain samples/s | dtrain / hand "
+        "| dtrain shard-fed samples/s | shard-fed / hand |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['example']} | {r['ranks']} | {r['hand_samples_per_s']:.0f} | {r['dtrain_samples_per_s']:.0f} | "
-              f"{r['dtrain_ratio']:.3f} | {r['shards_samples_per_s']:.0f} | {r['shards_ratio']:.3f} |")
+        print(
+            f"| {r['example']} | {r['ranks']} | {r['hand_samples_per_s']:.0f} | {r['dtrain_samples_per_s']:.0f} | "
+            f"{r['dtrain_ratio']:.3f} | {r['shards_samples_per_s']:.0f} | {r['shards_ratio']:.3f} |"
+        )
 
 
 def main() -> None:
@@ -73,13 +79,23 @@ def main() -> None:
     if args.table:
         return print_table(sys.stdin)
     info = dist.setup()
-    root = args.root or dist.broadcast_object(tempfile.mkdtemp(prefix="dtrain-ddp-bench-") if info.is_global_zero
-                                              else None)
+    root = args.root or dist.broadcast_object(
+        tempfile.mkdtemp(prefix="dtrain-ddp-bench-") if info.is_global_zero else None
+    )
     for name in args.examples.split(","):
         config, extra = EXAMPLES[name]
-        cfg = load_config(REPO / "configs" / config,
-                          [*extra, f"run.dir={root}/runs", f"run.name={name}-{info.world_size}", f"data.root={root}/data",
-                           "log.progress=false", f"train.log_every={args.steps}", "schedule.name=constant"])
+        cfg = load_config(
+            REPO / "configs" / config,
+            [
+                *extra,
+                f"run.dir={root}/runs",
+                f"run.name={name}-{info.world_size}",
+                f"data.root={root}/data",
+                "log.progress=false",
+                f"train.log_every={args.steps}",
+                "schedule.name=constant",
+            ],
+        )
         trainer = Trainer(cfg, info)
         trainer.run_dir.mkdir(parents=True, exist_ok=True)
         trainer.feed.total_steps = trainer.feed.steps_per_epoch = 10**12  # no end-of-epoch validation while timing
@@ -93,9 +109,11 @@ def main() -> None:
         synthetic = itertools.cycle(batches)
         shards = itertools.chain.from_iterable(trainer.feed.stream.epoch(e) for e in itertools.count())
         hand = hand_loop(cfg, shape, out, task)
-        segments = {"hand": lambda n: hand(itertools.islice(synthetic, n)),
-                    "dtrain": lambda n: trainer.train_epoch(itertools.islice(synthetic, n), 0),
-                    "shards": lambda n: trainer.train_epoch(itertools.islice(shards, n), 0)}
+        segments = {
+            "hand": lambda n: hand(itertools.islice(synthetic, n)),
+            "dtrain": lambda n: trainer.train_epoch(itertools.islice(synthetic, n), 0),
+            "shards": lambda n: trainer.train_epoch(itertools.islice(shards, n), 0),
+        }
         seconds = {k: [] for k in segments}
         for rep in range(-1, args.reps):
             for key, run in segments.items():
@@ -106,10 +124,14 @@ def main() -> None:
                 if rep >= 0:
                     seconds[key].append(time.perf_counter() - t0)
         global_batch = cfg.data.batch_size * info.world_size
-        result = {"example": name, "ranks": info.world_size, "batch_per_rank": cfg.data.batch_size,
-                  **{f"{k}_samples_per_s": global_batch * args.steps / statistics.median(v) for k, v in seconds.items()},
-                  "dtrain_ratio": statistics.median(h / d for h, d in zip(seconds["hand"], seconds["dtrain"])),
-                  "shards_ratio": statistics.median(h / d for h, d in zip(seconds["hand"], seconds["shards"]))}
+        result = {
+            "example": name,
+            "ranks": info.world_size,
+            "batch_per_rank": cfg.data.batch_size,
+            **{f"{k}_samples_per_s": global_batch * args.steps / statistics.median(v) for k, v in seconds.items()},
+            "dtrain_ratio": statistics.median(h / d for h, d in zip(seconds["hand"], seconds["dtrain"])),
+            "shards_ratio": statistics.median(h / d for h, d in zip(seconds["hand"], seconds["shards"])),
+        }
         if info.is_global_zero:
             print(json.dumps(result), flush=True)
     dist.teardown(True)

@@ -44,8 +44,16 @@ def main() -> None:
     for name, kw in DATASETS.items():
         if not (root / name / "train.json").exists():
             make_builtin(name, root / name, 350, **kw)
-        stream = ShardStream(read_index(root / name), "train", batch_size=args.batch_size, rank=0, world_size=1,
-                             seed=0, shuffle_buffer=1000, train=True)
+        stream = ShardStream(
+            read_index(root / name),
+            "train",
+            batch_size=args.batch_size,
+            rank=0,
+            world_size=1,
+            seed=0,
+            shuffle_buffer=1000,
+            train=True,
+        )
         results = {"wds": [], "fast": []}
         samples_per_s(stream, 1)  # warm-up: page cache, imports
         for _ in range(args.reps):

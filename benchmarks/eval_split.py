@@ -38,8 +38,9 @@ class ByShard:
 
     def epoch(self, epoch: int, start: int = 0):
         from dtrain.data.samples import rebatch
+
         s = self.stream
-        pieces, workers = s.whole_shards(s.urls[s.rank::s.world_size]), max(s.num_workers, 1)
+        pieces, workers = s.whole_shards(s.urls[s.rank :: s.world_size]), max(s.num_workers, 1)
         pipeline = s._pipeline(s._reader([pieces[w::workers] for w in range(workers)]), "", epoch)
         yield from (s.format.batch(c) for c in rebatch(s._loaded(pipeline, epoch), s.batch_size, partial=True))
 
@@ -54,9 +55,16 @@ def time_validation(args) -> None:
 
     torch.set_num_threads(1)
     info = dist.setup("gloo", 600.0, 60.0)
-    data = [f"data.dataset=folder:{args.shards}"] if args.data == "digits" else [
-        f"data.train={args.shards}/train.json", f"data.val={args.shards}/val.json", "data.sample={x: jpg, y: cls}",
-        "data.num_classes=3"]
+    data = (
+        [f"data.dataset=folder:{args.shards}"]
+        if args.data == "digits"
+        else [
+            f"data.train={args.shards}/train.json",
+            f"data.val={args.shards}/val.json",
+            "data.sample={x: jpg, y: cls}",
+            "data.num_classes=3",
+        ]
+    )
     cfg = load_config(None, [*data, "data.in_memory=false", *args.overrides])
     core = build_core(cfg, info, log=lambda msg: None)
     ways = {"by shard": ByShard(core.data.val), "by sample": core.data.val}
@@ -70,18 +78,25 @@ def time_validation(args) -> None:
             if i >= 3:
                 times[name][0].append(time.perf_counter() - t0)
                 times[name][1].append(marks[0] - t0)
-    mine = torch.tensor([[samples[n], statistics.median(times[n][0]), statistics.median(times[n][1])] for n in ways],
-                        dtype=torch.float64)
+    mine = torch.tensor(
+        [[samples[n], statistics.median(times[n][0]), statistics.median(times[n][1])] for n in ways],
+        dtype=torch.float64,
+    )
     every = [torch.zeros_like(mine) for _ in range(info.world_size)]
     torch.distributed.all_gather(every, mine)
     if info.is_global_zero:
         for j, name in enumerate(ways):
-            print(f"{name}: samples per rank {'/'.join(str(int(r[j, 0])) for r in every)}; a validation "
-                  f"{every[0][j, 1] * 1e3:.1f} ms (median of {args.passes - 3}); busy per rank "
-                  f"{'/'.join(f'{r[j, 2] * 1e3:.1f}' for r in every)} ms")
+            print(
+                f"{name}: samples per rank {'/'.join(str(int(r[j, 0])) for r in every)}; a validation "
+                f"{every[0][j, 1] * 1e3:.1f} ms (median of {args.passes - 3}); busy per rank "
+                f"{'/'.join(f'{r[j, 2] * 1e3:.1f}' for r in every)} ms"
+            )
         before, after = every[0][0, 1].item(), every[0][1, 1].item()
-        print(f"validation of 1 val shard at 2 ranks: by shard (before) {before * 1e3:.1f} ms, by sample (after) "
-              f"{after * 1e3:.1f} ms; after / before {after / before:.2f}", flush=True)
+        print(
+            f"validation of 1 val shard at 2 ranks: by shard (before) {before * 1e3:.1f} ms, by sample (after) "
+            f"{after * 1e3:.1f} ms; after / before {after / before:.2f}",
+            flush=True,
+        )
     dist.teardown()
 
 
@@ -120,15 +135,53 @@ def main() -> None:
     if args.data == "jpg":
         write_jpg(work / "shards")
         for split, pattern in (("train", "train-{0..1}.tar"), ("val", "val-0.tar")):
-            subprocess.run([sys.executable, "-m", "dtrain", "index", str(work / "shards" / pattern), "--out",
-                            str(work / "shards" / f"{split}.json")], check=True, env=env, stdout=subprocess.DEVNULL)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "dtrain",
+                    "index",
+                    str(work / "shards" / pattern),
+                    "--out",
+                    str(work / "shards" / f"{split}.json"),
+                ],
+                check=True,
+                env=env,
+                stdout=subprocess.DEVNULL,
+            )
     else:
-        subprocess.run([sys.executable, "-m", "dtrain", "shard", "--dataset", "digits", "--out", "shards",
-                        "--shard-size", "300"], check=True, env=env, cwd=work, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, "-m", "dtrain", "shard", "--dataset", "digits", "--out", "shards", "--shard-size", "300"],
+            check=True,
+            env=env,
+            cwd=work,
+            stdout=subprocess.DEVNULL,
+        )
     assert len(list((work / "shards").glob("val-*.tar"))) == 1
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
-                    "127.0.0.1", "--master-port", "29533", __file__, "--shards", str(work / "shards"),
-                    "--passes", str(args.passes), "--data", args.data, *args.overrides], check=True, env=env, cwd=work)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            "29533",
+            __file__,
+            "--shards",
+            str(work / "shards"),
+            "--passes",
+            str(args.passes),
+            "--data",
+            args.data,
+            *args.overrides,
+        ],
+        check=True,
+        env=env,
+        cwd=work,
+    )
 
 
 if __name__ == "__main__":

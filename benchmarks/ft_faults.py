@@ -102,18 +102,53 @@ def ft_run(faults: int, hidden: int, layers: int, every: int, kill_every: int, t
     # --join_timeout_ms: how long a quorum waits for a live group that has not asked yet (one saving a large
     # checkpoint, or slower on a loaded machine); at 1 s such a group is left out and heals at the next step.
     # A dead group is dropped after --heartbeat_timeout_ms whatever this is.
-    lighthouse = subprocess.Popen(["torchft_lighthouse", "--min_replicas", "2", "--join_timeout_ms", "30000",
-                                   "--quorum_tick_ms", "50", "--heartbeat_timeout_ms", "1000",
-                                   "--bind", f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)
+    lighthouse = subprocess.Popen(
+        [
+            "torchft_lighthouse",
+            "--min_replicas",
+            "2",
+            "--join_timeout_ms",
+            "30000",
+            "--quorum_tick_ms",
+            "50",
+            "--heartbeat_timeout_ms",
+            "1000",
+            "--bind",
+            f"127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
     def group(g: int, *extra: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, str(WORKER), "--replica-id", str(g), "--lighthouse",
-                                 f"http://127.0.0.1:{port}", "--out", str(out), "--steps", "100000",
-                                 "--stop-file", str(stop), "--global-batch", str(GLOBAL_BATCH), "--timeout",
-                                 str(timeout), "--hidden", str(hidden), "--layers", str(layers), *extra],
-                                env=env(), stdout=subprocess.DEVNULL,
-                                stderr=(out / f"g{g}-{time.monotonic_ns()}.err").open("w"))
+        return subprocess.Popen(
+            [
+                sys.executable,
+                str(WORKER),
+                "--replica-id",
+                str(g),
+                "--lighthouse",
+                f"http://127.0.0.1:{port}",
+                "--out",
+                str(out),
+                "--steps",
+                "100000",
+                "--stop-file",
+                str(stop),
+                "--global-batch",
+                str(GLOBAL_BATCH),
+                "--timeout",
+                str(timeout),
+                "--hidden",
+                str(hidden),
+                "--layers",
+                str(layers),
+                *extra,
+            ],
+            env=env(),
+            stdout=subprocess.DEVNULL,
+            stderr=(out / f"g{g}-{time.monotonic_ns()}.err").open("w"),
+        )
 
     def end_soon(since: float, heal: bool) -> None:
         """Once the last group 2 has healed (after a fault) and committed 2 steps: every group ends 3 steps
@@ -156,6 +191,7 @@ def ft_figures(mine: list[dict], victim: list[dict], starts: list[float]) -> dic
     """Group 0's stalls at each fault and each rejoin, less its own saves and holds in that window. (The first
     group 2 may join a step after the others and heal too: what happens before the first fault is no fault's.)"""
     starts = starts or [math.inf]
+
     def paused(a: float, b: float) -> float:
         return sum(r.get("save_s", 0) + r.get("held_s", 0) for r in mine if a < r["t"] <= b)
 
@@ -187,18 +223,26 @@ def ft_figures(mine: list[dict], victim: list[dict], starts: list[float]) -> dic
     started = [r["t"] for r in victim if "started" in r]
     healed = [r["t"] for r in victim if "healed" in r]
     saves = [r for r in mine if "save_s" in r]
-    return {"model_mb": round(saves[-1]["bytes"] / 1e6, 1) if saves else None, "step_s": round(everywhere, 3),
-            "step_s_by_groups": {n: round(v, 3) for n, v in sorted(steps.items())},
-            "save_s": rounded(statistics.median(r["save_s"] for r in saves)) if saves else None,
-            "stall_s": [rounded(s) for s in stalls], "failed_try_s": [rounded(s) for s in failed_try],
-            "requorum_s": [rounded(s) for s in requorum], "rejoin_s": [rounded(s) for s in rejoins],
-            "heal_transfer_s": [rounded(r["heal_transfer_s"]) for r in victim
-                                if "heal_transfer_s" in r and r["t"] > starts[0]],
-            # not lost: the others train meanwhile (the first group 2's own start is not a fault's)
-            "replacement_start_s": [rounded(next((t for t in started if t > s), math.nan) - s) for s in starts
-                                    if s < math.inf],
-            "replacement_heal_s": [rounded(next((t for t in healed if t > s), math.nan) - s) for s in starts
-                                   if s < math.inf]}
+    return {
+        "model_mb": round(saves[-1]["bytes"] / 1e6, 1) if saves else None,
+        "step_s": round(everywhere, 3),
+        "step_s_by_groups": {n: round(v, 3) for n, v in sorted(steps.items())},
+        "save_s": rounded(statistics.median(r["save_s"] for r in saves)) if saves else None,
+        "stall_s": [rounded(s) for s in stalls],
+        "failed_try_s": [rounded(s) for s in failed_try],
+        "requorum_s": [rounded(s) for s in requorum],
+        "rejoin_s": [rounded(s) for s in rejoins],
+        "heal_transfer_s": [
+            rounded(r["heal_transfer_s"]) for r in victim if "heal_transfer_s" in r and r["t"] > starts[0]
+        ],
+        # not lost: the others train meanwhile (the first group 2's own start is not a fault's)
+        "replacement_start_s": [
+            rounded(next((t for t in started if t > s), math.nan) - s) for s in starts if s < math.inf
+        ],
+        "replacement_heal_s": [
+            rounded(next((t for t in healed if t > s), math.nan) - s) for s in starts if s < math.inf
+        ],
+    }
 
 
 # ---- restart: dtrain launch --max-restarts, a worker killed ------------------------------------------------
@@ -229,11 +273,26 @@ def restart_run(faults: int, hidden: int, layers: int, every: int, data_root: Pa
     cwd = Path(tempfile.mkdtemp(prefix="restart-bench-"))
     tag, run = uuid.uuid4().hex, cwd / "runs" / "b"
     kill_at = [every * (c + 1) + every // 2 for c in range(faults)]
-    cmd = [sys.executable, "-m", "dtrain", "launch", "--nproc-per-node", "2", "--max-restarts", "3", "train",
-           f"data.root={data_root}", "run.name=b", f"data.batch_size={GLOBAL_BATCH // 2}", "log.progress=false",
-           "train.log_every=1", f"checkpoint.every={every}", "checkpoint.save_best=false",
-           f"train.max_steps={(kill_at[-1] if kill_at else every * 2) + every}",
-           "model.kwargs={hidden: [" + ", ".join([str(hidden)] * layers) + "]}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dtrain",
+        "launch",
+        "--nproc-per-node",
+        "2",
+        "--max-restarts",
+        "3",
+        "train",
+        f"data.root={data_root}",
+        "run.name=b",
+        f"data.batch_size={GLOBAL_BATCH // 2}",
+        "log.progress=false",
+        "train.log_every=1",
+        f"checkpoint.every={every}",
+        "checkpoint.save_best=false",
+        f"train.max_steps={(kill_at[-1] if kill_at else every * 2) + every}",
+        "model.kwargs={hidden: [" + ", ".join([str(hidden)] * layers) + "]}",
+    ]
     lines: list[tuple[float, str]] = []  # the launcher's stderr (rank 0's lines with it), as it comes
 
     def read(stream) -> None:
@@ -244,8 +303,9 @@ def restart_run(faults: int, hidden: int, layers: int, every: int, data_root: Pa
         return next((t for t, line in list(lines) if t > after and re.search(pattern, line)), None)
 
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env(DTRAIN_BENCH_TAG=tag), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env(DTRAIN_BENCH_TAG=tag), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     reader = threading.Thread(target=read, args=(proc.stderr,), daemon=True)
     reader.start()
     per_fault, marks = [], []
@@ -272,14 +332,27 @@ def restart_run(faults: int, hidden: int, layers: int, every: int, data_root: Pa
         restarted = first(rf"restart {i} of", reached)
         doctor = first(r"^doctor \(", restarted or reached)
         resumed = first(r"^resumed from", restarted or reached)
-        marks.append({"step logged": reached, "worker killed": reached, "new worker seen": spawned,
-                      "first step after the checkpoint": step1, "step logged again": back})
-        per_fault.append({"lost": back - reached, "stop": restarted and restarted - reached,
-                          "spawn": spawned and restarted and spawned - restarted,
-                          "start": doctor and (spawned or restarted) and doctor - (spawned or restarted),
-                          "build_and_read": resumed and doctor and resumed - doctor,
-                          "first_step": resumed and step1 and step1 - resumed, "redo": step1 and back - step1,
-                          "redone_steps": step - (step // every) * every})
+        marks.append(
+            {
+                "step logged": reached,
+                "worker killed": reached,
+                "new worker seen": spawned,
+                "first step after the checkpoint": step1,
+                "step logged again": back,
+            }
+        )
+        per_fault.append(
+            {
+                "lost": back - reached,
+                "stop": restarted and restarted - reached,
+                "spawn": spawned and restarted and spawned - restarted,
+                "start": doctor and (spawned or restarted) and doctor - (spawned or restarted),
+                "build_and_read": resumed and doctor and resumed - doctor,
+                "first_step": resumed and step1 and step1 - resumed,
+                "redo": step1 and back - step1,
+                "redone_steps": step - (step // every) * every,
+            }
+        )
     proc.wait(timeout=900)
     reader.join(timeout=5)
     wall = time.monotonic() - start
@@ -289,11 +362,19 @@ def restart_run(faults: int, hidden: int, layers: int, every: int, data_root: Pa
     assert proc.returncode == 0, "\n".join(line for _, line in lines[-30:])
     newest = sorted((run / "checkpoints").glob("step-*"))
     state_mb = (newest[-1] / "state.pt").stat().st_size / 1e6 if newest else None
-    times = [json.loads(line).get("step_time_s") for line in (run / "metrics.jsonl").read_text().splitlines()
-             if '"step_time_s"' in line]
+    times = [
+        json.loads(line).get("step_time_s")
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+        if '"step_time_s"' in line
+    ]
     shutil.rmtree(cwd, ignore_errors=True)
-    row = {"mode": "restart", "model_mb": rounded(state_mb, 1), "faults": faults, "wall_s": round(wall, 1),
-           "step_s": rounded(statistics.median(times), 3) if times else None}
+    row = {
+        "mode": "restart",
+        "model_mb": rounded(state_mb, 1),
+        "faults": faults,
+        "wall_s": round(wall, 1),
+        "step_s": rounded(statistics.median(times), 3) if times else None,
+    }
     for key in per_fault[0] if per_fault else ():
         row[f"{key}_s" if key != "redone_steps" else key] = [rounded(f[key]) for f in per_fault]
     return row
@@ -372,22 +453,52 @@ def group_pid(launcher: int, group: str) -> int | None:
     return None
 
 
-def launch_ft_run(faults: int, hidden: int, layers: int, every: int, timeout: float, data_root: Path,
-                  run_timeout: float, log: Path | None) -> dict:
+def launch_ft_run(
+    faults: int,
+    hidden: int,
+    layers: int,
+    every: int,
+    timeout: float,
+    data_root: Path,
+    run_timeout: float,
+    log: Path | None,
+) -> dict:
     cwd = Path(tempfile.mkdtemp(prefix="ft-launch-bench-"))
     run = cwd / "runs" / "b"
-    cmd = [sys.executable, "-m", "dtrain", "launch", "--ft", "--nproc-per-node", "3", "--max-restarts",
-           str(max(faults, 1)), "--ft-timeout", f"{timeout:g}", "train", f"data.root={data_root}", "run.name=b",
-           f"data.batch_size={GLOBAL_BATCH}", "data.in_memory=true", "log.progress=false", "train.log_every=1",
-           f"checkpoint.every={every}", "checkpoint.save_best=false", "train.epochs=1000", "train.max_steps=1000000",
-           "model.kwargs={hidden: [" + ", ".join([str(hidden)] * layers) + "]}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dtrain",
+        "launch",
+        "--ft",
+        "--nproc-per-node",
+        "3",
+        "--max-restarts",
+        str(max(faults, 1)),
+        "--ft-timeout",
+        f"{timeout:g}",
+        "train",
+        f"data.root={data_root}",
+        "run.name=b",
+        f"data.batch_size={GLOBAL_BATCH}",
+        "data.in_memory=true",
+        "log.progress=false",
+        "train.log_every=1",
+        f"checkpoint.every={every}",
+        "checkpoint.save_best=false",
+        "train.epochs=1000",
+        "train.max_steps=1000000",
+        "model.kwargs={hidden: [" + ", ".join([str(hidden)] * layers) + "]}",
+    ]
     start = time.monotonic()
     deadline = start + run_timeout
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     lines: list[tuple[float, str]] = []
-    reader = threading.Thread(target=lambda: lines.extend((time.monotonic(), l.rstrip()) for l in proc.stderr),
-                              daemon=True)
+    reader = threading.Thread(
+        target=lambda: lines.extend((time.monotonic(), l.rstrip()) for l in proc.stderr), daemon=True
+    )
     reader.start()
     watch = StepTimes(run, proc.pid)
     group_log = run / "logs" / "group-2.log"
@@ -396,8 +507,11 @@ def launch_ft_run(faults: int, hidden: int, layers: int, every: int, timeout: fl
         while not ok():
             if proc.poll() is not None or time.monotonic() > deadline:
                 how = "timed out" if proc.poll() is None else f"exited {proc.returncode}"
-                raise RuntimeError(f"launch --ft: {what}: launcher {how}; its last lines: "
-                                   + " | ".join(l for _, l in lines[-8:]) + f"; run dir {run}")
+                raise RuntimeError(
+                    f"launch --ft: {what}: launcher {how}; its last lines: "
+                    + " | ".join(l for _, l in lines[-8:])
+                    + f"; run dir {run}"
+                )
             time.sleep(0.05)
 
     def all_three() -> bool:
@@ -429,8 +543,10 @@ def launch_ft_run(faults: int, hidden: int, layers: int, every: int, timeout: fl
             known = len(healed_steps())
             wait_for("group 2 restarted and healed", lambda: len(healed_steps()) > known)
             heals.append(healed_steps()[-1])
-        wait_for("3 steps after the last heal", lambda: watch.last_step() >= max(heals or [every]) + 3
-                 and watch.last_step() >= 2 * every)
+        wait_for(
+            "3 steps after the last heal",
+            lambda: watch.last_step() >= max(heals or [every]) + 3 and watch.last_step() >= 2 * every,
+        )
         proc.send_signal(signal.SIGTERM)  # the groups save and stop (75): the measurement is over
         proc.wait(timeout=max(deadline - time.monotonic(), 30))
     finally:
@@ -448,20 +564,27 @@ def launch_ft_run(faults: int, hidden: int, layers: int, every: int, timeout: fl
         if log is not None:
             log.parent.mkdir(parents=True, exist_ok=True)
             shutil.copytree(run / "logs", log, dirs_exist_ok=True)
-            (log / "steps.json").write_text(json.dumps({"start": start, "kills": kills, "heals": heals,
-                                                        "seen": [(t, r["step"]) for t, r in watch.seen]}))
+            (log / "steps.json").write_text(
+                json.dumps(
+                    {"start": start, "kills": kills, "heals": heals, "seen": [(t, r["step"]) for t, r in watch.seen]}
+                )
+            )
     assert proc.returncode == 75, f"launch --ft exited {proc.returncode}: " + " | ".join(l for _, l in lines[-8:])
     newest = sorted((run / "checkpoints").glob("step-*"))
     state_mb = (newest[-1] / "state.pt").stat().st_size / 1e6 if newest else None
-    row = {"mode": "ft-launch", "model_mb": rounded(state_mb, 1), "faults": faults,
-           "wall_s": round(time.monotonic() - start, 1), "peak_rss_mb": round(watch.peak_rss_mb),
-           **step_figures(watch.seen, kills, heals, every)}
+    row = {
+        "mode": "ft-launch",
+        "model_mb": rounded(state_mb, 1),
+        "faults": faults,
+        "wall_s": round(time.monotonic() - start, 1),
+        "peak_rss_mb": round(watch.peak_rss_mb),
+        **step_figures(watch.seen, kills, heals, every),
+    }
     shutil.rmtree(cwd, ignore_errors=True)
     return row
 
 
-def step_figures(seen: list[tuple[float, dict]], kills: list[float], heals: list[int],
-                 every: int) -> dict:
+def step_figures(seen: list[tuple[float, dict]], kills: list[float], heals: list[int], every: int) -> dict:
     """The writing group's stalls, from when each step's record appeared: at each fault (the longest of the 3
     gaps after the kill) and at each heal (the longer of the gaps ending at the heal step and the next one), each
     less the usual gap of a step of its kind (a save every `every` steps, a validation where the record has
@@ -487,6 +610,7 @@ def step_figures(seen: list[tuple[float, dict]], kills: list[float], heals: list
 
     def excess(s: int) -> float:
         return gap.get(s, 0.0) - usual[kind(s)] if s in gap else 0.0
+
     stalls, rejoins, windows = [], [], []
     for k, h in zip(kills, heals):
         at = max(range(k + 1, k + 4), key=excess)
@@ -495,9 +619,15 @@ def step_figures(seen: list[tuple[float, dict]], kills: list[float], heals: list
         # gap is counted once
         rejoins.append(max([excess(s) for s in (h, h + 1) if s != at], default=0.0))
         windows.append(sum(excess(s) for s in range(k + 1, h + 3)))
-    return {"step_s": round(usual["step"], 3), "save_gap_s": round(usual["save"], 2), "kill_steps": kills,
-            "heal_steps": heals, "stall_s": [rounded(s) for s in stalls], "rejoin_s": [rounded(s) for s in rejoins],
-            "window_s": [rounded(s) for s in windows]}
+    return {
+        "step_s": round(usual["step"], 3),
+        "save_gap_s": round(usual["save"], 2),
+        "kill_steps": kills,
+        "heal_steps": heals,
+        "stall_s": [rounded(s) for s in stalls],
+        "rejoin_s": [rounded(s) for s in rejoins],
+        "window_s": [rounded(s) for s in windows],
+    }
 
 
 # ---- the table -----------------------------------------------------------------------------------------------
@@ -518,36 +648,72 @@ def breakdown(row: dict) -> str:
     def part(name: str, key: str) -> str:
         value = mean(row.get(key))
         return f"{name} {value:.2f}" if value is not None else f"{name} -"
+
     if row["mode"] == "ft":
-        return ", ".join([part("failed try", "failed_try_s"), part("new quorum", "requorum_s"),
-                          part("rejoin", "rejoin_s"), part("(heal transfer", "heal_transfer_s") + ")",
-                          part("not lost: replacement start", "replacement_start_s")])
+        return ", ".join(
+            [
+                part("failed try", "failed_try_s"),
+                part("new quorum", "requorum_s"),
+                part("rejoin", "rejoin_s"),
+                part("(heal transfer", "heal_transfer_s") + ")",
+                part("not lost: replacement start", "replacement_start_s"),
+            ]
+        )
     if row["mode"] == "ft-launch":
-        return ", ".join([part("stall", "stall_s"), part("rejoin", "rejoin_s"),
-                          part("(kill to heal + 2, all excess", "window_s") + ")",
-                          f"killed after steps {row['kill_steps']}, healed at {row['heal_steps']}",
-                          f"peak RSS {row['peak_rss_mb']} MB"])
-    return ", ".join([part("stop", "stop_s"), part("spawn", "spawn_s"), part("start", "start_s"), part("build + read", "build_and_read_s"),
-                      part("first step", "first_step_s"), part("redo", "redo_s")])
+        return ", ".join(
+            [
+                part("stall", "stall_s"),
+                part("rejoin", "rejoin_s"),
+                part("(kill to heal + 2, all excess", "window_s") + ")",
+                f"killed after steps {row['kill_steps']}, healed at {row['heal_steps']}",
+                f"peak RSS {row['peak_rss_mb']} MB",
+            ]
+        )
+    return ", ".join(
+        [
+            part("stop", "stop_s"),
+            part("spawn", "spawn_s"),
+            part("start", "start_s"),
+            part("build + read", "build_and_read_s"),
+            part("first step", "first_step_s"),
+            part("redo", "redo_s"),
+        ]
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model-mb", type=float, nargs="+", default=[10.0, 200.0],
-                    help="model + AdamW state, MB (each size one set of runs)")
+    ap.add_argument(
+        "--model-mb",
+        type=float,
+        nargs="+",
+        default=[10.0, 200.0],
+        help="model + AdamW state, MB (each size one set of runs)",
+    )
     ap.add_argument("--layers", type=int, default=4, help="hidden layers of the MLP")
     ap.add_argument("--faults", type=int, nargs="+", default=[1, 3])
     ap.add_argument("--only", choices=["ft", "restart"])
-    ap.add_argument("--ft-side", choices=["launch", "worker"], default="launch",
-                    help="ft: `dtrain launch --ft --nproc-per-node 3 train` (what users run), or tests/ft_worker.py's "
-                         "hand-made groups")
+    ap.add_argument(
+        "--ft-side",
+        choices=["launch", "worker"],
+        default="launch",
+        help="ft: `dtrain launch --ft --nproc-per-node 3 train` (what users run), or tests/ft_worker.py's "
+        "hand-made groups",
+    )
     ap.add_argument("--run-timeout", type=float, default=900.0, help="launch ft side: a run's limit, seconds")
     ap.add_argument("--every", type=int, default=10, help="checkpoint every N steps, both sides")
     ap.add_argument("--kill-every", type=int, default=3, help="ft: the victim's step tries before it is killed")
-    ap.add_argument("--timeout", type=float, default=30.0,
-                    help="ft: torchft's timeout (collectives, healing), seconds: a large state takes seconds to send")
-    ap.add_argument("--log", type=Path, help="restart: write the launcher's timed lines to this folder; "
-                                             "launch ft side: copy the groups' logs there")
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        help="ft: torchft's timeout (collectives, healing), seconds: a large state takes seconds to send",
+    )
+    ap.add_argument(
+        "--log",
+        type=Path,
+        help="restart: write the launcher's timed lines to this folder; launch ft side: copy the groups' logs there",
+    )
     args = ap.parse_args()
     rows = []
 
@@ -555,15 +721,18 @@ def main() -> None:
         row["load_avg"] = [round(x, 1) for x in os.getloadavg()]  # shared machine: the load at the run's end
         print(json.dumps(row), flush=True)
         rows.append(row)
+
     data_root = None
 
     def digits() -> Path:
         nonlocal data_root
         if data_root is None:
             from dtrain.data import make_builtin
+
             data_root = Path(tempfile.mkdtemp(prefix="bench-data-"))
             make_builtin("digits", data_root / "digits", 250)
         return data_root
+
     for mb in args.model_mb:
         hidden = width(mb, args.layers)
         if args.only != "restart":
@@ -572,8 +741,9 @@ def main() -> None:
                     measured(ft_run(k, hidden, args.layers, args.every, args.kill_every, args.timeout))
                 else:
                     log = args.log and args.log / f"ft-launch-{mb:g}MB-{k}"
-                    measured(launch_ft_run(k, hidden, args.layers, args.every, args.timeout, digits(),
-                                           args.run_timeout, log))
+                    measured(
+                        launch_ft_run(k, hidden, args.layers, args.every, args.timeout, digits(), args.run_timeout, log)
+                    )
         if args.only != "ft":
             digits()
             for k in args.faults:
@@ -582,18 +752,34 @@ def main() -> None:
     if data_root is not None:
         shutil.rmtree(data_root, ignore_errors=True)
     print(f"load average at the end (1, 5, 15 min; {os.cpu_count()} CPUs): {os.getloadavg()}")
-    print("\n| mode | state MB | faults | step s | time lost per fault s | of which (means per fault) |\n"
-          "|---|---:|---:|---:|---:|---|")
+    print(
+        "\n| mode | state MB | faults | step s | time lost per fault s | of which (means per fault) |\n"
+        "|---|---:|---:|---:|---:|---|"
+    )
     for row in rows:
         lost = lost_per_fault(row)
-        print(f"| {row['mode']} | {row['model_mb']} | {row['faults']} | {row['step_s']} | "
-              f"{'-' if lost is None else f'{lost:.2f}'} | {breakdown(row)} |")
+        print(
+            f"| {row['mode']} | {row['model_mb']} | {row['faults']} | {row['step_s']} | "
+            f"{'-' if lost is None else f'{lost:.2f}'} | {breakdown(row)} |"
+        )
     for row in (r for r in rows if r["mode"] == "restart"):
-        ft = next((r for r in rows if r["mode"] in ("ft", "ft-launch") and r["faults"] == row["faults"]
-                   and r["model_mb"] and row["model_mb"] and abs(r["model_mb"] / row["model_mb"] - 1) < 0.1), None)
+        ft = next(
+            (
+                r
+                for r in rows
+                if r["mode"] in ("ft", "ft-launch")
+                and r["faults"] == row["faults"]
+                and r["model_mb"]
+                and row["model_mb"]
+                and abs(r["model_mb"] / row["model_mb"] - 1) < 0.1
+            ),
+            None,
+        )
         if ft and lost_per_fault(ft) and lost_per_fault(row):
-            print(f"restart / {ft['mode']}, {row['model_mb']} MB, {row['faults']} fault(s): "
-                  f"{lost_per_fault(row) / lost_per_fault(ft):.1f}x the time lost per fault")
+            print(
+                f"restart / {ft['mode']}, {row['model_mb']} MB, {row['faults']} fault(s): "
+                f"{lost_per_fault(row) / lost_per_fault(ft):.1f}x the time lost per fault"
+            )
 
 
 if __name__ == "__main__":

@@ -48,8 +48,15 @@ class Probe:
         path = os.pathsep.join(filter(None, [os.environ.get("DTRAIN_SRC"), str(self.root)]))
         full = {**os.environ, "PYTHONPATH": path, "HF_TOKEN": ENV_SECRET, **(env or {})}
         try:
-            self.last = subprocess.run([sys.executable, "-m", "dtrain", *args], cwd=self.root, capture_output=True,
-                                       text=True, timeout=timeout, env=full, stdin=subprocess.DEVNULL)
+            self.last = subprocess.run(
+                [sys.executable, "-m", "dtrain", *args],
+                cwd=self.root,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                env=full,
+                stdin=subprocess.DEVNULL,
+            )
             return self.last
         except subprocess.TimeoutExpired:
             return subprocess.CompletedProcess(args, None, "", "")
@@ -78,13 +85,21 @@ def tar_of(path: Path, members: list[tuple[str, bytes]], mode: str = "w") -> Pat
 
 
 def descriptor(path: Path, shards: list[tuple[str, int]]) -> Path:
-    path.write_text(json.dumps({"__kind__": "wids-shard-index-v1", "wids_version": 1,
-                                "shardlist": [{"url": u, "nsamples": n} for u, n in shards]}))
+    path.write_text(
+        json.dumps(
+            {
+                "__kind__": "wids-shard-index-v1",
+                "wids_version": 1,
+                "shardlist": [{"url": u, "nsamples": n} for u, n in shards],
+            }
+        )
+    )
     return path
 
 
 def npy(a) -> bytes:
     import numpy as np
+
     buf = io.BytesIO()
     np.save(buf, np.asarray(a))
     return buf.getvalue()
@@ -92,9 +107,16 @@ def npy(a) -> bytes:
 
 def tabular_shard(path: Path, n: int, label=lambda i: str(i % 3).encode(), start: int = 0) -> Path:
     import numpy as np
+
     rng = np.random.default_rng(start)
-    return tar_of(path, [m for i in range(start, start + n) for m in
-                         ((f"s{i:05d}.x.npy", npy(rng.normal(size=8).astype("float32"))), (f"s{i:05d}.cls", label(i)))])
+    return tar_of(
+        path,
+        [
+            m
+            for i in range(start, start + n)
+            for m in ((f"s{i:05d}.x.npy", npy(rng.normal(size=8).astype("float32"))), (f"s{i:05d}.cls", label(i)))
+        ],
+    )
 
 
 def trained_run(p: Probe, name: str = "r") -> Path:
@@ -103,6 +125,7 @@ def trained_run(p: Probe, name: str = "r") -> Path:
 
 
 # ---- the probes: each returns (class, detail) ----
+
 
 def lr_inf(p):
     return refused(p.run("train", f"data.root={p.root}/data", "optim.lr=inf", *QUICK)), "optim.lr=inf"
@@ -162,8 +185,14 @@ def pipe_in_descriptor(p):
     tabular_shard(p.root / "train-0.tar", 20)
     marker = p.root / "PWNED"
     descriptor(p.root / "train.json", [(f"pipe:touch {marker}; cat {p.root}/train-0.tar", 20)])
-    out = p.run("train", "data.train=train.json", "data.sample={x: x.npy, y: cls}", "data.num_classes=3",
-                "data.batch_size=4", *QUICK)
+    out = p.run(
+        "train",
+        "data.train=train.json",
+        "data.sample={x: x.npy, y: cls}",
+        "data.num_classes=3",
+        "data.batch_size=4",
+        *QUICK,
+    )
     return ("wrong" if marker.exists() else refused(out)), "pipe: in a descriptor"
 
 
@@ -171,8 +200,9 @@ def empty_shard_listed(p):
     tabular_shard(p.root / "a.tar", 64)
     (p.root / "b.tar").write_bytes(b"")
     descriptor(p.root / "train.json", [("a.tar", 64), ("b.tar", 64)])
-    return refused(p.run("train", "data.train=train.json", "data.sample={x: x.npy, y: cls}", "data.num_classes=3",
-                         *QUICK)), "0-byte shard listed with 64"
+    return refused(
+        p.run("train", "data.train=train.json", "data.sample={x: x.npy, y: cls}", "data.num_classes=3", *QUICK)
+    ), "0-byte shard listed with 64"
 
 
 def corrupt_tgz_index(p):
@@ -198,15 +228,16 @@ def index_out_device(p):
 
 def huge_tar_header(p):
     data = bytearray(tar_of(p.root / "t.tar", [("s00000.cls", b"1")]).read_bytes())
-    size = oct(2 ** 50)[2:].zfill(11).encode() + b"\0"
+    size = oct(2**50)[2:].zfill(11).encode() + b"\0"
     data[124:136] = size
     data[148:156] = b" " * 8
     data[148:156] = f"{sum(data[:512]):06o}\0 ".encode()
     (p.root / "t.tar").write_bytes(bytes(data))
     descriptor(p.root / "t.json", [("t.tar", 1)])
     index = refused(p.run("index", "t.tar", "--out", "i.json"))
-    train = refused(p.run("train", "data.train=t.json", "data.sample={y: cls}", "data.num_classes=2",
-                          "data.batch_size=1", *QUICK))
+    train = refused(
+        p.run("train", "data.train=t.json", "data.sample={y: cls}", "data.num_classes=2", "data.batch_size=1", *QUICK)
+    )
     return (index if index != "clean" else train), "a header declaring 2^50 bytes (index, train)"
 
 
@@ -220,77 +251,141 @@ def dotdot_member(p):
 def decompression_bomb(p):
     import zlib
     import struct
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     w = h = 30000
     png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
     png += chunk(b"IDAT", zlib.compress(b"\0" * (w + 1) * 64, 9)) + chunk(b"IEND", b"")
     tar_of(p.root / "t.tar", [m for i in range(4) for m in ((f"s{i}.png", png), (f"s{i}.cls", b"1"))])
     descriptor(p.root / "t.json", [("t.tar", 4)])
-    return refused(p.run("train", "data.train=t.json", "data.sample={x: png, y: cls}", "data.num_classes=2",
-                         "data.batch_size=2", *QUICK, timeout=120)), "a 30000x30000 PNG"
+    return refused(
+        p.run(
+            "train",
+            "data.train=t.json",
+            "data.sample={x: png, y: cls}",
+            "data.num_classes=2",
+            "data.batch_size=2",
+            *QUICK,
+            timeout=120,
+        )
+    ), "a 30000x30000 PNG"
 
 
 def pickle_pth_member(p):
     import pickle
+
     marker = p.root / "PWNED"
 
     class Evil:
         def __reduce__(self):
             return os.system, (f"touch {marker}",)
+
     payload = pickle.dumps(Evil())
     tar_of(p.root / "t.tar", [m for i in range(4) for m in ((f"s{i}.x.pth", payload), (f"s{i}.cls", b"1"))])
     descriptor(p.root / "t.json", [("t.tar", 4)])
-    out = p.run("train", "data.train=t.json", "data.sample={x: x.pth, y: cls}", "data.num_classes=2",
-                "data.batch_size=2", *QUICK)
+    out = p.run(
+        "train",
+        "data.train=t.json",
+        "data.sample={x: x.pth, y: cls}",
+        "data.num_classes=2",
+        "data.batch_size=2",
+        *QUICK,
+    )
     return ("wrong" if marker.exists() else refused(out)), "a pickle in a .pth member"
 
 
 def object_npy_member(p):
     import numpy as np
+
     buf = io.BytesIO()
     np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     tar_of(p.root / "t.tar", [m for i in range(4) for m in ((f"s{i}.x.npy", buf.getvalue()), (f"s{i}.cls", b"1"))])
     descriptor(p.root / "t.json", [("t.tar", 4)])
-    return refused(p.run("train", "data.train=t.json", "data.sample={x: x.npy, y: cls}", "data.num_classes=2",
-                         "data.batch_size=2", *QUICK)), "an object-dtype .npy member"
+    return refused(
+        p.run(
+            "train",
+            "data.train=t.json",
+            "data.sample={x: x.npy, y: cls}",
+            "data.num_classes=2",
+            "data.batch_size=2",
+            *QUICK,
+        )
+    ), "an object-dtype .npy member"
 
 
 def cls_out_of_range(p):
     tabular_shard(p.root / "t.tar", 64, label=lambda i: b"12" if i == 40 else b"1")
     descriptor(p.root / "t.json", [("t.tar", 64)])
-    return refused(p.run("train", "data.train=t.json", "data.sample={x: x.npy, y: cls}", "data.num_classes=3",
-                         "data.batch_size=8", "log.progress=false", "run.doctor=false", "train.epochs=1")), \
-        ".cls 12 with data.num_classes=3"
+    return refused(
+        p.run(
+            "train",
+            "data.train=t.json",
+            "data.sample={x: x.npy, y: cls}",
+            "data.num_classes=3",
+            "data.batch_size=8",
+            "log.progress=false",
+            "run.doctor=false",
+            "train.epochs=1",
+        )
+    ), ".cls 12 with data.num_classes=3"
 
 
 def ten_outputs_scalar_target(p):
-    (p.root / "tenout.py").write_text(textwrap.dedent("""
+    (p.root / "tenout.py").write_text(
+        textwrap.dedent("""
         import torch
         def build(**_):
             return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(1024, 10))
-    """))
-    return refused(p.run("train", f"data.root={p.root}/data", "data.dataset=count", "data.count_samples=200",
-                         "model.factory=tenout:build", *QUICK)), "10 outputs for a scalar target"
+    """)
+    )
+    return refused(
+        p.run(
+            "train",
+            f"data.root={p.root}/data",
+            "data.dataset=count",
+            "data.count_samples=200",
+            "model.factory=tenout:build",
+            *QUICK,
+        )
+    ), "10 outputs for a scalar target"
 
 
 def token_ids_over_vocab(p):
-    tar_of(p.root / "t.tar", [m for i in range(8) for m in ((f"s{i}.x.npy", npy(list(range(300, 316)))),
-                                                              (f"s{i}.y.npy", npy(list(range(301, 317)))))])
+    tar_of(
+        p.root / "t.tar",
+        [
+            m
+            for i in range(8)
+            for m in ((f"s{i}.x.npy", npy(list(range(300, 316)))), (f"s{i}.y.npy", npy(list(range(301, 317)))))
+        ],
+    )
     descriptor(p.root / "t.json", [("t.tar", 8)])
-    return refused(p.run("train", "data.train=t.json", "data.sample={x: x.npy, y: y.npy}", "model.factory=gpt",
-                         "model.kwargs={num_outputs: 256, n_layer: 1, n_head: 1, n_embd: 8}",
-                         "loss.name=cross_entropy", "data.batch_size=4", *QUICK)), "token id 315 >= vocabulary 256"
+    return refused(
+        p.run(
+            "train",
+            "data.train=t.json",
+            "data.sample={x: x.npy, y: y.npy}",
+            "model.factory=gpt",
+            "model.kwargs={num_outputs: 256, n_layer: 1, n_head: 1, n_embd: 8}",
+            "loss.name=cross_entropy",
+            "data.batch_size=4",
+            *QUICK,
+        )
+    ), "token id 315 >= vocabulary 256"
 
 
 def sys_exit_factory(p):
     (p.root / "exits.py").write_text("import sys\nsys.exit(3)\n")
-    return refused(p.run("train", f"data.root={p.root}/data", "model.factory=exits:build", *QUICK)), \
-        "a factory module that calls sys.exit(3)"
+    return refused(
+        p.run("train", f"data.root={p.root}/data", "model.factory=exits:build", *QUICK)
+    ), "a factory module that calls sys.exit(3)"
 
 
 def regression_without_task(p):
     import numpy as np
+
     rng = np.random.default_rng(0)
     members = []
     for i in range(96):
@@ -298,20 +393,34 @@ def regression_without_task(p):
         members += [(f"s{i:04d}.x.npy", npy(x)), (f"s{i:04d}.y.npy", npy(np.float32(x.sum() * 3 + 10)))]
     tar_of(p.root / "t.tar", members)
     descriptor(p.root / "t.json", [("t.tar", 96)])
-    out = p.run("train", "data.train=t.json", "data.val=t.json", "data.test=t.json", "data.sample={x: x.npy, y: y.npy}",
-                "model.kwargs={num_outputs: 1}", "log.progress=false", "run.doctor=false", "train.epochs=1", "data.batch_size=16")
+    out = p.run(
+        "train",
+        "data.train=t.json",
+        "data.val=t.json",
+        "data.test=t.json",
+        "data.sample={x: x.npy, y: y.npy}",
+        "model.kwargs={num_outputs: 1}",
+        "log.progress=false",
+        "run.doctor=false",
+        "train.epochs=1",
+        "data.batch_size=16",
+    )
     if out.returncode != 0:
         return refused(out), "float labels, data.task left out"
     result = json.loads(out.stdout.strip().splitlines()[-1])
     return ("wrong" if "test/acc" in result else "clean"), "float labels scored as " + (
-        "classification" if "test/acc" in result else "regression")
+        "classification" if "test/acc" in result else "regression"
+    )
 
 
 def evil_exported_factory(p):
     import torch
+
     marker = p.root / "PWNED"
-    cfg = {"data": {"root": str(p.root / "data")},  # the rest: defaults (a saved config may hold fewer keys)
-           "model": {"factory": "os:system", "kwargs": {"command": f"touch {marker}"}}}
+    cfg = {
+        "data": {"root": str(p.root / "data")},  # the rest: defaults (a saved config may hold fewer keys)
+        "model": {"factory": "os:system", "kwargs": {"command": f"touch {marker}"}},
+    }
     torch.save({"model": {}, "config": cfg, "step": 1}, p.root / "evil.pt")
     out = p.run("eval", "--checkpoint", "evil.pt")
     return ("wrong" if marker.exists() else refused(out)), "model.factory os:system in an exported file"
@@ -351,25 +460,56 @@ def pointer_to_another_run(p):
 
 
 def secrets_written(p):
-    (p.root / "keyed.py").write_text(textwrap.dedent("""
+    (p.root / "keyed.py").write_text(
+        textwrap.dedent("""
         import torch
         def build(input_shape, num_outputs, api_key=None):
             return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, num_outputs))
-    """))
+    """)
+    )
     (p.root / "c.yaml").write_text(f"model: {{factory: keyed:build, kwargs: {{api_key: {SECRET}}}}}\n")
-    p.run("train", "--config", "c.yaml", f"data.root={p.root}/data", "run.name=s", "wandb.project=x",
-          *QUICK, timeout=300)
-    leaked = [str(f.relative_to(p.root)) for f in (p.root / "runs").rglob("*") if f.is_file() and
-              any(s.encode() in f.read_bytes() for s in (SECRET, ENV_SECRET))]
+    p.run(
+        "train", "--config", "c.yaml", f"data.root={p.root}/data", "run.name=s", "wandb.project=x", *QUICK, timeout=300
+    )
+    leaked = [
+        str(f.relative_to(p.root))
+        for f in (p.root / "runs").rglob("*")
+        if f.is_file() and any(s.encode() in f.read_bytes() for s in (SECRET, ENV_SECRET))
+    ]
     return ("wrong" if leaked else "clean"), f"secret in {leaked[:3]}" if leaked else "no secret in any file"
 
 
-PROBES = [lr_inf, lr_nan, momentum_out_of_range, two_configs, binary_config, latin1_config, deep_yaml, alias_bomb,
-          yaml_python_tag, override_alias_bomb, pipe_in_descriptor, empty_shard_listed, corrupt_tgz_index,
-          index_out_device, huge_tar_header, dotdot_member, decompression_bomb, pickle_pth_member,
-          object_npy_member, cls_out_of_range, ten_outputs_scalar_target, token_ids_over_vocab, sys_exit_factory,
-          regression_without_task, evil_exported_factory, export_over_its_own_state, export_out_directory,
-          pointer_to_another_run, secrets_written]
+PROBES = [
+    lr_inf,
+    lr_nan,
+    momentum_out_of_range,
+    two_configs,
+    binary_config,
+    latin1_config,
+    deep_yaml,
+    alias_bomb,
+    yaml_python_tag,
+    override_alias_bomb,
+    pipe_in_descriptor,
+    empty_shard_listed,
+    corrupt_tgz_index,
+    index_out_device,
+    huge_tar_header,
+    dotdot_member,
+    decompression_bomb,
+    pickle_pth_member,
+    object_npy_member,
+    cls_out_of_range,
+    ten_outputs_scalar_target,
+    token_ids_over_vocab,
+    sys_exit_factory,
+    regression_without_task,
+    evil_exported_factory,
+    export_over_its_own_state,
+    export_out_directory,
+    pointer_to_another_run,
+    secrets_written,
+]
 
 
 def main() -> None:
@@ -390,8 +530,12 @@ def main() -> None:
                 kind, detail = probe(p)
             except Exception as e:  # the probe itself failed: report, don't hide
                 kind, detail = "probe error", f"{type(e).__name__}: {e}"
-            results[probe.__name__] = {"class": kind, "detail": detail, "s": round(time.monotonic() - start, 1),
-                                       "said": p.said()}
+            results[probe.__name__] = {
+                "class": kind,
+                "detail": detail,
+                "s": round(time.monotonic() - start, 1),
+                "said": p.said(),
+            }
             print(f"{kind:<11} {probe.__name__:<28} {detail}  ({results[probe.__name__]['s']} s)", flush=True)
             if args.verbose:
                 print(f"{'':<11} {p.said()}", flush=True)

@@ -56,33 +56,60 @@ def held(engine, name: str) -> dict[str, dict[int, int]]:
     """{category: {storage: bytes}} of the model state this rank holds."""
     params = list(engine.module.parameters())
     if name in ("ddp", "fsdp"):
-        return {"params": storages(params), "grads": storages(p.grad for p in params),
-                "optimizer": storages(state_tensors(engine.optimizer))}
+        return {
+            "params": storages(params),
+            "grads": storages(p.grad for p in params),
+            "optimizer": storages(state_tensors(engine.optimizer)),
+        }
     zero = engine.optimizer  # DeepSpeed's ZeRO optimizer around dtrain's AdamW
     if name == "zero3":
         masters = zero.fp32_partitioned_groups_flat
-        return {"params": {**storages(p.ds_tensor for p in params), **storages(masters)},
-                "grads": {**storages([zero.grad_partitions_flat_buffer]), **storages(m.grad for m in masters),
-                          **storages(g for gs in zero.averaged_gradients.values() for g in gs)},
-                "optimizer": storages(state_tensors(zero.optimizer))}
+        return {
+            "params": {**storages(p.ds_tensor for p in params), **storages(masters)},
+            "grads": {
+                **storages([zero.grad_partitions_flat_buffer]),
+                **storages(m.grad for m in masters),
+                **storages(g for gs in zero.averaged_gradients.values() for g in gs),
+            },
+            "optimizer": storages(state_tensors(zero.optimizer)),
+        }
     masters = zero.single_partition_of_fp32_groups
-    return {"params": {**storages(params), **storages(masters)},
-            "grads": {**storages(p.grad for p in params), **storages(m.grad for m in masters),
-                      **storages(g for gs in zero.averaged_gradients.values() for g in gs)},
-            "optimizer": storages(state_tensors(zero.optimizer))}
+    return {
+        "params": {**storages(params), **storages(masters)},
+        "grads": {
+            **storages(p.grad for p in params),
+            **storages(m.grad for m in masters),
+            **storages(g for gs in zero.averaged_gradients.values() for g in gs),
+        },
+        "optimizer": storages(state_tensors(zero.optimizer)),
+    }
 
 
 def measure(args, info) -> dict:
-    model_cfg = ModelConfig(factory="gpt", kwargs=dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
-                                                       vocab_size=args.vocab, dropout=0.0))
+    model_cfg = ModelConfig(
+        factory="gpt",
+        kwargs=dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, vocab_size=args.vocab, dropout=0.0),
+    )
     model = build_model(model_cfg, {"input_shape": (args.seq_len,), "num_outputs": args.vocab}, seed=0)
     n_params = sum(p.numel() for p in model.parameters())
-    train_cfg = TrainConfig(engine={"ddp": "ddp", "fsdp": "fsdp"}.get(args.engine, "deepspeed"),
-                            precision=args.precision, compile=False, clip_grad_norm=1.0)
+    train_cfg = TrainConfig(
+        engine={"ddp": "ddp", "fsdp": "fsdp"}.get(args.engine, "deepspeed"),
+        precision=args.precision,
+        compile=False,
+        clip_grad_norm=1.0,
+    )
     stage = int(args.engine[-1]) if args.engine.startswith("zero") else 2
-    engine = build_engine(model, lambda m: build_optimizer(OptimConfig(), m),
-                          lambda o: build_scheduler(ScheduleConfig(name="constant"), o, 10), train_cfg, info,
-                          DeepSpeedConfig(zero_stage=stage), args.batch_size, fsdp_cfg=FSDPConfig(), log=lambda m: None)
+    engine = build_engine(
+        model,
+        lambda m: build_optimizer(OptimConfig(), m),
+        lambda o: build_scheduler(ScheduleConfig(name="constant"), o, 10),
+        train_cfg,
+        info,
+        DeepSpeedConfig(zero_stage=stage),
+        args.batch_size,
+        fsdp_cfg=FSDPConfig(),
+        log=lambda m: None,
+    )
     g = torch.Generator().manual_seed(info.global_rank)
     for step in range(2):
         x = torch.randint(0, args.vocab, (args.batch_size, args.seq_len), generator=g)
@@ -96,8 +123,16 @@ def measure(args, info) -> dict:
     mine = torch.tensor([*parts, sum(parts)], dtype=torch.float64)
     dist.all_reduce_max(mine)  # the rank holding the most (shards can be uneven); the total of one rank
     params, grads, optimizer, total = mine.tolist()
-    return {"engine": args.engine, "precision": args.precision, "ranks": info.world_size, "n_params": n_params,
-            "params_bytes": params, "grads_bytes": grads, "optimizer_bytes": optimizer, "total_bytes": total}
+    return {
+        "engine": args.engine,
+        "precision": args.precision,
+        "ranks": info.world_size,
+        "n_params": n_params,
+        "params_bytes": params,
+        "grads_bytes": grads,
+        "optimizer_bytes": optimizer,
+        "total_bytes": total,
+    }
 
 
 def print_table(lines) -> None:
@@ -107,12 +142,16 @@ def print_table(lines) -> None:
     print("|---:|---|---|---:|---:|---:|---:|---:|---:|")
     for r in sorted(rows, key=lambda r: (r["ranks"], ENGINES.index(r["engine"]), r["precision"])):
         ratio = r["total_bytes"] / ddp[r["ranks"]] if r["ranks"] in ddp else float("nan")
-        print(f"| {r['ranks']} | {r['engine']} | {r['precision']} | {r['params_bytes'] / 1e6:.1f} | {r['grads_bytes'] / 1e6:.1f} | "
-              f"{r['optimizer_bytes'] / 1e6:.1f} | {r['total_bytes'] / 1e6:.1f} | {ratio:.3f} | "
-              f"{ratio * r['ranks']:.2f} |")
+        print(
+            f"| {r['ranks']} | {r['engine']} | {r['precision']} | {r['params_bytes'] / 1e6:.1f} | {r['grads_bytes'] / 1e6:.1f} | "
+            f"{r['optimizer_bytes'] / 1e6:.1f} | {r['total_bytes'] / 1e6:.1f} | {ratio:.3f} | "
+            f"{ratio * r['ranks']:.2f} |"
+        )
     n = next(iter(rows))["n_params"] if rows else 0
-    print(f"\n{n / 1e6:.1f}M parameters, AdamW; `/ DDP` against fp32 DDP on as many ranks; `x ranks` = "
-          "(per-rank bytes / DDP's) x ranks: 1.00 is a perfect 1/N partition (the target is <= 1.10 for ZeRO-3 and FSDP)")
+    print(
+        f"\n{n / 1e6:.1f}M parameters, AdamW; `/ DDP` against fp32 DDP on as many ranks; `x ranks` = "
+        "(per-rank bytes / DDP's) x ranks: 1.00 is a perfect 1/N partition (the target is <= 1.10 for ZeRO-3 and FSDP)"
+    )
 
 
 def main() -> None:
@@ -124,9 +163,13 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=50304)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help="train.precision: bf16 makes DeepSpeed keep bf16 parameters beside its fp32 master copy "
-                        "(FSDP's and DDP's persistent state stays fp32 either way)")
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="train.precision: bf16 makes DeepSpeed keep bf16 parameters beside its fp32 master copy "
+        "(FSDP's and DDP's persistent state stays fp32 either way)",
+    )
     p.add_argument("--table", action="store_true", help="read the JSON lines of runs from stdin, print a table")
     args = p.parse_args()
     if args.table:

@@ -83,12 +83,18 @@ def prepare(work: Path, env: dict) -> None:
     text = (REPO / "configs" / "digits.yaml").read_text()
     (work / "digits.yaml").write_text(text)
     (work / "bad_key.yaml").write_text(text.replace("lr: 0.003", "lrr: 0.003"))
-    (work / "bad_sample.yaml").write_text(text.replace("shard_size: 250}", "shard_size: 250, sample: {x: nosuch.npy, "
-                                                                           "y: cls}}"))
+    (work / "bad_sample.yaml").write_text(
+        text.replace("shard_size: 250}", "shard_size: 250, sample: {x: nosuch.npy, y: cls}}")
+    )
     (work / "startup_probe.py").write_text(PROBE)
     (work / "train_script.py").write_text(SCRIPT)
-    subprocess.run([sys.executable, "-m", "dtrain", "shard", "--dataset", "digits", "--out", "data/digits"],
-                   cwd=work, env=env, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "dtrain", "shard", "--dataset", "digits", "--out", "data/digits"],
+        cwd=work,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
 
 
 def time_one(name: str, argv: list[str], work: Path, env: dict, run_dir: Path, timeout: float) -> dict:
@@ -96,8 +102,16 @@ def time_one(name: str, argv: list[str], work: Path, env: dict, run_dir: Path, t
     argv = argv if waits_for_exit else [*argv, f"run.dir={run_dir}"]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start_wall, start = time.time(), time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "dtrain", *argv], cwd=work, env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dtrain", *argv],
+        cwd=work,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     event, step_cpu, lines = None, None, []
 
     def read():
@@ -107,8 +121,9 @@ def time_one(name: str, argv: list[str], work: Path, env: dict, run_dir: Path, t
             if event is None and line.startswith("dtrain: error:"):
                 event = time.monotonic() - start
             elif event is None and line.startswith(STEP_MARK):
-                at, _, cpu = line[len(STEP_MARK):].partition(" cpu ")
+                at, _, cpu = line[len(STEP_MARK) :].partition(" cpu ")
                 event, step_cpu = float(at) - start_wall, float(cpu)
+
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     try:
@@ -121,9 +136,15 @@ def time_one(name: str, argv: list[str], work: Path, env: dict, run_dir: Path, t
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     errors = [l.strip() for l in lines if l.startswith("dtrain: error:")]
-    return {"case": name, "event_s": round(exit_s if waits_for_exit else event, 3) if (waits_for_exit or event)
-            else None, "exit_s": round(exit_s, 3), "cpu_s": round(cpu, 3), "step_cpu_s": step_cpu, "exit_code": code,
-            "error": errors[0][:160] if errors else None}
+    return {
+        "case": name,
+        "event_s": round(exit_s if waits_for_exit else event, 3) if (waits_for_exit or event) else None,
+        "exit_s": round(exit_s, 3),
+        "cpu_s": round(cpu, 3),
+        "step_cpu_s": step_cpu,
+        "exit_code": code,
+        "error": errors[0][:160] if errors else None,
+    }
 
 
 def table(rows: list[dict], other: list[dict] | None = None) -> str:
@@ -131,8 +152,10 @@ def table(rows: list[dict], other: list[dict] | None = None) -> str:
         out = {}
         for name in dict.fromkeys(r["case"] for r in rs):
             mine = [r for r in rs if r["case"] == name]
-            out[name] = {k: statistics.median(v) if (v := [r[k] for r in mine if r.get(k) is not None]) else None
-                         for k in ("event_s", "exit_s", "cpu_s", "step_cpu_s")}
+            out[name] = {
+                k: statistics.median(v) if (v := [r[k] for r in mine if r.get(k) is not None]) else None
+                for k in ("event_s", "exit_s", "cpu_s", "step_cpu_s")
+            }
         return out
 
     def f(x):
@@ -141,16 +164,25 @@ def table(rows: list[dict], other: list[dict] | None = None) -> str:
     ours = medians(rows)
     if other is None:
         head = f"{'case':<22}{'event_s':>8}{'exit_s':>8}{'cpu_s':>8}{'step_cpu_s':>11}"
-        return "\n".join([head] + [f"{n:<22} {f(m['event_s'])} {f(m['exit_s'])} {f(m['cpu_s'])}    "
-                                   f"{f(m['step_cpu_s'])}" for n, m in ours.items()])
+        return "\n".join(
+            [head]
+            + [
+                f"{n:<22} {f(m['event_s'])} {f(m['exit_s'])} {f(m['cpu_s'])}    {f(m['step_cpu_s'])}"
+                for n, m in ours.items()
+            ]
+        )
     theirs = medians(other)
-    head = (f"{'case (medians)':<22}{'event before':>13}{'after':>8}{'cpu before':>12}{'after':>8}"
-            f"{'step cpu before':>17}{'after':>8}")
+    head = (
+        f"{'case (medians)':<22}{'event before':>13}{'after':>8}{'cpu before':>12}{'after':>8}"
+        f"{'step cpu before':>17}{'after':>8}"
+    )
     lines = [head]
     for n in dict.fromkeys([*ours, *theirs]):
         a, b = ours.get(n, {}), theirs.get(n, {})
-        lines.append(f"{n:<22}      {f(a.get('event_s'))} {f(b.get('event_s'))}     {f(a.get('cpu_s'))} "
-                     f"{f(b.get('cpu_s'))}          {f(a.get('step_cpu_s'))} {f(b.get('step_cpu_s'))}")
+        lines.append(
+            f"{n:<22}      {f(a.get('event_s'))} {f(b.get('event_s'))}     {f(a.get('cpu_s'))} "
+            f"{f(b.get('cpu_s'))}          {f(a.get('step_cpu_s'))} {f(b.get('step_cpu_s'))}"
+        )
     return "\n".join(lines)
 
 
@@ -160,21 +192,31 @@ def read_jsonl(path: str) -> list[dict]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tree", nargs="+", default=[str(REPO)], help="the dtrain source tree(s) to time (default: "
-                   "this checkout); two: before and after, interleaved")
+    p.add_argument(
+        "--tree",
+        nargs="+",
+        default=[str(REPO)],
+        help="the dtrain source tree(s) to time (default: this checkout); two: before and after, interleaved",
+    )
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--only", default="", help="comma-separated case names (default: all)")
     p.add_argument("--json", help="also write the JSON lines here")
     p.add_argument("--timeout", type=float, default=300, help="seconds a run may take before it is killed")
-    p.add_argument("--table", nargs="+", metavar="JSONL", help="print the medians of these files (two: side by "
-                   "side, the first as before) and exit")
+    p.add_argument(
+        "--table",
+        nargs="+",
+        metavar="JSONL",
+        help="print the medians of these files (two: side by side, the first as before) and exit",
+    )
     args = p.parse_args()
     if args.table:
         print(table(*[read_jsonl(f) for f in args.table[:2]]))
         return 0
     work = Path(tempfile.mkdtemp(prefix="dtrain-startup-"))
-    envs = {tree: {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(tree).resolve()), str(work)])}
-            for tree in args.tree}
+    envs = {
+        tree: {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(tree).resolve()), str(work)])}
+        for tree in args.tree
+    }
     for env in envs.values():
         env.pop("DTRAIN_LAUNCH_COMMAND", None)
     prepare(work, envs[args.tree[0]])

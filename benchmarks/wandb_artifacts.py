@@ -39,6 +39,7 @@ def du(path: Path) -> int:
 
 def make_state(mib: int):
     import torch
+
     chunk = 16 * MiB // 4  # float32 elements of a 16 MiB tensor
     g = torch.Generator().manual_seed(mib)
     n, rest = divmod(mib * MiB // 4, chunk)
@@ -61,17 +62,27 @@ def main() -> int:
     need = max(sizes) * MiB * (2 + args.reps + 1) + 2**30
     free = shutil.disk_usage(args.dir).free
     if free < need:
-        print(f"wandb_artifacts: {args.dir} has {free / 2**30:.1f} GiB free, needs {need / 2**30:.1f}; "
-              "use --dir or smaller --sizes", file=sys.stderr)
+        print(
+            f"wandb_artifacts: {args.dir} has {free / 2**30:.1f} GiB free, needs {need / 2**30:.1f}; "
+            "use --dir or smaller --sizes",
+            file=sys.stderr,
+        )
         return 2
     top = Path(tempfile.mkdtemp(prefix="dtrain-wandb-bench-", dir=args.dir))
     for key in [k for k in os.environ if k.startswith("WANDB_") or k.startswith("AWS_")]:
         del os.environ[key]  # never an API key, never a user's W&B or AWS settings
-    os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(top / "run"),
-                      WANDB_DATA_DIR=str(top / "wandb-data"), WANDB_CACHE_DIR=str(top / "wandb-cache"),
-                      WANDB_CONFIG_DIR=str(top / "wandb-config"), WANDB_ARTIFACT_DIR=str(top / "wandb-artifacts"),
-                      AWS_EC2_METADATA_DISABLED="true", AWS_CONFIG_FILE=str(top / "none"),
-                      AWS_SHARED_CREDENTIALS_FILE=str(top / "none"))
+    os.environ.update(
+        WANDB_MODE="offline",
+        WANDB_SILENT="true",
+        WANDB_DIR=str(top / "run"),
+        WANDB_DATA_DIR=str(top / "wandb-data"),
+        WANDB_CACHE_DIR=str(top / "wandb-cache"),
+        WANDB_CONFIG_DIR=str(top / "wandb-config"),
+        WANDB_ARTIFACT_DIR=str(top / "wandb-artifacts"),
+        AWS_EC2_METADATA_DISABLED="true",
+        AWS_CONFIG_FILE=str(top / "none"),
+        AWS_SHARED_CREDENTIALS_FILE=str(top / "none"),
+    )
     try:
         return run(sizes, args.reps, top)
     finally:
@@ -103,12 +114,16 @@ def run(sizes: list[int], reps: int, top: Path) -> int:
         t = time.perf_counter()
         wb.log_checkpoint(path, step, best)
         spent.append(time.perf_counter() - t)
+
     told = Callbacks([Reporter(logged, print)])  # as the trainer wires W&B: a callback told on_checkpoint
 
     step = 0
     rows = []
-    print(f"wandb {wandb.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f}; W&B offline in {top}", flush=True)
+    print(
+        f"wandb {wandb.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.1f}; W&B offline in {top}",
+        flush=True,
+    )
     for mib in sizes:
         state, rank_state = make_state(mib)
         root = top / f"ckpt-{mib}"
@@ -123,7 +138,7 @@ def run(sizes: list[int], reps: int, top: Path) -> int:
         staged, parts = [], {"copy": [], "md5": [], "xxh128": []}
         order = ["plain", *variants, "parts"]
         for rep in range(reps):
-            for name in order[rep % len(order):] + order[:rep % len(order)]:  # rotated: drift hits all alike
+            for name in order[rep % len(order) :] + order[: rep % len(order)]:  # rotated: drift hits all alike
                 # the dirty pages of the last measurement (W&B's staged copy is not fsynced) written out first,
                 # untimed: each save starts from a quiet disk, as one minutes after the last does
                 os.sync()
@@ -167,19 +182,27 @@ def run(sizes: list[int], reps: int, top: Path) -> int:
             del ckpt
         shutil.rmtree(staging, ignore_errors=True)
 
-        r = dict(mib=mib, plain=statistics.median(saves["plain"]), staged=statistics.median(staged), asyncs=asyncs,
-                 parts={k: statistics.median(v) for k, v in parts.items()})
+        r = dict(
+            mib=mib,
+            plain=statistics.median(saves["plain"]),
+            staged=statistics.median(staged),
+            asyncs=asyncs,
+            parts={k: statistics.median(v) for k, v in parts.items()},
+        )
         for n in variants:
             r[f"{n}_s"] = statistics.median(spent_in[n])
             r[f"{n}_ratio"] = statistics.median(a / b for a, b in zip(spent_in[n], saves["plain"]))
             r[f"{n}_save"] = statistics.median(saves[n])
         rows.append(r)
-        print(f"{mib} MiB: plain save {r['plain']:.2f} s; " + "; ".join(
-            f"{n}: save {r[n + '_save']:.2f} s of which W&B {r[n + '_s']:.2f} s" for n in variants)
+        print(
+            f"{mib} MiB: plain save {r['plain']:.2f} s; "
+            + "; ".join(f"{n}: save {r[n + '_save']:.2f} s of which W&B {r[n + '_s']:.2f} s" for n in variants)
             + f"; staged {r['staged'] / MiB:.0f} MiB; copy {r['parts']['copy']:.2f} s, MD5 {r['parts']['md5']:.2f} s, "
             f"XXH128 {r['parts']['xxh128']:.2f} s; async save() {asyncs['async plain'][0] * 1e3:.0f} / "
             f"{asyncs['async full'][0] * 1e3:.0f} ms, background {asyncs['async plain'][1]:.2f} / "
-            f"{asyncs['async full'][1]:.2f} s (W&B {asyncs['async full'][2]:.2f} s)", flush=True)
+            f"{asyncs['async full'][1]:.2f} s (W&B {asyncs['async full'][2]:.2f} s)",
+            flush=True,
+        )
         del state
     wb.close()
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
@@ -191,6 +214,7 @@ def parts_of(path: Path, copy: Path, parts: dict) -> None:
     """What the full-copy artifact does per file, timed apart: W&B copies the file into staging, then hashes
     the copy (MD5 by default; XXH128 is wandb.Artifact(digest_algorithm="XXH128"), wandb >= 0.29)."""
     from wandb.sdk.lib.hashutil import md5_file_b64, xxh128_file_b64
+
     t = time.perf_counter()
     shutil.copyfile(path, copy)
     parts["copy"].append(time.perf_counter() - t)
@@ -202,13 +226,18 @@ def parts_of(path: Path, copy: Path, parts: dict) -> None:
 
 
 def report(rows: list[dict], variants: dict, reps: int) -> None:
-    print(f"\nmedians of {reps} interleaved repetitions; W&B s: the time save() spent in the artifact callback; "
-          "x plain: the median of the per-repetition (that time / the plain save's)\n")
+    print(
+        f"\nmedians of {reps} interleaved repetitions; W&B s: the time save() spent in the artifact callback; "
+        "x plain: the median of the per-repetition (that time / the plain save's)\n"
+    )
     head = ["checkpoint", "(a) plain save s", "(b) full copy: W&B s", "x plain", "(c) file://: W&B s", "x plain"]
     if "s3" in variants:
         head += ["(c') s3://: W&B s", "x plain"]
-    head += ["(d) staged per version MiB", "(e) async: save() blocks ms, plain / with artifact",
-             "(e) async: background s, plain / with artifact (of which W&B)"]
+    head += [
+        "(d) staged per version MiB",
+        "(e) async: save() blocks ms, plain / with artifact",
+        "(e) async: background s, plain / with artifact (of which W&B)",
+    ]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" + "---:|" * (len(head) - 1))
     for r in rows:
@@ -216,8 +245,11 @@ def report(rows: list[dict], variants: dict, reps: int) -> None:
         for n in variants:
             cells += [f"{r[n + '_s']:.2f}", f"{r[n + '_ratio']:.2f}"]
         a = r["asyncs"]
-        cells += [f"{r['staged'] / MiB:.0f}", f"{a['async plain'][0] * 1e3:.0f} / {a['async full'][0] * 1e3:.0f}",
-                  f"{a['async plain'][1]:.2f} / {a['async full'][1]:.2f} ({a['async full'][2]:.2f})"]
+        cells += [
+            f"{r['staged'] / MiB:.0f}",
+            f"{a['async plain'][0] * 1e3:.0f} / {a['async full'][0] * 1e3:.0f}",
+            f"{a['async plain'][1]:.2f} / {a['async full'][1]:.2f} ({a['async full'][2]:.2f})",
+        ]
         print("| " + " | ".join(cells) + " |")
     print("\n| checkpoint | copy into staging s | MD5 of the copy s | XXH128 s |\n|---|---:|---:|---:|")
     for r in rows:
@@ -225,10 +257,12 @@ def report(rows: list[dict], variants: dict, reps: int) -> None:
         print(f"| {r['mib']} MiB | {p['copy']:.2f} | {p['md5']:.2f} | {p['xxh128']:.2f} |")
     big = rows[-1]
     gib = big["mib"] / 1024
-    print(f"\nper GiB (the {big['mib']} MiB row): plain save {big['plain'] / gib:.2f} s; full-copy artifact "
-          f"+{big['full_s'] / gib:.2f} s (copy {big['parts']['copy'] / gib:.2f} + MD5 {big['parts']['md5'] / gib:.2f}) "
-          f"and {big['staged'] / 2**30 / gib:.2f} GiB staged per version; file:// +{big['file_s'] / gib:.2f} s" +
-          (f"; s3:// +{big['s3_s']:.2f} s whatever the size (the URI only)" if "s3" in variants else ""))
+    print(
+        f"\nper GiB (the {big['mib']} MiB row): plain save {big['plain'] / gib:.2f} s; full-copy artifact "
+        f"+{big['full_s'] / gib:.2f} s (copy {big['parts']['copy'] / gib:.2f} + MD5 {big['parts']['md5'] / gib:.2f}) "
+        f"and {big['staged'] / 2**30 / gib:.2f} GiB staged per version; file:// +{big['file_s'] / gib:.2f} s"
+        + (f"; s3:// +{big['s3_s']:.2f} s whatever the size (the URI only)" if "s3" in variants else "")
+    )
 
 
 if __name__ == "__main__":

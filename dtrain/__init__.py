@@ -26,26 +26,59 @@ if TYPE_CHECKING:  # imported when first used (`import dtrain` stays light: no t
     from .result import FitResult
     from .runlock import RunDirError
 
-__all__ = ["main", "fit", "load_model", "FitResult", "ConfigError", "DataError", "LaunchError", "CheckpointError",
-           "DoctorError", "RunDirError", "CollectiveError", "__version__"]
+__all__ = [
+    "main",
+    "fit",
+    "load_model",
+    "FitResult",
+    "ConfigError",
+    "DataError",
+    "LaunchError",
+    "CheckpointError",
+    "DoctorError",
+    "RunDirError",
+    "CollectiveError",
+    "__version__",
+]
 
 # public name -> the module that defines it, imported on first access (PEP 562)
-_LAZY = {"FitResult": "result", "load_model": "load", "ConfigError": "config", "DataError": "data.errors",
-         "LaunchError": "dist", "CollectiveError": "dist", "CheckpointError": "checkpoint", "DoctorError": "run",
-         "RunDirError": "runlock"}
+_LAZY = {
+    "FitResult": "result",
+    "load_model": "load",
+    "ConfigError": "config",
+    "DataError": "data.errors",
+    "LaunchError": "dist",
+    "CollectiveError": "dist",
+    "CheckpointError": "checkpoint",
+    "DoctorError": "run",
+    "RunDirError": "runlock",
+}
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
+
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'dtrain' has no attribute {name!r}")
 
 
-def main(argv: Optional[Sequence[str]] = None, *, config: Optional[dict[str, Any]] = None, model: Any = None,
-         loss: Any = None, metrics: Any = None, forward: Any = None, param_groups: Any = None, sample: Any = None,
-         transform: Any = None, collate: Any = None, callbacks: Optional[Sequence[Any]] = None,
-         optimizer: Any = None, scheduler: Any = None) -> NoReturn:
+def main(
+    argv: Optional[Sequence[str]] = None,
+    *,
+    config: Optional[dict[str, Any]] = None,
+    model: Any = None,
+    loss: Any = None,
+    metrics: Any = None,
+    forward: Any = None,
+    param_groups: Any = None,
+    sample: Any = None,
+    transform: Any = None,
+    collate: Any = None,
+    callbacks: Optional[Sequence[Any]] = None,
+    optimizer: Any = None,
+    scheduler: Any = None,
+) -> NoReturn:
     """Run dtrain's command line with objects of your own, then exit with its exit code (0, 2 for a user
     error, 75 when interrupted and resumable). `argv` defaults to sys.argv[1:]; its command defaults to
     `train` (also: eval, export, doctor, config, plot).
@@ -82,15 +115,38 @@ def main(argv: Optional[Sequence[str]] = None, *, config: Optional[dict[str, Any
     from .build import Hooks
     from .cli import main as cli_main
 
-    hooks = Hooks(model, loss, metrics, forward, param_groups, sample, transform, collate,
-                  None if callbacks is None else list(callbacks), optimizer, scheduler)
+    hooks = Hooks(
+        model,
+        loss,
+        metrics,
+        forward,
+        param_groups,
+        sample,
+        transform,
+        collate,
+        None if callbacks is None else list(callbacks),
+        optimizer,
+        scheduler,
+    )
     raise SystemExit(cli_main(None if argv is None else list(argv), hooks, config))
 
 
-def fit(argv: Optional[Sequence[str]] = None, *, config: Optional[dict[str, Any]] = None, model: Any = None,
-        loss: Any = None, metrics: Any = None, forward: Any = None, param_groups: Any = None, sample: Any = None,
-        transform: Any = None, collate: Any = None, callbacks: Optional[Sequence[Any]] = None,
-        optimizer: Any = None, scheduler: Any = None) -> FitResult:
+def fit(
+    argv: Optional[Sequence[str]] = None,
+    *,
+    config: Optional[dict[str, Any]] = None,
+    model: Any = None,
+    loss: Any = None,
+    metrics: Any = None,
+    forward: Any = None,
+    param_groups: Any = None,
+    sample: Any = None,
+    transform: Any = None,
+    collate: Any = None,
+    callbacks: Optional[Sequence[Any]] = None,
+    optimizer: Any = None,
+    scheduler: Any = None,
+) -> FitResult:
     """Train exactly as `main` does (the same arguments, argv, config, hooks; under torchrun or srun too),
     then return the run's `dtrain.result.FitResult` on every rank instead of exiting: exit_code, stop_reason,
     step, total_steps, run_dir, metrics (the last value of each), best_metrics and best_step (the best
@@ -113,6 +169,20 @@ def fit(argv: Optional[Sequence[str]] = None, *, config: Optional[dict[str, Any]
     from .build import Hooks
     from .cli import fit as cli_fit
 
-    return cli_fit(None if argv is None else list(argv),
-                   Hooks(model, loss, metrics, forward, param_groups, sample, transform, collate,
-                         None if callbacks is None else list(callbacks), optimizer, scheduler), config)
+    return cli_fit(
+        None if argv is None else list(argv),
+        Hooks(
+            model,
+            loss,
+            metrics,
+            forward,
+            param_groups,
+            sample,
+            transform,
+            collate,
+            None if callbacks is None else list(callbacks),
+            optimizer,
+            scheduler,
+        ),
+        config,
+    )

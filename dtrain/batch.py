@@ -81,17 +81,21 @@ def target(batch) -> torch.Tensor:
     """The target the built-in loss and metrics compare with: y."""
     if isinstance(batch, Mapping):
         if "y" not in batch:
-            raise ConfigError(f"config: loss: the built-in losses and metrics need a target `y` in the batch; it has "
-                              f"{', '.join(k for k in batch if not k.startswith('__'))}: set loss.fn (and "
-                              "metrics.fn or metrics.builtin=false)")
+            raise ConfigError(
+                f"config: loss: the built-in losses and metrics need a target `y` in the batch; it has "
+                f"{', '.join(k for k in batch if not k.startswith('__'))}: set loss.fn (and "
+                "metrics.fn or metrics.builtin=false)"
+            )
         y = batch["y"]
     else:
         y = batch[1]
     if not isinstance(y, torch.Tensor):  # e.g. a dict of labels from data.collate
         what = f"a dict ({', '.join(map(str, y))})" if isinstance(y, Mapping) else f"a {type(y).__name__}"
-        raise ConfigError(f"config: loss: the batch's target y is {what}; the built-in losses and metrics take one "
-                          "tensor of labels or values: return that as y from data.collate, or set loss.fn (and "
-                          "metrics.fn or metrics.builtin=false) to score it yourself")
+        raise ConfigError(
+            f"config: loss: the batch's target y is {what}; the built-in losses and metrics take one "
+            "tensor of labels or values: return that as y from data.collate, or set loss.fn (and "
+            "metrics.fn or metrics.builtin=false) to score it yourself"
+        )
     return y
 
 
@@ -104,8 +108,13 @@ def token_ids(batch) -> Optional[tuple[str, torch.Tensor]]:
         ids = batch.get(name)
     else:
         name, ids = "x", model_input(batch)
-    if isinstance(ids, torch.Tensor) and ids.dim() == 2 and not ids.is_floating_point() and not ids.is_complex() \
-            and ids.dtype != torch.bool:
+    if (
+        isinstance(ids, torch.Tensor)
+        and ids.dim() == 2
+        and not ids.is_floating_point()
+        and not ids.is_complex()
+        and ids.dtype != torch.bool
+    ):
         return name, ids
     return None
 
@@ -118,10 +127,15 @@ def logits(output: Any) -> torch.Tensor:
         return output["logits"]
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
-    what = f"a dict without logits ({', '.join(map(str, output))})" if isinstance(output, Mapping) \
+    what = (
+        f"a dict without logits ({', '.join(map(str, output))})"
+        if isinstance(output, Mapping)
         else f"a {type(output).__name__}"
-    raise ConfigError(f"config: loss: the built-in losses and metrics need a tensor or `logits` from the model, "
-                      f"which returned {what}: set loss.fn (and metrics.fn or metrics.builtin=false)")
+    )
+    raise ConfigError(
+        f"config: loss: the built-in losses and metrics need a tensor or `logits` from the model, "
+        f"which returned {what}: set loss.fn (and metrics.fn or metrics.builtin=false)"
+    )
 
 
 def check_token_ids(model: torch.nn.Module, batch) -> None:
@@ -142,9 +156,11 @@ def check_token_ids(model: torch.nn.Module, batch) -> None:
     if high >= size or low < 0:
         where = next((n for n, m in model.named_modules() if m is embedding), "") or "embedding"
         bad = f"token id {high}" if high >= size else f"a negative token id ({low})"
-        raise ConfigError(f"config: model: batch field '{name}' holds {bad}, the model's input embedding ({where}) "
-                          f"has {size} entries (ids 0..{size - 1}): build the model with a vocabulary of at least "
-                          f"{max(high + 1, size)} (e.g. model.kwargs.vocab_size) or check the data's token ids")
+        raise ConfigError(
+            f"config: model: batch field '{name}' holds {bad}, the model's input embedding ({where}) "
+            f"has {size} entries (ids 0..{size - 1}): build the model with a vocabulary of at least "
+            f"{max(high + 1, size)} (e.g. model.kwargs.vocab_size) or check the data's token ids"
+        )
 
 
 def mismatch_hint(model: torch.nn.Module, batch, error: Exception) -> str:
@@ -156,39 +172,73 @@ def mismatch_hint(model: torch.nn.Module, batch, error: Exception) -> str:
     param = next(model.parameters(), None)
     if param is None or not fields:
         return ""
-    first = next((m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d,
-                                                                torch.nn.Conv3d, torch.nn.Embedding, torch.nn.EmbeddingBag))), None)
+    first = next(
+        (
+            m
+            for m in model.modules()
+            if isinstance(
+                m,
+                (
+                    torch.nn.Linear,
+                    torch.nn.Conv1d,
+                    torch.nn.Conv2d,
+                    torch.nn.Conv3d,
+                    torch.nn.Embedding,
+                    torch.nn.EmbeddingBag,
+                ),
+            )
+        ),
+        None,
+    )
     takes_ids = isinstance(first, (torch.nn.Embedding, torch.nn.EmbeddingBag))
     if "device" in message:
         name, t = next(((n, t) for n, t in fields if t.device != param.device), (None, None))
         if name is not None:  # moved away again, or out of dtrain's reach (only dicts, lists, tuples are walked)
-            return (f"hint: batch field '{name}' is on {t.device}, the model on {param.device}: return it from "
-                    "data.collate in a dict, list or tuple, which dtrain moves to the model's device")
-        return (f"hint: the batch is on {param.device} with the model; a tensor your forward, loss or metrics "
-                "create must be made there too, e.g. torch.zeros(n, device=x.device)")
+            return (
+                f"hint: batch field '{name}' is on {t.device}, the model on {param.device}: return it from "
+                "data.collate in a dict, list or tuple, which dtrain moves to the model's device"
+            )
+        return (
+            f"hint: the batch is on {param.device} with the model; a tensor your forward, loss or metrics "
+            "create must be made there too, e.g. torch.zeros(n, device=x.device)"
+        )
     if "type" in message and takes_ids:  # "Expected tensor for argument #1 'indices' to have ... Long, Int"
         name, t = next(((n, t) for n, t in fields if t.is_floating_point()), (None, None))
         if name is not None:
-            return (f"hint: batch field '{name}' is {t.dtype}, the model's first layer ({type(first).__name__}) "
-                    "takes integer ids: make them in data.transform or data.collate, e.g. x.long()")
+            return (
+                f"hint: batch field '{name}' is {t.dtype}, the model's first layer ({type(first).__name__}) "
+                "takes integer ids: make them in data.transform or data.collate, e.g. x.long()"
+            )
     elif "type" in message:  # "same dtype", "expected scalar type", "Input type (...)"
         name, t = next(((n, t) for n, t in fields if t.dtype != param.dtype), (None, None))
         if name is not None:
             pixels = " (/ 255 for 8-bit pixels)" if t.dtype == torch.uint8 else ""
-            return (f"hint: batch field '{name}' is {t.dtype}, the model's weights are {param.dtype}: convert it "
-                    f"in data.transform or data.collate, e.g. x.to({param.dtype}){pixels}")
-    if first is not None and any(s in message for s in ("shapes cannot be multiplied", "channels", "size mismatch",
-                                                         "channel dimension")):  # the last: Hugging Face's check
+            return (
+                f"hint: batch field '{name}' is {t.dtype}, the model's weights are {param.dtype}: convert it "
+                f"in data.transform or data.collate, e.g. x.to({param.dtype}){pixels}"
+            )
+    if first is not None and any(
+        s in message for s in ("shapes cannot be multiplied", "channels", "size mismatch", "channel dimension")
+    ):  # the last: Hugging Face's check
         name, t = fields[0]
         if isinstance(first, torch.nn.Conv2d) and t.dim() == 4 and t.shape[1] != first.in_channels:
-            return (f"hint: batch field '{name}' has {t.shape[1]} channels per image, the model's first layer "
-                    f"(Conv2d) takes in_channels={first.in_channels}: set data.image (l: 1 channel, rgb: 3, rgba: "
-                    "4) to match, or build the model for the data's channels")
-        wants = f"in_features={first.in_features}" if isinstance(first, torch.nn.Linear) else \
-            f"in_channels={first.in_channels}" if hasattr(first, "in_channels") else ""
-        return (f"hint: batch field '{name}' has shape {tuple(t.shape[1:])} per sample, the model's first layer "
-                f"({type(first).__name__}) takes {wants}: reshape the input in data.transform or data.collate, or "
-                "build the model for it (a model factory with an `input_shape` parameter is given the data's)")
+            return (
+                f"hint: batch field '{name}' has {t.shape[1]} channels per image, the model's first layer "
+                f"(Conv2d) takes in_channels={first.in_channels}: set data.image (l: 1 channel, rgb: 3, rgba: "
+                "4) to match, or build the model for the data's channels"
+            )
+        wants = (
+            f"in_features={first.in_features}"
+            if isinstance(first, torch.nn.Linear)
+            else f"in_channels={first.in_channels}"
+            if hasattr(first, "in_channels")
+            else ""
+        )
+        return (
+            f"hint: batch field '{name}' has shape {tuple(t.shape[1:])} per sample, the model's first layer "
+            f"({type(first).__name__}) takes {wants}: reshape the input in data.transform or data.collate, or "
+            "build the model for it (a model factory with an `input_shape` parameter is given the data's)"
+        )
     return ""
 
 

@@ -35,17 +35,32 @@ DATASETS = {"gpt": "text", "mlp": "digits", "cnn": "count"}
 
 
 def bench_config(args, root: Path, name: str, overrides: list[str] = ()):
-    o = [f"run.dir={root / 'runs'}", f"run.name={name}", f"data.root={root / 'data'}",
-         f"data.dataset={DATASETS[args.model]}", f"model.factory={args.model}", f"data.batch_size={args.batch_size}",
-         f"train.compile={str(args.compile).lower()}", f"train.precision={args.precision}",
-         f"train.log_every={args.steps}", "schedule.name=constant", "log.progress=false",
-         "checkpoint.save_best=false", "data.shuffle_buffer=100", f"data.num_workers={args.num_workers}",
-         "data.in_memory=false"]  # (c) measures reading shards, not the in-memory copy small data sets get
+    o = [
+        f"run.dir={root / 'runs'}",
+        f"run.name={name}",
+        f"data.root={root / 'data'}",
+        f"data.dataset={DATASETS[args.model]}",
+        f"model.factory={args.model}",
+        f"data.batch_size={args.batch_size}",
+        f"train.compile={str(args.compile).lower()}",
+        f"train.precision={args.precision}",
+        f"train.log_every={args.steps}",
+        "schedule.name=constant",
+        "log.progress=false",
+        "checkpoint.save_best=false",
+        "data.shuffle_buffer=100",
+        f"data.num_workers={args.num_workers}",
+        "data.in_memory=false",
+    ]  # (c) measures reading shards, not the in-memory copy small data sets get
     if args.model == "gpt":
         windows = args.batch_size * (args.steps + 4) * 2  # enough for a couple of segments per epoch
-        o += [f"data.text_context={args.seq_len}", f"data.text_bytes={max(200_000, windows * (args.seq_len + 1))}",
-              f"model.kwargs.n_layer={args.n_layer}", f"model.kwargs.n_head={args.n_head}",
-              f"model.kwargs.n_embd={args.n_embd}"]
+        o += [
+            f"data.text_context={args.seq_len}",
+            f"data.text_bytes={max(200_000, windows * (args.seq_len + 1))}",
+            f"model.kwargs.n_layer={args.n_layer}",
+            f"model.kwargs.n_head={args.n_head}",
+            f"model.kwargs.n_embd={args.n_embd}",
+        ]
         if args.vocab:
             o.append(f"model.kwargs.vocab_size={args.vocab}")
     elif args.model == "cnn":
@@ -74,18 +89,34 @@ def synthetic_batches(args, input_shape, vocab: int, task: str, pin: bool, n: in
 class HandWrittenLoop:
     """What a minimal training script does: model, AdamW, autocast, clip, step, zero_grad(set_to_none)."""
 
-    def __init__(self, model_cfg: ModelConfig, optim: OptimConfig, train: TrainConfig, seed: int, input_shape,
-                 out_features: int, task: str, device: torch.device):
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        optim: OptimConfig,
+        train: TrainConfig,
+        seed: int,
+        input_shape,
+        out_features: int,
+        task: str,
+        device: torch.device,
+    ):
         facts = {"input_shape": input_shape, "num_outputs": out_features}
         self.model = build_model(model_cfg, facts, seed).to(device)
-        self.channels_last = has_convolutions(self.model) and device.type == "cuda" and model_cfg.channels_last is not False  # auto or true
+        self.channels_last = (
+            has_convolutions(self.model) and device.type == "cuda" and model_cfg.channels_last is not False
+        )  # auto or true
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.forward = torch.compile(self.model) if should_compile(train.compile, device) else self.model
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=optim.lr, betas=optim.betas,
-                                     fused=True if device.type == "cuda" else None)
-        self.dtype, self.device, self.task, self.clip = pick_dtype(train.precision, device), device, task, \
-            train.clip_grad_norm
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(), lr=optim.lr, betas=optim.betas, fused=True if device.type == "cuda" else None
+        )
+        self.dtype, self.device, self.task, self.clip = (
+            pick_dtype(train.precision, device),
+            device,
+            task,
+            train.clip_grad_norm,
+        )
 
     def run(self, batches: Iterator) -> None:
         for x, y, _ in batches:
@@ -119,8 +150,11 @@ def _cycle_epochs(stream) -> Iterator:
 def run_bench(args, out=print) -> dict:
     from .trainer import Trainer  # imports the data stack; keep `dtrain --help` fast
 
-    device = torch.device(args.device) if args.device else (
-        torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
+    device = (
+        torch.device(args.device)
+        if args.device
+        else (torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
+    )
     if device.type == "cuda":
         torch.cuda.set_device(device)
     info = dist.DistInfo("single", 0, 0, 1, device, None)
@@ -129,8 +163,9 @@ def run_bench(args, out=print) -> dict:
 
     trainers = {"b": Trainer(bench_config(args, root, "synthetic"), info)}
     trainers["d_sync"] = Trainer(bench_config(args, root, "ckpt-sync", [f"checkpoint.every={k}"]), info)
-    trainers["d_async"] = Trainer(bench_config(args, root, "ckpt-async", [f"checkpoint.every={k}",
-                                                                        "checkpoint.async_save=true"]), info)
+    trainers["d_async"] = Trainer(
+        bench_config(args, root, "ckpt-async", [f"checkpoint.every={k}", "checkpoint.async_save=true"]), info
+    )
     base = trainers["b"]
     index_shape, vocab, task = base.facts.input_shape, base.facts.num_outputs, base.facts.task
     save_times: dict[str, list[float]] = {"d_sync": [], "d_async": []}
@@ -160,7 +195,7 @@ def run_bench(args, out=print) -> dict:
     order = list(segments)
     for rep in range(-1, args.reps):  # rep -1: warm-up (compilation, allocator, first DataLoader), not timed
         # rotate the order every repetition, so no segment always runs first (or right after a save)
-        for key in order[max(rep, 0) % len(order):] + order[:max(rep, 0) % len(order)]:
+        for key in order[max(rep, 0) % len(order) :] + order[: max(rep, 0) % len(order)]:
             run = segments[key][1]
             n = args.warmup if rep < 0 else args.steps
             before = len(save_times.get(key, []))
@@ -184,22 +219,44 @@ def run_bench(args, out=print) -> dict:
     for key, (label, _) in segments.items():
         ratios = [a / s for a, s in zip(seconds["a"], seconds[key])]  # same work: time ratio = speed ratio
         med = statistics.median(seconds[key])
-        rows.append({"run": label, "key": key, "tokens_per_s": per_step * args.steps / med,
-                     "samples_per_s": args.batch_size * args.steps / med, "step_ms": 1e3 * med / args.steps,
-                     "ratio": statistics.median(ratios)})
+        rows.append(
+            {
+                "run": label,
+                "key": key,
+                "tokens_per_s": per_step * args.steps / med,
+                "samples_per_s": args.batch_size * args.steps / med,
+                "step_ms": 1e3 * med / args.steps,
+                "ratio": statistics.median(ratios),
+            }
+        )
     stalls = {}
     for key in ("d_sync", "d_async"):
         per_rep = [(d - b) / max(n, 1) for d, b, n in zip(seconds[key], seconds["b"], saves[key])]
-        stalls[key] = {"stall_ms": 1e3 * statistics.median(per_rep), "saves_per_segment": saves[key][0],
-                       "save_call_ms": 1e3 * statistics.median(save_times[key]) if save_times[key] else None}
+        stalls[key] = {
+            "stall_ms": 1e3 * statistics.median(per_rep),
+            "saves_per_segment": saves[key][0],
+            "save_call_ms": 1e3 * statistics.median(save_times[key]) if save_times[key] else None,
+        }
     flops = base.meter.flops_per_sample
-    result = {"model": args.model, "params": sum(p.numel() for p in base.engine.module.parameters()),
-              "device": _device_name(device), "torch": torch.__version__, "batch_size": args.batch_size,
-              "seq_len": index_shape[-1] if task == "lm" else None, "compile": bool(args.compile),
-              "precision": args.precision, "steps": args.steps, "reps": args.reps, "ckpt_every": k,
-              "flops_per_sample": flops, "rows": rows, "checkpoint_stall": stalls, "dir": str(root),
-              # the shard-feeding target compares (c) with (b): the same loop, only the batches' source differs
-              "shards_vs_synthetic": statistics.median(b / c for b, c in zip(seconds["b"], seconds["c"]))}
+    result = {
+        "model": args.model,
+        "params": sum(p.numel() for p in base.engine.module.parameters()),
+        "device": _device_name(device),
+        "torch": torch.__version__,
+        "batch_size": args.batch_size,
+        "seq_len": index_shape[-1] if task == "lm" else None,
+        "compile": bool(args.compile),
+        "precision": args.precision,
+        "steps": args.steps,
+        "reps": args.reps,
+        "ckpt_every": k,
+        "flops_per_sample": flops,
+        "rows": rows,
+        "checkpoint_stall": stalls,
+        "dir": str(root),
+        # the shard-feeding target compares (c) with (b): the same loop, only the batches' source differs
+        "shards_vs_synthetic": statistics.median(b / c for b, c in zip(seconds["b"], seconds["c"])),
+    }
     peak = base.meter.peak
     if peak and flops:
         for r in rows:
@@ -218,6 +275,7 @@ def _time_saves(trainer, sink: list[float]) -> None:
         t0 = time.perf_counter()
         save(step, best)
         sink.append(time.perf_counter() - t0)
+
     trainer.checkpointer.save_run = timed
 
 
@@ -225,24 +283,31 @@ def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     import platform
+
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def format_table(r: dict) -> str:
     shape = f"batch {r['batch_size']}" + (f" x seq {r['seq_len']}" if r["seq_len"] else "")
-    lines = [f"dtrain bench: {r['model']} ({r['params'] / 1e6:.3g}M params), {shape}, {r['device']}, "
-             f"torch {r['torch']}, compile {'on' if r['compile'] else 'off'}, precision {r['precision']}, "
-             f"{r['steps']} steps x {r['reps']} interleaved reps (medians)",
-             "| run | tokens/s | samples/s | step ms | MFU | ratio to (a) |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"dtrain bench: {r['model']} ({r['params'] / 1e6:.3g}M params), {shape}, {r['device']}, "
+        f"torch {r['torch']}, compile {'on' if r['compile'] else 'off'}, precision {r['precision']}, "
+        f"{r['steps']} steps x {r['reps']} interleaved reps (medians)",
+        "| run | tokens/s | samples/s | step ms | MFU | ratio to (a) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for row in r["rows"]:
         mfu = f"{100 * row['mfu']:.1f}%" if "mfu" in row else "-"
-        lines.append(f"| {row['run']} | {row['tokens_per_s']:.0f} | {row['samples_per_s']:.1f} | "
-                     f"{row['step_ms']:.2f} | {mfu} | {row['ratio']:.3f} |")
+        lines.append(
+            f"| {row['run']} | {row['tokens_per_s']:.0f} | {row['samples_per_s']:.1f} | "
+            f"{row['step_ms']:.2f} | {mfu} | {row['ratio']:.3f} |"
+        )
     lines.append(f"(c) shards / (b) synthetic: {r['shards_vs_synthetic']:.3f}")
     s, a = r["checkpoint_stall"]["d_sync"], r["checkpoint_stall"]["d_async"]
     frac = a["stall_ms"] / s["stall_ms"] if s["stall_ms"] > 0 else float("nan")
-    lines.append(f"checkpoint every {r['ckpt_every']} steps: stall per save sync {s['stall_ms']:.1f} ms, "
-                 f"async {a['stall_ms']:.1f} ms (async/sync {frac:.3f}); save() blocks the loop "
-                 f"{s['save_call_ms'] or 0:.1f} ms sync, {a['save_call_ms'] or 0:.1f} ms async")
+    lines.append(
+        f"checkpoint every {r['ckpt_every']} steps: stall per save sync {s['stall_ms']:.1f} ms, "
+        f"async {a['stall_ms']:.1f} ms (async/sync {frac:.3f}); save() blocks the loop "
+        f"{s['save_call_ms'] or 0:.1f} ms sync, {a['save_call_ms'] or 0:.1f} ms async"
+    )
     return "\n".join(lines)

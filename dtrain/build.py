@@ -47,15 +47,24 @@ from .throughput import Throughput, peak_flops
 # recorded there is never resolved again (`__main__:my_metrics` imports nowhere; `mynet:top2` would be a
 # second copy, used as well: #32). param_groups has no key. Callbacks handed in replace the config's list
 # whole, recorded as the list of their `module:Class` names.
-RECORDED = {"model": ("model", "factory"), "forward": ("model", "forward"), "loss": ("loss", "fn"),
-            "metrics": ("metrics", "fn"), "sample": ("data", "sample"), "transform": ("data", "transform"),
-            "collate": ("data", "collate"), "callbacks": ("run", "callbacks"), "optimizer": ("optim", "name"),
-            "scheduler": ("schedule", "name")}
+RECORDED = {
+    "model": ("model", "factory"),
+    "forward": ("model", "forward"),
+    "loss": ("loss", "fn"),
+    "metrics": ("metrics", "fn"),
+    "sample": ("data", "sample"),
+    "transform": ("data", "transform"),
+    "collate": ("data", "collate"),
+    "callbacks": ("run", "callbacks"),
+    "optimizer": ("optim", "name"),
+    "scheduler": ("schedule", "name"),
+}
 
 
 @dataclasses.dataclass
 class Hooks:
     """What a user hands in from Python (dtrain.main(model=..., ...)); None: the config's choice."""
+
     model: Any = None  # nn.Module, or a callable returning one (called with model.kwargs, seeded)
     loss: Optional[Callable] = None  # loss(output, batch) -> scalar tensor or {name: scalar tensor}
     metrics: Any = None  # sums callable, {name: torchmetrics.Metric}, or a list of those
@@ -84,8 +93,9 @@ class Hooks:
             given = getattr(self, hook)
             if given is not None:
                 sections.setdefault(section, {})[key] = callbacks(given) if hook == "callbacks" else value(given)
-        return cfg.model_copy(update={name: getattr(cfg, name).model_copy(update=keys)
-                                      for name, keys in sections.items()})
+        return cfg.model_copy(
+            update={name: getattr(cfg, name).model_copy(update=keys) for name, keys in sections.items()}
+        )
 
 
 def _name(hook) -> Any:
@@ -102,6 +112,7 @@ class DataFacts:
     shape may be given as a function -> (shape, or None and why it is unknown), which reads a sample: it is
     called only when something asks (a factory whose signature names input_shape, a language model's MFU),
     so text and other inputs without a shape train without one."""
+
     task: Optional[str]
     shape: Union[tuple, None, Callable[[], tuple]]
     num_outputs: Optional[int]
@@ -147,8 +158,12 @@ def build_model_for(cfg: Config, facts: DataFacts, hooks: Hooks, log: Callable[[
     """The model with its pretrained weights (model.init_from), on the CPU."""
     cfg = hooks.replacing(cfg)
     model = build_model(cfg.model, facts.for_factory(), cfg.run.seed, hooks.model, log)
-    if cfg.model.init_from or cfg.model.freeze_all_but_head or cfg.optim.backbone_lr_ratio != 1 or \
-            cfg.model.head != "head":  # needed, or named on purpose: it must name a module (one line if not)
+    if (
+        cfg.model.init_from
+        or cfg.model.freeze_all_but_head
+        or cfg.optim.backbone_lr_ratio != 1
+        or cfg.model.head != "head"
+    ):  # needed, or named on purpose: it must name a module (one line if not)
         find_module(model, cfg.model.head)
     if cfg.model.init_from:  # every rank loads it (DDP would broadcast rank 0's weights anyway)
         load_pretrained(model, cfg.model.init_from, log, head=cfg.model.head, read_weights=model_weights)
@@ -163,15 +178,29 @@ class Data:
     test: Optional[ShardStream]
 
 
-def build_data(cfg: Config, info: dist.DistInfo, hooks: Optional[Hooks] = None, debug: bool = False,
-               log: Callable[[str], None] = print) -> Data:
+def build_data(
+    cfg: Config,
+    info: dist.DistInfo,
+    hooks: Optional[Hooks] = None,
+    debug: bool = False,
+    log: Callable[[str], None] = print,
+) -> Data:
     """This rank's training feed (transformed, augmented) and its val and test streams (never augmented)."""
     hooks = hooks or Hooks()
     cfg = hooks.replacing(cfg)
-    streams = build_streams(cfg.data, seed=cfg.run.seed, rank=info.global_rank, world_size=info.world_size,
-                            grad_accum=cfg.train.grad_accum, num_workers=0 if debug else cfg.data.num_workers,
-                            pin_memory=info.device.type == "cuda", augment=build_augment(cfg.augment, cfg.run.seed),
-                            sample=hooks.sample, transform=hooks.transform, collate=hooks.collate)
+    streams = build_streams(
+        cfg.data,
+        seed=cfg.run.seed,
+        rank=info.global_rank,
+        world_size=info.world_size,
+        grad_accum=cfg.train.grad_accum,
+        num_workers=0 if debug else cfg.data.num_workers,
+        pin_memory=info.device.type == "cuda",
+        augment=build_augment(cfg.augment, cfg.run.seed),
+        sample=hooks.sample,
+        transform=hooks.transform,
+        collate=hooks.collate,
+    )
     for note in streams.notes:
         log(note)
     # a regression predicts one number; classes unknown (foreign shards, no data.num_classes): None
@@ -184,6 +213,7 @@ def build_data(cfg: Config, info: dist.DistInfo, hooks: Optional[Hooks] = None, 
 @dataclasses.dataclass
 class Core:
     """What evaluating a model needs (all `dtrain eval` builds; the trainer adds the rest)."""
+
     data: Data
     engine: Engine
     evaluator: Evaluator
@@ -192,8 +222,13 @@ class Core:
     tokens: Optional[int]  # per sample, for tokens_per_s (tokens_per_sample); None: the inputs are not tokens
 
 
-def build_core(cfg: Config, info: dist.DistInfo, hooks: Optional[Hooks] = None, debug: bool = False,
-               log: Callable[[str], None] = print) -> Core:
+def build_core(
+    cfg: Config,
+    info: dist.DistInfo,
+    hooks: Optional[Hooks] = None,
+    debug: bool = False,
+    log: Callable[[str], None] = print,
+) -> Core:
     """Data, the model (probed on a real batch), its engine, loss, metrics and the evaluator."""
     hooks = hooks or Hooks()
     cfg = hooks.replacing(cfg)  # the hooks handed in, never the names recorded for them
@@ -203,16 +238,20 @@ def build_core(cfg: Config, info: dist.DistInfo, hooks: Optional[Hooks] = None, 
     model = build_model_for(cfg, facts, hooks, log)
     freezer = Freezer(model, cfg.model)
     freezer.apply(0)  # before the engine: DDP only reduces parameters that require grad when wrapped
-    forward = hooks.forward or (resolve(cfg.model.forward, "model.forward") if cfg.model.forward
-                                else batches.default_forward)
+    forward = hooks.forward or (
+        resolve(cfg.model.forward, "model.forward") if cfg.model.forward else batches.default_forward
+    )
     loss = build_loss(cfg.loss, facts.task, hooks.loss)
     metrics = build_metrics(cfg.metrics, facts.task, facts.y_mean, hooks.metrics)
     model.to(device)
     first = (data.val or data.feed.stream).first_batch(2)
     flops = probe(model, first, forward, loss, metrics, device, facts, log)
     scales = lr_scales(cfg.model.head, cfg.optim.backbone_lr_ratio) if cfg.optim.backbone_lr_ratio != 1 else None
-    channels_last = cfg.model.channels_last if cfg.model.channels_last != "auto" else \
-        device.type == "cuda" and has_convolutions(model)
+    channels_last = (
+        cfg.model.channels_last
+        if cfg.model.channels_last != "auto"
+        else device.type == "cuda" and has_convolutions(model)
+    )
     # DDP and DeepSpeed talk to every rank while they wrap the model (they broadcast the weights): a rank
     # lost during start-up ends the others here, in one line naming it, not in gloo's traceback. A barrier
     # on each side, because a barrier fails at once on a lost peer (its connection closes), while a new
@@ -220,12 +259,18 @@ def build_core(cfg: Config, info: dist.DistInfo, hooks: Optional[Hooks] = None, 
     # and FSDP2 shards locally without a word to the others, so ours (build_components) would be next.
     with dist.guard(f"{cfg.train.engine} set-up (the first collective with every rank)"):
         dist.barrier()
-        engine = build_engine(model, lambda module: build_optimizer(cfg.optim, module, scales, hooks.param_groups,
-                                                                    hooks.optimizer),
-                              lambda optimizer: build_scheduler(cfg.schedule, optimizer, data.feed.total_steps,
-                                                                hooks.scheduler),
-                              cfg.train, info, cfg.deepspeed, cfg.data.batch_size, channels_last=channels_last,
-                              fsdp_cfg=cfg.fsdp, log=log)
+        engine = build_engine(
+            model,
+            lambda module: build_optimizer(cfg.optim, module, scales, hooks.param_groups, hooks.optimizer),
+            lambda optimizer: build_scheduler(cfg.schedule, optimizer, data.feed.total_steps, hooks.scheduler),
+            cfg.train,
+            info,
+            cfg.deepspeed,
+            cfg.data.batch_size,
+            channels_last=channels_last,
+            fsdp_cfg=cfg.fsdp,
+            log=log,
+        )
         dist.barrier()
     evaluator = Evaluator(engine, forward, loss, metrics, facts.task, cfg.train.val_every, cfg.early_stop)
     return Core(data, engine, evaluator, freezer, flops, tokens_per_sample(first, facts))
@@ -239,16 +284,22 @@ def _refuse_sealed(cfg: Config) -> None:
 
     config = cfg.to_dict()
     # what builds the model, its data, loss and metrics: a sealed wandb.entity hurts no evaluation
-    sealed = [path for section in ("model", "data", "loss", "metrics", "optim", "schedule")
-              for path in sealed_paths(config[section], f"{section}.")]
+    sealed = [
+        path
+        for section in ("model", "data", "loss", "metrics", "optim", "schedule")
+        for path in sealed_paths(config[section], f"{section}.")
+    ]
     if sealed:
-        raise ConfigError(f"config: {sealed[0]} holds a sealed secret from a run's config.yaml or checkpoint "
-                          f"(secrets are never stored); give its value yourself: {sealed[0]}=...")
+        raise ConfigError(
+            f"config: {sealed[0]} holds a sealed secret from a run's config.yaml or checkpoint "
+            f"(secrets are never stored); give its value yourself: {sealed[0]}=..."
+        )
 
 
 @dataclasses.dataclass
 class Components:
     """A training run: the core, and what training adds to it."""
+
     run_dir: Path
     core: Core
     make_checkpointer: Callable[..., Checkpointer]  # make_checkpointer(parts=the run's stateful parts)
@@ -265,16 +316,23 @@ def run_dir_of(run: RunConfig, debug: bool = False) -> Path:
     return Path(run.dir) / (run.name + ("-debug" if debug else ""))
 
 
-def build_components(cfg: Config, info: dist.DistInfo, hooks: Optional[Hooks] = None,
-                     debug: bool = False, callbacks=None) -> Components:
+def build_components(
+    cfg: Config, info: dist.DistInfo, hooks: Optional[Hooks] = None, debug: bool = False, callbacks=None
+) -> Components:
     run_dir = run_dir_of(cfg.run, debug)
     device = info.device
     log = build_logger(cfg.log, info, run_dir, cfg.wandb, cfg.to_dict())
     core = build_core(cfg, info, hooks, debug, log.info)
     data, engine = core.data, core.engine
     core.evaluator.check_monitor(data.val is not None, log.warning)  # after the probe named what validation logs
-    meter = Throughput(data.feed.samples_per_step, core.tokens, core.flops,
-                       peak_flops(device, cfg.train.peak_flops), info.world_size, device)
+    meter = Throughput(
+        data.feed.samples_per_step,
+        core.tokens,
+        core.flops,
+        peak_flops(device, cfg.train.peak_flops),
+        info.world_size,
+        device,
+    )
     clock = Stopwatch()  # this start's wall time by part (the end-of-run summary)
     # Coordination that must not share the training group: created in this order on every rank.
     save_group, stop_group = dist.new_cpu_group(cfg.dist.timeout_s), dist.new_cpu_group(cfg.dist.timeout_s)
@@ -282,13 +340,26 @@ def build_components(cfg: Config, info: dist.DistInfo, hooks: Optional[Hooks] = 
     ck = cfg.checkpoint
     # the trainer adds the run's stateful parts, which include itself: make_checkpointer(parts)
     make_checkpointer = functools.partial(
-        Checkpointer, run_dir / "checkpoints", ck.keep_last, info, cfg.hash(), keep_best=ck.keep_best,
-        async_save=ck.async_save, group=save_group, every=ck.every, save_best=ck.save_best, enabled=not debug,
-        callbacks=callbacks, halted=lambda: stop.reason == StopReason.NONFINITE, clock=clock.part)
+        Checkpointer,
+        run_dir / "checkpoints",
+        ck.keep_last,
+        info,
+        cfg.hash(),
+        keep_best=ck.keep_best,
+        async_save=ck.async_save,
+        group=save_group,
+        every=ck.every,
+        save_best=ck.save_best,
+        enabled=not debug,
+        callbacks=callbacks,
+        halted=lambda: stop.reason == StopReason.NONFINITE,
+        clock=clock.part,
+    )
     skipped = SkippedUpdates(cfg.train.nonfinite, device, stop, log.warning, lambda: data.feed.step)
     # show_tokens: the meter's records have tokens_per_s only where it counts tokens (core.tokens)
-    step_log = StepLog(log, meter, core.evaluator.loss.names, cfg.train.log_every, True,
-                       lambda: engine.lr, skipped, device)
+    step_log = StepLog(
+        log, meter, core.evaluator.loss.names, cfg.train.log_every, True, lambda: engine.lr, skipped, device
+    )
     key_log = SampleKeyLog(run_dir, info.global_rank) if cfg.log.sample_keys else None
     # Each rank its own dropout/augmentation stream; resumed exactly from the checkpoint.
     seed_all(cfg.run.seed * 1000 + info.global_rank)
@@ -312,8 +383,16 @@ def tokens_per_sample(batch, facts: DataFacts) -> Optional[int]:
     return length if shape is not None and tuple(shape) == (length,) else None
 
 
-def probe(model: nn.Module, batch, forward: Callable, loss, metrics, device: torch.device, facts: DataFacts,
-          log: Callable[[str], None]) -> Optional[float]:
+def probe(
+    model: nn.Module,
+    batch,
+    forward: Callable,
+    loss,
+    metrics,
+    device: torch.device,
+    facts: DataFacts,
+    log: Callable[[str], None],
+) -> Optional[float]:
     """One forward of a real batch (2 samples) before training, in eval mode without gradients and without
     touching any RNG: checks that the loss and metrics hooks return what they must, that token ids fit the
     model's embedding and that the output fits the target of dtrain's own loss and metrics (one-line errors

@@ -52,6 +52,7 @@ class Callback:
 @dataclasses.dataclass(frozen=True)
 class RunStart:
     """What on_train_start is told: this rank, and where the run starts."""
+
     global_rank: int
     world_size: int
     run_dir: Path
@@ -124,6 +125,8 @@ def build_callbacks(names: Sequence[str], handed_in: Optional[Sequence[Any]] = N
             callbacks.append(made)
     for cb in callbacks:
         if not any(callable(getattr(cb, event, None)) for event in EVENTS):
-            raise ConfigError(f"config: run.callbacks: {describe(cb)} has none of the callback methods "
-                              f"({', '.join(EVENTS)}); define at least one")
+            raise ConfigError(
+                f"config: run.callbacks: {describe(cb)} has none of the callback methods "
+                f"({', '.join(EVENTS)}); define at least one"
+            )
     return Callbacks(callbacks)

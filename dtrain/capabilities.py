@@ -11,11 +11,15 @@ if TYPE_CHECKING:
     from .config import Config
 
 # also raised by the engines' trainable_changed, should a model be unfrozen by another way than the config
-FSDP_UNFREEZE = ("model.unfreeze_at_step is not supported with train.engine=fsdp (FSDP fixes which parameters train "
-                 "when it first gathers them); use train.engine=ddp, or unfreeze by starting a new run with "
-                 "model.init_from")
-DEEPSPEED_UNFREEZE = ("model.unfreeze_at_step is not supported with train.engine=deepspeed (ZeRO fixes the trainable "
-                      "parameters when it partitions them); use train.engine=ddp")
+FSDP_UNFREEZE = (
+    "model.unfreeze_at_step is not supported with train.engine=fsdp (FSDP fixes which parameters train "
+    "when it first gathers them); use train.engine=ddp, or unfreeze by starting a new run with "
+    "model.init_from"
+)
+DEEPSPEED_UNFREEZE = (
+    "model.unfreeze_at_step is not supported with train.engine=deepspeed (ZeRO fixes the trainable "
+    "parameters when it partitions them); use train.engine=ddp"
+)
 
 
 def ddp(cfg: Config) -> list[str]:
@@ -26,14 +30,18 @@ def ddp(cfg: Config) -> list[str]:
 def fsdp(cfg: Config) -> list[str]:
     reasons = []
     if cfg.train.precision == "fp16":
-        reasons.append("train.precision=fp16 is not supported with train.engine=fsdp "
-                       "(its loss scaling would need a sharded gradient scaler); use bf16")
+        reasons.append(
+            "train.precision=fp16 is not supported with train.engine=fsdp "
+            "(its loss scaling would need a sharded gradient scaler); use bf16"
+        )
     if cfg.model.unfreeze_at_step is not None:
         # FSDP2 fixes requires_grad of the parameters it gathers for compute when it first gathers them
         reasons.append(FSDP_UNFREEZE)
     if cfg.model.channels_last is True:
-        reasons.append("model.channels_last=true is not supported with train.engine=fsdp "
-                       "(FSDP shards contiguous parameters only); use model.channels_last=auto")
+        reasons.append(
+            "model.channels_last=true is not supported with train.engine=fsdp "
+            "(FSDP shards contiguous parameters only); use model.channels_last=auto"
+        )
     return reasons
 
 

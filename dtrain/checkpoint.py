@@ -22,12 +22,28 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, Optional
 import torch
 
 from . import dist
-from .checkpoint_files import (MANIFEST, CheckpointDir, CheckpointError, _sha256, fsync_tree,  # noqa: F401
-                               pointed, refusal, safe_load, save_fsynced, step_of, verify, write_error, written_by)
+
+# the on-disk side's names, re-exported: callers import them from here as before the split
+from .checkpoint_files import (  # noqa: F401
+    MANIFEST,
+    CheckpointDir,
+    CheckpointError,
+    _sha256,
+    fsync_tree,
+    pointed,
+    refusal,
+    safe_load,
+    save_fsynced,
+    step_of,
+    verify,
+    write_error,
+    written_by,
+)
 
 if TYPE_CHECKING:  # annotations only (state.py imports this module)
     from .callbacks import Callbacks
     from .state import Parts
+
 
 class Snapshot:
     """Copies a state's tensors into CPU buffers, so training can change the originals while the copy is
@@ -76,11 +92,23 @@ class Checkpointer:
     `callbacks`, told on every rank once a checkpoint is published (in the save thread under async_save):
     on_checkpoint(path, step, best), the user's and W&B's artifacts (callbacks.Reporter)."""
 
-    def __init__(self, root: str | Path, keep_last: int, dist_info: dist.DistInfo, config_hash: str, keep_best: int = 1,
-                 async_save: bool = False, group: Optional[torch.distributed.ProcessGroup] = None, every: int = 0,
-                 save_best: bool = True, enabled: bool = True, callbacks: Optional[Callbacks] = None,
-                 parts: Optional[Parts] = None, halted: Callable[[], bool] = lambda: False,
-                 clock: Callable[[str], ContextManager] = lambda part: contextlib.nullcontext()) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        keep_last: int,
+        dist_info: dist.DistInfo,
+        config_hash: str,
+        keep_best: int = 1,
+        async_save: bool = False,
+        group: Optional[torch.distributed.ProcessGroup] = None,
+        every: int = 0,
+        save_best: bool = True,
+        enabled: bool = True,
+        callbacks: Optional[Callbacks] = None,
+        parts: Optional[Parts] = None,
+        halted: Callable[[], bool] = lambda: False,
+        clock: Callable[[str], ContextManager] = lambda part: contextlib.nullcontext(),
+    ) -> None:
         self.files = CheckpointDir(root, keep_last)
         self.root = self.files.root
         self.keep_best, self.every, self.save_best = keep_best, every, save_best
@@ -153,8 +181,14 @@ class Checkpointer:
     def load_state_dict(self, state: dict) -> None:
         self.best_steps = list(state["best_steps"])
 
-    def save(self, step: int, state: dict, rank_state: dict, best: bool = False,
-             write_files: Optional[Callable[..., Optional[Future]]] = None) -> Path:
+    def save(
+        self,
+        step: int,
+        state: dict,
+        rank_state: dict,
+        best: bool = False,
+        write_files: Optional[Callable[..., Optional[Future]]] = None,
+    ) -> Path:
         """Collective. Synchronous, or (async_save) snapshot to CPU now and write in the background;
         either way atomic. At most one save is in flight: a new one first waits for the last.
         `write_files(tmp_dir, background=, group=)`, called on every rank, lets an engine add its own files
@@ -167,7 +201,7 @@ class Checkpointer:
         self.wait()
         if best:
             self.best_steps.append(step)
-        self.protect = {f"step-{s:08d}" for s in (self.best_steps[-self.keep_best:] if self.keep_best else [])}
+        self.protect = {f"step-{s:08d}" for s in (self.best_steps[-self.keep_best :] if self.keep_best else [])}
         state = {**state, "checkpointer": self.state_dict()}  # with the best step just added
         if not self.async_save:
             return self._save(step, state, rank_state, best, write_files)
@@ -177,9 +211,12 @@ class Checkpointer:
         # only rank 0 writes `state` (the model and optimizer): the others need not copy it
         state = self._snapshot({"state": state if self.info.is_global_zero else None, "rank": rank_state})
         state, rank_state = state["state"], state["rank"]
-        self._thread = threading.Thread(target=self._save_in_background, args=(step, state, rank_state, best,
-                                                                               None, files),
-                                        name=f"dtrain-checkpoint-{step}", daemon=True)  # joined by wait()
+        self._thread = threading.Thread(
+            target=self._save_in_background,
+            args=(step, state, rank_state, best, None, files),
+            name=f"dtrain-checkpoint-{step}",
+            daemon=True,
+        )  # joined by wait()
         self._thread.start()
         return self.files.final(step)
 
@@ -199,8 +236,15 @@ class Checkpointer:
             raise error
 
     # ---- saving -------------------------------------------------------------------------------
-    def _save(self, step: int, state: dict, rank_state: dict, best: bool = False,
-              write_files: Optional[Callable[..., Optional[Future]]] = None, files: Optional[Future] = None) -> Path:
+    def _save(
+        self,
+        step: int,
+        state: dict,
+        rank_state: dict,
+        best: bool = False,
+        write_files: Optional[Callable[..., Optional[Future]]] = None,
+        files: Optional[Future] = None,
+    ) -> Path:
         """Collective: every rank calls it. Rank 0 writes `state`, every rank its `rank_state`, and
         `write_files` its engine's files; or, from save() with async_save, the engine's files are already
         being written into the prepared temporary directory and `files` is their future.
@@ -245,8 +289,10 @@ class Checkpointer:
         if failed:
             if self.info.is_global_zero:
                 shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(f"checkpoint: cannot write {tmp.parent} ({error or 'failed on another rank'}); "
-                                  "previous checkpoints are intact")
+            raise CheckpointError(
+                f"checkpoint: cannot write {tmp.parent} ({error or 'failed on another rank'}); "
+                "previous checkpoints are intact"
+            )
 
     # ---- loading ------------------------------------------------------------------------------
     def pointer(self, name: str) -> Optional[Path]:
@@ -277,8 +323,10 @@ class Checkpointer:
         chosen, problem = dist.broadcast_object((chosen, problem))
         if chosen is None:
             if problem:
-                raise CheckpointError(f"checkpoint: no usable checkpoint in {self.root} (newest: {problem.removeprefix('checkpoint: ')}); "
-                                      "move it away to start over")
+                raise CheckpointError(
+                    f"checkpoint: no usable checkpoint in {self.root} (newest: {problem.removeprefix('checkpoint: ')}); "
+                    "move it away to start over"
+                )
             return None
         return found if found is not None else (self.root / chosen, *self.load(self.root / chosen))
 
@@ -290,8 +338,9 @@ class Checkpointer:
         return safe_load(path / "state.pt"), safe_load(path / own) if own in manifest["files"] else None
 
 
-def _start(write_files: Callable[..., Optional[Future]], tmp: Path,
-           group: Optional[torch.distributed.ProcessGroup]) -> Future:
+def _start(
+    write_files: Callable[..., Optional[Future]], tmp: Path, group: Optional[torch.distributed.ProcessGroup]
+) -> Future:
     """An engine's writer started in the training thread -> the future of its files: the writer's own
     (DCP's thread, which runs collectives on `group`), or one already done (a synchronous writer) or
     failed. A failure is reported by the save thread, which agrees on it with the other ranks once they

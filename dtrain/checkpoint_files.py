@@ -107,16 +107,27 @@ class CheckpointDir:
         tmp.mkdir()
         return tmp
 
-    def publish(self, tmp: Path, step: int, best: bool, world_size: int, config_hash: str,
-                protect: AbstractSet[str] = frozenset()) -> Path:
+    def publish(
+        self,
+        tmp: Path,
+        step: int,
+        best: bool,
+        world_size: int,
+        config_hash: str,
+        protect: AbstractSet[str] = frozenset(),
+    ) -> Path:
         """The manifest of every file in `tmp` (all fsynced), then `tmp` renamed to the step's directory, the
         pointers moved and the old step directories pruned."""
         final = self.final(step)
         files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
         manifest: dict[str, Any] = {
-            "step": step, "world_size": world_size, "config_hash": config_hash, "torch": torch.__version__,
+            "step": step,
+            "world_size": world_size,
+            "config_hash": config_hash,
+            "torch": torch.__version__,
             "dtrain": __version__,
-            "files": {n: {"sha256": _sha256(tmp / n), "bytes": (tmp / n).stat().st_size} for n in files}}
+            "files": {n: {"sha256": _sha256(tmp / n), "bytes": (tmp / n).stat().st_size} for n in files},
+        }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         _fsync_file(tmp / MANIFEST)
         _fsync_dir(tmp)
@@ -129,8 +140,9 @@ class CheckpointDir:
             self._point("best", final)
         self._prune(protect)
         size = sum(f["bytes"] for f in manifest["files"].values())
-        log.debug(f"checkpoint: {final.name} published ({len(files)} files, {size / 2**20:.1f} MiB"
-                  f"{', best' if best else ''})")
+        log.debug(
+            f"checkpoint: {final.name} published ({len(files)} files, {size / 2**20:.1f} MiB{', best' if best else ''})"
+        )
         return final
 
     def _point(self, name: str, target: Path) -> None:
@@ -142,7 +154,7 @@ class CheckpointDir:
 
     def _prune(self, protect: AbstractSet[str]) -> None:
         steps = sorted(self.root.glob("step-*"), key=step_of)
-        keep = set(steps[-self.keep_last:]) | {self.root / name for name in protect}
+        keep = set(steps[-self.keep_last :]) | {self.root / name for name in protect}
         for name in ("latest", "best"):
             if (self.root / name).is_symlink():
                 keep.add(self.root / os.readlink(self.root / name))
@@ -170,8 +182,10 @@ def pointed(root: Path, name: str) -> Optional[Path]:
         return None
     target = link.resolve()
     if target.parent != Path(root).resolve() or not target.name.startswith("step-"):
-        raise CheckpointError(f"checkpoint: {link} points outside its run's checkpoints ({os.readlink(link)}); "
-                              "remove it, or give the checkpoint you mean by its own path")
+        raise CheckpointError(
+            f"checkpoint: {link} points outside its run's checkpoints ({os.readlink(link)}); "
+            "remove it, or give the checkpoint you mean by its own path"
+        )
     return Path(root) / target.name
 
 
@@ -214,5 +228,6 @@ def refusal(path: Path, e: Exception) -> CheckpointError:
     lines = [l.strip() for l in str(e).splitlines() if l.strip()]
     reason = next((l for l in lines if "Unsupported" in l or "unpickler error" in l.lower()), None)
     reason = (reason or (lines[0] if lines else type(e).__name__)).split(" was not an allowed global")[0]
-    return CheckpointError(f"checkpoint: refusing to load {path}: not a plain tensor file ({reason[:200]}); "
-                           "dtrain never unpickles code")
+    return CheckpointError(
+        f"checkpoint: refusing to load {path}: not a plain tensor file ({reason[:200]}); dtrain never unpickles code"
+    )

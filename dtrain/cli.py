@@ -34,8 +34,14 @@ def _fit(args: argparse.Namespace, print_outcome: bool = False) -> FitResult:
     cfg = load_config(args.config, args.overrides, args.defaults)
     if getattr(args.hooks, "sample", None) is None:  # a script's own sample function is seen per sample
         check_first_sample(cfg.data)  # a data.sample field the shards lack: one line before torch is imported
-    return run(cfg, args.hooks, debug=args.debug, command=_train_command(args), program=_program(args),
-               print_outcome=print_outcome)
+    return run(
+        cfg,
+        args.hooks,
+        debug=args.debug,
+        command=_train_command(args),
+        program=_program(args),
+        print_outcome=print_outcome,
+    )
 
 
 def _train_command(args) -> list[str]:
@@ -76,8 +82,16 @@ def _shard(args) -> int:
         raise ConfigError("shard: give one of --dataset NAME and --from-folder DIR")
     if args.from_folder:
         from .data.folder import shard_folder
-        index = shard_folder(args.from_folder, args.out, args.shard_size, val=args.val_fraction,
-                             test=args.test_fraction, seed=args.seed, progress=True)
+
+        index = shard_folder(
+            args.from_folder,
+            args.out,
+            args.shard_size,
+            val=args.val_fraction,
+            test=args.test_fraction,
+            seed=args.seed,
+            progress=True,
+        )
         print(f"{len(index.classes)} classes: {', '.join(index.classes)}")
     else:
         params = {"context": args.context, "num_bytes": args.text_bytes} if args.dataset == "text" else {}
@@ -99,20 +113,35 @@ def _index(args) -> int:
 
 def _load_for_eval(path_arg: str):
     from .load import read_checkpoint
+
     return read_checkpoint(path_arg)
 
 
 # What evaluation never uses (it runs the loss and metrics, not the optimizer, schedule, augmentation or
 # callbacks): emptied first, so their stored import strings need not be named again (a run of
 # optim.name=torch.optim:RAdam asked `dtrain eval` to name it); the user's overrides still come after.
-EVAL_UNUSED = ("data.transform=null", "optim.name=adamw", "optim.kwargs={}", "schedule.name=constant",
-               "schedule.kwargs={}", "run.callbacks=[]")
+EVAL_UNUSED = (
+    "data.transform=null",
+    "optim.name=adamw",
+    "optim.kwargs={}",
+    "schedule.name=constant",
+    "schedule.kwargs={}",
+    "run.callbacks=[]",
+)
 
 
 def _stored_config(args, stored: dict, source: Path):
     from .load import stored_config
-    return stored_config(stored, source, args.config, [*EVAL_UNUSED, *args.overrides], args.defaults,
-                         args.hooks, args.trust_checkpoint_code)
+
+    return stored_config(
+        stored,
+        source,
+        args.config,
+        [*EVAL_UNUSED, *args.overrides],
+        args.defaults,
+        args.hooks,
+        args.trust_checkpoint_code,
+    )
 
 
 def _eval(args) -> int:
@@ -124,8 +153,12 @@ def _eval(args) -> int:
     cfg = _stored_config(args, state["config"], path)
     # the weights come from the checkpoint: don't reload the run's pretrained source (it may be gone);
     # evaluation needs no DeepSpeed or FSDP, whichever engine trained it
-    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_from": None}),
-                                 "train": cfg.train.model_copy(update={"engine": "ddp"})})
+    cfg = cfg.model_copy(
+        update={
+            "model": cfg.model.model_copy(update={"init_from": None}),
+            "train": cfg.train.model_copy(update={"engine": "ddp"}),
+        }
+    )
     core = build_core(cfg, dist.setup(force_single=True), args.hooks, log=lambda msg: None)
     core.engine.module.load_state_dict(state["engine"]["model"])
     data = core.data
@@ -133,31 +166,50 @@ def _eval(args) -> int:
     if stream is None:
         raise ConfigError(f"eval: the run's data has no '{args.split}' split")
     if args.split == "train":  # one unshuffled, unaugmented pass
-        stream = type(stream)(stream.index, "train", batch_size=stream.batch_size, rank=0, world_size=1,
-                              sample_format=stream.format, in_memory=stream.memory or False)
+        stream = type(stream)(
+            stream.index,
+            "train",
+            batch_size=stream.batch_size,
+            rank=0,
+            world_size=1,
+            sample_format=stream.format,
+            in_memory=stream.memory or False,
+        )
     metrics = core.evaluator.evaluate(stream, args.split, progress=cfg.log.progress)
     width = max(map(len, metrics))
     print(f"checkpoint {path.resolve()} (step {state['trainer']['step']}), split {args.split}")
     for k, v in metrics.items():
         print(f"  {k:<{width}}  {v:.6g}")
     if data.facts.task == "classification" and data.facts.num_outputs:  # classes unknown: no matrix
-        print(format_confusion(core.evaluator.confusion_matrix(stream, data.facts.num_outputs,
-                                                               progress=cfg.log.progress)))
+        print(
+            format_confusion(core.evaluator.confusion_matrix(stream, data.facts.num_outputs, progress=cfg.log.progress))
+        )
     return 0
 
 
 def _export(args) -> int:
     from .export import export
-    return export(args.checkpoint, Path(args.out), args.format, config=args.config, overrides=args.overrides,
-                  defaults=args.defaults, hooks=args.hooks, trusted=args.trust_checkpoint_code)
+
+    return export(
+        args.checkpoint,
+        Path(args.out),
+        args.format,
+        config=args.config,
+        overrides=args.overrides,
+        defaults=args.defaults,
+        hooks=args.hooks,
+        trusted=args.trust_checkpoint_code,
+    )
 
 
 def format_confusion(cm) -> str:
     """Rows: true class; columns: predicted class."""
     k = cm.shape[0]
     width = max(4, len(str(int(cm.max()))) + 1)
-    lines = ["confusion matrix (rows: true class, columns: predicted)",
-             " " * 6 + "".join(f"{c:>{width}}" for c in range(k))]
+    lines = [
+        "confusion matrix (rows: true class, columns: predicted)",
+        " " * 6 + "".join(f"{c:>{width}}" for c in range(k)),
+    ]
     lines += [f"  {r:>3} " + "".join(f"{int(cm[r, c]):>{width}}" for c in range(k)) for r in range(k)]
     return "\n".join(lines)
 
@@ -173,8 +225,10 @@ def _plot(args) -> int:
         out = args.out or str(Path(cfg.run.dir) / cfg.run.name / "plots" / "lr_schedule.png")
         data = plot_schedule(cfg, out, world_size=args.world_size)
         lrs = data["lr"] if "lr" in data else data["lr/head"]
-        print(f"{cfg.schedule.name} schedule over {data['total_steps']} steps "
-              f"(peak {max(lrs):.3g}, last {lrs[-1]:.3g}): wrote {data['file']}")
+        print(
+            f"{cfg.schedule.name} schedule over {data['total_steps']} steps "
+            f"(peak {max(lrs):.3g}, last {lrs[-1]:.3g}): wrote {data['file']}"
+        )
         return 0
     if args.overrides:
         raise ConfigError("plot: overrides only apply with --lr CONFIG")
@@ -235,16 +289,18 @@ def _describe_factories() -> list[str]:
 
     root = Path(__file__).parent / "models"
     trees = {path.stem: ast.parse(path.read_text()) for path in root.glob("*.py")}
-    top = {n.targets[0].id: n.value for n in trees["__init__"].body
-           if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name)}
+    top = {
+        n.targets[0].id: n.value
+        for n in trees["__init__"].body
+        if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name)
+    }
     builtin, facts = ast.literal_eval(top["BUILTIN"]), ast.literal_eval(top["FACTS"])
     functions = {n.name: n for tree in trees.values() for n in tree.body if isinstance(n, ast.FunctionDef)}
     lines = []
     for short, spec in builtin.items():
         factory = functions[spec.rpartition(":")[2]]
-        params = factory.args.args[len(factory.args.args) - len(factory.args.defaults):]
-        args = [f"{a.arg}={ast.literal_eval(d)!r}" for a, d in zip(params, factory.args.defaults)
-                if a.arg not in facts]
+        params = factory.args.args[len(factory.args.args) - len(factory.args.defaults) :]
+        args = [f"{a.arg}={ast.literal_eval(d)!r}" for a, d in zip(params, factory.args.defaults) if a.arg not in facts]
         doc = " ".join((ast.get_docstring(factory) or "").split())
         lines.append(f"model.kwargs (model.factory={short}): {', '.join(args)}  # {doc}")
     return lines
@@ -252,12 +308,14 @@ def _describe_factories() -> list[str]:
 
 def _completion(args) -> int:
     from .completion import script
+
     print(script(args.shell, args.parser), end="")
     return 0
 
 
 def _predict(args) -> int:
     from .predict import predict_command
+
     return predict_command(args)
 
 
@@ -265,80 +323,142 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dtrain", description="Distributed data-parallel training with PyTorch.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train (one worker; start several with `dtrain launch`, torchrun or srun)",
-                       epilog="`dtrain config --describe` lists every key with its default and what it does; "
-                              "`dtrain config [--config FILE] [key=value ...]` prints the resolved config.")
-    t.add_argument("--config", action="append", help="YAML config (defaults: the digits example); given again, "
-                   "the later file's settings override the earlier's")
-    t.add_argument("--debug", action="store_true",
-                   help="one process, no data workers, anomaly detection, train.debug_steps steps with per-step detail")
+    t = sub.add_parser(
+        "train",
+        help="train (one worker; start several with `dtrain launch`, torchrun or srun)",
+        epilog="`dtrain config --describe` lists every key with its default and what it does; "
+        "`dtrain config [--config FILE] [key=value ...]` prints the resolved config.",
+    )
+    t.add_argument(
+        "--config",
+        action="append",
+        help="YAML config (defaults: the digits example); given again, "
+        "the later file's settings override the earlier's",
+    )
+    t.add_argument(
+        "--debug",
+        action="store_true",
+        help="one process, no data workers, anomaly detection, train.debug_steps steps with per-step detail",
+    )
     t.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. optim.lr=0.01")
     t.set_defaults(func=_train)
 
-    s = sub.add_parser("shard", help="write train/val/test webdataset shards and their descriptors: a built-in "
-                                     "data set, or a folder of images (a subfolder per class)")
+    s = sub.add_parser(
+        "shard",
+        help="write train/val/test webdataset shards and their descriptors: a built-in "
+        "data set, or a folder of images (a subfolder per class)",
+    )
     s.add_argument("--dataset", help="built-in data set: digits, digits_parity, count, text, photos")
-    s.add_argument("--from-folder", metavar="DIR", help="images in DIR/CLASS/*.jpg|png|... (torchvision's ImageFolder "
-                   "layout), or in DIR/train/CLASS/..., DIR/val/CLASS/..., DIR/test/CLASS/... to keep that split")
+    s.add_argument(
+        "--from-folder",
+        metavar="DIR",
+        help="images in DIR/CLASS/*.jpg|png|... (torchvision's ImageFolder "
+        "layout), or in DIR/train/CLASS/..., DIR/val/CLASS/..., DIR/test/CLASS/... to keep that split",
+    )
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--shard-size", type=int, default=250, help="samples per shard (default 250)")
     s.add_argument("--seed", type=int, default=0, help="seed of the split and of generated data")
-    s.add_argument("--val-fraction", type=float, default=0.15, help="--from-folder without split subfolders: "
-                   "this fraction of each class for validation (default 0.15)")
+    s.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.15,
+        help="--from-folder without split subfolders: this fraction of each class for validation (default 0.15)",
+    )
     s.add_argument("--test-fraction", type=float, default=0.15, help="... and this fraction for test (default 0.15)")
     s.add_argument("--context", type=int, default=256, help="text: tokens per sample (default 256)")
     s.add_argument("--text-bytes", type=int, default=1_000_000, help="text: bytes of stdlib source (default 1e6)")
     s.set_defaults(func=_shard)
 
-    i = sub.add_parser("index", help="count the samples of webdataset shards (tar headers only) into a shard "
-                                     "descriptor (webdataset's wids shape) that data.train/val/test can name")
-    i.add_argument("patterns", nargs="+", metavar="PATTERN", help="shards: paths, brace patterns "
-                   "('train-{000000..000099}.tar'), pipe: commands or http(s):// URLs")
+    i = sub.add_parser(
+        "index",
+        help="count the samples of webdataset shards (tar headers only) into a shard "
+        "descriptor (webdataset's wids shape) that data.train/val/test can name",
+    )
+    i.add_argument(
+        "patterns",
+        nargs="+",
+        metavar="PATTERN",
+        help="shards: paths, brace patterns ('train-{000000..000099}.tar'), pipe: commands or http(s):// URLs",
+    )
     i.add_argument("--out", required=True, help="the descriptor to write, e.g. train.json")
     i.add_argument("--jobs", type=int, default=8, help="shards counted at once (default 8)")
     i.set_defaults(func=_index)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint (or a run directory's best) on a split")
-    e.add_argument("--checkpoint", required=True,
-                   help="checkpoints/step-N directory, a run directory, or a file from `dtrain export`")
+    e.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoints/step-N directory, a run directory, or a file from `dtrain export`",
+    )
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
-    e.add_argument("--config", action="append", help="YAML config over the checkpoint's stored one (e.g. naming "
-                   "your own model.factory); given again, the later file's settings override the earlier's")
-    e.add_argument("--trust-checkpoint-code", action="store_true",
-                   help="run the code the checkpoint's stored config names (import strings such as model.factory, "
-                        "pipe: shards) even where your command line, --config and script do not name it; only for "
-                        "files you trust, as with Hugging Face's trust_remote_code")
-    e.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                   help="config overrides over the checkpoint's stored config, e.g. data.test=other/test.json")
+    e.add_argument(
+        "--config",
+        action="append",
+        help="YAML config over the checkpoint's stored one (e.g. naming "
+        "your own model.factory); given again, the later file's settings override the earlier's",
+    )
+    e.add_argument(
+        "--trust-checkpoint-code",
+        action="store_true",
+        help="run the code the checkpoint's stored config names (import strings such as model.factory, "
+        "pipe: shards) even where your command line, --config and script do not name it; only for "
+        "files you trust, as with Hugging Face's trust_remote_code",
+    )
+    e.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.sub=value",
+        help="config overrides over the checkpoint's stored config, e.g. data.test=other/test.json",
+    )
     e.set_defaults(func=_eval)
 
-    x = sub.add_parser("export", help="a checkpoint (DeepSpeed ZeRO or FSDP shards too) as what its users load: "
-                                      "one plain file (pt, safetensors) or a Hugging Face directory (hf)",
-                       epilog="pt: torch.load(FILE, weights_only=True)['model'] (no DeepSpeed or torch.distributed "
-                              "needed), or `dtrain eval --checkpoint FILE`; safetensors: "
-                              "safetensors.torch.load_file(FILE) (tied weights stored once); hf: "
-                              "from_pretrained(DIR) of the model's own class.")
+    x = sub.add_parser(
+        "export",
+        help="a checkpoint (DeepSpeed ZeRO or FSDP shards too) as what its users load: "
+        "one plain file (pt, safetensors) or a Hugging Face directory (hf)",
+        epilog="pt: torch.load(FILE, weights_only=True)['model'] (no DeepSpeed or torch.distributed "
+        "needed), or `dtrain eval --checkpoint FILE`; safetensors: "
+        "safetensors.torch.load_file(FILE) (tied weights stored once); hf: "
+        "from_pretrained(DIR) of the model's own class.",
+    )
     x.add_argument("--checkpoint", required=True, help="checkpoints/step-N directory, or a run directory (its best)")
     x.add_argument("--out", required=True, help="output file, e.g. model.pt (a new or empty directory for hf)")
-    x.add_argument("--format", default="pt", choices=["pt", "safetensors", "hf"],
-                   help="pt (default): {'model': fp32 state dict, 'config': dict, 'step': int}; safetensors: the "
-                        "state dict; hf: the model's save_pretrained (a transformers PreTrainedModel, built from "
-                        "the stored config: its factory must be named by you, as for eval)")
-    x.add_argument("--config", action="append", help="with --format hf: YAML config over the checkpoint's stored "
-                   "one (e.g. naming the model.factory)")
-    x.add_argument("--trust-checkpoint-code", action="store_true",
-                   help="with --format hf: build the model with the code the checkpoint's stored config names even "
-                        "where your command line and --config do not name it; only for files you trust")
-    x.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                   help="with --format hf: config overrides over the checkpoint's stored config, e.g. "
-                        "model.factory=transformers:GPT2LMHeadModel")
+    x.add_argument(
+        "--format",
+        default="pt",
+        choices=["pt", "safetensors", "hf"],
+        help="pt (default): {'model': fp32 state dict, 'config': dict, 'step': int}; safetensors: the "
+        "state dict; hf: the model's save_pretrained (a transformers PreTrainedModel, built from "
+        "the stored config: its factory must be named by you, as for eval)",
+    )
+    x.add_argument(
+        "--config",
+        action="append",
+        help="with --format hf: YAML config over the checkpoint's stored one (e.g. naming the model.factory)",
+    )
+    x.add_argument(
+        "--trust-checkpoint-code",
+        action="store_true",
+        help="with --format hf: build the model with the code the checkpoint's stored config names even "
+        "where your command line and --config do not name it; only for files you trust",
+    )
+    x.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.sub=value",
+        help="with --format hf: config overrides over the checkpoint's stored config, e.g. "
+        "model.factory=transformers:GPT2LMHeadModel",
+    )
     x.set_defaults(func=_export)
 
     pl = sub.add_parser("plot", help="PNGs of a run's loss, metrics and LR (or, with --lr, of a config's schedule)")
     pl.add_argument("target", metavar="RUN_DIR|CONFIG", help="a run directory; with --lr, a YAML config")
     pl.add_argument("--lr", action="store_true", help="plot the LR schedule CONFIG would train with, before training")
-    pl.add_argument("--out", help="output directory (default RUN_DIR/plots); with --lr the PNG file "
-                                  "(default <run dir>/plots/lr_schedule.png)")
+    pl.add_argument(
+        "--out",
+        help="output directory (default RUN_DIR/plots); with --lr the PNG file "
+        "(default <run dir>/plots/lr_schedule.png)",
+    )
     pl.add_argument("--world-size", type=int, default=1, help="with --lr: ranks the run will use (default 1)")
     pl.add_argument("overrides", nargs="*", metavar="key.sub=value", help="with --lr: config overrides")
     pl.set_defaults(func=_plot)
@@ -350,16 +470,22 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("overrides", nargs="*", metavar="key.sub=value")
     a.set_defaults(func=_augment_preview)
 
-    d = sub.add_parser("doctor", help="check the cluster before a long job: versions, config, all-reduce, "
-                                      "shards, checkpoint dir, devices (run it like train)")
+    d = sub.add_parser(
+        "doctor",
+        help="check the cluster before a long job: versions, config, all-reduce, "
+        "shards, checkpoint dir, devices (run it like train)",
+    )
     d.add_argument("--config", action="append")
     d.add_argument("overrides", nargs="*", metavar="key.sub=value")
     d.set_defaults(func=_doctor)
 
     b = sub.add_parser("bench", help="throughput of dtrain vs a hand-written loop, shards, checkpoint stalls")
     b.add_argument("--model", default="gpt", choices=["gpt", "mlp", "cnn"], help="gpt: text; mlp: digits; cnn: count")
-    b.add_argument("--preset", choices=["gpt2-124m"], help="gpt2-124m: 12x768, 12 heads, vocab 50304, B=16, T=1024, "
-                   "bf16, compiled (a GPU benchmark)")
+    b.add_argument(
+        "--preset",
+        choices=["gpt2-124m"],
+        help="gpt2-124m: 12x768, 12 heads, vocab 50304, B=16, T=1024, bf16, compiled (a GPU benchmark)",
+    )
     b.add_argument("--steps", type=int, default=20, help="optimizer steps per timed segment (default 20)")
     b.add_argument("--reps", type=int, default=3, help="interleaved repetitions; medians are reported (default 3)")
     b.add_argument("--warmup", type=int, default=3, help="untimed steps per segment first (default 3)")
@@ -381,48 +507,86 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("config", help="print the resolved config, or every key with its documentation")
     c.add_argument("--config", action="append", help="YAML config; given again, the later file overrides")
     c.add_argument("--describe", action="store_true", help="list every key, its default and what it does")
-    c.add_argument("--schema", action="store_true", help="print the config's JSON schema (for editors: YAML "
-                   "completion and checks, e.g. `# yaml-language-server: $schema=dtrain.schema.json`)")
+    c.add_argument(
+        "--schema",
+        action="store_true",
+        help="print the config's JSON schema (for editors: YAML "
+        "completion and checks, e.g. `# yaml-language-server: $schema=dtrain.schema.json`)",
+    )
     c.add_argument("--out", metavar="FILE", help="with --schema: write it to FILE instead")
     c.add_argument("overrides", nargs="*", metavar="key.sub=value")
     c.set_defaults(func=_config)
 
-    pr = sub.add_parser("predict", help="run a checkpoint's model over shards on N ranks (launch it like train): "
-                                        "each sample once, outputs keyed by sample key, resumable")
-    pr.add_argument("--checkpoint", required=True,
-                    help="checkpoints/step-N directory, a run directory (its best), or a file from `dtrain export`")
-    pr.add_argument("--data", required=True, metavar="DESCRIPTOR|PATTERN",
-                    help="the shards: a descriptor (.json, as `dtrain index` writes), or a pattern whose counts "
-                         "data.counts holds")
+    pr = sub.add_parser(
+        "predict",
+        help="run a checkpoint's model over shards on N ranks (launch it like train): "
+        "each sample once, outputs keyed by sample key, resumable",
+    )
+    pr.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoints/step-N directory, a run directory (its best), or a file from `dtrain export`",
+    )
+    pr.add_argument(
+        "--data",
+        required=True,
+        metavar="DESCRIPTOR|PATTERN",
+        help="the shards: a descriptor (.json, as `dtrain index` writes), or a pattern whose counts data.counts holds",
+    )
     pr.add_argument("--out", required=True, help="output directory; the same command again resumes into it")
-    pr.add_argument("--format", default="jsonl", choices=["jsonl", "tar"],
-                    help="jsonl: a JSON line per sample; tar: webdataset shards of KEY.output.npy (default jsonl)")
-    pr.add_argument("--part-size", type=int, default=10000,
-                    help="samples per part file (at the first batch's end at or past it), each written "
-                         "atomically: at most what a SIGKILL loses (default 10000)")
+    pr.add_argument(
+        "--format",
+        default="jsonl",
+        choices=["jsonl", "tar"],
+        help="jsonl: a JSON line per sample; tar: webdataset shards of KEY.output.npy (default jsonl)",
+    )
+    pr.add_argument(
+        "--part-size",
+        type=int,
+        default=10000,
+        help="samples per part file (at the first batch's end at or past it), each written "
+        "atomically: at most what a SIGKILL loses (default 10000)",
+    )
     pr.add_argument("--config", action="append", help="YAML config over the checkpoint's stored one")
-    pr.add_argument("--trust-checkpoint-code", action="store_true",
-                    help="run the code the checkpoint's stored config names (import strings) even where your "
-                         "command line, --config and script do not name it; only for files you trust")
-    pr.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                    help="config overrides over the checkpoint's stored config, e.g. data.eval_batch_size=512")
+    pr.add_argument(
+        "--trust-checkpoint-code",
+        action="store_true",
+        help="run the code the checkpoint's stored config names (import strings) even where your "
+        "command line, --config and script do not name it; only for files you trust",
+    )
+    pr.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.sub=value",
+        help="config overrides over the checkpoint's stored config, e.g. data.eval_batch_size=512",
+    )
     pr.set_defaults(func=_predict)
 
-    co = sub.add_parser("completion", help="print a shell completion script (commands, options, config keys)",
-                        epilog="bash: `source <(dtrain completion bash)` (or save it in "
-                               "~/.local/share/bash-completion/completions/dtrain); zsh: "
-                               "`source <(dtrain completion zsh)` after `autoload -U compinit && compinit`")
+    co = sub.add_parser(
+        "completion",
+        help="print a shell completion script (commands, options, config keys)",
+        epilog="bash: `source <(dtrain completion bash)` (or save it in "
+        "~/.local/share/bash-completion/completions/dtrain); zsh: "
+        "`source <(dtrain completion zsh)` after `autoload -U compinit && compinit`",
+    )
     co.add_argument("shell", choices=["bash", "zsh"])
     co.set_defaults(func=_completion)
 
     from .ft_launch import add_parser  # dtrain launch (launcher.py), and its --ft mode (ft_launch.py)
+
     add_parser(sub)
     return p
 
 
 # dtrain's errors for bad input (config, data, launch, checkpoint, health check, run directory), by module
-USER_ERRORS = (("config", "ConfigError"), ("data.errors", "DataError"), ("dist", "LaunchError"),
-               ("checkpoint", "CheckpointError"), ("run", "DoctorError"), ("runlock", "RunDirError"))
+USER_ERRORS = (
+    ("config", "ConfigError"),
+    ("data.errors", "DataError"),
+    ("dist", "LaunchError"),
+    ("checkpoint", "CheckpointError"),
+    ("run", "DoctorError"),
+    ("runlock", "RunDirError"),
+)
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -446,10 +610,20 @@ def _with_verbosity(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     for p in (parser, *commands.values()):
         group = p.add_mutually_exclusive_group()
         # SUPPRESS: a command's unset flag must not overwrite the one given before the command
-        group.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
-                           help="warnings and errors only (the `dtrain` logger at WARNING)")
-        group.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                           help="debug lines too (the `dtrain` logger at DEBUG)")
+        group.add_argument(
+            "-q",
+            "--quiet",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="warnings and errors only (the `dtrain` logger at WARNING)",
+        )
+        group.add_argument(
+            "-v",
+            "--verbose",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="debug lines too (the `dtrain` logger at DEBUG)",
+        )
     return parser
 
 
@@ -477,6 +651,7 @@ def _recorded(func):
         from torch.distributed.elastic.multiprocessing.errors import record
 
         from .worker import die_with_launcher
+
         die_with_launcher(os.getppid())
         return record(func)
     return func
@@ -504,8 +679,9 @@ def main(argv: list[str] | None = None, hooks: Hooks | None = None, defaults: di
             # Every rank meets a config error alike, and usually a data error (in its own words: its
             # shards): rank 0 says it. A data error of one rank alone is still said where the launcher
             # shows every rank's error file (torchrun, dtrain launch), and under srun by the rank itself.
-            seen = _dtrain_error(e, "ConfigError") or (_dtrain_error(e, "DataError")
-                                                       and "TORCHELASTIC_ERROR_FILE" in os.environ)
+            seen = _dtrain_error(e, "ConfigError") or (
+                _dtrain_error(e, "DataError") and "TORCHELASTIC_ERROR_FILE" in os.environ
+            )
             report_error(str(e), quiet=seen and is_other_rank())
             return EXIT_USER_ERROR
 

@@ -73,14 +73,28 @@ def script(shell: str, parser: argparse.ArgumentParser) -> str:
     keys = [line.split(" = ", 1)[0] + "=" for line in describe_fields()]
     options = [f'        "") echo {shlex.quote(" ".join(_options(parser)))} ;;']
     options += [f"        {name}) echo {shlex.quote(' '.join(_options(p)))} ;;" for name, p in commands.items()]
-    choices = [f"        {shlex.quote(f'{name} {s}')}) echo {shlex.quote(' '.join(map(str, a.choices)))} ;;"
-               for name, p in commands.items() for a in p._actions if a.choices and a.option_strings
-               for s in a.option_strings]
-    choices += [f"        {shlex.quote(f'{name} {name}')}) echo {shlex.quote(' '.join(map(str, a.choices)))} ;;"
-                for name, p in commands.items() for a in p._actions if a.choices and not a.option_strings]
+    choices = [
+        f"        {shlex.quote(f'{name} {s}')}) echo {shlex.quote(' '.join(map(str, a.choices)))} ;;"
+        for name, p in commands.items()
+        for a in p._actions
+        if a.choices and a.option_strings
+        for s in a.option_strings
+    ]
+    choices += [
+        f"        {shlex.quote(f'{name} {name}')}) echo {shlex.quote(' '.join(map(str, a.choices)))} ;;"
+        for name, p in commands.items()
+        for a in p._actions
+        if a.choices and not a.option_strings
+    ]
     overriding = [name for name, p in commands.items() if any(a.dest == "overrides" for a in p._actions)]
-    text = BASH.format(shell=shell, version=__version__, rc="zshrc" if shell == "zsh" else "bashrc",
-                       commands=shlex.quote(" ".join(commands)), keys=shlex.quote(" ".join(keys)),
-                       options="\n".join(options), choices="\n".join(choices),
-                       overriding=shlex.quote(" ".join(overriding)))
+    text = BASH.format(
+        shell=shell,
+        version=__version__,
+        rc="zshrc" if shell == "zsh" else "bashrc",
+        commands=shlex.quote(" ".join(commands)),
+        keys=shlex.quote(" ".join(keys)),
+        options="\n".join(options),
+        choices="\n".join(choices),
+        overriding=shlex.quote(" ".join(overriding)),
+    )
     return ZSH_PRELUDE + text if shell == "zsh" else text

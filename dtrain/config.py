@@ -203,6 +203,7 @@ class LossConfig(Section):
 
 class MetricsConfig(Section):
     """Evaluation metrics (validation and test), averaged over every sample of the split on all ranks."""
+
     builtin: bool = True
     """The data set's own metrics: accuracy (classification, per token for language models, plus
     perplexity), mae/mse and the predict-the-mean baseline (regression)."""
@@ -225,8 +226,11 @@ SCHEDULES = ("constant", "step", "exponential", "cosine", "cosine_restarts")
 
 def _builtin_or_import_string(key: str, value: str, builtins: tuple, example: str) -> str:
     if value not in builtins and not re.fullmatch(r"[\w.]+[:.][\w.]+", value):
-        raise PydanticCustomError("name", f"{key}: {value!r} is not {', '.join(builtins)} or an "
-                                          f"import string ('package.module:Class', e.g. {example})")
+        raise PydanticCustomError(
+            "name",
+            f"{key}: {value!r} is not {', '.join(builtins)} or an "
+            f"import string ('package.module:Class', e.g. {example})",
+        )
     return value
 
 
@@ -260,22 +264,32 @@ class OptimConfig(Section):
         """Config-level (its messages name the keys): dtrain's own optimizer, or one named with its kwargs."""
         _builtin_or_import_string("optim.name", self.name, OPTIMIZERS, "torch.optim:RAdam")
         if self.kwargs and self.name in OPTIMIZERS:
-            raise PydanticCustomError("kwargs", f"optim.kwargs applies to an optimizer named by an import string, "
-                                                f"not to {self.name}; e.g. optim.name=torch.optim:AdamW")
+            raise PydanticCustomError(
+                "kwargs",
+                f"optim.kwargs applies to an optimizer named by an import string, "
+                f"not to {self.name}; e.g. optim.name=torch.optim:AdamW",
+            )
         named = sorted({"lr", "weight_decay"} & set(self.kwargs))
         if named:
-            raise PydanticCustomError("kwargs", f"optim.kwargs.{named[0]}: set optim.{named[0]} instead (each param "
-                                                "group gets it, scaled by optim.backbone_lr_ratio)")
+            raise PydanticCustomError(
+                "kwargs",
+                f"optim.kwargs.{named[0]}: set optim.{named[0]} instead (each param "
+                "group gets it, scaled by optim.backbone_lr_ratio)",
+            )
         own = self.own_keys_set() if self.name not in OPTIMIZERS else []
         if own:
-            raise PydanticCustomError("own", f"optim.{own[0]} applies to sgd and adamw, not to {self.name}; put "
-                                             f"that optimizer's arguments in optim.kwargs (e.g. {{{own[0]}: ...}})")
+            raise PydanticCustomError(
+                "own",
+                f"optim.{own[0]} applies to sgd and adamw, not to {self.name}; put "
+                f"that optimizer's arguments in optim.kwargs (e.g. {{{own[0]}: ...}})",
+            )
 
     def own_keys_set(self) -> list[str]:
         """The keys of dtrain's own optimizers set to other than their defaults (another optimizer ignores them)."""
         defaults = OptimConfig()
-        return [key for key in ("momentum", "nesterov", "betas", "fused")
-                if getattr(self, key) != getattr(defaults, key)]
+        return [
+            key for key in ("momentum", "nesterov", "betas", "fused") if getattr(self, key) != getattr(defaults, key)
+        ]
 
 
 class ScheduleConfig(Section):
@@ -314,20 +328,29 @@ class ScheduleConfig(Section):
         _builtin_or_import_string("schedule.name", self.name, SCHEDULES, "torch.optim.lr_scheduler:OneCycleLR")
         if self.name in SCHEDULES:
             if self.kwargs:
-                raise PydanticCustomError("kwargs", "schedule.kwargs applies to a scheduler named by an import "
-                                                    f"string, not to {self.name}; set its keys schedule.warmup_steps, "
-                                                    "...")
+                raise PydanticCustomError(
+                    "kwargs",
+                    "schedule.kwargs applies to a scheduler named by an import "
+                    f"string, not to {self.name}; set its keys schedule.warmup_steps, "
+                    "...",
+                )
             return
         own = self.own_keys_set()
         if own:
-            raise PydanticCustomError("own", f"schedule.{own[0]} applies to dtrain's own schedules, not to "
-                                             f"{self.name}; put that scheduler's arguments in schedule.kwargs")
+            raise PydanticCustomError(
+                "own",
+                f"schedule.{own[0]} applies to dtrain's own schedules, not to "
+                f"{self.name}; put that scheduler's arguments in schedule.kwargs",
+            )
 
     def own_keys_set(self) -> list[str]:
         """The keys of dtrain's own schedules set to other than their defaults (another scheduler ignores them)."""
         defaults = ScheduleConfig()
-        return [key for key in ScheduleConfig.model_fields if key not in ("name", "kwargs")
-                and getattr(self, key) != getattr(defaults, key)]
+        return [
+            key
+            for key in ScheduleConfig.model_fields
+            if key not in ("name", "kwargs") and getattr(self, key) != getattr(defaults, key)
+        ]
 
 
 class TrainConfig(Section):
@@ -369,6 +392,7 @@ class TrainConfig(Section):
 class DeepSpeedConfig(Section):
     """Used with train.engine=deepspeed. Accumulation, clipping, micro-batch size and precision come from
     train.grad_accum, train.clip_grad_norm, data.batch_size and train.precision (bf16/fp16)."""
+
     zero_stage: Literal[0, 1, 2, 3] = 2
     """ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters (0: plain data parallel)."""
     offload_optimizer: Literal["none", "cpu"] = "none"
@@ -381,6 +405,7 @@ class FSDPConfig(Section):
     """Used with train.engine=fsdp: parameters, gradients and optimizer state sharded over the ranks with
     FSDP2's `fully_shard`, checkpoints written by torch.distributed.checkpoint (each rank its shards). Accumulation,
     clipping and the NaN policy come from train.grad_accum, train.clip_grad_norm and train.nonfinite."""
+
     blocks: list[str] = []
     """Module lists (nn.ModuleList or nn.Sequential) whose children are sharded one by one, each gathered only
     while it runs: [body.h] for model.name=gpt, [transformer.h] for Hugging Face GPT-2, [layer1, layer2, layer3,
@@ -501,6 +526,7 @@ class CropAugment(Section):
 class AugmentConfig(Section):
     """On-the-fly augmentation of training samples only (validation and test never). Each sample's random
     draws are a pure function of (run.seed, epoch, pass, sample key), so a resumed run sees the same ones."""
+
     hflip: FlipAugment = FlipAugment()
     """Horizontal flip."""
     vflip: FlipAugment = FlipAugment()
@@ -547,8 +573,10 @@ class WandbConfig(Section):
         if isinstance(value, bool):
             return value
         if not (isinstance(value, str) and re.fullmatch(r"s3://[^/\s]+(/\S*)?", value)):
-            raise PydanticCustomError("reference", "must be true, false or an s3:// prefix (s3://bucket/path) "
-                                                   "the checkpoint directory is mirrored to")
+            raise PydanticCustomError(
+                "reference",
+                "must be true, false or an s3:// prefix (s3://bucket/path) the checkpoint directory is mirrored to",
+            )
         return value.rstrip("/")
 
 
@@ -643,11 +671,20 @@ def _check_keys(data: Any, model: type[BaseModel], prefix: str = "") -> None:
         field = model.model_fields.get(key)
         if field is None:
             if model is ModelConfig and key in LEGACY_MODEL_KEYS | {"name"}:
-                raise ConfigError(f"config: '{full}' is now " + (
-                    "model.factory (mlp, cnn, gpt or an import string)" if key == "name" else
-                    f"an argument of dtrain's model factories: model.kwargs.{key}"))
+                raise ConfigError(
+                    f"config: '{full}' is now "
+                    + (
+                        "model.factory (mlp, cnn, gpt or an import string)"
+                        if key == "name"
+                        else f"an argument of dtrain's model factories: model.kwargs.{key}"
+                    )
+                )
             close = difflib.get_close_matches(full, _valid_keys(Config), n=1, cutoff=0.6)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys under '{prefix.rstrip('.') or 'top level'}': {', '.join(model.model_fields)}"
+            hint = (
+                f"; did you mean '{close[0]}'?"
+                if close
+                else f"; valid keys under '{prefix.rstrip('.') or 'top level'}': {', '.join(model.model_fields)}"
+            )
             raise ConfigError(f"config: unknown key '{full}'{hint}")
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
@@ -684,8 +721,10 @@ def _read_yaml(path: Path) -> dict:
     try:
         loaded = load_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
     except UnicodeDecodeError as e:
-        raise ConfigError(f"config: {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
-                          "a config file is YAML saved as UTF-8") from None
+        raise ConfigError(
+            f"config: {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+            "a config file is YAML saved as UTF-8"
+        ) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -719,20 +758,27 @@ def load_yaml(text: str, what: str) -> Any:
             total += 1
             opened.append((event.anchor, total - 1))
             if len(opened) > MAX_YAML_DEPTH:
-                raise ConfigError(f"config: {what} nests deeper than {MAX_YAML_DEPTH} levels (line "
-                                  f"{event.start_mark.line + 1}); a config is sections of settings a few levels deep")
+                raise ConfigError(
+                    f"config: {what} nests deeper than {MAX_YAML_DEPTH} levels (line "
+                    f"{event.start_mark.line + 1}); a config is sections of settings a few levels deep"
+                )
         elif isinstance(event, yaml.CollectionEndEvent):
             anchor, before = opened.pop()
             sizes[anchor] = total - before
         if total > MAX_YAML_VALUES:
-            raise ConfigError(f"config: {what} holds more than {MAX_YAML_VALUES:,} values once its aliases are "
-                              f"expanded (line {event.start_mark.line + 1}); write the settings out instead of "
-                              "nesting aliases")
+            raise ConfigError(
+                f"config: {what} holds more than {MAX_YAML_VALUES:,} values once its aliases are "
+                f"expanded (line {event.start_mark.line + 1}); write the settings out instead of "
+                "nesting aliases"
+            )
     return yaml.safe_load(text)
 
 
-def load_config(path: Union[str, Path, Sequence[Union[str, Path]], None] = None, overrides: Sequence[str] = (),
-                defaults: Optional[dict] = None) -> Config:
+def load_config(
+    path: Union[str, Path, Sequence[Union[str, Path]], None] = None,
+    overrides: Sequence[str] = (),
+    defaults: Optional[dict] = None,
+) -> Config:
     """Defaults, a script's own `defaults` (dotted keys, from dtrain.main(config=...)), then the YAML file(s)
     in order (`--config a.yaml --config b.yaml`: b's settings over a's, section by section, as Hydra and
     LightningCLI compose them), then `key=value` overrides; validated and frozen."""
@@ -774,5 +820,7 @@ def _merge(base: dict, top: dict) -> dict:
 
 def describe_fields(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
     """One line per key: `key = default  # docstring`."""
-    return [f"{key} = {field.default!r}  # {' '.join((field.description or '').split())}"
-            for key, field in _leaf_fields(model, prefix)]
+    return [
+        f"{key} = {field.default!r}  # {' '.join((field.description or '').split())}"
+        for key, field in _leaf_fields(model, prefix)
+    ]

@@ -67,12 +67,12 @@ def _read_shards(data_cfg: DataConfig, seed: int, info, brief: bool, hooks=None)
     or in brief mode each shard's first. `hooks`: the data hooks a script handed in (build.Hooks), used as
     they are: the config names them `__main__:...`, which no import rebuilds."""
     from .data import build_streams
+
     given = {k: getattr(hooks, k) for k in ("sample", "transform", "collate")} if hooks is not None else {}
-    data = build_streams(data_cfg, seed=seed, rank=info.global_rank, world_size=info.world_size, create=False,
-                         **given)
+    data = build_streams(data_cfg, seed=seed, rank=info.global_rank, world_size=info.world_size, create=False, **given)
     n = 0
     for stream in filter(None, (data.train, data.val, data.test)):
-        n += stream.check_readable(stream.shard_order(0)[info.global_rank::info.world_size], first_only=brief)
+        n += stream.check_readable(stream.shard_order(0)[info.global_rank :: info.world_size], first_only=brief)
     return f"{n} {'shards' if brief else 'samples'}"
 
 
@@ -109,7 +109,9 @@ def _bandwidth(info, size_mb: float, reps: int) -> str:
 def run(cfg: Config, info, run_dir: Path, brief: bool = False, model_bytes: int = 0, hooks=None) -> list[Check]:
     """Collective: every rank calls it and gets the same list. `hooks`: what a script handed in (build.Hooks)."""
     me = {
-        "host": socket.gethostname(), "versions": (__version__, torch.__version__), "config": cfg.to_dict(),
+        "host": socket.gethostname(),
+        "versions": (__version__, torch.__version__),
+        "config": cfg.to_dict(),
         "device": (torch.cuda.get_device_properties(info.device).uuid.hex if info.device.type == "cuda" else None),
         "shards": _local(lambda: _read_shards(cfg.data, cfg.run.seed, info, brief, hooks)),
         # a checkpoint holds the weights and, for Adam, two moments: ~3x the model, twice over
@@ -119,9 +121,16 @@ def run(cfg: Config, info, run_dir: Path, brief: bool = False, model_bytes: int 
     checks = []
 
     versions = {r["versions"] for r in ranks}
-    checks.append(Check("versions", len(versions) == 1, "dtrain {}, torch {}".format(*ranks[0]["versions"])
-                        if len(versions) == 1 else "differ: " + ", ".join(
-                            f"rank {i}: dtrain {r['versions'][0]} torch {r['versions'][1]}" for i, r in enumerate(ranks))))
+    checks.append(
+        Check(
+            "versions",
+            len(versions) == 1,
+            "dtrain {}, torch {}".format(*ranks[0]["versions"])
+            if len(versions) == 1
+            else "differ: "
+            + ", ".join(f"rank {i}: dtrain {r['versions'][0]} torch {r['versions'][1]}" for i, r in enumerate(ranks)),
+        )
+    )
 
     base = _flatten(ranks[0]["config"])
     diffs = []
@@ -131,27 +140,43 @@ def run(cfg: Config, info, run_dir: Path, brief: bool = False, model_bytes: int 
         if key is not None:  # a secret's values are not shown (the rank logs are files)
             shown = [REDACTED if is_secret(key, v) else repr(v) for v in (other.get(key), base.get(key))]
             diffs.append(f"rank {i} has {key}={shown[0]}, rank 0 has {shown[1]}")
-    checks.append(Check("config", not diffs, f"hash {cfg.hash()} on all {len(ranks)} ranks" if not diffs
-                        else "; ".join(diffs)))
+    checks.append(
+        Check("config", not diffs, f"hash {cfg.hash()} on all {len(ranks)} ranks" if not diffs else "; ".join(diffs))
+    )
 
     ok, detail = _local(lambda: _bandwidth(info, 1 if brief else 32, 3 if brief else 10))
     checks.append(Check("all-reduce", ok, detail))
 
     bad = [f"rank {i} ({r['host']}): {r['shards'][1]}" for i, r in enumerate(ranks) if not r["shards"][0]]
-    checks.append(Check("shards", not bad, "; ".join(bad) if bad else
-                        f"every rank read its shards ({', '.join(r['shards'][1] for r in ranks)})"))
+    checks.append(
+        Check(
+            "shards",
+            not bad,
+            "; ".join(bad) if bad else f"every rank read its shards ({', '.join(r['shards'][1] for r in ranks)})",
+        )
+    )
 
     bad = [f"rank {i} ({r['host']}): {r['ckpt'][1]}" for i, r in enumerate(ranks) if not r["ckpt"][0]]
-    checks.append(Check("checkpoint dir", not bad, "; ".join(bad) if bad else
-                        f"{run_dir / 'checkpoints'} writable by all ranks, {ranks[0]['ckpt'][1]}"))
+    checks.append(
+        Check(
+            "checkpoint dir",
+            not bad,
+            "; ".join(bad) if bad else f"{run_dir / 'checkpoints'} writable by all ranks, {ranks[0]['ckpt'][1]}",
+        )
+    )
 
     if info.device.type == "cuda":
         seen = {}
         for i, r in enumerate(ranks):
             seen.setdefault((r["host"], r["device"]), []).append(i)
         shared = [ranks_ for ranks_ in seen.values() if len(ranks_) > 1]
-        checks.append(Check("devices", not shared, "one GPU per rank" if not shared else
-                            "; ".join(f"ranks {r} share one GPU" for r in shared)))
+        checks.append(
+            Check(
+                "devices",
+                not shared,
+                "one GPU per rank" if not shared else "; ".join(f"ranks {r} share one GPU" for r in shared),
+            )
+        )
     return checks
 
 

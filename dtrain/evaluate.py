@@ -49,8 +49,16 @@ def auto_mode(monitor: str) -> Optional[str]:
 
 
 class Evaluator:
-    def __init__(self, engine, forward: Callable, loss, metrics: Metrics, task: Optional[str], val_every: int,
-                 early_stop_cfg: EarlyStopConfig):
+    def __init__(
+        self,
+        engine,
+        forward: Callable,
+        loss,
+        metrics: Metrics,
+        task: Optional[str],
+        val_every: int,
+        early_stop_cfg: EarlyStopConfig,
+    ):
         self.engine, self.forward, self.loss, self.metrics, self.task = engine, forward, loss, metrics, task
         self.val_every, self.patience, self.min_delta = val_every, early_stop_cfg.patience, early_stop_cfg.min_delta
         self.monitor = early_stop_cfg.monitor
@@ -73,23 +81,31 @@ class Evaluator:
         with dist.guard("metrics all-reduce (evaluation)"):
             metrics = self.evaluate(stream, "val", local, progress=log.show_progress)
         if self.monitor not in metrics:  # a torchmetrics dict without that key: the start-up check can't see it
-            raise ConfigError(f"config: early_stop.monitor: {self.monitor!r} is not a validation metric; validation "
-                              f"logs {', '.join(metrics)}")
+            raise ConfigError(
+                f"config: early_stop.monitor: {self.monitor!r} is not a validation metric; validation "
+                f"logs {', '.join(metrics)}"
+            )
         improved, stop_early = self.observe(metrics[self.monitor], step)
         self.validated = {**metrics, self.best_key: self.best_val}
         log.metrics({"step": step, "epoch": epoch, **self.validated})
-        log.info(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-                 + (" (best)" if improved else f" (no improvement for {self.bad_validations})"))
+        log.info(
+            f"step {step}: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            + (" (best)" if improved else f" (no improvement for {self.bad_validations})")
+        )
         if stop_early:
-            log.info(f"early stop at step {step}: {self.monitor} has not improved for {self.bad_validations} "
-                     f"validations (best {self.best_val:.4f} at step {self.best_step})")
+            log.info(
+                f"early stop at step {step}: {self.monitor} has not improved for {self.bad_validations} "
+                f"validations (best {self.best_val:.4f} at step {self.best_step})"
+            )
             log.metrics({"step": step, "event": "early_stop", "best_step": self.best_step})
         return improved, stop_early
 
     # ---- what ---------------------------------------------------------------------------------
     @torch.inference_mode()
-    def evaluate(self, stream, prefix: str, log_local: Optional[Callable[[float], None]] = None,
-                 progress: bool = False) -> dict:
+    def evaluate(
+        self, stream, prefix: str, log_local: Optional[Callable[[float], None]] = None, progress: bool = False
+    ) -> dict:
         """Mean loss and metrics over the whole split: per-rank sums, one all-reduce, then divide.
         Collective: every rank calls it (it reads its own share of the split). `log_local` gets this rank's
         own mean loss (for diagnosing one rank's data); `progress`: a bar over this rank's batches."""
@@ -101,8 +117,9 @@ class Evaluator:
         loss_sums: dict[str, torch.Tensor] = {}
         n = 0
         with self.engine.evaluating():  # ranks run uneven numbers of batches: FSDP gathers its weights once
-            for batch in progress_bar(stream.epoch(0), total=_batches(stream), desc=prefix, unit="batch",
-                                      enabled=progress):
+            for batch in progress_bar(
+                stream.epoch(0), total=_batches(stream), desc=prefix, unit="batch", enabled=progress
+            ):
                 batch = batches.to_device(batch, self.engine.to_device)
                 with self.engine.autocast():
                     output = self.forward(model, batch)
@@ -115,10 +132,15 @@ class Evaluator:
         names = self.loss.names or list(loss_sums)
         sums = self.metrics.sums()
         # one vector for one all-reduce: loss terms, sample count, metric numerators, explicit denominators
-        values = [loss_sums.get(k, 0.0) for k in names] + [n] + [num for num, _ in sums.values()] + \
-                 [den for _, den in sums.values() if den is not None]
-        total = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.engine.device).reshape(())
-                             for v in values])
+        values = (
+            [loss_sums.get(k, 0.0) for k in names]
+            + [n]
+            + [num for num, _ in sums.values()]
+            + [den for _, den in sums.values() if den is not None]
+        )
+        total = torch.stack(
+            [torch.as_tensor(v, dtype=torch.float64, device=self.engine.device).reshape(()) for v in values]
+        )
         if log_local is not None:
             log_local(total[0].item() / max(n, 1))
         dist.all_reduce_sum(total)
@@ -126,8 +148,8 @@ class Evaluator:
         total = total.tolist()
         count = max(total[len(names)], 1.0)
         out = {f"{prefix}/{k}": total[i] / count for i, k in enumerate(names)}
-        dens = iter(total[len(names) + 1 + len(sums):])
-        for (k, (_, den)), num in zip(sums.items(), total[len(names) + 1:]):
+        dens = iter(total[len(names) + 1 + len(sums) :])
+        for (k, (_, den)), num in zip(sums.items(), total[len(names) + 1 :]):
             out[f"{prefix}/{k}"] = num / (max(next(dens), 1e-300) if den is not None else count)
         if self.task == "lm":  # perplexity of the mean token cross-entropy
             out[f"{prefix}/ppl"] = math.exp(min(out[f"{prefix}/loss"], 700.0))
@@ -144,8 +166,9 @@ class Evaluator:
             metrics = self.evaluate(stream, "test", progress=log.show_progress)
         weights_step = self.best_step if best is not None else step
         log.metrics({"step": step, **metrics, "test/weights_step": weights_step})
-        log.info("test: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-                 + f" (weights of step {weights_step})")
+        log.info(
+            "test: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f" (weights of step {weights_step})"
+        )
         return metrics
 
     @torch.inference_mode()
@@ -156,12 +179,13 @@ class Evaluator:
         model.eval()
         cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
         with self.engine.evaluating():
-            for batch in progress_bar(stream.epoch(0), total=_batches(stream), desc="confusion matrix",
-                                      unit="batch", enabled=progress):
+            for batch in progress_bar(
+                stream.epoch(0), total=_batches(stream), desc="confusion matrix", unit="batch", enabled=progress
+            ):
                 batch = batches.to_device(batch, self.engine.to_device)
                 pred = batches.logits(self.forward(model, batch)).argmax(-1).cpu()
                 y = batches.target(batch).cpu()
-                cm += torch.bincount(y * num_classes + pred, minlength=num_classes ** 2).view(num_classes, num_classes)
+                cm += torch.bincount(y * num_classes + pred, minlength=num_classes**2).view(num_classes, num_classes)
         model.train(was_training)
         return cm
 
@@ -169,8 +193,12 @@ class Evaluator:
     def validation_names(self) -> list[str]:
         """What validation logs, as fixed by the probe: the loss and its terms, the metrics' sums, perplexity
         (lm) and the torchmetrics (one returning a dict logs val/NAME/KEY)."""
-        names = ["loss", *(self.loss.names or [])] + list(self.metrics.names or {}) + \
-            (["ppl"] if self.task == "lm" else []) + list(self.metrics.torchmetrics)
+        names = (
+            ["loss", *(self.loss.names or [])]
+            + list(self.metrics.names or {})
+            + (["ppl"] if self.task == "lm" else [])
+            + list(self.metrics.torchmetrics)
+        )
         return [f"val/{k}" for k in dict.fromkeys(names)]
 
     def check_monitor(self, validates: bool, warn: Callable[[str], None]) -> None:
@@ -179,18 +207,24 @@ class Evaluator:
         in). `validates`: the data has a validation split; without one nothing is monitored, said in one line."""
         if not validates:
             if self.monitor != "val/loss" or self.patience is not None:
-                warn(f"early_stop: the data has no validation split, so {self.monitor} is never measured: no best "
-                     "checkpoint, no early stopping (the test uses the last weights)")
+                warn(
+                    f"early_stop: the data has no validation split, so {self.monitor} is never measured: no best "
+                    "checkpoint, no early stopping (the test uses the last weights)"
+                )
             return
         names = self.validation_names()
         dicts = tuple(f"val/{k}/" for k in self.metrics.torchmetrics)  # the keys of a dict one returns
         if self.monitor not in names and not (dicts and self.monitor.startswith(dicts)):
             close = difflib.get_close_matches(self.monitor, names, n=1, cutoff=0.5)
-            raise ConfigError(f"config: early_stop.monitor: {self.monitor!r} is not a validation metric; validation "
-                              f"logs {', '.join(names)}" + (f"; did you mean {close[0]}?" if close else ""))
+            raise ConfigError(
+                f"config: early_stop.monitor: {self.monitor!r} is not a validation metric; validation "
+                f"logs {', '.join(names)}" + (f"; did you mean {close[0]}?" if close else "")
+            )
         if self.mode is None:
-            raise ConfigError(f"config: early_stop.mode: auto does not know whether {self.monitor} is better lower "
-                              "or higher; set early_stop.mode=min or early_stop.mode=max")
+            raise ConfigError(
+                f"config: early_stop.mode: auto does not know whether {self.monitor} is better lower "
+                "or higher; set early_stop.mode=min or early_stop.mode=max"
+            )
 
     def observe(self, value: float, step: int) -> tuple[bool, bool]:
         """Record a validation's value of the monitored metric. -> (improved, stop early). The value is already

@@ -30,8 +30,17 @@ from .config import ConfigError
 FORMATS = ("pt", "safetensors", "hf")
 
 
-def export(checkpoint: str, out: Path, fmt: str = "pt", *, config: Optional[Sequence[str]] = None,
-           overrides: Sequence[str] = (), defaults: Optional[dict] = None, hooks=None, trusted: bool = False) -> int:
+def export(
+    checkpoint: str,
+    out: Path,
+    fmt: str = "pt",
+    *,
+    config: Optional[Sequence[str]] = None,
+    overrides: Sequence[str] = (),
+    defaults: Optional[dict] = None,
+    hooks=None,
+    trusted: bool = False,
+) -> int:
     """Write `checkpoint` (a checkpoints/step-N directory, a run directory, or an exported .pt file) to `out`
     in `fmt`; `config`, `overrides`, `defaults`, `hooks`, `trusted`: as `dtrain eval` takes them, for the
     model that --format hf builds. Prints one line: what was written, its parameters, step and source."""
@@ -80,8 +89,10 @@ def _save_pt(f, state: dict, shown: bool) -> None:
     weights = state["engine"]["model"]
     size = sum(v.numel() * v.element_size() for v in unique(weights).values())
     with progress_bar(total=size, desc="export", unit="B", unit_scale=True, unit_divisor=1024, enabled=shown) as bar:
-        torch.save({"model": weights, "config": state["config"], "step": state["trainer"]["step"]},
-                   CallbackIOWrapper(bar.update, f, "write"))  # torch.save writes through it: a progress bar
+        torch.save(
+            {"model": weights, "config": state["config"], "step": state["trainer"]["step"]},
+            CallbackIOWrapper(bar.update, f, "write"),
+        )  # torch.save writes through it: a progress bar
 
 
 def _save_safetensors(f, weights: dict, step: int) -> None:
@@ -89,8 +100,9 @@ def _save_safetensors(f, weights: dict, step: int) -> None:
     try:
         from safetensors.torch import save
     except ImportError:
-        raise ConfigError("export: --format safetensors needs the safetensors package: pip install 'dtrain[hf]' "
-                          "(or safetensors)") from None
+        raise ConfigError(
+            "export: --format safetensors needs the safetensors package: pip install 'dtrain[hf]' (or safetensors)"
+        ) from None
 
     # the names left out map to the one kept, as safetensors.torch.save_model records them
     metadata = {"format": "pt", "dtrain.step": str(step), **tied(weights)}
@@ -102,8 +114,10 @@ def _hf_model(rebuild: Callable):
     transformers = sys.modules.get("transformers")
     if transformers is None or not isinstance(model, transformers.PreTrainedModel):
         kind = f"{type(model).__module__}.{type(model).__qualname__}"
-        raise ConfigError(f"export: --format hf writes a Hugging Face model (a transformers PreTrainedModel), the "
-                          f"checkpoint's model is a {kind}: use --format safetensors or pt")
+        raise ConfigError(
+            f"export: --format hf writes a Hugging Face model (a transformers PreTrainedModel), the "
+            f"checkpoint's model is a {kind}: use --format safetensors or pt"
+        )
     return model
 
 
@@ -174,8 +188,11 @@ def target(out: Path, source: Path, directory: bool = False) -> Path:
     if out.exists() and source.is_file() and out.samefile(source):
         raise refuse("is the file being exported")
     folder = out.parent.resolve()  # before it is made: nothing is made inside a checkpoint either
-    if any((d / MANIFEST).is_file() for d in (folder, *folder.parents)) or \
-            source.is_dir() and folder.is_relative_to(source.resolve()):
+    if (
+        any((d / MANIFEST).is_file() for d in (folder, *folder.parents))
+        or source.is_dir()
+        and folder.is_relative_to(source.resolve())
+    ):
         raise refuse("is inside a checkpoint directory")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -44,8 +44,14 @@ def global_order(stream, epoch: int, global_batch: int) -> list[Item]:
     DataLoader workers reads them from `stream` (a training ShardStream): seeded shard order, shuffle buffer.
     A pure function of (seed, epoch), the same in every replica group; nothing is read."""
     seg = Segment(1, global_batch, 1, 0, 0)
-    one_rank = stream.relayout(rank=0, world_size=1, batch_size=global_batch, grad_accum=1, num_workers=0,
-                               steps_per_epoch=stream.steps_per_epoch)
+    one_rank = stream.relayout(
+        rank=0,
+        world_size=1,
+        batch_size=global_batch,
+        grad_accum=1,
+        num_workers=0,
+        steps_per_epoch=stream.steps_per_epoch,
+    )
     return EpochReplay(one_rank, epoch, [seg]).normal_order(seg, 0)
 
 
@@ -53,8 +59,9 @@ def memory_fetch(stream) -> Callable[[Sequence[Item]], tuple]:
     """A `fetch` for StepRunner from a training ShardStream read into memory (data.in_memory): the batch of
     (shard, position) items, decoded as the stream's own batches are ((x, y, keys) for dtrain's shards)."""
     if stream.transform is not None:  # it takes the epoch and the sample's pass, which no step here tracks yet
-        raise ConfigError("ft: data.augment and a data transform are not supported with replica groups yet; "
-                          "leave them out")
+        raise ConfigError(
+            "ft: data.augment and a data transform are not supported with replica groups yet; leave them out"
+        )
     memory = stream.memory.load(stream)
     return lambda items: stream.format.batch(memory.columns.take(memory.rows(list(items))))
 
@@ -64,7 +71,7 @@ def deal_step(keys: Sequence, replica_rank: int, participants: int) -> Sequence:
     runs whose sizes differ by at most one, in rank order, so the shares of ranks 0..participants-1 are the
     batch exactly once."""
     n = len(keys)
-    return keys[replica_rank * n // participants:(replica_rank + 1) * n // participants]
+    return keys[replica_rank * n // participants : (replica_rank + 1) * n // participants]
 
 
 # ---- one replica group's steps ---------------------------------------------------------------------------
@@ -91,11 +98,26 @@ class StepRunner:
     grow. The model, optimizer and schedule heal through the
     manager's state-dict callbacks, registered here; the step comes with torchft's own state."""
 
-    def __init__(self, manager, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 loss_fn: Callable, order: Callable[[int], Sequence], fetch: Callable[[Sequence], tuple],
-                 global_batch: int, steps_per_epoch: int, scheduler=None, micro_batch: int | None = None,
-                 say: Callable[[str], None] = log.warning, *, batch_loss: Callable | None = None,
-                 update: Callable[[], Any] | None = None, state=None, seed: int | None = None, terms: int = 1):
+    def __init__(
+        self,
+        manager,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: Callable,
+        order: Callable[[int], Sequence],
+        fetch: Callable[[Sequence], tuple],
+        global_batch: int,
+        steps_per_epoch: int,
+        scheduler=None,
+        micro_batch: int | None = None,
+        say: Callable[[str], None] = log.warning,
+        *,
+        batch_loss: Callable | None = None,
+        update: Callable[[], Any] | None = None,
+        state=None,
+        seed: int | None = None,
+        terms: int = 1,
+    ):
         """Optional, for a trainer of its own (dtrain.ft_train): `batch_loss(batch)` -> the batch's mean loss
         terms, a 1-D tensor whose first is backpropagated (instead of loss_fn(model(x), y)), `terms` of them;
         `update()` applies the summed gradients (instead of optimizer.step and scheduler.step); `state`
@@ -150,7 +172,7 @@ class StepRunner:
         epoch, done = divmod(step, self.steps_per_epoch)
         if self._epoch_keys[0] != epoch:
             self._epoch_keys = (epoch, self.order(epoch))
-        return self._epoch_keys[1][done * self.global_batch:(done + 1) * self.global_batch]
+        return self._epoch_keys[1][done * self.global_batch : (done + 1) * self.global_batch]
 
     def step(self, votes: Sequence[float] | Callable[[], Sequence[float]] = ()) -> StepResult:
         """One try of the next step: quorum (healing first if this group is behind), this group's share of the
@@ -174,7 +196,7 @@ class StepRunner:
         buffers = [b for b in self.model.buffers() if b.is_floating_point()]
         before = [b.clone() for b in buffers]  # a try that is not committed leaves them as they were
         self.optimizer.zero_grad(set_to_none=False)
-        chunks = [keys[i:i + self.micro_batch] for i in range(0, len(keys), self.micro_batch)]
+        chunks = [keys[i : i + self.micro_batch] for i in range(0, len(keys), self.micro_batch)]
         terms = None
         for chunk in chunks:
             # this chunk's mean x chunk/B: summed over chunks and the quorum, the global batch's mean
@@ -184,9 +206,10 @@ class StepRunner:
         if terms is None:  # no share this step (more groups than samples): nothing of ours in the sum
             terms = torch.zeros(self.terms, dtype=torch.float64)
         self._averaged = (buffers, participants)
-        summed = self._sum_gradients(torch.cat([terms, torch.tensor(list(votes), dtype=torch.float64,
-                                                                    device=terms.device)]))
-        terms, votes = summed[:len(terms)].tolist(), summed[len(terms):].tolist()
+        summed = self._sum_gradients(
+            torch.cat([terms, torch.tensor(list(votes), dtype=torch.float64, device=terms.device)])
+        )
+        terms, votes = summed[: len(terms)].tolist(), summed[len(terms) :].tolist()
         committed = m.should_commit()
         if committed:
             if self.update is not None:
@@ -199,8 +222,10 @@ class StepRunner:
             with torch.no_grad():
                 for b, old in zip(buffers, before):
                     b.copy_(old)
-            self.say(f"ft: step {step} not committed ({_first_line(m.errored())}); "
-                     f"its samples are dealt again over the next quorum")
+            self.say(
+                f"ft: step {step} not committed ({_first_line(m.errored())}); "
+                f"its samples are dealt again over the next quorum"
+            )
         return StepResult(step, committed, participants, rank, keys, len(chunks), terms[0], votes, terms)
 
     def _sum_gradients(self, extra: torch.Tensor) -> torch.Tensor:
@@ -209,6 +234,7 @@ class StepRunner:
         through torchft's managed process group in one flat buffer (one collective a step); -> `extra` summed.
         An error there is recorded by the manager and fails the commit, not this call."""
         from torch.distributed import ReduceOp
+
         buffers, participants = self._averaged
         params = [p for p in self.model.parameters() if p.requires_grad]
         for p in params:
@@ -217,16 +243,19 @@ class StepRunner:
         dtype = params[0].grad.dtype
         # in the gradients' dtype (no wider: it would double the bytes sent); votes are small whole numbers,
         # exact in any float dtype
-        flat = torch.cat([p.grad.reshape(-1) for p in params] + [b.reshape(-1).to(dtype) for b in buffers]
-                         + [extra.to(params[0].grad.device, dtype)])
+        flat = torch.cat(
+            [p.grad.reshape(-1) for p in params]
+            + [b.reshape(-1).to(dtype) for b in buffers]
+            + [extra.to(params[0].grad.device, dtype)]
+        )
         self.manager.allreduce(flat, reduce_op=ReduceOp.SUM).wait()
         offset = 0
         for p in params:
-            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
             offset += p.numel()
         with torch.no_grad():
             for b in buffers:
-                b.copy_((flat[offset:offset + b.numel()] / participants).view_as(b))
+                b.copy_((flat[offset : offset + b.numel()] / participants).view_as(b))
                 offset += b.numel()
         return flat[offset:]
 
@@ -234,6 +263,7 @@ class StepRunner:
 def _mix(seed: int, step: int, rank: int) -> int:
     """A seed for torch's RNG from (seed, step, replica rank), well spread."""
     import hashlib
+
     return int.from_bytes(hashlib.sha256(f"{seed}/{step}/{rank}".encode()).digest()[:8], "little") % 2**63
 
 
@@ -246,12 +276,21 @@ def _first_line(error) -> str:
     return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0].split('. ')[0]}"
 
 
-def build_manager(replica_id: str, lighthouse: str, *, timeout_s: float = 10.0, quorum_timeout_s: float = 60.0,
-                  min_replicas: int = 1, store: tuple[str, int] | None = None, host_store: bool = False):
+def build_manager(
+    replica_id: str,
+    lighthouse: str,
+    *,
+    timeout_s: float = 10.0,
+    quorum_timeout_s: float = 60.0,
+    min_replicas: int = 1,
+    store: tuple[str, int] | None = None,
+    host_store: bool = False,
+):
     """A torchft Manager for a replica group of one process: gloo, a synchronous quorum, a TCPStore of its own
     (at `store`, started here if `host_store`; or started here on a free port). `timeout_s` bounds a
     collective with a lost peer."""
     from torch.distributed import TCPStore
+
     try:
         from torchft import Manager, ProcessGroupGloo
     except ImportError as e:
@@ -262,11 +301,21 @@ def build_manager(replica_id: str, lighthouse: str, *, timeout_s: float = 10.0, 
         addr, port = store or ("127.0.0.1", 0)
         own = TCPStore(addr, port, is_master=True, wait_for_workers=False)
         store = (addr, own.port)
-    manager = Manager(pg=ProcessGroupGloo(timeout=timedelta(seconds=timeout_s)), load_state_dict=None,
-                      state_dict=None, min_replica_size=min_replicas, use_async_quorum=False,
-                      timeout=timedelta(seconds=timeout_s), quorum_timeout=timedelta(seconds=quorum_timeout_s),
-                      rank=0, world_size=1, store_addr=store[0], store_port=store[1],
-                      lighthouse_addr=lighthouse, replica_id=replica_id)
+    manager = Manager(
+        pg=ProcessGroupGloo(timeout=timedelta(seconds=timeout_s)),
+        load_state_dict=None,
+        state_dict=None,
+        min_replica_size=min_replicas,
+        use_async_quorum=False,
+        timeout=timedelta(seconds=timeout_s),
+        quorum_timeout=timedelta(seconds=quorum_timeout_s),
+        rank=0,
+        world_size=1,
+        store_addr=store[0],
+        store_port=store[1],
+        lighthouse_addr=lighthouse,
+        replica_id=replica_id,
+    )
     manager.dtrain_store = own  # the group's store must live as long as the manager that talks to it
     _quiet(manager)
     return manager
@@ -279,8 +328,11 @@ class _SaidByDtrain(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not ("] got exception in" in message or "] got exception waiting for work" in message
-                    or "Unable to reset NCCL flight recorder" in message)
+        return not (
+            "] got exception in" in message
+            or "] got exception waiting for work" in message
+            or "Unable to reset NCCL flight recorder" in message
+        )
 
 
 _SAID_BY_DTRAIN = _SaidByDtrain()
@@ -292,9 +344,14 @@ def _quiet(manager) -> None:
     that sends this group's state to a healing peer (its error lines stay); torch's warning that the state a
     healing group receives is read from a buffer that is not writable (loaded into the model, then dropped)."""
     import warnings
+
     logging.getLogger("torchft.manager").addFilter(_SAID_BY_DTRAIN)
-    warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning,
-                            module="torch.distributed._serialization")
+    warnings.filterwarnings(
+        "ignore",
+        message="The given buffer is not writable",
+        category=UserWarning,
+        module="torch.distributed._serialization",
+    )
     server = getattr(getattr(manager, "_checkpoint_transport", None), "_server", None)
     handler = getattr(server, "RequestHandlerClass", None)
     if handler is not None:

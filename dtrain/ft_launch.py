@@ -28,8 +28,21 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from .launcher import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USER_ERROR, FORWARDED, _command, _exit_text, _nnodes,
-                       _resolve, _visible_gpus, error_line, last_logged_step, say, traceback_of)
+from .launcher import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_USER_ERROR,
+    FORWARDED,
+    _command,
+    _exit_text,
+    _nnodes,
+    _resolve,
+    _visible_gpus,
+    error_line,
+    last_logged_step,
+    say,
+    traceback_of,
+)
 from .launcher import add_parser as add_launch_parser
 from .launcher import run as launch
 from .worker import LOG_FILE_ENV
@@ -41,11 +54,29 @@ HEARTBEAT_TIMEOUT_MS, QUORUM_TICK_MS = 1000, 50
 POLL_S = 0.1
 # what torchrun or torch's agent set for their workers: a group is a world of its own (RANK 0 of 1), and a
 # parent's TORCHFT_MANAGER_PORT would give every group the same port
-INHERITED = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
-             "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT", "TORCH_NCCL_ASYNC_ERROR_HANDLING",
-             "TORCHFT_MANAGER_PORT", "DTRAIN_LAUNCH_LOGS", "DTRAIN_LAUNCH_LOG"}
-OPTIONS = {"ft_lighthouse": "--ft-lighthouse", "ft_host_lighthouse": "--ft-host-lighthouse",
-           "ft_timeout": "--ft-timeout", "ft_min_replicas": "--ft-min-replicas"}
+INHERITED = {
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_WORLD_SIZE",
+    "ROLE_NAME",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING",
+    "TORCHFT_MANAGER_PORT",
+    "DTRAIN_LAUNCH_LOGS",
+    "DTRAIN_LAUNCH_LOG",
+}
+OPTIONS = {
+    "ft_lighthouse": "--ft-lighthouse",
+    "ft_host_lighthouse": "--ft-host-lighthouse",
+    "ft_timeout": "--ft-timeout",
+    "ft_min_replicas": "--ft-min-replicas",
+}
 
 
 def add_parser(sub) -> None:
@@ -53,19 +84,39 @@ def add_parser(sub) -> None:
     given without --ft, they are refused, not ignored)."""
     add_launch_parser(sub)
     la = sub.choices["launch"]
-    la.add_argument("--ft", action="store_true",
-                    help="fault tolerant (torchft, pip install 'dtrain[ft]'): one replica group per worker, a lost "
-                         "group restarted alone (within --max-restarts) while the others train on")
-    la.add_argument("--ft-lighthouse", default=None, metavar="HOST:PORT",
-                    help="--ft: the torchft Lighthouse to use (several nodes: the same on every node); default: "
-                         "one started here on 127.0.0.1 and a free port")
-    la.add_argument("--ft-host-lighthouse", action="store_true", default=None,
-                    help="--ft on several nodes: this node starts the Lighthouse, at --ft-lighthouse's port")
-    la.add_argument("--ft-timeout", type=float, default=None, metavar="S",
-                    help=f"--ft: a lost group is left behind within S s (collective timeout; default "
-                         f"{FT_TIMEOUT_S:g})")
-    la.add_argument("--ft-min-replicas", type=int, default=None, metavar="M",
-                    help=f"--ft: the fewest replica groups that may train a step (default {FT_MIN_REPLICAS})")
+    la.add_argument(
+        "--ft",
+        action="store_true",
+        help="fault tolerant (torchft, pip install 'dtrain[ft]'): one replica group per worker, a lost "
+        "group restarted alone (within --max-restarts) while the others train on",
+    )
+    la.add_argument(
+        "--ft-lighthouse",
+        default=None,
+        metavar="HOST:PORT",
+        help="--ft: the torchft Lighthouse to use (several nodes: the same on every node); default: "
+        "one started here on 127.0.0.1 and a free port",
+    )
+    la.add_argument(
+        "--ft-host-lighthouse",
+        action="store_true",
+        default=None,
+        help="--ft on several nodes: this node starts the Lighthouse, at --ft-lighthouse's port",
+    )
+    la.add_argument(
+        "--ft-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help=f"--ft: a lost group is left behind within S s (collective timeout; default {FT_TIMEOUT_S:g})",
+    )
+    la.add_argument(
+        "--ft-min-replicas",
+        type=int,
+        default=None,
+        metavar="M",
+        help=f"--ft: the fewest replica groups that may train a step (default {FT_MIN_REPLICAS})",
+    )
     la.set_defaults(func=run)
 
 
@@ -101,7 +152,7 @@ def resume_command(args, nproc: int) -> list[str]:
     command = _command(args, nproc)
     for flag in ("--rdzv-endpoint", "--rdzv-id"):  # --nnodes N's rendezvous, which --ft has none of
         if flag in command:
-            del command[command.index(flag):command.index(flag) + 2]
+            del command[command.index(flag) : command.index(flag) + 2]
     return [*command[:2], *options(args), *command[2:]]
 
 
@@ -113,31 +164,43 @@ def _check(args, nproc: int) -> tuple[int, float, int]:
         given = [flag for key, flag in OPTIONS.items() if getattr(args, key) is not None]
         raise ConfigError(f"launch: {', '.join(given)} is an option of --ft; add --ft or leave it out")
     if not args.target:
-        raise ConfigError("launch: give a dtrain command or a script, e.g. `dtrain launch --ft --nproc-per-node 3 "
-                          "train --config configs/digits.yaml`")
+        raise ConfigError(
+            "launch: give a dtrain command or a script, e.g. `dtrain launch --ft --nproc-per-node 3 "
+            "train --config configs/digits.yaml`"
+        )
     if nproc < 1 or args.max_restarts < 0:
         raise ConfigError("launch: --nproc-per-node must be >= 1 and --max-restarts >= 0")
     lo, hi = _nnodes(args.nnodes)
     timeout = FT_TIMEOUT_S if args.ft_timeout is None else args.ft_timeout
     min_replicas = FT_MIN_REPLICAS if args.ft_min_replicas is None else args.ft_min_replicas
     if lo != hi:
-        raise ConfigError(f"launch: --ft takes --nnodes N, not {args.nnodes}: replica groups come and go under "
-                          f"the Lighthouse's quorum without an elastic rendezvous")
+        raise ConfigError(
+            f"launch: --ft takes --nnodes N, not {args.nnodes}: replica groups come and go under "
+            f"the Lighthouse's quorum without an elastic rendezvous"
+        )
     if args.rdzv_endpoint or args.rdzv_conf:
-        raise ConfigError("launch: --ft needs no rendezvous (--rdzv-endpoint, --rdzv-conf): replica groups meet at "
-                          "the Lighthouse; give every node --ft-lighthouse HOST:PORT instead (--ft-host-lighthouse on "
-                          "the one that starts it)")
+        raise ConfigError(
+            "launch: --ft needs no rendezvous (--rdzv-endpoint, --rdzv-conf): replica groups meet at "
+            "the Lighthouse; give every node --ft-lighthouse HOST:PORT instead (--ft-host-lighthouse on "
+            "the one that starts it)"
+        )
     if hi > 1 and not args.ft_lighthouse:
-        raise ConfigError(f"launch: --ft with --nnodes {hi} needs --ft-lighthouse HOST:PORT, the same on every "
-                          f"node, and --ft-host-lighthouse on the one node that starts it")
+        raise ConfigError(
+            f"launch: --ft with --nnodes {hi} needs --ft-lighthouse HOST:PORT, the same on every "
+            f"node, and --ft-host-lighthouse on the one node that starts it"
+        )
     if args.ft_host_lighthouse and not args.ft_lighthouse:
-        raise ConfigError("launch: --ft-host-lighthouse needs --ft-lighthouse HOST:PORT (the address the other "
-                          "nodes use; this node listens on its port)")
+        raise ConfigError(
+            "launch: --ft-host-lighthouse needs --ft-lighthouse HOST:PORT (the address the other "
+            "nodes use; this node listens on its port)"
+        )
     if args.ft_lighthouse and not _host_port(args.ft_lighthouse):
         raise ConfigError(f"launch: --ft-lighthouse {args.ft_lighthouse!r} is not HOST:PORT")
     if timeout <= 0 or not 1 <= min_replicas <= nproc * hi:
-        raise ConfigError(f"launch: --ft-timeout must be > 0 and --ft-min-replicas between 1 and the replica groups "
-                          f"started ({nproc * hi})")
+        raise ConfigError(
+            f"launch: --ft-timeout must be > 0 and --ft-min-replicas between 1 and the replica groups "
+            f"started ({nproc * hi})"
+        )
     if importlib.util.find_spec("torchft") is None:
         raise ConfigError("launch: --ft needs torchft, which is not installed; pip install 'dtrain[ft]'")
     return hi, timeout, min_replicas
@@ -164,19 +227,37 @@ def run_ft(args, nproc: int) -> int:
         try:
             address = lighthouse.start(stop)
             if address is None or stop.signum:
-                say(f"launch: {stop.name} received before any replica group started: nothing to save; run the "
-                    f"same command again to start")
+                say(
+                    f"launch: {stop.name} received before any replica group started: nothing to save; run the "
+                    f"same command again to start"
+                )
                 return EXIT_INTERRUPTED
-            say(f"launch: --ft, {nproc} replica group(s) of one process{' on this node' if nodes > 1 else ''}, "
+            say(
+                f"launch: --ft, {nproc} replica group(s) of one process{' on this node' if nodes > 1 else ''}, "
                 f"nodes={nodes}, max_restarts={args.max_restarts}, lighthouse {address} ({lighthouse.whose}): "
                 f"{shlex.join(args.target)}; logs {logs}/group-{'N' if nodes == 1 else socket.gethostname() + '-N'}"
-                f".log{note}")
+                f".log{note}"
+            )
             os.environ["DTRAIN_LAUNCH_COMMAND"] = shlex.join(resume_command(args, nproc))
-            env = {"DTRAIN_FT": "1", "TORCHFT_LIGHTHOUSE": address, "DTRAIN_FT_GROUPS": str(nproc * nodes),
-                   "DTRAIN_FT_TIMEOUT_S": f"{timeout:g}", "DTRAIN_FT_MIN_REPLICAS": str(min_replicas)}
+            env = {
+                "DTRAIN_FT": "1",
+                "TORCHFT_LIGHTHOUSE": address,
+                "DTRAIN_FT_GROUPS": str(nproc * nodes),
+                "DTRAIN_FT_TIMEOUT_S": f"{timeout:g}",
+                "DTRAIN_FT_MIN_REPLICAS": str(min_replicas),
+            }
             ids = [str(i) if nodes == 1 else f"{socket.gethostname()}-{i}" for i in range(nproc)]
-            groups = Groups(ids, [sys.executable, *entry], env, logs, Path(errors), run_dir, args.max_restarts,
-                            args.stop_timeout, stop)
+            groups = Groups(
+                ids,
+                [sys.executable, *entry],
+                env,
+                logs,
+                Path(errors),
+                run_dir,
+                args.max_restarts,
+                args.stop_timeout,
+                stop,
+            )
             return groups.run()
         finally:
             lighthouse.stop()
@@ -248,6 +329,7 @@ def _dies_with_launcher():
         prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
         if os.getppid() != parent:  # the launcher died before it took effect
             os.kill(os.getpid(), signal.SIGTERM)
+
     return set_it
 
 
@@ -260,10 +342,17 @@ class Lighthouse:
     def __init__(self, args, timeout: float, min_replicas: int, logs: Path):
         self.given, self.host_it = args.ft_lighthouse, bool(args.ft_host_lighthouse)
         self.wait_s, self.logs = args.rdzv_timeout, logs
-        self.flags = ["--min_replicas", str(min_replicas), "--quorum_tick_ms", str(QUORUM_TICK_MS),
-                      # a group alive but slower to its next quorum (saving, validating) is waited for this long
-                      "--join_timeout_ms", str(int(timeout * 1000)),
-                      "--heartbeat_timeout_ms", str(min(HEARTBEAT_TIMEOUT_MS, int(timeout * 1000)))]
+        self.flags = [
+            "--min_replicas",
+            str(min_replicas),
+            "--quorum_tick_ms",
+            str(QUORUM_TICK_MS),
+            # a group alive but slower to its next quorum (saving, validating) is waited for this long
+            "--join_timeout_ms",
+            str(int(timeout * 1000)),
+            "--heartbeat_timeout_ms",
+            str(min(HEARTBEAT_TIMEOUT_MS, int(timeout * 1000))),
+        ]
         self.proc: subprocess.Popen | None = None
         self.whose = "started here, log " + str(logs / "lighthouse.log") if self.host_it or not self.given else "given"
 
@@ -278,9 +367,11 @@ class Lighthouse:
                 if stop.signum:
                     return None
                 if time.monotonic() > deadline:
-                    raise ConfigError(f"launch: no Lighthouse answered at {self.given} within {self.wait_s} s "
-                                      f"(--rdzv-timeout): start the node given --ft-host-lighthouse, or "
-                                      f"`torchft_lighthouse {' '.join(self.flags)} --bind 0.0.0.0:{port}`")
+                    raise ConfigError(
+                        f"launch: no Lighthouse answered at {self.given} within {self.wait_s} s "
+                        f"(--rdzv-timeout): start the node given --ft-host-lighthouse, or "
+                        f"`torchft_lighthouse {' '.join(self.flags)} --bind 0.0.0.0:{port}`"
+                    )
                 if not said:
                     say(f"launch: waiting for the Lighthouse at {self.given} to answer")
                     said = True
@@ -289,14 +380,21 @@ class Lighthouse:
         binary = Path(sys.executable).parent / "torchft_lighthouse"
         binary = str(binary) if binary.exists() else shutil.which("torchft_lighthouse")
         if binary is None:
-            raise ConfigError("launch: --ft needs torchft's torchft_lighthouse command (none beside python or on "
-                              "PATH); pip install 'dtrain[ft]'")
+            raise ConfigError(
+                "launch: --ft needs torchft's torchft_lighthouse command (none beside python or on "
+                "PATH); pip install 'dtrain[ft]'"
+            )
         for _ in range(3):  # a free port can be taken by another process before the Lighthouse binds it
             host, port = ("0.0.0.0", _host_port(self.given)[1]) if self.host_it else ("127.0.0.1", _free_port())
             with open(self.logs / "lighthouse.log", "a") as log:
-                self.proc = subprocess.Popen([binary, *self.flags, "--bind", f"{host}:{port}"], stdin=subprocess.DEVNULL,
-                                             stdout=log, stderr=log, start_new_session=True,
-                                             preexec_fn=_dies_with_launcher())
+                self.proc = subprocess.Popen(
+                    [binary, *self.flags, "--bind", f"{host}:{port}"],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    start_new_session=True,
+                    preexec_fn=_dies_with_launcher(),
+                )
             deadline = time.monotonic() + self.START_S
             while self.proc.poll() is None and not _answers("127.0.0.1", port) and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -306,8 +404,10 @@ class Lighthouse:
             if self.host_it:
                 break
         last = (self.logs / "lighthouse.log").read_text(errors="replace").strip().splitlines()[-1:]
-        raise ConfigError(f"launch: torchft_lighthouse did not start ({last[0] if last else 'no output'}); "
-                          f"log {self.logs}/lighthouse.log")
+        raise ConfigError(
+            f"launch: torchft_lighthouse did not start ({last[0] if last else 'no output'}); "
+            f"log {self.logs}/lighthouse.log"
+        )
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -343,8 +443,18 @@ class Groups:
     """Starts the replica groups and watches them: restarts a lost one alone, stops all on a user error or a
     signal, and gives the launch's exit code."""
 
-    def __init__(self, ids: list[str], command: list[str], env: dict, logs: Path, errors: Path, run_dir: Path,
-                 max_restarts: int, stop_timeout: float, stop: Stop):
+    def __init__(
+        self,
+        ids: list[str],
+        command: list[str],
+        env: dict,
+        logs: Path,
+        errors: Path,
+        run_dir: Path,
+        max_restarts: int,
+        stop_timeout: float,
+        stop: Stop,
+    ):
         self.groups = [Group(i, r) for i, r in enumerate(ids)]
         self.command, self.logs, self.errors, self.run_dir = command, logs, errors, run_dir
         self.max_restarts, self.stop_timeout, self.stop = max_restarts, stop_timeout, stop
@@ -364,25 +474,46 @@ class Groups:
         g.attempt += 1
         g.code = None
         g.error_file = self.errors / f"group-{g.index}-{g.attempt}.json"
-        env = dict(self.env, REPLICA_GROUP_ID=g.replica_id, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                   LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-                   TORCHELASTIC_ERROR_FILE=str(g.error_file),  # where dtrain's one-line error goes
-                   # the worker's own notes (its error line, its launch line) to its log only: the launcher
-                   # speaks for the job on the terminal, as for the normal launcher's ranks
-                   **{LOG_FILE_ENV: str(self.log(g).resolve())})
+        env = dict(
+            self.env,
+            REPLICA_GROUP_ID=g.replica_id,
+            RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_RANK="0",
+            LOCAL_WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(_free_port()),
+            TORCHELASTIC_ERROR_FILE=str(g.error_file),  # where dtrain's one-line error goes
+            # the worker's own notes (its error line, its launch line) to its log only: the launcher
+            # speaks for the job on the terminal, as for the normal launcher's ranks
+            **{LOG_FILE_ENV: str(self.log(g).resolve())},
+        )
         with open(self.log(g), "a") as f:  # appended across restarts and runs: where each attempt begins
-            f.write(f"---- dtrain launch --ft: {time.strftime('%Y-%m-%d %H:%M:%S')}, group {g.replica_id}, "
-                    f"attempt {g.attempt} ----\n")
+            f.write(
+                f"---- dtrain launch --ft: {time.strftime('%Y-%m-%d %H:%M:%S')}, group {g.replica_id}, "
+                f"attempt {g.attempt} ----\n"
+            )
         with open(self.log(g), "a") as log:
             outputs, tees = (log, log), []
             if g.index == 0:  # group 0's output on the terminal too, through tee (a session of its own: our
                 # signals are not its, it ends when the group's pipe closes)
-                tees = [subprocess.Popen(["tee", "-a", str(self.log(g))], stdin=subprocess.PIPE, stdout=fd,
-                                         start_new_session=True) for fd in (1, 2)]  # the launcher's own
+                tees = [
+                    subprocess.Popen(
+                        ["tee", "-a", str(self.log(g))], stdin=subprocess.PIPE, stdout=fd, start_new_session=True
+                    )
+                    for fd in (1, 2)
+                ]  # the launcher's own
                 outputs = tuple(t.stdin for t in tees)
             # a session of its own: a ^C at the terminal reaches the launcher only, which forwards it
-            g.proc = subprocess.Popen(self.command, env=env, stdin=subprocess.DEVNULL, stdout=outputs[0],
-                                      stderr=outputs[1], start_new_session=True, preexec_fn=_dies_with_launcher())
+            g.proc = subprocess.Popen(
+                self.command,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=outputs[0],
+                stderr=outputs[1],
+                start_new_session=True,
+                preexec_fn=_dies_with_launcher(),
+            )
             for t in tees:
                 t.stdin.close()
 
@@ -435,14 +566,18 @@ class Groups:
         at = f" at step ~{step}" if step is not None else " before its first logged step"
         if self.restarts < self.max_restarts:
             self.restarts += 1
-            say(f"ft: group {g.replica_id} died ({how}){at}; restarting it ({self.restarts} of {self.max_restarts} "
-                f"restarts); the others train on")
+            say(
+                f"ft: group {g.replica_id} died ({how}){at}; restarting it ({self.restarts} of {self.max_restarts} "
+                f"restarts); the others train on"
+            )
             self.start(g)
         else:
             self.failed.append(g)
             others = " the others train on without it" if self.live() else ""
-            say(f"ft: group {g.replica_id} died ({how}){at}; no restarts left (--max-restarts {self.max_restarts});"
-                f"{others or ' no group left'}")
+            say(
+                f"ft: group {g.replica_id} died ({how}){at}; no restarts left (--max-restarts {self.max_restarts});"
+                f"{others or ' no group left'}"
+            )
         return False
 
     def _how(self, g: Group) -> str:
@@ -460,27 +595,37 @@ class Groups:
         if self.stop.signum:
             bad = [g for g in ended if g.code not in (0, EXIT_INTERRUPTED, -self._forwarded(self.stop.signum))]
             if bad:
-                say(f"dtrain: error: launch: {self.stop.name} received; group {bad[0].replica_id} did not stop cleanly "
+                say(
+                    f"dtrain: error: launch: {self.stop.name} received; group {bad[0].replica_id} did not stop cleanly "
                     f"({_exit_text(bad[0].code)}); the newest complete checkpoint is intact: run the same command "
-                    f"again (log {self.log(bad[0])})")
+                    f"again (log {self.log(bad[0])})"
+                )
                 return EXIT_FAILED
-            say(f"launch: {self.stop.name} received: the replica groups saved and stopped; run the same command "
-                f"again to resume")
+            say(
+                f"launch: {self.stop.name} received: the replica groups saved and stopped; run the same command "
+                f"again to resume"
+            )
             return EXIT_INTERRUPTED
         if any(g.code == EXIT_INTERRUPTED for g in ended):
-            say(f"launch: the replica groups stopped (interrupted, resumable); run the same command again "
-                f"(logs {self.logs}/group-N.log)")
+            say(
+                f"launch: the replica groups stopped (interrupted, resumable); run the same command again "
+                f"(logs {self.logs}/group-N.log)"
+            )
             return EXIT_INTERRUPTED
         if ended and all(g.code == 0 for g in ended):
             if self.failed:
-                say(f"launch: done by {len(ended)} of {len(self.groups)} replica groups; lost for good: "
-                    f"{', '.join(f'group {g.replica_id} ({self._how(g)})' for g in self.failed)}")
+                say(
+                    f"launch: done by {len(ended)} of {len(self.groups)} replica groups; lost for good: "
+                    f"{', '.join(f'group {g.replica_id} ({self._how(g)})' for g in self.failed)}"
+                )
             return 0
         g = self.failed[0] if self.failed else next(g for g in ended if g.code != 0)
         stack = traceback_of(g.failure())
         if stack and g.index != 0:  # group 0's is on the terminal already
             print(stack.rstrip(), file=sys.stderr)
         after = f" after {self.restarts} restart(s)" if self.restarts else ""
-        say(f"dtrain: error: launch: replica group failed{after}: {error_line(g.failure())} (group {g.replica_id} on "
-            f"{host}, log {self.log(g)})")
+        say(
+            f"dtrain: error: launch: replica group failed{after}: {error_line(g.failure())} (group {g.replica_id} on "
+            f"{host}, log {self.log(g)})"
+        )
         return EXIT_FAILED

@@ -72,6 +72,7 @@ def enabled(environ: Mapping[str, str] = os.environ) -> bool:
 @dataclasses.dataclass(frozen=True)
 class GroupEnv:
     """What the launcher tells a replica group (the module docstring's contract)."""
+
     lighthouse: str
     group_id: str
     groups: int
@@ -84,15 +85,24 @@ class GroupEnv:
         need = ("TORCHFT_LIGHTHOUSE", "REPLICA_GROUP_ID", "DTRAIN_FT_GROUPS", "MASTER_ADDR", "MASTER_PORT")
         missing = [name for name in need if not environ.get(name)]
         if missing:
-            raise LaunchError(f"launcher: DTRAIN_FT=1 but {', '.join(missing)} not set; start replica groups "
-                              "with `dtrain launch --ft` (or unset DTRAIN_FT)")
+            raise LaunchError(
+                f"launcher: DTRAIN_FT=1 but {', '.join(missing)} not set; start replica groups "
+                "with `dtrain launch --ft` (or unset DTRAIN_FT)"
+            )
         try:
-            return cls(environ["TORCHFT_LIGHTHOUSE"], environ["REPLICA_GROUP_ID"], int(environ["DTRAIN_FT_GROUPS"]),
-                       (environ["MASTER_ADDR"], int(environ["MASTER_PORT"])),
-                       float(environ.get("DTRAIN_FT_TIMEOUT_S", 10)), int(environ.get("DTRAIN_FT_MIN_REPLICAS", 1)))
+            return cls(
+                environ["TORCHFT_LIGHTHOUSE"],
+                environ["REPLICA_GROUP_ID"],
+                int(environ["DTRAIN_FT_GROUPS"]),
+                (environ["MASTER_ADDR"], int(environ["MASTER_PORT"])),
+                float(environ.get("DTRAIN_FT_TIMEOUT_S", 10)),
+                int(environ.get("DTRAIN_FT_MIN_REPLICAS", 1)),
+            )
         except ValueError as e:
-            raise LaunchError(f"launcher: a replica group's variable is not a number ({e}); start replica groups "
-                              "with `dtrain launch --ft`") from None
+            raise LaunchError(
+                f"launcher: a replica group's variable is not a number ({e}); start replica groups "
+                "with `dtrain launch --ft`"
+            ) from None
 
     @property
     def slot(self) -> Optional[int]:
@@ -106,24 +116,38 @@ def check(cfg: Config, debug: bool) -> None:
     if debug:
         raise ConfigError("ft: --debug runs one process without replica groups; run it without `dtrain launch --ft`")
     if cfg.train.engine != "ddp":
-        raise ConfigError(f"ft: train.engine={cfg.train.engine} can't train as replica groups (each group is one "
-                          "process stepping the whole model); use train.engine=ddp with `dtrain launch --ft`")
+        raise ConfigError(
+            f"ft: train.engine={cfg.train.engine} can't train as replica groups (each group is one "
+            "process stepping the whole model); use train.engine=ddp with `dtrain launch --ft`"
+        )
     if cfg.data.in_memory is False:
-        raise ConfigError("ft: replica groups deal each step's samples from the training shards in memory; set "
-                          "data.in_memory=true (or leave it auto)")
+        raise ConfigError(
+            "ft: replica groups deal each step's samples from the training shards in memory; set "
+            "data.in_memory=true (or leave it auto)"
+        )
     if cfg.train.precision == "fp16":
-        raise ConfigError("ft: train.precision=fp16 (loss scaling) is not supported with replica groups; use bf16 "
-                          "or fp32")
-    shared = [name for name in cfg.log.loggers if name in ("tensorboard", "wandb")] + \
-        (["wandb"] if cfg.wandb.enabled and "wandb" not in cfg.log.loggers else [])
+        raise ConfigError(
+            "ft: train.precision=fp16 (loss scaling) is not supported with replica groups; use bf16 or fp32"
+        )
+    shared = [name for name in cfg.log.loggers if name in ("tensorboard", "wandb")] + (
+        ["wandb"] if cfg.wandb.enabled and "wandb" not in cfg.log.loggers else []
+    )
     if shared:
-        raise ConfigError(f"ft: log.loggers {shared[0]} is not supported with replica groups yet (the writing "
-                          "group may change during a run); use jsonl and csv")
+        raise ConfigError(
+            f"ft: log.loggers {shared[0]} is not supported with replica groups yet (the writing "
+            "group may change during a run); use jsonl and csv"
+        )
 
 
 # ---- the run ---------------------------------------------------------------------------------------------
-def run(cfg: Config, hooks: Optional[Hooks] = None, debug: bool = False, command: Sequence[str] = (),
-        program: Sequence[str] = ("dtrain",), print_outcome: bool = False) -> FitResult:
+def run(
+    cfg: Config,
+    hooks: Optional[Hooks] = None,
+    debug: bool = False,
+    command: Sequence[str] = (),
+    program: Sequence[str] = ("dtrain",),
+    print_outcome: bool = False,
+) -> FitResult:
     """run.run's lifecycle for one replica group: no process group (a world of one; the Manager joins the
     groups) and no run lock (the groups share the run directory; the launcher is the one job); the summary,
     the outcome line and the faults' lines come from the group that writes the last step."""
@@ -174,14 +198,17 @@ class FtTrainer(Trainer):
         super().__init__(cfg, dist_info, hooks=hooks, callbacks=callbacks)
         feed, stream = self.feed, self.feed.stream
         if stream.memory is None:  # data.in_memory=auto found the split too large
-            raise ConfigError(f"ft: the training split is larger than data.in_memory_mb={cfg.data.in_memory_mb} "
-                              "and replica groups need it in memory; raise data.in_memory_mb or set "
-                              "data.in_memory=true")
+            raise ConfigError(
+                f"ft: the training split is larger than data.in_memory_mb={cfg.data.in_memory_mb} "
+                "and replica groups need it in memory; raise data.in_memory_mb or set "
+                "data.in_memory=true"
+            )
         self.group, self.global_batch = group, feed.samples_per_step
         # global_order reads the epoch as one process without DataLoader workers: say so in the data position,
         # so that `dtrain train` resumes a checkpoint taken mid-epoch in the same order
-        feed.position = DataPosition(Segment(1, stream.batch_size, feed.grad_accum, 0, 0), self.global_batch,
-                                     feed.steps_per_epoch)
+        feed.position = DataPosition(
+            Segment(1, stream.batch_size, feed.grad_accum, 0, 0), self.global_batch, feed.steps_per_epoch
+        )
         self.faults = Faults(group.groups)
         self.writes = False  # this group is the writing one (replica rank 0) at the last committed step
         self._voted: Optional[str] = None  # the signal the quorum agreed on
@@ -191,16 +218,32 @@ class FtTrainer(Trainer):
         if self.key_log:
             self.key_log.path = self.key_log.path.with_name(f"group-{group.group_id}.txt")
         self._first_commit, self._keys, self._healed = True, [], False
-        self.manager = build_manager(group.group_id, group.lighthouse, timeout_s=group.timeout_s,
-                                     min_replicas=group.min_replicas, store=group.store, host_store=True)
+        self.manager = build_manager(
+            group.group_id,
+            group.lighthouse,
+            timeout_s=group.timeout_s,
+            min_replicas=group.min_replicas,
+            store=group.store,
+            host_store=True,
+        )
         names = self.loss.names
         self.runner = StepRunner(
-            self.manager, self.engine.module, self.engine.optimizer, None,
-            order=lambda epoch: global_order(stream, epoch, self.global_batch), fetch=memory_fetch(stream),
-            global_batch=self.global_batch, steps_per_epoch=feed.steps_per_epoch,
-            micro_batch=math.ceil(self.global_batch / group.groups), say=self.log.warning,
-            batch_loss=self._batch_loss, update=self._update, state=HealState(self), seed=cfg.run.seed,
-            terms=1 + len(names))
+            self.manager,
+            self.engine.module,
+            self.engine.optimizer,
+            None,
+            order=lambda epoch: global_order(stream, epoch, self.global_batch),
+            fetch=memory_fetch(stream),
+            global_batch=self.global_batch,
+            steps_per_epoch=feed.steps_per_epoch,
+            micro_batch=math.ceil(self.global_batch / group.groups),
+            say=self.log.warning,
+            batch_loss=self._batch_loss,
+            update=self._update,
+            state=HealState(self),
+            seed=cfg.run.seed,
+            terms=1 + len(names),
+        )
 
     # ---- the loop -----------------------------------------------------------------------------
     def _fit(self) -> dict:
@@ -208,8 +251,14 @@ class FtTrainer(Trainer):
 
         self.resume()
         if self.stop.reason is not None:
-            done = already_tested(self.run_dir, self.step, self.stop.reason.value, True, self.log.info,
-                                  has_test=self.test_data is not None)
+            done = already_tested(
+                self.run_dir,
+                self.step,
+                self.stop.reason.value,
+                True,
+                self.log.info,
+                has_test=self.test_data is not None,
+            )
             if done is not None:
                 self.writes = self.group.slot in (0, None)  # one summary of a finished run
                 return done
@@ -220,12 +269,14 @@ class FtTrainer(Trainer):
 
     def start_logs(self) -> None:
         """As the trainer's, but the sinks open when this group first writes a step (`take_turn`)."""
-        self.log.info(f"ft: replica group {self.group.group_id} of {self.group.groups}; training "
-                      f"{self.feed.total_steps} steps ({self.feed.steps_per_epoch}/epoch, global batch "
-                      f"{self.global_batch}, dealt over each step's quorum) in {self.run_dir}")
+        self.log.info(
+            f"ft: replica group {self.group.group_id} of {self.group.groups}; training "
+            f"{self.feed.total_steps} steps ({self.feed.steps_per_epoch}/epoch, global batch "
+            f"{self.global_batch}, dealt over each step's quorum) in {self.run_dir}"
+        )
         from .callbacks import RunStart
-        self.callbacks.emit("on_train_start", RunStart(0, 1, self.run_dir.absolute(), self.step,
-                                                       self.feed.total_steps))
+
+        self.callbacks.emit("on_train_start", RunStart(0, 1, self.run_dir.absolute(), self.step, self.feed.total_steps))
         self.meter.reset()
 
     def ft_step(self) -> None:
@@ -237,6 +288,7 @@ class FtTrainer(Trainer):
             if self.group.slot is not None:
                 presence[self.group.slot] = 2.0 if self._healed else 1.0
             return [*self.stop.flags.tolist(), *presence]
+
         r = self.runner.step(votes)
         if not r.committed:
             return
@@ -244,7 +296,7 @@ class FtTrainer(Trainer):
         epoch = r.step // self.feed.steps_per_epoch
         self.feed.step = self.step
         self.feed.position.segments_of(epoch)
-        signals, present = r.votes[:len(HANDLED)], r.votes[len(HANDLED):]
+        signals, present = r.votes[: len(HANDLED)], r.votes[len(HANDLED) :]
         self.take_turn(r.replica_rank == 0)
         self.faults.observe(self.step, r.participants, present if self.group.slot is not None else None)
         self._healed = False  # said in the step it committed
@@ -304,10 +356,12 @@ class FtTrainer(Trainer):
         done = self.step % feed.steps_per_epoch
         if done and [(s.world_size, s.num_workers) for s in position.segments] != [(1, 0)]:
             end = self.step - done + feed.steps_per_epoch
-            raise CheckpointError(f"checkpoint: step {self.step} is in the middle of an epoch that a run of "
-                                  f"{position.segments[-1].world_size} rank(s) and data workers read in its own "
-                                  f"order; finish the epoch with `dtrain train` (run.stop_at_step={end}), then "
-                                  "resume with `dtrain launch --ft`")
+            raise CheckpointError(
+                f"checkpoint: step {self.step} is in the middle of an epoch that a run of "
+                f"{position.segments[-1].world_size} rank(s) and data workers read in its own "
+                f"order; finish the epoch with `dtrain train` (run.stop_at_step={end}), then "
+                "resume with `dtrain launch --ft`"
+            )
         # A checkpoint of several ranks keeps its global batch and epoch length (the feed chose its layout):
         # the steps deal that batch, and the epochs from here on are read as one process without workers.
         self.global_batch = self.runner.global_batch = feed.samples_per_step
@@ -327,8 +381,14 @@ class HealState:
 
     def parts(self) -> dict:
         t = self.trainer
-        return {"engine": t.engine, "evaluator": t.evaluator, "checkpointer": t.checkpointer,
-                "nonfinite": t.skipped, "steplog": t.step_log, "faults": t.faults}
+        return {
+            "engine": t.engine,
+            "evaluator": t.evaluator,
+            "checkpointer": t.checkpointer,
+            "nonfinite": t.skipped,
+            "steplog": t.step_log,
+            "faults": t.faults,
+        }
 
     def state_dict(self) -> dict:
         return {name: part.state_dict() for name, part in self.parts().items()}
@@ -364,7 +424,7 @@ class Faults:
         (the groups' ids unknown: 'a replica group', from the quorum's size)."""
         out = []
         named = any(ids for _, _, ids, _ in self.changes)
-        for g in (range(self.groups) if named else [None]):
+        for g in range(self.groups) if named else [None]:
             lost = None  # (step, the smallest quorum since)
             for i, (step, n, ids, healed) in enumerate(self.changes):
                 there = (g in ids) if g is not None else n >= self.groups
@@ -374,12 +434,16 @@ class Faults:
                     lost = (lost[0], min(lost[1], n))
                 elif lost is not None and there:
                     how = " (healed)" if g in healed else ""
-                    out.append(f"ft: {_who(g)} lost at step {lost[0]}, rejoined{how} at step {step}; "
-                               f"{step - lost[0]} steps at {lost[1]} of {self.groups} groups")
+                    out.append(
+                        f"ft: {_who(g)} lost at step {lost[0]}, rejoined{how} at step {step}; "
+                        f"{step - lost[0]} steps at {lost[1]} of {self.groups} groups"
+                    )
                     lost = None
             if lost is not None:
-                out.append(f"ft: {_who(g)} lost at step {lost[0]}, not back by the end (step {end}); "
-                           f"{end - lost[0] + 1} steps at {lost[1]} of {self.groups} groups")
+                out.append(
+                    f"ft: {_who(g)} lost at step {lost[0]}, not back by the end (step {end}); "
+                    f"{end - lost[0] + 1} steps at {lost[1]} of {self.groups} groups"
+                )
         return out
 
     def state_dict(self) -> dict:
@@ -391,4 +455,3 @@ class Faults:
 
 def _who(group: Optional[int]) -> str:
     return f"group {group}" if group is not None else "a replica group"
-

@@ -27,8 +27,10 @@ def resolve(spec: str, key: str, aliases: Optional[dict[str, str]] = None) -> An
     `aliases` has one). `key` is the config key it came from, for the message."""
     target = (aliases or {}).get(spec, spec)
     if target.startswith("__main__:"):
-        raise ConfigError(f"config: {key}: {spec} was handed in by a Python script; run that script (e.g. "
-                          "`python train.py eval --checkpoint ...`) to rebuild it")
+        raise ConfigError(
+            f"config: {key}: {spec} was handed in by a Python script; run that script (e.g. "
+            "`python train.py eval --checkpoint ...`) to rebuild it"
+        )
     module_name, sep, attr = target.partition(":")
     if not sep:  # "package.module.attr"
         module_name, _, attr = target.rpartition(".")
@@ -39,14 +41,18 @@ def resolve(spec: str, key: str, aliases: Optional[dict[str, str]] = None) -> An
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
-            raise ConfigError(f"config: {key}: cannot import module '{module_name}' ({spec!r}); is it installed "
-                              "or on PYTHONPATH?") from None
-        raise ConfigError(f"config: {key}: importing '{module_name}' failed: it needs '{e.name}', which is not "
-                          "installed") from None
+            raise ConfigError(
+                f"config: {key}: cannot import module '{module_name}' ({spec!r}); is it installed or on PYTHONPATH?"
+            ) from None
+        raise ConfigError(
+            f"config: {key}: importing '{module_name}' failed: it needs '{e.name}', which is not installed"
+        ) from None
     except SystemExit as e:  # exit() at import time (a script's `main()` unguarded): not a reason to end silently
-        raise ConfigError(f"config: {key}: importing '{module_name}' called sys.exit({e.code!r}); a module named by "
-                          "an import string must not exit when imported (guard it with `if __name__ == "
-                          "'__main__':`)") from None
+        raise ConfigError(
+            f"config: {key}: importing '{module_name}' called sys.exit({e.code!r}); a module named by "
+            "an import string must not exit when imported (guard it with `if __name__ == "
+            "'__main__':`)"
+        ) from None
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):

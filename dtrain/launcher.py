@@ -36,36 +36,76 @@ STOP_TIMEOUT_S = 120
 # The torch releases `dtrain launch` is tested on (CI: 2.13.0), as pip spells them: its agent overrides
 # private methods of torch's LocalElasticAgent and reads private attributes, which another release may lack
 TORCH_TESTED = ">=2.13,<2.14"
-AGENT_METHODS = ("_monitor_workers", "_restart_workers", "_rendezvous", "_shutdown", "_stop_workers",
-                 "_initialize_workers")
+AGENT_METHODS = (
+    "_monitor_workers",
+    "_restart_workers",
+    "_rendezvous",
+    "_shutdown",
+    "_stop_workers",
+    "_initialize_workers",
+)
 AGENT_ATTRIBUTES = ("_pcontext", "_remaining_restarts", "_shutdown_timeout")  # set in the agent's __init__
 
 
 def add_parser(sub) -> None:
-    la = sub.add_parser("launch", help="start workers on this node (torch's elastic agent, as torchrun): one "
-                                       "line per event, per-rank logs, restarts, the workers' exit code",
-                        usage="dtrain launch [options] COMMAND|SCRIPT.py [args]")
-    la.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
-                    help="workers on this node (default: one per visible GPU, else 1)")
+    la = sub.add_parser(
+        "launch",
+        help="start workers on this node (torch's elastic agent, as torchrun): one "
+        "line per event, per-rank logs, restarts, the workers' exit code",
+        usage="dtrain launch [options] COMMAND|SCRIPT.py [args]",
+    )
+    la.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=None,
+        metavar="N",
+        help="workers on this node (default: one per visible GPU, else 1)",
+    )
     la.add_argument("--nnodes", default="1", metavar="N|MIN:MAX", help="nodes (default 1)")
-    la.add_argument("--rdzv-endpoint", default="", metavar="HOST:PORT",
-                    help="several nodes: the c10d rendezvous every node's launcher joins")
+    la.add_argument(
+        "--rdzv-endpoint",
+        default="",
+        metavar="HOST:PORT",
+        help="several nodes: the c10d rendezvous every node's launcher joins",
+    )
     la.add_argument("--rdzv-id", default="dtrain", help="several nodes: the same id on every node (default dtrain)")
-    la.add_argument("--rdzv-conf", default="", metavar="K=V,...",
-                    help="c10d rendezvous settings, as torchrun's: is_host=1 on the node that hosts the store, "
-                         "join_timeout=S (as --rdzv-timeout), last_call_timeout=S, ...")
-    la.add_argument("--rdzv-timeout", type=int, default=RDZV_TIMEOUT_S, metavar="S",
-                    help=f"several nodes: how long this node waits for the rendezvous store to answer, and "
-                         f"then for the other nodes to join (each), before it ends saying why (default "
-                         f"{RDZV_TIMEOUT_S})")
-    la.add_argument("--max-restarts", type=int, default=0, metavar="K",
-                    help="restart all workers from the newest complete checkpoint after a crashed, killed or "
-                         "lost worker, at most K times (a user error, exit 2, is never retried)")
-    la.add_argument("--stop-timeout", type=float, default=STOP_TIMEOUT_S, metavar="S",
-                    help="after SIGTERM/SIGINT/SIGUSR1: how long the workers may take to save before SIGKILL "
-                         "(default 120)")
-    la.add_argument("target", nargs=argparse.REMAINDER, metavar="COMMAND|SCRIPT.py [args]",
-                    help="a dtrain command (train, doctor, ...) or a script that calls dtrain.main")
+    la.add_argument(
+        "--rdzv-conf",
+        default="",
+        metavar="K=V,...",
+        help="c10d rendezvous settings, as torchrun's: is_host=1 on the node that hosts the store, "
+        "join_timeout=S (as --rdzv-timeout), last_call_timeout=S, ...",
+    )
+    la.add_argument(
+        "--rdzv-timeout",
+        type=int,
+        default=RDZV_TIMEOUT_S,
+        metavar="S",
+        help=f"several nodes: how long this node waits for the rendezvous store to answer, and "
+        f"then for the other nodes to join (each), before it ends saying why (default "
+        f"{RDZV_TIMEOUT_S})",
+    )
+    la.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        metavar="K",
+        help="restart all workers from the newest complete checkpoint after a crashed, killed or "
+        "lost worker, at most K times (a user error, exit 2, is never retried)",
+    )
+    la.add_argument(
+        "--stop-timeout",
+        type=float,
+        default=STOP_TIMEOUT_S,
+        metavar="S",
+        help="after SIGTERM/SIGINT/SIGUSR1: how long the workers may take to save before SIGKILL (default 120)",
+    )
+    la.add_argument(
+        "target",
+        nargs=argparse.REMAINDER,
+        metavar="COMMAND|SCRIPT.py [args]",
+        help="a dtrain command (train, doctor, ...) or a script that calls dtrain.main",
+    )
     la.set_defaults(func=run)
 
 
@@ -74,8 +114,10 @@ def run(args) -> int:
     from .config import ConfigError
 
     if not args.target:
-        raise ConfigError("launch: give a dtrain command or a script, e.g. `dtrain launch --nproc-per-node 2 "
-                          "train --config configs/digits.yaml`")
+        raise ConfigError(
+            "launch: give a dtrain command or a script, e.g. `dtrain launch --nproc-per-node 2 "
+            "train --config configs/digits.yaml`"
+        )
     # first, before torch is imported (the GPU count, the agent): a bad config is its line in well under 2 s
     entry, run_dir, note = _resolve(args.target, args.parser)  # dtrain's parser (cli.parse_args)
     nproc = args.nproc_per_node if args.nproc_per_node is not None else (_visible_gpus() or 1)
@@ -87,8 +129,10 @@ def run(args) -> int:
     rdzv_configs = _rdzv_configs(args.rdzv_conf, args.rdzv_timeout)
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    say(f"launch: {nproc} worker(s) per node, nodes={args.nnodes}, max_restarts={args.max_restarts}: "
-        f"{shlex.join(args.target)}; logs {logs}/rank-N.log{note}")
+    say(
+        f"launch: {nproc} worker(s) per node, nodes={args.nnodes}, max_restarts={args.max_restarts}: "
+        f"{shlex.join(args.target)}; logs {logs}/rank-N.log{note}"
+    )
     os.environ["DTRAIN_LAUNCH_COMMAND"] = shlex.join(_command(args, nproc))  # what the summary says resumes it
     return _run_agent(args, nproc, min_nodes, max_nodes, rdzv_configs, entry, run_dir, logs)
 
@@ -133,11 +177,13 @@ def say(line: str) -> None:
 
 def _visible_gpus() -> int:
     import torch
+
     return torch.cuda.device_count()
 
 
 def _nnodes(text: str) -> tuple[int, int]:
     from .config import ConfigError
+
     lo, _, hi = text.partition(":")
     if not lo.isdigit() or (hi and not hi.isdigit()) or int(lo) < 1 or int(hi or lo) < int(lo):
         raise ConfigError(f"launch: --nnodes {text!r} is not N or MIN:MAX (positive, MIN <= MAX)")
@@ -167,26 +213,35 @@ def _resolve(target: list[str], parser: argparse.ArgumentParser) -> tuple[list[s
             return entry, _run_dir(cfg.run), ""
         return entry, Path("runs") / "launch", " (this command has no run directory)"
     if not first.endswith(".py") or not Path(first).is_file():
-        raise ConfigError(f"launch: {first!r} is neither a dtrain command ({', '.join(sorted(set(commands) - {'launch'}))}) "
-                          "nor a Python script that exists")
+        raise ConfigError(
+            f"launch: {first!r} is neither a dtrain command ({', '.join(sorted(set(commands) - {'launch'}))}) "
+            "nor a Python script that exists"
+        )
     config = [target[i + 1] for i, a in enumerate(target[1:-1], 1) if a == "--config"]
     overrides = [a for a in target[1:] if "=" in a and not a.startswith("-")]
     _check_script_keys(target[1:], overrides, parser)
     try:
-        return [first, *target[1:]], _run_dir(load_config(config, overrides).run), \
-            " (run directory from the script's key=value arguments)"
+        return (
+            [first, *target[1:]],
+            _run_dir(load_config(config, overrides).run),
+            " (run directory from the script's key=value arguments)",
+        )
     except ConfigError:  # the script's own arguments, or a mistake in dtrain's that its workers will name
         named = _run_named(config, [a for a in overrides if a.startswith("run.")])
     if named:  # the logs where the user looks for them, not under the script's name
         return [first, *target[1:]], named, " (run directory from the script's run.name)"
-    return [first, *target[1:]], Path("runs") / Path(first).stem, \
-        " (the script's arguments name no run directory dtrain can read)"
+    return (
+        [first, *target[1:]],
+        Path("runs") / Path(first).stem,
+        " (the script's arguments name no run directory dtrain can read)",
+    )
 
 
 def _run_dir(run) -> Path:
     """build.run_dir_of, imported only once the config loaded: build imports torch (1.5 s and more), which a
     config error's line need not wait for."""
     from .build import run_dir_of
+
     return run_dir_of(run)
 
 
@@ -243,7 +298,13 @@ class Rendezvous:
     `endpoint` None: one node on a rendezvous of its own (localhost), which has nothing to wait for."""
 
     def __init__(self, endpoint: str | None, run_id: str, nnodes: str, min_nodes: int, wait_s: int):
-        self.endpoint, self.run_id, self.nnodes, self.min_nodes, self.wait_s = endpoint, run_id, nnodes, min_nodes, wait_s
+        self.endpoint, self.run_id, self.nnodes, self.min_nodes, self.wait_s = (
+            endpoint,
+            run_id,
+            nnodes,
+            min_nodes,
+            wait_s,
+        )
         self.phase: str | None = None  # "store" (connecting to it), "join" (the nodes meeting), None
         self.handler = None  # torch's rendezvous handler, once connected
         self.most = 0  # the most nodes seen in the rendezvous: a node that gives up leaves it first
@@ -263,6 +324,7 @@ class Rendezvous:
                 made["handler"] = make_handler()
             except Exception as e:  # noqa: BLE001  (raised again in the main thread)
                 made["error"] = e
+
         thread = threading.Thread(target=make, daemon=True)  # left behind if the launcher ends first
         with self.waiting("store"):
             thread.start()
@@ -317,10 +379,14 @@ class Rendezvous:
 
     def waiting_for(self) -> str:
         if self.phase == "store":
-            return (f"waiting for the rendezvous store at {self.endpoint} to answer (the node whose address that "
-                    f"is hosts it, or the one given --rdzv-conf is_host=1)")
-        return f"waiting for the other nodes: {self._nodes(self.joined())} joined the rendezvous at " \
-               f"{self.endpoint} (id {self.run_id})"
+            return (
+                f"waiting for the rendezvous store at {self.endpoint} to answer (the node whose address that "
+                f"is hosts it, or the one given --rdzv-conf is_host=1)"
+            )
+        return (
+            f"waiting for the other nodes: {self._nodes(self.joined())} joined the rendezvous at "
+            f"{self.endpoint} (id {self.run_id})"
+        )
 
     def check(self, nodes: int) -> None:
         """After each rendezvous, `nodes` met: fewer than this node's --nnodes N only when a node with a
@@ -342,37 +408,54 @@ class Rendezvous:
 
     def failure(self, error) -> str:
         """The one line for a failed rendezvous, naming the likely cause and the fix."""
-        from torch.distributed.elastic.rendezvous.api import (RendezvousClosedError, RendezvousConnectionError,
-                                                              RendezvousTimeoutError)
+        from torch.distributed.elastic.rendezvous.api import (
+            RendezvousClosedError,
+            RendezvousConnectionError,
+            RendezvousTimeoutError,
+        )
 
         at, same = f"{self.endpoint} (id {self.run_id})", f"--rdzv-endpoint {self.endpoint} --rdzv-id {self.run_id}"
         if self.phase == "store" and "in use" in _causes_text(error):
-            return (f"launch: cannot host the rendezvous store at {self.endpoint}: the port is in use (another "
-                    f"job's?); give every node another --rdzv-endpoint port")
+            return (
+                f"launch: cannot host the rendezvous store at {self.endpoint}: the port is in use (another "
+                f"job's?); give every node another --rdzv-endpoint port"
+            )
         if self.phase == "store":
-            return (f"launch: no rendezvous store answered at {self.endpoint} within {self.wait_s} s: start the node "
-                    f"that hosts it (the one whose address that is, or given --rdzv-conf is_host=1), give every "
-                    f"node the same --rdzv-endpoint, and check the port is open between the nodes")
+            return (
+                f"launch: no rendezvous store answered at {self.endpoint} within {self.wait_s} s: start the node "
+                f"that hosts it (the one whose address that is, or given --rdzv-conf is_host=1), give every "
+                f"node the same --rdzv-endpoint, and check the port is open between the nodes"
+            )
         most, seen = self.seen(), self._nodes(self.seen())
         if self.formed is not None:
-            return (f"launch: the rendezvous at {at} completed with {self.formed} nodes, but this node has --nnodes "
-                    f"{self.nnodes}: another node was started with a smaller --nnodes; give every node the same "
-                    f"--nnodes")
+            return (
+                f"launch: the rendezvous at {at} completed with {self.formed} nodes, but this node has --nnodes "
+                f"{self.nnodes}: another node was started with a smaller --nnodes; give every node the same "
+                f"--nnodes"
+            )
         if isinstance(error, RendezvousTimeoutError) and most >= self.min_nodes:
-            return (f"launch: the rendezvous at {at} never completed within {self.wait_s} s though {seen} joined: "
-                    f"another node was started with a larger --nnodes (this one: {self.nnodes}); give every node "
-                    f"the same --nnodes")
+            return (
+                f"launch: the rendezvous at {at} never completed within {self.wait_s} s though {seen} joined: "
+                f"another node was started with a larger --nnodes (this one: {self.nnodes}); give every node "
+                f"the same --nnodes"
+            )
         if isinstance(error, RendezvousTimeoutError) and most <= 1:
-            return (f"launch: no other node joined the rendezvous at {at} within {self.wait_s} s: start the others "
-                    f"with {same} (a node given another port or id waits in a rendezvous of its own), or "
-                    f"give them longer with --rdzv-timeout")
+            return (
+                f"launch: no other node joined the rendezvous at {at} within {self.wait_s} s: start the others "
+                f"with {same} (a node given another port or id waits in a rendezvous of its own), or "
+                f"give them longer with --rdzv-timeout"
+            )
         if isinstance(error, RendezvousTimeoutError):
-            return (f"launch: only {seen} joined the rendezvous at {at} within {self.wait_s} s: start the others "
-                    f"with {same} --nnodes {self.nnodes}")
+            return (
+                f"launch: only {seen} joined the rendezvous at {at} within {self.wait_s} s: start the others "
+                f"with {same} --nnodes {self.nnodes}"
+            )
         if isinstance(error, (RendezvousClosedError, RendezvousConnectionError)):  # closed, or its store gone
-            return (f"launch: another node ended the rendezvous at {at} after {seen} had joined (it gave up "
-                    f"waiting or stopped; its own line says why): start every node with the same --nnodes (this "
-                    f"one: {self.nnodes}), {same}")
+            return (
+                f"launch: another node ended the rendezvous at {at} after {seen} had joined (it gave up "
+                f"waiting or stopped; its own line says why): start every node with the same --nnodes (this "
+                f"one: {self.nnodes}), {same}"
+            )
         reason = str(error).strip().splitlines()[:1]
         return f"launch: the rendezvous at {at} failed ({type(error).__name__}{': ' + reason[0] if reason else ''})"
 
@@ -399,8 +482,9 @@ def _quiet_cpp_warnings() -> None:
     if "TORCH_CPP_LOG_LEVEL" in os.environ:
         return
     try:
-        level = ctypes.c_int.in_dll(ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libc10.so")),
-                                    "FLAGS_caffe2_log_level")
+        level = ctypes.c_int.in_dll(
+            ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libc10.so")), "FLAGS_caffe2_log_level"
+        )
     except (OSError, ValueError):  # another build or platform: torch's lines stay
         return
     level.value = 3  # c10's FATAL
@@ -425,11 +509,19 @@ def _run_agent(args, nproc, min_nodes, max_nodes, rdzv_configs, entry, run_dir, 
     standalone = max_nodes == 1 and not args.rdzv_endpoint
     wait_s = int(rdzv_configs["join_timeout"])
     rdzv = Rendezvous(None if standalone else args.rdzv_endpoint, args.rdzv_id, args.nnodes, min_nodes, wait_s)
-    config = LaunchConfig(min_nodes=min_nodes, max_nodes=max_nodes, nproc_per_node=nproc,
-                          run_id=uuid.uuid4().hex if standalone else args.rdzv_id, rdzv_backend="c10d",
-                          rdzv_endpoint="localhost:0" if standalone else args.rdzv_endpoint,
-                          rdzv_configs=rdzv_configs, max_restarts=args.max_restarts, signals_to_handle=FORWARDED,
-                          logs_specs=DefaultLogsSpecs(), shutdown_timeout=int(args.stop_timeout))
+    config = LaunchConfig(
+        min_nodes=min_nodes,
+        max_nodes=max_nodes,
+        nproc_per_node=nproc,
+        run_id=uuid.uuid4().hex if standalone else args.rdzv_id,
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0" if standalone else args.rdzv_endpoint,
+        rdzv_configs=rdzv_configs,
+        max_restarts=args.max_restarts,
+        signals_to_handle=FORWARDED,
+        logs_specs=DefaultLogsSpecs(),
+        shutdown_timeout=int(args.stop_timeout),
+    )
     os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = config.signals_to_handle  # as launch_agent does
     # The workers' store: each re-formation a new one, opened by its rank 0 on a port node 0's agent picks
     # and publishes in that round of the rendezvous (torch's opt-out of sharing the agent's store). With the
@@ -440,21 +532,43 @@ def _run_agent(args, nproc, min_nodes, max_nodes, rdzv_configs, entry, run_dir, 
 
     def stop(signum, frame):  # the agent's own handler, installed now: a signal during the rendezvous
         raise SignalException(f"got {signal.Signals(signum).name}", sigval=signal.Signals(signum))
+
     for name in FORWARDED.split(","):  # or before the first worker starts is an interruption too, not a kill
         signal.signal(getattr(signal, name), stop)
     if nproc > 1:
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default for several workers per node
     handler = agent = None
     try:
-        handler = rdzv.connect(lambda: rdzv_registry.get_rendezvous_handler(RendezvousParameters(
-            backend=config.rdzv_backend, endpoint=config.rdzv_endpoint, run_id=config.run_id,
-            min_nodes=min_nodes, max_nodes=max_nodes, **config.rdzv_configs)))
-        spec = WorkerSpec(role="dtrain", local_world_size=nproc, entrypoint=sys.executable,
-                          args=("-m", "dtrain.worker", str(logs.resolve()), str(os.getpid()), *entry),
-                          rdzv_handler=handler, max_restarts=config.max_restarts,
-                          monitor_interval=config.monitor_interval)
-        agent = _agent_class()(spec=spec, logs_specs=config.logs_specs, start_method="spawn",
-                               shutdown_timeout=config.shutdown_timeout, run_dir=run_dir, logs=logs, rdzv=rdzv)
+        handler = rdzv.connect(
+            lambda: rdzv_registry.get_rendezvous_handler(
+                RendezvousParameters(
+                    backend=config.rdzv_backend,
+                    endpoint=config.rdzv_endpoint,
+                    run_id=config.run_id,
+                    min_nodes=min_nodes,
+                    max_nodes=max_nodes,
+                    **config.rdzv_configs,
+                )
+            )
+        )
+        spec = WorkerSpec(
+            role="dtrain",
+            local_world_size=nproc,
+            entrypoint=sys.executable,
+            args=("-m", "dtrain.worker", str(logs.resolve()), str(os.getpid()), *entry),
+            rdzv_handler=handler,
+            max_restarts=config.max_restarts,
+            monitor_interval=config.monitor_interval,
+        )
+        agent = _agent_class()(
+            spec=spec,
+            logs_specs=config.logs_specs,
+            start_method="spawn",
+            shutdown_timeout=config.shutdown_timeout,
+            run_dir=run_dir,
+            logs=logs,
+            rdzv=rdzv,
+        )
         result = agent.run()
     except SignalException as e:
         handler = None  # as torch's launch_agent: the rendezvous stays open for the nodes that go on
@@ -479,8 +593,10 @@ def _interrupted(agent, name: str, logs: Path, rdzv: Rendezvous) -> int:
     a preemptible job's script requeues on 75, which is what a preempted rendezvous needs."""
     pcontext = getattr(agent, "_pcontext", None)
     if pcontext is None:
-        say(f"launch: {name} received{rdzv.where_now()}: no worker had started, nothing to save; run the same "
-            f"command again to start")
+        say(
+            f"launch: {name} received{rdzv.where_now()}: no worker had started, nothing to save; run the same "
+            f"command again to start"
+        )
         return EXIT_INTERRUPTED
     handlers = getattr(pcontext, "subprocess_handlers", {}) or {}
     codes = {rank: h.proc.returncode for rank, h in handlers.items()}
@@ -488,8 +604,10 @@ def _interrupted(agent, name: str, logs: Path, rdzv: Rendezvous) -> int:
     bad = {r: c for r, c in codes.items() if c not in clean}
     if bad:
         rank, code = min(bad.items())
-        say(f"dtrain: error: launch: {name} received; local rank {rank} did not stop cleanly ({_exit_text(code)}); "
-            f"the newest complete checkpoint is intact: run the same command again (log {logs}/rank-N.log)")
+        say(
+            f"dtrain: error: launch: {name} received; local rank {rank} did not stop cleanly ({_exit_text(code)}); "
+            f"the newest complete checkpoint is intact: run the same command again (log {logs}/rank-N.log)"
+        )
         return EXIT_FAILED
     say(f"launch: {name} received: the workers saved and stopped; run the same command again to resume")
     return EXIT_INTERRUPTED
@@ -565,26 +683,35 @@ def _frames(stack: str) -> list[str]:
     return [line for line in stack.splitlines() if line.startswith("  File ")]
 
 
-STALL_STATES = {"T": "stopped (SIGSTOP or a debugger)", "t": "stopped by a debugger",
-                "D": "stuck in uninterruptible I/O"}
+STALL_STATES = {
+    "T": "stopped (SIGSTOP or a debugger)",
+    "t": "stopped by a debugger",
+    "D": "stuck in uninterruptible I/O",
+}
 STALLED_AFTER_S = 1.0  # in such a state this long when a peer gives up: the stall, not a passing disk wait
 
 
-def stall_to_blame(stalls: dict[int, tuple[float, str, int | None]], rank: int, exitcode: int,
-                   now: float) -> str | None:
+def stall_to_blame(
+    stalls: dict[int, tuple[float, str, int | None]], rank: int, exitcode: int, now: float
+) -> str | None:
     """The stall to name instead of failed rank `rank`: the longest of the other ranks' stalls (rank ->
     (since, state, step then)), only when `rank` gave up waiting (EXIT_FAILED: a collective timed out).
     A rank that died itself (a signal, a user error) is the cause even while a peer happens to sit in a
     slow disk write (seen: a SIGKILLed rank reported as rank 0 "stuck in uninterruptible I/O")."""
     if exitcode != EXIT_FAILED:
         return None
-    longest = [(since, r, state, step) for r, (since, state, step) in stalls.items()
-               if now - since >= STALLED_AFTER_S and r != rank]
+    longest = [
+        (since, r, state, step)
+        for r, (since, state, step) in stalls.items()
+        if now - since >= STALLED_AFTER_S and r != rank
+    ]
     if not longest:
         return None
     since, r, state, step = min(longest)
-    return (f"rank {r} on {socket.gethostname()} stalled: {STALL_STATES[state]} for {now - since:.0f} s, "
-            f"since step {step if step is not None else '?'}")
+    return (
+        f"rank {r} on {socket.gethostname()} stalled: {STALL_STATES[state]} for {now - since:.0f} s, "
+        f"since step {step if step is not None else '?'}"
+    )
 
 
 def process_state(pid: int) -> str | None:
@@ -593,7 +720,7 @@ def process_state(pid: int) -> str | None:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return stat[stat.rindex(")") + 2:].split(" ", 1)[0]  # after the command name, which may hold spaces
+    return stat[stat.rindex(")") + 2 :].split(" ", 1)[0]  # after the command name, which may hold spaces
 
 
 def last_logged_step(run_dir: Path) -> int | None:
@@ -638,9 +765,11 @@ def _check_agent(agent_or_class, names: tuple[str, ...]) -> None:
 
     missing = [n for n in names if not hasattr(agent_or_class, n)]
     if missing:
-        raise LaunchError(f"launch: torch {torch.__version__}'s elastic agent has no {', '.join(missing)}, which "
-                          f"dtrain launch builds on (tested with torch{TORCH_TESTED}): install a tested torch "
-                          f"(pip install 'torch{TORCH_TESTED}'), or start the workers with torchrun")
+        raise LaunchError(
+            f"launch: torch {torch.__version__}'s elastic agent has no {', '.join(missing)}, which "
+            f"dtrain launch builds on (tested with torch{TORCH_TESTED}): install a tested torch "
+            f"(pip install 'torch{TORCH_TESTED}'), or start the workers with torchrun"
+        )
 
 
 def _agent_class():
@@ -649,8 +778,10 @@ def _agent_class():
     from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 
     if not torch_tested(torch.__version__):
-        say(f"launch: warning: torch {torch.__version__} is not among the releases dtrain launch is tested with "
-            f"(torch{TORCH_TESTED}); if its agent fails, install a tested torch or use torchrun")
+        say(
+            f"launch: warning: torch {torch.__version__} is not among the releases dtrain launch is tested with "
+            f"(torch{TORCH_TESTED}); if its agent fails, install a tested torch or use torchrun"
+        )
     _check_agent(LocalElasticAgent, AGENT_METHODS)
 
     class Agent(LocalElasticAgent):
@@ -715,8 +846,9 @@ def _agent_class():
                 if failure.exitcode in (EXIT_USER_ERROR, EXIT_INTERRUPTED):
                     self._remaining_restarts = 0  # the same command would fail the same way / was asked to stop
                 else:
-                    self.cause = self.last_stall or \
-                        f"rank {rank} on {socket.gethostname()} failed: {error_line(failure)}"
+                    self.cause = (
+                        self.last_stall or f"rank {rank} on {socket.gethostname()} failed: {error_line(failure)}"
+                    )
                 self.stalls.clear()
             return result
 
@@ -730,12 +862,16 @@ def _agent_class():
             step = newest_checkpoint_step(self.run_dir)
             resume = f"step {step}" if step is not None else "the start (no checkpoint yet)"
             if joining:
-                say(f"launch: a node is waiting to join: the workers saved and re-form with it; all workers "
-                    f"resume from {resume}")
+                say(
+                    f"launch: a node is waiting to join: the workers saved and re-form with it; all workers "
+                    f"resume from {resume}"
+                )
             else:
                 self.restarts += 1
-                say(f"launch: {self.cause}; restart {self.restarts} of {worker_group.spec.max_restarts}: all "
-                    f"workers resume from {resume}")
+                say(
+                    f"launch: {self.cause}; restart {self.restarts} of {worker_group.spec.max_restarts}: all "
+                    f"workers resume from {resume}"
+                )
                 self.cause = None
             self._initialize_workers(worker_group)
 

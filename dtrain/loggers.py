@@ -48,8 +48,7 @@ def active_loggers(names, wandb_enabled: bool) -> list[str]:
 
 def numbers(record: dict) -> dict:
     """The record's numeric values but its step (bools are no metric; None is a non-finite value)."""
-    return {k: v for k, v in record.items()
-            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 class JsonlLogger(MetricsLogger):
@@ -143,8 +142,10 @@ class TensorBoardLogger(MetricsLogger):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise ConfigError("config: log.loggers has tensorboard, which needs the tensorboard package; "
-                              "pip install 'dtrain[tensorboard]'") from None
+            raise ConfigError(
+                "config: log.loggers has tensorboard, which needs the tensorboard package; "
+                "pip install 'dtrain[tensorboard]'"
+            ) from None
         # purge_step: the new event file starts with a marker that makes TensorBoard's readers discard the
         # events of steps >= step + 1 in the older files (those a killed run logged after its checkpoint)
         self.step = step
@@ -191,4 +192,5 @@ def _sort_after_older_event_files(logdir: Path, wait_s: float = 3.0) -> None:
     if not sorts_last():
         logging.getLogger("dtrain.run").warning(
             f"tensorboard: {logdir / newest} is dated ahead of this host's clock; TensorBoard may show the steps "
-            "an earlier start logged after its checkpoint (check the clocks of the nodes)")
+            "an earlier start logged after its checkpoint (check the clocks of the nodes)"
+        )

@@ -78,8 +78,18 @@ def progress_bar(iterable=None, *, total=None, desc=None, unit="it", enabled=Tru
     only, and only where `enabled` (log.progress, rank 0). A log file gets no bar lines: the line the work
     ends with (a validation's metrics, `wrote ...`, the summary) is its record. A bar other than training's
     goes when done (leave=False), so that line follows the training bar, not a finished bar."""
-    return tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=leave, file=sys.stderr,
-                mininterval=0.5, disable=not (enabled and sys.stderr.isatty()), **kwargs)
+    return tqdm(
+        iterable,
+        total=total,
+        desc=desc,
+        unit=unit,
+        dynamic_ncols=True,
+        leave=leave,
+        file=sys.stderr,
+        mininterval=0.5,
+        disable=not (enabled and sys.stderr.isatty()),
+        **kwargs,
+    )
 
 
 def set_verbosity(quiet: bool = False, verbose: bool = False) -> None:
@@ -104,15 +114,27 @@ class WandbRun(MetricsLogger):
         self.log_checkpoints, self.references = cfg.log_checkpoints, cfg.checkpoint_references
         if cfg.log_checkpoints and isinstance(self.references, str) and importlib.util.find_spec("boto3") is None:
             # wandb's S3 handler imports boto3 (and builds a client) for every s3:// reference, checksum or not
-            raise ConfigError(f"config: wandb.checkpoint_references={self.references} needs the boto3 package "
-                              "(W&B's s3:// references import it); pip install 'wandb[aws]'")
-        settings = wandb.Settings(console="off", save_code=False, disable_git=True, disable_job_creation=True,
-                                  silent=True)
+            raise ConfigError(
+                f"config: wandb.checkpoint_references={self.references} needs the boto3 package "
+                "(W&B's s3:// references import it); pip install 'wandb[aws]'"
+            )
+        settings = wandb.Settings(
+            console="off", save_code=False, disable_git=True, disable_job_creation=True, silent=True
+        )
         with _command_line_redacted():  # W&B records sys.argv, overrides and all, in the run's metadata
-            self.run = wandb.init(project=cfg.project, entity=cfg.entity, group=cfg.group, tags=redact(list(cfg.tags)),
-                                  name=redact(cfg.name or run_config.get("run", {}).get("name")), mode=cfg.mode,
-                                  dir=str(run_dir), id=self.id, resume="allow", config=redact(run_config),
-                                  settings=settings)
+            self.run = wandb.init(
+                project=cfg.project,
+                entity=cfg.entity,
+                group=cfg.group,
+                tags=redact(list(cfg.tags)),
+                name=redact(cfg.name or run_config.get("run", {}).get("name")),
+                mode=cfg.mode,
+                dir=str(run_dir),
+                id=self.id,
+                resume="allow",
+                config=redact(run_config),
+                settings=settings,
+            )
 
     def log(self, record: dict) -> None:
         step, values = record.get("step"), numbers(record)
@@ -132,9 +154,16 @@ class WandbRun(MetricsLogger):
         import wandb
 
         manifest = json.loads((path / "manifest.json").read_text())
-        artifact = wandb.Artifact(f"checkpoint-{self.id}", type="model",
-                                  metadata={"step": step, "best": best, "world_size": manifest["world_size"],
-                                            "config_hash": manifest["config_hash"]})
+        artifact = wandb.Artifact(
+            f"checkpoint-{self.id}",
+            type="model",
+            metadata={
+                "step": step,
+                "best": best,
+                "world_size": manifest["world_size"],
+                "config_hash": manifest["config_hash"],
+            },
+        )
         if isinstance(self.references, str):
             # the step directory's URI in the bucket it is mirrored to, unchecksummed: W&B records the URI and
             # reads nothing (the mirror may lag; with a checksum W&B would list every object now)
@@ -165,8 +194,15 @@ def _command_line_redacted():
 
 
 class RunLogger:
-    def __init__(self, run_dir: Path, progress: bool, prefix: str = "", wandb_cfg=None,
-                 run_config: Optional[dict] = None, loggers=("jsonl",)):
+    def __init__(
+        self,
+        run_dir: Path,
+        progress: bool,
+        prefix: str = "",
+        wandb_cfg=None,
+        run_config: Optional[dict] = None,
+        loggers=("jsonl",),
+    ):
         self.run_dir = Path(run_dir)
         self.show_progress, self.prefix = progress, prefix
         self.bar = None
@@ -189,8 +225,9 @@ class RunLogger:
         nothing, and the length is the resumed run's (a resume on other ranks keeps the checkpoint's epochs)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.run_config:  # secrets sealed: config.yaml is read back (it may be a resume's --config)
-            _write_atomic(self.run_dir / "config.yaml",
-                          yaml.safe_dump(redact(self.run_config, keyed=True), sort_keys=False))
+            _write_atomic(
+                self.run_dir / "config.yaml", yaml.safe_dump(redact(self.run_config, keyed=True), sort_keys=False)
+            )
         if not self.sinks:
             self.sinks = [self._open(name, step) for name in self.names]
             for sink in self.sinks:
@@ -206,8 +243,10 @@ class RunLogger:
         if name == "tensorboard":
             return TensorBoardLogger(self.run_dir, step)
         self.wandb = WandbRun(self.wandb_cfg, self.run_dir, self.run_config, self.wandb_run_id)
-        self.info(f"wandb: {'resumed' if self.wandb_run_id else 'started'} run {self.wandb.id} "
-                  f"({self.wandb_cfg.mode}, {self.run_dir / 'wandb'})")
+        self.info(
+            f"wandb: {'resumed' if self.wandb_run_id else 'started'} run {self.wandb.id} "
+            f"({self.wandb_cfg.mode}, {self.run_dir / 'wandb'})"
+        )
         self.wandb_run_id = self.wandb.id
         return self.wandb
 
@@ -245,10 +284,17 @@ class NullLogger(RunLogger):
         self.show_progress = False
         self.sinks = []
 
-    def start(self, step, total_steps): pass
-    def metrics(self, record): pass
-    def progress(self, step, **postfix): pass
-    def advance(self, step): pass
+    def start(self, step, total_steps):
+        pass
+
+    def metrics(self, record):
+        pass
+
+    def progress(self, step, **postfix):
+        pass
+
+    def advance(self, step):
+        pass
 
     def info(self, msg):
         if self.echo:

@@ -29,8 +29,9 @@ TERMS = {
     "mae": lambda pred, y, cfg: F.l1_loss(_squeeze(pred), y),
     "huber": lambda pred, y, cfg: F.huber_loss(_squeeze(pred), y, delta=cfg.huber_delta),
     # logits [B, C] for classification, [B, T, V] for language modelling (mean over all tokens)
-    "cross_entropy": lambda pred, y, cfg: F.cross_entropy(pred.flatten(0, -2), y.flatten(),
-                                                          label_smoothing=cfg.label_smoothing),
+    "cross_entropy": lambda pred, y, cfg: F.cross_entropy(
+        pred.flatten(0, -2), y.flatten(), label_smoothing=cfg.label_smoothing
+    ),
 }
 CLASSIFICATION_TERMS = {"cross_entropy"}
 
@@ -44,19 +45,25 @@ def check_shapes(output, batch, task: Optional[str], num_outputs: Optional[int])
     out, per = tuple(pred.shape[1:]), tuple(y.shape[1:])
     fix = "(a model factory's `num_outputs` parameter is given it, unless model.kwargs sets one), or set loss.fn"
     if task == "regression" and _squeeze(pred).shape != y.shape:
-        raise ConfigError(f"config: loss: the model's output has shape {out} per sample, the target y {per} "
-                          f"({math.prod(per)} value{'s' * (math.prod(per) != 1)}), which the built-in loss would "
-                          f"broadcast: build the model with {math.prod(per)} output{'s' * (math.prod(per) != 1)} "
-                          f"for this regression {fix}")
+        raise ConfigError(
+            f"config: loss: the model's output has shape {out} per sample, the target y {per} "
+            f"({math.prod(per)} value{'s' * (math.prod(per) != 1)}), which the built-in loss would "
+            f"broadcast: build the model with {math.prod(per)} output{'s' * (math.prod(per) != 1)} "
+            f"for this regression {fix}"
+        )
     if task in ("classification", "lm"):
         if pred.dim() != y.dim() + 1 or pred.shape[:-1] != y.shape:
-            raise ConfigError(f"config: loss: the model's output has shape {out} per sample, the target y {per}: "
-                              f"cross-entropy takes a score per class ({per + ('classes',)}) for labels of shape "
-                              f"{per}: make the model's output that shape, or set loss.fn")
+            raise ConfigError(
+                f"config: loss: the model's output has shape {out} per sample, the target y {per}: "
+                f"cross-entropy takes a score per class ({per + ('classes',)}) for labels of shape "
+                f"{per}: make the model's output that shape, or set loss.fn"
+            )
         if num_outputs and pred.shape[-1] < num_outputs:
-            raise ConfigError(f"config: loss: the model gives {pred.shape[-1]} class scores per "
-                              f"{'token' if task == 'lm' else 'sample'}, the data has {num_outputs} classes "
-                              f"(data.num_classes): build the model with {num_outputs} outputs {fix}")
+            raise ConfigError(
+                f"config: loss: the model gives {pred.shape[-1]} class scores per "
+                f"{'token' if task == 'lm' else 'sample'}, the data has {num_outputs} classes "
+                f"(data.num_classes): build the model with {num_outputs} outputs {fix}"
+            )
 
 
 class Loss:
@@ -72,7 +79,7 @@ class Loss:
     def of(self, pred: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         terms = {t: TERMS[t](pred.float(), y, self.cfg) for t in self.weights}
         if len(terms) == 1:  # one term (weight 1 unless set): no 0 + w * term, two autograd ops a step
-            (t, w), = self.weights.items()
+            ((t, w),) = self.weights.items()
             return {"loss": terms[t] if w == 1 else w * terms[t]}
         total = sum(w * terms[t] for t, w in self.weights.items())
         return {"loss": total, **{f"loss/{t}": v for t, v in terms.items()}}
@@ -96,19 +103,24 @@ class UserLoss:
             total = terms.pop("loss") if "loss" in terms else sum(terms.values())
             losses = {"loss": total, **{f"loss/{k}": v for k, v in terms.items()}}
         else:
-            raise ConfigError(f"config: loss.fn: {self.source} returned {_what(out)}, not a scalar tensor or a dict "
-                              "of them")
+            raise ConfigError(
+                f"config: loss.fn: {self.source} returned {_what(out)}, not a scalar tensor or a dict of them"
+            )
         if self.names is None:
             self.names = list(losses)
         elif list(losses) != self.names:
-            raise ConfigError(f"config: loss.fn: {self.source} returned the terms {list(losses)} after "
-                              f"{self.names}; return the same terms every time")
+            raise ConfigError(
+                f"config: loss.fn: {self.source} returned the terms {list(losses)} after "
+                f"{self.names}; return the same terms every time"
+            )
         return losses
 
     def _scalar(self, value, where: str) -> torch.Tensor:
         if not isinstance(value, torch.Tensor) or value.numel() != 1 or not value.is_floating_point():
-            raise ConfigError(f"config: loss.fn: {self.source} returned {_what(value)}{where}, not a scalar "
-                              "floating-point tensor (reduce it, e.g. with .mean())")
+            raise ConfigError(
+                f"config: loss.fn: {self.source} returned {_what(value)}{where}, not a scalar "
+                "floating-point tensor (reduce it, e.g. with .mean())"
+            )
         return value.reshape(())
 
 
@@ -122,20 +134,23 @@ def build_loss(cfg: LossConfig, task: Optional[str], given: Optional[Callable] =
     """`given` (handed in from Python), else loss.fn (an import string), else dtrain's own for the task."""
     if given is not None or cfg.fn:
         if cfg.terms or cfg.name != "auto":
-            raise ConfigError("config: loss.fn (or a loss handed in from Python) and loss.name/loss.terms are both "
-                              "set; use one")
+            raise ConfigError(
+                "config: loss.fn (or a loss handed in from Python) and loss.name/loss.terms are both set; use one"
+            )
         fn = given if given is not None else resolve(cfg.fn, "loss.fn")
         source = describe(given) if given is not None else cfg.fn
         return UserLoss(functools.partial(fn, **cfg.kwargs) if cfg.kwargs else fn, source)
     if cfg.kwargs:
-        raise ConfigError("config: loss.kwargs needs loss.fn (the built-in losses take loss.huber_delta and "
-                          "loss.label_smoothing)")
+        raise ConfigError(
+            "config: loss.kwargs needs loss.fn (the built-in losses take loss.huber_delta and loss.label_smoothing)"
+        )
     if task not in ("classification", "regression", "lm"):
         raise ConfigError(f"config: loss: dtrain has no built-in loss for this data set (task {task}); set loss.fn")
     if cfg.terms:
         if cfg.name != "auto":
-            raise ConfigError(f"config: loss.name ({cfg.name}) and loss.terms are both set; "
-                              "put every loss into loss.terms")
+            raise ConfigError(
+                f"config: loss.name ({cfg.name}) and loss.terms are both set; put every loss into loss.terms"
+            )
         if not any(w > 0 for w in cfg.terms.values()) or any(w < 0 for w in cfg.terms.values()):
             raise ConfigError("config: loss.terms: weights must be >= 0 and at least one > 0")
         weights = dict(cfg.terms)

@@ -27,6 +27,7 @@ BUILTIN = {"classification": ["acc"], "regression": ["mae", "mse", "mae_predict_
 def builtin_sums(task: str, y_mean: Optional[float] = None) -> Callable:
     """dtrain's metrics of a task as a sums callable. Regression also scores the baseline that always
     predicts the training mean, where it is known (`y_mean`; None: not scored)."""
+
     def sums(output, batch) -> dict[str, torch.Tensor]:
         pred, y = logits(output), target(batch)
         if task == "classification":
@@ -36,6 +37,7 @@ def builtin_sums(task: str, y_mean: Optional[float] = None) -> Callable:
         err = (pred.squeeze(-1) if pred.dim() > 1 and pred.shape[-1] == 1 else pred).float() - y
         baseline = {"mae_predict_mean": (y - y_mean).abs().sum()} if y_mean is not None else {}
         return {"mae": err.abs().sum(), "mse": (err * err).sum(), **baseline}
+
     return sums
 
 
@@ -69,19 +71,28 @@ class Metrics:
         for source, fn in self.sums_fns:
             out = fn(output, batch)
             if not isinstance(out, Mapping):
-                raise ConfigError(f"config: metrics.fn: {source} returned a {type(out).__name__}, not a dict of "
-                                  "name -> per-batch sum (or (numerator, denominator))")
+                raise ConfigError(
+                    f"config: metrics.fn: {source} returned a {type(out).__name__}, not a dict of "
+                    "name -> per-batch sum (or (numerator, denominator))"
+                )
             for name, value in out.items():
                 num, den = value if isinstance(value, (tuple, list)) else (value, None)
-                if not isinstance(num, torch.Tensor) or num.numel() != 1 or \
-                        (den is not None and (not isinstance(den, torch.Tensor) or den.numel() != 1)):
-                    raise ConfigError(f"config: metrics.fn: {source} returned {name!r}: {_what(value)}; return a "
-                                      "scalar tensor (a per-batch sum) or a pair of them")
+                if (
+                    not isinstance(num, torch.Tensor)
+                    or num.numel() != 1
+                    or (den is not None and (not isinstance(den, torch.Tensor) or den.numel() != 1))
+                ):
+                    raise ConfigError(
+                        f"config: metrics.fn: {source} returned {name!r}: {_what(value)}; return a "
+                        "scalar tensor (a per-batch sum) or a pair of them"
+                    )
                 if first:
                     self.names[name] = den is not None
                 elif self.names.get(name) != (den is not None):
-                    raise ConfigError(f"config: metrics.fn: {source} returned {name!r} now, not before (or now with, "
-                                      "now without a denominator); return the same metrics every time")
+                    raise ConfigError(
+                        f"config: metrics.fn: {source} returned {name!r} now, not before (or now with, "
+                        "now without a denominator); return the same metrics every time"
+                    )
                 kept = self._sums.setdefault(name, [0.0, None if den is None else 0.0])
                 kept[0] = kept[0] + num.detach().double().reshape(())
                 if den is not None:
@@ -96,7 +107,9 @@ class Metrics:
     def sums(self) -> dict[str, tuple]:
         """{name: (numerator, denominator or None: divide by the sample count)}, this rank's: zeros for a
         rank that read nothing."""
-        return {k: tuple(self._sums.get(k, (0.0, 0.0 if has_den else None))) for k, has_den in (self.names or {}).items()}
+        return {
+            k: tuple(self._sums.get(k, (0.0, 0.0 if has_den else None))) for k, has_den in (self.names or {}).items()
+        }
 
     def compute_torchmetrics(self) -> dict[str, float]:
         """Collective (torchmetrics all-gathers its states when torch.distributed is initialised)."""
@@ -133,8 +146,10 @@ def build_metrics(cfg: MetricsConfig, task: Optional[str], y_mean: Optional[floa
         raise ConfigError("config: metrics.kwargs needs metrics.fn (or a metrics function handed in from Python)")
     for name, spec in cfg.torchmetrics.items():
         if "_target_" not in spec:
-            raise ConfigError(f"config: metrics.torchmetrics.{name}: needs a _target_ (e.g. "
-                              "torchmetrics.classification:MulticlassAccuracy) and its arguments")
+            raise ConfigError(
+                f"config: metrics.torchmetrics.{name}: needs a _target_ (e.g. "
+                "torchmetrics.classification:MulticlassAccuracy) and its arguments"
+            )
         tms[name] = build_targets(spec, f"metrics.torchmetrics.{name}")
     for item in given:
         if isinstance(item, Mapping):
@@ -142,8 +157,10 @@ def build_metrics(cfg: MetricsConfig, task: Optional[str], y_mean: Optional[floa
         elif callable(item):
             sums_fns.append((describe(item), functools.partial(item, **cfg.kwargs) if cfg.kwargs else item))
         else:
-            raise ConfigError(f"config: metrics: a {type(item).__name__} handed in from Python; give a sums "
-                              "callable or a dict of torchmetrics objects")
+            raise ConfigError(
+                f"config: metrics: a {type(item).__name__} handed in from Python; give a sums "
+                "callable or a dict of torchmetrics objects"
+            )
     for name, m in tms.items():
         if not (hasattr(m, "update") and hasattr(m, "compute") and hasattr(m, "reset")):
             raise ConfigError(f"config: metrics: '{name}' is a {type(m).__name__}, not a torchmetrics Metric")

@@ -18,9 +18,13 @@ from .config import OPTIMIZERS, SCHEDULES, ConfigError, OptimConfig, ScheduleCon
 from .importing import describe, resolve
 
 
-def build_optimizer(cfg: OptimConfig, model: torch.nn.Module, lr_scales: Optional[dict[str, float]] = None,
-                    param_groups: Optional[Callable] = None,
-                    factory: Optional[Callable] = None) -> torch.optim.Optimizer:
+def build_optimizer(
+    cfg: OptimConfig,
+    model: torch.nn.Module,
+    lr_scales: Optional[dict[str, float]] = None,
+    param_groups: Optional[Callable] = None,
+    factory: Optional[Callable] = None,
+) -> torch.optim.Optimizer:
     """Param groups by name prefix (`lr_scales`, e.g. {"head": 1.0, "": 0.1}: the first matching prefix sets
     the group's peak LR as a fraction of cfg.lr), each split into decayed and undecayed parameters; or a
     user's `param_groups(model)` (torch's format: {"params", optional "lr", "weight_decay"}; the defaults
@@ -32,16 +36,24 @@ def build_optimizer(cfg: OptimConfig, model: torch.nn.Module, lr_scales: Optiona
 
     The groups go to dtrain's AdamW or SGD, or to `factory(groups)` (handed in from Python), or to
     optim.name's class or factory with optim.kwargs."""
-    _refuse_built("optimizer", factory, "torch.optim.RAdam", "the param groups once the engine has placed "
-                  "the parameters (FSDP shards them)")
+    _refuse_built(
+        "optimizer",
+        factory,
+        "torch.optim.RAdam",
+        "the param groups once the engine has placed the parameters (FSDP shards them)",
+    )
     _refuse_kwargs("optim", cfg.kwargs, factory)
     if factory is not None and cfg.own_keys_set():  # the config was checked with its own optim.name
-        raise ConfigError(f"config: optim.{cfg.own_keys_set()[0]} applies to sgd and adamw, not to the optimizer "
-                          f"handed in from Python ({describe(factory)}); pass it to that optimizer")
+        raise ConfigError(
+            f"config: optim.{cfg.own_keys_set()[0]} applies to sgd and adamw, not to the optimizer "
+            f"handed in from Python ({describe(factory)}); pass it to that optimizer"
+        )
     if param_groups is not None:
         if lr_scales:
-            raise ConfigError("config: optim.backbone_lr_ratio and param groups handed in from Python are both "
-                              "set; put the backbone's LR into your param groups")
+            raise ConfigError(
+                "config: optim.backbone_lr_ratio and param groups handed in from Python are both "
+                "set; put the backbone's LR into your param groups"
+            )
         return _make(cfg, _user_groups(cfg, model, param_groups), factory)
     lr_scales = lr_scales or {"": 1.0}
     named: dict[str, list] = {prefix: [] for prefix in lr_scales}
@@ -51,8 +63,10 @@ def build_optimizer(cfg: OptimConfig, model: torch.nn.Module, lr_scales: Optiona
     groups = []
     for prefix, params in named.items():
         lr = cfg.lr * lr_scales[prefix]
-        groups += [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay, "lr": lr},
-                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr": lr}]
+        groups += [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay, "lr": lr},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr": lr},
+        ]
     return _make(cfg, [g for g in groups if g["params"]], factory)
 
 
@@ -64,25 +78,32 @@ def _user_groups(cfg: OptimConfig, model: torch.nn.Module, param_groups: Callabl
     owned = {id(p) for g in groups for p in g["params"]}
     missing = [n for n, p in model.named_parameters() if id(p) not in owned]
     if missing:  # a parameter in no group would never train, silently
-        raise ConfigError(f"config: param_groups: {len(missing)} parameters are in no group ({missing[0]}, ...); "
-                          "put every parameter in one")
+        raise ConfigError(
+            f"config: param_groups: {len(missing)} parameters are in no group ({missing[0]}, ...); "
+            "put every parameter in one"
+        )
     return groups
 
 
 def _refuse_built(what: str, factory: Any, example: str, called_with: str) -> None:
     """An optimizer or scheduler handed in already built would be over tensors the engine may replace, and a
     resume could not build it again: a factory is called at the right moment."""
-    if factory is not None and (not callable(factory) or
-                                isinstance(factory, (torch.optim.Optimizer, lr_scheduler.LRScheduler))):
-        raise ConfigError(f"config: {what}: hand in a factory, not a built {type(factory).__name__} (its class, e.g. "
-                          f"{example}, or a functools.partial of it): dtrain calls it with {called_with}")
+    if factory is not None and (
+        not callable(factory) or isinstance(factory, (torch.optim.Optimizer, lr_scheduler.LRScheduler))
+    ):
+        raise ConfigError(
+            f"config: {what}: hand in a factory, not a built {type(factory).__name__} (its class, e.g. "
+            f"{example}, or a functools.partial of it): dtrain calls it with {called_with}"
+        )
 
 
 def _refuse_kwargs(section: str, kwargs: dict, factory: Any) -> None:
     """A factory handed in from Python brings its own arguments; the config's are for the name it replaces."""
     if factory is not None and kwargs:
-        raise ConfigError(f"config: {section}.kwargs is for {section}.name, which the {describe(factory)} handed in "
-                          "from Python replaces; bind its arguments in Python (functools.partial)")
+        raise ConfigError(
+            f"config: {section}.kwargs is for {section}.name, which the {describe(factory)} handed in "
+            "from Python replaces; bind its arguments in Python (functools.partial)"
+        )
 
 
 def _make(cfg: OptimConfig, groups: list[dict], factory: Optional[Callable] = None) -> torch.optim.Optimizer:
@@ -91,8 +112,9 @@ def _make(cfg: OptimConfig, groups: list[dict], factory: Optional[Callable] = No
         optimizer = make(groups, **cfg.kwargs)  # the user's code: an error in it keeps its traceback
         if not isinstance(optimizer, torch.optim.Optimizer):
             key = "optimizer" if factory is not None else "optim.name"
-            raise ConfigError(f"config: {key}: {describe(make)} returned a {type(optimizer).__name__}, not a "
-                              "torch.optim.Optimizer")
+            raise ConfigError(
+                f"config: {key}: {describe(make)} returned a {type(optimizer).__name__}, not a torch.optim.Optimizer"
+            )
         return optimizer
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
@@ -124,6 +146,7 @@ class Schedule:
     so it is exact after resume, applies to every param group relative to its own peak, and can be
     plotted before training.
     """
+
     name: str
     total_steps: int
     warmup_steps: int = 0
@@ -167,14 +190,25 @@ class Schedule:
 
 def build_schedule(cfg: ScheduleConfig, total_steps: int) -> Schedule:
     if cfg.name not in SCHEDULES:
-        raise ConfigError(f"config: schedule.name: {cfg.name} is not one of dtrain's schedules, which alone are drawn "
-                          "before training; its LR is logged as it trains (dtrain plot RUN_DIR)")
-    return Schedule(cfg.name, total_steps, cfg.warmup_steps, cfg.min_lr_ratio, cfg.every, cfg.gamma,
-                    cfg.restart_every, cfg.restart_mult)
+        raise ConfigError(
+            f"config: schedule.name: {cfg.name} is not one of dtrain's schedules, which alone are drawn "
+            "before training; its LR is logged as it trains (dtrain plot RUN_DIR)"
+        )
+    return Schedule(
+        cfg.name,
+        total_steps,
+        cfg.warmup_steps,
+        cfg.min_lr_ratio,
+        cfg.every,
+        cfg.gamma,
+        cfg.restart_every,
+        cfg.restart_mult,
+    )
 
 
-def build_scheduler(cfg: ScheduleConfig, optimizer: torch.optim.Optimizer, total_steps: int,
-                    factory: Optional[Callable] = None) -> Any:
+def build_scheduler(
+    cfg: ScheduleConfig, optimizer: torch.optim.Optimizer, total_steps: int, factory: Optional[Callable] = None
+) -> Any:
     """Stepped once per optimizer step; its state is checkpointed. dtrain's own: a LambdaLR of the Schedule
     (its last_epoch is the step). Another: `factory(optimizer, ...)` (handed in from Python) or schedule.name's
     class or factory, with schedule.kwargs and the arguments of `filled`."""
@@ -183,18 +217,24 @@ def build_scheduler(cfg: ScheduleConfig, optimizer: torch.optim.Optimizer, total
     if factory is None and cfg.name in SCHEDULES:
         return lr_scheduler.LambdaLR(optimizer, build_schedule(cfg, total_steps))
     if factory is not None and cfg.own_keys_set():  # the config was checked with its own schedule.name
-        raise ConfigError(f"config: schedule.{cfg.own_keys_set()[0]} applies to dtrain's own schedules, not to the "
-                          f"scheduler handed in from Python ({describe(factory)}); leave it unset")
+        raise ConfigError(
+            f"config: schedule.{cfg.own_keys_set()[0]} applies to dtrain's own schedules, not to the "
+            f"scheduler handed in from Python ({describe(factory)}); leave it unset"
+        )
     make = factory or resolve(cfg.name, "schedule.name")
     scheduler = make(optimizer, **filled(make, cfg.kwargs, optimizer, total_steps), **cfg.kwargs)
     key, step = "scheduler" if factory is not None else "schedule.name", getattr(scheduler, "step", None)
     if not (callable(step) and hasattr(scheduler, "state_dict") and hasattr(scheduler, "load_state_dict")):
-        raise ConfigError(f"config: {key}: {describe(make)} returned a {type(scheduler).__name__}, not an LR "
-                          "scheduler (step, state_dict, load_state_dict)")
+        raise ConfigError(
+            f"config: {key}: {describe(make)} returned a {type(scheduler).__name__}, not an LR "
+            "scheduler (step, state_dict, load_state_dict)"
+        )
     if _needs_argument(step):  # ReduceLROnPlateau.step(metrics)
-        raise ConfigError(f"config: {key}: {type(scheduler).__name__}.step() needs an argument (a metric), and "
-                          "dtrain steps the scheduler once per optimizer step without one; use a scheduler "
-                          "stepped by the step count (e.g. torch.optim.lr_scheduler:OneCycleLR, CosineAnnealingLR)")
+        raise ConfigError(
+            f"config: {key}: {type(scheduler).__name__}.step() needs an argument (a metric), and "
+            "dtrain steps the scheduler once per optimizer step without one; use a scheduler "
+            "stepped by the step count (e.g. torch.optim.lr_scheduler:OneCycleLR, CosineAnnealingLR)"
+        )
     return scheduler
 
 

@@ -26,6 +26,7 @@ def _pyplot():
         raise ConfigError("plot: matplotlib is not installed; pip install 'dtrain[plot]'") from None
     matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -46,13 +47,21 @@ def run_summary(records: list[dict]) -> dict:
         keys += [k for k in r if k not in keys and k not in ("step", "epoch", "samples_per_s")]
     series = {k: _series(records, k) for k in keys}
     # where validation improved: the monitored metric (val/X) equals its best so far (val/best_X, summary.py)
-    improved = [r for r in records if any(k.startswith(BEST_SO_FAR) and v is not None and
-                                          r.get("val/" + k[len(BEST_SO_FAR):]) == v for k, v in r.items())]
+    improved = [
+        r
+        for r in records
+        if any(
+            k.startswith(BEST_SO_FAR) and v is not None and r.get("val/" + k[len(BEST_SO_FAR) :]) == v
+            for k, v in r.items()
+        )
+    ]
     stops = [r for r in records if r.get("event") == "early_stop"]
-    return {"series": series,
-            "best_step": improved[-1]["step"] if improved else None,
-            "best_val_loss": improved[-1].get("val/loss") if improved else None,
-            "early_stop_step": stops[-1]["step"] if stops else None}
+    return {
+        "series": series,
+        "best_step": improved[-1]["step"] if improved else None,
+        "best_val_loss": improved[-1].get("val/loss") if improved else None,
+        "early_stop_step": stops[-1]["step"] if stops else None,
+    }
 
 
 def _warn(message: str) -> None:
@@ -92,8 +101,13 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> dict:
     loss_keys = [k for k in loss_keys if k != "val/best_loss"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for k in loss_keys:
-        ax.plot(series[k]["step"], series[k]["value"], label="train/" + k if not k.startswith("val/") else k,
-                marker="o" if k.startswith("val/") else None, markersize=3)
+        ax.plot(
+            series[k]["step"],
+            series[k]["value"],
+            label="train/" + k if not k.startswith("val/") else k,
+            marker="o" if k.startswith("val/") else None,
+            markersize=3,
+        )
     if best is not None:
         ax.plot([best], [summary["best_val_loss"]], marker="*", markersize=14, color="green", linestyle="none")
     marks(ax)
@@ -127,8 +141,14 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> dict:
 
 
 # ---- an LR schedule, before training -------------------------------------------------------------
-def schedule_series(data_cfg: DataConfig, train: TrainConfig, optim: OptimConfig, schedule_cfg: ScheduleConfig,
-                    seed: int, world_size: int = 1) -> dict:
+def schedule_series(
+    data_cfg: DataConfig,
+    train: TrainConfig,
+    optim: OptimConfig,
+    schedule_cfg: ScheduleConfig,
+    seed: int,
+    world_size: int = 1,
+) -> dict:
     """The LR of every optimizer step (0-based) these sections would train, per param group."""
     from .data import ShardStream, resolve_shards
     from .optim import build_schedule
@@ -137,8 +157,16 @@ def schedule_series(data_cfg: DataConfig, train: TrainConfig, optim: OptimConfig
     index = resolve_shards(data_cfg, seed)
     if data_cfg.train_subset:
         index = index.subset("train", data_cfg.train_subset)
-    stream = ShardStream(index, "train", batch_size=data_cfg.batch_size, rank=0, world_size=world_size,
-                         train=True, grad_accum=train.grad_accum, remainder=data_cfg.remainder)
+    stream = ShardStream(
+        index,
+        "train",
+        batch_size=data_cfg.batch_size,
+        rank=0,
+        world_size=world_size,
+        train=True,
+        grad_accum=train.grad_accum,
+        remainder=data_cfg.remainder,
+    )
     total = plan_total_steps(train, stream.steps_per_epoch)
     schedule = build_schedule(schedule_cfg, total)
     steps = list(range(total))
@@ -153,9 +181,14 @@ def schedule_series(data_cfg: DataConfig, train: TrainConfig, optim: OptimConfig
             restarts.append(warmup + start)
             start = sum(schedule.cycle(start))  # this cycle's start + length: the next one's start
         restarts = restarts[1:]  # the first cycle starts with training, not a restart
-    return {"step": steps, **{name: [peak * schedule(s) for s in steps] for name, peak in groups.items()},
-            "total_steps": total, "steps_per_epoch": stream.steps_per_epoch, "restarts": restarts,
-            "warmup_steps": min(schedule_cfg.warmup_steps, max(total - 1, 0))}
+    return {
+        "step": steps,
+        **{name: [peak * schedule(s) for s in steps] for name, peak in groups.items()},
+        "total_steps": total,
+        "steps_per_epoch": stream.steps_per_epoch,
+        "restarts": restarts,
+        "warmup_steps": min(schedule_cfg.warmup_steps, max(total - 1, 0)),
+    }
 
 
 def plot_schedule(cfg: Config, out: str | Path, world_size: int = 1) -> dict:
@@ -172,8 +205,11 @@ def plot_schedule(cfg: Config, out: str | Path, world_size: int = 1) -> dict:
         ax.axvline(s, color="orange", linestyle="--", linewidth=0.8, label="restart" if i == 0 else None)
     for epoch in range(1, math.ceil(data["total_steps"] / data["steps_per_epoch"])):
         ax.axvline(epoch * data["steps_per_epoch"], color="lightgray", linewidth=0.5)
-    ax.set(xlabel="optimizer step (gray lines: epochs)", ylabel="learning rate",
-           title=f"{cfg.run.name}: {cfg.schedule.name} schedule, {data['total_steps']} steps")
+    ax.set(
+        xlabel="optimizer step (gray lines: epochs)",
+        ylabel="learning rate",
+        title=f"{cfg.run.name}: {cfg.schedule.name} schedule, {data['total_steps']} steps",
+    )
     ax.legend(fontsize=8)
     data["file"] = _save(fig, out, plt)
     out.with_suffix(".json").write_text(json.dumps(data))
@@ -181,8 +217,9 @@ def plot_schedule(cfg: Config, out: str | Path, world_size: int = 1) -> dict:
 
 
 # ---- augmentation preview ------------------------------------------------------------------------
-def augment_preview(augment_cfg: AugmentConfig, data_cfg: DataConfig, seed: int, out: str | Path, samples: int = 8,
-                    versions: int = 3) -> dict:
+def augment_preview(
+    augment_cfg: AugmentConfig, data_cfg: DataConfig, seed: int, out: str | Path, samples: int = 8, versions: int = 3
+) -> dict:
     """A grid: the first `samples` training images (top row) and `versions` augmented draws of each
     (the draws of epochs 0, 1, ...), exactly as the training stream would produce them."""
     from . import batch as batches
@@ -195,8 +232,9 @@ def augment_preview(augment_cfg: AugmentConfig, data_cfg: DataConfig, seed: int,
     streams = build_streams(data_cfg, seed=seed, rank=0, world_size=1, num_workers=0)
     batch = streams.train.first_batch(samples)  # in shard order, not augmented
     x, keys = batches.model_input(batch), batches.keys(batch)
-    rows = [x.numpy()] + [np.stack([augment(xi, key=k, epoch=v).numpy() for xi, k in zip(x, keys)])
-                          for v in range(versions)]
+    rows = [x.numpy()] + [
+        np.stack([augment(xi, key=k, epoch=v).numpy() for xi, k in zip(x, keys)]) for v in range(versions)
+    ]
     plt = _pyplot()
     fig, axes = plt.subplots(len(rows), len(keys), figsize=(1.3 * len(keys), 1.4 * len(rows)), squeeze=False)
     for r, row in enumerate(rows):

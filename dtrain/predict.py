@@ -51,8 +51,9 @@ def predict_command(args) -> int:
     """`dtrain predict` (its command line: dtrain.cli)."""
     if args.part_size < 1:
         raise ConfigError("predict: --part-size must be >= 1")
-    loaded = rebuild(args.checkpoint, args.hooks or Hooks(), args.config, args.overrides, args.defaults,
-                     args.trust_checkpoint_code)
+    loaded = rebuild(
+        args.checkpoint, args.hooks or Hooks(), args.config, args.overrides, args.defaults, args.trust_checkpoint_code
+    )
     cfg = loaded.cfg
     stream = _stream(loaded, args.data)
     info = dist.setup(cfg.dist.backend, cfg.dist.timeout_s, cfg.dist.connect_timeout_s)
@@ -74,13 +75,21 @@ def _stream(loaded: Loaded, spec: str) -> ShardStream:
     fmt = sample_format(data, index, loaded.hooks.sample, loaded.hooks.collate)
     if not fmt.mapped:
         fmt = _Unlabeled(fmt)
-    return ShardStream(index, SPLIT, batch_size=data.eval_batch_size or data.batch_size, rank=0, world_size=1,
-                       num_workers=data.num_workers, sample_format=fmt)
+    return ShardStream(
+        index,
+        SPLIT,
+        batch_size=data.eval_batch_size or data.batch_size,
+        rank=0,
+        world_size=1,
+        num_workers=data.num_workers,
+        sample_format=fmt,
+    )
 
 
 class _Unlabeled:
     """dtrain's own x.npy + y.cls format for data to predict, which need not have labels: a sample without
     y.cls gets label 0, which nothing reads (no label is written out, no loss or metric is computed)."""
+
     mapped = False
 
     def __init__(self, fmt):
@@ -97,23 +106,29 @@ def _run(loaded: Loaded, stream: ShardStream, info: dist.DistInfo, args) -> int:
     out = Path(args.out)
     total = stream.index.num_samples(SPLIT)
     # rank 0 checks the manifest, every rank hears the outcome (and raises alike): before any reads or writes parts
-    refused = dist.broadcast_object(_claim(out, loaded, args.data, args.format, total) if info.is_global_zero
-                                    else None)
+    refused = dist.broadcast_object(_claim(out, loaded, args.data, args.format, total) if info.is_global_zero else None)
     if refused:
         raise ConfigError(refused)
     done = set(read_keys(out))
     dist.barrier()  # every rank has read the parts before any writes new ones
-    stream = stream.relayout(rank=info.global_rank, world_size=info.world_size, batch_size=stream.batch_size,
-                             grad_accum=1, num_workers=stream.num_workers)
+    stream = stream.relayout(
+        rank=info.global_rank,
+        world_size=info.world_size,
+        batch_size=stream.batch_size,
+        grad_accum=1,
+        num_workers=stream.num_workers,
+    )
     writer = PartWriter(out, info.global_rank, args.format, loaded.streams.task == "classification")
-    forward = loaded.hooks.forward or (resolve(loaded.cfg.model.forward, "model.forward") if loaded.cfg.model.forward
-                                       else batches.default_forward)
+    forward = loaded.hooks.forward or (
+        resolve(loaded.cfg.model.forward, "model.forward") if loaded.cfg.model.forward else batches.default_forward
+    )
     model = loaded.model.to(info.device)
     mine = len(range(info.global_rank, total, info.world_size))
     started, stop = time.monotonic(), StopControl(None)  # this rank's signals; ranks agree once, at the end
     try:
-        with progress_bar(total=mine, desc="predict", unit="sample", enabled=info.is_global_zero and
-                          loaded.cfg.log.progress) as bar:
+        with progress_bar(
+            total=mine, desc="predict", unit="sample", enabled=info.is_global_zero and loaded.cfg.log.progress
+        ) as bar:
             for batch in stream.epoch(0):
                 keys = batches.keys(batch)
                 if not all(k in done for k in keys):  # a batch a part already holds: not computed again
@@ -133,8 +148,10 @@ def _run(loaded: Loaded, stream: ShardStream, info: dist.DistInfo, args) -> int:
         stopped = dist.all_reduce_max(counts[:1].clone()).item() > 0
         written = int(dist.all_reduce_sum(counts[1:].clone()).item())
     seconds = time.monotonic() - started
-    rate = f"{written} samples in {seconds:.1f} s, {written / max(seconds, 1e-9):.1f} samples/s on {info.world_size} " \
-           f"rank{'s' * (info.world_size > 1)}"
+    rate = (
+        f"{written} samples in {seconds:.1f} s, {written / max(seconds, 1e-9):.1f} samples/s on {info.world_size} "
+        f"rank{'s' * (info.world_size > 1)}"
+    )
     if stopped:
         if info.is_global_zero:
             print(f"predict: stopped by a signal ({rate}); run the same command again to go on", flush=True)
@@ -150,8 +167,13 @@ def _run(loaded: Loaded, stream: ShardStream, info: dist.DistInfo, args) -> int:
 def _claim(out: Path, loaded: Loaded, data: str, fmt: str, total: int) -> Optional[str]:
     """The manifest of --out: written on the first start, the same on every later one (outputs of another
     checkpoint or data set in the same directory would be mixed with these unseen). -> why not, or None."""
-    want = {"checkpoint": str(loaded.source.resolve()), "step": loaded.step, "data": data, "format": fmt,
-            "samples": total}
+    want = {
+        "checkpoint": str(loaded.source.resolve()),
+        "step": loaded.step,
+        "data": data,
+        "format": fmt,
+        "samples": total,
+    }
     path = out / MANIFEST
     if path.exists():
         try:
@@ -160,8 +182,10 @@ def _claim(out: Path, loaded: Loaded, data: str, fmt: str, total: int) -> Option
             return f"predict: {path} is unreadable ({type(e).__name__}); give a new --out"
         differ = [k for k in want if have.get(k) != want[k]]
         if differ:
-            return (f"predict: --out {out} holds the outputs of {differ[0]} {have.get(differ[0])!r}, not "
-                    f"{want[differ[0]]!r}; give a new --out (or remove that one) to start over")
+            return (
+                f"predict: --out {out} holds the outputs of {differ[0]} {have.get(differ[0])!r}, not "
+                f"{want[differ[0]]!r}; give a new --out (or remove that one) to start over"
+            )
         return None
     if out.exists() and any(out.iterdir()):
         return f"predict: --out {out} holds files dtrain predict did not write; give a new or empty directory"
@@ -229,10 +253,16 @@ class PartWriter:
                     f.write((json.dumps(line) + "\n").encode())
             else:
                 import webdataset as wds
+
                 with wds.TarWriter(f, mtime=0) as sink:
                     for key, row in self.rows:
-                        sink.write({"__key__": key, "output.npy": row,
-                                    **({"pred.cls": int(row.argmax())} if self.classes else {})})
+                        sink.write(
+                            {
+                                "__key__": key,
+                                "output.npy": row,
+                                **({"pred.cls": int(row.argmax())} if self.classes else {}),
+                            }
+                        )
         _publish(Path(tmp), self.out / name)
         self.written += len(self.rows)
         self.next, self.rows = self.next + 1, []
@@ -257,10 +287,15 @@ def _check_complete(out: Path, total: int, data: str) -> Optional[str]:
     counts = Counter(read_keys(out))
     twice = [k for k, n in counts.items() if n > 1]
     if twice or len(counts) != total:
-        what = f"{len(twice)} keys more than once (first {twice[0]!r})" if twice else \
-            f"{len(counts)} distinct keys for the {total} samples"
-        return (f"predict: {out} holds {what} of --data {data}; are its sample keys unique? give a new --out to "
-                "predict again")
+        what = (
+            f"{len(twice)} keys more than once (first {twice[0]!r})"
+            if twice
+            else f"{len(counts)} distinct keys for the {total} samples"
+        )
+        return (
+            f"predict: {out} holds {what} of --data {data}; are its sample keys unique? give a new --out to "
+            "predict again"
+        )
     manifest = json.loads((out / MANIFEST).read_text())
     _write_atomic(out / MANIFEST, json.dumps({**manifest, "complete": True}, indent=1).encode())
     return None

@@ -29,12 +29,35 @@ import yaml
 
 REDACTED = "<redacted>"
 
-SECRET_KEYS = frozenset({
-    "api_key", "apikey", "access_key", "secret_key", "secret_access_key", "aws_secret_access_key",
-    "aws_session_token", "session_token", "wandb_api_key", "token", "access_token", "auth_token",
-    "refresh_token", "bearer_token", "id_token", "hf_token", "hub_token", "use_auth_token", "password",
-    "passwd", "secret", "client_secret", "private_key", "credentials", "authorization",
-})
+SECRET_KEYS = frozenset(
+    {
+        "api_key",
+        "apikey",
+        "access_key",
+        "secret_key",
+        "secret_access_key",
+        "aws_secret_access_key",
+        "aws_session_token",
+        "session_token",
+        "wandb_api_key",
+        "token",
+        "access_token",
+        "auth_token",
+        "refresh_token",
+        "bearer_token",
+        "id_token",
+        "hf_token",
+        "hub_token",
+        "use_auth_token",
+        "password",
+        "passwd",
+        "secret",
+        "client_secret",
+        "private_key",
+        "credentials",
+        "authorization",
+    }
+)
 SECRET_ENV = re.compile(r"(^|_)(TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIALS?|APIKEY)(_|$)", re.IGNORECASE)
 
 
@@ -104,8 +127,11 @@ def secret_key(key: Any) -> bool:
 
 def is_secret(dotted_key: str, value: Any, secrets: Optional[set[str]] = None) -> bool:
     """Whether the setting `dotted_key` (e.g. model.kwargs.api_key) holding `value` is, or is under, a secret."""
-    return any(secret_key(part) for part in dotted_key.split(".")) or redact(value, secrets) != value or \
-        (isinstance(value, str) and is_sealed(value))
+    return (
+        any(secret_key(part) for part in dotted_key.split("."))
+        or redact(value, secrets) != value
+        or (isinstance(value, str) and is_sealed(value))
+    )
 
 
 # a fresh salt per process, drawn at import (os.urandom: dtrain's seeded RNGs stay untouched); a seal keeps its
@@ -147,4 +173,3 @@ def sealed_paths(value: Any, prefix: str = "") -> list[str]:
     if isinstance(value, (list, tuple)):
         return [k for i, v in enumerate(value) for k in sealed_paths(v, f"{prefix}{i}.")]
     return [prefix.rstrip(".")] if is_sealed(value) else []
-

@@ -61,8 +61,10 @@ class FitResult:
         checkpoint = self.best_checkpoint or self.latest_checkpoint
         if checkpoint is None:
             from .checkpoint import CheckpointError
-            raise CheckpointError(f"checkpoint: the run {self.run_dir} has no checkpoint to load (it stopped "
-                                  "before its first save)")
+
+            raise CheckpointError(
+                f"checkpoint: the run {self.run_dir} has no checkpoint to load (it stopped before its first save)"
+            )
         return load_model(checkpoint, **kwargs)
 
 
@@ -86,10 +88,14 @@ def collect(trainer: Trainer, outcome: dict[str, Any]) -> FitResult:
         result = FitResult(
             exit_code=EXIT_INTERRUPTED if reason.startswith("signal:") else 2 if reason == "nonfinite" else 0,
             stop_reason=reason,
-            step=outcome["step"], total_steps=trainer.feed.total_steps, run_dir=trainer.run_dir.absolute(),
+            step=outcome["step"],
+            total_steps=trainer.feed.total_steps,
+            run_dir=trainer.run_dir.absolute(),
             metrics=final,
             best_metrics={k: v for k, v in best.items() if k.startswith("val/") and not k.startswith(BEST_SO_FAR)},
-            best_step=best_step, best_checkpoint=checkpoints["best"] and checkpoints["best"].absolute(),
+            best_step=best_step,
+            best_checkpoint=checkpoints["best"] and checkpoints["best"].absolute(),
             latest_checkpoint=checkpoints["latest"] and checkpoints["latest"].absolute(),
-            monitor=trainer.evaluator.monitor)
+            monitor=trainer.evaluator.monitor,
+        )
     return dist.broadcast_object(result)

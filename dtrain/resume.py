@@ -25,38 +25,64 @@ from .config import SCHEDULES, Config, ConfigError, _migrate, _valid_keys
 
 # Entries ending in "." cover their whole section; others the key and anything under it.
 MAY_CHANGE = (
-    "run.name", "run.dir",  # the same run, renamed or moved
-    "run.doctor", "run.stop_at_step", "run.callbacks",  # a callback added or removed only watches from now on
+    "run.name",
+    "run.dir",  # the same run, renamed or moved
+    "run.doctor",
+    "run.stop_at_step",
+    "run.callbacks",  # a callback added or removed only watches from now on
     "data.root",  # where the same shards are
-    "data.num_workers", "data.prefetch_factor",  # loading only (an interrupted epoch ends in its old worker order)
+    "data.num_workers",
+    "data.prefetch_factor",  # loading only (an interrupted epoch ends in its old worker order)
     "data.eval_batch_size",  # evaluation metrics are means over every sample whatever the batch
     "data.trust_descriptor_pipes",  # whether a descriptor may run commands; the samples are the same
     "model.channels_last",  # memory layout of the same weights
-    "model.freeze", "model.freeze_all_but_head", "model.unfreeze_at_step",  # which weights train from now on
-    "optim.lr", "optim.weight_decay", "optim.momentum", "optim.nesterov", "optim.betas", "optim.fused",
+    "model.freeze",
+    "model.freeze_all_but_head",
+    "model.unfreeze_at_step",  # which weights train from now on
+    "optim.lr",
+    "optim.weight_decay",
+    "optim.momentum",
+    "optim.nesterov",
+    "optim.betas",
+    "optim.fused",
     "optim.backbone_lr_ratio",  # except between 1 and another value: see fixed_reason
     "schedule.",  # a pure function of the step, rebuilt from the config
-    "train.epochs", "train.max_steps",  # the training length; the schedule spans the new one
-    "train.clip_grad_norm", "train.precision", "train.compile", "train.peak_flops", "train.nonfinite",
-    "train.val_every", "train.log_every", "train.debug_steps",
-    "early_stop.", "checkpoint.", "dist.", "log.", "wandb.",
+    "train.epochs",
+    "train.max_steps",  # the training length; the schedule spans the new one
+    "train.clip_grad_norm",
+    "train.precision",
+    "train.compile",
+    "train.peak_flops",
+    "train.nonfinite",
+    "train.val_every",
+    "train.log_every",
+    "train.debug_steps",
+    "early_stop.",
+    "checkpoint.",
+    "dist.",
+    "log.",
+    "wandb.",
     "metrics.",  # what is measured on the validation and test splits (fixed while one decides the best: below)
 )
 
 # Keys of a section that may change which cannot, and why (asked before MAY_CHANGE).
 FIXED_IN_SECTION = {
     "early_stop.monitor": "the best checkpoint, its value and the patience so far were judged by the checkpoint's "
-                          "metric; a value of another says nothing against them",
+    "metric; a value of another says nothing against them",
     "early_stop.mode": "the best checkpoint, its value and the patience so far were judged in the checkpoint's "
-                       "direction",
+    "direction",
 }
 # A scheduler other than dtrain's resumes from its saved state whole (optim.config_hyperparameters): a new optim.* or
 # schedule.* value, or a new length, would be silently ignored (or step it past its end).
 OWN_SCHEDULER_KEYS = ("optim.", "schedule.", "train.epochs", "train.max_steps")
-OWN_SCHEDULER = ("schedule.name is not one of dtrain's schedules: its state resumes from the checkpoint as saved "
-                 "(its LRs, arguments and length), so a new value would be ignored")
-METRIC_MONITORED = ("early_stop.monitor names a metric: the best checkpoint and the patience so far were judged "
-                    "by the checkpoint's metrics")
+OWN_SCHEDULER = (
+    "schedule.name is not one of dtrain's schedules: its state resumes from the checkpoint as saved "
+    "(its LRs, arguments and length), so a new value would be ignored"
+)
+METRIC_MONITORED = (
+    "early_stop.monitor names a metric: the best checkpoint and the patience so far were judged "
+    "by the checkpoint's metrics"
+)
 
 # Why the others cannot change: the first matching entry ("" matches every key).
 FIXED_BECAUSE = (
@@ -118,11 +144,13 @@ def config_changes(saved: dict, cfg: Config) -> list[Change]:
         changes = [c for c in changes if not _is_factory_default(c, spelled_out)]
     monitor = cfg.early_stop.monitor
     if monitor != "val/loss" and not monitor.startswith("val/loss/"):  # a metric, not the loss, decides the best
-        changes = [replace(c, fixed=c.fixed or METRIC_MONITORED) if c.key.startswith("metrics.") else c
-                   for c in changes]
+        changes = [
+            replace(c, fixed=c.fixed or METRIC_MONITORED) if c.key.startswith("metrics.") else c for c in changes
+        ]
     if not {_get(saved, ["schedule", "name"], "cosine"), cfg.schedule.name} <= set(SCHEDULES):
-        changes = [replace(c, fixed=c.fixed or OWN_SCHEDULER) if c.key.startswith(OWN_SCHEDULER_KEYS) else c
-                   for c in changes]
+        changes = [
+            replace(c, fixed=c.fixed or OWN_SCHEDULER) if c.key.startswith(OWN_SCHEDULER_KEYS) else c for c in changes
+        ]
     return changes
 
 
@@ -158,8 +186,11 @@ def _diff(key: str, old: Any, new: Any) -> list[Change]:
     if old == new or redaction.same_secret(old, new):  # a checkpoint holds its secrets sealed (dtrain.redaction)
         return []
     if isinstance(old, dict) and isinstance(new, dict):  # a dict-valued setting (loss.terms): name the entry
-        return [c for k in sorted(old.keys() | new.keys(), key=str)
-                for c in _diff(f"{key}.{k}", old.get(k, UNSET), new.get(k, UNSET))]
+        return [
+            c
+            for k in sorted(old.keys() | new.keys(), key=str)
+            for c in _diff(f"{key}.{k}", old.get(k, UNSET), new.get(k, UNSET))
+        ]
     if redaction.is_secret(key, old) or redaction.is_secret(key, new):
         # neither value is shown; a credential (by its key's name) shapes nothing the checkpoint holds: a
         # rotated token may change
@@ -178,9 +209,11 @@ def check_config(saved: dict, cfg: Config, run_dir: Path, log: Callable[[str], N
     fixed = [c for c in changes if c.fixed]
     if fixed:
         more = f" (so did {', '.join(c.key for c in fixed[1:])})" if len(fixed) > 1 else ""
-        raise ConfigError(f"config: {fixed[0].key} cannot change when a run resumes: {fixed[0].fixed}{more}; "
-                          f"to start afresh use another run.name (with model.init_from={run_dir} to start from "
-                          "this run's weights)")
+        raise ConfigError(
+            f"config: {fixed[0].key} cannot change when a run resumes: {fixed[0].fixed}{more}; "
+            f"to start afresh use another run.name (with model.init_from={run_dir} to start from "
+            "this run's weights)"
+        )
     return changes
 
 
@@ -198,8 +231,9 @@ class ConfigState:
         check_config(saved, self.cfg, self.run_dir, self.log)
 
 
-def already_tested(run_dir: Path, step: int, reason: str, is_global_zero: bool,
-                   log: Callable[[str], None], has_test: bool = True) -> Optional[dict]:
+def already_tested(
+    run_dir: Path, step: int, reason: str, is_global_zero: bool, log: Callable[[str], None], has_test: bool = True
+) -> Optional[dict]:
     """Collective. The result of a finished run that was also tested at `step` (its test metrics, from
     metrics.jsonl, read by rank 0), said in one line; None when the test is still to run. A run whose data
     has no test split (`has_test` false) is done once it finished (it was trained again from its last step,
@@ -210,14 +244,20 @@ def already_tested(run_dir: Path, step: int, reason: str, is_global_zero: bool,
     tested = None if has_test else {}
     if is_global_zero and has_test:
         records = read_records(Path(run_dir) / "metrics.jsonl", metrics_record)
-        tested = next((r for _, r in reversed(records) if r["step"] == step and any(k.startswith("test/") for k in r)),
-                      None)
+        tested = next(
+            (r for _, r in reversed(records) if r["step"] == step and any(k.startswith("test/") for k in r)), None
+        )
     tested = dist.broadcast_object(tested)
     if tested is None:
         return None
     longer = "train.epochs or train.max_steps" + (" or early_stop.patience" if reason == "early_stop" else "")
     done = "was tested" if has_test else "its data has no test split"
-    log(f"resume: this run already finished at step {step} ({reason}) and {done}; nothing to do (raise "
-        f"{longer} to train on, or use another run.name to train afresh)")
-    return {"step": step, "stop_reason": "already_completed",
-            **{k: v for k, v in tested.items() if k.startswith("test/") and k != "test/weights_step"}}
+    log(
+        f"resume: this run already finished at step {step} ({reason}) and {done}; nothing to do (raise "
+        f"{longer} to train on, or use another run.name to train afresh)"
+    )
+    return {
+        "step": step,
+        "stop_reason": "already_completed",
+        **{k: v for k, v in tested.items() if k.startswith("test/") and k != "test/weights_step"},
+    }

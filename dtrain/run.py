@@ -31,12 +31,19 @@ class DoctorError(RuntimeError):
     """A health check failed; the message names it."""
 
 
-def run(cfg: Config, hooks: Optional[Hooks] = None, debug: bool = False, command: Sequence[str] = (),
-        program: Sequence[str] = ("dtrain",), print_outcome: bool = False) -> FitResult:
+def run(
+    cfg: Config,
+    hooks: Optional[Hooks] = None,
+    debug: bool = False,
+    command: Sequence[str] = (),
+    program: Sequence[str] = ("dtrain",),
+    print_outcome: bool = False,
+) -> FitResult:
     """Train (and test) under `cfg` with the objects `hooks` hands in. -> the run's FitResult, on every rank.
     `command` goes on with this run and `program` runs its other commands (the summary says both);
     `print_outcome`: rank 0 prints the trainer's outcome as JSON on stdout (`dtrain train`'s last line)."""
     from . import ft_train
+
     if ft_train.enabled():  # one replica group of `dtrain launch --ft` (torchft): its own lifecycle
         return ft_train.run(cfg, hooks, debug, command, program, print_outcome)
     import torch
@@ -87,11 +94,17 @@ def _debug_config(cfg: Config) -> Config:
 
     launch = dist.detect()
     if launch.world_size > 1:
-        raise dist.LaunchError(f"launcher: --debug runs one process, but this is rank {launch.global_rank} of "
-                               f"{launch.world_size} ({launch.mode}); run `dtrain train --debug` without "
-                               "torchrun or srun (launch/debug.sh does)")
-    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"num_workers": 0}),
-                                  "log": cfg.log.model_copy(update={"progress": False})})
+        raise dist.LaunchError(
+            f"launcher: --debug runs one process, but this is rank {launch.global_rank} of "
+            f"{launch.world_size} ({launch.mode}); run `dtrain train --debug` without "
+            "torchrun or srun (launch/debug.sh does)"
+        )
+    return cfg.model_copy(
+        update={
+            "data": cfg.data.model_copy(update={"num_workers": 0}),
+            "log": cfg.log.model_copy(update={"progress": False}),
+        }
+    )
 
 
 @contextlib.contextmanager
@@ -112,9 +125,11 @@ def _say_where_the_rank_logs_are(run_dir: Path, say: Callable[[str], None]) -> N
 
     log = rank_log()
     if log is not None and not is_other_rank() and log.parent.resolve() != (run_dir / "logs").resolve():
-        say(f"launch: the rank logs are in {log.parent}, not in this run's {run_dir}: `dtrain launch` reads a "
+        say(
+            f"launch: the rank logs are in {log.parent}, not in this run's {run_dir}: `dtrain launch` reads a "
             f"script's key=value arguments, not what it sets itself; pass run.name={run_dir.name} to keep them "
-            "together")
+            "together"
+        )
 
 
 def is_other_rank() -> bool:
@@ -134,6 +149,7 @@ def session(cfg: DistConfig, force_single: bool = False) -> Iterator[DistInfo]:
     try:
         if info.is_global_zero:
             from .worker import note, rank_log
+
             if rank_log() is not None:  # under `dtrain launch`, whose own line says what it started: in the log
                 note(info.describe())
             else:
@@ -147,8 +163,9 @@ def session(cfg: DistConfig, force_single: bool = False) -> Iterator[DistInfo]:
         dist.teardown(clean)
 
 
-def check_health(cfg: Config, info: DistInfo, run_dir: Path, model: nn.Module, brief: bool,
-                 hooks: Optional[Hooks] = None) -> None:
+def check_health(
+    cfg: Config, info: DistInfo, run_dir: Path, model: nn.Module, brief: bool, hooks: Optional[Hooks] = None
+) -> None:
     """Collective. `dtrain doctor`'s checks (brief: before training), its table said by rank 0; a failed check
     is a DoctorError on every rank."""
     from . import doctor
@@ -156,8 +173,9 @@ def check_health(cfg: Config, info: DistInfo, run_dir: Path, model: nn.Module, b
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     checks = doctor.run(cfg, info, run_dir, brief=brief, model_bytes=model_bytes, hooks=hooks)
     if info.is_global_zero:
-        logging.getLogger("dtrain.doctor").info(("doctor (brief; `dtrain doctor` for the full check):\n" if brief
-                                                 else "doctor:\n") + doctor.table(checks))
+        logging.getLogger("dtrain.doctor").info(
+            ("doctor (brief; `dtrain doctor` for the full check):\n" if brief else "doctor:\n") + doctor.table(checks)
+        )
     failed = [c for c in checks if not c.ok]
     if failed:
         raise DoctorError(f"doctor: {failed[0].name} check failed: {failed[0].detail}")

@@ -47,10 +47,18 @@ class RunDirError(RuntimeError):
 
 # What dtrain keeps in a run directory: (path, kind, who reports it). Anything else under that name is in
 # the way and ends the run at start-up, not with a traceback in the middle of it.
-LAYOUT = (("checkpoints", "dir", "checkpoint"), ("checkpoints/latest", "link", "checkpoint"),
-          ("checkpoints/best", "link", "checkpoint"), ("metrics.jsonl", "file", "log"),
-          ("config.yaml", "file", "run"), ("sample_keys", "dir", "log"), ("wandb", "dir", "log"),
-          ("metrics.csv", "file", "log"), ("tensorboard", "dir", "log"), ("summary.json", "file", "run"))
+LAYOUT = (
+    ("checkpoints", "dir", "checkpoint"),
+    ("checkpoints/latest", "link", "checkpoint"),
+    ("checkpoints/best", "link", "checkpoint"),
+    ("metrics.jsonl", "file", "log"),
+    ("config.yaml", "file", "run"),
+    ("sample_keys", "dir", "log"),
+    ("wandb", "dir", "log"),
+    ("metrics.csv", "file", "log"),
+    ("tensorboard", "dir", "log"),
+    ("summary.json", "file", "run"),
+)
 
 
 @contextlib.contextmanager
@@ -85,11 +93,14 @@ def make_run_dir(run_dir: Path) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        culprit = next((p for p in [*reversed(run_dir.parents), run_dir] if os.path.lexists(p) and not p.is_dir()),
-                       None)
+        culprit = next(
+            (p for p in [*reversed(run_dir.parents), run_dir] if os.path.lexists(p) and not p.is_dir()), None
+        )
         if culprit is not None:
-            raise RunDirError(f"run: {culprit} is {_kind(culprit)}, not a directory; move it away or choose "
-                              "another run.dir or run.name") from None
+            raise RunDirError(
+                f"run: {culprit} is {_kind(culprit)}, not a directory; move it away or choose "
+                "another run.dir or run.name"
+            ) from None
         raise RunDirError(f"run: cannot create {run_dir} ({e.strerror or e})") from None
 
 
@@ -101,8 +112,9 @@ def check_layout(run_dir: Path) -> None:
         ok = {"dir": path.is_dir(), "file": path.is_file(), "link": path.is_symlink()}[kind]
         if not ok:
             want = {"dir": "a directory", "file": "a file", "link": "a symbolic link"}[kind]
-            raise RunDirError(f"{owner}: {path} is {_kind(path)} where dtrain keeps {want}; move it away or "
-                              "use another run.name")
+            raise RunDirError(
+                f"{owner}: {path} is {_kind(path)} where dtrain keeps {want}; move it away or use another run.name"
+            )
 
 
 def _kind(path: Path) -> str:
@@ -115,6 +127,7 @@ def _kind(path: Path) -> str:
 @dataclass(frozen=True)
 class Seen:
     """A lock file as read: its bytes and mtime (both change only when someone writes or touches it)."""
+
     raw: bytes
     mtime: float
 
@@ -131,9 +144,16 @@ class RunLock:
     def __init__(self, run_dir: Path, heartbeat_s: float = HEARTBEAT_S, stale_after_s: float = STALE_AFTER_S):
         self.dir, self.path = Path(run_dir), Path(run_dir) / LOCK
         self.heartbeat_s, self.stale_after_s = heartbeat_s, stale_after_s
-        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
-                   "torchelastic_run": os.environ.get("TORCHELASTIC_RUN_ID"), "machine": _machine(),
-                   "process_start": _process_start(os.getpid()), "started": time.time(), "token": uuid.uuid4().hex}
+        self.me = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "slurm_job": os.environ.get("SLURM_JOB_ID"),
+            "torchelastic_run": os.environ.get("TORCHELASTIC_RUN_ID"),
+            "machine": _machine(),
+            "process_start": _process_start(os.getpid()),
+            "started": time.time(),
+            "token": uuid.uuid4().hex,
+        }
         self.raw = json.dumps(self.me).encode()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -225,8 +245,10 @@ class RunLock:
 
     def _same_job(self, seen: Seen) -> bool:
         record = seen.record
-        return any(self.me[k] and self.me[k] != "none" and record.get(k) == self.me[k]
-                   for k in ("slurm_job", "torchelastic_run"))
+        return any(
+            self.me[k] and self.me[k] != "none" and record.get(k) == self.me[k]
+            for k in ("slurm_job", "torchelastic_run")
+        )
 
     def _take_over(self, seen: Seen) -> bool:
         """Replace the stale lock `seen` with ours, unless another job does so first or it changed."""
@@ -255,8 +277,11 @@ class RunLock:
                 if seen is None or seen.raw != self.raw:
                     now = self._read()
                     holder = _describe(now.record) if now is not None else "another job"
-                    os.write(2, f"dtrain: error: run: {self.path} was taken over by {holder} (this job's heartbeat "
-                                f"stopped for over {self.stale_after_s:g} s); stopping without writing more\n".encode())
+                    os.write(
+                        2,
+                        f"dtrain: error: run: {self.path} was taken over by {holder} (this job's heartbeat "
+                        f"stopped for over {self.stale_after_s:g} s); stopping without writing more\n".encode(),
+                    )
                     os._exit(2)
                 os.utime(self.path)
             except (OSError, RunDirError):  # a file-system hiccup: try again at the next beat
@@ -266,10 +291,15 @@ class RunLock:
         record = seen.record
         age = time.time() - seen.mtime
         elsewhere = record.get("machine") != self.me["machine"]
-        return (f"run: {self.dir} is in use by {_describe(record)} (heartbeat {age:.0f} s ago); wait for it to end "
-                "or use another run.name"
-                + (f" (a lock from another host is taken over once its heartbeat is {self.stale_after_s:g} s old)"
-                   if elsewhere else ""))
+        return (
+            f"run: {self.dir} is in use by {_describe(record)} (heartbeat {age:.0f} s ago); wait for it to end "
+            "or use another run.name"
+            + (
+                f" (a lock from another host is taken over once its heartbeat is {self.stale_after_s:g} s old)"
+                if elsewhere
+                else ""
+            )
+        )
 
 
 def _describe(record: dict) -> str:

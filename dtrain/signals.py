@@ -35,6 +35,7 @@ MAX_STEPS_BETWEEN_CHECKS = 100
 
 class StopReason(str, enum.Enum):
     """Why training stopped: the first reason given wins. Its value is what `dtrain train` reports."""
+
     COMPLETED = "completed"  # every step of the plan
     EARLY_STOP = "early_stop"  # validation loss stopped improving
     STOP_AT_STEP = "stop_at_step"  # run.stop_at_step reached (resumable)
@@ -77,9 +78,12 @@ class StopControl:
             os._exit(130)
         busy = time.monotonic() - self.step_started if self.step_started is not None else 0.0
         if signum == signal.SIGTERM and self.stuck_after_s is not None and busy > self.stuck_after_s:
-            os.write(2, f"dtrain: SIGTERM received after {busy:.0f} s inside one step (longer than "
-                        f"dist.timeout_s={self.stuck_after_s:g}): this rank is stuck; exiting now without a "
-                        "checkpoint (the last one is intact)\n".encode())
+            os.write(
+                2,
+                f"dtrain: SIGTERM received after {busy:.0f} s inside one step (longer than "
+                f"dist.timeout_s={self.stuck_after_s:g}): this rank is stuck; exiting now without a "
+                "checkpoint (the last one is intact)\n".encode(),
+            )
             os._exit(128 + signal.SIGTERM)
         first = not self.flags.any()
         # Set the flag before saying anything: a second signal can re-enter this handler at any
@@ -87,8 +91,11 @@ class StopControl:
         self.flags[HANDLED[signal.Signals(signum)]] = 1
         self._signalled = True
         if first:  # os.write, not print: a handler may interrupt a print in progress
-            os.write(2, f"dtrain: {signal.Signals(signum).name} received: stopping after this step with a "
-                        f"checkpoint{' (interrupt again to abort)' if signum == signal.SIGINT else ''}\n".encode())
+            os.write(
+                2,
+                f"dtrain: {signal.Signals(signum).name} received: stopping after this step with a "
+                f"checkpoint{' (interrupt again to abort)' if signum == signal.SIGINT else ''}\n".encode(),
+            )
 
     def resumed(self, step: int, total_steps: int, patience_used_up: bool) -> None:
         """A run resumed at `step` with nothing left to train under this config: its training length reached

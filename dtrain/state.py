@@ -41,8 +41,10 @@ class Parts:
     own: dict[str, Stateful]  # saved by every rank (rank-N.pt), restored in this order
 
     def state(self) -> tuple[dict, dict]:
-        return ({"format": FORMAT, **{name: part.state_dict() for name, part in self.shared.items()}},
-                {name: part.state_dict() for name, part in self.own.items()})
+        return (
+            {"format": FORMAT, **{name: part.state_dict() for name, part in self.shared.items()}},
+            {name: part.state_dict() for name, part in self.own.items()},
+        )
 
     @property
     def files(self) -> Optional[Callable]:
@@ -67,8 +69,10 @@ def upgrade(state: dict, written_by: int) -> dict:
     before elastic resume it had no data position (rebuilt from its config and the `written_by` ranks)."""
     version = state.get("format", 1)
     if version > FORMAT:
-        raise CheckpointError(f"checkpoint: written by a newer dtrain (format {version}, this one reads up to "
-                              f"{FORMAT}); upgrade dtrain to resume it")
+        raise CheckpointError(
+            f"checkpoint: written by a newer dtrain (format {version}, this one reads up to "
+            f"{FORMAT}); upgrade dtrain to resume it"
+        )
     if version == FORMAT:
         return state
     from .data.elastic import DataPosition
@@ -77,11 +81,15 @@ def upgrade(state: dict, written_by: int) -> dict:
     step, steps_per_epoch = trainer["step"], trainer["steps_per_epoch"]
     position = trainer.get("data") or DataPosition.legacy_state(written_by, state["config"], step, steps_per_epoch)
     config = state["config"]
-    return {**state, "trainer": {"step": step},
-            "data": {**position, "step": step, "batch": [config["data"]["batch_size"], config["train"]["grad_accum"]]},
-            "nonfinite": {"skipped_updates": trainer["skipped_updates"]},
-            "evaluator": state.get("evaluator", trainer), "checkpointer": state.get("checkpointer", trainer),
-            "logger": state.get("logger", {})}
+    return {
+        **state,
+        "trainer": {"step": step},
+        "data": {**position, "step": step, "batch": [config["data"]["batch_size"], config["train"]["grad_accum"]]},
+        "nonfinite": {"skipped_updates": trainer["skipped_updates"]},
+        "evaluator": state.get("evaluator", trainer),
+        "checkpointer": state.get("checkpointer", trainer),
+        "logger": state.get("logger", {}),
+    }
 
 
 class RNG:
@@ -105,8 +113,11 @@ class RNG:
 def rng_state() -> dict:
     """This rank's RNG states, in types torch.load(weights_only=True) accepts."""
     np_state = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+    state = {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state

@@ -21,8 +21,9 @@ from .signals import StopReason
 
 
 class SkippedUpdates:
-    def __init__(self, policy: str, device: torch.device, stop, warn: Callable[[str], None],
-                 step_of: Callable[[], int]):
+    def __init__(
+        self, policy: str, device: torch.device, stop, warn: Callable[[str], None], step_of: Callable[[], int]
+    ):
         self.policy, self.stop, self.warn, self.step_of = policy, stop, warn, step_of
         self.total = 0
         self._pending = torch.zeros((), device=device)  # skipped updates not yet counted on the host
@@ -48,8 +49,10 @@ class SkippedUpdates:
         self._pending.zero_()
         self.total += n
         where = f"step {step}" if first == step else f"steps {first}-{step}"
-        self.warn(f"{where}: non-finite gradient norm; {n} update{'s' * (n > 1)} skipped "
-                  f"({self.total} so far, train.nonfinite={self.policy})")
+        self.warn(
+            f"{where}: non-finite gradient norm; {n} update{'s' * (n > 1)} skipped "
+            f"({self.total} so far, train.nonfinite={self.policy})"
+        )
         if self.policy == "stop":
             self.stop.request(StopReason.NONFINITE)
 
@@ -68,8 +71,17 @@ class SkippedUpdates:
 
 
 class StepLog:
-    def __init__(self, log, meter, loss_names: list[str], every: int, show_tokens: bool, lr_of: Callable[[], float],
-                 skipped: SkippedUpdates, device: torch.device):
+    def __init__(
+        self,
+        log,
+        meter,
+        loss_names: list[str],
+        every: int,
+        show_tokens: bool,
+        lr_of: Callable[[], float],
+        skipped: SkippedUpdates,
+        device: torch.device,
+    ):
         self.log, self.meter, self.names, self.every, self.show_tokens = log, meter, loss_names, every, show_tokens
         self.lr_of, self.skipped = lr_of, skipped
         self._sum = torch.zeros(len(loss_names), device=device)  # each loss term, summed since the last line

@@ -40,8 +40,15 @@ def peak_memory_mb(device: torch.device) -> float:
 class Throughput:
     """Accumulates steps and the time spent waiting for batches between two log lines."""
 
-    def __init__(self, samples_per_step: int, tokens_per_sample: Optional[int], flops_per_sample: Optional[float],
-                 peak_flops_per_device: Optional[float], world_size: int, device: torch.device):
+    def __init__(
+        self,
+        samples_per_step: int,
+        tokens_per_sample: Optional[int],
+        flops_per_sample: Optional[float],
+        peak_flops_per_device: Optional[float],
+        world_size: int,
+        device: torch.device,
+    ):
         self.samples_per_step, self.tokens_per_sample = samples_per_step, tokens_per_sample
         self.flops_per_sample, self.peak = flops_per_sample, peak_flops_per_device
         self.world_size, self.device = world_size, device
@@ -73,9 +80,13 @@ class Throughput:
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
         samples_per_s = self.steps * self.samples_per_step / elapsed
         tokens = {"tokens_per_s": samples_per_s * self.tokens_per_sample} if self.tokens_per_sample else {}
-        out = {"samples_per_s": samples_per_s, **tokens,  # tokens only where the inputs are tokens
-               "step_time_s": elapsed / max(self.steps, 1), "data_wait_frac": min(self.data_wait / elapsed, 1.0),
-               "peak_mem_mb": peak_memory_mb(self.device)}
+        out = {
+            "samples_per_s": samples_per_s,
+            **tokens,  # tokens only where the inputs are tokens
+            "step_time_s": elapsed / max(self.steps, 1),
+            "data_wait_frac": min(self.data_wait / elapsed, 1.0),
+            "peak_mem_mb": peak_memory_mb(self.device),
+        }
         if self.flops_per_sample and self.peak:
             # samples_per_s is global (all ranks): divide by every rank's peak
             out["mfu"] = self.flops_per_sample * samples_per_s / (self.peak * self.world_size)

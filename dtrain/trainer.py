@@ -28,8 +28,14 @@ from .state import RNG, Parts
 
 
 class Trainer:
-    def __init__(self, cfg: Config, dist_info: dist.DistInfo, debug: bool = False, hooks: Optional[Hooks] = None,
-                 callbacks: Optional[Callbacks] = None):
+    def __init__(
+        self,
+        cfg: Config,
+        dist_info: dist.DistInfo,
+        debug: bool = False,
+        hooks: Optional[Hooks] = None,
+        callbacks: Optional[Callbacks] = None,
+    ):
         self.cfg, self.info, self.debug = cfg, dist_info, debug
         # the run's lifecycle (run.py) hands in the callbacks it also tells how the run ended
         self.callbacks = callbacks or build_callbacks(cfg.run.callbacks, hooks and hooks.callbacks)
@@ -44,12 +50,25 @@ class Trainer:
         self.diverged: Optional[str] = None  # why, when check_weights stopped the run
         # what a checkpoint holds, restored in this order: the config is compared first, before anything loads
         # (the checkpointer adds its own state)
-        self.checkpointer = c.make_checkpointer(parts=Parts(
-            shared={"config": ConfigState(cfg, self.run_dir, self.log.info), "engine": self.engine, "trainer": self,
-                    "data": self.feed, "nonfinite": self.skipped, "evaluator": self.evaluator,
-                    "logger": self.log, "stop": self.stop},
-            own={"rng": RNG(cfg.run.seed, dist_info.global_rank, lambda: self.step, seed_all),
-                 "steplog": self.step_log, "callbacks": self.callbacks}))
+        self.checkpointer = c.make_checkpointer(
+            parts=Parts(
+                shared={
+                    "config": ConfigState(cfg, self.run_dir, self.log.info),
+                    "engine": self.engine,
+                    "trainer": self,
+                    "data": self.feed,
+                    "nonfinite": self.skipped,
+                    "evaluator": self.evaluator,
+                    "logger": self.log,
+                    "stop": self.stop,
+                },
+                own={
+                    "rng": RNG(cfg.run.seed, dist_info.global_rank, lambda: self.step, seed_all),
+                    "steplog": self.step_log,
+                    "callbacks": self.callbacks,
+                },
+            )
+        )
 
     # ---- the loop -----------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -67,8 +86,14 @@ class Trainer:
     def _fit(self) -> dict:
         self.resume()
         if self.stop.reason is not None:  # finished before this start: done, unless its test is still to run
-            done = already_tested(self.run_dir, self.step, self.stop.reason.value, self.info.is_global_zero,
-                                  self.log.info, has_test=self.test_data is not None)
+            done = already_tested(
+                self.run_dir,
+                self.step,
+                self.stop.reason.value,
+                self.info.is_global_zero,
+                self.log.info,
+                has_test=self.test_data is not None,
+            )
             if done is not None:
                 return done
         self.start_logs()
@@ -84,10 +109,16 @@ class Trainer:
             self.callbacks.add(Reporter(self.log.wandb.log_checkpoint, self.log.warning))
         if self.key_log:
             self.key_log.start(self.step, self.info.world_size, self.info.is_global_zero, self.log.info)
-        self.log.info(f"training {self.feed.total_steps} steps ({self.feed.steps_per_epoch}/epoch, "
-                      f"global batch {self.feed.samples_per_step}) in {self.run_dir}")
-        self.callbacks.emit("on_train_start", RunStart(self.info.global_rank, self.info.world_size,
-                                                       self.run_dir.absolute(), self.step, self.feed.total_steps))
+        self.log.info(
+            f"training {self.feed.total_steps} steps ({self.feed.steps_per_epoch}/epoch, "
+            f"global batch {self.feed.samples_per_step}) in {self.run_dir}"
+        )
+        self.callbacks.emit(
+            "on_train_start",
+            RunStart(
+                self.info.global_rank, self.info.world_size, self.run_dir.absolute(), self.step, self.feed.total_steps
+            ),
+        )
         self.meter.reset()
 
     def train_epoch(self, epoch_batches, epoch: Optional[int] = None) -> None:
@@ -124,9 +155,11 @@ class Trainer:
         if self.debug:  # .item() syncs the device: only in debug
             x = batches.model_input(batch) if isinstance(batch, (tuple, list)) or "x" in batch else None
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else batches.size(batch)
-            self.log.info(f"step {self.step + 1}: loss {loss_sum[0].item() / len(micro_batches):.5f} "
-                          f"grad_norm {grad_norm.item():.4f} lr {self.engine.lr:.3e} batch {shape} "
-                          f"{(time.perf_counter() - t0) * 1e3:.1f} ms")
+            self.log.info(
+                f"step {self.step + 1}: loss {loss_sum[0].item() / len(micro_batches):.5f} "
+                f"grad_norm {grad_norm.item():.4f} lr {self.engine.lr:.3e} batch {shape} "
+                f"{(time.perf_counter() - t0) * 1e3:.1f} ms"
+            )
         return loss_sum / len(micro_batches) if len(micro_batches) > 1 else loss_sum
 
     def after_step(self, loss: torch.Tensor, epoch: int) -> None:
@@ -145,8 +178,9 @@ class Trainer:
 
     def validate(self, epoch: int) -> None:
         with self.clock.part("validation"):
-            improved, stop_early = self.evaluator.validate(self.val_data, self.step, epoch, self.log,
-                                                           log_local=self.cfg.log.all_ranks and self.info.distributed)
+            improved, stop_early = self.evaluator.validate(
+                self.val_data, self.step, epoch, self.log, log_local=self.cfg.log.all_ranks and self.info.distributed
+            )
         self.callbacks.emit("on_validation_end", self.step, dict(self.evaluator.validated))
         self.checkpointer.after_validation(self.step, improved)
         if stop_early:
@@ -168,16 +202,21 @@ class Trainer:
         many batches (lr=1e30: finite weights of 1e29, every update after the first skipped, test loss NaN).
         Every parameter is read once (this rank's shards under FSDP), at the steps that save and at the end."""
         device = self.info.device
-        finite = [torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all().to(device)  # DTensor: shard
-                  for p in self.engine.module.parameters()]
+        finite = [
+            torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all().to(device)  # DTensor: shard
+            for p in self.engine.module.parameters()
+        ]
         bad = (~torch.stack(finite).all()).float() if finite else torch.zeros((), device=device)
         with dist.guard("non-finite weights all-reduce"):
             nonfinite = bool(dist.all_reduce_max(bad).item())
         in_a_row = self.skipped.in_a_row() if at_end and not nonfinite else 0  # the same on every rank
         if nonfinite or in_a_row >= 2:
             self.stop.reason = StopReason.NONFINITE  # over any reason: nothing after this step is kept
-            self.diverged = "the weights are non-finite (NaN/inf)" if nonfinite else \
-                f"the last {in_a_row} updates were skipped (non-finite gradients from the same weights)"
+            self.diverged = (
+                "the weights are non-finite (NaN/inf)"
+                if nonfinite
+                else f"the last {in_a_row} updates were skipped (non-finite gradients from the same weights)"
+            )
 
     def finish(self, reason: StopReason) -> dict:
         """The last checkpoint, then the test of the best weights, or (interrupted) how to go on."""
@@ -188,14 +227,20 @@ class Trainer:
         latest = self.checkpointer.pointer("latest")
         if self.diverged:
             kept = f"the newest checkpoint is {latest}" if latest else "no checkpoint was kept"
-            self.log.warning(f"stopped at step {self.step}: {self.diverged}: the run diverged; {kept}; lower "
-                             "optim.lr and run again, or start afresh under another run.name")
+            self.log.warning(
+                f"stopped at step {self.step}: {self.diverged}: the run diverged; {kept}; lower "
+                "optim.lr and run again, or start afresh under another run.name"
+            )
         elif reason == StopReason.NONFINITE:
-            self.log.warning(f"stopped at step {self.step}: non-finite gradients (train.nonfinite=stop); the last "
-                             f"good checkpoint is {latest}")
+            self.log.warning(
+                f"stopped at step {self.step}: non-finite gradients (train.nonfinite=stop); the last "
+                f"good checkpoint is {latest}"
+            )
         elif not reason.finished:
-            self.log.info(f"stopped at step {self.step} ({reason.value}); checkpoint saved, run the same "
-                          "command again to continue")
+            self.log.info(
+                f"stopped at step {self.step} ({reason.value}); checkpoint saved, run the same "
+                "command again to continue"
+            )
         return {"step": self.step, "stop_reason": reason.value, **(self.test() if reason.finished else {})}
 
     def test(self) -> dict:
@@ -204,8 +249,9 @@ class Trainer:
         if self.test_data is None:  # the data has no test split
             return {}
         with self.clock.part("test"):
-            return self.evaluator.test(self.test_data, self.step, self.checkpointer.pointer("best"),
-                                       self.checkpointer.load, self.log)
+            return self.evaluator.test(
+                self.test_data, self.step, self.checkpointer.pointer("best"), self.checkpointer.load, self.log
+            )
 
     # ---- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -25,8 +25,18 @@ from .models import BUILTIN
 
 # Every setting whose value is an import string that dtrain imports and calls (tests/test_trust.py keeps this
 # list complete against the config's documentation). A `_target_` mapping counts wherever it is.
-IMPORT_STRINGS = ("model.factory", "model.forward", "loss.fn", "metrics.fn", "data.sample", "data.transform",
-                  "data.collate", "optim.name", "schedule.name", "run.callbacks")
+IMPORT_STRINGS = (
+    "model.factory",
+    "model.forward",
+    "loss.fn",
+    "metrics.fn",
+    "data.sample",
+    "data.transform",
+    "data.collate",
+    "optim.name",
+    "schedule.name",
+    "run.callbacks",
+)
 # Settings that name dtrain's own code unless their value is an import string: a built-in name runs no user code.
 OWN_NAMES = {"model.factory": BUILTIN, "optim.name": OPTIMIZERS, "schedule.name": SCHEDULES}
 # Shards: a `pipe:` URL among them runs a shell command when the data is read.
@@ -63,17 +73,22 @@ def check_stored(cfg: Config, user: Config, source, trusted: bool, reads_data: b
     if trusted:
         return
     own = user.to_dict()
-    refused = [(path, value) for path, value in code_settings(cfg.to_dict(), reads_data)
-               if _get(own, list(path)) != value
-               # a script's own callable: rebuilt by that script only (importing.resolve says how)
-               and not (isinstance(value, str) and value.startswith("__main__:"))]
+    refused = [
+        (path, value)
+        for path, value in code_settings(cfg.to_dict(), reads_data)
+        if _get(own, list(path)) != value
+        # a script's own callable: rebuilt by that script only (importing.resolve says how)
+        and not (isinstance(value, str) and value.startswith("__main__:"))
+    ]
     if refused:
         (path, value), more = refused[0], [".".join(map(str, p)) for p, _ in refused[1:]]
         shown = value if len(str(value)) <= 80 else f"{str(value)[:77]}..."
         also = f" (and {', '.join(more)})" if more else ""
-        raise CheckpointError(f"checkpoint: {source} asks to run {'.'.join(map(str, path))}={shown}{also}, which "
-                              "your command line, --config and script do not name; name it there yourself, or "
-                              f"pass {TRUST_FLAG} if you trust this file")
+        raise CheckpointError(
+            f"checkpoint: {source} asks to run {'.'.join(map(str, path))}={shown}{also}, which "
+            "your command line, --config and script do not name; name it there yourself, or "
+            f"pass {TRUST_FLAG} if you trust this file"
+        )
 
 
 def naming(cfg: Config) -> list[str]:
@@ -86,7 +101,7 @@ def naming(cfg: Config) -> list[str]:
         if not (isinstance(value, str) and value.startswith("__main__:")):
             ints = [i for i, part in enumerate(path) if isinstance(part, int)]
             if ints:  # in a list, which no key=value reaches into: the list is named whole
-                path = path[:ints[0]]
+                path = path[: ints[0]]
                 value = _get(config, list(path))
             key = ".".join(path)
             plain = isinstance(value, str) and yaml.safe_load(value) == value  # read back as written

@@ -71,15 +71,18 @@ def _send_output_to_log() -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:  # appended across restarts and runs: where each attempt begins
-        f.write(f"---- dtrain launch: {time.strftime('%Y-%m-%d %H:%M:%S')}, rank {os.environ.get('RANK', '0')}, "
-                f"attempt {int(os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')) + 1}, pid {os.getpid()} ----\n")
+        f.write(
+            f"---- dtrain launch: {time.strftime('%Y-%m-%d %H:%M:%S')}, rank {os.environ.get('RANK', '0')}, "
+            f"attempt {int(os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')) + 1}, pid {os.getpid()} ----\n"
+        )
     sys.stdout.flush()
     sys.stderr.flush()
     if os.environ.get("RANK", "0") == "0":
         for fd in (1, 2):
             terminal = os.dup(fd)
-            tee = subprocess.Popen(["tee", "-a", str(path)], stdin=subprocess.PIPE, stdout=terminal,
-                                   start_new_session=True)
+            tee = subprocess.Popen(
+                ["tee", "-a", str(path)], stdin=subprocess.PIPE, stdout=terminal, start_new_session=True
+            )
             os.close(terminal)
             os.dup2(tee.stdin.fileno(), fd)
             tee.stdin.close()
@@ -98,6 +101,7 @@ def note(line: str, level: int = logging.INFO) -> None:
     log = rank_log()
     if log is None:
         from .logging import STDERR_HANDLER  # noqa: F401  (importing it installs dtrain's stderr handler)
+
         logging.getLogger("dtrain").log(level, line)
         return
     sys.stdout.flush()
@@ -118,12 +122,20 @@ def report_error(message: str, quiet: bool = False) -> None:
                 # the layout of torch's ErrorHandler.record_exception, with the line for a traceback:
                 # torchrun's summary shows py_callstack, and a message of another layout makes it warn
                 line = f"dtrain: error: {message}"
-                json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line,
-                                                                      "timestamp": str(int(time.time()))}}}, f)
+                json.dump(
+                    {
+                        "message": {
+                            "message": line,
+                            "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))},
+                        }
+                    },
+                    f,
+                )
         except OSError:
             pass
     if not quiet or rank_log() is not None:
         note(f"dtrain: error: {message}", logging.ERROR)
+
 
 if __name__ == "__main__":
     try:
@@ -133,5 +145,6 @@ if __name__ == "__main__":
         error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
         if error_file and not os.path.exists(error_file):
             from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
             ErrorHandler().record_exception(e)
         raise

@@ -17,8 +17,17 @@ import dtrain
 
 def build_model(input_shape, num_outputs, n_layer=2, n_head=4, n_embd=64):
     """dtrain passes the data set's input shape (context,) and outputs (256 byte tokens), and model.kwargs."""
-    return GPT2LMHeadModel(GPT2Config(vocab_size=num_outputs, n_positions=input_shape[-1], n_layer=n_layer,
-                                      n_head=n_head, n_embd=n_embd, bos_token_id=0, eos_token_id=0))
+    return GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=num_outputs,
+            n_positions=input_shape[-1],
+            n_layer=n_layer,
+            n_head=n_head,
+            n_embd=n_embd,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+    )
 
 
 def forward(model, batch):
@@ -32,9 +41,20 @@ def loss(output, batch):
 
 if __name__ == "__main__":
     dtrain.main(
-        config={"run.name": "hf-gpt2", "model.head": "lm_head", "data.dataset": "text", "data.text_context": 64, "data.text_bytes": 200_000,
-                "data.batch_size": 16, "train.epochs": 1, "optim.lr": 1e-3, "schedule.warmup_steps": 20},
-        model=build_model, forward=forward, loss=loss,
+        config={
+            "run.name": "hf-gpt2",
+            "model.head": "lm_head",
+            "data.dataset": "text",
+            "data.text_context": 64,
+            "data.text_bytes": 200_000,
+            "data.batch_size": 16,
+            "train.epochs": 1,
+            "optim.lr": 1e-3,
+            "schedule.warmup_steps": 20,
+        },
+        model=build_model,
+        forward=forward,
+        loss=loss,
         # updated with (logits, next tokens); synchronised across ranks by torchmetrics
         metrics={"token_acc": torchmetrics.classification.MulticlassAccuracy(num_classes=256, average="micro")},
     )

@@ -16,6 +16,7 @@ def augment(x: torch.Tensor) -> torch.Tensor:
     size = x.shape[-1]
     side = int(torch.randint(size * 3 // 4, size + 1, ()))
     top, left = (int(v) for v in torch.randint(0, size - side + 1, (2,)))
-    x = F.interpolate(x[None, :, top:top + side, left:left + side], size=(size, size), mode="bilinear",
-                      align_corners=False)[0]
+    x = F.interpolate(
+        x[None, :, top : top + side, left : left + side], size=(size, size), mode="bilinear", align_corners=False
+    )[0]
     return (x * (1 + 0.2 * (torch.rand(()) - 0.5))).clamp(0, 1)

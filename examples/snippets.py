@@ -29,7 +29,7 @@ def snippets(package: str, per_class: int):
         text = path.read_text(encoding="utf-8", errors="replace")
         start = 0
         while start < len(text) and len(out) < per_class:
-            piece = text[start:start + LENGTH]
+            piece = text[start : start + LENGTH]
             if piece.strip():
                 out.append(piece)
             start = start + LENGTH if "\n" not in piece else start + piece.rindex("\n") + 1
@@ -62,7 +62,7 @@ def write_shards(root, per_class: int = 500, shard_size: int = 100) -> Path:
         for n, start in enumerate(range(0, len(rows), shard_size)):
             paths.append(str(tmp / f"{split}-{n:06d}.tar"))
             with wds.TarWriter(paths[-1]) as sink:
-                for row in rows[start:start + shard_size]:
+                for row in rows[start : start + shard_size]:
                     sink.write(row)
         write_descriptor(descriptor(count_shards(paths), tmp / f"{split}.json"), tmp / f"{split}.json")
     try:
@@ -75,7 +75,7 @@ def write_shards(root, per_class: int = 500, shard_size: int = 100) -> Path:
 def tokens(text: str) -> list[int]:
     """A tokenizer built here, with no vocabulary to download or fit: words, numbers and punctuation, each
     hashed (crc32, the same in every process) to one of VOCAB - 2 ids, after the [CLS] token."""
-    return [CLS] + [2 + zlib.crc32(word.encode()) % (VOCAB - 2) for word in WORDS.findall(text)][:MAX_TOKENS - 1]
+    return [CLS] + [2 + zlib.crc32(word.encode()) % (VOCAB - 2) for word in WORDS.findall(text)][: MAX_TOKENS - 1]
 
 
 def collate(samples):
@@ -83,7 +83,7 @@ def collate(samples):
     rows = [tokens(s["x"]) for s in samples]
     ids = torch.full((len(rows), max(map(len, rows))), PAD, dtype=torch.long)
     for i, row in enumerate(rows):
-        ids[i, :len(row)] = torch.tensor(row)
+        ids[i, : len(row)] = torch.tensor(row)
     return {"input_ids": ids, "attention_mask": (ids != PAD).long(), "y": torch.tensor([s["y"] for s in samples])}
 
 

@@ -19,8 +19,11 @@ CONFIGS = REPO / "configs"
 
 
 def _env(extra: dict | None = None) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_", "TORCHELASTIC"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_", "TORCHELASTIC"))
+    }
     env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     # this checkout's dtrain, not whichever one `pip install -e` last pointed at (tests run with cwd=tmp_path)
     # after the test's own variables: a test's PYTHONPATH (its user modules) goes after it, not in its place
@@ -40,8 +43,9 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: -heavy[str(item.path)])  # stable: files keep their own order
 
 
-def run_dtrain(args: list[str], cwd: Path, timeout: float = 300, env: dict | None = None,
-               check: bool = True, process: bool = False) -> subprocess.CompletedProcess:
+def run_dtrain(
+    args: list[str], cwd: Path, timeout: float = 300, env: dict | None = None, check: bool = True, process: bool = False
+) -> subprocess.CompletedProcess:
     """`dtrain ARGS` in `cwd`; fails the test with the output when the exit code isn't 0. In this process (the
     command line's own `main`, stdout and stderr captured, one torch thread as the subprocesses have):
     a new python costs ~4 s of imports (torch, and torch._dynamo at the first optimizer), which over the
@@ -49,8 +53,15 @@ def run_dtrain(args: list[str], cwd: Path, timeout: float = 300, env: dict | Non
     time, its start-up time); a process of its own with torch already imported (W&B's service, a run that
     initialises torch.distributed): run_ranks(1, ..., launcher="single")."""
     if process:
-        proc = subprocess.run([sys.executable, "-m", "dtrain", *args], cwd=cwd, capture_output=True, text=True,
-                              timeout=timeout, env=_env(env), stdin=subprocess.DEVNULL)
+        proc = subprocess.run(
+            [sys.executable, "-m", "dtrain", *args],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=_env(env),
+            stdin=subprocess.DEVNULL,
+        )
     else:
         proc = _run_here(args, cwd, env)
     if check and proc.returncode != 0:
@@ -68,6 +79,7 @@ def _run_here(args: list[str], cwd: Path, env: dict | None, script: Path | None 
     import io
 
     from rank_server import run_as_python
+
     out, err = io.StringIO(), io.StringIO()
     saved_env, saved_path, saved_cwd, threads = dict(os.environ), list(sys.path), os.getcwd(), torch.get_num_threads()
     saved_argv = list(sys.argv)
@@ -97,11 +109,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_torchrun(nproc: int, args: list[str], cwd: Path, timeout: float = 300, check: bool = True,
-                 extra: list[str] = (), env: dict | None = None, script: Path | None = None) -> subprocess.CompletedProcess:
+def run_torchrun(
+    nproc: int,
+    args: list[str],
+    cwd: Path,
+    timeout: float = 300,
+    check: bool = True,
+    extra: list[str] = (),
+    env: dict | None = None,
+    script: Path | None = None,
+) -> subprocess.CompletedProcess:
     """`torchrun --nproc-per-node N -m dtrain ARGS` (or `... SCRIPT ARGS`) on loopback (gloo on CPU)."""
-    proc = subprocess.run(torchrun_cmd(nproc, args, extra, script), cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=_env(env), stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        torchrun_cmd(nproc, args, extra, script),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_env(env),
+        stdin=subprocess.DEVNULL,
+    )
     if check and proc.returncode != 0:
         pytest.fail(f"torchrun {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -110,9 +137,17 @@ def run_torchrun(nproc: int, args: list[str], cwd: Path, timeout: float = 300, c
 _RANK_SERVER: subprocess.Popen | None = None
 
 
-def run_ranks(nproc: int, args: list[str], cwd: Path, timeout: float = 300, check: bool = True,
-              env: dict | None = None, script: Path | None = None, preload: tuple[str, ...] = (),
-              launcher: str = "torchrun") -> subprocess.CompletedProcess:
+def run_ranks(
+    nproc: int,
+    args: list[str],
+    cwd: Path,
+    timeout: float = 300,
+    check: bool = True,
+    env: dict | None = None,
+    script: Path | None = None,
+    preload: tuple[str, ...] = (),
+    launcher: str = "torchrun",
+) -> subprocess.CompletedProcess:
     """`dtrain ARGS` (or `python SCRIPT ARGS`) on `nproc` ranks forked from tests/rank_server.py, a python of
     this test worker's with torch and dtrain imported: for runs whose subject is what the ranks compute, not
     how a launcher starts them (run_torchrun and `start` for that). A 2-rank digits run costs ~0.7 s of CPU
@@ -123,29 +158,64 @@ def run_ranks(nproc: int, args: list[str], cwd: Path, timeout: float = 300, chec
     train.engine=deepspeed). stdout and stderr are every rank's, as torchrun's are; the exit code is that of
     the rank that failed first."""
     import tempfile
+
     global _RANK_SERVER
     if _RANK_SERVER is None or _RANK_SERVER.poll() is not None:
-        _RANK_SERVER = subprocess.Popen([sys.executable, str(REPO / "tests" / "rank_server.py")], cwd=REPO,
-                                        env=_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                        start_new_session=True)  # its process group: it and its ranks
+        _RANK_SERVER = subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "rank_server.py")],
+            cwd=REPO,
+            env=_env(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )  # its process group: it and its ranks
     port, n = free_port(), str(nproc)
     if launcher == "torchrun":
-        ranks = [dict(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=n, LOCAL_WORLD_SIZE=n, GROUP_RANK="0",
-                      GROUP_WORLD_SIZE="1", ROLE_RANK=str(r), ROLE_WORLD_SIZE=n, MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port)) for r in range(nproc)]
+        ranks = [
+            dict(
+                RANK=str(r),
+                LOCAL_RANK=str(r),
+                WORLD_SIZE=n,
+                LOCAL_WORLD_SIZE=n,
+                GROUP_RANK="0",
+                GROUP_WORLD_SIZE="1",
+                ROLE_RANK=str(r),
+                ROLE_WORLD_SIZE=n,
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+            )
+            for r in range(nproc)
+        ]
     elif launcher == "single":
         assert nproc == 1, launcher
         ranks = [{}]
     else:  # a task of an srun step (SLURM_STEP_ID), not the batch script
-        ranks = [dict(SLURM_PROCID=str(r), SLURM_LOCALID=str(r), SLURM_NTASKS=n, SLURM_STEP_ID="0",
-                      SLURM_NODELIST="127.0.0.1", SLURM_JOB_ID=str(40000 + port % 20000)) for r in range(nproc)]
+        ranks = [
+            dict(
+                SLURM_PROCID=str(r),
+                SLURM_LOCALID=str(r),
+                SLURM_NTASKS=n,
+                SLURM_STEP_ID="0",
+                SLURM_NODELIST="127.0.0.1",
+                SLURM_JOB_ID=str(40000 + port % 20000),
+            )
+            for r in range(nproc)
+        ]
     preload = (*preload, *(["deepspeed"] if "train.engine=deepspeed" in args else []))
     with tempfile.TemporaryDirectory() as logs:
         out, err = Path(logs) / "stdout", Path(logs) / "stderr"
         out.touch(), err.touch()
-        request = dict(args=[str(a) for a in args], cwd=str(cwd), env=[_env({**(env or {}), **r}) for r in ranks],
-                       script=str(script) if script else None, stdout=str(out), stderr=str(err), timeout=timeout,
-                       preload=list(preload))
+        request = dict(
+            args=[str(a) for a in args],
+            cwd=str(cwd),
+            env=[_env({**(env or {}), **r}) for r in ranks],
+            script=str(script) if script else None,
+            stdout=str(out),
+            stderr=str(err),
+            timeout=timeout,
+            preload=list(preload),
+        )
         try:
             _RANK_SERVER.stdin.write(json.dumps(request) + "\n")
             _RANK_SERVER.stdin.flush()
@@ -156,8 +226,9 @@ def run_ranks(nproc: int, args: list[str], cwd: Path, timeout: float = 300, chec
             raise
         assert reply, "tests/rank_server.py ended"
         reply = json.loads(reply)
-        proc = subprocess.CompletedProcess(["ranks", *map(str, args)], reply["failed"], out.read_text(),
-                                           err.read_text())
+        proc = subprocess.CompletedProcess(
+            ["ranks", *map(str, args)], reply["failed"], out.read_text(), err.read_text()
+        )
     what = f"{nproc} ranks ({launcher}) of {' '.join(map(str, args))}"
     if reply["timed_out"]:
         pytest.fail(f"{what} ran past {timeout} s\n{proc.stdout}\n{proc.stderr}")
@@ -185,6 +256,7 @@ def data_root(tmp_path_factory) -> Path:
     """Built-in shards written once per session (`data.root=` this)."""
     root = tmp_path_factory.mktemp("data")
     from dtrain.data import make_builtin
+
     make_builtin("digits", root / "digits", 250)
     return root
 
@@ -194,6 +266,7 @@ def resume_reference(tmp_path_factory) -> tuple[Path, dict]:
     """(run dir, result) of test_faults' RESUME_ARGS run uninterrupted on 2 ranks (run_ranks): the reference
     of the resume tests in test_faults and test_launcher (once per xdist worker that runs either)."""
     from test_faults import RESUME_ARGS
+
     cwd = tmp_path_factory.mktemp("straight")
     return cwd / "runs" / "r", result_of(run_ranks(2, RESUME_ARGS + ["run.name=r"], cwd))
 
@@ -203,21 +276,42 @@ def elastic_reference(tmp_path_factory, data_root) -> tuple[Path, dict]:
     """(run dir, result) of test_elastic's ARGS run uninterrupted on 2 ranks (run_ranks): the samples of each
     epoch that test_elastic's resumes on 1 and 3 ranks and test_launcher's lost-node run compare with."""
     from test_elastic import ARGS
+
     cwd = tmp_path_factory.mktemp("elastic-straight")
-    return cwd / "runs" / "straight", result_of(run_ranks(2, ARGS + [f"data.root={data_root}", "run.name=straight"],
-                                                          cwd))
+    return cwd / "runs" / "straight", result_of(
+        run_ranks(2, ARGS + [f"data.root={data_root}", "run.name=straight"], cwd)
+    )
 
 
 def torchrun_cmd(nproc: int, args: list[str], extra: list[str] = (), script: Path | None = None) -> list[str]:
     target = [str(script)] if script else ["-m", "dtrain"]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
-            "127.0.0.1", "--master-port", str(free_port()), *extra, *target, *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        *extra,
+        *target,
+        *args,
+    ]
 
 
 def start(cmd: list[str], cwd: Path, tag: str, env: dict | None = None) -> subprocess.Popen:
     """Start a command in the background; its processes (and torchrun's workers) carry DTRAIN_TEST_TAG."""
-    return subprocess.Popen(cmd, cwd=cwd, env=_env({"DTRAIN_TEST_TAG": tag, **(env or {})}), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    return subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env=_env({"DTRAIN_TEST_TAG": tag, **(env or {})}),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def workers(tag: str, needle: bytes = b"dtrain") -> dict[int, int]:
@@ -227,19 +321,26 @@ def workers(tag: str, needle: bytes = b"dtrain") -> dict[int, int]:
     found = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            env = dict(kv.split("=", 1) for kv in
-                       Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0") if "=" in kv)
+            env = dict(
+                kv.split("=", 1)
+                for kv in Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+                if "=" in kv
+            )
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if env.get("DTRAIN_TEST_TAG") == tag and any(needle in arg for arg in cmdline) and \
-                b"torch.distributed.run" not in cmdline:
+        if (
+            env.get("DTRAIN_TEST_TAG") == tag
+            and any(needle in arg for arg in cmdline)
+            and b"torch.distributed.run" not in cmdline
+        ):
             found[int(env.get("RANK", 0))] = int(pid)
     return found
 
 
 def wait_for(predicate, timeout: float = 120, interval: float = 0.05, what: str = "condition"):
     import time
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()

@@ -27,11 +27,18 @@ def fill(engine, step: int) -> None:
 def main(root: Path, async_save: bool) -> None:
     info = dist.setup("gloo", timeout_s=60)
     model = nn.Sequential(nn.Linear(1500, 1500), nn.Linear(1500, 1500))  # 4.5M parameters, 54 MB with AdamW
-    engine = build_engine(model, lambda m: torch.optim.AdamW(m.parameters()),
-                          lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0), TrainConfig(engine="fsdp"), info,
-                          fsdp_cfg=FSDPConfig(), log=lambda m: None)
-    ckpt = Checkpointer(root, keep_last=2, dist_info=info, config_hash="test", async_save=async_save,
-                        group=dist.new_cpu_group(60))
+    engine = build_engine(
+        model,
+        lambda m: torch.optim.AdamW(m.parameters()),
+        lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0),
+        TrainConfig(engine="fsdp"),
+        info,
+        fsdp_cfg=FSDPConfig(),
+        log=lambda m: None,
+    )
+    ckpt = Checkpointer(
+        root, keep_last=2, dist_info=info, config_hash="test", async_save=async_save, group=dist.new_cpu_group(60)
+    )
     found = ckpt.load_latest(lambda m: print(m, file=sys.stderr, flush=True))
     step = 0
     if found:
@@ -45,8 +52,9 @@ def main(root: Path, async_save: bool) -> None:
     while True:
         step += 1
         fill(engine, step)
-        ckpt.save(step, {"engine": engine.state_dict(), "step": step}, {"rank": info.global_rank},
-                  write_files=engine.save_to)
+        ckpt.save(
+            step, {"engine": engine.state_dict(), "step": step}, {"rank": info.global_rank}, write_files=engine.save_to
+        )
 
 
 if __name__ == "__main__":

@@ -32,8 +32,15 @@ MODEL: list[torch.nn.Module] = []
 
 
 def build_model(input_shape, num_outputs):
-    MODEL.append(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(),
-                                     torch.nn.Dropout(0.1), torch.nn.Linear(32, num_outputs)))
+    MODEL.append(
+        torch.nn.Sequential(
+            torch.nn.Flatten(),
+            torch.nn.Linear(64, 32),
+            torch.nn.ReLU(),
+            torch.nn.Dropout(0.1),
+            torch.nn.Linear(32, num_outputs),
+        )
+    )
     return MODEL[-1]
 
 
@@ -42,8 +49,11 @@ def forward(model, batch):
     micro-batch at full quorum), SIGKILL."""
     if model.training:
         FORWARDS.append(1)
-        if GROUP == os.environ.get("FT_KILL_GROUP") and len(FORWARDS) == int(os.environ.get("FT_KILL_IN_STEP", -1)) \
-                and not (OUT / "killed").exists():
+        if (
+            GROUP == os.environ.get("FT_KILL_GROUP")
+            and len(FORWARDS) == int(os.environ.get("FT_KILL_IN_STEP", -1))
+            and not (OUT / "killed").exists()
+        ):
             (OUT / "killed").touch()
             os.kill(os.getpid(), signal.SIGKILL)
     return default_forward(model, batch)

@@ -59,6 +59,7 @@ def build_large(hidden: int, layers: int):
     """dtrain's MLP (what `dtrain train` builds for model.kwargs.hidden=[hidden] * layers) and AdamW (dtrain's
     default optimizer, fused on CPU as optim.fused=auto picks): 12 bytes of checkpoint state per parameter."""
     from dtrain.models import mlp
+
     torch.manual_seed(0)
     model = mlp((DIM,), 1, hidden=[hidden] * layers)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -127,13 +128,24 @@ def main() -> None:
             state = receive(*a, **kw)
             write(heal_transfer_s=time.monotonic() - start)  # in torchft's recovery thread: one line, one write
             return state
+
         transport.recv_checkpoint = timed_receive
-    runner = Runner(manager, model, opt, torch.nn.functional.mse_loss, order,
-                    lambda keys: (x[keys], y[keys]), args.global_batch, N // args.global_batch, scheduler=sched,
-                    micro_batch=args.micro_batch,
-                    say=lambda line: print(line, file=sys.stderr, flush=True))
+    runner = Runner(
+        manager,
+        model,
+        opt,
+        torch.nn.functional.mse_loss,
+        order,
+        lambda keys: (x[keys], y[keys]),
+        args.global_batch,
+        N // args.global_batch,
+        scheduler=sched,
+        micro_batch=args.micro_batch,
+        say=lambda line: print(line, file=sys.stderr, flush=True),
+    )
     (args.out / f"g{args.replica_id}.up").touch()  # heartbeating from here on: the lighthouse will wait for it
     write(started=True)
+
     def last_step() -> int:  # every group reads the same step: they end together, none is left without a quorum
         told = args.stop_file and args.stop_file.exists() and args.stop_file.read_text().strip()
         return int(told) if told else args.steps
@@ -145,8 +157,17 @@ def main() -> None:
         if time.monotonic() - held > 0.05:
             write(held_s=time.monotonic() - held)
         r = runner.step(votes=[float(manager.current_step() == args.vote_at)])
-        write(step=r.step, committed=r.committed, participants=r.participants, rank=r.replica_rank, keys=r.keys,
-              micro_batches=r.micro_batches, loss=r.loss, votes=r.votes, weights=hashed(model))
+        write(
+            step=r.step,
+            committed=r.committed,
+            participants=r.participants,
+            rank=r.replica_rank,
+            keys=r.keys,
+            micro_batches=r.micro_batches,
+            loss=r.loss,
+            votes=r.votes,
+            weights=hashed(model),
+        )
         if r.committed and args.save_every and manager.current_step() % args.save_every == 0:
             start, path = time.monotonic(), args.out / f"ckpt-g{args.replica_id}.pt"
             torch.save(runner.checkpoint_state(), path.with_suffix(".tmp"))

@@ -31,6 +31,7 @@ def run_as_python(args: list[str], script: str | None = None) -> int:
     Sets sys.argv as python would; sys.path, the environment and the working directory are the caller's.
     (conftest's in-process runner uses it too.)"""
     import dtrain.cli
+
     sys.argv = [str(script) if script else os.path.join(os.path.dirname(dtrain.cli.__file__), "__main__.py"), *args]
     try:
         if script is None:
@@ -56,8 +57,10 @@ def _rank(req: dict, rank: int) -> None:
         os.environ.update(req["env"][rank])
         # as python's: the script's folder (or, for `-m dtrain`, the working directory), then PYTHONPATH's
         script = req.get("script")
-        sys.path[0:1] = [os.path.dirname(os.path.abspath(script)) if script else os.getcwd(),
-                         *(p for p in req["env"][rank].get("PYTHONPATH", "").split(os.pathsep) if p)]
+        sys.path[0:1] = [
+            os.path.dirname(os.path.abspath(script)) if script else os.getcwd(),
+            *(p for p in req["env"][rank].get("PYTHONPATH", "").split(os.pathsep) if p),
+        ]
         code = run_as_python(req["args"], script)
     except BaseException:  # noqa: BLE001 - as python prints an uncaught exception, and exits 1
         traceback.print_exc()
@@ -110,4 +113,5 @@ if __name__ == "__main__":
     # tests' environment sets OMP_NUM_THREADS=1) and no tensor op here: a fork must not inherit a thread pool
     import torch._dynamo  # noqa: F401  (the optimizer's first step imports it)
     import dtrain.trainer  # noqa: F401
+
     serve()

@@ -14,8 +14,9 @@ _step = trainer.Trainer.train_step
 
 
 def train_step(self, micro_batches):
-    if self.info.global_rank == int(os.environ.get("SLEEPY_RANK", -1)) and \
-            self.step + 1 == int(os.environ.get("SLEEPY_STEP", -1)):
+    if self.info.global_rank == int(os.environ.get("SLEEPY_RANK", -1)) and self.step + 1 == int(
+        os.environ.get("SLEEPY_STEP", -1)
+    ):
         time.sleep(3600)
     if self.info.world_size == 1:
         time.sleep(float(os.environ.get("SLOW_ALONE_S", 0)))

@@ -14,8 +14,16 @@ from dtrain.checkpoint import verify
 from dtrain.config import ConfigError
 
 USERCODE = REPO / "tests" / "usercode"
-ARGS = ["log.progress=false", "train.max_steps=6", "train.val_every=3", "checkpoint.every=3", "train.log_every=1",
-        "data.batch_size=32", "run.doctor=false", "run.name=cb"]
+ARGS = [
+    "log.progress=false",
+    "train.max_steps=6",
+    "train.val_every=3",
+    "checkpoint.every=3",
+    "train.log_every=1",
+    "data.batch_size=32",
+    "run.doctor=false",
+    "run.name=cb",
+]
 
 
 @pytest.fixture
@@ -51,6 +59,7 @@ class Recorder:
 
 class Counter:
     """Counts the steps it saw; resumed with the run."""
+
     made = []
 
     def __init__(self):
@@ -74,13 +83,22 @@ def test_every_event_fires_in_order_with_its_arguments(here, tmp_path, async_sav
     run_dir, names = tmp_path / "runs" / "cb", [e[0] for e in rec.events]
     assert names[0] == "on_train_start" and names[-1] == "on_train_end" and "on_exception" not in names
     start = rec.events[0][1]
-    assert (start.global_rank, start.world_size, start.is_global_zero, start.step, start.total_steps, start.run_dir) \
-        == (0, 1, True, 0, 6, run_dir)
+    assert (
+        start.global_rank,
+        start.world_size,
+        start.is_global_zero,
+        start.step,
+        start.total_steps,
+        start.run_dir,
+    ) == (0, 1, True, 0, 6, run_dir)
     assert [e[1] for e in rec.events if e[0] == "on_step_end"] == [1, 2, 3, 4, 5, 6]
     logged = {r["step"]: r["loss"] for r in metrics_of(run_dir) if "loss" in r}  # log_every=1: this rank's = the mean
     assert all(e[2] == pytest.approx(logged[e[1]], rel=1e-5) for e in rec.events if e[0] == "on_step_end")
-    val = {r["step"]: {k: v for k, v in r.items() if k not in ("step", "epoch")}
-           for r in metrics_of(run_dir) if "val/loss" in r}
+    val = {
+        r["step"]: {k: v for k, v in r.items() if k not in ("step", "epoch")}
+        for r in metrics_of(run_dir)
+        if "val/loss" in r
+    }
     assert {e[1]: e[2] for e in rec.events if e[0] == "on_validation_end"} == val and set(val) >= {3, 6}
     published = [e for e in rec.events if e[0] == "on_checkpoint"]
     assert published and all(e[1] == run_dir / "checkpoints" / f"step-{e[2]:08d}" and e[4] == e[2] for e in published)
@@ -111,6 +129,7 @@ def test_callbacks_named_in_the_config_are_made_saved_and_recorded(here, tmp_pat
     config = yaml.safe_load((tmp_path / "runs" / "cb" / "config.yaml").read_text())
     assert config["run"]["callbacks"] == ["test_callbacks:Counter"]
     import torch
+
     own = torch.load(tmp_path / "runs" / "cb" / "checkpoints" / "latest" / "rank-00000.pt", weights_only=True)
     assert own["callbacks"] == {"test_callbacks:Counter": {"steps": 6}}
 
@@ -131,8 +150,8 @@ def test_a_checkpoints_callbacks_are_code_that_eval_never_imports(here, tmp_path
     proc = run_dtrain(["eval", "--checkpoint", "runs/cb"], tmp_path, check=False)
     assert proc.returncode == 0 and "asks to run" not in proc.stderr, proc.stderr[-2000:]
     printed = shlex.split(json.loads((tmp_path / "runs" / "cb" / "summary.json").read_text())["evaluate"])
-    assert "run.callbacks=[\"test_callbacks:Counter\"]" in printed
-    run_dtrain(printed[printed.index("eval"):], tmp_path)
+    assert 'run.callbacks=["test_callbacks:Counter"]' in printed
+    run_dtrain(printed[printed.index("eval") :], tmp_path)
 
 
 def test_a_callback_with_no_events_and_a_bad_import_string_are_one_line(here):
@@ -158,9 +177,19 @@ def test_an_exception_in_a_callback_is_told_and_raised_as_the_users(here, tmp_pa
 
 @pytest.mark.multiproc
 def test_a_callback_raising_on_rank_1_of_2_ends_both_ranks_with_its_traceback_once(tmp_path, data_root):
-    proc = run_ranks(2, ["train", f"data.root={data_root}", *ARGS, "dist.timeout_s=30",
-                         "run.callbacks=[callbacks_user:FailAtStep3OnRank1]"], tmp_path, check=False,
-                     env={"PYTHONPATH": str(USERCODE)})
+    proc = run_ranks(
+        2,
+        [
+            "train",
+            f"data.root={data_root}",
+            *ARGS,
+            "dist.timeout_s=30",
+            "run.callbacks=[callbacks_user:FailAtStep3OnRank1]",
+        ],
+        tmp_path,
+        check=False,
+        env={"PYTHONPATH": str(USERCODE)},
+    )
     assert proc.returncode != 0
     assert proc.stderr.count("ValueError: a bug in callbacks_user.FailAtStep3OnRank1") == 1, proc.stderr
     assert proc.stderr.count("Traceback") == 1 and "callbacks_user.py" in proc.stderr
@@ -190,8 +219,15 @@ def test_a_failing_report_of_dtrains_own_is_a_warning_not_the_runs_end(tmp_path)
         raise ConnectionError("W&B is unreachable")
 
     warned, seen = [], []
-    checkpointer = Checkpointer(tmp_path / "checkpoints", 2, setup(force_single=True), "h", callbacks=Callbacks(
-        [Reporter(unreachable, warned.append), Reporter(lambda *told: seen.append(told), warned.append)]))
+    checkpointer = Checkpointer(
+        tmp_path / "checkpoints",
+        2,
+        setup(force_single=True),
+        "h",
+        callbacks=Callbacks(
+            [Reporter(unreachable, warned.append), Reporter(lambda *told: seen.append(told), warned.append)]
+        ),
+    )
     checkpointer.save(3, {"w": torch.zeros(2)}, {}, best=True)
     assert warned == ["checkpoint: step-00000003 saved, but reporting it failed (ConnectionError: W&B is unreachable)"]
     assert seen == [((tmp_path / "checkpoints" / "step-00000003").absolute(), 3, True)] and verify(seen[0][0])

@@ -21,15 +21,24 @@ from dtrain.config import ConfigError
 from dtrain.dist import LaunchError
 
 # `python -m dtrain ARGS`, saying at its exit (atexit: after SystemExit too) whether torch was imported
-TORCH_PROBE = ("import atexit, runpy, sys\n"
-               "atexit.register(lambda: print('torch imported:', 'torch' in sys.modules, file=sys.stderr))\n"
-               "sys.argv = ['dtrain', *sys.argv[1:]]\n"
-               "runpy.run_module('dtrain', run_name='__main__', alter_sys=True)\n")
+TORCH_PROBE = (
+    "import atexit, runpy, sys\n"
+    "atexit.register(lambda: print('torch imported:', 'torch' in sys.modules, file=sys.stderr))\n"
+    "sys.argv = ['dtrain', *sys.argv[1:]]\n"
+    "runpy.run_module('dtrain', run_name='__main__', alter_sys=True)\n"
+)
 
 
 def run_probed(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", TORCH_PROBE, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=120, env=_env(), stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-c", TORCH_PROBE, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(),
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def write_script(tmp_path: Path) -> str:
@@ -37,13 +46,20 @@ def write_script(tmp_path: Path) -> str:
     return str(tmp_path / "train.py")
 
 
-@pytest.mark.parametrize("args, code", [
-    (["--help"], 0), (["train", "--help"], 0), (["config"], 0), (["config", "--describe"], 0),
-    (["config", "--schema"], 0), (["completion", "bash"], 0),
-    (["train", "optim.lrr=0.1"], 2),  # a config error's line
-    (["launch", "--nproc-per-node", "2", "train", "optim.lrr=0.1"], 2),
-    (["launch", "--nproc-per-node", "2", "SCRIPT", "optim.lrr=0.1"], 2),
-])
+@pytest.mark.parametrize(
+    "args, code",
+    [
+        (["--help"], 0),
+        (["train", "--help"], 0),
+        (["config"], 0),
+        (["config", "--describe"], 0),
+        (["config", "--schema"], 0),
+        (["completion", "bash"], 0),
+        (["train", "optim.lrr=0.1"], 2),  # a config error's line
+        (["launch", "--nproc-per-node", "2", "train", "optim.lrr=0.1"], 2),
+        (["launch", "--nproc-per-node", "2", "SCRIPT", "optim.lrr=0.1"], 2),
+    ],
+)
 def test_commands_without_a_model_import_no_torch(tmp_path, args, code):
     """Importing torch was 1.5 s of `dtrain --help`'s 1.7 s on an idle machine (and 9 s of 11 on a loaded one)."""
     args = [write_script(tmp_path) if a == "SCRIPT" else a for a in args]
@@ -51,8 +67,9 @@ def test_commands_without_a_model_import_no_torch(tmp_path, args, code):
     assert proc.returncode == code, proc.stderr
     assert proc.stderr.splitlines()[-1] == "torch imported: False", proc.stderr
     if code == 2:
-        assert proc.stderr.splitlines()[0] == "dtrain: error: config: unknown key 'optim.lrr'; did you mean " \
-                                             "'optim.lr'?", proc.stderr
+        assert (
+            proc.stderr.splitlines()[0] == "dtrain: error: config: unknown key 'optim.lrr'; did you mean 'optim.lr'?"
+        ), proc.stderr
 
 
 def test_describe_reads_the_factories_as_dtrain_models_describes_them(capsys):
@@ -69,10 +86,15 @@ def test_describe_reads_the_factories_as_dtrain_models_describes_them(capsys):
 def test_a_scripts_misspelled_key_is_one_line_before_any_worker_starts(tmp_path):
     """Its workers said it 10 s later (started, torch imported, the script run) under `--nproc-per-node 2`."""
     script = write_script(tmp_path)
-    proc = run_dtrain(["launch", "--nproc-per-node", "2", script, "--config", str(REPO / "configs" / "digits.yaml"),
-                       "optim.lrr=0.1"], tmp_path, check=False, process=True)
+    proc = run_dtrain(
+        ["launch", "--nproc-per-node", "2", script, "--config", str(REPO / "configs" / "digits.yaml"), "optim.lrr=0.1"],
+        tmp_path,
+        check=False,
+        process=True,
+    )
     assert proc.returncode == 2 and proc.stderr.splitlines() == [
-        "dtrain: error: config: unknown key 'optim.lrr'; did you mean 'optim.lr'?"], proc.stderr
+        "dtrain: error: config: unknown key 'optim.lrr'; did you mean 'optim.lr'?"
+    ], proc.stderr
     assert not (tmp_path / "runs").exists()  # no worker, no log
 
 
@@ -81,10 +103,18 @@ def test_a_scripts_own_arguments_are_left_to_it(tmp_path):
     of the script's own (epochs=3), or arguments dtrain's command line lacks (the script reads them itself),
     go to the workers as before; so do keys inside a dict-valued setting (model.kwargs.*)."""
     script, parser = write_script(tmp_path), parse_args(["config"]).parser  # dtrain's, as `dtrain launch` has it
-    for args in (["epochs=3"], ["optim.lrr=0.1", "--own-flag"], ["model.kwargs.depth=3", "run.name=r"],
-                 ["optim.lr=fast"]):  # a bad value: the workers say it, with the script's own config= defaults
+    for args in (
+        ["epochs=3"],
+        ["optim.lrr=0.1", "--own-flag"],
+        ["model.kwargs.depth=3", "run.name=r"],
+        ["optim.lr=fast"],
+    ):  # a bad value: the workers say it, with the script's own config= defaults
         launcher._resolve([script, *args], parser)
-    for args in (["optim.lrr=0.1"], ["--config", "c.yaml", "-q", "data.nosuch=1"], ["eval", "--checkpoint", "r", "model.name=mlp"]):
+    for args in (
+        ["optim.lrr=0.1"],
+        ["--config", "c.yaml", "-q", "data.nosuch=1"],
+        ["eval", "--checkpoint", "r", "model.name=mlp"],
+    ):
         with pytest.raises(ConfigError, match="^config: "):
             launcher._resolve([script, *args], parser)
 
@@ -92,18 +122,21 @@ def test_a_scripts_own_arguments_are_left_to_it(tmp_path):
 # ---- an untested torch under dtrain launch ------------------------------------------------------------------
 def test_torch_tested_range():
     assert launcher.TORCH_TESTED == ">=2.13,<2.14"
-    assert [launcher.torch_tested(v) for v in ("2.13.0", "2.13.1+cu128", "2.13.0a0+git1234", "2.12.1",
-                                               "2.14.0.dev20270101", "3.0.0")] == [True, True, True, False, False,
-                                                                                   False]
+    assert [
+        launcher.torch_tested(v)
+        for v in ("2.13.0", "2.13.1+cu128", "2.13.0a0+git1234", "2.12.1", "2.14.0.dev20270101", "3.0.0")
+    ] == [True, True, True, False, False, False]
 
 
 def test_an_untested_torch_is_one_warning_line(monkeypatch, capsys):
     import torch
+
     monkeypatch.setattr(torch, "__version__", "2.15.0")
     launcher._agent_class()
     assert capsys.readouterr().err.splitlines() == [
         "launch: warning: torch 2.15.0 is not among the releases dtrain launch is tested with (torch>=2.13,<2.14); "
-        "if its agent fails, install a tested torch or use torchrun"]
+        "if its agent fails, install a tested torch or use torchrun"
+    ]
     monkeypatch.setattr(torch, "__version__", "2.13.0")
     launcher._agent_class()
     assert capsys.readouterr().err == ""
@@ -113,13 +146,18 @@ def test_an_agent_without_the_private_methods_is_one_line(monkeypatch):
     """torch's agent without a method dtrain's overrides: an AttributeError inside the agent once the workers
     ran (super()._monitor_workers), now a LaunchError line (exit 2) before any starts."""
     from torch.distributed.elastic.agent.server.api import SimpleElasticAgent
+
     monkeypatch.delattr(SimpleElasticAgent, "_monitor_workers", raising=False)
     from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+
     monkeypatch.delattr(LocalElasticAgent, "_monitor_workers", raising=False)
-    with pytest.raises(LaunchError, match=r"^launch: torch \S+'s elastic agent has no _monitor_workers, which dtrain "
-                                          r"launch builds on \(tested with torch>=2.13,<2.14\): install a tested "
-                                          r"torch \(pip install 'torch>=2.13,<2.14'\), or start the workers with "
-                                          r"torchrun$"):
+    with pytest.raises(
+        LaunchError,
+        match=r"^launch: torch \S+'s elastic agent has no _monitor_workers, which dtrain "
+        r"launch builds on \(tested with torch>=2.13,<2.14\): install a tested "
+        r"torch \(pip install 'torch>=2.13,<2.14'\), or start the workers with "
+        r"torchrun$",
+    ):
         launcher._agent_class()
     with pytest.raises(LaunchError, match="has no _pcontext, _shutdown_timeout, which"):
         launcher._check_agent(type("Agent", (), {"_remaining_restarts": 0})(), launcher.AGENT_ATTRIBUTES)
@@ -172,9 +210,17 @@ def test_out_without_schema_is_one_line(tmp_path):
 def complete(script: Path, words: list[str]) -> list[str]:
     """What the completion function offers for `words` (the last being completed), in bash."""
     line = " ".join(f"'{w}'" for w in words)
-    proc = subprocess.run(["bash", "-c", f'source {script}; COMP_WORDS=({line}); COMP_CWORD={len(words) - 1}; '
-                                         'COMPREPLY=(); _dtrain; printf "%s\\n" "${COMPREPLY[@]}"'],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            "bash",
+            "-c",
+            f"source {script}; COMP_WORDS=({line}); COMP_CWORD={len(words) - 1}; "
+            'COMPREPLY=(); _dtrain; printf "%s\\n" "${COMPREPLY[@]}"',
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.split()
 
@@ -217,12 +263,14 @@ def test_an_error_of_dtrains_is_told_by_its_class_wherever_it_is_defined(monkeyp
 
     def fail(args):
         raise moved("checkpoint: runs/x holds no checkpoint; train first")
+
     monkeypatch.setattr(cli, "_config", fail)
     assert cli.main(["config"]) == 2
     assert capsys.readouterr().err == "dtrain: error: checkpoint: runs/x holds no checkpoint; train first\n"
 
     def bug(args):
         raise type("CheckpointError", (RuntimeError,), {"__module__": "mypkg.errors"})("the user's own")
+
     monkeypatch.setattr(cli, "_config", bug)
     with pytest.raises(RuntimeError, match="the user's own"):
         cli.main(["config"])
@@ -259,17 +307,31 @@ PNG = _png()
 
 
 def mapped_config(tmp_path: Path, sample: dict, **data) -> str:
-    config = {"run": {"name": "mapped", "dir": str(tmp_path / "runs")},
-              "data": {"train": write_shard(tmp_path / "train-000000.tar"), "sample": sample, "task": "regression",
-                       "batch_size": 2, "num_workers": 0, **data},
-              "model": {"factory": "mlp", "kwargs": {"hidden": [4]}}, "train": {"epochs": 1}}
+    config = {
+        "run": {"name": "mapped", "dir": str(tmp_path / "runs")},
+        "data": {
+            "train": write_shard(tmp_path / "train-000000.tar"),
+            "sample": sample,
+            "task": "regression",
+            "batch_size": 2,
+            "num_workers": 0,
+            **data,
+        },
+        "model": {"factory": "mlp", "kwargs": {"hidden": [4]}},
+        "train": {"epochs": 1},
+    }
     (tmp_path / "mapped.yaml").write_text(yaml.safe_dump(config))
     return str(tmp_path / "mapped.yaml")
 
 
-@pytest.mark.parametrize("sample", [{"x": "jpg;webp", "y": "json#/count"},  # no member for x
-                                    {"x": "png", "y": "json#/cuont"},  # a pointer its JSON lacks
-                                    {"x": "png", "y": "cls"}])
+@pytest.mark.parametrize(
+    "sample",
+    [
+        {"x": "jpg;webp", "y": "json#/count"},  # no member for x
+        {"x": "png", "y": "json#/cuont"},  # a pointer its JSON lacks
+        {"x": "png", "y": "cls"},
+    ],
+)
 def test_a_field_the_first_sample_lacks_is_the_workers_line_before_they_start(tmp_path, monkeypatch, sample):
     """`dtrain train` says it from the shard's tar headers, before run() (torch, the streams): the line the
     workers' decoding gives once they read the sample, the same. (It came 8.5 s after `dtrain train` started,
@@ -301,8 +363,12 @@ def test_the_sample_said_is_the_one_the_workers_decode_first(tmp_path, monkeypat
 
     if split == "val":
         run_dtrain(["shard", "--dataset", "digits", "--out", str(tmp_path / "digits")], tmp_path)
-        overrides = ["data.dataset=folder:digits", "data.sample={x: nosuch.npy, y: cls}", "data.num_workers=0",
-                     f"run.dir={tmp_path / 'runs'}"]
+        overrides = [
+            "data.dataset=folder:digits",
+            "data.sample={x: nosuch.npy, y: cls}",
+            "data.num_workers=0",
+            f"run.dir={tmp_path / 'runs'}",
+        ]
     else:
         overrides = [f"data.val={write_shard(tmp_path / 'val-000000.tar')}", "data.task=null", "data.sample.x=jpg"]
         config = mapped_config(tmp_path, {"x": "png", "y": "json#/count"})
@@ -324,7 +390,9 @@ def test_a_field_no_member_has_under_launch_imports_no_torch_and_starts_no_worke
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.splitlines() == [
         f"dtrain: error: data: sample 's000' of {tmp_path / 'train-000000.tar'} has no .jpg member for "
-        "data.sample.x (it has json, png)", "torch imported: False"]
+        "data.sample.x (it has json, png)",
+        "torch imported: False",
+    ]
     assert not list(tmp_path.glob("runs/**/rank-*.log")) and not (tmp_path / "runs").exists()
 
 
@@ -340,13 +408,19 @@ def test_shards_it_cannot_read_cheaply_are_left_to_the_workers(tmp_path):
     config = mapped_config(tmp_path, {"x": "jpg", "y": "json#/count"})
     piped = {"url": f"pipe:cat {shard}", "nsamples": 3}
     (tmp_path / "piped.json").write_text(json.dumps({"__kind__": "wids-shard-index-v1", "shardlist": [piped]}))
-    for overrides in ([f"data.train={tmp_path / 'piped.json'}", "data.trust_descriptor_pipes=true"],
-                      ["data.train=https://example.invalid/train.json"]):
+    for overrides in (
+        [f"data.train={tmp_path / 'piped.json'}", "data.trust_descriptor_pipes=true"],
+        ["data.train=https://example.invalid/train.json"],
+    ):
         check_first_sample(load_config([config], overrides).data)
-    proc = run_dtrain(["train", "--config", config, f"data.train={tmp_path / 'piped.json'}",
-                       "data.trust_descriptor_pipes=true"], tmp_path, check=False)
+    proc = run_dtrain(
+        ["train", "--config", config, f"data.train={tmp_path / 'piped.json'}", "data.trust_descriptor_pipes=true"],
+        tmp_path,
+        check=False,
+    )
     assert proc.returncode == 2 and proc.stderr.splitlines()[-1].endswith(
-        "has no .jpg member for data.sample.x (it has json, png)"), proc.stderr  # the workers'
+        "has no .jpg member for data.sample.x (it has json, png)"
+    ), proc.stderr  # the workers'
     shard.rename(tmp_path / "good.tar")  # the local shard, now one tario.py refuses: a member's name climbs out
     with tarfile.open(tmp_path / "good.tar") as good, tarfile.open(shard, "w") as tar:
         tar.addfile(tarfile.TarInfo("../s000.txt"))

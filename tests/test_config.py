@@ -25,16 +25,19 @@ def test_two_config_files_compose_in_order_the_later_one_wins(tmp_path):
     assert yaml.safe_load(out)["optim"] == {**yaml.safe_load(out)["optim"], "lr": 0.25, "name": "sgd"}
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("optim.lrr=1", "unknown key 'optim.lrr'; did you mean 'optim.lr'?"),
-    ("trian.epochs=3", "unknown key 'trian'"),
-    ("optim.lr=abc", "optim.lr: Input should be a valid number"),
-    ("optim.lr=-1", "optim.lr: Input should be greater than 0"),
-    ("train.epochs=2.5", "train.epochs: Input should be a valid integer"),
-    ("model.hidden=[4]", "'model.hidden' is now an argument of dtrain's model factories: model.kwargs.hidden"),
-    ("model.name=cnn", "'model.name' is now model.factory"),
-    ("wandb.checkpoint_references=gs://b/c", "wandb.checkpoint_references: must be true, false or an s3:// prefix"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("optim.lrr=1", "unknown key 'optim.lrr'; did you mean 'optim.lr'?"),
+        ("trian.epochs=3", "unknown key 'trian'"),
+        ("optim.lr=abc", "optim.lr: Input should be a valid number"),
+        ("optim.lr=-1", "optim.lr: Input should be greater than 0"),
+        ("train.epochs=2.5", "train.epochs: Input should be a valid integer"),
+        ("model.hidden=[4]", "'model.hidden' is now an argument of dtrain's model factories: model.kwargs.hidden"),
+        ("model.name=cnn", "'model.name' is now model.factory"),
+        ("wandb.checkpoint_references=gs://b/c", "wandb.checkpoint_references: must be true, false or an s3:// prefix"),
+    ],
+)
 def test_bad_values_name_the_key(override, expected):
     with pytest.raises(ConfigError, match=None) as err:
         load_config(None, [override])
@@ -53,12 +56,15 @@ def test_config_is_saved_resolved_and_hash_is_stable():
     assert yaml.safe_load(a.to_yaml())["optim"]["lr"] == 0.1
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["train", "optim.lrr=0.1"], "did you mean 'optim.lr'"),
-    (["train", "--config", "nonexistent.yaml"], "config: file not found"),
-    (["train", "data.dataset=imagenet"], "unknown dataset 'imagenet'"),
-    (["train", "data.dataset=folder:no/such/dir"], "shard directory no/such/dir does not exist"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["train", "optim.lrr=0.1"], "did you mean 'optim.lr'"),
+        (["train", "--config", "nonexistent.yaml"], "config: file not found"),
+        (["train", "data.dataset=imagenet"], "unknown dataset 'imagenet'"),
+        (["train", "data.dataset=folder:no/such/dir"], "shard directory no/such/dir does not exist"),
+    ],
+)
 def test_cli_user_errors_are_one_line_exit_2(tmp_path, args, needle):
     proc = run_dtrain(args, tmp_path, check=False)
     assert proc.returncode == 2, proc.stderr
@@ -70,6 +76,7 @@ def test_cli_user_errors_are_one_line_exit_2(tmp_path, args, needle):
 def test_train_help_points_at_the_config_keys_and_the_docs_at_what_exists(capsys):
     import dtrain.config
     from dtrain.cli import main
+
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     assert "`dtrain config --describe` lists every key" in " ".join(capsys.readouterr().out.split())
@@ -77,11 +84,19 @@ def test_train_help_points_at_the_config_keys_and_the_docs_at_what_exists(capsys
     assert main(["config", "--describe"]) == 0 and "optim.lr" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("overrides, says", [
-    (["model.freeze=[body]", "model.unfreeze_at_step=3"],
-     "model.unfreeze_at_step is not supported with train.engine=deepspeed"),
-    (["deepspeed.offload_param=cpu", "deepspeed.zero_stage=2"],
-     "deepspeed.offload_param needs deepspeed.zero_stage=3")])
+@pytest.mark.parametrize(
+    "overrides, says",
+    [
+        (
+            ["model.freeze=[body]", "model.unfreeze_at_step=3"],
+            "model.unfreeze_at_step is not supported with train.engine=deepspeed",
+        ),
+        (
+            ["deepspeed.offload_param=cpu", "deepspeed.zero_stage=2"],
+            "deepspeed.offload_param needs deepspeed.zero_stage=3",
+        ),
+    ],
+)
 def test_what_deepspeed_cannot_do_is_refused_before_anything_starts(overrides, says):
     # declared by DeepSpeedEngine.unsupported: refused at config time, not at the unfreeze step or in the engine
     with pytest.raises(ConfigError) as e:
@@ -114,28 +129,37 @@ def test_every_engine_declares_what_it_cannot_do_and_keeps_the_contract():
             assert [m for m in methods if not hasattr(cls, m)] == [], cls
     cfg = load_config(None, [])
     info = type("Info", (), {"device": torch.device("cpu"), "distributed": False, "local_rank": 0, "world_size": 1})()
-    engine = SingleEngine(torch.nn.Linear(2, 1), lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
-                          lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0), cfg.train, info)
+    engine = SingleEngine(
+        torch.nn.Linear(2, 1),
+        lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
+        lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0),
+        cfg.train,
+        info,
+    )
     assert isinstance(engine, Engine)  # instance attributes included
 
 
 # ---- nonsense values and hostile files (#32.5, #33) --------------------------------------------------------
 
-@pytest.mark.parametrize("override, expected", [
-    ("optim.lr=.inf", "optim.lr: Input should be a finite number (got inf)"),  # trained to NaN, said "completed"
-    ("optim.lr=nan", "optim.lr: Input should be a finite number"),
-    ("optim.lr=1e999", "optim.lr: Input should be a finite number"),  # a string YAML leaves, float() makes inf
-    ("optim.betas=[0.9, .nan]", "optim.betas.1: Input should be a finite number"),
-    ("optim.betas=[0.9, 1.0]", "optim.betas.1: Input should be less than 1"),
-    ("loss.terms={mse: .inf}", "loss.terms.mse: Input should be a finite number"),
-    ("loss.terms={mse: -1}", "loss.terms.mse: Input should be greater than or equal to 0"),
-    ("schedule.gamma=.nan", "schedule.gamma: Input should be a finite number"),
-    ("train.clip_grad_norm=.inf", "train.clip_grad_norm: Input should be a finite number"),
-    ("dist.timeout_s=.inf", "dist.timeout_s: Input should be a finite number"),
-    ("augment.noise.std=.inf", "augment.noise.std: Input should be a finite number"),
-    ("run.seed=-1", "run.seed: Input should be greater than or equal to 0"),  # NumPy's seeding raised
-    ("run.seed=5000000", "run.seed: Input should be less than or equal to 4294966"),
-])
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("optim.lr=.inf", "optim.lr: Input should be a finite number (got inf)"),  # trained to NaN, said "completed"
+        ("optim.lr=nan", "optim.lr: Input should be a finite number"),
+        ("optim.lr=1e999", "optim.lr: Input should be a finite number"),  # a string YAML leaves, float() makes inf
+        ("optim.betas=[0.9, .nan]", "optim.betas.1: Input should be a finite number"),
+        ("optim.betas=[0.9, 1.0]", "optim.betas.1: Input should be less than 1"),
+        ("loss.terms={mse: .inf}", "loss.terms.mse: Input should be a finite number"),
+        ("loss.terms={mse: -1}", "loss.terms.mse: Input should be greater than or equal to 0"),
+        ("schedule.gamma=.nan", "schedule.gamma: Input should be a finite number"),
+        ("train.clip_grad_norm=.inf", "train.clip_grad_norm: Input should be a finite number"),
+        ("dist.timeout_s=.inf", "dist.timeout_s: Input should be a finite number"),
+        ("augment.noise.std=.inf", "augment.noise.std: Input should be a finite number"),
+        ("run.seed=-1", "run.seed: Input should be greater than or equal to 0"),  # NumPy's seeding raised
+        ("run.seed=5000000", "run.seed: Input should be less than or equal to 4294966"),
+    ],
+)
 def test_nonfinite_and_out_of_range_values_are_refused(override, expected):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
@@ -156,8 +180,10 @@ HOSTILE = {  # file content -> what the one line says
     "flow_deep": (b"run: " + b"[" * 50_000 + b"]" * 50_000, "is not valid YAML: exceeded maximum nesting depth"),
     "block_deep": ("".join(" " * i + f"k{i}:\n" for i in range(1000)).encode(), "nests deeper than 100 levels"),
     "bomb": (_bomb().encode(), "holds more than 1,000,000 values once its aliases are expanded (line 9)"),
-    "tag": (b"run:\n  name: !!python/object/apply:os.system [touch pwned]\n",
-            "could not determine a constructor for the tag 'tag:yaml.org,2002:python/object/apply:os.system'"),
+    "tag": (
+        b"run:\n  name: !!python/object/apply:os.system [touch pwned]\n",
+        "could not determine a constructor for the tag 'tag:yaml.org,2002:python/object/apply:os.system'",
+    ),
 }
 
 
@@ -192,5 +218,6 @@ def test_cli_hostile_config_file_exits_2_in_one_line(tmp_path):
     (tmp_path / "c.yaml").write_bytes("run:\n  name: caf\xe9\n".encode("latin-1"))
     proc = run_dtrain(["train", "--config", "c.yaml"], tmp_path, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == ("dtrain: error: config: c.yaml is not UTF-8 text (byte 0xe9 at "
-                                                     "offset 16); a config file is YAML saved as UTF-8")
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "dtrain: error: config: c.yaml is not UTF-8 text (byte 0xe9 at offset 16); a config file is YAML saved as UTF-8"
+    )

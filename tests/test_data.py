@@ -27,16 +27,18 @@ def test_epoch_order_is_seeded_reshuffled_and_resumable(data_root):
     assert keys(e0) == keys(e0_again)  # a pure function of (seed, epoch, rank)
     assert keys(e0) != keys(e1)  # every epoch reshuffles
     assert len(set(keys(e0))) == len(keys(e0))  # no sample twice in an epoch
-    assert keys(list(s.epoch(0, start=7))) == keys(e0)[7 * 32:]  # mid-epoch resume skips exactly
-    other_seed = ShardStream(index, "train", batch_size=32, rank=0, world_size=1, seed=4, shuffle_buffer=300,
-                             train=True)
+    assert keys(list(s.epoch(0, start=7))) == keys(e0)[7 * 32 :]  # mid-epoch resume skips exactly
+    other_seed = ShardStream(
+        index, "train", batch_size=32, rank=0, world_size=1, seed=4, shuffle_buffer=300, train=True
+    )
     assert keys(list(other_seed.epoch(0))) != keys(e0)
 
 
 def test_workers_split_shards_without_duplicates(data_root):
     index = read_index(data_root / "digits")
-    s = ShardStream(index, "train", batch_size=32, rank=0, world_size=1, seed=0, shuffle_buffer=100,
-                    train=True, num_workers=2)
+    s = ShardStream(
+        index, "train", batch_size=32, rank=0, world_size=1, seed=0, shuffle_buffer=100, train=True, num_workers=2
+    )
     got = list(s.epoch(0))
     assert len(got) == s.batches_per_epoch and all(len(b[0]) == 32 for b in got)
     assert len(set(keys(got))) == len(keys(got))
@@ -48,10 +50,15 @@ def test_uneven_shards_give_every_rank_the_same_number_of_batches(tmp_path, monk
     # shards and rank 1 two; both must still yield exactly batches_per_epoch full batches.
     x = np.zeros((700, 1, 2, 2), np.uint8)
     y = np.arange(700) % 3
-    index = write_shards(tmp_path / "uneven", {"train": (x, y)},
-                         {"task": "classification", "num_classes": 3, "input_shape": [1, 2, 2], "x_scale": 1.0}, 140)
+    index = write_shards(
+        tmp_path / "uneven",
+        {"train": (x, y)},
+        {"task": "classification", "num_classes": 3, "input_shape": [1, 2, 2], "x_scale": 1.0},
+        140,
+    )
     # make the shards uneven: rewrite with a custom split of counts
     import webdataset as wds
+
     sizes = [400, 50, 100, 50, 100]
     root = tmp_path / "uneven2"
     root.mkdir()
@@ -79,6 +86,7 @@ def test_uneven_shards_give_every_rank_the_same_number_of_batches(tmp_path, monk
 
 def test_missing_and_corrupt_shards_are_clear_errors(tmp_path, data_root):
     import shutil
+
     root = tmp_path / "digits"
     shutil.copytree(data_root / "digits", root)
     first = sorted(root.glob("train-*.tar"))[0]
@@ -145,7 +153,7 @@ def test_fast_tar_reader_reads_what_webdataset_reads(tmp_path, data_root):
 
     shard = bytearray(archives[0].read_bytes())
     truncated = tmp_path / "t.tar"
-    truncated.write_bytes(shard[:512 * 3 + 100])
+    truncated.write_bytes(shard[: 512 * 3 + 100])
     flipped = tmp_path / "b.tar"
     shard[512 * 4 + 10] ^= 0x20  # a later member's header: tarfile's stream mode would end the shard there
     flipped.write_bytes(shard)
@@ -157,6 +165,7 @@ def test_fast_tar_reader_reads_what_webdataset_reads(tmp_path, data_root):
 def test_shard_cut_at_a_member_boundary_is_an_error(tmp_path, data_root):
     import shutil
     import tarfile
+
     root = tmp_path / "digits"
     shutil.copytree(data_root / "digits", root)
     shard = sorted(root.glob("train-*.tar"))[1]
@@ -182,6 +191,7 @@ def test_digits_are_read_as_scikit_learn_loads_them_without_importing_it():
     import sys
     from sklearn.datasets import load_digits
     from dtrain.data.datasets import digits_arrays
+
     images, labels = digits_arrays()
     d = load_digits()
     assert np.array_equal(images, d.images) and np.array_equal(labels, d.target) and labels.dtype == np.int64
@@ -193,6 +203,7 @@ def test_digits_are_read_as_scikit_learn_loads_them_without_importing_it():
 def _tar_shard(path, first: int, n: int) -> str:
     """`n` samples written with webdataset's TarWriter, keys k{first}.. (x: float32 1x2x2, y: class)."""
     import webdataset as wds
+
     with wds.TarWriter(str(path)) as sink:
         for i in range(first, first + n):
             sink.write({"__key__": f"k{i:05d}", "x.npy": np.full((1, 2, 2), i % 7, np.float32), "y.cls": i % 3})
@@ -203,6 +214,7 @@ def _tar_shard(path, first: int, n: int) -> str:
 def counted(tmp_path):
     """train and val: 3 shards of 64, 40 and 50 samples each, counted by `dtrain index`'s counter."""
     from dtrain.data.sources import count_shards
+
     splits = {}
     for split in ("train", "val"):
         urls = [_tar_shard(tmp_path / f"{split}-{s}.tar", 100 * s, n) for s, n in enumerate((64, 40, 50))]
@@ -225,13 +237,24 @@ def test_a_shard_with_another_count_than_listed_is_an_error_naming_both(counted,
         _tar_shard(shard, 0, holds)
     else:
         shard.write_bytes(b"")
-    s = ShardStream(index, split, batch_size=8, rank=1, world_size=2, train=split == "train", shuffle_buffer=10,
-                    num_workers=2 if read == "workers" else 0, in_memory=read.endswith("in_memory"))
+    s = ShardStream(
+        index,
+        split,
+        batch_size=8,
+        rank=1,
+        world_size=2,
+        train=split == "train",
+        shuffle_buffer=10,
+        num_workers=2 if read == "workers" else 0,
+        in_memory=read.endswith("in_memory"),
+    )
     with pytest.raises(DataError) as e:
         for _ in range(2):  # two epochs: the shards' order (and so who reads the shard's end) changes
             list(s.epoch(_))
-    assert str(e.value) == (f"data: {shard} holds {holds} samples, its descriptor lists 64: truncated or changed? "
-                            f"write it again, or count it again with `dtrain index`")
+    assert str(e.value) == (
+        f"data: {shard} holds {holds} samples, its descriptor lists 64: truncated or changed? "
+        f"write it again, or count it again with `dtrain index`"
+    )
 
 
 @pytest.mark.parametrize("empty", [0, 1])  # the first shard, whose first sample gives the input's shape, or another
@@ -240,15 +263,30 @@ def test_training_on_a_0_byte_shard_is_one_line_and_exit_2(counted, capsys, empt
     (the old code trained on the other shards with exit 0 where the empty one wasn't the first)."""
     import json
     from dtrain.cli import main
+
     root, index = counted
     assert main(["index", str(root / "train-{0..2}.tar"), "--out", str(root / "train.json")]) == 0
     shard = root / f"train-{empty}.tar"
     listed = json.loads((root / "train.json").read_text())["shardlist"][empty]["nsamples"]
     shard.write_bytes(b"")
-    assert main(["train", f"data.train={root / 'train.json'}", "data.sample={x: x.npy, y: y.cls}",
-                 "data.num_classes=3", "data.batch_size=16", f"run.dir={root / 'runs'}", "log.progress=false",
-                 "run.doctor=false"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                f"data.train={root / 'train.json'}",
+                "data.sample={x: x.npy, y: y.cls}",
+                "data.num_classes=3",
+                "data.batch_size=16",
+                f"run.dir={root / 'runs'}",
+                "log.progress=false",
+                "run.doctor=false",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == (f"dtrain: error: data: {shard} holds 0 samples, its descriptor lists {listed}: "
-                       f"truncated or changed? write it again, or count it again with `dtrain index`"), err
+    assert err[-1] == (
+        f"dtrain: error: data: {shard} holds 0 samples, its descriptor lists {listed}: "
+        f"truncated or changed? write it again, or count it again with `dtrain index`"
+    ), err
     assert not any(l.startswith("Traceback") for l in err)

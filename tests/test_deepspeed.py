@@ -19,15 +19,33 @@ import pytest
 import torch
 
 from dtrain.checkpoint import _sha256
-from conftest import (REPO, _env, latest_logged_step, metrics_of, result_of, run_dtrain, run_dtrain_process, run_ranks,
-                      start, torchrun_cmd, wait_for, workers)
+from conftest import (
+    REPO,
+    _env,
+    latest_logged_step,
+    metrics_of,
+    result_of,
+    run_dtrain,
+    run_dtrain_process,
+    run_ranks,
+    start,
+    torchrun_cmd,
+    wait_for,
+    workers,
+)
 
 HAVE_DS = importlib.util.find_spec("deepspeed") is not None
 needs_ds = pytest.mark.skipif(not HAVE_DS, reason="DeepSpeed not installed: pip install 'dtrain[deepspeed]'")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # inherited by the dtrain processes the tests start
 
 # 2 epochs of 9 steps (global batch 128), a loss logged every step, no dropout: deterministic on CPU
-COMMON = ["train.epochs=2", "model.kwargs.dropout=0", "log.progress=false", "train.log_every=1", "data.shuffle_buffer=200"]
+COMMON = [
+    "train.epochs=2",
+    "model.kwargs.dropout=0",
+    "log.progress=false",
+    "train.log_every=1",
+    "data.shuffle_buffer=200",
+]
 
 
 def losses(run_dir):
@@ -38,8 +56,12 @@ def test_deepspeed_missing_is_one_line_error(tmp_path):
     shim = tmp_path / "shim"
     shim.mkdir()
     (shim / "deepspeed.py").write_text("raise ImportError('No module named deepspeed (simulated)')\n")
-    proc = run_dtrain_process(["train", "train.engine=deepspeed", "train.epochs=1", "log.progress=false"], tmp_path,
-                      env={"PYTHONPATH": f"{REPO}{os.pathsep}{shim}"}, check=False)
+    proc = run_dtrain_process(
+        ["train", "train.engine=deepspeed", "train.epochs=1", "log.progress=false"],
+        tmp_path,
+        env={"PYTHONPATH": f"{REPO}{os.pathsep}{shim}"},
+        check=False,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("dtrain: error: train.engine=deepspeed needs DeepSpeed") and "pip install" in last, last
@@ -52,10 +74,17 @@ def warm_cache(tmp_path_factory):
     compilation is not charged to (or timed out in) a later test (.ci/run builds it while installing)."""
     if not HAVE_DS:
         pytest.skip("DeepSpeed not installed")
-    build = ("from deepspeed.accelerator import get_accelerator as a; "
-             "a().create_op_builder('ShareMemCommBuilder').load()")
-    subprocess.run([sys.executable, "-c", build], env=_env({"DS_ACCELERATOR": "cpu"}), check=True,
-                   capture_output=True, timeout=600, cwd=tmp_path_factory.mktemp("warm"))
+    build = (
+        "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('ShareMemCommBuilder').load()"
+    )
+    subprocess.run(
+        [sys.executable, "-c", build],
+        env=_env({"DS_ACCELERATOR": "cpu"}),
+        check=True,
+        capture_output=True,
+        timeout=600,
+        cwd=tmp_path_factory.mktemp("warm"),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +121,15 @@ def test_zero_matches_ddp(tmp_path, warm_cache, ddp_run, stage):
 
 
 # ZeRO-2 with accumulation, a checkpoint every 2 steps: one uninterrupted run, the reference of both resumes
-ZERO2 = ["train", *COMMON, "train.engine=deepspeed", "deepspeed.zero_stage=2", "train.grad_accum=2",
-         "data.batch_size=32", "checkpoint.every=2"]
+ZERO2 = [
+    "train",
+    *COMMON,
+    "train.engine=deepspeed",
+    "deepspeed.zero_stage=2",
+    "train.grad_accum=2",
+    "data.batch_size=32",
+    "checkpoint.every=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -141,8 +177,7 @@ def test_zero2_resume_after_stop_is_exact_and_export_evaluates_the_same(tmp_path
     manifest = json.loads((ckpt / "manifest.json").read_text())
     manifest["files"][str(shard.relative_to(ckpt))] = {"sha256": _sha256(shard), "bytes": shard.stat().st_size}
     (ckpt / "manifest.json").write_text(json.dumps(manifest))
-    proc = run_dtrain(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "evil.pt")], tmp_path,
-                      check=False)
+    proc = run_dtrain(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "evil.pt")], tmp_path, check=False)
     errors = [l for l in proc.stderr.splitlines() if l.startswith("dtrain: error:")]
     assert proc.returncode == 2 and errors and "refusing to load" in errors[0], proc.stderr[-2000:]
     assert not marker.exists()
@@ -175,7 +210,15 @@ def test_zero2_resume_after_sigkill_matches_uninterrupted(tmp_path, zero2_straig
     resumed = run_ranks(2, args + ["run.name=killed"], tmp_path)
     assert "resumed from" in resumed.stderr
     for name in ("straight", "killed"):
-        run_dtrain(["export", "--checkpoint", str(tmp_path / f"runs/{name}/checkpoints/latest"),
-                    "--out", str(tmp_path / f"{name}.pt")], tmp_path)
+        run_dtrain(
+            [
+                "export",
+                "--checkpoint",
+                str(tmp_path / f"runs/{name}/checkpoints/latest"),
+                "--out",
+                str(tmp_path / f"{name}.pt"),
+            ],
+            tmp_path,
+        )
     a, b = (torch.load(tmp_path / f"{n}.pt", weights_only=True)["model"] for n in ("straight", "killed"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -19,13 +19,24 @@ def full_batch_data(tmp_path_factory):
     splits, meta = digits()
     x, y = splits["train"]
     root = tmp_path_factory.mktemp("fullbatch") / "d"
-    write_shards(root, {"train": (x[:256], y[:256]), "val": (x[256:384], y[256:384]),
-                        "test": (x[384:512], y[384:512])}, meta, shard_size=64)
+    write_shards(
+        root,
+        {"train": (x[:256], y[:256]), "val": (x[256:384], y[256:384]), "test": (x[384:512], y[384:512])},
+        meta,
+        shard_size=64,
+    )
     return root
 
 
-COMMON = ["train.epochs=12", "data.shuffle_buffer=0", "model.kwargs.dropout=0", "optim.lr=0.01", "log.progress=false",
-          "schedule.warmup_steps=3", "train.log_every=2"]
+COMMON = [
+    "train.epochs=12",
+    "data.shuffle_buffer=0",
+    "model.kwargs.dropout=0",
+    "optim.lr=0.01",
+    "log.progress=false",
+    "schedule.warmup_steps=3",
+    "train.log_every=2",
+]
 
 
 def close(a: dict, b: dict, atol=1e-5) -> bool:
@@ -71,13 +82,22 @@ def test_early_stop_is_decided_for_all_ranks(tmp_path):
     val_y = vy[:200].copy()
     val_y[1::2] = np.random.default_rng(0).integers(0, 10, 100)  # in memory, rank 1 evaluates every second sample
     root = tmp_path / "d"
-    write_shards(root, {"train": (x[:1200], y[:1200]), "val": (vx[:200], val_y), "test": splits["test"]}, meta,
-                 shard_size=100)
-    args = ["train", f"data.dataset=folder:{root}", "train.epochs=40", "train.val_every=5", "early_stop.patience=3",
-            "log.all_ranks=true", "log.progress=false"]
+    write_shards(
+        root, {"train": (x[:1200], y[:1200]), "val": (vx[:200], val_y), "test": splits["test"]}, meta, shard_size=100
+    )
+    args = [
+        "train",
+        f"data.dataset=folder:{root}",
+        "train.epochs=40",
+        "train.val_every=5",
+        "early_stop.patience=3",
+        "log.all_ranks=true",
+        "log.progress=false",
+    ]
     proc = run_ranks(2, args, tmp_path, timeout=240)
-    stops = sorted(l.split("early stop at step ")[1].split(":")[0] for l in proc.stderr.splitlines()
-                   if "early stop at step" in l)
+    stops = sorted(
+        l.split("early stop at step ")[1].split(":")[0] for l in proc.stderr.splitlines() if "early stop at step" in l
+    )
     assert len(stops) == 2 and stops[0] == stops[1], proc.stderr[-3000:]
     assert "[rank 0] early stop" in proc.stderr and "[rank 1] early stop" in proc.stderr
     assert result_of(proc)["stop_reason"] == "early_stop"
@@ -97,6 +117,7 @@ def test_early_stop_is_decided_for_all_ranks(tmp_path):
                     if bad >= 3:
                         return int(step)
         return None
+
     assert local_stop(0) != local_stop(1), (local_stop(0), local_stop(1))
 
 
@@ -110,22 +131,42 @@ def test_every_rank_validates_a_split_of_one_shard(tmp_path, monkeypatch):
     root = tmp_path / "d"
     write_shards(root, {"train": (x[:512], y[:512]), "val": (vx[:101], vy[:101])}, meta, shard_size=128)
     assert len(list(root.glob("val-*.tar"))) == 1
-    proc = run_ranks(2, ["train", f"data.dataset=folder:{root}", "data.in_memory=false", "train.epochs=1",
-                         "run.name=onevalshard", "checkpoint.save_best=false", "log.all_ranks=true",
-                         "log.progress=false"], tmp_path, timeout=240)
-    local = {rank: [float(l.rsplit(": ", 1)[1]) for l in proc.stderr.splitlines()
-                    if l.startswith(f"[rank {rank}] local val/loss at step 4: ")] for rank in (0, 1)}
+    proc = run_ranks(
+        2,
+        [
+            "train",
+            f"data.dataset=folder:{root}",
+            "data.in_memory=false",
+            "train.epochs=1",
+            "run.name=onevalshard",
+            "checkpoint.save_best=false",
+            "log.all_ranks=true",
+            "log.progress=false",
+        ],
+        tmp_path,
+        timeout=240,
+    )
+    local = {
+        rank: [
+            float(l.rsplit(": ", 1)[1])
+            for l in proc.stderr.splitlines()
+            if l.startswith(f"[rank {rank}] local val/loss at step 4: ")
+        ]
+        for rank in (0, 1)
+    }
     assert all(len(v) == 1 and v[0] > 0 for v in local.values()), (local, proc.stderr[-3000:])
     logged = next(r for r in metrics_of(tmp_path / "runs" / "onevalshard") if "val/loss" in r)
     assert logged["step"] == 4
 
     from dtrain.evaluate import Evaluator
+
     evaluations = []
     real = Evaluator.evaluate
 
     def recorded(self, *args, **kwargs):  # `dtrain eval` prints 6 digits; its numbers unrounded
         evaluations.append(real(self, *args, **kwargs))
         return evaluations[-1]
+
     monkeypatch.setattr(Evaluator, "evaluate", recorded)
     run_dtrain(["eval", "--checkpoint", "runs/onevalshard", "--split", "val"], tmp_path)
     one_rank = evaluations[-1]
@@ -139,8 +180,17 @@ def test_validation_on_two_ranks_uses_the_batch_norm_statistics_the_checkpoint_k
     over statistics no single model has, and `dtrain eval` of the checkpoint it picked gave another val/loss
     (found walking the docs: an HF ResNet's 0.17600 at training vs 0.17311 from eval). Every rank evaluates with
     rank 0's statistics now: validation equals one process evaluating the saved weights."""
-    args = ["train", f"data.root={data_root}", "model.factory=cnn", "model.kwargs.channels=[8, 16]",
-            "train.max_steps=6", "train.val_every=6", "data.batch_size=16", "log.progress=false", "run.doctor=false"]
+    args = [
+        "train",
+        f"data.root={data_root}",
+        "model.factory=cnn",
+        "model.kwargs.channels=[8, 16]",
+        "train.max_steps=6",
+        "train.val_every=6",
+        "data.batch_size=16",
+        "log.progress=false",
+        "run.doctor=false",
+    ]
     run_ranks(2, args, tmp_path)
     logged = [r for r in metrics_of(tmp_path / "runs" / "digits") if "val/loss" in r][-1]
     proc = run_dtrain(["eval", "--checkpoint", "runs/digits/checkpoints/step-00000006", "--split", "val"], tmp_path)

@@ -35,6 +35,7 @@ def test_generated_pages_are_current(page):
 
 def test_every_config_key_is_in_the_reference():
     from dtrain.config import Config, _valid_keys
+
     page = (REPO / "docs" / "configuration.md").read_text()
     assert [k for k in _valid_keys(Config) if f"| `{k}` |" not in page] == []
 
@@ -46,9 +47,14 @@ def test_the_readme_links_to_pages_that_exist():
 
 def test_the_site_builds_strictly(tmp_path):
     """Broken links, missing pages and docstrings that don't render fail the build."""
-    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")],
-                          cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={"NO_MKDOCS_2_WARNING": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    proc = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"NO_MKDOCS_2_WARNING": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "site" / "api" / "index.html").read_text().count("FitResult") > 0
 
@@ -69,6 +75,7 @@ def test_the_digits_config_is_the_run_dtrain_train_runs(tmp_path, data_root):
     (getting-started.md, README.md), and the second resumed nothing: 'model.kwargs.activation cannot change when
     a run resumes', the factory's defaults spelled out against the checkpoint's unset kwargs."""
     from conftest import CONFIGS, run_dtrain
+
     common = ["train.max_steps=2", f"data.root={data_root}", "log.progress=false"]
     run_dtrain(["train", *common], tmp_path)
     proc = run_dtrain(["train", "--config", str(CONFIGS / "digits.yaml"), *common], tmp_path, check=False)

@@ -42,37 +42,53 @@ LINKED = ("configs", "examples", "launch", "slurm", "benchmarks")  # the reposit
 MAX_STEPS = 3
 # configs/gpt.yaml's own comment says how to run it on a CPU; and its bytes' vocabulary (not 50304, padded for GPUs)
 # on 200 KB of its 4 MB of text (as examples/hf_gpt2.py), or 4 CPU ranks evaluate thousands of windows of 50304 logits
-GPT_ON_CPU = [*re.search(r"try `([^`]+)`", (REPO / "configs" / "gpt.yaml").read_text().replace("\n# ", " "))[1].split(),
-              "model.kwargs.vocab_size=256", "data.text_bytes=200000"]
+GPT_ON_CPU = [
+    *re.search(r"try `([^`]+)`", (REPO / "configs" / "gpt.yaml").read_text().replace("\n# ", " "))[1].split(),
+    "model.kwargs.vocab_size=256",
+    "data.text_bytes=200000",
+]
 
 # Every change the test makes to a command of the docs, and why (`rewrite` applies them).
 REWRITES = {
     "train": f"a command that trains (`dtrain train`, a script's default command, under any launcher) gets "
-             f"`train.max_steps={MAX_STEPS}`: every key, file and flag it names is used, in seconds",
+    f"`train.max_steps={MAX_STEPS}`: every key, file and flag it names is used, in seconds",
     "gpt.yaml": f"a command naming configs/gpt.yaml (GPT-2 124M) gets the overrides the file's own comment gives "
-                f"for a CPU, with a vocabulary of 256 bytes and 200 KB of text: {' '.join(GPT_ON_CPU)}",
+    f"for a CPU, with a vocabulary of 256 bytes and 200 KB of text: {' '.join(GPT_ON_CPU)}",
     "bench": "`dtrain bench` and benchmarks/*.sh time the fewest steps: `--steps 2 --reps 1 --warmup 1` "
-             "(benchmarks/*.sh: `--steps 2 --reps 1`)",
+    "(benchmarks/*.sh: `--steps 2 --reps 1`)",
     "pip": "`pip install` is not run (no network; the venv is the one under test): its torch pin must be the "
-           "installed torch and each extra it names one of pyproject.toml's",
+    "installed torch and each extra it names one of pyproject.toml's",
     "pytest": "`python -m pytest` is not run (it is the suite this test belongs to): each marker it selects must be "
-              "declared in pyproject.toml and each path it names exist",
+    "declared in pyproject.toml and each path it names exist",
     "torchrun": "`torchrun` parses its options with torch's own parser; its N ranks are forked from "
-                "tests/rank_server.py with the variables torchrun gives its workers (no agent, no new python)",
+    "tests/rank_server.py with the variables torchrun gives its workers (no agent, no new python)",
     "srun": "`srun --ntasks N` runs N ranks forked from tests/rank_server.py with the variables of an srun step",
     "sbatch": "`sbatch SCRIPT` runs SCRIPT with bash and a job's variables (its #SBATCH nodes x ntasks-per-node), "
-              "an `srun` that records its command line, which then runs as `srun` does here",
+    "an `srun` that records its command line, which then runs as `srun` does here",
     "launch/*.sh": "launch/*.sh run with bash and PYTHON= a recorder; the command line they would start runs as "
-                   "written here, unless the page ran it already (parsed the same by dtrain's own parser), or it "
-                   "is several nodes' (only parsed: the other nodes are not here; tests/test_launcher.py runs two)",
+    "written here, unless the page ran it already (parsed the same by dtrain's own parser), or it "
+    "is several nodes' (only parsed: the other nodes are not here; tests/test_launcher.py runs two)",
     "wandb": "a command that turns W&B on runs as a process of its own (forked, run_ranks single), as the tests' "
-             "W&B runs do: W&B's service outlives the command",
+    "W&B runs do: W&B's service outlives the command",
     "curl": "`curl -s https://host/` (no network here) reads the same file names with `curl -s file://WORKSPACE/`",
     "tensorboard": "`tensorboard --logdir DIR` (a server) is not run: tensorboard must be installed and DIR hold "
-                   "event files",
+    "event files",
 }
-DTRAIN_CMDS = {"train", "launch", "shard", "index", "eval", "predict", "export", "plot", "augment-preview", "config",
-               "bench", "doctor", "completion"}
+DTRAIN_CMDS = {
+    "train",
+    "launch",
+    "shard",
+    "index",
+    "eval",
+    "predict",
+    "export",
+    "plot",
+    "augment-preview",
+    "config",
+    "bench",
+    "doctor",
+    "completion",
+}
 
 
 # ---- the blocks --------------------------------------------------------------------------------------------
@@ -96,11 +112,18 @@ def blocks(page: str) -> list[Block]:
     text = (REPO / page).read_text()
     found = []
     for m in FENCE.finditer(text):
-        before = [l.strip() for l in text[:m.start()].splitlines() if l.strip()]
+        before = [l.strip() for l in text[: m.start()].splitlines() if l.strip()]
         marker = MARKER.match(before[-1]) if before else None
-        body = "\n".join(l[len(m["indent"]):] for l in m["body"].splitlines())
-        found.append(Block(page, text[:m.start()].count("\n") + 1, m["lang"], body,
-                           (marker["kind"], marker["arg"]) if marker else None))
+        body = "\n".join(l[len(m["indent"]) :] for l in m["body"].splitlines())
+        found.append(
+            Block(
+                page,
+                text[: m.start()].count("\n") + 1,
+                m["lang"],
+                body,
+                (marker["kind"], marker["arg"]) if marker else None,
+            )
+        )
     return found
 
 
@@ -110,8 +133,9 @@ def check_accounted(block: Block) -> str:
         assert re.fullmatch(r"\(.{8,}\)", block.marker[1]), f"{block}: say why it is skipped: skip (why)"
         return "skip"
     if block.marker:
-        assert block.marker[0] == "file" and block.marker[1] and block.lang == "python", \
+        assert block.marker[0] == "file" and block.marker[1] and block.lang == "python", (
             f"{block}: unknown marker {block.marker}; use `skip (why)` or, before a python block, `file PATH`"
+        )
     assert block.lang, f"{block}: a block needs a language: bash, python, yaml (a dtrain config) or text (output)"
     assert block.lang in RUN | CONFIG | OUTPUT, f"{block}: unknown language {block.lang!r}"
     if block.lang in ("bash", "sh", "console"):
@@ -145,6 +169,7 @@ def commands(block: Block) -> list[list[str]]:
 @dataclass
 class Page:
     """A page's workspace and what its blocks did so far."""
+
     name: str
     ws: Path
     namespace: dict = field(default_factory=dict)
@@ -174,6 +199,7 @@ def plan(words: list[str], block: Block, env: dict | None = None) -> Step:
         return _python(args, block, env)
     if prog == "torchrun":
         from torch.distributed.run import get_args_parser
+
         parsed = get_args_parser().parse_args(args)
         script = None if parsed.module else parsed.training_script
         assert not parsed.module or parsed.training_script == "dtrain", f"{block}: torchrun -m {parsed.training_script}"
@@ -207,13 +233,16 @@ def plan(words: list[str], block: Block, env: dict | None = None) -> Step:
         return Step(f"{prog}: bash with a recording PYTHON", lambda page: _launch_script(prog, args, block, env, page))
     if prog.startswith("benchmarks/") and prog.endswith(".sh"):
         args = _fewest(args, {"--steps": "2", "--reps": "1"})
-        return Step(f"{prog} {shlex.join(args)}", lambda page: _process(["bash", prog, *args], page, env, block),
-                    slow=True)
+        return Step(
+            f"{prog} {shlex.join(args)}", lambda page: _process(["bash", prog, *args], page, env, block), slow=True
+        )
     if prog == "tensorboard":
         assert args[0] == "--logdir", f"{block}: tensorboard {args}"
         return Step("tensorboard: checked, not run", lambda page: _tensorboard(Path(args[1]), page))
-    raise AssertionError(f"{block}: {shlex.join(words)}: the docs test does not know how to run `{prog}`: teach "
-                         f"tests/test_docs_blocks.py (plan) or mark the block <!-- docs-test: skip (why) -->")
+    raise AssertionError(
+        f"{block}: {shlex.join(words)}: the docs test does not know how to run `{prog}`: teach "
+        f"tests/test_docs_blocks.py (plan) or mark the block <!-- docs-test: skip (why) -->"
+    )
 
 
 def rewrite(args: list[str], command: str) -> list[str]:
@@ -253,9 +282,12 @@ def _dtrain(args: list[str], block: Block, env: dict) -> Step:
     if command == "launch":
         launch = _launch_args(args)
         target = rewrite(launch.target, _command_of(launch.target, script=launch.target[0].endswith(".py")))
-        full = args[:len(args) - len(launch.target)] + target
-        return Step(f"dtrain {shlex.join(full)} (a process)", lambda page: _process(
-            [sys.executable, "-m", "dtrain", *full], page, env, block, parsed=_parsed(full)), slow=True)
+        full = args[: len(args) - len(launch.target)] + target
+        return Step(
+            f"dtrain {shlex.join(full)} (a process)",
+            lambda page: _process([sys.executable, "-m", "dtrain", *full], page, env, block, parsed=_parsed(full)),
+            slow=True,
+        )
     args = rewrite(args, command)
     if command == "train" and any(re.match(r"(wandb\.enabled=true|log\.loggers=.*wandb)", a) for a in args):
         return _ranks(1, args, None, "single", block, env, note=" (W&B: a process of its own)", rewritten=True)
@@ -268,8 +300,9 @@ def _python(args: list[str], block: Block, env: dict) -> Step:
     if args[:2] == ["-m", "pytest"]:
         return Step("pytest: checked, not run", lambda page: _pytest(args[2:], block))
     if args[0] == "-m":
-        return Step(f"python -m {shlex.join(args[1:])}", lambda page: _here(args[2:], None, page, env, block,
-                                                                             module=args[1]))
+        return Step(
+            f"python -m {shlex.join(args[1:])}", lambda page: _here(args[2:], None, page, env, block, module=args[1])
+        )
     script, rest = args[0], args[1:]
     assert script.endswith(".py"), f"{block}: python {shlex.join(args)}"
     command = _command_of(rest, script=True)
@@ -277,17 +310,35 @@ def _python(args: list[str], block: Block, env: dict) -> Step:
     return Step(f"python {script} {shlex.join(rest)}", lambda page: _here(rest, script, page, env, block))
 
 
-def _ranks(n: int, args: list[str], script: str | None, launcher: str, block: Block, env: dict, note: str = "",
-           rewritten: bool = False) -> Step:
+def _ranks(
+    n: int,
+    args: list[str],
+    script: str | None,
+    launcher: str,
+    block: Block,
+    env: dict,
+    note: str = "",
+    rewritten: bool = False,
+) -> Step:
     if not rewritten:
         command = _command_of(args, script=script is not None)
         args = rewrite(args, command)
     what = f"{n} rank(s) ({launcher}) of {'python ' + script if script else 'dtrain'} {shlex.join(args)}{note}"
 
     def run(page: Page) -> None:
-        proc = run_ranks(n, args, page.ws, env=_pythonpath(env, page), check=False, launcher=launcher,
-                         script=page.ws / script if script else None, timeout=600, preload=_preload(args, script))
+        proc = run_ranks(
+            n,
+            args,
+            page.ws,
+            env=_pythonpath(env, page),
+            check=False,
+            launcher=launcher,
+            script=page.ws / script if script else None,
+            timeout=600,
+            preload=_preload(args, script),
+        )
         _check(proc.returncode, proc.stdout, proc.stderr, block, what)
+
     # DeepSpeed's import (and its CPU op, built once), W&B's service: tens of seconds each
     return Step(what, run, slow=launcher == "single" or "train.engine=deepspeed" in args)
 
@@ -309,8 +360,9 @@ def _pythonpath(env: dict, page: Page) -> dict:
 
 def _check(code: int, out: str, err: str, block: Block, what: str) -> None:
     if code != 0:
-        pytest.fail(f"{block}: `{what}` exited {code}\n--- stdout\n{out[-3000:]}\n--- stderr\n{err[-6000:]}",
-                    pytrace=False)
+        pytest.fail(
+            f"{block}: `{what}` exited {code}\n--- stdout\n{out[-3000:]}\n--- stderr\n{err[-6000:]}", pytrace=False
+        )
 
 
 @contextlib.contextmanager
@@ -332,12 +384,18 @@ def _own_modules(ws: Path):
                 del sys.modules[name]
 
 
-def _here(args: list[str], script: str | None, page: Page, env: dict, block: Block, module: str | None = None,
-          parsed=None) -> None:
+def _here(
+    args: list[str], script: str | None, page: Page, env: dict, block: Block, module: str | None = None, parsed=None
+) -> None:
     """`dtrain ARGS`, `python SCRIPT ARGS` or `python -m MODULE ARGS` in this process (tests/conftest.py's
     runner: the command line's own main, output captured)."""
-    what = f"python -m {module} {shlex.join(args)}" if module else \
-        f"python {script} {shlex.join(args)}" if script else f"dtrain {shlex.join(args)}"
+    what = (
+        f"python -m {module} {shlex.join(args)}"
+        if module
+        else f"python {script} {shlex.join(args)}"
+        if script
+        else f"dtrain {shlex.join(args)}"
+    )
     same = _ran_before(parsed, page)
     if same:
         page.log.append(f"  = {what}: parsed the same as `{same}`, run above")
@@ -379,8 +437,15 @@ def _process(cmd: list[str], page: Page, env: dict, block: Block, parsed=None) -
     if same:
         page.log.append(f"  = {what}: parsed the same as `{same}`, run above")
         return
-    proc = subprocess.run(cmd, cwd=page.ws, env=_env(_pythonpath(env, page)), capture_output=True, text=True,
-                          timeout=600, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        cmd,
+        cwd=page.ws,
+        env=_env(_pythonpath(env, page)),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+    )
     _check(proc.returncode, proc.stdout, proc.stderr, block, what)
     if parsed is not None:
         page.ran.append((parsed, what))
@@ -389,6 +454,7 @@ def _process(cmd: list[str], page: Page, env: dict, block: Block, parsed=None) -
 def _parsed(args: list[str]):
     """A dtrain command line as dtrain's own parser reads it (what `the same as` compares)."""
     from dtrain.cli import build_parser
+
     ns = vars(build_parser().parse_args(args))
     return {k: v for k, v in ns.items() if k not in ("func", "parser")}
 
@@ -399,6 +465,7 @@ def _ran_before(parsed, page: Page) -> str | None:
 
 def _launch_args(args: list[str]):
     from dtrain.cli import build_parser
+
     ns = build_parser().parse_args(args)
     assert ns.target, f"dtrain {shlex.join(args)}: no command to launch"
     return ns
@@ -411,8 +478,10 @@ def _record(page: Page) -> tuple[Path, Path]:
     bin_dir.mkdir(exist_ok=True)
     record.unlink(missing_ok=True)
     for name in ("python3", "srun"):
-        (bin_dir / name).write_text(f"#!/bin/sh\n[ \"$1\" = -c ] && exec {shlex.quote(sys.executable)} \"$@\"\n"
-                                    f"printf '%s\\0' \"$@\" > {shlex.quote(str(record))}\n")
+        (bin_dir / name).write_text(
+            f'#!/bin/sh\n[ "$1" = -c ] && exec {shlex.quote(sys.executable)} "$@"\n'
+            f"printf '%s\\0' \"$@\" > {shlex.quote(str(record))}\n"
+        )
         (bin_dir / name).chmod(0o755)
     return bin_dir, record
 
@@ -441,10 +510,16 @@ def _sbatch(args: list[str], block: Block, env: dict, page: Page) -> None:
     script = page.ws / args[0]
     directives = dict(re.findall(r"^#SBATCH --([\w-]+)=(\S+)", script.read_text(), re.M))
     nodes, per_node = int(directives.get("nodes", 1)), int(directives.get("ntasks-per-node", 1))
-    job = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": str(nodes * per_node), "SLURM_JOB_NUM_NODES": str(nodes),
-           "SLURM_JOB_NODELIST": "127.0.0.1"}
-    argv = [a if a != str(page.ws / ".record" / "python3") else "python3" for a in
-            _recorded([args[0], *args[1:]], {**env, **job}, page, block)]
+    job = {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NTASKS": str(nodes * per_node),
+        "SLURM_JOB_NUM_NODES": str(nodes),
+        "SLURM_JOB_NODELIST": "127.0.0.1",
+    }
+    argv = [
+        a if a != str(page.ws / ".record" / "python3") else "python3"
+        for a in _recorded([args[0], *args[1:]], {**env, **job}, page, block)
+    ]
     page.log.append(f"  > {args[0]} started srun {shlex.join(argv)}")
     plan(["srun", *argv], block, {**env, "SLURM_NTASKS": job["SLURM_NTASKS"]}).run(page)
 
@@ -455,7 +530,9 @@ def _pip(args: list[str], block: Block) -> None:
     extras = set(pyproject["project"]["optional-dependencies"])
     for a in args[1:]:
         if a.startswith("torch=="):
-            assert torch.__version__.split("+")[0] == a[len("torch=="):], f"{block}: {a}, installed {torch.__version__}"
+            assert torch.__version__.split("+")[0] == a[len("torch==") :], (
+                f"{block}: {a}, installed {torch.__version__}"
+            )
         elif a != "-e":
             m = re.fullmatch(r"\.(?:\[([\w,-]+)\])?", a)
             assert m, f"{block}: pip install {a}: expected . or .[extra,...]"
@@ -479,6 +556,7 @@ def _pytest(args: list[str], block: Block) -> None:
 
 def _tensorboard(logdir: Path, page: Page) -> None:
     import importlib.util
+
     assert importlib.util.find_spec("tensorboard"), "tensorboard is not installed"
     assert list((page.ws / logdir).rglob("events.out.tfevents.*")), f"no TensorBoard events under {logdir}"
 
@@ -526,6 +604,7 @@ def _new_shards(page: Page) -> None:
     """New data for `dtrain predict`: digits shards as shards/new-00000N.tar (N = 0..9) and shards/new.json."""
     from dtrain.data import make_builtin
     from dtrain.data.sources import count_shards, descriptor, write_descriptor
+
     tmp = page.ws / ".new"
     make_builtin("digits", tmp, 30)
     tars = sorted(tmp.glob("test-*.tar"))[:10]
@@ -542,12 +621,14 @@ def _any_webdataset(page: Page) -> None:
     import numpy as np
     import webdataset as wds
     from PIL import Image
+
     rng = np.random.default_rng(0)
 
     def jpg(label: int) -> bytes:
         buf = io.BytesIO()
         Image.fromarray((rng.random((8, 8, 3)) * 60 + label * 20).astype(np.uint8)).save(buf, format="JPEG")
         return buf.getvalue()
+
     (page.ws / "shards").mkdir()
     for pattern, n in (("shards/train-{:06d}.tar", 100), ("val-{:04d}.tar", 10)):
         for s in range(n):
@@ -603,9 +684,13 @@ def test_every_block_is_accounted_for():
 
 
 def test_a_block_nobody_runs_fails_unless_it_says_why():
-    new = [Block("new.md", 1, "bash", "make all\n", None), Block("new.md", 1, "", "dtrain train\n", None),
-           Block("new.md", 1, "bash", "dtrain train | tee log\n", None), Block("new.md", 1, "rust", "fn main()\n", None),
-           Block("new.md", 1, "bash", "make all\n", ("skip", "()"))]
+    new = [
+        Block("new.md", 1, "bash", "make all\n", None),
+        Block("new.md", 1, "", "dtrain train\n", None),
+        Block("new.md", 1, "bash", "dtrain train | tee log\n", None),
+        Block("new.md", 1, "rust", "fn main()\n", None),
+        Block("new.md", 1, "bash", "make all\n", ("skip", "()")),
+    ]
     for block in new:
         with pytest.raises(AssertionError):
             check_accounted(block)
@@ -644,6 +729,7 @@ def test_the_page_runs(page, tmp_path, capsys):
             start = time.monotonic()
             if kind == "config":
                 from dtrain.config import load_config
+
                 (ws / "example.yaml").write_text(block.body)
                 load_config(ws / "example.yaml")
                 state.log.append(f"{block}: loads with dtrain's config loader")

@@ -61,11 +61,26 @@ def test_mismatched_config_between_ranks(tmp_path, data_root):
     port = str(free_port())
     procs = []
     for rank, lr in ((0, "0.003"), (1, "0.1")):
-        env = _env({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank), "WORLD_SIZE": "2",
-                    "LOCAL_RANK": str(rank)})
-        procs.append(subprocess.Popen([sys.executable, "-m", "dtrain", "doctor", f"data.root={data_root}",
-                                       f"optim.lr={lr}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL))
+        env = _env(
+            {
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+                "RANK": str(rank),
+                "WORLD_SIZE": "2",
+                "LOCAL_RANK": str(rank),
+            }
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "dtrain", "doctor", f"data.root={data_root}", f"optim.lr={lr}"],
+                cwd=tmp_path,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                stdin=subprocess.DEVNULL,
+            )
+        )
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 2 for p in procs)
     line = next(l for l in outs[0][1].splitlines() if l.startswith("dtrain: error: doctor:"))

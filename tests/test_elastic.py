@@ -16,7 +16,7 @@ import pytest
 from conftest import key_log, result_of, run_dtrain, run_ranks, run_torchrun
 from dtrain.checkpoint import CheckpointError, verify
 from dtrain.data import ShardStream, make_builtin
-from dtrain.data.elastic import (ElasticError, EpochReplay, Segment, choose_layout, consumed_keys, deal)
+from dtrain.data.elastic import ElasticError, EpochReplay, Segment, choose_layout, consumed_keys, deal
 
 
 # ---- dealing and layout: pure Python ---------------------------------------------------------------------
@@ -34,7 +34,7 @@ def test_deal_gives_every_unread_sample_once_in_equal_shares():
             mine = [(u, k) for u in shards[r::old_world] for k in keys[u]] or [(shards[0], keys[shards[0]][0])]
             rng.shuffle(mine)
             streams.append([mine[i % len(mine)] for i in range(steps * per_rank_old)])
-        remaining = [it for s in streams for it in s[done * per_rank_old:]]
+        remaining = [it for s in streams for it in s[done * per_rank_old :]]
         quota = len(remaining) // new_world
         assert quota * new_world == len(remaining)  # per_rank_old is a multiple of new_world
         shard_rank = {u: i for i, u in enumerate(shards)}
@@ -56,6 +56,7 @@ def test_replayed_shuffle_is_webdatasets():
     import webdataset as wds
     from dtrain.data.elastic import shuffled
     from dtrain.data.pipeline import _worker_shuffle
+
     items = list(range(300))
     for bufsize in (2, 3, 64, 299, 300, 1000):
         ours = shuffled(items, bufsize, random.Random(f"s{bufsize}/worker0"))
@@ -87,30 +88,40 @@ def test_replay_matches_the_real_streams(small_shards, workers):
     """The replay from sample counts alone (no data read) must equal what the pipelines yield: normal
     streams of other world sizes, wrapping around included, and the dealt streams of two resumes in one
     epoch. (The built-in shards' keys are f"train-{i:07d}" in shard order: position -> key is known.)"""
-    base = ShardStream(small_shards, "train", batch_size=30, rank=0, world_size=2, seed=5, shuffle_buffer=50,
-                       train=True)
+    base = ShardStream(
+        small_shards, "train", batch_size=30, rank=0, world_size=2, seed=5, shuffle_buffer=50, train=True
+    )
     first = dict(zip(base.urls, itertools.accumulate([0] + base.index.counts("train"))))
 
     def keys(items):
         return [f"train-{first[u] + i:07d}" for u, i in items]
+
     segs = [Segment(2, 30, 1, workers, 0), Segment(3, 10, 2, workers, 5), Segment(1, 30, 2, 0, 9)]
     for n in (1, 2, 3):
         *_, (streams, dealt) = EpochReplay(base, 1, segs[:n]).segment_streams()
         seg = segs[n - 1]
         for r in range(seg.world_size):
-            s = base.relayout(rank=r, world_size=seg.world_size, batch_size=seg.batch_size,
-                              grad_accum=seg.grad_accum, num_workers=seg.num_workers, steps_per_epoch=base.steps_per_epoch)
+            s = base.relayout(
+                rank=r,
+                world_size=seg.world_size,
+                batch_size=seg.batch_size,
+                grad_accum=seg.grad_accum,
+                num_workers=seg.num_workers,
+                steps_per_epoch=base.steps_per_epoch,
+            )
             real = s.epoch(1) if n == 1 else s.dealt_epoch(1, n - 1, dealt[r])
             assert [k for b in real for k in b[2]] == keys(streams[r]), (n, r)
     # over the whole epoch, resumed twice: the same samples as the uninterrupted 2-rank epoch
     read = collections.Counter(k for seg in consumed_keys(base, 1, segs, base.steps_per_epoch) for s in seg for k in s)
-    straight = collections.Counter(k for seg in consumed_keys(base, 1, segs[:1], base.steps_per_epoch)
-                                   for s in seg for k in s)
+    straight = collections.Counter(
+        k for seg in consumed_keys(base, 1, segs[:1], base.steps_per_epoch) for s in seg for k in s
+    )
     assert read == straight
 
 
 def test_zero_refuses_another_world_size_in_one_line(tmp_path):
     from dtrain.engine.deepspeed import check_same_world_size
+
     (tmp_path / "manifest.json").write_text(json.dumps({"world_size": 2, "files": {}}))
     check_same_world_size(tmp_path, 2)
     with pytest.raises(CheckpointError) as e:
@@ -121,8 +132,17 @@ def test_zero_refuses_another_world_size_in_one_line(tmp_path):
 
 # ---- real runs: 2 ranks stopped mid-epoch, resumed on 1 and on 3 ------------------------------------------
 # global batch 96 = 48 x 2 ranks: 13 steps per epoch on digits; stopped at step 5 of epoch 0
-ARGS = ["train", "train.epochs=2", "data.batch_size=48", "model.kwargs.dropout=0.1", "data.shuffle_buffer=200",
-        "log.progress=false", "log.sample_keys=true", "run.doctor=false", "train.log_every=1"]
+ARGS = [
+    "train",
+    "train.epochs=2",
+    "data.batch_size=48",
+    "model.kwargs.dropout=0.1",
+    "data.shuffle_buffer=200",
+    "log.progress=false",
+    "log.sample_keys=true",
+    "run.doctor=false",
+    "train.log_every=1",
+]
 STEPS_PER_EPOCH, STOP = 13, 5
 TEST_LOSS_TOLERANCE = 0.03  # measured: |difference| 0.004 (3 ranks) and 0.008 (1 rank), see README
 
@@ -172,8 +192,16 @@ def test_global_batch_that_does_not_divide_needs_the_switch(tmp_path, data_root)
     """45 samples per step on one process can't be split over 2 ranks: one line naming
     checkpoint.elastic, exit 2 (of each worker), checkpoint untouched; with checkpoint.elastic=approximate
     it resumes."""
-    args = ["train", f"data.root={data_root}", "train.max_steps=8", "data.batch_size=45", "run.doctor=false",
-            "log.progress=false", "log.sample_keys=true", "run.name=a"]
+    args = [
+        "train",
+        f"data.root={data_root}",
+        "train.max_steps=8",
+        "data.batch_size=45",
+        "run.doctor=false",
+        "log.progress=false",
+        "log.sample_keys=true",
+        "run.name=a",
+    ]
     run_dtrain(args + ["run.stop_at_step=3"], tmp_path)
     ckpts = tmp_path / "runs" / "a" / "checkpoints"
     before = {p.name: verify(p) for p in ckpts.glob("step-*")}
@@ -187,8 +215,10 @@ def test_global_batch_that_does_not_divide_needs_the_switch(tmp_path, data_root)
     assert {p.name: verify(p) for p in ckpts.glob("step-*")} == before  # intact, nothing new
 
     proc = run_ranks(2, args + ["checkpoint.elastic=approximate"], tmp_path)
-    assert ("resume: 1 -> 2 ranks; per-rank batch 45 -> 23: global batch 46 instead of 45 "
-            "(checkpoint.elastic=approximate; LR schedule unchanged, 27 steps per epoch kept)") in proc.stderr
+    assert (
+        "resume: 1 -> 2 ranks; per-rank batch 45 -> 23: global batch 46 instead of 45 "
+        "(checkpoint.elastic=approximate; LR schedule unchanged, 27 steps per epoch kept)"
+    ) in proc.stderr
     assert result_of(proc)["step"] == 8
     logged = key_log(tmp_path / "runs" / "a")
     for rank in (0, 1):
@@ -204,6 +234,7 @@ def test_init_from_takes_an_exported_file(tmp_path):
     from dtrain.config import ModelConfig
     from dtrain.models import build_model
     from dtrain.models.transfer import load_pretrained
+
     facts = {"input_shape": (1, 8, 8), "num_outputs": 10}
     source, target = (build_model(ModelConfig(), facts, seed) for seed in (1, 2))
     torch.save({"model": source.state_dict(), "config": {}, "step": 7}, tmp_path / "model.pt")  # export's format
@@ -215,8 +246,15 @@ def test_resume_with_more_data_workers_finishes_the_epoch_in_its_order(tmp_path,
     """The DataLoader workers split the shards, so data.num_workers is part of the sample order: a run
     resumed with another count finishes the interrupted epoch in the old order (no sample twice, none
     skipped: the same keys at the same steps as the uninterrupted run) and uses the new one after it."""
-    args = ["train", f"data.root={data_root}", "train.epochs=2", "data.shuffle_buffer=200", "log.progress=false",
-            "log.sample_keys=true", "train.log_every=1"]
+    args = [
+        "train",
+        f"data.root={data_root}",
+        "train.epochs=2",
+        "data.shuffle_buffer=200",
+        "log.progress=false",
+        "log.sample_keys=true",
+        "train.log_every=1",
+    ]
     run_dtrain(args + ["run.name=straight"], tmp_path)
     run_dtrain(args + ["run.name=r", "run.stop_at_step=4"], tmp_path)
     proc = run_dtrain(args + ["run.name=r", "data.num_workers=2"], tmp_path)
@@ -235,6 +273,7 @@ def test_a_checkpoint_of_the_whole_shard_dealing_resumes_at_an_epoch_end_and_is_
     line naming the way on; at an epoch's end nothing of the old order is left, and they resume."""
     from dtrain.config import load_config
     from dtrain.data.feed import TrainFeed
+
     stream = ShardStream(small_shards, "train", batch_size=16, rank=0, world_size=2, train=True)
     steps = stream.steps_per_epoch
 
@@ -244,10 +283,13 @@ def test_a_checkpoint_of_the_whole_shard_dealing_resumes_at_an_epoch_end_and_is_
         del saved["dealing"]
         feed.load_state_dict(saved)
         return feed
+
     assert resumed(2 * steps).step == 2 * steps
     with pytest.raises(CheckpointError) as e:
         resumed(steps + 3)
-    assert str(e.value) == (f"checkpoint: it stopped at step 3 of epoch 1, written by a dtrain that dealt whole shards "
-                            f"to ranks, whose order this one (each sample once an epoch) can't replay; resume it with "
-                            f"the dtrain that wrote it to the epoch's end (run.stop_at_step={2 * steps}), then with "
-                            f"this one")
+    assert str(e.value) == (
+        f"checkpoint: it stopped at step 3 of epoch 1, written by a dtrain that dealt whole shards "
+        f"to ranks, whose order this one (each sample once an epoch) can't replay; resume it with "
+        f"the dtrain that wrote it to the epoch's end (run.stop_at_step={2 * steps}), then with "
+        f"this one"
+    )

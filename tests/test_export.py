@@ -17,9 +17,25 @@ pytest.importorskip("safetensors")
 
 def train(root, model, name):
     tokens = write_tokens(root / "data", n=64)
-    assert main(["train", f"data.train={tokens}", "data.sample={x: tokens.npy}", "data.task=lm", "data.batch_size=16",
-                 *model, "optim.lr=0.01", "train.max_steps=3", f"run.dir={root / 'runs'}", f"run.name={name}",
-                 "log.progress=false", "run.doctor=false"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                f"data.train={tokens}",
+                "data.sample={x: tokens.npy}",
+                "data.task=lm",
+                "data.batch_size=16",
+                *model,
+                "optim.lr=0.01",
+                "train.max_steps=3",
+                f"run.dir={root / 'runs'}",
+                f"run.name={name}",
+                "log.progress=false",
+                "run.doctor=false",
+            ]
+        )
+        == 0
+    )
     return root / "runs" / name
 
 
@@ -35,12 +51,14 @@ def own_run(tmp_path_factory):
 
 def checkpoint_weights(run):
     from dtrain.load import read_checkpoint
+
     return read_checkpoint(str(run))[1]["engine"]["model"]
 
 
 def hf_model(run):
     """A GPT2LMHeadModel of the run's config with the checkpoint's weights, built here by hand."""
     from transformers import GPT2Config, GPT2LMHeadModel
+
     model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=32, n_layer=1, n_head=2))
     model.load_state_dict(checkpoint_weights(run))
     return model.eval()
@@ -52,6 +70,7 @@ def said(capsys):
 
 def test_hf_export_loads_with_from_pretrained_and_gives_the_same_logits(hf_run, tmp_path, capsys):
     from transformers import GPT2LMHeadModel
+
     out = tmp_path / "exported" / "gpt2-hf"
     assert main(["export", "--checkpoint", str(hf_run), "--out", str(out), "--format", "hf", *HF[:2]]) == 0
     reference = hf_model(hf_run)
@@ -72,27 +91,35 @@ def test_hf_export_builds_only_the_code_the_user_names(hf_run, tmp_path, capsys)
     out = tmp_path / "hf"
     assert main(["export", "--checkpoint", str(hf_run), "--out", str(out), "--format", "hf"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith(f"dtrain: error: checkpoint: {(hf_run / 'checkpoints').resolve()}") and \
-        "asks to run model.factory=transformers:GPT2LMHeadModel" in err[-1] and \
-        err[-1].endswith("pass --trust-checkpoint-code if you trust this file"), err
+    assert (
+        err[-1].startswith(f"dtrain: error: checkpoint: {(hf_run / 'checkpoints').resolve()}")
+        and "asks to run model.factory=transformers:GPT2LMHeadModel" in err[-1]
+        and err[-1].endswith("pass --trust-checkpoint-code if you trust this file")
+    ), err
     assert not out.exists()
-    assert main(["export", "--checkpoint", str(hf_run), "--out", str(out), "--format", "hf",
-                 "--trust-checkpoint-code"]) == 0
+    assert (
+        main(["export", "--checkpoint", str(hf_run), "--out", str(out), "--format", "hf", "--trust-checkpoint-code"])
+        == 0
+    )
 
 
 def test_hf_export_of_a_model_that_is_not_hugging_faces_is_one_line(own_run, tmp_path, capsys):
     assert main(["export", "--checkpoint", str(own_run), "--out", str(tmp_path / "hf"), "--format", "hf"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "dtrain: error: export: --format hf writes a Hugging Face model (a transformers PreTrainedModel), the "
-        "checkpoint's model is a dtrain.models.gpt.GPT: use --format safetensors or pt")
+        "checkpoint's model is a dtrain.models.gpt.GPT: use --format safetensors or pt"
+    )
     assert not (tmp_path / "hf").exists()
 
 
-@pytest.mark.parametrize("run, kept, repeat", [("hf_run", "transformer.wte.weight", "lm_head.weight"),
-                                               ("own_run", "body.wte.weight", "head.weight")])
+@pytest.mark.parametrize(
+    "run, kept, repeat",
+    [("hf_run", "transformer.wte.weight", "lm_head.weight"), ("own_run", "body.wte.weight", "head.weight")],
+)
 def test_safetensors_export_stores_tied_weights_once(run, kept, repeat, tmp_path, capsys, request):
     from safetensors import safe_open
     from safetensors.torch import load_file
+
     run = request.getfixturevalue(run)
     out = tmp_path / "model.safetensors"
     assert main(["export", "--checkpoint", str(run), "--out", str(out), "--format", "safetensors"]) == 0
@@ -110,6 +137,7 @@ def test_safetensors_export_stores_tied_weights_once(run, kept, repeat, tmp_path
 
 def test_safetensors_export_loads_into_the_model_with_its_ties(hf_run, tmp_path):
     from safetensors.torch import load_model
+
     out = tmp_path / "model.safetensors"
     assert main(["export", "--checkpoint", str(hf_run), "--out", str(out), "--format", "safetensors"]) == 0
     model = hf_model(hf_run)
@@ -136,17 +164,23 @@ def test_hf_out_is_a_new_or_empty_directory_outside_the_checkpoints(hf_run, tmp_
     (tmp_path / "afile").write_text("mine")
     (tmp_path / "link").symlink_to(tmp_path / "empty")
     step = (hf_run / "checkpoints" / "latest").resolve()
-    refused = {"full": "is a directory that holds files", "afile": "exists", "link": "is a symbolic link",
-               str(step / "hf"): "is inside a checkpoint directory"}
+    refused = {
+        "full": "is a directory that holds files",
+        "afile": "exists",
+        "link": "is a symbolic link",
+        str(step / "hf"): "is inside a checkpoint directory",
+    }
     for out, why in refused.items():
         assert main(["export", "--checkpoint", str(hf_run), "--out", out, "--format", "hf", *HF[:2]]) == 2, out
         assert capsys.readouterr().err.strip().splitlines()[-1] == (
             f"dtrain: error: export: --out {out} {why}; give the path of a new or empty directory outside the run's "
-            "checkpoints")
+            "checkpoints"
+        )
     assert (tmp_path / "full" / "thesis.tex").read_text() == "mine" and not (step / "hf").exists()
     (tmp_path / "empty").mkdir()
-    assert main(["export", "--checkpoint", str(hf_run), "--out", str(tmp_path / "empty"), "--format", "hf",
-                 *HF[:2]]) == 0
+    assert (
+        main(["export", "--checkpoint", str(hf_run), "--out", str(tmp_path / "empty"), "--format", "hf", *HF[:2]]) == 0
+    )
     assert json.loads((tmp_path / "empty" / "config.json").read_text())["n_embd"] == 32
 
 

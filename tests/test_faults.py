@@ -19,8 +19,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (REPO, _env, final_params, key_log, latest_logged_step, metrics_of, result_of, run_dtrain,
-                      run_ranks, run_torchrun, start, torchrun_cmd, wait_for, workers)
+from conftest import (
+    REPO,
+    _env,
+    final_params,
+    key_log,
+    latest_logged_step,
+    metrics_of,
+    result_of,
+    run_dtrain,
+    run_ranks,
+    run_torchrun,
+    start,
+    torchrun_cmd,
+    wait_for,
+    workers,
+)
 from dtrain.checkpoint import CheckpointError, Checkpointer, Snapshot, safe_load, verify
 from dtrain.dist import ROLL_CALL_S, DistInfo
 
@@ -33,17 +47,28 @@ def kill_during_save_trials(tmp_path: Path, trials: int) -> dict:
     new process resumes from the newest complete checkpoint. The processes are forked by one server
     (tests/save_loop.py --fork-server) so that a trial does not pay for an interpreter and torch import."""
     root = tmp_path / "ckpts"
-    counts = {"trials": 0, "killed_mid_write": 0, "resumed_ok": 0, "killed_by_another_signal": 0,
-              "stopped_by_another_test": 0}
+    counts = {
+        "trials": 0,
+        "killed_mid_write": 0,
+        "resumed_ok": 0,
+        "killed_by_another_signal": 0,
+        "stopped_by_another_test": 0,
+    }
     expected_min = 0
     rng = random.Random(0)
-    server = subprocess.Popen([sys.executable, str(REPO / "tests" / "save_loop.py"), "--fork-server"],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})  # no OpenMP pool across forks
+    server = subprocess.Popen(
+        [sys.executable, str(REPO / "tests" / "save_loop.py"), "--fork-server"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # no OpenMP pool across forks
 
     received: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [received.put(l) for l in iter(server.stdout.readline, "")] + [received.put("")],
-                     daemon=True).start()
+    threading.Thread(
+        target=lambda: [received.put(l) for l in iter(server.stdout.readline, "")] + [received.put("")], daemon=True
+    ).start()
 
     def read_until(*wanted: str, pid: str | None = None) -> dict:  # the server's and the saver's lines
         lines: dict = {}
@@ -56,8 +81,10 @@ def kill_during_save_trials(tmp_path: Path, trials: int) -> dict:
                 # again in `finally`) is one more random kill; any other state fails, naming it.
                 pid = lines.get("pid", pid)
                 state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] if pid else "?"
-                assert state == "T", f"the saver {pid} hung in state {state} " \
+                assert state == "T", (
+                    f"the saver {pid} hung in state {state} "
                     f"({Path(f'/proc/{pid}/wchan').read_text() if pid else ''}): {lines}"
+                )
                 counts["stopped_by_another_test"] += 1
                 os.kill(int(pid), signal.SIGKILL)
                 continue
@@ -147,10 +174,12 @@ def test_truncated_flipped_and_malicious_checkpoints_are_refused(one_checkpoint,
     class Evil:
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
+
     evil = root / "step-00000002" / "state.pt"
     evil.write_bytes(pickle.dumps({"w": Evil()}))
     manifest = json.loads((evil.parent / "manifest.json").read_text())
     from dtrain.checkpoint import _sha256
+
     manifest["files"]["state.pt"] = {"sha256": _sha256(evil), "bytes": evil.stat().st_size}
     (evil.parent / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="refusing to load"):
@@ -174,8 +203,10 @@ def test_malicious_checkpoint_fails_training_with_one_line(tmp_path, data_root):
     class Evil:
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
+
     (ckpt / "state.pt").write_bytes(pickle.dumps({"engine": Evil()}))
     from dtrain.checkpoint import _sha256
+
     manifest = json.loads((ckpt / "manifest.json").read_text())
     manifest["files"]["state.pt"] = {"sha256": _sha256(ckpt / "state.pt"), "bytes": (ckpt / "state.pt").stat().st_size}
     (ckpt / "manifest.json").write_text(json.dumps(manifest))
@@ -187,8 +218,17 @@ def test_malicious_checkpoint_fails_training_with_one_line(tmp_path, data_root):
 
 
 # ---- exact resume after SIGKILL / SIGTERM on 2 ranks ------------------------------------------------
-RESUME_ARGS = ["train", "train.epochs=3", "data.batch_size=32", "model.kwargs.dropout=0.3", "log.progress=false",
-               "log.sample_keys=true", "train.log_every=1", "checkpoint.every=4", "data.shuffle_buffer=200"]
+RESUME_ARGS = [
+    "train",
+    "train.epochs=3",
+    "data.batch_size=32",
+    "model.kwargs.dropout=0.3",
+    "log.progress=false",
+    "log.sample_keys=true",
+    "train.log_every=1",
+    "checkpoint.every=4",
+    "data.shuffle_buffer=200",
+]
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +246,7 @@ def assert_same_as_straight(run: Path, straight: Path):
         assert got[rank] == want[rank]  # the same samples at every step, so none twice, none skipped
         per_epoch = len(steps) // 3
         for e in range(3):
-            epoch_keys = [k for s, keys in got[rank][e * per_epoch:(e + 1) * per_epoch] for k in keys]
+            epoch_keys = [k for s, keys in got[rank][e * per_epoch : (e + 1) * per_epoch] for k in keys]
             assert len(epoch_keys) == len(set(epoch_keys)), f"rank {rank} saw a sample twice in epoch {e}"
 
 
@@ -247,6 +287,7 @@ def test_torchrun_restart_resumes_automatically(tmp_path, straight_run):
 def _stop_control_rank(rank: int, port: int, out) -> None:
     import torch.distributed as td
     from dtrain.signals import StopControl
+
     td.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     control = StopControl(td.new_group(backend="gloo"))
     calls = []
@@ -271,6 +312,7 @@ def test_ranks_with_short_steps_check_for_signals_less_often_and_stop_at_the_sam
     still stops both ranks at the same step, within a few checks."""
     import multiprocessing
     from conftest import free_port
+
     ctx = multiprocessing.get_context("spawn")
     out, port = ctx.Queue(), free_port()
     procs = [ctx.Process(target=_stop_control_rank, args=(r, port, out)) for r in range(2)]
@@ -297,8 +339,19 @@ def test_sigint_stops_cleanly_and_second_sigint_aborts(tmp_path, data_root):
     assert (tmp_path / "runs" / "a" / "checkpoints" / f"step-{step:08d}" / "manifest.json").is_file()
 
     # a ~200 MB model: the checkpoint written after the first SIGINT takes long enough for the second
-    proc = start([sys.executable, "-m", "dtrain", *args, "run.name=b", "model.kwargs.hidden=[4096,4096]",
-                  "checkpoint.save_best=false"], tmp_path, tag)
+    proc = start(
+        [
+            sys.executable,
+            "-m",
+            "dtrain",
+            *args,
+            "run.name=b",
+            "model.kwargs.hidden=[4096,4096]",
+            "checkpoint.save_best=false",
+        ],
+        tmp_path,
+        tag,
+    )
     wait_for(lambda: latest_logged_step(tmp_path / "runs" / "b") >= 2, what="step 2")
     proc.send_signal(signal.SIGINT)
     seen = []
@@ -314,6 +367,7 @@ def preempted_at_step_5(data_root):
     """dtrain.fit in this process, with a loss that raises SIGUSR1 (what SLURM sends before preempting) in
     step 5 -> the FitResult."""
     import dtrain
+
     calls = []
 
     def loss(output, batch):
@@ -321,6 +375,7 @@ def preempted_at_step_5(data_root):
         if len(calls) == 6:  # the start-up probe's call, then training steps
             signal.raise_signal(signal.SIGUSR1)
         return torch.nn.functional.cross_entropy(output, batch[1])
+
     return dtrain.fit([f"data.root={data_root}", "train.epochs=3", "log.progress=false", "run.name=p"], loss=loss)
 
 
@@ -343,6 +398,7 @@ def test_preempted_run_requeues_its_slurm_job_last_of_all(tmp_path, data_root, m
         if cmd[0] == "scontrol":
             said_before.append(capfd.readouterr().err)
         return run(cmd, **kwargs)
+
     monkeypatch.setattr(subprocess, "run", run_noting_stderr)
 
     result = preempted_at_step_5(data_root)
@@ -373,8 +429,9 @@ def test_preempted_rank_0_requeues_while_its_peers_wait(tmp_path, data_root):
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text(
         '#!/bin/sh\ncase "$1" in\n  show) echo "$3" ;;\n'  # `show hostnames 127.0.0.1`, for dtrain.dist
-        f'  requeue) sleep 2; test -e {tmp_path}/rank1.left && echo left >> {calls} || echo waiting >> {calls} ;;\n'
-        'esac\n')
+        f"  requeue) sleep 2; test -e {tmp_path}/rank1.left && echo left >> {calls} || echo waiting >> {calls} ;;\n"
+        "esac\n"
+    )
     (bin_dir / "scontrol").chmod(0o755)
     script = tmp_path / "preempted.py"
     script.write_text(
@@ -387,10 +444,17 @@ def test_preempted_rank_0_requeues_while_its_peers_wait(tmp_path, data_root):
         "    return torch.nn.functional.cross_entropy(output, batch[1])\n"
         "if os.environ['SLURM_PROCID'] == '1':\n"
         "    atexit.register(pathlib.Path('rank1.left').touch)\n"
-        "dtrain.main(loss=loss)\n")
-    proc = run_ranks(2, [f"data.root={data_root}", "train.epochs=3", "log.progress=false", "run.name=p"], tmp_path,
-                     script=script, launcher="srun", check=False,
-                     env={"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
+        "dtrain.main(loss=loss)\n"
+    )
+    proc = run_ranks(
+        2,
+        [f"data.root={data_root}", "train.epochs=3", "log.progress=false", "run.name=p"],
+        tmp_path,
+        script=script,
+        launcher="srun",
+        check=False,
+        env={"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"},
+    )
     assert proc.returncode == 75 and result_of(proc)["stop_reason"] == "signal:SIGUSR1", proc.stderr[-3000:]
     assert (tmp_path / "rank1.left").exists() and calls.read_text() == "waiting\n", proc.stderr[-3000:]
 
@@ -409,8 +473,15 @@ def test_stalled_rank_ends_the_job_within_the_timeout(tmp_path, data_root):
     timeout_s = 5
     tag = uuid.uuid4().hex
     run = tmp_path / "runs" / "s"
-    args = ["train", f"data.root={data_root}", "train.epochs=100", "log.progress=false", "train.log_every=1",
-            f"dist.timeout_s={timeout_s}", "run.name=s"]
+    args = [
+        "train",
+        f"data.root={data_root}",
+        "train.epochs=100",
+        "log.progress=false",
+        "train.log_every=1",
+        f"dist.timeout_s={timeout_s}",
+        "run.name=s",
+    ]
     proc = start(torchrun_cmd(2, args), tmp_path, tag)
     wait_for(lambda: latest_logged_step(run) >= 5, what="step 5")
     stalled = workers(tag)[1]
@@ -432,8 +503,7 @@ def test_stalled_rank_ends_the_job_within_the_timeout(tmp_path, data_root):
     elapsed, line = reported
     # the operation rank 0 was waiting in when rank 1 froze: a gradient, loss or stop-flag all-reduce in
     # most steps, but the stall can land just before an end-of-epoch evaluation or best-checkpoint save
-    ops = ("gradient all-reduce", "stop-flag all-reduce", "loss all-reduce", "metrics all-reduce",
-           "checkpoint save")
+    ops = ("gradient all-reduce", "stop-flag all-reduce", "loss all-reduce", "metrics all-reduce", "checkpoint save")
     assert any(f"dist: {op}" in line for op in ops) and "failed on rank 0: rank 1 is gone or stuck" in line, line
     assert "Timed out" in line, line
     # after the timeout, the roll call: rank 0 waits ROLL_CALL_S for rank 1's answer, which never comes
@@ -450,9 +520,16 @@ def test_rank_sleeping_in_a_step_ends_the_job_within_the_timeout(tmp_path, data_
     timeout_s = 10
     args = ["train", f"data.root={data_root}", "train.epochs=100", "log.progress=false", f"dist.timeout_s={timeout_s}"]
     cmd = torchrun_cmd(2, args)
-    cmd[cmd.index("-m", 2):cmd.index("dtrain") + 1] = [str(REPO / "tests" / "sleepy_rank.py")]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env({"SLEEPY_RANK": "1", "SLEEPY_STEP": "4"}), text=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    cmd[cmd.index("-m", 2) : cmd.index("dtrain") + 1] = [str(REPO / "tests" / "sleepy_rank.py")]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        env=_env({"SLEEPY_RANK": "1", "SLEEPY_STEP": "4"}),
+        text=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
     reported, lines = None, []
     try:
         for line in proc.stderr:  # timed from rank 0's report, so that start-up under load does not count
@@ -464,8 +541,9 @@ def test_rank_sleeping_in_a_step_ends_the_job_within_the_timeout(tmp_path, data_
         proc.kill()
     ended, stderr = time.monotonic() - (reported or 0), "".join(lines)
     assert proc.returncode != 0
-    assert "dtrain: error: dist: gradient all-reduce (train step) failed on rank 0: rank 1 is gone or stuck" \
-        in stderr, stderr[-3000:]
+    assert (
+        "dtrain: error: dist: gradient all-reduce (train step) failed on rank 0: rank 1 is gone or stuck" in stderr
+    ), stderr[-3000:]
     assert "this rank is stuck; exiting now" in stderr, stderr[-3000:]
     assert ended < 10, f"the job took {ended:.1f} s to end after rank 0 reported the timeout"
 
@@ -477,6 +555,7 @@ def nan_data(tmp_path_factory):
     import numpy as np
     from dtrain.data.datasets import digits
     from dtrain.data.shards import write_shards
+
     splits, meta = digits()
     x, y = splits["train"]
     x = x.astype(np.float32)
@@ -501,8 +580,15 @@ def test_nan_on_one_rank_is_skipped_on_all(tmp_path, nan_data):
 def test_nan_skip_on_the_device_with_fused_adamw(tmp_path, nan_data, fused):
     """optim.fused=true: the fused AdamW kernel skips the update on the device (no host sync per step)
     and the skip is counted at the next log line; the host-checked path skips the same steps."""
-    args = ["train", f"data.dataset=folder:{nan_data}", "train.epochs=2", "log.progress=false",
-            f"optim.fused={str(fused).lower()}", "train.log_every=5", "checkpoint.every=0"]
+    args = [
+        "train",
+        f"data.dataset=folder:{nan_data}",
+        "train.epochs=2",
+        "log.progress=false",
+        f"optim.fused={str(fused).lower()}",
+        "train.log_every=5",
+        "checkpoint.every=0",
+    ]
     proc = run_dtrain(args, tmp_path)
     skips = [l for l in proc.stderr.splitlines() if "non-finite gradient norm" in l]
     assert len(skips) == 2, proc.stderr  # the poisoned sample is in one batch per epoch
@@ -513,8 +599,14 @@ def test_nan_skip_on_the_device_with_fused_adamw(tmp_path, nan_data, fused):
 
 
 def test_nan_stop_policy_keeps_the_last_good_checkpoint(tmp_path, nan_data):
-    args = ["train", f"data.dataset=folder:{nan_data}", "train.epochs=2", "log.progress=false",
-            "train.nonfinite=stop", "checkpoint.every=2"]
+    args = [
+        "train",
+        f"data.dataset=folder:{nan_data}",
+        "train.epochs=2",
+        "log.progress=false",
+        "train.nonfinite=stop",
+        "checkpoint.every=2",
+    ]
     proc = run_dtrain(args, tmp_path, check=False)
     result = result_of(proc)
     assert result["stop_reason"] == "nonfinite" and proc.returncode == 2  # not done: the same run diverges again
@@ -530,8 +622,17 @@ def test_full_disk_is_a_clear_error_and_keeps_previous_checkpoints(tmp_path, dat
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)]).returncode != 0:
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
-        args = ["train", f"data.root={data_root}", "train.epochs=3", "run.dir=" + str(mnt), "run.name=f",
-                "checkpoint.every=5", "checkpoint.keep_last=20", "checkpoint.save_best=false", "log.progress=false"]
+        args = [
+            "train",
+            f"data.root={data_root}",
+            "train.epochs=3",
+            "run.dir=" + str(mnt),
+            "run.name=f",
+            "checkpoint.every=5",
+            "checkpoint.keep_last=20",
+            "checkpoint.save_best=false",
+            "log.progress=false",
+        ]
         run_dtrain(args + ["run.stop_at_step=5"], tmp_path)
         ckpts = mnt / "f" / "checkpoints"
         assert verify(ckpts / "step-00000005")
@@ -588,12 +689,25 @@ def test_async_snapshot_is_a_frozen_copy_in_reused_buffers(tmp_path):
 
 
 def test_keep_last_and_best(tmp_path, data_root):
-    run_dtrain(["train", f"data.root={data_root}", "train.epochs=6", "checkpoint.every=3", "checkpoint.keep_last=2",
-                "checkpoint.keep_best=2", "train.val_every=3"], tmp_path)
+    run_dtrain(
+        [
+            "train",
+            f"data.root={data_root}",
+            "train.epochs=6",
+            "checkpoint.every=3",
+            "checkpoint.keep_last=2",
+            "checkpoint.keep_best=2",
+            "train.val_every=3",
+        ],
+        tmp_path,
+    )
     ckpts = tmp_path / "runs" / "digits" / "checkpoints"
     kept = {int(p.name[5:]) for p in ckpts.glob("step-*")}
-    best = [r["step"] for r in metrics_of(tmp_path / "runs" / "digits") if "val/loss" in r
-            and r["val/loss"] == r["val/best_loss"]]  # steps where validation improved (each saved)
+    best = [
+        r["step"]
+        for r in metrics_of(tmp_path / "runs" / "digits")
+        if "val/loss" in r and r["val/loss"] == r["val/best_loss"]
+    ]  # steps where validation improved (each saved)
     total = 6 * (1257 // 64)
     saved = set(range(3, total + 1, 3)) | set(best) | {total}
     assert kept == set(sorted(saved)[-2:]) | set(best[-2:])
@@ -603,8 +717,13 @@ def test_keep_last_and_best(tmp_path, data_root):
 # ---- secrets ----------------------------------------------------------------------------------------
 def test_no_secret_is_written_anywhere(tmp_path, data_root):
     secret = "sk-test-" + uuid.uuid4().hex
-    run_ranks(1, ["train", f"data.root={data_root}", "train.epochs=1"], tmp_path, launcher="single",
-              env={"WANDB_API_KEY": secret, "HF_TOKEN": secret, "AWS_SECRET_ACCESS_KEY": secret})
+    run_ranks(
+        1,
+        ["train", f"data.root={data_root}", "train.epochs=1"],
+        tmp_path,
+        launcher="single",
+        env={"WANDB_API_KEY": secret, "HF_TOKEN": secret, "AWS_SECRET_ACCESS_KEY": secret},
+    )
     for path in (tmp_path / "runs").rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path

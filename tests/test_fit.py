@@ -10,7 +10,14 @@ import dtrain
 from conftest import metrics_of, run_torchrun
 from dtrain.config import ConfigError
 
-ARGS = ["log.progress=false", "train.epochs=2", "train.val_every=5", "train.log_every=2", "data.batch_size=64", "run.name=fit"]
+ARGS = [
+    "log.progress=false",
+    "train.epochs=2",
+    "train.val_every=5",
+    "train.log_every=2",
+    "data.batch_size=64",
+    "run.name=fit",
+]
 
 
 @pytest.fixture
@@ -41,19 +48,25 @@ def test_fit_returns_the_result_of_an_interrupted_run_then_of_its_resume(here, t
     best = min(val, key=lambda r: r["val/loss"])
     assert (second.exit_code, second.stop_reason, second.interrupted) == (0, "completed", False)
     assert second.step == second.total_steps == records[-1]["step"] and second.total_steps > 3
-    assert second.best_step == best["step"] and second.best_metrics == {k: v for k, v in best.items()
-                                                                         if k.startswith("val/") and k != "val/best_loss"}
+    assert second.best_step == best["step"] and second.best_metrics == {
+        k: v for k, v in best.items() if k.startswith("val/") and k != "val/best_loss"
+    }
     assert second.best_checkpoint == run_dir / "checkpoints" / f"step-{best['step']:08d}"
     assert second.latest_checkpoint == run_dir / "checkpoints" / f"step-{second.step:08d}"
     assert second.best_checkpoint.is_dir() and second.latest_checkpoint.is_dir()
-    assert second.metrics["val/loss"] == val[-1]["val/loss"] and second.metrics["loss"] == \
-        [r for r in records if "loss" in r][-1]["loss"]
+    assert (
+        second.metrics["val/loss"] == val[-1]["val/loss"]
+        and second.metrics["loss"] == [r for r in records if "loss" in r][-1]["loss"]
+    )
     assert second.metrics["test/acc"] == records[-1]["test/acc"] > 0.5
 
     third = dtrain.fit(here, forward=forward)  # finished and tested: nothing to train, the same result
     assert third.stop_reason == "already_completed" and third.exit_code == 0
-    assert (third.metrics, third.best_metrics, third.best_checkpoint) == \
-        (second.metrics, second.best_metrics, second.best_checkpoint)
+    assert (third.metrics, third.best_metrics, third.best_checkpoint) == (
+        second.metrics,
+        second.best_metrics,
+        second.best_checkpoint,
+    )
 
 
 def test_bad_input_raises_dtrains_one_line_error_where_main_exits_2(here, capsys):
@@ -97,6 +110,7 @@ def test_every_rank_returns_the_same_result_under_torchrun(tmp_path, data_root):
 def test_in_a_jupyter_kernel_the_arguments_default_to_none(monkeypatch):
     from dtrain.build import Hooks
     from dtrain.cli import parse_args
+
     monkeypatch.setattr("sys.argv", ["/venv/lib/ipykernel_launcher.py", "-f", "/run/jupyter/kernel-1.json"])
     args = parse_args(None, Hooks())
     assert (args.command, args.overrides, args.config) == ("train", [], None)
@@ -118,8 +132,12 @@ def test_the_run_lifecycle_takes_a_config_not_a_command_line(here, tmp_path, cap
         def on_train_end(self, result):
             told.append(result)
 
-    result = run(load_config(None, [*here, "run.stop_at_step=2"]), Hooks(callbacks=[Ends()]),
-                 command=["my", "command", "run.stop_at_step=2"], program=["python", "mine.py"])
+    result = run(
+        load_config(None, [*here, "run.stop_at_step=2"]),
+        Hooks(callbacks=[Ends()]),
+        command=["my", "command", "run.stop_at_step=2"],
+        program=["python", "mine.py"],
+    )
     assert isinstance(result, FitResult) and result.stop_reason == "stop_at_step" and told == [result]
     summary = json.loads((tmp_path / "runs" / "fit" / "summary.json").read_text())
     assert summary["resume"] == "my command" and summary["evaluate"].startswith("python mine.py eval ")

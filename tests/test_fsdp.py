@@ -19,8 +19,19 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from conftest import (REPO, key_log, latest_logged_step, metrics_of, result_of, run_dtrain, run_ranks, start,
-                      torchrun_cmd, wait_for, workers)
+from conftest import (
+    REPO,
+    key_log,
+    latest_logged_step,
+    metrics_of,
+    result_of,
+    run_dtrain,
+    run_ranks,
+    start,
+    torchrun_cmd,
+    wait_for,
+    workers,
+)
 from dtrain.checkpoint import CheckpointError, Checkpointer, safe_load, verify
 from dtrain.cli import main
 from dtrain.config import ConfigError, FSDPConfig, TrainConfig, load_config
@@ -41,7 +52,10 @@ def test_blocks_are_the_largest_module_list_or_the_named_ones():
         def __init__(self):
             super().__init__()
             self.adapters = nn.ModuleList([nn.Linear(2, 2)])
-            self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(8, 4), h=nn.ModuleList(nn.Linear(4, 4) for _ in range(3))))
+            self.transformer = nn.ModuleDict(
+                dict(wte=nn.Embedding(8, 4), h=nn.ModuleList(nn.Linear(4, 4) for _ in range(3)))
+            )
+
     hf = HFLike()
     assert find_blocks(hf, []) == (list(hf.transformer.h), "transformer.h")
 
@@ -52,19 +66,26 @@ def test_blocks_are_the_largest_module_list_or_the_named_ones():
             self.layer1 = nn.Sequential(nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3))
             self.layer2 = nn.Sequential(nn.Conv2d(4, 4, 3))
             self.fc = nn.Linear(4, 2)
+
     resnet = ResNetLike()
     assert find_blocks(resnet, []) == ([], "")  # wrapped at the root (the engine says so once)
     assert find_blocks(resnet, ["layer1", "layer2"])[0] == [*resnet.layer1, *resnet.layer2]
     for name, what in (("layer9", "is no module"), ("fc", "is a Linear, not a module list")):
         with pytest.raises(ConfigError) as e:
             find_blocks(resnet, [name])
-        assert "\n" not in str(e.value) and what in str(e.value) and "module lists there: layer1, layer2" in str(e.value)
+        assert (
+            "\n" not in str(e.value) and what in str(e.value) and "module lists there: layer1, layer2" in str(e.value)
+        )
 
 
-@pytest.mark.parametrize("override, says", [
-    ("train.precision=fp16", "train.precision=fp16 is not supported with train.engine=fsdp"),
-    ("model.unfreeze_at_step=3", "model.unfreeze_at_step is not supported with train.engine=fsdp"),
-    ("model.channels_last=true", "model.channels_last=true is not supported with train.engine=fsdp")])
+@pytest.mark.parametrize(
+    "override, says",
+    [
+        ("train.precision=fp16", "train.precision=fp16 is not supported with train.engine=fsdp"),
+        ("model.unfreeze_at_step=3", "model.unfreeze_at_step is not supported with train.engine=fsdp"),
+        ("model.channels_last=true", "model.channels_last=true is not supported with train.engine=fsdp"),
+    ],
+)
 def test_what_fsdp_cannot_do_is_refused_in_one_line(override, says):
     with pytest.raises(ConfigError) as e:
         load_config(None, ["train.engine=fsdp", "model.freeze=[body]", override])
@@ -74,8 +95,14 @@ def test_what_fsdp_cannot_do_is_refused_in_one_line(override, says):
 
 def test_activation_checkpointing_without_blocks_is_refused_before_any_process_group():
     with pytest.raises(ConfigError, match="fsdp.activation_checkpointing needs blocks, and Sequential has no"):
-        FSDPEngine(nn.Sequential(nn.Linear(2, 2)), None, None, TrainConfig(engine="fsdp"), SINGLE,
-                   FSDPConfig(activation_checkpointing=True))
+        FSDPEngine(
+            nn.Sequential(nn.Linear(2, 2)),
+            None,
+            None,
+            TrainConfig(engine="fsdp"),
+            SINGLE,
+            FSDPConfig(activation_checkpointing=True),
+        )
     assert not torch.distributed.is_initialized()
 
 
@@ -91,8 +118,11 @@ def test_checkpoint_files_are_read_as_plain_data_only(tmp_path):
     """DCP itself unpickles `.metadata` with pickle.load and non-tensor values with weights_only=False; a
     checkpoint (with a manifest rewritten to match) must never run code: refused in one line."""
     weights = {"w": torch.randn(4, 3), "b": torch.zeros(3)}
-    dcp.save({"model": weights, "optimizer": {"param_groups": [{"lr": 0.1, "betas": (0.9, 0.99)}]}},
-             checkpoint_id=tmp_path / "ok" / TAG, no_dist=True)
+    dcp.save(
+        {"model": weights, "optimizer": {"param_groups": [{"lr": 0.1, "betas": (0.9, 0.99)}]}},
+        checkpoint_id=tmp_path / "ok" / TAG,
+        no_dist=True,
+    )
     got = consolidated_state_dict(tmp_path / "ok", {"fsdp": {}})
     assert got.keys() == weights.keys() and all(torch.equal(got[k], weights[k]) for k in weights)
 
@@ -112,21 +142,41 @@ def test_no_private_torch_or_webdataset_api_but_the_one_kept_with_its_reason():
     kept, composable activation checkpointing, says why at its import; a new one fails here. Dunders
     (torch.__version__, torch.__file__) are public."""
     import re
-    found = {(p.relative_to(REPO).as_posix(), m.group(0)) for p in (REPO / "dtrain").rglob("*.py")
-             for m in re.finditer(r"\b(?:torch|webdataset|wds)(?:\.\w+)*\.(?!__\w+__\b)_\w+"
-                                  r"|\bfrom (?:torch|webdataset)[\w.]* import [^\n]*\b_\w+", p.read_text())}
+
+    found = {
+        (p.relative_to(REPO).as_posix(), m.group(0))
+        for p in (REPO / "dtrain").rglob("*.py")
+        for m in re.finditer(
+            r"\b(?:torch|webdataset|wds)(?:\.\w+)*\.(?!__\w+__\b)_\w+"
+            # the import's names on its line, or inside its parentheses over several (as ruff format writes it)
+            r"|\bfrom (?:torch|webdataset)[\w.]* import (?:\([^)]*|[^\n]*)\b_\w+",
+            p.read_text(),
+        )
+    }
     # ft.py names torch.distributed._serialization only as the module whose warning it silences (a string for
     # warnings.filterwarnings: a rename there un-silences a warning, it breaks nothing)
-    assert found == {("dtrain/engine/fsdp.py", "torch.distributed._composable"),
-                     ("dtrain/ft.py", "torch.distributed._serialization")}, found
+    assert found == {
+        ("dtrain/engine/fsdp.py", "torch.distributed._composable"),
+        ("dtrain/ft.py", "torch.distributed._serialization"),
+    }, found
 
 
 # ---- real runs on 2 gloo ranks ---------------------------------------------------------------------------
 # digits, global batch 96 = 24 x 2 micro-batches x 2 ranks: 13 steps per epoch. Clipping at 0.5 is active
 # (gradient norms 0.9-1.6 in the first epoch); dropout 0.1 (each rank's stream, identical in both engines)
-ARGS = ["train", "train.epochs=2", "data.batch_size=24", "train.grad_accum=2", "train.clip_grad_norm=0.5",
-        "model.kwargs.dropout=0.1", "data.shuffle_buffer=200", "log.progress=false", "log.sample_keys=true",
-        "train.log_every=1", "checkpoint.every=2"]
+ARGS = [
+    "train",
+    "train.epochs=2",
+    "data.batch_size=24",
+    "train.grad_accum=2",
+    "train.clip_grad_norm=0.5",
+    "model.kwargs.dropout=0.1",
+    "data.shuffle_buffer=200",
+    "log.progress=false",
+    "log.sample_keys=true",
+    "train.log_every=1",
+    "checkpoint.every=2",
+]
 STEPS_PER_EPOCH, EPOCHS, STOP = 13, 2, 5
 # Per-step loss, FSDP vs DDP (values 0.3-2.5): in fp32 only the order of floating-point sums differs (FSDP
 # reduce-scatters per parameter shard and sums the clipping norm over shards; DDP all-reduces buckets and
@@ -161,7 +211,10 @@ def runs(tmp_path_factory, data_root):
 @pytest.mark.multiproc
 def test_fsdp_follows_ddp_with_accumulation_and_clipping(runs):
     cwd, _, procs = runs
-    assert "doctor (brief" in procs["fsdp"].stderr and "fsdp: sharding at the root as one unit (MLP" in procs["fsdp"].stderr
+    assert (
+        "doctor (brief" in procs["fsdp"].stderr
+        and "fsdp: sharding at the root as one unit (MLP" in procs["fsdp"].stderr
+    )
     a, b = losses(cwd / "runs/ddp"), losses(cwd / "runs/fsdp")
     assert len(a) == len(b) == EPOCHS * STEPS_PER_EPOCH
     diff = np.abs(a - b).max()
@@ -180,10 +233,25 @@ def test_fsdp_follows_ddp_with_accumulation_and_clipping(runs):
 @pytest.mark.multiproc
 def test_fsdp_by_block_follows_ddp_without_accumulation_or_clipping(tmp_path):
     """The GPT example's blocks sharded one by one, with activation checkpointing; no accumulation, no clipping."""
-    args = ["train", f"data.root={tmp_path / 'data'}", "data.dataset=text", "data.text_bytes=100000",
-            "data.text_context=32", "data.shard_size=500", "model.factory=gpt", "model.kwargs.n_layer=2", "model.kwargs.n_embd=32",
-            "model.kwargs.n_head=2", "data.batch_size=8", "train.max_steps=8", "train.clip_grad_norm=null",
-            "log.progress=false", "train.log_every=1", "run.doctor=false", "fsdp.activation_checkpointing=true"]
+    args = [
+        "train",
+        f"data.root={tmp_path / 'data'}",
+        "data.dataset=text",
+        "data.text_bytes=100000",
+        "data.text_context=32",
+        "data.shard_size=500",
+        "model.factory=gpt",
+        "model.kwargs.n_layer=2",
+        "model.kwargs.n_embd=32",
+        "model.kwargs.n_head=2",
+        "data.batch_size=8",
+        "train.max_steps=8",
+        "train.clip_grad_norm=null",
+        "log.progress=false",
+        "train.log_every=1",
+        "run.doctor=false",
+        "fsdp.activation_checkpointing=true",
+    ]
     run_ranks(2, args + ["run.name=ddp"], tmp_path)
     fsdp = run_ranks(2, args + ["run.name=fsdp", "train.engine=fsdp"], tmp_path)
     assert "fsdp: sharding 2 blocks of body.h one by one, then the rest at the root over 2 ranks" in fsdp.stderr
@@ -225,8 +293,10 @@ def test_fsdp_resume_applies_a_changed_learning_rate(tmp_path, runs):
     shutil.copytree(cwd / "runs" / "stopped", tmp_path / "runs" / "lr", symlinks=True)
     proc = run_ranks(2, args + ["run.name=lr", "optim.lr=0.006", f"run.stop_at_step={STOP + 2}"], tmp_path)
     assert "resume: optim.lr changed since the checkpoint: 0.003 -> 0.006" in proc.stderr, proc.stderr[-2000:]
-    lrs = [{r["step"]: r["lr"] for r in metrics_of(run) if "lr" in r} for run in (cwd / "runs" / "fsdp",
-                                                                                   tmp_path / "runs" / "lr")]
+    lrs = [
+        {r["step"]: r["lr"] for r in metrics_of(run) if "lr" in r}
+        for run in (cwd / "runs" / "fsdp", tmp_path / "runs" / "lr")
+    ]
     assert [lrs[1][s] for s in (STOP + 1, STOP + 2)] == pytest.approx([2 * lrs[0][s] for s in (STOP + 1, STOP + 2)])
 
 
@@ -248,7 +318,9 @@ def test_fsdp_written_on_2_ranks_resumes_on_1_and_3(tmp_path, runs, world):
         assert [s for s, _ in key_log(run)[rank] if s > STOP] == list(range(STOP + 1, EPOCHS * STEPS_PER_EPOCH + 1))
     result, straight = result_of(proc), result_of(procs["fsdp"])
     assert result["step"] == EPOCHS * STEPS_PER_EPOCH
-    print(f"resumed on {world} rank(s): |test loss - uninterrupted| {abs(result['test/loss'] - straight['test/loss']):.4f}")
+    print(
+        f"resumed on {world} rank(s): |test loss - uninterrupted| {abs(result['test/loss'] - straight['test/loss']):.4f}"
+    )
     assert abs(result["test/loss"] - straight["test/loss"]) < TEST_LOSS_TOLERANCE, (result, straight)
 
 
@@ -259,8 +331,14 @@ def test_export_evaluates_like_the_fsdp_run(tmp_path, runs):
     assert main(["export", "--checkpoint", str(cwd / "runs/fsdp"), "--out", str(out)]) == 0  # in this process
     assert not torch.distributed.is_initialized()  # read without a process group
     exported = torch.load(out, weights_only=True)  # one plain file: no torch.distributed, no DCP
-    assert sorted(exported["model"]) == ["body.1.bias", "body.1.weight", "body.4.bias", "body.4.weight",
-                                         "head.bias", "head.weight"]
+    assert sorted(exported["model"]) == [
+        "body.1.bias",
+        "body.1.weight",
+        "body.4.bias",
+        "body.4.weight",
+        "head.bias",
+        "head.weight",
+    ]
     assert all(v.dtype == torch.float32 and not hasattr(v, "placements") for v in exported["model"].values())
     ev = run_dtrain(["eval", "--checkpoint", str(out)], tmp_path)  # in this process too
     metrics = dict(l.split() for l in ev.stdout.splitlines() if l.strip().startswith("test/"))
@@ -297,8 +375,10 @@ def test_kill_during_fsdp_saves_resumes_from_the_newest_complete_checkpoint(tmp_
             time.sleep(rng.uniform(0.1, 0.6))
             wait_for(lambda: any(root.glob(".tmp-step-*")), interval=0.005, what="a save in progress")
             time.sleep(rng.uniform(0, 0.02))  # a random moment of that save (or, rarely, just after it)
-            os.kill(wait_for(lambda: workers(tag, str(SAVE_LOOP).encode()), what="workers")[rng.randint(0, 1)],
-                    signal.SIGKILL)
+            os.kill(
+                wait_for(lambda: workers(tag, str(SAVE_LOOP).encode()), what="workers")[rng.randint(0, 1)],
+                signal.SIGKILL,
+            )
             proc.communicate(timeout=120)
         finally:
             proc.kill()
@@ -311,7 +391,9 @@ def test_kill_during_fsdp_saves_resumes_from_the_newest_complete_checkpoint(tmp_
         path, state, _ = found
         assert state["step"] >= expected and verify(path)["step"] == state["step"]
         expected = state["step"]
-        assert all(torch.equal(v, torch.full_like(v, float(expected))) for v in model_weights(path, state["engine"]).values())
+        assert all(
+            torch.equal(v, torch.full_like(v, float(expected))) for v in model_weights(path, state["engine"]).values()
+        )
     with capsys.disabled():
         print(f"\nkill-during-save (fsdp): {counts}, last resumed step {expected}")
     assert counts["killed_mid_write"] >= 2 and expected > 0

@@ -39,11 +39,13 @@ def test_the_global_order_is_the_epochs_samples_once_whatever_the_ranks(data_roo
     assert len(order) == len(set(order)) == two.steps_per_epoch * 20
     assert order == global_order(one, 0, 20)  # (seed, epoch) alone: not the rank, layout or workers asking
     assert global_order(two, 1, 20) != order and set(global_order(two, 1, 20)) <= {
-        (u, i) for u in two.urls for i in range(two.shard_counts[u])}
+        (u, i) for u in two.urls for i in range(two.shard_counts[u])
+    }
 
 
 def test_without_torchft_building_a_group_is_one_line(monkeypatch):
     from dtrain.ft import build_manager
+
     monkeypatch.setitem(sys.modules, "torchft", None)  # as if not installed: import raises ImportError
     with pytest.raises(ConfigError, match=r"^ft: torchft is not installed \(.*\); pip install 'dtrain\[ft\]'$"):
         build_manager("0", "http://127.0.0.1:1")
@@ -51,16 +53,18 @@ def test_without_torchft_building_a_group_is_one_line(monkeypatch):
 
 def test_the_global_order_is_what_one_rank_reads_and_memory_fetch_reads_it(data_root):
     index = read_index(data_root / "digits")
-    stream = ShardStream(index, "train", batch_size=25, rank=0, world_size=1, seed=5, shuffle_buffer=100,
-                         train=True, in_memory=True)
+    stream = ShardStream(
+        index, "train", batch_size=25, rank=0, world_size=1, seed=5, shuffle_buffer=100, train=True, in_memory=True
+    )
     fetch = memory_fetch(stream)
     order = global_order(stream, 1, 25)
     for step, (x, y, keys) in enumerate(stream.epoch(1)):
-        fx, fy, fkeys = fetch(order[step * 25:(step + 1) * 25])
+        fx, fy, fkeys = fetch(order[step * 25 : (step + 1) * 25])
         assert fkeys == keys and torch.equal(fx, x) and torch.equal(fy, y)
     assert step == stream.steps_per_epoch - 1 > 0
-    augmented = ShardStream(index, "train", batch_size=25, rank=0, world_size=1, train=True, in_memory=True,
-                            transform=lambda x, **kw: x)
+    augmented = ShardStream(
+        index, "train", batch_size=25, rank=0, world_size=1, train=True, in_memory=True, transform=lambda x, **kw: x
+    )
     with pytest.raises(ConfigError, match="^ft: data.augment and a data transform are not supported"):
         memory_fetch(augmented)
 
@@ -75,13 +79,14 @@ def _reference() -> tuple[dict[str, torch.Tensor], list[float]]:
     (final weights, each step's loss)."""
     sys.path.insert(0, str(WORKER.parent))
     import ft_worker as w
+
     x, y = w.data()
     model = w.build_model()
     opt, sched = w.build_optim(model)
     per_epoch, losses = w.N // GLOBAL_BATCH, []
     for step in range(STEPS):
         epoch, done = divmod(step, per_epoch)
-        keys = w.order(epoch)[done * GLOBAL_BATCH:(done + 1) * GLOBAL_BATCH]
+        keys = w.order(epoch)[done * GLOBAL_BATCH : (done + 1) * GLOBAL_BATCH]
         opt.zero_grad()
         loss = torch.nn.functional.mse_loss(model(x[keys]), y[keys])
         loss.backward()
@@ -102,8 +107,10 @@ def test_three_groups_take_one_processs_steps_and_share_a_vote():
     from torchft._torchft import LighthouseServer
 
     from dtrain.ft import StepRunner, build_manager
+
     sys.path.insert(0, str(WORKER.parent))
     import ft_worker as w
+
     x, y = w.data()
     built = [(model := w.build_model(), *w.build_optim(model)) for _ in range(3)]  # here: build_model seeds
     lighthouse = LighthouseServer(bind="127.0.0.1:0", min_replicas=3, join_timeout_ms=100)
@@ -112,15 +119,25 @@ def test_three_groups_take_one_processs_steps_and_share_a_vote():
         model, opt, sched = built[g]
         manager = build_manager(str(g), lighthouse.address(), timeout_s=10)
         try:
-            runner = StepRunner(manager, model, opt, torch.nn.functional.mse_loss, w.order,
-                                lambda keys: (x[keys], y[keys]), GLOBAL_BATCH, w.N // GLOBAL_BATCH, scheduler=sched,
-                                micro_batch=MICRO_BATCH)
+            runner = StepRunner(
+                manager,
+                model,
+                opt,
+                torch.nn.functional.mse_loss,
+                w.order,
+                lambda keys: (x[keys], y[keys]),
+                GLOBAL_BATCH,
+                w.N // GLOBAL_BATCH,
+                scheduler=sched,
+                micro_batch=MICRO_BATCH,
+            )
             results = []
             while manager.current_step() < STEPS:
                 results.append(runner.step(votes=[float(g == 1 and manager.current_step() == VOTE_AT)]))
             return results
         finally:
             manager.shutdown(wait=False)
+
     try:
         with ThreadPoolExecutor(3) as pool:
             results = [r for rs in pool.map(group, range(3)) for r in rs]
@@ -148,17 +165,28 @@ def _one_group_run(steps: int, start_from: dict | None = None, save_at: int = -1
     """One replica group in this process under a Lighthouse of its own: (final weights, the checkpoint state
     taken after `save_at` committed steps, the first step trained)."""
     from torchft._torchft import LighthouseServer
+
     sys.path.insert(0, str(WORKER.parent))
     import ft_worker as w
     from dtrain.ft import StepRunner, build_manager
+
     lighthouse = LighthouseServer(bind="127.0.0.1:0", min_replicas=1, join_timeout_ms=100)
     manager = build_manager("0", lighthouse.address(), timeout_s=10)
     try:
         x, y = w.data()
         model = w.build_model()
         opt, sched = w.build_optim(model)
-        runner = StepRunner(manager, model, opt, torch.nn.functional.mse_loss, w.order,
-                            lambda keys: (x[keys], y[keys]), GLOBAL_BATCH, w.N // GLOBAL_BATCH, scheduler=sched)
+        runner = StepRunner(
+            manager,
+            model,
+            opt,
+            torch.nn.functional.mse_loss,
+            w.order,
+            lambda keys: (x[keys], y[keys]),
+            GLOBAL_BATCH,
+            w.N // GLOBAL_BATCH,
+            scheduler=sched,
+        )
         if start_from is not None:
             runner.load_checkpoint_state(start_from)
         first, saved = manager.current_step(), None

@@ -26,23 +26,32 @@ from conftest import _env, free_port, run_dtrain, wait_for
 from dtrain import ft_launch
 
 FAKE = Path(__file__).with_name("ft_fake_worker.py")
-needs_torchft = pytest.mark.skipif(shutil.which("torchft_lighthouse", path=os.pathsep.join(
-    [str(Path(sys.executable).parent), os.environ.get("PATH", "")])) is None, reason="needs pip install 'dtrain[ft]'")
+needs_torchft = pytest.mark.skipif(
+    shutil.which(
+        "torchft_lighthouse", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    )
+    is None,
+    reason="needs pip install 'dtrain[ft]'",
+)
 
 
 # ---- in-process: what --ft refuses, and the command that resumes it -------------------------------------------
-@pytest.mark.parametrize("argv, message", [
-    (["--ft-timeout", "5"], "launch: --ft-timeout is an option of --ft; add --ft or leave it out"),
-    (["--ft", "--nnodes", "2"], "launch: --ft with --nnodes 2 needs --ft-lighthouse HOST:PORT"),
-    (["--ft", "--nnodes", "1:2"], "launch: --ft takes --nnodes N, not 1:2"),
-    (["--ft", "--rdzv-endpoint", "h:1"], "launch: --ft needs no rendezvous (--rdzv-endpoint, --rdzv-conf)"),
-    (["--ft", "--rdzv-conf", "is_host=1"], "launch: --ft needs no rendezvous (--rdzv-endpoint, --rdzv-conf)"),
-    (["--ft", "--ft-host-lighthouse"], "launch: --ft-host-lighthouse needs --ft-lighthouse HOST:PORT"),
-    (["--ft", "--ft-lighthouse", "nohost"], "launch: --ft-lighthouse 'nohost' is not HOST:PORT"),
-    (["--ft", "--nproc-per-node", "2", "--ft-min-replicas", "3"], "launch: --ft-timeout must be > 0 and "
-                                                                  "--ft-min-replicas between 1 and the replica "
-                                                                  "groups started (2)"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--ft-timeout", "5"], "launch: --ft-timeout is an option of --ft; add --ft or leave it out"),
+        (["--ft", "--nnodes", "2"], "launch: --ft with --nnodes 2 needs --ft-lighthouse HOST:PORT"),
+        (["--ft", "--nnodes", "1:2"], "launch: --ft takes --nnodes N, not 1:2"),
+        (["--ft", "--rdzv-endpoint", "h:1"], "launch: --ft needs no rendezvous (--rdzv-endpoint, --rdzv-conf)"),
+        (["--ft", "--rdzv-conf", "is_host=1"], "launch: --ft needs no rendezvous (--rdzv-endpoint, --rdzv-conf)"),
+        (["--ft", "--ft-host-lighthouse"], "launch: --ft-host-lighthouse needs --ft-lighthouse HOST:PORT"),
+        (["--ft", "--ft-lighthouse", "nohost"], "launch: --ft-lighthouse 'nohost' is not HOST:PORT"),
+        (
+            ["--ft", "--nproc-per-node", "2", "--ft-min-replicas", "3"],
+            "launch: --ft-timeout must be > 0 and --ft-min-replicas between 1 and the replica groups started (2)",
+        ),
+    ],
+)
 def test_what_ft_cannot_do_is_one_line(tmp_path, argv, message):
     proc = run_dtrain(["launch", *argv, "train"], tmp_path, check=False)
     assert proc.returncode == 2 and proc.stderr.startswith(f"dtrain: error: {message}")
@@ -52,36 +61,87 @@ def test_what_ft_cannot_do_is_one_line(tmp_path, argv, message):
 def test_without_torchft_ft_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torchft", None)  # as if not installed: find_spec gives None
     proc = run_dtrain(["launch", "--ft", "train"], tmp_path, check=False)
-    assert proc.returncode == 2 and proc.stderr.strip() == \
-        "dtrain: error: launch: --ft needs torchft, which is not installed; pip install 'dtrain[ft]'"
+    assert (
+        proc.returncode == 2
+        and proc.stderr.strip()
+        == "dtrain: error: launch: --ft needs torchft, which is not installed; pip install 'dtrain[ft]'"
+    )
 
 
 def test_the_resume_command_keeps_the_ft_options():
     from dtrain.cli import parse_args
-    argv = ["launch", "--nproc-per-node", "3", "--max-restarts", "2", "--ft", "--ft-lighthouse", "h:29510",
-            "--ft-host-lighthouse", "--ft-timeout", "5", "--ft-min-replicas", "2", "train", "run.name=r"]
+
+    argv = [
+        "launch",
+        "--nproc-per-node",
+        "3",
+        "--max-restarts",
+        "2",
+        "--ft",
+        "--ft-lighthouse",
+        "h:29510",
+        "--ft-host-lighthouse",
+        "--ft-timeout",
+        "5",
+        "--ft-min-replicas",
+        "2",
+        "train",
+        "run.name=r",
+    ]
     command = ft_launch.resume_command(parse_args(argv), 3)
     assert command[:2] == ["dtrain", "launch"]
     assert vars(parse_args(command[1:])) | {"parser": None} == vars(parse_args(argv)) | {"parser": None}
     nodes = ["launch", "--ft", "--nnodes", "2", "--ft-lighthouse", "h:29510", "train", "run.name=r"]
     command = ft_launch.resume_command(parse_args(nodes), 1)  # no rendezvous options of the normal launcher's
-    assert command == ["dtrain", "launch", "--ft", "--ft-lighthouse", "h:29510", "--nproc-per-node", "1", "--nnodes",
-                       "2", "train", "run.name=r"]
+    assert command == [
+        "dtrain",
+        "launch",
+        "--ft",
+        "--ft-lighthouse",
+        "h:29510",
+        "--nproc-per-node",
+        "1",
+        "--nnodes",
+        "2",
+        "train",
+        "run.name=r",
+    ]
 
 
 # ---- real processes ----------------------------------------------------------------------------------------
 def launch(tmp_path: Path, nproc: int, *options: str, env: dict | None = None) -> subprocess.Popen:
     (tmp_path / "o").mkdir(exist_ok=True)
-    cmd = [sys.executable, "-m", "dtrain", "launch", "--ft", "--nproc-per-node", str(nproc), *options, str(FAKE),
-           "--out", "o", "run.name=fake"]
-    return subprocess.Popen(cmd, cwd=tmp_path, env=_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, stdin=subprocess.DEVNULL)
+    cmd = [
+        sys.executable,
+        "-m",
+        "dtrain",
+        "launch",
+        "--ft",
+        "--nproc-per-node",
+        str(nproc),
+        *options,
+        str(FAKE),
+        "--out",
+        "o",
+        "run.name=fake",
+    ]
+    return subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        env=_env(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def started(tmp_path: Path, group: int) -> list[dict]:
     """Each start of group `group` so far (its environment, pid, ...), oldest first."""
-    records = [json.loads(p.read_text()) | {"pid": int(p.name.split("-")[2].split(".")[0])}
-               for p in (tmp_path / "o").glob(f"env-{group}-*.json")]
+    records = [
+        json.loads(p.read_text()) | {"pid": int(p.name.split("-")[2].split(".")[0])}
+        for p in (tmp_path / "o").glob(f"env-{group}-*.json")
+    ]
     return sorted(records, key=lambda r: os.stat(tmp_path / "o" / f"env-{group}-{r['pid']}.json").st_mtime_ns)
 
 
@@ -133,15 +193,41 @@ def test_a_lost_group_is_restarted_alone_within_max_restarts(tmp_path):
     for g, record in first.items():
         env = record["env"]
         assert record["lighthouse_answered"] and env["TORCHFT_LIGHTHOUSE"] == lighthouse
-        assert {k: env.get(k) for k in ("DTRAIN_FT", "REPLICA_GROUP_ID", "DTRAIN_FT_GROUPS", "RANK", "WORLD_SIZE",
-                                        "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "DTRAIN_FT_TIMEOUT_S",
-                                        "DTRAIN_FT_MIN_REPLICAS")} == {
-            "DTRAIN_FT": "1", "REPLICA_GROUP_ID": str(g), "DTRAIN_FT_GROUPS": "3", "RANK": "0", "WORLD_SIZE": "1",
-            "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "DTRAIN_FT_TIMEOUT_S": "10",
-            "DTRAIN_FT_MIN_REPLICAS": "1"}
+        assert {
+            k: env.get(k)
+            for k in (
+                "DTRAIN_FT",
+                "REPLICA_GROUP_ID",
+                "DTRAIN_FT_GROUPS",
+                "RANK",
+                "WORLD_SIZE",
+                "LOCAL_RANK",
+                "LOCAL_WORLD_SIZE",
+                "MASTER_ADDR",
+                "DTRAIN_FT_TIMEOUT_S",
+                "DTRAIN_FT_MIN_REPLICAS",
+            )
+        } == {
+            "DTRAIN_FT": "1",
+            "REPLICA_GROUP_ID": str(g),
+            "DTRAIN_FT_GROUPS": "3",
+            "RANK": "0",
+            "WORLD_SIZE": "1",
+            "LOCAL_RANK": "0",
+            "LOCAL_WORLD_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "DTRAIN_FT_TIMEOUT_S": "10",
+            "DTRAIN_FT_MIN_REPLICAS": "1",
+        }
         assert not {"TORCHELASTIC_RUN_ID", "GROUP_RANK", "TORCHFT_MANAGER_PORT"} & set(env)
-        assert shlex.split(env["DTRAIN_LAUNCH_COMMAND"])[:6] == ["dtrain", "launch", "--ft", "--nproc-per-node", "3",
-                                                                  "--max-restarts"]
+        assert shlex.split(env["DTRAIN_LAUNCH_COMMAND"])[:6] == [
+            "dtrain",
+            "launch",
+            "--ft",
+            "--nproc-per-node",
+            "3",
+            "--max-restarts",
+        ]
     assert len({r["env"]["MASTER_PORT"] for r in first.values()}) == 3  # a store of its own each
     port = lighthouse.rsplit(":", 1)[1]
     assert lighthouses(port)
@@ -158,14 +244,19 @@ def test_a_lost_group_is_restarted_alone_within_max_restarts(tmp_path):
     out, err = finish(proc)
     assert proc.returncode == 0, err
     lines = err.strip().splitlines()
-    assert lines[0].startswith(f"launch: --ft, 3 replica group(s) of one process, nodes=1, max_restarts=2, "
-                               f"lighthouse {lighthouse} (started here")
+    assert lines[0].startswith(
+        f"launch: --ft, 3 replica group(s) of one process, nodes=1, max_restarts=2, "
+        f"lighthouse {lighthouse} (started here"
+    )
     assert lines[1].startswith("ft: group 1 died (SIGKILL) at step ~") and lines[1].endswith(
-        "; restarting it (1 of 2 restarts); the others train on")
-    assert lines[2].startswith("ft: group 1 died (exit code 1; log runs/fake/logs/group-1.log) at step ~") and \
-        lines[2].endswith("; restarting it (2 of 2 restarts); the others train on")
+        "; restarting it (1 of 2 restarts); the others train on"
+    )
+    assert lines[2].startswith("ft: group 1 died (exit code 1; log runs/fake/logs/group-1.log) at step ~") and lines[
+        2
+    ].endswith("; restarting it (2 of 2 restarts); the others train on")
     assert lines[3].startswith("ft: group 1 died (SIGKILL) at step ~") and lines[3].endswith(
-        "; no restarts left (--max-restarts 2); the others train on without it")
+        "; no restarts left (--max-restarts 2); the others train on without it"
+    )
     assert lines[4] == "launch: done by 2 of 3 replica groups; lost for good: group 1 (SIGKILL)"
     assert len(lines) == 5, err
     # group 0's output on the terminal, the others' in their logs only; each attempt under a header
@@ -189,8 +280,10 @@ def test_a_user_error_stops_every_group_and_is_one_line(tmp_path):
     order(tmp_path, "usererror", 0)
     out, err = finish(proc)
     assert proc.returncode == 2, err
-    assert err.strip().splitlines()[1:] == [f"dtrain: error: config: fake mistake in group 0 (group 0 on "
-                                            f"{os.uname().nodename}, log runs/fake/logs/group-0.log)"]
+    assert err.strip().splitlines()[1:] == [
+        f"dtrain: error: config: fake mistake in group 0 (group 0 on "
+        f"{os.uname().nodename}, log runs/fake/logs/group-0.log)"
+    ]
     assert "dtrain: error: config: fake mistake" in (tmp_path / "runs" / "fake" / "logs" / "group-0.log").read_text()
     assert [len(started(tmp_path, g)) for g in range(3)] == [1, 1, 1]  # none restarted
     assert (tmp_path / "o" / f"saved-1-{started(tmp_path, 1)[0]['pid']}").read_text() == "SIGTERM"
@@ -201,19 +294,23 @@ def test_a_run_directory_another_job_holds_is_refused_in_one_line(tmp_path):
     """In process: this test holds the run lock, as a running `dtrain train` would; the launch starts no group
     (each would exit 0 at once: the launch passing would be the failure)."""
     from dtrain.runlock import RunLock
+
     (tmp_path / "runs" / "fake").mkdir(parents=True)
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "done-0").touch()
     lock = RunLock(tmp_path / "runs" / "fake")
     lock.acquire(print)
     try:
-        proc = run_dtrain(["launch", "--ft", "--nproc-per-node", "1", str(FAKE), "--out", "o", "run.name=fake"],
-                          tmp_path, check=False)
+        proc = run_dtrain(
+            ["launch", "--ft", "--nproc-per-node", "1", str(FAKE), "--out", "o", "run.name=fake"], tmp_path, check=False
+        )
     finally:
         lock.release()
     assert proc.returncode == 2 and re.fullmatch(
         rf"dtrain: error: run: runs/fake is in use by host {os.uname().nodename}, pid {os.getpid()} \(heartbeat \d+ s "
-        r"ago\); wait for it to end or use another run.name", proc.stderr.strip()), proc.stderr
+        r"ago\); wait for it to end or use another run.name",
+        proc.stderr.strip(),
+    ), proc.stderr
     assert not list(tmp_path.glob("o/env-*"))
 
 
@@ -226,12 +323,14 @@ def test_sigterm_saves_every_group_exits_75_and_restarts_none(tmp_path):
     port = started(tmp_path, 0)[0]["env"]["TORCHFT_LIGHTHOUSE"].rsplit(":", 1)[1]
     plain = run_dtrain(["train", "run.name=fake"], tmp_path, check=False)
     assert plain.returncode == 2 and plain.stderr.strip().splitlines()[-1].startswith(
-        f"dtrain: error: run: runs/fake is in use by host {os.uname().nodename}, pid {proc.pid} "), plain.stderr
+        f"dtrain: error: run: runs/fake is in use by host {os.uname().nodename}, pid {proc.pid} "
+    ), plain.stderr
     proc.send_signal(signal.SIGTERM)  # the launcher only: it forwards to every group
     out, err = finish(proc)
     assert proc.returncode == 75, err
     assert err.strip().splitlines()[1:] == [
-        "launch: SIGTERM received: the replica groups saved and stopped; run the same command again to resume"]
+        "launch: SIGTERM received: the replica groups saved and stopped; run the same command again to resume"
+    ]
     for g in (0, 1):
         assert len(started(tmp_path, g)) == 1
         assert (tmp_path / "o" / f"saved-{g}-{started(tmp_path, g)[0]['pid']}").read_text() == "SIGTERM"
@@ -253,9 +352,12 @@ def test_when_every_group_is_lost_the_launch_fails_naming_the_first(tmp_path):
     assert proc.returncode == 1, err
     lines = err.strip().splitlines()
     assert lines[0].startswith("ft: group 0 died (SIGKILL)") and lines[0].endswith(
-        "no restarts left (--max-restarts 0); no group left")
-    assert lines[1:] == [f"dtrain: error: launch: replica group failed: exit code 1 (group 1 on "
-                         f"{os.uname().nodename}, log runs/fake/logs/group-1.log)"]
+        "no restarts left (--max-restarts 0); no group left"
+    )
+    assert lines[1:] == [
+        f"dtrain: error: launch: replica group failed: exit code 1 (group 1 on "
+        f"{os.uname().nodename}, log runs/fake/logs/group-1.log)"
+    ]
 
 
 def test_a_signal_while_waiting_for_a_given_lighthouse_exits_75(tmp_path):
@@ -270,24 +372,31 @@ def test_a_signal_while_waiting_for_a_given_lighthouse_exits_75(tmp_path):
             time.sleep(0.01)
         time.sleep(0.2)
         os.kill(os.getpid(), signal.SIGTERM)
+
     thread = threading.Thread(target=terminate)
     thread.start()
-    proc = run_dtrain(["launch", "--ft", "--ft-lighthouse", address, str(FAKE), "--out", "o", "run.name=f"], tmp_path,
-                      check=False)
+    proc = run_dtrain(
+        ["launch", "--ft", "--ft-lighthouse", address, str(FAKE), "--out", "o", "run.name=f"], tmp_path, check=False
+    )
     thread.join()
     assert proc.returncode == 75 and proc.stderr.strip().splitlines() == [
         f"launch: waiting for the Lighthouse at {address} to answer",
         "launch: SIGTERM received before any replica group started: nothing to save; run the same command again "
-        "to start"]
+        "to start",
+    ]
     assert not list(tmp_path.glob("o/env-*"))
 
 
 def test_a_given_lighthouse_that_never_answers_is_one_line(tmp_path):
     address = f"127.0.0.1:{free_port()}"
-    proc = run_dtrain(["launch", "--ft", "--ft-lighthouse", address, "--rdzv-timeout", "1", str(FAKE), "run.name=f"],
-                      tmp_path, check=False)
+    proc = run_dtrain(
+        ["launch", "--ft", "--ft-lighthouse", address, "--rdzv-timeout", "1", str(FAKE), "run.name=f"],
+        tmp_path,
+        check=False,
+    )
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"launch: waiting for the Lighthouse at {address} to answer",
         f"dtrain: error: launch: no Lighthouse answered at {address} within 1 s (--rdzv-timeout): start the node "
         f"given --ft-host-lighthouse, or `torchft_lighthouse --min_replicas 1 --quorum_tick_ms 50 --join_timeout_ms "
-        f"10000 --heartbeat_timeout_ms 1000 --bind 0.0.0.0:{address.rsplit(':', 1)[1]}`"]
+        f"10000 --heartbeat_timeout_ms 1000 --bind 0.0.0.0:{address.rsplit(':', 1)[1]}`",
+    ]

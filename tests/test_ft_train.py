@@ -21,24 +21,41 @@ from conftest import _env, _run_here, free_port, run_dtrain, wait_for
 from dtrain.config import ConfigError, load_config
 
 GROUP = Path(__file__).with_name("ft_group.py")
-needs_torchft = pytest.mark.skipif(shutil.which("torchft_lighthouse") is None,
-                                   reason="needs torchft (pip install 'dtrain[ft]')")
+needs_torchft = pytest.mark.skipif(
+    shutil.which("torchft_lighthouse") is None, reason="needs torchft (pip install 'dtrain[ft]')"
+)
 # digits: 1248 training samples, global batch 64: 19 steps an epoch. "best" is the highest validation loss
 # (early_stop.mode=max): the first's, which a group that joins later knows only from its peers
-ARGS = ["run.name=ft", "train.epochs=1", "data.batch_size=64", "train.log_every=1", "train.val_every=5",
-        "log.progress=false", "log.sample_keys=true", "run.doctor=false", "checkpoint.every=12",
-        "checkpoint.save_best=false", "data.shuffle_buffer=200", "early_stop.patience=50", "early_stop.mode=max"]
+ARGS = [
+    "run.name=ft",
+    "train.epochs=1",
+    "data.batch_size=64",
+    "train.log_every=1",
+    "train.val_every=5",
+    "log.progress=false",
+    "log.sample_keys=true",
+    "run.doctor=false",
+    "checkpoint.every=12",
+    "checkpoint.save_best=false",
+    "data.shuffle_buffer=200",
+    "early_stop.patience=50",
+    "early_stop.mode=max",
+]
 STEPS_PER_EPOCH = STEPS = 19
 
 
 # ---- in process ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("override, message", [
-    ("train.engine=fsdp", r"^ft: train.engine=fsdp can't train as replica groups .*; use train.engine=ddp"),
-    ("data.in_memory=false", r"^ft: replica groups deal .*; set data.in_memory=true"),
-    ("log.loggers=[jsonl,wandb]", r"^ft: log.loggers wandb is not supported with replica groups yet"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.engine=fsdp", r"^ft: train.engine=fsdp can't train as replica groups .*; use train.engine=ddp"),
+        ("data.in_memory=false", r"^ft: replica groups deal .*; set data.in_memory=true"),
+        ("log.loggers=[jsonl,wandb]", r"^ft: log.loggers wandb is not supported with replica groups yet"),
+    ],
+)
 def test_what_a_replica_group_cannot_honour_is_one_line(override, message):
     from dtrain.ft_train import check
+
     with pytest.raises(ConfigError, match=message):
         check(load_config(None, [override]), debug=False)
     check(load_config(None, []), debug=False)
@@ -47,22 +64,34 @@ def test_what_a_replica_group_cannot_honour_is_one_line(override, message):
 def test_a_group_without_the_launchers_variables_is_one_line():
     from dtrain.dist import LaunchError
     from dtrain.ft_train import GroupEnv
+
     with pytest.raises(LaunchError, match=r"^launcher: DTRAIN_FT=1 but TORCHFT_LIGHTHOUSE, MASTER_PORT not set"):
         GroupEnv.read({"DTRAIN_FT": "1", "REPLICA_GROUP_ID": "0", "DTRAIN_FT_GROUPS": "2", "MASTER_ADDR": "x"})
-    env = GroupEnv.read({"TORCHFT_LIGHTHOUSE": "http://h:1", "REPLICA_GROUP_ID": "1", "DTRAIN_FT_GROUPS": "3",
-                         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "5", "DTRAIN_FT_TIMEOUT_S": "4"})
+    env = GroupEnv.read(
+        {
+            "TORCHFT_LIGHTHOUSE": "http://h:1",
+            "REPLICA_GROUP_ID": "1",
+            "DTRAIN_FT_GROUPS": "3",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": "5",
+            "DTRAIN_FT_TIMEOUT_S": "4",
+        }
+    )
     assert (env.slot, env.store, env.timeout_s, env.min_replicas) == (1, ("127.0.0.1", 5), 4.0, 1)
 
 
 def test_one_line_per_fault():
     from dtrain.ft_train import Faults
+
     faults = Faults(3)
     for step in range(1, 31):
         present = [1, 1, 0] if 17 <= step < 23 else [1, 1, 2] if step == 23 else [1, 1, 1]
         faults.observe(step, 3 - present.count(0), present)
     faults.observe(31, 2, [0, 1, 1])
-    assert faults.lines(40) == ["ft: group 0 lost at step 31, not back by the end (step 40); 10 steps at 2 of 3 groups",
-                                "ft: group 2 lost at step 17, rejoined (healed) at step 23; 6 steps at 2 of 3 groups"]
+    assert faults.lines(40) == [
+        "ft: group 0 lost at step 31, not back by the end (step 40); 10 steps at 2 of 3 groups",
+        "ft: group 2 lost at step 17, rejoined (healed) at step 23; 6 steps at 2 of 3 groups",
+    ]
     assert Faults(3).lines(9) == []
 
 
@@ -71,18 +100,36 @@ def test_one_group_resumes_a_plain_runs_checkpoint_at_an_epochs_end_and_refuses_
     """In process: `dtrain train` as the one replica group of a Lighthouse of this test's, after plain `dtrain train`
     runs with 2 DataLoader workers, whose order of an epoch's rest replica groups can't deal."""
     from torchft._torchft import LighthouseServer
-    args = ["train", f"data.root={data_root}", "data.batch_size=32", "train.epochs=2", "log.progress=false",
-            "run.doctor=false", "data.num_workers=2", "data.shuffle_buffer=200"]
+
+    args = [
+        "train",
+        f"data.root={data_root}",
+        "data.batch_size=32",
+        "train.epochs=2",
+        "log.progress=false",
+        "run.doctor=false",
+        "data.num_workers=2",
+        "data.shuffle_buffer=200",
+    ]
     lighthouse = LighthouseServer(bind="127.0.0.1:0", min_replicas=1, join_timeout_ms=100)
-    group = {"DTRAIN_FT": "1", "TORCHFT_LIGHTHOUSE": lighthouse.address(), "REPLICA_GROUP_ID": "0",
-             "DTRAIN_FT_GROUPS": "1", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    group = {
+        "DTRAIN_FT": "1",
+        "TORCHFT_LIGHTHOUSE": lighthouse.address(),
+        "REPLICA_GROUP_ID": "0",
+        "DTRAIN_FT_GROUPS": "1",
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+    }
     try:
         run_dtrain([*args, "run.stop_at_step=5"], tmp_path)
         refused = run_dtrain(args, tmp_path, env={**group, "MASTER_PORT": str(free_port())}, check=False)
         assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1] == (
             "dtrain: error: checkpoint: step 5 is in the middle of an epoch that a run of 1 rank(s) and data workers "
             "read in its own order; finish the epoch with `dtrain train` (run.stop_at_step=39), then resume with "
-            "`dtrain launch --ft`"), refused.stderr[-2000:]
+            "`dtrain launch --ft`"
+        ), refused.stderr[-2000:]
         run_dtrain([*args, "run.stop_at_step=39"], tmp_path)
         done = run_dtrain(args, tmp_path, env={**group, "MASTER_PORT": str(free_port())})
     finally:
@@ -106,19 +153,37 @@ def key_log(run_dir: Path, g) -> dict[int, list[str]]:
 
 def digits_train_keys(data_root: Path) -> set[str]:
     from dtrain.data import ShardStream, read_index
-    stream = ShardStream(read_index(data_root / "digits"), "train", batch_size=64, rank=0, world_size=1,
-                         train=False)
+
+    stream = ShardStream(read_index(data_root / "digits"), "train", batch_size=64, rank=0, world_size=1, train=False)
     return {k for batch in stream.epoch(0) for k in batch[2]}
 
 
 def launch(cwd: Path, data_root: Path, *options: str, **env: str) -> subprocess.Popen:
     """`dtrain launch --ft --nproc-per-node 3 OPTIONS tests/ft_group.py ARGS` in `cwd`, its output to files."""
-    cmd = [sys.executable, "-m", "dtrain", "launch", "--ft", "--nproc-per-node", "3", "--ft-timeout", "5", *options,
-           str(GROUP), *ARGS, f"data.root={data_root}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dtrain",
+        "launch",
+        "--ft",
+        "--nproc-per-node",
+        "3",
+        "--ft-timeout",
+        "5",
+        *options,
+        str(GROUP),
+        *ARGS,
+        f"data.root={data_root}",
+    ]
     path = os.pathsep.join([str(GROUP.parent), str(GROUP.parent.parent)])  # this checkout's dtrain, ft_group
-    return subprocess.Popen(cmd, cwd=cwd, env=_env({"FT_OUT": str(cwd), "PYTHONPATH": path, **env}),
-                            stdin=subprocess.DEVNULL, stdout=(cwd / "out.txt").open("a"),
-                            stderr=(cwd / "err.txt").open("a"))
+    return subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env=_env({"FT_OUT": str(cwd), "PYTHONPATH": path, **env}),
+        stdin=subprocess.DEVNULL,
+        stdout=(cwd / "out.txt").open("a"),
+        stderr=(cwd / "err.txt").open("a"),
+    )
 
 
 def last_attempt(run_dir: Path, g: int) -> str:
@@ -143,19 +208,37 @@ def test_a_killed_group_heals_and_a_sigterm_resumes_exactly(tmp_path, data_root)
     for d in (run_a, plain_dir):
         d.mkdir()
     run_dir = run_a / "runs" / "ft"
-    proc = launch(run_a, data_root, "--ft-min-replicas", "2", "--max-restarts", "1", FT_WAIT_ALL="3",
-                  FT_REJOIN_AFTER=str(HEALED_BY),
-                  FT_KILL_GROUP="2", FT_KILL_IN_STEP=str(KILL_IN), FT_DELAY="0.05",
-                  FT_HOLDS=f"{HEALED_BY}=replacement.up,{SIGTERM_AT}=go")
+    proc = launch(
+        run_a,
+        data_root,
+        "--ft-min-replicas",
+        "2",
+        "--max-restarts",
+        "1",
+        FT_WAIT_ALL="3",
+        FT_REJOIN_AFTER=str(HEALED_BY),
+        FT_KILL_GROUP="2",
+        FT_KILL_IN_STEP=str(KILL_IN),
+        FT_DELAY="0.05",
+        FT_HOLDS=f"{HEALED_BY}=replacement.up,{SIGTERM_AT}=go",
+    )
     try:
-        wait_for(lambda: all(any(r.get("step") == SIGTERM_AT for r in records(run_a, g)) for g in range(3)),
-                 timeout=240, what=f"every group at step {SIGTERM_AT}")
+        wait_for(
+            lambda: all(any(r.get("step") == SIGTERM_AT for r in records(run_a, g)) for g in range(3)),
+            timeout=240,
+            what=f"every group at step {SIGTERM_AT}",
+        )
         refused = run_dtrain(["train", "run.name=ft"], run_a, check=False)  # the launch holds the run lock
-        assert refused.returncode == 2 and f"runs/ft is in use by host {os.uname().nodename}, pid {proc.pid} " in \
-            refused.stderr, refused.stderr
+        assert (
+            refused.returncode == 2
+            and f"runs/ft is in use by host {os.uname().nodename}, pid {proc.pid} " in refused.stderr
+        ), refused.stderr
         proc.send_signal(signal.SIGTERM)
-        wait_for(lambda: all("SIGTERM received: stopping" in last_attempt(run_dir, g) for g in range(3)),
-                 timeout=60, what="the SIGTERM in every group")
+        wait_for(
+            lambda: all("SIGTERM received: stopping" in last_attempt(run_dir, g) for g in range(3)),
+            timeout=60,
+            what="the SIGTERM in every group",
+        )
         (run_a / "go").touch()
         assert proc.wait(timeout=120) == 75, (run_a / "err.txt").read_text()[-3000:]
     finally:
@@ -167,11 +250,18 @@ def test_a_killed_group_heals_and_a_sigterm_resumes_exactly(tmp_path, data_root)
     victim = next(r["pid"] for r in logs[2] if "start" in r)
     died = max(r["step"] for r in logs[2] if r["pid"] == victim and "step" in r) + 1  # the step it died in
     assert died == KILL_IN  # the first quorum had every group (FT_WAIT_ALL)
-    assert re.search(r"^ft: group 2 died \(SIGKILL\) at step ~\d+; restarting it \(1 of 1 restarts\); the others "
-                     r"train on$", said, re.M), said[-3000:]
+    assert re.search(
+        r"^ft: group 2 died \(SIGKILL\) at step ~\d+; restarting it \(1 of 1 restarts\); the others "
+        r"train on$",
+        said,
+        re.M,
+    ), said[-3000:]
     assert len({r["pid"] for g in (0, 1) for r in logs[g]}) == 2  # groups 0 and 1 untouched
-    assert said.count("restarting it") == 1 and ("launch: SIGTERM received: the replica groups saved and stopped; "
-                                                 "run the same command again to resume") in said  # no restart
+    assert (
+        said.count("restarting it") == 1
+        and ("launch: SIGTERM received: the replica groups saved and stopped; run the same command again to resume")
+        in said
+    )  # no restart
     # the survivors' step was not committed and was dealt again over 2 groups, which trained on meanwhile
     assert f"ft: step {died - 1} not committed" in said  # (0-based: the data position)
     alone = sorted(s for s in keys[0] if s >= died and s not in keys[2])
@@ -188,8 +278,7 @@ def test_a_killed_group_heals_and_a_sigterm_resumes_exactly(tmp_path, data_root)
     # one SIGTERM: every group stopped at the same committed step, one checkpoint of it
     ends = {r["at"] for g in range(3) for r in logs[g] if "end" in r}
     assert len(ends) == 1 and SIGTERM_AT < (saved := ends.pop()) < STEPS_PER_EPOCH
-    assert [c.name for c in sorted((run_dir / "checkpoints").glob("step-*"))] == [f"step-{C:08d}",
-                                                                                  f"step-{saved:08d}"]
+    assert [c.name for c in sorted((run_dir / "checkpoints").glob("step-*"))] == [f"step-{C:08d}", f"step-{saved:08d}"]
     # the same validations and best in every group, the healed one too (healed state: the best, "max" here,
     # is step 5's, which the replacement knows only from its peers, no checkpoint being written before 12)
     validated: dict[int, list] = {}
@@ -202,11 +291,16 @@ def test_a_killed_group_heals_and_a_sigterm_resumes_exactly(tmp_path, data_root)
     assert all(m == ms[0] for ms in validated.values() for m in ms)
     assert validated[10][0]["val/best_loss"] == validated[5][0]["val/loss"]
     # one line for the fault, from the group that wrote the end; no line of torchft's or torch's own
-    assert (f"ft: group 2 lost at step {died}, rejoined (healed) at step {HEALED_BY + 1}; "
-            f"{HEALED_BY + 1 - died} steps at 2 of 3 groups") in said, said[-3000:]
+    assert (
+        f"ft: group 2 lost at step {died}, rejoined (healed) at step {HEALED_BY + 1}; "
+        f"{HEALED_BY + 1 - died} steps at 2 of 3 groups"
+    ) in said, said[-3000:]
     for g in range(3):
-        noise = [line for line in (run_dir / "logs" / f"group-{g}.log").read_text().splitlines()
-                 if any(n in line for n in NOISE) or ("pair.cc" in line and "not committed" not in line)]
+        noise = [
+            line
+            for line in (run_dir / "logs" / f"group-{g}.log").read_text().splitlines()
+            if any(n in line for n in NOISE) or ("pair.cc" in line and "not committed" not in line)
+        ]
         assert not noise, noise
 
     # the run from checkpoint C on, never stopped (b), and the run resumed at the SIGTERM (a): 3 groups each,
@@ -215,11 +309,17 @@ def test_a_killed_group_heals_and_a_sigterm_resumes_exactly(tmp_path, data_root)
     shutil.copytree(run_a / "runs", plain_dir / "runs", symlinks=True)
     shutil.rmtree(run_b / "runs" / "ft" / "checkpoints" / f"step-{saved:08d}")
     (run_b / "runs" / "ft" / "checkpoints" / "latest").unlink()
-    resumed, reference = launch(run_a, data_root, "--ft-min-replicas", "3"), \
-        launch(run_b, data_root, "--ft-min-replicas", "3")
+    resumed, reference = (
+        launch(run_a, data_root, "--ft-min-replicas", "3"),
+        launch(run_b, data_root, "--ft-min-replicas", "3"),
+    )
     try:
-        plain = _run_here([*ARGS, f"data.root={data_root}"], plain_dir, {"FT_OUT": str(plain_dir),
-                          "REPLICA_GROUP_ID": "plain"}, script=GROUP)
+        plain = _run_here(
+            [*ARGS, f"data.root={data_root}"],
+            plain_dir,
+            {"FT_OUT": str(plain_dir), "REPLICA_GROUP_ID": "plain"},
+            script=GROUP,
+        )
         assert plain.returncode == 0, plain.stderr[-3000:]
         for p, d in ((resumed, run_a), (reference, run_b)):
             assert p.wait(timeout=240) == 0, (d / "err.txt").read_text()[-3000:]
@@ -227,8 +327,12 @@ def test_a_killed_group_heals_and_a_sigterm_resumes_exactly(tmp_path, data_root)
         for p in (resumed, reference):
             if p.poll() is None:
                 p.kill()
-    starts = {d.name: sorted({r["start"] for g in range(3) for r in records(d, g)[len(logs[g]) if d == run_a else 0:]
-                              if "start" in r}) for d in (run_a, run_b)}
+    starts = {
+        d.name: sorted(
+            {r["start"] for g in range(3) for r in records(d, g)[len(logs[g]) if d == run_a else 0 :] if "start" in r}
+        )
+        for d in (run_a, run_b)
+    }
     assert starts == {"a": [saved], "b": [C]}, starts
     finals = [torch.load(f, weights_only=True) for d in (run_a, run_b) for f in sorted(d.glob("g*-*.pt"))]
     assert len(finals) == 6 and all(torch.equal(finals[0][k], f[k]) for f in finals[1:] for k in f)
@@ -240,8 +344,9 @@ def test_a_killed_group_heals_and_a_sigterm_resumes_exactly(tmp_path, data_root)
     assert len(seen) == len(set(seen)) == STEPS * 64 and set(seen) <= everything
     assert [r["start"] for r in records(plain_dir, "plain") if "start" in r] == [saved]
     plain_keys = key_log(plain_dir / "runs" / "ft", "plain")
-    epoch = [k for s in range(1, saved + 1) for g in range(3) for k in keys[g].get(s, [])] + \
-        [k for s in range(saved + 1, STEPS + 1) for k in plain_keys[s]]
+    epoch = [k for s in range(1, saved + 1) for g in range(3) for k in keys[g].get(s, [])] + [
+        k for s in range(saved + 1, STEPS + 1) for k in plain_keys[s]
+    ]
     assert sorted(epoch) == sorted(seen)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in metrics if "loss" in r] == list(range(1, STEPS + 1))

@@ -19,6 +19,7 @@ def run_script(cwd, data_root, *args, **env):
     with pytest.MonkeyPatch.context() as patch:
         patch.syspath_prepend(str(USERCODE))
         import handed_in_user as user
+
         user.COUNTS.clear()
         if not args:  # training: a fresh run
             shutil.rmtree(cwd / "runs", ignore_errors=True)
@@ -30,15 +31,17 @@ def run_script(cwd, data_root, *args, **env):
 @pytest.fixture(scope="module")
 def builtin_loss_run(tmp_path_factory, data_root):
     """The same run with dtrain's own cross-entropy in place of the handed-in one: the reference."""
-    run_dir, _, _ = run_script(tmp_path_factory.mktemp("reference"), data_root, HANDED_IN="module", METRICS="fn",
-                            NO_LOSS="1")
+    run_dir, _, _ = run_script(
+        tmp_path_factory.mktemp("reference"), data_root, HANDED_IN="module", METRICS="fn", NO_LOSS="1"
+    )
     return metrics_of(run_dir)
 
 
 @pytest.mark.parametrize("metrics", ["fn", "dict", "list"])
 @pytest.mark.parametrize("handed_in", ["main", "module"])
-def test_every_hook_handed_in_is_used_once_as_it_was_handed_in(tmp_path, data_root, builtin_loss_run, handed_in,
-                                                               metrics):
+def test_every_hook_handed_in_is_used_once_as_it_was_handed_in(
+    tmp_path, data_root, builtin_loss_run, handed_in, metrics
+):
     run_dir, calls, _ = run_script(tmp_path, data_root, HANDED_IN=handed_in, METRICS=metrics)
     # once per use: the model and its param groups built once; each forward's output through the loss once;
     # each evaluated batch (the probe's, validation's, test's) through the metrics once; each training
@@ -57,9 +60,11 @@ def test_every_hook_handed_in_is_used_once_as_it_was_handed_in(tmp_path, data_ro
         split = "val" if "val/loss" in r else "test"
         for name in {"fn": ["my_acc"], "dict": ["tm_acc"], "list": ["my_acc", "tm_acc"]}[metrics]:
             assert r[f"{split}/{name}"] == pytest.approx(r[f"{split}/acc"], abs=1e-6), r  # dtrain's own accuracy
+
     # the handed-in cross-entropy trains and evaluates as dtrain's own does
     def losses(records):
         return [(r["step"], k, r[k]) for r in records for k in ("loss", "val/loss", "test/loss") if k in r]
+
     got, reference = losses(records), losses(builtin_loss_run)
     assert [g[:2] for g in got] == [r[:2] for r in reference] and len(got) == 9
     assert [g[2] for g in got] == pytest.approx([r[2] for r in reference], rel=1e-6)
@@ -72,8 +77,17 @@ def test_every_hook_handed_in_is_used_once_as_it_was_handed_in(tmp_path, data_ro
     assert config["metrics"]["fn"] == (f"{names}:metrics" if metrics == "fn" else None)
 
     # evaluated again by the script (the command its summary gives): the same hooks, each once
-    _, calls, out = run_script(tmp_path, data_root, "eval", "--checkpoint", str(run_dir / "checkpoints" / "best"),
-                               "--split", "test", HANDED_IN=handed_in, METRICS=metrics)
+    _, calls, out = run_script(
+        tmp_path,
+        data_root,
+        "eval",
+        "--checkpoint",
+        str(run_dir / "checkpoints" / "best"),
+        "--split",
+        "test",
+        HANDED_IN=handed_in,
+        METRICS=metrics,
+    )
     printed = dict(line.split() for line in out.splitlines() if line.startswith("  test/"))
     best = next(r for r in evaluated if "test/loss" in r)  # the test split, scored with the best weights
     for name in {"fn": ["my_acc"], "dict": ["tm_acc"], "list": ["my_acc", "tm_acc"]}[metrics]:
@@ -93,18 +107,38 @@ def test_a_hook_handed_in_takes_the_place_of_its_config_key_in_every_form():
     from dtrain.config import load_config
 
     assert {f.name for f in dataclasses.fields(Hooks)} == set(RECORDED) | {"param_groups"}  # each hook its key
-    cfg = load_config(None, ["model.factory=mynet:build", "model.forward=mynet:fwd", "loss.fn=mynet:two_terms",
-                             "metrics.fn=mynet:top2", "data.sample={x: png, y: cls}", "data.transform=m:t",
-                             "data.collate=m:c", "run.callbacks=[m:Printer]"])
+    cfg = load_config(
+        None,
+        [
+            "model.factory=mynet:build",
+            "model.forward=mynet:fwd",
+            "loss.fn=mynet:two_terms",
+            "metrics.fn=mynet:top2",
+            "data.sample={x: png, y: cls}",
+            "data.transform=m:t",
+            "data.collate=m:c",
+            "run.callbacks=[m:Printer]",
+        ],
+    )
 
     def metric(output, batch):
         return {}
 
     class Printer:
         def on_step_end(self, step, loss): ...
-    hooks = Hooks(model=torch.nn.Linear(2, 2), loss=metric, metrics=[metric, {"f1": object()}], forward=metric,
-                  sample={"x": "jpg;png", "y": "cls"}, transform=metric, collate=metric, optimizer=metric,
-                  scheduler=metric, callbacks=[Printer()])
+
+    hooks = Hooks(
+        model=torch.nn.Linear(2, 2),
+        loss=metric,
+        metrics=[metric, {"f1": object()}],
+        forward=metric,
+        sample={"x": "jpg;png", "y": "cls"},
+        transform=metric,
+        collate=metric,
+        optimizer=metric,
+        scheduler=metric,
+        callbacks=[Printer()],
+    )
     recorded, built = hooks.record(cfg), hooks.replacing(cfg)
     name = f"{__name__}:test_a_hook_handed_in_takes_the_place_of_its_config_key_in_every_form.<locals>.metric"
     assert recorded.model.factory == "torch.nn.modules.linear:Linear" and recorded.loss.fn == name

@@ -50,7 +50,7 @@ from test_optimizers import onecycle_lrs
 # directory), it also paces the steps (20 ms each: the ranks then compare their stop flags every step or two, so
 # a stop comes within a few steps) and, at step HOOK_GATE_STEP, says it is there and waits for the test's `go`:
 # the SIGTERM lands at a known step.
-CALLBACK = '''import json, os, time
+CALLBACK = """import json, os, time
 from pathlib import Path
 
 
@@ -93,7 +93,7 @@ class Recorder:
     def on_train_end(self, result):
         self.say("end", result.stop_reason, result.step, result.monitor, result.best_step, result.best_metrics,
                  str(result.best_checkpoint), self.steps)
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -114,17 +114,24 @@ def interrupt(args: list[str], cwd, run_dir, env: dict, at: int):
     ranks wait at step `at`; both ranks received it before they go on: exit 75, stopped by the signal."""
     gate = cwd / f"gate-{uuid.uuid4().hex}"
     gate.mkdir()
-    proc = start(launch_cmd(args), cwd, uuid.uuid4().hex, env={**env, "HOOK_GATE": str(gate),
-                                                                 "HOOK_GATE_STEP": str(at)})
+    proc = start(
+        launch_cmd(args), cwd, uuid.uuid4().hex, env={**env, "HOOK_GATE": str(gate), "HOOK_GATE_STEP": str(at)}
+    )
     try:
-        wait_for(lambda: all((gate / f"at-{r}").exists() for r in (0, 1)) or proc.poll() is not None,
-                 timeout=240, what=f"both ranks at step {at}")
+        wait_for(
+            lambda: all((gate / f"at-{r}").exists() for r in (0, 1)) or proc.poll() is not None,
+            timeout=240,
+            what=f"both ranks at step {at}",
+        )
         assert proc.poll() is None, proc.communicate()
         assert (run_dir / "checkpoints" / "latest").exists()  # the signal comes after a checkpoint
         proc.send_signal(signal.SIGTERM)
         logs = [run_dir / "logs" / f"rank-{r}.log" for r in (0, 1)]
-        wait_for(lambda: all(p.exists() and "SIGTERM received" in p.read_text() for p in logs), timeout=60,
-                 what="both ranks to receive the SIGTERM")
+        wait_for(
+            lambda: all(p.exists() and "SIGTERM received" in p.read_text() for p in logs),
+            timeout=60,
+            what="both ranks to receive the SIGTERM",
+        )
         (gate / "go").touch()
         out, err = proc.communicate(timeout=180)
     finally:
@@ -186,8 +193,13 @@ def write_counts(root, split: str, n: int, seed: int, per_shard: int = 48):
                 image[rng.choice(64, count, replace=False)] = 255
                 png = io.BytesIO()
                 Image.fromarray(image.reshape(8, 8)).save(png, format="PNG")
-                sink.write({"__key__": f"{split}{s}-{i:03d}", "png": png.getvalue(),
-                            "json": json.dumps({"count": count}).encode()})
+                sink.write(
+                    {
+                        "__key__": f"{split}{s}-{i:03d}",
+                        "png": png.getvalue(),
+                        "json": json.dumps({"count": count}).encode(),
+                    }
+                )
     from dtrain.cli import main
 
     assert main(["index", *map(str, shards), "--out", str(root / f"{split}.json")]) == 0
@@ -196,17 +208,41 @@ def write_counts(root, split: str, n: int, seed: int, per_shard: int = 48):
 
 LR = 0.5  # high for this model: val/mae falls, rises for a few validations after step ~14, falls again
 TOTAL = 48  # 192 samples, global batch 16: 12 steps an epoch, 4 epochs
-RADAM_ONECYCLE = ["optim.name=torch.optim:RAdam", "optim.kwargs={eps: 1.0e-7}", f"optim.lr={LR}",
-                  "schedule.name=torch.optim.lr_scheduler:OneCycleLR", "schedule.kwargs={pct_start: 0.25}"]
+RADAM_ONECYCLE = [
+    "optim.name=torch.optim:RAdam",
+    "optim.kwargs={eps: 1.0e-7}",
+    f"optim.lr={LR}",
+    "schedule.name=torch.optim.lr_scheduler:OneCycleLR",
+    "schedule.kwargs={pct_start: 0.25}",
+]
 
 
 def counts_args(data) -> list[str]:
-    return ["train", f"data.train={data / 'train.json'}", f"data.val={data / 'val.json'}",
-            f"data.test={data / 'val.json'}", 'data.sample={x: png, y: "json#/count"}', "data.image=l",
-            "data.task=regression", "data.batch_size=8", "model.factory=mlp", "model.kwargs.hidden=[32]",
-            *RADAM_ONECYCLE, "early_stop.monitor=val/mae", "early_stop.mode=min", "early_stop.patience=3",
-            "train.epochs=4", "train.val_every=2", "checkpoint.every=6", "train.log_every=1", "log.progress=false",
-            "log.sample_keys=true", "run.callbacks=[hookcb:Recorder]", "run.doctor=false", "run.name=r"]
+    return [
+        "train",
+        f"data.train={data / 'train.json'}",
+        f"data.val={data / 'val.json'}",
+        f"data.test={data / 'val.json'}",
+        'data.sample={x: png, y: "json#/count"}',
+        "data.image=l",
+        "data.task=regression",
+        "data.batch_size=8",
+        "model.factory=mlp",
+        "model.kwargs.hidden=[32]",
+        *RADAM_ONECYCLE,
+        "early_stop.monitor=val/mae",
+        "early_stop.mode=min",
+        "early_stop.patience=3",
+        "train.epochs=4",
+        "train.val_every=2",
+        "checkpoint.every=6",
+        "train.log_every=1",
+        "log.progress=false",
+        "log.sample_keys=true",
+        "run.callbacks=[hookcb:Recorder]",
+        "run.doctor=false",
+        "run.name=r",
+    ]
 
 
 @pytest.mark.slow
@@ -232,16 +268,26 @@ def test_monitor_optimizer_json_labels_and_a_callback_resume_through_a_sigterm(t
     assert at < cut < TOTAL
     assert stopped["evaluator"] == replay([r for r in want if r["step"] <= cut], "val/mae")  # saved: best, patience
     stop = [r for r in metrics_of(straight / "runs" / "r") if r.get("event") == "early_stop"]
-    assert stopped["evaluator"]["bad_validations"] >= 1 and stop and stop[0]["step"] > cut and \
-        stop[0]["best_step"] == stopped["evaluator"]["best_step"], ("premise: the uninterrupted run stops early after "
-                                                                   "the cut, counting validations before it", stop)
+    assert (
+        stopped["evaluator"]["bad_validations"] >= 1
+        and stop
+        and stop[0]["step"] > cut
+        and stop[0]["best_step"] == stopped["evaluator"]["best_step"]
+    ), ("premise: the uninterrupted run stops early after the cut, counting validations before it", stop)
     copy = tmp_path / "one-rank"
     shutil.copytree(tmp_path / "runs", copy / "runs", symlinks=True)  # resumed on 1 rank below
 
     said = shlex.split(json.loads((run_dir / "summary.json").read_text())["resume"])
     assert said[:4] == ["dtrain", "launch", "--nproc-per-node", "2"] and said[4:] == args, said
-    resumed = subprocess.run([sys.executable, "-m", *said], cwd=tmp_path, capture_output=True, text=True,
-                             timeout=300, env=_env(env), stdin=subprocess.DEVNULL)
+    resumed = subprocess.run(
+        [sys.executable, "-m", *said],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(env),
+        stdin=subprocess.DEVNULL,
+    )
     assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-3000:]
 
     # exact: weights, every step's loss and LR, the validations (val/best_mae, the patience's early stop),
@@ -289,12 +335,13 @@ def test_monitor_optimizer_json_labels_and_a_callback_resume_through_a_sigterm(t
     steps = training(copy / "runs" / "r")
     assert [s for s, _, _ in steps] == list(range(1, steps[-1][0] + 1))
     assert of_kind(events(copy / "runs" / "r", 0), "end")[-1][6] == steps[-1][0]  # rank 0's callback state
-    assert [lr for _, _, lr in steps] == onecycle_lrs(TOTAL, max_lr=LR, pct_start=0.25)[:len(steps)]
+    assert [lr for _, _, lr in steps] == onecycle_lrs(TOTAL, max_lr=LR, pct_start=0.25)[: len(steps)]
     radam = state_of(copy / "runs" / "r")["engine"]["optimizer"]["state"]
     assert {float(s["step"]) for s in radam.values()} == {steps[-1][0]}  # counted on from the checkpoint's
 
     # what the run gives its users: a safetensors file, the model, predictions
     from safetensors.torch import load_file
+
     run_dtrain(["export", "--checkpoint", str(got), "--out", "model.safetensors", "--format", "safetensors"], tmp_path)
     exported = load_file(tmp_path / "model.safetensors")
     model = dtrain.load_model(got)
@@ -302,11 +349,15 @@ def test_monitor_optimizer_json_labels_and_a_callback_resume_through_a_sigterm(t
     assert exported.keys() == weights.keys() == model.state_dict().keys()
     assert all(torch.equal(exported[k], weights[k]) and torch.equal(model.state_dict()[k], weights[k]) for k in weights)
     run_dtrain(["predict", "--checkpoint", str(got), "--data", str(data / "val.json"), "--out", "preds"], tmp_path)
-    rows = [json.loads(line) for part in sorted((tmp_path / "preds").glob("part-*.jsonl"))
-            for line in part.read_text().splitlines()]
+    rows = [
+        json.loads(line)
+        for part in sorted((tmp_path / "preds").glob("part-*.jsonl"))
+        for line in part.read_text().splitlines()
+    ]
     with torch.inference_mode():
-        expected = {k: y for batch in rebuild(got).streams.val.epoch(0)
-                    for k, y in zip(batch["__key__"], model(batch["x"]))}
+        expected = {
+            k: y for batch in rebuild(got).streams.val.epoch(0) for k, y in zip(batch["__key__"], model(batch["x"]))
+        }
     assert sorted(r["__key__"] for r in rows) == sorted(expected) and len(rows) == 96  # each sample once
     assert all(torch.allclose(torch.tensor(r["output"]), expected[r["__key__"]], atol=1e-6) for r in rows)
     assert not any("pred" in r for r in rows)  # a class only for a classification
@@ -317,8 +368,16 @@ def test_load_model_and_predict_need_not_name_the_optimizer_schedule_or_callback
     callback by import string loads without naming them again (it was refused: `asks to run optim.name=...`). A
     safetensors export, which load_model can't rebuild a model from, is said to be one."""
     monkeypatch.chdir(tmp_path)
-    result = dtrain.fit([f"data.root={data_root}", "train.max_steps=2", "log.progress=false", "run.doctor=false",
-                         *RADAM_ONECYCLE, "run.callbacks=[test_callbacks:Counter]"])
+    result = dtrain.fit(
+        [
+            f"data.root={data_root}",
+            "train.max_steps=2",
+            "log.progress=false",
+            "run.doctor=false",
+            *RADAM_ONECYCLE,
+            "run.callbacks=[test_callbacks:Counter]",
+        ]
+    )
     weights = state_of(result.run_dir)["engine"]["model"]
     model = dtrain.load_model(result.run_dir)
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
@@ -326,21 +385,40 @@ def test_load_model_and_predict_need_not_name_the_optimizer_schedule_or_callback
     proc = run_dtrain(["predict", "--checkpoint", str(result.run_dir), "--data", str(test), "--out", "preds"], tmp_path)
     assert "predict: 271 outputs in preds" in proc.stdout
     # a safetensors export holds no config: said so, not "not a file written by dtrain export"
-    run_dtrain(["export", "--checkpoint", str(result.run_dir), "--out", "m.safetensors", "--format", "safetensors"],
-               tmp_path)
-    with pytest.raises(CheckpointError, match=r"^checkpoint: m.safetensors is a safetensors file: weights alone, no "
-                                              r"config to rebuild the model from; give a file of `dtrain export "
-                                              r"--format pt`, a run directory or checkpoints/step-N"):
+    run_dtrain(
+        ["export", "--checkpoint", str(result.run_dir), "--out", "m.safetensors", "--format", "safetensors"], tmp_path
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=r"^checkpoint: m.safetensors is a safetensors file: weights alone, no "
+        r"config to rebuild the model from; give a file of `dtrain export "
+        r"--format pt`, a run directory or checkpoints/step-N",
+    ):
         dtrain.load_model("m.safetensors")
 
 
 # ---- (b) a causal LM from a config alone; export --format hf, eval with an override -----------------------------
 def lm_args(tokens) -> list[str]:
     """128 windows, global batch 16: 8 steps an epoch, 3 epochs."""
-    return ["train", f"data.train={tokens}", f"data.val={tokens}", "data.sample={x: tokens.npy}", "data.task=lm",
-            "data.batch_size=8", *HF, "optim.lr=0.01", "train.epochs=3", "train.val_every=4", "checkpoint.every=4",
-            "train.log_every=1", "log.progress=false", "log.sample_keys=true", "run.callbacks=[hookcb:Recorder]",
-            "run.doctor=false", "run.name=lm"]
+    return [
+        "train",
+        f"data.train={tokens}",
+        f"data.val={tokens}",
+        "data.sample={x: tokens.npy}",
+        "data.task=lm",
+        "data.batch_size=8",
+        *HF,
+        "optim.lr=0.01",
+        "train.epochs=3",
+        "train.val_every=4",
+        "checkpoint.every=4",
+        "train.log_every=1",
+        "log.progress=false",
+        "log.sample_keys=true",
+        "run.callbacks=[hookcb:Recorder]",
+        "run.doctor=false",
+        "run.name=lm",
+    ]
 
 
 @pytest.mark.slow
@@ -359,8 +437,10 @@ def test_a_causal_lm_from_a_config_resumes_through_a_sigterm_and_exports_for_hug
     cut = state_of(run_dir)["trainer"]["step"]
     assert 6 < cut < total
     resumed = run_ranks(2, args, tmp_path, env=env, preload=("transformers",))
-    assert f"resumed from {run_dir.relative_to(tmp_path)}" in resumed.stderr and \
-        result_of(resumed)["stop_reason"] == "completed"
+    assert (
+        f"resumed from {run_dir.relative_to(tmp_path)}" in resumed.stderr
+        and result_of(resumed)["stop_reason"] == "completed"
+    )
 
     reference = straight / "runs" / "lm"
     a, b = final_params(reference), final_params(run_dir)
@@ -393,8 +473,9 @@ def test_a_causal_lm_from_a_config_resumes_through_a_sigterm_and_exports_for_hug
     proc = run_dtrain([*evaluate[1:], f"data.val={half}", "data.eval_batch_size=5"], tmp_path, env=env)
     printed = {k: float(v) for k, v in (line.split() for line in proc.stdout.splitlines() if line.startswith("  val/"))}
     shards = sorted(str(p) for p in half.parent.glob("tokens-*.tar"))
-    windows = torch.stack([torch.as_tensor(s["tokens.npy"]).long()
-                           for s in wds.WebDataset(shards, shardshuffle=False).decode()])
+    windows = torch.stack(
+        [torch.as_tensor(s["tokens.npy"]).long() for s in wds.WebDataset(shards, shardshuffle=False).decode()]
+    )
     with torch.no_grad():
         logits = mine(windows[:, :-1]).logits
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).double(), windows[:, 1:].flatten()).item()

@@ -55,16 +55,27 @@ def class_samples(n: int, prefix: str, bad: dict[int, int] = {}, seed: int = 0) 
 
 
 def train_args(tmp_path: Path, *overrides: str) -> list[str]:
-    return ["train", f"run.dir={tmp_path / 'runs'}", "log.progress=false", "run.doctor=false", "model.factory=mlp",
-            "data.batch_size=8", "data.shuffle_buffer=16", "train.max_steps=16", "train.val_every=8", *overrides]
+    return [
+        "train",
+        f"run.dir={tmp_path / 'runs'}",
+        "log.progress=false",
+        "run.doctor=false",
+        "model.factory=mlp",
+        "data.batch_size=8",
+        "data.shuffle_buffer=16",
+        "train.max_steps=16",
+        "train.val_every=8",
+        *overrides,
+    ]
 
 
 def error_line(proc) -> str:
     """The run's one error line (exit 2, no traceback)."""
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert lines and lines[-1].startswith("dtrain: error: ") and not any("Traceback" in l for l in lines), \
-        proc.stderr[-3000:]
+    assert lines and lines[-1].startswith("dtrain: error: ") and not any("Traceback" in l for l in lines), proc.stderr[
+        -3000:
+    ]
     return lines[-1]
 
 
@@ -82,8 +93,12 @@ def test_float_targets_train_as_a_regression_without_a_made_up_baseline(tmp_path
             x = rng.normal(size=4).astype(np.float32)
             samples.append({"__key__": f"{split}{i:04d}", "npy": x, "json": float(2 * x.sum() + 7.5)})
         splits[split] = write_split(tmp_path / "shards", split, samples)
-    args = train_args(tmp_path, *(f"data.{s}={d}" for s, d in splits.items()), "data.sample={x: npy, y: json}",
-                      *([f"data.task={task}"] if task else []))
+    args = train_args(
+        tmp_path,
+        *(f"data.{s}={d}" for s, d in splits.items()),
+        "data.sample={x: npy, y: json}",
+        *([f"data.task={task}"] if task else []),
+    )
     proc = run_dtrain(args, tmp_path)
     result = result_of(proc)
     assert {"test/mae", "test/mse"} <= set(result) and "test/acc" not in result, result
@@ -94,24 +109,38 @@ def test_float_targets_train_as_a_regression_without_a_made_up_baseline(tmp_path
 
 def test_the_baseline_of_dtrains_own_shards_predicts_the_training_mean(tmp_path):
     """The count data set's descriptor holds the training mean: mae_predict_mean is the error of predicting it."""
-    args = ["train", f"run.dir={tmp_path / 'runs'}", f"data.root={tmp_path / 'data'}", "log.progress=false",
-            "run.doctor=false", "data.dataset=count", "data.count_samples=300", "model.factory=mlp",
-            "data.batch_size=16", "train.max_steps=2"]
+    args = [
+        "train",
+        f"run.dir={tmp_path / 'runs'}",
+        f"data.root={tmp_path / 'data'}",
+        "log.progress=false",
+        "run.doctor=false",
+        "data.dataset=count",
+        "data.count_samples=300",
+        "model.factory=mlp",
+        "data.batch_size=16",
+        "train.max_steps=2",
+    ]
     result = result_of(run_dtrain(args, tmp_path))
     from dtrain.data import read_index
     from dtrain.data.pipeline import ShardStream
+
     index = read_index(tmp_path / "data" / "count")
-    y = {s: torch.cat([b[1] for b in ShardStream(index, s, batch_size=64, rank=0, world_size=1).epoch(0)])
-         for s in ("train", "test")}
-    assert result["test/mae_predict_mean"] == pytest.approx((y["test"] - y["train"].mean()).abs().mean().item(),
-                                                            rel=1e-5)
+    y = {
+        s: torch.cat([b[1] for b in ShardStream(index, s, batch_size=64, rank=0, world_size=1).epoch(0)])
+        for s in ("train", "test")
+    }
+    assert result["test/mae_predict_mean"] == pytest.approx(
+        (y["test"] - y["train"].mean()).abs().mean().item(), rel=1e-5
+    )
 
 
 def test_labels_that_say_no_task_name_data_task(tmp_path):
     samples = [{"__key__": f"t{i:04d}", "npy": np.zeros(4, np.float32), "txt": "cat"} for i in range(16)]
     train = write_split(tmp_path / "shards", "train", samples)
-    line = error_line(run_dtrain(train_args(tmp_path, f"data.train={train}", "data.sample={x: npy, y: txt}"),
-                                 tmp_path, check=False))
+    line = error_line(
+        run_dtrain(train_args(tmp_path, f"data.train={train}", "data.sample={x: npy, y: txt}"), tmp_path, check=False)
+    )
     assert "cannot tell the task" in line and "train-0.tar" in line and "data.task=" in line, line
 
 
@@ -123,35 +152,72 @@ def test_a_class_label_outside_num_classes_is_one_line(tmp_path, label, workers,
     a device-side assert)."""
     train = write_split(tmp_path / "shards", "train", class_samples(64, "c", bad={45: label}))
     val = write_split(tmp_path / "shards", "val", class_samples(16, "v", seed=1))
-    proc = run_dtrain(train_args(tmp_path, f"data.train={train}", f"data.val={val}", "data.sample={x: npy, y: cls}",
-                                 "data.num_classes=3", f"data.num_workers={workers}", f"data.in_memory={memory}"),
-                      tmp_path, check=False)
+    proc = run_dtrain(
+        train_args(
+            tmp_path,
+            f"data.train={train}",
+            f"data.val={val}",
+            "data.sample={x: npy, y: cls}",
+            "data.num_classes=3",
+            f"data.num_workers={workers}",
+            f"data.in_memory={memory}",
+        ),
+        tmp_path,
+        check=False,
+    )
     line = error_line(proc)
     assert "sample 'c0045'" in line and "train-0.tar" in line and f"class label {label}" in line, line
-    assert ("data.num_classes is 3" in line and "set data.num_classes" in line) if label > 0 else \
-        "fix the label" in line, line
+    assert (
+        ("data.num_classes is 3" in line and "set data.num_classes" in line) if label > 0 else "fix the label" in line
+    ), line
 
 
 def test_class_labels_of_dtrains_own_shards_and_of_every_kind_are_checked(tmp_path):
     from dtrain.data.shards import write_shards
     from dtrain.data.pipeline import ShardStream
     from dtrain.data.samples import ClassLabels, DtrainFormat
+
     x = np.zeros((20, 1, 2, 2), np.uint8)
     y = np.arange(20) % 4  # classes 0..3: a descriptor saying 3 is wrong
-    index = write_shards(tmp_path / "own", {"train": (x, y)}, {"task": "classification", "num_classes": 3,
-                                                               "input_shape": [1, 2, 2], "x_scale": 1.0}, 8)
-    stream = ShardStream(index, "train", batch_size=4, rank=0, world_size=1,
-                         sample_format=DtrainFormat("classification", 1.0, ClassLabels(3)))
-    with pytest.raises(DataError, match=r"sample 'train-0000003' of .*train-000000.tar has the class label 3, but "
-                                        r"data.num_classes is 3"):
+    index = write_shards(
+        tmp_path / "own",
+        {"train": (x, y)},
+        {"task": "classification", "num_classes": 3, "input_shape": [1, 2, 2], "x_scale": 1.0},
+        8,
+    )
+    stream = ShardStream(
+        index,
+        "train",
+        batch_size=4,
+        rank=0,
+        world_size=1,
+        sample_format=DtrainFormat("classification", 1.0, ClassLabels(3)),
+    )
+    with pytest.raises(
+        DataError,
+        match=r"sample 'train-0000003' of .*train-000000.tar has the class label 3, but "
+        r"data.num_classes is 3",
+    ):
         list(stream.epoch(0))
 
     check = ClassLabels(5)
-    for fine in (4, np.int64(0), torch.tensor([0, 4]), np.array([[1, 2]], np.uint8), True, "cat",
-                 torch.zeros(0, dtype=torch.long)):
+    for fine in (
+        4,
+        np.int64(0),
+        torch.tensor([0, 4]),
+        np.array([[1, 2]], np.uint8),
+        True,
+        "cat",
+        torch.zeros(0, dtype=torch.long),
+    ):
         check(fine, "k", "s.tar")
-    for bad, said in ((torch.tensor([1, 5]), "label 5"), (np.array([-3, 2]), "label -3"), (np.int32(9), "label 9"),
-                      (2.5, "label 2.5, not a class index"), (torch.ones(2), "float32 array, not a class")):
+    for bad, said in (
+        (torch.tensor([1, 5]), "label 5"),
+        (np.array([-3, 2]), "label -3"),
+        (np.int32(9), "label 9"),
+        (2.5, "label 2.5, not a class index"),
+        (torch.ones(2), "float32 array, not a class"),
+    ):
         with pytest.raises(DataError, match=said):
             check(bad, "k", "s.tar")
     ClassLabels(5, floats=False)(2.5, "k", "s.tar")  # a collate hook makes classes of them
@@ -160,11 +226,17 @@ def test_class_labels_of_dtrains_own_shards_and_of_every_kind_are_checked(tmp_pa
 # ---- decompression bombs (#33) -----------------------------------------------------------------------------
 def png_declaring(width: int, height: int) -> bytes:
     """A PNG of a few hundred bytes whose header declares width x height RGB pixels (its data: a few rows)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     rows = zlib.compress(b"\0" * (1 + 3 * width) * 2, 9)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) +
-            chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", rows)
+        + chunk(b"IEND", b"")
+    )
 
 
 def png(size: int) -> bytes:
@@ -195,8 +267,19 @@ def test_a_decompression_bomb_in_a_training_run_is_one_line(tmp_path, monkeypatc
     monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 200)
     samples = [{"__key__": f"i{i:04d}", "png": png(12 if i != 21 else 16), "cls": i % 2} for i in range(32)]
     train = write_split(tmp_path / "shards", "train", samples)  # 144 pixels each; i0021: 256
-    line = error_line(run_dtrain(train_args(tmp_path, f"data.train={train}", "data.sample={x: png, y: cls}",
-                                            "data.num_classes=2", "data.shuffle_buffer=0"), tmp_path, check=False))
+    line = error_line(
+        run_dtrain(
+            train_args(
+                tmp_path,
+                f"data.train={train}",
+                "data.sample={x: png, y: cls}",
+                "data.num_classes=2",
+                "data.shuffle_buffer=0",
+            ),
+            tmp_path,
+            check=False,
+        )
+    )
     assert "i0021.png of" in line and "train-0.tar" in line and "declares 256 pixels" in line, line
 
 
@@ -206,18 +289,23 @@ def test_a_gz_member_inflating_past_the_limit_is_refused(monkeypatch):
     import gzip
 
     from dtrain.data import samples
+
     monkeypatch.setattr(samples, "GZ_LIMIT", 2**20)
     bomb = gzip.compress(bytes(2**21))
     assert len(bomb) < 5000
-    with pytest.raises(DataError, match=r"cannot decode evil.npy.gz of /data/evil-0.tar \(ValueError: it inflates to "
-                                        r"more than 1,048,576 bytes"):
+    with pytest.raises(
+        DataError,
+        match=r"cannot decode evil.npy.gz of /data/evil-0.tar \(ValueError: it inflates to "
+        r"more than 1,048,576 bytes",
+    ):
         FieldMap({"x": "npy.gz"})({"__key__": "evil", "__url__": "/data/evil-0.tar", "npy.gz": bomb})
     arr = io.BytesIO()
     np.save(arr, np.arange(6))
     half = len(arr.getvalue()) // 2  # two gzip members, then zero padding: what gzip itself reads
     data = gzip.compress(arr.getvalue()[:half]) + gzip.compress(arr.getvalue()[half:]) + bytes(8)
-    fields = FieldMap({"x": "npy.gz", "y": "json.gz"})({"__key__": "k", "__url__": "u", "npy.gz": data,
-                                                        "json.gz": gzip.compress(b"[2.5]")})
+    fields = FieldMap({"x": "npy.gz", "y": "json.gz"})(
+        {"__key__": "k", "__url__": "u", "npy.gz": data, "json.gz": gzip.compress(b"[2.5]")}
+    )
     assert fields["x"].tolist() == list(range(6)) and fields["y"] == [2.5]
 
 
@@ -240,6 +328,7 @@ def hostile(ext: str, marker: Path) -> bytes:
         np.save(buf, np.array([Planted(marker)], dtype=object), allow_pickle=True)
     else:
         import pickle
+
         return pickle.dumps(Planted(marker))
     return buf.getvalue()
 
@@ -253,6 +342,7 @@ def test_a_member_that_would_run_code_is_refused(tmp_path, ext):
     data = hostile(ext.removesuffix(".gz"), marker)
     if ext.endswith(".gz"):
         import gzip
+
         data = gzip.compress(data)
     with pytest.raises(DataError) as e:
         FieldMap({"x": ext})({"__key__": "evil", "__url__": "/data/evil-0.tar", ext: data})
@@ -268,7 +358,8 @@ def test_plain_tensors_and_arrays_still_decode():
     arr = io.BytesIO()
     np.save(arr, np.arange(4, dtype=np.int16))
     fields = FieldMap({"a": "pth", "b": "npy", "c": "json", "d": "cls"})(
-        {"__key__": "k", "__url__": "u", "pth": buf.getvalue(), "npy": arr.getvalue(), "json": b"[1.5]", "cls": b"2"})
+        {"__key__": "k", "__url__": "u", "pth": buf.getvalue(), "npy": arr.getvalue(), "json": b"[1.5]", "cls": b"2"}
+    )
     assert torch.equal(fields["a"]["w"], torch.arange(3)) and fields["b"].dtype == np.int16
     assert fields["c"] == [1.5] and fields["d"] == 2
 
@@ -288,11 +379,25 @@ def test_a_hostile_member_in_a_training_run_runs_no_code(tmp_path, ext):
         buf = io.BytesIO()
         torch.save(torch.from_numpy(x), buf)
         return buf.getvalue()
-    samples = [{"__key__": f"s{i:04d}", ext: hostile(ext, marker) if i == 37 or ext == "pyd" else plain(i),
-                "cls": i % 3} for i in range(48)]
+
+    samples = [
+        {"__key__": f"s{i:04d}", ext: hostile(ext, marker) if i == 37 or ext == "pyd" else plain(i), "cls": i % 3}
+        for i in range(48)
+    ]
     train = write_split(tmp_path / "shards", "train", samples)
-    line = error_line(run_dtrain(train_args(tmp_path, f"data.train={train}", f"data.sample={{x: {ext}, y: cls}}",
-                                            "data.num_classes=3", "data.num_workers=1"), tmp_path, check=False))
+    line = error_line(
+        run_dtrain(
+            train_args(
+                tmp_path,
+                f"data.train={train}",
+                f"data.sample={{x: {ext}, y: cls}}",
+                "data.num_classes=3",
+                "data.num_workers=1",
+            ),
+            tmp_path,
+            check=False,
+        )
+    )
     key = "s0000" if ext == "pyd" else "s0037"
     assert f"{key}.{ext} of" in line and "train-0.tar" in line, line
     assert not marker.exists()
@@ -301,6 +406,7 @@ def test_a_hostile_member_in_a_training_run_runs_no_code(tmp_path, ext):
 def test_the_labels_a_sample_function_returns_are_checked():
     """The label check applies to fields a data.sample function returns, and only to y."""
     from dtrain.data.samples import ClassLabels, MappedFormat
+
     fmt = MappedFormat(lambda s: {"x": 0, "y": int(s["cls"]), "other": -5}, labels=ClassLabels(2))
     assert fmt.decode({"__key__": "a", "__url__": "u.tar", "cls": b"1"})["y"] == 1
     with pytest.raises(DataError, match="sample 'b' of u.tar has the class label 2, but data.num_classes is 2"):

@@ -27,7 +27,7 @@ def shard(path: Path, n: int = 8, extra=(), at: int = 0) -> Path:
     from `member`) after the first `at` samples."""
     samples = [image_sample(i, np.random.default_rng(i)) for i in range(n)]
     members = [member(f"{s['__key__']}.{ext}", s[ext]) for s in samples for ext in ("jpg", "cls", "json")]
-    members[3 * at:3 * at] = extra
+    members[3 * at : 3 * at] = extra
     with tarfile.open(path, "w") as tar:
         for info, data in members:
             tar.addfile(info, io.BytesIO(data))
@@ -45,11 +45,11 @@ def patch_header(path: Path, name: str, field: slice, value: bytes) -> None:
     with tarfile.open(path) as tar:
         offset = tar.getmember(name).offset
     data = bytearray(path.read_bytes())
-    header = data[offset:offset + 512]
+    header = data[offset : offset + 512]
     header[field] = value.ljust(field.stop - field.start, b"\0")
     header[148:156] = b" " * 8
     header[148:156] = b"%06o\0 " % sum(header)
-    data[offset:offset + 512] = header
+    data[offset : offset + 512] = header
     path.write_bytes(bytes(data))
 
 
@@ -81,8 +81,7 @@ def train(tmp_path: Path, *overrides: str):
 
 # ---- a descriptor's pipe: URLs run only when the user says so --------------------------------------------------
 def pipe_descriptor(tmp_path: Path, good: Path, marker: Path, name: str = "d.json") -> Path:
-    d = {"shardlist": [{"url": good.name, "nsamples": 8},
-                       {"url": f"pipe:touch {marker}; cat {good}", "nsamples": 8}]}
+    d = {"shardlist": [{"url": good.name, "nsamples": 8}, {"url": f"pipe:touch {marker}; cat {good}", "nsamples": 8}]}
     (tmp_path / name).write_text(json.dumps(d))
     return tmp_path / name
 
@@ -113,8 +112,10 @@ def test_a_pipe_in_any_spelling_gopen_runs_is_refused(tmp_path, url):
     blanks stripped): every URL it would hand to its pipe handler is refused, not only "pipe:" as typed."""
     from dtrain.data import DataError
     from dtrain.data.sources import Descriptor
-    (tmp_path / "d.json").write_text(json.dumps({"shardlist": [{"url": url.format(m=tmp_path / "ran"),
-                                                                "nsamples": 1}]}))
+
+    (tmp_path / "d.json").write_text(
+        json.dumps({"shardlist": [{"url": url.format(m=tmp_path / "ran"), "nsamples": 1}]})
+    )
     with pytest.raises(DataError, match=r"shardlist\[0\] is a shell command"):
         Descriptor.read(str(tmp_path / "d.json"))
 
@@ -128,8 +129,10 @@ def test_a_counts_descriptor_is_only_looked_up(tmp_path):
     assert not marker.exists()
     user_pipe = f"pipe:cat {good}"
     assert dtrain(tmp_path, "index", user_pipe, "--out", str(tmp_path / "p.json")).returncode == 0
-    assert train(tmp_path, f"data.train={user_pipe}", f"data.counts={tmp_path / 'p.json'}",
-                 "run.name=piped").returncode == 0
+    assert (
+        train(tmp_path, f"data.train={user_pipe}", f"data.counts={tmp_path / 'p.json'}", "run.name=piped").returncode
+        == 0
+    )
     # the same file as data.train is a descriptor whose pipe would run: refused
     assert "shardlist[0] is a shell command" in error_of(train(tmp_path, f"data.train={tmp_path / 'p.json'}"))
 
@@ -138,8 +141,12 @@ def test_eval_of_a_run_whose_descriptor_became_a_pipe(tmp_path):
     good, marker = shard(tmp_path / "good.tar"), tmp_path / "ran"
     assert index(tmp_path, good, out="val.json").returncode == 0
     assert index(tmp_path, good, out="train.json").returncode == 0
-    assert train(tmp_path, f"data.train={tmp_path / 'train.json'}", f"data.val={tmp_path / 'val.json'}",
-                 "run.name=r").returncode == 0
+    assert (
+        train(
+            tmp_path, f"data.train={tmp_path / 'train.json'}", f"data.val={tmp_path / 'val.json'}", "run.name=r"
+        ).returncode
+        == 0
+    )
     pipe_descriptor(tmp_path, good, marker, "val.json")  # replaced after the run: eval reads it again
     line = error_of(dtrain(tmp_path, "eval", "--checkpoint", str(tmp_path / "runs" / "r"), "--split", "val"))
     assert "val.json: shardlist[1] is a shell command" in line and not marker.exists()
@@ -151,14 +158,23 @@ def test_relative_urls_resolve_against_the_descriptor_and_may_climb_out(tmp_path
     for sub in ("shards", "meta"):
         (tmp_path / sub).mkdir()
     good = shard(tmp_path / "shards" / "good.tar")
-    (tmp_path / "meta" / "d.json").write_text(json.dumps({"shardlist": [
-        {"url": "../shards/good.tar", "nsamples": 8}]}))
+    (tmp_path / "meta" / "d.json").write_text(json.dumps({"shardlist": [{"url": "../shards/good.tar", "nsamples": 8}]}))
     assert train(tmp_path, f"data.train={tmp_path / 'meta' / 'd.json'}").returncode == 0
     (tmp_path / "not-a-shard").write_bytes(b"secret\n" * 200)
-    (tmp_path / "meta" / "e.json").write_text(json.dumps({"shardlist": [
-        {"url": "../shards/good.tar", "nsamples": 8}, {"url": "../not-a-shard", "nsamples": 8}]}))
-    line = error_of(train(tmp_path, f"data.train={tmp_path / 'meta' / 'e.json'}", "run.name=e",
-                          "data.shuffle_buffer=0", "train.max_steps=4"))
+    (tmp_path / "meta" / "e.json").write_text(
+        json.dumps(
+            {"shardlist": [{"url": "../shards/good.tar", "nsamples": 8}, {"url": "../not-a-shard", "nsamples": 8}]}
+        )
+    )
+    line = error_of(
+        train(
+            tmp_path,
+            f"data.train={tmp_path / 'meta' / 'e.json'}",
+            "run.name=e",
+            "data.shuffle_buffer=0",
+            "train.max_steps=4",
+        )
+    )
     assert f"cannot read {tmp_path / 'not-a-shard'}" in line and good.exists()
 
 
@@ -167,10 +183,18 @@ def test_a_shard_that_is_a_fifo_or_a_device_is_refused_before_it_is_opened(tmp_p
     shard(tmp_path / "good.tar")
     os.mkfifo(tmp_path / "fifo")
     for bad in (tmp_path / "fifo", Path("/dev/zero")):
-        (tmp_path / "d.json").write_text(json.dumps({"shardlist": [{"url": "good.tar", "nsamples": 8},
-                                                                   {"url": str(bad), "nsamples": 8}]}))
-        line = error_of(train(tmp_path, f"data.train={tmp_path / 'd.json'}", "data.shuffle_buffer=0",
-                              "train.max_steps=4", f"run.name={bad.name}"))
+        (tmp_path / "d.json").write_text(
+            json.dumps({"shardlist": [{"url": "good.tar", "nsamples": 8}, {"url": str(bad), "nsamples": 8}]})
+        )
+        line = error_of(
+            train(
+                tmp_path,
+                f"data.train={tmp_path / 'd.json'}",
+                "data.shuffle_buffer=0",
+                "train.max_steps=4",
+                f"run.name={bad.name}",
+            )
+        )
         assert f"cannot read {bad}" in line and "not a regular file" in line
         assert f"{bad} is not a regular file" in error_of(index(tmp_path, bad))
 
@@ -179,7 +203,7 @@ def test_a_shard_that_is_a_fifo_or_a_device_is_refused_before_it_is_opened(tmp_p
 def test_index_of_a_corrupt_gzip_shard_is_an_error(tmp_path):
     raw = shard(tmp_path / "s.tar", n=64).read_bytes()
     at = raw.index(b'{"i": 40}')
-    changed = raw[:at] + b'{"i": 41}' + raw[at + 9:]  # a member no mapping decodes: only the CRC tells
+    changed = raw[:at] + b'{"i": 41}' + raw[at + 9 :]  # a member no mapping decodes: only the CRC tells
     # the gzip of the changed tar with the original's CRC and length: what a flipped bit on disk leaves
     (tmp_path / "s.tar.gz").write_bytes(gzip.compress(changed, mtime=0)[:-8] + gzip.compress(raw, mtime=0)[-8:])
     line = error_of(index(tmp_path, tmp_path / "s.tar.gz"))
@@ -187,8 +211,7 @@ def test_index_of_a_corrupt_gzip_shard_is_an_error(tmp_path):
     assert not (tmp_path / "d.json").exists()
     # and a training read of it (the descriptor from the intact one): the same error, not a shorter shard
     (tmp_path / "t.json").write_text(json.dumps({"shardlist": [{"url": "s.tar.gz", "nsamples": 64}]}))
-    assert "CRC check failed" in error_of(train(tmp_path, f"data.train={tmp_path / 't.json'}",
-                                                 "train.max_steps=8"))
+    assert "CRC check failed" in error_of(train(tmp_path, f"data.train={tmp_path / 't.json'}", "train.max_steps=8"))
     # an intact one reads whole
     (tmp_path / "s.tar.gz").write_bytes(gzip.compress(raw, mtime=0))
     assert index(tmp_path, tmp_path / "s.tar.gz").returncode == 0
@@ -244,29 +267,34 @@ def test_a_member_that_climbs_out_refuses_the_shard(tmp_path, name):
     assert f"cannot read {bad}" in line and f"member {name!r} has an absolute or '..' name" in line
     # a training read (its count from a descriptor that hides it)
     (tmp_path / "d.json").write_text(json.dumps({"shardlist": [{"url": "bad.tar", "nsamples": 9}]}))
-    line = error_of(train(tmp_path, f"data.train={tmp_path / 'd.json'}", "data.shuffle_buffer=0",
-                          "train.max_steps=3"))
+    line = error_of(train(tmp_path, f"data.train={tmp_path / 'd.json'}", "data.shuffle_buffer=0", "train.max_steps=3"))
     assert f"member {name!r} has an absolute or '..' name" in line
     assert not any(p.exists() for p in where)  # nothing was extracted anywhere
     # "./key.ext" (tar -C dir .) is a plain name: read as it is
     ok = tmp_path / "dot.tar"
-    write_tar(ok, [{**s, "__key__": "./" + s["__key__"]} for s in
-                   (image_sample(i, np.random.default_rng(i)) for i in range(3))])
+    write_tar(
+        ok,
+        [{**s, "__key__": "./" + s["__key__"]} for s in (image_sample(i, np.random.default_rng(i)) for i in range(3))],
+    )
     assert index(tmp_path, ok, out="dot.json").returncode == 0
 
 
 def test_links_are_skipped_never_followed(tmp_path):
     secret = tmp_path / "secret"
     secret.write_bytes(b"not for the model")
-    links = [member("s00002.txt", kind=tarfile.SYMTYPE, linkname=str(secret)),
-             member("s00003.txt", kind=tarfile.LNKTYPE, linkname="s00000.cls"),
-             member("s00009.jpg", kind=tarfile.SYMTYPE, linkname=str(secret))]  # a sample of links alone
+    links = [
+        member("s00002.txt", kind=tarfile.SYMTYPE, linkname=str(secret)),
+        member("s00003.txt", kind=tarfile.LNKTYPE, linkname="s00000.cls"),
+        member("s00009.jpg", kind=tarfile.SYMTYPE, linkname=str(secret)),
+    ]  # a sample of links alone
     path = shard(tmp_path / "links.tar", extra=links, at=4)
     assert [name for name in names(path) if "txt" in name or name.startswith("s00009")] == []
     assert index(tmp_path, path).returncode == 0
     assert json.loads((tmp_path / "d.json").read_text())["shardlist"][0]["nsamples"] == 8  # s00009: no sample
-    assert train(tmp_path, f"data.train={tmp_path / 'd.json'}", "data.shuffle_buffer=0",
-                 "train.max_steps=1").returncode == 0
+    assert (
+        train(tmp_path, f"data.train={tmp_path / 'd.json'}", "data.shuffle_buffer=0", "train.max_steps=1").returncode
+        == 0
+    )
 
 
 def test_a_link_header_that_declares_data_reads_as_tarfile_reads_it(tmp_path):
@@ -284,7 +312,7 @@ def test_a_link_header_that_declares_data_reads_as_tarfile_reads_it(tmp_path):
 @pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])  # base-256 size field; pax "size"
 def test_a_header_declaring_2_to_the_50_bytes_is_one_line(tmp_path, fmt):
     info = tarfile.TarInfo("s00002.big")
-    info.size = 2 ** 50
+    info.size = 2**50
     path = tmp_path / "big.tar"
     write_tar(path, [image_sample(i, np.random.default_rng(i)) for i in range(2)])
     with tarfile.open(path, "a", format=fmt) as tar:
@@ -294,8 +322,15 @@ def test_a_header_declaring_2_to_the_50_bytes_is_one_line(tmp_path, fmt):
         line = error_of(index(tmp_path, source))
         assert f"cannot read {source}" in line and says in line
     (tmp_path / "d.json").write_text(json.dumps({"shardlist": [{"url": "big.tar", "nsamples": 3}]}))
-    line = error_of(train(tmp_path, f"data.train={tmp_path / 'd.json'}", "data.shuffle_buffer=0",
-                          "train.max_steps=3", "data.batch_size=1"))
+    line = error_of(
+        train(
+            tmp_path,
+            f"data.train={tmp_path / 'd.json'}",
+            "data.shuffle_buffer=0",
+            "train.max_steps=3",
+            "data.batch_size=1",
+        )
+    )
     assert f"cannot read {path}" in line and says in line
 
 
@@ -334,7 +369,7 @@ def test_a_header_that_would_loop_the_reader_is_an_error(tmp_path, case):
             tar.addfile(info)
         data = bytearray(path.read_bytes())
         at = data.index(b" comment=x\n") - 2  # "18 comment=x\n" -> "00 comment=x\n"
-        data[at:at + 2] = b"00"
+        data[at : at + 2] = b"00"
         path.write_bytes(bytes(data))  # a pax header's checksum covers its header block, not its records
         says = "malformed pax header"
     for payloads in (False, True):
@@ -346,6 +381,7 @@ def test_a_header_that_would_loop_the_reader_is_an_error(tmp_path, case):
 # ---- dtrain shard --out: a directory of shards is replaced whole, nothing else is --------------------------------
 def test_shard_out_replaces_only_a_directory_dtrain_wrote(tmp_path):
     from PIL import Image
+
     shard_digits = ["shard", "--dataset", "digits", "--shard-size", "2000", "--out"]
     (tmp_path / "home").mkdir()
     (tmp_path / "home" / "thesis.tex").write_text("years of work")
@@ -372,6 +408,7 @@ def test_shard_out_keeps_shards_of_the_users_named_as_dtrains(tmp_path):
     shards/train.json, then `dtrain shard --from-folder photos/ --out shards/` deleted them (exit 0)."""
     import webdataset as wds
     from PIL import Image
+
     (tmp_path / "shards").mkdir()
     for s in range(2):
         with wds.TarWriter(str(tmp_path / "shards" / f"train-{s:06d}.tar")) as w:
@@ -382,5 +419,8 @@ def test_shard_out_keeps_shards_of_the_users_named_as_dtrains(tmp_path):
     assert "shards holds train-000000.tar, which dtrain did not write" in error_of(dtrain(tmp_path, *shard))
     assert dtrain(tmp_path, "index", "shards/train-{000000..000001}.tar", "--out", "shards/train.json").returncode == 0
     assert "shards holds train.json, which dtrain did not write" in error_of(dtrain(tmp_path, *shard))
-    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["train-000000.tar", "train-000001.tar",
-                                                                       "train.json"]
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == [
+        "train-000000.tar",
+        "train-000001.tar",
+        "train.json",
+    ]

@@ -41,8 +41,9 @@ def module_names(root: Path = PACKAGE) -> dict[str, Path]:
 
 def _is_type_checking(node: ast.If) -> bool:
     test = node.test
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
-        (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _imports(tree: ast.AST, lazy: bool = False):
@@ -68,7 +69,7 @@ def import_edges(root: Path = PACKAGE) -> list[Edge]:
             else:
                 if node.level:  # relative: from the module's package, up level-1 more
                     base = name.split(".") if is_package else name.split(".")[:-1]
-                    base = base[:len(base) - (node.level - 1)]
+                    base = base[: len(base) - (node.level - 1)]
                     base = ".".join(base + ([node.module] if node.module else []))
                 else:
                     base = node.module
@@ -150,6 +151,7 @@ def _show(circle: list[str], edges: list[Edge]) -> str:
 
 # ---- the walker itself ----------------------------------------------------------------------------------
 
+
 def _write(root: Path, files: dict[str, str]) -> Path:
     for rel, text in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -158,28 +160,39 @@ def _write(root: Path, files: dict[str, str]) -> Path:
 
 
 def test_walker_resolves_relative_lazy_and_type_checking_imports(tmp_path):
-    root = _write(tmp_path, {
-        "pkg/__init__.py": "__version__ = '1'\n",
-        "pkg/a.py": "from . import __version__\nfrom .sub import b\n",
-        "pkg/sub/__init__.py": "",
-        "pkg/sub/b.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ..a import x\n"
-                        "def f():\n    from .. import a\n",
-        "pkg/sub/c.py": "import pkg.sub.b\nfrom ..a import name\nclass C:\n    from . import b\n",
-    })
+    root = _write(
+        tmp_path,
+        {
+            "pkg/__init__.py": "__version__ = '1'\n",
+            "pkg/a.py": "from . import __version__\nfrom .sub import b\n",
+            "pkg/sub/__init__.py": "",
+            "pkg/sub/b.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ..a import x\n"
+            "def f():\n    from .. import a\n",
+            "pkg/sub/c.py": "import pkg.sub.b\nfrom ..a import name\nclass C:\n    from . import b\n",
+        },
+    )
     got = {(e.source, e.target, e.lazy) for e in import_edges(root)}
-    assert got == {("pkg.a", "pkg", False), ("pkg.a", "pkg.sub.b", False), ("pkg.sub.b", "pkg.a", True),
-                   ("pkg.sub.c", "pkg.sub.b", False), ("pkg.sub.c", "pkg.a", False)}
+    assert got == {
+        ("pkg.a", "pkg", False),
+        ("pkg.a", "pkg.sub.b", False),
+        ("pkg.sub.b", "pkg.a", True),
+        ("pkg.sub.c", "pkg.sub.b", False),
+        ("pkg.sub.c", "pkg.a", False),
+    }
 
 
 def test_walker_finds_circles_module_level_and_lazy(tmp_path):
-    root = _write(tmp_path, {
-        "pkg/__init__.py": "",
-        "pkg/a.py": "from .b import x\n",
-        "pkg/b.py": "from .c import y\n",
-        "pkg/c.py": "def f():\n    from .a import z\n",
-        "pkg/d.py": "from . import e\n",
-        "pkg/e.py": "import pkg.d\n",
-    })
+    root = _write(
+        tmp_path,
+        {
+            "pkg/__init__.py": "",
+            "pkg/a.py": "from .b import x\n",
+            "pkg/b.py": "from .c import y\n",
+            "pkg/c.py": "def f():\n    from .a import z\n",
+            "pkg/d.py": "from . import e\n",
+            "pkg/e.py": "import pkg.d\n",
+        },
+    )
     edges = import_edges(root)
     assert cycles(edges) == [["pkg.a", "pkg.b", "pkg.c", "pkg.a"], ["pkg.d", "pkg.e", "pkg.d"]]
     assert cycles([e for e in edges if not e.lazy]) == [["pkg.d", "pkg.e", "pkg.d"]]
@@ -187,6 +200,7 @@ def test_walker_finds_circles_module_level_and_lazy(tmp_path):
 
 
 # ---- the package ----------------------------------------------------------------------------------------
+
 
 def test_no_import_circle():
     """Function-level imports count too. Before issue 23 there was no circle at import time, but two groups
@@ -207,5 +221,8 @@ def test_nothing_imports_the_package_itself():
 def test_models_do_not_import_an_engine():
     """A model is built before, and without, any engine (export, transfer, a user's script)."""
     engine = f"{PACKAGE.name}.engine"
-    assert [str(e) for e in import_edges() if e.source.startswith(f"{PACKAGE.name}.models")
-            and (e.target == engine or e.target.startswith(engine + "."))] == []
+    assert [
+        str(e)
+        for e in import_edges()
+        if e.source.startswith(f"{PACKAGE.name}.models") and (e.target == engine or e.target.startswith(engine + "."))
+    ] == []

@@ -40,8 +40,7 @@ def write_counts(root, labels, n=48, per_shard=24):
 
 
 def streams(descriptor, y="json#/count", **data):
-    cfg = DataConfig(train=str(descriptor), sample={"x": "png", "y": y}, image="l", batch_size=8, num_workers=0,
-                     **data)
+    cfg = DataConfig(train=str(descriptor), sample={"x": "png", "y": y}, image="l", batch_size=8, num_workers=0, **data)
     return build_streams(cfg, seed=0, rank=0, world_size=1)
 
 
@@ -58,8 +57,9 @@ def test_a_number_in_a_json_member_is_the_target_and_its_type_says_the_task(tmp_
     s = streams(ints)
     y, count = first_labels(s)
     assert s.task == "classification" and y.dtype.is_floating_point is False and y.tolist() == count.tolist()
-    assert s.notes == ["data: task classification: the first training samples' labels (field y) are integers; set "
-                       "data.task to choose"]
+    assert s.notes == [
+        "data: task classification: the first training samples' labels (field y) are integers; set data.task to choose"
+    ]
     s = streams(ints, task="regression")
     assert s.task == "regression" and s.notes == [] and first_labels(s)[0].tolist() == first_labels(s)[1].tolist()
     floats = write_counts(tmp_path / "floats", lambda c: c / 2)
@@ -78,10 +78,28 @@ def test_a_count_regression_trains_from_the_config_alone(tmp_path, capsys):
     from dtrain.cli import main
 
     train = write_counts(tmp_path / "data", int, n=96)
-    assert main(["train", f"data.train={train}", f"data.val={train}", "data.sample={x: png, y: json#/count}",
-                 "data.image=l", "data.task=regression", "data.batch_size=16", "model.factory=mlp",
-                 "model.kwargs.hidden=[32]", "optim.lr=0.01", "train.epochs=6", f"run.dir={tmp_path / 'runs'}",
-                 "run.name=count", "log.progress=false", "run.doctor=false"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                f"data.train={train}",
+                f"data.val={train}",
+                "data.sample={x: png, y: json#/count}",
+                "data.image=l",
+                "data.task=regression",
+                "data.batch_size=16",
+                "model.factory=mlp",
+                "model.kwargs.hidden=[32]",
+                "optim.lr=0.01",
+                "train.epochs=6",
+                f"run.dir={tmp_path / 'runs'}",
+                "run.name=count",
+                "log.progress=false",
+                "run.doctor=false",
+            ]
+        )
+        == 0
+    )
     records = [json.loads(line) for line in (tmp_path / "runs/count/metrics.jsonl").read_text().splitlines()]
     vals = [r for r in records if "val/mae" in r]
     assert len(vals) == 6 and "val/acc" not in vals[-1] and vals[-1]["val/mse"] < vals[0]["val/mse"] / 4, vals
@@ -92,19 +110,38 @@ def sample(meta, key="k1", url="shard-7.tar"):
     return {"__key__": key, "__url__": url, "json": json.dumps(meta).encode()}
 
 
-@pytest.mark.parametrize("meta, message", [
-    ({"n": 3}, "data: sample 'k1' of shard-7.tar: its .json member has no /count for data.sample.y (at 'count' it "
-               "has keys n)"),
-    ({"count": "7"}, "data: sample 'k1' of shard-7.tar: /count of its .json member (data.sample.y) is \"7\", not a "
-                     "number"),
-    ({"count": None}, "data: sample 'k1' of shard-7.tar: /count of its .json member (data.sample.y) is null, not a "
-                      "number"),
-    ({"count": True}, "data: sample 'k1' of shard-7.tar: /count of its .json member (data.sample.y) is true, not a "
-                      "number"),
-    ([1, 2], "data: sample 'k1' of shard-7.tar: its .json member has no /count for data.sample.y (at 'count' it "
-             "has a list of 2)"),    ({"cuont": 3, "n": 1}, "data: sample 'k1' of shard-7.tar: its .json member has no /count for data.sample.y "
-                           "(at 'count' it has keys cuont, n; did you mean 'cuont'?)"),
-])
+@pytest.mark.parametrize(
+    "meta, message",
+    [
+        (
+            {"n": 3},
+            "data: sample 'k1' of shard-7.tar: its .json member has no /count for data.sample.y (at 'count' it "
+            "has keys n)",
+        ),
+        (
+            {"count": "7"},
+            "data: sample 'k1' of shard-7.tar: /count of its .json member (data.sample.y) is \"7\", not a number",
+        ),
+        (
+            {"count": None},
+            "data: sample 'k1' of shard-7.tar: /count of its .json member (data.sample.y) is null, not a number",
+        ),
+        (
+            {"count": True},
+            "data: sample 'k1' of shard-7.tar: /count of its .json member (data.sample.y) is true, not a number",
+        ),
+        (
+            [1, 2],
+            "data: sample 'k1' of shard-7.tar: its .json member has no /count for data.sample.y (at 'count' it "
+            "has a list of 2)",
+        ),
+        (
+            {"cuont": 3, "n": 1},
+            "data: sample 'k1' of shard-7.tar: its .json member has no /count for data.sample.y "
+            "(at 'count' it has keys cuont, n; did you mean 'cuont'?)",
+        ),
+    ],
+)
 def test_a_missing_or_non_number_field_is_one_line_naming_sample_shard_and_field(meta, message):
     with pytest.raises(DataError) as e:
         FieldMap({"y": "json#/count"})(sample(meta))
@@ -115,12 +152,29 @@ def test_a_missing_field_ends_training_in_one_line(tmp_path, capsys):
     from dtrain.cli import main
 
     train = write_counts(tmp_path / "data", int)
-    assert main(["train", f"data.train={train}", "data.sample={x: png, y: json#/total}", "data.image=l",
-                 "data.task=regression", "data.batch_size=8", "model.factory=mlp", "train.max_steps=2",
-                 f"run.dir={tmp_path / 'runs'}", "log.progress=false", "run.doctor=false"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                f"data.train={train}",
+                "data.sample={x: png, y: json#/total}",
+                "data.image=l",
+                "data.task=regression",
+                "data.batch_size=8",
+                "model.factory=mlp",
+                "train.max_steps=2",
+                f"run.dir={tmp_path / 'runs'}",
+                "log.progress=false",
+                "run.doctor=false",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith(f"dtrain: error: data: sample 's0-000' of {tmp_path / 'data/train-0.tar'}: its .json "
-                              "member has no /total for data.sample.y (at 'total' it has keys count, boxes, a/b)"), err
+    assert err[-1].startswith(
+        f"dtrain: error: data: sample 's0-000' of {tmp_path / 'data/train-0.tar'}: its .json "
+        "member has no /total for data.sample.y (at 'total' it has keys count, boxes, a/b)"
+    ), err
 
 
 def test_the_syntax_cannot_be_taken_for_extensions():
@@ -129,6 +183,9 @@ def test_the_syntax_cannot_be_taken_for_extensions():
     assert fields.fields == {"x": ["jpg", "seg.png"], "y": ["json", "json.gz"]}
     assert fields.pointers == {"y": ["labels", "0"]}
     assert FieldMap({"y": "json"})({"__key__": "k", "json": b'{"count": 7}'}) == {"y": {"count": 7}}
-    with pytest.raises(ConfigError, match=r"^config: data.sample.y: 'json#count': after '#' comes a JSON pointer "
-                                          r"starting with '/', e.g. y: 'json#/count'$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^config: data.sample.y: 'json#count': after '#' comes a JSON pointer "
+        r"starting with '/', e.g. y: 'json#/count'$",
+    ):
         FieldMap({"y": "json#count"})

@@ -16,11 +16,29 @@ from dtrain.data.datasets import digits
 from dtrain.data.shards import write_shards
 from dtrain.dist import Launch, LaunchError, detect, parse_nodelist
 
-TORCHRUN = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1",
-            "GROUP_WORLD_SIZE": "2", "MASTER_ADDR": "node01", "MASTER_PORT": "29500"}
-SRUN = {"SLURM_JOB_ID": "123456", "SLURM_STEP_ID": "0", "SLURM_PROCID": "3", "SLURM_LOCALID": "1",
-        "SLURM_NODEID": "1", "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "4", "SLURM_STEP_NUM_NODES": "2",
-        "SLURM_STEP_TASKS_PER_NODE": "2(x2)", "SLURM_STEP_NODELIST": "gpu[07-08]", "SLURM_JOB_NODELIST": "gpu[07-08]"}
+TORCHRUN = {
+    "RANK": "3",
+    "WORLD_SIZE": "4",
+    "LOCAL_RANK": "1",
+    "LOCAL_WORLD_SIZE": "2",
+    "GROUP_RANK": "1",
+    "GROUP_WORLD_SIZE": "2",
+    "MASTER_ADDR": "node01",
+    "MASTER_PORT": "29500",
+}
+SRUN = {
+    "SLURM_JOB_ID": "123456",
+    "SLURM_STEP_ID": "0",
+    "SLURM_PROCID": "3",
+    "SLURM_LOCALID": "1",
+    "SLURM_NODEID": "1",
+    "SLURM_NTASKS": "4",
+    "SLURM_STEP_NUM_TASKS": "4",
+    "SLURM_STEP_NUM_NODES": "2",
+    "SLURM_STEP_TASKS_PER_NODE": "2(x2)",
+    "SLURM_STEP_NODELIST": "gpu[07-08]",
+    "SLURM_JOB_NODELIST": "gpu[07-08]",
+}
 
 
 def without(env: dict, *names: str) -> dict:
@@ -34,8 +52,9 @@ def test_nothing_set_is_single():
 
 
 def test_torchrun_variables():
-    assert detect(TORCHRUN) == Launch("torchrun", 3, 1, 4, node_rank=1, num_nodes=2, local_world_size=2,
-                                      master_addr="node01", master_port=29500)
+    assert detect(TORCHRUN) == Launch(
+        "torchrun", 3, 1, 4, node_rank=1, num_nodes=2, local_world_size=2, master_addr="node01", master_port=29500
+    )
 
 
 def test_hand_set_variables_without_local_rank():
@@ -44,19 +63,22 @@ def test_hand_set_variables_without_local_rank():
     assert got.num_nodes is None  # layout unknown; the launch line leaves it out
 
 
-@pytest.mark.parametrize("env, message", [
-    ({"WORLD_SIZE": "2"}, "WORLD_SIZE set but RANK, MASTER_ADDR, MASTER_PORT missing"),
-    (without(TORCHRUN, "MASTER_PORT"), "MASTER_PORT missing"),
-    ({**TORCHRUN, "RANK": "4"}, "RANK=4 is outside WORLD_SIZE=4"),
-    ({**TORCHRUN, "RANK": "-1"}, "RANK=-1 is outside WORLD_SIZE=4"),
-    ({**TORCHRUN, "WORLD_SIZE": "0", "RANK": "0"}, "WORLD_SIZE=0 must be at least 1"),
-    ({**TORCHRUN, "RANK": "two"}, "RANK='two' is not an integer"),
-    ({**TORCHRUN, "LOCAL_RANK": "2"}, "LOCAL_RANK=2 is outside LOCAL_WORLD_SIZE=2"),
-    ({**TORCHRUN, "MASTER_PORT": "70000"}, "MASTER_PORT='70000' is not a TCP port"),
-    ({**SRUN, "SLURM_PROCID": "4"}, "SLURM_PROCID=4 is outside the step's 4 tasks"),
-    (without(SRUN, "SLURM_LOCALID"), "start tasks with srun"),
-    (without(SRUN, "SLURM_STEP_ID", "SLURM_STEP_NUM_TASKS"), "SLURM batch script with SLURM_NTASKS=4"),
-])
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"WORLD_SIZE": "2"}, "WORLD_SIZE set but RANK, MASTER_ADDR, MASTER_PORT missing"),
+        (without(TORCHRUN, "MASTER_PORT"), "MASTER_PORT missing"),
+        ({**TORCHRUN, "RANK": "4"}, "RANK=4 is outside WORLD_SIZE=4"),
+        ({**TORCHRUN, "RANK": "-1"}, "RANK=-1 is outside WORLD_SIZE=4"),
+        ({**TORCHRUN, "WORLD_SIZE": "0", "RANK": "0"}, "WORLD_SIZE=0 must be at least 1"),
+        ({**TORCHRUN, "RANK": "two"}, "RANK='two' is not an integer"),
+        ({**TORCHRUN, "LOCAL_RANK": "2"}, "LOCAL_RANK=2 is outside LOCAL_WORLD_SIZE=2"),
+        ({**TORCHRUN, "MASTER_PORT": "70000"}, "MASTER_PORT='70000' is not a TCP port"),
+        ({**SRUN, "SLURM_PROCID": "4"}, "SLURM_PROCID=4 is outside the step's 4 tasks"),
+        (without(SRUN, "SLURM_LOCALID"), "start tasks with srun"),
+        (without(SRUN, "SLURM_STEP_ID", "SLURM_STEP_NUM_TASKS"), "SLURM batch script with SLURM_NTASKS=4"),
+    ],
+)
 def test_wrong_variables_are_one_line_errors(env, message):
     with pytest.raises(LaunchError, match="^launcher: ") as e:
         detect(env, expand=parse_nodelist)
@@ -65,8 +87,17 @@ def test_wrong_variables_are_one_line_errors(env, message):
 
 def test_srun_one_task_per_device():
     got = detect(SRUN, expand=parse_nodelist)
-    assert got == Launch("slurm", 3, 1, 4, node_rank=1, num_nodes=2, local_world_size=2,
-                         master_addr="gpu07", master_port=20000 + 123456 % 20000)
+    assert got == Launch(
+        "slurm",
+        3,
+        1,
+        4,
+        node_rank=1,
+        num_nodes=2,
+        local_world_size=2,
+        master_addr="gpu07",
+        master_port=20000 + 123456 % 20000,
+    )
     # exported MASTER_ADDR / MASTER_PORT win over the node list and the job id
     got = detect({**SRUN, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29501"}, expand=parse_nodelist)
     assert (got.master_addr, got.master_port) == ("10.0.0.1", 29501)
@@ -84,14 +115,17 @@ def test_single_slurm_task_and_one_task_batch_script_are_single():
     assert detect(batch).mode == "single"
 
 
-@pytest.mark.parametrize("nodelist, hosts", [
-    ("node01", ["node01"]),
-    ("gpu[03-05,07],cpu1", ["gpu03", "gpu04", "gpu05", "gpu07", "cpu1"]),
-    ("n[8-10]", ["n8", "n9", "n10"]),
-    ("n[08-10]", ["n08", "n09", "n10"]),
-    ("rack[1-2]-node[1,3]", ["rack1-node1", "rack1-node3", "rack2-node1", "rack2-node3"]),
-    ("a-b.c,d[1]", ["a-b.c", "d1"]),
-])
+@pytest.mark.parametrize(
+    "nodelist, hosts",
+    [
+        ("node01", ["node01"]),
+        ("gpu[03-05,07],cpu1", ["gpu03", "gpu04", "gpu05", "gpu07", "cpu1"]),
+        ("n[8-10]", ["n8", "n9", "n10"]),
+        ("n[08-10]", ["n08", "n09", "n10"]),
+        ("rack[1-2]-node[1,3]", ["rack1-node1", "rack1-node3", "rack2-node1", "rack2-node3"]),
+        ("a-b.c,d[1]", ["a-b.c", "d1"]),
+    ],
+)
 def test_parse_nodelist(nodelist, hosts):
     assert parse_nodelist(nodelist) == hosts
 
@@ -130,8 +164,10 @@ def test_roll_call_names_the_ranks_that_do_not_answer_or_the_stores_host():
     """After a failed collective each rank answers on the shared store: the silent ones are named; a store
     nobody answers at names its host; all present, or nothing learned, is no answer (the guard's old text)."""
     import datetime
-    store = torch.distributed.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False,
-                                       timeout=datetime.timedelta(seconds=5))
+
+    store = torch.distributed.TCPStore(
+        "127.0.0.1", 0, 1, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=5)
+    )
     store.set("dtrain/alive/a/2", "1")  # rank 2 already answered
     store.add("dtrain/alive/a/count", 1)
     call = dist.RollCall()
@@ -187,30 +223,44 @@ def script(name: str, *args: str, cwd, env: dict | None = None, timeout: float =
     cmd = ["bash", str(REPO / "launch" / name), *args]
     env = _env({"PYTHON": sys.executable, **(env or {})})
     if background:
-        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                stdin=subprocess.DEVNULL)
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+        return subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL
+        )
+    return subprocess.run(
+        cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+    )
 
 
 def test_single_node_script_starts_n_cpu_ranks(tmp_path, data_root):
-    proc = script("single_node.sh", "2", "--", "train", f"data.root={data_root}", "train.epochs=1",
-                  "log.progress=false", cwd=tmp_path)
+    proc = script(
+        "single_node.sh",
+        "2",
+        "--",
+        "train",
+        f"data.root={data_root}",
+        "train.epochs=1",
+        "log.progress=false",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "+ " in proc.stderr and "-m dtrain launch --nproc-per-node 2 --max-restarts 0 train" in proc.stderr
     assert "launch: 2 worker(s) per node" in proc.stderr  # dtrain launch's line; the workers' in their logs
-    assert "launch: torchrun, world_size=2, backend=gloo, device=cpu, nodes=1, ranks_per_node=2" in \
-        (tmp_path / "runs" / "digits" / "logs" / "rank-0.log").read_text()
+    assert (
+        "launch: torchrun, world_size=2, backend=gloo, device=cpu, nodes=1, ranks_per_node=2"
+        in (tmp_path / "runs" / "digits" / "logs" / "rank-0.log").read_text()
+    )
     assert result_of(proc)["stop_reason"] == "completed"
 
 
 def test_scripts_run_dtrain_train_or_a_script_of_your_own(tmp_path):
     """Arguments after `--` go to `dtrain train`, or, when the first is a .py file, to that script through
     `dtrain launch` (PYTHON=echo prints the command the script would run)."""
+
     def ran(*args):
         proc = script(*args, cwd=tmp_path, env={"PYTHON": "echo"})
         assert proc.returncode == 0, proc.stderr
         return proc.stdout.strip()
+
     single = "-m dtrain launch --nproc-per-node 2 --max-restarts 0"
     assert ran("single_node.sh", "2", "--", "lr=1") == f"{single} train lr=1"
     assert ran("single_node.sh", "2", "--", "train", "lr=1") == f"{single} train lr=1"
@@ -222,8 +272,14 @@ def test_scripts_run_dtrain_train_or_a_script_of_your_own(tmp_path):
 
 
 def test_debug_script_runs_one_process_even_under_launcher_variables(tmp_path, data_root):
-    proc = script("debug.sh", "--", f"data.root={data_root}", "train.debug_steps=2", cwd=tmp_path,
-                  env={"RANK": "1", "WORLD_SIZE": "2"})
+    proc = script(
+        "debug.sh",
+        "--",
+        f"data.root={data_root}",
+        "train.debug_steps=2",
+        cwd=tmp_path,
+        env={"RANK": "1", "WORLD_SIZE": "2"},
+    )
     assert proc.returncode == 0, proc.stderr
     assert "-m dtrain train --debug" in proc.stderr.splitlines()[0]
     assert "launch: single" in proc.stderr and result_of(proc)["step"] == 2
@@ -246,33 +302,65 @@ def full_batch_data(tmp_path_factory):
     splits, meta = digits()
     x, y = splits["train"]
     root = tmp_path_factory.mktemp("fullbatch") / "d"
-    write_shards(root, {"train": (x[:256], y[:256]), "val": (x[256:384], y[256:384]),
-                        "test": (x[384:512], y[384:512])}, meta, shard_size=64)
+    write_shards(
+        root,
+        {"train": (x[:256], y[:256]), "val": (x[256:384], y[256:384]), "test": (x[384:512], y[384:512])},
+        meta,
+        shard_size=64,
+    )
     return root
 
 
 @pytest.mark.multiproc
 def test_two_nodes_on_loopback_match_one_node(tmp_path, full_batch_data):
-    args = [f"data.dataset=folder:{full_batch_data}", "data.batch_size=128", "data.shuffle_buffer=0",
-            "train.epochs=8", "optim.lr=0.01", "model.kwargs.dropout=0", "log.progress=false",
-            "train.log_every=1"]
+    args = [
+        f"data.dataset=folder:{full_batch_data}",
+        "data.batch_size=128",
+        "data.shuffle_buffer=0",
+        "train.epochs=8",
+        "optim.lr=0.01",
+        "model.kwargs.dropout=0",
+        "log.progress=false",
+        "train.log_every=1",
+    ]
     one = run_ranks(2, ["train", *args, "run.name=one"], tmp_path)  # ranks as torchrun's on one node
     assert "launch: torchrun, world_size=2, backend=gloo, device=cpu, nodes=1, ranks_per_node=2" in one.stderr
 
     head = f"127.0.0.1:{free_port()}"
-    nodes = [script("multi_node.sh", "--nnodes", "2", "--node-rank", str(r), "--head", head, "--nproc", "1",
-                    "--run-id", "loopback", "--", *args, "run.name=two", cwd=tmp_path, background=True)
-             for r in (0, 1)]
+    nodes = [
+        script(
+            "multi_node.sh",
+            "--nnodes",
+            "2",
+            "--node-rank",
+            str(r),
+            "--head",
+            head,
+            "--nproc",
+            "1",
+            "--run-id",
+            "loopback",
+            "--",
+            *args,
+            "run.name=two",
+            cwd=tmp_path,
+            background=True,
+        )
+        for r in (0, 1)
+    ]
     outs = [p.communicate(timeout=240) for p in nodes]
     for p, (out, err) in zip(nodes, outs):
         assert p.returncode == 0, err
         assert "-m dtrain launch --nnodes 2 --nproc-per-node 1 --rdzv-endpoint " + head in err
-    assert "launch: torchrun, world_size=2, backend=gloo, device=cpu, nodes=2, ranks_per_node=1" in \
-        (tmp_path / "runs" / "two" / "logs" / "rank-0.log").read_text()
+    assert (
+        "launch: torchrun, world_size=2, backend=gloo, device=cpu, nodes=2, ranks_per_node=1"
+        in (tmp_path / "runs" / "two" / "logs" / "rank-0.log").read_text()
+    )
 
     a, b = final_params(tmp_path / "runs" / "one"), final_params(tmp_path / "runs" / "two")
-    assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a), \
-        max((a[k] - b[k]).abs().max().item() for k in a)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a), max(
+        (a[k] - b[k]).abs().max().item() for k in a
+    )
     loss_one = [r["loss"] for r in metrics_of(tmp_path / "runs" / "one") if "loss" in r]
     loss_two = [r["loss"] for r in metrics_of(tmp_path / "runs" / "two") if "loss" in r]
     assert np.allclose(loss_one, loss_two, atol=1e-5) and loss_one[-1] < loss_one[0]

@@ -16,8 +16,19 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import (REPO, _env, free_port, latest_logged_step, result_of, run_dtrain, run_torchrun, start,
-                      torchrun_cmd, wait_for, workers)
+from conftest import (
+    REPO,
+    _env,
+    free_port,
+    latest_logged_step,
+    result_of,
+    run_dtrain,
+    run_torchrun,
+    start,
+    torchrun_cmd,
+    wait_for,
+    workers,
+)
 from dtrain import launcher, worker
 from test_faults import RESUME_ARGS, assert_same_as_straight
 
@@ -27,8 +38,15 @@ def launch_cmd(nproc: int, args: list[str], extra: list[str] = ()) -> list[str]:
 
 
 def launch(nproc: int, args: list[str], cwd, extra: list[str] = (), timeout: float = 300):
-    return subprocess.run(launch_cmd(nproc, args, extra), cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env=_env(), stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        launch_cmd(nproc, args, extra),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_env(),
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def launched_workers(tag: str) -> dict[int, int]:
@@ -44,16 +62,21 @@ def test_bad_config_is_one_line_before_any_worker_starts(tmp_path):
     assert not (tmp_path / "runs").exists()  # nothing started, nothing written
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["launch"], "give a dtrain command or a script"),
-    (["launch", "nosuch.py"], "neither a dtrain command"),
-    (["launch", "--nnodes", "2:1", "train"], "--nnodes '2:1' is not N or MIN:MAX"),
-    (["launch", "--nnodes", "2", "train"], "needs --rdzv-endpoint"),
-    (["launch", "--nproc-per-node", "0", "train"], "--nproc-per-node must be >= 1"),
-    (["launch", "--rdzv-timeout", "0", "train"], "--rdzv-timeout > 0"),
-    (["launch", "--nnodes", "2", "--rdzv-endpoint", "127.0.0.1:1", "--rdzv-conf", "join_timeout=soon", "train"],
-     "--rdzv-conf join_timeout=soon is not a whole number of seconds"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["launch"], "give a dtrain command or a script"),
+        (["launch", "nosuch.py"], "neither a dtrain command"),
+        (["launch", "--nnodes", "2:1", "train"], "--nnodes '2:1' is not N or MIN:MAX"),
+        (["launch", "--nnodes", "2", "train"], "needs --rdzv-endpoint"),
+        (["launch", "--nproc-per-node", "0", "train"], "--nproc-per-node must be >= 1"),
+        (["launch", "--rdzv-timeout", "0", "train"], "--rdzv-timeout > 0"),
+        (
+            ["launch", "--nnodes", "2", "--rdzv-endpoint", "127.0.0.1:1", "--rdzv-conf", "join_timeout=soon", "train"],
+            "--rdzv-conf join_timeout=soon is not a whole number of seconds",
+        ),
+    ],
+)
 def test_bad_launch_arguments_are_one_line(tmp_path, argv, message):
     proc = run_dtrain(argv, tmp_path, check=False)
     assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
@@ -66,13 +89,17 @@ def failure(exitcode, message="", error_file="/e.json"):
 def test_failure_lines_and_exit_codes(tmp_path, capsys):
     logs = tmp_path / "logs"
     # the first failure the agent saw is the cause, whatever the ranks it stopped afterwards wrote
-    code = launcher._report_failure({1: failure(2, "dtrain: error: data: no shards"),
-                                     0: failure(-15, "dtrain: error: data: no shards")}, logs, 0)
+    code = launcher._report_failure(
+        {1: failure(2, "dtrain: error: data: no shards"), 0: failure(-15, "dtrain: error: data: no shards")}, logs, 0
+    )
     err = capsys.readouterr().err
-    assert code == 2 and err.splitlines() == [f"dtrain: error: data: no shards (rank 1 on {os.uname().nodename}, "
-                                              f"log {logs}/rank-1.log)"]
-    crash = {"message": "RuntimeError: boom", "extraInfo": {"py_callstack": "Traceback (most recent call last):\n"
-                                                                            "RuntimeError: boom\n", "timestamp": "1"}}
+    assert code == 2 and err.splitlines() == [
+        f"dtrain: error: data: no shards (rank 1 on {os.uname().nodename}, log {logs}/rank-1.log)"
+    ]
+    crash = {
+        "message": "RuntimeError: boom",
+        "extraInfo": {"py_callstack": "Traceback (most recent call last):\nRuntimeError: boom\n", "timestamp": "1"},
+    }
     assert launcher._report_failure({1: failure(1, crash)}, logs, 1) == 1
     err = capsys.readouterr().err.splitlines()
     assert err[0] == "Traceback (most recent call last):" and err.count("RuntimeError: boom") == 1  # printed once
@@ -80,8 +107,10 @@ def test_failure_lines_and_exit_codes(tmp_path, capsys):
     assert launcher._report_failure({0: failure(-9, "", "<N/A>")}, logs, 0) == 1
     assert "worker failed: killed by SIGKILL (rank 0" in capsys.readouterr().err
     assert launcher._report_failure({0: failure(75, "")}, logs, 0) == 75
-    handled = {"message": "dtrain: error: dist: gradient all-reduce failed", "extraInfo": {
-        "py_callstack": "dtrain: error: dist: gradient all-reduce failed", "timestamp": "1"}}
+    handled = {
+        "message": "dtrain: error: dist: gradient all-reduce failed",
+        "extraInfo": {"py_callstack": "dtrain: error: dist: gradient all-reduce failed", "timestamp": "1"},
+    }
     capsys.readouterr()
     assert launcher._report_failure({1: failure(1, handled)}, logs, 0) == 1
     assert capsys.readouterr().err.count("gradient all-reduce failed") == 1  # its line, once, no traceback
@@ -90,16 +119,23 @@ def test_failure_lines_and_exit_codes(tmp_path, capsys):
 def test_a_crash_every_rank_meets_is_printed_once(tmp_path, capsys):
     """Rank 0's traceback is on the terminal already (its output is): the cause's, rank 1's, is printed only
     when it is another crash (seen: a model that fails on every rank, its traceback twice, 95 lines)."""
+
     def crash(rank, where="c.py", line=7):
-        stack = (f'Traceback (most recent call last):\n  File "{where}", line {line}, in model\n    raise ValueError\n'
-                 f"ValueError: boom on rank {rank}\n")
+        stack = (
+            f'Traceback (most recent call last):\n  File "{where}", line {line}, in model\n    raise ValueError\n'
+            f"ValueError: boom on rank {rank}\n"
+        )
         return {"message": f"ValueError: boom on rank {rank}", "extraInfo": {"py_callstack": stack, "timestamp": "1"}}
+
     logs = tmp_path / "logs"
     assert launcher._report_failure({1: failure(1, crash(1)), 0: failure(1, crash(0))}, logs, 0) == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.splitlines() == [
-        (f"dtrain: error: launch: worker failed: ValueError: boom on rank 1 (rank 1 on {os.uname().nodename}, "
-         f"log {logs}/rank-1.log)")]
+        (
+            f"dtrain: error: launch: worker failed: ValueError: boom on rank 1 (rank 1 on {os.uname().nodename}, "
+            f"log {logs}/rank-1.log)"
+        )
+    ]
     # rank 0 failed elsewhere (its peer's loss, seen in a collective): the cause's traceback is news
     assert launcher._report_failure({1: failure(1, crash(1)), 0: failure(1, crash(0, "dist.py", 9))}, logs, 0) == 1
     assert capsys.readouterr().err.count("Traceback") == 1
@@ -109,9 +145,26 @@ def test_the_resume_command_of_a_node_is_its_own_launch_command():
     """The summary's command that goes on (DTRAIN_LAUNCH_COMMAND) keeps every option that changes how the node
     joins: without --rdzv-conf is_host=1 the node that hosts the store would not host it again."""
     from dtrain.cli import parse_args
-    argv = ["launch", "--nproc-per-node", "1", "--nnodes", "2", "--rdzv-endpoint", "127.0.0.1:29400",
-            "--rdzv-conf", "is_host=1,last_call_timeout=5", "--rdzv-timeout", "60", "--max-restarts", "1",
-            "--stop-timeout", "30", "train", "run.name=r"]
+
+    argv = [
+        "launch",
+        "--nproc-per-node",
+        "1",
+        "--nnodes",
+        "2",
+        "--rdzv-endpoint",
+        "127.0.0.1:29400",
+        "--rdzv-conf",
+        "is_host=1,last_call_timeout=5",
+        "--rdzv-timeout",
+        "60",
+        "--max-restarts",
+        "1",
+        "--stop-timeout",
+        "30",
+        "train",
+        "run.name=r",
+    ]
     command = launcher._command(parse_args(argv), 1)
     assert command[:2] == ["dtrain", "launch"] and "--rdzv-conf" in command
     again = parse_args(command[1:])
@@ -122,6 +175,7 @@ def test_a_script_whose_config_fails_keeps_its_logs_under_its_run_name(tmp_path)
     """A script's arguments with a mistake in them (its workers say it, exit 2) still name the run: the launcher
     puts the logs, and its error line names them, under runs/<run.name>/logs, not runs/<script>/logs."""
     from dtrain.cli import build_parser
+
     script = tmp_path / "train.py"
     script.write_text("import dtrain\ndtrain.main()\n")
     for mistake in ("optim.lr=fast", "nosuch=1"):  # (optim.nosuch=1 is the launcher's own line: test_cli_fast)
@@ -135,8 +189,12 @@ def test_commands_that_read_a_checkpoint_log_outside_any_run():
     """`dtrain launch ... eval|predict|export --checkpoint runs/x`: their overrides name no run of theirs; the
     launcher put their rank logs in the default run name's runs/digits/logs (found walking the docs)."""
     from dtrain.cli import build_parser
-    for command in (["eval", "--checkpoint", "runs/x"], ["export", "--checkpoint", "runs/x", "--out", "m.pt"],
-                    ["predict", "--checkpoint", "runs/x", "--data", "d.json", "--out", "p", "data.root=r"]):
+
+    for command in (
+        ["eval", "--checkpoint", "runs/x"],
+        ["export", "--checkpoint", "runs/x", "--out", "m.pt"],
+        ["predict", "--checkpoint", "runs/x", "--data", "d.json", "--out", "p", "data.root=r"],
+    ):
         _, run_dir, note = launcher._resolve(command, build_parser())
         assert run_dir == Path("runs") / "launch" and "no run directory" in note, command
     _, run_dir, _ = launcher._resolve(["train", "run.name=mine"], build_parser())
@@ -149,10 +207,14 @@ def test_a_stall_is_blamed_only_for_a_rank_that_gave_up_waiting():
     a SIGKILLed rank 1 was reported as rank 0 "stuck in uninterruptible I/O")."""
     host = os.uname().nodename
     stalls = {0: (100.0, "D", 16), 2: (101.0, "T", None), 3: (104.5, "T", 17)}
-    assert launcher.stall_to_blame(stalls, 1, 1, 105.0) == \
-        f"rank 0 on {host} stalled: stuck in uninterruptible I/O for 5 s, since step 16"  # the longest
-    assert launcher.stall_to_blame({2: (101.0, "T", None)}, 1, 1, 105.0) == \
-        f"rank 2 on {host} stalled: stopped (SIGSTOP or a debugger) for 4 s, since step ?"
+    assert (
+        launcher.stall_to_blame(stalls, 1, 1, 105.0)
+        == f"rank 0 on {host} stalled: stuck in uninterruptible I/O for 5 s, since step 16"
+    )  # the longest
+    assert (
+        launcher.stall_to_blame({2: (101.0, "T", None)}, 1, 1, 105.0)
+        == f"rank 2 on {host} stalled: stopped (SIGSTOP or a debugger) for 4 s, since step ?"
+    )
     for exitcode in (-9, 2, 75, 0):  # killed, a user error, interrupted: the failed rank is the cause
         assert launcher.stall_to_blame(stalls, 1, exitcode, 105.0) is None
     assert launcher.stall_to_blame({1: (100.0, "T", 3)}, 1, 1, 105.0) is None  # not itself
@@ -173,7 +235,10 @@ def test_handled_errors_go_into_torchs_error_file_as_their_line(tmp_path, monkey
     monkeypatch.setenv(worker.LOG_DIR_ENV, str(tmp_path / "logs"))
     (tmp_path / "logs").mkdir()
     worker.report_error("config: bad", quiet=True)  # under dtrain launch: in the rank's log, not the terminal
-    assert capsys.readouterr().err == "" and (tmp_path / "logs" / "rank-1.log").read_text() == "dtrain: error: config: bad\n"
+    assert (
+        capsys.readouterr().err == ""
+        and (tmp_path / "logs" / "rank-1.log").read_text() == "dtrain: error: config: bad\n"
+    )
 
 
 # ---- real processes ------------------------------------------------------------------------------
@@ -181,8 +246,9 @@ def test_handled_errors_go_into_torchs_error_file_as_their_line(tmp_path, monkey
 def test_user_error_on_two_ranks_is_one_line_and_exit_2(tmp_path, data_root):
     """An error only the workers can see (a model factory's import: a wrong data.sample field is now the
     launcher's own line before any worker, tests/test_cli_fast.py)."""
-    proc = launch(2, ["train", f"data.root={data_root}", "model.factory=nosuch:Net", "log.progress=false",
-                      "run.name=u"], tmp_path)
+    proc = launch(
+        2, ["train", f"data.root={data_root}", "model.factory=nosuch:Net", "log.progress=false", "run.name=u"], tmp_path
+    )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("launch: 2 worker(s) per node"), proc.stderr
@@ -235,7 +301,9 @@ def test_killed_worker_restarts_from_the_newest_checkpoint(tmp_path, straight):
     assert len(restarts) == 1 and "rank 1 on" in restarts[0] and "killed by SIGKILL" in restarts[0], err
     assert "all workers resume from step 12" in restarts[0] or "all workers resume from step 16" in restarts[0], err
     got, want = result_of(subprocess.CompletedProcess([], 0, out, "")), straight[1]
-    assert {k: v for k, v in got.items() if k.startswith("test/")} == {k: v for k, v in want.items() if k.startswith("test/")}
+    assert {k: v for k, v in got.items() if k.startswith("test/")} == {
+        k: v for k, v in want.items() if k.startswith("test/")
+    }
     assert_same_as_straight(run, straight[0])
 
 
@@ -246,8 +314,14 @@ def test_killed_launcher_takes_its_workers_along(tmp_path, data_root, via):
     as orphans after a SIGKILL of the launcher. They get SIGTERM instead, save and end."""
     tag = uuid.uuid4().hex
     run = tmp_path / "runs" / "o"
-    args = ["train", f"data.root={data_root}", "train.epochs=50", "log.progress=false", "train.log_every=1",
-            "run.name=o"]
+    args = [
+        "train",
+        f"data.root={data_root}",
+        "train.epochs=50",
+        "log.progress=false",
+        "train.log_every=1",
+        "run.name=o",
+    ]
     proc = start(launch_cmd(2, args) if via == "dtrain launch" else torchrun_cmd(2, args), tmp_path, tag)
     find = launched_workers if via == "dtrain launch" else workers
     wait_for(lambda: latest_logged_step(run) >= 3, what="step 3")
@@ -261,8 +335,12 @@ def test_killed_launcher_takes_its_workers_along(tmp_path, data_root, via):
 
 @pytest.mark.multiproc
 def test_under_torchrun_an_error_every_rank_meets_is_one_line_and_names_itself_in_the_summary(tmp_path, data_root):
-    proc = run_torchrun(2, ["train", f"data.root={data_root}", "data.sample.input=nosuch.png", "log.progress=false"],
-                        tmp_path, check=False)
+    proc = run_torchrun(
+        2,
+        ["train", f"data.root={data_root}", "data.sample.input=nosuch.png", "log.progress=false"],
+        tmp_path,
+        check=False,
+    )
     assert proc.returncode != 0  # torchrun's own: 1
     said = [l for l in proc.stderr.splitlines() if l.startswith("dtrain: error:")]
     assert len(said) == 1 and "no .nosuch.png member" in said[0], proc.stderr
@@ -270,23 +348,49 @@ def test_under_torchrun_an_error_every_rank_meets_is_one_line_and_names_itself_i
     assert "traceback : dtrain: error: data: " in proc.stderr and 'File "' not in proc.stderr.split("dtrain FAILED")[1]
 
 
-def elastic_node(cwd, target: list[str], endpoint: str, is_host: bool, extra: list[str] = (),
-                 env: dict | None = None, last_call_s: int = 5) -> subprocess.Popen:
+def elastic_node(
+    cwd,
+    target: list[str],
+    endpoint: str,
+    is_host: bool,
+    extra: list[str] = (),
+    env: dict | None = None,
+    last_call_s: int = 5,
+) -> subprocess.Popen:
     """One "node": `dtrain launch --nnodes 1:2` with one worker, on the c10d rendezvous at `endpoint` (this
     machine, 127.0.0.1), in a process group of its own (a node lost: os.killpg)."""
-    rdzv = ["--nnodes", "1:2", "--rdzv-endpoint", endpoint, "--rdzv-id", "e",
-            "--rdzv-conf", f"is_host={int(is_host)},last_call_timeout={last_call_s}"]
-    return subprocess.Popen(launch_cmd(1, target, [*rdzv, *extra]),
-                            cwd=cwd, env=_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+    rdzv = [
+        "--nnodes",
+        "1:2",
+        "--rdzv-endpoint",
+        endpoint,
+        "--rdzv-id",
+        "e",
+        "--rdzv-conf",
+        f"is_host={int(is_host)},last_call_timeout={last_call_s}",
+    ]
+    return subprocess.Popen(
+        launch_cmd(1, target, [*rdzv, *extra]),
+        cwd=cwd,
+        env=_env(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 def elastic_args(data_root, batch_size: int = 48) -> list[str]:
     """test_elastic's run (13 steps of a global batch 96 per epoch, 2 epochs, sample keys logged), checkpoints
     every 3 steps; `batch_size` per rank."""
     from test_elastic import ARGS
+
     return [a for a in ARGS if not a.startswith("data.batch_size=")] + [
-        f"data.batch_size={batch_size}", f"data.root={data_root}", "checkpoint.every=3"]
+        f"data.batch_size={batch_size}",
+        f"data.root={data_root}",
+        "checkpoint.every=3",
+    ]
 
 
 @pytest.mark.slow
@@ -297,15 +401,28 @@ def test_elastic_two_nodes_lose_one_and_finish_on_the_other(tmp_path, data_root,
     agent re-forms alone and resumes on 1 rank through dtrain's elastic resume: the interrupted epoch reads
     every sample of the uninterrupted 2-rank run's epoch once, the next epoch is a full one."""
     from test_elastic import STEPS_PER_EPOCH, epoch_keys
+
     args = elastic_args(data_root)  # the reference's run, checkpointing every 3 steps (the same samples)
     endpoint = f"127.0.0.1:{free_port()}"
     run = tmp_path / "runs" / "e"
     tags = {node: uuid.uuid4().hex for node in "AB"}
-    nodes = {node: elastic_node(tmp_path, args + ["run.name=e"], endpoint, node == "A", ["--max-restarts", "2"],
-                                {"DTRAIN_TEST_TAG": tags[node]}) for node in "AB"}
+    nodes = {
+        node: elastic_node(
+            tmp_path,
+            args + ["run.name=e"],
+            endpoint,
+            node == "A",
+            ["--max-restarts", "2"],
+            {"DTRAIN_TEST_TAG": tags[node]},
+        )
+        for node in "AB"
+    }
     try:
-        wait_for(lambda: latest_logged_step(run) >= 7 and launcher.newest_checkpoint_step(run), timeout=240,
-                 what="step 7 on two nodes")
+        wait_for(
+            lambda: latest_logged_step(run) >= 7 and launcher.newest_checkpoint_step(run),
+            timeout=240,
+            what="step 7 on two nodes",
+        )
         assert "world_size=2" in (run / "logs" / "rank-0.log").read_text()
         lost = launched_workers(tags["B"])
         os.killpg(nodes["B"].pid, signal.SIGKILL)
@@ -334,6 +451,7 @@ def test_elastic_node_that_joins_is_taken_in_at_the_next_re_formation(tmp_path, 
     through dtrain's elastic resume: the interrupted epoch reads the 1-rank run's samples once each, the next
     is a full 2-rank epoch. (Joins need a store per re-formation: see _run_agent.)"""
     from test_elastic import STEPS_PER_EPOCH, epoch_keys
+
     args = elastic_args(data_root, batch_size=96)  # 1 rank, then 2 of 48: the same global batch throughout
     run_dtrain(args + ["run.name=straight"], tmp_path)  # the 1-rank reference, in this process
     endpoint = f"127.0.0.1:{free_port()}"
@@ -358,7 +476,7 @@ def test_elastic_node_that_joins_is_taken_in_at_the_next_re_formation(tmp_path, 
     assert sum(epoch_keys(run, 1).values()) == 96 * STEPS_PER_EPOCH
 
 
-DIES_AT_START_UP = '''
+DIES_AT_START_UP = """
 import os
 import torch.nn as nn
 import dtrain
@@ -369,7 +487,7 @@ def model(input_shape, num_outputs):
     return nn.Sequential(nn.Flatten(), nn.Linear(64, num_outputs))
 
 dtrain.main(model=model)
-'''
+"""
 
 
 @pytest.mark.multiproc
@@ -383,20 +501,39 @@ def test_rank_lost_during_start_up_is_one_line_on_its_peer_naming_it(tmp_path, d
     script = tmp_path / "dies.py"
     script.write_text(DIES_AT_START_UP)
     env = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "DIES": str(dies)}
-    procs = [subprocess.Popen([sys.executable, str(script), f"data.root={data_root}", "train.max_steps=2",
-                               f"train.engine={engine}", "log.progress=false", "run.doctor=false"], cwd=tmp_path,
-                              env=_env({**env, "RANK": str(r)}), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, stdin=subprocess.DEVNULL)
-             for r in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(script),
+                f"data.root={data_root}",
+                "train.max_steps=2",
+                f"train.engine={engine}",
+                "log.progress=false",
+                "run.doctor=false",
+            ],
+            cwd=tmp_path,
+            env=_env({**env, "RANK": str(r)}),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            stdin=subprocess.DEVNULL,
+        )
+        for r in (0, 1)
+    ]
     errs = [p.communicate(timeout=120)[1] for p in procs]
     survivor = 1 - dies
     err = errs[survivor]
     assert procs[survivor].returncode == 1 and "Traceback" not in err, err
-    lost = ("rank 1 is gone or stuck (no answer within 3 s of the failure); " if dies else
-            f"rank 0 (the rendezvous store, 127.0.0.1:{env['MASTER_PORT']}) is gone; ")
+    lost = (
+        "rank 1 is gone or stuck (no answer within 3 s of the failure); "
+        if dies
+        else f"rank 0 (the rendezvous store, 127.0.0.1:{env['MASTER_PORT']}) is gone; "
+    )
     last = err.strip().splitlines()[-1]
-    assert last.startswith(f"dtrain: error: dist: {engine} set-up (the first collective with every rank) failed on "
-                           f"rank {survivor}: {lost}"), err
+    assert last.startswith(
+        f"dtrain: error: dist: {engine} set-up (the first collective with every rank) failed on rank {survivor}: {lost}"
+    ), err
 
 
 @pytest.mark.slow
@@ -407,8 +544,22 @@ def test_stalled_rank_is_named_not_the_one_that_waited(tmp_path, data_root):
     failed (torch's agent would wait its fixed 30 s for a stopped worker to honour SIGTERM)."""
     tag = uuid.uuid4().hex
     run = tmp_path / "runs" / "s"
-    proc = start(launch_cmd(2, ["train", f"data.root={data_root}", "train.epochs=100", "log.progress=false",
-                                "train.log_every=1", "dist.timeout_s=5", "run.name=s"]), tmp_path, tag)
+    proc = start(
+        launch_cmd(
+            2,
+            [
+                "train",
+                f"data.root={data_root}",
+                "train.epochs=100",
+                "log.progress=false",
+                "train.log_every=1",
+                "dist.timeout_s=5",
+                "run.name=s",
+            ],
+        ),
+        tmp_path,
+        tag,
+    )
     wait_for(lambda: latest_logged_step(run) >= 5, what="step 5")
     stalled = launched_workers(tag)[1]
     os.kill(stalled, signal.SIGSTOP)
@@ -423,11 +574,13 @@ def test_stalled_rank_is_named_not_the_one_that_waited(tmp_path, data_root):
     ended = time.monotonic() - t0  # dist.timeout_s 5 and the roll call's 3, without a 30 s grace
     assert ended < 25, f"the job took {ended:.1f} s to end after the stall"
     last = err.strip().splitlines()[-1]
-    assert last.startswith("dtrain: error: launch: rank 1 on ") and "stalled: stopped (SIGSTOP or a debugger) for " in last
+    assert (
+        last.startswith("dtrain: error: launch: rank 1 on ") and "stalled: stopped (SIGSTOP or a debugger) for " in last
+    )
     assert "since step " in last and "; rank 0 gave up waiting: dist: " in last and "Timed out" in last, last
 
 
-CRASHES_EVERYWHERE = '''
+CRASHES_EVERYWHERE = """
 import os
 import time
 import dtrain
@@ -438,7 +591,7 @@ def loss(output, batch):
     raise ValueError(f"no loss on rank {os.environ['RANK']}")
 
 dtrain.main(loss=loss)
-'''
+"""
 
 
 @pytest.mark.multiproc
@@ -453,14 +606,25 @@ def test_a_crash_in_the_users_code_on_every_rank_is_one_traceback(tmp_path, data
 
 
 # ---- several nodes whose rendezvous fails: launchers on 127.0.0.1, a short --rdzv-timeout ----------
-def rdzv_node(cwd, name: str, port: int, nnodes: str, conf: str, timeout_s: int | None) -> tuple[subprocess.Popen, Path]:
+def rdzv_node(
+    cwd, name: str, port: int, nnodes: str, conf: str, timeout_s: int | None
+) -> tuple[subprocess.Popen, Path]:
     """A `dtrain launch --nnodes N` node (one worker, never started) whose stderr goes to NAME.err."""
     err = cwd / f"{name}.err"
     timeout = ["--rdzv-timeout", str(timeout_s)] if timeout_s else []
     with open(err, "w") as f:
-        proc = subprocess.Popen(launch_cmd(1, ["train", "run.name=n"], [
-            "--nnodes", nnodes, "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-conf", conf, *timeout]),
-            cwd=cwd, env=_env(), stdout=subprocess.DEVNULL, stderr=f, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            launch_cmd(
+                1,
+                ["train", "run.name=n"],
+                ["--nnodes", nnodes, "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-conf", conf, *timeout],
+            ),
+            cwd=cwd,
+            env=_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=f,
+            stdin=subprocess.DEVNULL,
+        )
     return proc, err
 
 
@@ -489,17 +653,26 @@ def test_nodes_given_different_ports_say_what_they_wait_for_and_why_they_stop(tm
     ports = [free_port(), free_port()]
     while ports[1] == ports[0]:
         ports[1] = free_port()
-    nodes = [rdzv_node(tmp_path, "n0", ports[0], "2", "is_host=1", 8),
-             rdzv_node(tmp_path, "n1", ports[1], "2", "is_host=1,join_timeout=8", None)]
+    nodes = [
+        rdzv_node(tmp_path, "n0", ports[0], "2", "is_host=1", 8),
+        rdzv_node(tmp_path, "n1", ports[1], "2", "is_host=1,join_timeout=8", None),
+    ]
     for (proc, err), port in zip(nodes, ports):
         lines = ended(proc, err)
         assert proc.returncode == 2, lines
-        assert any(l.startswith(f"launch: waiting for the other nodes: 1 of 2 nodes joined the rendezvous at "
-                                f"127.0.0.1:{port} (id dtrain); ") and l.endswith(" of 8 (--rdzv-timeout)")
-                   for l in lines), lines
-        assert lines[-1].startswith(f"dtrain: error: launch: no other node joined the rendezvous at 127.0.0.1:{port} "
-                                    f"(id dtrain) within 8 s: start the others with --rdzv-endpoint 127.0.0.1:{port} "
-                                    f"--rdzv-id dtrain"), lines
+        assert any(
+            l.startswith(
+                f"launch: waiting for the other nodes: 1 of 2 nodes joined the rendezvous at "
+                f"127.0.0.1:{port} (id dtrain); "
+            )
+            and l.endswith(" of 8 (--rdzv-timeout)")
+            for l in lines
+        ), lines
+        assert lines[-1].startswith(
+            f"dtrain: error: launch: no other node joined the rendezvous at 127.0.0.1:{port} "
+            f"(id dtrain) within 8 s: start the others with --rdzv-endpoint 127.0.0.1:{port} "
+            f"--rdzv-id dtrain"
+        ), lines
 
 
 @pytest.mark.multiproc
@@ -514,10 +687,12 @@ def test_nodes_given_different_nnodes_name_it(tmp_path):
     a_lines, b_lines = ended(a, a_err), ended(b, b_err)
     assert a.returncode == 2 and a_lines[-1].startswith(
         f"dtrain: error: launch: the rendezvous at 127.0.0.1:{port} (id dtrain) never completed within 30 s though "
-        f"2 of 2 nodes joined: another node was started with a larger --nnodes (this one: 2)"), a_lines
+        f"2 of 2 nodes joined: another node was started with a larger --nnodes (this one: 2)"
+    ), a_lines
     assert b.returncode == 2 and b_lines[-1].startswith(
         f"dtrain: error: launch: another node ended the rendezvous at 127.0.0.1:{port} (id dtrain) after 2 of 3 "
-        f"nodes had joined"), b_lines
+        f"nodes had joined"
+    ), b_lines
 
 
 @pytest.mark.multiproc
@@ -536,7 +711,8 @@ def test_a_node_outnumbered_by_a_smaller_nnodes_says_so(tmp_path):
     assert b.returncode == 2 and b_lines[-1] == (
         f"dtrain: error: launch: the rendezvous at 127.0.0.1:{port} (id dtrain) completed with 2 nodes, but this "
         f"node has --nnodes 3: another node was started with a smaller --nnodes; give every node the same "
-        f"--nnodes"), b_lines
+        f"--nnodes"
+    ), b_lines
 
 
 @pytest.mark.multiproc
@@ -548,6 +724,8 @@ def test_sigterm_during_the_rendezvous_says_no_worker_started(tmp_path):
     proc.send_signal(signal.SIGTERM)
     lines = ended(proc, err)
     assert proc.returncode == 75, lines
-    assert lines[-1].startswith("launch: SIGTERM received during the rendezvous (1 of 2 nodes had joined at "
-                                "127.0.0.1:") and "no worker had started" in lines[-1], lines
+    assert (
+        lines[-1].startswith("launch: SIGTERM received during the rendezvous (1 of 2 nodes had joined at 127.0.0.1:")
+        and "no worker had started" in lines[-1]
+    ), lines
     assert "saved" not in "\n".join(lines)

@@ -32,12 +32,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_imports import PACKAGE, import_edges, module_names  # noqa: E402
 
 LAYERS = {
-    1: ["version", "config", "capabilities", "redaction", "importing", "records", "logging", "loggers", "batch",
-        "signals", "dist", "checkpoint_files", "worker"],
+    1: [
+        "version",
+        "config",
+        "capabilities",
+        "redaction",
+        "importing",
+        "records",
+        "logging",
+        "loggers",
+        "batch",
+        "signals",
+        "dist",
+        "checkpoint_files",
+        "worker",
+    ],
     2: ["data", "models", "losses", "metrics", "optim"],
     3: ["engine"],
-    4: ["checkpoint", "state", "resume", "evaluate", "steplog", "summary", "throughput", "trust", "callbacks",
-        "runlock", "doctor"],
+    4: [
+        "checkpoint",
+        "state",
+        "resume",
+        "evaluate",
+        "steplog",
+        "summary",
+        "throughput",
+        "trust",
+        "callbacks",
+        "runlock",
+        "doctor",
+    ],
     5: ["build", "trainer", "load", "predict", "export", "bench", "plot"],
     6: ["run", "result", "ft", "ft_train"],
     7: ["cli", "completion", "launcher", "ft_launch", "__main__", ""],
@@ -86,8 +110,10 @@ def whole_config_takers(root: Path = PACKAGE) -> list[str]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 args = node.args
-                if any(a.annotation is not None and ast.unparse(a.annotation).strip("'\"") in WHOLE
-                       for a in args.posonlyargs + args.args + args.kwonlyargs):
+                if any(
+                    a.annotation is not None and ast.unparse(a.annotation).strip("'\"") in WHOLE
+                    for a in args.posonlyargs + args.args + args.kwonlyargs
+                ):
                     found.append(f"{path.relative_to(root.parent)}:{node.lineno}:{node.name}")
     return found
 

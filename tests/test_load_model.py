@@ -13,16 +13,29 @@ from dtrain.load import rebuild
 
 
 def build_model(input_shape, num_outputs, hidden=32):  # a user's factory, handed in as dtrain.main's model=
-    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(math.prod(input_shape), hidden),
-                               torch.nn.ReLU(), torch.nn.Linear(hidden, num_outputs))
+    return torch.nn.Sequential(
+        torch.nn.Flatten(),
+        torch.nn.Linear(math.prod(input_shape), hidden),
+        torch.nn.ReLU(),
+        torch.nn.Linear(hidden, num_outputs),
+    )
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, data_root):
     """A digits run of the user's factory, trained and tested in this process."""
     where = tmp_path_factory.mktemp("load")
-    result = dtrain.fit([f"data.root={data_root}", f"run.dir={where}", "run.name=user", "log.progress=false",
-                         "train.epochs=1", "data.batch_size=64"], model=build_model)
+    result = dtrain.fit(
+        [
+            f"data.root={data_root}",
+            f"run.dir={where}",
+            "run.name=user",
+            "log.progress=false",
+            "train.epochs=1",
+            "data.batch_size=64",
+        ],
+        model=build_model,
+    )
     assert result.exit_code == 0 and result.best_checkpoint is not None
     return result
 
@@ -50,8 +63,11 @@ def test_load_model_returns_the_trained_weights_in_eval_mode(run):
 
 
 def test_a_stored_user_factory_is_refused_without_the_users_own(run):
-    with pytest.raises(CheckpointError, match=r"^checkpoint: .* asks to run model.factory=test_load_model:build_model"
-                                              r".*pass --trust-checkpoint-code") as e:
+    with pytest.raises(
+        CheckpointError,
+        match=r"^checkpoint: .* asks to run model.factory=test_load_model:build_model"
+        r".*pass --trust-checkpoint-code",
+    ) as e:
         dtrain.load_model(run.best_checkpoint)
     assert "\n" not in str(e.value)
     # named by the user, or the file trusted: built
@@ -69,13 +85,17 @@ def test_fit_result_leads_to_the_model_in_one_call(run):
 
 def test_weights_that_do_not_fit_the_factory_are_one_line(run):
     fix = "build it with the factory and model.kwargs that trained it"
-    with pytest.raises(CheckpointError, match=rf"^checkpoint: .*weights do not fit the model built for it .*size "
-                                              rf"mismatch.*; {fix}"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"^checkpoint: .*weights do not fit the model built for it .*size "
+        rf"mismatch.*; {fix}",
+    ):
         dtrain.load_model(run.best_checkpoint, model=build_model, overrides=["model.kwargs.hidden=16"])
 
 
 def test_an_exported_file_loads_the_same_model(run, tmp_path):
     from conftest import run_dtrain
+
     run_dtrain(["export", "--checkpoint", str(run.best_checkpoint), "--out", "model.pt"], tmp_path)
     exported = dtrain.load_model(tmp_path / "model.pt", model=build_model)
     reference = dtrain.load_model(run.best_checkpoint, model=build_model)

@@ -33,8 +33,15 @@ def seen():
 
 
 def train_args(tmp_path, data_root, *extra):
-    return ["train", f"data.root={data_root}", f"run.dir={tmp_path}", "log.progress=false", "train.max_steps=4",
-            "train.val_every=2", *extra]
+    return [
+        "train",
+        f"data.root={data_root}",
+        f"run.dir={tmp_path}",
+        "log.progress=false",
+        "train.max_steps=4",
+        "train.val_every=2",
+        *extra,
+    ]
 
 
 def test_a_users_handler_sees_the_lines_and_quiet_hides_info_but_not_errors(tmp_path, data_root, seen):
@@ -60,6 +67,7 @@ def test_a_users_handler_sees_the_lines_and_quiet_hides_info_but_not_errors(tmp_
 
 def result_of_json(proc):
     import json
+
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -71,8 +79,9 @@ def test_verbose_and_a_level_set_by_a_script(tmp_path, data_root, seen):
     try:
         quiet = run_dtrain(train_args(tmp_path, data_root, "train.max_steps=2", "run.name=s"), tmp_path)
         assert quiet.stderr == ""
-        loud = run_dtrain(train_args(tmp_path, data_root, "train.max_steps=2", "run.name=v", "--verbose"),
-                          tmp_path)  # ...unless the command line says otherwise
+        loud = run_dtrain(
+            train_args(tmp_path, data_root, "train.max_steps=2", "run.name=v", "--verbose"), tmp_path
+        )  # ...unless the command line says otherwise
         assert "training 2 steps" in loud.stderr and "checkpoint: step-00000002 published" in loud.stderr
         assert logger.level == logging.WARNING
     finally:
@@ -81,9 +90,22 @@ def test_verbose_and_a_level_set_by_a_script(tmp_path, data_root, seen):
 
 def test_quiet_before_the_command_and_in_a_real_process(tmp_path, data_root):
     """-q before the command reaches the command (argparse would let the command's default undo it)."""
-    proc = subprocess.run([sys.executable, "-m", "dtrain", "-q", *train_args(tmp_path, data_root)[0:1],
-                           *train_args(tmp_path, data_root)[1:]], cwd=tmp_path, capture_output=True, text=True,
-                          env=_env(), timeout=300, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dtrain",
+            "-q",
+            *train_args(tmp_path, data_root)[0:1],
+            *train_args(tmp_path, data_root)[1:],
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == "" and result_of_json(proc)["step"] == 4
 
@@ -96,6 +118,7 @@ class Terminal(io.StringIO):
 def dtrain_on(stderr: io.StringIO, args: list[str], cwd) -> tuple[int, str, str]:
     """`dtrain ARGS` in this process with `stderr` as its stderr (a terminal or a log file). -> (code, out, err)"""
     from dtrain.cli import main
+
     out, saved = io.StringIO(), os.getcwd()
     os.chdir(cwd)
     try:
@@ -129,8 +152,13 @@ def test_progress_bars_on_rank_0s_terminal_and_never_in_a_log_file(tmp_path, dat
     assert code == 0 and "wrote m.pt" in out and "export:" in err and "B/s" in err
 
     # the same commands into a log file: their lines, no bar
-    for args in (shard, index, [*train, "run.name=file"], ["eval", "--checkpoint", str(run)],
-                 ["export", "--checkpoint", str(run), "--out", "m.pt"]):
+    for args in (
+        shard,
+        index,
+        [*train, "run.name=file"],
+        ["eval", "--checkpoint", str(run)],
+        ["export", "--checkpoint", str(run), "--out", "m.pt"],
+    ):
         code, out, err = dtrain_on(io.StringIO(), args, tmp_path)
         assert code == 0 and "\r" not in err and "/s]" not in err, (args, err)
     code, out, err = dtrain_on(Terminal(), [*train, "run.name=nobar", "log.progress=false"], tmp_path)
@@ -139,4 +167,5 @@ def test_progress_bars_on_rank_0s_terminal_and_never_in_a_log_file(tmp_path, dat
 
 def test_other_ranks_draw_no_bar():
     from dtrain.logging import NullLogger
+
     assert NullLogger().show_progress is False  # the trainer's evaluation bar follows it

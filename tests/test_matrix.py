@@ -38,15 +38,34 @@ STEPS = ["train.max_steps=10", "train.val_every=5", "log.progress=false", "train
 # the config route names the user's functions by import string; the script route hands the same objects in
 CONFIG_ROUTE = {
     "digits": ["train", "data.root=data"],
-    "jpg": ["train", "data.train=jpg/train.json", "data.val=jpg/val.json", "data.test=jpg/test.json",
-            "data.sample={x: jpg, y: cls}", "data.image=l", "data.num_classes=10",
-            "data.transform=matrix_user:jitter", "model.factory=mynet:build",
-            "model.kwargs={num_classes: 10, width: 16}", "model.head=fc"],
+    "jpg": [
+        "train",
+        "data.train=jpg/train.json",
+        "data.val=jpg/val.json",
+        "data.test=jpg/test.json",
+        "data.sample={x: jpg, y: cls}",
+        "data.image=l",
+        "data.num_classes=10",
+        "data.transform=matrix_user:jitter",
+        "model.factory=mynet:build",
+        "model.kwargs={num_classes: 10, width: 16}",
+        "model.head=fc",
+    ],
     "text": ["train", "--config", str(REPO / "configs" / "snippets.yaml")],
-    "tokens": ["train", "data.train=tokens/train.json", "data.val=tokens/val.json", "data.test=tokens/test.json",
-               "data.sample=matrix_user:to_fields", "data.num_classes=4", "model.factory=matrix_user:bert",
-               "model.kwargs={num_labels: 4}", "model.head=classifier", "loss.fn=matrix_user:hf_loss",
-               "metrics.fn=matrix_user:hf_metrics", "metrics.builtin=false"],
+    "tokens": [
+        "train",
+        "data.train=tokens/train.json",
+        "data.val=tokens/val.json",
+        "data.test=tokens/test.json",
+        "data.sample=matrix_user:to_fields",
+        "data.num_classes=4",
+        "model.factory=matrix_user:bert",
+        "model.kwargs={num_labels: 4}",
+        "model.head=classifier",
+        "loss.fn=matrix_user:hf_loss",
+        "metrics.fn=matrix_user:hf_metrics",
+        "metrics.builtin=false",
+    ],
 }
 SCRIPTS = {"text": EXAMPLES / "snippets_script.py"}  # the example as shipped; the rest: matrix_script.py
 USER_ERRORS = {  # a mistake a user makes on that path, and the start of its one line
@@ -73,8 +92,17 @@ def matrix_data(tmp_path_factory, data_root) -> Path:
     for name, write in (("jpg", matrix_user.write_jpg_shards), ("tokens", matrix_user.write_token_shards)):
         shards = write(root / name)
         for split in ("train", "val", "test"):  # `dtrain index`, in this process (a python each: ~4 s of imports)
-            assert main(["index", *[str(p) for p in shards if p.name.startswith(split)],
-                         "--out", str(root / name / f"{split}.json")]) == 0
+            assert (
+                main(
+                    [
+                        "index",
+                        *[str(p) for p in shards if p.name.startswith(split)],
+                        "--out",
+                        str(root / name / f"{split}.json"),
+                    ]
+                )
+                == 0
+            )
     return root
 
 
@@ -102,19 +130,34 @@ def command(entry: str, launcher: str, data: str, extra: list[str]) -> tuple[lis
     if launcher == "torchrun":
         return torchrun_cmd(2, args, script=target), env
     if launcher == "launch":
-        return [sys.executable, "-m", "dtrain", "launch", "--nproc-per-node", "2",
-                *([str(target)] if target else []), *args], env
+        return [
+            sys.executable,
+            "-m",
+            "dtrain",
+            "launch",
+            "--nproc-per-node",
+            "2",
+            *([str(target)] if target else []),
+            *args,
+        ], env
     raise ValueError(launcher)
 
 
 def run(cmd: list[str], cwd: Path, env: dict, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=_env(env),
-                          stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=_env(env), stdin=subprocess.DEVNULL
+    )
 
 
 def test_every_value_of_every_axis_is_in_two_cells():
-    for axis, values in enumerate([("config", "script"), ("single", "torchrun", "launch", "srun"),
-                                   ("digits", "jpg", "text", "tokens"), ("trains", "resume", "error")]):
+    for axis, values in enumerate(
+        [
+            ("config", "script"),
+            ("single", "torchrun", "launch", "srun"),
+            ("digits", "jpg", "text", "tokens"),
+            ("trains", "resume", "error"),
+        ]
+    ):
         for value in values:
             assert sum(cell[axis] == value for cell in CELLS) >= 2, (axis, value)
 
@@ -132,14 +175,18 @@ def check_trains(proc: subprocess.CompletedProcess, run_dir: Path) -> dict:
 def check_user_error(proc: subprocess.CompletedProcess, code: int, start_of_line: str) -> None:
     """One line names the problem, the documented exit code; no traceback, no line per rank."""
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
-    assert proc.returncode == code and len(errors) == 1 and errors[0].startswith(start_of_line), \
+    assert proc.returncode == code and len(errors) == 1 and errors[0].startswith(start_of_line), (
         f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    )
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("entry, launcher, data, outcome", [c for c in CELLS if c[1] != "srun"],
-                         ids=["-".join(c) for c in CELLS if c[1] != "srun"])
+@pytest.mark.parametrize(
+    "entry, launcher, data, outcome",
+    [c for c in CELLS if c[1] != "srun"],
+    ids=["-".join(c) for c in CELLS if c[1] != "srun"],
+)
 def test_user_path(matrix_data, tmp_path, entry, launcher, data, outcome):
     cwd = cell_dir(matrix_data, tmp_path)
     if outcome == "error":
@@ -167,7 +214,8 @@ def test_user_path(matrix_data, tmp_path, entry, launcher, data, outcome):
     resumed = run(cmd, cwd, env)
     assert "resumed from" in resumed.stderr, resumed.stderr
     result = check_trains(resumed, cwd / "runs" / "cut")
-    assert {k: v for k, v in result.items() if k.startswith("test/")} == \
-           {k: v for k, v in straight.items() if k.startswith("test/")}  # loss, accuracy, a torchmetric: to the bit
+    assert {k: v for k, v in result.items() if k.startswith("test/")} == {
+        k: v for k, v in straight.items() if k.startswith("test/")
+    }  # loss, accuracy, a torchmetric: to the bit
     a, b = final_params(straight_dir), final_params(cwd / "runs" / "cut")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -69,17 +69,21 @@ def test_early_stop_patience_on_val_acc_stops_at_the_validation_that_uses_it_up(
     val = [r for r in records if "val/loss" in r]
     stop = stop_of(val, "val/acc", 3)
     assert stop < 57 and val[-1]["step"] == stop
-    assert [r for r in records if r.get("event") == "early_stop"] == \
-        [{"step": stop, "event": "early_stop", "best_step": best_of(val, "val/acc", "max")}]
+    assert [r for r in records if r.get("event") == "early_stop"] == [
+        {"step": stop, "event": "early_stop", "best_step": best_of(val, "val/acc", "max")}
+    ]
 
 
 def test_a_metric_validation_never_logs_is_one_line_before_anything_is_written(tmp_path, data_root):
-    proc = run_dtrain(["train", f"data.root={data_root}", *ARGS, "early_stop.monitor=val/mea", "run.name=typo"],
-                      tmp_path, check=False)
+    proc = run_dtrain(
+        ["train", f"data.root={data_root}", *ARGS, "early_stop.monitor=val/mea", "run.name=typo"], tmp_path, check=False
+    )
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if "error" in line]
-    assert errors == ["dtrain: error: config: early_stop.monitor: 'val/mea' is not a validation metric; validation "
-                      "logs val/loss, val/acc; did you mean val/acc?"]
+    assert errors == [
+        "dtrain: error: config: early_stop.monitor: 'val/mea' is not a validation metric; validation "
+        "logs val/loss, val/acc; did you mean val/acc?"
+    ]
     assert not (tmp_path / "runs" / "typo" / "checkpoints").exists()
     assert not (tmp_path / "runs" / "typo" / "metrics.jsonl").exists()
 
@@ -98,15 +102,20 @@ def _evaluator(**early_stop) -> Evaluator:
 
 
 def test_a_metric_of_unknown_direction_needs_min_or_max():
-    with pytest.raises(ConfigError, match=r"^config: early_stop.mode: auto does not know whether val/f1 is better "
-                                          r"lower or higher; set early_stop.mode=min or early_stop.mode=max$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^config: early_stop.mode: auto does not know whether val/f1 is better "
+        r"lower or higher; set early_stop.mode=min or early_stop.mode=max$",
+    ):
         _evaluator(monitor="val/f1").check_monitor(True, print)
     _evaluator(monitor="val/f1", mode="max").check_monitor(True, print)
     _evaluator(monitor="val/auroc/macro", mode="max").check_monitor(True, print)  # a torchmetrics dict's key
     warned = []
     _evaluator(monitor="val/acc").check_monitor(False, warned.append)  # no validation split: said, not refused
-    assert warned == ["early_stop: the data has no validation split, so val/acc is never measured: no best "
-                      "checkpoint, no early stopping (the test uses the last weights)"]
+    assert warned == [
+        "early_stop: the data has no validation split, so val/acc is never measured: no best "
+        "checkpoint, no early stopping (the test uses the last weights)"
+    ]
 
 
 def test_min_delta_counts_upwards_under_max():
@@ -132,8 +141,10 @@ def test_resume_in_the_middle_keeps_the_best_value_and_the_patience(tmp_path, da
     resumed = validations(tmp_path / "runs" / "resumed")
     assert resumed == straight
     assert pointer(tmp_path / "runs" / "resumed", "best") == pointer(tmp_path / "runs" / "straight", "best") == best
-    stops = [[r for r in metrics_of(tmp_path / "runs" / name) if r.get("event") == "early_stop"]
-             for name in ("straight", "resumed")]
+    stops = [
+        [r for r in metrics_of(tmp_path / "runs" / name) if r.get("event") == "early_stop"]
+        for name in ("straight", "resumed")
+    ]
     assert stops[0] == stops[1] == [{"step": stop_of(straight, "val/acc", 4), "event": "early_stop", "best_step": best}]
 
 

@@ -1,6 +1,7 @@
 """Any optimizer and LR scheduler (#34): torch's or the user's, by import string (optim.name, schedule.name with
 their kwargs) or handed to dtrain.fit as a factory; param groups and backbone_lr_ratio hold; the LR logged is
 the scheduler's; the state resumes exactly (on another number of ranks too); the engines run them."""
+
 import functools
 import importlib.util
 from collections import OrderedDict
@@ -21,9 +22,19 @@ from dtrain.resume import OWN_SCHEDULER, config_changes
 
 RADAM, ONECYCLE = "optim.name=torch.optim:RAdam", "schedule.name=torch.optim.lr_scheduler:OneCycleLR"
 # digits: 1257 training samples, batch 64: 19 steps per epoch, 38 in all; no dropout: runs compare bit for bit
-ARGS = ["train", "train.epochs=2", "train.log_every=1", "log.progress=false", "run.doctor=false",
-        "model.kwargs.dropout=0", "optim.lr=0.01", RADAM, "optim.kwargs={eps: 1.0e-7}", ONECYCLE,
-        "schedule.kwargs={pct_start: 0.25}"]
+ARGS = [
+    "train",
+    "train.epochs=2",
+    "train.log_every=1",
+    "log.progress=false",
+    "run.doctor=false",
+    "model.kwargs.dropout=0",
+    "optim.lr=0.01",
+    RADAM,
+    "optim.kwargs={eps: 1.0e-7}",
+    ONECYCLE,
+    "schedule.kwargs={pct_start: 0.25}",
+]
 TOTAL = 38
 
 
@@ -65,15 +76,27 @@ def test_radam_and_onecycle_by_import_string_log_its_lr_and_resume_bit_identical
     assert state["optimizer"]["param_groups"][0]["eps"] == 1e-7  # optim.kwargs reached RAdam
 
 
-@pytest.mark.parametrize("schedule", [["schedule.warmup_steps=4"],
-                                      ["schedule.name=torch.optim.lr_scheduler:CosineAnnealingLR"]])
-def test_a_torch_optimizer_resumes_bit_identical_under_dtrains_schedule_and_a_recursive_one(tmp_path, data_root,
-                                                                                             schedule):
+@pytest.mark.parametrize(
+    "schedule", [["schedule.warmup_steps=4"], ["schedule.name=torch.optim.lr_scheduler:CosineAnnealingLR"]]
+)
+def test_a_torch_optimizer_resumes_bit_identical_under_dtrains_schedule_and_a_recursive_one(
+    tmp_path, data_root, schedule
+):
     """dtrain's schedule puts the config's hyperparameters back into the param groups at resume (RAdam's eps from
     optim.kwargs, its flags); CosineAnnealingLR computes each LR from the last one (a recursion), which resumes
     from the checkpoint's param groups."""
-    args = ["train", f"data.root={data_root}", "train.max_steps=20", "train.log_every=1", "log.progress=false",
-            "run.doctor=false", "model.kwargs.dropout=0", RADAM, "optim.kwargs={eps: 1.0e-7}", *schedule]
+    args = [
+        "train",
+        f"data.root={data_root}",
+        "train.max_steps=20",
+        "train.log_every=1",
+        "log.progress=false",
+        "run.doctor=false",
+        "model.kwargs.dropout=0",
+        RADAM,
+        "optim.kwargs={eps: 1.0e-7}",
+        *schedule,
+    ]
     run_dtrain(args + ["run.name=straight"], tmp_path)
     run_dtrain(args + ["run.name=resumed", "run.stop_at_step=9"], tmp_path)
     run_dtrain(args + ["run.name=resumed"], tmp_path)
@@ -91,9 +114,18 @@ def test_optimizer_and_scheduler_factories_handed_to_fit(tmp_path, data_root, mo
         groups_seen.append([(g["lr"], g["weight_decay"]) for g in groups])
         return torch.optim.RAdam(groups)
 
-    result = dtrain.fit([f"data.root={data_root}", "train.max_steps=12", "train.log_every=1", "log.progress=false",
-                         "run.doctor=false", "optim.weight_decay=0.01"],
-                        optimizer=radam, scheduler=lambda opt: lr_scheduler.StepLR(opt, step_size=4, gamma=0.5))
+    result = dtrain.fit(
+        [
+            f"data.root={data_root}",
+            "train.max_steps=12",
+            "train.log_every=1",
+            "log.progress=false",
+            "run.doctor=false",
+            "optim.weight_decay=0.01",
+        ],
+        optimizer=radam,
+        scheduler=lambda opt: lr_scheduler.StepLR(opt, step_size=4, gamma=0.5),
+    )
     assert result.exit_code == 0 and result.step == 12
     assert groups_seen == [[(3e-3, 0.01), (3e-3, 0.0)]]  # dtrain's groups: decay on matrices only
     lrs = [r["lr"] for r in metrics_of(result.run_dir) if "lr" in r]
@@ -101,9 +133,18 @@ def test_optimizer_and_scheduler_factories_handed_to_fit(tmp_path, data_root, mo
     recorded = yaml.safe_load((result.run_dir / "config.yaml").read_text())
     assert recorded["optim"]["name"].endswith(".radam") and "<lambda>" in recorded["schedule"]["name"]
     # a class is a factory too, and gets the arguments dtrain fills (T_max: the run's length)
-    result = dtrain.fit([f"data.root={data_root}", "train.max_steps=6", "train.log_every=1", "log.progress=false",
-                         "run.doctor=false", "run.name=cls"], optimizer=functools.partial(torch.optim.RAdam, eps=1e-6),
-                        scheduler=lr_scheduler.CosineAnnealingLR)
+    result = dtrain.fit(
+        [
+            f"data.root={data_root}",
+            "train.max_steps=6",
+            "train.log_every=1",
+            "log.progress=false",
+            "run.doctor=false",
+            "run.name=cls",
+        ],
+        optimizer=functools.partial(torch.optim.RAdam, eps=1e-6),
+        scheduler=lr_scheduler.CosineAnnealingLR,
+    )
     assert result.exit_code == 0
     assert [r["lr"] for r in metrics_of(result.run_dir) if "lr" in r][-1] == pytest.approx(0.0, abs=1e-12)
 
@@ -113,8 +154,12 @@ def test_backbone_lr_ratio_and_param_groups_hold_with_a_torch_optimizer_and_onec
     cfg = load_config(None, [RADAM, ONECYCLE, "optim.weight_decay=0.1", "optim.backbone_lr_ratio=0.1"])
     opt = build_optimizer(cfg.optim, model, lr_scales("head", 0.1))
     assert type(opt) is torch.optim.RAdam
-    assert [(g["lr"], g["weight_decay"]) for g in opt.param_groups] == \
-        [(3e-3, 0.1), (3e-3, 0.0), (pytest.approx(3e-4), 0.1), (pytest.approx(3e-4), 0.0)]
+    assert [(g["lr"], g["weight_decay"]) for g in opt.param_groups] == [
+        (3e-3, 0.1),
+        (3e-3, 0.0),
+        (pytest.approx(3e-4), 0.1),
+        (pytest.approx(3e-4), 0.0),
+    ]
     scheduler = build_scheduler(cfg.schedule, opt, total_steps=20)
     assert scheduler.total_steps == 20
     peaks = np.zeros(4)
@@ -124,9 +169,11 @@ def test_backbone_lr_ratio_and_param_groups_hold_with_a_torch_optimizer_and_onec
         peaks = np.maximum(peaks, [g["lr"] for g in opt.param_groups])
     assert peaks == pytest.approx([3e-3, 3e-3, 3e-4, 3e-4])  # each group's OneCycle peaks at its own LR
 
-    groups = build_optimizer(load_config(None, [RADAM]).optim, model,
-                             param_groups=lambda m: [{"params": m.body.parameters(), "lr": 0.5},
-                                                     {"params": m.head.parameters()}])
+    groups = build_optimizer(
+        load_config(None, [RADAM]).optim,
+        model,
+        param_groups=lambda m: [{"params": m.body.parameters(), "lr": 0.5}, {"params": m.head.parameters()}],
+    )
     assert type(groups) is torch.optim.RAdam and [g["lr"] for g in groups.param_groups] == [0.5, 3e-3]
 
 
@@ -139,17 +186,35 @@ def test_dtrain_fills_a_schedulers_length_and_peak_only_where_its_signature_name
     assert filled(lr_scheduler.StepLR, {"step_size": 3}, opt, 50) == {}
 
 
-@pytest.mark.parametrize("overrides, says", [
-    (["optim.name=adam"], "config: optim.name: 'adam' is not sgd, adamw or an import string"),
-    (["optim.kwargs={eps: 1.0e-6}"], ("config: optim.kwargs applies to an optimizer named by an import string, "
-                                      "not to adamw")),
-    ([RADAM, "optim.kwargs={lr: 0.1}"], "config: optim.kwargs.lr: set optim.lr instead"),
-    ([ONECYCLE, "schedule.warmup_steps=5"], ("config: schedule.warmup_steps applies to dtrain's own schedules, "
-                                             "not to torch.optim.lr_scheduler:OneCycleLR")),
-    (["schedule.kwargs={pct_start: 0.1}"], "config: schedule.kwargs applies to a scheduler named by an import string"),
-    ([RADAM, "optim.betas=[0.9, 0.95]"], ("config: optim.betas applies to sgd and adamw, not to torch.optim:RAdam; "
-                                          "put that optimizer's arguments in optim.kwargs (e.g. {betas: ...})")),
-])
+@pytest.mark.parametrize(
+    "overrides, says",
+    [
+        (["optim.name=adam"], "config: optim.name: 'adam' is not sgd, adamw or an import string"),
+        (
+            ["optim.kwargs={eps: 1.0e-6}"],
+            ("config: optim.kwargs applies to an optimizer named by an import string, not to adamw"),
+        ),
+        ([RADAM, "optim.kwargs={lr: 0.1}"], "config: optim.kwargs.lr: set optim.lr instead"),
+        (
+            [ONECYCLE, "schedule.warmup_steps=5"],
+            (
+                "config: schedule.warmup_steps applies to dtrain's own schedules, "
+                "not to torch.optim.lr_scheduler:OneCycleLR"
+            ),
+        ),
+        (
+            ["schedule.kwargs={pct_start: 0.1}"],
+            "config: schedule.kwargs applies to a scheduler named by an import string",
+        ),
+        (
+            [RADAM, "optim.betas=[0.9, 0.95]"],
+            (
+                "config: optim.betas applies to sgd and adamw, not to torch.optim:RAdam; "
+                "put that optimizer's arguments in optim.kwargs (e.g. {betas: ...})"
+            ),
+        ),
+    ],
+)
 def test_settings_that_would_be_ignored_are_refused_in_one_line(overrides, says):
     with pytest.raises(ConfigError) as e:
         load_config(None, overrides)
@@ -160,22 +225,37 @@ def test_a_scheduler_stepped_by_a_metric_or_a_built_object_is_refused_in_one_lin
     model = nn.Linear(2, 2)
     cfg = load_config(None, ["schedule.name=torch.optim.lr_scheduler:ReduceLROnPlateau"])
     opt = build_optimizer(cfg.optim, model)
-    with pytest.raises(ConfigError, match=r"^config: schedule.name: ReduceLROnPlateau.step\(\) needs an argument "
-                                          r"\(a metric\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^config: schedule.name: ReduceLROnPlateau.step\(\) needs an argument "
+        r"\(a metric\)",
+    ):
         build_scheduler(cfg.schedule, opt, 10)
     with pytest.raises(ConfigError, match="^config: optimizer: hand in a factory, not a built SGD"):
         build_optimizer(cfg.optim, model, factory=torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(ConfigError, match="^config: scheduler: hand in a factory, not a built StepLR"):
         build_scheduler(load_config(None, []).schedule, opt, 10, factory=lr_scheduler.StepLR(opt, 3))
-    with pytest.raises(ConfigError, match="^config: schedule.warmup_steps applies to dtrain's own schedules, not to "
-                                          "the scheduler handed in"):
-        build_scheduler(load_config(None, ["schedule.warmup_steps=3"]).schedule, opt, 10,
-                        factory=lambda o: lr_scheduler.StepLR(o, 3))
-    with pytest.raises(ConfigError, match=r"^config: optim.momentum applies to sgd and adamw, not to the optimizer "
-                                          "handed in"):
+    with pytest.raises(
+        ConfigError,
+        match="^config: schedule.warmup_steps applies to dtrain's own schedules, not to the scheduler handed in",
+    ):
+        build_scheduler(
+            load_config(None, ["schedule.warmup_steps=3"]).schedule,
+            opt,
+            10,
+            factory=lambda o: lr_scheduler.StepLR(o, 3),
+        )
+    with pytest.raises(
+        ConfigError,
+        match=r"^config: optim.momentum applies to sgd and adamw, not to the optimizer "
+        "handed in",
+    ):
         build_optimizer(load_config(None, ["optim.momentum=0.5"]).optim, model, factory=torch.optim.SGD)
-    with pytest.raises(ConfigError, match=r"^config: optim.kwargs is for optim.name, which the .* handed in from "
-                                          r"Python replaces; bind its arguments in Python \(functools.partial\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^config: optim.kwargs is for optim.name, which the .* handed in from "
+        r"Python replaces; bind its arguments in Python \(functools.partial\)",
+    ):
         build_optimizer(load_config(None, [RADAM, "optim.kwargs={eps: 0.1}"]).optim, model, factory=torch.optim.SGD)
     with pytest.raises(ConfigError, match=r"^config: optimizer: .*<lambda> returned a list, not a torch.optim"):
         build_optimizer(load_config(None, []).optim, model, factory=lambda groups: groups)
@@ -183,8 +263,10 @@ def test_a_scheduler_stepped_by_a_metric_or_a_built_object_is_refused_in_one_lin
         build_scheduler(load_config(None, []).schedule, opt, 10, factory=lambda o: object())
 
 
-@pytest.mark.parametrize("key, value", [("optim.lr", 0.01), ("schedule.kwargs", {"pct_start": 0.5}),
-                                        ("train.epochs", 3), ("train.max_steps", 30)])
+@pytest.mark.parametrize(
+    "key, value",
+    [("optim.lr", 0.01), ("schedule.kwargs", {"pct_start": 0.5}), ("train.epochs", 3), ("train.max_steps", 30)],
+)
 def test_with_a_torch_scheduler_what_its_saved_state_holds_cannot_change_at_resume(key, value):
     """Its state (LRs, arguments, length) is the checkpoint's whole: a new value would be silently ignored, or
     step OneCycleLR past its end. dtrain's own schedule takes them (a pure function of the step)."""

@@ -24,6 +24,7 @@ def test_the_public_api_is_exported_and_light():
 def test_fit_is_typed_to_return_a_fit_result():
     """As a type checker reads them (FitResult is imported under TYPE_CHECKING: no torch at import)."""
     from dtrain.result import FitResult
+
     hints = typing.get_type_hints(dtrain.fit, globalns={**vars(dtrain), "FitResult": FitResult})
     assert hints["return"] is FitResult and dtrain.fit.__annotations__["return"] == "FitResult"
     assert typing.get_type_hints(dtrain.main)["return"] is typing.NoReturn
@@ -38,8 +39,12 @@ def test_the_core_install_leaves_out_scikit_learn_and_the_floors_are_the_tested_
 
 
 def test_the_wheel_ships_the_digits_data_the_license_and_py_typed(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w",
-                    str(tmp_path), str(REPO)], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(REPO)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     (wheel,) = tmp_path.glob("dtrain-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for member in ("dtrain/py.typed", "dtrain/data/digits.csv.gz", "dtrain/data/DIGITS_NOTICE.md"):
@@ -48,15 +53,19 @@ def test_the_wheel_ships_the_digits_data_the_license_and_py_typed(tmp_path):
 
 
 def test_lint_is_clean():
-    """ruff's rule set in pyproject.toml ([tool.ruff.lint]), over the package, tests, benchmarks and examples."""
-    proc = subprocess.run([sys.executable, "-m", "ruff", "check", "dtrain", "tests", "benchmarks", "examples", "docs"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-1000:]
+    """ruff's rule set in pyproject.toml ([tool.ruff.lint]) and its formatter, over the package, tests, benchmarks
+    and examples (`ruff format` writes what this checks)."""
+    paths = ["dtrain", "tests", "benchmarks", "examples", "docs"]
+    for command in (["check"], ["format", "--check"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "ruff", *command, *paths], cwd=REPO, capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-1000:]
 
 
 # A user's script as a type checker reads it: what dtrain.fit returns, a callback's arguments, the error
 # classes. Each `type: ignore` must be needed (warn_unused_ignores): a misuse mypy no longer sees fails the test.
-USER_SCRIPT = '''
+USER_SCRIPT = """
 from pathlib import Path
 
 import torch
@@ -96,7 +105,7 @@ after_best = result.best_step + 1  # type: ignore[operator]  # None before any v
 result.step = 0  # type: ignore[misc]  # frozen
 dtrain.fit(epochs=3)  # type: ignore[call-arg]  # settings go in argv or config
 reveal_type(dtrain.main())  # it exits: nothing after it is checked
-'''
+"""
 
 
 def test_types_are_clean_and_a_users_script_reads_fit_as_returning_a_fit_result(tmp_path):
@@ -115,5 +124,9 @@ def test_types_are_clean_and_a_users_script_reads_fit_as_returning_a_fit_result(
     proc = subprocess.run([*mypy, str(script)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-1000:]
     revealed = [line.split("Revealed type is ")[1] for line in proc.stdout.splitlines() if "Revealed type" in line]
-    assert revealed == ['"dtrain.result.FitResult"', '"torch.nn.modules.module.Module"',
-                        '"torch.nn.modules.module.Module"', '"Never"'], proc.stdout
+    assert revealed == [
+        '"dtrain.result.FitResult"',
+        '"torch.nn.modules.module.Module"',
+        '"torch.nn.modules.module.Module"',
+        '"Never"',
+    ], proc.stdout

@@ -27,8 +27,18 @@ def facts(shape, out):
 
 def probed_flops(model, batch, task, shape):
     cfg = load_config()
-    return probe(model, batch, default_forward, build_loss(cfg.loss, task), build_metrics(cfg.metrics, task, 0.0),
-                 torch.device("cpu"), DataFacts(task, shape, None), print)
+    return probe(
+        model,
+        batch,
+        default_forward,
+        build_loss(cfg.loss, task),
+        build_metrics(cfg.metrics, task, 0.0),
+        torch.device("cpu"),
+        DataFacts(task, shape, None),
+        print,
+    )
+
+
 THROUGHPUT_KEYS = {"samples_per_s", "tokens_per_s", "step_time_s", "data_wait_frac", "peak_mem_mb"}
 
 
@@ -72,6 +82,7 @@ def test_gpt_config_as_nested_yaml_section(tmp_path):
     m = build_model(cfg.model, facts((16,), 256), seed=0)
     assert (m.n_layer, m.n_embd, m.body.ln_f.bias) == (3, 48, None)
     from dtrain.config import ConfigError
+
     with pytest.raises(ConfigError, match="dtrain.models:gpt rejects these arguments .*n_layers"):
         build_model(load_config(None, ["model.factory=gpt", "model.kwargs.n_layers=2"]).model, facts((16,), 256), 0)
 
@@ -99,13 +110,39 @@ def test_text_windows_shift_by_one_token(tmp_path):
 
 
 def test_lm_run_logs_throughput_and_perplexity(tmp_path):
-    proc = run_dtrain(["shard", "--dataset", "text", "--out", "text", "--context", "32", "--text-bytes", "30000",
-                       "--shard-size", "200"], tmp_path)
+    proc = run_dtrain(
+        [
+            "shard",
+            "--dataset",
+            "text",
+            "--out",
+            "text",
+            "--context",
+            "32",
+            "--text-bytes",
+            "30000",
+            "--shard-size",
+            "200",
+        ],
+        tmp_path,
+    )
     assert "wrote text/train.json, text/val.json, text/test.json" in proc.stdout
-    run = run_dtrain(["train", "data.dataset=folder:text", *TINY_GPT, "data.batch_size=8", "train.max_steps=6",
-                      "train.log_every=2", "run.name=lm"], tmp_path)
+    run = run_dtrain(
+        [
+            "train",
+            "data.dataset=folder:text",
+            *TINY_GPT,
+            "data.batch_size=8",
+            "train.max_steps=6",
+            "train.log_every=2",
+            "run.name=lm",
+        ],
+        tmp_path,
+    )
     result = result_of(run)
-    assert result["stop_reason"] == "completed" and result["test/ppl"] == pytest.approx(2.718281828 ** result["test/loss"])
+    assert result["stop_reason"] == "completed" and result["test/ppl"] == pytest.approx(
+        2.718281828 ** result["test/loss"]
+    )
     records = metrics_of(tmp_path / "runs" / "lm")
     train = [r for r in records if "loss" in r]
     assert [r["step"] for r in train] == [2, 4, 6]
@@ -116,8 +153,9 @@ def test_lm_run_logs_throughput_and_perplexity(tmp_path):
 
 
 def test_throughput_keys_in_a_classification_run_with_peak_flops(tmp_path, data_root):
-    run_dtrain(["train", f"data.root={data_root}", "train.max_steps=4", "train.log_every=2",
-                "train.peak_flops=1e12"], tmp_path)
+    run_dtrain(
+        ["train", f"data.root={data_root}", "train.max_steps=4", "train.log_every=2", "train.peak_flops=1e12"], tmp_path
+    )
     train = [r for r in metrics_of(tmp_path / "runs" / "digits") if "loss" in r]
     # images are no tokens: no tokens_per_s (it was samples_per_s again)
     assert all((THROUGHPUT_KEYS - {"tokens_per_s"}) | {"mfu"} <= r.keys() and "tokens_per_s" not in r for r in train)
@@ -127,9 +165,36 @@ ROW = re.compile(r"^\| (\(\w\)[^|]+) \| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([^|]+)
 
 
 def test_bench_prints_a_well_formed_table(tmp_path):
-    proc = run_dtrain(["bench", "--model", "gpt", "--steps", "3", "--reps", "2", "--warmup", "1", "--batch-size", "2",
-                       "--seq-len", "16", "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--ckpt-every", "2",
-                       "--out", "bench", "--json", "bench.json"], tmp_path)
+    proc = run_dtrain(
+        [
+            "bench",
+            "--model",
+            "gpt",
+            "--steps",
+            "3",
+            "--reps",
+            "2",
+            "--warmup",
+            "1",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "16",
+            "--n-layer",
+            "1",
+            "--n-head",
+            "2",
+            "--n-embd",
+            "16",
+            "--ckpt-every",
+            "2",
+            "--out",
+            "bench",
+            "--json",
+            "bench.json",
+        ],
+        tmp_path,
+    )
     rows = [ROW.match(l) for l in proc.stdout.splitlines() if l.startswith("| (")]
     assert len(rows) == 5 and all(rows), proc.stdout
     labels = [m.group(1) for m in rows]
@@ -143,6 +208,24 @@ def test_bench_prints_a_well_formed_table(tmp_path):
 
 
 def test_bench_runs_a_cnn(tmp_path):
-    proc = run_dtrain(["bench", "--model", "cnn", "--steps", "2", "--reps", "1", "--warmup", "1", "--batch-size", "4",
-                       "--ckpt-every", "2", "--out", "bench"], tmp_path)
+    proc = run_dtrain(
+        [
+            "bench",
+            "--model",
+            "cnn",
+            "--steps",
+            "2",
+            "--reps",
+            "1",
+            "--warmup",
+            "1",
+            "--batch-size",
+            "4",
+            "--ckpt-every",
+            "2",
+            "--out",
+            "bench",
+        ],
+        tmp_path,
+    )
     assert sum(bool(ROW.match(l)) for l in proc.stdout.splitlines()) == 5, proc.stdout

@@ -24,8 +24,16 @@ from dtrain.predict import read_keys
 def run(tmp_path_factory, data_root):
     """A digits run of dtrain's own mlp, trained in this process: its directory and its test descriptor."""
     where = tmp_path_factory.mktemp("predict")
-    result = dtrain.fit([f"data.root={data_root}", f"run.dir={where}", "run.name=mlp", "log.progress=false",
-                         "train.epochs=1", "data.batch_size=64"])
+    result = dtrain.fit(
+        [
+            f"data.root={data_root}",
+            f"run.dir={where}",
+            "run.name=mlp",
+            "log.progress=false",
+            "train.epochs=1",
+            "data.batch_size=64",
+        ]
+    )
     assert result.exit_code == 0
     return result.run_dir, data_root / "digits" / "test.json"
 
@@ -68,8 +76,9 @@ def check_once(out, expected) -> None:
 
 def test_predict_in_one_process_writes_every_key_once(run, expected, tmp_path):
     run_dir, test = run
-    proc = run_dtrain(["predict", "--checkpoint", str(run_dir), "--data", str(test), "--out", "out",
-                       "--part-size", "100"], tmp_path)
+    proc = run_dtrain(
+        ["predict", "--checkpoint", str(run_dir), "--data", str(test), "--out", "out", "--part-size", "100"], tmp_path
+    )
     check_once(tmp_path / "out", expected)
     assert len(list((tmp_path / "out").glob("part-rank00000-*.jsonl"))) == 3  # 271 samples: 128, 128, 15 (batch 64)
     assert f"predict: {len(expected)} outputs in out (" in proc.stdout and "samples/s on 1 rank)" in proc.stdout
@@ -81,15 +90,31 @@ def test_predict_in_one_process_writes_every_key_once(run, expected, tmp_path):
 
 def test_predict_on_two_ranks_writes_every_key_once(run, expected, tmp_path):
     run_dir, test = run
-    run_ranks(2, ["predict", "--checkpoint", str(run_dir), "--data", str(test), "--out", "out", "--format", "tar",
-                  "--part-size", "64"], tmp_path)
+    run_ranks(
+        2,
+        [
+            "predict",
+            "--checkpoint",
+            str(run_dir),
+            "--data",
+            str(test),
+            "--out",
+            "out",
+            "--format",
+            "tar",
+            "--part-size",
+            "64",
+        ],
+        tmp_path,
+    )
     check_once(tmp_path / "out", expected)
     by_rank = Counter(p.name[:14] for p in (tmp_path / "out").glob("part-*.tar"))
     assert by_rank == {"part-rank00000": 3, "part-rank00001": 3}  # 136 and 135 samples each
     # a part lost (never committed): the same command on another number of ranks computes only its samples
     (tmp_path / "out" / "part-rank00001-000001.tar").unlink()
-    proc = run_dtrain(["predict", "--checkpoint", str(run_dir), "--data", str(test), "--out", "out", "--format", "tar"],
-                      tmp_path)
+    proc = run_dtrain(
+        ["predict", "--checkpoint", str(run_dir), "--data", str(test), "--out", "out", "--format", "tar"], tmp_path
+    )
     check_once(tmp_path / "out", expected)
     assert f"predict: {len(expected)} outputs in out (64 samples in " in proc.stdout
 
@@ -97,12 +122,20 @@ def test_predict_on_two_ranks_writes_every_key_once(run, expected, tmp_path):
 def test_another_checkpoint_or_data_into_the_same_out_is_one_line(run, tmp_path):
     run_dir, test = run
     run_dtrain(["predict", "--checkpoint", str(run_dir), "--data", str(test), "--out", "out"], tmp_path)
-    proc = run_dtrain(["predict", "--checkpoint", str(run_dir), "--data", str(test.parent / "val.json"),
-                       "--out", "out"], tmp_path, check=False)
+    proc = run_dtrain(
+        ["predict", "--checkpoint", str(run_dir), "--data", str(test.parent / "val.json"), "--out", "out"],
+        tmp_path,
+        check=False,
+    )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].endswith(
-        f"predict: --out out holds the outputs of data '{test}', not '{test.parent / 'val.json'}'; give a new --out "
-        "(or remove that one) to start over")
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            f"predict: --out out holds the outputs of data '{test}', not '{test.parent / 'val.json'}'; give a new --out "
+            "(or remove that one) to start over"
+        )
+    )
 
 
 def test_a_key_twice_in_the_outputs_fails_the_final_check(run, tmp_path):
@@ -129,11 +162,24 @@ def interrupt_then_finish(launcher: list[str], run, expected, tmp_path) -> None:
     same command again exits 0 with every key exactly once, computing only the rest."""
     run_dir, test = run
     (tmp_path / "slow.py").write_text(SLOW)
-    cmd = [*launcher, "predict", "--checkpoint", str(run_dir), "--data", str(test), "--out", "out", "--part-size", "16",
-           "data.eval_batch_size=8", "model.forward=slow:forward"]
+    cmd = [
+        *launcher,
+        "predict",
+        "--checkpoint",
+        str(run_dir),
+        "--data",
+        str(test),
+        "--out",
+        "out",
+        "--part-size",
+        "16",
+        "data.eval_batch_size=8",
+        "model.forward=slow:forward",
+    ]
     env = _env({"PYTHONPATH": str(tmp_path)})
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL
+    )
     try:
         deadline = time.monotonic() + 120
         while not list((tmp_path / "out").glob("part-*.jsonl")) and proc.poll() is None and time.monotonic() < deadline:
@@ -146,8 +192,9 @@ def interrupt_then_finish(launcher: list[str], run, expected, tmp_path) -> None:
     assert "predict: stopped by a signal" in stdout and "run the same command again to go on" in stdout
     first = Counter(read_keys(tmp_path / "out"))
     assert 0 < len(first) < len(expected) and set(first.values()) == {1}
-    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-                           stdin=subprocess.DEVNULL)
+    again = subprocess.run(
+        cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL
+    )
     assert again.returncode == 0, again.stderr
     check_once(tmp_path / "out", expected)
     assert f"predict: {len(expected)} outputs in out ({len(expected) - len(first)} samples in " in again.stdout
@@ -161,6 +208,7 @@ def test_sigterm_mid_predict_exits_75_and_the_same_command_finishes_exactly_once
 @pytest.mark.multiproc
 def test_sigterm_to_dtrain_launch_of_two_ranks_exits_75_and_the_same_command_finishes(run, expected, tmp_path):
     interrupt_then_finish([sys.executable, "-m", "dtrain", "launch", "--nproc-per-node", "2"], run, expected, tmp_path)
+
 
 def test_unlabelled_shards_without_a_descriptor_of_dtrains_are_scaled_as_the_run_was(run, expected, tmp_path):
     """Data to predict has no labels, and shards indexed by `dtrain index` no x_scale: the run's is used (the
@@ -192,6 +240,7 @@ if __name__ == "__main__":
 
 def test_a_scripts_model_is_predicted_by_the_script(tmp_path, data_root):
     from conftest import _run_here
+
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
     assert _run_here([f"data.root={data_root}"], tmp_path, None, script=script).returncode == 0
@@ -202,4 +251,5 @@ def test_a_scripts_model_is_predicted_by_the_script(tmp_path, data_root):
     proc = run_dtrain([*args, "out2"], tmp_path, check=False)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].endswith(
         "'s model was built by a script's own __main__:build_model; hand it in: load_model(..., model=build_model), "
-        "or run that script's predict command"), proc.stderr[-2000:]
+        "or run that script's predict command"
+    ), proc.stderr[-2000:]

@@ -26,10 +26,17 @@ def test_each_rank_is_a_python_running_the_script(tmp_path):
     for launcher in ("torchrun", "srun"):
         proc = run_ranks(2, ["a", "b"], tmp_path, script=tmp_path / "s.py", env={"MINE": "x"}, launcher=launcher)
         seen = sorted((json.loads(l) for l in proc.stdout.splitlines()), key=lambda r: r["rank"] or r["slurm"])
-        assert [(r["rank"], r["world"], r["slurm"]) for r in seen] == \
-            ([("0", "2", None), ("1", "2", None)] if launcher == "torchrun" else [(None, None, "0"), (None, None, "1")])
-        assert all(r["argv"] == [str(tmp_path / "s.py"), "a", "b"] and r["path0"] == str(tmp_path) and
-                   r["cwd"] == str(tmp_path) and r["mine"] == "x" and r["name"] == "__main__" for r in seen)
+        assert [(r["rank"], r["world"], r["slurm"]) for r in seen] == (
+            [("0", "2", None), ("1", "2", None)] if launcher == "torchrun" else [(None, None, "0"), (None, None, "1")]
+        )
+        assert all(
+            r["argv"] == [str(tmp_path / "s.py"), "a", "b"]
+            and r["path0"] == str(tmp_path)
+            and r["cwd"] == str(tmp_path)
+            and r["mine"] == "x"
+            and r["name"] == "__main__"
+            for r in seen
+        )
 
 
 def test_a_failed_rank_ends_the_others_and_a_run_past_its_timeout_fails(tmp_path):

@@ -42,6 +42,7 @@ def _evaluator(val_every: int = 0, patience=None, min_delta: float = 0.0) -> Eva
 
 # ---- validation cadence -----------------------------------------------------------------------------------
 
+
 def test_validation_every_epoch_when_val_every_is_0():
     ev = _evaluator(val_every=0)
     assert [s for s in range(1, 13) if ev.should_validate(s, steps_per_epoch=5, last=s == 12)] == [5, 10, 12]
@@ -49,11 +50,11 @@ def test_validation_every_epoch_when_val_every_is_0():
 
 def test_validation_every_val_every_steps_and_at_epoch_ends():
     ev = _evaluator(val_every=3)
-    assert [s for s in range(1, 12) if ev.should_validate(s, steps_per_epoch=5, last=s == 11)] == \
-        [3, 5, 6, 9, 10, 11]
+    assert [s for s in range(1, 12) if ev.should_validate(s, steps_per_epoch=5, last=s == 11)] == [3, 5, 6, 9, 10, 11]
 
 
 # ---- best and patience ------------------------------------------------------------------------------------
+
 
 def test_observe_keeps_the_best_and_counts_validations_without_improvement():
     ev = _evaluator(patience=2, min_delta=0.1)
@@ -98,6 +99,7 @@ def test_resume_finds_a_run_finished_by_length_or_patience():
 
 
 # ---- checkpoint cadence, best, retention (real files) -----------------------------------------------------
+
 
 def test_checkpoint_cadence():
     assert not any(Checkpointer("unused", 2, SINGLE, "h", every=0).should_save(s) for s in range(1, 50))
@@ -155,6 +157,7 @@ def test_keep_best_0_keeps_only_the_best_pointers_target(tmp_path):
 
 # ---- stop control -----------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def stop():
     control = StopControl(None, stop_at_step=None)
@@ -176,8 +179,10 @@ def test_stop_at_step_is_resumable():
         control.close()
 
 
-@pytest.mark.parametrize("signum, reason", [(signal.SIGTERM, StopReason.SIGTERM), (signal.SIGUSR1, StopReason.SIGUSR1),
-                                            (signal.SIGINT, StopReason.SIGINT)])
+@pytest.mark.parametrize(
+    "signum, reason",
+    [(signal.SIGTERM, StopReason.SIGTERM), (signal.SIGUSR1, StopReason.SIGUSR1), (signal.SIGINT, StopReason.SIGINT)],
+)
 def test_a_signal_stops_after_this_step(stop, signum, reason):
     assert signal.getsignal(signum) == stop._handle  # else raising it would end pytest
     signal.raise_signal(signum)
@@ -208,6 +213,7 @@ def test_handlers_are_restored():
 
 
 # ---- the loop's rules, on the real Trainer over fake parts ------------------------------------------------
+
 
 class FakeFeed:
     """`total_steps` steps of one micro-batch each, `steps_per_epoch` to an epoch; a batch is {"x": [step]}."""
@@ -279,8 +285,15 @@ class ScriptedEvaluator(Evaluator):
     """The real evaluator (cadence, best, patience) whose validation losses are given per step."""
 
     def __init__(self, cfg, val_losses: dict):
-        super().__init__(None, lambda model, batch: batch["x"], FakeLoss(), None, "classification",
-                         cfg.train.val_every, cfg.early_stop)
+        super().__init__(
+            None,
+            lambda model, batch: batch["x"],
+            FakeLoss(),
+            None,
+            "classification",
+            cfg.train.val_every,
+            cfg.early_stop,
+        )
         self.val_losses, self.step_of = val_losses, None
 
     def evaluate(self, stream, prefix, log_local=None, progress=False):
@@ -323,8 +336,17 @@ class FakeLogger:
         pass
 
 
-def make_trainer(tmp_path: Path, monkeypatch, overrides: list[str] = (), val_losses: dict | None = None,
-                 steps_per_epoch: int = 100, skip_at=(), on_device: bool = False, debug: bool = False, test: bool = True) -> Trainer:
+def make_trainer(
+    tmp_path: Path,
+    monkeypatch,
+    overrides: list[str] = (),
+    val_losses: dict | None = None,
+    steps_per_epoch: int = 100,
+    skip_at=(),
+    on_device: bool = False,
+    debug: bool = False,
+    test: bool = True,
+) -> Trainer:
     """The real Trainer on fake parts: build_components is the one seam (the refactor moving a rule to its
     owner changes what this builds, not what the tests below assert)."""
     cfg = load_config(None, [f"run.dir={tmp_path}", "run.name=r", "log.progress=false", *overrides])
@@ -332,22 +354,51 @@ def make_trainer(tmp_path: Path, monkeypatch, overrides: list[str] = (), val_los
     run_dir = tmp_path / "r"
     evaluator = ScriptedEvaluator(cfg, val_losses or {})
     log = FakeLogger(run_dir)
-    data = types.SimpleNamespace(facts=types.SimpleNamespace(task="classification"),
-                                 feed=FakeFeed(total, steps_per_epoch), val=object(), test=object() if test else None)
+    data = types.SimpleNamespace(
+        facts=types.SimpleNamespace(task="classification"),
+        feed=FakeFeed(total, steps_per_epoch),
+        val=object(),
+        test=object() if test else None,
+    )
     evaluator.engine = FakeEngine(skip_at, on_device)
-    core = types.SimpleNamespace(data=data, engine=evaluator.engine, evaluator=evaluator,
-                                 freezer=types.SimpleNamespace(apply=lambda step: False, frozen=set()))
-    meter, stop, clock = Throughput(1, 1, None, None, 1, torch.device("cpu")), \
-        StopControl(None, stop_at_step=cfg.run.stop_at_step), Stopwatch()
+    core = types.SimpleNamespace(
+        data=data,
+        engine=evaluator.engine,
+        evaluator=evaluator,
+        freezer=types.SimpleNamespace(apply=lambda step: False, frozen=set()),
+    )
+    meter, stop, clock = (
+        Throughput(1, 1, None, None, 1, torch.device("cpu")),
+        StopControl(None, stop_at_step=cfg.run.stop_at_step),
+        Stopwatch(),
+    )
     ck = cfg.checkpoint
     make_checkpointer = functools.partial(
-        Checkpointer, run_dir / "checkpoints", ck.keep_last, SINGLE, cfg.hash(), keep_best=ck.keep_best, every=ck.every,
-        save_best=ck.save_best, enabled=not debug, halted=lambda: stop.reason == StopReason.NONFINITE, clock=clock.part)
+        Checkpointer,
+        run_dir / "checkpoints",
+        ck.keep_last,
+        SINGLE,
+        cfg.hash(),
+        keep_best=ck.keep_best,
+        every=ck.every,
+        save_best=ck.save_best,
+        enabled=not debug,
+        halted=lambda: stop.reason == StopReason.NONFINITE,
+        clock=clock.part,
+    )
     skipped = SkippedUpdates(cfg.train.nonfinite, torch.device("cpu"), stop, log.warning, lambda: data.feed.step)
     components = types.SimpleNamespace(
-        run_dir=run_dir, core=core, log=log, key_log=None, meter=meter, make_checkpointer=make_checkpointer, stop=stop,
-        clock=clock, skipped=skipped, step_log=StepLog(log, meter, ["loss"], cfg.train.log_every, False,
-                                                       lambda: 0.1, skipped, torch.device("cpu")))
+        run_dir=run_dir,
+        core=core,
+        log=log,
+        key_log=None,
+        meter=meter,
+        make_checkpointer=make_checkpointer,
+        stop=stop,
+        clock=clock,
+        skipped=skipped,
+        step_log=StepLog(log, meter, ["loss"], cfg.train.log_every, False, lambda: 0.1, skipped, torch.device("cpu")),
+    )
     monkeypatch.setattr(trainer_module, "build_components", lambda *args: components)
     trainer = Trainer(cfg, SINGLE, debug=debug)
     evaluator.step_of = lambda: trainer.step
@@ -377,16 +428,23 @@ def test_validation_in_the_loop(tmp_path, monkeypatch):
 
 
 def test_checkpoint_cadence_and_the_final_save(tmp_path, monkeypatch):
-    t = make_trainer(tmp_path, monkeypatch, ["train.max_steps=10", "checkpoint.every=4", "checkpoint.keep_last=10",
-                                             "checkpoint.save_best=false"])
+    t = make_trainer(
+        tmp_path,
+        monkeypatch,
+        ["train.max_steps=10", "checkpoint.every=4", "checkpoint.keep_last=10", "checkpoint.save_best=false"],
+    )
     t.fit()
     assert _saved(t) == [4, 8, 10]  # every 4 steps, and the final step once
     assert t.checkpointer.pointer("best") is None
 
 
 def test_save_best_on_improvement_and_test_on_the_best(tmp_path, monkeypatch):
-    t = make_trainer(tmp_path, monkeypatch, ["train.max_steps=15", "train.val_every=5", "checkpoint.keep_last=1"],
-                     val_losses={5: 1.0, 10: 0.5, 15: 0.7})
+    t = make_trainer(
+        tmp_path,
+        monkeypatch,
+        ["train.max_steps=15", "train.val_every=5", "checkpoint.keep_last=1"],
+        val_losses={5: 1.0, 10: 0.5, 15: 0.7},
+    )
     t.fit()
     assert t.checkpointer.pointer("best").name == "step-00000010"
     assert _saved(t) == [10, 15]  # the best, and the final (keep_last=1)
@@ -421,6 +479,7 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint(tmp_path, monkeypatch):
             assert signal.getsignal(signal.SIGTERM) == t.stop._handle
             signal.raise_signal(signal.SIGTERM)
         return out
+
     t.engine.step = step_then_sigterm
     assert t.fit() == {"step": 3, "stop_reason": "signal:SIGTERM"}
     assert _saved(t) == [3] and _logged(t, "test/loss") == []
@@ -429,16 +488,22 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("on_device", [False, True])
 def test_nonfinite_stop_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, on_device):
-    t = make_trainer(tmp_path, monkeypatch, ["train.max_steps=10", "train.nonfinite=stop", "checkpoint.every=2"],
-                     skip_at={5}, on_device=on_device)
+    t = make_trainer(
+        tmp_path,
+        monkeypatch,
+        ["train.max_steps=10", "train.nonfinite=stop", "checkpoint.every=2"],
+        skip_at={5},
+        on_device=on_device,
+    )
     assert t.fit() == {"step": 5, "stop_reason": "nonfinite"}
     assert _saved(t) == [2, 4]  # nothing of the bad step
     assert t.skipped.total == 1
 
 
 def test_nonfinite_stop_even_at_a_checkpoint_step(tmp_path, monkeypatch):
-    t = make_trainer(tmp_path, monkeypatch, ["train.max_steps=10", "train.nonfinite=stop", "checkpoint.every=2"],
-                     skip_at={4})
+    t = make_trainer(
+        tmp_path, monkeypatch, ["train.max_steps=10", "train.nonfinite=stop", "checkpoint.every=2"], skip_at={4}
+    )
     assert t.fit() == {"step": 4, "stop_reason": "nonfinite"}
     assert _saved(t) == [2]
 
@@ -452,6 +517,7 @@ def _weights_turn_nan_at(t: Trainer, step: int) -> None:
             with torch.no_grad():
                 t.engine.module.weight.fill_(math.inf)
         return out
+
     t.engine.step = step_then_nan
 
 
@@ -460,9 +526,11 @@ def test_nonfinite_weights_stop_before_any_save_and_never_complete(tmp_path, mon
     _weights_turn_nan_at(t, 5)
     assert t.fit() == {"step": 6, "stop_reason": "nonfinite"}  # found at the next save: not saved, not tested
     assert _saved(t) == [2, 4] and _logged(t, "test/loss") == []
-    assert t.log.lines[-1] == (f"stopped at step 6: the weights are non-finite (NaN/inf): the run diverged; the "
-                               f"newest checkpoint is {t.run_dir / 'checkpoints' / 'step-00000004'}; lower optim.lr "
-                               "and run again, or start afresh under another run.name")
+    assert t.log.lines[-1] == (
+        f"stopped at step 6: the weights are non-finite (NaN/inf): the run diverged; the "
+        f"newest checkpoint is {t.run_dir / 'checkpoints' / 'step-00000004'}; lower optim.lr "
+        "and run again, or start afresh under another run.name"
+    )
 
 
 @pytest.mark.parametrize("overrides", [["run.stop_at_step=3"], []])
@@ -485,19 +553,29 @@ def test_a_run_that_ends_in_skipped_updates_does_not_complete(tmp_path, monkeypa
         assert "stopped at step 10: the last 2 updates were skipped" in t.log.lines[-1]
 
 
-@pytest.mark.parametrize("on_device, said", [(False, ["step 2", "step 3", "step 7"]),
-                                             (True, ["steps 1-5", "steps 6-10"])])  # no sync: at the log lines
+@pytest.mark.parametrize(
+    "on_device, said", [(False, ["step 2", "step 3", "step 7"]), (True, ["steps 1-5", "steps 6-10"])]
+)  # no sync: at the log lines
 def test_nonfinite_skip_trains_on_and_counts(tmp_path, monkeypatch, on_device, said):
-    t = make_trainer(tmp_path, monkeypatch, ["train.max_steps=10", "train.nonfinite=skip", "train.log_every=5"],
-                     skip_at={2, 3, 7}, on_device=on_device)
+    t = make_trainer(
+        tmp_path,
+        monkeypatch,
+        ["train.max_steps=10", "train.nonfinite=skip", "train.log_every=5"],
+        skip_at={2, 3, 7},
+        on_device=on_device,
+    )
     assert t.fit()["stop_reason"] == "completed"
     assert t.skipped.total == 3
     assert [line.split(":")[0] for line in t.log.lines if "non-finite" in line] == said
 
 
 def test_early_stop(tmp_path, monkeypatch):
-    t = make_trainer(tmp_path, monkeypatch, ["train.max_steps=20", "train.val_every=2", "early_stop.patience=2"],
-                     val_losses={2: 1.0, 4: 0.8, 6: 0.9, 8: 0.85, 10: 0.1})
+    t = make_trainer(
+        tmp_path,
+        monkeypatch,
+        ["train.max_steps=20", "train.val_every=2", "early_stop.patience=2"],
+        val_losses={2: 1.0, 4: 0.8, 6: 0.9, 8: 0.85, 10: 0.1},
+    )
     result = t.fit()
     assert (result["step"], result["stop_reason"]) == (8, "early_stop")  # 6 and 8 no better than 4
     assert _logged(t, "test/loss") == [8] and t.log.records[-1]["test/weights_step"] == 4
@@ -506,12 +584,17 @@ def test_early_stop(tmp_path, monkeypatch):
 
 def test_patience_across_a_resume(tmp_path, monkeypatch):
     losses = {2: 1.0, 4: 0.8, 6: 0.9, 8: 0.85, 10: 0.95, 12: 0.1}
-    first = make_trainer(tmp_path, monkeypatch, ["train.max_steps=20", "train.val_every=2", "early_stop.patience=3",
-                                                 "run.stop_at_step=7"], val_losses=losses)
+    first = make_trainer(
+        tmp_path,
+        monkeypatch,
+        ["train.max_steps=20", "train.val_every=2", "early_stop.patience=3", "run.stop_at_step=7"],
+        val_losses=losses,
+    )
     assert first.fit() == {"step": 7, "stop_reason": "stop_at_step"}
     assert first.evaluator.bad_validations == 1
-    second = make_trainer(tmp_path, monkeypatch, ["train.max_steps=20", "train.val_every=2", "early_stop.patience=3"],
-                          val_losses=losses)
+    second = make_trainer(
+        tmp_path, monkeypatch, ["train.max_steps=20", "train.val_every=2", "early_stop.patience=3"], val_losses=losses
+    )
     result = second.fit()
     assert second.engine.loaded.name == "step-00000007"
     # 6 before the resume, 8 and 10 after: three validations without improvement
@@ -520,15 +603,21 @@ def test_patience_across_a_resume(tmp_path, monkeypatch):
 
 def test_a_resume_with_patience_already_used_up_stops_at_once(tmp_path, monkeypatch):
     losses = {2: 1.0, 4: 1.1, 6: 1.2}
-    first = make_trainer(tmp_path, monkeypatch, ["train.max_steps=20", "train.val_every=2", "early_stop.patience=5",
-                                                 "run.stop_at_step=6"], val_losses=losses)
+    first = make_trainer(
+        tmp_path,
+        monkeypatch,
+        ["train.max_steps=20", "train.val_every=2", "early_stop.patience=5", "run.stop_at_step=6"],
+        val_losses=losses,
+    )
     first.fit()
-    second = make_trainer(tmp_path, monkeypatch, ["train.max_steps=20", "train.val_every=2",
-                                                  "early_stop.patience=2"], val_losses=losses)
+    second = make_trainer(
+        tmp_path, monkeypatch, ["train.max_steps=20", "train.val_every=2", "early_stop.patience=2"], val_losses=losses
+    )
     result = second.fit()
     assert (result["step"], result["stop_reason"]) == (6, "early_stop")
     assert second.engine.steps == 6  # not one more step
     assert _logged(second, "test/loss") == [6]
-    third = make_trainer(tmp_path, monkeypatch, ["train.max_steps=20", "train.val_every=2",
-                                                 "early_stop.patience=2"], val_losses=losses)
+    third = make_trainer(
+        tmp_path, monkeypatch, ["train.max_steps=20", "train.val_every=2", "early_stop.patience=2"], val_losses=losses
+    )
     assert third.fit()["stop_reason"] == "already_completed"  # finished and tested: nothing to do

@@ -28,8 +28,16 @@ from dtrain.records import keep_records, read_records
 from dtrain.resume import config_changes, fixed_reason
 from dtrain.runlock import LOCK, RunDirError, RunLock, check_layout, make_run_dir
 
-FOREIGN = {"host": "node-b", "pid": 4242, "slurm_job": "99", "torchelastic_run": None, "machine": "another-machine",
-           "process_start": "1", "started": 0.0, "token": "t"}
+FOREIGN = {
+    "host": "node-b",
+    "pid": 4242,
+    "slurm_job": "99",
+    "torchelastic_run": None,
+    "machine": "another-machine",
+    "process_start": "1",
+    "started": 0.0,
+    "token": "t",
+}
 
 
 def tree(path: Path) -> dict:
@@ -48,16 +56,29 @@ def tree(path: Path) -> dict:
 def test_torn_last_line_is_dropped_and_a_malformed_one_reported_with_its_line(tmp_path):
     path = tmp_path / "metrics.jsonl"
     good = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2, 3, 4)]
-    data = (good[0] + "\n" + good[1] + "\n" + '{"step": 2, "lo\n' + "\n" + "\xff oops\n" + good[2] + "\n"
-            + good[3] + "\n" + good[3][:-7])
+    data = (
+        good[0]
+        + "\n"
+        + good[1]
+        + "\n"
+        + '{"step": 2, "lo\n'
+        + "\n"
+        + "\xff oops\n"
+        + good[2]
+        + "\n"
+        + good[3]
+        + "\n"
+        + good[3][:-7]
+    )
     path.write_bytes(data.encode("latin-1"))
     said = []
     records = read_records(path, metrics_record, said.append)
     assert [r["step"] for _, r in records] == [1, 2, 3, 4]
-    assert said == [f"{path}: dropped an incomplete last line ({len(good[3]) - 7} bytes, cut off while being written)",
-                    f"{path}:3: malformed record skipped (Unterminated string starting at: line 1 column 13 (char 12))",
-                    f"{path}:5: malformed record skipped ('utf-8' codec can't decode byte 0xff in position 0: "
-                    "invalid start byte)"]
+    assert said == [
+        f"{path}: dropped an incomplete last line ({len(good[3]) - 7} bytes, cut off while being written)",
+        f"{path}:3: malformed record skipped (Unterminated string starting at: line 1 column 13 (char 12))",
+        f"{path}:5: malformed record skipped ('utf-8' codec can't decode byte 0xff in position 0: invalid start byte)",
+    ]
     assert path.read_bytes() == data.encode("latin-1")  # reading changes nothing
 
     said.clear()
@@ -74,6 +95,7 @@ def test_torn_last_line_is_dropped_and_a_malformed_one_reported_with_its_line(tm
     assert keys.read_text() == "1 a b\n2 c d\n" and f"{keys}:3: malformed record removed" in said[-1]
 
     from dtrain.plot import read_metrics
+
     (tmp_path / "metrics.jsonl").write_text(good[0] + "\n[1, 2]\n" + good[1][:5])
     said.clear()
     assert [r["step"] for r in read_metrics(tmp_path, said.append)] == [1]
@@ -87,8 +109,17 @@ def test_sigkilled_run_with_cut_files_resumes_and_completes(tmp_path, data_root)
     drops and reports those lines, resumes and completes: every line parses, no step is logged twice, in
     metrics.csv and TensorBoard either."""
     for attempt in range(5):  # a kill that lands right after a save, before the next step is logged, is no test
-        args = ["train", f"data.root={data_root}", "train.epochs=2", "log.progress=false", "train.log_every=1",
-                "checkpoint.every=10", "log.sample_keys=true", f"run.name=k{attempt}", "log.loggers=[csv,tensorboard]"]
+        args = [
+            "train",
+            f"data.root={data_root}",
+            "train.epochs=2",
+            "log.progress=false",
+            "train.log_every=1",
+            "checkpoint.every=10",
+            "log.sample_keys=true",
+            f"run.name=k{attempt}",
+            "log.loggers=[csv,tensorboard]",
+        ]
         run = tmp_path / "runs" / f"k{attempt}"
         proc = start([sys.executable, "-m", "dtrain", *args], tmp_path, uuid.uuid4().hex)
         wait_for(lambda: latest_logged_step(run) >= 12, what="step 12")
@@ -112,11 +143,15 @@ def test_sigkilled_run_with_cut_files_resumes_and_completes(tmp_path, data_root)
         path.write_bytes(b"\n".join(lines))
     resumed = run_dtrain(args, tmp_path)
     err, rel = resumed.stderr, Path("runs") / run.name  # paths as the run names them: relative to its directory
-    assert f"run: took over {rel / LOCK} from host {socket.gethostname()}, pid {pid}: its process {pid} is no " \
-           "longer running" in err, err
+    assert (
+        f"run: took over {rel / LOCK} from host {socket.gethostname()}, pid {pid}: its process {pid} is no "
+        "longer running" in err
+    ), err
     for name in ("metrics.jsonl", "sample_keys/rank-00000.txt"):
-        assert f"{rel / name}: dropped an incomplete last line" in err and f"{rel / name}:4: malformed record removed" \
-            in err, err
+        assert (
+            f"{rel / name}: dropped an incomplete last line" in err
+            and f"{rel / name}:4: malformed record removed" in err
+        ), err
     assert result_of(resumed)["stop_reason"] == "completed" and not (run / LOCK).exists()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]  # each line parses
     train_steps = [r["step"] for r in records if "loss" in r]
@@ -124,6 +159,7 @@ def test_sigkilled_run_with_cut_files_resumes_and_completes(tmp_path, data_root)
     logged = [int(line.split()[0]) for line in (run / "sample_keys" / "rank-00000.txt").read_text().splitlines()]
     assert logged == list(range(1, 39))
     from test_loggers import read_csv, scalars
+
     assert [int(r["step"]) for r in read_csv(run / "metrics.csv") if r["loss"]] == list(range(1, 39))
     assert [step for step, _ in scalars(run)["loss"]] == list(range(1, 39))
     assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 2
@@ -132,11 +168,28 @@ def test_sigkilled_run_with_cut_files_resumes_and_completes(tmp_path, data_root)
 # ---- 2. resuming with a changed config --------------------------------------------------------------------
 def test_changed_keys_are_classified_fixed_or_applied():
     saved = load_config(None, ["loss.terms={mse: 1.0}"]).to_dict()
-    cfg = load_config(None, ["optim.lr=0.01", "train.epochs=30", "model.kwargs.hidden=[32]", "data.batch_size=32",
-                             "loss.terms={mse: 1.0, mae: 0.5}", "wandb.tags=[a]", "run.seed=1"])
+    cfg = load_config(
+        None,
+        [
+            "optim.lr=0.01",
+            "train.epochs=30",
+            "model.kwargs.hidden=[32]",
+            "data.batch_size=32",
+            "loss.terms={mse: 1.0, mae: 0.5}",
+            "wandb.tags=[a]",
+            "run.seed=1",
+        ],
+    )
     changes = {c.key: c for c in config_changes(saved, cfg)}
-    assert set(changes) == {"optim.lr", "train.epochs", "model.kwargs.hidden", "data.batch_size", "loss.terms.mae",
-                            "wandb.tags", "run.seed"}
+    assert set(changes) == {
+        "optim.lr",
+        "train.epochs",
+        "model.kwargs.hidden",
+        "data.batch_size",
+        "loss.terms.mae",
+        "wandb.tags",
+        "run.seed",
+    }
     assert (changes["optim.lr"].old, changes["optim.lr"].new) == (0.003, 0.01)
     fixed = {k for k, c in changes.items() if c.fixed}
     assert fixed == {"model.kwargs.hidden", "data.batch_size", "loss.terms.mae", "run.seed"}
@@ -152,8 +205,18 @@ def test_changed_keys_are_classified_fixed_or_applied():
     assert fixed_reason("fsdp.reshard_after_forward", True, False)  # unknown: fixed until listed
     assert fixed_reason("model.init_from", None, "runs/x") and fixed_reason("optim.name", "sgd", "adamw")
     assert fixed_reason("optim.backbone_lr_ratio", 1.0, 0.1) and not fixed_reason("optim.backbone_lr_ratio", 0.2, 0.1)
-    for key in ("schedule.name", "train.max_steps", "early_stop.patience", "checkpoint.keep_last", "dist.timeout_s",
-                "log.progress", "wandb.project", "run.stop_at_step", "data.num_workers", "model.unfreeze_at_step"):
+    for key in (
+        "schedule.name",
+        "train.max_steps",
+        "early_stop.patience",
+        "checkpoint.keep_last",
+        "dist.timeout_s",
+        "log.progress",
+        "wandb.project",
+        "run.stop_at_step",
+        "data.num_workers",
+        "model.unfreeze_at_step",
+    ):
         assert fixed_reason(key, 1, 2) is None, key
 
 
@@ -199,31 +262,43 @@ def test_changed_lr_and_schedule_are_applied_after_loading_the_checkpoint():
 def finished_run(tmp_path_factory, data_root):
     """A completed one-epoch run (19 steps), copied by each test that changes it."""
     cwd = tmp_path_factory.mktemp("finished")
-    args = ["train", f"data.root={data_root}", "train.epochs=1", "log.progress=false", "train.log_every=1",
-            "run.name=c"]
+    args = [
+        "train",
+        f"data.root={data_root}",
+        "train.epochs=1",
+        "log.progress=false",
+        "train.log_every=1",
+        "run.name=c",
+    ]
     run_dtrain(args, cwd)
     return cwd, args
 
 
 def test_resume_with_changed_config_refuses_fixed_keys_skips_a_finished_run_and_applies_the_rest(
-        tmp_path, finished_run):
+    tmp_path, finished_run
+):
     import shutil
+
     cwd, args = finished_run
     shutil.copytree(cwd / "runs", tmp_path / "runs", symlinks=True)
     run = tmp_path / "runs" / "c"
     before = tree(run)
 
-    refused = run_dtrain(args + ["model.kwargs.hidden=[32]", "data.batch_size=32", "optim.lr=0.01"], tmp_path,
-                         check=False)
+    refused = run_dtrain(
+        args + ["model.kwargs.hidden=[32]", "data.batch_size=32", "optim.lr=0.01"], tmp_path, check=False
+    )
     lines = refused.stderr.strip().splitlines()
     assert refused.returncode == 2 and [l for l in lines if "changed since the checkpoint" in l] == [
         "resume: data.batch_size changed since the checkpoint: 64 -> 32",
         "resume: model.kwargs.hidden changed since the checkpoint: (unset) -> [32]",
-        "resume: optim.lr changed since the checkpoint: 0.003 -> 0.01"], refused.stderr
-    assert lines[-1] == ("dtrain: error: config: data.batch_size cannot change when a run resumes: it decides the "
-                         "training samples, their order and the steps per epoch (so did model.kwargs.hidden); to start "
-                         f"afresh use another run.name (with model.init_from={Path('runs') / 'c'} to start from "
-                         "this run's weights)")
+        "resume: optim.lr changed since the checkpoint: 0.003 -> 0.01",
+    ], refused.stderr
+    assert lines[-1] == (
+        "dtrain: error: config: data.batch_size cannot change when a run resumes: it decides the "
+        "training samples, their order and the steps per epoch (so did model.kwargs.hidden); to start "
+        f"afresh use another run.name (with model.init_from={Path('runs') / 'c'} to start from "
+        "this run's weights)"
+    )
     assert tree(run) == before  # nothing written: checkpoints, metrics, config.yaml byte-identical, no lock left
 
     again = run_dtrain(args + ["optim.lr=0.01"], tmp_path)  # finished and tested: said, not trained or tested again
@@ -235,11 +310,14 @@ def test_resume_with_changed_config_refuses_fixed_keys_skips_a_finished_run_and_
     longer = run_dtrain(args + ["optim.lr=0.01", "train.epochs=2"], tmp_path)  # extended: trains on, new LR
     assert [l for l in longer.stderr.splitlines() if "changed since the checkpoint" in l] == [
         "resume: optim.lr changed since the checkpoint: 0.003 -> 0.01",
-        "resume: train.epochs changed since the checkpoint: 1 -> 2"]
+        "resume: train.epochs changed since the checkpoint: 1 -> 2",
+    ]
     assert result_of(longer)["stop_reason"] == "completed" and result_of(longer)["step"] == 38
     schedule = build_schedule(load_config(None).schedule, 38)
     before_schedule = build_schedule(load_config(None).schedule, 19)
-    logged = {r["step"]: r["lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "lr" in r}
+    logged = {
+        r["step"]: r["lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "lr" in r
+    }
     assert all(logged[s] == pytest.approx(0.003 * before_schedule(s)) for s in range(1, 20))
     assert all(logged[s] == pytest.approx(0.01 * schedule(s), rel=1e-12) for s in range(20, 39))
     assert "optim:\n  name: adamw\n  lr: 0.01" in (run / "config.yaml").read_text()
@@ -259,9 +337,11 @@ def test_lock_from_another_host_blocks_while_its_heartbeat_is_fresh(tmp_path):
     content = lock.read_bytes()
     with pytest.raises(RunDirError) as e:
         RunLock(tmp_path, stale_after_s=60).acquire(print)
-    assert str(e.value) == (f"run: {tmp_path} is in use by host node-b, pid 4242, SLURM job 99 (heartbeat 5 s ago); "
-                            "wait for it to end or use another run.name (a lock from another host is taken over once "
-                            "its heartbeat is 60 s old)")
+    assert str(e.value) == (
+        f"run: {tmp_path} is in use by host node-b, pid 4242, SLURM job 99 (heartbeat 5 s ago); "
+        "wait for it to end or use another run.name (a lock from another host is taken over once "
+        "its heartbeat is 60 s old)"
+    )
     assert lock.read_bytes() == content and sorted(os.listdir(tmp_path)) == [LOCK]
 
     os.utime(lock, (time.time() - 61,) * 2)
@@ -269,8 +349,10 @@ def test_lock_from_another_host_blocks_while_its_heartbeat_is_fresh(tmp_path):
     mine = RunLock(tmp_path, stale_after_s=60)
     mine.acquire(said.append)
     try:
-        assert said == [f"run: took over {lock} from host node-b, pid 4242, SLURM job 99: its heartbeat is 61 s old "
-                        "(a lock is stale after 60 s)"]
+        assert said == [
+            f"run: took over {lock} from host node-b, pid 4242, SLURM job 99: its heartbeat is 61 s old "
+            "(a lock is stale after 60 s)"
+        ]
         assert json.loads(lock.read_text())["token"] == mine.me["token"] and sorted(os.listdir(tmp_path)) == [LOCK]
     finally:
         mine.release()
@@ -282,6 +364,7 @@ def test_lock_of_a_dead_process_on_this_machine_is_taken_over_at_once_a_live_one
     sleeper = subprocess.Popen(["sleep", "60"])
     try:
         from dtrain.runlock import _process_start
+
         live = {"machine": here["machine"], "pid": sleeper.pid, "process_start": _process_start(sleeper.pid)}
         _foreign_lock(tmp_path, age_s=3600, **live)  # alive here: however old its heartbeat (it may be stopped)
         with pytest.raises(RunDirError, match=f"in use by host node-b, pid {sleeper.pid}, SLURM job 99"):
@@ -292,8 +375,10 @@ def test_lock_of_a_dead_process_on_this_machine_is_taken_over_at_once_a_live_one
         lock = RunLock(tmp_path)
         lock.acquire(said.append)
         lock.release()
-        assert said == [f"run: took over {tmp_path / LOCK} from host node-b, pid {sleeper.pid}, SLURM job 99: its "
-                        f"process {sleeper.pid} is no longer running"]
+        assert said == [
+            f"run: took over {tmp_path / LOCK} from host node-b, pid {sleeper.pid}, SLURM job 99: its "
+            f"process {sleeper.pid} is no longer running"
+        ]
         _foreign_lock(tmp_path, age_s=0, **{**live, "process_start": "1"})  # its pid, now another process's
         lock = RunLock(tmp_path)
         lock.acquire(said.append)
@@ -320,6 +405,7 @@ def test_of_several_takeovers_at_once_exactly_one_wins(tmp_path, monkeypatch):
                 outcome[lock.me["token"]] = "held"
             except RunDirError as e:
                 outcome[lock.me["token"]] = str(e)
+
         threads = [threading.Thread(target=take, args=(lock,)) for lock in locks]
         [t.start() for t in threads]
         [t.join() for t in threads]
@@ -352,6 +438,7 @@ def test_heartbeat_and_an_earlier_attempt_of_the_same_job(tmp_path, monkeypatch)
 def test_lock_without_hard_links(tmp_path, monkeypatch):
     def no_links(src, dst):
         raise OSError(errno.EPERM, "Operation not permitted")
+
     monkeypatch.setattr(os, "link", no_links)  # some FUSE mounts
     lock = RunLock(tmp_path)
     lock.acquire(print)
@@ -363,16 +450,21 @@ def test_lock_without_hard_links(tmp_path, monkeypatch):
 
 
 def test_a_holder_whose_lock_was_taken_over_stops_without_writing_more(tmp_path):
-    code = ("import sys, time; from pathlib import Path; from dtrain.runlock import RunLock; "
-            "RunLock(Path(sys.argv[1]), heartbeat_s=0.05).acquire(print); print('held', flush=True); time.sleep(30)")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    code = (
+        "import sys, time; from pathlib import Path; from dtrain.runlock import RunLock; "
+        "RunLock(Path(sys.argv[1]), heartbeat_s=0.05).acquire(print); print('held', flush=True); time.sleep(30)"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline() == "held\n"
     _foreign_lock(tmp_path, age_s=0)  # what a taker's os.replace leaves
     assert proc.wait(timeout=20) == 2
-    assert proc.stderr.read() == (f"dtrain: error: run: {tmp_path / LOCK} was taken over by host node-b, pid 4242, "
-                                  "SLURM job 99 (this job's heartbeat stopped for over 120 s); stopping without "
-                                  "writing more\n")
+    assert proc.stderr.read() == (
+        f"dtrain: error: run: {tmp_path / LOCK} was taken over by host node-b, pid 4242, "
+        "SLURM job 99 (this job's heartbeat stopped for over 120 s); stopping without "
+        "writing more\n"
+    )
 
 
 def _two_starts(cmds: list[list[str]], cwd: Path, run: Path, ranks: int) -> None:
@@ -387,9 +479,13 @@ def _two_starts(cmds: list[list[str]], cwd: Path, run: Path, ranks: int) -> None
         holder = json.loads((run / LOCK).read_text())
         assert holder["pid"] == workers(tags[1 - loser])[0] and winner.poll() is None
         refusals = [line for line in err.splitlines() if line.startswith("dtrain: error:")]
-        assert len(refusals) == ranks and all(line.startswith(  # every rank, with rank 0's verdict
-            f"dtrain: error: run: {Path('runs') / run.name} is in use by host {socket.gethostname()}, pid "
-            f"{holder['pid']} (") for line in refusals), err
+        assert len(refusals) == ranks and all(
+            line.startswith(  # every rank, with rank 0's verdict
+                f"dtrain: error: run: {Path('runs') / run.name} is in use by host {socket.gethostname()}, pid "
+                f"{holder['pid']} ("
+            )
+            for line in refusals
+        ), err
         step = latest_logged_step(run)
         wait_for(lambda: latest_logged_step(run) > step + 2, what="the winner to train on")
         winner.send_signal(signal.SIGTERM)  # torchrun passes it on: every rank checkpoints and stops
@@ -403,16 +499,30 @@ def _two_starts(cmds: list[list[str]], cwd: Path, run: Path, ranks: int) -> None
 
 
 def test_two_concurrent_starts_one_trains(tmp_path, data_root):
-    args = ["-m", "dtrain", "train", f"data.root={data_root}", "train.epochs=100", "log.progress=false",
-            "train.log_every=1", "run.name=two"]
+    args = [
+        "-m",
+        "dtrain",
+        "train",
+        f"data.root={data_root}",
+        "train.epochs=100",
+        "log.progress=false",
+        "train.log_every=1",
+        "run.name=two",
+    ]
     _two_starts([[sys.executable, *args]] * 2, tmp_path, tmp_path / "runs" / "two", ranks=1)
 
 
 @pytest.mark.multiproc
 @pytest.mark.slow
 def test_two_concurrent_starts_on_two_ranks_one_trains(tmp_path, data_root):
-    args = ["train", f"data.root={data_root}", "train.epochs=100", "log.progress=false", "train.log_every=1",
-            "run.name=two"]
+    args = [
+        "train",
+        f"data.root={data_root}",
+        "train.epochs=100",
+        "log.progress=false",
+        "train.log_every=1",
+        "run.name=two",
+    ]
     _two_starts([torchrun_cmd(2, args), torchrun_cmd(2, args)], tmp_path, tmp_path / "runs" / "two", ranks=2)
 
 
@@ -424,12 +534,15 @@ def test_lock_from_another_host_real_processes(tmp_path, data_root):
     assert refused.returncode == 2 and re.fullmatch(
         rf"dtrain: error: run: {Path('runs') / 'h'} is in use by host node-b, pid 4242, SLURM job 99 \(heartbeat "
         r"\d+ s ago\); wait for it to end or use another run.name \(a lock from another host is taken over once its "
-        r"heartbeat is 120 s old\)", refused.stderr.strip().splitlines()[-1]), refused.stderr
+        r"heartbeat is 120 s old\)",
+        refused.stderr.strip().splitlines()[-1],
+    ), refused.stderr
     assert sorted(os.listdir(run)) == [LOCK] and json.loads(lock.read_text()) == FOREIGN
     os.utime(lock, (time.time() - 3600,) * 2)
     taken = run_dtrain(args, tmp_path, process=True)
-    assert re.search(r"took over \S+ from host node-b, pid 4242, SLURM job 99: its heartbeat is 36\d\d s old",
-                     taken.stderr), taken.stderr
+    assert re.search(
+        r"took over \S+ from host node-b, pid 4242, SLURM job 99: its heartbeat is 36\d\d s old", taken.stderr
+    ), taken.stderr
     assert result_of(taken)["step"] == 2 and not lock.exists()
 
 
@@ -438,10 +551,12 @@ def test_paths_in_the_way(tmp_path):
     (tmp_path / "runs").write_text("")
     with pytest.raises(RunDirError, match=f"^run: {tmp_path / 'runs'} is a file, not a directory; move it away"):
         make_run_dir(tmp_path / "runs" / "x" / "y")
-    cases = [("checkpoints", lambda p: p.write_text(""), "checkpoint: {} is a file where dtrain keeps a directory"),
-             ("checkpoints/latest", Path.mkdir, "checkpoint: {} is a directory where dtrain keeps a symbolic link"),
-             ("metrics.jsonl", Path.mkdir, "log: {} is a directory where dtrain keeps a file"),
-             ("sample_keys", lambda p: p.symlink_to("gone"), "log: {} is a broken symbolic link where dtrain keeps")]
+    cases = [
+        ("checkpoints", lambda p: p.write_text(""), "checkpoint: {} is a file where dtrain keeps a directory"),
+        ("checkpoints/latest", Path.mkdir, "checkpoint: {} is a directory where dtrain keeps a symbolic link"),
+        ("metrics.jsonl", Path.mkdir, "log: {} is a directory where dtrain keeps a file"),
+        ("sample_keys", lambda p: p.symlink_to("gone"), "log: {} is a broken symbolic link where dtrain keeps"),
+    ]
     for i, (name, make, said) in enumerate(cases):
         run = tmp_path / str(i)
         (run / "checkpoints").mkdir(parents=True)
@@ -461,8 +576,10 @@ def test_path_in_the_way_ends_a_run_in_one_line(tmp_path, in_the_way):
     proc = run_dtrain(["train", "train.max_steps=1", "run.name=w"], tmp_path, check=False)
     kind = "a directory where dtrain keeps a file" if path.is_dir() else "a file"
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("dtrain: error: ") and \
-        f"{Path(in_the_way)} is {kind}" in proc.stderr.strip().splitlines()[-1], proc.stderr
+    assert (
+        proc.stderr.strip().splitlines()[-1].startswith("dtrain: error: ")
+        and f"{Path(in_the_way)} is {kind}" in proc.stderr.strip().splitlines()[-1]
+    ), proc.stderr
     assert (path.read_text() == "mine") if path.is_file() else not any(path.iterdir())
 
 
@@ -470,14 +587,23 @@ def test_a_finished_run_without_a_test_split_is_not_trained_or_summarised_again(
     """Found walking the docs: run again, a finished run on shards with train and val only said 'resumed ...
     training 108 steps' and rewrote summary.json with this start's 0.1 s: 'nothing to do' needed test metrics."""
     from dtrain.data import make_builtin
+
     make_builtin("digits", tmp_path / "d", 250)
-    args = ["train", f"data.train={tmp_path / 'd' / 'train.json'}", f"data.val={tmp_path / 'd' / 'val.json'}",
-            "train.max_steps=4", "log.progress=false", "run.doctor=false", "run.name=notest"]
+    args = [
+        "train",
+        f"data.train={tmp_path / 'd' / 'train.json'}",
+        f"data.val={tmp_path / 'd' / 'val.json'}",
+        "train.max_steps=4",
+        "log.progress=false",
+        "run.doctor=false",
+        "run.name=notest",
+    ]
     first = run_dtrain(args, tmp_path)
     assert result_of(first)["stop_reason"] == "completed"
     run = tmp_path / "runs" / "notest"
     before = tree(run)
     again = run_dtrain(args, tmp_path)
-    assert "this run already finished at step 4 (completed) and its data has no test split; nothing to do" \
-        in again.stderr, again.stderr
+    assert (
+        "this run already finished at step 4 (completed) and its data has no test split; nothing to do" in again.stderr
+    ), again.stderr
     assert result_of(again)["stop_reason"] == "already_completed" and tree(run) == before

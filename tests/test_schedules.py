@@ -23,8 +23,7 @@ def test_linear_warmup_comes_before_every_schedule():
         assert s(10) == 1.0, name  # the schedule proper starts at its peak
 
 
-@pytest.mark.parametrize("step, expected", [
-    (0, 1.0), (29, 1.0), (30, 0.1), (59, 0.1), (60, 0.01), (95, 0.001)])
+@pytest.mark.parametrize("step, expected", [(0, 1.0), (29, 1.0), (30, 0.1), (59, 0.1), (60, 0.01), (95, 0.001)])
 def test_step_decay(step, expected):
     s = Schedule("step", total_steps=1000, warmup_steps=5, every=30, gamma=0.1)
     assert s(5 + step) == pytest.approx(expected)  # t = step after the 5 warmup steps
@@ -66,21 +65,32 @@ def _torch_lrs(scheduler_cls, steps, **kw):
     return lrs
 
 
-@pytest.mark.parametrize("schedule, torch_cls, kw", [
-    (Schedule("step", 300, every=25, gamma=0.3), torch.optim.lr_scheduler.StepLR, {"step_size": 25, "gamma": 0.3}),
-    (Schedule("exponential", 300, every=1, gamma=0.97), torch.optim.lr_scheduler.ExponentialLR, {"gamma": 0.97}),
-    (Schedule("cosine", 300, min_lr_ratio=0.1), torch.optim.lr_scheduler.CosineAnnealingLR,
-     {"T_max": 300, "eta_min": 0.1}),
-    (Schedule("cosine_restarts", 300, restart_every=30, restart_mult=2, min_lr_ratio=0.1),
-     torch.optim.lr_scheduler.CosineAnnealingWarmRestarts, {"T_0": 30, "T_mult": 2, "eta_min": 0.1}),
-])
+@pytest.mark.parametrize(
+    "schedule, torch_cls, kw",
+    [
+        (Schedule("step", 300, every=25, gamma=0.3), torch.optim.lr_scheduler.StepLR, {"step_size": 25, "gamma": 0.3}),
+        (Schedule("exponential", 300, every=1, gamma=0.97), torch.optim.lr_scheduler.ExponentialLR, {"gamma": 0.97}),
+        (
+            Schedule("cosine", 300, min_lr_ratio=0.1),
+            torch.optim.lr_scheduler.CosineAnnealingLR,
+            {"T_max": 300, "eta_min": 0.1},
+        ),
+        (
+            Schedule("cosine_restarts", 300, restart_every=30, restart_mult=2, min_lr_ratio=0.1),
+            torch.optim.lr_scheduler.CosineAnnealingWarmRestarts,
+            {"T_0": 30, "T_mult": 2, "eta_min": 0.1},
+        ),
+    ],
+)
 def test_schedules_agree_with_torch_schedulers(schedule, torch_cls, kw):
     assert [schedule(s) for s in range(300)] == pytest.approx(_torch_lrs(torch_cls, 300, **kw), abs=1e-9)
 
 
 def test_config_drives_the_lambda_scheduler():
-    cfg = load_config(None, ["schedule.name=step", "schedule.every=3", "schedule.gamma=0.5",
-                             "schedule.warmup_steps=2", "optim.lr=0.2"])
+    cfg = load_config(
+        None,
+        ["schedule.name=step", "schedule.every=3", "schedule.gamma=0.5", "schedule.warmup_steps=2", "optim.lr=0.2"],
+    )
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optim.lr)
     sched = build_scheduler(cfg.schedule, opt, total_steps=20)
     expected = build_schedule(cfg.schedule, 20)
@@ -93,9 +103,22 @@ def test_config_drives_the_lambda_scheduler():
 
 def test_plot_lr_draws_the_schedule_before_training(tmp_path, data_root, capsys):
     out = tmp_path / "lr.png"
-    code = main(["plot", "--lr", "--out", str(out), str(CONFIGS / "digits.yaml"), f"data.root={data_root}",
-                 "schedule.name=cosine_restarts", "schedule.restart_every=50", "schedule.restart_mult=2",
-                 "schedule.warmup_steps=20", "optim.lr=0.01", "train.epochs=10"])
+    code = main(
+        [
+            "plot",
+            "--lr",
+            "--out",
+            str(out),
+            str(CONFIGS / "digits.yaml"),
+            f"data.root={data_root}",
+            "schedule.name=cosine_restarts",
+            "schedule.restart_every=50",
+            "schedule.restart_mult=2",
+            "schedule.warmup_steps=20",
+            "optim.lr=0.01",
+            "train.epochs=10",
+        ]
+    )
     assert code == 0 and out.is_file() and out.stat().st_size > 10_000
     data = json.loads(out.with_suffix(".json").read_text())
     assert data["total_steps"] == 190 and data["steps_per_epoch"] == 19  # 1257 // 64 per epoch, 10 epochs
@@ -130,9 +153,18 @@ def test_fused_adamw_is_the_default_on_cpu_too_and_steps_as_the_loop_does():
 def test_plot_lr_of_a_torch_scheduler_is_refused_in_one_line(data_root, capsys):
     """Only dtrain's own schedules are pure functions of the step drawn before training (a torch scheduler's
     max_lr or lengths may be its own): one line, exit 2, rather than a wrong curve."""
-    code = main(["plot", "--lr", str(CONFIGS / "digits.yaml"), f"data.root={data_root}",
-                 "schedule.name=torch.optim.lr_scheduler:OneCycleLR"])
+    code = main(
+        [
+            "plot",
+            "--lr",
+            str(CONFIGS / "digits.yaml"),
+            f"data.root={data_root}",
+            "schedule.name=torch.optim.lr_scheduler:OneCycleLR",
+        ]
+    )
     err = capsys.readouterr().err.strip()
-    assert code == 2 and err == ("dtrain: error: config: schedule.name: torch.optim.lr_scheduler:OneCycleLR is not "
-                                 "one of dtrain's schedules, which alone are drawn before training; its LR is logged "
-                                 "as it trains (dtrain plot RUN_DIR)")
+    assert code == 2 and err == (
+        "dtrain: error: config: schedule.name: torch.optim.lr_scheduler:OneCycleLR is not "
+        "one of dtrain's schedules, which alone are drawn before training; its LR is logged "
+        "as it trains (dtrain plot RUN_DIR)"
+    )

@@ -30,25 +30,38 @@ def slurm_cluster():
     if not shutil.which("sbatch") and not shutil.which("apt-get"):
         pytest.skip("SLURM is not installed and there is no apt-get to install it")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    start = subprocess.run(["bash", str(CLUSTER), "start", "--nodes", "2"], capture_output=True, text=True,
-                           timeout=900, env=env, stdin=subprocess.DEVNULL)
+    start = subprocess.run(
+        ["bash", str(CLUSTER), "start", "--nodes", "2"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
     if start.returncode != 0:
         pytest.fail(f"tests/slurm/cluster.sh start failed ({start.returncode})\n{start.stdout}\n{start.stderr}")
     yield
-    subprocess.run(["bash", str(CLUSTER), "stop"], capture_output=True, text=True, timeout=120, env=env,
-                   stdin=subprocess.DEVNULL)
+    subprocess.run(
+        ["bash", str(CLUSTER), "stop"], capture_output=True, text=True, timeout=120, env=env, stdin=subprocess.DEVNULL
+    )
 
 
 def sbatch(cwd: Path, *args: str, env: dict | None = None) -> str:
-    proc = subprocess.run(["sbatch", "--parsable", *args], cwd=cwd, capture_output=True, text=True, timeout=30,
-                          env=_env({"PYTHON": sys.executable, **(env or {})}), stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        ["sbatch", "--parsable", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=_env({"PYTHON": sys.executable, **(env or {})}),
+        stdin=subprocess.DEVNULL,
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0]
 
 
 def job_fields(job_id: str) -> dict:
-    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
-                         timeout=30).stdout
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30).stdout
     return dict(re.findall(r"(\w+)=(\S*)", out))
 
 
@@ -84,8 +97,13 @@ def run_template(cwd: Path, template: str, *sbatch_args: str, train_args=(), env
 
 
 def test_srun_one_task_per_device_two_tasks(slurm_cluster, tmp_path, data_root):
-    _, out = run_template(tmp_path, "multi_node_srun.sbatch", "--nodes=1", "--ntasks-per-node=2",
-                          train_args=[f"data.root={data_root}", *TRAIN, "log.all_ranks=true"])
+    _, out = run_template(
+        tmp_path,
+        "multi_node_srun.sbatch",
+        "--nodes=1",
+        "--ntasks-per-node=2",
+        train_args=[f"data.root={data_root}", *TRAIN, "log.all_ranks=true"],
+    )
     assert "launch: slurm, world_size=2, backend=gloo, device=cpu, nodes=1, ranks_per_node=2" in out, out
     assert "[rank 0] training" in out and "[rank 1] training" in out  # two processes really trained
     assert summary(out)["stop_reason"] == "completed"
@@ -96,27 +114,32 @@ def test_srun_on_two_nodes(slurm_cluster, tmp_path, data_root):
     fields, out = run_template(tmp_path, "multi_node_srun.sbatch", train_args=[f"data.root={data_root}", *TRAIN])
     assert fields["NodeList"] == "n[1-2]"
     port = 20000 + int(fields["JobId"]) % 20000
-    assert (f"launch: slurm, world_size=2, backend=gloo, device=cpu, nodes=2, ranks_per_node=1, master=n1:{port}"
-            in out), out
+    assert (
+        f"launch: slurm, world_size=2, backend=gloo, device=cpu, nodes=2, ranks_per_node=1, master=n1:{port}" in out
+    ), out
     assert summary(out)["stop_reason"] == "completed"
 
 
 def test_single_node_torchrun(slurm_cluster, tmp_path, data_root):
-    _, out = run_template(tmp_path, "single_node.sbatch", train_args=[f"data.root={data_root}", *TRAIN],
-                          env={"NPROC": "2"})
+    _, out = run_template(
+        tmp_path, "single_node.sbatch", train_args=[f"data.root={data_root}", *TRAIN], env={"NPROC": "2"}
+    )
     assert "--standalone --nnodes 1 --nproc-per-node 2 -m dtrain train" in out  # the command it runs
     assert "launch: torchrun, world_size=2, backend=gloo, device=cpu, nodes=1, ranks_per_node=2" in out, out
     assert summary(out)["stop_reason"] == "completed"
 
 
 def test_one_torchrun_per_node_on_two_nodes(slurm_cluster, tmp_path, data_root):
-    fields, out = run_template(tmp_path, "multi_node_torchrun.sbatch", train_args=[f"data.root={data_root}", *TRAIN],
-                               env={"NPROC": "1"})
+    fields, out = run_template(
+        tmp_path, "multi_node_torchrun.sbatch", train_args=[f"data.root={data_root}", *TRAIN], env={"NPROC": "1"}
+    )
     assert fields["NodeList"] == "n[1-2]"
     assert f"rendezvous at n1:{20000 + int(fields['JobId']) % 20000}" in out
     assert "-m dtrain launch --nnodes" in out and "launch: 1 worker(s) per node, nodes=2" in out, out
-    assert "launch: torchrun, world_size=2, backend=gloo, device=cpu, nodes=2, ranks_per_node=1" in \
-        (tmp_path / "runs" / "digits" / "logs" / "rank-0.log").read_text()  # the workers' line: in their log
+    assert (
+        "launch: torchrun, world_size=2, backend=gloo, device=cpu, nodes=2, ranks_per_node=1"
+        in (tmp_path / "runs" / "digits" / "logs" / "rank-0.log").read_text()
+    )  # the workers' line: in their log
     assert summary(out)["stop_reason"] == "completed"
 
 
@@ -124,50 +147,96 @@ def test_a_python_script_of_your_own_under_srun(slurm_cluster, tmp_path):
     """`sbatch slurm/multi_node_srun.sbatch train.py ARGS`: srun runs the script on every task, and a script
     calling dtrain.main() is one worker, as `dtrain train` is."""
     script = REPO / "examples" / "hf_gpt2.py"
-    fields, out = run_template(tmp_path, "multi_node_srun.sbatch", "--nodes=1", "--ntasks-per-node=2",
-                               train_args=[str(script), f"data.root={tmp_path / 'data'}", "data.text_bytes=40000",
-                                           "data.text_context=32", "data.batch_size=8", "train.max_steps=6",
-                                           "log.progress=false"])
+    fields, out = run_template(
+        tmp_path,
+        "multi_node_srun.sbatch",
+        "--nodes=1",
+        "--ntasks-per-node=2",
+        train_args=[
+            str(script),
+            f"data.root={tmp_path / 'data'}",
+            "data.text_bytes=40000",
+            "data.text_context=32",
+            "data.batch_size=8",
+            "train.max_steps=6",
+            "log.progress=false",
+        ],
+    )
     assert f"{script} data.root=" in out and "-m dtrain" not in out, out  # the template's `+ srun ...` line
     assert "launch: slurm, world_size=2, backend=gloo" in out and "test/token_acc" in out, out
     assert summary(out)["step"] == 6
 
 
 TORCHRUN = "-m torch.distributed.run --standalone --nnodes 1 --nproc-per-node 2"
-LAUNCH = "-m dtrain launch --nnodes 1 --nproc-per-node 2 --rdzv-endpoint n1:20007 --rdzv-id 7 --rdzv-conf is_host=1 " \
-         "--max-restarts 2"
+LAUNCH = (
+    "-m dtrain launch --nnodes 1 --nproc-per-node 2 --rdzv-endpoint n1:20007 --rdzv-id 7 --rdzv-conf is_host=1 "
+    "--max-restarts 2"
+)
 
 
-@pytest.mark.parametrize("template, as_train, as_script", [
-    ("single_node.sbatch", f"{TORCHRUN} -m dtrain train --config c.yaml lr=1",
-     f"{TORCHRUN} train.py lr=1 --config c.yaml"),
-    ("multi_node_srun.sbatch", "-m dtrain train --config c.yaml lr=1", "train.py lr=1 --config c.yaml"),
-    ("multi_node_torchrun.sbatch", f"{LAUNCH} train --config c.yaml lr=1", f"{LAUNCH} train.py lr=1 --config c.yaml"),
-    ("preemptible.sbatch", "-m dtrain train run.name=dtrain-7 --config c.yaml lr=1",
-     "train.py run.name=dtrain-7 lr=1 --config c.yaml"),
-], ids=lambda v: v if v.endswith(".sbatch") else "")
+@pytest.mark.parametrize(
+    "template, as_train, as_script",
+    [
+        (
+            "single_node.sbatch",
+            f"{TORCHRUN} -m dtrain train --config c.yaml lr=1",
+            f"{TORCHRUN} train.py lr=1 --config c.yaml",
+        ),
+        ("multi_node_srun.sbatch", "-m dtrain train --config c.yaml lr=1", "train.py lr=1 --config c.yaml"),
+        (
+            "multi_node_torchrun.sbatch",
+            f"{LAUNCH} train --config c.yaml lr=1",
+            f"{LAUNCH} train.py lr=1 --config c.yaml",
+        ),
+        (
+            "preemptible.sbatch",
+            "-m dtrain train run.name=dtrain-7 --config c.yaml lr=1",
+            "train.py run.name=dtrain-7 lr=1 --config c.yaml",
+        ),
+    ],
+    ids=lambda v: v if v.endswith(".sbatch") else "",
+)
 def test_each_template_runs_dtrain_train_or_a_script_of_your_own(tmp_path, template, as_train, as_script):
     """What each template ends up running, without a cluster: its arguments go to `dtrain train`, or, when
     the first is a .py file, that script gets the rest (fake srun/scontrol; PYTHON=echo prints the command)."""
     (tmp_path / "srun").write_text('#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
-    (tmp_path / "scontrol").write_text('#!/bin/sh\necho n1\n')
+    (tmp_path / "scontrol").write_text("#!/bin/sh\necho n1\n")
     for fake in ("srun", "scontrol"):
         (tmp_path / fake).chmod(0o755)
-    env = {"PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}", "PYTHON": "echo", "NPROC": "2",
-           "SLURM_JOB_ID": "7", "SLURM_JOB_NAME": "dtrain", "SLURM_NTASKS": "2", "SLURM_JOB_NUM_NODES": "1",
-           "SLURM_JOB_NODELIST": "n1", "SLURMD_NODENAME": "n1", "SLURM_NODEID": "0"}
+    env = {
+        "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}",
+        "PYTHON": "echo",
+        "NPROC": "2",
+        "SLURM_JOB_ID": "7",
+        "SLURM_JOB_NAME": "dtrain",
+        "SLURM_NTASKS": "2",
+        "SLURM_JOB_NUM_NODES": "1",
+        "SLURM_JOB_NODELIST": "n1",
+        "SLURMD_NODENAME": "n1",
+        "SLURM_NODEID": "0",
+    }
 
     def run(*args):
-        proc = subprocess.run(["bash", str(REPO / "slurm" / template), *args], capture_output=True, text=True,
-                              cwd=tmp_path, env=env, timeout=30)
+        proc = subprocess.run(
+            ["bash", str(REPO / "slurm" / template), *args],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env=env,
+            timeout=30,
+        )
         assert proc.returncode == 0, proc.stderr
         return proc.stdout.strip().splitlines()[-1]  # what PYTHON=echo printed: the command each rank runs
+
     assert run("--config", "c.yaml", "lr=1") == as_train
     assert run("train.py", "lr=1", "--config", "c.yaml") == as_script
 
 
-@pytest.mark.parametrize("entry, launcher, data, outcome", [c for c in CELLS if c[1] == "srun"],
-                         ids=["-".join(c) for c in CELLS if c[1] == "srun"])
+@pytest.mark.parametrize(
+    "entry, launcher, data, outcome",
+    [c for c in CELLS if c[1] == "srun"],
+    ids=["-".join(c) for c in CELLS if c[1] == "srun"],
+)
 def test_user_path_under_srun(slurm_cluster, matrix_data, tmp_path, entry, launcher, data, outcome):  # noqa: F811
     """tests/test_matrix.py's srun cells: `srun --ntasks 2` of the same command a single process runs."""
     import shlex
@@ -175,8 +244,15 @@ def test_user_path_under_srun(slurm_cluster, matrix_data, tmp_path, entry, launc
     cwd = cell_dir(matrix_data, tmp_path)
     extra = USER_ERRORS[entry][0] if outcome == "error" else []
     cmd, env = command(entry, "single", data, STEPS + extra + ["run.name=cell"])
-    job = sbatch(cwd, "--nodes=1", "--ntasks=2", "--output=%x-%j.out", "--job-name=cell",
-                 f"--wrap=srun --kill-on-bad-exit=1 {shlex.join(cmd)}", env=env)
+    job = sbatch(
+        cwd,
+        "--nodes=1",
+        "--ntasks=2",
+        "--output=%x-%j.out",
+        "--job-name=cell",
+        f"--wrap=srun --kill-on-bad-exit=1 {shlex.join(cmd)}",
+        env=env,
+    )
     fields, out = wait_for(job, cwd)
     assert "Traceback" not in out, out
     if outcome == "error":
@@ -192,24 +268,35 @@ def test_user_path_under_srun(slurm_cluster, matrix_data, tmp_path, entry, launc
 
 def test_dtrain_in_the_batch_script_without_srun_is_an_error(slurm_cluster, tmp_path):
     # the batch script has SLURM_PROCID=0 and SLURM_NTASKS=2: without the check it waited for a rank 1
-    job = sbatch(tmp_path, "--ntasks=2", "--output=%x-%j.out", "--job-name=nosrun",
-                 f"--wrap={sys.executable} -m dtrain train")
+    job = sbatch(
+        tmp_path, "--ntasks=2", "--output=%x-%j.out", "--job-name=nosrun", f"--wrap={sys.executable} -m dtrain train"
+    )
     fields, out = wait_for(job, tmp_path, timeout=120)
     assert fields["ExitCode"] == "2:0", f"{fields}\n{out}"
-    assert out.strip().splitlines()[-1].startswith(
-        "dtrain: error: launcher: this is a SLURM batch script with SLURM_NTASKS=2, not one of its tasks"), out
+    assert (
+        out.strip()
+        .splitlines()[-1]
+        .startswith("dtrain: error: launcher: this is a SLURM batch script with SLURM_NTASKS=2, not one of its tasks")
+    ), out
 
 
 def test_preemptible_job_requeued_from_outside_resumes_into_the_same_log(slurm_cluster, tmp_path, data_root):
     """What the template alone promises: after a requeue the job keeps its id, run name and output file,
     and dtrain resumes the same run from its newest checkpoint (here the requeue comes from outside)."""
-    job = sbatch(tmp_path, str(REPO / "slurm" / "preemptible.sbatch"), f"data.root={data_root}", "train.epochs=6",
-                 "log.progress=false", "checkpoint.every=5")
+    job = sbatch(
+        tmp_path,
+        str(REPO / "slurm" / "preemptible.sbatch"),
+        f"data.root={data_root}",
+        "train.epochs=6",
+        "log.progress=false",
+        "checkpoint.every=5",
+    )
     latest = tmp_path / "runs" / f"dtrain-{job}" / "checkpoints" / "latest"
     deadline = time.monotonic() + 120
     while not latest.exists():
-        assert time.monotonic() < deadline and job_fields(job)["JobState"] in ("PENDING", "RUNNING"), \
-            output_of(job, tmp_path)
+        assert time.monotonic() < deadline and job_fields(job)["JobState"] in ("PENDING", "RUNNING"), output_of(
+            job, tmp_path
+        )
         time.sleep(0.2)
     subprocess.run(["scontrol", "requeue", job], check=True, timeout=30)
     deadline = time.monotonic() + 60
@@ -229,15 +316,21 @@ def test_preemptible_job_checkpoints_requeues_itself_and_resumes(slurm_cluster, 
     """USR1 to every task (what --signal=USR1@N sends before the time limit): the ranks agree to stop,
     checkpoint at a step boundary, rank 0 requeues the job once, and the requeued job resumes the same
     run into the same log, and ends with the same parameters as the same job never preempted."""
-    args = (str(REPO / "slurm" / "preemptible.sbatch"), f"data.root={data_root}", "train.epochs=10",
-            "log.progress=false", "train.log_every=1")
+    args = (
+        str(REPO / "slurm" / "preemptible.sbatch"),
+        f"data.root={data_root}",
+        "train.epochs=10",
+        "log.progress=false",
+        "train.log_every=1",
+    )
     straight = sbatch(tmp_path, *args, env={"RUN_NAME": "straight"})  # on the other node, meanwhile
     job = sbatch(tmp_path, *args)
     metrics = tmp_path / "runs" / f"dtrain-{job}" / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not metrics.is_file() or len(metrics.read_text().splitlines()) < 3:
-        assert time.monotonic() < deadline and job_fields(job)["JobState"] in ("PENDING", "RUNNING"), \
-            output_of(job, tmp_path)
+        assert time.monotonic() < deadline and job_fields(job)["JobState"] in ("PENDING", "RUNNING"), output_of(
+            job, tmp_path
+        )
         time.sleep(0.1)
     subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)  # to the job steps, like --signal
     deadline = time.monotonic() + 120

@@ -49,8 +49,12 @@ def jpg(label: int, rng: np.random.Generator, size: int = 16) -> bytes:
 
 
 def image_sample(i: int, rng) -> dict:
-    return {"__key__": f"s{i:05d}", "jpg": jpg(i % 2, rng), "cls": str(i % 2).encode(),
-            "json": json.dumps({"i": i}).encode()}  # the mapping ignores json
+    return {
+        "__key__": f"s{i:05d}",
+        "jpg": jpg(i % 2, rng),
+        "cls": str(i % 2).encode(),
+        "json": json.dumps({"i": i}).encode(),
+    }  # the mapping ignores json
 
 
 def write_jpg_shards(root: Path, sizes=SIZES) -> list[Path]:
@@ -87,17 +91,21 @@ def keys_of(batches) -> list[str]:
 def test_index_counts_from_headers_and_writes_a_wids_descriptor(shards, monkeypatch):
     d = json.loads((shards / "train.json").read_text())
     assert d["__kind__"] == "wids-shard-index-v1" and d["wids_version"] == 1  # what wids' resolve_dsdesc checks
-    assert [(s["url"], s["nsamples"]) for s in d["shardlist"]] == [(f"part-{n:03d}.tar", c) for n, c in enumerate(SIZES)]
+    assert [(s["url"], s["nsamples"]) for s in d["shardlist"]] == [
+        (f"part-{n:03d}.tar", c) for n, c in enumerate(SIZES)
+    ]
     assert all(s["filesize"] == (shards / s["url"]).stat().st_size for s in d["shardlist"])
 
     # headers only: everything the reader asks of the file is 512-byte headers, payloads are seeked over
     from dtrain.data import tario
+
     asked = []
 
     class Counting(io.BufferedReader):
         def read(self, n=-1):
             asked.append(n)
             return super().read(n)
+
     monkeypatch.setattr(tario, "gopen", lambda url, *a, **k: Counting(io.FileIO(url)))
     assert tario.sample_count(str(shards / "part-001.tar")) == 30
     assert set(asked) == {512} and len(asked) == 30 * 3 + 1  # three members a sample, then the end block
@@ -112,13 +120,18 @@ def test_same_keys_in_the_same_order_from_a_path_a_pipe_and_http(shards):
     try:
         assert main(["index", f"pipe:cat {shards}/{PATTERN}", "--out", str(shards / "pipe.json")]) == 0
         assert main(["index", f"{url}/{PATTERN}", "--out", str(shards / "http.json")]) == 0
-        counts = [[s["nsamples"] for s in json.loads((shards / f).read_text())["shardlist"]]
-                  for f in ("pipe.json", "http.json")]
+        counts = [
+            [s["nsamples"] for s in json.loads((shards / f).read_text())["shardlist"]]
+            for f in ("pipe.json", "http.json")
+        ]
         assert counts == [SIZES, SIZES]
         got = {}
         # the local descriptor; one of pipe: URLs; the local one fetched over http (relative URLs -> http)
-        for name, spec in (("path", shards / "train.json"), ("pipe", shards / "pipe.json"),
-                           ("http", f"{url}/train.json")):
+        for name, spec in (
+            ("path", shards / "train.json"),
+            ("pipe", shards / "pipe.json"),
+            ("http", f"{url}/train.json"),
+        ):
             # pipe.json is a descriptor whose URLs are commands: they run only where the user trusts it
             s = streams(f"data.train={spec}", "data.num_workers=2", "data.trust_descriptor_pipes=true").train
             assert s.urls[0].startswith({"path": "/", "pipe": "pipe:cat ", "http": "http://"}[name])
@@ -149,6 +162,7 @@ def test_mapped_batches_are_dicts_of_decoded_fields(shards):
 
     def collate(samples):
         return {"x": torch.cat([s["x"] for s in samples]), "n": len(samples)}
+
     b = next(iter(streams(f"data.train={shards / 'train.json'}", sample=sample, collate=collate).train.epoch(0)))
     assert b["n"] == 8 and b["__key__"] == [f"s{i:05d}" for i in b["x"].tolist()]
 
@@ -156,13 +170,16 @@ def test_mapped_batches_are_dicts_of_decoded_fields(shards):
 def test_replay_for_an_elastic_resume_reads_no_shard(shards, tmp_path):
     """Counts are all an elastic resume needs: its replay works with every shard gone."""
     import shutil
+
     shutil.copytree(shards, tmp_path / "s")
     s = streams(f"data.train={tmp_path / 's' / 'train.json'}").train
     for path in (tmp_path / "s").glob("*.tar"):
         path.unlink()
-    replay = EpochReplay(s.relayout(rank=0, world_size=3, batch_size=4, grad_accum=1, num_workers=0,
-                                    steps_per_epoch=s.steps_per_epoch),
-                         1, [Segment(1, 8, 1, 0, 0), Segment(3, 4, 1, 0, 5)])
+    replay = EpochReplay(
+        s.relayout(rank=0, world_size=3, batch_size=4, grad_accum=1, num_workers=0, steps_per_epoch=s.steps_per_epoch),
+        1,
+        [Segment(1, 8, 1, 0, 0), Segment(3, 4, 1, 0, 5)],
+    )
     dealt = [replay.assignment(r) for r in range(3)]
     assert [len(d) for d in dealt] == [(s.steps_per_epoch - 5) * 4] * 3
 
@@ -176,8 +193,17 @@ def error_line(capsys, args: list[str]) -> str:
 
 
 def train_args(tmp_path: Path, *overrides: str) -> list[str]:
-    return ["train", f"run.dir={tmp_path / 'runs'}", "log.progress=false", "run.doctor=false", "model.factory=cnn",
-            "data.batch_size=8", "data.num_classes=2", SAMPLE, *overrides]
+    return [
+        "train",
+        f"run.dir={tmp_path / 'runs'}",
+        "log.progress=false",
+        "run.doctor=false",
+        "model.factory=cnn",
+        "data.batch_size=8",
+        "data.num_classes=2",
+        SAMPLE,
+        *overrides,
+    ]
 
 
 def test_shards_without_counts_name_dtrain_index(shards, tmp_path, capsys):
@@ -187,8 +213,18 @@ def test_shards_without_counts_name_dtrain_index(shards, tmp_path, capsys):
     line = error_line(capsys, train_args(tmp_path, f"data.train={tmp_path / 'bare.json'}"))
     assert "part-000.tar has no sample count" in line and "dtrain index" in line
     # with the counts beside the pattern it trains
-    assert main(train_args(tmp_path, f"data.train={shards / PATTERN}", f"data.counts={shards / 'train.json'}",
-                           "train.max_steps=2", "run.name=counted")) == 0
+    assert (
+        main(
+            train_args(
+                tmp_path,
+                f"data.train={shards / PATTERN}",
+                f"data.counts={shards / 'train.json'}",
+                "train.max_steps=2",
+                "run.name=counted",
+            )
+        )
+        == 0
+    )
 
 
 @pytest.mark.parametrize("change", [-1, +1])
@@ -197,8 +233,9 @@ def test_a_shard_whose_count_differs_from_its_descriptor(shards, tmp_path, capsy
     d["shardlist"][2]["nsamples"] += change  # part-002.tar holds 17
     d["shardlist"] = [{**s, "url": str(shards / s["url"])} for s in d["shardlist"]]
     (tmp_path / "d.json").write_text(json.dumps(d))
-    line = error_line(capsys, train_args(tmp_path, f"data.train={tmp_path / 'd.json'}", "train.max_steps=40",
-                                         "data.shuffle_buffer=0"))
+    line = error_line(
+        capsys, train_args(tmp_path, f"data.train={tmp_path / 'd.json'}", "train.max_steps=40", "data.shuffle_buffer=0")
+    )
     assert "part-002.tar" in line
     assert f"holds 17 samples, its descriptor lists {17 + change}" in line  # both counts, either way
 
@@ -214,11 +251,18 @@ def test_a_bad_sample_names_its_shard_and_key(tmp_path, capsys, case):
     write_tar(tmp_path / "bad.tar", samples)
     assert main(["index", str(tmp_path / "bad.tar"), "--out", str(tmp_path / "bad.json")]) == 0
     # in a DataLoader worker: the error comes back as the same one line
-    line = error_line(capsys, train_args(tmp_path, f"data.train={tmp_path / 'bad.json'}", "data.num_workers=1",
-                                         "data.sample={x: jpg;png, y: cls}"))
+    line = error_line(
+        capsys,
+        train_args(
+            tmp_path, f"data.train={tmp_path / 'bad.json'}", "data.num_workers=1", "data.sample={x: jpg;png, y: cls}"
+        ),
+    )
     assert "bad.tar" in line and "s00013" in line
-    assert ("has no .jpg or .png member for data.sample.x (it has cls, json)" if case == "missing"
-            else "cannot decode s00013.jpg") in line
+    assert (
+        "has no .jpg or .png member for data.sample.x (it has cls, json)"
+        if case == "missing"
+        else "cannot decode s00013.jpg"
+    ) in line
 
 
 def test_index_of_an_unreadable_shard(tmp_path, capsys):
@@ -258,6 +302,7 @@ def test_transform_draws_depend_only_on_seed_epoch_pass_and_key(shards):
     def by_key(workers: int, start: int = 0):
         s = streams(f"data.train={shards / 'train.json'}", f"data.num_workers={workers}", transform=noisy_flip).train
         return {k: x for b in s.epoch(1, start=start) for k, x in zip(b["__key__"], b["x"])}
+
     inline, workers, resumed = by_key(0), by_key(2), by_key(0, start=5)
     assert len(inline) == 96 and all(torch.equal(workers[k], inline[k]) for k in inline)
     assert len(resumed) == 96 - 5 * 8 and all(torch.equal(resumed[k], inline[k]) for k in resumed)
@@ -273,8 +318,10 @@ def test_image_folder_to_shards_keeps_the_encoded_bytes(tmp_path, capsys):
             ext, fmt = ("jpeg", "JPEG") if i % 2 else ("png", "PNG")
             Image.fromarray(rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)).save(folder / f"{i}.x.{ext}", fmt)
     (tmp_path / "photos" / "dog" / "notes.txt").write_text("not an image")
-    assert main(["shard", "--from-folder", str(tmp_path / "photos"), "--out", str(tmp_path / "out"),
-                 "--shard-size", "10"]) == 0
+    assert (
+        main(["shard", "--from-folder", str(tmp_path / "photos"), "--out", str(tmp_path / "out"), "--shard-size", "10"])
+        == 0
+    )
     assert "2 classes: cat, dog" in capsys.readouterr().out
     index = read_index(tmp_path / "out")
     assert index.classes == ["cat", "dog"] and index.num_classes == 2 and index.task == "classification"
@@ -312,27 +359,39 @@ def test_image_folder_to_shards_keeps_the_encoded_bytes(tmp_path, capsys):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_in_memory_split_reads_exactly_as_the_shards(data_root, workers):
     from dtrain.data.augment import Augment
+
     aug = Augment(load_config(None, ["augment.noise.p=1", "augment.crop.p=0.5"]).augment, seed=0)
-    cfg = load_config(None, [f"data.root={data_root}", "data.batch_size=50", "data.shuffle_buffer=100",
-                             f"data.num_workers={workers}"])
+    cfg = load_config(
+        None, [f"data.root={data_root}", "data.batch_size=50", "data.shuffle_buffer=100", f"data.num_workers={workers}"]
+    )
 
     def build(in_memory):
-        return build_streams(cfg.data.model_copy(update={"in_memory": in_memory}), seed=3, rank=1, world_size=2,
-                             augment=aug)
+        return build_streams(
+            cfg.data.model_copy(update={"in_memory": in_memory}), seed=3, rank=1, world_size=2, augment=aug
+        )
+
     shard, memory = build(False), build(True)
     assert shard.train.memory is None and memory.train.memory is not None
 
     def same(a, b):
         a, b = list(a), list(b)
-        assert len(a) == len(b) and all(p[2] == q[2] and torch.equal(p[0], q[0]) and torch.equal(p[1], q[1])
-                                        for p, q in zip(a, b))
+        assert len(a) == len(b) and all(
+            p[2] == q[2] and torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in zip(a, b)
+        )
+
     for epoch in (0, 1):
         same(shard.train.epoch(epoch, start=2), memory.train.epoch(epoch, start=2))
+
     # evaluation: every second sample of the split to each rank, in memory and from the shards alike
     def val_keys(rank, in_memory, world_size=2, workers=workers):
-        val = build_streams(cfg.data.model_copy(update={"in_memory": in_memory, "num_workers": workers}), seed=3,
-                            rank=rank, world_size=world_size).val
+        val = build_streams(
+            cfg.data.model_copy(update={"in_memory": in_memory, "num_workers": workers}),
+            seed=3,
+            rank=rank,
+            world_size=world_size,
+        ).val
         return [k for b in val.epoch(0) for k in b[2]]
+
     keys = {(r, m): val_keys(r, m) for r in (0, 1) for m in (False, True)}
     in_shard_order = val_keys(0, False, world_size=1, workers=0)
     assert keys[0, True] == in_shard_order[0::2] and keys[1, True] == in_shard_order[1::2]
@@ -340,8 +399,17 @@ def test_in_memory_split_reads_exactly_as_the_shards(data_root, workers):
     assert sorted(keys[1, False]) == sorted(keys[1, True])
     # the rest of an epoch dealt over 3 ranks (an elastic resume)
     segments = [Segment(2, 50, 1, workers, 0), Segment(3, 25, 1, workers, 4)]
-    relaid = [s.train.relayout(rank=2, world_size=3, batch_size=25, grad_accum=1, num_workers=workers,
-                               steps_per_epoch=s.train.steps_per_epoch) for s in (shard, memory)]
+    relaid = [
+        s.train.relayout(
+            rank=2,
+            world_size=3,
+            batch_size=25,
+            grad_accum=1,
+            num_workers=workers,
+            steps_per_epoch=s.train.steps_per_epoch,
+        )
+        for s in (shard, memory)
+    ]
     items = EpochReplay(relaid[0], 1, segments).assignment(2)
     same(relaid[0].dealt_epoch(1, 1, items, start=1), relaid[1].dealt_epoch(1, 1, items, start=1))
 
@@ -356,11 +424,20 @@ def test_every_rank_evaluates_an_equal_share_of_a_streamed_split(shards, tmp_pat
     assert main(["index", str(one[0]), "--out", str(tmp_path / "one" / "val.json")]) == 0
 
     def val_keys(val: Path, rank: int, world_size: int, num_workers: int) -> list[str]:
-        cfg = load_config(None, [SAMPLE, "data.batch_size=4", f"data.train={shards / 'train.json'}",
-                                 f"data.val={val}", f"data.num_workers={num_workers}"])
+        cfg = load_config(
+            None,
+            [
+                SAMPLE,
+                "data.batch_size=4",
+                f"data.train={shards / 'train.json'}",
+                f"data.val={val}",
+                f"data.num_workers={num_workers}",
+            ],
+        )
         stream = build_streams(cfg.data, seed=3, rank=rank, world_size=world_size).val
         assert stream.memory is None  # streamed from the shards (mapped samples are not kept in memory)
         return keys_of(stream.epoch(0))
+
     for val in (tmp_path / "one" / "val.json", shards / "train.json"):  # 1 shard of 13; 5 uneven shards, 96
         split = val_keys(val, 0, 1, 0)  # the split's order: its shards in order
         assert len(split) == len(set(split)) == (13 if "one" in str(val) else sum(SIZES))
@@ -416,9 +493,22 @@ class Net(torch.nn.Module):
         return self.fc(self.features(x))
 '''
 # 96 samples, global batch 24 (12 x 2 ranks; 24 x 1 or 12 x 2 on one rank, 8 x 3 on three): 4 steps per epoch
-E2E = ["train", "train.epochs=4", "data.batch_size=12", "model.factory=usermod:Net", "model.head=fc",
-       "data.num_classes=2", SAMPLE, "data.transform=usermod:augment", "data.shuffle_buffer=20",
-       "log.progress=false", "log.sample_keys=true", "train.log_every=1", "checkpoint.every=1", "run.doctor=false"]
+E2E = [
+    "train",
+    "train.epochs=4",
+    "data.batch_size=12",
+    "model.factory=usermod:Net",
+    "model.head=fc",
+    "data.num_classes=2",
+    SAMPLE,
+    "data.transform=usermod:augment",
+    "data.shuffle_buffer=20",
+    "log.progress=false",
+    "log.sample_keys=true",
+    "train.log_every=1",
+    "checkpoint.every=1",
+    "run.doctor=false",
+]
 
 
 @pytest.mark.slow
@@ -436,6 +526,7 @@ def test_foreign_jpg_shards_train_and_resume_exactly(tmp_path):
     import uuid
 
     from conftest import final_params, key_log, result_of, run_ranks, start, torchrun_cmd, wait_for, workers
+
     write_jpg_shards(tmp_path / "shards")
     assert main(["index", str(tmp_path / "shards" / PATTERN), "--out", str(tmp_path / "shards" / "train.json")]) == 0
     (tmp_path / "usermod.py").write_text(USER_MODULE)  # in cwd: on the workers' sys.path (python -m dtrain)
@@ -461,12 +552,19 @@ def test_foreign_jpg_shards_train_and_resume_exactly(tmp_path):
     assert key_log(tmp_path / "runs" / "killed") == key_log(straight)  # the same samples at every step
 
     def epoch_keys(run_dir: Path, epoch: int) -> collections.Counter:
-        return collections.Counter(k for rows in key_log(run_dir).values() for s, keys in rows
-                                   if epoch * 4 < s <= (epoch + 1) * 4 for k in keys)
+        return collections.Counter(
+            k
+            for rows in key_log(run_dir).values()
+            for s, keys in rows
+            if epoch * 4 < s <= (epoch + 1) * 4
+            for k in keys
+        )
+
     for world in (1, 3):
         run = tmp_path / "runs" / f"on{world}"
-        proc = run_ranks(world, args + [f"run.name=on{world}"], tmp_path,
-                         launcher="single" if world == 1 else "torchrun")
+        proc = run_ranks(
+            world, args + [f"run.name=on{world}"], tmp_path, launcher="single" if world == 1 else "torchrun"
+        )
         assert f"dealt over {world} rank" in proc.stderr, proc.stderr[-2000:]
         for epoch in range(step // 4 + 1):  # up to the interrupted one: what the uninterrupted run read
             assert epoch_keys(run, epoch) == epoch_keys(straight, epoch), (world, epoch)

@@ -30,8 +30,15 @@ def test_count_example_halves_the_mean_baseline(tmp_path):
 
 def test_resume_after_stop_continues_the_same_curve(tmp_path, data_root):
     # 5 epochs of 19 steps; the interrupted run stops mid-epoch (step 30) and is run again.
-    args = ["train", f"data.root={data_root}", "train.epochs=5", "train.log_every=1", "schedule.warmup_steps=10",
-            "model.kwargs.dropout=0.2", "data.shuffle_buffer=200"]
+    args = [
+        "train",
+        f"data.root={data_root}",
+        "train.epochs=5",
+        "train.log_every=1",
+        "schedule.warmup_steps=10",
+        "model.kwargs.dropout=0.2",
+        "data.shuffle_buffer=200",
+    ]
     run_dtrain(args + ["run.name=straight"], tmp_path)
     stopped = run_dtrain(args + ["run.name=resumed", "run.stop_at_step=30"], tmp_path)
     assert result_of(stopped) == {"step": 30, "stop_reason": "stop_at_step"}
@@ -41,6 +48,7 @@ def test_resume_after_stop_continues_the_same_curve(tmp_path, data_root):
 
     def curve(name):
         return [(r["step"], r["loss"], r["lr"]) for r in metrics_of(tmp_path / "runs" / name) if "loss" in r]
+
     straight, again = curve("straight"), curve("resumed")
     assert [s for s, _, _ in again] == list(range(1, 96))  # no step twice, none missing
     assert again == straight  # same LR and loss at every step, bit for bit on CPU
@@ -53,8 +61,12 @@ def test_resume_after_stop_continues_the_same_curve(tmp_path, data_root):
     state = torch.load(ckpt / "state.pt", weights_only=True)
     assert state.pop("format") == 2
     position = {k: v for k, v in state.pop("data").items() if k not in ("step", "batch")}
-    state["trainer"] = {"step": 30, "steps_per_epoch": 19, "data": position,
-                        "skipped_updates": state.pop("nonfinite")["skipped_updates"]}
+    state["trainer"] = {
+        "step": 30,
+        "steps_per_epoch": 19,
+        "data": position,
+        "skipped_updates": state.pop("nonfinite")["skipped_updates"],
+    }
     del state["stop"]
     torch.save(state, ckpt / "state.pt")
     manifest = json.loads((ckpt / "manifest.json").read_text())
@@ -75,14 +87,24 @@ def test_what_is_logged_after_a_resume_equals_the_uninterrupted_run(tmp_path, da
     """log every 4 steps, interrupted at step 6: the line at step 8 averages steps 5-8 in both runs (after the
     resume it averaged 7-8 alone: the first loss logged differed, #32.8). Every value but wall-time throughput
     is the same, bit for bit."""
-    args = ["train", f"data.root={data_root}", "train.max_steps=14", "train.log_every=4", "train.val_every=5",
-            "model.kwargs.dropout=0.2", "data.shuffle_buffer=200", "schedule.warmup_steps=3", "log.progress=false"]
+    args = [
+        "train",
+        f"data.root={data_root}",
+        "train.max_steps=14",
+        "train.log_every=4",
+        "train.val_every=5",
+        "model.kwargs.dropout=0.2",
+        "data.shuffle_buffer=200",
+        "schedule.warmup_steps=3",
+        "log.progress=false",
+    ]
     run_dtrain(args + ["run.name=straight"], tmp_path)
     run_dtrain(args + ["run.name=resumed", "run.stop_at_step=6"], tmp_path)
     run_dtrain(args + ["run.name=resumed"], tmp_path)
 
     def logged(name):
         return [{k: v for k, v in r.items() if k not in WALL_TIME} for r in metrics_of(tmp_path / "runs" / name)]
+
     straight, resumed = logged("straight"), logged("resumed")
     assert [r["step"] for r in straight if "loss" in r] == [4, 8, 12, 14]
     assert resumed == straight
@@ -93,8 +115,16 @@ def test_a_diverged_run_never_says_completed(tmp_path, data_root, nonfinite):
     """optim.lr=1e30 (lr=inf is refused by the config now): SGD's first update takes the weights to 1e29, and
     from there every gradient is NaN; skipped (skip: finite weights that give NaN) or applied (ignore: NaN
     weights). It said "completed" with a NaN test loss, and a rerun "nothing to do" (#32.5)."""
-    args = ["train", f"data.root={data_root}", "train.epochs=1", "optim.name=sgd", "optim.lr=1e30",
-            f"train.nonfinite={nonfinite}", "checkpoint.every=5", "log.progress=false"]
+    args = [
+        "train",
+        f"data.root={data_root}",
+        "train.epochs=1",
+        "optim.name=sgd",
+        "optim.lr=1e30",
+        f"train.nonfinite={nonfinite}",
+        "checkpoint.every=5",
+        "log.progress=false",
+    ]
     for _ in range(2):  # and run again: it resumes from the newest checkpoint and diverges again
         proc = run_dtrain(args, tmp_path, check=False)
         assert proc.returncode == 2, proc.stderr
@@ -109,8 +139,15 @@ def test_a_diverged_run_never_says_completed(tmp_path, data_root, nonfinite):
 
 
 def test_resume_falls_back_from_a_corrupt_latest_checkpoint(tmp_path, data_root):
-    args = ["train", f"data.root={data_root}", "train.epochs=2", "checkpoint.every=10", "checkpoint.keep_last=5",
-            "checkpoint.save_best=false", "run.name=r"]
+    args = [
+        "train",
+        f"data.root={data_root}",
+        "train.epochs=2",
+        "checkpoint.every=10",
+        "checkpoint.keep_last=5",
+        "checkpoint.save_best=false",
+        "run.name=r",
+    ]
     run_dtrain(args + ["run.stop_at_step=20"], tmp_path)
     ckpts = tmp_path / "runs" / "r" / "checkpoints"
     state = ckpts / "step-00000020" / "state.pt"

@@ -23,14 +23,29 @@ def body(params):
     return {k: v for k, v in params.items() if not k.startswith("head.")}
 
 
-PARITY = ["data.dataset=digits_parity", "data.train_subset=200", "data.batch_size=50", "log.progress=false",
-          "train.log_every=1"]
+PARITY = [
+    "data.dataset=digits_parity",
+    "data.train_subset=200",
+    "data.batch_size=50",
+    "log.progress=false",
+    "train.log_every=1",
+]
 
 
 def test_new_head_trains_and_frozen_body_stays_bit_identical(tmp_path, data_root, source):
     run_dir, pretrained = source
-    proc = run_dtrain(["train", f"data.root={data_root}", *PARITY, f"model.init_from={run_dir}",
-                       "model.freeze_all_but_head=true", "train.epochs=8", "run.name=ft"], tmp_path)
+    proc = run_dtrain(
+        [
+            "train",
+            f"data.root={data_root}",
+            *PARITY,
+            f"model.init_from={run_dir}",
+            "model.freeze_all_but_head=true",
+            "train.epochs=8",
+            "run.name=ft",
+        ],
+        tmp_path,
+    )
     assert "new head (head.weight, head.bias re-initialised)" in proc.stderr
     params = final_params(tmp_path / "runs" / "ft")
     assert params["head.weight"].shape == (2, 64)
@@ -43,9 +58,20 @@ def test_new_head_trains_and_frozen_body_stays_bit_identical(tmp_path, data_root
 
 def test_unfreeze_after_k_steps_with_a_lower_backbone_lr_resumes_exactly(tmp_path, data_root, source):
     run_dir, pretrained = source
-    args = ["train", f"data.root={data_root}", *PARITY, f"model.init_from={run_dir}", "model.freeze=[body]",
-            "model.unfreeze_at_step=6", "optim.backbone_lr_ratio=0.1", "train.epochs=3", "checkpoint.every=6",
-            "checkpoint.keep_last=5", "checkpoint.save_best=false", "model.kwargs.dropout=0.1"]
+    args = [
+        "train",
+        f"data.root={data_root}",
+        *PARITY,
+        f"model.init_from={run_dir}",
+        "model.freeze=[body]",
+        "model.unfreeze_at_step=6",
+        "optim.backbone_lr_ratio=0.1",
+        "train.epochs=3",
+        "checkpoint.every=6",
+        "checkpoint.keep_last=5",
+        "checkpoint.save_best=false",
+        "model.kwargs.dropout=0.1",
+    ]
     straight = run_dtrain(args + ["run.name=straight"], tmp_path)
     assert "step 6: unfroze 4 parameter tensors" in straight.stderr
     ckpts = tmp_path / "runs" / "straight" / "checkpoints"
@@ -61,19 +87,27 @@ def test_unfreeze_after_k_steps_with_a_lower_backbone_lr_resumes_exactly(tmp_pat
 
     def curve(name):
         return [(r["step"], r["loss"], r["lr"]) for r in metrics_of(tmp_path / "runs" / name) if "loss" in r]
+
     assert curve("straight") == curve("resumed")
     resumed = final_params(tmp_path / "runs" / "resumed")
     assert all(torch.equal(final[k], resumed[k]) for k in final)
 
 
-@pytest.mark.parametrize("overrides, error, message", [
-    (["model.freeze=[trunk]"], ConfigError, "model.freeze: no parameter is named 'trunk'"),
-    (["model.unfreeze_at_step=3"], ConfigError, "unfreeze_at_step needs something frozen"),
-    (["model.init_from=SOURCE", "model.kwargs.hidden=[128, 64, 32]"], ConfigError, "has no 'body.7.weight'"),
-    (["model.init_from=SOURCE", "model.kwargs.hidden=[128]"], ConfigError, "has weights this model lacks (body.4.bias"),
-    (["model.init_from=SOURCE", "model.kwargs.hidden=[128, 32]"], ConfigError, "the body must match"),
-    (["model.init_from=no/such/run"], CheckpointError, "no/such/run does not exist"),
-])
+@pytest.mark.parametrize(
+    "overrides, error, message",
+    [
+        (["model.freeze=[trunk]"], ConfigError, "model.freeze: no parameter is named 'trunk'"),
+        (["model.unfreeze_at_step=3"], ConfigError, "unfreeze_at_step needs something frozen"),
+        (["model.init_from=SOURCE", "model.kwargs.hidden=[128, 64, 32]"], ConfigError, "has no 'body.7.weight'"),
+        (
+            ["model.init_from=SOURCE", "model.kwargs.hidden=[128]"],
+            ConfigError,
+            "has weights this model lacks (body.4.bias",
+        ),
+        (["model.init_from=SOURCE", "model.kwargs.hidden=[128, 32]"], ConfigError, "the body must match"),
+        (["model.init_from=no/such/run"], CheckpointError, "no/such/run does not exist"),
+    ],
+)
 def test_transfer_config_errors(tmp_path, data_root, source, overrides, error, message):
     overrides = [o.replace("SOURCE", str(source[0])) for o in overrides]
     cfg = load_config(None, [f"data.root={data_root}", f"run.dir={tmp_path}", *overrides])
@@ -84,6 +118,7 @@ def test_transfer_config_errors(tmp_path, data_root, source, overrides, error, m
 
 def test_tampered_source_checkpoint_is_refused(tmp_path, data_root, source):
     import shutil
+
     copy = tmp_path / "copy"
     shutil.copytree(source[0], copy, symlinks=True)
     state = copy / "checkpoints" / "best" / "state.pt"
@@ -103,21 +138,36 @@ def test_two_ranks_freeze_then_unfreeze_like_one_rank(tmp_path, source):
     # Adam blows float noise in near-zero gradients of a pretrained body up to full-size steps.
     from dtrain.data.datasets import digits
     from dtrain.data.shards import write_shards
+
     splits, meta = digits()
     (x, y) = splits["train"]
     data = tmp_path / "full"
-    write_shards(data, {"train": (x[:256], y[:256]), "val": (x[256:384], y[256:384]),
-                        "test": (x[384:512], y[384:512])}, meta, shard_size=64)
-    common = ["train", f"data.dataset=folder:{data}", f"model.init_from={source[0]}",
-              "model.freeze_all_but_head=true", "model.unfreeze_at_step=3", "train.epochs=8", "data.shuffle_buffer=0",
-              "optim.name=sgd", "optim.lr=0.05", "log.progress=false"]
+    write_shards(
+        data,
+        {"train": (x[:256], y[:256]), "val": (x[256:384], y[256:384]), "test": (x[384:512], y[384:512])},
+        meta,
+        shard_size=64,
+    )
+    common = [
+        "train",
+        f"data.dataset=folder:{data}",
+        f"model.init_from={source[0]}",
+        "model.freeze_all_but_head=true",
+        "model.unfreeze_at_step=3",
+        "train.epochs=8",
+        "data.shuffle_buffer=0",
+        "optim.name=sgd",
+        "optim.lr=0.05",
+        "log.progress=false",
+    ]
     run_dtrain(common + ["data.batch_size=256", "run.name=one"], tmp_path)
     two = run_ranks(2, common + ["data.batch_size=128", "run.name=two"], tmp_path)
     assert "world_size=2" in two.stderr and "step 3: unfroze" in two.stderr
     a, b = final_params(tmp_path / "runs" / "one"), final_params(tmp_path / "runs" / "two")
     assert all(not torch.equal(a[k], source[1][k]) for k in body(source[1]))  # the body did train
-    assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a), \
-        max((a[k] - b[k]).abs().max().item() for k in a)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a), max(
+        (a[k] - b[k]).abs().max().item() for k in a
+    )
 
 
 def test_a_pointer_that_leads_out_of_its_run_is_refused(tmp_path, data_root):
@@ -126,8 +176,19 @@ def test_a_pointer_that_leads_out_of_its_run_is_refused(tmp_path, data_root):
     import shutil
 
     from dtrain.models.transfer import resolve_checkpoint
-    run_dtrain(["train", f"data.root={data_root}", "train.max_steps=2", "data.train_subset=64", "run.doctor=false",
-                "log.progress=false", "run.name=a"], tmp_path)
+
+    run_dtrain(
+        [
+            "train",
+            f"data.root={data_root}",
+            "train.max_steps=2",
+            "data.train_subset=64",
+            "run.doctor=false",
+            "log.progress=false",
+            "run.name=a",
+        ],
+        tmp_path,
+    )
     shutil.copytree(tmp_path / "runs" / "a", tmp_path / "runs" / "b", symlinks=True)
     ckpts = tmp_path / "runs" / "b" / "checkpoints"
     step = (ckpts / "latest").resolve().name
@@ -140,7 +201,8 @@ def test_a_pointer_that_leads_out_of_its_run_is_refused(tmp_path, data_root):
         said = [line for line in proc.stderr.splitlines() if line.startswith("dtrain: error:")]
         assert proc.returncode == 2 and said == [
             f"dtrain: error: checkpoint: runs/b/checkpoints/best points outside its run's checkpoints ({target}); "
-            "remove it, or give the checkpoint you mean by its own path"], proc.stderr[-2000:]
+            "remove it, or give the checkpoint you mean by its own path"
+        ], proc.stderr[-2000:]
         with pytest.raises(CheckpointError, match="points outside its run's checkpoints"):
             resolve_checkpoint(ckpts / "best")  # the pointer given itself (eval --checkpoint, model.init_from)
     (ckpts / "best").unlink()

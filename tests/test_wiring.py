@@ -36,8 +36,16 @@ def test_the_checkpointer_is_built_with_its_parts_halt_and_clock(tmp_path):
         yield
 
     def build():
-        return Checkpointer(tmp_path, 2, info, "h", every=2, parts=Parts(shared={"counter": counter}, own={}),
-                            halted=lambda: halted[0], clock=clock)
+        return Checkpointer(
+            tmp_path,
+            2,
+            info,
+            "h",
+            every=2,
+            parts=Parts(shared={"counter": counter}, own={}),
+            halted=lambda: halted[0],
+            clock=clock,
+        )
 
     ckpt = build()
     counter.n = 5
@@ -64,6 +72,7 @@ def test_the_logger_gets_the_runs_length_when_it_starts(tmp_path, monkeypatch):
     """It is built before the data says how many steps the run has (build_components), and started once a
     resume has settled them (a resume on other ranks keeps the checkpoint's epochs): the bar's length comes
     with start(), not through an attribute set in between."""
+
     class Terminal(io.StringIO):
         def isatty(self):
             return True
@@ -79,8 +88,15 @@ def test_build_sets_no_attribute_of_another_object():
     """build.py hands each component its collaborators through its constructor: an `x.attr = ...` there
     (the logger's total_steps was one) is wiring after construction."""
     tree = ast.parse((Path(dtrain.__file__).parent / "build.py").read_text())
-    targets = [t for node in ast.walk(tree) if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign))
-               for t in (node.targets if isinstance(node, ast.Assign) else [node.target])]
+    targets = [
+        t
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign))
+        for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+    ]
     names = [e for t in targets for e in (t.elts if isinstance(t, ast.Tuple) else [t])]
-    assert [ast.unparse(n) for n in names if isinstance(n, ast.Attribute)
-            and not (isinstance(n.value, ast.Name) and n.value.id == "self")] == []
+    assert [
+        ast.unparse(n)
+        for n in names
+        if isinstance(n, ast.Attribute) and not (isinstance(n.value, ast.Name) and n.value.id == "self")
+    ] == []

@@ -27,11 +27,11 @@ def raw_records(path: Path):
         if left < HEADER:  # a block's tail too short for a record header is zero padding
             pos += left
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + HEADER])
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
         if kind == 0 and length == 0:  # zero padding up to the block's end
             pos += left
             continue
-        chunk = data[pos + HEADER:pos + HEADER + length]
+        chunk = data[pos + HEADER : pos + HEADER + length]
         pos += HEADER + length
         if kind == FULL:
             yield chunk
@@ -59,14 +59,22 @@ def read_run(path: Path) -> dict:
         elif kind == "config":
             run["config"].update({i.key: json.loads(i.value_json) for i in record.config.update})
         elif kind == "history":
-            run["history"].append({i.key or "/".join(i.nested_key): json.loads(i.value_json)
-                                   for i in record.history.item})
+            run["history"].append(
+                {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+            )
         elif kind == "artifact":
             a = record.artifact
-            run["artifacts"].append({"name": a.name, "type": a.type, "aliases": list(a.aliases),
-                                     "metadata": json.loads(a.metadata or "{}"),
-                                     "files": {e.path: e.ref for e in a.manifest.contents}})
+            run["artifacts"].append(
+                {
+                    "name": a.name,
+                    "type": a.type,
+                    "aliases": list(a.aliases),
+                    "metadata": json.loads(a.metadata or "{}"),
+                    "files": {e.path: e.ref for e in a.manifest.contents},
+                }
+            )
         elif kind == "summary":
-            run["summary"].update({i.key or "/".join(i.nested_key): json.loads(i.value_json)
-                                   for i in record.summary.update})
+            run["summary"].update(
+                {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.summary.update}
+            )
     return run

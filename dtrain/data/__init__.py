@@ -41,8 +41,9 @@ def resolve_shards(cfg: DataConfig, seed: int, create: bool = True) -> ShardInde
     if cfg.dataset.startswith("folder:"):
         return read_index(cfg.dataset.removeprefix("folder:"), cfg.trust_descriptor_pipes)
     if cfg.dataset not in BUILTIN and cfg.dataset not in FOLDERS:
-        raise DataError(f"data: unknown dataset '{cfg.dataset}'; built-in: {', '.join([*BUILTIN, *FOLDERS])} "
-                        "(or folder:PATH)")
+        raise DataError(
+            f"data: unknown dataset '{cfg.dataset}'; built-in: {', '.join([*BUILTIN, *FOLDERS])} (or folder:PATH)"
+        )
     root = Path(cfg.root) / cfg.dataset
     params = builtin_params(cfg)
     if create and not (root / "train.json").exists():
@@ -55,8 +56,10 @@ def resolve_shards(cfg: DataConfig, seed: int, create: bool = True) -> ShardInde
         dist.barrier()
     index = read_index(root, cfg.trust_descriptor_pipes)
     if params and any(index.params.get(k) != v for k, v in params.items()):
-        raise DataError(f"data: shards in {root} were made with {index.params}, the config asks for {params}; "
-                        f"delete {root} or set data.root elsewhere")
+        raise DataError(
+            f"data: shards in {root} were made with {index.params}, the config asks for {params}; "
+            f"delete {root} or set data.root elsewhere"
+        )
     return index
 
 
@@ -72,8 +75,11 @@ def check_first_sample(cfg: DataConfig) -> None:
 
     if not isinstance(cfg.sample, dict) or (cfg.task == "lm" and len(cfg.sample) != 1):
         return  # a function's fields are seen per sample; task lm's one-field rule is the workers' line
-    named = [item for spec in (cfg.train, cfg.val, cfg.test, cfg.counts)
-             for item in ([spec] if isinstance(spec, str) else spec or [])]
+    named = [
+        item
+        for spec in (cfg.train, cfg.val, cfg.test, cfg.counts)
+        for item in ([spec] if isinstance(spec, str) else spec or [])
+    ]
     if any(not isinstance(item, str) or has_scheme(item) or "${" in item for item in named):
         return  # read through webdataset (gopen, expand_urls): torch, and maybe the network
     try:
@@ -105,17 +111,20 @@ def builtin_params(cfg: DataConfig) -> dict:
 
 def _is_zero() -> bool:
     import torch.distributed as td
+
     return not (td.is_available() and td.is_initialized()) or td.get_rank() == 0
 
 
 def _hook(given, spec: Optional[str], key: str):
     """A hook handed in from Python, else the callable the config's import string names."""
     from ..importing import resolve
+
     return given if given is not None else resolve(spec, key) if spec else None
 
 
-def sample_format(cfg: DataConfig, index: ShardIndex, sample: Union[dict, Callable, None] = None,
-                  collate: Optional[Callable] = None):
+def sample_format(
+    cfg: DataConfig, index: ShardIndex, sample: Union[dict, Callable, None] = None, collate: Optional[Callable] = None
+):
     """How samples are decoded and batched: `sample` (a field mapping or a function, from Python), else
     data.sample, else the descriptor's own mapping, else dtrain's x.npy + y.cls."""
     from .samples import DtrainFormat, FieldMap, MappedFormat
@@ -124,8 +133,10 @@ def sample_format(cfg: DataConfig, index: ShardIndex, sample: Union[dict, Callab
     collate = _hook(collate, cfg.collate, "data.collate")
     if spec is None:
         if "x_scale" not in index.meta:
-            raise ConfigError(f"config: data.sample: the shards of {index.where} are not dtrain's own (x.npy + y.cls); "
-                              "map their members to fields, e.g. data.sample='{x: jpg;png, y: cls}'")
+            raise ConfigError(
+                f"config: data.sample: the shards of {index.where} are not dtrain's own (x.npy + y.cls); "
+                "map their members to fields, e.g. data.sample='{x: jpg;png, y: cls}'"
+            )
         if collate is not None:
             raise ConfigError("config: data.collate batches mapped samples; set data.sample as well")
         return DtrainFormat(cfg.task or index.task or "classification", index.x_scale)
@@ -134,6 +145,7 @@ def sample_format(cfg: DataConfig, index: ShardIndex, sample: Union[dict, Callab
     if isinstance(spec, str):
         return MappedFormat(_hook(None, spec, "data.sample"), collate, f"data.sample ({spec})")
     from ..importing import describe
+
     return MappedFormat(spec, collate, describe(spec))
 
 
@@ -152,6 +164,7 @@ def _in_memory(cfg: DataConfig, index: ShardIndex, split: str, fmt, transform, w
 class Streams:
     """A run's data: the split streams of this rank (val, test: None when the data has none) and what is
     known of the data (`task`, `num_classes`, `input_shape`, `y_mean`, `classes`)."""
+
     train: ShardStream
     val: Optional[ShardStream]
     test: Optional[ShardStream]
@@ -168,8 +181,9 @@ class Streams:
         if not self.task_from_labels:
             return []
         kind = "floating-point" if self.task == "regression" else "integers"
-        return [f"data: task {self.task}: the first training samples' labels (field y) are {kind}; set data.task "
-                "to choose"]
+        return [
+            f"data: task {self.task}: the first training samples' labels (field y) are {kind}; set data.task to choose"
+        ]
 
     @property
     def mapped(self) -> bool:
@@ -198,10 +212,21 @@ class Streams:
         return self.input[0]
 
 
-def build_streams(cfg: DataConfig, *, seed: int, rank: int, world_size: int, grad_accum: int = 1,
-                  num_workers: Optional[int] = None, pin_memory: bool = False, augment: Optional[Callable] = None,
-                  sample: Union[dict, Callable, None] = None, transform: Optional[Callable] = None,
-                  collate: Optional[Callable] = None, create: bool = True) -> Streams:
+def build_streams(
+    cfg: DataConfig,
+    *,
+    seed: int,
+    rank: int,
+    world_size: int,
+    grad_accum: int = 1,
+    num_workers: Optional[int] = None,
+    pin_memory: bool = False,
+    augment: Optional[Callable] = None,
+    sample: Union[dict, Callable, None] = None,
+    transform: Optional[Callable] = None,
+    collate: Optional[Callable] = None,
+    create: bool = True,
+) -> Streams:
     """This rank's streams of every split from the data config. `augment`: dtrain's own augmentation
     (augment.build_augment); `sample`, `transform`, `collate`: a user's hooks handed in from Python, in
     place of data.sample, data.transform, data.collate."""
@@ -212,8 +237,11 @@ def build_streams(cfg: DataConfig, *, seed: int, rank: int, world_size: int, gra
     index = resolve_shards(cfg, seed, create)
     fmt = sample_format(cfg, index, sample, collate)
     train_index = index.subset("train", cfg.train_subset) if cfg.train_subset else index
-    inferred = None if cfg.task or index.task else \
-        infer_task(ShardStream(train_index, "train", batch_size=1, rank=0, world_size=1, sample_format=fmt))
+    inferred = (
+        None
+        if cfg.task or index.task
+        else infer_task(ShardStream(train_index, "train", batch_size=1, rank=0, world_size=1, sample_format=fmt))
+    )
     task = cfg.task or index.task or inferred or "classification"
     num_classes = cfg.num_classes or index.num_classes
     if task == "lm" and fmt.mapped:  # one field of token ids: y is x shifted by one
@@ -223,19 +251,49 @@ def build_streams(cfg: DataConfig, *, seed: int, rank: int, world_size: int, gra
     user = _hook(transform, cfg.transform, "data.transform")
     train_transform = chain(SeededTransform(user, seed) if user is not None else None, augment)
     workers = cfg.num_workers if num_workers is None else num_workers
-    common = dict(batch_size=cfg.batch_size, rank=rank, world_size=world_size, num_workers=workers,
-                  pin_memory=pin_memory, prefetch_factor=cfg.prefetch_factor, sample_format=fmt)
-    train = ShardStream(train_index, "train", train=True, seed=seed, grad_accum=grad_accum,
-                        shuffle_buffer=cfg.shuffle_buffer, remainder=cfg.remainder, transform=train_transform,
-                        in_memory=_in_memory(cfg, train_index, "train", fmt, train_transform, workers), **common)
+    common = dict(
+        batch_size=cfg.batch_size,
+        rank=rank,
+        world_size=world_size,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        prefetch_factor=cfg.prefetch_factor,
+        sample_format=fmt,
+    )
+    train = ShardStream(
+        train_index,
+        "train",
+        train=True,
+        seed=seed,
+        grad_accum=grad_accum,
+        shuffle_buffer=cfg.shuffle_buffer,
+        remainder=cfg.remainder,
+        transform=train_transform,
+        in_memory=_in_memory(cfg, train_index, "train", fmt, train_transform, workers),
+        **common,
+    )
     evaluation = {**common, "batch_size": cfg.eval_batch_size or cfg.batch_size}
-    evals = {split: ShardStream(index, split, seed=seed, in_memory=_in_memory(cfg, index, split, fmt, None, workers),
-                                **evaluation) if index.has(split) else None for split in ("val", "test")}
+    evals = {
+        split: ShardStream(
+            index, split, seed=seed, in_memory=_in_memory(cfg, index, split, fmt, None, workers), **evaluation
+        )
+        if index.has(split)
+        else None
+        for split in ("val", "test")
+    }
     # the training mean of the target: known from the descriptor of shards dtrain wrote, else unknown (None:
     # no mae_predict_mean), rather than worked out from a pass over every label before the first step
-    return Streams(train, evals["val"], evals["test"], index, task=task, num_classes=num_classes,
-                   y_mean=index.stats.get("train", {}).get("y_mean"), classes=index.classes,
-                   task_from_labels=inferred is not None)
+    return Streams(
+        train,
+        evals["val"],
+        evals["test"],
+        index,
+        task=task,
+        num_classes=num_classes,
+        y_mean=index.stats.get("train", {}).get("y_mean"),
+        classes=index.classes,
+        task_from_labels=inferred is not None,
+    )
 
 
 INFER_FROM = 8  # training samples whose labels say the task when neither data.task nor a descriptor does
@@ -254,10 +312,21 @@ def infer_task(train: ShardStream) -> Optional[str]:
         return None
     task = task_of_labels(y)
     if task is None:
-        raise DataError(f"data: cannot tell the task from the labels of {train.urls[0]} (field y is a "
-                        f"{type(y).__name__}): set data.task=classification or data.task=regression")
+        raise DataError(
+            f"data: cannot tell the task from the labels of {train.urls[0]} (field y is a "
+            f"{type(y).__name__}): set data.task=classification or data.task=regression"
+        )
     return task
 
 
-__all__ = ["DataError", "ShardIndex", "ShardStream", "Streams", "build_streams", "make_builtin", "read_index",
-           "resolve_shards", "sample_format"]
+__all__ = [
+    "DataError",
+    "ShardIndex",
+    "ShardStream",
+    "Streams",
+    "build_streams",
+    "make_builtin",
+    "read_index",
+    "resolve_shards",
+    "sample_format",
+]

@@ -130,7 +130,7 @@ def random_crop(x: torch.Tensor, max_shift: int, g: torch.Generator) -> torch.Te
     h, w = x.shape[-2:]
     dy, dx = torch.randint(0, 2 * max_shift + 1, (2,), generator=g).tolist()
     padded = F.pad(x, (max_shift, max_shift, max_shift, max_shift))
-    return padded[..., dy:dy + h, dx:dx + w]
+    return padded[..., dy : dy + h, dx : dx + w]
 
 
 def build_augment(cfg: AugmentConfig, seed: int) -> Optional[Augment]:

@@ -13,13 +13,15 @@ from .folder import shard_folder
 from .shards import ShardIndex, write_shards
 
 
-def make_builtin(name: str, out: str | Path, shard_size: int, seed: int = 0, progress: bool = False,
-                 **params) -> ShardIndex:
+def make_builtin(
+    name: str, out: str | Path, shard_size: int, seed: int = 0, progress: bool = False, **params
+) -> ShardIndex:
     """`progress`: bars on a terminal (`dtrain shard`)."""
     if name in FOLDERS:  # an image folder, sharded as `dtrain shard --from-folder` shards a user's
         with tempfile.TemporaryDirectory() as tmp:
-            return shard_folder(FOLDERS[name](Path(tmp), seed=seed, **params), out, shard_size, seed=seed,
-                                progress=progress)
+            return shard_folder(
+                FOLDERS[name](Path(tmp), seed=seed, **params), out, shard_size, seed=seed, progress=progress
+            )
     if name not in BUILTIN:
         raise DataError(f"data: unknown dataset '{name}'; built-in: {', '.join([*BUILTIN, *FOLDERS])} (or folder:PATH)")
     splits, meta = BUILTIN[name](seed=seed, **params)

@@ -15,7 +15,7 @@ def _split(x: np.ndarray, y: np.ndarray, seed: int) -> dict[str, tuple[np.ndarra
     order = np.random.default_rng(seed).permutation(len(x))
     n_train = int(SPLIT_FRACTIONS["train"] * len(x))
     n_val = int(SPLIT_FRACTIONS["val"] * len(x))
-    parts = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
+    parts = {"train": order[:n_train], "val": order[n_train : n_train + n_val], "test": order[n_train + n_val :]}
     return {name: (x[idx], y[idx]) for name, idx in parts.items()}
 
 
@@ -59,8 +59,13 @@ def count(seed: int = 0, samples: int = 6000, max_objects: int = 9, size: int = 
                 centers.append((cy, cx, r))
                 img[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = rng.uniform(150, 255)
         images[i, 0] = np.clip(img, 0, 255).astype(np.uint8)
-    meta = {"task": "regression", "num_classes": 0, "input_shape": [1, size, size], "x_scale": 1 / 255,
-            "params": {"samples": samples, "max_objects": max_objects, "size": size}}
+    meta = {
+        "task": "regression",
+        "num_classes": 0,
+        "input_shape": [1, size, size],
+        "x_scale": 1 / 255,
+        "params": {"samples": samples, "max_objects": max_objects, "size": size},
+    }
     return _split(images, labels.astype(np.int64), seed), meta
 
 
@@ -89,9 +94,14 @@ def text(seed: int = 0, context: int = 256, num_bytes: int = 1_000_000, **_) -> 
             break
     tokens = np.frombuffer(b"".join(chunks)[:num_bytes], dtype=np.uint8)
     n = len(tokens) // (context + 1)
-    windows = tokens[:n * (context + 1)].reshape(n, context + 1).copy()
-    meta = {"task": "lm", "num_classes": 256, "input_shape": [context], "x_scale": 1.0,
-            "params": {"context": context, "num_bytes": num_bytes}}
+    windows = tokens[: n * (context + 1)].reshape(n, context + 1).copy()
+    meta = {
+        "task": "lm",
+        "num_classes": 256,
+        "input_shape": [context],
+        "x_scale": 1.0,
+        "params": {"context": context, "num_bytes": num_bytes},
+    }
     return _split(windows, np.zeros(n, np.int64), seed), meta
 
 
@@ -110,8 +120,11 @@ def photo_folder(out, seed: int = 0, per_class: int = 500, size: int = 32, **_):
         from sklearn.datasets import load_sample_images
     except ModuleNotFoundError:
         from ..config import ConfigError
-        raise ConfigError("data: the photos data set is cut from the photographs scikit-learn ships; "
-                          "pip install 'dtrain[photos]' (scikit-learn)") from None
+
+        raise ConfigError(
+            "data: the photos data set is cut from the photographs scikit-learn ships; "
+            "pip install 'dtrain[photos]' (scikit-learn)"
+        ) from None
 
     rng = np.random.default_rng(seed)
     photos = load_sample_images()

@@ -72,16 +72,19 @@ def choose_layout(global_batch: int, world_size: int, max_batch: int, mode: str 
         return nearest
     ok = [str(m) for m in range(1, 2 * world_size + 1) if global_batch % m == 0]
     ok = " or ".join([", ".join(ok[:-1]), ok[-1]] if len(ok) > 1 else ok)
-    raise ElasticError(f"resume: the checkpoint's global batch {global_batch} can't be split evenly over "
-                       f"{world_size} ranks; resume on {ok} ranks, or set "
-                       f"checkpoint.elastic=approximate to use per-rank batch {nearest.batch_size} "
-                       f"x grad_accum {nearest.grad_accum} (global {nearest.global_batch(world_size)})")
+    raise ElasticError(
+        f"resume: the checkpoint's global batch {global_batch} can't be split evenly over "
+        f"{world_size} ranks; resume on {ok} ranks, or set "
+        f"checkpoint.elastic=approximate to use per-rank batch {nearest.batch_size} "
+        f"x grad_accum {nearest.grad_accum} (global {nearest.global_batch(world_size)})"
+    )
 
 
 # ---- the segments of one epoch ---------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Segment:
     """Steps `start..` of an epoch (until the next segment) taken by `world_size` ranks with this layout."""
+
     world_size: int
     batch_size: int
     grad_accum: int
@@ -101,7 +104,7 @@ def shuffle_seed(seed: int, epoch: int, segment: int, rank: int) -> str:
 def loader_order(per_worker: list[list], batch_size: int) -> list:
     """The items in the order a DataLoader yields them: each worker batches its own items (its last
     batch short), and the loader takes one batch from each worker in turn, dropping finished ones."""
-    batches = [[items[i:i + batch_size] for i in range(0, len(items), batch_size)] for items in per_worker]
+    batches = [[items[i : i + batch_size] for i in range(0, len(items), batch_size)] for items in per_worker]
     out, active, taken = [], list(range(len(batches))), [0] * len(batches)
     while active:
         for w in list(active):
@@ -178,8 +181,9 @@ def worker_order(per_worker: list[list], batch_size: int, shuffle_buffer: int, s
     read): each worker's shuffle buffer (the same generator, seed and calls as pipeline._worker_shuffle),
     batched, taken round-robin by the loader."""
     if shuffle_buffer > 1:
-        per_worker = [shuffled(items, shuffle_buffer, random.Random(f"{seed}/worker{w}"))
-                      for w, items in enumerate(per_worker)]
+        per_worker = [
+            shuffled(items, shuffle_buffer, random.Random(f"{seed}/worker{w}")) for w, items in enumerate(per_worker)
+        ]
     return loader_order(per_worker, batch_size)
 
 
@@ -192,7 +196,7 @@ def deal(remaining: list[Item], world_size: int, quota: int, shard_rank: dict[st
         raise DataError("data: nothing left of the epoch to deal over the new ranks")
     items = [remaining[i % len(remaining)] for i in range(total)]
     items.sort(key=lambda it: (shard_rank[it[0]], it[1]))
-    return [items[j * quota:(j + 1) * quota] for j in range(world_size)]
+    return [items[j * quota : (j + 1) * quota] for j in range(world_size)]
 
 
 def as_counts(items: list[Item]) -> tuple[list[str], dict[str, collections.Counter]]:
@@ -228,8 +232,9 @@ class EpochReplay:
                     row = first_row[u] + p * size  # in pass p (pipeline._from_memory)
                     items.extend(range(row + a, row + b))
                 per_worker.append(items)
-        return worker_order(per_worker, seg.batch_size, self.stream.shuffle_buffer,
-                            shuffle_seed(self.stream.seed, self.epoch, 0, rank))
+        return worker_order(
+            per_worker, seg.batch_size, self.stream.shuffle_buffer, shuffle_seed(self.stream.seed, self.epoch, 0, rank)
+        )
 
     def segment_streams(self) -> Iterator[tuple[list[list[Item]], list[list[Item]]]]:
         """Per segment: (what each of its ranks reads from the segment's start to the epoch's end, in
@@ -253,8 +258,13 @@ class EpochReplay:
 
     def dealt_stream(self, seg_index: int, rank: int, items: list[Item]) -> list[Item]:
         seg = self.segments[seg_index]
-        return dealt_order(items, seg.batch_size, seg.num_workers, self.stream.shuffle_buffer,
-                           shuffle_seed(self.stream.seed, self.epoch, seg_index, rank))
+        return dealt_order(
+            items,
+            seg.batch_size,
+            seg.num_workers,
+            self.stream.shuffle_buffer,
+            shuffle_seed(self.stream.seed, self.epoch, seg_index, rank),
+        )
 
 
 def dealt_order(items: list[Item], batch_size: int, num_workers: int, shuffle_buffer: int, seed: str) -> list[Item]:
@@ -262,8 +272,10 @@ def dealt_order(items: list[Item], batch_size: int, num_workers: int, shuffle_bu
     workers by shard, each read through and filtered by position, shuffled, batched by its workers (the
     last batch of each short: the pipeline joins them into whole ones)."""
     urls, counts = as_counts(items)
-    per_worker = [[(u, i) for u in urls[w::max(num_workers, 1)] for i in sorted(counts[u].elements())]
-                  for w in range(max(num_workers, 1))]
+    per_worker = [
+        [(u, i) for u in urls[w :: max(num_workers, 1)] for i in sorted(counts[u].elements())]
+        for w in range(max(num_workers, 1))
+    ]
     return worker_order(per_worker, batch_size, shuffle_buffer, seed)
 
 
@@ -273,7 +285,7 @@ def consumed_keys(stream, epoch: int, segments: list[Segment], until: int) -> li
     for i, (streams, _) in enumerate(EpochReplay(stream, epoch, segments).segment_streams()):
         seg = segments[i]
         end = segments[i + 1].start if i + 1 < len(segments) else until
-        out.append([s[:seg.samples_per_rank(end - seg.start)] for s in streams])
+        out.append([s[: seg.samples_per_rank(end - seg.start)] for s in streams])
     return out
 
 
@@ -293,9 +305,13 @@ class DataPosition:
         return self.segments
 
     def state_dict(self) -> dict:
-        return {"dealing": DEALING, "global_batch": self.global_batch, "steps_per_epoch": self.steps_per_epoch,
-                "epoch": self.epoch,
-                "segments": [dataclasses.astuple(s) for s in self.segments]}
+        return {
+            "dealing": DEALING,
+            "global_batch": self.global_batch,
+            "steps_per_epoch": self.steps_per_epoch,
+            "epoch": self.epoch,
+            "segments": [dataclasses.astuple(s) for s in self.segments],
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.global_batch, self.steps_per_epoch = state["global_batch"], state["steps_per_epoch"]
@@ -305,5 +321,9 @@ class DataPosition:
     def legacy_state(world_size: int, config: dict, step: int, steps_per_epoch: int) -> dict:
         """The state of a checkpoint written before elastic resume: one normal segment, from its config."""
         b, a, w = config["data"]["batch_size"], config["train"]["grad_accum"], config["data"]["num_workers"]
-        return {"global_batch": b * a * world_size, "steps_per_epoch": steps_per_epoch,
-                "epoch": step // steps_per_epoch, "segments": [(world_size, b, a, w, 0)]}
+        return {
+            "global_batch": b * a * world_size,
+            "steps_per_epoch": steps_per_epoch,
+            "epoch": step // steps_per_epoch,
+            "segments": [(world_size, b, a, w, 0)],
+        }

@@ -28,11 +28,15 @@ def parse(fields: dict) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     for name, spec in fields.items():
         exts, _, pointer = spec.partition("#") if isinstance(spec, str) else ("", "", "")
         if name.startswith("__") or not exts or not all(exts.split(";")):
-            raise ConfigError(f"config: data.sample.{name}: {spec!r} is not a field name and member extensions "
-                              "like x: 'jpg;png' (or a number in a JSON member, y: 'json#/count')")
+            raise ConfigError(
+                f"config: data.sample.{name}: {spec!r} is not a field name and member extensions "
+                "like x: 'jpg;png' (or a number in a JSON member, y: 'json#/count')"
+            )
         if "#" in spec and not pointer.startswith("/"):
-            raise ConfigError(f"config: data.sample.{name}: {spec!r}: after '#' comes a JSON pointer starting "
-                              f"with '/', e.g. y: '{exts}#/{pointer or 'count'}'")
+            raise ConfigError(
+                f"config: data.sample.{name}: {spec!r}: after '#' comes a JSON pointer starting "
+                f"with '/', e.g. y: '{exts}#/{pointer or 'count'}'"
+            )
         extensions[name] = [e.lower() for e in exts.split(";")]
         if pointer:  # "/labels/0" -> ["labels", "0"]; ~1 and ~0 are RFC 6901's escapes of / and ~
             pointers[name] = [t.replace("~1", "/").replace("~0", "~") for t in pointer[1:].split("/")]
@@ -42,8 +46,10 @@ def parse(fields: dict) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
 def no_member(key: str, url: str, name: str, extensions: list[str], members) -> DataError:
     """The error of sample `key` of shard `url`, whose `members` (extensions) hold none of field `name`'s."""
     has = ", ".join(sorted(m for m in members if not m.startswith("__")))
-    return DataError(f"data: sample {key!r} of {url} has no {' or '.join('.' + e for e in extensions)} member "
-                     f"for data.sample.{name} (it has {has or 'none'})")
+    return DataError(
+        f"data: sample {key!r} of {url} has no {' or '.join('.' + e for e in extensions)} member "
+        f"for data.sample.{name} (it has {has or 'none'})"
+    )
 
 
 def pointed(value, tokens: list[str], name: str, ext: str, key: str, url: str):
@@ -56,15 +62,24 @@ def pointed(value, tokens: list[str], name: str, ext: str, key: str, url: str):
         elif isinstance(value, list) and token.isdigit() and int(token) < len(value):
             value = value[int(token)]
         else:
-            has = f"keys {', '.join(map(str, value)) or 'none'}" if isinstance(value, dict) else \
-                f"a list of {len(value)}" if isinstance(value, list) else f"a {type(value).__name__}"
+            has = (
+                f"keys {', '.join(map(str, value)) or 'none'}"
+                if isinstance(value, dict)
+                else f"a list of {len(value)}"
+                if isinstance(value, list)
+                else f"a {type(value).__name__}"
+            )
             near = difflib.get_close_matches(token, list(map(str, value)), 1) if isinstance(value, dict) else []
             hint = f"; did you mean '{near[0]}'?" if near else ""
-            raise DataError(f"data: {where}: its .{ext} member has no {field} for data.sample.{name} (at "
-                            f"'{token}' it has {has}{hint})")
+            raise DataError(
+                f"data: {where}: its .{ext} member has no {field} for data.sample.{name} (at "
+                f"'{token}' it has {has}{hint})"
+            )
     if isinstance(value, bool) or not isinstance(value, (int, float)):  # bool: an int to Python, not a count
-        raise DataError(f"data: {where}: {field} of its .{ext} member (data.sample.{name}) is "
-                        f"{json.dumps(value)[:60]}, not a number")
+        raise DataError(
+            f"data: {where}: {field} of its .{ext} member (data.sample.{name}) is "
+            f"{json.dumps(value)[:60]}, not a number"
+        )
     return value
 
 

@@ -45,8 +45,15 @@ def _member(path: Path) -> str:
     return "jpg" if ext == "jpeg" else ext
 
 
-def shard_folder(src: str | Path, out: str | Path, shard_size: int, val: float = 0.15, test: float = 0.15,
-                 seed: int = 0, progress: bool = False) -> ShardIndex:
+def shard_folder(
+    src: str | Path,
+    out: str | Path,
+    shard_size: int,
+    val: float = 0.15,
+    test: float = 0.15,
+    seed: int = 0,
+    progress: bool = False,
+) -> ShardIndex:
     src = Path(src)
     if not src.is_dir():
         raise DataError(f"data: image folder {src} does not exist")
@@ -58,8 +65,7 @@ def shard_folder(src: str | Path, out: str | Path, shard_size: int, val: float =
         trees = {split: _classes(src / split) for split in SPLITS if split in subdirs}
         classes = sorted({c for tree in trees.values() for c in tree})
         label = {c: i for i, c in enumerate(classes)}
-        splits = {split: [(p, label[c]) for c, paths in tree.items() for p in paths]
-                  for split, tree in trees.items()}
+        splits = {split: [(p, label[c]) for c, paths in tree.items() for p in paths] for split, tree in trees.items()}
     else:
         tree = _classes(src)
         classes = list(tree)
@@ -69,8 +75,8 @@ def shard_folder(src: str | Path, out: str | Path, shard_size: int, val: float =
             rng.shuffle(paths)
             n_test, n_val = round(test * len(paths)), round(val * len(paths))
             splits["test"] += [(p, label) for p in paths[:n_test]]
-            splits["val"] += [(p, label) for p in paths[n_test:n_test + n_val]]
-            splits["train"] += [(p, label) for p in paths[n_test + n_val:]]
+            splits["val"] += [(p, label) for p in paths[n_test : n_test + n_val]]
+            splits["train"] += [(p, label) for p in paths[n_test + n_val :]]
     if not classes or not splits.get("train"):
         raise DataError(f"data: {src} holds no images in class subfolders ({src}/CLASS/*.jpg, png, ...)")
     extensions = sorted({_member(p) for items in splits.values() for p, _ in items}, key=lambda e: (e != "jpg", e))
@@ -79,10 +85,23 @@ def shard_folder(src: str | Path, out: str | Path, shard_size: int, val: float =
         items = items[:]
         rng.shuffle(items)
         for i, (path, label) in enumerate(items):
-            yield {"__key__": f"{split}-{i:07d}", _member(path): path.read_bytes(), "cls": label,
-                   "path.txt": str(path.relative_to(src))}
+            yield {
+                "__key__": f"{split}-{i:07d}",
+                _member(path): path.read_bytes(),
+                "cls": label,
+                "path.txt": str(path.relative_to(src)),
+            }
 
-    meta = {"task": "classification", "num_classes": len(classes), "classes": classes,
-            "sample": {"x": ";".join(extensions), "y": "cls"}}
-    return write_split_shards(out, {split: (samples(split, items), len(items)) for split, items in splits.items()
-                                    if items}, meta, shard_size, progress)
+    meta = {
+        "task": "classification",
+        "num_classes": len(classes),
+        "classes": classes,
+        "sample": {"x": ";".join(extensions), "y": "cls"},
+    }
+    return write_split_shards(
+        out,
+        {split: (samples(split, items), len(items)) for split, items in splits.items() if items},
+        meta,
+        shard_size,
+        progress,
+    )

@@ -93,8 +93,10 @@ def _read_pieces_filter(src, listed: dict[str, int]):
 
 
 def _miscounted(url: str, holds: int, listed: int) -> DataError:
-    return DataError(f"data: {url} holds {holds} samples, its descriptor lists {listed}: truncated or changed? "
-                     f"write it again, or count it again with `dtrain index`")
+    return DataError(
+        f"data: {url} holds {holds} samples, its descriptor lists {listed}: truncated or changed? "
+        f"write it again, or count it again with `dtrain index`"
+    )
 
 
 _read_pieces = wds.pipelinefilter(_read_pieces_filter)
@@ -173,11 +175,27 @@ class MemorySplit:
 class ShardStream:
     """One split's minibatches for this rank. Training streams are shuffled and cut to a fixed length."""
 
-    def __init__(self, index: ShardIndex, split: str, *, batch_size: int, rank: int, world_size: int,
-                 seed: int = 0, num_workers: int = 0, shuffle_buffer: int = 0, train: bool = False,
-                 grad_accum: int = 1, remainder: str = "drop", pin_memory: bool = False,
-                 transform: Optional[Callable] = None, prefetch_factor: Optional[int] = None,
-                 steps_per_epoch: Optional[int] = None, sample_format=None, in_memory=False):
+    def __init__(
+        self,
+        index: ShardIndex,
+        split: str,
+        *,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int = 0,
+        num_workers: int = 0,
+        shuffle_buffer: int = 0,
+        train: bool = False,
+        grad_accum: int = 1,
+        remainder: str = "drop",
+        pin_memory: bool = False,
+        transform: Optional[Callable] = None,
+        prefetch_factor: Optional[int] = None,
+        steps_per_epoch: Optional[int] = None,
+        sample_format=None,
+        in_memory=False,
+    ):
         self.index, self.split = index, split
         self.urls = index.shards(split)
         # samples to read from each shard: all of them, but fewer where the index is a subset
@@ -196,21 +214,44 @@ class ShardStream:
         per_step = batch_size * world_size * grad_accum
         steps = n // per_step if remainder == "drop" else math.ceil(n / per_step)
         if train and steps == 0:
-            raise DataError(f"data: '{split}' has {n} samples, fewer than one global batch "
-                            f"(batch_size {batch_size} x {world_size} ranks x grad_accum {grad_accum} = {per_step})")
+            raise DataError(
+                f"data: '{split}' has {n} samples, fewer than one global batch "
+                f"(batch_size {batch_size} x {world_size} ranks x grad_accum {grad_accum} = {per_step})"
+            )
         # given: an elastic resume with an approximate global batch keeps the checkpoint's epoch length
         self.steps_per_epoch = steps_per_epoch or steps  # optimizer steps
         self.batches_per_epoch = self.steps_per_epoch * grad_accum  # micro-batches per rank
 
-    def relayout(self, *, rank: int, world_size: int, batch_size: int, grad_accum: int, num_workers: int,
-                 steps_per_epoch: Optional[int] = None) -> "ShardStream":
+    def relayout(
+        self,
+        *,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        grad_accum: int,
+        num_workers: int,
+        steps_per_epoch: Optional[int] = None,
+    ) -> "ShardStream":
         """The same split and seed for another rank layout (an elastic resume, or replaying an old one)."""
-        return ShardStream(self.index, self.split, batch_size=batch_size, rank=rank, world_size=world_size,
-                           seed=self.seed, num_workers=num_workers, shuffle_buffer=self.shuffle_buffer,
-                           train=self.train, grad_accum=grad_accum, remainder=self.remainder,
-                           pin_memory=self.pin_memory, transform=self.transform,
-                           prefetch_factor=self.prefetch_arg, steps_per_epoch=steps_per_epoch,
-                           sample_format=self.format, in_memory=self.memory or False)
+        return ShardStream(
+            self.index,
+            self.split,
+            batch_size=batch_size,
+            rank=rank,
+            world_size=world_size,
+            seed=self.seed,
+            num_workers=num_workers,
+            shuffle_buffer=self.shuffle_buffer,
+            train=self.train,
+            grad_accum=grad_accum,
+            remainder=self.remainder,
+            pin_memory=self.pin_memory,
+            transform=self.transform,
+            prefetch_factor=self.prefetch_arg,
+            steps_per_epoch=steps_per_epoch,
+            sample_format=self.format,
+            in_memory=self.memory or False,
+        )
 
     def offsets(self) -> dict[str, int]:
         """Each shard's first position in the split (shards in index order): a sample's place in the split."""
@@ -258,10 +299,16 @@ class ShardStream:
         # A fresh DataLoader per epoch: its workers fork with this epoch's pieces baked in.
         # Its own generator: otherwise each new iterator draws a seed from the global torch RNG and
         # shifts every dropout mask after it, so a resumed run would diverge from an uninterrupted one.
-        loader = DataLoader(pipeline, batch_size=self.batch_size, num_workers=self.num_workers,
-                            collate_fn=to_columns, pin_memory=self.pin_memory, persistent_workers=False,
-                            prefetch_factor=self.prefetch_factor,
-                            generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
+        loader = DataLoader(
+            pipeline,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            collate_fn=to_columns,
+            pin_memory=self.pin_memory,
+            persistent_workers=False,
+            prefetch_factor=self.prefetch_factor,
+            generator=torch.Generator().manual_seed(self.seed * 7919 + epoch),
+        )
         try:
             yield from loader
         except DataError as e:
@@ -299,14 +346,17 @@ class ShardStream:
         """Batches first..end-1 of the samples at `rows` (in stream order; a row + k x the rows in memory:
         that row in its pass k)."""
         size, memory = self.batch_size, self.memory.columns
-        rows = rows[first * size:end * size]
+        rows = rows[first * size : end * size]
         passes = rows.div(len(memory), rounding_mode="floor")
         epoch_cols = memory.take(rows % len(memory))  # one gather, then views
         for b in range(first, end):
             cols = epoch_cols.cut((b - first) * size, (b - first + 1) * size)
             if self.transform is not None:
-                cols = cols.transformed(lambda x, key, j: self.transform(
-                    x, key=key, epoch=epoch, pass_index=int(passes[(b - first) * size + j])))
+                cols = cols.transformed(
+                    lambda x, key, j: self.transform(
+                        x, key=key, epoch=epoch, pass_index=int(passes[(b - first) * size + j])
+                    )
+                )
             yield self.format.batch(cols)
 
     # ---- epochs ---------------------------------------------------------------------------------
@@ -325,12 +375,15 @@ class ShardStream:
             return
         if self.memory is not None:
             rows = (self.memory.load(self).offsets, len(self.memory.columns))
-            order = torch.tensor(EpochReplay(self, epoch, [self.layout()]).normal_order(self.layout(), self.rank, rows),
-                                 dtype=torch.int64)
+            order = torch.tensor(
+                EpochReplay(self, epoch, [self.layout()]).normal_order(self.layout(), self.rank, rows),
+                dtype=torch.int64,
+            )
             yield from self._from_memory(order, epoch, start, self.batches_per_epoch)
             return
-        shares = normal_share(self.shard_order(epoch), self.shard_counts, self.layout(), self.steps_per_epoch,
-                              self.rank)
+        shares = normal_share(
+            self.shard_order(epoch), self.shard_counts, self.layout(), self.steps_per_epoch, self.rank
+        )
         pipeline = self._pipeline(self._reader(shares), shuffle_seed(self.seed, epoch, 0, self.rank), epoch)
         # every worker hands whole batches (normal_share): the same micro-batches as the replay, however many
         batches = rebatch(self._loaded(pipeline, epoch), self.batch_size, partial=False)
@@ -351,12 +404,15 @@ class ShardStream:
         # each shard read up to its last dealt sample (a position past the shard's count: the error below)
         pieces = [(u, 0, min(max(counts[u]) + 1, self.shard_counts[u]), 0) for u in urls]
         workers = max(self.num_workers, 1)
-        pipeline = self._pipeline(self._reader([pieces[w::workers] for w in range(workers)]) + [_keep_counts(counts)],
-                                  seed, epoch)
+        pipeline = self._pipeline(
+            self._reader([pieces[w::workers] for w in range(workers)]) + [_keep_counts(counts)], seed, epoch
+        )
         batches = rebatch(self._loaded(pipeline, epoch), self.batch_size, partial=False)
         n = start
         for n, cols in enumerate(itertools.islice(batches, start, total), start + 1):
             yield self.format.batch(cols)
         if n < total:  # a shard shorter than when the epoch began
-            raise DataError(f"data: rank {self.rank} read {n * self.batch_size} of the {len(items)} samples dealt "
-                            f"to it for the rest of epoch {epoch} from {', '.join(urls)}: a shard changed or is truncated")
+            raise DataError(
+                f"data: rank {self.rank} read {n * self.batch_size} of the {len(items)} samples dealt "
+                f"to it for the rest of epoch {epoch} from {', '.join(urls)}: a shard changed or is truncated"
+            )

@@ -77,6 +77,7 @@ def _restore(value, kind):
 class Columns:
     """The samples of a (part of a) batch: their keys, and per field a stacked tensor or a list. `kinds`:
     the type of the values of each field stacked from something other than tensors (ints, arrays)."""
+
     __slots__ = ("keys", "fields", "kinds")
 
     def __init__(self, keys: list[str], fields: dict, kinds: Optional[dict] = None):
@@ -87,8 +88,10 @@ class Columns:
         names = [n for n in samples[0] if n != "__key__"]
         for s in samples[1:]:
             if len(s) != len(names) + 1 or any(n not in s for n in names):
-                raise DataError(f"data: samples {samples[0]['__key__']!r} and {s['__key__']!r} have different "
-                                f"fields ({', '.join(names)} / {', '.join(n for n in s if n != '__key__')})")
+                raise DataError(
+                    f"data: samples {samples[0]['__key__']!r} and {s['__key__']!r} have different "
+                    f"fields ({', '.join(names)} / {', '.join(n for n in s if n != '__key__')})"
+                )
         fields = {n: _column([s[n] for s in samples]) for n in names}
         return Columns([s["__key__"] for s in samples], fields, _kinds(fields, samples[0]))
 
@@ -96,9 +99,11 @@ class Columns:
     def join(parts: list["Columns"]) -> "Columns":
         if len(parts) == 1:
             return parts[0]
-        return Columns([k for p in parts for k in p.keys],
-                       {n: _join_column([p.fields[n] for p in parts]) for n in parts[0].fields},
-                       {k: v for p in parts for k, v in p.kinds.items()})
+        return Columns(
+            [k for p in parts for k in p.keys],
+            {n: _join_column([p.fields[n] for p in parts]) for n in parts[0].fields},
+            {k: v for p in parts for k, v in p.kinds.items()},
+        )
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -109,8 +114,11 @@ class Columns:
     def take(self, index: torch.Tensor) -> "Columns":
         """The samples at `index` (an int64 tensor), in that order."""
         rows = index.tolist()
-        return Columns([self.keys[i] for i in rows], {n: v[index] if isinstance(v, torch.Tensor) else [v[i] for i in rows]
-                                                      for n, v in self.fields.items()}, self.kinds)
+        return Columns(
+            [self.keys[i] for i in rows],
+            {n: v[index] if isinstance(v, torch.Tensor) else [v[i] for i in rows] for n, v in self.fields.items()},
+            self.kinds,
+        )
 
     def transformed(self, transform: Callable[[Any, str, int], Any]) -> "Columns":
         """The input (first field) of each sample through transform(input, key, k), k its index here; the
@@ -124,18 +132,26 @@ class Columns:
 
     def samples(self) -> list[dict]:
         """Each sample's fields as its decoding gave them (what a collate hook gets)."""
-        return [{**{n: _restore(v[i], self.kinds.get(n)) for n, v in self.fields.items()}, "__key__": k}
-                for i, k in enumerate(self.keys)]
+        return [
+            {**{n: _restore(v[i], self.kinds.get(n)) for n, v in self.fields.items()}, "__key__": k}
+            for i, k in enumerate(self.keys)
+        ]
 
     def pin_memory(self) -> "Columns":  # DataLoader(pin_memory=True) calls this in its pinning thread
-        return Columns(self.keys, {n: v.pin_memory() if isinstance(v, torch.Tensor) else v
-                                   for n, v in self.fields.items()}, self.kinds)
+        return Columns(
+            self.keys,
+            {n: v.pin_memory() if isinstance(v, torch.Tensor) else v for n, v in self.fields.items()},
+            self.kinds,
+        )
 
 
 def _kinds(fields: dict, first: dict) -> dict:
     """{field: the type of its values} for the fields stacked from values that are not tensors."""
-    return {n: type(first[n]) for n, v in fields.items()
-            if isinstance(v, torch.Tensor) and not isinstance(first[n], torch.Tensor)}
+    return {
+        n: type(first[n])
+        for n, v in fields.items()
+        if isinstance(v, torch.Tensor) and not isinstance(first[n], torch.Tensor)
+    }
 
 
 def to_columns(samples: list[dict]) -> Columns:
@@ -198,11 +214,15 @@ class ClassLabels:
             lo, hi = extremes
         n = self.num_classes
         if lo < 0:
-            raise DataError(f"data: sample {key!r} of {url} has the class label {lo}; class labels are 0.."
-                            f"{n - 1 if n else 'num_classes-1'}: fix the label or leave the sample out of the shards")
+            raise DataError(
+                f"data: sample {key!r} of {url} has the class label {lo}; class labels are 0.."
+                f"{n - 1 if n else 'num_classes-1'}: fix the label or leave the sample out of the shards"
+            )
         if n is not None and hi >= n:
-            raise DataError(f"data: sample {key!r} of {url} has the class label {hi}, but data.num_classes is {n} "
-                            f"(labels 0..{n - 1}): set data.num_classes to the number of classes (at least {hi + 1})")
+            raise DataError(
+                f"data: sample {key!r} of {url} has the class label {hi}, but data.num_classes is {n} "
+                f"(labels 0..{n - 1}): set data.num_classes to the number of classes (at least {hi + 1})"
+            )
 
     def _extremes(self, y, key: str, url: str) -> Optional[tuple[int, int]]:
         """(smallest, largest) of integer labels; None for labels that are no classes to check (bools,
@@ -216,8 +236,10 @@ class ClassLabels:
             return None
         if floating and self.floats:
             value = y.item() if len(y.reshape(-1)) == 1 else f"a {y.dtype} array"
-            raise DataError(f"data: sample {key!r} of {url} has the label {value}, not a class index; for numeric "
-                            "targets set data.task=regression")
+            raise DataError(
+                f"data: sample {key!r} of {url} has the label {value}, not a class index; for numeric "
+                "targets set data.task=regression"
+            )
         if floating or not integral or len(y.reshape(-1)) == 0:
             return None
         return int(y.min()), int(y.max())
@@ -234,7 +256,7 @@ def _npy(data: bytes) -> np.ndarray:
     if bytes(buf[:6]) != b"\x93NUMPY" or buf[6] not in (1, 2, 3):
         raise ValueError("not a .npy array")
     size_bytes = 2 if buf[6] == 1 else 4
-    end = 8 + size_bytes + int.from_bytes(buf[8:8 + size_bytes], "little")
+    end = 8 + size_bytes + int.from_bytes(buf[8 : 8 + size_bytes], "little")
     header = bytes(buf[:end])
     meta = _NPY_HEADERS.get(header)
     if meta is None:
@@ -250,6 +272,7 @@ def _npy(data: bytes) -> np.ndarray:
 
 class DtrainFormat:
     """`x.npy` + `y.cls` samples -> {"x", "y", "__key__"} tensors; batches (x, y, keys)."""
+
     mapped = False
 
     def __init__(self, task: str = "classification", x_scale: float = 1.0, labels: Optional[ClassLabels] = None):
@@ -267,13 +290,17 @@ class DtrainFormat:
                 return {"x": tokens[:-1], "y": tokens[1:], "__key__": sample["__key__"]}
             y = int(sample["y.cls"])  # an ASCII integer, webdataset's convention
         except (KeyError, ValueError) as e:
-            raise DataError(f"data: cannot decode sample {sample.get('__key__')!r} of "
-                            f"{sample.get('__url__', 'a shard')} ({type(e).__name__}: {e})") from None
+            raise DataError(
+                f"data: cannot decode sample {sample.get('__key__')!r} of "
+                f"{sample.get('__url__', 'a shard')} ({type(e).__name__}: {e})"
+            ) from None
         if self.labels is not None and self.task == "classification":
             self.labels(y, sample["__key__"], sample.get("__url__", "a shard"))
-        return {"x": torch.from_numpy(np.asarray(x, dtype=np.float32) * self.x_scale),
-                "y": torch.tensor(y, dtype=torch.float32 if self.task == "regression" else torch.int64),
-                "__key__": sample["__key__"]}
+        return {
+            "x": torch.from_numpy(np.asarray(x, dtype=np.float32) * self.x_scale),
+            "y": torch.tensor(y, dtype=torch.float32 if self.task == "regression" else torch.int64),
+            "__key__": sample["__key__"],
+        }
 
     def batch(self, cols: Columns) -> tuple:
         return cols.fields["x"], cols.fields["y"], cols.keys
@@ -298,8 +325,10 @@ def _gunzip(key: str, data: bytes):
         parts.append(inflate.decompress(rest, GZ_LIMIT + 1 - size))
         size += len(parts[-1])
         if size > GZ_LIMIT:
-            raise ValueError(f"it inflates to more than {GZ_LIMIT:,} bytes (dtrain.data.samples.GZ_LIMIT): a "
-                             "decompression bomb, or a member too large for a sample")
+            raise ValueError(
+                f"it inflates to more than {GZ_LIMIT:,} bytes (dtrain.data.samples.GZ_LIMIT): a "
+                "decompression bomb, or a member too large for a sample"
+            )
         if not inflate.eof:
             raise ValueError("truncated gzip data")
         rest = inflate.unused_data.lstrip(b"\0")  # zero padding after the last member, as gzip allows
@@ -312,8 +341,10 @@ def _safe_basic(key: str, data: bytes):
     without pickles (an object array is refused)."""
     ext = key.rsplit(".", 1)[-1].lower()
     if ext in PICKLES:
-        raise ValueError(f"a .{ext} member is a Python pickle, which runs code when loaded; dtrain never unpickles "
-                         "shard data: store it as npy, json, cls or pth (tensors)")
+        raise ValueError(
+            f"a .{ext} member is a Python pickle, which runs code when loaded; dtrain never unpickles "
+            "shard data: store it as npy, json, cls or pth (tensors)"
+        )
     if ext in ("pth", "pt"):
         try:
             return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
@@ -328,8 +359,10 @@ def _safe_basic(key: str, data: bytes):
         except ValueError as e:
             if "allow_pickle" not in str(e):
                 raise
-            raise ValueError("an object array, whose items are Python pickles, which run code when loaded; dtrain "
-                             "never unpickles shard data") from None
+            raise ValueError(
+                "an object array, whose items are Python pickles, which run code when loaded; dtrain "
+                "never unpickles shard data"
+            ) from None
     return autodecode.basichandlers(key, data)
 
 
@@ -353,10 +386,12 @@ class _Image:
             except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning) as e:
                 declared = re.search(r"\((\d+) pixels\)", str(e))  # PIL's message is all that says
                 pixels = f"{int(declared[1]):,}" if declared else "too many"
-                raise ValueError(f"the image declares {pixels} pixels, more "
-                                 f"than PIL.Image.MAX_IMAGE_PIXELS ({PIL.Image.MAX_IMAGE_PIXELS:,}): a decompression "
-                                 "bomb, or an image too large to train on; raise PIL.Image.MAX_IMAGE_PIXELS in your "
-                                 "own code if it is genuine") from None
+                raise ValueError(
+                    f"the image declares {pixels} pixels, more "
+                    f"than PIL.Image.MAX_IMAGE_PIXELS ({PIL.Image.MAX_IMAGE_PIXELS:,}): a decompression "
+                    "bomb, or an image too large to train on; raise PIL.Image.MAX_IMAGE_PIXELS in your "
+                    "own code if it is genuine"
+                ) from None
         return image.unsqueeze(0) if isinstance(image, torch.Tensor) and image.ndim == 2 else image
 
 
@@ -380,9 +415,10 @@ class FieldMap:
             try:
                 out[name] = self.decoder.decode1(ext, sample[ext])
             except Exception as e:  # PIL, json, numpy, torch: any decoder's failure is the data's
-                raise DataError(f"data: cannot decode {key}.{ext} of {url} "
-                                f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") \
-                    from None
+                raise DataError(
+                    f"data: cannot decode {key}.{ext} of {url} "
+                    f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
+                ) from None
             if name in self.pointers:
                 out[name] = pointed(out[name], self.pointers[name], name, ext, key, url)
         return out
@@ -390,10 +426,17 @@ class FieldMap:
 
 class MappedFormat:
     """Fields from a FieldMap or a user's function of the raw sample; batches are dicts with `__key__`."""
+
     mapped = True
 
-    def __init__(self, to_fields: Callable[[dict], dict], collate: Optional[Callable[[list], dict]] = None,
-                 name: str = "data.sample", labels: Optional[ClassLabels] = None, next_tokens: bool = False):
+    def __init__(
+        self,
+        to_fields: Callable[[dict], dict],
+        collate: Optional[Callable[[list], dict]] = None,
+        name: str = "data.sample",
+        labels: Optional[ClassLabels] = None,
+        next_tokens: bool = False,
+    ):
         self.to_fields, self.collate, self.name, self.labels = to_fields, collate, name, labels
         self.next_tokens = next_tokens
 
@@ -406,24 +449,39 @@ class MappedFormat:
         tokens but the last, and y, its tokens but the first, as dtrain's own text shards are decoded."""
         fields = getattr(self.to_fields, "fields", None)  # a FieldMap's; a function's are seen per sample
         if fields is not None and len(fields) != 1:
-            raise ConfigError(f"config: data.task=lm takes one field of token ids, data.sample has "
-                              f"{', '.join(fields)}: map only the tokens, e.g. data.sample='{{x: tokens.npy}}' (y is "
-                              "x shifted by one)")
+            raise ConfigError(
+                f"config: data.task=lm takes one field of token ids, data.sample has "
+                f"{', '.join(fields)}: map only the tokens, e.g. data.sample='{{x: tokens.npy}}' (y is "
+                "x shifted by one)"
+            )
         return MappedFormat(self.to_fields, self.collate, self.name, self.labels, True)
 
     def _shifted(self, fields: dict, sample: dict) -> dict:
         where = f"sample {sample.get('__key__')!r} of {sample.get('__url__', 'a shard')}"
         if len(fields) != 1:
-            raise DataError(f"data: {self.name} returned the fields {', '.join(map(str, fields))} for {where}; "
-                            "data.task=lm takes one field of token ids (y is x shifted by one)")
-        (name, ids), = fields.items()
+            raise DataError(
+                f"data: {self.name} returned the fields {', '.join(map(str, fields))} for {where}; "
+                "data.task=lm takes one field of token ids (y is x shifted by one)"
+            )
+        ((name, ids),) = fields.items()
         tokens = torch.as_tensor(ids) if isinstance(ids, (torch.Tensor, np.ndarray, list)) else None
-        if tokens is None or tokens.dim() != 1 or len(tokens) < 2 or tokens.is_floating_point() or \
-                tokens.is_complex() or tokens.dtype == torch.bool:
-            what = f"a {tokens.dtype} array of shape {tuple(tokens.shape)}" if tokens is not None else \
-                f"a {type(ids).__name__}"
-            raise DataError(f"data: {where}: field '{name}' is {what}; data.task=lm takes a 1-D array of at least 2 "
-                            "integer token ids")
+        if (
+            tokens is None
+            or tokens.dim() != 1
+            or len(tokens) < 2
+            or tokens.is_floating_point()
+            or tokens.is_complex()
+            or tokens.dtype == torch.bool
+        ):
+            what = (
+                f"a {tokens.dtype} array of shape {tuple(tokens.shape)}"
+                if tokens is not None
+                else f"a {type(ids).__name__}"
+            )
+            raise DataError(
+                f"data: {where}: field '{name}' is {what}; data.task=lm takes a 1-D array of at least 2 "
+                "integer token ids"
+            )
         tokens = tokens.long()  # cross-entropy's targets are int64; a copy where the ids were narrower
         return {"x": tokens[:-1], "y": tokens[1:]}
 
@@ -436,8 +494,10 @@ class MappedFormat:
             e.add_note(f"({self.name} on sample {sample.get('__key__')!r} of {sample.get('__url__')})")
             raise
         if not isinstance(fields, dict) or not fields:
-            raise DataError(f"data: {self.name} returned {type(fields).__name__} for sample "
-                            f"{sample.get('__key__')!r}; it must return a dict of fields, e.g. {{'x': ..., 'y': ...}}")
+            raise DataError(
+                f"data: {self.name} returned {type(fields).__name__} for sample "
+                f"{sample.get('__key__')!r}; it must return a dict of fields, e.g. {{'x': ..., 'y': ...}}"
+            )
         if self.next_tokens:
             fields = self._shifted(fields, sample)
         if self.labels is not None and "y" in fields:
@@ -455,7 +515,9 @@ class MappedFormat:
             try:
                 out[name] = values if isinstance(values, torch.Tensor) else default_collate(values)
             except (RuntimeError, TypeError, KeyError, ValueError) as e:
-                raise DataError(f"data: cannot batch field '{name}' of samples {cols.keys[0]!r}... ({type(e).__name__}: "
-                                f"{str(e).splitlines()[0]}); set data.collate to batch samples of different shapes") from None
+                raise DataError(
+                    f"data: cannot batch field '{name}' of samples {cols.keys[0]!r}... ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0]}); set data.collate to batch samples of different shapes"
+                ) from None
         out["__key__"] = cols.keys
         return out

@@ -37,6 +37,7 @@ LEGACY_INDEX = "index.json"  # dtrain's index before descriptors: still read
 @dataclass(frozen=True)
 class ShardIndex:
     """Per split, its shards in order with the samples to read from each; what is known of the data."""
+
     splits: dict  # split -> {url: samples read}: the descriptor's counts, fewer after `subset`
     meta: dict = field(default_factory=dict)  # the descriptors' `dtrain` key (empty for foreign shards)
     listed: dict = field(default_factory=dict)  # split -> {url: samples its descriptor lists}
@@ -86,8 +87,11 @@ class ShardIndex:
 def write_shards(out: str | Path, splits: dict, meta: dict, shard_size: int, progress: bool = False) -> ShardIndex:
     """Arrays {split: (x, y)} as dtrain's own samples (x.npy + y.cls), a descriptor per split."""
     stats = {split: {"y_mean": float(np.mean(y)) if len(y) else 0.0} for split, (_, y) in splits.items()}
-    meta = {**{k: meta[k] for k in ("task", "num_classes", "input_shape", "x_scale")},
-            "params": meta.get("params", {}), "stats": stats}
+    meta = {
+        **{k: meta[k] for k in ("task", "num_classes", "input_shape", "x_scale")},
+        "params": meta.get("params", {}),
+        "stats": stats,
+    }
 
     def samples(split, x, y):
         for i in range(len(x)):
@@ -96,12 +100,14 @@ def write_shards(out: str | Path, splits: dict, meta: dict, shard_size: int, pro
                 sample["y.cls"] = int(y[i])
             yield sample
 
-    return write_split_shards(out, {s: (samples(s, x, y), len(x)) for s, (x, y) in splits.items()}, meta, shard_size,
-                              progress)
+    return write_split_shards(
+        out, {s: (samples(s, x, y), len(x)) for s, (x, y) in splits.items()}, meta, shard_size, progress
+    )
 
 
-def write_split_shards(out: str | Path, splits: dict[str, tuple[Iterable[dict], int]], meta: dict,
-                       shard_size: int, progress: bool = False) -> ShardIndex:
+def write_split_shards(
+    out: str | Path, splits: dict[str, tuple[Iterable[dict], int]], meta: dict, shard_size: int, progress: bool = False
+) -> ShardIndex:
     """Write every split ({split: (samples, how many)}) as tar shards and a descriptor into a temp dir,
     then rename it into place: a half-written directory never looks complete (several ranks or a killed
     process can't leave one behind). `progress`: a bar per split on a terminal (`dtrain shard`)."""
@@ -147,11 +153,15 @@ def _check_replaceable(out: Path) -> None:
     names = sorted(p.name for p in out.iterdir())
     other = next((n for n in names if not _WRITTEN.fullmatch(n)), None) or _not_from_shard(out, names)
     if other is not None:
-        raise DataError(f"data: {out} holds {other}, which dtrain did not write there, and the new shards would "
-                        "replace the whole directory; write them to a new directory, or empty it first")
+        raise DataError(
+            f"data: {out} holds {other}, which dtrain did not write there, and the new shards would "
+            "replace the whole directory; write them to a new directory, or empty it first"
+        )
 
 
-_WRITTEN = re.compile(r"(train|val|test)(-\d{6}\.tar|\.json)|" + re.escape(LEGACY_INDEX))  # what write_split_shards makes
+_WRITTEN = re.compile(
+    r"(train|val|test)(-\d{6}\.tar|\.json)|" + re.escape(LEGACY_INDEX)
+)  # what write_split_shards makes
 
 
 def _not_from_shard(out: Path, names: list[str]) -> str | None:
@@ -182,8 +192,10 @@ def read_index(root: str | Path, trust_pipes: bool = False) -> ShardIndex:
     if not present:
         if (root / LEGACY_INDEX).is_file():
             return _read_legacy(root)
-        raise DataError(f"data: {root} has no shard descriptors (train.json, val.json, test.json); write shards "
-                        f"with `dtrain shard --out {root}`, or count yours with `dtrain index SHARDS --out {root}/train.json`")
+        raise DataError(
+            f"data: {root} has no shard descriptors (train.json, val.json, test.json); write shards "
+            f"with `dtrain shard --out {root}`, or count yours with `dtrain index SHARDS --out {root}/train.json`"
+        )
     splits, meta = {}, {}
     for split in present:
         d = Descriptor.read(str(root / f"{split}.json"), trust_pipes)
@@ -201,8 +213,10 @@ def _read_legacy(root: Path) -> ShardIndex:
         d = json.loads(path.read_text())
         meta = {k: d[k] for k in ("task", "num_classes", "input_shape", "x_scale")}
         meta.update(params=d.get("params", {}), stats=d.get("stats", {}))
-        splits = {s: {str((root / name).absolute()): int(n) for name, n in shards.items()}
-                  for s, shards in d["splits"].items()}
+        splits = {
+            s: {str((root / name).absolute()): int(n) for name, n in shards.items()}
+            for s, shards in d["splits"].items()
+        }
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise DataError(f"data: {path} is unreadable ({type(e).__name__}: {e})") from None
     for shards in splits.values():

@@ -68,6 +68,7 @@ class Descriptor:
         try:
             if has_scheme(source):
                 from webdataset.gopen import gopen
+
                 with gopen(source) as f:
                     text = f.read()
             else:
@@ -76,10 +77,15 @@ class Descriptor:
         except (OSError, ValueError) as e:
             raise DataError(f"data: cannot read shard descriptor {source} ({type(e).__name__}: {e})") from None
         if not isinstance(d, dict) or not isinstance(d.get("shardlist"), list) or not d["shardlist"]:
-            hint = ("; its wids 'datasets' components are not supported: list the shards in 'shardlist'"
-                    if isinstance(d, dict) and "datasets" in d else "")
-            raise DataError(f"data: {source} is not a shard descriptor (a JSON object with a non-empty "
-                            f"'shardlist' of {{\"url\", \"nsamples\"}}){hint}")
+            hint = (
+                "; its wids 'datasets' components are not supported: list the shards in 'shardlist'"
+                if isinstance(d, dict) and "datasets" in d
+                else ""
+            )
+            raise DataError(
+                f"data: {source} is not a shard descriptor (a JSON object with a non-empty "
+                f'\'shardlist\' of {{"url", "nsamples"}}){hint}'
+            )
         base = d.get("base")
         if base is None:
             base = source.rsplit("/", 1)[0] if has_scheme(source) else os.path.dirname(os.path.abspath(source))
@@ -89,13 +95,17 @@ class Descriptor:
             if not isinstance(url, str):
                 raise DataError(f"data: {source}: shardlist entry {shard!r} has no 'url'")
             if not trust_pipes and is_pipe(resolve_url(url, base)):
-                raise DataError(f"data: {source}: shardlist[{i}] is a shell command ({url!r}), which a descriptor "
-                                "may not run (it is data); set data.trust_descriptor_pipes=true if you trust the "
-                                "file, or put the pipe: pattern in data.train and the file in data.counts")
+                raise DataError(
+                    f"data: {source}: shardlist[{i}] is a shell command ({url!r}), which a descriptor "
+                    "may not run (it is data); set data.trust_descriptor_pipes=true if you trust the "
+                    "file, or put the pipe: pattern in data.train and the file in data.counts"
+                )
             n = shard.get("nsamples")
             if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-                raise DataError(f"data: {source}: shard {url} has no sample count ('nsamples'); count the shards "
-                                f"with `dtrain index SHARDS --out {source}`")
+                raise DataError(
+                    f"data: {source}: shard {url} has no sample count ('nsamples'); count the shards "
+                    f"with `dtrain index SHARDS --out {source}`"
+                )
             urls.append(resolve_url(url, base))
             counts.append(n)
         meta = d.get("dtrain") if isinstance(d.get("dtrain"), dict) else {}
@@ -108,8 +118,10 @@ def expand_urls(pattern: str) -> list[str]:
     brace-expanded here, as it would be, without importing webdataset (and so torch)."""
     if "${" in pattern:
         from webdataset.shardlists import expand_urls as expand
+
         return expand(pattern)
     from braceexpand import braceexpand
+
     return [url for part in pattern.split("::") for url in braceexpand(part)]
 
 
@@ -127,8 +139,9 @@ def resolve_url(url: str, base: str) -> str:
     return os.path.abspath(os.path.join(base, url))
 
 
-def descriptor(shards: list[tuple[str, int]], out: str | Path, meta: Optional[dict] = None,
-               name: Optional[str] = None) -> dict:
+def descriptor(
+    shards: list[tuple[str, int]], out: str | Path, meta: Optional[dict] = None, name: Optional[str] = None
+) -> dict:
     """The descriptor of `shards` ((url, count), in order) as written to `out`: local shards under its
     directory by relative path (the directory can move), others as they are."""
     where = os.path.dirname(os.path.abspath(out))
@@ -155,12 +168,12 @@ def write_descriptor(d: dict, out: str | Path) -> None:
     out = Path(out)
     if out.exists() and not out.is_file():
         kind = _KINDS.get(stat.S_IFMT(out.stat().st_mode), "special file")
-        raise DataError(f"data: cannot write the descriptor {out}: it is a {kind}, not a regular file; "
-                        "name a file instead")
+        raise DataError(
+            f"data: cannot write the descriptor {out}: it is a {kind}, not a regular file; name a file instead"
+        )
     where = os.path.dirname(os.path.abspath(out))
     if any(resolve_url(e["url"], where) == os.path.abspath(out) for e in d.get("shardlist", [])):
-        raise DataError(f"data: cannot write the descriptor {out}: it is one of the shards it lists; name "
-                        "another file")
+        raise DataError(f"data: cannot write the descriptor {out}: it is one of the shards it lists; name another file")
     # a name of its own (two writers never share one), created new (O_EXCL: not through a link planted
     # there), with the umask's permissions as any file the user writes
     tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")
@@ -182,8 +195,13 @@ def write_descriptor(d: dict, out: str | Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-_KINDS = {stat.S_IFDIR: "directory", stat.S_IFCHR: "character device", stat.S_IFBLK: "block device",
-          stat.S_IFIFO: "fifo", stat.S_IFSOCK: "socket"}
+_KINDS = {
+    stat.S_IFDIR: "directory",
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+    stat.S_IFIFO: "fifo",
+    stat.S_IFSOCK: "socket",
+}
 
 
 # ---- a split from config ------------------------------------------------------------------------------------
@@ -191,8 +209,9 @@ def is_descriptor(spec: str) -> bool:
     return urlparse(spec).path.endswith(".json") and not spec.startswith("pipe:")
 
 
-def resolve_split(spec: Spec, key: str, counts: Spec = None,
-                  trust_pipes: bool = False) -> tuple[list[str], list[int], dict]:
+def resolve_split(
+    spec: Spec, key: str, counts: Spec = None, trust_pipes: bool = False
+) -> tuple[list[str], list[int], dict]:
     """(shard URLs, their sample counts, dtrain's extra key of the first descriptor) of a split given as
     a descriptor, a pattern or a list of them; counts of pattern shards from the descriptors `counts`.
     `trust_pipes`: data.trust_descriptor_pipes (a descriptor's `pipe:` shards may run)."""
@@ -213,12 +232,16 @@ def resolve_split(spec: Spec, key: str, counts: Spec = None,
                 known.update(zip(d.urls, d.counts))
         for url in expand_urls(item):
             if is_pipe(url) and not url.startswith("pipe:"):  # webdataset's gopen asserts on any other spelling
-                raise DataError(f"data: {key}: {url[:60]!r} is a pipe: command spelled otherwise; write it as "
-                                "'pipe:COMMAND' (lower case, at the start)")
+                raise DataError(
+                    f"data: {key}: {url[:60]!r} is a pipe: command spelled otherwise; write it as "
+                    "'pipe:COMMAND' (lower case, at the start)"
+                )
             url = url if has_scheme(url) else os.path.abspath(url)
             if url not in known:
-                raise DataError(f"data: no sample count for {url} ({key}); count the shards once with "
-                                f"`dtrain index '{item}' --out FILE` and set {key}=FILE (or data.counts=FILE)")
+                raise DataError(
+                    f"data: no sample count for {url} ({key}); count the shards once with "
+                    f"`dtrain index '{item}' --out FILE` and set {key}=FILE (or data.counts=FILE)"
+                )
             urls.append(url)
             nums.append(known[url])
     if not urls:
@@ -247,18 +270,29 @@ def count_shards(patterns: list[str], jobs: int = 8, progress: bool = False) -> 
             raise DataError(f"data: {url} is not a regular file (a fifo, a device or a directory is never a shard)")
         if not has_scheme(url) and not os.path.isfile(url):
             glob = any(c in url for c in "*?[")  # a quoted glob reaches us as it is: webdataset expands braces only
-            raise DataError(f"data: no shard {url}" + (" (a glob: leave it unquoted for the shell to expand, or "
-                                                       "write a brace pattern, train-{000000..000099}.tar)" if glob else ""))
+            raise DataError(
+                f"data: no shard {url}"
+                + (
+                    " (a glob: leave it unquoted for the shell to expand, or "
+                    "write a brace pattern, train-{000000..000099}.tar)"
+                    if glob
+                    else ""
+                )
+            )
         try:
             return sample_count(url)
         except (tarfile.TarError, OSError, ValueError, EOFError) as e:
-            raise DataError(f"data: cannot read {url} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+            raise DataError(
+                f"data: cannot read {url} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            ) from None
 
     with ThreadPoolExecutor(max(1, jobs)) as pool:
-        counts = list(progress_bar(pool.map(count, urls), total=len(urls), desc="index", unit="shard",
-                                   enabled=progress))
+        counts = list(
+            progress_bar(pool.map(count, urls), total=len(urls), desc="index", unit="shard", enabled=progress)
+        )
     for url, n in zip(urls, counts):
         if n == 0:  # a valid tar with no samples, e.g. a writer that died before its first: said, then kept
-            logging.getLogger("dtrain.data").warning(f"index: {url} holds no samples (is it the shard you meant, "
-                                                     "written completely?)")
+            logging.getLogger("dtrain.data").warning(
+                f"index: {url} holds no samples (is it the shard you meant, written completely?)"
+            )
     return list(zip(urls, counts))

@@ -48,8 +48,11 @@ _REGULAR = (b"0", b"\0", b"7")
 # Python's tarfile reads them; a reader that skipped it would see other members than webdataset does)
 _NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")
 _EXTENDED = (b"x", b"L", b"g", b"K")  # headers that name no member: pax and GNU long names, of the next one
-_DECOMPRESS = ((b"\x1f\x8b", lambda f: gzip.GzipFile(fileobj=f, mode="rb")), (b"BZh", bz2.BZ2File),
-               (b"\xfd7zXZ", lzma.LZMAFile))
+_DECOMPRESS = (
+    (b"\x1f\x8b", lambda f: gzip.GzipFile(fileobj=f, mode="rb")),
+    (b"BZh", bz2.BZ2File),
+    (b"\xfd7zXZ", lzma.LZMAFile),
+)
 
 
 def _number(field: bytes) -> int:
@@ -68,8 +71,9 @@ def _signed_checksum(header: bytes) -> int:
 
 
 def _too_big(name: str, size: int, left) -> tarfile.ReadError:
-    return tarfile.ReadError(f"unexpected end of data: member {name!r} declares {size} bytes, more than the file "
-                             f"holds ({left} left)")
+    return tarfile.ReadError(
+        f"unexpected end of data: member {name!r} declares {size} bytes, more than the file holds ({left} left)"
+    )
 
 
 def _exact(read, n: int, name: str) -> bytes:
@@ -90,12 +94,12 @@ def _exact(read, n: int, name: str) -> bytes:
 def _pax(data: bytes) -> dict[str, str]:
     """Records "LEN key=value\\n" of a pax extended header."""
     out, pos = {}, 0
-    while pos < len(data) and data[pos:pos + 1] != b"\0":
+    while pos < len(data) and data[pos : pos + 1] != b"\0":
         space = data.find(b" ", pos)
         length = int(data[pos:space]) if data[pos:space].isdigit() else 0
         if space < 0 or length <= space - pos or pos + length > len(data):  # 0 would read one record forever
             raise tarfile.ReadError("malformed pax header")
-        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
+        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
         out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
         pos += length
     return out
@@ -213,8 +217,9 @@ def _members(stream, payloads: bool, end) -> Iterator[dict]:
         if _META.match(name):  # also covers webdataset's meta_prefix/meta_suffix ("__name__") check
             continue
         if _unsafe(name):
-            raise tarfile.ReadError(f"member {name!r} has an absolute or '..' name, which no shard writer "
-                                    "makes: refusing the shard")
+            raise tarfile.ReadError(
+                f"member {name!r} has an absolute or '..' name, which no shard writer makes: refusing the shard"
+            )
         yield {"fname": name, "data": data}
 
 
@@ -230,7 +235,7 @@ class _Raw(io.RawIOBase):
 
     def readinto(self, buffer) -> int:
         data = self.stream.read(len(buffer))
-        buffer[:len(data)] = data
+        buffer[: len(data)] = data
         return len(data)
 
 

@@ -71,22 +71,35 @@ class Engine(Protocol):
     def load_weights(self, directory: Path, state: dict) -> None: ...
 
 
-def build_engine(model, make_optimizer, make_scheduler, train_cfg: TrainConfig, dist_info,
-                 ds_cfg: DeepSpeedConfig | None = None, micro_batch_size: int = 1, channels_last: bool = False,
-                 fsdp_cfg: FSDPConfig | None = None, log=print) -> Engine:
+def build_engine(
+    model,
+    make_optimizer,
+    make_scheduler,
+    train_cfg: TrainConfig,
+    dist_info,
+    ds_cfg: DeepSpeedConfig | None = None,
+    micro_batch_size: int = 1,
+    channels_last: bool = False,
+    fsdp_cfg: FSDPConfig | None = None,
+    log=print,
+) -> Engine:
     """`make_optimizer(module)` and `make_scheduler(optimizer)` are called by the engine once the model is
     where its parameters will live (an engine that shards parameters must build the optimizer over the
     shards, not over the full tensors). `log` (rank 0's) says once how FSDP sharded the model."""
     if train_cfg.engine == "fsdp":
         from .fsdp import FSDPEngine
+
         return FSDPEngine(model, make_optimizer, make_scheduler, train_cfg, dist_info, fsdp_cfg, channels_last, log)
     if train_cfg.engine == "deepspeed":
         from .deepspeed import DeepSpeedEngine
+
         return DeepSpeedEngine(model, make_optimizer, make_scheduler, train_cfg, dist_info, ds_cfg, micro_batch_size)
     if dist_info.distributed:
         from .ddp import DDPEngine
+
         return DDPEngine(model, make_optimizer, make_scheduler, train_cfg, dist_info, channels_last)
     from .single import SingleEngine
+
     return SingleEngine(model, make_optimizer, make_scheduler, train_cfg, dist_info, channels_last)
 
 
@@ -94,12 +107,15 @@ def model_weights(directory, engine_state: dict) -> dict:
     """A plain state dict of the model from a checkpoint's engine state, whichever engine wrote it (in
     this process alone: no process group needed)."""
     from .formats import written_by_engine
+
     wrote = written_by_engine(engine_state)
     if wrote == "fsdp":
         from .fsdp import consolidated_state_dict
+
         return consolidated_state_dict(directory, engine_state)
     if wrote == "deepspeed":
         from .deepspeed import consolidated_state_dict
+
         return consolidated_state_dict(directory, engine_state)
     return engine_state["model"]
 
@@ -108,9 +124,11 @@ def __getattr__(name: str):
     # the engines import torch: loaded when first asked for, so that importing this package stays light
     if name in ("check_engine", "written_by_engine"):
         from . import formats
+
         return getattr(formats, name)
     if name == "SingleEngine":
         from .single import SingleEngine
+
         return SingleEngine
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

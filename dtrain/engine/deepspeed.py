@@ -44,8 +44,10 @@ def import_deepspeed(device: torch.device | None = None):
     try:
         import deepspeed
     except ImportError as e:
-        raise ConfigError(f"train.engine=deepspeed needs DeepSpeed, which is not installed ({e}); "
-                          "pip install 'dtrain[deepspeed]' or use train.engine=ddp") from None
+        raise ConfigError(
+            f"train.engine=deepspeed needs DeepSpeed, which is not installed ({e}); "
+            "pip install 'dtrain[deepspeed]' or use train.engine=ddp"
+        ) from None
     return deepspeed
 
 
@@ -89,8 +91,11 @@ class DeepSpeedEngine:
         model = model.to(dist_info.device)
         optimizer = make_optimizer(model)
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=make_scheduler(optimizer),
-            config=build_ds_config(train_cfg, ds_cfg, micro_batch_size, dist_info.device))
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=make_scheduler(optimizer),
+            config=build_ds_config(train_cfg, ds_cfg, micro_batch_size, dist_info.device),
+        )
         self.module = self.model.module  # the bare model; under ZeRO-3 its forward gathers the shards
 
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,8 +117,10 @@ class DeepSpeedEngine:
         raise ConfigError(capabilities.DEEPSPEED_UNFREEZE)
 
     def set_grad_accum(self, grad_accum: int) -> None:
-        raise ConfigError("train.engine=deepspeed fixes gradient accumulation when ZeRO is set up; it can't "
-                          "change on resume (resume with the same number of ranks and batch settings)")
+        raise ConfigError(
+            "train.engine=deepspeed fixes gradient accumulation when ZeRO is set up; it can't "
+            "change on resume (resume with the same number of ranks and batch settings)"
+        )
 
     def backward(self, loss: torch.Tensor) -> None:
         self.model.backward(loss)  # divides by gradient_accumulation_steps itself
@@ -150,6 +157,7 @@ class DeepSpeedEngine:
         """Collective: model, optimizer shards and schedule from a verified checkpoint directory."""
         from ..checkpoint_files import CheckpointError
         from .formats import check_engine
+
         check_engine(directory, state, "deepspeed")
         check_same_world_size(directory, self.world_size)
         with weights_only_loads(directory / TAG), config_hyperparameters(self.optimizer, self.scheduler):
@@ -171,18 +179,22 @@ def check_same_world_size(directory: Path, world_size: int) -> None:
     ranks that wrote it. Re-partitioning them is DeepSpeed's universal-checkpoint conversion, which dtrain
     does not run; say what to do instead of letting DeepSpeed fail or load a wrong partition."""
     from ..checkpoint_files import CheckpointError, written_by
+
     saved = written_by(directory)
     if saved != world_size:
-        raise CheckpointError(f"checkpoint: {directory} holds ZeRO shards of {saved} ranks and this run has "
-                              f"{world_size}; train.engine=deepspeed resumes only on the same number: start it "
-                              f"with {saved} ranks, or `dtrain export --checkpoint {directory} --out model.pt` and "
-                              "fine-tune from it in a new run (model.init_from=model.pt)")
+        raise CheckpointError(
+            f"checkpoint: {directory} holds ZeRO shards of {saved} ranks and this run has "
+            f"{world_size}; train.engine=deepspeed resumes only on the same number: start it "
+            f"with {saved} ranks, or `dtrain export --checkpoint {directory} --out model.pt` and "
+            "fine-tune from it in a new run (model.init_from=model.pt)"
+        )
 
 
 def consolidated_state_dict(directory: Path, state: dict) -> dict:
     """A plain fp32 state dict from a dtrain DeepSpeed checkpoint (DeepSpeed's zero_to_fp32)."""
     import_deepspeed(torch.device("cpu"))
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
     with contextlib.redirect_stdout(None), weights_only_loads(directory / TAG):  # it prints progress lines
         weights = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=state["deepspeed"]["tag"])
     return {k: v.contiguous() for k, v in weights.items()}
@@ -194,6 +206,7 @@ def weights_only_loads(what: Path):
     weights_only=True: torch's TORCH_FORCE_WEIGHTS_ONLY_LOAD, read at each call. The few plain data
     classes DeepSpeed pickles into its optimizer files are allowlisted; anything else is refused."""
     from ..checkpoint_files import refusal
+
     old = os.environ.get(_FORCE)
     os.environ[_FORCE] = "1"
     try:
@@ -203,6 +216,7 @@ def weights_only_loads(what: Path):
         raise refusal(what, e) from None
     except (RuntimeError, EOFError, OSError) as e:  # e.g. not a torch file at all
         from ..checkpoint_files import CheckpointError
+
         first = next((l.strip() for l in str(e).splitlines() if l.strip()), type(e).__name__)
         raise CheckpointError(f"checkpoint: DeepSpeed could not load {what} ({first[:200]})") from None
     finally:
@@ -219,9 +233,14 @@ def _deepspeed_data_classes() -> list:
     """Data-only classes in DeepSpeed's checkpoint files (loss scaler state, ZeRO stage enum, fragment
     addresses), by name: DeepSpeed versions move them, and a missing one only means it isn't needed."""
     import importlib
+
     found = []
-    for name in ("deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
-                 "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.utils.tensor_fragment.fragment_address"):
+    for name in (
+        "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+        "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+        "deepspeed.runtime.zero.config.ZeroStageEnum",
+        "deepspeed.utils.tensor_fragment.fragment_address",
+    ):
         module, _, attr = name.rpartition(".")
         try:
             found.append(getattr(importlib.import_module(module), attr))

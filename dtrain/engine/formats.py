@@ -15,5 +15,7 @@ def check_engine(directory, engine_state: dict, engine: str) -> None:
     """CheckpointError unless the checkpoint was written by `engine` (its files are another engine's)."""
     wrote = written_by_engine(engine_state)
     if wrote != engine:
-        raise CheckpointError(f"checkpoint: {directory} was written by the {wrote} engine; resume it with "
-                              f"train.engine={wrote} (or `dtrain export` it and use model.init_from)")
+        raise CheckpointError(
+            f"checkpoint: {directory} was written by the {wrote} engine; resume it with "
+            f"train.engine={wrote} (or `dtrain export` it and use model.init_from)"
+        )

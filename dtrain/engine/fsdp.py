@@ -30,14 +30,19 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+
 # Private, kept: torch has no public composable activation checkpointing (hooks on the module, parameter names
 # unchanged; torch.utils.checkpoint would wrap forward, checkpoint_wrapper renames parameters and is private
 # too). test_fsdp_by_block_follows_ddp_without_accumulation_or_clipping runs it and fails if it goes or changes.
 from torch.distributed._composable import checkpoint
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -61,8 +66,10 @@ def find_blocks(model: nn.Module, names: list[str]) -> tuple[list[nn.Module], st
             if not isinstance(found, (nn.ModuleList, nn.Sequential)):
                 lists = [n for n, m in modules.items() if n and isinstance(m, (nn.ModuleList, nn.Sequential))]
                 what = "no module" if found is None else f"a {type(found).__name__}, not a module list"
-                raise ConfigError(f"config: fsdp.blocks: '{name}' is {what} in {type(model).__name__}; module lists "
-                                  f"there: {', '.join(lists[:8]) or 'none'}")
+                raise ConfigError(
+                    f"config: fsdp.blocks: '{name}' is {what} in {type(model).__name__}; module lists "
+                    f"there: {', '.join(lists[:8]) or 'none'}"
+                )
             blocks += list(found)
         return blocks, ", ".join(names)
     lists = [(sum(p.numel() for p in m.parameters()), n) for n, m in modules.items() if isinstance(m, nn.ModuleList)]
@@ -75,13 +82,24 @@ def find_blocks(model: nn.Module, names: list[str]) -> tuple[list[nn.Module], st
 class FSDPEngine(SingleEngine):
     unsupported = staticmethod(capabilities.fsdp)
 
-    def __init__(self, model, make_optimizer, make_scheduler, train_cfg, dist_info, fsdp_cfg,
-                 channels_last: bool = False, log=print):
+    def __init__(
+        self,
+        model,
+        make_optimizer,
+        make_scheduler,
+        train_cfg,
+        dist_info,
+        fsdp_cfg,
+        channels_last: bool = False,
+        log=print,
+    ):
         name = type(model).__name__  # (fully_shard renames the class FSDP<name>)
         blocks, where = find_blocks(model, fsdp_cfg.blocks)
         if fsdp_cfg.activation_checkpointing and not blocks:
-            raise ConfigError(f"config: fsdp.activation_checkpointing needs blocks, and {name} has no "
-                              "nn.ModuleList; name its module lists in fsdp.blocks")
+            raise ConfigError(
+                f"config: fsdp.activation_checkpointing needs blocks, and {name} has no "
+                "nn.ModuleList; name its module lists in fsdp.blocks"
+            )
         if not torch.distributed.is_initialized():
             # one process: FSDP needs a process group; a world of one in this process, no rendezvous
             backend = "cpu:gloo,cuda:nccl" if dist_info.device.type == "cuda" else "gloo"
@@ -96,20 +114,32 @@ class FSDPEngine(SingleEngine):
         DTensor shards, so its state is sharded too."""
         name, blocks, where, fsdp_cfg, log = self._layout
         self.module = model.to(self.device)
-        param_dtype = {"fp32": None, "bf16": torch.bfloat16,
-                       "auto": self.amp_dtype if self.amp_dtype == torch.bfloat16 else None}[fsdp_cfg.param_dtype]
+        param_dtype = {
+            "fp32": None,
+            "bf16": torch.bfloat16,
+            "auto": self.amp_dtype if self.amp_dtype == torch.bfloat16 else None,
+        }[fsdp_cfg.param_dtype]
         self.reshard_blocks = fsdp_cfg.reshard_after_forward
         self.fsdp_units = self._shard(blocks, fsdp_cfg, param_dtype)
         if log is not None:
-            layout = (f"{len(blocks)} blocks of {where} one by one, then the rest at the root" if blocks else
-                      f"at the root as one unit ({name} has no nn.ModuleList of blocks; name its module lists "
-                      "in fsdp.blocks to shard it block by block)")
+            layout = (
+                f"{len(blocks)} blocks of {where} one by one, then the rest at the root"
+                if blocks
+                else f"at the root as one unit ({name} has no nn.ModuleList of blocks; name its module lists "
+                "in fsdp.blocks to shard it block by block)"
+            )
             world = torch.distributed.get_world_size()
-            log(f"fsdp: sharding {layout} over {world} rank{'s' * (world > 1)}; params "
+            log(
+                f"fsdp: sharding {layout} over {world} rank{'s' * (world > 1)}; params "
                 f"{'bf16' if param_dtype else 'fp32'}, reduce {fsdp_cfg.reduce_dtype}"
-                + ", CPU offload" * fsdp_cfg.cpu_offload + ", activation checkpointing" * fsdp_cfg.activation_checkpointing
-                + (("; blocks compiled" if blocks else "; not compiled (train.compile applies per block)")
-                   if self.compile else ""))
+                + ", CPU offload" * fsdp_cfg.cpu_offload
+                + ", activation checkpointing" * fsdp_cfg.activation_checkpointing
+                + (
+                    ("; blocks compiled" if blocks else "; not compiled (train.compile applies per block)")
+                    if self.compile
+                    else ""
+                )
+            )
         return self.module
 
     def compiled(self, model: nn.Module) -> nn.Module:
@@ -125,13 +155,24 @@ class FSDPEngine(SingleEngine):
                 checkpoint(block)  # composable: hooks, so parameter names (and checkpoints) are unchanged
             if self.compile:
                 block.compile()  # in place, per block (as torchtitan does): the FSDP hooks stay outside the graphs
-            fully_shard(block, mesh=mesh, reshard_after_forward=self.reshard_blocks, offload_policy=offload,
-                        mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype))
+            fully_shard(
+                block,
+                mesh=mesh,
+                reshard_after_forward=self.reshard_blocks,
+                offload_policy=offload,
+                mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype),
+            )
         # the root is needed first in backward: keep it gathered after forward. Its output (the model's) in
         # fp32, so the loss is computed in fp32 whatever the parameters compute in.
-        fully_shard(self.module, mesh=mesh, reshard_after_forward=False, offload_policy=offload,
-                    mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype,
-                                                   output_dtype=torch.float32 if param_dtype else None))
+        fully_shard(
+            self.module,
+            mesh=mesh,
+            reshard_after_forward=False,
+            offload_policy=offload,
+            mp_policy=MixedPrecisionPolicy(
+                param_dtype=param_dtype, reduce_dtype=reduce_dtype, output_dtype=torch.float32 if param_dtype else None
+            ),
+        )
         return [*blocks, self.module]
 
     def no_backward_sync(self, is_last_micro_step: bool):
@@ -197,17 +238,20 @@ class FSDPEngine(SingleEngine):
     def load_from(self, directory: Path, state: dict) -> None:
         """Collective: model, optimizer and schedule, resharded onto this run's ranks by DCP."""
         from .formats import check_engine
+
         check_engine(directory, state, "fsdp")
         loaded = self._sharded_state()
         _dcp_load(directory, loaded)
         with config_hyperparameters(self.optimizer, self.scheduler):  # the checkpoint's state, this config's LR
-            set_state_dict(self.module, self.optimizer, model_state_dict=loaded["model"],
-                           optim_state_dict=loaded["optimizer"])
+            set_state_dict(
+                self.module, self.optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"]
+            )
             self.scheduler.load_state_dict(state["scheduler"])
 
     def load_weights(self, directory: Path, state: dict) -> None:
         """The weights only (test() on the best checkpoint), each rank reading its own shards."""
         from .formats import check_engine
+
         check_engine(directory, state, "fsdp")
         loaded = {"model": get_model_state_dict(self.module)}
         _dcp_load(directory, loaded)
@@ -240,7 +284,11 @@ def _first_failure(e: BaseException) -> BaseException:
 def _as_write_error(e: CheckpointException) -> Exception:
     """What the Checkpointer reports as a failed write: an OSError (e.g. a full disk) or a RuntimeError."""
     failure = _first_failure(e)
-    return failure if isinstance(failure, (OSError, RuntimeError)) else RuntimeError(f"{type(failure).__name__}: {failure}")
+    return (
+        failure
+        if isinstance(failure, (OSError, RuntimeError))
+        else RuntimeError(f"{type(failure).__name__}: {failure}")
+    )
 
 
 def consolidated_state_dict(directory: Path, state: dict) -> dict:
@@ -254,8 +302,9 @@ def consolidated_state_dict(directory: Path, state: dict) -> dict:
     for fqn, item in metadata.state_dict_metadata.items():
         path = (metadata.planner_data or {}).get(fqn, (fqn,))
         if path[0] == "model" and len(path) == 2:
-            model[path[1]] = torch.empty(item.size, dtype=item.properties.dtype) \
-                if isinstance(item, TensorStorageMetadata) else None  # bytes: replaced by load_bytes
+            model[path[1]] = (
+                torch.empty(item.size, dtype=item.properties.dtype) if isinstance(item, TensorStorageMetadata) else None
+            )  # bytes: replaced by load_bytes
     _dcp_load(directory, {"model": model}, no_dist=True)
     return {k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in model.items()}
 
@@ -279,6 +328,7 @@ def _dcp_load(directory: Path, state, **kwargs):
 
 def _load_error(path: Path, e: BaseException):
     from ..checkpoint_files import CheckpointError, refusal
+
     e = _first_failure(e)
     if isinstance(e, pickle.UnpicklingError):
         return refusal(path, e)
@@ -287,19 +337,34 @@ def _load_error(path: Path, e: BaseException):
 
 
 # What DCP pickles into `.metadata` (torch 2.13): its own data classes, sizes, dtypes, layouts and paths.
-_METADATA_GLOBALS = {("torch.distributed.checkpoint.metadata", name) for name in (
-    "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata", "BytesStorageMetadata",
-    "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")} | {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
-    ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath")}
+_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in (
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorProperties",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "_MEM_FORMAT_ENCODING",
+    )
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+}
 
 
 class _MetadataUnpickler(pickle.Unpickler):
     """Python's documented way to restrict unpickling: only these data classes may be built."""
 
     def find_class(self, module: str, name: str):
-        if (module, name) in _METADATA_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None),
-                                                                                  torch.dtype)):
+        if (module, name) in _METADATA_GLOBALS or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        ):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"Unsupported global: {module}.{name} is not checkpoint metadata")
 

@@ -121,14 +121,19 @@ class SingleEngine:
         return self.optimizer.param_groups[0]["lr"]
 
     def state_dict(self) -> dict:
-        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
+        return {
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
 
     # checkpoint hooks (DeepSpeed and FSDP write their own files; here everything is in state_dict())
     save_to = None  # no files of its own: the Checkpointer writes state.pt (in the background with async_save)
 
     def load_from(self, directory, state: dict) -> None:
         from .formats import check_engine
+
         check_engine(directory, state, "ddp")
         self.load_state_dict(state)
 

@@ -31,14 +31,20 @@ def _norm(kind: str, features: int, conv: bool) -> list[nn.Module]:
 
 
 class MLP(nn.Module):
-    def __init__(self, in_features: int, hidden: list[int], out_features: int, activation: str, dropout: float,
-                 norm: str = "none"):
+    def __init__(
+        self,
+        in_features: int,
+        hidden: list[int],
+        out_features: int,
+        activation: str,
+        dropout: float,
+        norm: str = "none",
+    ):
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
         width = in_features
         for h in hidden:
-            layers += [nn.Linear(width, h), *_norm(norm, h, conv=False), ACTIVATIONS[activation](),
-                       nn.Dropout(dropout)]
+            layers += [nn.Linear(width, h), *_norm(norm, h, conv=False), ACTIVATIONS[activation](), nn.Dropout(dropout)]
             width = h
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(width, out_features)
@@ -50,8 +56,15 @@ class MLP(nn.Module):
 class CNN(nn.Module):
     """3x3 conv blocks (pooling while the image is larger than 4x4), global average pool, linear head."""
 
-    def __init__(self, in_shape: tuple[int, ...], channels: list[int], out_features: int, activation: str,
-                 dropout: float, norm: str = "batch"):
+    def __init__(
+        self,
+        in_shape: tuple[int, ...],
+        channels: list[int],
+        out_features: int,
+        activation: str,
+        dropout: float,
+        norm: str = "batch",
+    ):
         super().__init__()
         c, size = in_shape[0], in_shape[-1]
         layers: list[nn.Module] = []
@@ -106,8 +119,15 @@ def _check_mlp_cnn(widths_key: str, widths, activation: str, dropout: float, ini
         raise ConfigError(f"config: model.kwargs.dropout: {dropout!r} must be in [0, 1)")
 
 
-def mlp(input_shape: tuple[int, ...], num_outputs: int, hidden: list[int] = (128, 64), activation: str = "relu",
-        dropout: float = 0.0, init: str = "kaiming", norm: str = "none") -> MLP:
+def mlp(
+    input_shape: tuple[int, ...],
+    num_outputs: int,
+    hidden: list[int] = (128, 64),
+    activation: str = "relu",
+    dropout: float = 0.0,
+    init: str = "kaiming",
+    norm: str = "none",
+) -> MLP:
     """dtrain's MLP: flatten, hidden linear layers (each: norm, activation, dropout), a linear `head`.
     init: default, normal, uniform, xavier, kaiming; norm: none, batch, layer."""
     _check_mlp_cnn("hidden", list(hidden), activation, dropout, init, norm)
@@ -116,8 +136,15 @@ def mlp(input_shape: tuple[int, ...], num_outputs: int, hidden: list[int] = (128
     return model
 
 
-def cnn(input_shape: tuple[int, ...], num_outputs: int, channels: list[int] = (16, 32), activation: str = "relu",
-        dropout: float = 0.0, init: str = "kaiming", norm: str = "batch") -> CNN:
+def cnn(
+    input_shape: tuple[int, ...],
+    num_outputs: int,
+    channels: list[int] = (16, 32),
+    activation: str = "relu",
+    dropout: float = 0.0,
+    init: str = "kaiming",
+    norm: str = "batch",
+) -> CNN:
     """dtrain's CNN: 3x3 conv blocks (norm, activation, 2x2 max-pool), global average pool, a linear `head`."""
     _check_mlp_cnn("channels", list(channels), activation, dropout, init, norm)
     model = CNN(tuple(input_shape), list(channels), num_outputs, activation, dropout, norm)
@@ -125,9 +152,17 @@ def cnn(input_shape: tuple[int, ...], num_outputs: int, channels: list[int] = (1
     return model
 
 
-def gpt(input_shape: tuple[int, ...], num_outputs: Optional[int] = None, n_layer: int = 12, n_head: int = 12,
-        n_embd: int = 768, block_size: Optional[int] = None, vocab_size: Optional[int] = None, bias: bool = True,
-        dropout: float = 0.0) -> GPT:
+def gpt(
+    input_shape: tuple[int, ...],
+    num_outputs: Optional[int] = None,
+    n_layer: int = 12,
+    n_head: int = 12,
+    n_embd: int = 768,
+    block_size: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+    bias: bool = True,
+    dropout: float = 0.0,
+) -> GPT:
     """dtrain's GPT (GPT-2 124M's shape by default, with the data set's vocabulary and context unless
     vocab_size / block_size say otherwise; 50304 is GPT-2's vocabulary padded for fast matmuls). GPT-2's own
     initialisation: normal 0.02, residual projections scaled by depth."""
@@ -137,8 +172,10 @@ def gpt(input_shape: tuple[int, ...], num_outputs: Optional[int] = None, n_layer
     if n_embd % n_head:
         raise ConfigError(f"config: model.kwargs.n_embd: {n_embd} must be a multiple of n_head ({n_head})")
     if not (vocab_size or num_outputs):  # token shards of one's own say no vocabulary: data.num_classes or this
-        raise ConfigError("config: model.kwargs.vocab_size: the data set does not say how many token ids there are; "
-                          "set model.kwargs.vocab_size (or data.num_classes) to the vocabulary's size")
+        raise ConfigError(
+            "config: model.kwargs.vocab_size: the data set does not say how many token ids there are; "
+            "set model.kwargs.vocab_size (or data.num_classes) to the vocabulary's size"
+        )
     return GPT(vocab_size or num_outputs, block_size or input_shape[-1], n_layer, n_head, n_embd, dropout, bias)
 
 
@@ -163,8 +200,10 @@ def instantiate(factory: Callable, kwargs: dict, key: str, facts: Optional[Mappi
             elif facts is not None and params[name].default is inspect.Parameter.empty:
                 fix = "set data.num_classes" if name == "num_outputs" else "describe the data set's shape"
                 why = facts.why(name) if hasattr(facts, "why") else ""
-                raise ConfigError(f"config: model.kwargs: {describe(factory)} needs {name}, which the data set "
-                                  f"does not give{f' ({why})' if why else ''}; {fix} or model.kwargs.{name}")
+                raise ConfigError(
+                    f"config: model.kwargs: {describe(factory)} needs {name}, which the data set "
+                    f"does not give{f' ({why})' if why else ''}; {fix} or model.kwargs.{name}"
+                )
     try:
         return factory(**kwargs)
     except TypeError as e:
@@ -172,8 +211,10 @@ def instantiate(factory: Callable, kwargs: dict, key: str, facts: Optional[Mappi
         # goes on into the factory's own frames. (A signature can't tell in advance: Hugging Face's configs
         # accept more than theirs shows.)
         if e.__traceback__ is not None and e.__traceback__.tb_next is None:
-            raise ConfigError(f"config: {key}: {describe(factory)} rejects these arguments ({e}); "
-                              f"its parameters: {', '.join(params) or 'none'}") from None
+            raise ConfigError(
+                f"config: {key}: {describe(factory)} rejects these arguments ({e}); "
+                f"its parameters: {', '.join(params) or 'none'}"
+            ) from None
         raise
 
 
@@ -190,8 +231,9 @@ def build_targets(value, key: str):
     return value
 
 
-def build_model(cfg: ModelConfig, facts: dict, seed: int, given=None,
-                log: Callable[[str], None] = lambda line: None) -> nn.Module:
+def build_model(
+    cfg: ModelConfig, facts: dict, seed: int, given=None, log: Callable[[str], None] = lambda line: None
+) -> nn.Module:
     """The model of model.factory + model.kwargs, or `given` (an nn.Module, or a callable returning one,
     handed in from Python). Seeded, so every rank builds the same initial weights (DDP also broadcasts
     rank 0's; sharding engines rely on it). `log` hears of config keys a Hugging Face config ignores."""
@@ -199,8 +241,9 @@ def build_model(cfg: ModelConfig, facts: dict, seed: int, given=None,
     if isinstance(given, nn.Module):
         return given
     if given is not None and not callable(given):
-        raise ConfigError(f"config: model: a {type(given).__name__} was handed in; give an nn.Module or a callable "
-                          "that returns one")
+        raise ConfigError(
+            f"config: model: a {type(given).__name__} was handed in; give an nn.Module or a callable that returns one"
+        )
     if given is not None:
         model = instantiate(given, dict(cfg.kwargs), "model.kwargs", facts)
         source = describe(given)
@@ -229,14 +272,20 @@ def unknown_config_keys(kwargs: dict, key: str = "model.kwargs") -> list[str]:
             default = cls()
         except Exception:  # a config that needs arguments (composite ones): not checked
             continue
-        known = set(default.to_dict()) | set(getattr(cls, "attribute_map", {})) | \
-            {name for c in cls.__mro__ if "__init__" in vars(c) for name in _parameters(c.__init__)}
+        known = (
+            set(default.to_dict())
+            | set(getattr(cls, "attribute_map", {}))
+            | {name for c in cls.__mro__ if "__init__" in vars(c) for name in _parameters(c.__init__)}
+        )
         unknown = [k for k in given if k not in known and not hasattr(default, k)]  # hasattr: properties (num_labels)
         if unknown:
-            named = [k + "".join(f" (did you mean {m}?)" for m in difflib.get_close_matches(k, sorted(known), n=1))
-                     for k in unknown]
-            lines.append(f"model: {path}: keys unknown to {cls.__name__} (kept by it, unused by the model): "
-                         f"{', '.join(named)}")
+            named = [
+                k + "".join(f" (did you mean {m}?)" for m in difflib.get_close_matches(k, sorted(known), n=1))
+                for k in unknown
+            ]
+            lines.append(
+                f"model: {path}: keys unknown to {cls.__name__} (kept by it, unused by the model): {', '.join(named)}"
+            )
     return lines
 
 
@@ -281,8 +330,9 @@ def find_module(model: nn.Module, name: str, key: str = "model.head") -> nn.Modu
         return model.get_submodule(name)
     except AttributeError:
         tops = [n for n, _ in model.named_children()]
-        raise ConfigError(f"config: {key}: the model has no module '{name}'; its top-level modules: "
-                          f"{', '.join(tops) or 'none'}") from None
+        raise ConfigError(
+            f"config: {key}: the model has no module '{name}'; its top-level modules: {', '.join(tops) or 'none'}"
+        ) from None
 
 
 def has_convolutions(model: nn.Module) -> bool:

@@ -41,8 +41,12 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(n_embd, bias=bias)
         self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias)
         self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
-        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd, bias=bias), nn.GELU(),
-                                 nn.Linear(4 * n_embd, n_embd, bias=bias), nn.Dropout(dropout))
+        self.mlp = nn.Sequential(
+            nn.Linear(n_embd, 4 * n_embd, bias=bias),
+            nn.GELU(),
+            nn.Linear(4 * n_embd, n_embd, bias=bias),
+            nn.Dropout(dropout),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
@@ -52,15 +56,28 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """tokens [B, T] (int64) -> logits [B, T, vocab_size]."""
 
-    def __init__(self, vocab_size: int, block_size: int, n_layer: int = 12, n_head: int = 12, n_embd: int = 768,
-                 dropout: float = 0.0, bias: bool = True):
+    def __init__(
+        self,
+        vocab_size: int,
+        block_size: int,
+        n_layer: int = 12,
+        n_head: int = 12,
+        n_embd: int = 768,
+        dropout: float = 0.0,
+        bias: bool = True,
+    ):
         super().__init__()
         self.vocab_size, self.block_size = vocab_size, block_size
         self.n_layer, self.n_head, self.n_embd = n_layer, n_head, n_embd
-        self.body = nn.ModuleDict(dict(
-            wte=nn.Embedding(vocab_size, n_embd), wpe=nn.Embedding(block_size, n_embd), drop=nn.Dropout(dropout),
-            h=nn.ModuleList(Block(n_embd, n_head, dropout, bias) for _ in range(n_layer)),
-            ln_f=nn.LayerNorm(n_embd, bias=bias)))
+        self.body = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(vocab_size, n_embd),
+                wpe=nn.Embedding(block_size, n_embd),
+                drop=nn.Dropout(dropout),
+                h=nn.ModuleList(Block(n_embd, n_head, dropout, bias) for _ in range(n_layer)),
+                ln_f=nn.LayerNorm(n_embd, bias=bias),
+            )
+        )
         self.head = nn.Linear(n_embd, vocab_size, bias=False)
         self.head.weight = self.body.wte.weight  # weight tying: one matrix, counted once
         self.apply(self._init_weights)

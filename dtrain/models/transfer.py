@@ -15,6 +15,7 @@ from torch import nn
 from ..checkpoint_files import CheckpointError, pointed, safe_load, verify
 from ..config import ConfigError, ModelConfig
 
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory as given, or a run directory's best checkpoint (else its latest). A pointer
     (best, latest) leads only to a step directory of its own run (checkpoint.pointed), so the path used,
@@ -36,8 +37,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def load_pretrained(model: nn.Module, source: str | Path, log: Callable[[str], None] = print,
-                    head: str = "head", read_weights: Optional[Callable[[Path, dict], dict]] = None) -> list[str]:
+def load_pretrained(
+    model: nn.Module,
+    source: str | Path,
+    log: Callable[[str], None] = print,
+    head: str = "head",
+    read_weights: Optional[Callable[[Path, dict], dict]] = None,
+) -> list[str]:
     """Copy a checkpoint's weights into `model`. The head (model.head) of another shape is left as
     initialised (a new task); any other mismatch is the user's error. Returns the names that were not loaded.
     A checkpoint directory's weights are in its engine's format: `read_weights(directory, engine_state)`
@@ -55,18 +61,24 @@ def load_pretrained(model: nn.Module, source: str | Path, log: Callable[[str], N
     skipped = []
     for name, tensor in own.items():
         if name not in weights:
-            raise ConfigError(f"config: model.init_from: {path} has no '{name}'; build the same model "
-                              f"(model.factory and model.kwargs) as the run it came from")
+            raise ConfigError(
+                f"config: model.init_from: {path} has no '{name}'; build the same model "
+                f"(model.factory and model.kwargs) as the run it came from"
+            )
         if weights[name].shape != tensor.shape:
             if _under(name, head):
                 skipped.append(name)
                 continue
-            raise ConfigError(f"config: model.init_from: '{name}' is {tuple(weights[name].shape)} in {path}, "
-                              f"{tuple(tensor.shape)} here; the body must match the run it came from")
+            raise ConfigError(
+                f"config: model.init_from: '{name}' is {tuple(weights[name].shape)} in {path}, "
+                f"{tuple(tensor.shape)} here; the body must match the run it came from"
+            )
     unexpected = sorted(set(weights) - set(own))
     if unexpected:
-        raise ConfigError(f"config: model.init_from: {path} has weights this model lacks ({unexpected[0]}, ...); "
-                          f"build the same model as the run it came from")
+        raise ConfigError(
+            f"config: model.init_from: {path} has weights this model lacks ({unexpected[0]}, ...); "
+            f"build the same model as the run it came from"
+        )
     model.load_state_dict({k: v for k, v in weights.items() if k not in skipped}, strict=False)
     log(f"initialised from {path}" + (f"; new head ({', '.join(skipped)} re-initialised)" if skipped else ""))
     return skipped
@@ -82,13 +94,17 @@ class Freezer:
         for prefix in prefixes:
             if not any(_under(n, prefix) for n in names):
                 tops = sorted({n.split(".")[0] for n in names})
-                raise ConfigError(f"config: model.freeze: no parameter is named '{prefix}' or '{prefix}.*'; "
-                                  f"top-level names: {', '.join(tops)}")
-        self.frozen = {n for n in names if any(_under(n, p) for p in prefixes)
-                       or (cfg.freeze_all_but_head and not _under(n, head))}
+                raise ConfigError(
+                    f"config: model.freeze: no parameter is named '{prefix}' or '{prefix}.*'; "
+                    f"top-level names: {', '.join(tops)}"
+                )
+        self.frozen = {
+            n for n in names if any(_under(n, p) for p in prefixes) or (cfg.freeze_all_but_head and not _under(n, head))
+        }
         if cfg.unfreeze_at_step is not None and not self.frozen:
-            raise ConfigError("config: model.unfreeze_at_step needs something frozen: "
-                              "set model.freeze or model.freeze_all_but_head")
+            raise ConfigError(
+                "config: model.unfreeze_at_step needs something frozen: set model.freeze or model.freeze_all_but_head"
+            )
         if self.frozen and len(self.frozen) == len(names):
             raise ConfigError("config: model.freeze leaves no parameter to train; keep at least the head trainable")
         self.unfreeze_at = cfg.unfreeze_at_step

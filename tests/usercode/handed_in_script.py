@@ -8,6 +8,7 @@ import dtrain
 import handed_in_user as user
 
 if os.environ["HANDED_IN"] == "main":
+
     def model():
         return user.model()
 
@@ -40,9 +41,23 @@ else:
 if __name__ == "__main__":
     form = os.environ["METRICS"]
     accuracy = {"tm_acc": Accuracy(num_classes=10, average="micro")}
-    dtrain.main(config={"run.name": "handed-in", "data.dataset": "digits", "data.batch_size": 16,
-                        "data.num_workers": 0, "train.max_steps": 6, "train.val_every": 3, "train.log_every": 1,
-                        "log.progress": False},
-                model=model, loss=None if os.environ.get("NO_LOSS") else loss, forward=forward,
-                param_groups=param_groups, sample=sample, transform=transform, collate=collate,
-                metrics={"fn": metrics, "dict": accuracy, "list": [metrics, accuracy]}[form])
+    dtrain.main(
+        config={
+            "run.name": "handed-in",
+            "data.dataset": "digits",
+            "data.batch_size": 16,
+            "data.num_workers": 0,
+            "train.max_steps": 6,
+            "train.val_every": 3,
+            "train.log_every": 1,
+            "log.progress": False,
+        },
+        model=model,
+        loss=None if os.environ.get("NO_LOSS") else loss,
+        forward=forward,
+        param_groups=param_groups,
+        sample=sample,
+        transform=transform,
+        collate=collate,
+        metrics={"fn": metrics, "dict": accuracy, "list": [metrics, accuracy]}[form],
+    )

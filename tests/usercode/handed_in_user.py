@@ -69,5 +69,7 @@ def transform(x):
 def collate(samples):
     COUNTS["collate"] += 1
     COUNTS["collated"] += len(samples)
-    return {"x": torch.stack([torch.as_tensor(s["x"]).float() / 16 for s in samples]),
-            "y": torch.tensor([s["y"] for s in samples])}
+    return {
+        "x": torch.stack([torch.as_tensor(s["x"]).float() / 16 for s in samples]),
+        "y": torch.tensor([s["y"] for s in samples]),
+    }

@@ -26,7 +26,7 @@ def write_jpg_shards(root: Path, shard_size: int = 400) -> list[Path]:
         for n, start in enumerate(range(0, len(rows), shard_size)):
             written.append(root / f"{split}-{n:04d}.tar")
             with wds.TarWriter(str(written[-1])) as sink:
-                for i in rows[start:start + shard_size]:
+                for i in rows[start : start + shard_size]:
                     buf = io.BytesIO()
                     Image.fromarray(images[i]).resize((16, 16)).save(buf, format="JPEG", quality=90)
                     sink.write({"__key__": f"digit{i:05d}", "jpg": buf.getvalue(), "cls": int(digits.target[i])})
@@ -54,17 +54,20 @@ def write_token_shards(root: Path, per_class: int = 120, shard_size: int = 160) 
         folder = Path(next(iter(importlib.util.find_spec(package).submodule_search_locations)))
         text = b"".join(p.read_bytes() for p in sorted(folder.rglob("*.py")))
         for i in range(per_class):
-            rows.append((f"{package}{i:04d}", np.frombuffer(text[i * TOKENS:(i + 1) * TOKENS], np.uint8), label))
+            rows.append((f"{package}{i:04d}", np.frombuffer(text[i * TOKENS : (i + 1) * TOKENS], np.uint8), label))
     rows.sort(key=lambda r: r[0][::-1])  # classes interleaved
-    splits = {"train": rows[: len(rows) * 3 // 4], "val": rows[len(rows) * 3 // 4: len(rows) * 7 // 8],
-              "test": rows[len(rows) * 7 // 8:]}
+    splits = {
+        "train": rows[: len(rows) * 3 // 4],
+        "val": rows[len(rows) * 3 // 4 : len(rows) * 7 // 8],
+        "test": rows[len(rows) * 7 // 8 :],
+    }
     root.mkdir(parents=True, exist_ok=True)
     written = []
     for split, part in splits.items():
         for n, start in enumerate(range(0, len(part), shard_size)):
             written.append(root / f"{split}-{n:04d}.tar")
             with wds.TarWriter(str(written[-1])) as sink:
-                for key, ids, label in part[start:start + shard_size]:
+                for key, ids, label in part[start : start + shard_size]:
                     buf = io.BytesIO()
                     np.save(buf, ids.astype(np.int64))
                     sink.write({"__key__": key, "ids.npy": buf.getvalue(), "cls": label})
@@ -79,9 +82,17 @@ def to_fields(raw: dict) -> dict:
 def bert(num_labels: int = 4):
     from transformers import BertConfig, BertForSequenceClassification
 
-    return BertForSequenceClassification(BertConfig(vocab_size=256, hidden_size=32, num_hidden_layers=1,
-                                                    num_attention_heads=2, intermediate_size=64,
-                                                    max_position_embeddings=TOKENS, num_labels=num_labels))
+    return BertForSequenceClassification(
+        BertConfig(
+            vocab_size=256,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=TOKENS,
+            num_labels=num_labels,
+        )
+    )
 
 
 def hf_loss(output, batch):

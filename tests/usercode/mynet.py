@@ -11,9 +11,16 @@ from torch import nn
 class SmallConvNet(nn.Module):
     def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16, dropout: float = 0.1):
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(),
-                                      nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
-                                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout))
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Dropout(dropout),
+        )
         self.fc = nn.Linear(width, num_classes)
 
     def forward(self, x):
@@ -32,7 +39,10 @@ class Faulty(SmallConvNet):
     def forward(self, x):
         if self.training:
             Faulty.calls += 1
-            if Faulty.calls == int(os.environ["FAULTY_CALL"]) and os.environ.get("RANK", "0") == os.environ["FAULTY_RANK"]:
+            if (
+                Faulty.calls == int(os.environ["FAULTY_CALL"])
+                and os.environ.get("RANK", "0") == os.environ["FAULTY_RANK"]
+            ):
                 raise ValueError("a bug in mynet.Faulty.forward")
         return super().forward(x)
 

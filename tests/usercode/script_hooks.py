@@ -14,11 +14,22 @@ def sample(raw):
 
 
 def collate(samples):
-    return {"x": torch.stack([torch.as_tensor(s["x"]).float() / 16 for s in samples]),
-            "y": torch.tensor([s["y"] for s in samples])}
+    return {
+        "x": torch.stack([torch.as_tensor(s["x"]).float() / 16 for s in samples]),
+        "y": torch.tensor([s["y"] for s in samples]),
+    }
 
 
 if __name__ == "__main__":
-    dtrain.main(config={"run.name": "script-hooks", "data.dataset": "digits", "data.batch_size": 16,
-                        "train.max_steps": 6, "train.val_every": 3, "log.progress": False},
-                sample=sample, collate=collate)
+    dtrain.main(
+        config={
+            "run.name": "script-hooks",
+            "data.dataset": "digits",
+            "data.batch_size": 16,
+            "train.max_steps": 6,
+            "train.val_every": 3,
+            "log.progress": False,
+        },
+        sample=sample,
+        collate=collate,
+    )
