@@ -55,7 +55,7 @@ def test_the_wheel_ships_the_digits_data_the_license_and_py_typed(tmp_path):
 def test_lint_is_clean():
     """ruff's rule set in pyproject.toml ([tool.ruff.lint]) and its formatter, over the package, tests, benchmarks
     and examples (`ruff format` writes what this checks)."""
-    paths = ["dtrain", "tests", "benchmarks", "examples", "docs"]
+    paths = ["dtrain", "tests", "benchmarks", "examples", "docs", "README.md"]
     for command in (["check"], ["format", "--check"]):
         proc = subprocess.run(
             [sys.executable, "-m", "ruff", *command, *paths], cwd=REPO, capture_output=True, text=True, timeout=120
