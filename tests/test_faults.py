@@ -446,9 +446,12 @@ def test_preempted_rank_0_requeues_while_its_peers_wait(tmp_path, data_root):
         "    atexit.register(pathlib.Path('rank1.left').touch)\n"
         "dtrain.main(loss=loss)\n"
     )
+    # long enough that the ranks' agreement on the signal (compared every ~CHECK_EVERY_S of training, up to
+    # MAX_STEPS_BETWEEN_CHECKS steps apart) lands before the plan's end: in 27 steps of ~6 ms a loaded CI machine
+    # once finished the run first (a signal the run outlives is a completed run, exit 0)
     proc = run_ranks(
         2,
-        [f"data.root={data_root}", "train.epochs=3", "log.progress=false", "run.name=p"],
+        [f"data.root={data_root}", "train.epochs=30", "log.progress=false", "run.name=p"],
         tmp_path,
         script=script,
         launcher="srun",
