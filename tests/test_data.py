@@ -290,3 +290,28 @@ def test_training_on_a_0_byte_shard_is_one_line_and_exit_2(counted, capsys, empt
         f"truncated or changed? write it again, or count it again with `dtrain index`"
     ), err
     assert not any(l.startswith("Traceback") for l in err)
+
+
+def test_processes_that_share_no_barrier_write_a_builtin_data_set_once(tmp_path):
+    """The replica groups of `dtrain launch --ft` (each a world of one) all found data/digits absent: each wrote
+    it, one replaced the directory while another read it, and a stranger's first `dtrain launch --ft` ended in
+    'missing shard ... listed in train.json'. A file lock beside the data set makes the first one write it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom dtrain.config import DataConfig; from dtrain.data import resolve_shards; "
+        "import os, time; index = resolve_shards(DataConfig(root=sys.argv[1]), seed=0); end = time.time() + 3\n"
+        "while time.time() < end:  # the shards it was given stay there while the others start\n"
+        "    assert all(os.path.exists(u) for s in index.splits.values() for u in s), 'a shard went missing'\n"
+        "print(sum(index.counts('train')))"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(4)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [err[-1500:] for _, err in outs]
+    assert len({out for out, _ in outs}) == 1, outs

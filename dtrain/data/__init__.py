@@ -52,7 +52,7 @@ def resolve_shards(cfg: DataConfig, seed: int, create: bool = True) -> ShardInde
 
         # rank 0 writes (atomically, via a temp dir); the others wait for it
         if dist.broadcast_object(None) is None and _is_zero():
-            make_builtin(cfg.dataset, root, cfg.shard_size, seed=0, **params)
+            _make_once(root, lambda: make_builtin(cfg.dataset, root, cfg.shard_size, seed=0, **params))
         dist.barrier()
     index = read_index(root, cfg.trust_descriptor_pipes)
     if params and any(index.params.get(k) != v for k, v in params.items()):
@@ -107,6 +107,19 @@ def builtin_params(cfg: DataConfig) -> dict:
     if cfg.dataset == "text":
         return {"context": cfg.text_context, "num_bytes": cfg.text_bytes}
     return {}
+
+
+def _make_once(root: Path, make) -> None:
+    """`make()` unless another process made `root` meanwhile, under a file lock beside it: processes that share
+    no barrier (the replica groups of `dtrain launch --ft`, two runs on one data.root) each wrote the data set,
+    and one replaced the directory while the other read it ('missing shard ... listed in train.json')."""
+    import fcntl
+
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "train.json").exists():
+            make()
 
 
 def _is_zero() -> bool:
