@@ -18,8 +18,9 @@ The quorum is synchronous (`use_async_quorum=False`): a step must know its parti
 pass, to deal its batch; healing is then applied before the forward pass, and a group is never a spare.
 
 `dtrain train` as a replica group (the run's own model, data, validation, checkpoints and logs around a
-StepRunner) is dtrain.ft_train; the launcher's side is dtrain.ft_launch. Not yet: more than one process per
-replica group.
+StepRunner) is dtrain.ft_train; the launcher's side is dtrain.ft_launch. A replica group may be several
+processes (one per GPU of a node): each trains its share of the group's, summed over the group, then with
+the same rank of the other groups (StepRunner's `group`).
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ class StepResult:
 
 
 class StepRunner:
-    """Trains one replica group (one process) a step at a time through a torchft Manager.
+    """Trains one replica group (or one process of it) a step at a time through a torchft Manager.
 
     `order(epoch)` gives the epoch's sample keys in order (at least steps_per_epoch * global_batch of them),
     `fetch(keys)` the batch (x, y, ...) of those keys (`global_order` and `memory_fetch` for a ShardStream),
@@ -117,6 +118,8 @@ class StepRunner:
         state=None,
         seed: int | None = None,
         terms: int = 1,
+        group: tuple[int, int] = (0, 1),
+        group_sum: Callable[[torch.Tensor], None] | None = None,
     ):
         """Optional, for a trainer of its own (dtrain.ft_train): `batch_loss(batch)` -> the batch's mean loss
         terms, a 1-D tensor whose first is backpropagated (instead of loss_fn(model(x), y)), `terms` of them;
@@ -124,11 +127,15 @@ class StepRunner:
         (state_dict and load_state_dict) is what a healing group receives (instead of model, optimizer and
         schedule); `seed`:
         torch's RNG is seeded from (seed, step, replica rank) before each try, so dropout draws are a pure
-        function of them, the same after healing, a replay or a resume."""
+        function of them, the same after healing, a replay or a resume. A replica group of several processes
+        (DDP inside the group): `group` = (this process's rank in its group, the group's size), and
+        `group_sum(flat)` sums a tensor over the group's processes in place (torch.distributed.all_reduce over
+        the group's own process group); each process then trains its own share of the group's."""
         self.manager, self.model, self.optimizer, self.scheduler = manager, model, optimizer, scheduler
         self.loss_fn, self.order, self.fetch, self.say = loss_fn, order, fetch, say
         self.batch_loss = batch_loss or (lambda batch: self.loss_fn(self.model(batch[0]), batch[1]).reshape(1))
         self.update, self.state, self.seed, self.terms = update, state, seed, terms
+        (self.group_rank, self.group_size), self.group_sum = group, group_sum
         self._averaged: tuple[Sequence[torch.Tensor], int] = ((), 1)  # the buffers a step averages, over how many
         self.global_batch, self.steps_per_epoch = global_batch, steps_per_epoch
         self.micro_batch = micro_batch or global_batch
@@ -189,10 +196,12 @@ class StepRunner:
             if self._participants is not None:
                 self.say(f"ft: step {step}: quorum {self._participants} -> {participants} replica groups")
             self._participants = participants
-        keys = list(deal_step(self.step_keys(step), rank, participants))
+        # dealt over the quorum's processes: replica rank r's group takes the r-th share, its processes that in turn
+        slot = rank * self.group_size + self.group_rank
+        keys = list(deal_step(self.step_keys(step), slot, participants * self.group_size))
         votes = votes() if callable(votes) else votes
         if self.seed is not None:
-            torch.manual_seed(_mix(self.seed, step, rank))
+            torch.manual_seed(_mix(self.seed, step, slot))
         buffers = [b for b in self.model.buffers() if b.is_floating_point()]
         before = [b.clone() for b in buffers]  # a try that is not committed leaves them as they were
         self.optimizer.zero_grad(set_to_none=False)
@@ -205,7 +214,7 @@ class StepRunner:
             terms = part.detach().double() if terms is None else terms + part.detach().double()
         if terms is None:  # no share this step (more groups than samples): nothing of ours in the sum
             terms = torch.zeros(self.terms, dtype=torch.float64)
-        self._averaged = (buffers, participants)
+        self._averaged = (buffers, participants * self.group_size)
         summed = self._sum_gradients(
             torch.cat([terms, torch.tensor(list(votes), dtype=torch.float64, device=terms.device)])
         )
@@ -232,7 +241,14 @@ class StepRunner:
         """All-reduce (SUM) every gradient, the floating-point buffers (batch-norm statistics: averaged over
         the quorum, so that every group validates and saves the same ones), and `extra` (the loss, the votes),
         through torchft's managed process group in one flat buffer (one collective a step); -> `extra` summed.
-        An error there is recorded by the manager and fails the commit, not this call."""
+        An error there is recorded by the manager and fails the commit, not this call.
+
+        A group of several processes first sums the buffer over its own processes (`group_sum`), then each
+        process sums it with the same rank of the other groups (torchft's process group joins rank i of every
+        group): the quorum's total in every process, HSDP's two levels with DDP inside. Not DDP's reducer: it
+        averages over the group (the shares here are weighted by size, and may be uneven or empty), and its
+        overlap of the all-reduce with backward would need every process to take the same number of
+        micro-batches; so the micro-batches run under the engine's no-sync and this one sum is the group's."""
         from torch.distributed import ReduceOp
 
         buffers, participants = self._averaged
@@ -248,6 +264,8 @@ class StepRunner:
             + [b.reshape(-1).to(dtype) for b in buffers]
             + [extra.to(params[0].grad.device, dtype)]
         )
+        if self.group_sum is not None:
+            self.group_sum(flat)
         self.manager.allreduce(flat, reduce_op=ReduceOp.SUM).wait()
         offset = 0
         for p in params:
@@ -285,10 +303,13 @@ def build_manager(
     min_replicas: int = 1,
     store: tuple[str, int] | None = None,
     host_store: bool = False,
+    group: tuple[int, int] = (0, 1),
 ):
-    """A torchft Manager for a replica group of one process: gloo, a synchronous quorum, a TCPStore of its own
-    (at `store`, started here if `host_store`; or started here on a free port). `timeout_s` bounds a
-    collective with a lost peer."""
+    """A torchft Manager for one process of a replica group: gloo, a synchronous quorum, the group's TCPStore
+    (at `store`, started here if `host_store`; or started here on a free port; a group of several processes
+    shares the one its process group meets at). `group`: (this process's rank in the group, the group's
+    size); the group's rank 0 talks to the Lighthouse for all. `timeout_s` bounds a collective with a lost
+    peer."""
     from torch.distributed import TCPStore
 
     try:
@@ -307,10 +328,15 @@ def build_manager(
         state_dict=None,
         min_replica_size=min_replicas,
         use_async_quorum=False,
+        # not at step 0: every group builds the same weights from run.seed (or reads the same checkpoint),
+        # and torchft's step-0 sync picks its source round-robin by group rank, so that in a group of several
+        # processes rank 0 would heal and rank 1 not (the healing parts' collectives then mismatch); a
+        # group behind its peers heals with all its ranks at once
+        init_sync=False,
         timeout=timedelta(seconds=timeout_s),
         quorum_timeout=timedelta(seconds=quorum_timeout_s),
-        rank=0,
-        world_size=1,
+        rank=group[0],
+        world_size=group[1],
         store_addr=store[0],
         store_port=store[1],
         lighthouse_addr=lighthouse,

@@ -1,8 +1,10 @@
-"""`dtrain launch --ft`: replica groups under torchft (issue #36, docs/fault-tolerance.md). One process per
-replica group (dtrain.ft trains a group as one process): --nproc-per-node groups on this node, each the
-command `dtrain launch` would run (`python -m dtrain ARGS`, or the script), told by its environment which group
-it is and where the Lighthouse is. A group that dies is restarted alone (--max-restarts counts the restarts of
-all groups) and heals from a live peer; the others train on at the smaller world size meanwhile.
+"""`dtrain launch --ft`: replica groups under torchft (issue #36, docs/fault-tolerance.md). A replica group is
+--ft-group-size processes (default: one per worker on one node, one per node on several), DDP ranks of each
+other; --nproc-per-node / size groups on this node, each process the command `dtrain launch` would run
+(`python -m dtrain ARGS`, or the script), told by its environment which group and rank it is and where the
+Lighthouse is. A group that dies (any of its processes: the others are stopped with it) is restarted alone
+(--max-restarts counts the restarts of all groups) and heals from a live peer; the others train on at the
+smaller world size meanwhile.
 
 The Lighthouse (torchft's quorum server) is started here on 127.0.0.1 and a free port, or on several nodes by
 the node given --ft-host-lighthouse at --ft-lighthouse's port, the others only connecting; it is stopped at the
@@ -76,6 +78,7 @@ OPTIONS = {
     "ft_host_lighthouse": "--ft-host-lighthouse",
     "ft_timeout": "--ft-timeout",
     "ft_min_replicas": "--ft-min-replicas",
+    "ft_group_size": "--ft-group-size",
 }
 
 
@@ -117,6 +120,14 @@ def add_parser(sub) -> None:
         metavar="M",
         help=f"--ft: the fewest replica groups that may train a step (default {FT_MIN_REPLICAS})",
     )
+    la.add_argument(
+        "--ft-group-size",
+        type=int,
+        default=None,
+        metavar="K",
+        help="--ft: processes per replica group, DDP inside it; a divisor of --nproc-per-node (default: 1 "
+        "on one node, --nproc-per-node on several: one group per node)",
+    )
     la.set_defaults(func=run)
 
 
@@ -143,6 +154,8 @@ def options(args) -> list[str]:
         out += ["--ft-timeout", f"{args.ft_timeout:g}"]
     if args.ft_min_replicas is not None:
         out += ["--ft-min-replicas", str(args.ft_min_replicas)]
+    if args.ft_group_size is not None:
+        out += ["--ft-group-size", str(args.ft_group_size)]
     return out
 
 
@@ -156,8 +169,8 @@ def resume_command(args, nproc: int) -> list[str]:
     return [*command[:2], *options(args), *command[2:]]
 
 
-def _check(args, nproc: int) -> tuple[int, float, int]:
-    """-> (nodes, timeout, min_replicas), or a one-line ConfigError for what --ft cannot do."""
+def _check(args, nproc: int) -> tuple[int, float, int, int]:
+    """-> (nodes, timeout, min_replicas, group size), or a one-line ConfigError for what --ft cannot do."""
     from .config import ConfigError
 
     if not args.ft:
@@ -196,14 +209,21 @@ def _check(args, nproc: int) -> tuple[int, float, int]:
         )
     if args.ft_lighthouse and not _host_port(args.ft_lighthouse):
         raise ConfigError(f"launch: --ft-lighthouse {args.ft_lighthouse!r} is not HOST:PORT")
-    if timeout <= 0 or not 1 <= min_replicas <= nproc * hi:
+    size = args.ft_group_size if args.ft_group_size is not None else (1 if hi == 1 else nproc)
+    if size < 1 or nproc % size:
+        raise ConfigError(
+            f"launch: --ft-group-size {size} must divide --nproc-per-node {nproc} (the processes of a "
+            f"replica group are on one node)"
+        )
+    groups = nproc // size * hi
+    if timeout <= 0 or not 1 <= min_replicas <= groups:
         raise ConfigError(
             f"launch: --ft-timeout must be > 0 and --ft-min-replicas between 1 and the replica groups "
-            f"started ({nproc * hi})"
+            f"started ({groups})"
         )
     if importlib.util.find_spec("torchft") is None:
         raise ConfigError("launch: --ft needs torchft, which is not installed; pip install 'dtrain[ft]'")
-    return hi, timeout, min_replicas
+    return hi, timeout, min_replicas, size
 
 
 def _host_port(text: str) -> tuple[str, int] | None:
@@ -213,7 +233,8 @@ def _host_port(text: str) -> tuple[str, int] | None:
 
 def run_ft(args, nproc: int) -> int:
     """`dtrain launch --ft ...` -> the launch's exit code."""
-    nodes, timeout, min_replicas = _check(args, nproc)
+    nodes, timeout, min_replicas, size = _check(args, nproc)
+    here = nproc // size  # replica groups on this node
     entry, run_dir, note = _resolve(args.target, args.parser)
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -232,8 +253,9 @@ def run_ft(args, nproc: int) -> int:
                     f"same command again to start"
                 )
                 return EXIT_INTERRUPTED
+            each = "one process" if size == 1 else f"{size} processes"
             say(
-                f"launch: --ft, {nproc} replica group(s) of one process{' on this node' if nodes > 1 else ''}, "
+                f"launch: --ft, {here} replica group(s) of {each}{' on this node' if nodes > 1 else ''}, "
                 f"nodes={nodes}, max_restarts={args.max_restarts}, lighthouse {address} ({lighthouse.whose}): "
                 f"{shlex.join(args.target)}; logs {logs}/group-{'N' if nodes == 1 else socket.gethostname() + '-N'}"
                 f".log{note}"
@@ -242,13 +264,14 @@ def run_ft(args, nproc: int) -> int:
             env = {
                 "DTRAIN_FT": "1",
                 "TORCHFT_LIGHTHOUSE": address,
-                "DTRAIN_FT_GROUPS": str(nproc * nodes),
+                "DTRAIN_FT_GROUPS": str(here * nodes),
                 "DTRAIN_FT_TIMEOUT_S": f"{timeout:g}",
                 "DTRAIN_FT_MIN_REPLICAS": str(min_replicas),
             }
-            ids = [str(i) if nodes == 1 else f"{socket.gethostname()}-{i}" for i in range(nproc)]
+            ids = [str(i) if nodes == 1 else f"{socket.gethostname()}-{i}" for i in range(here)]
             groups = Groups(
                 ids,
+                size,
                 [sys.executable, *entry],
                 env,
                 logs,
@@ -300,6 +323,16 @@ class Stop:
         finally:
             for n, handler in before.items():
                 signal.signal(getattr(signal, n), handler)
+
+
+def _gpu_ids(env: dict) -> list[str]:
+    """The GPUs this launch may use, as CUDA_VISIBLE_DEVICES names them (none on a CPU machine)."""
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [d for d in visible.split(",") if d.strip()]
+    if not Path("/proc/driver/nvidia").exists():  # no NVIDIA driver: no need to import torch to know
+        return []
+    return [str(i) for i in range(_visible_gpus())]
 
 
 def _free_port() -> int:
@@ -421,21 +454,43 @@ class Lighthouse:
 
 
 class Group:
-    """One replica group: its process, this attempt's error file, how it ended."""
+    """One replica group: its processes (ranks 0..size-1), this attempt's error files, how it ended."""
 
     def __init__(self, index: int, replica_id: str):
         self.index, self.replica_id = index, replica_id
-        self.proc: subprocess.Popen | None = None
+        self.procs: list[subprocess.Popen] = []
         self.attempt = 0
-        self.error_file: Path | None = None
+        self.error_files: list[Path] = []
         self.code: int | None = None  # how its last attempt ended; None while it runs
+        self.culprit = 0  # the rank whose end ended it
+
+    def ended(self) -> bool:
+        """Whether this attempt is over: every process ended, or one failed (a crash, a user error, a signal
+        that kills): its peers are then stopped (SIGKILL: they would wait in the group's collectives until
+        its timeout; the group heals from a live peer, and a checkpoint being written is never published
+        half-written). Its code is the first failure's, else 75 if a process saved and stopped, else 0."""
+        codes = [p.poll() for p in self.procs]
+        failed = [r for r, c in enumerate(codes) if c not in (None, 0, EXIT_INTERRUPTED)]
+        if failed:
+            self.culprit = failed[0]
+            for p in self.procs:
+                if p.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        p.kill()
+                    p.wait()
+        elif any(c is None for c in codes):
+            return False
+        else:
+            self.culprit = next((r for r, c in enumerate(codes) if c == EXIT_INTERRUPTED), 0)
+        self.code = codes[self.culprit]
+        return True
 
     def failure(self) -> SimpleNamespace:
         """Its end as torch's agent reads a worker's (launcher.error_line and traceback_of read it)."""
         message, error_file = "", "<N/A>"
-        with contextlib.suppress(OSError, ValueError):
-            message = json.loads(self.error_file.read_text())["message"]
-            error_file = str(self.error_file)
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            message = json.loads(self.error_files[self.culprit].read_text())["message"]
+            error_file = str(self.error_files[self.culprit])
         return SimpleNamespace(exitcode=self.code, message=message, error_file=error_file)
 
 
@@ -446,6 +501,7 @@ class Groups:
     def __init__(
         self,
         ids: list[str],
+        size: int,
         command: list[str],
         env: dict,
         logs: Path,
@@ -456,13 +512,15 @@ class Groups:
         stop: Stop,
     ):
         self.groups = [Group(i, r) for i, r in enumerate(ids)]
+        self.size = size
         self.command, self.logs, self.errors, self.run_dir = command, logs, errors, run_dir
         self.max_restarts, self.stop_timeout, self.stop = max_restarts, stop_timeout, stop
         self.restarts = 0
         self.env = {k: v for k, v in os.environ.items() if k not in INHERITED and not k.startswith("TORCHELASTIC_")}
         self.env.update(env)
-        if len(ids) > 1:
+        if len(ids) * size > 1:
             self.env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default for several workers per node
+        self.gpus = _gpu_ids(self.env)
         self.user_error: Group | None = None
         self.failed: list[Group] = []  # groups lost for good (no restarts left), in the order they died
 
@@ -472,31 +530,37 @@ class Groups:
 
     def start(self, g: Group) -> None:
         g.attempt += 1
-        g.code = None
-        g.error_file = self.errors / f"group-{g.index}-{g.attempt}.json"
-        env = dict(
-            self.env,
-            REPLICA_GROUP_ID=g.replica_id,
-            RANK="0",
-            WORLD_SIZE="1",
-            LOCAL_RANK="0",
-            LOCAL_WORLD_SIZE="1",
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(_free_port()),
-            TORCHELASTIC_ERROR_FILE=str(g.error_file),  # where dtrain's one-line error goes
-            # the worker's own notes (its error line, its launch line) to its log only: the launcher
-            # speaks for the job on the terminal, as for the normal launcher's ranks
-            **{LOG_FILE_ENV: str(self.log(g).resolve())},
-        )
+        g.code, g.culprit = None, 0
+        g.error_files = [self.errors / f"group-{g.index}-{g.attempt}-{r}.json" for r in range(self.size)]
+        port = str(_free_port())  # the group's store and process group: a new one at each start
         with open(self.log(g), "a") as f:  # appended across restarts and runs: where each attempt begins
             f.write(
                 f"---- dtrain launch --ft: {time.strftime('%Y-%m-%d %H:%M:%S')}, group {g.replica_id}, "
                 f"attempt {g.attempt} ----\n"
             )
+        g.procs = [self._start_rank(g, r, port) for r in range(self.size)]
+
+    def _start_rank(self, g: Group, rank: int, port: str) -> subprocess.Popen:
+        env = dict(
+            self.env,
+            REPLICA_GROUP_ID=g.replica_id,
+            RANK=str(rank),
+            WORLD_SIZE=str(self.size),
+            LOCAL_RANK=str(rank),
+            LOCAL_WORLD_SIZE=str(self.size),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+            TORCHELASTIC_ERROR_FILE=str(g.error_files[rank]),  # where dtrain's one-line error goes
+            # the worker's own notes (its error line, its launch line) to its log only: the launcher
+            # speaks for the job on the terminal, as for the normal launcher's ranks
+            **{LOG_FILE_ENV: str(self.log(g).resolve())},
+        )
+        if self.gpus:  # the group's own GPUs (LOCAL_RANK picks one of them)
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(self.gpus[g.index * self.size : (g.index + 1) * self.size])
         with open(self.log(g), "a") as log:
             outputs, tees = (log, log), []
-            if g.index == 0:  # group 0's output on the terminal too, through tee (a session of its own: our
-                # signals are not its, it ends when the group's pipe closes)
+            if g.index == 0 and rank == 0:  # its output on the terminal too, through tee (a session of its
+                # own: our signals are not its, it ends when the group's pipe closes)
                 tees = [
                     subprocess.Popen(
                         ["tee", "-a", str(self.log(g))], stdin=subprocess.PIPE, stdout=fd, start_new_session=True
@@ -505,7 +569,7 @@ class Groups:
                 ]  # the launcher's own
                 outputs = tuple(t.stdin for t in tees)
             # a session of its own: a ^C at the terminal reaches the launcher only, which forwards it
-            g.proc = subprocess.Popen(
+            proc = subprocess.Popen(
                 self.command,
                 env=env,
                 stdin=subprocess.DEVNULL,
@@ -516,9 +580,10 @@ class Groups:
             )
             for t in tees:
                 t.stdin.close()
+        return proc
 
     def live(self) -> list[Group]:
-        return [g for g in self.groups if g.proc is not None and g.code is None]
+        return [g for g in self.groups if g.procs and g.code is None]
 
     def run(self) -> int:
         for g in self.groups:
@@ -533,8 +598,7 @@ class Groups:
                 self._signal_all(signal.SIGKILL)
             time.sleep(POLL_S)
             for g in self.live():
-                if g.proc.poll() is not None:
-                    g.code = g.proc.returncode
+                if g.ended():
                     if self._ended(g) and deadline is None:
                         deadline = time.monotonic() + self.stop_timeout
                         self._signal_all(signal.SIGTERM)  # a user error: the others save and stop
@@ -548,8 +612,10 @@ class Groups:
 
     def _signal_all(self, signum: int) -> None:
         for g in self.live():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(g.proc.pid, signum)
+            for p in g.procs:
+                if p.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(p.pid, signum)
 
     def _ended(self, g: Group) -> bool:
         """Group `g` ended with g.code: restart it if it died and restarts are left. -> whether the others

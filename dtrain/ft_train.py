@@ -6,11 +6,12 @@ The launcher's contract (dtrain/ft_launch.py starts the groups; this module is o
 
 - A worker is a replica group iff DTRAIN_FT=1. Then the environment also has TORCHFT_LIGHTHOUSE
   (http://host:port), REPLICA_GROUP_ID (unique per group: "0", "1", ...), DTRAIN_FT_GROUPS (how many groups the
-  launcher started), RANK=0 WORLD_SIZE=1 LOCAL_RANK=0, MASTER_ADDR=127.0.0.1 and MASTER_PORT (a free port of
-  this group's own, for the group's TCPStore), and optionally DTRAIN_FT_TIMEOUT_S (collective timeout,
-  default 10) and DTRAIN_FT_MIN_REPLICAS (the smallest quorum that trains, default 1).
-- torch.distributed's default process group is not initialised across groups (each group is a world of one);
-  everything between groups goes through the torchft Manager.
+  launcher started), RANK / WORLD_SIZE / LOCAL_RANK within the group (0 of 1 for a group of one process),
+  MASTER_ADDR=127.0.0.1 and MASTER_PORT (a free port of this group's own, for the group's TCPStore), and
+  optionally DTRAIN_FT_TIMEOUT_S (collective timeout, default 10) and DTRAIN_FT_MIN_REPLICAS (the smallest
+  quorum that trains, default 1).
+- torch.distributed's default process group is the group's own (none for a group of one process): its
+  processes are DDP ranks of each other; everything between groups goes through the torchft Manager.
 - Exit codes are dtrain's: 0 done, 2 a user or config error (never restarted), 75 stopped by SIGTERM/SIGINT
   after a checkpoint was saved, anything else a crash (the launcher restarts that group alone, and it heals
   from a live peer).
@@ -23,11 +24,12 @@ The launcher's contract (dtrain/ft_launch.py starts the groups; this module is o
   lines go to each group's own stderr. The groups share the run directory and take no run lock: the launch
   holds it (ft_launch), so that another job on this run directory is refused.
 
-What a step trains (dtrain.ft): the global batch is the config's, data.batch_size x train.grad_accum, the
-batch one `dtrain train` process takes, whatever the number of groups: committed step s trains samples
-s*B..(s+1)*B-1 of the epoch's order of one process, dealt over that step's quorum, each group's share in
-micro-batches of at most ceil(B / DTRAIN_FT_GROUPS). So a run without faults is the one-process run (up to
-the order of float sums), and its checkpoints are one process's: plain `dtrain train` resumes them too.
+What a step trains (dtrain.ft): the global batch is the config's, data.batch_size x train.grad_accum x the
+group's processes, the batch one group takes as a `dtrain train` of that many ranks, whatever the number of
+groups: committed step s trains samples s*B..(s+1)*B-1 of the epoch's order of one process, dealt over that
+step's quorum (and in a group over its processes), each process's share in micro-batches of at most
+ceil(B / (DTRAIN_FT_GROUPS x the group's processes)). So a run without faults is the one-process run of batch
+B (up to the order of float sums), and its checkpoints are one process's: plain `dtrain train` resumes them.
 Validation: every group validates the whole validation split itself with the same weights (torch.equal
 after each commit; batch-norm statistics averaged over the quorum), so it takes the same best/early-stop
 decisions with no collective; it costs each group a whole validation (no speed-up from more groups).
@@ -79,6 +81,8 @@ class GroupEnv:
     store: tuple[str, int]
     timeout_s: float = 10.0
     min_replicas: int = 1
+    rank: int = 0  # this process's rank in its group
+    size: int = 1  # the group's processes
 
     @classmethod
     def read(cls, environ: Mapping[str, str] = os.environ) -> "GroupEnv":
@@ -97,6 +101,8 @@ class GroupEnv:
                 (environ["MASTER_ADDR"], int(environ["MASTER_PORT"])),
                 float(environ.get("DTRAIN_FT_TIMEOUT_S", 10)),
                 int(environ.get("DTRAIN_FT_MIN_REPLICAS", 1)),
+                int(environ.get("RANK", 0)),
+                int(environ.get("WORLD_SIZE", 1)),
             )
         except ValueError as e:
             raise LaunchError(
@@ -117,8 +123,8 @@ def check(cfg: Config, debug: bool) -> None:
         raise ConfigError("ft: --debug runs one process without replica groups; run it without `dtrain launch --ft`")
     if cfg.train.engine != "ddp":
         raise ConfigError(
-            f"ft: train.engine={cfg.train.engine} can't train as replica groups (each group is one "
-            "process stepping the whole model); use train.engine=ddp with `dtrain launch --ft`"
+            f"ft: train.engine={cfg.train.engine} can't train as replica groups yet (each process of a "
+            "group steps the whole model, as DDP); use train.engine=ddp with `dtrain launch --ft`"
         )
     if cfg.data.in_memory is False:
         raise ConfigError(
@@ -148,9 +154,10 @@ def run(
     program: Sequence[str] = ("dtrain",),
     print_outcome: bool = False,
 ) -> FitResult:
-    """run.run's lifecycle for one replica group: no process group (a world of one; the Manager joins the
-    groups) and no run lock (the groups share the run directory; the launcher is the one job); the summary,
-    the outcome line and the faults' lines come from the group that writes the last step."""
+    """run.run's lifecycle for one process of a replica group: the group's own process group (none for a
+    group of one; the Manager joins the groups) and no run lock (the groups share the run directory; the
+    launcher is the one job); the summary, the outcome line and the faults' lines come from rank 0 of the
+    group that writes the last step."""
     import json
 
     from . import dist
@@ -166,14 +173,14 @@ def run(
     if hooks is not None:
         cfg = hooks.record(cfg)
     callbacks = build_callbacks(cfg.run.callbacks, hooks and hooks.callbacks)
-    info = dist.setup(cfg.dist.backend, cfg.dist.timeout_s, cfg.dist.connect_timeout_s, force_single=True)
+    info = dist.setup(cfg.dist.backend, cfg.dist.timeout_s, cfg.dist.connect_timeout_s, force_single=group.size == 1)
     try:
         trainer = FtTrainer(cfg, info, group, hooks=hooks, callbacks=callbacks)
         try:
             outcome = trainer.fit()
         finally:
             trainer.manager.shutdown(wait=False)
-        if trainer.writes:
+        if trainer.writes and info.is_global_zero:
             for line in trainer.faults.lines(trainer.step):
                 trainer.log.info(line)
             summarize(trainer, outcome, list(command), tuple(program))
@@ -207,7 +214,7 @@ class FtTrainer(Trainer):
         # global_order reads the epoch as one process without DataLoader workers: say so in the data position,
         # so that `dtrain train` resumes a checkpoint taken mid-epoch in the same order
         feed.position = DataPosition(
-            Segment(1, stream.batch_size, feed.grad_accum, 0, 0), self.global_batch, feed.steps_per_epoch
+            Segment(1, stream.batch_size * group.size, feed.grad_accum, 0, 0), self.global_batch, feed.steps_per_epoch
         )
         self.faults = Faults(group.groups)
         self.writes = False  # this group is the writing one (replica rank 0) at the last committed step
@@ -216,7 +223,8 @@ class FtTrainer(Trainer):
         # comes between two steps must stop every group at the same committed step.
         self.stop.should_stop = lambda: self._voted
         if self.key_log:
-            self.key_log.path = self.key_log.path.with_name(f"group-{group.group_id}.txt")
+            own = "" if group.size == 1 else f"-rank-{group.rank}"
+            self.key_log.path = self.key_log.path.with_name(f"group-{group.group_id}{own}.txt")
         self._first_commit, self._keys, self._healed = True, [], False
         self.manager = build_manager(
             group.group_id,
@@ -224,7 +232,8 @@ class FtTrainer(Trainer):
             timeout_s=group.timeout_s,
             min_replicas=group.min_replicas,
             store=group.store,
-            host_store=True,
+            host_store=group.size == 1,  # a group of several: dist.setup's store, hosted by its rank 0
+            group=(group.rank, group.size),
         )
         names = self.loss.names
         self.runner = StepRunner(
@@ -236,13 +245,15 @@ class FtTrainer(Trainer):
             fetch=memory_fetch(stream),
             global_batch=self.global_batch,
             steps_per_epoch=feed.steps_per_epoch,
-            micro_batch=math.ceil(self.global_batch / group.groups),
+            micro_batch=math.ceil(self.global_batch / (group.groups * group.size)),
             say=self.log.warning,
             batch_loss=self._batch_loss,
             update=self._update,
             state=HealState(self),
             seed=cfg.run.seed,
             terms=1 + len(names),
+            group=(group.rank, group.size),
+            group_sum=torch.distributed.all_reduce if group.size > 1 else None,
         )
 
     # ---- the loop -----------------------------------------------------------------------------
@@ -255,7 +266,7 @@ class FtTrainer(Trainer):
                 self.run_dir,
                 self.step,
                 self.stop.reason.value,
-                True,
+                self.info.is_global_zero,
                 self.log.info,
                 has_test=self.test_data is not None,
             )
@@ -285,7 +296,7 @@ class FtTrainer(Trainer):
 
         def votes() -> list[float]:  # asked after the quorum: this group's signals, and here (2: just healed)
             presence = [0.0] * self.group.groups
-            if self.group.slot is not None:
+            if self.group.slot is not None and self.group.rank == 0:  # once per group
                 presence[self.group.slot] = 2.0 if self._healed else 1.0
             return [*self.stop.flags.tolist(), *presence]
 
@@ -325,7 +336,8 @@ class FtTrainer(Trainer):
         """[loss, each loss term] of one micro-batch, as the trainer's train_step computes them."""
         self._keys += batches.keys(batch)
         batch = batches.to_device(batch, self.engine.to_device)
-        with self.engine.autocast():
+        # DDP's own all-reduce is off (no_sync's forward): StepRunner sums the group's gradients itself
+        with self.engine.no_backward_sync(False), self.engine.autocast():
             losses = self.loss(self.forward(self.engine.model, batch), batch)
         return torch.stack([losses["loss"].float(), *(losses[k].detach().float() for k in self.loss.names)])
 
@@ -366,7 +378,7 @@ class FtTrainer(Trainer):
         # the steps deal that batch, and the epochs from here on are read as one process without workers.
         self.global_batch = self.runner.global_batch = feed.samples_per_step
         self.runner.steps_per_epoch = feed.steps_per_epoch
-        self.runner.micro_batch = math.ceil(self.global_batch / self.group.groups)
+        self.runner.micro_batch = math.ceil(self.global_batch / (self.group.groups * self.group.size))
         position.layout = dataclasses.replace(position.layout, num_workers=0)
         self.manager.load_state_dict({"step": self.step, "batches_committed": self.step})
         self.checkpointer.enabled = False  # until this group writes a step

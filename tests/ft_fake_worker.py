@@ -4,7 +4,7 @@ without training anything, and imports no torch (a group starts in a fraction of
 
 It writes its environment to DIR/env-<group>-<pid>.json, whether the Lighthouse answered, then counts steps
 (group 0 logs them to runs/NAME/metrics.jsonl, as rank 0 does) until told, by a file DIR/<what>-<group>:
-`die` SIGKILL itself, `crash` exit 1 with a traceback, `usererror` exit 2 with dtrain's one-line error, `done`
+(its rank 0; DIR/<what>-<group>-r<R>: its rank R) `die` SIGKILL itself, `crash` exit 1 with a traceback, `usererror` exit 2 with dtrain's one-line error, `done`
 exit 0; SIGTERM or SIGINT: it "saves" (DIR/saved-<group>-<pid>) and exits 75, or with DIR/crashonstop-<group>
 exits 1."""
 
@@ -20,7 +20,7 @@ from dtrain.worker import report_error
 
 out = Path(sys.argv[sys.argv.index("--out") + 1])
 run = Path("runs") / next(a.split("=", 1)[1] for a in sys.argv if a.startswith("run.name="))
-group, pid = os.environ["REPLICA_GROUP_ID"], os.getpid()
+group, rank, pid = os.environ["REPLICA_GROUP_ID"], os.environ["RANK"], os.getpid()
 
 
 def saved(signum, frame):
@@ -45,11 +45,14 @@ print(f"fake group {group} started (pid {pid})", flush=True)
 step = 0
 while True:
     step += 1
-    if group == "0":
+    if group == "0" and rank == "0":
         with open(run / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": step}) + "\n")
     for what in ("die", "crash", "usererror", "done"):
-        order = out / f"{what}-{group}"
+        # an order to the group goes to its rank 0; one to rank R of a group of several: <what>-<group>-r<R>
+        order = out / (f"{what}-{group}" if rank == "0" else f"{what}-{group}-r{rank}")
+        if not order.exists():
+            order = out / f"{what}-{group}-r{rank}"
         if order.exists():
             order.unlink()
             if what == "die":

@@ -3,7 +3,8 @@
 committed step, its weights' hash to $FT_OUT/g<REPLICA_GROUP_ID>.jsonl, and each validation's metrics. Told by
 its environment (the same for every group of a launch):
 - FT_WAIT_ALL=N: before its first step, wait until N groups are up (so that the first quorum has them all);
-- FT_KILL_GROUP=G, FT_KILL_IN_STEP=K: group G SIGKILLs itself in the forward pass of its K-th training step
+- FT_KILL_GROUP=G, FT_KILL_IN_STEP=K: group G (its process of rank FT_KILL_RANK, default 0, in a group of
+  several) SIGKILLs itself in the forward pass of its K-th training step
   (mid-step, before the step's all-reduce, as a lost machine would: the others' step fails and is replayed),
   once ($FT_OUT/killed); its replacement, once up, waits for the others to hold after step $FT_REJOIN_AFTER
   (it then joins there, however fast it started) and creates $FT_OUT/replacement.up;
@@ -28,6 +29,7 @@ from dtrain.batch import default_forward
 
 OUT = Path(os.environ["FT_OUT"])
 GROUP = os.environ["REPLICA_GROUP_ID"]
+RANK = os.environ.get("RANK", "0")  # in the group
 MODEL: list[torch.nn.Module] = []
 
 
@@ -51,6 +53,7 @@ def forward(model, batch):
         FORWARDS.append(1)
         if (
             GROUP == os.environ.get("FT_KILL_GROUP")
+            and RANK == os.environ.get("FT_KILL_RANK", "0")
             and len(FORWARDS) == int(os.environ.get("FT_KILL_IN_STEP", -1))
             and not (OUT / "killed").exists()
         ):
@@ -71,7 +74,7 @@ class Recorder:
         self.file = (OUT / f"g{GROUP}.jsonl").open("a", buffering=1)
 
     def write(self, **record) -> None:
-        self.file.write(json.dumps({"pid": os.getpid(), **record}) + "\n")
+        self.file.write(json.dumps({"pid": os.getpid(), "rank": int(RANK), **record}) + "\n")
 
     def on_train_start(self, run) -> None:
         self.total = run.total_steps

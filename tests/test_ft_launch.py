@@ -50,6 +50,15 @@ needs_torchft = pytest.mark.skipif(
             ["--ft", "--nproc-per-node", "2", "--ft-min-replicas", "3"],
             "launch: --ft-timeout must be > 0 and --ft-min-replicas between 1 and the replica groups started (2)",
         ),
+        (
+            ["--ft", "--nproc-per-node", "4", "--ft-group-size", "3"],
+            "launch: --ft-group-size 3 must divide --nproc-per-node 4 (the processes of a replica group are on "
+            "one node)",
+        ),
+        (
+            ["--ft", "--nproc-per-node", "4", "--ft-group-size", "2", "--ft-min-replicas", "3"],
+            "launch: --ft-timeout must be > 0 and --ft-min-replicas between 1 and the replica groups started (2)",
+        ),
     ],
 )
 def test_what_ft_cannot_do_is_one_line(tmp_path, argv, message):
@@ -85,6 +94,8 @@ def test_the_resume_command_keeps_the_ft_options():
         "5",
         "--ft-min-replicas",
         "2",
+        "--ft-group-size",
+        "3",
         "train",
         "run.name=r",
     ]
@@ -400,3 +411,60 @@ def test_a_given_lighthouse_that_never_answers_is_one_line(tmp_path):
         f"given --ft-host-lighthouse, or `torchft_lighthouse --min_replicas 1 --quorum_tick_ms 50 --join_timeout_ms "
         f"10000 --heartbeat_timeout_ms 1000 --bind 0.0.0.0:{address.rsplit(':', 1)[1]}`",
     ]
+
+
+@pytest.mark.multiproc
+@needs_torchft
+def test_a_group_of_two_processes_is_lost_and_restarted_as_one(tmp_path):
+    """--nproc-per-node 4 --ft-group-size 2: 2 groups of 2 processes, each process told its rank in its group
+    and the group's own store; rank 1 of group 1 SIGKILLed: the launcher stops its rank 0 too and starts both
+    again on a new store port, while group 0's two processes run on; then all finish: exit 0."""
+    proc = launch(tmp_path, 4, "--ft-group-size", "2", "--max-restarts", "1")
+    wait_for(lambda: all(len(started(tmp_path, g)) == 2 for g in range(2)), 60, what="2 groups of 2")
+    first = {g: started(tmp_path, g) for g in range(2)}
+    for g, records in first.items():
+        envs = sorted((r["env"] for r in records), key=lambda e: e["RANK"])
+        assert [
+            {
+                k: e[k]
+                for k in (
+                    "REPLICA_GROUP_ID",
+                    "DTRAIN_FT_GROUPS",
+                    "RANK",
+                    "WORLD_SIZE",
+                    "LOCAL_RANK",
+                    "LOCAL_WORLD_SIZE",
+                )
+            }
+            for e in envs
+        ] == [
+            {
+                "REPLICA_GROUP_ID": str(g),
+                "DTRAIN_FT_GROUPS": "2",
+                "RANK": str(r),
+                "WORLD_SIZE": "2",
+                "LOCAL_RANK": str(r),
+                "LOCAL_WORLD_SIZE": "2",
+            }
+            for r in range(2)
+        ]
+        assert len({e["MASTER_PORT"] for e in envs}) == 1  # the group's one store
+    assert first[0][0]["env"]["MASTER_PORT"] != first[1][0]["env"]["MASTER_PORT"]
+    (tmp_path / "o" / "die-1-r1").touch()
+    wait_for(lambda: len(started(tmp_path, 1)) == 4, 60, what="group 1 restarted")
+    assert not any(alive(r["pid"]) for r in first[1])  # its rank 0 was stopped with it
+    assert all(alive(r["pid"]) for r in first[0]) and len(started(tmp_path, 0)) == 2
+    again = started(tmp_path, 1)[2:]
+    assert sorted(r["env"]["RANK"] for r in again) == ["0", "1"]
+    assert {r["env"]["MASTER_PORT"] for r in again} != {first[1][0]["env"]["MASTER_PORT"]}
+    for g in range(2):
+        for r in range(2):
+            (tmp_path / "o" / f"done-{g}-r{r}").touch()
+    out, err = finish(proc)
+    assert proc.returncode == 0, err
+    lines = err.strip().splitlines()
+    assert lines[0].startswith("launch: --ft, 2 replica group(s) of 2 processes, nodes=1, max_restarts=1")
+    assert lines[1].startswith("ft: group 1 died (SIGKILL) at step ~") and lines[1].endswith(
+        "; restarting it (1 of 1 restarts); the others train on"
+    )
+    assert len(lines) == 2, err

@@ -145,7 +145,8 @@ def records(out: Path, g) -> list[dict]:
 
 
 def key_log(run_dir: Path, g) -> dict[int, list[str]]:
-    """{step: keys} of a group's sample-key log (g="plain": rank 0's of a run without replica groups)."""
+    """{step: keys} of a group's sample-key log (g="plain": rank 0's of a run without replica groups; "1-rank-0":
+    rank 0's of group 1, a group of several processes)."""
     name = "rank-00000.txt" if g == "plain" else f"group-{g}.txt"
     lines = (run_dir / "sample_keys" / name).read_text().splitlines()
     return {int(step): keys.split() for step, _, keys in (line.partition(" ") for line in lines)}
@@ -158,8 +159,9 @@ def digits_train_keys(data_root: Path) -> set[str]:
     return {k for batch in stream.epoch(0) for k in batch[2]}
 
 
-def launch(cwd: Path, data_root: Path, *options: str, **env: str) -> subprocess.Popen:
-    """`dtrain launch --ft --nproc-per-node 3 OPTIONS tests/ft_group.py ARGS` in `cwd`, its output to files."""
+def launch(cwd: Path, data_root: Path, *options: str, args=ARGS, **env: str) -> subprocess.Popen:
+    """`dtrain launch --ft --nproc-per-node 3 OPTIONS tests/ft_group.py ARGS` in `cwd`, its output to files
+    (a --nproc-per-node in OPTIONS comes later, and counts)."""
     cmd = [
         sys.executable,
         "-m",
@@ -172,7 +174,7 @@ def launch(cwd: Path, data_root: Path, *options: str, **env: str) -> subprocess.
         "5",
         *options,
         str(GROUP),
-        *ARGS,
+        *args,
         f"data.root={data_root}",
     ]
     path = os.pathsep.join([str(GROUP.parent), str(GROUP.parent.parent)])  # this checkout's dtrain, ft_group
@@ -351,3 +353,77 @@ def test_a_killed_group_heals_and_a_sigterm_resumes_exactly(tmp_path, data_root)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in metrics if "loss" in r] == list(range(1, STEPS + 1))
     assert (run_dir / "checkpoints" / "latest").resolve().name == f"step-{STEPS:08d}"
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+@needs_torchft
+def test_groups_of_two_processes_lose_one_heal_as_a_group_and_see_each_sample_once(tmp_path, data_root):
+    """`dtrain launch --ft --nproc-per-node 4 --ft-group-size 2`: 2 replica groups of 2 DDP processes each.
+    Rank 1 of group 1 SIGKILLed mid-step (its 4th): the launcher stops its rank 0 too and restarts the group
+    (both processes) while group 0 trains on alone (its 2 processes untouched); the replacement heals with
+    both ranks at once. Every process's weights are the same at every step and at the end, and the epoch's
+    samples are trained exactly once over the 4 processes' committed steps (global batch 32 x 2 processes)."""
+    KILL_IN, HEALED_BY = 4, 8
+    args = [a for a in ARGS if not a.startswith(("data.batch_size", "checkpoint.every"))]
+    args += ["data.batch_size=32", "checkpoint.every=100"]
+    run_dir = tmp_path / "runs" / "ft"
+    proc = launch(
+        tmp_path,
+        data_root,
+        "--nproc-per-node",
+        "4",
+        "--ft-group-size",
+        "2",
+        "--max-restarts",
+        "1",
+        args=args,
+        FT_WAIT_ALL="2",
+        FT_REJOIN_AFTER=str(HEALED_BY),
+        FT_KILL_GROUP="1",
+        FT_KILL_RANK="1",
+        FT_KILL_IN_STEP=str(KILL_IN),
+        FT_HOLDS=f"{HEALED_BY}=replacement.up",
+    )
+    try:
+        assert proc.wait(timeout=240) == 0, (tmp_path / "err.txt").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    said = (tmp_path / "err.txt").read_text()
+    assert said.startswith("launch: --ft, 2 replica group(s) of 2 processes, nodes=1, max_restarts=1"), said
+    assert re.search(r"^ft: group 1 died \(SIGKILL\) at step ~\d+; restarting it \(1 of 1 restarts\)", said, re.M)
+    logs = {g: records(tmp_path, g) for g in range(2)}
+    assert len({r["pid"] for r in logs[0]}) == 2  # group 0's processes untouched
+    # the first attempt's two processes (the replacement starts after they died), then the replacement's two
+    starts = [(r["rank"], r["pid"]) for r in logs[1] if "start" in r]
+    assert [sorted(rank for rank, _ in starts[i : i + 2]) for i in (0, 2)] == [[0, 1], [0, 1]], starts
+    assert len({pid for _, pid in starts}) == 4, starts
+    victims = {pid for _, pid in starts[:2]}
+    died = max(r["step"] for r in logs[1] if r["pid"] in victims and "step" in r) + 1
+    assert died == KILL_IN and f"ft: step {died - 1} not committed" in said
+    # the replacement's two ranks healed at the same step, from a live peer, and trained on with group 0
+    healed = [r for r in logs[1] if r.get("step") and r["pid"] not in victims]
+    assert {r["step"] for r in healed if r["step"] == min(h["step"] for h in healed)} == {HEALED_BY + 1}
+    assert sorted({r["rank"] for r in healed}) == [0, 1]
+    assert "healed from a live peer at step" in last_attempt(run_dir, 1)
+    by_step: dict[int, set] = {}
+    for g in range(2):
+        for r in logs[g]:
+            if "step" in r:
+                by_step.setdefault(r["step"], set()).add(r["weights"])
+    assert sorted(by_step) == list(range(1, STEPS + 1)) and all(len(h) == 1 for h in by_step.values())
+    finals = [torch.load(f, weights_only=True) for f in sorted(tmp_path.glob("g*-*.pt"))]
+    assert len(finals) == 4 and all(torch.equal(finals[0][k], f[k]) for f in finals[1:] for k in f)
+    # each sample once: group 0 alone (its 2 ranks) from the killed step until the replacement joined
+    keys = {(g, r): key_log(run_dir, f"{g}-rank-{r}") for g in range(2) for r in range(2)}
+    seen = [k for s in range(1, STEPS + 1) for gr in keys for k in keys[gr].get(s, [])]
+    assert len(seen) == len(set(seen)) == STEPS * 64 and set(seen) <= digits_train_keys(data_root)
+    alone = sorted(s for s in keys[0, 0] if s >= died and s not in keys[1, 0])
+    assert alone == list(range(died, HEALED_BY + 1)), alone
+    assert all(len(keys[0, r][s]) == 32 for r in range(2) for s in alone)  # the global batch, over 2 processes
+    assert all(len(keys[g, r][s]) == 16 for g in range(2) for r in range(2) for s in keys[g, r] if s > HEALED_BY)
+    assert (
+        f"ft: group 1 lost at step {died}, rejoined (healed) at step {HEALED_BY + 1}; "
+        f"{HEALED_BY + 1 - died} steps at 1 of 2 groups"
+    ) in said, said[-3000:]
