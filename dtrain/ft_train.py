@@ -45,7 +45,6 @@ import importlib.util
 import logging
 import math
 import os
-import signal
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Optional
 
@@ -55,7 +54,7 @@ from . import batch as batches
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .dist import LaunchError
-from .signals import HANDLED, StopReason
+from .signals import HANDLED, StopReason, first_signal
 from .trainer import Trainer
 
 if TYPE_CHECKING:
@@ -316,9 +315,8 @@ class FtTrainer(Trainer):
                 self.key_log.truncate(self.step - 1)
             self.key_log.write(self.step, self._keys)
         self._first_commit = False
-        if self._voted is None and any(signals):  # preemption first, as StopControl.should_stop
-            order = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
-            self._voted = next(s.name for s in order if signals[HANDLED[s]] > 0)
+        if self._voted is None:
+            self._voted = first_signal(signals)
         loss = torch.tensor(r.terms[1:], device=self.info.device)
         self.callbacks.emit("on_step_end", self.step, loss[0])
         self.after_step(loss, epoch)

@@ -33,6 +33,13 @@ CHECK_EVERY_S = 0.05  # how far apart (in training time) the ranks compare their
 MAX_STEPS_BETWEEN_CHECKS = 100
 
 
+def first_signal(flags) -> str | None:
+    """The name of the signal that stops a run, of the flags (indexed as HANDLED) that some rank or group set;
+    None if none. Preemption wins: it is the one that requeues the job."""
+    order = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+    return next((s.name for s in order if flags[HANDLED[s]] > 0), None)
+
+
 class StopReason(str, enum.Enum):
     """Why training stopped: the first reason given wins. Its value is what `dtrain train` reports."""
 
@@ -147,10 +154,8 @@ class StopControl:
             # the same agreed step time on every rank: the same next check
             every = int(CHECK_EVERY_S / max(slowest, 1e-6))
             self._next_check = self._steps + min(MAX_STEPS_BETWEEN_CHECKS, max(1, every))
-        if agreed is not None and agreed.any() and self.stop_signal is None:
-            # preemption wins: it is the one that requeues the job
-            order = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
-            self.stop_signal = next(s.name for s in order if agreed[HANDLED[s]] > 0)
+        if agreed is not None and self.stop_signal is None:
+            self.stop_signal = first_signal(agreed.tolist())
         return self.stop_signal
 
     def close(self, wait: bool = True) -> None:

@@ -621,3 +621,20 @@ def test_a_resume_with_patience_already_used_up_stops_at_once(tmp_path, monkeypa
         tmp_path, monkeypatch, ["train.max_steps=20", "train.val_every=2", "early_stop.patience=2"], val_losses=losses
     )
     assert third.fit()["stop_reason"] == "already_completed"  # finished and tested: nothing to do
+
+
+def test_preemption_wins_over_the_other_signals_in_one_place():
+    """One order for every path that turns flags into a stop (StopControl across ranks, the replica groups'
+    vote of dtrain.ft_train): SIGUSR1 (preemption: it requeues the job), then SIGTERM, then SIGINT."""
+    from dtrain.signals import HANDLED, first_signal
+
+    def flags(*names):
+        out = [0.0] * len(HANDLED)
+        for n in names:
+            out[HANDLED[getattr(signal, n)]] = 1.0
+        return out
+
+    assert first_signal(flags()) is None
+    assert first_signal(flags("SIGINT", "SIGTERM")) == "SIGTERM"
+    assert first_signal(flags("SIGINT", "SIGTERM", "SIGUSR1")) == "SIGUSR1"
+    assert first_signal(flags("SIGINT")) == "SIGINT"
