@@ -134,11 +134,11 @@ def _unsafe(name: str) -> bool:
 
 def tar_file_iterator(stream, payloads: bool = True) -> Iterator[dict]:
     """{"fname", "data"} of each regular file of a tar stream, in order, like webdataset's
-    `tar_file_iterator`. `payloads=False`: names only ("data" None), the members' data skipped (seeked over
-    in a local file). A compressed stream (gzip, bzip2, xz) is decompressed by Python's own modules and
-    read to its end, so that a CRC error is one (tarfile's stream mode checks none, and ends the archive
-    quietly at a corrupt header: a shorter shard). Nothing is ever written or followed: members are read
-    into memory, links skipped."""
+    `tar_file_iterator`, plus each member's "offset" (of its data in the uncompressed archive) and "size".
+    `payloads=False`: names only ("data" None), the members' data skipped (seeked over in a local file). A
+    compressed stream (gzip, bzip2, xz) is decompressed by Python's own modules and read to its end, so that a
+    CRC error is one (tarfile's stream mode checks none, and ends the archive quietly at a corrupt header: a
+    shorter shard). Nothing is ever written or followed: members are read into memory, links skipped."""
     stream = buffered(stream)
     head = stream.peek(6)[:6]
     opener = next((open_ for magic, open_ in _DECOMPRESS if head.startswith(magic)), None)
@@ -220,7 +220,8 @@ def _members(stream, payloads: bool, end) -> Iterator[dict]:
             raise tarfile.ReadError(
                 f"member {name!r} has an absolute or '..' name, which no shard writer makes: refusing the shard"
             )
-        yield {"fname": name, "data": data}
+        # offset: where its data starts in the (uncompressed) archive, for random access (tar_index.py)
+        yield {"fname": name, "data": data, "offset": pos - size - pad, "size": size}
 
 
 class _Raw(io.RawIOBase):
