@@ -26,7 +26,7 @@ from dtrain.config import ConfigError, DataConfig
 from dtrain.data import ShardStream, build_streams, read_index, tar_index
 from dtrain.data.shards import DataError, ShardIndex
 from dtrain.data.tar_index import index, indexed_fetch
-from dtrain.ft import memory_fetch
+from dtrain.ft import global_order, memory_fetch
 from test_hostile_shards import patch_header
 
 
@@ -96,6 +96,25 @@ def test_every_digits_sample_is_memory_fetchs_in_any_order(data_root):
     x, y, keys = indexed_fetch(stream)(items[:64])
     assert x.dtype == torch.float32 and y.dtype == torch.int64 and len(set(keys)) == 64
     assert not same(swapped(stream, sorted(items))(sorted(items)), memory_fetch(memory)(sorted(items)))
+
+
+def test_the_global_order_fetched_is_what_the_streamed_rank_reads(data_root):
+    """dtrain.ft's use: a step's samples of `global_order` (computed, nothing read) fetched by position are
+    the batches one rank reads through the shard pipeline (tar stream, shuffle buffer, DataLoader)."""
+    stream = ShardStream(
+        read_index(data_root / "digits"),
+        "train",
+        batch_size=25,
+        rank=0,
+        world_size=1,
+        seed=5,
+        shuffle_buffer=100,
+        train=True,
+    )
+    fetch, order = indexed_fetch(stream), global_order(stream, 1, 25)
+    for step, batch in enumerate(stream.epoch(1)):
+        assert same(fetch(order[step * 25 : (step + 1) * 25]), batch), step
+    assert step == stream.steps_per_epoch - 1 > 0
 
 
 def write_webdataset(root):
