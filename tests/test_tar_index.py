@@ -325,3 +325,32 @@ def test_a_shard_changed_after_it_was_indexed_is_refused(data_root, tmp_path):
         with pytest.raises(DataError, match="changed since its samples were indexed") as e:
             fetch([(url, 200)])
         one_line(e)
+
+
+# ---- what is read ----------------------------------------------------------------------------------------
+def bytes_read() -> int:
+    """Bytes this process has read by system calls (Linux's /proc/self/io rchar: page cache or disk)."""
+    return int(Path("/proc/self/io").read_text().split("rchar:")[1].split()[0])
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="reads Linux's /proc/self/io")
+def test_an_index_reads_headers_and_a_fetch_only_its_samples(tmp_path):
+    """A shard of 8 samples of 1 MiB: indexing it reads its headers (a buffer's worth each), not 8 MiB; a fetch
+    of 2 samples reads their 2 MiB, not the shard."""
+    import webdataset as wds
+
+    mib, url = 1 << 20, str(tmp_path / "big.tar")
+    with wds.TarWriter(url) as sink:
+        for i in range(8):
+            sink.write({"__key__": f"s{i}", "x.npy": np.full(mib, i, np.uint8), "y.cls": i})
+    stream = ShardStream(ShardIndex({"train": {url: 8}}), "train", batch_size=2, rank=0, world_size=1, train=True)
+    fetch = indexed_fetch(stream)
+    before = bytes_read()
+    fetch.index(url)
+    indexing = bytes_read() - before
+    before = bytes_read()
+    x, y, keys = fetch([(url, 6), (url, 2)])
+    fetching = bytes_read() - before
+    assert keys == ["s6", "s2"] and y.tolist() == [6, 2] and x[:, 0].tolist() == [6, 2] and x.shape == (2, mib)
+    assert indexing < mib // 4, indexing  # measured 36 KiB (the headers of 16 members, read in a buffer)
+    assert 2 * mib <= fetching < 2 * mib + mib // 4, fetching  # measured 2 MiB + 1.5 KiB
