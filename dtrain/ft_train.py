@@ -198,7 +198,6 @@ class FtTrainer(Trainer):
     taken by a StepRunner over the step's quorum instead of the engine's own all-reduce."""
 
     def __init__(self, cfg: Config, dist_info, group: GroupEnv, hooks: Optional[Hooks] = None, callbacks=None):
-        from .data.elastic import DataPosition, Segment
         from .ft import StepRunner, build_manager, global_order, memory_fetch
 
         super().__init__(cfg, dist_info, hooks=hooks, callbacks=callbacks)
@@ -209,12 +208,11 @@ class FtTrainer(Trainer):
                 "and replica groups need it in memory; raise data.in_memory_mb or set "
                 "data.in_memory=true"
             )
+        # global_order reads the epoch as one process without DataLoader workers, of the group's batch: so does
+        # the feed, so that resuming (a group, or `dtrain train`) keeps that order and the global batch
+        feed.read_as_one(stream.batch_size * group.size)
+        stream = feed.stream
         self.group, self.global_batch = group, feed.samples_per_step
-        # global_order reads the epoch as one process without DataLoader workers: say so in the data position,
-        # so that `dtrain train` resumes a checkpoint taken mid-epoch in the same order
-        feed.position = DataPosition(
-            Segment(1, stream.batch_size * group.size, feed.grad_accum, 0, 0), self.global_batch, feed.steps_per_epoch
-        )
         self.faults = Faults(group.groups)
         self.writes = False  # this group is the writing one (replica rank 0) at the last committed step
         self._voted: Optional[str] = None  # the signal the quorum agreed on

@@ -48,6 +48,25 @@ class TrainFeed:
             self.steps_per_epoch,
         )
 
+    def read_as_one(self, batch_size: int) -> None:
+        """Replica groups (dtrain.ft_train): the run reads as one process of `batch_size` (its group's batch)
+        without DataLoader workers, whichever of the group's ranks this is: each step is dealt from that
+        process's order, and its position, its checkpoints and their resume (the global batch kept) are that
+        process's, for groups of any size and for plain `dtrain train`."""
+        self.rank, self.world_size = 0, 1
+        self.stream = self.stream.relayout(
+            rank=0,
+            world_size=1,
+            batch_size=batch_size,
+            grad_accum=self.grad_accum,
+            num_workers=0,
+            steps_per_epoch=self.steps_per_epoch,
+        )
+        self.samples_per_step = batch_size * self.grad_accum
+        self.position = DataPosition(
+            Segment(1, batch_size, self.grad_accum, 0, 0), self.samples_per_step, self.steps_per_epoch
+        )
+
     def batches(self, step: int) -> Iterator:
         """This rank's micro-batches from optimizer step `step` to the end of its epoch: its normal stream,
         or, in an epoch resumed on another number of ranks, its share of what the old ranks had not read."""
