@@ -8,12 +8,13 @@ ranks forked from the warm rank server, run_ranks, which train the same bits as 
     events on every rank, with a state each rank resumes (point 3). SIGTERM to the launcher at the first validation
     that does not improve on the best (the patience counts it), then the printed resume command: final weights,
     per-step losses and LRs, validations (val/best_mae), the early stop and sample keys equal the uninterrupted
-    run's (exact); the best value and patience are checked in the interrupted checkpoint and, through val/best_mae
-    and the early stop, after it. The interrupted checkpoint also resumes on 1 rank: continuous, not bit-identical
-    (the batches are composed otherwise, as in tests/test_elastic.py), so checked are its step count, every LR
-    (OneCycleLR's state) and RAdam's own step count (the optimizer's state). Then `dtrain export --format
-    safetensors`, dtrain.load_model and dtrain predict on it (point 5; predict's own SIGTERM under dtrain launch is
-    tests/test_predict.py's).
+    run's (exact), the launcher left no worker behind and the rank logs hold both launches (this is also
+    `dtrain launch`'s own SIGTERM-and-the-same-command test, once tests/test_launcher.py's); the best value and
+    patience are checked in the interrupted checkpoint and, through val/best_mae and the early stop, after it.
+    The interrupted checkpoint also resumes on 1 rank: continuous, not bit-identical (the batches are composed
+    otherwise, as in tests/test_elastic.py), so checked are its step count, every LR (OneCycleLR's state) and
+    RAdam's own step count (the optimizer's state). Then `dtrain export --format safetensors`, dtrain.load_model
+    and dtrain predict on it (point 5; predict's own SIGTERM under dtrain launch is tests/test_predict.py's).
 (b) A causal LM from a config alone (data.task=lm, Hugging Face's GPT2LMHeadModel of a tiny config) on token
     shards written by TarWriter (point 7), SIGTERM through the launcher, resumed (on forked ranks: the launcher's
     resume command is (a)'s), exact; `dtrain export --format hf` loads with AutoModelForCausalLM.from_pretrained
@@ -41,7 +42,19 @@ import webdataset as wds
 import dtrain
 from dtrain.checkpoint import CheckpointError
 from dtrain.load import rebuild
-from conftest import REPO, _env, final_params, key_log, metrics_of, result_of, run_dtrain, run_ranks, start, wait_for
+from conftest import (
+    REPO,
+    _env,
+    final_params,
+    key_log,
+    metrics_of,
+    result_of,
+    run_dtrain,
+    run_ranks,
+    start,
+    wait_for,
+    workers,
+)
 from test_lm_config import HF, VOCAB, write_tokens
 from test_optimizers import onecycle_lrs
 
@@ -111,12 +124,11 @@ def launch_cmd(args: list[str]) -> list[str]:
 
 def interrupt(args: list[str], cwd, run_dir, env: dict, at: int):
     """`dtrain launch --nproc-per-node 2 ARGS`, SIGTERMed (the launcher only: it forwards the signal) while both
-    ranks wait at step `at`; both ranks received it before they go on: exit 75, stopped by the signal."""
-    gate = cwd / f"gate-{uuid.uuid4().hex}"
+    ranks wait at step `at`; both ranks received it before they go on: exit 75, stopped by the signal, and no
+    worker left behind."""
+    gate, tag = cwd / f"gate-{uuid.uuid4().hex}", uuid.uuid4().hex
     gate.mkdir()
-    proc = start(
-        launch_cmd(args), cwd, uuid.uuid4().hex, env={**env, "HOOK_GATE": str(gate), "HOOK_GATE_STEP": str(at)}
-    )
+    proc = start(launch_cmd(args), cwd, tag, env={**env, "HOOK_GATE": str(gate), "HOOK_GATE_STEP": str(at)})
     try:
         wait_for(
             lambda: all((gate / f"at-{r}").exists() for r in (0, 1)) or proc.poll() is not None,
@@ -141,6 +153,7 @@ def interrupt(args: list[str], cwd, run_dir, env: dict, at: int):
     assert proc.returncode == 75, f"exit {proc.returncode}\n{out}\n{err}"
     assert "launch: SIGTERM received: the workers saved and stopped" in err and "Traceback" not in err, err
     assert json.loads(out.strip().splitlines()[-1])["stop_reason"] == "signal:SIGTERM"
+    assert not workers(tag, needle=b"dtrain.worker")  # the launcher's workers (not its tee processes) ended too
 
 
 def events(run_dir, rank: int) -> list[list]:
@@ -289,6 +302,8 @@ def test_monitor_optimizer_json_labels_and_a_callback_resume_through_a_sigterm(t
         stdin=subprocess.DEVNULL,
     )
     assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-3000:]
+    log = (run_dir / "logs" / "rank-1.log").read_text()  # appended across both launches
+    assert log.count("---- dtrain launch:") == 2 and "SIGTERM received" in log, log[-3000:]
 
     # exact: weights, every step's loss and LR, the validations (val/best_mae, the patience's early stop),
     # every rank's samples
