@@ -1,4 +1,4 @@
-"""Issue #34's points on 2 ranks under `dtrain launch`, each run SIGTERMed through the launcher and resumed, in
+"""Issue #34's points on 2 ranks, each run stopped by a SIGTERM ((a)'s through `dtrain launch`) and resumed, in
 as few real runs as cover them (a launch costs ~10 s of imports on 2 cores; the uninterrupted references are
 ranks forked from the warm rank server, run_ranks, which train the same bits as the launcher's workers).
 
@@ -16,10 +16,11 @@ ranks forked from the warm rank server, run_ranks, which train the same bits as 
     RAdam's own step count (the optimizer's state). Then `dtrain export --format safetensors`, dtrain.load_model
     and dtrain predict on it (point 5; predict's own SIGTERM under dtrain launch is tests/test_predict.py's).
 (b) A causal LM from a config alone (data.task=lm, Hugging Face's GPT2LMHeadModel of a tiny config) on token
-    shards written by TarWriter (point 7), SIGTERM through the launcher, resumed (on forked ranks: the launcher's
-    resume command is (a)'s), exact; `dtrain export --format hf` loads with AutoModelForCausalLM.from_pretrained
-    with load_model's logits, and the summary's `dtrain eval` command with key=value overrides (data.val,
-    data.eval_batch_size) gives the metrics computed here by hand.
+    shards written by TarWriter (point 7), SIGTERM to each rank, stopped and resumed on forked ranks (the
+    launcher's forwarding of the signal and its resume command are (a)'s: a launch here cost ~10 s more),
+    exact; `dtrain export --format hf` loads with AutoModelForCausalLM.from_pretrained with load_model's logits,
+    and the summary's `dtrain eval` command with key=value overrides (data.val, data.eval_batch_size) gives the
+    metrics computed here by hand.
 Plus, in this process, the fix these runs found: load_model and predict no longer ask for the optimizer's,
 schedule's and callbacks' import strings, and a safetensors export given to them is said to be one.
 """
@@ -62,14 +63,16 @@ from test_optimizers import onecycle_lrs
 # events-RANK.jsonl of the run directory, and a state (the steps it saw). Where the test sets HOOK_GATE (a
 # directory), it also paces the steps (20 ms each: the ranks then compare their stop flags every step or two, so
 # a stop comes within a few steps) and, at step HOOK_GATE_STEP, says it is there and waits for the test's `go`:
-# the SIGTERM lands at a known step.
-CALLBACK = """import json, os, time
+# the SIGTERM lands at a known step. Where it sets HOOK_SIGTERM_STEP, it paces the steps alike and at that step
+# sends its own process SIGTERM (a real signal, to every rank at the same step, as a launcher forwards it).
+CALLBACK = """import json, os, signal, time
 from pathlib import Path
 
 
 class Recorder:
     def __init__(self):
         self.gate, self.at = os.environ.get("HOOK_GATE"), int(os.environ.get("HOOK_GATE_STEP", 0))
+        self.sigterm_at = int(os.environ.get("HOOK_SIGTERM_STEP", 0))
         self.steps = 0  # this rank's steps over the whole run: its state, resumed from rank-N.pt
 
     def state_dict(self):
@@ -89,6 +92,10 @@ class Recorder:
     def on_step_end(self, step, loss):
         self.steps += 1
         self.say("step", step)
+        if self.sigterm_at:
+            time.sleep(0.02)
+            if step == self.sigterm_at:
+                os.kill(os.getpid(), signal.SIGTERM)
         if self.gate:
             time.sleep(0.02)
             if step == self.at:
@@ -448,7 +455,10 @@ def test_a_causal_lm_from_a_config_resumes_through_a_sigterm_and_exports_for_hug
     straight.mkdir()
     run_ranks(2, args, straight, env=env, preload=("transformers",))
     run_dir = tmp_path / "runs" / "lm"
-    interrupt(args, tmp_path, run_dir, env, at=6)
+    stopped = run_ranks(
+        2, args, tmp_path, env={**env, "HOOK_SIGTERM_STEP": "6"}, check=False, preload=("transformers",)
+    )
+    assert stopped.returncode == 75 and result_of(stopped)["stop_reason"] == "signal:SIGTERM", stopped.stderr[-3000:]
     cut = state_of(run_dir)["trainer"]["step"]
     assert 6 < cut < total
     resumed = run_ranks(2, args, tmp_path, env=env, preload=("transformers",))
