@@ -3,7 +3,14 @@ torchrun, dtrain launch, srun} x data {dtrain's built-in shards, jpg shards writ
 with a user transform, text with string fields and a collate, dict batches for a Hugging Face model} x
 outcome {trains and tests, SIGTERM then resume with identical test metrics, a user error: one line and its
 exit code}. Each value of each axis appears in at least two cells, a few steps each (a README promise that
-holds on one path only fails here). The srun cells run in tests/test_slurm.py, on its cluster."""
+holds on one path only fails here). The srun cells run in tests/test_slurm.py, on its cluster.
+
+A resume cell sends its SIGTERM to the real launcher at whatever moment training has reached (the launcher's exit
+code, a checkpoint of every rank), then runs the same arguments again on ranks forked from the warm rank server
+(run_ranks, with torchrun's variables: the same bits as a launcher's workers), and compares with an uninterrupted
+run forked likewise: a new launcher and two new pythons for each were ~10 s apiece and checked nothing more. That
+the same `dtrain launch` command resumes, launched again: tests/test_hooks_launch.py (the summary's command);
+the same torchrun command: tests/test_hooks.py's GPT-2 script and test_faults' torchrun restart."""
 
 from __future__ import annotations
 
@@ -18,7 +25,17 @@ import pytest
 import torch
 
 from dtrain.cli import main
-from conftest import REPO, _env, final_params, latest_logged_step, result_of, start, torchrun_cmd, wait_for
+from conftest import (
+    REPO,
+    _env,
+    final_params,
+    latest_logged_step,
+    result_of,
+    run_ranks,
+    start,
+    torchrun_cmd,
+    wait_for,
+)
 
 USERCODE = REPO / "tests" / "usercode"
 EXAMPLES = REPO / "examples"
@@ -73,10 +90,6 @@ USER_ERRORS = {  # a mistake a user makes on that path, and the start of its one
     "script": (["data.batch_size=0"], "dtrain: error: config: "),
 }
 SIGTERM_EXIT = {"single": 75, "launch": 75, "torchrun": 1, "srun": 75}  # README: what each launcher returns
-# data -> (result, run dir) of the uninterrupted 2-rank run the resume cells of that data compare with: the
-# config route and the script route train the same weights to the bit (the text cells: config under dtrain
-# launch, script under torchrun), so one uninterrupted run serves both, and the second cell checks that too
-UNINTERRUPTED: dict[str, tuple[dict, Path]] = {}
 
 
 @pytest.fixture(scope="session")
@@ -117,14 +130,17 @@ def cell_dir(matrix_data: Path, tmp_path: Path) -> Path:
     return tmp_path
 
 
-def command(entry: str, launcher: str, data: str, extra: list[str]) -> tuple[list[str], dict]:
+def route(entry: str, data: str, extra: list[str]) -> tuple[Path | None, list[str], dict]:
+    """(the script, None for `dtrain`; its arguments; the environment) of a cell's entry and data."""
     env = dict(ENV)
     if entry == "config":
-        target, args = None, CONFIG_ROUTE[data] + extra
-    else:
-        target = SCRIPTS.get(data, USERCODE / "matrix_script.py")
-        env["MATRIX_DATA"] = {"digits": "digits", "jpg": "jpg", "tokens": "tokens"}.get(data, "")
-        args = extra
+        return None, CONFIG_ROUTE[data] + extra, env
+    env["MATRIX_DATA"] = {"digits": "digits", "jpg": "jpg", "tokens": "tokens"}.get(data, "")
+    return SCRIPTS.get(data, USERCODE / "matrix_script.py"), extra, env
+
+
+def command(entry: str, launcher: str, data: str, extra: list[str]) -> tuple[list[str], dict]:
+    target, args, env = route(entry, data, extra)
     if launcher == "single":
         return [sys.executable, *([str(target)] if target else ["-m", "dtrain"]), *args], env
     if launcher == "torchrun":
@@ -181,13 +197,24 @@ def check_user_error(proc: subprocess.CompletedProcess, code: int, start_of_line
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(matrix_data, tmp_path_factory) -> tuple[dict, Path]:
+    """(result, run dir) of the text data's config route uninterrupted on 2 forked ranks: both text resume cells
+    compare with it, so the script route's (under torchrun) also checks that the two routes train the same
+    weights to the bit."""
+    cwd = cell_dir(matrix_data, tmp_path_factory.mktemp("straight"))
+    _, args, env = route("config", "text", STEPS + ["run.name=straight"])
+    proc = run_ranks(2, args, cwd, env=env, check=False, preload=("transformers",))
+    return check_trains(proc, cwd / "runs" / "straight"), cwd / "runs" / "straight"
+
+
 @pytest.mark.multiproc
 @pytest.mark.parametrize(
     "entry, launcher, data, outcome",
     [c for c in CELLS if c[1] != "srun"],
     ids=["-".join(c) for c in CELLS if c[1] != "srun"],
 )
-def test_user_path(matrix_data, tmp_path, entry, launcher, data, outcome):
+def test_user_path(matrix_data, tmp_path, entry, launcher, data, outcome, request):
     cwd = cell_dir(matrix_data, tmp_path)
     if outcome == "error":
         extra, start_of_line = USER_ERRORS[entry]
@@ -199,11 +226,9 @@ def test_user_path(matrix_data, tmp_path, entry, launcher, data, outcome):
         cmd, env = command(entry, launcher, data, STEPS + ["run.name=cell"])
         check_trains(run(cmd, cwd, env), cwd / "runs" / "cell")
         return
-    # resume: an uninterrupted run, then the same interrupted by SIGTERM to the launcher and run again
-    if data not in UNINTERRUPTED:  # the first resume cell of this data runs it; the next compares with it too
-        cmd, env = command(entry, launcher, data, STEPS + ["run.name=straight"])
-        UNINTERRUPTED[data] = (check_trains(run(cmd, cwd, env), cwd / "runs" / "straight"), cwd / "runs" / "straight")
-    straight, straight_dir = UNINTERRUPTED[data]
+    # resume: interrupted by SIGTERM to the launcher, run again (on forked ranks), compared with an uninterrupted run
+    assert data == "text", "the uninterrupted run is the text data's"
+    straight, straight_dir = request.getfixturevalue("uninterrupted")
     cmd, env = command(entry, launcher, data, STEPS + ["run.name=cut"])
     proc = start(cmd, cwd, uuid.uuid4().hex, env=env)
     wait_for(lambda: latest_logged_step(cwd / "runs" / "cut") >= 3 or proc.poll() is not None, what="step 3")
@@ -211,7 +236,8 @@ def test_user_path(matrix_data, tmp_path, entry, launcher, data, outcome):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == SIGTERM_EXIT[launcher], f"exit {proc.returncode}\n{out}\n{err}"
     assert latest_logged_step(cwd / "runs" / "cut") < 10
-    resumed = run(cmd, cwd, env)
+    script, args, env = route(entry, data, STEPS + ["run.name=cut"])
+    resumed = run_ranks(2, args, cwd, env=env, script=script, check=False, preload=("transformers",))
     assert "resumed from" in resumed.stderr, resumed.stderr
     result = check_trains(resumed, cwd / "runs" / "cut")
     assert {k: v for k, v in result.items() if k.startswith("test/")} == {
