@@ -29,7 +29,6 @@ from conftest import (
     result_of,
     run_dtrain,
     run_ranks,
-    run_torchrun,
     start,
     torchrun_cmd,
     wait_for,
@@ -266,7 +265,10 @@ def test_two_rank_resume_after_kill_is_bit_identical(tmp_path, data_root, straig
         assert (run / "checkpoints" / f"step-{interrupted['step']:08d}").is_dir()
     else:
         assert proc.returncode != 0 and "SIGKILL" in err and "local_rank: 1" in err  # torchrun's error record
-    resumed = run_torchrun(2, RESUME_ARGS + ["run.name=r"], tmp_path)
+    # the same arguments again, on 2 ranks forked with torchrun's variables (run_ranks): a second torchrun (its
+    # agent, two new pythons: ~8 s) would resume the same bits; the same torchrun command after a kill:
+    # test_torchrun_restart_resumes_automatically (its agent's restart) and tests/test_hooks.py's GPT-2 script
+    resumed = run_ranks(2, RESUME_ARGS + ["run.name=r"], tmp_path)
     assert "resumed from" in resumed.stderr
     assert_same_as_straight(run, straight_run)
 
