@@ -63,6 +63,10 @@ REWRITES = {
     "torchrun": "`torchrun` parses its options with torch's own parser; its N ranks are forked from "
     "tests/rank_server.py with the variables torchrun gives its workers (no agent, no new python)",
     "srun": "`srun --ntasks N` runs N ranks forked from tests/rank_server.py with the variables of an srun step",
+    "dtrain launch": "`dtrain launch` on one node (no --ft) runs in this process up to torch's agent (its options, the "
+    "command's pre-flight check, its launch line and logs directory), and its N workers are forked from "
+    "tests/rank_server.py with the variables torchrun gives its workers (no agent, no new python: a real "
+    "launch with its workers, signals and restarts is tests/test_launcher.py's and test_hooks_launch.py's)",
     "sbatch": "`sbatch SCRIPT` runs SCRIPT with bash and a job's variables (its #SBATCH nodes x ntasks-per-node), "
     "an `srun` that records its command line, which then runs as `srun` does here",
     "launch/*.sh": "launch/*.sh run with bash and PYTHON= a recorder; the command line they would start runs as "
@@ -283,11 +287,13 @@ def _dtrain(args: list[str], block: Block, env: dict) -> Step:
         launch = _launch_args(args)
         target = rewrite(launch.target, _command_of(launch.target, script=launch.target[0].endswith(".py")))
         full = args[: len(args) - len(launch.target)] + target
-        return Step(
-            f"dtrain {shlex.join(full)} (a process)",
-            lambda page: _process([sys.executable, "-m", "dtrain", *full], page, env, block, parsed=_parsed(full)),
-            slow=True,
-        )
+        if launch.ft or launch.nnodes != "1":
+            return Step(
+                f"dtrain {shlex.join(full)} (a process)",
+                lambda page: _process([sys.executable, "-m", "dtrain", *full], page, env, block, parsed=_parsed(full)),
+                slow=True,
+            )
+        return Step(f"dtrain {shlex.join(full)} (workers forked)", lambda page: _launch_here(full, page, env, block))
     args = rewrite(args, command)
     if command == "train" and any(re.match(r"(wandb\.enabled=true|log\.loggers=.*wandb)", a) for a in args):
         return _ranks(1, args, None, "single", block, env, note=" (W&B: a process of its own)", rewritten=True)
@@ -461,6 +467,32 @@ def _parsed(args: list[str]):
 
 def _ran_before(parsed, page: Page) -> str | None:
     return next((what for p, what in page.ran if parsed is not None and p == parsed), None)
+
+
+def _launch_here(args: list[str], page: Page, env: dict, block: Block) -> None:
+    """REWRITES['dtrain launch']: dtrain's launcher in this process, its agent's part done by forked ranks."""
+    from unittest import mock
+
+    from dtrain import launcher
+
+    def agent(_args, nproc, _min_nodes, _max_nodes, _rdzv_configs, entry, _run_dir, _logs) -> int:
+        script, argv = (None, entry[2:]) if entry[:2] == ["-m", "dtrain"] else (entry[0], entry[1:])
+        proc = run_ranks(
+            nproc,
+            argv,
+            page.ws,
+            env={**_pythonpath(env, page), "DTRAIN_LAUNCH_COMMAND": os.environ["DTRAIN_LAUNCH_COMMAND"]},
+            check=False,
+            script=page.ws / script if script else None,
+            timeout=600,
+            preload=_preload(argv, script),
+        )
+        sys.stdout.write(proc.stdout)
+        sys.stderr.write(proc.stderr)
+        return proc.returncode
+
+    with mock.patch.object(launcher, "_run_agent", agent):
+        _here(args, None, page, env, block, parsed=_parsed(args))
 
 
 def _launch_args(args: list[str]):
@@ -705,6 +737,7 @@ _REWRITE_USES = {
     "pip": lambda w: w[0] == "pip",
     "pytest": lambda w: "pytest" in w,
     "torchrun": lambda w: w[0] == "torchrun",
+    "dtrain launch": lambda w: w[:2] == ["dtrain", "launch"] and "--ft" not in w,
     "srun": lambda w: w[0] == "srun",
     "sbatch": lambda w: w[0] == "sbatch",
     "launch/*.sh": lambda w: w[0].startswith("launch/"),
