@@ -521,8 +521,9 @@ def test_rank_sleeping_in_a_step_ends_the_job_within_the_timeout(tmp_path, data_
     """Rank 1 sleeps inside step 4 (alive, but never reaching the all-reduce). Rank 0 gives up after
     dist.timeout_s naming the operation; torchrun then sends SIGTERM to rank 1, which has been inside one
     step for longer than the timeout, so it exits at once instead of finishing the step: the job ends
-    a few seconds after rank 0's report."""
-    timeout_s = 10
+    a few seconds after rank 0's report. (dist.timeout_s 5, as the stalled-rank tests': 10 waited 5 s more for
+    nothing.)"""
+    timeout_s = 5
     args = ["train", f"data.root={data_root}", "train.epochs=100", "log.progress=false", f"dist.timeout_s={timeout_s}"]
     cmd = torchrun_cmd(2, args)
     cmd[cmd.index("-m", 2) : cmd.index("dtrain") + 1] = [str(REPO / "tests" / "sleepy_rank.py")]
