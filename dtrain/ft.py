@@ -26,6 +26,7 @@ the same rank of the other groups (StepRunner's `group`).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -56,15 +57,20 @@ def global_order(stream, epoch: int, global_batch: int) -> list[Item]:
     return EpochReplay(one_rank, epoch, [seg]).normal_order(seg, 0)
 
 
-def memory_fetch(stream) -> Callable[[Sequence[Item]], tuple]:
-    """A `fetch` for StepRunner from a training ShardStream read into memory (data.in_memory): the batch of
-    (shard, position) items, decoded as the stream's own batches are ((x, y, keys) for dtrain's shards)."""
-    if stream.transform is not None:  # it takes the epoch and the sample's pass, which no step here tracks yet
-        raise ConfigError(
-            "ft: data.augment and a data transform are not supported with replica groups yet; leave them out"
-        )
+def memory_fetch(stream) -> Callable[..., tuple]:
+    """A `fetch` for StepRunner from a training ShardStream read into memory (data.in_memory):
+    `fetch(items, epoch)` -> the batch of (shard, position) items of that epoch, decoded and transformed
+    (data.augment, a data transform: a pure function of the sample, its key, the epoch and its pass, 0 in an
+    epoch that draws each sample once) as the stream's own batches are ((x, y, keys) for dtrain's shards)."""
     memory = stream.memory.load(stream)
-    return lambda items: stream.format.batch(memory.columns.take(memory.rows(list(items))))
+
+    def fetch(items: Sequence[Item], epoch: int = 0) -> tuple:
+        cols = memory.columns.take(memory.rows(list(items)))
+        if stream.transform is not None:  # as ShardStream._from_memory applies it
+            cols = cols.transformed(lambda x, key, j: stream.transform(x, key=key, epoch=epoch, pass_index=0))
+        return stream.format.batch(cols)
+
+    return fetch
 
 
 def deal_step(keys: Sequence, replica_rank: int, participants: int) -> Sequence:
@@ -93,7 +99,7 @@ class StepRunner:
     """Trains one replica group (or one process of it) a step at a time through a torchft Manager.
 
     `order(epoch)` gives the epoch's sample keys in order (at least steps_per_epoch * global_batch of them),
-    `fetch(keys)` the batch (x, y, ...) of those keys (`global_order` and `memory_fetch` for a ShardStream),
+    `fetch(keys)` or `fetch(keys, epoch)` the batch (x, y, ...) of those keys (`global_order` and `memory_fetch` for a ShardStream),
     `loss_fn(output, y)` a mean over the batch. A share larger than `micro_batch` is trained in micro-batches
     of at most that many, accumulating: memory per group stays bounded when the quorum shrinks and the shares
     grow. The model, optimizer and schedule heal through the
@@ -133,6 +139,9 @@ class StepRunner:
         the group's own process group); each process then trains its own share of the group's."""
         self.manager, self.model, self.optimizer, self.scheduler = manager, model, optimizer, scheduler
         self.loss_fn, self.order, self.fetch, self.say = loss_fn, order, fetch, say
+        # dtrain's fetches take the epoch too (a transform is a function of it); a fetch of one argument is asked
+        # with the keys alone
+        self._fetch_epoch = "epoch" in inspect.signature(fetch).parameters
         self.batch_loss = batch_loss or (lambda batch: self.loss_fn(self.model(batch[0]), batch[1]).reshape(1))
         self.update, self.state, self.seed, self.terms = update, state, seed, terms
         (self.group_rank, self.group_size), self.group_sum = group, group_sum
@@ -206,10 +215,11 @@ class StepRunner:
         before = [b.clone() for b in buffers]  # a try that is not committed leaves them as they were
         self.optimizer.zero_grad(set_to_none=False)
         chunks = [keys[i : i + self.micro_batch] for i in range(0, len(keys), self.micro_batch)]
-        terms = None
+        terms, epoch = None, step // self.steps_per_epoch
         for chunk in chunks:
+            batch = self.fetch(chunk, epoch=epoch) if self._fetch_epoch else self.fetch(chunk)
             # this chunk's mean x chunk/B: summed over chunks and the quorum, the global batch's mean
-            part = self.batch_loss(self.fetch(chunk)) * (len(chunk) / self.global_batch)
+            part = self.batch_loss(batch) * (len(chunk) / self.global_batch)
             part[0].backward()
             terms = part.detach().double() if terms is None else terms + part.detach().double()
         if terms is None:  # no share this step (more groups than samples): nothing of ours in the sum

@@ -125,11 +125,6 @@ def check(cfg: Config, debug: bool) -> None:
             f"ft: train.engine={cfg.train.engine} can't train as replica groups yet (each process of a "
             "group steps the whole model, as DDP); use train.engine=ddp with `dtrain launch --ft`"
         )
-    if cfg.data.in_memory is False:
-        raise ConfigError(
-            "ft: replica groups deal each step's samples from the training shards in memory; set "
-            "data.in_memory=true (or leave it auto)"
-        )
     if cfg.train.precision == "fp16":
         raise ConfigError(
             "ft: train.precision=fp16 (loss scaling) is not supported with replica groups; use bf16 or fp32"
@@ -198,15 +193,15 @@ class FtTrainer(Trainer):
     taken by a StepRunner over the step's quorum instead of the engine's own all-reduce."""
 
     def __init__(self, cfg: Config, dist_info, group: GroupEnv, hooks: Optional[Hooks] = None, callbacks=None):
+        from .data.tar_index import indexed_fetch
         from .ft import StepRunner, build_manager, global_order, memory_fetch
 
         super().__init__(cfg, dist_info, hooks=hooks, callbacks=callbacks)
         feed, stream = self.feed, self.feed.stream
-        if stream.memory is None:  # data.in_memory=auto found the split too large
+        if stream.transform is not None and cfg.data.remainder == "pad":
             raise ConfigError(
-                f"ft: the training split is larger than data.in_memory_mb={cfg.data.in_memory_mb} "
-                "and replica groups need it in memory; raise data.in_memory_mb or set "
-                "data.in_memory=true"
+                "ft: data.augment (or a data transform) with data.remainder=pad is not supported with replica "
+                "groups (a padded epoch augments its second draws anew); use data.remainder=drop"
             )
         # global_order reads the epoch as one process without DataLoader workers, of the group's batch: so does
         # the feed, so that resuming (a group, or `dtrain train`) keeps that order and the global batch
@@ -239,7 +234,9 @@ class FtTrainer(Trainer):
             self.engine.optimizer,
             None,
             order=lambda epoch: global_order(stream, epoch, self.global_batch),
-            fetch=memory_fetch(stream),
+            # the split in memory, or each share read from the shard files by offset (data.in_memory=false,
+            # or auto and larger than data.in_memory_mb)
+            fetch=memory_fetch(stream) if stream.memory is not None else indexed_fetch(stream),
             global_batch=self.global_batch,
             steps_per_epoch=feed.steps_per_epoch,
             micro_batch=math.ceil(self.global_batch / (group.groups * group.size)),

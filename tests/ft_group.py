@@ -83,6 +83,10 @@ class Recorder:
         if GROUP == os.environ.get("FT_KILL_GROUP") and (OUT / "killed").exists():
             while not (OUT / f"holding-{os.environ.get('FT_REJOIN_AFTER', 0)}").exists():
                 time.sleep(0.02)
+            # every rank of the replacement group up (its quorum asks for all of them), then say so
+            (OUT / f"replacement.up-{RANK}").touch()
+            while not all((OUT / f"replacement.up-{r}").exists() for r in range(int(os.environ.get("WORLD_SIZE", 1)))):
+                time.sleep(0.02)
             (OUT / "replacement.up").touch()
         while not all((OUT / f"g{g}.up").exists() for g in range(int(os.environ.get("FT_WAIT_ALL", 0)))):
             time.sleep(0.02)
@@ -94,8 +98,12 @@ class Recorder:
         holds = dict(hold.split("=") for hold in filter(None, os.environ.get("FT_HOLDS", "").split(",")))
         if str(step) in holds:
             (OUT / f"holding-{step}").touch()
-        while str(step) in holds and not (OUT / holds[str(step)]).exists():
-            time.sleep(0.02)
+        if str(step) in holds:
+            while not (OUT / holds[str(step)]).exists():
+                time.sleep(0.02)
+            # torchft's Lighthouse forms a quorum of the last one's groups at once ("fast quorum") when they all
+            # ask: give the group we waited for the time to ask first, so that it joins at the next step
+            time.sleep(0.3)
         time.sleep(float(os.environ.get("FT_DELAY", 0)))
 
     def on_validation_end(self, step, metrics) -> None:

@@ -62,11 +62,31 @@ def test_the_global_order_is_what_one_rank_reads_and_memory_fetch_reads_it(data_
         fx, fy, fkeys = fetch(order[step * 25 : (step + 1) * 25])
         assert fkeys == keys and torch.equal(fx, x) and torch.equal(fy, y)
     assert step == stream.steps_per_epoch - 1 > 0
+    # data.augment: a transform of (sample, key, epoch, pass), applied with the step's epoch as the stream does
     augmented = ShardStream(
-        index, "train", batch_size=25, rank=0, world_size=1, train=True, in_memory=True, transform=lambda x, **kw: x
+        index,
+        "train",
+        batch_size=25,
+        rank=0,
+        world_size=1,
+        seed=5,
+        shuffle_buffer=100,
+        train=True,
+        in_memory=True,
+        transform=shifted,
     )
-    with pytest.raises(ConfigError, match="^ft: data.augment and a data transform are not supported"):
-        memory_fetch(augmented)
+    fetch = memory_fetch(augmented)
+    for step, (x, y, keys) in enumerate(augmented.epoch(1)):
+        fx, fy, fkeys = fetch(order[step * 25 : (step + 1) * 25], epoch=1)
+        assert fkeys == keys and torch.equal(fx, x) and torch.equal(fy, y)
+        assert not torch.equal(fetch(order[step * 25 : (step + 1) * 25], epoch=2)[0], x)
+
+
+def shifted(x, *, key, epoch, pass_index=0):
+    """A transform that is a function of (sample, key, epoch, pass), as data.augment's are."""
+    from dtrain.data.augment import sample_seed
+
+    return x + sample_seed(5, epoch, pass_index, key) % 7 + 10 * epoch
 
 
 # ---- replica groups under a Lighthouse ---------------------------------------------------------------------

@@ -261,21 +261,32 @@ def test_a_streamed_shard_is_refused_in_one_line(url):
     assert one_line(e).startswith(f"data: {url} is streamed") and "set data.in_memory=true" in str(e.value)
 
 
-def test_a_transform_is_refused_as_memory_fetch_refuses_it(data_root):
+def shifted(x, *, key, epoch, pass_index=0):
+    """A transform that is a function of (sample, key, epoch, pass), as data.augment's are."""
+    from dtrain.data.augment import sample_seed
+
+    return x + sample_seed(5, epoch, pass_index, key) % 7 + 10 * epoch
+
+
+def test_a_transform_is_applied_as_the_streamed_rank_applies_it(data_root):
+    """data.augment under replica groups: the global order's samples fetched with the epoch, transformed, are
+    the batches one rank reads through the shard pipeline with the same transform; another epoch differs."""
     stream = ShardStream(
         read_index(data_root / "digits"),
         "train",
         batch_size=25,
         rank=0,
         world_size=1,
+        seed=5,
+        shuffle_buffer=100,
         train=True,
-        transform=lambda x, **kw: x,
+        transform=shifted,
     )
-    with pytest.raises(ConfigError) as e:
-        indexed_fetch(stream)
-    assert (
-        one_line(e) == "ft: data.augment and a data transform are not supported with replica groups yet; leave them out"
-    )
+    fetch, order = indexed_fetch(stream), global_order(stream, 1, 25)
+    for step, batch in enumerate(stream.epoch(1)):
+        assert same(fetch(order[step * 25 : (step + 1) * 25], epoch=1), batch), step
+        assert not same(fetch(order[step * 25 : (step + 1) * 25], epoch=2), batch)
+    assert step == stream.steps_per_epoch - 1 > 0
 
 
 def copied(data_root, tmp_path):

@@ -7,15 +7,14 @@ absolute or `..` names refused, declared sizes held against the file's, links sk
 into samples by webdataset's own `group_by_keys`. Sample p of the index is the p-th sample the streams read
 from that shard: the (shard, position) of `elastic.Item`.
 
-`indexed_fetch(stream)` is then a `fetch(items) -> batch` for dtrain.ft's StepRunner that gives exactly what
-`dtrain.ft.memory_fetch(stream)` gives for the same items: each member's bytes read by one `pread` (no
-seek), the raw sample decoded by the stream's own format (as `MemorySplit.load` decodes it), the
-samples batched by it. Indexes are built on a shard's first use and kept (~200 bytes a sample); the
+`indexed_fetch(stream)` is then a `fetch(items, epoch) -> batch` for dtrain.ft's StepRunner that gives exactly
+what `dtrain.ft.memory_fetch(stream)` gives for the same items: each member's bytes read by one `pread` (no
+seek), the raw sample decoded (and transformed: data.augment) by the stream's own format as the streams do,
+the samples batched by it. Indexes are built on a shard's first use and kept (~200 bytes a sample); the
 data is not kept.
 
 Only local, uncompressed shards can be read a sample at a time: a gzip/bzip2/xz stream has no offsets to seek
-to, a `pipe:` or http(s) shard no file. Those, and a data transform (its epoch and pass are not tracked by
-replica groups), are refused in one line that names the fix.
+to, a `pipe:` or http(s) shard no file. Those are refused in one line that names the fix.
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ from webdataset import tariterators
 from ..config import ConfigError
 from .elastic import Item
 from .errors import DataError
-from .pipeline import ShardStream, _miscounted
+from .pipeline import ShardStream, _decode, _miscounted
 from .samples import Columns
 from .sources import has_scheme
 from .tario import _DECOMPRESS, open_shard, tar_file_iterator
@@ -143,10 +142,7 @@ class IndexedFetch:
         # the OPEN_FILES shards used last, kept open: 64 random samples of digits' 6 shards a batch took
         # 0.83-0.85 ms, 0.89-0.93 ms when each batch opened (and fstat-ed) its shards again (best of 5 x 200)
         self.files: collections.OrderedDict[str, io.FileIO] = collections.OrderedDict()
-        if stream.transform is not None:  # memory_fetch's words: the epoch and the pass are not tracked per step
-            raise ConfigError(
-                "ft: data.augment and a data transform are not supported with replica groups yet; leave them out"
-            )
+        self.transform = stream.transform
         for url in stream.urls:  # refused before training rather than at a shard's first use, mid-run
             try:
                 with open_shard(local_path(url)) as f:  # refuses a fifo, a device, a directory
@@ -154,9 +150,11 @@ class IndexedFetch:
             except (tarfile.TarError, OSError) as e:
                 raise _unreadable(url, e) from None
 
-    def __call__(self, items: Sequence[Item]) -> tuple:
+    def __call__(self, items: Sequence[Item], epoch: int = 0) -> tuple:
+        """The batch of `items` of `epoch`, decoded and transformed as the streams do (pipeline._decode: a
+        transform is a function of the sample, its key, the epoch and its pass, 0 here)."""
         fmt = self.format
-        return fmt.batch(Columns.of([fmt.decode(self.raw(url, position)) for url, position in items]))
+        return fmt.batch(Columns.of([_decode(self.raw(url, p), fmt, self.transform, epoch) for url, p in items]))
 
     def index(self, url: str) -> TarIndex:
         found = self.indexes.get(url)
