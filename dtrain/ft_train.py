@@ -129,13 +129,13 @@ def check(cfg: Config, debug: bool) -> None:
         raise ConfigError(
             "ft: train.precision=fp16 (loss scaling) is not supported with replica groups; use bf16 or fp32"
         )
-    shared = [name for name in cfg.log.loggers if name in ("tensorboard", "wandb")] + (
-        ["wandb"] if cfg.wandb.enabled and "wandb" not in cfg.log.loggers else []
-    )
-    if shared:
+    # The writing group may change during a run: jsonl, csv and TensorBoard reopen at the step it takes over,
+    # dropping what a lost writer logged after it (TensorBoard by its purge marker); a W&B run lives in one
+    # process, and another group's would be a second run
+    if "wandb" in cfg.log.loggers or cfg.wandb.enabled:
         raise ConfigError(
-            f"ft: log.loggers {shared[0]} is not supported with replica groups yet (the writing "
-            "group may change during a run); use jsonl and csv"
+            "ft: log.loggers wandb is not supported with replica groups yet (the writing group may "
+            "change during a run); use jsonl, csv or tensorboard"
         )
 
 

@@ -359,15 +359,18 @@ def test_a_killed_group_heals_and_a_sigterm_resumes_exactly(tmp_path, data_root)
 @needs_torchft
 def test_groups_of_two_processes_lose_one_heal_as_a_group_and_see_each_sample_once(tmp_path, data_root):
     """`dtrain launch --ft --nproc-per-node 4 --ft-group-size 2`: 2 replica groups of 2 DDP processes each.
-    Rank 1 of group 1 SIGKILLed mid-step (its 4th): the launcher stops its rank 0 too and restarts the group
-    (both processes) while group 0 trains on alone (its 2 processes untouched); the replacement heals with
-    both ranks at once. Every process's weights are the same at every step and at the end, and the epoch's
-    samples are trained exactly once over the 4 processes' committed steps (global batch 32 x 2 processes). The
-    shards are read a sample at a time from disk (data.in_memory=false) and augmented."""
-    KILL_IN, HEALED_BY = 4, 8
+    Rank 1 of group 0, the writing group, SIGKILLed mid-step (its 4th): the launcher stops its rank 0 too and
+    restarts the group (both processes) while group 1 trains on alone (its 2 processes untouched) and writes;
+    the replacement heals with both ranks at once and writes again. Every process's weights are the same at
+    every step and at the end, and the epoch's samples are trained exactly once over the 4 processes'
+    committed steps (global batch 32 x 2 processes). The shards are read a sample at a time from disk
+    (data.in_memory=false) and augmented; metrics.jsonl and TensorBoard have each step once, across the
+    writers."""
+    KILL_IN, HEALED_BY, V, S = 4, 8, 0, 1  # the victim group, the survivor
     args = [a for a in ARGS if not a.startswith(("data.batch_size", "checkpoint.every"))]
     # the shards read by offset, not held in memory (dtrain.data.tar_index), and augmented
     args += ["data.batch_size=32", "checkpoint.every=100", "data.in_memory=false", "augment.hflip.p=0.5"]
+    args += ["log.loggers=[jsonl,tensorboard]"]
     run_dir = tmp_path / "runs" / "ft"
     proc = launch(
         tmp_path,
@@ -381,7 +384,7 @@ def test_groups_of_two_processes_lose_one_heal_as_a_group_and_see_each_sample_on
         args=args,
         FT_WAIT_ALL="2",
         FT_REJOIN_AFTER=str(HEALED_BY),
-        FT_KILL_GROUP="1",
+        FT_KILL_GROUP=str(V),
         FT_KILL_RANK="1",
         FT_KILL_IN_STEP=str(KILL_IN),
         FT_HOLDS=f"{HEALED_BY}=replacement.up",
@@ -391,23 +394,23 @@ def test_groups_of_two_processes_lose_one_heal_as_a_group_and_see_each_sample_on
     finally:
         if proc.poll() is None:
             proc.kill()
-    said = (tmp_path / "err.txt").read_text()
+    said = (tmp_path / "err.txt").read_text()  # the launcher's lines and group 0's (its rank 0's) output
     assert said.startswith("launch: --ft, 2 replica group(s) of 2 processes, nodes=1, max_restarts=1"), said
-    assert re.search(r"^ft: group 1 died \(SIGKILL\) at step ~\d+; restarting it \(1 of 1 restarts\)", said, re.M)
+    assert re.search(rf"^ft: group {V} died \(SIGKILL\) at step ~\d+; restarting it \(1 of 1 restarts\)", said, re.M)
     logs = {g: records(tmp_path, g) for g in range(2)}
-    assert len({r["pid"] for r in logs[0]}) == 2  # group 0's processes untouched
+    assert len({r["pid"] for r in logs[S]}) == 2  # the survivor's processes untouched
     # the first attempt's two processes (the replacement starts after they died), then the replacement's two
-    starts = [(r["rank"], r["pid"]) for r in logs[1] if "start" in r]
+    starts = [(r["rank"], r["pid"]) for r in logs[V] if "start" in r]
     assert [sorted(rank for rank, _ in starts[i : i + 2]) for i in (0, 2)] == [[0, 1], [0, 1]], starts
     assert len({pid for _, pid in starts}) == 4, starts
     victims = {pid for _, pid in starts[:2]}
-    died = max(r["step"] for r in logs[1] if r["pid"] in victims and "step" in r) + 1
-    assert died == KILL_IN and f"ft: step {died - 1} not committed" in said
-    # the replacement's two ranks healed at the same step, from a live peer, and trained on with group 0
-    healed = [r for r in logs[1] if r.get("step") and r["pid"] not in victims]
+    died = max(r["step"] for r in logs[V] if r["pid"] in victims and "step" in r) + 1
+    assert died == KILL_IN and f"ft: step {died - 1} not committed" in last_attempt(run_dir, S)
+    # the replacement's two ranks healed at the same step, from a live peer, and trained on with the survivor
+    healed = [r for r in logs[V] if r.get("step") and r["pid"] not in victims]
     assert {r["step"] for r in healed if r["step"] == min(h["step"] for h in healed)} == {HEALED_BY + 1}
     assert sorted({r["rank"] for r in healed}) == [0, 1]
-    assert "healed from a live peer at step" in last_attempt(run_dir, 1)
+    assert "healed from a live peer at step" in last_attempt(run_dir, V)
     by_step: dict[int, set] = {}
     for g in range(2):
         for r in logs[g]:
@@ -416,15 +419,28 @@ def test_groups_of_two_processes_lose_one_heal_as_a_group_and_see_each_sample_on
     assert sorted(by_step) == list(range(1, STEPS + 1)) and all(len(h) == 1 for h in by_step.values())
     finals = [torch.load(f, weights_only=True) for f in sorted(tmp_path.glob("g*-*.pt"))]
     assert len(finals) == 4 and all(torch.equal(finals[0][k], f[k]) for f in finals[1:] for k in f)
-    # each sample once: group 0 alone (its 2 ranks) from the killed step until the replacement joined
+    # each sample once: the survivor alone (its 2 ranks) from the killed step until the replacement joined
     keys = {(g, r): key_log(run_dir, f"{g}-rank-{r}") for g in range(2) for r in range(2)}
     seen = [k for s in range(1, STEPS + 1) for gr in keys for k in keys[gr].get(s, [])]
     assert len(seen) == len(set(seen)) == STEPS * 64 and set(seen) <= digits_train_keys(data_root)
-    alone = sorted(s for s in keys[0, 0] if s >= died and s not in keys[1, 0])
+    alone = sorted(s for s in keys[S, 0] if s >= died and s not in keys[V, 0])
     assert alone == list(range(died, HEALED_BY + 1)), alone
-    assert all(len(keys[0, r][s]) == 32 for r in range(2) for s in alone)  # the global batch, over 2 processes
+    assert all(len(keys[S, r][s]) == 32 for r in range(2) for s in alone)  # the global batch, over 2 processes
     assert all(len(keys[g, r][s]) == 16 for g in range(2) for r in range(2) for s in keys[g, r] if s > HEALED_BY)
     assert (
-        f"ft: group 1 lost at step {died}, rejoined (healed) at step {HEALED_BY + 1}; "
+        f"ft: group {V} lost at step {died}, rejoined (healed) at step {HEALED_BY + 1}; "
         f"{HEALED_BY + 1 - died} steps at 1 of 2 groups"
     ) in said, said[-3000:]
+    # the writer changed twice (0 -> 1 at the kill, 1 -> 0 at the rejoin): each step's record once, in the
+    # jsonl and in TensorBoard (the new writer's purge marker hides what the lost one logged after its step)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = {r["step"]: r["loss"] for r in metrics if "loss" in r}
+    assert [r["step"] for r in metrics if "loss" in r] == list(range(1, STEPS + 1))
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    scalars = events.Scalars("loss")
+    assert [e.step for e in scalars] == list(range(1, STEPS + 1))
+    assert all(abs(e.value - losses[e.step]) <= 1e-6 * abs(losses[e.step]) for e in scalars)
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) >= 3  # one per turn
