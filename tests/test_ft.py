@@ -17,6 +17,7 @@ import torch
 from dtrain.data import ShardStream, read_index
 from dtrain.config import ConfigError
 from dtrain.ft import deal_step, global_order, memory_fetch  # imports no torchft: only building a Manager does
+from test_tar_index import shifted  # a transform of (sample, key, epoch, pass), as data.augment's
 
 WORKER = Path(__file__).with_name("ft_worker.py")
 
@@ -80,13 +81,6 @@ def test_the_global_order_is_what_one_rank_reads_and_memory_fetch_reads_it(data_
         fx, fy, fkeys = fetch(order[step * 25 : (step + 1) * 25], epoch=1)
         assert fkeys == keys and torch.equal(fx, x) and torch.equal(fy, y)
         assert not torch.equal(fetch(order[step * 25 : (step + 1) * 25], epoch=2)[0], x)
-
-
-def shifted(x, *, key, epoch, pass_index=0):
-    """A transform that is a function of (sample, key, epoch, pass), as data.augment's are."""
-    from dtrain.data.augment import sample_seed
-
-    return x + sample_seed(5, epoch, pass_index, key) % 7 + 10 * epoch
 
 
 # ---- replica groups under a Lighthouse ---------------------------------------------------------------------
