@@ -10,7 +10,9 @@ The Lighthouse (torchft's quorum server) is started here on 127.0.0.1 and a free
 the node given --ft-host-lighthouse at --ft-lighthouse's port, the others only connecting; it is stopped at the
 end. Each group's output goes to logs/group-<REPLICA_GROUP_ID>.log (group 0's to the terminal too), its one-line
 error to an error file of torch's layout (dtrain.worker.report_error writes it), as the normal launcher's
-workers' do. REPLICA_GROUP_ID is 0, 1, ... on one node, <host>-0, <host>-1, ... on several.
+workers' do. REPLICA_GROUP_ID is 0, 1, ... on one node, <host>-0, <host>-1, ... on several (the lowest free
+on this host: two launchers on one host take <host>-0 and <host>-1). On several nodes the groups are reached
+at the node's hostname, over the interface that reaches the Lighthouse (`reachable`).
 """
 
 from __future__ import annotations
@@ -243,7 +245,8 @@ def run_ft(args, nproc: int) -> int:
     # plain run's rank 0 does, so that a second launch or a `dtrain train` of this run is refused meanwhile. On
     # several nodes, the node that starts the Lighthouse (the others' launchers are the same job)
     lock = held(run_dir) if not args.ft_lighthouse or args.ft_host_lighthouse else contextlib.nullcontext()
-    with lock, stop.handling(), tempfile.TemporaryDirectory(prefix="dtrain-ft-") as errors:
+    claimed = contextlib.ExitStack()  # the group ids this launch holds (claim_ids), released at its end
+    with lock, claimed, stop.handling(), tempfile.TemporaryDirectory(prefix="dtrain-ft-") as errors:
         lighthouse = Lighthouse(args, timeout, min_replicas, logs)
         try:
             address = lighthouse.start(stop)
@@ -268,9 +271,10 @@ def run_ft(args, nproc: int) -> int:
                 "DTRAIN_FT_TIMEOUT_S": f"{timeout:g}",
                 "DTRAIN_FT_MIN_REPLICAS": str(min_replicas),
             }
-            ids = [str(i) if nodes == 1 else f"{socket.gethostname()}-{i}" for i in range(here)]
+            ids = [str(i) for i in range(here)]
             if nodes > 1:
                 env.update(reachable(_host_port(address)[0]))
+                ids = claim_ids(logs, socket.gethostname(), here, claimed)
             groups = Groups(
                 ids,
                 size,
@@ -343,6 +347,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def claim_ids(logs: Path, host: str, count: int, held: contextlib.ExitStack) -> list[str]:
+    """`count` group ids <host>-<i> for this launch on several nodes, the lowest i that no other launch holds:
+    two launchers on one host (a test, or a big node split in two) named both their groups <host>-0, and
+    their groups wrote the same log and sample-key files in a shared run directory. An id is held by a lock
+    (flock, released when the launcher ends, however) on its log, logs/group-<id>.log, kept open in `held`;
+    a host's name is its own, so the lock needs no file system shared between hosts."""
+    import fcntl
+
+    ids, i = [], 0
+    while len(ids) < count:
+        log = held.enter_context(open(logs / f"group-{host}-{i}.log", "a"))
+        try:
+            fcntl.flock(log, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            ids.append(f"{host}-{i}")
+        except OSError:  # another launcher's
+            log.close()
+        i += 1
+    return ids
+
+
 def reachable(lighthouse_host: str) -> dict[str, str]:
     """What the groups of a launch on several nodes need so that the other nodes' groups reach them: on one
     node the group's store at 127.0.0.1 and gloo's default device are enough, not across nodes (found with
@@ -360,7 +384,17 @@ def reachable(lighthouse_host: str) -> dict[str, str]:
       so the interface of this node's address on its route to the Lighthouse, or, where that is loopback
       (the Lighthouse's own node), on its default route. Not found (IPv6 only, no such route): gloo's own
       choice."""
-    env = {"MASTER_ADDR": socket.gethostname()}
+    from .config import ConfigError
+
+    host = socket.gethostname()
+    try:
+        socket.getaddrinfo(host, None)
+    except OSError:
+        raise ConfigError(
+            f"launch: --ft on several nodes needs this node's hostname {host!r} to resolve, here and on the "
+            f"other nodes (torchft tells them to reach this node's groups by it); add it to DNS or /etc/hosts"
+        ) from None
+    env = {"MASTER_ADDR": host}
     if "GLOO_SOCKET_IFNAME" not in os.environ:
         for toward in (lighthouse_host, "192.0.2.1"):  # TEST-NET-1: only routed, no packet sent (UDP connect)
             name = _interface_of(_source_address(toward))

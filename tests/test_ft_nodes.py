@@ -1,23 +1,31 @@
-"""`dtrain launch --ft` on two nodes (issue #36): two hosts made on this machine with Linux namespaces, each
-with its own network (a veth pair between them, 10.77.0.1 and 10.77.0.2, loopback up), hostname (n1, n2) and
-/etc/hosts (both names resolve on both), so that a replica group can reach the other node only by the address
-it advertises. One launcher a host, one replica group of 2 processes (DDP inside) a host; n1 hosts the
-Lighthouse. Needs root, `ip` and `unshare`; skipped where the machine can't make the namespaces."""
+"""`dtrain launch --ft` on several nodes (issue #36). The real one: two hosts made on this machine with Linux
+namespaces, each with its own network (a veth pair between them, 10.77.0.1 and 10.77.0.2, loopback up, a
+default route to the other), hostname (n1, n2) and /etc/hosts (its own name on 127.0.1.1 as Debian writes it,
+the other's address), so that a replica group reaches the other node only by what it advertises; one launcher
+a host, one replica group of 2 processes (DDP inside) a host, n1 hosting the Lighthouse. Needs root, `ip` and
+`unshare`; skipped where the machine can't make the namespaces. Before it, what needs no namespace: two
+launchers on one host, and a hostname that does not resolve."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import _env
+from conftest import _env, free_port, wait_for
+from test_ft_launch import FAKE
 from test_ft_train import ARGS, GROUP, STEPS, digits_train_keys, key_log, needs_torchft, records
+
+from dtrain import ft_launch
+from dtrain.config import ConfigError
 
 HOSTS = {"n1": "10.77.0.1", "n2": "10.77.0.2"}
 LIGHTHOUSE_PORT = 29510  # a fresh network namespace: nothing else listens there
@@ -105,6 +113,59 @@ def launch_on(ns: str, host: str, cwd: Path, data_root: Path, *options: str, arg
         stdout=(cwd / f"{host}.out").open("a"),
         stderr=(cwd / f"{host}.err").open("a"),
     )
+
+
+def test_a_hostname_that_does_not_resolve_is_one_line(monkeypatch):
+    """The other nodes reach this node's groups by its hostname (torchft advertises it): one that does not
+    resolve is said before any group starts."""
+
+    def unknown(host, *args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "gethostname", lambda: "nowhere")
+    monkeypatch.setattr(socket, "getaddrinfo", unknown)
+    with pytest.raises(ConfigError, match=r"^launch: --ft on several nodes needs this node's hostname 'nowhere' to "):
+        ft_launch.reachable("10.77.0.1")
+
+
+@pytest.mark.multiproc
+@needs_torchft
+def test_two_launchers_on_one_host_name_their_groups_apart_and_advertise_the_hostname(tmp_path):
+    """Two `dtrain launch --ft --nnodes 2` on this host (tests/ft_fake_worker.py: no torch), one hosting the
+    Lighthouse, in one run directory: their groups are <host>-0 and <host>-1 (both were <host>-0, and wrote
+    the same log), and each group's store address is the hostname, not 127.0.0.1."""
+    port, host = str(free_port()), socket.gethostname()
+    (tmp_path / "o").mkdir()
+    procs = [
+        subprocess.Popen(
+            [
+                *[sys.executable, "-m", "dtrain", "launch", "--ft", "--nnodes", "2", "--nproc-per-node", "1"],
+                *["--ft-lighthouse", f"127.0.0.1:{port}", *hosting],
+                *[str(FAKE), "--out", "o", "run.name=fake"],
+            ],
+            cwd=tmp_path,
+            env=_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=(tmp_path / f"err{i}.txt").open("w"),
+            stdin=subprocess.DEVNULL,
+        )
+        for i, hosting in enumerate([["--ft-host-lighthouse"], []])
+    ]
+    try:
+        envs = wait_for(lambda: len(found := list((tmp_path / "o").glob("env-*.json"))) == 2 and found, timeout=60)
+        envs = sorted((json.loads(p.read_text())["env"] for p in envs), key=lambda e: e["REPLICA_GROUP_ID"])
+        assert [e["REPLICA_GROUP_ID"] for e in envs] == [f"{host}-0", f"{host}-1"]
+        assert {e["MASTER_ADDR"] for e in envs} == {host}
+        for e in envs:
+            (tmp_path / "o" / f"done-{e['REPLICA_GROUP_ID']}").touch()
+        codes = [p.wait(timeout=60) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert codes == [0, 0], [(tmp_path / f"err{i}.txt").read_text() for i in range(2)]
+    logs = sorted(p.name for p in (tmp_path / "runs" / "fake" / "logs").glob("group-*.log"))
+    assert logs == [f"group-{host}-0.log", f"group-{host}-1.log"]
 
 
 @pytest.mark.multiproc
