@@ -156,7 +156,8 @@ def run_ranks(
     hosts the store), "srun" (SLURM_* only, from which dtrain.dist derives the rest) or "single" (none: one
     process, as `python -m dtrain`). `preload`: modules imported once in the server (DeepSpeed is, for
     train.engine=deepspeed). stdout and stderr are every rank's, as torchrun's are; the exit code is that of
-    the rank that failed first."""
+    the rank that failed first (`.codes`: each rank's; a rank that failed gives the others 10 s to end). The
+    store's port is the env's MASTER_PORT where a test gives one (its lines name it), else a free one."""
     import tempfile
 
     global _RANK_SERVER
@@ -170,7 +171,7 @@ def run_ranks(
             text=True,
             start_new_session=True,
         )  # its process group: it and its ranks
-    port, n = free_port(), str(nproc)
+    port, n = int((env or {}).get("MASTER_PORT") or free_port()), str(nproc)
     if launcher == "torchrun":
         ranks = [
             dict(
@@ -229,6 +230,7 @@ def run_ranks(
         proc = subprocess.CompletedProcess(
             ["ranks", *map(str, args)], reply["failed"], out.read_text(), err.read_text()
         )
+        proc.codes = reply["codes"]
     what = f"{nproc} ranks ({launcher}) of {' '.join(map(str, args))}"
     if reply["timed_out"]:
         pytest.fail(f"{what} ran past {timeout} s\n{proc.stdout}\n{proc.stderr}")

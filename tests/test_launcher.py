@@ -22,6 +22,7 @@ from conftest import (
     latest_logged_step,
     result_of,
     run_dtrain,
+    run_ranks,
     run_torchrun,
     start,
     torchrun_cmd,
@@ -480,35 +481,23 @@ def test_rank_lost_during_start_up_is_one_line_on_its_peer_naming_it(tmp_path, d
     """A rank lost just before the engine's set-up (DDP's constructor broadcasts the weights; FSDP2's says
     nothing to the other ranks, DeepSpeed's first makes groups: a barrier on each side) ends the other in
     dtrain's one line, not in gloo's traceback, and that line names the lost rank (a roll call on the
-    store), not only the rank that saw it; rank 0 hosts the store, and its loss is said as such. Two
-    hand-started ranks, no launcher that would stop the other first."""
+    store), not only the rank that saw it; rank 0 hosts the store, and its loss is said as such. Two ranks
+    forked from the rank server with torchrun's variables, no agent that would stop the other first (the
+    server gives the survivor 10 s; two new pythons here cost ~5 s more each time)."""
     script = tmp_path / "dies.py"
     script.write_text(DIES_AT_START_UP)
-    env = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "DIES": str(dies)}
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                str(script),
-                f"data.root={data_root}",
-                "train.max_steps=2",
-                f"train.engine={engine}",
-                "log.progress=false",
-                "run.doctor=false",
-            ],
-            cwd=tmp_path,
-            env=_env({**env, "RANK": str(r)}),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            stdin=subprocess.DEVNULL,
-        )
-        for r in (0, 1)
+    env = {"MASTER_PORT": str(free_port()), "DIES": str(dies)}
+    args = [
+        f"data.root={data_root}",
+        "train.max_steps=2",
+        f"train.engine={engine}",
+        "log.progress=false",
+        "run.doctor=false",
     ]
-    errs = [p.communicate(timeout=120)[1] for p in procs]
+    proc = run_ranks(2, args, tmp_path, env=env, script=script, check=False)
     survivor = 1 - dies
-    err = errs[survivor]
-    assert procs[survivor].returncode == 1 and "Traceback" not in err, err
+    err = proc.stderr  # every rank's: the lost one said nothing
+    assert proc.codes[dies] == 9 and proc.codes[survivor] == 1 and "Traceback" not in err, (proc.codes, err)
     lost = (
         "rank 1 is gone or stuck (no answer within 3 s of the failure); "
         if dies
