@@ -79,6 +79,8 @@ def _remove(spaces: list[str]) -> None:
     for ns in spaces:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
         shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
+    with contextlib.suppress(OSError):  # ours, unless another's namespaces are in it
+        Path("/etc/netns").rmdir()
 
 
 def launch_on(ns: str, host: str, cwd: Path, data_root: Path, *options: str, args=ARGS, **env: str):
@@ -171,7 +173,7 @@ def test_two_launchers_on_one_host_name_their_groups_apart_and_advertise_the_hos
 @pytest.mark.multiproc
 @pytest.mark.slow
 @needs_torchft
-def test_two_hosts_train_in_one_quorum_and_a_restarted_group_heals_across_them(tmp_path, data_root, two_hosts):
+def test_two_hosts_train_in_one_quorum_and_a_restarted_group_heals_across_them(two_hosts, tmp_path, data_root):
     """n1 (--ft-host-lighthouse) and n2, each `dtrain launch --ft --nnodes 2 --nproc-per-node 2
     --max-restarts 1 --ft-min-replicas 2`: group n1-0 and group n2-0 of 2 processes each, in one quorum from
     the first step (min 2). Rank 1 of n2-0 is SIGKILLed in its 4th step: n2's launcher restarts its group,
