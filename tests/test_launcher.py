@@ -653,13 +653,15 @@ def test_nodes_given_different_nnodes_name_it(tmp_path):
     """A (--nnodes 2, hosts the store) joins first, B (--nnodes 3) last: no node completes the rendezvous (torch
     completes it at the count of the node that joins last). A ends naming --nnodes, and B, whose store A
     closes, says so in one line (was: 600 s, then `RendezvousTimeoutError: `, and C++ stack dumps on B)."""
-    port = free_port()
-    a, a_err = rdzv_node(tmp_path, "a", port, "2", "is_host=1", 30)
+    # A's wait, all of which the test sits through: B joins ~5 s into it at load 5 (A says it waits 3 s after it
+    # joined, B's launcher joins ~2 s after it starts); 30 s was 10 s more of nothing
+    port, wait_s = free_port(), 20
+    a, a_err = rdzv_node(tmp_path, "a", port, "2", "is_host=1", wait_s)
     said(a, a_err, "waiting for the other nodes: 1 of 2")
     b, b_err = rdzv_node(tmp_path, "b", port, "3", "is_host=0", 120)
     a_lines, b_lines = ended(a, a_err), ended(b, b_err)
     assert a.returncode == 2 and a_lines[-1].startswith(
-        f"dtrain: error: launch: the rendezvous at 127.0.0.1:{port} (id dtrain) never completed within 30 s though "
+        f"dtrain: error: launch: the rendezvous at 127.0.0.1:{port} (id dtrain) never completed within {wait_s} s though "
         f"2 of 2 nodes joined: another node was started with a larger --nnodes (this one: 2)"
     ), a_lines
     assert b.returncode == 2 and b_lines[-1].startswith(
