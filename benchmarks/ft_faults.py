@@ -5,6 +5,12 @@ checkpoint interval, with 1 and 3 faults (a SIGKILLed worker).
     python benchmarks/ft_faults.py --model-mb 200        # both sides, faults 1 3: JSON lines, then a table
     python benchmarks/ft_faults.py --model-mb 10 --only ft --faults 1
     python benchmarks/ft_faults.py --only ft --ft-side worker   # the ft side on tests/ft_worker.py's groups
+    python benchmarks/ft_faults.py --model-mb 10 --ranks 2 3 4 --faults 3 --global-batch 24   # rank count
+
+--ranks N...: the ft side runs N replica groups (group N-1 killed), the restart side N ranks (the last one
+killed), each count its own runs, the global batch the same at every count (a multiple of each N); the last
+table gives, for each (size, count, side), the median over all the faults of its runs (--repeat R runs each),
+with the load averages (1 min) the runs began and ended at.
 
 The model: dtrain's MLP of --layers hidden layers of a width that makes model + AdamW state --model-mb MB
 (12 bytes a parameter), batch 16 (global), a checkpoint every --every steps on both sides. The work of a step
@@ -269,7 +275,16 @@ def worker_pids(tag: str) -> list[int]:
     return sorted(found)
 
 
-def restart_run(faults: int, hidden: int, layers: int, every: int, data_root: Path, log: Path | None) -> dict:
+def restart_run(
+    faults: int,
+    hidden: int,
+    layers: int,
+    every: int,
+    data_root: Path,
+    log: Path | None,
+    ranks: int = 2,
+    global_batch: int = GLOBAL_BATCH,
+) -> dict:
     cwd = Path(tempfile.mkdtemp(prefix="restart-bench-"))
     tag, run = uuid.uuid4().hex, cwd / "runs" / "b"
     kill_at = [every * (c + 1) + every // 2 for c in range(faults)]
@@ -279,13 +294,13 @@ def restart_run(faults: int, hidden: int, layers: int, every: int, data_root: Pa
         "dtrain",
         "launch",
         "--nproc-per-node",
-        "2",
+        str(ranks),
         "--max-restarts",
         "3",
         "train",
         f"data.root={data_root}",
         "run.name=b",
-        f"data.batch_size={GLOBAL_BATCH // 2}",
+        f"data.batch_size={global_batch // ranks}",
         "log.progress=false",
         "train.log_every=1",
         f"checkpoint.every={every}",
@@ -371,6 +386,7 @@ def restart_run(faults: int, hidden: int, layers: int, every: int, data_root: Pa
     row = {
         "mode": "restart",
         "model_mb": rounded(state_mb, 1),
+        "ranks": ranks,
         "faults": faults,
         "wall_s": round(wall, 1),
         "step_s": rounded(statistics.median(times), 3) if times else None,
@@ -462,8 +478,11 @@ def launch_ft_run(
     data_root: Path,
     run_timeout: float,
     log: Path | None,
+    groups: int = 3,
+    global_batch: int = GLOBAL_BATCH,
 ) -> dict:
     cwd = Path(tempfile.mkdtemp(prefix="ft-launch-bench-"))
+    victim = str(groups - 1)
     run = cwd / "runs" / "b"
     cmd = [
         sys.executable,
@@ -472,7 +491,7 @@ def launch_ft_run(
         "launch",
         "--ft",
         "--nproc-per-node",
-        "3",
+        str(groups),
         "--max-restarts",
         str(max(faults, 1)),
         "--ft-timeout",
@@ -480,7 +499,7 @@ def launch_ft_run(
         "train",
         f"data.root={data_root}",
         "run.name=b",
-        f"data.batch_size={GLOBAL_BATCH}",
+        f"data.batch_size={global_batch}",
         "data.in_memory=true",
         "log.progress=false",
         "train.log_every=1",
@@ -501,7 +520,7 @@ def launch_ft_run(
     )
     reader.start()
     watch = StepTimes(run, proc.pid)
-    group_log = run / "logs" / "group-2.log"
+    group_log = run / "logs" / f"group-{victim}.log"
 
     def wait_for(what: str, ok) -> None:
         while not ok():
@@ -514,13 +533,13 @@ def launch_ft_run(
                 )
             time.sleep(0.05)
 
-    def all_three() -> bool:
-        """The Lighthouse's last quorum has the 3 groups (with --ft-min-replicas 1, group 0 may train alone
+    def all_groups() -> bool:
+        """The Lighthouse's last quorum has every group (with --ft-min-replicas 1, group 0 may train alone
         for tens of steps before the others have started; a group lost then costs nothing)."""
         log = run / "logs" / "lighthouse.log"
         text = log.read_text(errors="replace") if log.exists() else ""
         quorums = [line for line in text.splitlines() if "Quorum! " in line]
-        return bool(quorums) and quorums[-1].count("replica_id:") == 3
+        return bool(quorums) and quorums[-1].count("replica_id:") == groups
 
     def healed_steps() -> list[int]:
         text = group_log.read_text() if group_log.exists() else ""
@@ -529,19 +548,19 @@ def launch_ft_run(
     kills, heals = [], []  # the SIGKILLs' monotonic times, the steps the replacements healed at
     try:
         for c in range(1, faults + 1):
-            # the restart side's step (every*c + every/2), or, once all 3 groups train, the first one of that
+            # the restart side's step (every*c + every/2), or, once all groups train, the first one of that
             # phase 2 steps later
-            wait_for("all 3 groups in the quorum", all_three)
+            wait_for(f"all {groups} groups in the quorum", all_groups)
             step = every * c + every // 2
             while step <= watch.last_step() + 2:
                 step += every
             wait_for(f"step {step}", lambda: watch.last_step() >= step)
-            pid = group_pid(proc.pid, "2")
-            assert pid is not None, "no replica group 2 among the launcher's children"
+            pid = group_pid(proc.pid, victim)
+            assert pid is not None, f"no replica group {victim} among the launcher's children"
             os.kill(pid, signal.SIGKILL)
             kills.append(time.monotonic())
             known = len(healed_steps())
-            wait_for("group 2 restarted and healed", lambda: len(healed_steps()) > known)
+            wait_for(f"group {victim} restarted and healed", lambda: len(healed_steps()) > known)
             heals.append(healed_steps()[-1])
         wait_for(
             "3 steps after the last heal",
@@ -575,6 +594,7 @@ def launch_ft_run(
     row = {
         "mode": "ft-launch",
         "model_mb": rounded(state_mb, 1),
+        "ranks": groups,
         "faults": faults,
         "wall_s": round(time.monotonic() - start, 1),
         "peak_rss_mb": round(watch.peak_rss_mb),
@@ -681,6 +701,34 @@ def breakdown(row: dict) -> str:
     )
 
 
+def fault_figures(row: dict) -> list[float]:
+    """Each fault's time lost in a row (ft: its stall plus its rejoin; restart: its lost_s)."""
+    if row["mode"] in ("ft", "ft-launch"):
+        return [s + (r or 0.0) for s, r in zip(row["stall_s"], row["rejoin_s"]) if s is not None]
+    return [x for x in row.get("lost_s") or [] if x is not None]
+
+
+def rank_table(rows: list[dict]) -> str:
+    """The median time lost per fault for each (size, ranks, side), over all the faults of its runs, with the
+    range and the load averages (1 min) the runs started and ended at."""
+    keys = sorted({(round(r["model_mb"] or 0), r.get("ranks", 3), r["mode"]) for r in rows})
+    out = [
+        "\n| state MB | ranks | side | faults | time lost per fault s, median (range) | step s | load (1 min) |",
+        "|---:|---:|---|---:|---:|---:|---|",
+    ]
+    for mb, n, mode in keys:
+        mine = [r for r in rows if (round(r["model_mb"] or 0), r.get("ranks", 3), r["mode"]) == (mb, n, mode)]
+        lost = [x for r in mine for x in fault_figures(r)]
+        loads = [x for r in mine for x in (r["load_before"][0], r["load_avg"][0])]
+        steps = [r["step_s"] for r in mine if r.get("step_s") is not None]
+        figure = f"{statistics.median(lost):.2f} ({min(lost):.2f}-{max(lost):.2f})" if lost else "-"
+        out.append(
+            f"| {mb} | {n} | {mode} | {len(lost)} | {figure} | "
+            f"{statistics.median(steps) if steps else '-'} | {min(loads)}-{max(loads)} |"
+        )
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
@@ -693,6 +741,20 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4, help="hidden layers of the MLP")
     ap.add_argument("--faults", type=int, nargs="+", default=[1, 3])
     ap.add_argument("--only", choices=["ft", "restart"])
+    ap.add_argument(
+        "--ranks",
+        type=int,
+        nargs="+",
+        help="launch ft side: replica groups (the last one killed), restart: ranks (the last one killed), the "
+        "same count on both sides, each count one set of runs; default 3 groups and 2 ranks",
+    )
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each setting (the table gives their median)")
+    ap.add_argument(
+        "--global-batch",
+        type=int,
+        default=GLOBAL_BATCH,
+        help="samples a step, both sides (the restart side's ranks read an equal share each: a multiple of --ranks)",
+    )
     ap.add_argument(
         "--ft-side",
         choices=["launch", "worker"],
@@ -715,10 +777,19 @@ def main() -> None:
         help="restart: write the launcher's timed lines to this folder; launch ft side: copy the groups' logs there",
     )
     args = ap.parse_args()
+    if args.ranks and args.ft_side == "worker":
+        ap.error("--ranks: the worker side runs 3 groups; use --ft-side launch")
+    if args.only != "ft" and any(args.global_batch % n for n in args.ranks or [2]):
+        ap.error(
+            f"--global-batch {args.global_batch}: the restart side's ranks need an equal share; a multiple of each --ranks"
+        )
     rows = []
 
-    def measured(row: dict) -> None:
-        row["load_avg"] = [round(x, 1) for x in os.getloadavg()]  # shared machine: the load at the run's end
+    def measured(run, **kwargs) -> None:
+        before = [round(x, 1) for x in os.getloadavg()]
+        row = run(**kwargs)
+        # shared machine: the load (1, 5, 15 min) when the run started and when it ended
+        row["load_before"], row["load_avg"] = before, [round(x, 1) for x in os.getloadavg()]
         print(json.dumps(row), flush=True)
         rows.append(row)
 
@@ -733,35 +804,64 @@ def main() -> None:
             make_builtin("digits", data_root / "digits", 250)
         return data_root
 
+    bs = args.global_batch
     for mb in args.model_mb:
         hidden = width(mb, args.layers)
-        if args.only != "restart":
+        for n in args.ranks or [None]:
             for k in args.faults:
-                if args.ft_side == "worker":
-                    measured(ft_run(k, hidden, args.layers, args.every, args.kill_every, args.timeout))
-                else:
-                    log = args.log and args.log / f"ft-launch-{mb:g}MB-{k}"
-                    measured(
-                        launch_ft_run(k, hidden, args.layers, args.every, args.timeout, digits(), args.run_timeout, log)
-                    )
-        if args.only != "ft":
-            digits()
-            for k in args.faults:
-                log = args.log and args.log / f"restart-{mb:g}MB-{k}.log"
-                measured(restart_run(k, hidden, args.layers, args.every, data_root, log))
+                for rep in range(args.repeat):
+                    tag = f"{mb:g}MB-{k}" + (f"-n{n}" if n else "") + (f"-r{rep}" if args.repeat > 1 else "")
+                    if args.only != "restart" and args.ft_side == "worker":
+                        measured(
+                            ft_run,
+                            faults=k,
+                            hidden=hidden,
+                            layers=args.layers,
+                            every=args.every,
+                            kill_every=args.kill_every,
+                            timeout=args.timeout,
+                        )
+                    elif args.only != "restart":
+                        measured(
+                            launch_ft_run,
+                            faults=k,
+                            hidden=hidden,
+                            layers=args.layers,
+                            every=args.every,
+                            timeout=args.timeout,
+                            data_root=digits(),
+                            run_timeout=args.run_timeout,
+                            log=args.log and args.log / f"ft-launch-{tag}",
+                            groups=n or 3,
+                            global_batch=bs,
+                        )
+                    if args.only != "ft":
+                        measured(
+                            restart_run,
+                            faults=k,
+                            hidden=hidden,
+                            layers=args.layers,
+                            every=args.every,
+                            data_root=digits(),
+                            log=args.log and args.log / f"restart-{tag}.log",
+                            ranks=n or 2,
+                            global_batch=bs,
+                        )
     if data_root is not None:
         shutil.rmtree(data_root, ignore_errors=True)
     print(f"load average at the end (1, 5, 15 min; {os.cpu_count()} CPUs): {os.getloadavg()}")
     print(
-        "\n| mode | state MB | faults | step s | time lost per fault s | of which (means per fault) |\n"
-        "|---|---:|---:|---:|---:|---|"
+        "\n| mode | state MB | ranks | faults | step s | time lost per fault s | of which (means per fault) "
+        "| load before, after |\n|---|---:|---:|---:|---:|---:|---|---|"
     )
     for row in rows:
         lost = lost_per_fault(row)
         print(
-            f"| {row['mode']} | {row['model_mb']} | {row['faults']} | {row['step_s']} | "
-            f"{'-' if lost is None else f'{lost:.2f}'} | {breakdown(row)} |"
+            f"| {row['mode']} | {row['model_mb']} | {row.get('ranks', 3)} | {row['faults']} | {row['step_s']} | "
+            f"{'-' if lost is None else f'{lost:.2f}'} | {breakdown(row)} | {row['load_before'][0]}, "
+            f"{row['load_avg'][0]} |"
         )
+    print(rank_table(rows))
     for row in (r for r in rows if r["mode"] == "restart"):
         ft = next(
             (
@@ -769,6 +869,7 @@ def main() -> None:
                 for r in rows
                 if r["mode"] in ("ft", "ft-launch")
                 and r["faults"] == row["faults"]
+                and r.get("ranks") == row.get("ranks")
                 and r["model_mb"]
                 and row["model_mb"]
                 and abs(r["model_mb"] / row["model_mb"] - 1) < 0.1
