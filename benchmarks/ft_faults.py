@@ -373,6 +373,7 @@ def restart_run(
     wall = time.monotonic() - start
     if log is not None:  # the launcher's lines, seconds from its start, with the benchmark's own events
         events = [(t, f"[bench] fault {i}: {name}") for i, f in enumerate(marks, 1) for name, t in f.items() if t]
+        log.parent.mkdir(parents=True, exist_ok=True)  # --only restart: no ft run made the folder
         log.write_text("".join(f"{t - start:8.2f} {line}\n" for t, line in sorted(lines + events)))
     assert proc.returncode == 0, "\n".join(line for _, line in lines[-30:])
     newest = sorted((run / "checkpoints").glob("step-*"))
