@@ -5,9 +5,11 @@ data, validation, checkpoints and logs, built as always (build.py), and dtrain.f
 The launcher's contract (dtrain/ft_launch.py starts the groups; this module is one of them):
 
 - A worker is a replica group iff DTRAIN_FT=1. Then the environment also has TORCHFT_LIGHTHOUSE
-  (http://host:port), REPLICA_GROUP_ID (unique per group: "0", "1", ...), DTRAIN_FT_GROUPS (how many groups the
-  launcher started), RANK / WORLD_SIZE / LOCAL_RANK within the group (0 of 1 for a group of one process),
-  MASTER_ADDR=127.0.0.1 and MASTER_PORT (a free port of this group's own, for the group's TCPStore), and
+  (http://host:port), REPLICA_GROUP_ID (unique per group: "0", "1", ..., or "<host>-0", ... on several nodes),
+  DTRAIN_FT_GROUPS (how many groups the launchers started), RANK / WORLD_SIZE / LOCAL_RANK within the group (0 of
+  1 for a group of one process), MASTER_ADDR (127.0.0.1; on several nodes the node's hostname, which the other
+  groups reach: torchft advertises it) and MASTER_PORT (a free port of this group's own, for the group's
+  TCPStore), on several nodes GLOO_SOCKET_IFNAME (the interface toward the Lighthouse), and
   optionally DTRAIN_FT_TIMEOUT_S (collective timeout, default 10) and DTRAIN_FT_MIN_REPLICAS (the smallest
   quorum that trains, default 1).
 - torch.distributed's default process group is the group's own (none for a group of one process): its
