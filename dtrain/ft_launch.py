@@ -733,6 +733,16 @@ class Groups:
             )
         return False
 
+    def _echo_end(self, g: Group) -> None:
+        """The end of the run as the writing group said it (the lowest id left writes the last step: its fault
+        lines and summary), from its log to the terminal, where group 0's would have been."""
+        with contextlib.suppress(OSError):
+            lines = self.log(g).read_text(errors="replace").split("---- dtrain launch --ft:")[-1].splitlines()
+            faults = [line for line in lines if line.startswith("ft: ") and " lost at step " in line]
+            start = max((i for i, line in enumerate(lines) if line == "summary"), default=len(lines))
+            for line in [*faults, *lines[start:]]:
+                print(line, file=sys.stderr)
+
     def _how(self, g: Group) -> str:
         if g.code is not None and g.code < 0:
             return _exit_text(g.code).removeprefix("killed by ")
@@ -766,6 +776,8 @@ class Groups:
             )
             return EXIT_INTERRUPTED
         if ended and all(g.code == 0 for g in ended):
+            if self.groups[0] in self.failed:  # its output was the terminal's: the end is another group's
+                self._echo_end(min(ended, key=lambda g: g.replica_id))
             if self.failed:
                 say(
                     f"launch: done by {len(ended)} of {len(self.groups)} replica groups; lost for good: "

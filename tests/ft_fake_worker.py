@@ -62,5 +62,7 @@ while True:
             if what == "usererror":
                 report_error(f"config: fake mistake in group {group}")
                 sys.exit(2)
+            if what == "done":  # as the writing group ends a run: its summary (on stdout, in its log)
+                print(f"summary\nrun  fake end of group {group}", flush=True)
             sys.exit(0)
     time.sleep(0.05)

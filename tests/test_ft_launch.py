@@ -468,3 +468,24 @@ def test_a_group_of_two_processes_is_lost_and_restarted_as_one(tmp_path):
         "; restarting it (1 of 1 restarts); the others train on"
     )
     assert len(lines) == 2, err
+
+
+@pytest.mark.multiproc
+@needs_torchft
+def test_with_group_0_lost_for_good_the_writers_end_is_on_the_terminal(tmp_path):
+    """Group 0's output is the terminal's; lost for good, the run's end (its summary) comes from the group that
+    wrote it, the lowest id left, echoed from its log."""
+    proc = launch(tmp_path, 3)
+    wait_for(lambda: all(started(tmp_path, g) for g in range(3)), 60, what="3 groups")
+    order(tmp_path, "die", 0)
+    wait_for(lambda: not alive(started(tmp_path, 0)[0]["pid"]), 30, what="group 0's death")
+    for g in (1, 2):
+        order(tmp_path, "done", g)
+    out, err = finish(proc)
+    assert proc.returncode == 0, err
+    lines = err.strip().splitlines()
+    assert lines[-3:] == [
+        "summary",
+        "run  fake end of group 1",
+        "launch: done by 2 of 3 replica groups; lost for good: group 0 (SIGKILL)",
+    ], err
