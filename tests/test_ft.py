@@ -219,3 +219,39 @@ def test_a_checkpoint_of_a_replica_group_resumes_exactly():
     resumed, _, first = _one_group_run(10, start_from=saved)
     assert first == 4 and saved["torchft"]["step"] == 4
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)  # weights, momentum, LR and data position
+
+
+@pytest.mark.skipif(shutil.which("torchft_lighthouse") is None, reason="needs torchft (pip install 'dtrain[ft]')")
+def test_a_group_out_of_a_failed_all_reduce_lets_the_others_fail_at_once():
+    """3 replica groups' gloo connections (torchft's ProcessGroupGloo, as build_manager makes it; threads
+    here): groups 0 and 2 in an all-reduce that group 1 has left, as a group whose own all-reduce failed when
+    its peer died has. Once group 1 closes its connections (StepRunner does after a failed all-reduce), the
+    others' all-reduce fails at once on the closed connection; before, group 0 waited for group 1's data until
+    the collective timeout ('Timed out waiting 60000ms for recv operation'; in `dtrain launch --ft`: every
+    SIGKILL of one of 4 groups that broke an all-reduce, about one in 8 of 3 groups)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    from torch.distributed import AllreduceOptions, TCPStore
+    from torchft import ProcessGroupGloo
+
+    from dtrain.ft import _close_connections
+
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    pgs = [ProcessGroupGloo(timeout=timedelta(seconds=60)) for _ in range(3)]
+
+    def all_reduce(rank: int) -> str:
+        try:
+            pgs[rank].allreduce([torch.ones(100_000)], AllreduceOptions()).wait()
+            return "done"
+        except RuntimeError as e:
+            return str(e)
+
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(lambda r: pgs[r].configure(f"127.0.0.1:{store.port}/t", str(r), r, 3), range(3)))
+        assert list(pool.map(all_reduce, range(3))) == ["done"] * 3
+        waiting = [pool.submit(all_reduce, r) for r in (0, 2)]
+        _close_connections(SimpleNamespace(dtrain_pg=pgs[1]))
+        errors = [w.result() for w in waiting]
+    assert all("closed by peer" in e or "reset by peer" in e for e in errors), errors
