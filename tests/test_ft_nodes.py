@@ -24,8 +24,8 @@ from conftest import _env, free_port, wait_for
 from test_ft_launch import FAKE
 from test_ft_train import ARGS, GROUP, STEPS, digits_train_keys, key_log, needs_torchft, records
 
-from dtrain import ft_launch
-from dtrain.config import ConfigError
+from dtrain.dist import LaunchError
+from dtrain.dist.network import reachable
 
 HOSTS = {"n1": "10.77.0.1", "n2": "10.77.0.2"}
 LIGHTHOUSE_PORT = 29510  # a fresh network namespace: nothing else listens there
@@ -126,8 +126,8 @@ def test_a_hostname_that_does_not_resolve_is_one_line(monkeypatch):
 
     monkeypatch.setattr(socket, "gethostname", lambda: "nowhere")
     monkeypatch.setattr(socket, "getaddrinfo", unknown)
-    with pytest.raises(ConfigError, match=r"^launch: --ft on several nodes needs this node's hostname 'nowhere' to "):
-        ft_launch.reachable("10.77.0.1")
+    with pytest.raises(LaunchError, match=r"^launch: --ft on several nodes needs this node's hostname 'nowhere' to "):
+        reachable("10.77.0.1")
 
 
 @pytest.mark.multiproc
