@@ -10,9 +10,13 @@ from conftest import run_ranks
 
 SCRIPT = """
 import json, os, sys, time
-print(json.dumps({"argv": sys.argv, "path0": sys.path[0], "cwd": os.getcwd(), "rank": os.environ.get("RANK"),
-                  "world": os.environ.get("WORLD_SIZE"), "slurm": os.environ.get("SLURM_PROCID"),
-                  "mine": os.environ.get("MINE"), "name": __name__}), flush=True)
+# one write, line and newline: the ranks share the file, and unbuffered (PYTHONUNBUFFERED) print() writes
+# the newline apart, so two ranks' lines could run together ('Extra data' in CI)
+sys.stdout.write(json.dumps({"argv": sys.argv, "path0": sys.path[0], "cwd": os.getcwd(),
+                             "rank": os.environ.get("RANK"), "world": os.environ.get("WORLD_SIZE"),
+                             "slurm": os.environ.get("SLURM_PROCID"), "mine": os.environ.get("MINE"),
+                             "name": __name__}) + "\\n")
+sys.stdout.flush()
 what = os.environ.get("WHAT", "")
 if what == "fail" and os.environ.get("RANK") == "1":
     sys.exit(3)
