@@ -49,7 +49,6 @@ from .launcher import (
 )
 from .launcher import add_parser as add_launch_parser
 from .launcher import run as launch
-from .dist.network import reachable
 from .worker import LOG_FILE_ENV
 
 FT_TIMEOUT_S, FT_MIN_REPLICAS = 10.0, 1
@@ -274,6 +273,8 @@ def run_ft(args, nproc: int) -> int:
             }
             ids = [str(i) for i in range(here)]
             if nodes > 1:
+                from .dist.network import reachable  # not at the top: dtrain.dist imports torch (fast CLI)
+
                 env.update(reachable(_host_port(address)[0]))
                 ids = claim_ids(logs, socket.gethostname(), here, claimed)
             groups = Groups(
