@@ -255,3 +255,25 @@ def test_a_group_out_of_a_failed_all_reduce_lets_the_others_fail_at_once():
         _close_connections(SimpleNamespace(dtrain_pg=pgs[1]))
         errors = [w.result() for w in waiting]
     assert all("closed by peer" in e or "reset by peer" in e for e in errors), errors
+
+
+def test_a_group_of_two_resumes_a_checkpoint_of_groups_of_one_as_one_process(data_root):
+    """docs/fault-tolerance.md's two launches on one run: groups of one process stop at step 3 of 19 (global
+    batch 64), groups of two processes resume it. A group reads as one process of its group's batch
+    (TrainFeed.read_as_one), so it keeps the checkpoint's global batch and its one-process order; it was taken
+    for a resume on 2 ranks mid-epoch (a 2-rank segment) and refused."""
+    from dtrain.config import load_config
+    from dtrain.data.feed import TrainFeed
+
+    index, train_cfg = read_index(data_root / "digits"), load_config(None, []).train
+    one = TrainFeed(ShardStream(index, "train", batch_size=64, rank=0, world_size=1, train=True), 0, 1, train_cfg)
+    one.read_as_one(64)
+    saved = {**one.state_dict(), "step": 3}
+    said: list[str] = []
+    two = TrainFeed(
+        ShardStream(index, "train", batch_size=64, rank=1, world_size=2, train=True), 1, 2, train_cfg, log=said.append
+    )
+    two.read_as_one(64 * 2)
+    two.load_state_dict(saved)
+    assert [(s.world_size, s.num_workers) for s in two.position.segments] == [(1, 0)], said
+    assert (two.samples_per_step, two.steps_per_epoch, two.step) == (64, one.steps_per_epoch, 3)
